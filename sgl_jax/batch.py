@@ -1,0 +1,136 @@
+"""Host-side packing of one step's work into the padded arrays the jitted forward reads.
+
+Host code: numpy only, no jax import. The layout is the one `sgl_jax.models.attention` describes:
+T = Sd + NB * Bq tokens, decode tokens first, then each prefill chunk split into blocks of Bq tokens
+(the last block of a chunk padded with position -1). Every array is padded to the bucket sizes the
+caller passes, so the jitted step sees a handful of shapes only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class SeqChunk:
+    """One sequence's work in a step: compute `token_ids` at positions start_pos, start_pos+1, ...
+
+    `page_table` lists the pages holding positions [0, start_pos + len(token_ids)), in order.
+    `logits_from` is the first position (absolute) whose next-token logits the caller wants; by default
+    only the last new token's.
+    """
+
+    token_ids: list[int]
+    start_pos: int
+    page_table: list[int]
+    logits_from: int | None = None
+
+    @property
+    def end_pos(self) -> int:
+        return self.start_pos + len(self.token_ids)
+
+
+@dataclasses.dataclass
+class PackedBatch:
+    """numpy arrays for one forward call, plus where each chunk's logits rows land."""
+
+    input_ids: np.ndarray  # [T] int32
+    positions: np.ndarray  # [T] int32 (-1 = padding)
+    slot_mapping: np.ndarray  # [T] int32
+    dec_page_table: np.ndarray  # [Sd, P]
+    dec_kv_lens: np.ndarray  # [Sd]
+    pre_page_table: np.ndarray  # [NB, P]
+    pre_kv_lens: np.ndarray  # [NB]
+    logits_indices: np.ndarray  # [L] int32, token rows whose logits are computed (padding -> 0)
+    block_q: int
+    # For chunk i, logits rows logits_rows[i][0] : logits_rows[i][1] predict positions
+    # chunk.logits_from+1 ... chunk.end_pos (the last one being the next new token).
+    logits_rows: list[tuple[int, int]]
+    token_index: list[list[int]]  # for chunk i, the flat token index of each of its tokens
+
+
+def bucket(n: int, buckets: list[int] | tuple[int, ...]) -> int:
+    """The smallest bucket >= n; ValueError naming n and the largest bucket if none fits."""
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: int | None = None,
+         num_blocks: int | None = None, page_width: int | None = None, num_logits: int | None = None,
+         ) -> PackedBatch:
+    """Pack chunks into padded arrays. Single-token chunks become decode rows; the rest prefill blocks.
+
+    Padding targets (None = exact fit): num_decode rows, num_blocks prefill blocks, page_width pages
+    per row, num_logits logits rows.
+    """
+    dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
+    pre = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    if any(len(c.token_ids) == 0 for c in chunks):
+        raise ValueError("a chunk has no tokens")
+    nblk = sum(math.ceil(len(chunks[i].token_ids) / block_q) for i in pre)
+    Sd = len(dec) if num_decode is None else num_decode
+    NB = nblk if num_blocks is None else num_blocks
+    if len(dec) > Sd or nblk > NB:
+        raise ValueError(f"batch needs {len(dec)} decode rows and {nblk} prefill blocks; "
+                         f"padding allows {Sd} and {NB}")
+    need_p = max([math.ceil(c.end_pos / page_size) for c in chunks] + [1])
+    P = need_p if page_width is None else page_width
+    if need_p > P:
+        raise ValueError(f"a sequence needs {need_p} pages; page_width is {P}")
+    T = Sd + NB * block_q
+
+    input_ids = np.zeros(T, np.int32)
+    positions = np.full(T, -1, np.int32)
+    slots = np.zeros(T, np.int32)
+    dec_pt = np.zeros((Sd, P), np.int32)
+    dec_len = np.zeros(Sd, np.int32)
+    pre_pt = np.zeros((NB, P), np.int32)
+    pre_len = np.zeros(NB, np.int32)
+    token_index: list[list[int]] = [[] for _ in chunks]
+
+    def place(c: SeqChunk, t0: int, n: int, start: int):
+        idx = np.arange(t0, t0 + n)
+        pos = np.arange(start, start + n)
+        table = np.asarray(c.page_table, np.int64)
+        input_ids[idx] = c.token_ids[start - c.start_pos: start - c.start_pos + n]
+        positions[idx] = pos
+        slots[idx] = table[pos // page_size] * page_size + pos % page_size
+        return idx.tolist()
+
+    for row, i in enumerate(dec):
+        c = chunks[i]
+        token_index[i] = place(c, row, 1, c.start_pos)
+        dec_pt[row, :len(c.page_table)] = c.page_table[:P]
+        dec_len[row] = c.end_pos
+    blk = 0
+    for i in pre:
+        c = chunks[i]
+        for start in range(c.start_pos, c.end_pos, block_q):
+            n = min(block_q, c.end_pos - start)
+            token_index[i] += place(c, Sd + blk * block_q, n, start)
+            pre_pt[blk, :len(c.page_table)] = c.page_table[:P]
+            pre_len[blk] = c.end_pos
+            blk += 1
+
+    rows: list[int] = []
+    logits_rows = []
+    for i, c in enumerate(chunks):
+        first = c.end_pos - 1 if c.logits_from is None else c.logits_from
+        if not c.start_pos <= first < c.end_pos:
+            raise ValueError(f"logits_from={first} is outside the chunk's positions "
+                             f"[{c.start_pos}, {c.end_pos})")
+        sel = token_index[i][first - c.start_pos:]
+        logits_rows.append((len(rows), len(rows) + len(sel)))
+        rows += sel
+    L = len(rows) if num_logits is None else num_logits
+    if len(rows) > L:
+        raise ValueError(f"batch needs {len(rows)} logits rows; padding allows {L}")
+    logits_indices = np.zeros(L, np.int32)
+    logits_indices[:len(rows)] = rows
+    return PackedBatch(input_ids, positions, slots, dec_pt, dec_len, pre_pt, pre_len, logits_indices,
+                       block_q, logits_rows, token_index)

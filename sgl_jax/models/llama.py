@@ -1,0 +1,183 @@
+"""The decoder: one Flax (linen) module family for Llama, Mistral, SmolLM, Qwen2 and Qwen3.
+
+Used functionally: `params = loader.load(...)` gives a plain pytree, and
+    logits, kv = CausalLM(cfg).apply({"params": params}, input_ids, meta, kv, logits_indices)
+is a pure function, jit-able, with the KV pool passed in and returned (donate it).
+
+Parameter names keep the Hugging Face checkpoint names, so loading verifies keys and shapes:
+    HF  model.embed_tokens.weight              -> params["embed_tokens"]["embedding"]       [V, E]
+    HF  model.layers.{i}.self_attn.q_proj.weight -> params["layers_{i}"]["self_attn"]["q_proj"]["kernel"] [E, H*D]
+        (every Linear is stored transposed, [in, out]; biases as "bias")
+    HF  model.layers.{i}.self_attn.{q,k}_norm.weight -> ...["self_attn"]["{q,k}_norm"]["weight"]   [D]  (Qwen3)
+    HF  model.layers.{i}.{input,post_attention}_layernorm.weight -> params["layers_{i}"][...]["weight"]
+    HF  model.layers.{i}.mlp.{gate,up,down}_proj.weight -> params["layers_{i}"]["mlp"][...]["kernel"]
+    HF  model.norm.weight -> params["norm"]["weight"];  lm_head.weight -> params["lm_head"]["kernel"] [E, V]
+        (absent when embeddings are tied)
+
+Layers are unrolled with separate per-layer arrays rather than stacked under `lax.scan`: on XLA:CPU
+the scanned variant copied the KV cache and weight slices every step (prefill 364 vs 479 tok/s, batch-32
+decode 807 vs 516 ms in ../shared/reference/cpu-baselines.md; our own re-measurement is in
+bench/notes.md). Compile time therefore grows with depth (seconds for 30 layers), paid once per shape
+bucket and kept in the persistent compilation cache.
+
+Dimension letters in comments: T tokens, E hidden, H query heads, K kv heads, D head dim, F ffn, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from sgl_jax.models.attention import AttnMetadata, KVCache, get_attention_backend, write_kv
+from sgl_jax.models.config import ModelConfig, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * w.astype(jnp.float32)).astype(self.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, D], positions [T]."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _dense(features, use_bias, dtype, name):
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name,
+                    kernel_init=nn.initializers.normal(0.02))
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attention_backend: str = "jnp"
+
+    @nn.compact
+    def __call__(self, x, meta: AttnMetadata, pages, inv_freq):
+        cfg = self.cfg
+        T = x.shape[0]
+        H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(H * D, cfg.qkv_bias, self.dtype, "q_proj")(x).reshape(T, H, D)  # [T, H, D]
+        k = _dense(K * D, cfg.qkv_bias, self.dtype, "k_proj")(x).reshape(T, K, D)  # [T, K, D]
+        v = _dense(K * D, cfg.qkv_bias, self.dtype, "v_proj")(x).reshape(T, K, D)  # [T, K, D]
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
+        pos = jnp.maximum(meta.positions, 0)
+        q = apply_rope(q, pos, inv_freq)
+        k = apply_rope(k, pos, inv_freq)
+        pages = write_kv(pages, k, v, meta.slot_mapping)
+
+        attn = get_attention_backend(self.attention_backend).fn
+        kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
+        Sd, NB, Bq = meta.num_decode, meta.num_blocks, meta.block_q
+        outs = []
+        if Sd:
+            o = attn(q[:Sd].reshape(Sd, 1, H, D), *pages, meta.dec_page_table, meta.dec_kv_lens,
+                     meta.positions[:Sd].reshape(Sd, 1), **kw)  # [Sd, 1, H, D]
+            outs.append(o.reshape(Sd, H * D))
+        if NB:
+            o = attn(q[Sd:].reshape(NB, Bq, H, D), *pages, meta.pre_page_table, meta.pre_kv_lens,
+                     meta.positions[Sd:].reshape(NB, Bq), **kw)  # [NB, Bq, H, D]
+            outs.append(o.reshape(NB * Bq, H * D))
+        o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [T, H*D]
+        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(o), pages
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        f = self.cfg.intermediate_size
+        g = _dense(f, False, self.dtype, "gate_proj")(x)  # [T, F]
+        u = _dense(f, False, self.dtype, "up_proj")(x)  # [T, F]
+        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(g) * u)
+
+
+class DecoderLayer(nn.Module):
+    cfg: ModelConfig
+    dtype: jnp.dtype
+    attention_backend: str = "jnp"
+
+    @nn.compact
+    def __call__(self, x, meta, pages, inv_freq):
+        eps = self.cfg.rms_norm_eps
+        h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
+        a, pages = Attention(self.cfg, self.dtype, self.attention_backend, name="self_attn")(h, meta, pages, inv_freq)
+        x = x + a
+        h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        return x + MLP(self.cfg, self.dtype, name="mlp")(h), pages
+
+
+class LMHead(nn.Module):
+    """An untied output projection; float32 logits whatever the compute dtype."""
+
+    vocab_size: int
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, h):
+        w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
+        return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
+
+
+class CausalLM(nn.Module):
+    """Token ids + batch layout + KV pool -> float32 logits at `logits_indices` + updated KV pool."""
+
+    cfg: ModelConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_backend: str = "jnp"
+
+    @nn.compact
+    def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
+        cfg = self.cfg
+        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
+                         name="embed_tokens", embedding_init=nn.initializers.normal(0.02))
+        x = embed(input_ids)  # [T, E]
+        inv_freq = jnp.asarray(np.array(rope_inv_freq(cfg), np.float32))
+        new_kv = []
+        for i in range(cfg.num_layers):
+            x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
+                x, meta, kv[i], inv_freq)
+            new_kv.append(pages)
+        h = x[logits_indices]  # [L, E]
+        h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
+        if cfg.tie_word_embeddings:
+            w = embed.embedding  # [V, E]
+            logits = jnp.einsum("LE,VE->LV", h, w, preferred_element_type=jnp.float32)
+        else:
+            logits = LMHead(cfg.vocab_size, self.dtype, name="lm_head")(h)
+        return logits, tuple(new_kv)
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
+    """A zeroed KV pool: per layer (k, v), each [num_pages, K, page_size, D]."""
+    shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
+    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
+
+
+def param_shapes(cfg: ModelConfig, dtype=jnp.float32):
+    """Abstract parameter pytree (ShapeDtypeStructs) via jax.eval_shape: allocates nothing."""
+    model = CausalLM(cfg, dtype)
+    meta = AttnMetadata(
+        positions=jnp.zeros((1,), jnp.int32), slot_mapping=jnp.zeros((1,), jnp.int32),
+        dec_page_table=jnp.zeros((1, 1), jnp.int32), dec_kv_lens=jnp.zeros((1,), jnp.int32),
+        pre_page_table=jnp.zeros((0, 1), jnp.int32), pre_kv_lens=jnp.zeros((0,), jnp.int32), block_q=1)
+    kv = jax.eval_shape(lambda: init_kv_cache(cfg, 2, 16, dtype))
+    return jax.eval_shape(lambda kv: model.init(jax.random.PRNGKey(0), jnp.zeros((1,), jnp.int32), meta, kv,
+                                                jnp.zeros((1,), jnp.int32)), kv)["params"]

@@ -1,0 +1,316 @@
+"""Checkpoint loading: a GGUF file or a Hugging Face directory -> (ModelConfig, params pytree, tokenizer).
+
+Both formats are first mapped to Hugging Face tensor names, then into our pytree (names documented
+in `llama.py`), each tensor checked against the shape `jax.eval_shape` derives from the config.
+Tensors are converted one at a time (dequantize or read the memory-mapped payload, transpose, cast,
+hand to jax, drop the numpy copy), so peak host memory stays near the final parameter bytes plus one
+tensor. GGUF payloads are dequantized by our own `gguf_quants`; llama.cpp's Q/K row permutation
+(applied by its converter to the `llama` architecture only) is undone so RoPE sees the HF layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sgl_jax.models import gguf_quants
+from sgl_jax.models.config import ModelConfig, UnsupportedModelError
+from sgl_jax.models.hub import resolve_model
+from sgl_jax.models.llama import param_shapes
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint could not be loaded; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict
+    tokenizer: Any  # sgl_jax.models.tokenizer.Tokenizer
+    path: str
+    dtype: Any
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def canonical_dtype(dtype) -> Any:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype {dtype!r} is unknown; expected one of {sorted(_DTYPES)}")
+        return _DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def load_model(model: str, dtype="float32", progress: bool = True) -> LoadedModel:
+    """Load a named model (e.g. "smollm2-135m"), a `.gguf` file or a Hugging Face directory."""
+    from sgl_jax.models.tokenizer import Tokenizer
+
+    path = resolve_model(model)
+    cfg, params = load_weights(path, dtype, progress)
+    tok = Tokenizer.from_hf_dir(path) if os.path.isdir(path) else Tokenizer.from_gguf(path)
+    return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype))
+
+
+def load_weights(path: str, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
+    """(config, params) of a `.gguf` file or a Hugging Face directory, without the tokenizer."""
+    dtype = canonical_dtype(dtype)
+    if os.path.isdir(path):
+        cfg, tensors, n = _hf_source(path)
+    else:
+        cfg, tensors, n = _gguf_source(path)
+    return cfg, _build_params(cfg, tensors, n, dtype, path, progress)
+
+
+# ------------------------------------------------------------------------------------------ mapping
+_LAYER_MAP = {
+    "self_attn.q_proj.weight": ("self_attn", "q_proj", "kernel"),
+    "self_attn.k_proj.weight": ("self_attn", "k_proj", "kernel"),
+    "self_attn.v_proj.weight": ("self_attn", "v_proj", "kernel"),
+    "self_attn.o_proj.weight": ("self_attn", "o_proj", "kernel"),
+    "self_attn.q_proj.bias": ("self_attn", "q_proj", "bias"),
+    "self_attn.k_proj.bias": ("self_attn", "k_proj", "bias"),
+    "self_attn.v_proj.bias": ("self_attn", "v_proj", "bias"),
+    "self_attn.q_norm.weight": ("self_attn", "q_norm", "weight"),
+    "self_attn.k_norm.weight": ("self_attn", "k_norm", "weight"),
+    "input_layernorm.weight": ("input_layernorm", "weight"),
+    "post_attention_layernorm.weight": ("post_attention_layernorm", "weight"),
+    "mlp.gate_proj.weight": ("mlp", "gate_proj", "kernel"),
+    "mlp.up_proj.weight": ("mlp", "up_proj", "kernel"),
+    "mlp.down_proj.weight": ("mlp", "down_proj", "kernel"),
+}
+_TOP_MAP = {
+    "model.embed_tokens.weight": ("embed_tokens", "embedding"),
+    "model.norm.weight": ("norm", "weight"),
+    "lm_head.weight": ("lm_head", "kernel"),
+}
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def hf_name_to_path(name: str) -> tuple[str, ...] | None:
+    """Our pytree path for a Hugging Face tensor name; None for tensors we do not use."""
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    m = _LAYER_RE.fullmatch(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return (f"layers_{m.group(1)}",) + _LAYER_MAP[m.group(2)]
+    return None
+
+
+# A tensor source yields (hf_name, thunk returning a float numpy array in HF layout).
+TensorSource = Iterator[tuple[str, Callable[[], np.ndarray]]]
+
+
+def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, path: str, progress: bool):
+    expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, dtype))[0]
+    expected = {tuple(k.key for k in kp): leaf.shape for kp, leaf in expected}
+    params: dict = {}
+    seen = set()
+    bar = tqdm(total=count, desc=f"loading {Path(path).name}", unit="tensor", disable=not progress,
+               leave=False)
+    for name, thunk in tensors:
+        bar.update(1)
+        key = hf_name_to_path(name)
+        if key is None:
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            raise ModelLoadError(f"{path}: unexpected tensor {name!r} for a {cfg.family} model")
+        if key not in expected:
+            raise ModelLoadError(f"{path}: tensor {name!r} does not belong to this config "
+                                 f"(tie_word_embeddings={cfg.tie_word_embeddings})")
+        arr = thunk()
+        if key[-1] == "kernel":
+            arr = arr.T  # HF Linear [out, in] -> [in, out]
+        if tuple(arr.shape) != tuple(expected[key]):
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, "
+                                 f"expected {tuple(expected[key])}")
+        node = params
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = jnp.asarray(np.ascontiguousarray(arr), dtype=dtype)
+        del arr
+        seen.add(key)
+    bar.close()
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise ModelLoadError(f"{path}: missing tensors {['.'.join(m) for m in missing[:5]]}"
+                             f"{' ...' if len(missing) > 5 else ''}")
+    return params
+
+
+# ------------------------------------------------------------------------------ Hugging Face dirs
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": "bfloat16", "F64": np.float64}
+
+
+def _read_safetensors_header(path: str) -> tuple[dict, int]:
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelLoadError(f"{path}: truncated safetensors file (no header)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or 8 + n > size:
+            raise ModelLoadError(f"{path}: corrupt safetensors header length {n} (file is {size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ModelLoadError(f"{path}: corrupt safetensors header: {e}") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        end = info["data_offsets"][1]
+        if 8 + n + end > size:
+            raise ModelLoadError(f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                                 f"{8 + n + end}, file has {size}")
+    return header, 8 + n
+
+
+def _safetensors_tensors(files: list[str]) -> tuple[TensorSource, int]:
+    import ml_dtypes
+
+    entries = []
+    for fpath in files:
+        header, base = _read_safetensors_header(fpath)
+        for name, info in header.items():
+            entries.append((fpath, base, name, info))
+
+    def gen():
+        for fpath, base, name, info in entries:
+            dt = _ST_DTYPES.get(info["dtype"])
+            if dt is None:
+                raise ModelLoadError(f"{fpath}: tensor {name!r} has unsupported dtype {info['dtype']}")
+            dt = ml_dtypes.bfloat16 if dt == "bfloat16" else dt
+            start, end = info["data_offsets"]
+
+            def thunk(fpath=fpath, base=base, start=start, end=end, dt=dt, shape=tuple(info["shape"])):
+                mm = np.memmap(fpath, dtype=np.uint8, mode="r", offset=base + start, shape=(end - start,))
+                return mm.view(dt).reshape(shape).astype(np.float32)
+
+            yield name, thunk
+
+    return gen(), len(entries)
+
+
+def _hf_source(path: str):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise ModelLoadError(f"{path}: not a Hugging Face model directory (no config.json)")
+    with open(cfg_path) as f:
+        try:
+            cfg = ModelConfig.from_hf(json.load(f), name=os.path.basename(os.path.normpath(path)))
+        except UnsupportedModelError as e:
+            raise ModelLoadError(f"{cfg_path}: {e}") from None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    else:
+        files = sorted(str(p) for p in Path(path).glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors files")
+    for fp in files:
+        if not os.path.exists(fp):
+            raise ModelLoadError(f"{fp}: listed in the index but missing")
+    tensors, n = _safetensors_tensors(files)
+    return cfg, tensors, n
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+_GGUF_LAYER = {
+    "attn_q.weight": "self_attn.q_proj.weight", "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias", "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+    "attn_norm.weight": "input_layernorm.weight", "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight", "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GGUF_TOP = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+
+
+def gguf_name_to_hf(name: str) -> str | None:
+    if name in _GGUF_TOP:
+        return _GGUF_TOP[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+    if m and m.group(2) in _GGUF_LAYER:
+        return f"model.layers.{m.group(1)}.{_GGUF_LAYER[m.group(2)]}"
+    return None
+
+
+_GGUF_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.scores",
+                    "tokenizer.ggml.token_type")
+
+
+def read_gguf(path: str):
+    """Open a GGUF file; (reader, metadata dict). Errors name the file."""
+    import gguf
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the reader raises a variety of errors on corrupt/truncated input
+        raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
+    meta = {}
+    for k, field in reader.fields.items():
+        if k in _GGUF_BIG_ARRAYS:  # the tokenizer reads these itself; here only their length matters
+            meta[k + ".count"] = len(field.data)
+            continue
+        try:
+            meta[k] = field.contents()
+        except Exception:  # noqa: BLE001 - unreadable optional fields are skipped
+            continue
+    return reader, meta
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary row permutation: per head, rows (hd/2, 2) interleaved -> (2, hd/2)."""
+    rows = w.shape[0]
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_source(path: str):
+    reader, meta = read_gguf(path)
+    names = {t.name for t in reader.tensors}
+    try:
+        cfg = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names,
+                                    name=os.path.basename(path))
+    except UnsupportedModelError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
+    permute = meta.get("general.architecture") == "llama"
+
+    def gen():
+        for t in reader.tensors:
+            hf = gguf_name_to_hf(t.name)
+            if hf is None:
+                if t.name in ("rope_freqs.weight",):
+                    continue
+                raise ModelLoadError(f"{path}: unexpected tensor {t.name!r}")
+
+            def thunk(t=t, hf=hf):
+                shape = tuple(int(x) for x in reversed(t.shape))
+                try:
+                    arr = gguf_quants.dequantize(t.data, t.tensor_type, shape, what=f"{path}: {t.name}")
+                except ValueError as e:  # unsupported type, or a payload of the wrong size
+                    raise ModelLoadError(str(e)) from None
+                if permute and hf.endswith(("q_proj.weight", "q_proj.bias")):
+                    arr = unpermute_qk(arr, cfg.num_heads)
+                elif permute and hf.endswith(("k_proj.weight", "k_proj.bias")):
+                    arr = unpermute_qk(arr, cfg.num_kv_heads)
+                return arr
+
+            yield hf, thunk
+
+    return cfg, gen(), len(reader.tensors)

@@ -1,0 +1,117 @@
+"""Tiny random-weight checkpoints in the standard Hugging Face format, for tests and reference scripts.
+
+numpy + json only (no torch, no jax), deterministic from a seed, so the test suite and the
+reference generator (tools/make_model_reference.py, which runs Hugging Face transformers) build
+byte-identical checkpoints independently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import numpy as np
+
+_BASE = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256,
+             hidden_act="silu", bos_token_id=1, eos_token_id=2, torch_dtype="float32")
+
+# name -> config.json for one tiny model per family/feature we support.
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_BASE, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=10000.0,
+                  tie_word_embeddings=False, attention_bias=False, mlp_bias=False),
+    "llama3-tied-mqa": dict(_BASE, model_type="llama", architectures=["LlamaForCausalLM"], rope_theta=500000.0,
+                            num_key_value_heads=1, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                            rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=64)),
+    "mistral-swa": dict(_BASE, model_type="mistral", architectures=["MistralForCausalLM"], rope_theta=10000.0,
+                        sliding_window=8, tie_word_embeddings=False, head_dim=16),
+    "qwen2": dict(_BASE, model_type="qwen2", architectures=["Qwen2ForCausalLM"], rope_theta=1000000.0,
+                  tie_word_embeddings=True, use_sliding_window=False, sliding_window=None),
+    "qwen3": dict(_BASE, model_type="qwen3", architectures=["Qwen3ForCausalLM"], rope_theta=1000000.0,
+                  head_dim=32, tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
+                  sliding_window=None),
+}
+
+
+def tiny_state_dict(cfg: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights with Hugging Face names and [out, in] Linear layout."""
+    rng = np.random.default_rng(seed)
+    V, E, F, L = cfg["vocab_size"], cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    H, K = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    D = cfg.get("head_dim") or E // H
+
+    def w(*shape, scale=0.08):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    def norm(n):
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    sd = {"model.embed_tokens.weight": w(V, E, scale=0.5), "model.norm.weight": norm(E)}
+    for i in range(L):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = norm(E)
+        sd[p + "post_attention_layernorm.weight"] = norm(E)
+        sd[p + "self_attn.q_proj.weight"] = w(H * D, E)
+        sd[p + "self_attn.k_proj.weight"] = w(K * D, E)
+        sd[p + "self_attn.v_proj.weight"] = w(K * D, E)
+        sd[p + "self_attn.o_proj.weight"] = w(E, H * D)
+        if cfg["model_type"] == "qwen2":
+            sd[p + "self_attn.q_proj.bias"] = w(H * D, scale=0.2)
+            sd[p + "self_attn.k_proj.bias"] = w(K * D, scale=0.2)
+            sd[p + "self_attn.v_proj.bias"] = w(K * D, scale=0.2)
+        if cfg["model_type"] == "qwen3":
+            sd[p + "self_attn.q_norm.weight"] = norm(D)
+            sd[p + "self_attn.k_norm.weight"] = norm(D)
+        sd[p + "mlp.gate_proj.weight"] = w(F, E)
+        sd[p + "mlp.up_proj.weight"] = w(F, E)
+        sd[p + "mlp.down_proj.weight"] = w(E, F)
+    if not cfg.get("tie_word_embeddings", False):
+        sd["lm_head.weight"] = w(V, E, scale=0.2)
+    return sd
+
+
+def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
+    """Write float32 tensors in the safetensors format (8-byte header size, JSON header, raw data)."""
+    header, offset, blobs = {}, 0, []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name], dtype=np.float32)
+        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
+        offset += arr.nbytes
+        blobs.append(arr.tobytes())
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+
+
+def write_tiny_checkpoint(name: str, directory: str, seed: int = 0, shards: int = 1) -> str:
+    """Write config.json + safetensors (optionally sharded with an index) for TINY_CONFIGS[name]."""
+    cfg = TINY_CONFIGS[name]
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    sd = tiny_state_dict(cfg, seed)
+    if shards == 1:
+        save_safetensors(sd, os.path.join(directory, "model.safetensors"))
+    else:
+        names = sorted(sd)
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {n: sd[n] for n in names[s::shards]}
+            save_safetensors(part, os.path.join(directory, fname))
+            weight_map.update({n: fname for n in part})
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    return directory
+
+
+def tiny_prompts(vocab_size: int, seed: int = 1) -> list[list[int]]:
+    """Token-id prompts of several lengths (1, 5, 17, 40) used by the reference logits."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, vocab_size, n).tolist() for n in (1, 5, 17, 40)]

@@ -1,0 +1,51 @@
+"""Test helpers: drive the model forward over paged KV with explicit page assignment."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgl_jax.batch import SeqChunk, pack
+from sgl_jax.models.attention import AttnMetadata
+from sgl_jax.models.llama import CausalLM, init_kv_cache
+
+
+class PagedRunner:
+    """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
+
+    def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
+                 attention_backend="jnp", nan_fill=True):
+        self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
+        self.model = CausalLM(cfg, dtype, attention_backend)
+        kv = init_kv_cache(cfg, num_pages, page_size, dtype)
+        if nan_fill:  # a read of a page nobody owns poisons the output
+            kv = tuple((jnp.full_like(k, jnp.nan), jnp.full_like(v, jnp.nan)) for k, v in kv)
+        self.kv = kv
+        self.next_page = 1
+        self.pages: dict[int, list[int]] = {}
+        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q",))
+
+    def _forward(self, params, ids, kv, logits_idx, meta_arrays, block_q):
+        meta = AttnMetadata(*meta_arrays, block_q=block_q)
+        return self.model.apply({"params": params}, ids, meta, kv, logits_idx)
+
+    def ensure_pages(self, sid: int, length: int) -> list[int]:
+        table = self.pages.setdefault(sid, [])
+        while len(table) * self.page_size < length:
+            table.append(self.next_page)
+            self.next_page += 1
+        return table
+
+    def step(self, work: list[tuple[int, list[int], int, int | None]], **pad):
+        """work: (seq id, new token ids, start position, logits_from). Returns per-chunk logits."""
+        chunks = []
+        for sid, ids, start, logits_from in work:
+            table = self.ensure_pages(sid, start + len(ids))
+            chunks.append(SeqChunk(list(ids), start, list(table), logits_from))
+        b = pack(chunks, page_size=self.page_size, block_q=self.block_q, **pad)
+        meta = (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens, b.pre_page_table, b.pre_kv_lens)
+        logits, self.kv = self._fwd(self.params, b.input_ids, self.kv, b.logits_indices,
+                                    tuple(jnp.asarray(m) for m in meta), block_q=b.block_q)
+        logits = np.asarray(logits)
+        return [logits[a:e] for a, e in b.logits_rows]

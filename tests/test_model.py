@@ -1,0 +1,127 @@
+"""Model numerics against Hugging Face transformers (fp32) reference values in tests/reference/.
+
+Tiny random checkpoints of each family are rebuilt here from the same seed as
+tools/make_model_reference.py and loaded through our safetensors loader.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import PagedRunner
+from sgl_jax.models.config import PRESETS, ModelConfig
+from sgl_jax.models.llama import param_shapes
+from sgl_jax.models.loader import ModelLoadError, load_weights
+from sgl_jax.models.testing import TINY_CONFIGS, write_tiny_checkpoint
+
+REF = os.path.join(os.path.dirname(__file__), "reference")
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+def _ref(name):
+    data = np.load(os.path.join(REF, f"tiny_{name}.npz"))
+    n = len([k for k in data if k.startswith("ids_")])
+    return [(data[f"ids_{i}"].tolist(), data[f"logits_{i}"]) for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def tiny(request, tmp_path_factory):
+    d = str(tmp_path_factory.mktemp(request.param))
+    write_tiny_checkpoint(request.param, d, shards=2 if request.param == "qwen2" else 1)
+    cfg, params = load_weights(d, progress=False)
+    return request.param, cfg, params
+
+
+def test_tiny_alone_all_positions(tiny):
+    name, cfg, params = tiny
+    runner = PagedRunner(cfg, params)
+    for sid, (ids, ref) in enumerate(_ref(name)):
+        (logits,) = runner.step([(sid, ids, 0, 0)])
+        np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
+
+
+def test_tiny_cached_prefix_and_decode(tiny):
+    """Prefill a prefix, then the rest as a second chunk over the cached pages, then 1-token decodes."""
+    name, cfg, params = tiny
+    runner = PagedRunner(cfg, params)
+    for sid, (ids, ref) in enumerate(_ref(name)):
+        if len(ids) < 5:
+            continue
+        k = len(ids) // 2  # not page aligned for page_size 4 on some prompts
+        parts = [runner.step([(sid, ids[:k], 0, 0)])[0], runner.step([(sid, ids[k:-2], k, k)])[0]]
+        parts += [runner.step([(sid, ids[p:p + 1], p, None)])[0] for p in (len(ids) - 2, len(ids) - 1)]
+        got = np.concatenate(parts)
+        np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
+
+
+def test_tiny_batched_mixed_matches_alone(tiny):
+    """All prompts in one ragged call (decodes + prefill blocks, padded rows), then a mixed step."""
+    name, cfg, params = tiny
+    refs = _ref(name)
+    runner = PagedRunner(cfg, params)
+    work = [(sid, ids[:-1] if len(ids) > 1 else ids, 0, 0) for sid, (ids, _) in enumerate(refs)]
+    outs = runner.step(work, num_decode=4, num_blocks=12, page_width=16, num_logits=80)
+    # second step: the last token of each multi-token prompt as a decode, mixed with a fresh prefill
+    work2 = [(sid, ids[-1:], len(ids) - 1, None) for sid, (ids, _) in enumerate(refs) if len(ids) > 1]
+    fresh = refs[-1][0]
+    work2.append((99, fresh[:20], 0, 0))
+    outs2 = runner.step(work2, num_decode=4, num_blocks=4, page_width=16, num_logits=32)
+    for sid, (ids, ref) in enumerate(refs):
+        n = len(ids) - 1 if len(ids) > 1 else 1
+        np.testing.assert_allclose(outs[sid], ref[:n], atol=1e-4, rtol=1e-4, err_msg=f"{name} {sid}")
+    for j, (sid, ids, start, _) in enumerate(work2[:-1]):
+        np.testing.assert_allclose(outs2[j], refs[sid][1][-1:], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(outs2[-1], refs[-1][1][:20], atol=1e-4, rtol=1e-4)
+
+
+def test_tiny_bfloat16_close(tiny):
+    name, cfg, params = tiny
+    p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    runner = PagedRunner(cfg, p16, dtype=jnp.bfloat16)
+    ids, ref = _ref(name)[2]
+    (logits,) = runner.step([(0, ids, 0, 0)])
+    assert logits.dtype == np.float32
+    # bf16 weights and activations: ~3 significant digits per op through 2 layers
+    np.testing.assert_allclose(logits, ref, atol=0.1, rtol=0.05)
+    assert (logits.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_full_size_shapes(preset):
+    cfg = PRESETS[preset]
+    shapes = param_shapes(cfg, jnp.bfloat16)
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+    assert n == cfg.num_params
+    expected = {"llama-3-8b": 8.03e9, "qwen2.5-7b": 7.62e9, "qwen3-8b": 8.19e9, "smollm2-135m": 1.345e8}[preset]
+    assert abs(n - expected) / expected < 0.01, n
+    layer = shapes["layers_0"]["self_attn"]
+    assert layer["q_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_heads * cfg.head_dim)
+    assert layer["k_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
+
+
+def test_from_hf_rope_scaling():
+    cfg = ModelConfig.from_hf(TINY_CONFIGS["llama3-tied-mqa"])
+    assert cfg.rope_scaling.kind == "llama3" and cfg.tie_word_embeddings and cfg.num_kv_heads == 1
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        from sgl_jax.models.hub import resolve_model
+        resolve_model(str(tmp_path / "nope.gguf"))
+    d = tmp_path / "bad"
+    write_tiny_checkpoint("llama", str(d))
+    st = d / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:-1000])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        load_weights(str(d), progress=False)
+    cfgp = d / "config.json"
+    cfgp.write_text(cfgp.read_text().replace('"llama"', '"gpt_neox"', 1))
+    with pytest.raises(ModelLoadError, match="gpt_neox"):
+        load_weights(str(d), progress=False)
+    g = tmp_path / "x.gguf"
+    g.write_bytes(b"GGUF" + b"\0" * 20)
+    with pytest.raises(ModelLoadError, match="x.gguf"):
+        load_weights(str(g), progress=False)

@@ -1,0 +1,82 @@
+"""SmolLM2-135M-Instruct (GGUF Q4_1, the default model) against Hugging Face transformers' own GGUF load."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from helpers import PagedRunner
+from sgl_jax.models.loader import load_weights
+
+REF = os.path.join(os.path.dirname(__file__), "reference", "smollm2_gguf.npz")
+
+
+def _refs():
+    data = np.load(REF)
+    n = len([k for k in data if k.startswith("ids_")])
+    return [(data[f"ids_{i}"].tolist(), data[f"last_logits_{i}"], data[f"greedy_{i}"].tolist()) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def smollm_f32(smollm2_gguf):
+    return load_weights(smollm2_gguf, "float32", progress=False)
+
+
+def _greedy(runner, sid, ids, n):
+    (logits,) = runner.step([(sid, ids, 0, None)])
+    last = logits[-1]
+    out = [int(last.argmax())]
+    for i in range(n - 1):
+        (logits,) = runner.step([(sid, [out[-1]], len(ids) + i, None)])
+        out.append(int(logits[-1].argmax()))
+    return last, out
+
+
+@pytest.mark.slow
+def test_smollm2_f32_logits_and_greedy(smollm_f32):
+    cfg, params = smollm_f32
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
+    assert cfg.tie_word_embeddings
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=16, block_q=16, nan_fill=False)
+    for sid, (ids, ref_logits, ref_greedy) in enumerate(_refs()):
+        last, greedy = _greedy(runner, sid, ids, len(ref_greedy))
+        np.testing.assert_allclose(last, ref_logits, atol=1e-3, rtol=0, err_msg=f"prompt {sid}")
+        assert greedy == ref_greedy, f"prompt {sid}"
+
+
+@pytest.mark.slow
+def test_smollm2_bf16_within_tolerance(smollm2_gguf):
+    cfg, params = load_weights(smollm2_gguf, "bfloat16", progress=False)
+    assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
+    runner = PagedRunner(cfg, params, num_pages=32, page_size=16, block_q=16, dtype=jnp.bfloat16, nan_fill=False)
+    for sid, (ids, ref_logits, _) in enumerate(_refs()):
+        (logits,) = runner.step([(sid, ids, 0, None)])
+        err = np.abs(logits[-1] - ref_logits)
+        # Stated tolerance for bf16 weights+activations over 30 layers: mean |err| < 0.15, max < 1.5,
+        # and the reference's top token among our top 3.
+        assert err.mean() < 0.15 and err.max() < 1.5, (sid, err.mean(), err.max())
+        assert int(ref_logits.argmax()) in np.argsort(logits[-1])[-3:]
+
+
+@pytest.mark.slow
+def test_load_peak_memory(smollm2_gguf):
+    """Peak RSS growth while loading stays <= 2x the final parameter bytes."""
+    code = f"""
+import resource, jax, jax.numpy as jnp, numpy as np
+jnp.zeros(1).block_until_ready()
+from sgl_jax.models.loader import load_weights
+import psutil, os
+before = psutil.Process().memory_info().rss
+cfg, params = load_weights({smollm2_gguf!r}, "float32", progress=False)
+nbytes = sum(x.nbytes for x in jax.tree.leaves(params))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(nbytes, peak - before)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    nbytes, growth = map(int, out.split())
+    assert nbytes == 134515008 * 4
+    assert growth <= 2 * nbytes, (growth, nbytes)
