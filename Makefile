@@ -1,0 +1,37 @@
+# `make serve` and `make test` work on a fresh machine: they create .venv, install the package with its
+# test extras, fetch the default model into the user cache, then serve / run the suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/smollm2-135m.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install model test test-fast serve bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# The SGLang frontend is a test dependency for driving our server; --no-deps keeps PyTorch out.
+	$(PY) -m pip install -q --no-deps 'sglang==0.5.10'
+	touch $@
+
+install: $(VENV)/.installed
+
+model: install
+	$(PY) -m sgl_jax.models.hub smollm2-135m
+
+test: model
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: model
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+serve: model
+	$(PY) -m sgl_jax.serve --config $(CONFIG)
+
+bench: model
+	$(PY) bench/bench_model.py --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache

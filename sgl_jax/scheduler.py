@@ -1,0 +1,511 @@
+"""The scheduler: which tokens of which requests the next step computes. Host code, no jax import.
+
+A request's life, as the scheduler sees it:
+ 1. `add(req)` puts it in the waiting queue.
+ 2. `schedule()` orders the waiting queue by policy (longest cached prefix first by default; DFS
+    over the radix tree; or FCFS), with a starvation guard, and admits requests while the step's token
+    budget, the decode-slot count and the KV pool allow. Admission matches the prompt against the
+    radix cache, locks the matched node, and reserves pages for part of the expected output. A
+    request whose uncached prefix is being computed right now by another request waits one step, so a
+    cold burst sharing a prefix computes it once, not once per request.
+ 3. Admitted requests are prefilled in chunks under the per-step token budget; decodes and prefill
+    chunks share a step. After every chunk the computed, page-aligned prefix is committed to the radix
+    cache, so other requests can match a prefix still being computed.
+ 4. Each step, every running request that has all its tokens computed decodes one token. If the pool
+    runs out, the cache is evicted (LRU), then the most recently admitted request is retracted: its
+    computed prefix goes to the cache, its pages are freed, and it is requeued at the front with its
+    output so far, to resume later (greedy output is unchanged).
+ 5. The engine reports finished/aborted requests with `finish()`; their prefixes are committed to the
+    cache, locks dropped and private pages freed.
+
+`schedule()` returns one `StepPlan`: plain lists of chunks, nothing device-specific. The engine step is
+`plan = scheduler.schedule(); out = runner.run(plan); engine.postprocess(plan, out)`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+import itertools
+import math
+from typing import Any, Iterable
+
+from sgl_jax.cache import PageAllocator, RadixCache, commit_running_prefix
+
+
+class ReqState(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """A generation request as the scheduler and engine track it."""
+
+    rid: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    namespace: str = ""
+    logprob_start: int = -1  # >= 0: prompt logprobs wanted from this position on
+    uses_penalties: bool = False  # frequency/presence/repetition penalties need device-side counts
+    data: Any = None  # the engine's per-request state (sampling params, stream, detokenizer, ...)
+
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    state: ReqState = ReqState.WAITING
+    arrival: int = 0
+    admitted_at: int = -1
+    bypassed: int = 0
+    # KV state while running: pages cover positions [0, num_computed); the first n_tree are the tree's.
+    pages: list[int] = dataclasses.field(default_factory=list)
+    n_tree: int = 0
+    node: Any = None
+    num_computed: int = 0
+    cached_tokens: int = 0  # prefix reused at (first) admission, for meta_info.cached_tokens
+    slot: int = -1
+    marks_left: int = 0
+    retractions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def token_at(self, pos: int) -> int:
+        n = len(self.prompt_ids)
+        return self.prompt_ids[pos] if pos < n else self.output_ids[pos - n]
+
+    def tokens(self, start: int = 0, end: int | None = None) -> list[int]:
+        end = self.num_tokens if end is None else end
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
+    @property
+    def wants_sample(self) -> bool:
+        return len(self.output_ids) < self.max_new_tokens
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Compute tokens [start, start + len(token_ids)) of `req`; sample after the last one if `samples`."""
+
+    req: Request
+    start: int
+    token_ids: list[int]
+    samples: bool
+    logits_from: int | None = None  # first position whose logits are wanted (prompt logprobs)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.token_ids)
+
+
+@dataclasses.dataclass
+class StepPlan:
+    decodes: list[Chunk]
+    prefills: list[Chunk]
+    reset_slots: list[int]  # penalty-state rows to clear before this step
+    marks: list[tuple[int, int, bool]]  # (slot, token, counts_as_output) to record before sampling
+    full_logits: bool  # some chunk wants logits for many positions (prompt logprobs)
+
+    @property
+    def chunks(self) -> list[Chunk]:
+        return self.decodes + self.prefills
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    page_size: int
+    max_running: int
+    max_prefill_tokens: int
+    prefill_block: int
+    max_prefill_blocks: int  # blocks per prefill-only step
+    max_mixed_blocks: int  # blocks in a step that also carries decodes
+    max_context: int
+    policy: str = "lpm"
+    starvation_limit: int = 64
+    new_token_ratio: float = 0.4
+    max_marks: int = 512
+
+
+class OutOfPagesError(RuntimeError):
+    """The KV pool cannot hold even one request's next token."""
+
+
+class Scheduler:
+    """Owns the waiting queue, the running set, and every page request hold. Single-threaded."""
+
+    def __init__(self, cache: RadixCache, cfg: SchedulerConfig):
+        if cfg.policy not in ("lpm", "dfs-weight", "fcfs"):
+            raise ValueError(f"schedule_policy {cfg.policy!r} is unknown; expected lpm, dfs-weight or fcfs")
+        self.cache = cache
+        self.alloc: PageAllocator = cache.allocator
+        self.cfg = cfg
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.by_rid: dict[str, Request] = {}
+        self.free_slots = list(range(cfg.max_running - 1, -1, -1))
+        self.pending_marks: collections.deque = collections.deque()
+        self._arrivals = itertools.count()
+        self._admissions = itertools.count()
+        self._last_was_prefill_only = False
+        self.num_retractions = 0
+
+    # ------------------------------------------------------------------------------------- queue
+    def add(self, req: Request) -> None:
+        if req.rid in self.by_rid:
+            raise ValueError(f"request id {req.rid!r} is already in use")
+        if req.num_tokens + max(req.max_new_tokens - len(req.output_ids), 0) > self.cfg.max_context:
+            raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) "
+                             f"exceeds the context length {self.cfg.max_context}")
+        if req.num_tokens == 0:
+            raise ValueError("empty prompt")
+        req.arrival = next(self._arrivals)
+        req.state = ReqState.WAITING
+        self.waiting.append(req)
+        self.by_rid[req.rid] = req
+
+    def abort(self, rid: str) -> Request | None:
+        """Remove a request wherever it is; frees every page it holds. Returns it, or None if unknown."""
+        req = self.by_rid.get(rid)
+        if req is None:
+            return None
+        if req.state is ReqState.WAITING:
+            self.waiting.remove(req)
+            req.state = ReqState.FINISHED
+            del self.by_rid[rid]
+        elif req.state is ReqState.RUNNING:
+            self.finish(req)
+        return req
+
+    def finish(self, req: Request) -> None:
+        """A running request is done: commit its prefix to the cache and release everything it holds."""
+        if req.state is not ReqState.RUNNING:
+            return
+        self._release(req, keep_cache=True)
+        self.running.remove(req)
+        req.state = ReqState.FINISHED
+        self.by_rid.pop(req.rid, None)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------------------------- pages
+    def _release(self, req: Request, keep_cache: bool) -> None:
+        if req.node is not None:
+            node = req.node
+            if keep_cache and req.num_computed >= self.cfg.page_size:
+                res = commit_running_prefix(self.cache, req.tokens(0, req.num_computed), req.pages, node,
+                                            req.namespace)
+                req.pages[:len(res.pages)] = res.pages
+                req.n_tree, node = len(res.pages), res.node
+            self.cache.unlock(node)
+            self.alloc.free(req.pages[req.n_tree:])
+        if req.slot >= 0:
+            self.free_slots.append(req.slot)
+        if req.marks_left:
+            self.pending_marks = collections.deque(m for m in self.pending_marks if m[0] is not req)
+        req.pages, req.n_tree, req.node, req.num_computed, req.slot, req.marks_left = [], 0, None, 0, -1, 0
+
+    def _alloc(self, n: int) -> list[int] | None:
+        if n <= 0:
+            return []
+        got = self.alloc.alloc(n)
+        if got is None:
+            short = n - self.alloc.num_free
+            self.cache.evict(short)
+            got = self.alloc.alloc(n)
+        return got
+
+    def _grow(self, req: Request, upto: int) -> bool:
+        """Give `req` pages covering positions [0, upto). False if the pool cannot."""
+        need = math.ceil(upto / self.cfg.page_size) - len(req.pages)
+        got = self._alloc(need)
+        if got is None:
+            return False
+        req.pages += got
+        return True
+
+    def _available(self) -> int:
+        """Pages obtainable now (free + evictable) minus what running requests are expected to need."""
+        reserved = 0
+        ps = self.cfg.page_size
+        for r in self.running:
+            remaining = max(r.max_new_tokens - len(r.output_ids), 0)
+            future = r.num_tokens + int(remaining * self.cfg.new_token_ratio)
+            reserved += max(math.ceil(future / ps) - len(r.pages), 0)
+        return self.alloc.num_free + self.cache.evictable_pages - reserved
+
+    def _retract_one(self, exclude: Request | None = None) -> bool:
+        victims = [r for r in self.running if r is not exclude]
+        if not victims:
+            return False
+        victim = max(victims, key=lambda r: (r.admitted_at, r.num_tokens))
+        self._release(victim, keep_cache=True)
+        self.running.remove(victim)
+        victim.state = ReqState.WAITING
+        victim.retractions += 1
+        victim.bypassed = self.cfg.starvation_limit  # resumes first
+        self.waiting.insert(0, victim)
+        self.num_retractions += 1
+        return True
+
+    # ---------------------------------------------------------------------------------- ordering
+    def _peek(self, req: Request) -> int:
+        peek = getattr(self.cache, "peek_prefix_len", None)
+        limit = req.num_tokens - 1
+        if req.logprob_start >= 0:
+            limit = min(limit, req.logprob_start)
+        if peek is None:
+            return 0
+        return min(peek(req.tokens(0, limit), req.namespace), limit)
+
+    def _order(self) -> list[Request]:
+        starving = [r for r in self.waiting if r.bypassed >= self.cfg.starvation_limit]
+        rest = [r for r in self.waiting if r.bypassed < self.cfg.starvation_limit]
+        if self.cfg.policy == "lpm":
+            keyed = [(-self._peek(r), r.arrival, r) for r in rest]
+            keyed.sort(key=lambda t: (t[0], t[1]))
+            rest = [t[2] for t in keyed]
+        elif self.cfg.policy == "dfs-weight":
+            rest = self._dfs_order(rest)
+        starving.sort(key=lambda r: r.arrival)
+        return starving + rest
+
+    def _dfs_order(self, reqs: list[Request]) -> list[Request]:
+        """The paper's cache-aware order: DFS over the radix tree, heavier subtrees (more waiting
+        requests under them) first, so requests sharing a prefix run back to back."""
+        peek_node = getattr(self.cache, "peek_node", None)
+        if peek_node is None:
+            return sorted(reqs, key=lambda r: r.arrival)
+        at: dict[Any, list[Request]] = collections.defaultdict(list)
+        weight: collections.Counter = collections.Counter()
+        children: dict[Any, set] = collections.defaultdict(set)
+        roots = []
+        for r in sorted(reqs, key=lambda r: r.arrival):
+            node = peek_node(r.tokens(0, max(r.num_tokens - 1, 0)), r.namespace)
+            at[node].append(r)
+            n = node
+            while n is not None:
+                weight[n] += 1
+                parent = getattr(n, "parent", None)
+                if parent is None:
+                    if n not in roots:
+                        roots.append(n)
+                else:
+                    children[parent].add(n)
+                n = parent
+        def key(n):  # heavier first; among equals, the most recently used subtree (still cached)
+            return weight[n], getattr(n, "last_access", 0)
+
+        out: list[Request] = []
+        stack = sorted(roots, key=key)
+        while stack:
+            n = stack.pop()
+            out += at.get(n, [])
+            stack += sorted(children.get(n, ()), key=key)  # the heaviest is popped first
+        return out
+
+    # ---------------------------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan | None:
+        """Plan the next step, or None when there is nothing to do."""
+        if not self.has_work:
+            return None
+        cfg = self.cfg
+        decoding = [r for r in self.running if r.num_computed == r.num_tokens - 1]
+        prefilling = [r for r in self.running if r.num_computed < r.num_tokens - 1]
+
+        # 1. Every decoding request needs room for one more token; evict, then retract, if not.
+        for r in sorted(decoding, key=lambda r: r.admitted_at):
+            if r.state is not ReqState.RUNNING:
+                continue
+            while not self._grow(r, r.num_tokens):
+                if not self._retract_one(exclude=r):
+                    raise OutOfPagesError(f"the KV pool ({self.alloc.num_total} pages) cannot hold request "
+                                          f"{r.rid} at {r.num_tokens} tokens")
+        decoding = [r for r in decoding if r.state is ReqState.RUNNING]
+        prefilling = [r for r in prefilling if r.state is ReqState.RUNNING]
+
+        # 2. Prefill-only or mixed: prefill has priority, but decodes never wait two steps in a row.
+        has_prefill = bool(prefilling or self.waiting)
+        prefill_only = has_prefill and (not decoding or not self._last_was_prefill_only)
+        if prefill_only and decoding:
+            pending = sum(r.num_tokens - 1 - r.num_computed for r in prefilling)
+            pending += sum(r.num_tokens for r in self.waiting[:4])
+            if pending <= cfg.max_mixed_blocks * cfg.prefill_block:
+                prefill_only = False  # small enough to ride along with the decodes
+        max_blocks = cfg.max_prefill_blocks if prefill_only else cfg.max_mixed_blocks
+        # Penalty bookkeeping drained this step (FIFO); a request samples only once all its marks are in.
+        marks = [self.pending_marks.popleft() for _ in range(min(len(self.pending_marks), cfg.max_marks))]
+        for m in marks:
+            m[0].marks_left -= 1
+        budget_tokens = cfg.max_prefill_tokens
+        chunks: list[Chunk] = []
+        reset_slots: list[int] = []
+        blocks = 0
+
+        def take(r: Request) -> bool:
+            """Add r's next prefill chunk if budget, blocks and pages allow."""
+            nonlocal blocks, budget_tokens
+            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * cfg.prefill_block)
+            end = r.num_computed + n
+            if end == r.num_tokens and r.wants_sample and r.marks_left:
+                end -= 1  # its penalty state is not on the device yet: stop short of sampling
+            elif end < r.num_tokens and n > cfg.prefill_block:
+                end -= n % cfg.prefill_block  # block-aligned chunk boundaries: only the last block pads
+            n = end - r.num_computed
+            if n <= 0 or not self._grow(r, end):
+                return False
+            samples = end == r.num_tokens and r.wants_sample
+            logits_from = None
+            if r.logprob_start >= 0 and max(r.logprob_start - 1, 0, r.num_computed) < end:
+                logits_from = max(r.logprob_start - 1, 0, r.num_computed)
+            chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
+            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / cfg.prefill_block)
+            budget_tokens -= n
+            return True
+
+        if has_prefill:
+            for r in sorted(prefilling, key=lambda r: r.admitted_at):
+                if not take(r):
+                    break
+            if budget_tokens > 0 and blocks < max_blocks:
+                self._admit(take, reset_slots, len(decoding), prefilling)
+
+        dec_chunks = []
+        if not prefill_only:
+            dec_chunks = [Chunk(r, r.num_computed, [r.token_at(r.num_computed)], r.wants_sample)
+                          for r in decoding if not r.marks_left]
+        # a single-token prefill chunk without prompt logprobs is laid out as a decode row
+        one = [c for c in chunks if len(c.token_ids) == 1 and c.logits_from is None]
+        pre_chunks = [c for c in chunks if not (len(c.token_ids) == 1 and c.logits_from is None)]
+        full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in pre_chunks)
+        if full:
+            # prompt-logprob steps are compiled without decode rows; decodes wait one step
+            dec_chunks, pre_chunks = [], pre_chunks + one
+        else:
+            dec_chunks += one
+        if not dec_chunks and not pre_chunks:
+            for m in reversed(marks):  # nothing ran: the marks go back
+                m[0].marks_left += 1
+                self.pending_marks.appendleft(m)
+            if decoding and prefill_only:
+                self._last_was_prefill_only = True  # the waiting work does not fit: let decodes run
+                return self.schedule()
+            return None
+        self._last_was_prefill_only = prefill_only and bool(pre_chunks)
+        return StepPlan(dec_chunks, pre_chunks, reset_slots, [m[1:] for m in marks], full)
+
+    def _admit(self, take, reset_slots, num_decoding, prefilling) -> list[Request]:
+        cfg = self.cfg
+        ordered = self._order()
+        admitted: list[Request] = []
+        inflight = [r for r in prefilling]
+        skipped: list[Request] = []
+        for r in ordered:
+            if len(self.running) >= cfg.max_running or not self.free_slots:
+                break
+            # Cold-burst sharing: wait for a prefix another request is computing right now.
+            cached = self._peek(r)
+            if any(self._lcp(r, o) - cached >= cfg.page_size for o in inflight):
+                skipped.append(r)
+                continue
+            ps = cfg.page_size
+            need_now = math.ceil(r.num_tokens / ps) - cached // ps
+            need_future = math.ceil(max(r.max_new_tokens - len(r.output_ids), 0) * cfg.new_token_ratio / ps)
+            if need_now + need_future > self._available():
+                if not self.running and not admitted and need_now <= self.alloc.num_free + self.cache.evictable_pages:
+                    pass  # nothing else running: admit anyway, retraction handles the rest
+                else:
+                    skipped.append(r)
+                    break
+            m = self.cache.match_prefix(r.tokens(0, cached), r.namespace) if cached else None
+            if m is not None and m.num_tokens == cached:
+                r.pages, r.n_tree, r.node = list(m.pages), len(m.pages), m.node
+            else:
+                m = self.cache.match_prefix([], r.namespace)
+                r.pages, r.n_tree, r.node, cached = [], 0, m.node, 0
+            self.cache.lock(r.node)
+            r.num_computed = cached
+            if r.retractions == 0:
+                r.cached_tokens = cached
+            r.slot = self.free_slots.pop()
+            reset_slots.append(r.slot)
+            r.state = ReqState.RUNNING
+            r.admitted_at = next(self._admissions)
+            self.waiting.remove(r)
+            self.running.append(r)
+            if r.uses_penalties:
+                self._queue_marks(r)
+            take(r)  # if the step is full, it continues as a prefilling request next step
+            admitted.append(r)
+            inflight.append(r)
+            if len(admitted) + num_decoding >= cfg.max_running:
+                break
+        for r in self.waiting:
+            if any(a.arrival > r.arrival for a in admitted):
+                r.bypassed += 1
+        return admitted
+
+    def _queue_marks(self, r: Request) -> None:
+        marks = [(r, r.slot, t, False) for t in r.prompt_ids] + [(r, r.slot, t, True) for t in r.output_ids]
+        self.pending_marks.extend(marks)
+        r.marks_left = len(marks)
+
+    @staticmethod
+    def _lcp(a: Request, b: Request) -> int:
+        n = min(a.num_tokens, b.num_tokens)
+        pa, pb = a.prompt_ids, b.prompt_ids
+        i = 0
+        m = min(n, len(pa), len(pb))
+        # compare in strides for speed on long shared prefixes
+        while i + 64 <= m and pa[i:i + 64] == pb[i:i + 64]:
+            i += 64
+        while i < m and pa[i] == pb[i]:
+            i += 1
+        return i
+
+    # ----------------------------------------------------------------------------- after a step
+    def on_step_done(self, plan: StepPlan) -> None:
+        """Advance computed counts and share newly computed full pages through the cache.
+
+        Called after the device step and BEFORE the engine appends sampled tokens / finishes requests.
+        """
+        ps = self.cfg.page_size
+        for c in plan.chunks:
+            r = c.req
+            if r.state is not ReqState.RUNNING:
+                continue
+            before = r.num_computed
+            r.num_computed = c.end
+            if r.num_computed // ps > before // ps and not self.cache.disabled:
+                res = commit_running_prefix(self.cache, r.tokens(0, r.num_computed), r.pages, r.node, r.namespace)
+                r.pages[:len(res.pages)] = res.pages
+                r.n_tree, r.node = len(res.pages), res.node
+
+    # ------------------------------------------------------------------------------- integrity
+    def held_pages(self) -> list[int]:
+        return [p for r in self.running for p in r.pages[r.n_tree:]]
+
+    def check_integrity(self) -> None:
+        """free + evictable + in use == total, and the cache's own invariants."""
+        held = self.held_pages()
+        assert len(held) == len(set(held)), "a page is held twice by running requests"
+        self.cache.check_integrity(held_pages=held)
+        in_use = len(held) + self.cache.protected_pages
+        total = self.alloc.num_free + self.cache.evictable_pages + in_use
+        assert total == self.alloc.num_total, (
+            f"free {self.alloc.num_free} + evictable {self.cache.evictable_pages} + in use {in_use} "
+            f"!= total {self.alloc.num_total}")
+        slots = [r.slot for r in self.running]
+        assert len(set(slots)) == len(slots) and -1 not in slots, f"bad slots {slots}"
+        assert len(slots) + len(self.free_slots) == self.cfg.max_running, "slot leak"
