@@ -1,0 +1,223 @@
+"""Naive twin of ``RadixCache``: same interface, simplest data structure.
+
+Used only to cross-check ``RadixCache`` (property tests).  Every cached page
+is one dict entry keyed by ``(namespace, token prefix up to and including that
+page)``; everything else is a linear scan.  Semantics (page granularity, LRU
+clock, eviction order, duplicate freeing, locks, disabled mode) are defined to
+match ``RadixCache`` exactly -- see its module docstring.  Single-threaded.
+
+LRU: a logical clock ticks once per ``match_prefix``/``insert``; every entry of
+the touched prefix gets the tick.  ``evict`` repeatedly removes the unlocked
+leaf entry (no cached extension) with the smallest ``(stamp, namespace,
+key)``.  Because a tick stamps one root-to-node path, leaf stamps are unique,
+so the tie-break never matters and the order equals RadixCache's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+from .allocator import PageAllocator
+from .radix_cache import MatchResult, _as_tokens
+
+__all__ = ["NaivePrefixCache"]
+
+
+@dataclass
+class _Entry:
+    page: int
+    last_access: int
+    ref: int = 0
+
+
+@dataclass(frozen=True)
+class _Handle:
+    namespace: str
+    key: tuple
+
+
+class NaivePrefixCache:
+    """Dict-of-prefixes prefix cache with the same interface as ``RadixCache``."""
+
+    def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False):
+        if page_size <= 0:
+            raise ValueError(f"page_size must be > 0, got {page_size}")
+        self.allocator = allocator
+        self.page_size = int(page_size)
+        self.disabled = bool(disabled)
+        self._entries: dict[tuple[str, tuple], _Entry] = {}
+        self._root_refs: dict[str, int] = {}
+        self._clock = 0
+
+    # counters (recounted every time: this is the slow, obviously-correct twin)
+    @property
+    def evictable_pages(self) -> int:
+        return sum(1 for e in self._entries.values() if e.ref == 0)
+
+    @property
+    def protected_pages(self) -> int:
+        return sum(1 for e in self._entries.values() if e.ref > 0)
+
+    @property
+    def cached_pages(self) -> int:
+        return len(self._entries)
+
+    def _prefix_keys(self, toks: tuple, namespace: str, npages: int) -> list[tuple[str, tuple]]:
+        ps = self.page_size
+        return [(namespace, toks[: (i + 1) * ps]) for i in range(npages)]
+
+    def match_prefix(self, tokens: Sequence[int], namespace: str = "") -> MatchResult:
+        """Longest cached page-aligned prefix; stamps its entries.  See ``RadixCache.match_prefix``."""
+        if self.disabled:
+            return MatchResult([], 0, _Handle(namespace, ()))
+        toks = _as_tokens(tokens)
+        ps = self.page_size
+        self._clock += 1
+        pages: list[int] = []
+        for key in self._prefix_keys(toks, namespace, len(toks) // ps):
+            e = self._entries.get(key)
+            if e is None:
+                break
+            e.last_access = self._clock
+            pages.append(e.page)
+        return MatchResult(pages, len(pages) * ps, _Handle(namespace, toks[: len(pages) * ps]))
+
+    def peek_prefix_len(self, tokens: Sequence[int], namespace: str = "") -> int:
+        """Cached page-aligned prefix length, read-only (no stamp).  See ``RadixCache.peek_prefix_len``."""
+        if self.disabled:
+            return 0
+        toks = _as_tokens(tokens)
+        k = 0
+        for key in self._prefix_keys(toks, namespace, len(toks) // self.page_size):
+            if key not in self._entries:
+                break
+            k += 1
+        return k * self.page_size
+
+    def insert(self, tokens: Sequence[int], pages: Sequence[int], namespace: str = "") -> int:
+        """Cache tokens -> pages; frees duplicates; returns already-cached token count.  See ``RadixCache.insert``."""
+        ps = self.page_size
+        toks = _as_tokens(tokens)
+        pages = [int(p) for p in pages]
+        if len(toks) != len(pages) * ps:
+            raise ValueError(f"insert needs page-aligned tokens: got {len(toks)} tokens for {len(pages)} pages of {ps}")
+        if self.disabled:
+            self.allocator.free(pages)
+            return 0
+        if not pages:
+            return 0
+        cached_pages = {e.page for e in self._entries.values()}
+        if len(set(pages)) != len(pages):
+            raise ValueError("a page appears twice in insert()")
+        for p in pages:
+            if not self.allocator.is_valid_page(p) or self.allocator.is_free(p):
+                raise ValueError(f"page {p} is reserved, out of range or free")
+        keys = self._prefix_keys(toks, namespace, len(pages))
+        for key, p in zip(keys, pages):
+            e = self._entries.get(key)
+            if p in cached_pages and (e is None or e.page != p):
+                raise ValueError(f"page {p} is already in the cache at another position")
+        self._clock += 1
+        already = 0
+        dups: list[int] = []
+        for key, p in zip(keys, pages):
+            e = self._entries.get(key)
+            if e is None:
+                self._entries[key] = _Entry(p, self._clock)
+            else:
+                already += 1
+                e.last_access = self._clock
+                if e.page != p:
+                    dups.append(p)
+        if dups:
+            self.allocator.free(dups)
+        return already * ps
+
+    def _handle_keys(self, handle: _Handle) -> list[tuple[str, tuple]]:
+        if not isinstance(handle, _Handle):
+            raise TypeError(f"not a NaivePrefixCache handle: {handle!r}")
+        keys = self._prefix_keys(handle.key, handle.namespace, len(handle.key) // self.page_size)
+        for k in keys:
+            if k not in self._entries:
+                raise ValueError("stale handle: prefix was evicted or reset")
+        return keys
+
+    def lock(self, node: _Handle) -> None:
+        keys = self._handle_keys(node)
+        self._root_refs[node.namespace] = self._root_refs.get(node.namespace, 0) + 1
+        for k in keys:
+            self._entries[k].ref += 1
+
+    def unlock(self, node: _Handle) -> None:
+        keys = self._handle_keys(node)
+        if self._root_refs.get(node.namespace, 0) <= 0 or (keys and self._entries[keys[-1]].ref <= 0):
+            raise ValueError(f"unlock of a node that is not locked: {node!r}")
+        self._root_refs[node.namespace] -= 1
+        for k in keys:
+            self._entries[k].ref -= 1
+
+    def _is_leaf(self, key: tuple[str, tuple]) -> bool:
+        ns, toks = key
+        n = len(toks) + self.page_size
+        return not any(kns == ns and len(kt) == n and kt[: len(toks)] == toks for kns, kt in self._entries)
+
+    def evict(self, num_pages: int) -> int:
+        """Remove the LRU unlocked leaf entry, ``num_pages`` times or until none is left."""
+        if self.disabled:
+            return 0
+        freed: list[int] = []
+        while len(freed) < num_pages:
+            cands = [(e.last_access, k[0], k[1]) for k, e in self._entries.items() if e.ref == 0 and self._is_leaf(k)]
+            if not cands:
+                break
+            _, ns, toks = min(cands)
+            freed.append(self._entries.pop((ns, toks)).page)
+        if freed:
+            self.allocator.free(freed)
+        return len(freed)
+
+    def reset(self) -> None:
+        for ns, r in self._root_refs.items():
+            if r:
+                raise RuntimeError(f"reset() with {r} lock(s) held in namespace {ns!r}")
+        pages = [e.page for e in self._entries.values()]
+        self._entries.clear()
+        self._root_refs.clear()
+        if pages:
+            self.allocator.free(pages)
+
+    def check_integrity(self, held_pages: Iterable[int] | None = None) -> None:
+        ps = self.page_size
+        alloc = self.allocator
+        seen: dict[int, tuple] = {}
+        child_refs: dict[tuple, int] = {}
+        for (ns, toks), e in self._entries.items():
+            assert len(toks) > 0 and len(toks) % ps == 0, f"key length {len(toks)} not a multiple of {ps}"
+            parent = (ns, toks[:-ps])
+            if toks[:-ps]:
+                assert parent in self._entries, f"prefix of {toks!r} missing (not prefix-closed)"
+            child_refs[parent] = child_refs.get(parent, 0) + e.ref
+            assert e.page not in seen, f"page {e.page} appears twice in the cache"
+            seen[e.page] = toks
+            assert alloc.is_valid_page(e.page), f"cached page {e.page} is reserved or out of range"
+            assert not alloc.is_free(e.page), f"cached page {e.page} is on the free list"
+            assert e.ref >= 0, f"negative ref on {toks!r}"
+        for parent, s in child_refs.items():
+            ns, toks = parent
+            r = self._entries[parent].ref if toks else self._root_refs.get(ns, 0)
+            assert r >= s, f"ref {r} of {parent!r} < sum of children refs {s}"
+        evictable = self.evictable_pages
+        allocated = alloc.num_total - alloc.num_free
+        assert evictable <= allocated, f"{evictable} evictable pages but only {allocated} allocated"
+        assert self.protected_pages <= allocated - evictable
+        if held_pages is not None:
+            held = set(int(p) for p in held_pages)
+            unlocked = {e.page for e in self._entries.values() if e.ref == 0}
+            for p in held:
+                assert not alloc.is_free(p), f"page {p} held by a request is on the free list"
+                assert p not in unlocked, f"page {p} held by a request is in an unlocked entry"
+            req_only = held - seen.keys()
+            assert alloc.num_free + len(seen) + len(req_only) == alloc.num_total, (
+                f"page leak: free {alloc.num_free} + cached {len(seen)} + request-only {len(req_only)} != total {alloc.num_total}"
+            )

@@ -1,0 +1,653 @@
+"""The Engine: SGLang's offline API in-process, and the loop that serves every front end.
+
+A request's life:
+ 1. `generate()` / `async_generate()` / `generate_stream()` validate the input (SamplingParams, token
+    ids, context length) in the caller's thread and raise `InvalidRequestError` naming the field.
+ 2. The request goes through the inbox (a thread-safe queue) to the engine thread, which owns the
+    scheduler, the radix cache and the device state; nothing else touches them.
+ 3. The engine thread loops: drain the inbox (adds, aborts, flushes) -> `scheduler.schedule()` ->
+    `runner.run(plan)` (one compiled step on the device) -> `scheduler.on_step_done(plan)` ->
+    `_postprocess`: append sampled tokens, detokenize incrementally, check EOS / stop ids / stop strings /
+    stop regexes / length, collect logprobs, finish requests (their prefixes stay in the radix cache).
+ 4. Each request has a sink; the engine thread pushes SGLang-shaped output dicts into it (every step
+    for streams, the last one otherwise). Sync callers block on a queue, async ones on an asyncio queue
+    fed with `call_soon_threadsafe`. Closing a stream early aborts the request and frees its pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import math
+import queue
+import random
+import re
+import sys
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable, Iterator
+
+from sgl_jax.config import EngineConfig, build
+from sgl_jax.errors import InvalidRequestError, UnsupportedFeatureError
+from sgl_jax.sampling_params import SamplingParams
+from sgl_jax.scheduler import Chunk, OutOfPagesError, ReqState, Request, Scheduler, SchedulerConfig, StepPlan
+
+log = logging.getLogger("sgl_jax.engine")
+
+
+@dataclasses.dataclass(eq=False)
+class _ReqData:
+    """The engine's per-request state (Request.data)."""
+
+    params: SamplingParams
+    sink: Callable[[dict], None]
+    stream: bool
+    stop_ids: frozenset
+    seed: int
+    return_logprob: bool = False
+    logprob_start_len: int = -1
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    detok: Any = None
+    text: str = ""
+    t_start: float = 0.0
+    t_first: float | None = None
+    finish_reason: dict | None = None
+    input_logprobs: list = dataclasses.field(default_factory=list)
+    input_top: list = dataclasses.field(default_factory=list)
+    output_logprobs: list = dataclasses.field(default_factory=list)
+    output_top: list = dataclasses.field(default_factory=list)
+    next_input_pos: int = 0
+    stop_regex: tuple = ()
+
+
+class Engine:
+    """In-process engine: `Engine(model="smollm2-135m", **config)` or `Engine(EngineConfig(...))`."""
+
+    def __init__(self, config: EngineConfig | str | None = None, *, metrics=None, progress: bool = True,
+                 **overrides):
+        if isinstance(config, str):
+            overrides.setdefault("model", config)
+            config = None
+        if config is None:
+            config = build(EngineConfig, overrides, "engine")
+        elif overrides:
+            config = build(EngineConfig, {**dataclasses.asdict(config), **overrides}, "engine")
+        self.config: EngineConfig = config
+        self.metrics = metrics
+        self._progress = progress
+        self._init_device_side()
+        self._rng = random.Random(config.seed)
+        self._ids = itertools.count()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._wakeup = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="sgl_jax-engine", daemon=True)
+        self.step_times: list[float] = []
+        self.host_times: list[float] = []
+        self.num_steps = 0
+        self.stats_counters = {"prompt_tokens": 0, "cached_tokens": 0, "generation_tokens": 0, "requests": 0}
+        self._thread.start()
+
+    # --------------------------------------------------------------------------------- set-up
+    def _init_device_side(self):
+        import jax
+
+        from sgl_jax.cache import PageAllocator, RadixCache
+        from sgl_jax.models.loader import canonical_dtype, load_model
+        from sgl_jax.runner import ModelRunner, enable_compilation_cache
+
+        c = self.config
+        enable_compilation_cache(c.compile_cache_dir)
+        t0 = time.perf_counter()
+        loaded = load_model(c.model, c.dtype, progress=self._progress)
+        self.load_seconds = time.perf_counter() - t0
+        self.model_path = loaded.path
+        self.model_config = mc = loaded.config
+        self.tokenizer = loaded.tokenizer
+        dtype = canonical_dtype(c.dtype)
+        kv_dtype = canonical_dtype(c.kv_dtype or c.dtype)
+        self.max_context_len = min(c.max_context_len, mc.max_position_embeddings)
+        page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * c.page_size
+        num_pages = int(c.kv_memory_gb * (1 << 30)) // page_bytes + 1
+        if c.max_num_pages > 0:
+            num_pages = min(num_pages, c.max_num_pages)
+        max_pages_per_seq = math.ceil(self.max_context_len / c.page_size)
+        if num_pages - 1 < max_pages_per_seq:
+            raise ValueError(f"the KV pool ({num_pages - 1} pages of {c.page_size} tokens, kv_memory_gb="
+                             f"{c.kv_memory_gb}) cannot hold one request of max_context_len={self.max_context_len}")
+        widths = list(c.page_width_buckets) or _default_widths(max_pages_per_seq, c.page_size)
+        if max(widths) < max_pages_per_seq:
+            raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={self.max_context_len} "
+                             f"({max_pages_per_seq} pages)")
+        max_blocks = max(c.prefill_block_buckets)
+        self.runner = ModelRunner(
+            mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, page_size=c.page_size,
+            block_q=c.prefill_block, num_slots=c.max_running_requests, decode_buckets=c.decode_buckets,
+            block_buckets=c.prefill_block_buckets, max_mixed_blocks=c.max_mixed_blocks,
+            page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
+            attention_backend=c.attention_backend)
+        if max(c.decode_buckets) < c.max_running_requests:
+            raise ValueError(f"decode_buckets {c.decode_buckets} must reach max_running_requests="
+                             f"{c.max_running_requests}")
+        self.allocator = PageAllocator(num_pages, reserved=1)
+        self.cache = RadixCache(self.allocator, c.page_size, disabled=c.disable_radix_cache)
+        self.scheduler = Scheduler(self.cache, SchedulerConfig(
+            page_size=c.page_size, max_running=c.max_running_requests,
+            max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
+            prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
+            max_mixed_blocks=c.max_mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
+            starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio))
+        self.compile_seconds = 0.0
+        if c.warmup:
+            self.compile_seconds = self.runner.warmup(progress=self._progress)
+        self.warmup_compiles = self.runner.num_compiles
+
+    # ------------------------------------------------------------------------------ validation
+    def _prepare(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
+                 logprob_start_len=-1, top_logprobs_num=0) -> tuple[list[int], SamplingParams]:
+        if (text is None) == (input_ids is None):
+            raise InvalidRequestError("exactly one of 'text' and 'input_ids' must be given")
+        if text is not None:
+            if not isinstance(text, str):
+                raise InvalidRequestError(f"'text' must be a string, got {type(text).__name__}")
+            ids = self.tokenizer.encode(text) if text else []
+        else:
+            if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                          for t in input_ids):
+                raise InvalidRequestError("'input_ids' must be a list of integers")
+            ids = list(input_ids)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidRequestError(f"'input_ids' has token id {bad[0]} outside [0, "
+                                          f"{self.model_config.vocab_size})")
+        if not ids:
+            raise InvalidRequestError("the prompt is empty ('text' or 'input_ids' must have at least one token)")
+        sp = SamplingParams.from_dict(sampling_params, vocab_size=self.model_config.vocab_size,
+                                      max_context=self.max_context_len, prompt_len=len(ids))
+        if len(ids) >= self.max_context_len:
+            raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context length is "
+                                      f"{self.max_context_len}")
+        for name in ("regex", "json_schema", "ebnf", "choices"):
+            if getattr(sp, name, None):
+                raise UnsupportedFeatureError(f"sampling param {name!r} is not supported yet "
+                                              "(structured generation is not enabled in this build)")
+        if not isinstance(return_logprob, bool):
+            raise InvalidRequestError("'return_logprob' must be a bool")
+        if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
+            raise InvalidRequestError(f"'logprob_start_len' must be an int >= -1, got {logprob_start_len!r}")
+        if logprob_start_len >= len(ids) and return_logprob:
+            raise InvalidRequestError(f"'logprob_start_len' ({logprob_start_len}) must be smaller than the prompt "
+                                      f"length ({len(ids)})")
+        if not isinstance(top_logprobs_num, int) or not 0 <= top_logprobs_num <= self.config.max_top_logprobs:
+            raise InvalidRequestError(f"'top_logprobs_num' must be an int in [0, {self.config.max_top_logprobs}], "
+                                      f"got {top_logprobs_num!r}")
+        for pattern in sp.stop_regex:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise InvalidRequestError(f"'stop_regex' {pattern!r} is not a valid regex: {e}") from None
+        return ids, sp
+
+    def validate(self, **kw) -> None:
+        """Raise InvalidRequestError if the request is bad; changes nothing."""
+        self._prepare(**kw)
+
+    def _make_request(self, sink, stream, *, text=None, input_ids=None, sampling_params=None,
+                      return_logprob=False, logprob_start_len=-1, top_logprobs_num=0,
+                      return_text_in_logprobs=False, rid=None) -> Request:
+        ids, sp = self._prepare(text=text, input_ids=input_ids, sampling_params=sampling_params,
+                                return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                                top_logprobs_num=top_logprobs_num)
+        stop_ids = set(sp.stop_token_ids)
+        if not sp.ignore_eos:
+            stop_ids |= set(self.tokenizer.stop_token_ids)
+        seed = sp.sampling_seed if sp.sampling_seed is not None else self._rng.getrandbits(32)
+        data = _ReqData(params=sp, sink=sink, stream=stream, stop_ids=frozenset(stop_ids), seed=seed,
+                        return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                        top_logprobs_num=top_logprobs_num if return_logprob else 0,
+                        return_text_in_logprobs=return_text_in_logprobs,
+                        detok=self.tokenizer.detokenizer(skip_special_tokens=sp.skip_special_tokens),
+                        t_start=time.perf_counter(), stop_regex=tuple(re.compile(p) for p in sp.stop_regex))
+        start = logprob_start_len if return_logprob and logprob_start_len >= 0 else -1
+        data.next_input_pos = max(start, 0)
+        uses_penalties = (sp.frequency_penalty != 0 or sp.presence_penalty != 0 or sp.repetition_penalty != 1)
+        return Request(rid=rid or uuid.uuid4().hex, prompt_ids=ids, max_new_tokens=sp.max_new_tokens,
+                       logprob_start=start, uses_penalties=uses_penalties, data=data)
+
+    # ----------------------------------------------------------------------------- front ends
+    def _normalize_batch(self, prompt, input_ids, sampling_params):
+        """Expand SGLang's single/batch forms into a list of per-sequence kwargs."""
+        if prompt is not None and input_ids is not None:
+            raise InvalidRequestError("give either 'prompt'/'text' or 'input_ids', not both")
+        if prompt is None and input_ids is None:
+            raise InvalidRequestError("one of 'prompt'/'text' and 'input_ids' is required")
+        batched = isinstance(prompt, list) or (isinstance(input_ids, list) and input_ids
+                                               and isinstance(input_ids[0], list))
+        items = (prompt if prompt is not None else input_ids) if batched else [prompt if prompt is not None
+                                                                               else input_ids]
+        if batched and not items:
+            raise InvalidRequestError("the batch is empty")
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(items):
+                raise InvalidRequestError(f"'sampling_params' has {len(sampling_params)} entries for "
+                                          f"{len(items)} prompts")
+            sps = sampling_params
+        else:
+            sps = [sampling_params] * len(items)
+        out = []
+        for item, sp in zip(items, sps):
+            n = (sp or {}).get("n", 1) if isinstance(sp, dict) else 1
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise InvalidRequestError(f"sampling param 'n' must be an int >= 1, got {n!r}")
+            for i in range(n):
+                spi = dict(sp or {})
+                spi.pop("n", None)
+                if n > 1 and spi.get("sampling_seed") is not None:
+                    spi["sampling_seed"] = spi["sampling_seed"] + i
+                kw = {"text": item} if prompt is not None else {"input_ids": item}
+                out.append((kw, spi))
+        return batched or len(out) > 1, out
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                 logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, stream=False,
+                 rid=None):
+        """SGLang's Engine.generate: a dict for one prompt, a list for a batch (or n > 1).
+
+        With stream=True (single prompt), returns an iterator of cumulative output dicts.
+        """
+        batched, items = self._normalize_batch(prompt, input_ids, sampling_params)
+        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        if stream:
+            if batched:
+                raise InvalidRequestError("stream=True takes a single prompt")
+            (kw, sp), = items
+            return self._sync_stream(dict(kw, sampling_params=sp, rid=rid, **common))
+        qs, reqs = [], []
+        for i, (kw, sp) in enumerate(items):
+            q: queue.SimpleQueue = queue.SimpleQueue()
+            req = self._make_request(q.put, False, sampling_params=sp,
+                                     rid=(rid if not batched else None), **kw, **common)
+            qs.append(q)
+            reqs.append(req)
+        for req in reqs:
+            self._submit(req)
+        outs = [q.get() for q in qs]
+        return outs if batched else outs[0]
+
+    def _sync_stream(self, kw) -> Iterator[dict]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        req = self._make_request(q.put, True, **kw)
+        self._submit(req)
+        finished = False
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev["meta_info"]["finish_reason"] is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    async def generate_stream(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
+                              logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False,
+                              rid=None, stream=True) -> AsyncIterator[dict]:
+        """One sequence; yields cumulative output dicts (only the final one if stream=False).
+
+        Closing the generator before the final event aborts the request.
+        """
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = self._make_request(lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), stream,
+                                 text=text, input_ids=input_ids, sampling_params=sampling_params,
+                                 return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                                 top_logprobs_num=top_logprobs_num,
+                                 return_text_in_logprobs=return_text_in_logprobs, rid=rid)
+        self._submit(req)
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if ev["meta_info"]["finish_reason"] is not None:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                             logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False,
+                             stream=False, rid=None):
+        """Asyncio twin of generate(): awaits the result, or returns an async iterator when streaming."""
+        batched, items = self._normalize_batch(prompt, input_ids, sampling_params)
+        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        if stream:
+            if batched:
+                raise InvalidRequestError("stream=True takes a single prompt")
+            (kw, sp), = items
+            return self.generate_stream(sampling_params=sp, rid=rid, **kw, **common)
+
+        async def one(kw, sp, r):
+            last = None
+            async for ev in self.generate_stream(sampling_params=sp, rid=r, stream=False, **kw, **common):
+                last = ev
+            return last
+
+        outs = await asyncio.gather(*(one(kw, sp, rid if not batched else None) for kw, sp in items))
+        return list(outs) if batched else outs[0]
+
+    # ---------------------------------------------------------------------------- control
+    def _submit(self, req: Request) -> None:
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
+        self._inbox.put(("add", req))
+        self._wakeup.set()
+
+    def _call(self, fn, timeout: float = 600.0):
+        """Run fn() on the engine thread (which owns the scheduler) and return its result."""
+        box: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox.put(("call", fn, box))
+        self._wakeup.set()
+        ok, val = box.get(timeout=timeout)
+        if not ok:
+            raise val
+        return val
+
+    def abort(self, rid: str) -> bool:
+        self._inbox.put(("abort", rid))
+        self._wakeup.set()
+        return True
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Refused (False) while requests are running."""
+
+        def flush():
+            if self.scheduler.running or self.scheduler.waiting:
+                return False
+            self.cache.reset()
+            return True
+
+        return self._call(flush)
+
+    def check_integrity(self) -> None:
+        self._call(self.scheduler.check_integrity)
+
+    def get_server_info(self) -> dict:
+        info = {k: v for k, v in dataclasses.asdict(self.config).items()}
+        info.update(model_path=self.model_path, max_context_len=self.max_context_len,
+                    num_kv_pages=self.runner.num_pages, load_seconds=round(self.load_seconds, 3),
+                    compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles)
+        info.update(self.stats())
+        return info
+
+    def stats(self) -> dict:
+        s = self.scheduler
+        c = self.stats_counters
+        return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.num_steps,
+                    num_retractions=s.num_retractions, free_pages=self.allocator.num_free,
+                    cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
+                    cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
+                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1))
+
+    def shutdown(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._wakeup.set()
+        self._thread.join(timeout=60)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ------------------------------------------------------------------------------ the loop
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            kind = msg[0]
+            if kind == "add":
+                req = msg[1]
+                try:
+                    self.scheduler.add(req)
+                except ValueError as e:
+                    self._finish_now(req, {"type": "abort", "message": str(e)})
+            elif kind == "abort":
+                req = self.scheduler.abort(msg[1])
+                if req is not None and req.data.finish_reason is None:
+                    req.data.finish_reason = {"type": "abort", "message": "aborted by the client"}
+                    self._emit(req, final=True)
+            elif kind == "call":
+                _, fn, box = msg
+                try:
+                    box.put((True, fn()))
+                except BaseException as e:  # noqa: BLE001 - handed back to the caller
+                    box.put((False, e))
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.scheduler.has_work:
+                if self.config.check_integrity_when_idle:
+                    self.scheduler.check_integrity()
+                self._wakeup.wait(0.05)
+                self._wakeup.clear()
+                continue
+            try:
+                self._one_step()
+            except Exception as e:  # noqa: BLE001 - keep serving: fail what is in flight, keep the loop
+                log.exception("engine step failed")
+                for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+                    self.scheduler.abort(req.rid)
+                    req.data.finish_reason = {"type": "abort", "message": f"engine error: {e}"}
+                    self._emit(req, final=True)
+        # shutdown: whatever is left gets an abort reply
+        self._drain_inbox()
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+            self.scheduler.abort(req.rid)
+            req.data.finish_reason = {"type": "abort", "message": "the engine is shutting down"}
+            self._emit(req, final=True)
+
+    def _one_step(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            plan = self.scheduler.schedule()
+        except OutOfPagesError as e:
+            victim = max(self.scheduler.running, key=lambda r: r.num_tokens)
+            self.scheduler.abort(victim.rid)
+            victim.data.finish_reason = {"type": "abort", "message": str(e)}
+            self._emit(victim, final=True)
+            return
+        if plan is None:
+            self._wakeup.wait(0.01)
+            self._wakeup.clear()
+            return
+        t1 = time.perf_counter()
+        batch, out = self.runner.run(plan, self._row_params)
+        t2 = time.perf_counter()
+        self.scheduler.on_step_done(plan)
+        self._postprocess(plan, batch, out)
+        t3 = time.perf_counter()
+        self.num_steps += 1
+        self.step_times.append(t2 - t1)
+        self.host_times.append((t1 - t0) + (t3 - t2))
+        if len(self.step_times) > 4096:
+            del self.step_times[:2048], self.host_times[:2048]
+        if self.metrics is not None:
+            self.metrics.observe_step(t2 - t1, len(plan.chunks))
+            self.metrics.set_queue(len(self.scheduler.waiting), len(self.scheduler.running),
+                                   1 - self.allocator.num_free / self.allocator.num_total)
+
+    def _row_params(self, c: Chunk):
+        from sgl_jax.runner import RowParams
+
+        d: _ReqData = c.req.data
+        p = d.params
+        bias = list(p.logit_bias)
+        if len(c.req.output_ids) < p.min_new_tokens:
+            bias += [(t, float("-inf")) for t in sorted(d.stop_ids)]
+        return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                         frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+                         repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
+                         step=len(c.req.output_ids), top=d.top_logprobs_num > 0)
+
+    # ----------------------------------------------------------------------- postprocess
+    def _token_text(self, d: _ReqData, tok: int):
+        return self.tokenizer.decode([tok], skip_special_tokens=False) if d.return_text_in_logprobs else None
+
+    def _postprocess(self, plan: StepPlan, batch, out) -> None:
+        toks, lps, tlps = out["tokens"], out["logprobs"], out["target_logprobs"]
+        top_ids, top_lps = out["top_ids"], out["top_logprobs"]
+        for c, (a, e) in zip(plan.chunks, batch.logits_rows):
+            req = c.req
+            if req.state is not ReqState.RUNNING:
+                continue
+            d: _ReqData = req.data
+            if d.return_logprob and c.logits_from is not None:
+                self._collect_input_logprobs(req, c, a, e, tlps, top_ids, top_lps)
+            if c.samples:
+                tok = int(toks[e - 1])
+                req.output_ids.append(tok)
+                if d.t_first is None:
+                    d.t_first = time.perf_counter()
+                    if self.metrics is not None:
+                        self.metrics.on_first_token(d.t_first - d.t_start)
+                if d.return_logprob:
+                    d.output_logprobs.append([float(lps[e - 1]), tok, self._token_text(d, tok)])
+                    if d.top_logprobs_num:
+                        d.output_top.append(self._top_entry(d, top_ids[e - 1], top_lps[e - 1]))
+                self._check_finish(req, tok)
+                if d.finish_reason is not None:
+                    self.scheduler.finish(req)
+                    self._emit(req, final=True)
+                elif d.stream:
+                    self._emit(req, final=False)
+            elif not req.wants_sample and req.num_computed >= req.num_tokens:
+                d.finish_reason = {"type": "length", "length": 0}
+                self.scheduler.finish(req)
+                self._emit(req, final=True)
+
+    def _top_entry(self, d: _ReqData, ids, vals):
+        k = d.top_logprobs_num
+        return [[float(v), int(i), self._token_text(d, int(i))] for i, v in zip(ids[:k], vals[:k])]
+
+    def _collect_input_logprobs(self, req, c, a, e, tlps, top_ids, top_lps) -> None:
+        d: _ReqData = req.data
+        n_prompt = len(req.prompt_ids)
+        first_pos = c.end - (e - a)  # position of logits row a
+        for j in range(a, e):
+            target = first_pos + (j - a) + 1  # the prompt position this row predicts
+            if d.next_input_pos == 0 and target == 1 and not d.input_logprobs:
+                d.input_logprobs.append([None, req.prompt_ids[0], self._token_text(d, req.prompt_ids[0])])
+                if d.top_logprobs_num:
+                    d.input_top.append(None)
+                d.next_input_pos = 1
+            if target != d.next_input_pos or target >= n_prompt:
+                continue
+            tok = req.prompt_ids[target]
+            d.input_logprobs.append([float(tlps[j]), tok, self._token_text(d, tok)])
+            if d.top_logprobs_num:
+                d.input_top.append(self._top_entry(d, top_ids[j], top_lps[j]))
+            d.next_input_pos = target + 1
+        if n_prompt == 1 and not d.input_logprobs:
+            d.input_logprobs.append([None, req.prompt_ids[0], self._token_text(d, req.prompt_ids[0])])
+
+    def _check_finish(self, req: Request, tok: int) -> None:
+        d: _ReqData = req.data
+        p = d.params
+        if tok in d.stop_ids and len(req.output_ids) > p.min_new_tokens - 1:
+            d.finish_reason = {"type": "stop", "matched": tok}
+            d.text += d.detok.finish()
+            return
+        new = d.detok.feed(tok)
+        d.text += new
+        if new and (p.stop or d.stop_regex) and len(req.output_ids) >= p.min_new_tokens:
+            window = d.text[-(len(new) + max((len(s) for s in p.stop), default=0)):]
+            offset = len(d.text) - len(window)
+            best = None
+            for s in p.stop:
+                i = window.find(s)
+                if i >= 0 and (best is None or offset + i < best[0]):
+                    best = (offset + i, s)
+            for rx in d.stop_regex:
+                m = rx.search(d.text)
+                if m and (best is None or m.start() < best[0]):
+                    best = (m.start(), m.group(0))
+            if best is not None:
+                pos, s = best
+                d.text = d.text[:pos + len(s)] if p.no_stop_trim else d.text[:pos]
+                d.finish_reason = {"type": "stop", "matched": s}
+                return
+        if len(req.output_ids) >= req.max_new_tokens:
+            d.text += d.detok.finish()
+            d.finish_reason = {"type": "length", "length": req.max_new_tokens}
+        elif req.num_tokens >= self.max_context_len:
+            d.text += d.detok.finish()
+            d.finish_reason = {"type": "length", "length": len(req.output_ids)}
+
+    def _visible_text(self, d: _ReqData) -> str:
+        """While streaming, hold back a tail that could still become a stop string."""
+        if d.finish_reason is not None or not d.params.stop:
+            return d.text
+        hold = 0
+        for s in d.params.stop:
+            for k in range(min(len(s) - 1, len(d.text)), 0, -1):
+                if d.text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return d.text[:len(d.text) - hold]
+
+    def _emit(self, req: Request, final: bool) -> None:
+        d: _ReqData = req.data
+        if final and d.finish_reason is not None and d.finish_reason.get("type") != "abort":
+            self.stats_counters["requests"] += 1
+            self.stats_counters["prompt_tokens"] += len(req.prompt_ids)
+            self.stats_counters["cached_tokens"] += req.cached_tokens
+            self.stats_counters["generation_tokens"] += len(req.output_ids)
+        if final and self.metrics is not None:
+            status = d.finish_reason.get("type", "stop") if d.finish_reason else "abort"
+            self.metrics.on_finish(status, len(req.prompt_ids), len(req.output_ids), req.cached_tokens,
+                                   time.perf_counter() - d.t_start)
+        meta = {"id": req.rid, "finish_reason": d.finish_reason if final else None,
+                "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+                "cached_tokens": req.cached_tokens, "e2e_latency": time.perf_counter() - d.t_start}
+        if d.return_logprob:
+            meta["input_token_logprobs"] = list(d.input_logprobs)
+            meta["output_token_logprobs"] = list(d.output_logprobs)
+            if d.top_logprobs_num:
+                meta["input_top_logprobs"] = list(d.input_top)
+                meta["output_top_logprobs"] = list(d.output_top)
+        ev = {"text": d.text if final else self._visible_text(d), "output_ids": list(req.output_ids),
+              "meta_info": meta}
+        try:
+            d.sink(ev)
+        except Exception:  # noqa: BLE001 - a consumer's closed loop must not stop the engine
+            log.debug("sink of %s failed", req.rid, exc_info=True)
+
+    def _finish_now(self, req: Request, reason: dict) -> None:
+        req.data.finish_reason = reason
+        self._emit(req, final=True)
+
+
+def _default_widths(max_pages: int, page_size: int) -> list[int]:
+    """Page-table widths to compile: 256 tokens, then x4, up to the context length."""
+    w = max(1, math.ceil(256 / page_size))
+    out = []
+    while w < max_pages:
+        out.append(w)
+        w *= 4
+    out.append(max_pages)
+    return out

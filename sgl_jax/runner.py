@@ -1,0 +1,314 @@
+"""The device side of the engine: the KV pool, the penalty state, and the one jitted step.
+
+`step(params, kv, pstate, inputs)` is a pure function: the model forward over the ragged batch
+(KV pages written in place, the pool donated), penalties/bias/constraint masks on the logits, on-device
+sampling with per-request PRNG keys, logprobs (sampled tokens, prompt targets, top-k). It is compiled
+for a small fixed set of shapes (`StepShape`: decode rows x prefill blocks x page-table width, plus a
+full-logits variant for prompt logprobs), all at start-up; afterwards no request can trigger a
+compilation. `ModelRunner.run(plan)` packs a scheduler plan (host numpy), picks the shape bucket, runs
+the step and returns numpy results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from tqdm.auto import tqdm
+
+from sgl_jax import sampling
+from sgl_jax.batch import PackedBatch, SeqChunk, bucket, pack
+from sgl_jax.models.attention import AttnMetadata
+from sgl_jax.models.llama import CausalLM, init_kv_cache
+from sgl_jax.scheduler import StepPlan
+
+_MAX_BIAS = 16  # logit_bias entries per request row (EOS suppression uses a few of them)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class StepShape:
+    num_decode: int  # Sd
+    num_blocks: int  # NB
+    page_width: int  # P
+    full_logits: bool = False
+
+    def num_tokens(self, block_q: int) -> int:
+        return self.num_decode + self.num_blocks * block_q
+
+    def num_rows(self, block_q: int) -> int:
+        return self.num_tokens(block_q) if self.full_logits else self.num_decode + self.num_blocks
+
+
+@struct.dataclass
+class StepInputs:
+    """Everything one step reads besides params, KV pool and penalty state. Shapes per StepShape."""
+
+    input_ids: jax.Array  # [T]
+    positions: jax.Array  # [T]
+    slot_mapping: jax.Array  # [T]
+    dec_page_table: jax.Array  # [Sd, P]
+    dec_kv_lens: jax.Array  # [Sd]
+    pre_page_table: jax.Array  # [NB, P]
+    pre_kv_lens: jax.Array  # [NB]
+    logits_indices: jax.Array  # [L]
+    sampling: sampling.SamplingBatch  # rows [L]
+    row_slot: jax.Array  # [L] penalty-state slot of a sampling row; -1 = not sampling
+    target_ids: jax.Array  # [L] next prompt token whose logprob is wanted; -1 = none
+    want_top: jax.Array  # [L] bool, top logprobs wanted for this row
+    reset_mask: jax.Array  # [num_slots] bool, clear these penalty rows first
+    mark_slot: jax.Array  # [M] slot of a token to record (-1 = padding)
+    mark_token: jax.Array  # [M]
+    mark_is_output: jax.Array  # [M] bool, also counts as a generated token
+    # Room for structured generation: per-row constraint state indexing an on-device mask table.
+    fsm_state: jax.Array  # [L] int32, -1 = unconstrained
+
+
+@struct.dataclass
+class StepOutputs:
+    tokens: jax.Array  # [L]
+    logprobs: jax.Array  # [L] of the sampled token
+    target_logprobs: jax.Array  # [L] of target_ids
+    top_ids: jax.Array  # [L, K]
+    top_logprobs: jax.Array  # [L, K]
+
+
+def make_step(model: CausalLM, block_q: int, num_top: int):
+    """The pure step function for one model; jit it with the KV pool and penalty state donated."""
+
+    def step(params, kv, pstate: sampling.PenaltyState, inp: StepInputs):
+        meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
+                            inp.pre_page_table, inp.pre_kv_lens, block_q=block_q)
+        logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
+        pstate = _update_marks(pstate, inp)
+        logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
+        out = sampling.sample(logits, inp.sampling, num_top_logprobs=0)
+        target_lp = sampling.token_logprobs(logits, jnp.maximum(inp.target_ids, 0))
+        L = logits.shape[0]
+
+        def top(lg):
+            lp = jax.nn.log_softmax(lg, axis=-1)
+            vals, ids = jax.lax.top_k(lp, num_top)
+            return ids.astype(jnp.int32), vals
+
+        def no_top(lg):
+            return jnp.zeros((L, num_top), jnp.int32), jnp.zeros((L, num_top), jnp.float32)
+
+        top_ids, top_lps = (jax.lax.cond(jnp.any(inp.want_top), top, no_top, logits) if num_top
+                            else no_top(logits))
+        pstate = sampling.record_tokens(pstate, inp.row_slot, out.tokens)
+        return kv, pstate, StepOutputs(out.tokens, out.logprobs, target_lp, top_ids, top_lps)
+
+    return step
+
+
+def _update_marks(pstate: sampling.PenaltyState, inp: StepInputs) -> sampling.PenaltyState:
+    num_slots = pstate.output_counts.shape[0]
+
+    def reset(ps):
+        keep = ~inp.reset_mask[:, None]
+        return ps.replace(output_counts=jnp.where(keep, ps.output_counts, 0), seen=ps.seen & keep)
+
+    pstate = jax.lax.cond(jnp.any(inp.reset_mask), reset, lambda ps: ps, pstate)
+    slot = jnp.where(inp.mark_slot >= 0, inp.mark_slot, num_slots)  # padding -> dropped
+    return pstate.replace(
+        output_counts=pstate.output_counts.at[slot, inp.mark_token].add(
+            inp.mark_is_output.astype(jnp.int32), mode="drop"),
+        seen=pstate.seen.at[slot, inp.mark_token].set(True, mode="drop"))
+
+
+@dataclasses.dataclass
+class RowParams:
+    """Host-side sampling parameters of one logits row."""
+
+    temperature: float = 0.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    bias: tuple = ()  # ((token, value), ...)
+    seed: int = 0
+    step: int = 0
+    top: bool = False
+
+
+class ModelRunner:
+    """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
+
+    def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, page_size: int,
+                 block_q: int, num_slots: int, decode_buckets: list[int], block_buckets: list[int],
+                 max_mixed_blocks: int, page_width_buckets: list[int], max_top_logprobs: int,
+                 attention_backend: str = "jnp", max_marks: int = 512):
+        self.cfg = model_config
+        self.params = params
+        self.page_size, self.block_q, self.num_slots = page_size, block_q, num_slots
+        self.decode_buckets = sorted(decode_buckets)
+        self.block_buckets = sorted(block_buckets)
+        self.max_mixed_blocks = max_mixed_blocks
+        self.page_width_buckets = sorted(page_width_buckets)
+        self.num_top = max_top_logprobs
+        self.max_marks = max_marks
+        self.num_pages = num_pages
+        self.model = CausalLM(model_config, dtype, attention_backend)
+        self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
+        self.pstate = sampling.init_penalty_state(num_slots, model_config.vocab_size)
+        self._step = jax.jit(make_step(self.model, block_q, self.num_top), donate_argnums=(1, 2))
+        self._compiled: dict[StepShape, object] = {}
+        self.num_compiles = 0
+
+    # ------------------------------------------------------------------------------- shapes
+    def shapes(self) -> list[StepShape]:
+        out = []
+        mixed_blocks = [b for b in self.block_buckets if b <= self.max_mixed_blocks]
+        for p in self.page_width_buckets:
+            for sd in self.decode_buckets:
+                out.append(StepShape(sd, 0, p))
+                out += [StepShape(sd, nb, p) for nb in mixed_blocks]
+            for nb in self.block_buckets:
+                out.append(StepShape(0, nb, p))
+                out.append(StepShape(0, nb, p, True))
+        return sorted(set(out))
+
+    def shape_for(self, plan: StepPlan) -> StepShape:
+        sd = len(plan.decodes)
+        nb = sum(math.ceil(len(c.token_ids) / self.block_q) for c in plan.prefills)
+        pages = max(math.ceil(c.end / self.page_size) for c in plan.chunks)
+        shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
+                          bucket(nb, self.block_buckets) if nb else 0,
+                          bucket(pages, self.page_width_buckets), plan.full_logits)
+        if shape.num_decode and shape.num_blocks > self.max_mixed_blocks:
+            raise ValueError(f"plan mixes {sd} decodes with {nb} prefill blocks; at most "
+                             f"{self.max_mixed_blocks} blocks ride along with decodes")
+        if shape.full_logits and shape.num_decode:
+            raise ValueError("a full-logits (prompt logprobs) step cannot carry decodes")
+        return shape
+
+    def _dummy_inputs(self, shape: StepShape) -> StepInputs:
+        return self._inputs(shape, None, [], [], [], [], [], [])
+
+    def _compile(self, shape: StepShape):
+        if shape not in self._compiled:
+            inp = self._dummy_inputs(shape)
+            self._compiled[shape] = self._step.lower(self.params, self.kv, self.pstate, inp).compile()
+            self.num_compiles += 1
+        return self._compiled[shape]
+
+    def warmup(self, progress: bool = True, cache_dir: str = "") -> float:
+        """Compile every step shape. Returns seconds spent."""
+        t0 = time.perf_counter()
+        shapes = self.shapes()
+        for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
+            self._compile(s)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ packing
+    def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
+                row_slot: list[int], target_ids: list[int], reset_slots: Iterable[int], marks, fsm) -> StepInputs:
+        T = shape.num_tokens(self.block_q)
+        L = shape.num_rows(self.block_q)
+        P = shape.page_width
+        if batch is None:
+            z = np.zeros
+            batch = PackedBatch(z(T, np.int32), np.full(T, -1, np.int32), z(T, np.int32),
+                                z((shape.num_decode, P), np.int32), z(shape.num_decode, np.int32),
+                                z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
+                                z(L, np.int32), self.block_q, [], [])
+        temp = np.zeros(L, np.float32)
+        top_k = np.full(L, -1, np.int32)
+        top_p = np.ones(L, np.float32)
+        min_p = np.zeros(L, np.float32)
+        fp = np.zeros(L, np.float32)
+        pp = np.zeros(L, np.float32)
+        rp = np.ones(L, np.float32)
+        bias_ids = np.full((L, _MAX_BIAS), -1, np.int32)
+        bias_vals = np.zeros((L, _MAX_BIAS), np.float32)
+        seeds = np.zeros(L, np.uint32)
+        steps = np.zeros(L, np.int32)
+        want_top = np.zeros(L, bool)
+        for i, r in enumerate(rows):
+            if r is None:
+                continue
+            temp[i], top_k[i], top_p[i], min_p[i] = r.temperature, r.top_k, r.top_p, r.min_p
+            fp[i], pp[i], rp[i] = r.frequency_penalty, r.presence_penalty, r.repetition_penalty
+            for j, (tok, val) in enumerate(r.bias[:_MAX_BIAS]):
+                bias_ids[i, j], bias_vals[i, j] = tok, val
+            seeds[i], steps[i], want_top[i] = np.uint32(r.seed & 0xFFFFFFFF), r.step, r.top
+        rs = np.full(L, -1, np.int32)
+        rs[:len(row_slot)] = row_slot
+        tg = np.full(L, -1, np.int32)
+        tg[:len(target_ids)] = target_ids
+        reset = np.zeros(self.num_slots, bool)
+        reset[list(reset_slots)] = True
+        M = self.max_marks
+        mslot = np.full(M, -1, np.int32)
+        mtok = np.zeros(M, np.int32)
+        mout = np.zeros(M, bool)
+        for i, (s, t, o) in enumerate(marks[:M]):
+            mslot[i], mtok[i], mout[i] = s, t, o
+        fsm_state = np.full(L, -1, np.int32)
+        sb = sampling.SamplingBatch(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, frequency_penalty=fp,
+            presence_penalty=pp, repetition_penalty=rp, bias_ids=bias_ids, bias_vals=bias_vals,
+            seeds=seeds, steps=steps, vocab_mask=None)
+        return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
+                          batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.logits_indices,
+                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state)
+
+    # --------------------------------------------------------------------------------- run
+    def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
+        """Run one planned step. `row_params_of(chunk)` gives RowParams for a sampling chunk.
+
+        Returns the packed batch (where each chunk's logits rows are) and numpy outputs.
+        """
+        shape = self.shape_for(plan)
+        chunks = plan.chunks
+        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from) for c in chunks]
+        batch = pack(seqs, page_size=self.page_size, block_q=self.block_q, num_decode=shape.num_decode,
+                     num_blocks=shape.num_blocks, page_width=shape.page_width,
+                     num_logits=shape.num_rows(self.block_q))
+        L = shape.num_rows(self.block_q)
+        rows: list[RowParams | None] = [None] * L
+        row_slot = [-1] * L
+        target = [-1] * L
+        for c, (a, e) in zip(chunks, batch.logits_rows):
+            # rows a..e-1 hold logits at positions (end - (e - a)) .. end-1; each predicts the next token
+            for j in range(a, e - 1):
+                pos = c.end - (e - a) + (j - a)
+                target[j] = c.req.token_at(pos + 1)
+            if c.logits_from is not None and c.end < c.req.num_tokens:
+                target[e - 1] = c.req.token_at(c.end)  # mid-prompt chunk: its last row is a prompt target
+            rp = row_params_of(c)
+            if rp is not None and (c.samples or rp.top):
+                rows[e - 1] = rp
+                if c.samples:
+                    row_slot[e - 1] = c.req.slot
+            if rp is not None and rp.top:
+                for j in range(a, e):
+                    rows[j] = rows[j] or RowParams(top=True)
+        inp = self._inputs(shape, batch, rows, row_slot, target, plan.reset_slots, plan.marks, None)
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            compiled = self._compile(shape)
+        self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, inp)
+        out = jax.device_get(out)
+        return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
+                       "top_ids": out.top_ids, "top_logprobs": out.top_logprobs}
+
+
+def enable_compilation_cache(path: str) -> None:
+    """Persist compiled executables across processes (server restarts, test runs)."""
+    if not path:
+        return
+    path = os.path.expanduser(path)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

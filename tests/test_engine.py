@@ -1,0 +1,228 @@
+"""The Engine end to end on a tiny random GGUF model (2 layers, byte-level tokenizer, vocab 300)."""
+
+import asyncio
+import random
+
+import jax
+import numpy as np
+import pytest
+
+from helpers import PagedRunner
+from sgl_jax.engine import Engine
+from sgl_jax.errors import InvalidRequestError
+from sgl_jax.models.loader import load_weights
+from sgl_jax.models.testing import write_tiny_gguf
+
+SMALL = dict(page_size=4, max_context_len=128, max_running_requests=8, max_prefill_tokens=64, prefill_block=8,
+             decode_buckets=[1, 4, 8], prefill_block_buckets=[2, 8], max_mixed_blocks=2,
+             page_width_buckets=[32], max_top_logprobs=5, compile_cache_dir="", kv_memory_gb=0.01)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf("llama", str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    with Engine(model=tiny_path, progress=False, **SMALL) as e:
+        yield e
+
+
+def reference_greedy(path, prompt_ids, n):
+    cfg, params = load_weights(path, progress=False)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
+    (logits,) = runner.step([(0, prompt_ids, 0, None)])
+    out = [int(logits[-1].argmax())]
+    for i in range(n - 1):
+        (logits,) = runner.step([(0, [out[-1]], len(prompt_ids) + i, None)])
+        out.append(int(logits[-1].argmax()))
+    return out
+
+
+def prompts(k, seed=0, lo=3, hi=40):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 297) for _ in range(rng.randrange(lo, hi))] for _ in range(k)]
+
+
+GREEDY = {"temperature": 0, "max_new_tokens": 12, "ignore_eos": True}
+
+
+def test_greedy_matches_independent_forward(engine, tiny_path):
+    for ids in prompts(3, seed=1):
+        out = engine.generate(input_ids=ids, sampling_params=GREEDY)
+        assert out["output_ids"] == reference_greedy(tiny_path, ids, 12)
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+        assert out["meta_info"]["prompt_tokens"] == len(ids)
+    engine.check_integrity()
+
+
+def test_batched_equals_one_at_a_time_and_cache_hit_equals_miss(engine):
+    ps = prompts(8, seed=2)
+    engine.flush_cache()
+    alone = [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in ps]
+    engine.flush_cache()
+    batch = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    assert [b["output_ids"] for b in batch] == alone
+    again = engine.generate(input_ids=ps, sampling_params=GREEDY)  # every prompt now cached
+    assert [b["output_ids"] for b in again] == alone
+    assert all(b["meta_info"]["cached_tokens"] >= (len(p) - 1) // 4 * 4 for b, p in zip(again, ps))
+    engine.check_integrity()
+
+
+def test_seeds_reproducible_alone_and_in_batch(engine):
+    sp = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 10, "sampling_seed": 1234, "ignore_eos": True}
+    p = prompts(1, seed=3)[0]
+    a = engine.generate(input_ids=p, sampling_params=sp)["output_ids"]
+    b = engine.generate(input_ids=p, sampling_params=sp)["output_ids"]
+    others = prompts(5, seed=4)
+    batch = engine.generate(input_ids=others[:2] + [p] + others[2:],
+                            sampling_params=[{**sp, "sampling_seed": 7}] * 2 + [sp] + [{**sp, "sampling_seed": 9}] * 3)
+    assert a == b == batch[2]["output_ids"]
+    c = engine.generate(input_ids=p, sampling_params={**sp, "sampling_seed": 99})["output_ids"]
+    assert c != a
+
+
+def test_n_stop_min_new_and_prefill_only(engine):
+    p = prompts(1, seed=5)[0]
+    outs = engine.generate(input_ids=p, sampling_params={"n": 3, "temperature": 0.8, "max_new_tokens": 6,
+                                                         "ignore_eos": True})
+    assert len(outs) == 3 and all(len(o["output_ids"]) == 6 for o in outs)
+    # prefill only: caches the prompt, returns no tokens
+    pre = engine.generate(input_ids=p + [5, 6, 7, 8, 9], sampling_params={"max_new_tokens": 0})
+    assert pre["output_ids"] == [] and pre["meta_info"]["finish_reason"]["type"] == "length"
+    ref = engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"]
+    # stop token id: the first greedy token stops generation right away, matched reported
+    st = engine.generate(input_ids=p, sampling_params={**GREEDY, "stop_token_ids": [ref[2]]})
+    assert st["output_ids"] == ref[:3] and st["meta_info"]["finish_reason"] == {"type": "stop", "matched": ref[2]}
+    # min_new_tokens suppresses the stop id until reached
+    mn = engine.generate(input_ids=p, sampling_params={**GREEDY, "stop_token_ids": [ref[0]], "min_new_tokens": 4})
+    assert len(mn["output_ids"]) >= 4 and ref[0] not in mn["output_ids"][:3]
+
+
+def test_stop_strings_trimmed_across_token_boundaries(engine):
+    p = prompts(1, seed=6)[0]
+    full = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 20})
+    text = full["text"]
+    if len(text) < 6:
+        pytest.fail(f"tiny model produced too little text: {text!r}")
+    stop = text[3:6]  # spans whatever token boundaries fall there
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 20, "stop": [stop]})
+    assert out["text"] == text[:text.find(stop)]
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    keep = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 20, "stop": stop,
+                                                         "no_stop_trim": True})
+    assert keep["text"] == text[:text.find(stop) + 3]
+
+
+def test_logprobs_match_model(engine, tiny_path):
+    p = prompts(1, seed=7, lo=20, hi=21)[0]
+    out = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 4}, return_logprob=True,
+                          logprob_start_len=0, top_logprobs_num=3)
+    m = out["meta_info"]
+    cfg, params = load_weights(tiny_path, progress=False)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
+    (logits,) = runner.step([(0, p + out["output_ids"][:-1], 0, 0)])
+    lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    assert m["input_token_logprobs"][0][0] is None and m["input_token_logprobs"][0][1] == p[0]
+    assert len(m["input_token_logprobs"]) == len(p)
+    for i in range(1, len(p)):
+        got, tok, _ = m["input_token_logprobs"][i]
+        assert tok == p[i] and got == pytest.approx(lp[i - 1, p[i]], abs=1e-4)
+    for j, (got, tok, _) in enumerate(m["output_token_logprobs"]):
+        assert tok == out["output_ids"][j] and got == pytest.approx(lp[len(p) - 1 + j, tok], abs=1e-4)
+    top = m["output_top_logprobs"][0]
+    assert [t[1] for t in top] == list(np.argsort(-lp[len(p) - 1])[:3])
+    # logprob_start_len in the middle: entries from there on only
+    mid = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 1}, return_logprob=True,
+                          logprob_start_len=10)
+    assert [e[1] for e in mid["meta_info"]["input_token_logprobs"]] == p[10:]
+    assert mid["meta_info"]["input_token_logprobs"][0][0] == pytest.approx(lp[9, p[10]], abs=1e-4)
+
+
+def test_penalties_change_output_and_stay_reproducible(engine):
+    p = [7] * 10
+    base = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 16})["output_ids"]
+    pen = {**GREEDY, "max_new_tokens": 16, "frequency_penalty": 2.0, "repetition_penalty": 1.5}
+    a = engine.generate(input_ids=p, sampling_params=pen)["output_ids"]
+    b = engine.generate(input_ids=p, sampling_params=pen)["output_ids"]
+    assert a == b
+    assert 7 not in a[:1] or a != base
+    assert len(set(a)) >= len(set(base))
+
+
+def test_streaming_sync_and_async(engine):
+    p = prompts(1, seed=8)[0]
+    final = engine.generate(input_ids=p, sampling_params=GREEDY)
+    events = list(engine.generate(input_ids=p, sampling_params=GREEDY, stream=True))
+    assert events[-1]["output_ids"] == final["output_ids"] and events[-1]["text"] == final["text"]
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
+    assert [len(e["output_ids"]) for e in events] == list(range(1, 13))
+
+    async def run():
+        got = await engine.async_generate(input_ids=p, sampling_params=GREEDY)
+        it = await engine.async_generate(input_ids=p, sampling_params=GREEDY, stream=True)
+        evs = [e async for e in it]
+        return got, evs
+
+    got, evs = asyncio.run(run())
+    assert got["output_ids"] == final["output_ids"] == evs[-1]["output_ids"]
+
+
+def test_abort_mid_decode_keeps_integrity(engine):
+    p = prompts(1, seed=9)[0]
+    it = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 60}, stream=True)
+    for i, ev in enumerate(it):
+        if i == 3:
+            break
+    it.close()  # closing the stream aborts the request
+    engine.check_integrity()
+    info = engine.get_server_info()
+    assert info["num_running"] == 0 and info["num_waiting"] == 0
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"max_new_tokens": 10_000}, "max_new_tokens"), ({"bogus": 1}, "bogus"),
+    ({"top_k": 0}, "top_k"), ({"stop_token_ids": [100000]}, "stop_token_ids"),
+])
+def test_invalid_sampling_params(engine, bad, match):
+    with pytest.raises(InvalidRequestError, match=match):
+        engine.generate(input_ids=[5, 6], sampling_params=bad)
+
+
+def test_invalid_inputs(engine):
+    with pytest.raises(InvalidRequestError, match="input_ids"):
+        engine.generate(input_ids=[5, 100000])
+    with pytest.raises(InvalidRequestError, match="empty"):
+        engine.generate(prompt="")
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.generate(input_ids=[5] * 200)
+    with pytest.raises(InvalidRequestError, match="not supported"):
+        engine.generate(input_ids=[5], sampling_params={"regex": "a+", "max_new_tokens": 4})
+
+
+def test_no_compilation_after_warmup_on_mixed_workload(engine):
+    before = engine.runner.num_compiles
+    rng = random.Random(10)
+    reqs = [[rng.randrange(3, 297) for _ in range(rng.randrange(1, 100))] for _ in range(20)]
+    sps = [{"temperature": rng.choice([0, 0.7]), "max_new_tokens": rng.randrange(0, 25), "ignore_eos": True,
+            "top_k": rng.choice([-1, 5]), "frequency_penalty": rng.choice([0.0, 0.5])} for _ in reqs]
+    engine.generate(input_ids=reqs, sampling_params=sps)
+    engine.generate(input_ids=reqs[:3], sampling_params={"max_new_tokens": 2}, return_logprob=True,
+                    logprob_start_len=0, top_logprobs_num=2)
+    assert engine.runner.num_compiles == before
+    engine.check_integrity()
+
+
+def test_many_long_requests_on_small_pool_retract_and_match(tiny_path):
+    cfg = dict(SMALL, max_num_pages=70, max_running_requests=8, new_token_ratio=0.0)
+    ps = prompts(16, seed=11, lo=10, hi=30)
+    sp = {**GREEDY, "max_new_tokens": 40}
+    with Engine(model=tiny_path, progress=False, **dict(SMALL, max_running_requests=8)) as big:
+        unloaded = [big.generate(input_ids=p, sampling_params=sp)["output_ids"] for p in ps]
+    with Engine(model=tiny_path, progress=False, **cfg) as small:
+        outs = small.generate(input_ids=ps, sampling_params=sp)
+        assert small.scheduler.num_retractions > 0
+        small.check_integrity()
+    assert [o["output_ids"] for o in outs] == unloaded

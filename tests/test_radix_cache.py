@@ -1,0 +1,573 @@
+"""Tests for the host-side KV cache manager (sgl_jax.cache)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from sgl_jax.cache import (
+    NaivePrefixCache,
+    PageAllocator,
+    RadixCache,
+    commit_running_prefix,
+    pages_for_budget,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make(cls=RadixCache, num_pages=32, page_size=4, **kw):
+    alloc = PageAllocator(num_pages)
+    return alloc, cls(alloc, page_size, **kw)
+
+
+def put(cache, tokens, namespace=""):
+    """Allocate pages for the aligned part of ``tokens`` and insert them."""
+    n = len(tokens) // cache.page_size
+    pages = cache.allocator.alloc(n)
+    assert pages is not None
+    return cache.insert(list(tokens[: n * cache.page_size]), pages, namespace), pages
+
+
+BOTH = pytest.mark.parametrize("cls", [RadixCache, NaivePrefixCache])
+
+
+# --------------------------------------------------------------------- allocator
+def test_allocator_basics():
+    a = PageAllocator(8, reserved=1)
+    assert a.num_total == 7 and a.num_free == 7
+    p = a.alloc(3)
+    assert p == [1, 2, 3] and 0 not in p and a.num_free == 4
+    assert a.alloc(5) is None and a.num_free == 4  # all-or-nothing
+    assert a.alloc(0) == []
+    q = a.alloc(4)
+    assert sorted(p + q) == list(range(1, 8)) and a.num_free == 0
+    a.free(p)
+    assert a.num_free == 3 and a.is_free(2) and not a.is_free(4)
+
+
+def test_allocator_errors_name_the_page():
+    a = PageAllocator(8, reserved=2)
+    p = a.alloc(2)
+    a.free([p[0]])
+    with pytest.raises(ValueError, match=f"double free of page {p[0]}"):
+        a.free([p[0]])
+    with pytest.raises(ValueError, match="page 1 is reserved"):
+        a.free([1])
+    with pytest.raises(ValueError, match="page 9 is out of range"):
+        a.free([9])
+    with pytest.raises(ValueError, match=f"double free of page {p[1]}"):
+        a.free([p[1], p[1]])
+    assert not a.is_free(p[1])  # failed free changed nothing
+    with pytest.raises(ValueError):
+        a.alloc(-1)
+
+
+def test_pages_for_budget():
+    assert pages_for_budget(1000, 100) == 10
+    assert pages_for_budget(1099, 100) == 10
+    assert pages_for_budget(0, 100) == 0
+    with pytest.raises(ValueError):
+        pages_for_budget(100, 0)
+    with pytest.raises(ValueError):
+        pages_for_budget(-1, 10)
+
+
+# ------------------------------------------------------------------ radix basics
+@BOTH
+def test_partial_page_not_cached(cls):
+    a, c = make(cls, page_size=4)
+    pages = a.alloc(2)
+    with pytest.raises(ValueError, match="page-aligned"):
+        c.insert(list(range(9)), pages)
+    assert c.insert(list(range(8)), pages) == 0
+    m = c.match_prefix(list(range(11)))  # 2.75 pages: the partial page never matches
+    assert m.num_tokens == 8 and m.pages == pages
+    assert c.match_prefix(list(range(7))).num_tokens == 4
+    assert c.match_prefix([0, 1, 2, 9]).num_tokens == 0  # mismatch inside first page
+    c.check_integrity()
+
+
+def test_split_at_page_boundary():
+    a, c = make(page_size=4)
+    _, pages = put(c, list(range(12)))
+    assert c.num_nodes == 1
+    m = c.match_prefix([0, 1, 2, 3, 4, 5, 99, 7])  # diverges inside page 2
+    assert m.num_tokens == 4 and m.pages == pages[:1]
+    assert c.num_nodes == 2  # split after exactly one page
+    c.check_integrity()
+    m2 = c.match_prefix(list(range(10)))
+    assert m2.num_tokens == 8 and m2.pages == pages[:2] and c.num_nodes == 3
+    c.check_integrity()
+    # a diverging insert hangs off the split point
+    assert put(c, [0, 1, 2, 3, 4, 5, 6, 7, 50, 51, 52, 53])[0] == 8
+    assert c.num_nodes == 4 and c.cached_pages == 4
+    assert c.match_prefix(list(range(12))).pages == pages
+    c.check_integrity()
+
+
+@BOTH
+def test_namespaces_isolated(cls):
+    a, c = make(cls, page_size=2)
+    _, pa = put(c, [1, 2, 3, 4], namespace="lora_a")
+    assert c.match_prefix([1, 2, 3, 4]).num_tokens == 0
+    assert c.match_prefix([1, 2, 3, 4], namespace="lora_b").num_tokens == 0
+    assert c.match_prefix([1, 2, 3, 4], namespace="lora_a").pages == pa
+    already, pb = put(c, [1, 2, 3, 4], namespace="")
+    assert already == 0 and set(pa).isdisjoint(pb) and c.cached_pages == 4
+    c.check_integrity()
+
+
+@BOTH
+def test_lock_prevents_eviction(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [1, 1, 2, 2])
+    put(c, [3, 3, 4, 4])
+    m = c.match_prefix([1, 1, 2, 2])
+    c.lock(m.node)
+    assert c.protected_pages == 2 and c.evictable_pages == 2
+    c.check_integrity()
+    assert c.evict(10) == 2
+    assert c.match_prefix([1, 1, 2, 2]).num_tokens == 4
+    assert c.match_prefix([3, 3, 4, 4]).num_tokens == 0
+    assert c.evict(10) == 0
+    c.unlock(m.node)
+    assert c.protected_pages == 0 and c.evictable_pages == 2
+    with pytest.raises(ValueError, match="not locked"):
+        c.unlock(m.node)
+    assert c.evict(10) == 2 and c.cached_pages == 0 and a.num_free == a.num_total
+    c.check_integrity()
+
+
+def test_lock_ancestor_refs():
+    a, c = make(page_size=2)
+    put(c, [1, 1, 2, 2, 3, 3])
+    put(c, [1, 1, 2, 2, 4, 4])  # splits after 2 pages
+    m1 = c.match_prefix([1, 1, 2, 2, 3, 3])
+    m2 = c.match_prefix([1, 1, 2, 2, 4, 4])
+    c.lock(m1.node)
+    c.lock(m2.node)
+    assert m1.node.parent.ref == 2 and m1.node.parent is m2.node.parent
+    assert c.protected_pages == 4
+    c.check_integrity()
+    c.unlock(m1.node)
+    assert c.evict(10) == 1  # only the unlocked leaf [3,3]
+    c.check_integrity()
+    c.unlock(m2.node)
+    c.check_integrity()
+
+
+@BOTH
+def test_lru_order(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [1, 1])
+    put(c, [2, 2])
+    put(c, [3, 3])
+    c.match_prefix([1, 1])  # now 2 is the least recently used
+    assert c.evict(1) == 1
+    assert c.match_prefix([2, 2]).num_tokens == 0
+    assert c.evict(1) == 1  # then 3 ([1,1] was touched later)
+    assert c.match_prefix([3, 3]).num_tokens == 0
+    assert c.match_prefix([1, 1]).num_tokens == 2
+    c.check_integrity()
+
+
+@BOTH
+def test_evict_trims_and_parent_becomes_leaf(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [1, 1, 2, 2, 3, 3, 4, 4])
+    put(c, [1, 1, 2, 2, 5, 5])
+    put(c, [9, 9])
+    c.match_prefix([9, 9])
+    free0 = a.num_free
+    # stamps: [3,3,4,4] t1 < [1,1,2,2] = [5,5] t2 < [9,9] t4
+    assert c.evict(1) == 1  # trailing page [4,4] of the LRU leaf
+    assert c.cached_pages == 5
+    c.check_integrity()
+    assert c.evict(3) == 3  # [3,3], then [5,5]; then [1,1,2,2] is a leaf (t2 < t4): its page [2,2]
+    assert a.num_free == free0 + 4
+    assert c.match_prefix([1, 1, 2, 2]).num_tokens == 2
+    assert c.match_prefix([9, 9]).num_tokens == 2
+    c.check_integrity()
+
+
+@BOTH
+def test_duplicate_insert_frees_pages(cls):
+    a, c = make(cls, page_size=2)
+    already, p1 = put(c, [1, 1, 2, 2])
+    assert already == 0
+    free_before = a.num_free
+    already, p2 = put(c, [1, 1, 2, 2, 3, 3])
+    assert already == 4
+    # the two duplicate pages went back; the new page is owned by the tree
+    assert a.num_free == free_before - 3 + 2 and c.cached_pages == 3
+    assert a.is_free(p2[0]) and a.is_free(p2[1]) and not a.is_free(p2[2])
+    # inserting the tree's own pages (from a match) frees nothing
+    m = c.match_prefix([1, 1, 2, 2, 3, 3])
+    free_before = a.num_free
+    assert c.insert([1, 1, 2, 2, 3, 3], m.pages) == 6
+    assert a.num_free == free_before
+    c.check_integrity()
+
+
+def test_insert_errors_change_nothing():
+    a, c = make(page_size=2)
+    _, p = put(c, [1, 1, 2, 2])
+    q = a.alloc(2)
+    with pytest.raises(ValueError, match="twice"):
+        c.insert([5, 5, 6, 6], [q[0], q[0]])
+    with pytest.raises(ValueError, match="another position"):
+        c.insert([5, 5, 6, 6], [q[0], p[0]])
+    with pytest.raises(ValueError, match="reserved"):
+        c.insert([5, 5], [0])
+    a.free([q[1]])
+    with pytest.raises(ValueError, match="free list"):
+        c.insert([5, 5], [q[1]])
+    assert c.cached_pages == 2
+    c.check_integrity(held_pages=[q[0]])
+
+
+@BOTH
+def test_running_request_commit_repeatedly(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [7, 7, 8, 8])
+    toks = [7, 7, 8, 8, 1]
+    m = c.match_prefix(toks)
+    c.lock(m.node)
+    pages = m.pages + a.alloc(1)  # own page for the partial tail
+    for step in range(2, 9):
+        toks.append(step)
+        if len(pages) * 2 < len(toks):
+            pages += a.alloc(1)
+        res = commit_running_prefix(c, toks, pages, m.node)
+        assert res.num_tokens == (len(toks) // 2) * 2
+        pages[: len(res.pages)] = res.pages
+        m = res
+        c.check_integrity(held_pages=pages)
+    # a second request with the same text shares everything committed so far
+    other = c.match_prefix(toks + [0])
+    assert other.pages == pages[: len(toks) // 2]
+    # finish: insert aligned part, free the tail page, unlock
+    n = len(toks) // 2
+    assert c.insert(toks[: 2 * n], pages[:n]) == 2 * n
+    a.free(pages[n:])
+    c.unlock(m.node)
+    c.check_integrity(held_pages=[])
+    assert c.protected_pages == 0 and a.num_free + c.cached_pages == a.num_total
+
+
+@BOTH
+def test_disabled_mode(cls):
+    a, c = make(cls, page_size=2, disabled=True)
+    p = a.alloc(2)
+    assert c.insert([1, 1, 2, 2], p) == 0
+    assert a.num_free == a.num_total and c.cached_pages == 0
+    m = c.match_prefix([1, 1, 2, 2])
+    assert m.num_tokens == 0 and m.pages == []
+    c.lock(m.node)
+    c.unlock(m.node)
+    assert c.evict(5) == 0
+    q = a.alloc(1)
+    res = commit_running_prefix(c, [1, 1, 2], [q[0], 0], m.node)  # no-op, request keeps its pages
+    assert res.num_tokens == 0 and not a.is_free(q[0])
+    c.check_integrity(held_pages=q)
+
+
+@BOTH
+def test_reset(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [1, 1, 2, 2])
+    put(c, [3, 3], namespace="x")
+    m = c.match_prefix([1, 1])
+    c.lock(m.node)
+    with pytest.raises(RuntimeError):
+        c.reset()
+    c.unlock(m.node)
+    c.reset()
+    assert c.cached_pages == 0 and a.num_free == a.num_total
+    assert c.match_prefix([1, 1, 2, 2]).num_tokens == 0
+    c.check_integrity()
+    # a lock on an empty match (namespace root) also blocks reset
+    e = c.match_prefix([5, 5])
+    c.lock(e.node)
+    with pytest.raises(RuntimeError):
+        c.reset()
+    c.unlock(e.node)
+
+
+@BOTH
+def test_peek_is_read_only(cls):
+    a, c = make(cls, page_size=2)
+    put(c, [1, 1, 2, 2])
+    put(c, [3, 3])
+    assert c.peek_prefix_len([1, 1, 2, 9, 9]) == 2
+    assert c.peek_prefix_len([1, 1, 2, 2, 5]) == 4
+    assert c.peek_prefix_len([1, 1], namespace="x") == 0
+    if cls is RadixCache:
+        assert c.num_nodes == 2  # no split
+    assert c.evict(1) == 1  # peek did not stamp [1,1,2,2]: it is still the LRU leaf
+    assert c.peek_prefix_len([1, 1, 2, 2]) == 2 and c.peek_prefix_len([3, 3]) == 2
+    c.check_integrity()
+
+
+def test_stale_handle_rejected():
+    a, c = make(page_size=2)
+    put(c, [1, 1])
+    m = c.match_prefix([1, 1])
+    c.evict(1)
+    with pytest.raises(ValueError, match="stale"):
+        c.lock(m.node)
+    with pytest.raises(TypeError):
+        c.lock("nope")
+
+
+def test_numpy_tokens():
+    a, c = make(page_size=2)
+    p = a.alloc(2)
+    c.insert(np.array([1, 2, 3, 4], dtype=np.int32), p)
+    assert c.match_prefix(np.array([1, 2, 3, 4, 5])).pages == p
+    assert c.match_prefix([1, 2, 3, 4]).pages == p
+
+
+def test_integrity_checker_catches_corruption():
+    a, c = make(page_size=2)
+    put(c, [1, 1, 2, 2])
+    c.check_integrity()
+    c._evictable += 1
+    with pytest.raises(AssertionError, match="evictable_pages counter"):
+        c.check_integrity()
+    c._evictable -= 1
+    node = c.match_prefix([1, 1]).node
+    a.free([node.pages[0]])  # tree page on free list
+    with pytest.raises(AssertionError, match="on the free list"):
+        c.check_integrity()
+    a.alloc(1)
+    c.check_integrity()
+    node.ref = 1  # ref without the ancestor (root) carrying it
+    with pytest.raises(AssertionError, match="sum of children refs"):
+        c.check_integrity()
+    node.ref = 0
+    leaked = a.alloc(1)
+    with pytest.raises(AssertionError, match="page leak"):
+        c.check_integrity(held_pages=[])
+    c.check_integrity(held_pages=leaked)
+
+
+def test_heap_stays_bounded():
+    a, c = make(page_size=2)
+    put(c, [1, 1])
+    for _ in range(1000):
+        m = c.match_prefix([1, 1])
+        c.lock(m.node)
+        c.unlock(m.node)
+    assert len(c._heap) <= 2 * c.num_nodes + 65
+    c.check_integrity()
+    assert c.evict(1) == 1
+
+
+def test_no_jax_import():
+    code = (
+        "import sys; sys.modules['jax'] = None\n"
+        "import sgl_jax.cache as m\n"
+        "a = m.PageAllocator(4); c = m.RadixCache(a, 2); c.check_integrity()\n"
+        "assert 'jax' not in [k for k in sys.modules if sys.modules[k] is not None]\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# ----------------------------------------------------- twin property test
+TOKENS = st.lists(st.integers(0, 1), max_size=12)
+NS = st.sampled_from(["", "a"])
+
+
+def radix_contents(c):
+    """{(namespace, page-aligned prefix): locked?} for every page in a RadixCache."""
+    out = {}
+    for ns, root in c._roots.items():
+        stack = [(root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            for i in range(len(node.pages)):
+                out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = node.ref > 0
+            prefix = prefix + node.key
+            stack.extend((ch, prefix) for ch in node.children.values())
+    return out
+
+
+def naive_contents(c):
+    return {k: e.ref > 0 for k, e in c._entries.items()}
+
+
+class _Req:
+    def __init__(self, tokens, ns, rm, nm, rp, np_):
+        self.tokens, self.ns = list(tokens), ns
+        self.rnode, self.nnode = rm.node, nm.node
+        self.n_tree = len(rm.pages)  # leading pages that belong to the tree
+        self.rpages = rm.pages + rp
+        self.npages = nm.pages + np_
+
+
+class TwinMachine(RuleBasedStateMachine):
+    """Drive RadixCache and NaivePrefixCache identically and compare them."""
+
+    NUM_PAGES = 20
+
+    @initialize(ps=st.sampled_from([1, 2, 3]))
+    def setup(self, ps):
+        self.ps = ps
+        self.r = RadixCache(PageAllocator(self.NUM_PAGES), ps)
+        self.n = NaivePrefixCache(PageAllocator(self.NUM_PAGES), ps)
+        self.reqs: list[_Req] = []
+        self.pins: list[tuple] = []
+
+    # helpers
+    def _alloc(self, need):
+        """Allocate ``need`` pages in both, evicting first if short."""
+        ra, na = self.r.allocator, self.n.allocator
+        assert ra.num_free == na.num_free
+        if ra.num_free < need:
+            short = need - ra.num_free
+            assert self.r.evict(short) == self.n.evict(short)
+        rp, np_ = ra.alloc(need), na.alloc(need)
+        assert (rp is None) == (np_ is None)
+        return None if rp is None else (rp, np_)
+
+    def _match(self, tokens, ns):
+        rm, nm = self.r.match_prefix(tokens, ns), self.n.match_prefix(tokens, ns)
+        assert rm.num_tokens == nm.num_tokens == len(rm.pages) * self.ps
+        assert len(nm.pages) == len(rm.pages)
+        return rm, nm
+
+    def _pick(self, i):
+        return self.reqs[i % len(self.reqs)]
+
+    # rules
+    @rule(tokens=TOKENS, ns=NS)
+    def match(self, tokens, ns):
+        self._match(tokens, ns)
+
+    @rule(tokens=TOKENS, ns=NS)
+    def peek(self, tokens, ns):
+        assert self.r.peek_prefix_len(tokens, ns) == self.n.peek_prefix_len(tokens, ns)
+
+    @rule(tokens=TOKENS, ns=NS)
+    def insert_fresh(self, tokens, ns):
+        k = len(tokens) // self.ps
+        got = self._alloc(k)
+        if got is None:
+            return
+        t = tokens[: k * self.ps]
+        assert self.r.insert(t, got[0], ns) == self.n.insert(t, got[1], ns)
+
+    @rule(n=st.integers(0, 8))
+    def evict(self, n):
+        assert self.r.evict(n) == self.n.evict(n)
+
+    @rule(tokens=TOKENS, ns=NS)
+    def pin(self, tokens, ns):
+        rm, nm = self._match(tokens, ns)
+        self.r.lock(rm.node)
+        self.n.lock(nm.node)
+        self.pins.append((rm.node, nm.node))
+
+    @precondition(lambda self: self.pins)
+    @rule(i=st.integers(0, 100))
+    def unpin(self, i):
+        rn, nn = self.pins.pop(i % len(self.pins))
+        self.r.unlock(rn)
+        self.n.unlock(nn)
+
+    @precondition(lambda self: len(self.reqs) < 4)
+    @rule(tokens=TOKENS, ns=NS)
+    def start_request(self, tokens, ns):
+        rm, nm = self._match(tokens, ns)
+        self.r.lock(rm.node)
+        self.n.lock(nm.node)
+        need = -(-len(tokens) // self.ps) - len(rm.pages)
+        got = self._alloc(need)
+        if got is None:
+            self.r.unlock(rm.node)
+            self.n.unlock(nm.node)
+            return
+        self.reqs.append(_Req(tokens, ns, rm, nm, *got))
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 100), extra=st.lists(st.integers(0, 1), min_size=1, max_size=4))
+    def extend_request(self, i, extra):
+        q = self._pick(i)
+        new_len = len(q.tokens) + len(extra)
+        need = -(-new_len // self.ps) - len(q.rpages)
+        got = self._alloc(max(need, 0))
+        if got is None:
+            return
+        q.tokens += extra
+        q.rpages += got[0]
+        q.npages += got[1]
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 100))
+    def commit_request(self, i):
+        q = self._pick(i)
+        rr = commit_running_prefix(self.r, q.tokens, q.rpages, q.rnode, q.ns)
+        nr = commit_running_prefix(self.n, q.tokens, q.npages, q.nnode, q.ns)
+        assert rr.num_tokens == nr.num_tokens == (len(q.tokens) // self.ps) * self.ps
+        q.rpages[: len(rr.pages)] = rr.pages
+        q.npages[: len(nr.pages)] = nr.pages
+        q.rnode, q.nnode, q.n_tree = rr.node, nr.node, len(rr.pages)
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 100))
+    def finish_request(self, i):
+        q = self.reqs.pop(i % len(self.reqs))
+        k = len(q.tokens) // self.ps
+        t = q.tokens[: k * self.ps]
+        assert self.r.insert(t, q.rpages[:k], q.ns) == self.n.insert(t, q.npages[:k], q.ns)
+        self.r.allocator.free(q.rpages[k:])
+        self.n.allocator.free(q.npages[k:])
+        self.r.unlock(q.rnode)
+        self.n.unlock(q.nnode)
+
+    @precondition(lambda self: self.reqs)
+    @rule(i=st.integers(0, 100))
+    def abort_request(self, i):
+        q = self.reqs.pop(i % len(self.reqs))
+        self.r.allocator.free(q.rpages[q.n_tree :])
+        self.n.allocator.free(q.npages[q.n_tree :])
+        self.r.unlock(q.rnode)
+        self.n.unlock(q.nnode)
+
+    @precondition(lambda self: not self.reqs and not self.pins)
+    @rule()
+    def reset(self):
+        self.r.reset()
+        self.n.reset()
+
+    @invariant()
+    def consistent(self):
+        if not hasattr(self, "r"):
+            return
+        self.r.check_integrity(held_pages=[p for q in self.reqs for p in q.rpages])
+        self.n.check_integrity(held_pages=[p for q in self.reqs for p in q.npages])
+        assert self.r.allocator.num_free == self.n.allocator.num_free
+        assert self.r.evictable_pages == self.n.evictable_pages
+        assert self.r.protected_pages == self.n.protected_pages
+        assert self.r.cached_pages == self.n.cached_pages
+        # same prefixes cached and locked: catches any divergence in eviction order at once
+        assert radix_contents(self.r) == naive_contents(self.n)
+
+
+TwinMachine.TestCase.settings = settings(
+    max_examples=150,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_twin_radix_vs_naive = TwinMachine.TestCase
