@@ -53,6 +53,12 @@ class EngineConfig:
     seed: int = _f(0, "default sampling seed for requests that give none")
     check_integrity_when_idle: bool = _f(False, "run the cache integrity check whenever the engine goes idle")
     disable_jump_forward: bool = _f(False, "structured generation: emit forced runs one token at a time")
+    constraint_rows: int = _f(4096, "FSM states the on-device constraint table holds (all active constraints)")
+    constraint_classes: int = _f(512, "token equivalence classes per constraint the device table holds")
+    constraint_slots: int = _f(16, "distinct constraints resident on the device at once")
+    max_constraint_states: int = _f(10000, "compile limit: larger regexes/schemas are rejected with an error")
+    max_constraint_seconds: float = _f(20.0, "compile limit in seconds per constraint")
+    json_whitespace: str = _f("", "JSON schema whitespace regex between tokens; empty = compact (longest forced runs)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +71,8 @@ class ServerConfig:
     log_level: str = _f("info", "debug | info | warning | error")
     max_body_bytes: int = _f(8 * 1024 * 1024, "largest accepted request body")
     served_model_name: str = _f("", "model name reported by /v1/models; empty = the model path")
+    drain_timeout_s: float = _f(30.0, "on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
+    health_generate_timeout_s: float = _f(30.0, "/health_generate answers 503 if no token arrives within this time")
 
 
 @dataclasses.dataclass(frozen=True)

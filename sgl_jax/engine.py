@@ -62,6 +62,11 @@ class _ReqData:
     output_top: list = dataclasses.field(default_factory=list)
     next_input_pos: int = 0
     stop_regex: tuple = ()
+    constraint: tuple | None = None  # (kind, spec) of regex / json / choices
+    future: Any = None  # compile future
+    place: Any = None  # constrained.table.Placement while on the device
+    fsm_hist: list = dataclasses.field(default_factory=list)  # local FSM state after each output token
+    forced_tokens: int = 0  # tokens appended by jump-forward
 
 
 class Engine:
@@ -129,7 +134,15 @@ class Engine:
             block_q=c.prefill_block, num_slots=c.max_running_requests, decode_buckets=c.decode_buckets,
             block_buckets=c.prefill_block_buckets, max_mixed_blocks=c.max_mixed_blocks,
             page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
-            attention_backend=c.attention_backend)
+            attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
+            constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots)
+        from sgl_jax.constrained import ConstraintCache
+        from sgl_jax.constrained.table import ConstraintTable
+
+        self.constraint_cache = ConstraintCache(capacity=256, max_workers=1)
+        self.constraint_table = ConstraintTable(c.constraint_rows, c.constraint_classes, c.constraint_slots)
+        self._vocab = None  # TokenVocabulary, built on the first constrained request
+        self._pending: list[Request] = []  # constrained requests waiting for their FSM / a table slot
         if max(c.decode_buckets) < c.max_running_requests:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach max_running_requests="
                              f"{c.max_running_requests}")
@@ -171,10 +184,7 @@ class Engine:
         if len(ids) >= self.max_context_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context length is "
                                       f"{self.max_context_len}")
-        for name in ("regex", "json_schema", "ebnf", "choices"):
-            if getattr(sp, name, None):
-                raise UnsupportedFeatureError(f"sampling param {name!r} is not supported yet "
-                                              "(structured generation is not enabled in this build)")
+        self._check_constraint(sp)
         if not isinstance(return_logprob, bool):
             raise InvalidRequestError("'return_logprob' must be a bool")
         if not isinstance(logprob_start_len, int) or isinstance(logprob_start_len, bool) or logprob_start_len < -1:
@@ -191,6 +201,39 @@ class Engine:
             except re.error as e:
                 raise InvalidRequestError(f"'stop_regex' {pattern!r} is not a valid regex: {e}") from None
         return ids, sp
+
+    @staticmethod
+    def _constraint_of(sp: SamplingParams):
+        given = [(k, v) for k, v in (("regex", sp.regex), ("json", sp.json_schema), ("choices", sp.choices),
+                                     ("ebnf", sp.ebnf)) if v]
+        if len(given) > 1:
+            raise InvalidRequestError(f"at most one of regex, json_schema, choices, ebnf may be set; got "
+                                      f"{', '.join(k for k, _ in given)}")
+        return given[0] if given else None
+
+    def _check_constraint(self, sp: SamplingParams) -> None:
+        """Cheap, synchronous checks (syntax, unsupported keywords); the FSM is built off-thread later."""
+        from sgl_jax.constrained import ConstraintError, json_schema_to_regex
+        from sgl_jax.constrained.regex import parse
+
+        con = self._constraint_of(sp)
+        if con is None:
+            return
+        kind, spec = con
+        try:
+            if kind == "regex":
+                parse(spec)
+            elif kind == "json":
+                json_schema_to_regex(spec, whitespace_pattern=self.config.json_whitespace or None)
+            elif kind == "choices":
+                if not all(isinstance(c, str) and c for c in spec):
+                    raise InvalidRequestError("'choices' must be a list of non-empty strings")
+            else:
+                raise UnsupportedFeatureError("sampling param 'ebnf' needs the optional grammar backend, "
+                                              "which is not installed")
+        except ConstraintError as e:
+            field = {"regex": "regex", "json": "json_schema"}[kind]
+            raise InvalidRequestError(f"invalid {field}: {e}") from None
 
     def validate(self, **kw) -> None:
         """Raise InvalidRequestError if the request is bad; changes nothing."""
@@ -212,6 +255,7 @@ class Engine:
                         return_text_in_logprobs=return_text_in_logprobs,
                         detok=self.tokenizer.detokenizer(skip_special_tokens=sp.skip_special_tokens),
                         t_start=time.perf_counter(), stop_regex=tuple(re.compile(p) for p in sp.stop_regex))
+        data.constraint = self._constraint_of(sp)
         start = logprob_start_len if return_logprob and logprob_start_len >= 0 else -1
         data.next_input_pos = max(start, 0)
         uses_penalties = (sp.frequency_penalty != 0 or sp.presence_penalty != 0 or sp.repetition_penalty != 1)
@@ -421,12 +465,19 @@ class Engine:
             kind = msg[0]
             if kind == "add":
                 req = msg[1]
+                if req.data.constraint is not None:
+                    self._submit_constraint(req)
+                    continue
                 try:
                     self.scheduler.add(req)
                 except ValueError as e:
                     self._finish_now(req, {"type": "abort", "message": str(e)})
             elif kind == "abort":
                 req = self.scheduler.abort(msg[1])
+                pend = [r for r in self._pending if r.rid == msg[1]]
+                if pend:
+                    self._pending.remove(pend[0])
+                    req = pend[0]
                 if req is not None and req.data.finish_reason is None:
                     req.data.finish_reason = {"type": "abort", "message": "aborted by the client"}
                     self._emit(req, final=True)
@@ -440,6 +491,8 @@ class Engine:
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            if self._pending:
+                self._poll_constraints()
             if not self.scheduler.has_work:
                 if self.config.check_integrity_when_idle:
                     self.scheduler.check_integrity()
@@ -456,7 +509,7 @@ class Engine:
                     self._emit(req, final=True)
         # shutdown: whatever is left gets an abort reply
         self._drain_inbox()
-        for req in list(self.scheduler.running) + list(self.scheduler.waiting):
+        for req in list(self.scheduler.running) + list(self.scheduler.waiting) + list(self._pending):
             self.scheduler.abort(req.rid)
             req.data.finish_reason = {"type": "abort", "message": "the engine is shutting down"}
             self._emit(req, final=True)
@@ -499,10 +552,119 @@ class Engine:
         bias = list(p.logit_bias)
         if len(c.req.output_ids) < p.min_new_tokens:
             bias += [(t, float("-inf")) for t in sorted(d.stop_ids)]
+        fsm_state = fsm_slot = -1
+        if d.place is not None:
+            fsm_state, fsm_slot = d.place.base + d.fsm_hist[-1], d.place.slot
         return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                          repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
-                         step=len(c.req.output_ids), top=d.top_logprobs_num > 0)
+                         step=len(c.req.output_ids), top=d.top_logprobs_num > 0, fsm_state=fsm_state,
+                         fsm_slot=fsm_slot)
+
+    # ------------------------------------------------------------------ structured generation
+    def _vocabulary(self):
+        if self._vocab is None:
+            from sgl_jax.constrained import TokenVocabulary
+
+            self._vocab = TokenVocabulary(self.tokenizer.token_bytes_list(), sorted(self.tokenizer.stop_token_ids))
+        return self._vocab
+
+    def _submit_constraint(self, req: Request) -> None:
+        """Compile off the engine thread (the LRU cache shares results); admit when it is ready."""
+        d: _ReqData = req.data
+        kind, spec = d.constraint
+        opts = dict(max_states=self.config.max_constraint_states, max_seconds=self.config.max_constraint_seconds)
+        if kind == "json" and self.config.json_whitespace:
+            opts["whitespace_pattern"] = self.config.json_whitespace
+        d.future = self.constraint_cache.submit(kind, list(spec) if kind == "choices" else spec,
+                                                self._vocabulary(), **opts)
+        self._pending.append(req)
+
+    def _poll_constraints(self) -> None:
+        from sgl_jax.constrained.table import ConstraintTableFullError
+
+        for req in list(self._pending):
+            d: _ReqData = req.data
+            if not d.future.done():
+                continue
+            try:
+                fsm = d.future.result()
+                place = self.constraint_table.acquire(id(fsm), fsm)
+            except (ValueError, ConstraintTableFullError) as e:  # too large, unsatisfiable, table too small
+                self._pending.remove(req)
+                self._finish_now(req, {"type": "abort", "message": f"constraint rejected: {e}"})
+                continue
+            if place is None:
+                continue  # every resident constraint is in use: retry when one finishes
+            if not place.uploaded:
+                self.runner.upload_constraint(place)
+            self._pending.remove(req)
+            d.place, d.fsm_hist = place, [fsm.initial_state]
+            try:
+                self.scheduler.add(req)
+            except ValueError as e:
+                self._finish_now(req, {"type": "abort", "message": str(e)})
+
+    def _jump_forward(self, req: Request) -> None:
+        """Append the constraint's forced continuation without sampling it (the compressed FSM).
+
+        The last few generated tokens and the forced bytes are re-tokenized together, so the text gets the
+        tokenizer's own segmentation (not a byte-by-byte one the model never saw); the final token of that
+        is held back, since it may merge with what follows; the FSM state is replayed over the new tokens;
+        the request then prefills only them, its earlier KV (and the radix cache) intact. Effect on the
+        distribution: forced text is what the constraint allows anyway; only the tokenization of the
+        boundary is the tokenizer's choice instead of the model's, and forced tokens carry no logprob.
+        """
+        from sgl_jax.constrained import advance
+
+        d: _ReqData = req.data
+        fsm = d.place.fsm
+        forced = fsm.forced[d.fsm_hist[-1]]
+        if not forced:
+            return
+        ps = self.config.page_size
+        out = req.output_ids
+        # re-tokenize at most the last 2 tokens, never one whose KV sits in a shared (tree) page
+        k = min(2, len(out), req.num_tokens - req.n_tree * ps)
+        tb = self.tokenizer.token_bytes
+        prev = b"".join(tb(t) for t in out[len(out) - k:]) if k > 0 else b""
+        try:
+            text = (prev + forced).decode("utf-8")
+        except UnicodeDecodeError:
+            return  # the boundary is inside a character: let the model emit the next token
+        new = self.tokenizer.encode(text, add_special_tokens=False)
+        keep = new[:-1]
+        if sum(len(tb(t)) for t in keep) <= len(prev):
+            return  # nothing gained beyond what is already there
+        room = req.max_new_tokens - (len(out) - k)
+        keep = keep[:room]
+        state = d.fsm_hist[len(d.fsm_hist) - 1 - k]
+        states = []
+        for t in keep:
+            state = advance(fsm, state, t)
+            if state < 0:
+                return  # re-tokenization left the constraint's language: keep the sampled path
+            states.append(state)
+        if not keep:
+            return
+        first_pos = req.num_tokens - k
+        del out[len(out) - k:]
+        del d.fsm_hist[len(d.fsm_hist) - k:]
+        out.extend(keep)
+        d.fsm_hist.extend(states)
+        req.num_computed = min(req.num_computed, first_pos)
+        d.forced_tokens += len(keep) - k
+        if d.return_logprob:
+            del d.output_logprobs[len(d.output_logprobs) - k:]
+            d.output_logprobs.extend([None, t, self._token_text(d, t)] for t in keep)
+            if d.top_logprobs_num:
+                del d.output_top[len(d.output_top) - k:]
+                d.output_top.extend(None for _ in keep)
+        d.detok = self.tokenizer.detokenizer(skip_special_tokens=d.params.skip_special_tokens)
+        d.text = d.detok.feed(out)
+        if len(out) >= req.max_new_tokens:
+            d.text += d.detok.finish()
+            d.finish_reason = {"type": "length", "length": req.max_new_tokens}
 
     # ----------------------------------------------------------------------- postprocess
     def _token_text(self, d: _ReqData, tok: int):
@@ -529,7 +691,16 @@ class Engine:
                     d.output_logprobs.append([float(lps[e - 1]), tok, self._token_text(d, tok)])
                     if d.top_logprobs_num:
                         d.output_top.append(self._top_entry(d, top_ids[e - 1], top_lps[e - 1]))
-                self._check_finish(req, tok)
+                if d.place is not None:
+                    d.fsm_hist.append(int(out["next_state"][e - 1]) - d.place.base)
+                    if tok in d.place.fsm.eos_token_ids:
+                        # the constraint is complete: EOS ends it even with ignore_eos
+                        d.finish_reason = {"type": "stop", "matched": tok}
+                        d.text += d.detok.finish()
+                if d.finish_reason is None:
+                    self._check_finish(req, tok)
+                if d.finish_reason is None and d.place is not None and not self.config.disable_jump_forward:
+                    self._jump_forward(req)
                 if d.finish_reason is not None:
                     self.scheduler.finish(req)
                     self._emit(req, final=True)
@@ -612,6 +783,9 @@ class Engine:
 
     def _emit(self, req: Request, final: bool) -> None:
         d: _ReqData = req.data
+        if final and d.place is not None:
+            self.constraint_table.release(d.place.key)
+            d.place = None
         if final and d.finish_reason is not None and d.finish_reason.get("type") != "abort":
             self.stats_counters["requests"] += 1
             self.stats_counters["prompt_tokens"] += len(req.prompt_ids)

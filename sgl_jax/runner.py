@@ -66,8 +66,9 @@ class StepInputs:
     mark_slot: jax.Array  # [M] slot of a token to record (-1 = padding)
     mark_token: jax.Array  # [M]
     mark_is_output: jax.Array  # [M] bool, also counts as a generated token
-    # Room for structured generation: per-row constraint state indexing an on-device mask table.
-    fsm_state: jax.Array  # [L] int32, -1 = unconstrained
+    # Structured generation: each constrained row's FSM state is a row of the on-device table.
+    fsm_state: jax.Array  # [L] int32 global table row, -1 = unconstrained
+    fsm_slot: jax.Array  # [L] int32 constraint slot (its token -> class map), -1 = unconstrained
 
 
 @struct.dataclass
@@ -77,18 +78,41 @@ class StepOutputs:
     target_logprobs: jax.Array  # [L] of target_ids
     top_ids: jax.Array  # [L, K]
     top_logprobs: jax.Array  # [L, K]
+    next_state: jax.Array  # [L] FSM state (global row) after the sampled token; -1 = unconstrained
+
+
+@struct.dataclass
+class ConstraintBuffers:
+    """The device side of sgl_jax.constrained.table: every active constraint's tables in one buffer."""
+
+    mask: jax.Array  # [R, W] int32 packed allowed-token bits per state row
+    next: jax.Array  # [R, C] int32 next state (global row) per token class; -1 = not allowed
+    cls: jax.Array  # [num_slots, V] int32 token -> class per constraint slot
+
+
+def _constrain(logits, cb: ConstraintBuffers, fsm_state):
+    """Disallowed tokens of constrained rows -> -inf (rows with state -1 untouched)."""
+    rows = jnp.maximum(fsm_state, 0)
+    allowed = sampling.unpack_vocab_mask(cb.mask[rows], logits.shape[-1])  # [L, V]
+    allowed |= (fsm_state < 0)[:, None]
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def make_step(model: CausalLM, block_q: int, num_top: int):
     """The pure step function for one model; jit it with the KV pool and penalty state donated."""
 
-    def step(params, kv, pstate: sampling.PenaltyState, inp: StepInputs):
+    def step(params, kv, pstate: sampling.PenaltyState, cb: ConstraintBuffers, inp: StepInputs):
         meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
                             inp.pre_page_table, inp.pre_kv_lens, block_q=block_q)
         logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
         pstate = _update_marks(pstate, inp)
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
+        constrained = inp.fsm_state >= 0
+        logits = jax.lax.cond(jnp.any(constrained), lambda lg: _constrain(lg, cb, inp.fsm_state), lambda lg: lg,
+                              logits)
         out = sampling.sample(logits, inp.sampling, num_top_logprobs=0)
+        cls = cb.cls[jnp.maximum(inp.fsm_slot, 0), out.tokens]  # [L]
+        next_state = jnp.where(constrained, cb.next[jnp.maximum(inp.fsm_state, 0), cls], -1)
         target_lp = sampling.token_logprobs(logits, jnp.maximum(inp.target_ids, 0))
         L = logits.shape[0]
 
@@ -103,7 +127,7 @@ def make_step(model: CausalLM, block_q: int, num_top: int):
         top_ids, top_lps = (jax.lax.cond(jnp.any(inp.want_top), top, no_top, logits) if num_top
                             else no_top(logits))
         pstate = sampling.record_tokens(pstate, inp.row_slot, out.tokens)
-        return kv, pstate, StepOutputs(out.tokens, out.logprobs, target_lp, top_ids, top_lps)
+        return kv, pstate, StepOutputs(out.tokens, out.logprobs, target_lp, top_ids, top_lps, next_state)
 
     return step
 
@@ -138,6 +162,8 @@ class RowParams:
     seed: int = 0
     step: int = 0
     top: bool = False
+    fsm_state: int = -1  # global constraint-table row
+    fsm_slot: int = -1
 
 
 class ModelRunner:
@@ -146,7 +172,8 @@ class ModelRunner:
     def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, page_size: int,
                  block_q: int, num_slots: int, decode_buckets: list[int], block_buckets: list[int],
                  max_mixed_blocks: int, page_width_buckets: list[int], max_top_logprobs: int,
-                 attention_backend: str = "jnp", max_marks: int = 512):
+                 attention_backend: str = "jnp", max_marks: int = 512, constraint_rows: int = 1024,
+                 constraint_classes: int = 512, constraint_slots: int = 8):
         self.cfg = model_config
         self.params = params
         self.page_size, self.block_q, self.num_slots = page_size, block_q, num_slots
@@ -160,6 +187,12 @@ class ModelRunner:
         self.model = CausalLM(model_config, dtype, attention_backend)
         self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
         self.pstate = sampling.init_penalty_state(num_slots, model_config.vocab_size)
+        V = model_config.vocab_size
+        self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
+                                      jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
+                                      jnp.zeros((constraint_slots, V), jnp.int32))
+        self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1))
+        self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._step = jax.jit(make_step(self.model, block_q, self.num_top), donate_argnums=(1, 2))
         self._compiled: dict[StepShape, object] = {}
         self.num_compiles = 0
@@ -197,13 +230,14 @@ class ModelRunner:
     def _compile(self, shape: StepShape):
         if shape not in self._compiled:
             inp = self._dummy_inputs(shape)
-            self._compiled[shape] = self._step.lower(self.params, self.kv, self.pstate, inp).compile()
+            self._compiled[shape] = self._step.lower(self.params, self.kv, self.pstate, self.cbuf, inp).compile()
             self.num_compiles += 1
         return self._compiled[shape]
 
     def warmup(self, progress: bool = True, cache_dir: str = "") -> float:
         """Compile every step shape. Returns seconds spent."""
         t0 = time.perf_counter()
+        self._warm_constraint_upload()
         shapes = self.shapes()
         for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
             self._compile(s)
@@ -254,13 +288,17 @@ class ModelRunner:
         for i, (s, t, o) in enumerate(marks[:M]):
             mslot[i], mtok[i], mout[i] = s, t, o
         fsm_state = np.full(L, -1, np.int32)
+        fsm_slot = np.full(L, -1, np.int32)
+        for i, r in enumerate(rows):
+            if r is not None and r.fsm_state >= 0:
+                fsm_state[i], fsm_slot[i] = r.fsm_state, r.fsm_slot
         sb = sampling.SamplingBatch(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, frequency_penalty=fp,
             presence_penalty=pp, repetition_penalty=rp, bias_ids=bias_ids, bias_vals=bias_vals,
             seeds=seeds, steps=steps, vocab_mask=None)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.logits_indices,
-                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state)
+                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state, fsm_slot)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
@@ -297,10 +335,51 @@ class ModelRunner:
         compiled = self._compiled.get(shape)
         if compiled is None:
             compiled = self._compile(shape)
-        self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, inp)
+        self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
         out = jax.device_get(out)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
-                       "top_ids": out.top_ids, "top_logprobs": out.top_logprobs}
+                       "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
+
+    # ----------------------------------------------------------------------- constraint table
+    def upload_constraint(self, placement) -> None:
+        """Copy a placed constraint's tables into the device buffer (fixed-size blocks: no recompiles)."""
+        fsm, base = placement.fsm, placement.base
+        R, C = self.cbuf.next.shape
+        W = self.cbuf.mask.shape[1]
+        S = fsm.num_states
+        for start in range(0, placement.rows, _ROW_BLOCK):
+            n = max(min(_ROW_BLOCK, S - start), 0)
+            mblock = np.zeros((_ROW_BLOCK, W), np.int32)
+            nblock = np.full((_ROW_BLOCK, C), -1, np.int32)
+            if n:
+                mblock[:n] = fsm.mask[start:start + n]
+                nxt = fsm.next_state[start:start + n]
+                nblock[:n, :nxt.shape[1]] = np.where(nxt >= 0, nxt + base, -1)
+            mask, nexts = self._put_rows(self.cbuf.mask, self.cbuf.next, mblock, nblock, np.int32(base + start))
+            self.cbuf = self.cbuf.replace(mask=mask, next=nexts)
+        row = np.asarray(fsm.token_class, np.int32)
+        self.cbuf = self.cbuf.replace(cls=self._put_cls(self.cbuf.cls, row, np.int32(placement.slot)))
+        placement.uploaded = True
+
+    def _warm_constraint_upload(self) -> None:
+        R, C = self.cbuf.next.shape
+        W = self.cbuf.mask.shape[1]
+        mask, nexts = self._put_rows(self.cbuf.mask, self.cbuf.next, np.zeros((_ROW_BLOCK, W), np.int32),
+                                     np.full((_ROW_BLOCK, C), -1, np.int32), np.int32(0))
+        cls = self._put_cls(self.cbuf.cls, np.zeros(self.cbuf.cls.shape[1], np.int32), np.int32(0))
+        self.cbuf = ConstraintBuffers(mask, nexts, cls)
+
+
+_ROW_BLOCK = 64  # rows per constraint upload (must equal ConstraintTable's block)
+
+
+def _put_rows(cb_mask, cb_next, mblock, nblock, start):
+    return (jax.lax.dynamic_update_slice(cb_mask, mblock, (start, 0)),
+            jax.lax.dynamic_update_slice(cb_next, nblock, (start, 0)))
+
+
+def _put_cls(cls, row, slot):
+    return jax.lax.dynamic_update_slice(cls, row[None, :], (slot, 0))
 
 
 def enable_compilation_cache(path: str) -> None:

@@ -1,0 +1,105 @@
+"""Structured generation through the engine: on-device masks, FSM state advanced in the step, jump-forward."""
+
+import json
+import re
+
+import jsonschema
+import pytest
+
+from sgl_jax.engine import Engine
+from sgl_jax.errors import InvalidRequestError
+from sgl_jax.models.testing import write_tiny_gguf
+from test_engine import SMALL
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 2},
+    },
+    "required": ["name", "age", "ok", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    path = write_tiny_gguf("llama", str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+    cfg = dict(SMALL, constraint_rows=1024, constraint_classes=320, constraint_slots=4)
+    with Engine(model=path, progress=False, **cfg) as jf, \
+            Engine(model=path, progress=False, disable_jump_forward=True, **cfg) as nojf:
+        yield jf, nojf
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_regex_outputs_match(engines, temperature):
+    jf, nojf = engines
+    # bounded languages, so even a random tiny model must reach an accepting end within max_new_tokens
+    pats = [r"(cat|dog)s? [0-9]{2,3}", r"[a-c]{1,5}@[a-c]{1,3}\.(com|org)", r"\d{4}-\d{2}-\d{2}", r"(ab|c){0,4}d"]
+    for eng in (jf, nojf):
+        outs = eng.generate(input_ids=[[5, 6, 7]] * len(pats),
+                            sampling_params=[{"regex": p, "temperature": temperature, "max_new_tokens": 40,
+                                              "sampling_seed": 3} for p in pats])
+        for p, o in zip(pats, outs):
+            assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+            assert re.fullmatch(p, o["text"]), (p, o["text"])
+        eng.check_integrity()
+        eng.constraint_table.check_integrity()
+
+
+def test_json_schema_valid_with_and_without_jump_forward(engines):
+    jf, nojf = engines
+    for eng in (jf, nojf):
+        outs = eng.generate(input_ids=[[9, 10, 11]] * 4,
+                            sampling_params={"json_schema": json.dumps(SCHEMA), "temperature": 1.0,
+                                             "max_new_tokens": 80, "n": 1})
+        for o in outs if isinstance(outs, list) else [outs]:
+            doc = json.loads(o["text"])
+            jsonschema.validate(doc, SCHEMA)
+            assert 18 <= doc["age"] <= 99
+    # the forced runs ('{"name":"', '","age":', ...) are appended without sampling when jump-forward is on
+    a = jf.generate(input_ids=[9, 10, 11], sampling_params={"json_schema": SCHEMA, "temperature": 0,
+                                                            "max_new_tokens": 80}, stream=True)
+    events = list(a)
+    sizes = [len(e["output_ids"]) for e in events]
+    assert any(b - a > 1 for a, b in zip(sizes, sizes[1:])) or sizes[0] > 1, sizes  # multi-token jumps happened
+    b = nojf.generate(input_ids=[9, 10, 11], sampling_params={"json_schema": SCHEMA, "temperature": 0,
+                                                              "max_new_tokens": 80}, stream=True)
+    sizes_b = [len(e["output_ids"]) for e in b]
+    assert sizes_b == list(range(1, len(sizes_b) + 1))  # one token per step without jump-forward
+    assert len(events) < len(sizes_b)
+
+
+def test_constrained_and_free_in_one_batch(engines):
+    jf, _ = engines
+    free = jf.generate(input_ids=[20, 21, 22], sampling_params={"temperature": 0, "max_new_tokens": 10,
+                                                               "ignore_eos": True})
+    outs = jf.generate(input_ids=[[20, 21, 22], [20, 21, 22], [30, 31]],
+                       sampling_params=[{"temperature": 0, "max_new_tokens": 10, "ignore_eos": True},
+                                        {"regex": "(yes|no)", "temperature": 0, "max_new_tokens": 8},
+                                        {"choices": ["red", "green", "blue"], "temperature": 0, "max_new_tokens": 8}])
+    assert outs[0]["output_ids"] == free["output_ids"]
+    assert outs[1]["text"] in ("yes", "no") and outs[2]["text"] in ("red", "green", "blue")
+
+
+def test_invalid_constraints_rejected_by_name(engines):
+    jf, _ = engines
+    with pytest.raises(InvalidRequestError, match="regex"):
+        jf.generate(input_ids=[5], sampling_params={"regex": "(?=x)a", "max_new_tokens": 4})
+    with pytest.raises(InvalidRequestError, match="patternProperties"):
+        jf.generate(input_ids=[5], sampling_params={"json_schema": {"type": "object", "patternProperties": {}},
+                                                    "max_new_tokens": 4})
+    with pytest.raises(InvalidRequestError, match="at most one"):
+        jf.generate(input_ids=[5], sampling_params={"regex": "a", "choices": ["a"], "max_new_tokens": 4})
+
+
+def test_constraint_slots_reused_without_recompile(engines):
+    jf, _ = engines
+    before = jf.runner.num_compiles
+    for i in range(10):  # more distinct constraints than slots: placements are evicted and reused
+        o = jf.generate(input_ids=[5, 6], sampling_params={"regex": f"x{{{i + 1}}}y", "temperature": 0, "max_new_tokens": 16})
+        assert o["text"] == "x" * (i + 1) + "y"
+    assert jf.runner.num_compiles == before
+    jf.constraint_table.check_integrity()
