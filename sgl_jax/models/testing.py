@@ -89,9 +89,9 @@ def save_safetensors(tensors: dict[str, np.ndarray], path: str) -> None:
             f.write(b)
 
 
-def write_tiny_checkpoint(name: str, directory: str, seed: int = 0, shards: int = 1) -> str:
+def write_tiny_checkpoint(name: str, directory: str, seed: int = 0, shards: int = 1, **overrides) -> str:
     """Write config.json + safetensors (optionally sharded with an index) for TINY_CONFIGS[name]."""
-    cfg = TINY_CONFIGS[name]
+    cfg = dict(TINY_CONFIGS[name], **overrides)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
