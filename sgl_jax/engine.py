@@ -66,6 +66,8 @@ class _ReqData:
     future: Any = None  # compile future
     place: Any = None  # constrained.table.Placement while on the device
     fsm_hist: list = dataclasses.field(default_factory=list)  # local FSM state after each output token
+    matcher: Any = None  # llguidance matcher (ebnf grammars)
+    mask_future: Any = None  # the matcher's next mask row, computed off the engine thread
     forced_tokens: int = 0  # tokens appended by jump-forward
 
 
@@ -142,6 +144,8 @@ class Engine:
         self.constraint_cache = ConstraintCache(capacity=256, max_workers=1)
         self.constraint_table = ConstraintTable(c.constraint_rows, c.constraint_classes, c.constraint_slots)
         self._vocab = None  # TokenVocabulary, built on the first constrained request
+        self._grammar = None  # constrained.grammar.GrammarBackend, built on the first ebnf request
+        self._mask_pool = None  # worker thread computing grammar mask rows
         self._pending: list[Request] = []  # constrained requests waiting for their FSM / a table slot
         if max(c.decode_buckets) < c.max_running_requests:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach max_running_requests="
@@ -229,8 +233,12 @@ class Engine:
                 if not all(isinstance(c, str) and c for c in spec):
                     raise InvalidRequestError("'choices' must be a list of non-empty strings")
             else:
-                raise UnsupportedFeatureError("sampling param 'ebnf' needs the optional grammar backend, "
-                                              "which is not installed")
+                from sgl_jax.constrained.grammar import GrammarError
+
+                try:
+                    self._grammar_backend().matcher(spec)
+                except GrammarError as e:
+                    raise InvalidRequestError(f"invalid ebnf: {e}") from None
         except ConstraintError as e:
             field = {"regex": "regex", "json": "json_schema"}[kind]
             raise InvalidRequestError(f"invalid {field}: {e}") from None
@@ -448,6 +456,9 @@ class Engine:
         self._stop.set()
         self._wakeup.set()
         self._thread.join(timeout=60)
+        self.constraint_cache.shutdown(wait=False)
+        if self._mask_pool is not None:
+            self._mask_pool.shutdown(wait=False)
 
     def __enter__(self):
         return self
@@ -553,13 +564,16 @@ class Engine:
         if len(c.req.output_ids) < p.min_new_tokens:
             bias += [(t, float("-inf")) for t in sorted(d.stop_ids)]
         fsm_state = fsm_slot = -1
+        host_mask = None
         if d.place is not None:
             fsm_state, fsm_slot = d.place.base + d.fsm_hist[-1], d.place.slot
+        elif d.matcher is not None and c.samples:
+            host_mask = d.mask_future.result()
         return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                          repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
                          step=len(c.req.output_ids), top=d.top_logprobs_num > 0, fsm_state=fsm_state,
-                         fsm_slot=fsm_slot)
+                         fsm_slot=fsm_slot, host_mask=host_mask)
 
     # ------------------------------------------------------------------ structured generation
     def _vocabulary(self):
@@ -569,10 +583,37 @@ class Engine:
             self._vocab = TokenVocabulary(self.tokenizer.token_bytes_list(), sorted(self.tokenizer.stop_token_ids))
         return self._vocab
 
+    def _grammar_backend(self):
+        if self._grammar is None:
+            from sgl_jax.constrained import grammar
+
+            if not grammar.available():
+                raise UnsupportedFeatureError("sampling param 'ebnf' needs the optional grammar backend: "
+                                              "pip install llguidance")
+            self._grammar = grammar.GrammarBackend(self.tokenizer, self.model_config.vocab_size)
+        return self._grammar
+
+    def _prefetch_mask(self, req: Request) -> None:
+        """Start computing the grammar's next mask row in the worker thread (overlaps host work)."""
+        import concurrent.futures
+
+        if self._mask_pool is None:
+            self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sgl_jax-grammar")
+        d: _ReqData = req.data
+        d.mask_future = self._mask_pool.submit(self._grammar.fill_mask, d.matcher)
+
     def _submit_constraint(self, req: Request) -> None:
         """Compile off the engine thread (the LRU cache shares results); admit when it is ready."""
         d: _ReqData = req.data
         kind, spec = d.constraint
+        if kind == "ebnf":  # no finite table: llguidance computes mask rows on the host
+            d.matcher = self._grammar_backend().matcher(spec)
+            self._prefetch_mask(req)
+            try:
+                self.scheduler.add(req)
+            except ValueError as e:
+                self._finish_now(req, {"type": "abort", "message": str(e)})
+            return
         opts = dict(max_states=self.config.max_constraint_states, max_seconds=self.config.max_constraint_seconds)
         if kind == "json" and self.config.json_whitespace:
             opts["whitespace_pattern"] = self.config.json_whitespace
@@ -604,6 +645,39 @@ class Engine:
                 self.scheduler.add(req)
             except ValueError as e:
                 self._finish_now(req, {"type": "abort", "message": str(e)})
+
+    def _grammar_consume(self, req: Request, tok: int) -> None:
+        """Advance the llguidance matcher by the sampled token; finish at the grammar's end."""
+        d: _ReqData = req.data
+        m = d.matcher
+        m.consume_token(tok)
+        if m.is_error():
+            d.finish_reason = {"type": "abort", "message": f"grammar: {m.get_error()}"}
+        elif m.is_stopped() or tok in self.tokenizer.stop_token_ids:
+            if tok not in self.tokenizer.stop_token_ids:
+                d.text += d.detok.feed(tok)
+            d.text += d.detok.finish()
+            d.finish_reason = {"type": "stop", "matched": tok}
+
+    def _grammar_forward(self, req: Request) -> None:
+        """Append the grammar's forced tokens (no sampling; prefilled next step), then prefetch the mask."""
+        d: _ReqData = req.data
+        if not self.config.disable_jump_forward:
+            ff = list(d.matcher.compute_ff_tokens())[: req.max_new_tokens - len(req.output_ids)]
+            if ff:
+                d.matcher.consume_tokens(ff)
+                req.output_ids.extend(ff)
+                d.forced_tokens += len(ff)
+                if d.return_logprob:
+                    d.output_logprobs.extend([None, t, self._token_text(d, t)] for t in ff)
+                    if d.top_logprobs_num:
+                        d.output_top.extend(None for _ in ff)
+                d.text += d.detok.feed(ff)
+                if len(req.output_ids) >= req.max_new_tokens:
+                    d.text += d.detok.finish()
+                    d.finish_reason = {"type": "length", "length": req.max_new_tokens}
+                    return
+        self._prefetch_mask(req)
 
     def _jump_forward(self, req: Request) -> None:
         """Append the constraint's forced continuation without sampling it (the compressed FSM).
@@ -697,10 +771,14 @@ class Engine:
                         # the constraint is complete: EOS ends it even with ignore_eos
                         d.finish_reason = {"type": "stop", "matched": tok}
                         d.text += d.detok.finish()
+                if d.matcher is not None:
+                    self._grammar_consume(req, tok)
                 if d.finish_reason is None:
                     self._check_finish(req, tok)
                 if d.finish_reason is None and d.place is not None and not self.config.disable_jump_forward:
                     self._jump_forward(req)
+                if d.finish_reason is None and d.matcher is not None:
+                    self._grammar_forward(req)
                 if d.finish_reason is not None:
                     self.scheduler.finish(req)
                     self._emit(req, final=True)

@@ -69,6 +69,8 @@ class StepInputs:
     # Structured generation: each constrained row's FSM state is a row of the on-device table.
     fsm_state: jax.Array  # [L] int32 global table row, -1 = unconstrained
     fsm_slot: jax.Array  # [L] int32 constraint slot (its token -> class map), -1 = unconstrained
+    host_mask: jax.Array  # [L, W] int32 packed mask rows computed on the host (grammar backend)
+    host_mask_on: jax.Array  # [L] bool, the row uses host_mask instead of the table
 
 
 @struct.dataclass
@@ -90,11 +92,15 @@ class ConstraintBuffers:
     cls: jax.Array  # [num_slots, V] int32 token -> class per constraint slot
 
 
-def _constrain(logits, cb: ConstraintBuffers, fsm_state):
-    """Disallowed tokens of constrained rows -> -inf (rows with state -1 untouched)."""
+def _constrain(logits, cb: ConstraintBuffers, fsm_state, host_mask, host_on):
+    """Disallowed tokens of constrained rows -> -inf; unconstrained rows untouched.
+
+    A row's packed mask comes from the device table (row fsm_state) or from the host (grammar backend).
+    """
     rows = jnp.maximum(fsm_state, 0)
-    allowed = sampling.unpack_vocab_mask(cb.mask[rows], logits.shape[-1])  # [L, V]
-    allowed |= (fsm_state < 0)[:, None]
+    packed = jnp.where(host_on[:, None], host_mask, cb.mask[rows])  # [L, W]
+    allowed = sampling.unpack_vocab_mask(packed, logits.shape[-1])  # [L, V]
+    allowed |= ((fsm_state < 0) & ~host_on)[:, None]
     return jnp.where(allowed, logits, -jnp.inf)
 
 
@@ -108,8 +114,9 @@ def make_step(model: CausalLM, block_q: int, num_top: int):
         pstate = _update_marks(pstate, inp)
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
         constrained = inp.fsm_state >= 0
-        logits = jax.lax.cond(jnp.any(constrained), lambda lg: _constrain(lg, cb, inp.fsm_state), lambda lg: lg,
-                              logits)
+        logits = jax.lax.cond(jnp.any(constrained | inp.host_mask_on),
+                              lambda lg: _constrain(lg, cb, inp.fsm_state, inp.host_mask, inp.host_mask_on),
+                              lambda lg: lg, logits)
         out = sampling.sample(logits, inp.sampling, num_top_logprobs=0)
         cls = cb.cls[jnp.maximum(inp.fsm_slot, 0), out.tokens]  # [L]
         next_state = jnp.where(constrained, cb.next[jnp.maximum(inp.fsm_state, 0), cls], -1)
@@ -164,6 +171,7 @@ class RowParams:
     top: bool = False
     fsm_state: int = -1  # global constraint-table row
     fsm_slot: int = -1
+    host_mask: object = None  # np.ndarray [W] int32 from the grammar backend
 
 
 class ModelRunner:
@@ -289,16 +297,20 @@ class ModelRunner:
             mslot[i], mtok[i], mout[i] = s, t, o
         fsm_state = np.full(L, -1, np.int32)
         fsm_slot = np.full(L, -1, np.int32)
+        host_mask = np.zeros((L, self.cbuf.mask.shape[1]), np.int32)
+        host_on = np.zeros(L, bool)
         for i, r in enumerate(rows):
             if r is not None and r.fsm_state >= 0:
                 fsm_state[i], fsm_slot[i] = r.fsm_state, r.fsm_slot
+            if r is not None and r.host_mask is not None:
+                host_mask[i], host_on[i] = r.host_mask, True
         sb = sampling.SamplingBatch(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, frequency_penalty=fp,
             presence_penalty=pp, repetition_penalty=rp, bias_ids=bias_ids, bias_vals=bias_vals,
             seeds=seeds, steps=steps, vocab_mask=None)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.logits_indices,
-                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state, fsm_slot)
+                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state, fsm_slot, host_mask, host_on)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:

@@ -103,3 +103,21 @@ def test_constraint_slots_reused_without_recompile(engines):
         assert o["text"] == "x" * (i + 1) + "y"
     assert jf.runner.num_compiles == before
     jf.constraint_table.check_integrity()
+
+
+def test_ebnf_grammar_backend(engines):
+    """Recursive grammars go through llguidance's host masks and the same on-device apply path."""
+    jf, nojf = engines
+    grammar = 'root ::= list\nlist ::= "[" (item ("," item)*)? "]"\nitem ::= [0-9] | list'
+    for eng in (jf, nojf):
+        outs = eng.generate(input_ids=[[5, 6]] * 3, sampling_params={"ebnf": grammar, "temperature": 1.0,
+                                                                  "max_new_tokens": 60, "sampling_seed": 5})
+        for o in outs:
+            if o["meta_info"]["finish_reason"]["type"] == "stop":
+                json.loads(o["text"])  # a finished output is a nested list of digits
+            assert re.fullmatch(r"[\[\],0-9]*", o["text"]), o["text"]
+    fixed = jf.generate(input_ids=[5, 6], sampling_params={"ebnf": 'root ::= "hello world"', "temperature": 0,
+                                                          "max_new_tokens": 20})
+    assert fixed["text"] == "hello world"
+    with pytest.raises(InvalidRequestError, match="ebnf"):
+        jf.generate(input_ids=[5], sampling_params={"ebnf": "root ::= undefined_rule", "max_new_tokens": 4})
