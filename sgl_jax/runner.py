@@ -15,7 +15,6 @@ import dataclasses
 import math
 import os
 import time
-from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +61,6 @@ class StepInputs:
     row_slot: jax.Array  # [L] penalty-state slot of a sampling row; -1 = not sampling
     target_ids: jax.Array  # [L] next prompt token whose logprob is wanted; -1 = none
     want_top: jax.Array  # [L] bool, top logprobs wanted for this row
-    reset_mask: jax.Array  # [num_slots] bool, clear these penalty rows first
-    mark_slot: jax.Array  # [M] slot of a token to record (-1 = padding)
-    mark_token: jax.Array  # [M]
-    mark_is_output: jax.Array  # [M] bool, also counts as a generated token
     # Structured generation: each constrained row's FSM state is a row of the on-device table.
     fsm_state: jax.Array  # [L] int32 global table row, -1 = unconstrained
     fsm_slot: jax.Array  # [L] int32 constraint slot (its token -> class map), -1 = unconstrained
@@ -111,7 +106,6 @@ def make_step(model: CausalLM, block_q: int, num_top: int):
         meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
                             inp.pre_page_table, inp.pre_kv_lens, block_q=block_q)
         logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
-        pstate = _update_marks(pstate, inp)
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
         constrained = inp.fsm_state >= 0
         logits = jax.lax.cond(jnp.any(constrained | inp.host_mask_on),
@@ -139,19 +133,19 @@ def make_step(model: CausalLM, block_q: int, num_top: int):
     return step
 
 
-def _update_marks(pstate: sampling.PenaltyState, inp: StepInputs) -> sampling.PenaltyState:
+def _apply_marks(pstate: sampling.PenaltyState, reset_mask, mark_slot, mark_token, mark_is_output):
+    """Clear penalty rows of newly admitted requests, then record their prompt/output history.
+
+    reset_mask [num_slots] bool; mark_* [M] (slot -1 = padding). A separate fixed-shape call, so a long
+    history never changes the step's shapes.
+    """
     num_slots = pstate.output_counts.shape[0]
-
-    def reset(ps):
-        keep = ~inp.reset_mask[:, None]
-        return ps.replace(output_counts=jnp.where(keep, ps.output_counts, 0), seen=ps.seen & keep)
-
-    pstate = jax.lax.cond(jnp.any(inp.reset_mask), reset, lambda ps: ps, pstate)
-    slot = jnp.where(inp.mark_slot >= 0, inp.mark_slot, num_slots)  # padding -> dropped
+    keep = ~reset_mask[:, None]
+    pstate = pstate.replace(output_counts=jnp.where(keep, pstate.output_counts, 0), seen=pstate.seen & keep)
+    slot = jnp.where(mark_slot >= 0, mark_slot, num_slots)  # padding -> dropped
     return pstate.replace(
-        output_counts=pstate.output_counts.at[slot, inp.mark_token].add(
-            inp.mark_is_output.astype(jnp.int32), mode="drop"),
-        seen=pstate.seen.at[slot, inp.mark_token].set(True, mode="drop"))
+        output_counts=pstate.output_counts.at[slot, mark_token].add(mark_is_output.astype(jnp.int32), mode="drop"),
+        seen=pstate.seen.at[slot, mark_token].set(True, mode="drop"))
 
 
 @dataclasses.dataclass
@@ -201,6 +195,7 @@ class ModelRunner:
                                       jnp.zeros((constraint_slots, V), jnp.int32))
         self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
+        self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
         self._step = jax.jit(make_step(self.model, block_q, self.num_top), donate_argnums=(1, 2))
         self._compiled: dict[StepShape, object] = {}
         self.num_compiles = 0
@@ -233,7 +228,7 @@ class ModelRunner:
         return shape
 
     def _dummy_inputs(self, shape: StepShape) -> StepInputs:
-        return self._inputs(shape, None, [], [], [], [], [], [])
+        return self._inputs(shape, None, [], [], [])
 
     def _compile(self, shape: StepShape):
         if shape not in self._compiled:
@@ -246,6 +241,8 @@ class ModelRunner:
         """Compile every step shape. Returns seconds spent."""
         t0 = time.perf_counter()
         self._warm_constraint_upload()
+        self.apply_marks([0], [(0, 0, False)])
+        self.apply_marks([0], [])
         shapes = self.shapes()
         for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
             self._compile(s)
@@ -253,7 +250,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
-                row_slot: list[int], target_ids: list[int], reset_slots: Iterable[int], marks, fsm) -> StepInputs:
+                row_slot: list[int], target_ids: list[int]) -> StepInputs:
         T = shape.num_tokens(self.block_q)
         L = shape.num_rows(self.block_q)
         P = shape.page_width
@@ -287,14 +284,6 @@ class ModelRunner:
         rs[:len(row_slot)] = row_slot
         tg = np.full(L, -1, np.int32)
         tg[:len(target_ids)] = target_ids
-        reset = np.zeros(self.num_slots, bool)
-        reset[list(reset_slots)] = True
-        M = self.max_marks
-        mslot = np.full(M, -1, np.int32)
-        mtok = np.zeros(M, np.int32)
-        mout = np.zeros(M, bool)
-        for i, (s, t, o) in enumerate(marks[:M]):
-            mslot[i], mtok[i], mout[i] = s, t, o
         fsm_state = np.full(L, -1, np.int32)
         fsm_slot = np.full(L, -1, np.int32)
         host_mask = np.zeros((L, self.cbuf.mask.shape[1]), np.int32)
@@ -310,7 +299,7 @@ class ModelRunner:
             seeds=seeds, steps=steps, vocab_mask=None)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.logits_indices,
-                          sb, rs, tg, want_top, reset, mslot, mtok, mout, fsm_state, fsm_slot, host_mask, host_on)
+                          sb, rs, tg, want_top, fsm_state, fsm_slot, host_mask, host_on)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
@@ -343,7 +332,9 @@ class ModelRunner:
             if rp is not None and rp.top:
                 for j in range(a, e):
                     rows[j] = rows[j] or RowParams(top=True)
-        inp = self._inputs(shape, batch, rows, row_slot, target, plan.reset_slots, plan.marks, None)
+        if plan.reset_slots or plan.marks:
+            self.apply_marks(plan.reset_slots, plan.marks)
+        inp = self._inputs(shape, batch, rows, row_slot, target)
         compiled = self._compiled.get(shape)
         if compiled is None:
             compiled = self._compile(shape)
@@ -351,6 +342,22 @@ class ModelRunner:
         out = jax.device_get(out)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
                        "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
+
+    def apply_marks(self, reset_slots, marks) -> None:
+        """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
+        M = self.max_marks
+        reset = np.zeros(self.num_slots, bool)
+        reset[list(reset_slots)] = True
+        for start in range(0, max(len(marks), 1), M):
+            part = marks[start:start + M]
+            mslot = np.full(M, -1, np.int32)
+            mtok = np.zeros(M, np.int32)
+            mout = np.zeros(M, bool)
+            if part:
+                arr = np.asarray(part, np.int64)
+                mslot[:len(part)], mtok[:len(part)], mout[:len(part)] = arr[:, 0], arr[:, 1], arr[:, 2].astype(bool)
+            self.pstate = self._marks(self.pstate, reset, mslot, mtok, mout)
+            reset = np.zeros(self.num_slots, bool)
 
     # ----------------------------------------------------------------------- constraint table
     def upload_constraint(self, placement) -> None:

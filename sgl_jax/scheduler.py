@@ -64,7 +64,6 @@ class Request:
     num_computed: int = 0
     cached_tokens: int = 0  # prefix reused at (first) admission, for meta_info.cached_tokens
     slot: int = -1
-    marks_left: int = 0
     retractions: int = 0
 
     @property
@@ -108,8 +107,8 @@ class Chunk:
 class StepPlan:
     decodes: list[Chunk]
     prefills: list[Chunk]
-    reset_slots: list[int]  # penalty-state rows to clear before this step
-    marks: list[tuple[int, int, bool]]  # (slot, token, counts_as_output) to record before sampling
+    reset_slots: list[int]  # penalty-state rows to clear before this step (newly admitted requests)
+    marks: list[tuple[int, int, bool]]  # (slot, token, counts_as_output): penalty history of admitted requests
     full_logits: bool  # some chunk wants logits for many positions (prompt logprobs)
 
     @property
@@ -133,7 +132,6 @@ class SchedulerConfig:
     policy: str = "lpm"
     starvation_limit: int = 64
     new_token_ratio: float = 0.4
-    max_marks: int = 512
 
 
 class OutOfPagesError(RuntimeError):
@@ -153,7 +151,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.by_rid: dict[str, Request] = {}
         self.free_slots = list(range(cfg.max_running - 1, -1, -1))
-        self.pending_marks: collections.deque = collections.deque()
+        # penalty-row work for admitted requests, handed to the next plan (kept if no plan is made)
+        self._resets: list[int] = []
+        self._marks: list[tuple[int, int, bool]] = []
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
         self._last_was_prefill_only = False
@@ -211,10 +211,9 @@ class Scheduler:
             self.cache.unlock(node)
             self.alloc.free(req.pages[req.n_tree:])
         if req.slot >= 0:
+            self._marks = [m for m in self._marks if m[0] != req.slot]
             self.free_slots.append(req.slot)
-        if req.marks_left:
-            self.pending_marks = collections.deque(m for m in self.pending_marks if m[0] is not req)
-        req.pages, req.n_tree, req.node, req.num_computed, req.slot, req.marks_left = [], 0, None, 0, -1, 0
+        req.pages, req.n_tree, req.node, req.num_computed, req.slot = [], 0, None, 0, -1
 
     def _alloc(self, n: int) -> list[int] | None:
         if n <= 0:
@@ -344,13 +343,8 @@ class Scheduler:
             if pending <= cfg.max_mixed_blocks * cfg.prefill_block:
                 prefill_only = False  # small enough to ride along with the decodes
         max_blocks = cfg.max_prefill_blocks if prefill_only else cfg.max_mixed_blocks
-        # Penalty bookkeeping drained this step (FIFO); a request samples only once all its marks are in.
-        marks = [self.pending_marks.popleft() for _ in range(min(len(self.pending_marks), cfg.max_marks))]
-        for m in marks:
-            m[0].marks_left -= 1
         budget_tokens = cfg.max_prefill_tokens
         chunks: list[Chunk] = []
-        reset_slots: list[int] = []
         blocks = 0
 
         def take(r: Request) -> bool:
@@ -358,9 +352,7 @@ class Scheduler:
             nonlocal blocks, budget_tokens
             n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * cfg.prefill_block)
             end = r.num_computed + n
-            if end == r.num_tokens and r.wants_sample and r.marks_left:
-                end -= 1  # its penalty state is not on the device yet: stop short of sampling
-            elif end < r.num_tokens and n > cfg.prefill_block:
+            if end < r.num_tokens and n > cfg.prefill_block:
                 end -= n % cfg.prefill_block  # block-aligned chunk boundaries: only the last block pads
             n = end - r.num_computed
             if n <= 0 or not self._grow(r, end):
@@ -379,12 +371,12 @@ class Scheduler:
                 if not take(r):
                     break
             if budget_tokens > 0 and blocks < max_blocks:
-                self._admit(take, reset_slots, len(decoding), prefilling)
+                self._admit(take, len(decoding), prefilling)
 
         dec_chunks = []
         if not prefill_only:
             dec_chunks = [Chunk(r, r.num_computed, [r.token_at(r.num_computed)], r.wants_sample)
-                          for r in decoding if not r.marks_left]
+                          for r in decoding]
         # a single-token prefill chunk without prompt logprobs is laid out as a decode row
         one = [c for c in chunks if len(c.token_ids) == 1 and c.logits_from is None]
         pre_chunks = [c for c in chunks if not (len(c.token_ids) == 1 and c.logits_from is None)]
@@ -395,17 +387,16 @@ class Scheduler:
         else:
             dec_chunks += one
         if not dec_chunks and not pre_chunks:
-            for m in reversed(marks):  # nothing ran: the marks go back
-                m[0].marks_left += 1
-                self.pending_marks.appendleft(m)
             if decoding and prefill_only:
                 self._last_was_prefill_only = True  # the waiting work does not fit: let decodes run
                 return self.schedule()
             return None
-        self._last_was_prefill_only = prefill_only and bool(pre_chunks)
-        return StepPlan(dec_chunks, pre_chunks, reset_slots, [m[1:] for m in marks], full)
+        self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
+        plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full)
+        self._resets, self._marks = [], []
+        return plan
 
-    def _admit(self, take, reset_slots, num_decoding, prefilling) -> list[Request]:
+    def _admit(self, take, num_decoding, prefilling) -> list[Request]:
         cfg = self.cfg
         ordered = self._order()
         admitted: list[Request] = []
@@ -439,13 +430,14 @@ class Scheduler:
             if r.retractions == 0:
                 r.cached_tokens = cached
             r.slot = self.free_slots.pop()
-            reset_slots.append(r.slot)
+            self._resets.append(r.slot)
             r.state = ReqState.RUNNING
             r.admitted_at = next(self._admissions)
             self.waiting.remove(r)
             self.running.append(r)
-            if r.uses_penalties:
-                self._queue_marks(r)
+            if r.uses_penalties:  # the device penalty rows get the prompt and any output so far
+                self._marks += [(r.slot, t, False) for t in r.prompt_ids]
+                self._marks += [(r.slot, t, True) for t in r.output_ids]
             take(r)  # if the step is full, it continues as a prefilling request next step
             admitted.append(r)
             inflight.append(r)
@@ -455,11 +447,6 @@ class Scheduler:
             if any(a.arrival > r.arrival for a in admitted):
                 r.bypassed += 1
         return admitted
-
-    def _queue_marks(self, r: Request) -> None:
-        marks = [(r, r.slot, t, False) for t in r.prompt_ids] + [(r, r.slot, t, True) for t in r.output_ids]
-        self.pending_marks.extend(marks)
-        r.marks_left = len(marks)
 
     @staticmethod
     def _lcp(a: Request, b: Request) -> int:
