@@ -156,6 +156,10 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     for k in raw:
         if k not in ("engine", "server"):
             raise ConfigError(f"{path}: unknown config section {k!r}; expected 'engine' or 'server'")
+    for section in ("engine", "server"):
+        if not isinstance(raw.get(section) or {}, dict):
+            raise ConfigError(f"{path}: config section {section!r} must be a mapping of keys to values, "
+                              f"got {raw[section]!r}")
     eng = dict(raw.get("engine") or {})
     srv = dict(raw.get("server") or {})
     e_fields = {f.name for f in dataclasses.fields(EngineConfig)}

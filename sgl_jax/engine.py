@@ -172,6 +172,8 @@ class Engine:
             if not isinstance(text, str):
                 raise InvalidRequestError(f"'text' must be a string, got {type(text).__name__}")
             ids = self.tokenizer.encode(text) if text else []
+            if not ids and self.tokenizer.bos_token_id is not None:
+                ids = [self.tokenizer.bos_token_id]  # as upstream: an empty text is just BOS
         else:
             if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
                                                           for t in input_ids):

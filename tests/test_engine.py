@@ -195,7 +195,7 @@ def test_invalid_inputs(engine):
     with pytest.raises(InvalidRequestError, match="input_ids"):
         engine.generate(input_ids=[5, 100000])
     with pytest.raises(InvalidRequestError, match="empty"):
-        engine.generate(prompt="")
+        engine.generate(input_ids=[])
     with pytest.raises(InvalidRequestError, match="context"):
         engine.generate(input_ids=[5] * 200)
     with pytest.raises(InvalidRequestError, match="regex"):

@@ -1,0 +1,78 @@
+"""Prometheus metrics of one engine, in a registry of their own (not prometheus_client's global one,
+so that several engines or test apps in one process never collide).
+
+The engine reports; the server only renders:
+* `observe_step(seconds, batch_size)` after every model step,
+* `set_queue(waiting, running, pages_used_ratio)` whenever the scheduler's queues change,
+* `on_first_token(seconds)` when a request's first output token exists (time since arrival),
+* `on_finish(status, prompt_tokens, completion_tokens, cached_tokens, e2e_seconds)` once per request;
+  `status` is the finish type: "stop", "length", "abort" or "error".
+`render()` returns the Prometheus text exposition format that `/metrics` serves.
+Every call is thread-safe (prometheus_client locks internally; the hit-rate sums take our lock).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "sgl_jax_"
+
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = PREFIX
+        self.requests_total = Counter(f"{p}requests", "finished requests by finish type", ["status"], registry=r)
+        self.prompt_tokens_total = Counter(f"{p}prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens_total = Counter(f"{p}generation_tokens", "generated tokens", registry=r)
+        self.cached_tokens_total = Counter(f"{p}cached_tokens", "prompt tokens served from the prefix cache", registry=r)
+        self.num_waiting = Gauge(f"{p}num_waiting", "requests waiting for admission", registry=r)
+        self.num_running = Gauge(f"{p}num_running", "requests in the running batch", registry=r)
+        self.cache_hit_rate = Gauge(f"{p}cache_hit_rate", "cached / prompt tokens since start", registry=r)
+        self.kv_pages_used_ratio = Gauge(f"{p}kv_pages_used_ratio", "fraction of KV pages in use", registry=r)
+        self.time_to_first_token_seconds = Histogram(
+            f"{p}time_to_first_token_seconds", "arrival to first output token", buckets=_TTFT_BUCKETS, registry=r)
+        self.e2e_latency_seconds = Histogram(
+            f"{p}e2e_latency_seconds", "arrival to finish", buckets=_E2E_BUCKETS, registry=r)
+        self.step_seconds = Histogram(f"{p}step_seconds", "duration of one engine step", buckets=_STEP_BUCKETS, registry=r)
+        self.batch_size = Histogram(f"{p}batch_size", "sequences per engine step", buckets=_BATCH_BUCKETS, registry=r)
+        self._lock = threading.Lock()
+        self._prompt_sum = 0
+        self._cached_sum = 0
+
+    def observe_step(self, seconds: float, batch_size: int) -> None:
+        self.step_seconds.observe(seconds)
+        self.batch_size.observe(batch_size)
+
+    def set_queue(self, waiting: int, running: int, pages_used_ratio: float) -> None:
+        self.num_waiting.set(waiting)
+        self.num_running.set(running)
+        self.kv_pages_used_ratio.set(pages_used_ratio)
+
+    def on_first_token(self, seconds: float) -> None:
+        self.time_to_first_token_seconds.observe(seconds)
+
+    def on_finish(self, status: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+                  e2e_seconds: float) -> None:
+        self.requests_total.labels(status=status).inc()
+        self.prompt_tokens_total.inc(prompt_tokens)
+        self.generation_tokens_total.inc(completion_tokens)
+        self.cached_tokens_total.inc(cached_tokens)
+        self.e2e_latency_seconds.observe(e2e_seconds)
+        with self._lock:
+            self._prompt_sum += prompt_tokens
+            self._cached_sum += cached_tokens
+            rate = self._cached_sum / self._prompt_sum if self._prompt_sum else 0.0
+        self.cache_hit_rate.set(rate)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

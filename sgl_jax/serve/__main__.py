@@ -1,0 +1,111 @@
+"""`python -m sgl_jax.serve --config PATH [options] [--set section.key=value ...]`
+
+Every EngineConfig / ServerConfig field can be overridden with `--set`; the common ones have their
+own flags. `--help` lists every field with its type, default and doc. `--print-config` prints the
+resolved configuration as YAML and exits without loading a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+
+from sgl_jax.config import Config, ConfigError, EngineConfig, ServerConfig, load_config, parse_value
+
+_SECTIONS = {"engine": EngineConfig, "server": ServerConfig}
+# flag -> (section.key, how to read it)
+_FLAGS = {
+    "host": "server.host", "port": "server.port", "model": "engine.model", "api_key": "server.api_key",
+    "log_level": "server.log_level", "disable_radix_cache": "engine.disable_radix_cache",
+}
+
+
+def _fields_help() -> str:
+    lines = ["configuration fields (override any with --set section.key=value):"]
+    for section, cls in _SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"  {section}.{f.name} ({tp}, default {default!r})")
+            lines.append(f"      {f.metadata.get('doc', '')}")
+    return "\n".join(lines)
+
+
+def _parse_set(item: str) -> tuple[str, typing.Any]:
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    section, _, name = key.rpartition(".")
+    candidates = [section] if section else [s for s, c in _SECTIONS.items()
+                                            if name in {f.name for f in dataclasses.fields(c)}]
+    if len(candidates) != 1 or candidates[0] not in _SECTIONS:
+        raise ConfigError(f"unknown config key {key!r}; see --help for the list")
+    cls = _SECTIONS[candidates[0]]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ConfigError(f"unknown config key {key!r}; known {candidates[0]} keys: "
+                          f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+    try:
+        value = parse_value(text, hints[name])
+    except (ValueError, ConfigError) as e:
+        raise ConfigError(f"config key {candidates[0]}.{name}: cannot read {text!r} as "
+                          f"{getattr(hints[name], '__name__', hints[name])} ({e})") from None
+    return f"{candidates[0]}.{name}", value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sgl_jax.serve", description="Serve a model over SGLang's HTTP API and the OpenAI API.",
+        epilog=_fields_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML preset with 'engine:' and 'server:' sections (see configs/)")
+    p.add_argument("--host", help="server.host")
+    p.add_argument("--port", type=int, help="server.port")
+    p.add_argument("--model", help="engine.model")
+    p.add_argument("--api-key", dest="api_key", help="server.api_key")
+    p.add_argument("--disable-radix-cache", dest="disable_radix_cache", action="store_true", default=None,
+                   help="engine.disable_radix_cache=true")
+    p.add_argument("--log-level", dest="log_level", help="server.log_level")
+    p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any field (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict[str, typing.Any] = {}
+    try:
+        for group in args.overrides:
+            for item in group:
+                key, value = _parse_set(item)
+                overrides[key] = value
+        for flag, key in _FLAGS.items():
+            v = getattr(args, flag)
+            if v is not None:
+                overrides[key] = v
+        cfg = load_config(args.config, overrides)
+    except (ConfigError, OSError) as e:
+        parser.error(str(e))
+    return cfg, args
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, args = parse_config(argv)
+    if args.print_config:
+        import yaml
+
+        yaml.safe_dump({"engine": dataclasses.asdict(cfg.engine), "server": dataclasses.asdict(cfg.server)},
+                       sys.stdout, sort_keys=False)
+        return
+    from sgl_jax.serve.server import run
+
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Deployment presets in configs/ and the command line that overrides them (no model is loaded)."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+
+import pytest
+import yaml
+
+from sgl_jax.config import ConfigError, EngineConfig, ServerConfig, load_config
+from sgl_jax.serve.__main__ import main, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def test_the_presets_exist():
+    names = {os.path.basename(p) for p in PRESETS}
+    assert {"smollm2-135m.yaml", "llama3-8b-tpu-v5e.yaml", "llama3-8b-tpu-v6e.yaml", "llama3-8b-gpu.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=os.path.basename)
+def test_preset_loads_and_is_consistent(path):
+    cfg = load_config(path)
+    e = cfg.engine
+    assert max(e.decode_buckets) >= e.max_running_requests  # the engine refuses otherwise
+    assert e.max_prefill_tokens <= max(e.prefill_block_buckets) * e.prefill_block
+    if e.page_width_buckets:
+        assert max(e.page_width_buckets) >= math.ceil(e.max_context_len / e.page_size)
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    assert set(raw) <= {"engine", "server"}
+    for key, value in raw["engine"].items():  # every key written in the file is what was loaded
+        got = getattr(e, key)
+        assert got == value or (isinstance(got, float) and got == float(value)), key
+
+
+def test_default_preset_is_the_cpu_one():
+    cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m.yaml"))
+    assert cfg.engine.model == "smollm2-135m" and cfg.engine.dtype == "float32"
+    assert cfg.engine.page_size == 16 and cfg.engine.kv_memory_gb == 1.0
+    assert cfg.engine.max_running_requests == 64
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 30000)
+
+
+def test_accelerator_presets_use_bf16():
+    for path in PRESETS:
+        if "llama3" in path:
+            assert load_config(path).engine.dtype == "bfloat16", path
+
+
+def _write(tmp_path, text: str) -> str:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("engine:\n  page_sise: 16\n", "engine.page_sise"),
+    ("server:\n  prot: 1\n", "server.prot"),
+    ("engine:\n  page_size: sixteen\n", "engine.page_size"),
+    ("engine:\n  page_size: 16.5\n", "engine.page_size"),
+    ("engine:\n  disable_radix_cache: 'yes'\n", "engine.disable_radix_cache"),
+    ("engine:\n  decode_buckets: [1, two]\n", "engine.decode_buckets"),
+    ("server:\n  port: '30000'\n", "server.port"),
+    ("sever:\n  port: 1\n", "sever"),
+    ("engine: 5\n", "engine"),
+])
+def test_bad_keys_are_named(tmp_path, text, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, text))
+    assert needle in str(e.value)
+
+
+def test_overrides(tmp_path):
+    path = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
+    cfg = load_config(path, {"engine.page_size": 32, "port": 1234, "disable_radix_cache": True})
+    assert cfg.engine.page_size == 32 and cfg.server.port == 1234 and cfg.engine.disable_radix_cache
+    assert cfg.engine.model == "smollm2-135m"  # the rest comes from the preset
+    with pytest.raises(ConfigError, match="engine.page_size"):
+        load_config(path, {"engine.page_size": "big"})
+    with pytest.raises(ConfigError, match="nope"):
+        load_config(path, {"engine.nope": 1})
+
+
+def test_cli_flags_and_set():
+    path = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
+    cfg, _ = parse_config(["--config", path, "--host", "0.0.0.0", "--port", "8080", "--model", "m.gguf",
+                           "--api-key", "k", "--disable-radix-cache", "--log-level", "debug",
+                           "--set", "engine.dtype=bfloat16", "max_running_requests=8",
+                           "--set", "engine.decode_buckets=1,2,8", "server.drain_timeout_s=2.5",
+                           "engine.warmup=false"])
+    e, s = cfg.engine, cfg.server
+    assert (s.host, s.port, s.api_key, s.log_level, s.drain_timeout_s) == ("0.0.0.0", 8080, "k", "debug", 2.5)
+    assert (e.model, e.dtype, e.max_running_requests, e.decode_buckets, e.disable_radix_cache, e.warmup) == (
+        "m.gguf", "bfloat16", 8, [1, 2, 8], True, False)
+    assert e.page_size == 16  # untouched preset value
+    cfg, _ = parse_config([])  # no preset: the dataclass defaults
+    assert cfg.engine == EngineConfig() and cfg.server == ServerConfig()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--set", "engine.page_size=abc"], "engine.page_size"),
+    (["--set", "engine.nope=1"], "engine.nope"),
+    (["--set", "nope=1"], "nope"),
+    (["--set", "page_size"], "section.key=value"),
+    (["--set", "engine.warmup=maybe"], "engine.warmup"),
+    (["--config", "/does/not/exist.yaml"], "exist.yaml"),
+])
+def test_cli_errors_name_the_key(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_help_lists_every_field_with_its_doc(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for section, cls in (("engine", EngineConfig), ("server", ServerConfig)):
+        for f in dataclasses.fields(cls):
+            assert f"{section}.{f.name} (" in out, f.name
+            assert f.metadata["doc"] in out, f.name
+
+
+def test_print_config_round_trips(capsys, tmp_path):
+    main(["--config", os.path.join(ROOT, "configs", "llama3-8b-gpu.yaml"), "--port", "9", "--print-config"])
+    dumped = capsys.readouterr().out
+    again = load_config(_write(tmp_path, dumped))
+    assert again == load_config(os.path.join(ROOT, "configs", "llama3-8b-gpu.yaml"), {"server.port": 9})
