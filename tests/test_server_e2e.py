@@ -310,7 +310,7 @@ def test_zz_sigterm_drains_then_exits(server):
 
     def long_request():
         result["r"] = requests.post(server.url + "/generate", timeout=120, json={
-            "text": "Tell me a long story.", "sampling_params": {"max_new_tokens": 3000, "ignore_eos": True}}).json()
+            "text": "Tell me a long story.", "sampling_params": {"max_new_tokens": 1900, "ignore_eos": True}}).json()
 
     th = threading.Thread(target=long_request, daemon=True)
     th.start()
