@@ -121,3 +121,32 @@ def test_ebnf_grammar_backend(engines):
     assert fixed["text"] == "hello world"
     with pytest.raises(InvalidRequestError, match="ebnf"):
         jf.generate(input_ids=[5], sampling_params={"ebnf": "root ::= undefined_rule", "max_new_tokens": 4})
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_random_schemas_and_regexes_through_the_engine(engines, temperature):
+    """Random schemas (test_constrained's generator) and regexes, decoded by the model with device masks."""
+    import random
+
+    from test_constrained import _validate, random_regex, random_schema
+
+    jf, _ = engines
+    rng = random.Random(17 + int(temperature))
+    schemas = [{"type": "object", "properties": {"v": random_schema(rng, 2)}, "required": ["v"]}
+               for _ in range(8)]
+    outs = jf.generate(input_ids=[[5, 6]] * len(schemas),
+                       sampling_params=[{"json_schema": s, "temperature": temperature, "max_new_tokens": 120,
+                                         "sampling_seed": i} for i, s in enumerate(schemas)])
+    for s, o in zip(schemas, outs):
+        if o["meta_info"]["finish_reason"]["type"] == "stop":
+            _validate(s, o["text"])
+    assert sum(o["meta_info"]["finish_reason"]["type"] == "stop" for o in outs) >= len(outs) // 2
+    pats = [random_regex(rng, 3) for _ in range(8)]
+    outs = jf.generate(input_ids=[[7, 8]] * len(pats),
+                       sampling_params=[{"regex": p, "temperature": temperature, "max_new_tokens": 60,
+                                         "sampling_seed": i} for i, p in enumerate(pats)])
+    for p, o in zip(pats, outs):
+        if o["meta_info"]["finish_reason"]["type"] == "stop":
+            assert re.fullmatch(p, o["text"], re.ASCII), (p, o["text"])
+    jf.check_integrity()
+    jf.constraint_table.check_integrity()
