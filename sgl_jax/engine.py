@@ -131,6 +131,8 @@ class Engine:
             raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={self.max_context_len} "
                              f"({max_pages_per_seq} pages)")
         max_blocks = max(c.prefill_block_buckets)
+        # a mixed step's block count is rounded up to a bucket: the largest bucket within the limit
+        mixed_blocks = max([b for b in c.prefill_block_buckets if b <= c.max_mixed_blocks], default=0)
         self.runner = ModelRunner(
             mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, page_size=c.page_size,
             block_q=c.prefill_block, num_slots=c.max_running_requests, decode_buckets=c.decode_buckets,
@@ -156,7 +158,7 @@ class Engine:
             page_size=c.page_size, max_running=c.max_running_requests,
             max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
             prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
-            max_mixed_blocks=c.max_mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
+            max_mixed_blocks=mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
             starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio))
         self.compile_seconds = 0.0
         if c.warmup:

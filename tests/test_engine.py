@@ -226,3 +226,13 @@ def test_many_long_requests_on_small_pool_retract_and_match(tiny_path):
         assert small.scheduler.num_retractions > 0
         small.check_integrity()
     assert [o["output_ids"] for o in outs] == unloaded
+
+
+def test_mixed_block_limit_between_buckets(tiny_path):
+    """max_mixed_blocks=2 with buckets [1, 4]: mixed steps stay within the 1-block bucket (no abort)."""
+    cfg = dict(SMALL, prefill_block_buckets=[1, 4], max_mixed_blocks=2)
+    with Engine(model=tiny_path, progress=False, **cfg) as e:
+        ps = prompts(8, seed=12, lo=10, hi=40)
+        outs = e.generate(input_ids=ps, sampling_params={**GREEDY, "max_new_tokens": 8})
+        assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+        e.check_integrity()
