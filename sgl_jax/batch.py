@@ -20,13 +20,16 @@ class SeqChunk:
 
     `page_table` lists the pages holding positions [0, start_pos + len(token_ids)), in order.
     `logits_from` is the first position (absolute) whose next-token logits the caller wants; by default
-    only the last new token's.
+    only the last new token's. A short chunk may be laid out as decode rows (`as_decode`): one row per
+    token, each seeing keys up to its own position, which is exact because every new token's K/V is
+    written before attention; it spares padding a few tokens up to a whole prefill block.
     """
 
     token_ids: list[int]
     start_pos: int
     page_table: list[int]
     logits_from: int | None = None
+    as_decode: bool | None = None  # lay out as one decode row per token (None: only 1-token chunks)
 
     @property
     def end_pos(self) -> int:
@@ -68,15 +71,19 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
     Padding targets (None = exact fit): num_decode rows, num_blocks prefill blocks, page_width pages
     per row, num_logits logits rows.
     """
-    dec = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1]
-    pre = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+    def is_dec(c):
+        return len(c.token_ids) == 1 if c.as_decode is None else c.as_decode
+
+    dec = [i for i, c in enumerate(chunks) if is_dec(c)]
+    pre = [i for i, c in enumerate(chunks) if not is_dec(c)]
     if any(len(c.token_ids) == 0 for c in chunks):
         raise ValueError("a chunk has no tokens")
     nblk = sum(math.ceil(len(chunks[i].token_ids) / block_q) for i in pre)
-    Sd = len(dec) if num_decode is None else num_decode
+    ndec = sum(len(chunks[i].token_ids) for i in dec)
+    Sd = ndec if num_decode is None else num_decode
     NB = nblk if num_blocks is None else num_blocks
-    if len(dec) > Sd or nblk > NB:
-        raise ValueError(f"batch needs {len(dec)} decode rows and {nblk} prefill blocks; "
+    if ndec > Sd or nblk > NB:
+        raise ValueError(f"batch needs {ndec} decode rows and {nblk} prefill blocks; "
                          f"padding allows {Sd} and {NB}")
     need_p = max([math.ceil(c.end_pos / page_size) for c in chunks] + [1])
     P = need_p if page_width is None else page_width
@@ -102,11 +109,14 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
         slots[idx] = table[pos // page_size] * page_size + pos % page_size
         return idx.tolist()
 
-    for row, i in enumerate(dec):
+    row = 0
+    for i in dec:
         c = chunks[i]
-        token_index[i] = place(c, row, 1, c.start_pos)
-        dec_pt[row, :len(c.page_table)] = c.page_table[:P]
-        dec_len[row] = c.end_pos
+        for pos in range(c.start_pos, c.end_pos):
+            token_index[i] += place(c, row, 1, pos)
+            dec_pt[row, :len(c.page_table)] = c.page_table[:P]
+            dec_len[row] = c.end_pos  # the causal mask limits each row to keys <= its own position
+            row += 1
     blk = 0
     for i in pre:
         c = chunks[i]

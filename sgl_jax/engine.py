@@ -159,7 +159,8 @@ class Engine:
             max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
             prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
             max_mixed_blocks=mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
-            starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio))
+            starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio,
+            max_decode_rows=max(c.decode_buckets)))
         self.compile_seconds = 0.0
         if c.warmup:
             self.compile_seconds = self.runner.warmup(progress=self._progress)

@@ -214,7 +214,7 @@ class ModelRunner:
         return sorted(set(out))
 
     def shape_for(self, plan: StepPlan) -> StepShape:
-        sd = len(plan.decodes)
+        sd = sum(len(c.token_ids) for c in plan.decodes)
         nb = sum(math.ceil(len(c.token_ids) / self.block_q) for c in plan.prefills)
         pages = max(math.ceil(c.end / self.page_size) for c in plan.chunks)
         shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
@@ -309,7 +309,7 @@ class ModelRunner:
         """
         shape = self.shape_for(plan)
         chunks = plan.chunks
-        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from) for c in chunks]
+        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode) for c in chunks]
         batch = pack(seqs, page_size=self.page_size, block_q=self.block_q, num_decode=shape.num_decode,
                      num_blocks=shape.num_blocks, page_width=shape.page_width,
                      num_logits=shape.num_rows(self.block_q))

@@ -97,6 +97,7 @@ class Chunk:
     token_ids: list[int]
     samples: bool
     logits_from: int | None = None  # first position whose logits are wanted (prompt logprobs)
+    as_decode: bool = False  # laid out as decode rows, one per token (decodes, short jump-forward runs)
 
     @property
     def end(self) -> int:
@@ -132,6 +133,8 @@ class SchedulerConfig:
     policy: str = "lpm"
     starvation_limit: int = 64
     new_token_ratio: float = 0.4
+    max_decode_rows: int = 0  # decode rows per step (the largest decode bucket); 0 = max_running
+    short_chunk: int = 8  # a request this close to its end (e.g. after jump-forward) decodes, as rows
 
 
 class OutOfPagesError(RuntimeError):
@@ -320,8 +323,10 @@ class Scheduler:
         if not self.has_work:
             return None
         cfg = self.cfg
-        decoding = [r for r in self.running if r.num_computed == r.num_tokens - 1]
-        prefilling = [r for r in self.running if r.num_computed < r.num_tokens - 1]
+        # decoding: 1 token left (or a few, after jump-forward), computed as decode rows
+        decoding = [r for r in self.running
+                    if 1 <= r.num_tokens - r.num_computed <= (cfg.short_chunk if r.logprob_start < 0 else 1)]
+        prefilling = [r for r in self.running if r not in decoding]
 
         # 1. Every decoding request needs room for one more token; evict, then retract, if not.
         for r in sorted(decoding, key=lambda r: r.admitted_at):
@@ -374,20 +379,19 @@ class Scheduler:
                 self._admit(take, len(decoding), prefilling)
 
         dec_chunks = []
-        if not prefill_only:
-            dec_chunks = [Chunk(r, r.num_computed, [r.token_at(r.num_computed)], r.wants_sample)
-                          for r in decoding]
-        # a single-token prefill chunk without prompt logprobs is laid out as a decode row
-        one = [c for c in chunks if len(c.token_ids) == 1 and c.logits_from is None]
-        pre_chunks = [c for c in chunks if not (len(c.token_ids) == 1 and c.logits_from is None)]
-        full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in pre_chunks)
-        if full:
-            # prompt-logprob steps are compiled without decode rows; decodes wait one step
-            dec_chunks, pre_chunks = [], pre_chunks + one
-        else:
-            dec_chunks += one
+        full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in chunks)
+        if not prefill_only and not full:  # prompt-logprob steps are compiled without decode rows
+            rows = cfg.max_decode_rows or cfg.max_running
+            for r in sorted(decoding, key=lambda r: r.admitted_at):
+                n = r.num_tokens - r.num_computed
+                if n > rows:
+                    continue  # waits for the next step
+                rows -= n
+                dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed), r.wants_sample,
+                                        as_decode=True))
+        pre_chunks = chunks
         if not dec_chunks and not pre_chunks:
-            if decoding and prefill_only:
+            if decoding and prefill_only and not self._last_was_prefill_only:
                 self._last_was_prefill_only = True  # the waiting work does not fit: let decodes run
                 return self.schedule()
             return None

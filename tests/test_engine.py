@@ -236,3 +236,15 @@ def test_mixed_block_limit_between_buckets(tiny_path):
         outs = e.generate(input_ids=ps, sampling_params={**GREEDY, "max_new_tokens": 8})
         assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
         e.check_integrity()
+
+
+def test_alternating_steps_with_short_remainders(tiny_path):
+    """max_mixed_blocks=0 (the CPU preset): prompt remainders of 1 token and short runs never mix shapes."""
+    cfg = dict(SMALL, max_mixed_blocks=0, max_prefill_tokens=16)
+    with Engine(model=tiny_path, progress=False, **cfg) as e:
+        ps = [list(range(3, 3 + n)) for n in (9, 17, 25, 33, 41, 3)]
+        outs = e.generate(input_ids=ps, sampling_params={**GREEDY, "max_new_tokens": 6})
+        assert all(o["meta_info"]["finish_reason"]["type"] == "length" for o in outs)
+        alone = [e.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 6})["output_ids"] for p in ps]
+        assert [o["output_ids"] for o in outs] == alone
+        e.check_integrity()
