@@ -46,6 +46,8 @@ class EngineConfig:
     decode_buckets: list = _f([1, 2, 4, 8, 16, 32, 64], "decode-row counts the step is compiled for")
     prefill_block_buckets: list = _f([1, 2, 4, 8], "prefill-block counts the step is compiled for")
     max_mixed_blocks: int = _f(2, "prefill blocks that may share a step with decodes (more: a prefill-only step)")
+    decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (e.g. after jump-forward) "
+                               "computes them as decode rows instead of a padded prefill block")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")

@@ -160,7 +160,7 @@ class Engine:
             prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
             max_mixed_blocks=mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
             starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio,
-            max_decode_rows=max(c.decode_buckets)))
+            max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk))
         self.compile_seconds = 0.0
         if c.warmup:
             self.compile_seconds = self.runner.warmup(progress=self._progress)

@@ -134,7 +134,7 @@ class SchedulerConfig:
     starvation_limit: int = 64
     new_token_ratio: float = 0.4
     max_decode_rows: int = 0  # decode rows per step (the largest decode bucket); 0 = max_running
-    short_chunk: int = 8  # a request this close to its end (e.g. after jump-forward) decodes, as rows
+    short_chunk: int = 32  # a request this close to its end (e.g. after jump-forward) decodes, as rows
 
 
 class OutOfPagesError(RuntimeError):
@@ -324,8 +324,10 @@ class Scheduler:
             return None
         cfg = self.cfg
         # decoding: 1 token left (or a few, after jump-forward), computed as decode rows
+        max_rows = cfg.max_decode_rows or cfg.max_running
+        short = min(cfg.short_chunk, max_rows)
         decoding = [r for r in self.running
-                    if 1 <= r.num_tokens - r.num_computed <= (cfg.short_chunk if r.logprob_start < 0 else 1)]
+                    if 1 <= r.num_tokens - r.num_computed <= (short if r.logprob_start < 0 else 1)]
         prefilling = [r for r in self.running if r not in decoding]
 
         # 1. Every decoding request needs room for one more token; evict, then retract, if not.
@@ -381,8 +383,9 @@ class Scheduler:
         dec_chunks = []
         full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in chunks)
         if not prefill_only and not full:  # prompt-logprob steps are compiled without decode rows
-            rows = cfg.max_decode_rows or cfg.max_running
-            for r in sorted(decoding, key=lambda r: r.admitted_at):
+            rows = max_rows
+            # multi-token runs first: they need the rows once and then decode one token at a time
+            for r in sorted(decoding, key=lambda r: (r.num_computed + 1 == r.num_tokens, r.admitted_at)):
                 n = r.num_tokens - r.num_computed
                 if n > rows:
                     continue  # waits for the next step
