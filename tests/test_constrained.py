@@ -924,7 +924,6 @@ def test_against_outlines_core():
 # real vocabulary (SmolLM2 GGUF)
 # ----------------------------------------------------------------------------
 
-GGUF_PATH = "/tmp/smollm2.gguf"
 
 
 def _gpt2_byte_decoder() -> dict:
@@ -981,10 +980,8 @@ TEN_FIELDS = {
 
 
 @pytest.fixture(scope="module")
-def smollm_vocab():
-    if not os.path.exists(GGUF_PATH):
-        pytest.skip(f"{GGUF_PATH} not available")
-    vocab, eos = load_gguf_vocab(GGUF_PATH)
+def smollm_vocab(smollm2_gguf):
+    vocab, eos = load_gguf_vocab(smollm2_gguf)
     return vocab, eos, TokenVocabulary(vocab, eos)
 
 
