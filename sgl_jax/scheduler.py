@@ -407,25 +407,22 @@ class Scheduler:
         cfg = self.cfg
         ordered = self._order()
         admitted: list[Request] = []
-        inflight = [r for r in prefilling]
-        skipped: list[Request] = []
+        inflight = list(prefilling)
         for r in ordered:
             if len(self.running) >= cfg.max_running or not self.free_slots:
                 break
             # Cold-burst sharing: wait for a prefix another request is computing right now.
             cached = self._peek(r)
             if any(self._lcp(r, o) - cached >= cfg.page_size for o in inflight):
-                skipped.append(r)
                 continue
             ps = cfg.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps
             need_future = math.ceil(max(r.max_new_tokens - len(r.output_ids), 0) * cfg.new_token_ratio / ps)
-            if need_now + need_future > self._available():
-                if not self.running and not admitted and need_now <= self.alloc.num_free + self.cache.evictable_pages:
-                    pass  # nothing else running: admit anyway, retraction handles the rest
-                else:
-                    skipped.append(r)
-                    break
+            fits = need_now + need_future <= self._available()
+            # with nothing else running, admit what fits now; retraction handles the rest
+            alone = not self.running and need_now <= self.alloc.num_free + self.cache.evictable_pages
+            if not (fits or alone):
+                break
             m = self.cache.match_prefix(r.tokens(0, cached), r.namespace) if cached else None
             if m is not None and m.num_tokens == cached:
                 r.pages, r.n_tree, r.node = list(m.pages), len(m.pages), m.node
