@@ -523,7 +523,7 @@ def test_number_range_regex_exact():
 # JSON schema
 # ----------------------------------------------------------------------------
 
-jsonschema = pytest.importorskip("jsonschema")
+import jsonschema  # noqa: E402
 
 
 def _validate(schema, text: str):
@@ -906,7 +906,7 @@ def test_against_outlines_core():
     allow ``a`` in the initial state, and for ``-?[12]+(\.[12]+)?`` it does not allow
     ``1.``; for such regexes we only check that its sets are subsets of ours (our
     sets are verified exactly by the brute-force tests above)."""
-    oc = pytest.importorskip("outlines_core")
+    import outlines_core as oc
     tokens = ["a", "b", "c", "1", "2", "-", ".", "ab", "ba", "abc", "12", "1.", "-1", "cc", "bca"]
     eos_id = len(tokens)
     ocv = oc.Vocabulary(eos_id, {t: [i] for i, t in enumerate(tokens)})
@@ -940,7 +940,7 @@ def _gpt2_byte_decoder() -> dict:
 
 
 def load_gguf_vocab(path: str):
-    gguf = pytest.importorskip("gguf")
+    import gguf
     reader = gguf.GGUFReader(path)
     f = reader.fields["tokenizer.ggml.tokens"]
     toks = [bytes(f.parts[i]).decode("utf-8") for i in f.data]
