@@ -401,7 +401,7 @@ def run_phase(eng, probe, prompts: list[list[int]], sp, label: str, flush: bool 
                prompt_tokens=prompt_t, cached_tokens=cached_t, completion_tokens=comp_t,
                hit_rate=cached_t / max(prompt_t, 1),
                mean_e2e_s=statistics.mean(o["meta_info"]["e2e_latency"] for o in outs),
-               ours_cores=cont.ours_cores, others_cores=cont.others_cores,
+               ours_cores=cont.ours_cores, others_cores=cont.others_cores, cpu_s=cont.ours_cores * wall,
                **step_summary(probe.records()))
     res["records"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in probe.records()]
     _log(f"    {label:<28} {res['wall_s']:7.2f} s  {res['req_s']:6.2f} req/s  {res['out_tok_s']:7.1f} out tok/s  "
@@ -443,16 +443,21 @@ def bench_shared_prefix(args) -> dict:
     off_warm = off.get("warm", off["cold"])
     res["speedup_cold"] = on["cold"]["req_s"] / off["cold"]["req_s"]
     res["speedup_warm"] = on["warm"]["req_s"] / off_warm["req_s"]
+    res["cpu_ratio_cold"] = off["cold"]["cpu_s"] / on["cold"]["cpu_s"]
+    res["cpu_ratio_warm"] = off_warm["cpu_s"] / on["warm"]["cpu_s"]
     rows = []
     for mode in ("on", "off"):
         for ph, r in res[mode].items():
             rows.append([f"radix {mode}, {ph}", r["req_s"], r["out_tok_s"], f"{r['hit_rate']:.1%}", r["wall_s"],
-                         r["prefill_tokens"], r["steps"], f"{r['median_step_ms']:.0f}"])
+                         r["prefill_tokens"], r["steps"], f"{r['median_step_ms']:.0f}", f"{r['cpu_s']:.1f}",
+                         f"{r['others_cores']:.2f}"])
     res["table"] = _table(["phase", "req/s", "out tok/s", "hit rate", "wall s", "prefill tok", "steps",
-                           "med step ms"], rows)
+                           "med step ms", "CPU-s", "others' cores"], rows)
     res["table"] += (f"\nspeedup radix on/off: cold {res['speedup_cold']:.2f}x (target >= 3x), warm "
                      f"{res['speedup_warm']:.2f}x (target >= 4x)"
-                     + (" [off warm not run: off cold used]" if "warm" not in off else ""))
+                     + (" [off warm not run: off cold used]" if "warm" not in off else "")
+                     + f"; CPU-seconds off/on (insensitive to other jobs): cold {res['cpu_ratio_cold']:.2f}x, "
+                       f"warm {res['cpu_ratio_warm']:.2f}x")
     return res
 
 
@@ -481,6 +486,9 @@ def bench_sixteen(args) -> dict:
                      "warm_req_s_median": _med([r["warm"]["req_s"] for r in runs]),
                      "cold_out_tok_s_median": _med([r["cold"]["out_tok_s"] for r in runs]),
                      "warm_out_tok_s_median": _med([r["warm"]["out_tok_s"] for r in runs]),
+                     "cold_cpu_s_median": _med([r["cold"]["cpu_s"] for r in runs]),
+                     "warm_cpu_s_median": _med([r["warm"]["cpu_s"] for r in runs]),
+                     "others_cores_median": _med([r[p]["others_cores"] for r in runs for p in ("cold", "warm")]),
                      "warm_hit_rate": runs[-1]["warm"]["hit_rate"], "cold_hit_rate": runs[-1]["cold"]["hit_rate"]}
         eng.shutdown()
         del eng, probe
@@ -489,11 +497,13 @@ def bench_sixteen(args) -> dict:
         r = res[mode]
         rows.append([f"sgl_jax, radix {mode} (median of {args.repeats})", f"{r['cold_req_s_median']:.2f}",
                      f"{r['warm_req_s_median']:.2f}", f"{r['warm_out_tok_s_median']:.0f}",
-                     f"{r['cold_hit_rate']:.0%} / {r['warm_hit_rate']:.0%}"])
+                     f"{r['cold_hit_rate']:.0%} / {r['warm_hit_rate']:.0%}",
+                     f"{r['cold_cpu_s_median']:.1f} / {r['warm_cpu_s_median']:.1f}", f"{r['others_cores_median']:.2f}"])
     for k, (c, w) in LLAMA_SERVER_16.items():
         rows.append([f"{k} [cpu-baselines.md, not re-measured]", f"{c:.2f}", f"{w:.2f}",
-                     "99" if k.endswith("16") else "-", "-"])
-    res["table"] = _table(["system", "cold req/s", "warm req/s", "warm out tok/s", "hit rate cold / warm"], rows)
+                     "99" if k.endswith("16") else "-", "-", "-", "-"])
+    res["table"] = _table(["system", "cold req/s", "warm req/s", "warm out tok/s", "hit rate cold / warm",
+                           "CPU-s cold / warm", "others' cores"], rows)
     return res
 
 
@@ -553,7 +563,7 @@ def run_multiturn(eng, probe, convs: list[list[str]], a_lo: int, a_hi: int, seed
                hit_rate_turns_2plus=sum(x["cached"] for x in later) / max(sum(x["prompt"] for x in later), 1),
                reusable_share_turns_2plus=sum(x["reusable"] for x in later) / max(sum(x["prompt"] for x in later), 1),
                max_prompt_tokens=max(x["prompt"] for x in flat), mean_e2e_s=statistics.mean(x["e2e"] for x in flat),
-               ours_cores=cont.ours_cores, others_cores=cont.others_cores,
+               ours_cores=cont.ours_cores, others_cores=cont.others_cores, cpu_s=cont.ours_cores * wall,
                **step_summary(probe.records()))
     res["records"] = [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()} for r in probe.records()]
     _log(f"    {label:<28} {wall:7.2f} s  {res['req_s']:6.2f} req/s  {res['out_tok_s']:7.1f} out tok/s  "
@@ -585,11 +595,14 @@ def bench_multiturn(args) -> dict:
         for mode in ("on", "off"):
             r = res[mode][name]
             rows.append([f"{name}, radix {mode}", r["req_s"], r["out_tok_s"], f"{r['hit_rate']:.1%}",
-                         f"{r['hit_rate_turns_2plus']:.1%}", r["wall_s"], r["prefill_tokens"], r["max_prompt_tokens"]])
+                         f"{r['hit_rate_turns_2plus']:.1%}", r["wall_s"], r["prefill_tokens"], r["steps"],
+                         r["max_prompt_tokens"], f"{r['cpu_s']:.1f}", f"{r['others_cores']:.2f}"])
         res[f"speedup_{name}"] = res["on"][name]["req_s"] / res["off"][name]["req_s"]
+        res[f"cpu_ratio_{name}"] = res["off"][name]["cpu_s"] / res["on"][name]["cpu_s"]
     res["table"] = _table(["shape, cache", "req/s", "out tok/s", "hit rate", "hit turns 2-4", "wall s",
-                           "prefill tok", "max prompt"], rows)
-    res["table"] += "\n" + ", ".join(f"speedup {k}: {res[f'speedup_{k}']:.2f}x" for k in shapes)
+                           "prefill tok", "steps", "max prompt", "CPU-s", "others' cores"], rows)
+    res["table"] += "\n" + ", ".join(f"speedup {k}: {res[f'speedup_{k}']:.2f}x (CPU-s off/on "
+                                      f"{res[f'cpu_ratio_{k}']:.2f}x)" for k in shapes)
     return res
 
 
