@@ -800,7 +800,7 @@ SUBCOMMANDS = {"shared-prefix": bench_shared_prefix, "sixteen": bench_sixteen, "
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("what", choices=list(SUBCOMMANDS) + ["all"])
+    ap.add_argument("what", choices=list(SUBCOMMANDS) + ["sched", "all"])
     ap.add_argument("--json", help="write every figure to this file")
     ap.add_argument("--num-requests", type=int, default=64, help="shared-prefix: requests per phase")
     ap.add_argument("--prefix-tokens", type=int, default=1000, help="shared-prefix: few-shot prefix length")
@@ -826,7 +826,7 @@ def main(argv=None):
     out = {"what": args.what, "engine_config": ENGINE, "cpus": os.cpu_count(), "jax": jax.__version__,
            "sgl_jax_path": os.path.dirname(sgl_jax.__file__), "argv": sys.argv[1:],
            "loadavg_start": os.getloadavg(), "cpu": _cpu_info()}
-    todo = list(SUBCOMMANDS) if args.what == "all" else [args.what]
+    todo = list(SUBCOMMANDS) if args.what == "all" else ["scheduler" if args.what == "sched" else args.what]
     for name in todo:
         t0 = time.perf_counter()
         out[name] = SUBCOMMANDS[name](args)

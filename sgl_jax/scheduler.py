@@ -405,6 +405,8 @@ class Scheduler:
 
     def _admit(self, take, num_decoding, prefilling) -> list[Request]:
         cfg = self.cfg
+        if len(self.running) >= cfg.max_running or not self.free_slots:
+            return []  # nothing can be admitted: skip ordering the whole queue
         ordered = self._order()
         admitted: list[Request] = []
         inflight = list(prefilling)
@@ -413,7 +415,7 @@ class Scheduler:
                 break
             # Cold-burst sharing: wait for a prefix another request is computing right now.
             cached = self._peek(r)
-            if any(self._lcp(r, o) - cached >= cfg.page_size for o in inflight):
+            if not self.cache.disabled and any(self._lcp(r, o) - cached >= cfg.page_size for o in inflight):
                 continue
             ps = cfg.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps
