@@ -24,7 +24,6 @@ import math
 import queue
 import random
 import re
-import sys
 import threading
 import time
 import uuid

@@ -29,7 +29,7 @@ import dataclasses
 import enum
 import itertools
 import math
-from typing import Any, Iterable
+from typing import Any
 
 from sgl_jax.cache import PageAllocator, RadixCache, commit_running_prefix
 
