@@ -308,6 +308,16 @@ class Engine:
                 out.append((kw, spi))
         return batched or len(out) > 1, out
 
+    def _expand(self, prompt, input_ids, sampling_params, stream, return_logprob, logprob_start_len,
+                top_logprobs_num, return_text_in_logprobs):
+        """Shared front of generate()/async_generate(): per-sequence items and the common request options."""
+        batched, items = self._normalize_batch(prompt, input_ids, sampling_params)
+        if stream and batched:
+            raise InvalidRequestError("stream=True takes a single prompt")
+        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        return batched, items, common
+
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                  logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, stream=False,
                  rid=None):
@@ -315,12 +325,9 @@ class Engine:
 
         With stream=True (single prompt), returns an iterator of cumulative output dicts.
         """
-        batched, items = self._normalize_batch(prompt, input_ids, sampling_params)
-        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        batched, items, common = self._expand(prompt, input_ids, sampling_params, stream, return_logprob,
+                                              logprob_start_len, top_logprobs_num, return_text_in_logprobs)
         if stream:
-            if batched:
-                raise InvalidRequestError("stream=True takes a single prompt")
             (kw, sp), = items
             return self._sync_stream(dict(kw, sampling_params=sp, rid=rid, **common))
         qs, reqs = [], []
@@ -383,12 +390,9 @@ class Engine:
                              logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False,
                              stream=False, rid=None):
         """Asyncio twin of generate(): awaits the result, or returns an async iterator when streaming."""
-        batched, items = self._normalize_batch(prompt, input_ids, sampling_params)
-        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        batched, items, common = self._expand(prompt, input_ids, sampling_params, stream, return_logprob,
+                                              logprob_start_len, top_logprobs_num, return_text_in_logprobs)
         if stream:
-            if batched:
-                raise InvalidRequestError("stream=True takes a single prompt")
             (kw, sp), = items
             return self.generate_stream(sampling_params=sp, rid=rid, **kw, **common)
 

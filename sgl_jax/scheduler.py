@@ -116,10 +116,6 @@ class StepPlan:
     def chunks(self) -> list[Chunk]:
         return self.decodes + self.prefills
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
