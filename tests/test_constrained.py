@@ -18,7 +18,7 @@ from sgl_jax.constrained import (BOOL, EOS_CLASS, FLOAT, INT, NEVER_CLASS, STRIN
                                  ConstraintCache, ConstraintError, ConstraintTooLargeError,
                                  RegexError, SchemaError, TokenVocabulary, advance, advance_bytes,
                                  allowed_tokens, choices_to_regex, compile_choices,
-                                 compile_json_schema, compile_regex, json_schema_to_regex)
+                                 compile_json_schema, compile_regex, json_schema_to_regex, may_extend)
 from sgl_jax.constrained.json_schema import int_range_regex, number_range_regex
 from sgl_jax.constrained.regex import (build_nfa, dfa_to_byte_dfa, minimize_byte_dfa,
                                        minimize_dfa, nfa_to_dfa, parse, regex_to_byte_dfa,
@@ -416,6 +416,30 @@ def test_forced_bytes():
         for b in f:
             assert np.count_nonzero(fsm.byte_next[cur] >= 0) == 1 and not fsm.accepting[cur]
             cur = int(fsm.byte_next[cur, b])
+
+
+def test_token_extensions_and_may_extend_against_brute_force():
+    """TokenVocabulary.extensions (sorted-index bisection) and may_extend vs a scan of the whole vocabulary."""
+    rng = random.Random(4)
+    extra = [bytes(rng.choice(b"ab\xff\xfe") for _ in range(rng.randint(1, 4))) for _ in range(60)]
+    vocab, eos = synthetic_vocab(extra + [b"\xff\xff", b"\xffa", b"a\xff", b"a\xff\xff"])
+    tv = TokenVocabulary(vocab, eos)
+    for t, b in enumerate(vocab):
+        want = sorted(u for u, c in enumerate(vocab)
+                      if b and c and u not in eos and len(c) > len(b) and c.startswith(b))
+        assert sorted(tv.extensions(t).tolist()) == want, (t, b)
+    for pattern in [r"ab(a|b)*c", r"(a|ab)x", r"xx\d", r"[ab]{2,5}\xff?"]:
+        try:
+            fsm = compile_regex(pattern, tv)
+        except ConstraintError:
+            continue
+        for s in range(fsm.num_states):
+            allowed = set(allowed_tokens(fsm, s).tolist())
+            for t, b in enumerate(vocab):
+                if t in allowed:
+                    want = bool(b) and any(u in allowed and len(c) > len(b) and c.startswith(b)
+                               for u, c in enumerate(vocab) if c and u not in eos)
+                    assert may_extend(fsm, tv, s, t) == want, (pattern, s, b)
 
 
 def test_unsatisfiable_with_vocab():

@@ -6,7 +6,7 @@ supported regex subset, :mod:`.json_schema` for the JSON-schema subset and
 """
 from .fsm import (EOS_CLASS, NEVER_CLASS, CompiledFSM, ConstraintCache, TokenVocabulary,
                   advance, advance_bytes, allowed_tokens, build_token_fsm, compile_choices,
-                  compile_json_schema, compile_regex)
+                  compile_json_schema, compile_regex, may_extend)
 from .json_schema import (BOOL, FLOAT, INT, STRING, SchemaError, choices_to_regex,
                           json_schema_to_regex)
 from .regex import (ByteDFA, ConstraintError, ConstraintTooLargeError, RegexError,
@@ -14,7 +14,7 @@ from .regex import (ByteDFA, ConstraintError, ConstraintTooLargeError, RegexErro
 
 __all__ = [
     "CompiledFSM", "ConstraintCache", "TokenVocabulary", "EOS_CLASS", "NEVER_CLASS",
-    "advance", "advance_bytes", "allowed_tokens", "build_token_fsm",
+    "advance", "advance_bytes", "allowed_tokens", "may_extend", "build_token_fsm",
     "compile_regex", "compile_json_schema", "compile_choices",
     "json_schema_to_regex", "choices_to_regex", "INT", "FLOAT", "BOOL", "STRING",
     "ConstraintError", "ConstraintTooLargeError", "RegexError", "SchemaError",

@@ -18,6 +18,7 @@ never allowed.  Empty tokens are never allowed either.
 """
 from __future__ import annotations
 
+import bisect
 import hashlib
 import threading
 from collections import OrderedDict
@@ -41,6 +42,7 @@ __all__ = [
     "allowed_tokens",
     "advance",
     "advance_bytes",
+    "may_extend",
     "ConstraintCache",
     "NEVER_CLASS",
     "EOS_CLASS",
@@ -105,9 +107,32 @@ class TokenVocabulary:
                 inword = (fl >> np.uint64(6)) == np.uint64(w)
                 bits = np.where(inword, np.uint64(1) << (fl & np.uint64(63)), np.uint64(0))
                 self.token_bits[valid_ids, w] = np.bitwise_or.reduceat(bits, starts)
+        self._sorted = None  # (sorted token bytes, their ids), built by extensions()
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def extensions(self, t: int) -> np.ndarray:
+        """Ids of the tokens whose bytes strictly extend token ``t``'s bytes (empty for special tokens).
+
+        Tokens sharing a prefix are contiguous in byte-lexicographic order, so this is two bisections over
+        an index built on first use.
+        """
+        if not self.valid[t]:
+            return np.zeros(0, dtype=np.int64)
+        if self._sorted is None:
+            ids = np.nonzero(self.valid)[0]
+            keyed = sorted((self.token_bytes(int(i)), int(i)) for i in ids)
+            self._sorted = ([k for k, _ in keyed], np.array([i for _, i in keyed], dtype=np.int64))
+        keys, order = self._sorted
+        b = self.token_bytes(t)
+        lo = bisect.bisect_right(keys, b)  # strictly longer strings with prefix b sort after b itself
+        stripped = b.rstrip(b"\xff")
+        if not stripped:
+            hi = len(keys)
+        else:
+            hi = bisect.bisect_left(keys, stripped[:-1] + bytes([stripped[-1] + 1]))
+        return order[lo:hi]
 
     def token_bytes(self, t: int) -> Optional[bytes]:
         if not self.valid[t]:
@@ -172,6 +197,19 @@ def advance(fsm: CompiledFSM, state: int, token: int) -> int:
     if state < 0:
         return -1
     return int(fsm.next_state[state, fsm.token_class[token]])
+
+
+def may_extend(fsm: CompiledFSM, tv: TokenVocabulary, state: int, token: int) -> bool:
+    """Whether some token allowed in ``state`` strictly extends ``token``'s bytes.
+
+    Jump-forward uses this at the end of a forced run: if no allowed token is longer than the run's last
+    token from the same position, the model could not have spanned that boundary with one token either,
+    so the last token is kept instead of being held back for the model to re-sample.
+    """
+    ext = tv.extensions(token)
+    if state < 0 or not len(ext):
+        return False
+    return bool((fsm.next_state[state, fsm.token_class[ext]] >= 0).any())
 
 
 def advance_bytes(fsm: CompiledFSM, state: int, data: bytes) -> int:
