@@ -14,7 +14,7 @@ Parts (select with --parts, default all):
            number of tokens per request. Every output is validated with jsonschema.
 
 The engine runs on 2 shared CPU cores are noisy: every engine table also reports hardware-independent counts
-(steps, compiled rows = decode rows + prefill blocks x prefill_block) and process CPU-seconds, which other load on
+(steps, compiled rows = decode rows + run blocks x run_block + prefill blocks x prefill_block) and process CPU-seconds, which other load on
 the machine disturbs much less than wall time. Recorded runs (figures in bench/notes.md, "Structured generation"):
 
   .venv/bin/python bench/bench_structured.py --parts compile,mask --repeats 5 --json OUT.json
@@ -307,11 +307,16 @@ def make_engine(**kw):
     def logged_run(plan, row_params_of):
         shape = runner.shape_for(plan)
         eng.step_log.append((shape.num_decode, shape.num_blocks, len(plan.decodes),
-                             sum(len(c.token_ids) for c in plan.prefills), len(plan.prefills)))
+                             sum(len(c.token_ids) for c in plan.prefills), len(plan.prefills),
+                             shape.num_runs * shape.run_q))
         return run(plan, row_params_of)
     runner.run = logged_run
     log(f"engine up in {time.perf_counter() - t:.1f}s (load {eng.load_seconds:.1f}s, compile "
         f"{eng.compile_seconds:.1f}s) {kw}")
+    costs = eng.scheduler.cfg.decode_costs
+    if costs:  # step seconds timed at warm-up (decode_row_fill=auto sizes jump-forward steps by them)
+        log("decode step ms by (decode rows x page width [+ run blocks]): " + ", ".join(
+            f"{b}x{w}{f'+{r}r' if r else ''}: {1e3 * v:.1f}" for (b, w, r), v in sorted(costs.items())))
     return eng
 
 
@@ -334,7 +339,7 @@ def timed_generate(eng, ids, sps, info=None):
                     steps_prefill_only=sum(1 for s in sl if s[0] == 0),
                     steps_mixed=sum(1 for s in sl if s[0] and s[1]),
                     steps_decode_only=sum(1 for s in sl if not s[1]),
-                    rows_compiled=sum(s[0] + s[1] * bq for s in sl),
+                    rows_compiled=sum(s[0] + s[1] * bq + s[5] for s in sl),
                     rows_real=sum(s[2] + s[3] for s in sl), extend_chunks=sum(s[4] for s in sl))
     return outs, wall, eng.num_steps - n0, steps
 
@@ -468,6 +473,7 @@ def _run_seq(eng, ids, sps, validator, label):
     """The same requests one at a time (batch 1: the latency-bound regime)."""
     t, c = time.perf_counter(), time.process_time()
     n0, l0, agg = eng.num_steps, len(eng.step_log), {"invalid": 0, "completion_tokens": 0, "forced_tokens": 0}
+    s0 = len(eng.step_times)
     eng.flush_cache()
     eng.forced_log.clear()
     for i, sp in zip(ids, sps):
@@ -482,8 +488,13 @@ def _run_seq(eng, ids, sps, validator, label):
     wall = time.perf_counter() - t
     bq = eng.config.prefill_block
     sl = eng.step_log[l0:]
+    by_shape: dict = {}  # "decode rows/prefill blocks/run rows" -> [steps, seconds]: where the time goes
+    for x, dt in zip(sl, eng.step_times[s0:]):
+        e = by_shape.setdefault(f"{x[0]}/{x[1]}/{x[5]}", [0, 0.0])
+        e[0] += 1
+        e[1] += dt
     r = dict(wall_s=wall, cpu_s=time.process_time() - c, steps=eng.num_steps - n0,
-             rows_compiled=sum(x[0] + x[1] * bq for x in sl), **agg)
+             rows_compiled=sum(x[0] + x[1] * bq + x[5] for x in sl), by_shape=by_shape, **agg)
     log(f"  seq {label}: {r}")
     return r
 

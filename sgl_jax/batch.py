@@ -1,7 +1,8 @@
 """Host-side packing of one step's work into the padded arrays the jitted forward reads.
 
 Host code: numpy only, no jax import. The layout is the one `sgl_jax.models.attention` describes:
-T = Sd + NB * Bq tokens, decode tokens first, then each prefill chunk split into blocks of Bq tokens
+T = Sd + NR * Br + NB * Bq tokens: decode tokens first, then run chunks (a few tokens of one sequence,
+e.g. a jump-forward run) in blocks of Br tokens, then each prefill chunk split into blocks of Bq tokens
 (the last block of a chunk padded with position -1). Every array is padded to the bucket sizes the
 caller passes, so the jitted step sees a handful of shapes only.
 """
@@ -30,6 +31,7 @@ class SeqChunk:
     page_table: list[int]
     logits_from: int | None = None
     as_decode: bool | None = None  # lay out as one decode row per token (None: only 1-token chunks)
+    as_run: bool = False  # lay out as run blocks of `run_q` tokens (one page-table gather per block)
 
     @property
     def end_pos(self) -> int:
@@ -53,6 +55,9 @@ class PackedBatch:
     # chunk.logits_from+1 ... chunk.end_pos (the last one being the next new token).
     logits_rows: list[tuple[int, int]]
     token_index: list[list[int]]  # for chunk i, the flat token index of each of its tokens
+    run_page_table: np.ndarray | None = None  # [NR, P]
+    run_kv_lens: np.ndarray | None = None  # [NR]
+    run_q: int = 1
 
 
 def bucket(n: int, buckets: list[int] | tuple[int, ...]) -> int:
@@ -65,31 +70,35 @@ def bucket(n: int, buckets: list[int] | tuple[int, ...]) -> int:
 
 def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: int | None = None,
          num_blocks: int | None = None, page_width: int | None = None, num_logits: int | None = None,
-         ) -> PackedBatch:
-    """Pack chunks into padded arrays. Single-token chunks become decode rows; the rest prefill blocks.
+         run_q: int = 1, num_runs: int | None = None) -> PackedBatch:
+    """Pack chunks into padded arrays. Single-token chunks become decode rows, `as_run` chunks run blocks,
+    the rest prefill blocks.
 
-    Padding targets (None = exact fit): num_decode rows, num_blocks prefill blocks, page_width pages
-    per row, num_logits logits rows.
+    Padding targets (None = exact fit): num_decode rows, num_runs run blocks, num_blocks prefill blocks,
+    page_width pages per row, num_logits logits rows.
     """
     def is_dec(c):
-        return len(c.token_ids) == 1 if c.as_decode is None else c.as_decode
+        return not c.as_run and (len(c.token_ids) == 1 if c.as_decode is None else c.as_decode)
 
     dec = [i for i, c in enumerate(chunks) if is_dec(c)]
-    pre = [i for i, c in enumerate(chunks) if not is_dec(c)]
+    run = [i for i, c in enumerate(chunks) if c.as_run]
+    pre = [i for i, c in enumerate(chunks) if not is_dec(c) and not c.as_run]
     if any(len(c.token_ids) == 0 for c in chunks):
         raise ValueError("a chunk has no tokens")
     nblk = sum(math.ceil(len(chunks[i].token_ids) / block_q) for i in pre)
+    nrun = sum(math.ceil(len(chunks[i].token_ids) / run_q) for i in run)
     ndec = sum(len(chunks[i].token_ids) for i in dec)
     Sd = ndec if num_decode is None else num_decode
     NB = nblk if num_blocks is None else num_blocks
-    if ndec > Sd or nblk > NB:
-        raise ValueError(f"batch needs {ndec} decode rows and {nblk} prefill blocks; "
-                         f"padding allows {Sd} and {NB}")
+    NR = nrun if num_runs is None else num_runs
+    if ndec > Sd or nblk > NB or nrun > NR:
+        raise ValueError(f"batch needs {ndec} decode rows, {nrun} run blocks and {nblk} prefill blocks; "
+                         f"padding allows {Sd}, {NR} and {NB}")
     need_p = max([math.ceil(c.end_pos / page_size) for c in chunks] + [1])
     P = need_p if page_width is None else page_width
     if need_p > P:
         raise ValueError(f"a sequence needs {need_p} pages; page_width is {P}")
-    T = Sd + NB * block_q
+    T = Sd + NR * run_q + NB * block_q
 
     input_ids = np.zeros(T, np.int32)
     positions = np.full(T, -1, np.int32)
@@ -98,6 +107,8 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
     dec_len = np.zeros(Sd, np.int32)
     pre_pt = np.zeros((NB, P), np.int32)
     pre_len = np.zeros(NB, np.int32)
+    run_pt = np.zeros((NR, P), np.int32)
+    run_len = np.zeros(NR, np.int32)
     token_index: list[list[int]] = [[] for _ in chunks]
 
     def place(c: SeqChunk, t0: int, n: int, start: int):
@@ -109,23 +120,21 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
         slots[idx] = table[pos // page_size] * page_size + pos % page_size
         return idx.tolist()
 
-    row = 0
-    for i in dec:
-        c = chunks[i]
-        for pos in range(c.start_pos, c.end_pos):
-            token_index[i] += place(c, row, 1, pos)
-            dec_pt[row, :len(c.page_table)] = c.page_table[:P]
-            dec_len[row] = c.end_pos  # the causal mask limits each row to keys <= its own position
-            row += 1
-    blk = 0
-    for i in pre:
-        c = chunks[i]
-        for start in range(c.start_pos, c.end_pos, block_q):
-            n = min(block_q, c.end_pos - start)
-            token_index[i] += place(c, Sd + blk * block_q, n, start)
-            pre_pt[blk, :len(c.page_table)] = c.page_table[:P]
-            pre_len[blk] = c.end_pos
-            blk += 1
+    def fill_blocks(which: list[int], base: int, size: int, pt: np.ndarray, lens: np.ndarray):
+        """Lay chunks out as blocks of `size` query tokens from flat index `base` (decode rows: size 1)."""
+        blk = 0
+        for i in which:
+            c = chunks[i]
+            for start in range(c.start_pos, c.end_pos, size):
+                n = min(size, c.end_pos - start)
+                token_index[i] += place(c, base + blk * size, n, start)
+                pt[blk, :len(c.page_table)] = c.page_table[:P]
+                lens[blk] = c.end_pos  # the causal mask limits each query to keys <= its own position
+                blk += 1
+
+    fill_blocks(dec, 0, 1, dec_pt, dec_len)
+    fill_blocks(run, Sd, run_q, run_pt, run_len)
+    fill_blocks(pre, Sd + NR * run_q, block_q, pre_pt, pre_len)
 
     rows: list[int] = []
     logits_rows = []
@@ -143,4 +152,4 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
     logits_indices = np.zeros(L, np.int32)
     logits_indices[:len(rows)] = rows
     return PackedBatch(input_ids, positions, slots, dec_pt, dec_len, pre_pt, pre_len, logits_indices,
-                       block_q, logits_rows, token_index)
+                       block_q, logits_rows, token_index, run_pt, run_len, run_q)

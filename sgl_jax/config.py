@@ -48,6 +48,13 @@ class EngineConfig:
     max_mixed_blocks: int = _f(2, "prefill blocks that may share a step with decodes (more: a prefill-only step)")
     decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (e.g. after jump-forward) "
                                "computes them as decode rows instead of a padded prefill block")
+    run_block: int = _f(8, "query tokens per run block: a multi-token decode run (jump-forward) that gathers its "
+                        "pages once instead of once per token")
+    run_block_buckets: list = _f([1], "run-block counts a decode step is compiled for ([] = runs go as decode rows)")
+    decode_row_fill: str = _f("auto", "auto | fit | pad: whether multi-token decode runs (jump-forward) may grow a step "
+                              "to a larger decode bucket. pad: always (a memory-bound step pays little per row); "
+                              "fit: never, they fill spare rows only (a compute-bound CPU pays every row); auto: "
+                              "the bucket with the most real rows per second, by step costs timed at warm-up")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")

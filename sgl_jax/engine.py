@@ -138,7 +138,8 @@ class Engine:
             block_buckets=c.prefill_block_buckets, max_mixed_blocks=c.max_mixed_blocks,
             page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
             attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
-            constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots)
+            constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
+            run_q=c.run_block, run_buckets=list(c.run_block_buckets))
         from sgl_jax.constrained import ConstraintCache
         from sgl_jax.constrained.table import ConstraintTable
 
@@ -151,6 +152,11 @@ class Engine:
         if max(c.decode_buckets) < c.max_running_requests:
             raise ValueError(f"decode_buckets {c.decode_buckets} must reach max_running_requests="
                              f"{c.max_running_requests}")
+        if c.run_block_buckets and (c.run_block < 2 or min(c.run_block_buckets) < 1):
+            raise ValueError(f"run_block {c.run_block} must be >= 2 and run_block_buckets {c.run_block_buckets} "
+                             "positive (or run_block_buckets empty to turn run blocks off)")
+        if c.decode_row_fill not in ("auto", "fit", "pad"):
+            raise ValueError(f"decode_row_fill {c.decode_row_fill!r} is unknown; expected auto, fit or pad")
         self.allocator = PageAllocator(num_pages, reserved=1)
         self.cache = RadixCache(self.allocator, c.page_size, disabled=c.disable_radix_cache)
         self.scheduler = Scheduler(self.cache, SchedulerConfig(
@@ -159,10 +165,16 @@ class Engine:
             prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
             max_mixed_blocks=mixed_blocks, max_context=self.max_context_len, policy=c.schedule_policy,
             starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio,
-            max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk))
+            max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk,
+            decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill,
+            decode_buckets=tuple(sorted(c.decode_buckets)), page_width_buckets=tuple(sorted(widths)),
+            run_q=c.run_block if c.run_block_buckets else 0, run_buckets=tuple(sorted(c.run_block_buckets))))
         self.compile_seconds = 0.0
         if c.warmup:
             self.compile_seconds = self.runner.warmup(progress=self._progress)
+            if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
+                self.scheduler.cfg = dataclasses.replace(self.scheduler.cfg, decode_fill="cost",
+                                                         decode_costs=self.runner.measure_decode_costs())
         self.warmup_compiles = self.runner.num_compiles
 
     # ------------------------------------------------------------------------------ validation
@@ -649,6 +661,11 @@ class Engine:
                 self.runner.upload_constraint(place)
             self._pending.remove(req)
             d.place, d.fsm_hist = place, [fsm.initial_state]
+            if not self.config.disable_jump_forward:
+                self._jump_forward(req)  # a forced start ('{"name":"') joins the prompt's prefill
+                if d.finish_reason is not None:
+                    self._finish_now(req, d.finish_reason)
+                    continue
             try:
                 self.scheduler.add(req)
             except ValueError as e:
@@ -692,12 +709,14 @@ class Engine:
 
         The last few generated tokens and the forced bytes are re-tokenized together, so the text gets the
         tokenizer's own segmentation (not a byte-by-byte one the model never saw); the final token of that
-        is held back, since it may merge with what follows; the FSM state is replayed over the new tokens;
+        is held back only if some token allowed at its position is longer (it could merge with what
+        follows: the model then re-samples it), otherwise the whole run is appended and the next sampled
+        token starts exactly at the end of the run; the FSM state is replayed over the new tokens;
         the request then prefills only them, its earlier KV (and the radix cache) intact. Effect on the
         distribution: forced text is what the constraint allows anyway; only the tokenization of the
         boundary is the tokenizer's choice instead of the model's, and forced tokens carry no logprob.
         """
-        from sgl_jax.constrained import advance
+        from sgl_jax.constrained import advance, may_extend
 
         d: _ReqData = req.data
         fsm = d.place.fsm
@@ -714,28 +733,35 @@ class Engine:
             text = (prev + forced).decode("utf-8")
         except UnicodeDecodeError:
             return  # the boundary is inside a character: let the model emit the next token
-        new = self.tokenizer.encode(text, add_special_tokens=False)
-        keep = new[:-1]
-        if sum(len(tb(t)) for t in keep) <= len(prev):
-            return  # nothing gained beyond what is already there
-        room = req.max_new_tokens - (len(out) - k)
-        keep = keep[:room]
-        state = d.fsm_hist[len(d.fsm_hist) - 1 - k]
-        states = []
+        keep = self.tokenizer.encode(text, add_special_tokens=False)
+        start = d.fsm_hist[len(d.fsm_hist) - 1 - k]
+        states, state = [], start
         for t in keep:
             state = advance(fsm, state, t)
             if state < 0:
                 return  # re-tokenization left the constraint's language: keep the sampled path
             states.append(state)
+        if keep and may_extend(fsm, self._vocabulary(), states[-2] if len(keep) > 1 else start, keep[-1]):
+            # a longer allowed token could span the end of the run: let the model choose it
+            keep, states = keep[:-1], states[:-1]
+        if sum(len(tb(t)) for t in keep) <= len(prev):
+            return  # nothing gained beyond what is already there
+        room = req.max_new_tokens - (len(out) - k)
+        keep, states = keep[:room], states[:room]
         if not keep:
             return
+        d.forced_tokens += len(keep) - k
+        # tokens the re-tokenization left unchanged keep their KV, FSM state and logprobs
+        j = 0
+        while j < min(k, len(keep)) and keep[j] == out[len(out) - k + j]:
+            j += 1
+        keep, states, k = keep[j:], states[j:], k - j
         first_pos = req.num_tokens - k
         del out[len(out) - k:]
         del d.fsm_hist[len(d.fsm_hist) - k:]
         out.extend(keep)
         d.fsm_hist.extend(states)
         req.num_computed = min(req.num_computed, first_pos)
-        d.forced_tokens += len(keep) - k
         if d.return_logprob:
             del d.output_logprobs[len(d.output_logprobs) - k:]
             d.output_logprobs.extend([None, t, self._token_text(d, t)] for t in keep)

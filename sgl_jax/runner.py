@@ -37,12 +37,16 @@ class StepShape:
     num_blocks: int  # NB
     page_width: int  # P
     full_logits: bool = False
+    num_runs: int = 0  # NR run blocks
+    run_q: int = 1  # Br tokens per run block
 
     def num_tokens(self, block_q: int) -> int:
-        return self.num_decode + self.num_blocks * block_q
+        return self.num_decode + self.num_runs * self.run_q + self.num_blocks * block_q
 
     def num_rows(self, block_q: int) -> int:
-        return self.num_tokens(block_q) if self.full_logits else self.num_decode + self.num_blocks
+        if self.full_logits:
+            return self.num_tokens(block_q)
+        return self.num_decode + self.num_runs + self.num_blocks
 
 
 @struct.dataclass
@@ -56,6 +60,8 @@ class StepInputs:
     dec_kv_lens: jax.Array  # [Sd]
     pre_page_table: jax.Array  # [NB, P]
     pre_kv_lens: jax.Array  # [NB]
+    run_page_table: jax.Array  # [NR, P]
+    run_kv_lens: jax.Array  # [NR]
     logits_indices: jax.Array  # [L]
     sampling: sampling.SamplingBatch  # rows [L]
     row_slot: jax.Array  # [L] penalty-state slot of a sampling row; -1 = not sampling
@@ -99,12 +105,13 @@ def _constrain(logits, cb: ConstraintBuffers, fsm_state, host_mask, host_on):
     return jnp.where(allowed, logits, -jnp.inf)
 
 
-def make_step(model: CausalLM, block_q: int, num_top: int):
+def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1):
     """The pure step function for one model; jit it with the KV pool and penalty state donated."""
 
     def step(params, kv, pstate: sampling.PenaltyState, cb: ConstraintBuffers, inp: StepInputs):
         meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
-                            inp.pre_page_table, inp.pre_kv_lens, block_q=block_q)
+                            inp.pre_page_table, inp.pre_kv_lens, block_q=block_q,
+                            run_page_table=inp.run_page_table, run_kv_lens=inp.run_kv_lens, run_q=run_q)
         logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
         constrained = inp.fsm_state >= 0
@@ -175,17 +182,20 @@ class ModelRunner:
                  block_q: int, num_slots: int, decode_buckets: list[int], block_buckets: list[int],
                  max_mixed_blocks: int, page_width_buckets: list[int], max_top_logprobs: int,
                  attention_backend: str = "jnp", max_marks: int = 512, constraint_rows: int = 1024,
-                 constraint_classes: int = 512, constraint_slots: int = 8):
+                 constraint_classes: int = 512, constraint_slots: int = 8, run_q: int = 8,
+                 run_buckets: list[int] = ()):
         self.cfg = model_config
         self.params = params
         self.page_size, self.block_q, self.num_slots = page_size, block_q, num_slots
         self.decode_buckets = sorted(decode_buckets)
+        self.run_q, self.run_buckets = run_q, sorted(run_buckets)
         self.block_buckets = sorted(block_buckets)
         self.max_mixed_blocks = max_mixed_blocks
         self.page_width_buckets = sorted(page_width_buckets)
         self.num_top = max_top_logprobs
         self.max_marks = max_marks
         self.num_pages = num_pages
+        self.platform = jax.default_backend()  # "cpu", "gpu" or "tpu"
         self.model = CausalLM(model_config, dtype, attention_backend)
         self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
         self.pstate = sampling.init_penalty_state(num_slots, model_config.vocab_size)
@@ -196,7 +206,7 @@ class ModelRunner:
         self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
-        self._step = jax.jit(make_step(self.model, block_q, self.num_top), donate_argnums=(1, 2))
+        self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q), donate_argnums=(1, 2))
         self._compiled: dict[StepShape, object] = {}
         self.num_compiles = 0
 
@@ -208,18 +218,25 @@ class ModelRunner:
             for sd in self.decode_buckets:
                 out.append(StepShape(sd, 0, p))
                 out += [StepShape(sd, nb, p) for nb in mixed_blocks]
+                out += [StepShape(sd, 0, p, False, nr, self.run_q) for nr in self.run_buckets]
             for nb in self.block_buckets:
                 out.append(StepShape(0, nb, p))
                 out.append(StepShape(0, nb, p, True))
         return sorted(set(out))
 
     def shape_for(self, plan: StepPlan) -> StepShape:
-        sd = sum(len(c.token_ids) for c in plan.decodes)
+        sd = sum(len(c.token_ids) for c in plan.decodes if not c.as_run)
+        nr = sum(math.ceil(len(c.token_ids) / self.run_q) for c in plan.decodes if c.as_run)
         nb = sum(math.ceil(len(c.token_ids) / self.block_q) for c in plan.prefills)
         pages = max(math.ceil(c.end / self.page_size) for c in plan.chunks)
+        if nr and (nb or plan.full_logits):
+            raise ValueError(f"plan has {nr} run blocks together with prefill blocks or full logits")
+        if nr:
+            sd = max(sd, 1)  # run shapes are compiled with at least one decode row
         shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
                           bucket(nb, self.block_buckets) if nb else 0,
-                          bucket(pages, self.page_width_buckets), plan.full_logits)
+                          bucket(pages, self.page_width_buckets), plan.full_logits,
+                          bucket(nr, self.run_buckets) if nr else 0, self.run_q if nr else 1)
         if shape.num_decode and shape.num_blocks > self.max_mixed_blocks:
             raise ValueError(f"plan mixes {sd} decodes with {nb} prefill blocks; at most "
                              f"{self.max_mixed_blocks} blocks ride along with decodes")
@@ -248,6 +265,37 @@ class ModelRunner:
             self._compile(s)
         return time.perf_counter() - t0
 
+    def measure_decode_costs(self, repeats: int = 3) -> dict[tuple[int, int, int], float]:
+        """Median seconds of a decode-only step per (decode bucket, page width, run blocks), rows seeing
+        full pages.
+
+        The scheduler reads these to decide whether multi-token decode runs (jump-forward) should grow a
+        step to a larger decode bucket: worth it where a step's cost is mostly fixed (memory-bound), not
+        where every row costs its FLOPs (a CPU). Padding rows write to the reserved page 0 only.
+        """
+        costs = {}
+
+        def table(rows, p, first=0):  # distinct pages per row, as in a real batch (one page stays in cache)
+            return ((np.arange(rows * p).reshape(rows, p) + first) % (self.num_pages - 1) + 1).astype(np.int32)
+
+        for p in self.page_width_buckets:
+            for sd, nr in [(sd, 0) for sd in self.decode_buckets] + [
+                    (sd, nr) for sd in self.decode_buckets for nr in self.run_buckets]:
+                shape = StepShape(sd, 0, p, False, nr, self.run_q if nr else 1)
+                inp = self._dummy_inputs(shape)
+                full = p * self.page_size
+                inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
+                                  run_kv_lens=np.full(nr, full, np.int32), run_page_table=table(nr, p, sd * p))
+                compiled = self._compile(shape)
+                times = []
+                for _ in range(repeats + 1):
+                    t0 = time.perf_counter()
+                    self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
+                    jax.block_until_ready(out)
+                    times.append(time.perf_counter() - t0)
+                costs[(sd, p, nr)] = float(np.median(times[1:]))
+        return costs
+
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
                 row_slot: list[int], target_ids: list[int]) -> StepInputs:
@@ -259,7 +307,8 @@ class ModelRunner:
             batch = PackedBatch(z(T, np.int32), np.full(T, -1, np.int32), z(T, np.int32),
                                 z((shape.num_decode, P), np.int32), z(shape.num_decode, np.int32),
                                 z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
-                                z(L, np.int32), self.block_q, [], [])
+                                z(L, np.int32), self.block_q, [], [],
+                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), shape.run_q)
         temp = np.zeros(L, np.float32)
         top_k = np.full(L, -1, np.int32)
         top_p = np.ones(L, np.float32)
@@ -298,8 +347,9 @@ class ModelRunner:
             presence_penalty=pp, repetition_penalty=rp, bias_ids=bias_ids, bias_vals=bias_vals,
             seeds=seeds, steps=steps, vocab_mask=None)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
-                          batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.logits_indices,
-                          sb, rs, tg, want_top, fsm_state, fsm_slot, host_mask, host_on)
+                          batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.run_page_table,
+                          batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, fsm_state, fsm_slot,
+                          host_mask, host_on)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
@@ -309,10 +359,11 @@ class ModelRunner:
         """
         shape = self.shape_for(plan)
         chunks = plan.chunks
-        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode) for c in chunks]
+        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
+                for c in chunks]
         batch = pack(seqs, page_size=self.page_size, block_q=self.block_q, num_decode=shape.num_decode,
                      num_blocks=shape.num_blocks, page_width=shape.page_width,
-                     num_logits=shape.num_rows(self.block_q))
+                     num_logits=shape.num_rows(self.block_q), run_q=self.run_q, num_runs=shape.num_runs)
         L = shape.num_rows(self.block_q)
         rows: list[RowParams | None] = [None] * L
         row_slot = [-1] * L

@@ -98,6 +98,7 @@ class Chunk:
     samples: bool
     logits_from: int | None = None  # first position whose logits are wanted (prompt logprobs)
     as_decode: bool = False  # laid out as decode rows, one per token (decodes, short jump-forward runs)
+    as_run: bool = False  # laid out as a run block: a few tokens of one sequence sharing one page gather
 
     @property
     def end(self) -> int:
@@ -131,6 +132,18 @@ class SchedulerConfig:
     new_token_ratio: float = 0.4
     max_decode_rows: int = 0  # decode rows per step (the largest decode bucket); 0 = max_running
     short_chunk: int = 32  # a request this close to its end (e.g. after jump-forward) decodes, as rows
+    # How multi-token decode runs (jump-forward) size a step. "pad": they may grow it up to max_decode_rows
+    # (the runner pads to a decode bucket). "fit": they only fill the rows left spare in the bucket the
+    # step's requests need anyway; the rest of a run is computed in later steps. "cost": the bucket with
+    # the most real tokens per second of step by the measured `decode_costs`.
+    # Run blocks (run_q > 1): a multi-token run may instead take one block of run_q query tokens that
+    # gathers its pages once; a step carries a run_buckets count of them (no prefill blocks alongside).
+    decode_fill: str = "pad"
+    decode_buckets: tuple = ()
+    page_width_buckets: tuple = ()
+    decode_costs: dict = dataclasses.field(default_factory=dict)  # {(decode rows, width, run blocks): s}
+    run_q: int = 0
+    run_buckets: tuple = ()
 
 
 class OutOfPagesError(RuntimeError):
@@ -143,6 +156,8 @@ class Scheduler:
     def __init__(self, cache: RadixCache, cfg: SchedulerConfig):
         if cfg.policy not in ("lpm", "dfs-weight", "fcfs"):
             raise ValueError(f"schedule_policy {cfg.policy!r} is unknown; expected lpm, dfs-weight or fcfs")
+        if cfg.decode_fill not in ("pad", "fit", "cost"):
+            raise ValueError(f"decode_fill {cfg.decode_fill!r} is unknown; expected pad, fit or cost")
         self.cache = cache
         self.alloc: PageAllocator = cache.allocator
         self.cfg = cfg
@@ -379,15 +394,24 @@ class Scheduler:
         dec_chunks = []
         full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in chunks)
         if not prefill_only and not full:  # prompt-logprob steps are compiled without decode rows
-            rows = max_rows
-            # multi-token runs first: they need the rows once and then decode one token at a time
-            for r in sorted(decoding, key=lambda r: (r.num_computed + 1 == r.num_tokens, r.admitted_at)):
-                n = r.num_tokens - r.num_computed
-                if n > rows:
-                    continue  # waits for the next step
-                rows -= n
-                dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed), r.wants_sample,
-                                        as_decode=True))
+            # every decoding request gets a row (beyond max_rows they wait); multi-token runs first, their
+            # extra tokens take the spare rows, and a run that does not fit computes a prefix (no sample)
+            order = sorted(decoding, key=lambda r: (r.num_computed + 1 == r.num_tokens, r.admitted_at))
+            order = order[:max_rows]
+            runs, rows = self._plan_decodes(order, max_rows, allow_runs=not chunks)
+            for r in runs:  # run blocks: one block of up to run_q tokens each
+                need = r.num_tokens - r.num_computed
+                n = min(need, cfg.run_q)
+                dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, r.num_computed + n),
+                                        n == need and r.wants_sample, as_run=True))
+            order = [r for r in order if not any(r is x for x in runs)]
+            spare = rows - len(order)
+            for r in order:
+                need = r.num_tokens - r.num_computed
+                n = min(need, 1 + spare)
+                spare -= n - 1
+                dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, r.num_computed + n),
+                                        n == need and r.wants_sample, as_decode=True))
         pre_chunks = chunks
         if not dec_chunks and not pre_chunks:
             if decoding and prefill_only and not self._last_was_prefill_only:
@@ -398,6 +422,51 @@ class Scheduler:
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full)
         self._resets, self._marks = [], []
         return plan
+
+    def _plan_decodes(self, order: list[Request], max_rows: int, allow_runs: bool) -> tuple[list[Request], int]:
+        """Which decoding requests go as run blocks, and how many decode rows the others may take.
+
+        See SchedulerConfig.decode_fill. With measured costs, every combination of run-block bucket and
+        decode bucket is scored by real tokens per second of step and the best one wins.
+        """
+        cfg = self.cfg
+        if not order:
+            return [], max_rows
+
+        def need(r):
+            return r.num_tokens - r.num_computed
+
+        cands = []
+        if allow_runs and cfg.run_q > 1 and cfg.run_buckets and cfg.decode_fill != "fit":
+            cands = sorted((r for r in order if need(r) > 1), key=lambda r: (-need(r), r.admitted_at))
+        run_opts = [0]
+        if cands:
+            fit_all = next((b for b in cfg.run_buckets if b >= len(cands)), cfg.run_buckets[-1])
+            run_opts += [b for b in cfg.run_buckets if b <= fit_all]
+        buckets = [b for b in cfg.decode_buckets if b <= max_rows]
+        if cfg.decode_fill == "pad" or not buckets:
+            nr = run_opts[-1]
+            return cands[:nr], max_rows
+        if cfg.decode_fill == "fit":
+            return [], next(b for b in buckets if b >= len(order))
+        pages = max(math.ceil(r.num_tokens / cfg.page_size) for r in order)
+        width = next((w for w in cfg.page_width_buckets if w >= pages), None)
+        best, best_score = ([], max_rows), -1.0
+        for nr in run_opts:
+            runs = cands[:nr]
+            rest = [r for r in order if not any(r is x for x in runs)]
+            run_tokens = sum(min(need(r), cfg.run_q) for r in runs)
+            rest_tokens = sum(need(r) for r in rest)
+            for b in buckets:
+                if b < max(len(rest), 1 if nr else 0):
+                    continue
+                cost = cfg.decode_costs.get((b, width, nr))
+                if cost is None or cost <= 0:
+                    return cands[:run_opts[-1]], max_rows  # no measurement: behave as "pad"
+                score = (run_tokens + min(rest_tokens, b)) / cost
+                if score > best_score:
+                    best, best_score = (runs, b), score
+        return best
 
     def _admit(self, take, num_decoding, prefilling) -> list[Request]:
         cfg = self.cfg

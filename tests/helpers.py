@@ -24,10 +24,11 @@ class PagedRunner:
         self.kv = kv
         self.next_page = 1
         self.pages: dict[int, list[int]] = {}
-        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q",))
+        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
 
-    def _forward(self, params, ids, kv, logits_idx, meta_arrays, block_q):
-        meta = AttnMetadata(*meta_arrays, block_q=block_q)
+    def _forward(self, params, ids, kv, logits_idx, meta_arrays, block_q, run_arrays=(None, None), run_q=1):
+        meta = AttnMetadata(*meta_arrays, block_q=block_q, run_page_table=run_arrays[0],
+                            run_kv_lens=run_arrays[1], run_q=run_q)
         return self.model.apply({"params": params}, ids, meta, kv, logits_idx)
 
     def ensure_pages(self, sid: int, length: int) -> list[int]:
@@ -37,15 +38,20 @@ class PagedRunner:
             self.next_page += 1
         return table
 
-    def step(self, work: list[tuple[int, list[int], int, int | None]], **pad):
-        """work: (seq id, new token ids, start position, logits_from). Returns per-chunk logits."""
+    def step(self, work: list[tuple], **pad):
+        """work: (seq id, new token ids, start position, logits_from[, as_run]). Returns per-chunk logits.
+
+        pad: pack()'s padding targets, and run_q (tokens per run block) for `as_run` chunks.
+        """
         chunks = []
-        for sid, ids, start, logits_from in work:
+        for sid, ids, start, logits_from, *rest in work:
             table = self.ensure_pages(sid, start + len(ids))
-            chunks.append(SeqChunk(list(ids), start, list(table), logits_from))
+            chunks.append(SeqChunk(list(ids), start, list(table), logits_from, as_run=bool(rest and rest[0])))
         b = pack(chunks, page_size=self.page_size, block_q=self.block_q, **pad)
         meta = (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens, b.pre_page_table, b.pre_kv_lens)
+        runs = (jnp.asarray(b.run_page_table), jnp.asarray(b.run_kv_lens)) if len(b.run_kv_lens) else (None, None)
         logits, self.kv = self._fwd(self.params, b.input_ids, self.kv, b.logits_indices,
-                                    tuple(jnp.asarray(m) for m in meta), block_q=b.block_q)
+                                    tuple(jnp.asarray(m) for m in meta), block_q=b.block_q, run_arrays=runs,
+                                    run_q=b.run_q)
         logits = np.asarray(logits)
         return [logits[a:e] for a, e in b.logits_rows]

@@ -248,3 +248,14 @@ def test_alternating_steps_with_short_remainders(tiny_path):
         alone = [e.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 6})["output_ids"] for p in ps]
         assert [o["output_ids"] for o in outs] == alone
         e.check_integrity()
+
+
+def test_decode_costs_measured_at_warmup(engine, tiny_path):
+    """decode_row_fill=auto: every (decode bucket, page width) step is timed and the scheduler sizes by cost."""
+    cfg = engine.scheduler.cfg
+    assert cfg.decode_fill == "cost"
+    assert set(cfg.decode_costs) == {(b, w, r) for b in SMALL["decode_buckets"] for w in SMALL["page_width_buckets"]
+                                     for r in [0] + engine.config.run_block_buckets}
+    assert all(v > 0 for v in cfg.decode_costs.values())
+    with pytest.raises(ValueError, match="decode_row_fill"):
+        Engine(model=tiny_path, progress=False, decode_row_fill="sometimes", **SMALL)

@@ -77,6 +77,28 @@ def test_tiny_batched_mixed_matches_alone(tiny):
     np.testing.assert_allclose(outs2[-1], refs[-1][1][:20], atol=1e-4, rtol=1e-4)
 
 
+def test_tiny_run_blocks_match_reference(tiny):
+    """Prefill the start of each prompt, then the rest as run blocks (Br = 4, runs spanning two blocks, a
+    padded block) beside a decode row of another sequence: every position's logits match HF."""
+    name, cfg, params = tiny
+    allrefs = _ref(name)
+    refs = [(ids, ref) for ids, ref in allrefs if len(ids) >= 6]
+    assert len(refs) >= 2 and max(len(ids) for ids, _ in refs) > 3 + 4  # some run spans two blocks
+    dec_ids, dec_ref = min((r for r in allrefs if len(r[0]) >= 2), key=lambda x: len(x[0]))
+    assert len(dec_ids) >= 2
+    runner = PagedRunner(cfg, params)
+    for sid, (ids, _) in enumerate(refs):
+        runner.step([(sid, ids[:3], 0, 0)])
+    runner.step([(99, dec_ids[:-1], 0, 0)])
+    work = [(sid, ids[3:], 3, 3, True) for sid, (ids, _) in enumerate(refs)]
+    work.append((99, dec_ids[-1:], len(dec_ids) - 1, None))  # a plain decode row alongside
+    nrun = sum(-(-len(w[1]) // 4) for w in work[:-1])
+    outs = runner.step(work, run_q=4, num_runs=nrun + 2, num_decode=2, page_width=16)
+    for j, (sid, ids, start, _, _) in enumerate(work[:-1]):
+        np.testing.assert_allclose(outs[j], refs[sid][1][3:], atol=1e-4, rtol=1e-4, err_msg=f"{name} run {sid}")
+    np.testing.assert_allclose(outs[-1], dec_ref[-1:], atol=1e-4, rtol=1e-4)
+
+
 def test_tiny_bfloat16_close(tiny):
     name, cfg, params = tiny
     p16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)

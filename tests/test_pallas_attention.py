@@ -282,7 +282,7 @@ def test_tpu_kernel_lowers_to_mosaic(dtype):
 # ------------------------------------------------------------------ the model with a Pallas backend
 @pytest.mark.parametrize("backend", ["pallas_gpu_interpret", "pallas_tpu_interpret"])
 def test_model_with_pallas_backend_matches_jnp(backend, tmp_path):
-    """A tiny model's logits (prefill with a cached prefix + decode rows) equal the jnp backend's."""
+    """A tiny model's logits (prefill with a cached prefix, decode rows, a run block) equal the jnp backend's."""
     import numpy as np
 
     from helpers import PagedRunner
@@ -296,5 +296,6 @@ def test_model_with_pallas_backend_matches_jnp(backend, tmp_path):
         r = PagedRunner(cfg, params, num_pages=16, page_size=16, block_q=8, attention_backend=name)
         a = r.step([(0, list(range(3, 23)), 0, 0), (1, list(range(40, 45)), 0, 0)])
         b = r.step([(0, [7], 20, None), (1, list(range(50, 60)), 5, 5)])
-        outs[name] = np.concatenate([x for x in a + b])
+        c = r.step([(0, [8, 9, 10], 21, 21, True), (1, [11], 15, None)], run_q=4)  # a run block + a decode
+        outs[name] = np.concatenate([x for x in a + b + c])
     np.testing.assert_allclose(outs[backend], outs["jnp"], atol=2e-5, rtol=2e-5)

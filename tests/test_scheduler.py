@@ -282,3 +282,91 @@ def test_host_modules_do_not_import_jax():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def _forced_run(t):
+    """The mock's 'jump-forward': after a sampled token divisible by 5, 6 more tokens are appended unsampled."""
+    return [(t + i) % V for i in range(1, 7)] if t % 5 == 0 else []
+
+
+def _expected_with_runs(prompt, n):
+    toks = list(prompt)
+    while len(toks) - len(prompt) < n:
+        t = mock_next(toks)
+        toks += [t] + _forced_run(t)
+    return toks[len(prompt):len(prompt) + n]
+
+
+def _drive_jump_forward(s: Scheduler, seed: int, on_plan) -> None:
+    """Run 5 requests through `s` with the mock's forced runs; on_plan(plan) sees every step's plan.
+    Outputs must equal the sequential reference and the cache must keep its invariants."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(3, 12))] for _ in range(5)]
+    for i, p in enumerate(prompts):
+        s.add(Request(f"r{i}", p, max_new_tokens=40))
+    runner = MockRunner(4)
+    done = {}
+    while s.has_work:
+        plan = s.schedule()
+        on_plan(plan)
+        runner.run(plan)
+        s.on_step_done(plan)
+        for c in plan.chunks:
+            r = c.req
+            if r.state is ReqState.RUNNING and c.samples:
+                t = mock_next(r.tokens(0, c.end))
+                r.output_ids += ([t] + _forced_run(t))[:r.max_new_tokens - len(r.output_ids)]
+                if len(r.output_ids) >= r.max_new_tokens:
+                    s.finish(r)
+                    done[r.rid] = list(r.output_ids)
+        s.check_integrity()
+    for i, p in enumerate(prompts):
+        assert done[f"r{i}"] == _expected_with_runs(p, 40)
+
+
+@pytest.mark.parametrize("fill,costs,grows", [
+    ("pad", {}, True),
+    ("fit", {}, False),
+    ("cost", {(b, w, 0): 1.0 + 0.01 * b for b in (1, 4, 16) for w in (8, 64)}, True),  # rows nearly free
+    ("cost", {(b, w, 0): float(b) for b in (1, 4, 16) for w in (8, 64)}, False),  # every row costs its share
+])
+def test_multi_token_runs_size_the_step_by_decode_fill(fill, costs, grows):
+    s = make(max_running=8, decode_fill=fill, decode_buckets=(1, 4, 16), page_width_buckets=(8, 64),
+             decode_costs=costs, max_decode_rows=16, short_chunk=8)
+    seen = {"grew": 0, "split": 0}
+
+    def on_plan(plan):
+        rows = sum(len(c.token_ids) for c in plan.decodes)
+        n = len(plan.decodes)
+        smallest = min(b for b in (1, 4, 16) if b >= n) if n else 0
+        seen["grew"] += rows > smallest
+        seen["split"] += any(not c.samples and c.req.wants_sample for c in plan.decodes)
+        if not grows:
+            assert rows <= smallest, (fill, rows, n)  # runs only fill the rows the decodes need anyway
+
+    _drive_jump_forward(s, 3, on_plan)
+    if grows:
+        assert seen["grew"]  # runs take bigger buckets
+    else:
+        assert not seen["grew"] and seen["split"]  # runs are computed over several steps instead
+
+
+@pytest.mark.parametrize("fill,costs,use_runs", [
+    ("pad", {}, True),
+    ("cost", {(b, w, r): 1.0 + 0.01 * b + 0.02 * r for b in (1, 4, 16) for w in (8, 64) for r in (0, 1, 2)}, True),
+    ("cost", {(b, w, r): float(b) + 100.0 * r for b in (1, 4, 16) for w in (8, 64) for r in (0, 1, 2)}, False),
+    ("fit", {}, False),
+])
+def test_run_blocks_chosen_by_cost_and_outputs_exact(fill, costs, use_runs):
+    s = make(max_running=8, decode_fill=fill, decode_buckets=(1, 4, 16), page_width_buckets=(8, 64),
+             decode_costs=costs, max_decode_rows=16, short_chunk=8, run_q=4, run_buckets=(1, 2))
+    run_steps = []
+
+    def on_plan(plan):
+        runs = [c for c in plan.decodes if c.as_run]
+        assert all(len(c.token_ids) <= 4 for c in runs) and len(runs) <= 2
+        assert not (runs and plan.prefills)  # run blocks never share a step with prefill blocks
+        run_steps.append(bool(runs))
+
+    _drive_jump_forward(s, 5, on_plan)
+    assert any(run_steps) == use_runs

@@ -72,6 +72,27 @@ def test_json_schema_valid_with_and_without_jump_forward(engines):
     assert len(events) < len(sizes_b)
 
 
+def test_jump_forward_keeps_the_last_token_unless_a_longer_one_could_span_the_boundary(engines):
+    """The tiny tokenizer has the merge 'he' but no token longer than 'q' starting with 'q'."""
+    jf, _ = engines
+
+    def sizes(pattern):
+        evs = list(jf.generate(input_ids=[5, 6], sampling_params={"regex": pattern, "temperature": 0,
+                                                                   "max_new_tokens": 20}, stream=True))
+        assert re.fullmatch(pattern, evs[-1]["text"]), evs[-1]["text"]
+        return [len(e["output_ids"]) for e in evs]
+
+    # 'x' or 'z' is sampled, then the forced 'qqqqq' is appended whole: 1 + 5 tokens in the first step
+    assert sizes(r"(x|z)qqqqq(1|2)")[0] == 6
+    # the sampled 'x' re-tokenizes to itself, so it keeps its logprob (and its KV); forced tokens have none
+    o = jf.generate(input_ids=[5, 6], sampling_params={"regex": r"(x|z)qqqqq(1|2)", "temperature": 0,
+                                                        "max_new_tokens": 20}, return_logprob=True)
+    lps = [e[0] for e in o["meta_info"]["output_token_logprobs"]]
+    assert lps[0] is not None and lps[1:6] == [None] * 5 and lps[6] is not None, lps
+    # forced 'qqh': 'h' may merge with the following 'e' into 'he', so it is held back for the model
+    assert sizes(r"(x|z)qqh(e|a)")[0] == 3
+
+
 def test_constrained_and_free_in_one_batch(engines):
     jf, _ = engines
     free = jf.generate(input_ids=[20, 21, 22], sampling_params={"temperature": 0, "max_new_tokens": 10,

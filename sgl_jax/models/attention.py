@@ -6,12 +6,13 @@ the gathered `[R, P, KV, S, D]` block feeds the score einsum with heads as a bat
 transpose, which on XLA:CPU was several times faster than token-major pages.
 
 A forward call sees a *ragged* batch, flattened to T tokens laid out as
-    [ Sd decode tokens | NB prefill blocks of Bq tokens each ]
+    [ Sd decode tokens | NR run blocks of Br tokens each | NB prefill blocks of Bq tokens each ]
 Each decode token is one "row" of attention with one query; each prefill block is a row of Bq
 consecutive query tokens of one sequence's chunk (a chunk is padded up to a multiple of Bq, padded
-slots have position -1). Every row carries its sequence's page table and KV length. Attention is one
-function over rows `[R, Bq]`, called once for the decode rows (Bq = 1) and once for the prefill rows,
-so decode tokens pay for one query and prefill pays no per-token gather.
+slots have position -1). Run blocks are the same with a small Br: a few consecutive tokens of one
+sequence (a jump-forward run) that would otherwise take one decode row, and one gather of its pages,
+each. Every row carries its sequence's page table and KV length. Attention is one function over rows
+`[R, Bq]`, called once per segment, so decode tokens pay for one query and blocks pay no per-token gather.
 
 New keys/values are scattered into the pool *before* attention (`write_kv`) at `slot_mapping`
 (page * S + offset; padded tokens write into page 0, the sink page the allocator never hands out),
@@ -43,6 +44,9 @@ class AttnMetadata:
     pre_page_table: jax.Array  # [NB, P] int32
     pre_kv_lens: jax.Array  # [NB] int32
     block_q: int = struct.field(pytree_node=False, default=1)
+    run_page_table: jax.Array | None = None  # [NR, P] int32 (None = no run blocks)
+    run_kv_lens: jax.Array | None = None  # [NR] int32
+    run_q: int = struct.field(pytree_node=False, default=1)  # Br, tokens per run block
 
     @property
     def num_decode(self) -> int:
@@ -51,6 +55,10 @@ class AttnMetadata:
     @property
     def num_blocks(self) -> int:
         return self.pre_page_table.shape[0]
+
+    @property
+    def num_runs(self) -> int:
+        return 0 if self.run_page_table is None else self.run_page_table.shape[0]
 
 
 def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVPages:

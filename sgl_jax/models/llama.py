@@ -83,15 +83,21 @@ class Attention(nn.Module):
 
         attn = get_attention_backend(self.attention_backend).fn
         kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
-        Sd, NB, Bq = meta.num_decode, meta.num_blocks, meta.block_q
+        Sd, NR, Br, NB, Bq = meta.num_decode, meta.num_runs, meta.run_q, meta.num_blocks, meta.block_q
         outs = []
         if Sd:
             o = attn(q[:Sd].reshape(Sd, 1, H, D), *pages, meta.dec_page_table, meta.dec_kv_lens,
                      meta.positions[:Sd].reshape(Sd, 1), **kw)  # [Sd, 1, H, D]
             outs.append(o.reshape(Sd, H * D))
+        if NR:
+            a, e = Sd, Sd + NR * Br
+            o = attn(q[a:e].reshape(NR, Br, H, D), *pages, meta.run_page_table, meta.run_kv_lens,
+                     meta.positions[a:e].reshape(NR, Br), **kw)  # [NR, Br, H, D]
+            outs.append(o.reshape(NR * Br, H * D))
         if NB:
-            o = attn(q[Sd:].reshape(NB, Bq, H, D), *pages, meta.pre_page_table, meta.pre_kv_lens,
-                     meta.positions[Sd:].reshape(NB, Bq), **kw)  # [NB, Bq, H, D]
+            a = Sd + NR * Br
+            o = attn(q[a:].reshape(NB, Bq, H, D), *pages, meta.pre_page_table, meta.pre_kv_lens,
+                     meta.positions[a:].reshape(NB, Bq), **kw)  # [NB, Bq, H, D]
             outs.append(o.reshape(NB * Bq, H * D))
         o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [T, H*D]
         return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(o), pages
