@@ -207,6 +207,50 @@ def test_structured_output(server):
     jsonschema.validate(obj, schema)
 
 
+USER_SCHEMA = {  # 10 fields, a nested object, an array, enums, a date format, integer ranges, a pattern
+    "type": "object",
+    "properties": {
+        "user_id": {"type": "integer", "minimum": 1, "maximum": 99999},
+        "full_name": {"type": "string", "maxLength": 32},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "editor", "viewer", "guest"]},
+        "is_active": {"type": "boolean"},
+        "date_joined": {"type": "string", "format": "date"},
+        "home_address": {"type": "object", "properties": {
+            "street": {"type": "string", "maxLength": 32}, "city": {"type": "string", "maxLength": 20},
+            "postal_code": {"type": "string", "pattern": "[0-9]{5}"}},
+            "required": ["street", "city", "postal_code"], "additionalProperties": False},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
+        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+        "country": {"enum": ["USA", "Canada", "Mexico", "UK", "France", "Germany"]},
+    },
+    "required": ["user_id", "full_name", "age", "role", "is_active", "date_joined", "home_address", "tags",
+                 "rating", "country"],
+    "additionalProperties": False,
+}
+
+
+def test_ten_field_nested_schema(server):
+    """The 10-field nested schema through /generate (two concurrent requests) and the OpenAI route."""
+    import jsonschema
+    import openai
+
+    check = jsonschema.Draft202012Validator(USER_SCHEMA, format_checker=jsonschema.FormatChecker())
+    prompts = [f"Create a JSON user record for {n}, who lives in {c}." for n, c in
+               [("Maria Lopez", "Austin"), ("Kenji Watanabe", "Seattle")]]
+    outs = post(server, "/generate", {"text": prompts, "sampling_params": {
+        "temperature": 0, "max_new_tokens": 320, "json_schema": json.dumps(USER_SCHEMA)}})
+    for o in outs:
+        assert o["meta_info"]["finish_reason"]["type"] == "stop", o
+        check.validate(json.loads(o["text"]))
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key="none", timeout=300)
+    r = c.chat.completions.create(
+        model="x", messages=[{"role": "user", "content": prompts[0]}], max_tokens=800, temperature=0.7, seed=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "user", "schema": USER_SCHEMA}})
+    assert r.choices[0].finish_reason == "stop"
+    check.validate(json.loads(r.choices[0].message.content))
+
+
 def test_sglang_frontend(server):
     import sglang as sgl
 
