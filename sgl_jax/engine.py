@@ -21,6 +21,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import queue
 import random
 import re
@@ -174,8 +175,42 @@ class Engine:
             self.compile_seconds = self.runner.warmup(progress=self._progress)
             if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
                 self.scheduler.cfg = dataclasses.replace(self.scheduler.cfg, decode_fill="cost",
-                                                         decode_costs=self.runner.measure_decode_costs())
+                                                         decode_costs=self._step_costs())
         self.warmup_compiles = self.runner.num_compiles
+
+    def _step_costs(self) -> dict:
+        """Decode step costs per shape (ModelRunner.measure_decode_costs), kept beside the compilation cache:
+        timing every shape takes ~20 s for the CPU preset, so a restart on the same machine reuses them."""
+        import hashlib
+        import json
+
+        import jax
+
+        c, r = self.config, self.runner
+        dev = jax.devices()[0]
+        key = json.dumps([os.path.abspath(self.model_path), c.dtype, c.kv_dtype, c.attention_backend, r.platform,
+                          getattr(dev, "device_kind", ""), jax.__version__, r.page_size, r.num_pages, r.run_q,
+                          r.decode_buckets, r.run_buckets, r.page_width_buckets, os.cpu_count()])
+        path = None
+        if c.compile_cache_dir:
+            path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",
+                                hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+            try:
+                with open(path) as f:
+                    return {tuple(k): v for k, v in json.load(f)}
+            except (OSError, ValueError, TypeError):
+                pass  # not measured yet (or unreadable): measure
+        costs = r.measure_decode_costs()
+        if path:
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                tmp = f"{path}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
+                    json.dump([[list(k), v] for k, v in sorted(costs.items())], f)
+                os.replace(tmp, path)
+            except OSError as e:
+                log.warning("could not save step costs to %s: %s", path, e)
+        return costs
 
     # ------------------------------------------------------------------------------ validation
     def _prepare(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,

@@ -265,7 +265,7 @@ class ModelRunner:
             self._compile(s)
         return time.perf_counter() - t0
 
-    def measure_decode_costs(self, repeats: int = 3) -> dict[tuple[int, int, int], float]:
+    def measure_decode_costs(self, repeats: int = 2) -> dict[tuple[int, int, int], float]:
         """Median seconds of a decode-only step per (decode bucket, page width, run blocks), rows seeing
         full pages.
 

@@ -259,3 +259,17 @@ def test_decode_costs_measured_at_warmup(engine, tiny_path):
     assert all(v > 0 for v in cfg.decode_costs.values())
     with pytest.raises(ValueError, match="decode_row_fill"):
         Engine(model=tiny_path, progress=False, decode_row_fill="sometimes", **SMALL)
+
+
+def test_step_costs_kept_beside_the_compilation_cache(tiny_path, monkeypatch):
+    """A restart on the same machine reads the timed step costs back instead of timing every shape again."""
+    from sgl_jax.runner import ModelRunner
+
+    cache = jax.config.jax_compilation_cache_dir  # the suite's persistent cache (conftest); left unchanged
+    kw = dict(SMALL, compile_cache_dir=cache, run_block_buckets=[1, 2])
+    with Engine(model=tiny_path, progress=False, **kw) as e1:
+        costs = e1.scheduler.cfg.decode_costs
+    assert costs and any(k[2] == 2 for k in costs)
+    monkeypatch.setattr(ModelRunner, "measure_decode_costs", lambda self, repeats=2: pytest.fail("timed again"))
+    with Engine(model=tiny_path, progress=False, **kw) as e2:
+        assert e2.scheduler.cfg.decode_costs == costs
