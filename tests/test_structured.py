@@ -91,6 +91,8 @@ def test_jump_forward_keeps_the_last_token_unless_a_longer_one_could_span_the_bo
     assert lps[0] is not None and lps[1:6] == [None] * 5 and lps[6] is not None, lps
     # forced 'qqh': 'h' may merge with the following 'e' into 'he', so it is held back for the model
     assert sizes(r"(x|z)qqh(e|a)")[0] == 3
+    # a forced start is appended before the first step (it joins the prompt's prefill): 'abc' + the sample
+    assert sizes(r"abc(x|y)")[0] == 4
 
 
 def test_constrained_and_free_in_one_batch(engines):
