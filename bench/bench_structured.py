@@ -308,7 +308,7 @@ def make_engine(**kw):
         shape = runner.shape_for(plan)
         eng.step_log.append((shape.num_decode, shape.num_blocks, len(plan.decodes),
                              sum(len(c.token_ids) for c in plan.prefills), len(plan.prefills),
-                             shape.num_runs * shape.run_q))
+                             shape.num_runs * runner.run_q))
         return run(plan, row_params_of)
     runner.run = logged_run
     log(f"engine up in {time.perf_counter() - t:.1f}s (load {eng.load_seconds:.1f}s, compile "

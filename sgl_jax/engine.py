@@ -169,7 +169,7 @@ class Engine:
             max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk,
             decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill,
             decode_buckets=tuple(sorted(c.decode_buckets)), page_width_buckets=tuple(sorted(widths)),
-            run_q=c.run_block if c.run_block_buckets else 0, run_buckets=tuple(sorted(c.run_block_buckets))))
+            run_q=c.run_block, run_buckets=tuple(sorted(c.run_block_buckets))))
         self.compile_seconds = 0.0
         if c.warmup:
             self.compile_seconds = self.runner.warmup(progress=self._progress)

@@ -3,8 +3,8 @@
 `step(params, kv, pstate, inputs)` is a pure function: the model forward over the ragged batch
 (KV pages written in place, the pool donated), penalties/bias/constraint masks on the logits, on-device
 sampling with per-request PRNG keys, logprobs (sampled tokens, prompt targets, top-k). It is compiled
-for a small fixed set of shapes (`StepShape`: decode rows x prefill blocks x page-table width, plus a
-full-logits variant for prompt logprobs), all at start-up; afterwards no request can trigger a
+for a small fixed set of shapes (`StepShape`: decode rows x prefill blocks x page-table width, plus
+decode steps carrying run blocks and a full-logits variant for prompt logprobs), all at start-up; afterwards no request can trigger a
 compilation. `ModelRunner.run(plan)` packs a scheduler plan (host numpy), picks the shape bucket, runs
 the step and returns numpy results.
 """
@@ -37,14 +37,13 @@ class StepShape:
     num_blocks: int  # NB
     page_width: int  # P
     full_logits: bool = False
-    num_runs: int = 0  # NR run blocks
-    run_q: int = 1  # Br tokens per run block
+    num_runs: int = 0  # NR run blocks (of the runner's run_q tokens each)
 
-    def num_tokens(self, block_q: int) -> int:
-        return self.num_decode + self.num_runs * self.run_q + self.num_blocks * block_q
+    def num_tokens(self, block_q: int, run_q: int = 1) -> int:
+        return self.num_decode + self.num_runs * run_q + self.num_blocks * block_q
 
     def num_rows(self, block_q: int) -> int:
-        if self.full_logits:
+        if self.full_logits:  # never with run blocks
             return self.num_tokens(block_q)
         return self.num_decode + self.num_runs + self.num_blocks
 
@@ -218,7 +217,7 @@ class ModelRunner:
             for sd in self.decode_buckets:
                 out.append(StepShape(sd, 0, p))
                 out += [StepShape(sd, nb, p) for nb in mixed_blocks]
-                out += [StepShape(sd, 0, p, False, nr, self.run_q) for nr in self.run_buckets]
+                out += [StepShape(sd, 0, p, False, nr) for nr in self.run_buckets]
             for nb in self.block_buckets:
                 out.append(StepShape(0, nb, p))
                 out.append(StepShape(0, nb, p, True))
@@ -236,7 +235,7 @@ class ModelRunner:
         shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
                           bucket(nb, self.block_buckets) if nb else 0,
                           bucket(pages, self.page_width_buckets), plan.full_logits,
-                          bucket(nr, self.run_buckets) if nr else 0, self.run_q if nr else 1)
+                          bucket(nr, self.run_buckets) if nr else 0)
         if shape.num_decode and shape.num_blocks > self.max_mixed_blocks:
             raise ValueError(f"plan mixes {sd} decodes with {nb} prefill blocks; at most "
                              f"{self.max_mixed_blocks} blocks ride along with decodes")
@@ -281,7 +280,7 @@ class ModelRunner:
         for p in self.page_width_buckets:
             for sd, nr in [(sd, 0) for sd in self.decode_buckets] + [
                     (sd, nr) for sd in self.decode_buckets for nr in self.run_buckets]:
-                shape = StepShape(sd, 0, p, False, nr, self.run_q if nr else 1)
+                shape = StepShape(sd, 0, p, False, nr)
                 inp = self._dummy_inputs(shape)
                 full = p * self.page_size
                 inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
@@ -299,7 +298,7 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
                 row_slot: list[int], target_ids: list[int]) -> StepInputs:
-        T = shape.num_tokens(self.block_q)
+        T = shape.num_tokens(self.block_q, self.run_q)
         L = shape.num_rows(self.block_q)
         P = shape.page_width
         if batch is None:
@@ -308,7 +307,7 @@ class ModelRunner:
                                 z((shape.num_decode, P), np.int32), z(shape.num_decode, np.int32),
                                 z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
                                 z(L, np.int32), self.block_q, [], [],
-                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), shape.run_q)
+                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_q)
         temp = np.zeros(L, np.float32)
         top_k = np.full(L, -1, np.int32)
         top_p = np.ones(L, np.float32)

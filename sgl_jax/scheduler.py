@@ -136,13 +136,13 @@ class SchedulerConfig:
     # (the runner pads to a decode bucket). "fit": they only fill the rows left spare in the bucket the
     # step's requests need anyway; the rest of a run is computed in later steps. "cost": the bucket with
     # the most real tokens per second of step by the measured `decode_costs`.
-    # Run blocks (run_q > 1): a multi-token run may instead take one block of run_q query tokens that
-    # gathers its pages once; a step carries a run_buckets count of them (no prefill blocks alongside).
+    # Run blocks (run_buckets non-empty): a multi-token run may instead take one block of run_q query
+    # tokens that gathers its pages once; a step carries a run_buckets count of them (no prefill blocks).
     decode_fill: str = "pad"
     decode_buckets: tuple = ()
     page_width_buckets: tuple = ()
     decode_costs: dict = dataclasses.field(default_factory=dict)  # {(decode rows, width, run blocks): s}
-    run_q: int = 0
+    run_q: int = 8
     run_buckets: tuple = ()
 
 
@@ -398,15 +398,14 @@ class Scheduler:
             # extra tokens take the spare rows, and a run that does not fit computes a prefix (no sample)
             order = sorted(decoding, key=lambda r: (r.num_computed + 1 == r.num_tokens, r.admitted_at))
             order = order[:max_rows]
-            runs, rows = self._plan_decodes(order, max_rows, allow_runs=not chunks)
+            runs, rest, rows = self._plan_decodes(order, max_rows, allow_runs=not chunks)
             for r in runs:  # run blocks: one block of up to run_q tokens each
                 need = r.num_tokens - r.num_computed
                 n = min(need, cfg.run_q)
                 dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, r.num_computed + n),
                                         n == need and r.wants_sample, as_run=True))
-            order = [r for r in order if not any(r is x for x in runs)]
-            spare = rows - len(order)
-            for r in order:
+            spare = rows - len(rest)
+            for r in rest:
                 need = r.num_tokens - r.num_computed
                 n = min(need, 1 + spare)
                 spare -= n - 1
@@ -423,49 +422,49 @@ class Scheduler:
         self._resets, self._marks = [], []
         return plan
 
-    def _plan_decodes(self, order: list[Request], max_rows: int, allow_runs: bool) -> tuple[list[Request], int]:
-        """Which decoding requests go as run blocks, and how many decode rows the others may take.
+    def _plan_decodes(self, order: list[Request], max_rows: int,
+                      allow_runs: bool) -> tuple[list[Request], list[Request], int]:
+        """(run-block requests, the other requests, the decode rows those others may take).
 
         See SchedulerConfig.decode_fill. With measured costs, every combination of run-block bucket and
         decode bucket is scored by real tokens per second of step and the best one wins.
         """
         cfg = self.cfg
-        if not order:
-            return [], max_rows
-
         def need(r):
             return r.num_tokens - r.num_computed
 
+        def split(runs, rows):
+            ids = {id(r) for r in runs}
+            return runs, [r for r in order if id(r) not in ids], rows
+
         cands = []
-        if allow_runs and cfg.run_q > 1 and cfg.run_buckets and cfg.decode_fill != "fit":
+        if allow_runs and cfg.run_buckets and cfg.decode_fill != "fit":
             cands = sorted((r for r in order if need(r) > 1), key=lambda r: (-need(r), r.admitted_at))
         run_opts = [0]
         if cands:
             fit_all = next((b for b in cfg.run_buckets if b >= len(cands)), cfg.run_buckets[-1])
             run_opts += [b for b in cfg.run_buckets if b <= fit_all]
         buckets = [b for b in cfg.decode_buckets if b <= max_rows]
-        if cfg.decode_fill == "pad" or not buckets:
-            nr = run_opts[-1]
-            return cands[:nr], max_rows
+        if cfg.decode_fill == "pad" or not buckets or not order:
+            return split(cands[:run_opts[-1]], max_rows)
         if cfg.decode_fill == "fit":
-            return [], next(b for b in buckets if b >= len(order))
+            return split([], next(b for b in buckets if b >= len(order)))
         pages = max(math.ceil(r.num_tokens / cfg.page_size) for r in order)
         width = next((w for w in cfg.page_width_buckets if w >= pages), None)
-        best, best_score = ([], max_rows), -1.0
+        best, best_score = split([], max_rows), -1.0
         for nr in run_opts:
-            runs = cands[:nr]
-            rest = [r for r in order if not any(r is x for x in runs)]
-            run_tokens = sum(min(need(r), cfg.run_q) for r in runs)
-            rest_tokens = sum(need(r) for r in rest)
+            plan = split(cands[:nr], 0)
+            run_tokens = sum(min(need(r), cfg.run_q) for r in plan[0])
+            rest_tokens = sum(need(r) for r in plan[1])
             for b in buckets:
-                if b < max(len(rest), 1 if nr else 0):
+                if b < max(len(plan[1]), 1 if nr else 0):
                     continue
                 cost = cfg.decode_costs.get((b, width, nr))
                 if cost is None or cost <= 0:
-                    return cands[:run_opts[-1]], max_rows  # no measurement: behave as "pad"
+                    return split(cands[:run_opts[-1]], max_rows)  # no measurement: behave as "pad"
                 score = (run_tokens + min(rest_tokens, b)) / cost
                 if score > best_score:
-                    best, best_score = (runs, b), score
+                    best, best_score = (plan[0], plan[1], b), score
         return best
 
     def _admit(self, take, num_decoding, prefilling) -> list[Request]:
