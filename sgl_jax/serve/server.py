@@ -84,6 +84,14 @@ def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
+def sse_error(e: Exception) -> bytes:
+    """The SSE event that ends a stream which failed mid-way (call inside the `except`: it logs the trace)."""
+    if isinstance(e, InvalidRequestError):
+        return sse({"error": {"message": str(e), "code": 400}})
+    log.exception("engine error while streaming")
+    return sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "code": 500}})
+
+
 class _SSEResponse(Response):
     """Server-sent events from an async generator of bytes.
 
@@ -416,11 +424,8 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
                         async with contextlib.aclosing(state.merged(req.subs)) as m:
                             async for sub, ev in m:
                                 yield sse({**ev, "index": sub.index} if req.batched else ev)
-                    except InvalidRequestError as e:
-                        yield sse({"error": {"message": str(e), "code": 400}})
                     except Exception as e:
-                        log.exception("engine error while streaming")
-                        yield sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "code": 500}})
+                        yield sse_error(e)
                 yield _DONE
             return _SSEResponse(events())
         with state.group(req.rid, req.subs):
@@ -614,11 +619,8 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
                 if req.include_usage:
                     ordered = [finals[s.index] for s in req.subs if s.index in finals]
                     yield chunk([], usage=protocol.usage(ordered, req.n))
-            except InvalidRequestError as e:
-                yield sse({"error": {"message": str(e), "code": 400}})
             except Exception as e:
-                log.exception("engine error while streaming")
-                yield sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "code": 500}})
+                yield sse_error(e)
         yield _DONE
 
     return app
