@@ -32,6 +32,8 @@ import statistics
 import sys
 import time
 
+from sgl_jax.constrained.testing import USER_SCHEMA
+
 # --------------------------------------------------------------------------------------------- inputs
 SCHEMA5 = {
     "type": "object",
@@ -46,33 +48,7 @@ SCHEMA5 = {
     "additionalProperties": False,
 }
 
-SCHEMA10 = {
-    "type": "object",
-    "properties": {
-        "user_id": {"type": "integer", "minimum": 1, "maximum": 99999},
-        "full_name": {"type": "string", "maxLength": 32},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "role": {"enum": ["admin", "editor", "viewer", "guest"]},
-        "is_active": {"type": "boolean"},
-        "date_joined": {"type": "string", "format": "date"},
-        "home_address": {
-            "type": "object",
-            "properties": {
-                "street": {"type": "string", "maxLength": 32},
-                "city": {"type": "string", "maxLength": 20},
-                "postal_code": {"type": "string", "pattern": "[0-9]{5}"},
-            },
-            "required": ["street", "city", "postal_code"],
-            "additionalProperties": False,
-        },
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3},
-        "rating": {"type": "integer", "minimum": 1, "maximum": 5},
-        "country": {"enum": ["USA", "Canada", "Mexico", "UK", "France", "Germany"]},
-    },
-    "required": ["user_id", "full_name", "age", "role", "is_active", "date_joined", "home_address", "tags",
-                 "rating", "country"],
-    "additionalProperties": False,
-}
+SCHEMA10 = USER_SCHEMA  # 10 fields, a nested object, an array, enums, a date format, ranges, a pattern
 
 OCTET = "(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 REGEXES = {
