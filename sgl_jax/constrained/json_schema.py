@@ -24,7 +24,7 @@ Objects
 
 Strings
     Raw characters except ``"``, ``\\`` and U+0000..U+001F, or the escapes
-    ``\\" \\\\ \\/ \\b \\f \\n \\r \\t`` and ``\\uXXXX`` for non-surrogate code units
+    ``\\" \\\\ \\/ \\b \\f \\n \\r \\t`` and ``\\uHHHH`` for non-surrogate code units
     (surrogate escapes are never generated, so ``minLength``/``maxLength``
     count exactly one code point per unit).  ``pattern`` uses full-match
     semantics (a subset of the ECMA "search" semantics, hence sound), with the

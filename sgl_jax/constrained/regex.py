@@ -11,7 +11,7 @@ Supported syntax (a documented subset of Python ``re``; the *whole* output must
 match, i.e. ``re.fullmatch`` semantics):
 
 * literals; escapes ``\\n \\t \\r \\f \\v \\a \\0`` (octal ``\\0oo``), ``\\xHH``,
-  ``\\uXXXX``, ``\\UXXXXXXXX``, and a backslash before any non-alphanumeric
+  ``\\uHHHH``, ``\\UHHHHHHHH``, and a backslash before any non-alphanumeric
   character (``\\. \\\\ \\/ \\- \\{`` ...) which makes it literal;
 * character classes ``[...]`` and negated classes ``[^...]`` with ranges and
   escapes inside (``\\b`` inside a class is backspace, as in Python);
