@@ -90,6 +90,22 @@ def drive(s: Scheduler, runner: MockRunner, max_steps=10000, abort_at=None, chec
     return done, steps
 
 
+def completion_order(s: Scheduler, runner: MockRunner) -> list[str]:
+    """Run one-token requests to completion; the order in which they finished (cache invariants checked)."""
+    order = []
+    while s.has_work:
+        plan = s.schedule()
+        runner.run(plan)
+        s.on_step_done(plan)
+        for c in plan.chunks:
+            if c.samples:
+                c.req.output_ids.append(0)
+                order.append(c.req.rid)
+                s.finish(c.req)
+        s.check_integrity()
+    return order
+
+
 def test_outputs_match_mock_and_pages_hold_the_right_tokens():
     s = make()
     rng = random.Random(0)
@@ -170,17 +186,7 @@ def test_lpm_prefers_cached_prefix_and_starvation_guard_bounds_bypass():
     s.add(Request("cold", list(range(900, 964)), 1))  # arrives first, nothing cached
     for i in range(6):
         s.add(Request(f"hot{i}", shared + [i + 2], 1))
-    order = []
-    while s.has_work:
-        plan = s.schedule()
-        runner.run(plan)
-        s.on_step_done(plan)
-        for c in plan.chunks:
-            if c.samples:
-                c.req.output_ids.append(0)
-                order.append(c.req.rid)
-                s.finish(c.req)
-        s.check_integrity()
+    order = completion_order(s, runner)
     # cache-aware: hot requests first, but the cold one is bypassed at most starvation_limit times
     assert order.index("cold") <= 3, order
     assert order[0].startswith("hot")
@@ -190,15 +196,7 @@ def test_fcfs_order():
     s = make(policy="fcfs", max_running=1)
     for i in range(4):
         s.add(Request(f"r{i}", [i + 1] * 5, 1))
-    order = []
-    while s.has_work:
-        plan = s.schedule()
-        s.on_step_done(plan)
-        for c in plan.chunks:
-            if c.samples:
-                c.req.output_ids.append(0)
-                order.append(c.req.rid)
-                s.finish(c.req)
+    order = completion_order(s, MockRunner(4))
     assert order == ["r0", "r1", "r2", "r3"]
 
 
@@ -211,15 +209,7 @@ def test_dfs_weight_groups_shared_prefixes():
     drive(s, runner)
     for i, base in enumerate([a, b, b, a, b]):
         s.add(Request(f"q{i}", base + [50 + i], 1))
-    order = []
-    while s.has_work:
-        plan = s.schedule()
-        s.on_step_done(plan)
-        for c in plan.chunks:
-            if c.samples:
-                c.req.output_ids.append(0)
-                order.append(c.req.rid)
-                s.finish(c.req)
+    order = completion_order(s, runner)
     # weights are recomputed every step: b (3 waiting) first; after two b's ran, a (2) outweighs b (1)
     assert order == ["q1", "q2", "q0", "q3", "q4"], order
 
