@@ -803,8 +803,11 @@ class Engine:
             if d.top_logprobs_num:
                 del d.output_top[len(d.output_top) - k:]
                 d.output_top.extend(None for _ in keep)
-        d.detok = self.tokenizer.detokenizer(skip_special_tokens=d.params.skip_special_tokens)
-        d.text = d.detok.feed(out)
+        if k:  # tokens were replaced: detokenize the output afresh
+            d.detok = self.tokenizer.detokenizer(skip_special_tokens=d.params.skip_special_tokens)
+            d.text = d.detok.feed(out)
+        else:  # only appended: continue the incremental detokenizer
+            d.text += d.detok.feed(keep)
         if len(out) >= req.max_new_tokens:
             d.text += d.detok.finish()
             d.finish_reason = {"type": "length", "length": req.max_new_tokens}
