@@ -54,7 +54,8 @@ class EngineConfig:
     decode_row_fill: str = _f("auto", "auto | fit | pad: whether multi-token decode runs (jump-forward) may grow a step "
                               "to a larger decode bucket. pad: always (a memory-bound step pays little per row); "
                               "fit: never, they fill spare rows only (a compute-bound CPU pays every row); auto: "
-                              "the bucket with the most real rows per second, by step costs timed at warm-up")
+                              "per step, the run blocks and decode bucket with the most real tokens per second, by "
+                              "step costs timed at warm-up (saved beside the compilation cache)")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
