@@ -70,6 +70,42 @@ class EngineConfig:
     max_constraint_seconds: float = _f(20.0, "compile limit in seconds per constraint")
     json_whitespace: str = _f("", "JSON schema whitespace regex between tokens; empty = compact (longest forced runs)")
 
+    def __post_init__(self):
+        """Range checks, before any weight is loaded; each error names the key and the allowed range."""
+        _choice(self, "dtype", ("float32", "bfloat16", "float16"))
+        if self.kv_dtype:
+            _choice(self, "kv_dtype", ("float32", "bfloat16", "float16"))
+        _choice(self, "attention_backend", ("auto", "jnp", "pallas_tpu", "pallas_gpu"))
+        _choice(self, "schedule_policy", ("lpm", "dfs-weight", "fcfs"))
+        _choice(self, "decode_row_fill", ("auto", "fit", "pad"))
+        for key in ("page_size", "max_context_len", "max_running_requests", "max_prefill_tokens", "prefill_block",
+                    "max_top_logprobs", "constraint_rows", "constraint_classes", "constraint_slots",
+                    "max_constraint_states"):
+            _at_least(self, key, 0 if key == "max_top_logprobs" else 1)
+        for key in ("max_num_pages", "starvation_limit", "max_mixed_blocks", "decode_row_chunk"):
+            _at_least(self, key, 0)
+        _at_least(self, "max_context_len", 2)
+        if not self.kv_memory_gb > 0:
+            raise ConfigError(f"config key 'engine.kv_memory_gb' must be > 0, got {self.kv_memory_gb}")
+        if not 0 <= self.new_token_ratio <= 1:
+            raise ConfigError(f"config key 'engine.new_token_ratio' must be in [0, 1], got {self.new_token_ratio}")
+        if not self.max_constraint_seconds > 0:
+            raise ConfigError(f"config key 'engine.max_constraint_seconds' must be > 0, "
+                              f"got {self.max_constraint_seconds}")
+        for key in ("decode_buckets", "prefill_block_buckets"):
+            _buckets(self, key, allow_empty=False)
+        _buckets(self, "page_width_buckets", allow_empty=True)
+        _buckets(self, "run_block_buckets", allow_empty=True)
+        if max(self.decode_buckets) < self.max_running_requests:
+            raise ConfigError(f"config key 'engine.decode_buckets' {self.decode_buckets} must reach "
+                              f"max_running_requests={self.max_running_requests}")
+        if self.run_block_buckets and self.run_block < 2:
+            raise ConfigError(f"config key 'engine.run_block' must be >= 2 while run_block_buckets is non-empty, "
+                              f"got {self.run_block}")
+        if self.constraint_rows % 64:
+            raise ConfigError(f"config key 'engine.constraint_rows' must be a multiple of 64 (the upload block), "
+                              f"got {self.constraint_rows}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -84,11 +120,40 @@ class ServerConfig:
     drain_timeout_s: float = _f(30.0, "on SIGINT/SIGTERM, how long in-flight requests may run before they are aborted")
     health_generate_timeout_s: float = _f(30.0, "/health_generate answers 503 if no token arrives within this time")
 
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"config key 'server.port' must be in [0, 65535], got {self.port}")
+        _choice(self, "log_level", ("debug", "info", "warning", "error", "critical"), "server")
+        _at_least(self, "max_body_bytes", 1, "server")
+        for key in ("drain_timeout_s", "health_generate_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"config key 'server.{key}' must be > 0, got {getattr(self, key)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
+
+
+def _choice(obj, key: str, allowed: tuple, section: str = "engine") -> None:
+    v = getattr(obj, key)
+    if v not in allowed:
+        raise ConfigError(f"config key '{section}.{key}' must be one of {', '.join(allowed)}; got {v!r}")
+
+
+def _at_least(obj, key: str, lo: int, section: str = "engine") -> None:
+    v = getattr(obj, key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo:
+        raise ConfigError(f"config key '{section}.{key}' must be >= {lo}, got {v!r}")
+
+
+def _buckets(obj, key: str, allow_empty: bool) -> None:
+    v = getattr(obj, key)
+    if not isinstance(v, (list, tuple)) or (not v and not allow_empty) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in v):
+        raise ConfigError(f"config key 'engine.{key}' must be a {'' if allow_empty else 'non-empty '}list of "
+                          f"positive ints, got {v!r}")
 
 
 def _check_type(section: str, name: str, tp, value):

@@ -20,3 +20,7 @@ class InvalidRequestError(ValueError):
 
 class UnsupportedFeatureError(InvalidRequestError):
     """The request is well formed but asks for something this server does not do (yet)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped for good (the reason is in the message); the server answers 503."""

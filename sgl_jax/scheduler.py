@@ -209,6 +209,20 @@ class Scheduler:
         req.state = ReqState.FINISHED
         self.by_rid.pop(req.rid, None)
 
+    def mark_output(self, req: Request, tokens: list[int], rebuild: bool = False) -> None:
+        """Record output tokens that did not come from this request's sampling rows (jump-forward) in its
+        penalty history, applied by the next plan. `rebuild`: tokens were also taken back, so the slot's
+        history is cleared and rebuilt from the whole sequence."""
+        if not req.uses_penalties or req.state is not ReqState.RUNNING or req.slot < 0:
+            return
+        if rebuild:
+            self._resets.append(req.slot)
+            self._marks = [m for m in self._marks if m[0] != req.slot]
+            self._marks += [(req.slot, t, False) for t in req.prompt_ids]
+            self._marks += [(req.slot, t, True) for t in req.output_ids]
+        else:
+            self._marks += [(req.slot, t, True) for t in tokens]
+
     @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)

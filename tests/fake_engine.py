@@ -34,6 +34,7 @@ import time
 import uuid
 
 from sgl_jax.config import EngineConfig
+from sgl_jax.engine.prepare import PreparedRequest
 from sgl_jax.errors import InvalidRequestError, UnsupportedFeatureError
 from sgl_jax.sampling_params import SamplingParams
 
@@ -122,6 +123,7 @@ class FakeEngine:
         self.aborted_rids: list[str] = []
         self.started = self.finished = self.aborted = 0
         self.is_shut_down = False
+        self._raw: dict = {}  # (ids, params) -> the raw fields a test may inspect in `calls`
 
     # -- interface ----------------------------------------------------------------------------------
     @property
@@ -160,22 +162,41 @@ class FakeEngine:
                 field="logprob_start_len")
         return ids, sp
 
-    def validate(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
-                 logprob_start_len=-1, top_logprobs_num=0) -> None:
-        self._check(text, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+    def prepare(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
+                logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, rid=None) -> PreparedRequest:
+        self._check_open()
+        ids, sp = self._check(text, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
+        prep = PreparedRequest(input_ids=tuple(ids), params=sp, return_logprob=return_logprob,
+                               logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
+                               return_text_in_logprobs=return_text_in_logprobs, rid=rid)
+        self._raw[prep.input_ids, sp] = dict(text=text, input_ids=input_ids, sampling_params=sampling_params)
+        return prep
 
-    async def generate_stream(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
-                              logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, rid=None,
-                              stream=True):
+    def validate(self, **kw) -> None:
+        self.prepare(**kw)
+
+    def health(self) -> tuple[bool, str]:
+        return (False, "the engine is shut down") if self.is_shut_down else (True, "ok")
+
+    def _check_open(self) -> None:
+        if self.is_shut_down:
+            raise RuntimeError("the engine is shut down")
+
+    async def generate_stream(self, *, prepared: PreparedRequest | None = None, stream=True, **kw):
         """One sequence's cumulative events; with stream=False only the final one."""
-        ids, sp = self._check(text, input_ids, sampling_params, return_logprob, logprob_start_len,
-                              top_logprobs_num)
-        rid = rid or uuid.uuid4().hex
+        if prepared is None:
+            prepared = self.prepare(**kw)
+        self._check_open()
+        p = prepared
+        ids, sp = list(p.input_ids), p.params
+        return_logprob, logprob_start_len, top_logprobs_num = p.return_logprob, p.logprob_start_len, p.top_logprobs_num
+        return_text_in_logprobs = p.return_text_in_logprobs
+        rid = p.rid or uuid.uuid4().hex
         if rid in self.running:
-            raise InvalidRequestError(f"rid {rid!r} is already running", field="rid")
-        self.calls.append(dict(text=text, input_ids=input_ids, sampling_params=sampling_params,
-                               return_logprob=return_logprob, logprob_start_len=logprob_start_len,
-                               top_logprobs_num=top_logprobs_num, rid=rid, stream=stream))
+            raise InvalidRequestError(f"rid {rid!r} is already in use by a running request", field="rid")
+        self.calls.append(dict(self._raw.get((p.input_ids, sp), {}), return_logprob=return_logprob,
+                               logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num, rid=rid,
+                               stream=stream))
         t0 = time.perf_counter()
         run = _Running(rid, len(ids))
         self.running[rid] = run

@@ -40,6 +40,7 @@ class SubRequest:
     logprob_start_len: int = -1
     top_logprobs_num: int = 0
     return_text_in_logprobs: bool = False
+    prepared: Any = None  # the engine's PreparedRequest, set by the server before the request is queued
 
     def validate_kwargs(self) -> dict[str, Any]:
         return dict(text=self.text, input_ids=self.input_ids, sampling_params=self.sampling_params,

@@ -5,8 +5,8 @@ A request's life:
    (every route but /health), and 413 for a body over `server.max_body_bytes`; it reads the body once.
 2. The route parses the JSON (`protocol.py`) into `SubRequest`s, one engine sequence each (batch
    items x n samples), naming any bad field in a 400.
-3. Every sub-request passes `engine.validate` before any byte of the answer is sent, so a stream
-   never starts on a request that the engine would refuse.
+3. Every sub-request is prepared by `engine.prepare` (validated and tokenized once, in a worker thread)
+   before any byte of the answer is sent, so a stream never starts on a request the engine would refuse.
 4. `ServerState.stream_one` runs one `engine.generate_stream`, keeping its rid in `inflight` (for
    /abort_request and for draining). It always ends with an event whose `finish_reason` is set,
    and on any early exit it closes the engine's generator and aborts the rid, so the engine frees
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import inspect
 import json
 import logging
 import math
@@ -40,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sgl_jax import __version__
 from sgl_jax.config import Config, ServerConfig
-from sgl_jax.errors import InvalidRequestError
+from sgl_jax.errors import EngineDeadError, InvalidRequestError
 from sgl_jax.serve import protocol
 from sgl_jax.serve.protocol import SubRequest
 
@@ -88,6 +87,8 @@ def sse_error(e: Exception) -> bytes:
     """The SSE event that ends a stream which failed mid-way (call inside the `except`: it logs the trace)."""
     if isinstance(e, InvalidRequestError):
         return sse({"error": {"message": str(e), "code": 400}})
+    if isinstance(e, EngineDeadError):
+        return sse({"error": {"message": str(e), "code": 503}})
     log.exception("engine error while streaming")
     return sse({"error": {"message": f"internal error: {type(e).__name__}: {e}", "code": 500}})
 
@@ -150,26 +151,32 @@ class ServerState:
         self.inflight: dict[str, SubRequest] = {}
         self.groups: dict[str, list[str]] = {}   # a client's rid / OpenAI id -> engine rids
         self.shutdown_message = "the server is shutting down"
-        # Engines may take `stream=False` (only the final event: less traffic for non-streaming calls).
-        try:
-            self._engine_takes_stream = "stream" in inspect.signature(engine.generate_stream).parameters
-        except (TypeError, ValueError):
-            self._engine_takes_stream = False
 
     @property
     def model_name(self) -> str:
         return self.config.served_model_name or self.engine.model_path
 
-    def validate(self, subs: list[SubRequest]) -> None:
+    async def prepare(self, subs: list[SubRequest]) -> None:
+        """Validate and tokenize every sub-request once, in a worker thread (never on the event loop);
+        raises InvalidRequestError before anything is queued. n samples of one prompt prepare once.
+        A dead engine raises EngineDeadError (503) here, before a stream's 200 is sent."""
+        ok, why = self.engine.health()
+        if not ok:
+            raise EngineDeadError(why)
         for s in subs:
             if s.rid in self.inflight:
                 raise InvalidRequestError(f"rid {s.rid!r} is already in use by a running request", field="rid")
-        seen: set = set()
-        for s in subs:
-            key = repr(s.validate_kwargs())
-            if key not in seen:  # n samples of one prompt validate once
-                seen.add(key)
-                self.engine.validate(**s.validate_kwargs())
+
+        def work():
+            done: dict[str, Any] = {}
+            for s in subs:
+                kw = dict(s.stream_kwargs(), rid=None)
+                key = repr(kw)
+                if key not in done:
+                    done[key] = self.engine.prepare(**kw)
+                s.prepared = done[key].with_rid(s.rid)
+
+        await asyncio.to_thread(work)
 
     @contextlib.contextmanager
     def group(self, rid: str | None, subs: list[SubRequest]):
@@ -194,11 +201,10 @@ class ServerState:
         """The engine's events for one sub-request; the last one always has a finish_reason."""
         if sub.rid in self.inflight:
             raise InvalidRequestError(f"rid {sub.rid!r} is already in use by a running request", field="rid")
+        if sub.prepared is None:
+            raise RuntimeError(f"sub-request {sub.rid!r} was not prepared")
         self.inflight[sub.rid] = sub
-        kwargs = sub.stream_kwargs()
-        if self._engine_takes_stream:
-            kwargs["stream"] = stream
-        agen = self.engine.generate_stream(**kwargs)
+        agen = self.engine.generate_stream(prepared=sub.prepared, stream=stream)
         last: dict | None = None
         finished = False
         try:
@@ -401,6 +407,10 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
     async def _invalid(request, exc: InvalidRequestError):
         return error_response(400, str(exc))
 
+    @app.exception_handler(EngineDeadError)
+    async def _dead(request, exc: EngineDeadError):
+        return error_response(503, str(exc))
+
     @app.exception_handler(StarletteHTTPException)
     async def _starlette(request, exc):
         return error_response(exc.status_code, str(exc.detail))
@@ -414,9 +424,10 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
 
     @app.post("/generate")
     async def generate(request: Request):
-        req = protocol.parse_generate(await _json(request), vocab_size=int(tok.vocab_size),
+        body = await _json(request)
+        req = await asyncio.to_thread(protocol.parse_generate, body, vocab_size=int(tok.vocab_size),
                                       max_context=int(engine.max_context_len))
-        state.validate(req.subs)
+        await state.prepare(req.subs)
         if req.stream:
             async def events():
                 with state.group(req.rid, req.subs):
@@ -466,6 +477,9 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
 
     @app.get("/health")
     async def health():
+        ok, why = engine.health()
+        if not ok:
+            return error_response(503, why)
         return json_response({"status": "ok"})
 
     @app.get("/health_generate")
@@ -474,6 +488,7 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
         sub = SubRequest(index=0, rid=protocol.new_id("health-"), input_ids=list(ids),
                          sampling_params={"max_new_tokens": 1, "temperature": 0, "ignore_eos": True})
         try:
+            await state.prepare([sub])
             finals = await asyncio.wait_for(state.collect([sub], None), timeout=cfg.health_generate_timeout_s)
         except asyncio.TimeoutError:
             return error_response(503, f"no token within server.health_generate_timeout_s="
@@ -553,16 +568,18 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = protocol.parse_completion(await _json(request), tok, max_context=int(engine.max_context_len))
+        body = await _json(request)
+        req = await asyncio.to_thread(protocol.parse_completion, body, tok, max_context=int(engine.max_context_len))
         return await _openai(request, req, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = protocol.parse_chat(await _json(request), tok, max_context=int(engine.max_context_len))
+        body = await _json(request)
+        req = await asyncio.to_thread(protocol.parse_chat, body, tok, max_context=int(engine.max_context_len))
         return await _openai(request, req, chat=True)
 
     async def _openai(request: Request, req: protocol.OpenAIRequest, chat: bool):
-        state.validate(req.subs)
+        await state.prepare(req.subs)
         if req.stream:
             return _SSEResponse(_openai_events(req, chat))
         with state.group(req.id, req.subs):

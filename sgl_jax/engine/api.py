@@ -1,0 +1,291 @@
+"""The Engine: SGLang's offline API in-process, and the object every front end serves.
+
+A request's life through the public API:
+ 1. `prepare(...)` (or `generate` / `async_generate` / `generate_stream`, which call it) validates and
+    tokenizes in the caller's thread into a `PreparedRequest` (`prepare.py`); a bad request raises
+    `InvalidRequestError` naming the field before anything is queued. A batch is prepared whole
+    before any item is submitted.
+ 2. The prepared request becomes a scheduler `Request` whose `data` is its `OutputState`, and is
+    submitted to the `EngineLoop` (`loop.py`), the one thread that owns the scheduler, the radix cache
+    and the device state.
+ 3. Events come back through the request's sink: a queue for sync callers, an asyncio queue (fed with
+    `call_soon_threadsafe`) for async ones. Closing a stream early aborts the request.
+
+The parts and their owners: `build.py` makes the model, runner, pool, cache and scheduler;
+`constraints.py` owns structured generation; `output.py` owns detokenization, stops, logprobs and
+events; `loop.py` owns the thread and fault handling. This class is the thin API over them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import queue
+import random
+import threading
+import uuid
+from typing import AsyncIterator, Iterator
+
+from sgl_jax.config import EngineConfig, build
+from sgl_jax.engine.constraints import ConstraintManager
+from sgl_jax.engine.loop import EngineLoop, StepInfo
+from sgl_jax.engine.output import OutputProcessor
+from sgl_jax.engine.prepare import PreparedRequest, RequestPreparer, expand_batch
+from sgl_jax.errors import InvalidRequestError
+from sgl_jax.scheduler import Request
+
+
+class Engine:
+    """In-process engine: `Engine(model="smollm2-135m", **config)` or `Engine(EngineConfig(...))`."""
+
+    def __init__(self, config: EngineConfig | str | None = None, *, metrics=None, progress: bool = True,
+                 **overrides):
+        from sgl_jax.engine.build import build_runtime
+
+        if isinstance(config, str):
+            overrides.setdefault("model", config)
+            config = None
+        if config is None:
+            config = build(EngineConfig, overrides, "engine")
+        elif overrides:
+            config = build(EngineConfig, {**dataclasses.asdict(config), **overrides}, "engine")
+        self.config: EngineConfig = config
+        self.metrics = metrics
+        rt = build_runtime(config, progress=progress)
+        self.model_path, self.model_config, self.tokenizer = rt.model_path, rt.model_config, rt.tokenizer
+        self.runner, self.allocator, self.cache, self.scheduler = rt.runner, rt.allocator, rt.cache, rt.scheduler
+        self.max_context_len = rt.max_context_len
+        self.load_seconds, self.compile_seconds, self.warmup_compiles = (rt.load_seconds, rt.compile_seconds,
+                                                                         rt.warmup_compiles)
+        vocab = self.model_config.vocab_size
+        self.constraints = ConstraintManager(config, self.tokenizer, vocab, self.runner.upload_constraint)
+        self.output = OutputProcessor(self.tokenizer, self.max_context_len, metrics)
+        self.preparer = RequestPreparer(self.tokenizer, vocab_size=vocab, max_context_len=self.max_context_len,
+                                        max_top_logprobs=config.max_top_logprobs,
+                                        check_constraint=self.constraints.check)
+        self._rng = random.Random(config.seed)
+        self._seed_lock = threading.Lock()
+        self.loop = EngineLoop(scheduler=self.scheduler, runner=self.runner, constraints=self.constraints,
+                               output=self.output, row_params=self._row_params, metrics=metrics,
+                               check_integrity_when_idle=config.check_integrity_when_idle)
+        self.loop.start()
+
+    # ---------------------------------------------------------------------------- requests
+    def prepare(self, **kw) -> PreparedRequest:
+        """Validate and tokenize one sequence's request (raises InvalidRequestError naming the field)."""
+        return self.preparer.prepare(**kw)
+
+    def validate(self, **kw) -> None:
+        """Raise InvalidRequestError if the request is bad; changes nothing."""
+        self.preparer.prepare(**kw)
+
+    def _request(self, prep: PreparedRequest, sink, stream: bool) -> Request:
+        sp = prep.params
+        if sp.sampling_seed is not None:
+            seed = sp.sampling_seed
+        else:
+            with self._seed_lock:
+                seed = self._rng.getrandbits(32)
+        data = self.output.start(prep, sink, stream, seed)
+        start = prep.logprob_start_len if prep.return_logprob and prep.logprob_start_len >= 0 else -1
+        uses_penalties = sp.frequency_penalty != 0 or sp.presence_penalty != 0 or sp.repetition_penalty != 1
+        return Request(rid=prep.rid or uuid.uuid4().hex, prompt_ids=list(prep.input_ids),
+                       max_new_tokens=sp.max_new_tokens, logprob_start=start, uses_penalties=uses_penalties,
+                       data=data)
+
+    def _prepare_all(self, prompt, input_ids, sampling_params, stream, rid, common) -> tuple[bool, list]:
+        batched, items = expand_batch(prompt, input_ids, sampling_params)
+        if stream and batched:
+            raise InvalidRequestError("stream=True takes a single prompt", field="stream")
+        if batched and rid is not None and not isinstance(rid, list):
+            raise InvalidRequestError("a batch takes a list of rids (one per sequence) or none", field="rid")
+        rids = rid if isinstance(rid, list) else [rid]
+        if batched and rid is not None and len(rids) != len(items):
+            raise InvalidRequestError(f"'rid' has {len(rids)} entries for {len(items)} sequences", field="rid")
+        preps = [self.prepare(sampling_params=sp, rid=rids[i] if rid is not None else None, **kw, **common)
+                 for i, (kw, sp) in enumerate(items)]
+        return batched, preps
+
+    def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                 logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, stream=False,
+                 rid=None):
+        """SGLang's Engine.generate: a dict for one prompt, a list for a batch (or n > 1).
+
+        With stream=True (single prompt), returns an iterator of cumulative output dicts.
+        """
+        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        batched, preps = self._prepare_all(prompt, input_ids, sampling_params, stream, rid, common)
+        if stream:
+            return self.stream_prepared(preps[0])
+        return self.run_prepared(preps) if batched else self.run_prepared(preps)[0]
+
+    def run_prepared(self, preps: list[PreparedRequest]) -> list[dict]:
+        """Run prepared requests together (submitted as one batch); their final outputs in order."""
+        qs = [queue.SimpleQueue() for _ in preps]
+        reqs = [self._request(p, q.put, False) for p, q in zip(preps, qs)]
+        self.loop.submit(reqs)
+        return [q.get() for q in qs]
+
+    def stream_prepared(self, prep: PreparedRequest) -> Iterator[dict]:
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        req = self._request(prep, q.put, True)
+        self.loop.submit([req])
+        return self._iterate(q, req.rid)
+
+    def _iterate(self, q, rid) -> Iterator[dict]:
+        finished = False
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev["meta_info"]["finish_reason"] is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.abort(rid)
+
+    async def generate_stream(self, *, prepared: PreparedRequest | None = None, stream=True,
+                              **kw) -> AsyncIterator[dict]:
+        """One sequence; yields cumulative output dicts (only the final one if stream=False).
+
+        Takes a PreparedRequest (the server prepares off its event loop) or the fields of one.
+        Closing the generator before the final event aborts the request.
+        """
+        if prepared is None:
+            prepared = self.prepare(**kw)
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        req = self._request(prepared, lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev), stream)
+        self.loop.submit([req])
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if ev["meta_info"]["finish_reason"] is not None:
+                    finished = True
+                yield ev
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(req.rid)
+
+    async def async_generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
+                             logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False,
+                             stream=False, rid=None):
+        """Asyncio twin of generate(): awaits the result, or returns an async iterator when streaming.
+
+        Every item of a batch is prepared before any is submitted: one bad item submits nothing.
+        """
+        common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
+                      top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
+        batched, preps = self._prepare_all(prompt, input_ids, sampling_params, stream, rid, common)
+        if stream:
+            return self.generate_stream(prepared=preps[0])
+        loop = asyncio.get_running_loop()
+        qs = [asyncio.Queue() for _ in preps]
+        reqs = [self._request(p, (lambda q: lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))(q), False)
+                for p, q in zip(preps, qs)]
+        self.loop.submit(reqs)
+        try:
+            outs = [await q.get() for q in qs]
+        except asyncio.CancelledError:
+            for r in reqs:
+                self.abort(r.rid)
+            raise
+        return outs if batched else outs[0]
+
+    # ---------------------------------------------------------------------------- control
+    def abort(self, rid: str) -> bool:
+        """Abort a running or waiting request; False if no live request has this rid."""
+        return self.loop.abort(rid)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix. Refused (False) while requests are running."""
+
+        def flush():
+            if self.scheduler.running or self.scheduler.waiting or self.constraints.pending:
+                return False
+            self.cache.reset()
+            return True
+
+        return self.loop.call(flush)
+
+    def check_integrity(self) -> None:
+        def check():
+            self.scheduler.check_integrity()
+            self.constraints.table.check_integrity()
+
+        self.loop.call(check)
+
+    def health(self) -> tuple[bool, str]:
+        """(True, "ok") while the engine loop serves; (False, why) once it is dead or shut down."""
+        return self.loop.health()
+
+    def add_step_listener(self, fn) -> None:
+        """fn(StepInfo) after every step, on the engine thread (keep it cheap)."""
+        self.loop.step_listeners.append(fn)
+
+    @property
+    def step_times(self) -> list[float]:
+        return self.loop.step_times
+
+    @property
+    def host_times(self) -> list[float]:
+        return self.loop.host_times
+
+    @property
+    def num_steps(self) -> int:
+        return self.loop.num_steps
+
+    @property
+    def constraint_table(self):
+        return self.constraints.table
+
+    def get_server_info(self) -> dict:
+        info = dict(dataclasses.asdict(self.config))
+        info.update(model_path=self.model_path, max_context_len=self.max_context_len,
+                    num_kv_pages=self.runner.num_pages, load_seconds=round(self.load_seconds, 3),
+                    compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles)
+        info.update(self.stats())
+        return info
+
+    def stats(self) -> dict:
+        s, c = self.scheduler, self.output.counters
+        return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.num_steps,
+                    num_retractions=s.num_retractions, free_pages=self.allocator.num_free,
+                    cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
+                    cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
+                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1))
+
+    def shutdown(self) -> None:
+        self.loop.shutdown()
+        self.constraints.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    # ----------------------------------------------------------------------------- rows
+    def _row_params(self, c):
+        """Host-side sampling parameters of a chunk's sampling row (called by the runner)."""
+        from sgl_jax.runner import RowParams
+
+        d = c.req.data
+        p = d.params
+        bias = list(p.logit_bias)
+        if len(c.req.output_ids) < p.min_new_tokens:
+            bias += [(t, float("-inf")) for t in sorted(d.prep.stop_ids)]
+        fsm_state, fsm_slot, host_mask = self.constraints.row(c.req, c.samples)
+        return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
+                         frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
+                         repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
+                         step=len(c.req.output_ids), top=d.prep.top_logprobs_num > 0, fsm_state=fsm_state,
+                         fsm_slot=fsm_slot, host_mask=host_mask)
+
+
+__all__ = ["Engine", "PreparedRequest", "StepInfo"]

@@ -1,0 +1,138 @@
+"""Building the engine's parts from an EngineConfig: model, device runner, page pool, radix cache,
+scheduler; compiling the step shapes and timing them. The only module of the engine package that
+imports jax (through the runner); everything it returns is owned by the engine loop afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+
+from sgl_jax.config import EngineConfig
+
+log = logging.getLogger("sgl_jax.engine")
+
+
+@dataclasses.dataclass
+class Runtime:
+    """What `build_runtime` made."""
+
+    model_path: str
+    model_config: object
+    tokenizer: object
+    runner: object
+    allocator: object
+    cache: object
+    scheduler: object
+    max_context_len: int
+    load_seconds: float
+    compile_seconds: float
+    warmup_compiles: int
+
+
+def default_widths(max_pages: int, page_size: int) -> list[int]:
+    """Page-table widths to compile: 256 tokens, then x4, up to the context length."""
+    w = max(1, math.ceil(256 / page_size))
+    out = []
+    while w < max_pages:
+        out.append(w)
+        w *= 4
+    out.append(max_pages)
+    return out
+
+
+def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
+    import jax
+
+    from sgl_jax.cache import PageAllocator, RadixCache
+    from sgl_jax.models.loader import canonical_dtype, load_model
+    from sgl_jax.runner import ModelRunner, enable_compilation_cache
+    from sgl_jax.scheduler import Scheduler, SchedulerConfig
+
+    enable_compilation_cache(c.compile_cache_dir)
+    t0 = time.perf_counter()
+    loaded = load_model(c.model, c.dtype, progress=progress)
+    load_seconds = time.perf_counter() - t0
+    mc = loaded.config
+    dtype = canonical_dtype(c.dtype)
+    kv_dtype = canonical_dtype(c.kv_dtype or c.dtype)
+    max_context_len = min(c.max_context_len, mc.max_position_embeddings)
+    page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * c.page_size
+    num_pages = int(c.kv_memory_gb * (1 << 30)) // page_bytes + 1
+    if c.max_num_pages > 0:
+        num_pages = min(num_pages, c.max_num_pages)
+    max_pages_per_seq = math.ceil(max_context_len / c.page_size)
+    if num_pages - 1 < max_pages_per_seq:
+        raise ValueError(f"the KV pool ({num_pages - 1} pages of {c.page_size} tokens, kv_memory_gb="
+                         f"{c.kv_memory_gb}) cannot hold one request of max_context_len={max_context_len}")
+    widths = list(c.page_width_buckets) or default_widths(max_pages_per_seq, c.page_size)
+    if max(widths) < max_pages_per_seq:
+        raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={max_context_len} "
+                         f"({max_pages_per_seq} pages)")
+    max_blocks = max(c.prefill_block_buckets)
+    # a mixed step's block count is rounded up to a bucket: the largest bucket within the limit
+    mixed_blocks = max([b for b in c.prefill_block_buckets if b <= c.max_mixed_blocks], default=0)
+    runner = ModelRunner(
+        mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, page_size=c.page_size,
+        block_q=c.prefill_block, num_slots=c.max_running_requests, decode_buckets=c.decode_buckets,
+        block_buckets=c.prefill_block_buckets, max_mixed_blocks=c.max_mixed_blocks,
+        page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
+        attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
+        constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
+        run_q=c.run_block, run_buckets=list(c.run_block_buckets))
+    allocator = PageAllocator(num_pages, reserved=1)
+    cache = RadixCache(allocator, c.page_size, disabled=c.disable_radix_cache)
+    scheduler = Scheduler(cache, SchedulerConfig(
+        page_size=c.page_size, max_running=c.max_running_requests,
+        max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
+        prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
+        max_mixed_blocks=mixed_blocks, max_context=max_context_len, policy=c.schedule_policy,
+        starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio,
+        max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk,
+        decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill,
+        decode_buckets=tuple(sorted(c.decode_buckets)), page_width_buckets=tuple(sorted(widths)),
+        run_q=c.run_block, run_buckets=tuple(sorted(c.run_block_buckets))))
+    compile_seconds = 0.0
+    if c.warmup:
+        compile_seconds = runner.warmup(progress=progress)
+        if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
+            scheduler.cfg = dataclasses.replace(scheduler.cfg, decode_fill="cost",
+                                                decode_costs=step_costs(c, runner, loaded.path))
+    return Runtime(loaded.path, mc, loaded.tokenizer, runner, allocator, cache, scheduler, max_context_len,
+                   load_seconds, compile_seconds, runner.num_compiles)
+
+
+def step_costs(c: EngineConfig, r, model_path: str) -> dict:
+    """Decode step costs per shape (ModelRunner.measure_decode_costs), kept beside the compilation cache:
+    timing every shape takes ~20 s for the CPU preset, so a restart on the same machine reuses them."""
+    import jax
+
+    dev = jax.devices()[0]
+    key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.attention_backend, r.platform,
+                      getattr(dev, "device_kind", ""), jax.__version__, r.page_size, r.num_pages, r.run_q,
+                      r.decode_buckets, r.run_buckets, r.page_width_buckets, os.cpu_count()])
+    path = None
+    if c.compile_cache_dir:
+        path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",
+                            hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        try:
+            with open(path) as f:
+                return {tuple(k): v for k, v in json.load(f)}
+        except (OSError, ValueError, TypeError):
+            pass  # not measured yet (or unreadable): measure
+    costs = r.measure_decode_costs()
+    if path:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump([[list(k), v] for k, v in sorted(costs.items())], f)
+            os.replace(tmp, path)
+        except OSError as e:
+            log.warning("could not save step costs to %s: %s", path, e)
+    return costs
