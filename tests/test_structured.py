@@ -173,3 +173,50 @@ def test_random_schemas_and_regexes_through_the_engine(engines, temperature):
             assert re.fullmatch(p, o["text"], re.ASCII), (p, o["text"])
     jf.check_integrity()
     jf.constraint_table.check_integrity()
+
+
+def _same(a, b, ids=True):
+    key = lambda o: ((o["output_ids"] if ids else None), o["text"], o["meta_info"]["finish_reason"])  # noqa: E731
+    return key(a) == key(b)
+
+
+@pytest.mark.timeout(600)
+def test_stops_and_penalties_inside_forced_runs_match_without_jump_forward(engines):
+    """Every appended token, sampled or forced, takes the same finish and penalty path: outputs are
+    identical with jump-forward on and off. The forced texts below contain no pair the tiny tokenizer
+    merges, so both modes segment them into the same tokens and even the ids must agree."""
+    jf, nojf = engines
+    rx = r"(ab|cd)-XYZ-QVK-[0-9]{2,4}"
+    z_id = jf.tokenizer.encode("Z", add_special_tokens=False)[0]
+    cases = [
+        {"stop": ["QVK"]},
+        {"stop": ["QVK"], "no_stop_trim": True},
+        {"stop_regex": [r"Q[A-Z]+"]},
+        {"stop_token_ids": [z_id]},
+        {"max_new_tokens": 6},  # the length limit falls inside the forced run
+        {"stop": ["XY"], "min_new_tokens": 12},  # "XY" completes before min_new_tokens: no stop there
+    ]
+    for extra in cases:
+        sp = {"regex": rx, "temperature": 0, "max_new_tokens": 40, **extra}
+        a = jf.generate(input_ids=[5, 6, 7], sampling_params=sp)
+        b = nojf.generate(input_ids=[5, 6, 7], sampling_params=sp)
+        assert _same(a, b), (extra, a, b)
+        assert a["meta_info"]["finish_reason"]["type"] in ("stop", "length"), a
+        assert a["meta_info"]["finish_reason"].get("matched") != 0
+    out = jf.generate(input_ids=[5, 6, 7], sampling_params={"regex": rx, "temperature": 0, "max_new_tokens": 40,
+                                                           "stop": ["QVK"]})
+    assert out["text"].endswith("-XYZ-") and out["meta_info"]["finish_reason"]["matched"] == "QVK"
+    # a forced run the tokenizer merges differently: the text and the finish reason still agree
+    sp = {"regex": r"(cat|dog) is the capital of France\.[a-z]{2,6}", "temperature": 0, "max_new_tokens": 40,
+          "stop": ["capital"]}
+    a, b = jf.generate(input_ids=[5, 6, 7], sampling_params=sp), nojf.generate(input_ids=[5, 6, 7], sampling_params=sp)
+    assert _same(a, b, ids=False) and a["text"].endswith(" is the "), (a, b)
+    # penalties count forced tokens: free text after a forced run sees the same counts either way
+    for pen in ({"frequency_penalty": 1.5}, {"presence_penalty": 1.2}, {"repetition_penalty": 1.8}):
+        sp = {"regex": r"[a-e]{1,3}(abcde){3}[a-e]{6,10}", "temperature": 0, "max_new_tokens": 40, **pen}
+        a = jf.generate(input_ids=[9, 10, 11], sampling_params=sp)
+        b = nojf.generate(input_ids=[9, 10, 11], sampling_params=sp)
+        assert _same(a, b), (pen, a["text"], b["text"])
+        assert re.fullmatch(sp["regex"], a["text"]), a
+    jf.check_integrity()
+    nojf.check_integrity()

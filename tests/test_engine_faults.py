@@ -1,0 +1,252 @@
+"""Fault injection and request-lifecycle races in the engine loop (issue: no silent death).
+
+A fault raised while handling one request (admission, constraint compile, constraint upload, the step,
+postprocess, jump-forward) fails the requests it concerns with an abort event naming the phase; the
+others finish exactly as without the fault, the cache invariants hold, and the engine keeps serving.
+A loop that cannot go on is dead: /health-style `health()` says so, waiting requests get abort events,
+new ones raise EngineDeadError at once.
+"""
+
+import asyncio
+import threading
+
+import pytest
+
+from sgl_jax.engine import Engine, EngineProtocol
+from sgl_jax.errors import EngineDeadError, InvalidRequestError
+from sgl_jax.models.testing import write_tiny_gguf
+from test_engine import GREEDY, SMALL, prompts
+
+CFG = dict(SMALL, constraint_rows=1024, constraint_classes=320, constraint_slots=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf("llama", str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_path):
+    with Engine(model=tiny_path, progress=False, **CFG) as e:
+        yield e
+
+
+def _bad(req_or_rid) -> bool:
+    rid = req_or_rid if isinstance(req_or_rid, str) else req_or_rid.rid
+    return rid.startswith("bad")
+
+
+def _run_mixed(engine, sps):
+    """Good and bad requests concurrently; returns {rid: final event}."""
+    ps = prompts(6, seed=11)
+    rids = [f"good{i}" for i in range(3)] + [f"bad{i}" for i in range(3)]
+
+    async def go():
+        return await asyncio.gather(*(engine.async_generate(input_ids=p, sampling_params=sp, rid=r)
+                                      for p, sp, r in zip(ps, sps, rids)))
+
+    return dict(zip(rids, asyncio.run(go()))), ps
+
+
+def _check(engine, outs, reference, phase_words):
+    for rid, out in outs.items():
+        fr = out["meta_info"]["finish_reason"]
+        if _bad(rid):
+            assert fr["type"] == "abort" and phase_words in fr["message"], (rid, fr)
+        else:
+            assert out["output_ids"] == reference[rid], (rid, fr)
+    engine.check_integrity()
+    assert engine.health() == (True, "ok")
+    # and it keeps serving
+    assert engine.generate(input_ids=[5, 6, 7], sampling_params={**GREEDY, "max_new_tokens": 2})[
+        "meta_info"]["finish_reason"]["type"] == "length"
+
+
+PLAIN = [GREEDY] * 6
+REGEX = [{"regex": r"[a-c]{2,5}-[0-9]{2}(x|y)", "temperature": 0, "max_new_tokens": 30}] * 6
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("phase,target,attr,sps,words", [
+    ("admission", "scheduler", "add", PLAIN, "engine error in admission"),
+    ("constraint compile", "constraints.cache", "submit", REGEX, "engine error in constraint compile"),
+    ("postprocess", "constraints", "on_sampled", REGEX, "engine error in postprocess"),
+    ("jump-forward", "constraints", "plan_jump", REGEX, "engine error in"),
+    ("output", "output", "check_finish", PLAIN, "engine error in postprocess"),
+])
+def test_fault_in_one_request_fails_only_that_request(engine, monkeypatch, phase, target, attr, sps, words):
+    reference, _ = _run_mixed(engine, sps)
+    reference = {r: o["output_ids"] for r, o in reference.items()}
+    obj = engine
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    orig = getattr(obj, attr)
+
+    def faulty(*args, **kw):
+        reqs = [a for a in args if hasattr(a, "rid")]
+        if reqs and _bad(reqs[0]):
+            raise RuntimeError(f"injected fault in {phase}")
+        return orig(*args, **kw)
+
+    if attr == "submit":  # ConstraintCache.submit gets no request: fail compiles of the bad requests' regex
+        def faulty(kind, spec, *a, **kw):  # noqa: F811
+            if spec == "bad":
+                raise RuntimeError("injected fault in compile")
+            return orig(kind, spec, *a, **kw)
+        sps = sps[:3] + [{**sps[0], "regex": "bad"}] * 3
+        reference.update({f"bad{i}": None for i in range(3)})
+    monkeypatch.setattr(obj, attr, faulty)
+    outs, _ = _run_mixed(engine, sps)
+    _check(engine, outs, reference, words)
+
+
+@pytest.mark.timeout(300)
+def test_fault_in_constraint_upload_fails_that_request(engine, monkeypatch):
+    good = {"regex": r"[ab]{3}c", "temperature": 0, "max_new_tokens": 10}
+    ref = engine.generate(input_ids=[4, 5, 6], sampling_params=good)
+    orig = engine.constraints.upload
+
+    def faulty(place):
+        if place.fsm.num_states == bad_states:
+            raise RuntimeError("injected upload fault")
+        return orig(place)
+
+    from sgl_jax.constrained import compile_regex
+    bad_rx = r"[xy]{4}z"
+    bad_states = compile_regex(bad_rx, engine.constraints.vocabulary()).num_states
+    monkeypatch.setattr(engine.constraints, "upload", faulty)
+    outs = engine.generate(input_ids=[[4, 5, 6], [4, 5, 6]],
+                           sampling_params=[good, {**good, "regex": bad_rx}])
+    assert outs[0]["output_ids"] == ref["output_ids"]
+    fr = outs[1]["meta_info"]["finish_reason"]
+    assert fr["type"] == "abort" and "injected upload fault" in fr["message"]
+    engine.check_integrity()
+
+
+@pytest.mark.timeout(300)
+def test_failed_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypatch):
+    ps = prompts(3, seed=12)
+    ref = [o["output_ids"] for o in engine.generate(input_ids=ps, sampling_params=GREEDY)]
+    orig, calls = engine.runner.run, []
+
+    def once(plan, rows):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("injected step fault")
+        return orig(plan, rows)
+
+    monkeypatch.setattr(engine.runner, "run", once)
+    outs = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    failed = [o for o in outs if o["meta_info"]["finish_reason"]["type"] == "abort"]
+    assert failed and all("engine error in step" in o["meta_info"]["finish_reason"]["message"] for o in failed)
+    engine.check_integrity()
+    again = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in again] == ref
+    assert engine.health() == (True, "ok")
+
+
+@pytest.mark.timeout(300)
+def test_steps_failing_in_a_row_kill_the_engine_visibly(tiny_path):
+    with Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False)) as e:
+        e.runner.run = lambda plan, rows: (_ for _ in ()).throw(RuntimeError("device lost"))
+        outs = e.generate(input_ids=prompts(3, seed=13), sampling_params=GREEDY)
+        assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
+        for _ in range(2):  # the second and third failures in a row
+            assert e.generate(input_ids=[5, 6], sampling_params=GREEDY)["meta_info"]["finish_reason"][
+                "type"] == "abort"
+        e.loop._thread.join(timeout=30)
+        ok, why = e.health()
+        assert not ok and "dead" in why and "device lost" in why
+        with pytest.raises(EngineDeadError, match="device lost"):
+            e.generate(input_ids=[5, 6], sampling_params=GREEDY)
+        with pytest.raises(EngineDeadError):
+            e.flush_cache()
+
+
+@pytest.mark.timeout(300)
+def test_exception_escaping_the_loop_fails_waiting_requests_and_new_ones(tiny_path):
+    with Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False)) as e:
+        gate = threading.Event()
+        orig = e.loop._step
+
+        def broken():
+            gate.wait(10)
+            raise SystemError("loop bug")
+
+        e.loop._step = broken
+        res = {}
+        t = threading.Thread(target=lambda: res.setdefault("out", e.generate(input_ids=[5, 6, 7],
+                                                                             sampling_params=GREEDY)))
+        t.start()
+        gate.set()
+        t.join(timeout=60)
+        assert not t.is_alive(), "a request waiting on a dead loop must get its final event"
+        fr = res["out"]["meta_info"]["finish_reason"]
+        assert fr["type"] == "abort" and "loop bug" in fr["message"]
+        assert not e.health()[0]
+        with pytest.raises(EngineDeadError):
+            e.generate(input_ids=[5, 6, 7], sampling_params=GREEDY)
+        e.loop._step = orig
+
+
+@pytest.mark.timeout(300)
+def test_submit_during_shutdown_never_hangs(tiny_path):
+    e = Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False))
+    results, errors = [], []
+
+    def client(i):
+        try:
+            results.append(e.generate(input_ids=[5 + i, 6, 7], sampling_params={**GREEDY, "max_new_tokens": 50}))
+        except RuntimeError as err:  # refused: the engine is shut down
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads[:4]:
+        t.start()
+    e.shutdown()
+    for t in threads[4:]:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a request submitted around shutdown was lost"
+    assert len(results) + len(errors) == 8
+    for r in results:
+        assert r["meta_info"]["finish_reason"] is not None
+    with pytest.raises(RuntimeError, match="shut down"):
+        e.flush_cache()  # no 600 s wait after shutdown
+    assert e.health() == (False, "the engine is shut down")
+
+
+@pytest.mark.timeout(300)
+def test_rids_abort_and_batch_validation(engine, monkeypatch):
+    assert engine.abort("no-such-rid") is False
+
+    async def go():
+        long = {**GREEDY, "max_new_tokens": 60}
+        gen = engine.generate_stream(input_ids=[5, 6, 7], sampling_params=long, rid="dup")
+        first = await gen.__anext__()
+        assert first["meta_info"]["finish_reason"] is None
+        with pytest.raises(InvalidRequestError, match="already in use"):
+            await engine.async_generate(input_ids=[8, 9], sampling_params=long, rid="dup")
+        assert engine.abort("dup") is True
+        last = first
+        async for ev in gen:
+            last = ev
+        assert last["meta_info"]["finish_reason"]["type"] == "abort"
+        return last
+
+    asyncio.run(go())
+    assert engine.abort("dup") is False  # retired exactly once
+    submitted = []
+    orig = engine.loop.submit
+    monkeypatch.setattr(engine.loop, "submit", lambda reqs: (submitted.append(reqs), orig(reqs)))
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        asyncio.run(engine.async_generate(input_ids=[[5, 6], [7, 8], [9, 10]],
+                                          sampling_params=[GREEDY, {"temperature": -1}, GREEDY]))
+    assert submitted == [], "one bad item of a batch must keep the others from being submitted"
+    engine.check_integrity()
+
+
+@pytest.mark.timeout(120)
+def test_engine_implements_the_protocol(engine):
+    assert isinstance(engine, EngineProtocol)
