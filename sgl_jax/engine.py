@@ -267,7 +267,9 @@ class Engine:
         return given[0] if given else None
 
     def _check_constraint(self, sp: SamplingParams) -> None:
-        """Cheap, synchronous checks (syntax, unsupported keywords); the FSM is built off-thread later."""
+        """Synchronous checks in the caller's thread (never the engine thread): syntax, unsupported
+        keywords, then the FSM itself (compiled through the engine's cache, which the loop then reuses)
+        and whether a complete output fits in max_new_tokens."""
         from sgl_jax.constrained import ConstraintError, json_schema_to_regex
         from sgl_jax.constrained.regex import parse
 
@@ -275,6 +277,7 @@ class Engine:
         if con is None:
             return
         kind, spec = con
+        field = {"regex": "regex", "json": "json_schema", "choices": "choices", "ebnf": "ebnf"}[kind]
         try:
             if kind == "regex":
                 parse(spec)
@@ -290,9 +293,20 @@ class Engine:
                     self._grammar_backend().matcher(spec)
                 except GrammarError as e:
                     raise InvalidRequestError(f"invalid ebnf: {e}") from None
+                return
+            fsm = self.constraint_cache.get(kind, list(spec) if kind == "choices" else spec, self._vocabulary(),
+                                            **self._constraint_opts(kind))
         except ConstraintError as e:
-            field = {"regex": "regex", "json": "json_schema"}[kind]
             raise InvalidRequestError(f"invalid {field}: {e}") from None
+        if 0 < sp.max_new_tokens < fsm.min_tokens:  # 0 = prefill only: nothing is generated
+            raise InvalidRequestError(f"max_new_tokens ({sp.max_new_tokens}) is too small for the {field} "
+                                      f"constraint: its shortest complete output takes {fsm.min_tokens} tokens")
+
+    def _constraint_opts(self, kind: str) -> dict:
+        opts = dict(max_states=self.config.max_constraint_states, max_seconds=self.config.max_constraint_seconds)
+        if kind == "json" and self.config.json_whitespace:
+            opts["whitespace_pattern"] = self.config.json_whitespace
+        return opts
 
     def validate(self, **kw) -> None:
         """Raise InvalidRequestError if the request is bad; changes nothing."""
@@ -619,6 +633,7 @@ class Engine:
         if len(c.req.output_ids) < p.min_new_tokens:
             bias += [(t, float("-inf")) for t in sorted(d.stop_ids)]
         fsm_state = fsm_slot = -1
+        fsm_budget = c.req.max_new_tokens - len(c.req.output_ids)  # this token included
         host_mask = None
         if d.place is not None:
             fsm_state, fsm_slot = d.place.base + d.fsm_hist[-1], d.place.slot
@@ -628,7 +643,7 @@ class Engine:
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                          repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
                          step=len(c.req.output_ids), top=d.top_logprobs_num > 0, fsm_state=fsm_state,
-                         fsm_slot=fsm_slot, host_mask=host_mask)
+                         fsm_slot=fsm_slot, fsm_budget=fsm_budget, host_mask=host_mask)
 
     # ------------------------------------------------------------------ structured generation
     def _vocabulary(self):
@@ -669,11 +684,8 @@ class Engine:
             except ValueError as e:
                 self._finish_now(req, {"type": "abort", "message": str(e)})
             return
-        opts = dict(max_states=self.config.max_constraint_states, max_seconds=self.config.max_constraint_seconds)
-        if kind == "json" and self.config.json_whitespace:
-            opts["whitespace_pattern"] = self.config.json_whitespace
         d.future = self.constraint_cache.submit(kind, list(spec) if kind == "choices" else spec,
-                                                self._vocabulary(), **opts)
+                                                self._vocabulary(), **self._constraint_opts(kind))
         self._pending.append(req)
 
     def _poll_constraints(self) -> None:
@@ -781,6 +793,8 @@ class Engine:
             keep, states = keep[:-1], states[:-1]
         if sum(len(tb(t)) for t in keep) <= len(prev):
             return  # nothing gained beyond what is already there
+        if len(out) - k + len(keep) + int(fsm.dist[states[-1]]) > req.max_new_tokens:
+            return  # the run's tokenization leaves no completion within max_new_tokens: sample under the budget
         room = req.max_new_tokens - (len(out) - k)
         keep, states = keep[:room], states[:room]
         if not keep:
