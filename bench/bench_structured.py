@@ -397,7 +397,8 @@ def isolated_mask_cost(iters: int = 300) -> dict:
     rng = np.random.default_rng(0)
     cb = ConstraintBuffers(jnp.asarray(rng.integers(-2**31, 2**31 - 1, (c.constraint_rows, W), dtype=np.int32)),
                            jnp.full((c.constraint_rows, c.constraint_classes), -1, jnp.int32),
-                           jnp.zeros((c.constraint_slots, V), jnp.int32))
+                           jnp.zeros((c.constraint_slots, V), jnp.int32),
+                           jnp.zeros((c.constraint_rows,), jnp.int32))
     nparams = len(inspect.signature(_constrain).parameters)
     out = {}
     for bs in (1, 32):

@@ -7,6 +7,19 @@ for a small fixed set of shapes (`StepShape`: decode rows x prefill blocks x pag
 decode steps carrying run blocks and a full-logits variant for prompt logprobs), all at start-up; afterwards no request can trigger a
 compilation. `ModelRunner.run(plan)` packs a scheduler plan (host numpy), picks the shape bucket, runs
 the step and returns numpy results.
+
+Constraint budget (`_constrain`). A table-constrained row also carries its token budget r: the new tokens
+it may still produce, counting the one being sampled. A token stays allowed only if the state it leads to
+can reach acceptance in the r - 1 tokens left after it (dist[next] <= r - 1, dist from the compiled FSM;
+EOS keeps an accepting state, whose dist is 0), so an output cut by max_new_tokens is still a complete
+match whenever the request's budget admits one (the engine rejects it up front otherwise). Effect on the
+distribution: while every allowed token keeps a completion within reach, the rule removes nothing and the
+row samples the model's distribution restricted to the constraint, as before. Once the budget binds, the
+row samples the model's distribution renormalised over the tokens that keep a completion reachable, i.e.
+conditioned on finishing in time one token at a time: a greedy-local conditioning, not the exact
+conditional of the whole sequence (that would weigh each token by the model's probability of then
+finishing in time, which the step does not have), so under a tight budget the output follows whichever
+short completion the model prefers token by token. Rows masked on the host (llguidance grammars) are not covered.
 """
 
 from __future__ import annotations
@@ -24,11 +37,13 @@ from tqdm.auto import tqdm
 
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, bucket, pack
+from sgl_jax.constrained.fsm import DIST_UNREACHABLE
 from sgl_jax.models.attention import AttnMetadata
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
 
 _MAX_BIAS = 16  # logit_bias entries per request row (EOS suppression uses a few of them)
+NO_BUDGET = 1 << 30  # fsm_budget of a row without a token budget (never binds: dist of a live state is < S)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -71,6 +86,7 @@ class StepInputs:
     fsm_slot: jax.Array  # [L] int32 constraint slot (its token -> class map), -1 = unconstrained
     host_mask: jax.Array  # [L, W] int32 packed mask rows computed on the host (grammar backend)
     host_mask_on: jax.Array  # [L] bool, the row uses host_mask instead of the table
+    fsm_budget: jax.Array  # [L] int32 new tokens the row may still produce, this one included; NO_BUDGET = none
 
 
 @struct.dataclass
@@ -90,17 +106,37 @@ class ConstraintBuffers:
     mask: jax.Array  # [R, W] int32 packed allowed-token bits per state row
     next: jax.Array  # [R, C] int32 next state (global row) per token class; -1 = not allowed
     cls: jax.Array  # [num_slots, V] int32 token -> class per constraint slot
+    dist: jax.Array  # [R] int32 fewest tokens from the state row to acceptance (DIST_UNREACHABLE = never)
 
 
-def _constrain(logits, cb: ConstraintBuffers, fsm_state, host_mask, host_on):
+def budget_cut(cb: ConstraintBuffers, fsm_state, budget, host_on):
+    """[L, C] bool: token classes the table allows in the row's state but whose next state cannot reach
+    acceptance within the budget (dist[next] > budget - 1). All False for unconstrained and host-mask rows."""
+    table = (fsm_state >= 0) & ~host_on
+    nxt = cb.next[jnp.maximum(fsm_state, 0)]  # [L, C]
+    far = cb.dist[jnp.maximum(nxt, 0)] > (budget - 1)[:, None]
+    return (nxt >= 0) & far & table[:, None]
+
+
+def _constrain(logits, cb: ConstraintBuffers, fsm_state, host_mask, host_on, fsm_slot=None, budget=None):
     """Disallowed tokens of constrained rows -> -inf; unconstrained rows untouched.
 
     A row's packed mask comes from the device table (row fsm_state) or from the host (grammar backend).
+    With `fsm_slot` and `budget` [L] given, table rows also drop the tokens that would leave no completion
+    within the budget (see the module docstring); the [L, V] part of that runs only when some row binds.
     """
     rows = jnp.maximum(fsm_state, 0)
     packed = jnp.where(host_on[:, None], host_mask, cb.mask[rows])  # [L, W]
     allowed = sampling.unpack_vocab_mask(packed, logits.shape[-1])  # [L, V]
     allowed |= ((fsm_state < 0) & ~host_on)[:, None]
+    if budget is not None:
+        cut = budget_cut(cb, fsm_state, budget, host_on)
+
+        def apply(a):
+            tok_cls = cb.cls[jnp.maximum(fsm_slot, 0)]  # [L, V]
+            return a & ~jnp.take_along_axis(cut, tok_cls, axis=1)
+
+        allowed = jax.lax.cond(jnp.any(cut), apply, lambda a: a, allowed)
     return jnp.where(allowed, logits, -jnp.inf)
 
 
@@ -115,7 +151,8 @@ def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1):
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
         constrained = inp.fsm_state >= 0
         logits = jax.lax.cond(jnp.any(constrained | inp.host_mask_on),
-                              lambda lg: _constrain(lg, cb, inp.fsm_state, inp.host_mask, inp.host_mask_on),
+                              lambda lg: _constrain(lg, cb, inp.fsm_state, inp.host_mask, inp.host_mask_on,
+                                                    inp.fsm_slot, inp.fsm_budget),
                               lambda lg: lg, logits)
         out = sampling.sample(logits, inp.sampling, num_top_logprobs=0)
         cls = cb.cls[jnp.maximum(inp.fsm_slot, 0), out.tokens]  # [L]
@@ -171,6 +208,7 @@ class RowParams:
     top: bool = False
     fsm_state: int = -1  # global constraint-table row
     fsm_slot: int = -1
+    fsm_budget: int = NO_BUDGET  # new tokens left, this one included (table constraints only)
     host_mask: object = None  # np.ndarray [W] int32 from the grammar backend
 
 
@@ -201,8 +239,9 @@ class ModelRunner:
         V = model_config.vocab_size
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
-                                      jnp.zeros((constraint_slots, V), jnp.int32))
-        self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1))
+                                      jnp.zeros((constraint_slots, V), jnp.int32),
+                                      jnp.full((constraint_rows,), DIST_UNREACHABLE, jnp.int32))
+        self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1, 2))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
         self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q), donate_argnums=(1, 2))
@@ -334,11 +373,13 @@ class ModelRunner:
         tg[:len(target_ids)] = target_ids
         fsm_state = np.full(L, -1, np.int32)
         fsm_slot = np.full(L, -1, np.int32)
+        fsm_budget = np.full(L, NO_BUDGET, np.int32)
         host_mask = np.zeros((L, self.cbuf.mask.shape[1]), np.int32)
         host_on = np.zeros(L, bool)
         for i, r in enumerate(rows):
             if r is not None and r.fsm_state >= 0:
                 fsm_state[i], fsm_slot[i] = r.fsm_state, r.fsm_slot
+                fsm_budget[i] = min(max(int(r.fsm_budget), 1), NO_BUDGET)
             if r is not None and r.host_mask is not None:
                 host_mask[i], host_on[i] = r.host_mask, True
         sb = sampling.SamplingBatch(
@@ -348,7 +389,7 @@ class ModelRunner:
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.run_page_table,
                           batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, fsm_state, fsm_slot,
-                          host_mask, host_on)
+                          host_mask, host_on, fsm_budget)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
@@ -420,12 +461,15 @@ class ModelRunner:
             n = max(min(_ROW_BLOCK, S - start), 0)
             mblock = np.zeros((_ROW_BLOCK, W), np.int32)
             nblock = np.full((_ROW_BLOCK, C), -1, np.int32)
+            dblock = np.full(_ROW_BLOCK, DIST_UNREACHABLE, np.int32)
             if n:
                 mblock[:n] = fsm.mask[start:start + n]
                 nxt = fsm.next_state[start:start + n]
                 nblock[:n, :nxt.shape[1]] = np.where(nxt >= 0, nxt + base, -1)
-            mask, nexts = self._put_rows(self.cbuf.mask, self.cbuf.next, mblock, nblock, np.int32(base + start))
-            self.cbuf = self.cbuf.replace(mask=mask, next=nexts)
+                dblock[:n] = fsm.dist[start:start + n]
+            mask, nexts, dist = self._put_rows(self.cbuf.mask, self.cbuf.next, self.cbuf.dist, mblock, nblock,
+                                               dblock, np.int32(base + start))
+            self.cbuf = self.cbuf.replace(mask=mask, next=nexts, dist=dist)
         row = np.asarray(fsm.token_class, np.int32)
         self.cbuf = self.cbuf.replace(cls=self._put_cls(self.cbuf.cls, row, np.int32(placement.slot)))
         placement.uploaded = True
@@ -433,18 +477,20 @@ class ModelRunner:
     def _warm_constraint_upload(self) -> None:
         R, C = self.cbuf.next.shape
         W = self.cbuf.mask.shape[1]
-        mask, nexts = self._put_rows(self.cbuf.mask, self.cbuf.next, np.zeros((_ROW_BLOCK, W), np.int32),
-                                     np.full((_ROW_BLOCK, C), -1, np.int32), np.int32(0))
+        mask, nexts, dist = self._put_rows(self.cbuf.mask, self.cbuf.next, self.cbuf.dist,
+                                           np.zeros((_ROW_BLOCK, W), np.int32), np.full((_ROW_BLOCK, C), -1, np.int32),
+                                           np.full(_ROW_BLOCK, DIST_UNREACHABLE, np.int32), np.int32(0))
         cls = self._put_cls(self.cbuf.cls, np.zeros(self.cbuf.cls.shape[1], np.int32), np.int32(0))
-        self.cbuf = ConstraintBuffers(mask, nexts, cls)
+        self.cbuf = ConstraintBuffers(mask, nexts, cls, dist)
 
 
 _ROW_BLOCK = 64  # rows per constraint upload (must equal ConstraintTable's block)
 
 
-def _put_rows(cb_mask, cb_next, mblock, nblock, start):
+def _put_rows(cb_mask, cb_next, cb_dist, mblock, nblock, dblock, start):
     return (jax.lax.dynamic_update_slice(cb_mask, mblock, (start, 0)),
-            jax.lax.dynamic_update_slice(cb_next, nblock, (start, 0)))
+            jax.lax.dynamic_update_slice(cb_next, nblock, (start, 0)),
+            jax.lax.dynamic_update_slice(cb_dist, dblock, (start,)))
 
 
 def _put_cls(cls, row, slot):

@@ -14,7 +14,7 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from sgl_jax.constrained import (BOOL, EOS_CLASS, FLOAT, INT, NEVER_CLASS, STRING, CompiledFSM,
+from sgl_jax.constrained import (BOOL, DIST_UNREACHABLE, EOS_CLASS, FLOAT, INT, NEVER_CLASS, STRING, CompiledFSM,
                                  ConstraintCache, ConstraintError, ConstraintTooLargeError,
                                  RegexError, SchemaError, TokenVocabulary, advance, advance_bytes,
                                  allowed_tokens, choices_to_regex, compile_choices,
@@ -440,6 +440,53 @@ def test_token_extensions_and_may_extend_against_brute_force():
                     want = bool(b) and any(u in allowed and len(c) > len(b) and c.startswith(b)
                                for u, c in enumerate(vocab) if c and u not in eos)
                     assert may_extend(fsm, tv, s, t) == want, (pattern, s, b)
+
+
+def naive_dist(fsm: CompiledFSM, vocab, eos) -> np.ndarray:
+    """Independent reference for fsm.dist: walk every token's bytes through the byte DFA from every state,
+    then a forward BFS from each state until an accepting state (the token FSM's tables are not used)."""
+    S = fsm.num_states
+    succ = [{e for t, tok in enumerate(vocab) if tok and t not in eos for e in [naive_walk(fsm, s, tok)] if e >= 0}
+            for s in range(S)]
+    out = np.full(S, DIST_UNREACHABLE, np.int64)
+    for s in range(S):
+        seen, layer, d = {s}, [s], 0
+        while layer:
+            if any(fsm.accepting[x] for x in layer):
+                out[s] = d
+                break
+            d += 1
+            layer = [e for x in layer for e in succ[x] if e not in seen]
+            seen.update(layer)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_dist_to_acceptance_against_naive_bfs():
+    vocab, eos = synthetic_vocab(JSON_TOKENS)
+    fsms = [compile_regex(p, vocab, eos) for p in
+            [r"[a-z]+@[a-z]+\.(com|org)", r"(cat|dog)s? [0-9]{2,3}", r"a{3,7}", r"(?:ab|c){0,4}d", r"x*",
+             r"(?:é|中|😀)+1?", r"abc(?:d|ef)gh?", r'"(?:[^"\\]|\\.)*"']]
+    fsms.append(compile_json_schema({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 4}, "ok": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"enum": ["x", "yz"]}, "maxItems": 2}},
+        "required": ["name", "ok"]}, vocab, eos))
+    for fsm in fsms:
+        assert fsm.dist.dtype == np.int32 and fsm.dist.shape == (fsm.num_states,)
+        want = naive_dist(fsm, vocab, eos)
+        assert np.array_equal(fsm.dist, want), (fsm.dist, want)
+        assert np.all((fsm.dist == 0) == fsm.accepting)
+        assert fsm.min_tokens == fsm.dist[fsm.initial_state] < DIST_UNREACHABLE
+        # every state a token can lead to is live (finite dist), and a live non-accepting state has a
+        # successor exactly one token closer: the budget rule never leaves a row without an allowed token
+        ns = fsm.next_state[:, EOS_CLASS + 1:]
+        assert np.all(fsm.dist[ns[ns >= 0]] < DIST_UNREACHABLE)
+        for s in np.nonzero((fsm.dist > 0) & (fsm.dist < DIST_UNREACHABLE))[0]:
+            row = ns[s][ns[s] >= 0]
+            assert fsm.dist[row].min() == fsm.dist[s] - 1
+    # the shortest email: "abc" "@" "abc" ".com" with JSON_TOKENS, one token per byte without them
+    assert fsms[0].min_tokens == 4
+    assert compile_regex(r"[a-z]+@[a-z]+\.(com|org)", *synthetic_vocab()).min_tokens == len("a@a.com")
 
 
 def test_unsatisfiable_with_vocab():

@@ -193,7 +193,7 @@ def test_stops_and_penalties_inside_forced_runs_match_without_jump_forward(engin
         {"stop": ["QVK"], "no_stop_trim": True},
         {"stop_regex": [r"Q[A-Z]+"]},
         {"stop_token_ids": [z_id]},
-        {"max_new_tokens": 6},  # the length limit falls inside the forced run
+        {"max_new_tokens": 13},  # exactly the shortest complete output: the budget rule and forced runs meet
         {"stop": ["XY"], "min_new_tokens": 12},  # "XY" completes before min_new_tokens: no stop there
     ]
     for extra in cases:
@@ -220,3 +220,52 @@ def test_stops_and_penalties_inside_forced_runs_match_without_jump_forward(engin
         assert re.fullmatch(sp["regex"], a["text"]), a
     jf.check_integrity()
     nojf.check_integrity()
+
+
+@pytest.mark.timeout(900)
+def test_outputs_complete_within_tight_max_new_tokens(engines):
+    """max_new_tokens at or just above the shortest complete output: at temperature 1 the (random) tiny model
+    would wander off, but the budget rule keeps every output a full match, with and without jump-forward."""
+    from sgl_jax.constrained import compile_json_schema, compile_regex
+
+    jf, nojf = engines
+    email = r"[a-z]+@[a-z]+\.(com|org)"
+    need = compile_regex(email, jf.constraints.vocabulary()).min_tokens
+    need_json = compile_json_schema(SCHEMA, jf.constraints.vocabulary()).min_tokens
+    for eng in (jf, nojf):
+        sps = [{"regex": email, "temperature": 1.0, "max_new_tokens": need + extra, "sampling_seed": seed}
+               for extra in range(5) for seed in range(3)]
+        outs = eng.generate(input_ids=[[5, 6, 7]] * len(sps), sampling_params=sps)
+        for sp, o in zip(sps, outs):
+            assert re.fullmatch(email, o["text"]), (sp, o["text"])
+            assert len(o["output_ids"]) <= sp["max_new_tokens"]
+        sps = [{"json_schema": json.dumps(SCHEMA), "temperature": 1.0, "max_new_tokens": need_json + extra,
+                "sampling_seed": seed} for extra in (0, 1, 3, 8) for seed in range(2)]
+        outs = eng.generate(input_ids=[[9, 10, 11]] * len(sps), sampling_params=sps)
+        for sp, o in zip(sps, outs):
+            jsonschema.validate(json.loads(o["text"]), SCHEMA)
+            assert len(o["output_ids"]) <= sp["max_new_tokens"]
+        eng.check_integrity()
+        eng.constraint_table.check_integrity()
+
+
+@pytest.mark.timeout(300)
+def test_max_new_tokens_too_small_for_the_constraint_rejected_up_front(engines):
+    from sgl_jax.constrained import compile_regex
+
+    jf, _ = engines
+    email = r"[a-z]+@[a-z]+\.(com|org)"
+    need = compile_regex(email, jf.constraints.vocabulary()).min_tokens
+    with pytest.raises(InvalidRequestError,
+                       match=rf"max_new_tokens \({need - 1}\) is too small for the regex .* takes {need} tokens"):
+        jf.generate(input_ids=[5], sampling_params={"regex": email, "max_new_tokens": need - 1})
+    with pytest.raises(InvalidRequestError,
+                       match=r"max_new_tokens \(2\) is too small for the choices constraint: .* takes \d+ tokens"):
+        jf.validate(input_ids=[5], sampling_params={"choices": ["abcdefghij", "klmnopqrstu"], "max_new_tokens": 2})
+    # the FSM compiled by the check is the one the engine loop uses (the cache is shared)
+    hits = jf.constraints.cache.hits
+    o = jf.generate(input_ids=[5], sampling_params={"regex": email, "max_new_tokens": need, "temperature": 0})
+    assert re.fullmatch(email, o["text"]) and jf.constraints.cache.hits >= hits + 2
+    # max_new_tokens 0 (prefill only) generates nothing and is not a budget error
+    o = jf.generate(input_ids=[5], sampling_params={"regex": email, "max_new_tokens": 0})
+    assert o["output_ids"] == []

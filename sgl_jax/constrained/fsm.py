@@ -15,6 +15,14 @@ that never fit); class 1 = the EOS tokens; classes >= 2 = the rest.
 Tokens are ``bytes`` (the bytes the token contributes to the output, after
 byte-fallback/GPT-2 byte decoding) or ``None`` for special tokens, which are
 never allowed.  Empty tokens are never allowed either.
+
+Token budget: ``dist[s]`` is the fewest tokens (EOS not counted) that take
+``s`` to an accepting state (0 for accepting states, :data:`DIST_UNREACHABLE`
+for states that cannot reach one).  With ``r`` new tokens left (counting the one
+being sampled), a token is kept only if its next state ``n`` has
+``dist[n] <= r - 1``, so an output cut by max_new_tokens still ends in an
+accepting state; ``dist[initial_state] > max_new_tokens`` means no valid output
+fits.  The rule is applied on the device, see sgl_jax/runner.py.
 """
 from __future__ import annotations
 
@@ -46,10 +54,12 @@ __all__ = [
     "ConstraintCache",
     "NEVER_CLASS",
     "EOS_CLASS",
+    "DIST_UNREACHABLE",
 ]
 
 NEVER_CLASS = 0
 EOS_CLASS = 1
+DIST_UNREACHABLE = 1 << 30  # dist of a state from which no accepting state is reachable (int32-safe)
 
 
 class TokenVocabulary:
@@ -167,6 +177,8 @@ class CompiledFSM:
                 non-accepting states with a single outgoing byte).
     byte_next   int32 [num_states, 256] the byte DFA (-1 = dead), for replaying
                 raw bytes (jump-forward).
+    dist        int32 [num_states] fewest tokens from the state to an accepting
+                state (0 = accepting; EOS not counted; DIST_UNREACHABLE = never).
     """
     mask: np.ndarray
     token_class: np.ndarray
@@ -177,6 +189,12 @@ class CompiledFSM:
     byte_next: np.ndarray
     vocab_size: int
     eos_token_ids: tuple
+    dist: np.ndarray
+
+    @property
+    def min_tokens(self) -> int:
+        """Fewest tokens of a complete output (``dist`` of the initial state; EOS not counted)."""
+        return int(self.dist[self.initial_state])
 
     @property
     def num_states(self) -> int:
@@ -408,6 +426,35 @@ def _classes(V: int, S: int, tok: np.ndarray, origin: np.ndarray, dest: np.ndarr
     return token_class.astype(np.int32), next_state
 
 
+def _dist_to_accept(next_state: np.ndarray, accepting: np.ndarray) -> np.ndarray:
+    """Fewest tokens from each state to an accepting one: BFS backwards from the accepting states over
+    the token transitions (every class but NEVER and EOS; EOS only loops on accepting states)."""
+    S = next_state.shape[0]
+    ns = next_state[:, EOS_CLASS + 1:]
+    src, col = np.nonzero(ns >= 0)
+    dst = ns[src, col].astype(np.int64)
+    key = np.unique(src.astype(np.int64) * S + dst)  # distinct (origin, dest) edges
+    src, dst = key // S, key % S
+    order = np.argsort(dst, kind="stable")
+    src = src[order]
+    indptr = np.searchsorted(dst[order], np.arange(S + 1))  # predecessors of s: src[indptr[s]:indptr[s+1]]
+    dist = np.full(S, DIST_UNREACHABLE, dtype=np.int32)
+    frontier = np.nonzero(accepting)[0]
+    dist[frontier] = 0
+    d = 0
+    while len(frontier):
+        d += 1
+        starts, counts = indptr[frontier], indptr[frontier + 1] - indptr[frontier]
+        total = int(counts.sum())
+        if not total:
+            break
+        idx = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(starts, counts)
+        preds = src[idx]
+        frontier = np.unique(preds[dist[preds] == DIST_UNREACHABLE])
+        dist[frontier] = d
+    return dist
+
+
 def _forced(trans: np.ndarray, accepting: np.ndarray) -> tuple:
     S = trans.shape[0]
     ok = trans >= 0
@@ -483,10 +530,11 @@ def build_token_fsm(bdfa: ByteDFA, vocab: VocabLike, eos_token_ids=None, *,
         umask[a:a + chunk] = np.ascontiguousarray(packed).view("<u4").astype(np.uint32).view(np.int32)
     mask = umask[inverse.ravel()]
     forced = _forced(trans, accepting)
+    dist = _dist_to_accept(next_state, accepting)
     return CompiledFSM(mask=_ro(mask), token_class=_ro(token_class), next_state=_ro(next_state),
                        accepting=_ro(accepting.copy()), initial_state=0, forced=forced,
                        byte_next=_ro(trans.copy()), vocab_size=V,
-                       eos_token_ids=tv.eos_token_ids)
+                       eos_token_ids=tv.eos_token_ids, dist=_ro(dist))
 
 
 # ----------------------------------------------------------------------------

@@ -285,7 +285,7 @@ class Engine:
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                          repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
                          step=len(c.req.output_ids), top=d.prep.top_logprobs_num > 0, fsm_state=fsm_state,
-                         fsm_slot=fsm_slot, host_mask=host_mask)
+                         fsm_slot=fsm_slot, fsm_budget=self.constraints.budget(c.req), host_mask=host_mask)
 
 
 __all__ = ["Engine", "PreparedRequest", "StepInfo"]

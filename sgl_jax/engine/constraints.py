@@ -84,9 +84,18 @@ class ConstraintManager:
                 self._grammar = grammar.GrammarBackend(self.tokenizer, self.vocab_size)
             return self._grammar
 
+    def opts(self, kind: str) -> dict:
+        c = self.config
+        opts = dict(max_states=c.max_constraint_states, max_seconds=c.max_constraint_seconds)
+        if kind == "json" and c.json_whitespace:
+            opts["whitespace_pattern"] = c.json_whitespace
+        return opts
+
     def check(self, sp) -> None:
-        """Cheap checks in the caller's thread (syntax, unsupported keywords); raises InvalidRequestError."""
-        from sgl_jax.constrained import ConstraintError, json_schema_to_regex
+        """Validation in the caller's thread (never the engine thread or an event loop): syntax and
+        unsupported keywords, then the FSM itself (compiled through the shared cache, which the engine loop
+        then reuses) and whether a complete output fits in max_new_tokens. Raises InvalidRequestError."""
+        from sgl_jax.constrained import ConstraintError
         from sgl_jax.constrained.regex import parse
         from sgl_jax.engine.prepare import constraint_of
 
@@ -94,24 +103,37 @@ class ConstraintManager:
         if con is None:
             return
         kind, spec = con
+        field = {"regex": "regex", "json": "json_schema", "choices": "choices", "ebnf": "ebnf"}[kind]
         try:
             if kind == "regex":
                 parse(spec)
-            elif kind == "json":
-                json_schema_to_regex(spec, whitespace_pattern=self.config.json_whitespace or None)
             elif kind == "choices":
                 if not all(isinstance(c, str) and c for c in spec):
                     raise InvalidRequestError("'choices' must be a list of non-empty strings", field="choices")
-            else:
+            elif kind == "ebnf":
                 from sgl_jax.constrained.grammar import GrammarError
 
                 try:
                     self.grammar_backend().matcher(spec)
                 except GrammarError as e:
                     raise InvalidRequestError(f"invalid ebnf: {e}", field="ebnf") from None
+                return
+            fsm = self.cache.get(kind, list(spec) if kind == "choices" else spec, self.vocabulary(),
+                                 **self.opts(kind))
+        except InvalidRequestError:
+            raise
         except ConstraintError as e:
-            field = {"regex": "regex", "json": "json_schema"}[kind]
             raise InvalidRequestError(f"invalid {field}: {e}", field=field) from None
+        except ValueError as e:  # unsatisfiable with this vocabulary, or too large
+            raise InvalidRequestError(f"invalid {field}: {e}", field=field) from None
+        if 0 < sp.max_new_tokens < fsm.min_tokens:  # 0 = prefill only: nothing is generated
+            raise InvalidRequestError(f"max_new_tokens ({sp.max_new_tokens}) is too small for the {field} "
+                                      f"constraint: its shortest complete output takes {fsm.min_tokens} tokens",
+                                      field="max_new_tokens")
+        try:
+            self.table.check_fits(fsm)
+        except ValueError as e:
+            raise InvalidRequestError(f"{field} too large for this server: {e}", field=field) from None
 
     # ------------------------------------------------------------------------- admission
     def submit(self, req) -> bool:
@@ -123,11 +145,8 @@ class ConstraintManager:
             cs.matcher = self.grammar_backend().matcher(spec)
             self.prefetch_mask(req)
             return True
-        c = self.config
-        opts = dict(max_states=c.max_constraint_states, max_seconds=c.max_constraint_seconds)
-        if kind == "json" and c.json_whitespace:
-            opts["whitespace_pattern"] = c.json_whitespace
-        cs.future = self.cache.submit(kind, list(spec) if kind == "choices" else spec, self.vocabulary(), **opts)
+        cs.future = self.cache.submit(kind, list(spec) if kind == "choices" else spec, self.vocabulary(),
+                                      **self.opts(kind))
         self.pending.append(req)
         return False
 
@@ -186,6 +205,12 @@ class ConstraintManager:
         if cs.matcher is not None and samples:
             return -1, -1, cs.mask_future.result()
         return -1, -1, None
+
+    @staticmethod
+    def budget(req) -> int:
+        """New tokens left for the sampling row, the one being sampled included (the device keeps a
+        constrained output completable within it)."""
+        return req.max_new_tokens - len(req.output_ids)
 
     def on_sampled(self, req, tok: int, next_state: int) -> dict | None:
         """Advance with a sampled token; a finish reason if the constraint ends the request here."""
@@ -273,6 +298,8 @@ class ConstraintManager:
             keep, states = keep[:-1], states[:-1]  # a longer allowed token could span the end of the run
         if sum(len(tb(t)) for t in keep) <= len(prev):
             return None  # nothing gained beyond what is already there
+        if len(out) - k + len(keep) + int(fsm.dist[states[-1]]) > req.max_new_tokens:
+            return None  # this tokenization of the run leaves no completion within budget: sample under the mask
         room = req.max_new_tokens - (len(out) - k)
         keep, states = keep[:room], states[:room]
         j = 0  # tokens the re-tokenization left unchanged are kept as they are
