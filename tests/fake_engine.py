@@ -123,6 +123,8 @@ class FakeEngine:
         self.aborted_rids: list[str] = []
         self.started = self.finished = self.aborted = 0
         self.is_shut_down = False
+        self.prepared_on_loop = 0
+        self.dead = False
         self._raw: dict = {}  # (ids, params) -> the raw fields a test may inspect in `calls`
 
     # -- interface ----------------------------------------------------------------------------------
@@ -165,6 +167,11 @@ class FakeEngine:
     def prepare(self, *, text=None, input_ids=None, sampling_params=None, return_logprob=False,
                 logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, rid=None) -> PreparedRequest:
         self._check_open()
+        try:  # the server must prepare in a worker thread, never on its event loop
+            asyncio.get_running_loop()
+            self.prepared_on_loop += 1
+        except RuntimeError:
+            pass
         ids, sp = self._check(text, input_ids, sampling_params, return_logprob, logprob_start_len, top_logprobs_num)
         prep = PreparedRequest(input_ids=tuple(ids), params=sp, return_logprob=return_logprob,
                                logprob_start_len=logprob_start_len, top_logprobs_num=top_logprobs_num,
@@ -176,6 +183,8 @@ class FakeEngine:
         self.prepare(**kw)
 
     def health(self) -> tuple[bool, str]:
+        if self.dead:
+            return False, "the engine is dead: injected"
         return (False, "the engine is shut down") if self.is_shut_down else (True, "ok")
 
     def _check_open(self) -> None:

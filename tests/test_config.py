@@ -6,6 +6,7 @@ import dataclasses
 import glob
 import math
 import os
+import re
 
 import pytest
 import yaml
@@ -132,3 +133,53 @@ def test_print_config_round_trips(capsys, tmp_path):
     dumped = capsys.readouterr().out
     again = load_config(_write(tmp_path, dumped))
     assert again == load_config(os.path.join(ROOT, "configs", "llama3-8b-gpu.yaml"), {"server.port": 9})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key,value,words", [
+    ("max_running_requests", 0, "'engine.max_running_requests' must be >= 1"),
+    ("page_size", 0, "'engine.page_size' must be >= 1"),
+    ("max_prefill_tokens", -5, "'engine.max_prefill_tokens' must be >= 1"),
+    ("prefill_block", 0, "'engine.prefill_block' must be >= 1"),
+    ("max_context_len", 1, "'engine.max_context_len' must be >= 2"),
+    ("kv_memory_gb", 0.0, "'engine.kv_memory_gb' must be > 0"),
+    ("new_token_ratio", 1.5, "'engine.new_token_ratio' must be in [0, 1]"),
+    ("decode_buckets", [], "'engine.decode_buckets' must be a non-empty list"),
+    ("decode_buckets", [1, 0, 4], "'engine.decode_buckets' must be a non-empty list of positive ints"),
+    ("decode_buckets", [1, 2], "must reach max_running_requests=64"),
+    ("prefill_block_buckets", [], "'engine.prefill_block_buckets'"),
+    ("schedule_policy", "random", "'engine.schedule_policy' must be one of lpm, dfs-weight, fcfs"),
+    ("decode_row_fill", "more", "'engine.decode_row_fill' must be one of"),
+    ("dtype", "int8", "'engine.dtype' must be one of"),
+    ("attention_backend", "cuda", "'engine.attention_backend' must be one of"),
+    ("constraint_rows", 100, "multiple of 64"),
+    ("constraint_slots", 0, "'engine.constraint_slots' must be >= 1"),
+    ("max_constraint_seconds", 0.0, "'engine.max_constraint_seconds' must be > 0"),
+    ("run_block", 1, "'engine.run_block' must be >= 2"),
+    ("max_top_logprobs", -1, "'engine.max_top_logprobs' must be >= 0"),
+    ("starvation_limit", -1, "'engine.starvation_limit' must be >= 0"),
+])
+def test_out_of_range_engine_values_are_refused_by_name(key, value, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        EngineConfig(**{key: value})
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, {f"engine.{key}": value})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key,value,words", [("port", 70000, "'server.port' must be in [0, 65535]"),
+                                             ("log_level", "loud", "'server.log_level' must be one of"),
+                                             ("max_body_bytes", 0, "'server.max_body_bytes' must be >= 1"),
+                                             ("drain_timeout_s", 0.0, "'server.drain_timeout_s' must be > 0")])
+def test_out_of_range_server_values_are_refused_by_name(key, value, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        ServerConfig(**{key: value})
+
+
+@pytest.mark.timeout(60)
+def test_engine_refuses_a_bad_config_before_loading_weights(tmp_path):
+    from sgl_jax.engine import Engine
+
+    missing = str(tmp_path / "no-such-model.gguf")  # a load would fail differently: the range check comes first
+    with pytest.raises(ConfigError, match="max_running_requests"):
+        Engine(model=missing, max_running_requests=0, progress=False)

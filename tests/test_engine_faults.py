@@ -250,3 +250,36 @@ def test_rids_abort_and_batch_validation(engine, monkeypatch):
 @pytest.mark.timeout(120)
 def test_engine_implements_the_protocol(engine):
     assert isinstance(engine, EngineProtocol)
+
+
+@pytest.mark.timeout(300)
+def test_real_engine_keeps_the_engine_protocol(engine):
+    from protocol_checks import check_engine_protocol
+
+    check_engine_protocol(engine, [5, 6, 7])
+
+
+class _Tok:
+    stop_token_ids = frozenset({2})
+
+    def __init__(self, bos):
+        self.bos = bos
+
+    def encode(self, text, add_special_tokens=True):
+        return ([1] if self.bos else []) + [3 + (ord(c) % 50) for c in text]
+
+
+@pytest.mark.timeout(60)
+def test_empty_text_needs_a_bos_token(engine):
+    from sgl_jax.engine.prepare import RequestPreparer
+
+    kw = dict(vocab_size=64, max_context_len=512, max_top_logprobs=2)
+    with pytest.raises(InvalidRequestError, match="empty and this model's tokenizer adds no BOS token"):
+        RequestPreparer(_Tok(bos=False), **kw).prepare(text="")
+    assert RequestPreparer(_Tok(bos=True), **kw).prepare(text="").input_ids == (1,)
+    # the real engine follows its tokenizer's rule
+    if engine.tokenizer.encode(""):
+        assert engine.generate(prompt="", sampling_params={"max_new_tokens": 1})["meta_info"]["prompt_tokens"] == 1
+    else:
+        with pytest.raises(InvalidRequestError, match="adds no BOS"):
+            engine.generate(prompt="", sampling_params={"max_new_tokens": 1})

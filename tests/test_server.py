@@ -784,3 +784,32 @@ def test_non_streaming_calls_ask_the_engine_for_the_final_event_only(client, eng
     assert engine.calls[-1]["stream"] is False
     client.post("/generate", json={"text": "abc", "sampling_params": {"max_new_tokens": 2}, "stream": True})
     assert engine.calls[-1]["stream"] is True
+
+
+@pytest.mark.timeout(60)
+def test_fake_engine_keeps_the_engine_protocol():
+    from protocol_checks import check_engine_protocol
+
+    check_engine_protocol(FakeEngine(delay=0.01), [104, 105])
+
+
+@pytest.mark.timeout(60)
+def test_requests_are_prepared_off_the_event_loop(client, engine):
+    assert client.post("/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 2}}).status_code == 200
+    assert client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    assert client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 2}).status_code == 200
+    assert engine.prepared_on_loop == 0 and len(engine.calls) == 3
+
+
+@pytest.mark.timeout(60)
+def test_dead_engine_is_503_on_health_and_new_requests(client, engine):
+    engine.dead = True
+    r = client.get("/health")
+    assert r.status_code == 503 and "dead" in r.json()["error"]["message"]
+    for path, body in (("/generate", {"text": "hi"}), ("/v1/completions", {"prompt": "hi"})):
+        r = client.post(path, json=body)
+        assert r.status_code == 503 and "dead" in r.json()["error"]["message"], (path, r.text)
+    r = client.post("/generate", json={"text": "hi", "stream": True})
+    assert r.status_code == 503
+    engine.dead = False
