@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ragged_paged_attention import prepare_rows, unprepare_output
+from pallas_kernels.common import prepare_rows, unprepare_output
 
 # KV pages per inner-loop step, keyed by (head_dim, page_size): aim for 64-128 key tokens per
 # step (the N dim of the QK^T tile); D=256 uses smaller blocks to bound register pressure.

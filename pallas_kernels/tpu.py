@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import prepare_rows, unprepare_output
+from pallas_kernels.common import prepare_rows, unprepare_output
 
 # KV pages per DMA block, keyed by (head_dim, page_size): ~512 key tokens per block (256 for
 # D=256).  VMEM use = 2 (K,V) x 2 (double buffer) x bp*S*D*itemsize, e.g. D=128, 512 tokens,
