@@ -5,7 +5,8 @@ A request's life, as the scheduler sees it:
  2. `schedule()` orders the waiting queue by policy (longest cached prefix first by default; DFS
     over the radix tree; or FCFS), with a starvation guard, and admits requests while the step's token
     budget, the decode-slot count and the KV pool allow. Admission matches the prompt against the
-    radix cache, locks the matched node, and reserves pages for part of the expected output. A
+    radix cache (stopping short of any position whose logits prompt logprobs need: the cache holds KV, not
+    logits), locks the matched node, and reserves pages for part of the expected output. A
     request whose uncached prefix is being computed right now by another request waits one step, so a
     cold burst sharing a prefix computes it once, not once per request.
  3. Admitted requests are prefilled in chunks under the per-step token budget; decodes and prefill
@@ -65,6 +66,10 @@ class Request:
     cached_tokens: int = 0  # prefix reused at (first) admission, for meta_info.cached_tokens
     slot: int = -1
     retractions: int = 0
+    # prompt logprobs: the logits rows of positions below logits_done are no longer needed (a chunk with
+    # logits_from computed them and the engine took its entries); kept across retraction, so a resumed
+    # request neither loses entries nor computes logits rows again for the ones it has
+    logits_done: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +91,25 @@ class Request:
     @property
     def wants_sample(self) -> bool:
         return len(self.output_ids) < self.max_new_tokens
+
+    def logits_needed_from(self) -> int | None:
+        """The first position whose logits prompt logprobs still need, or None when they need no more.
+
+        The entry for prompt position p >= 1 is the logits row computed at position p - 1; position 0's
+        entry has no logprob (nothing predicts it) but is still emitted from a chunk starting at 0. So
+        a request with `logprob_start` s needs logits at positions max(s - 1, 0) .. prompt end, less the
+        ones already computed. A prefix reused from the cache has no logits: it must stop at this position.
+        """
+        if self.logprob_start < 0 or self.logits_done >= len(self.prompt_ids):
+            return None
+        return max(self.logprob_start - 1, 0, self.logits_done)
+
+    def reuse_limit(self) -> int:
+        """The longest prefix that may be taken from the cache: never the last token (its logits sample
+        the next one), nor any position whose logits prompt logprobs still need."""
+        limit = self.num_tokens - 1
+        need = self.logits_needed_from()
+        return limit if need is None else min(limit, need)
 
 
 @dataclasses.dataclass
@@ -289,9 +313,7 @@ class Scheduler:
     # ---------------------------------------------------------------------------------- ordering
     def _peek(self, req: Request) -> int:
         peek = getattr(self.cache, "peek_prefix_len", None)
-        limit = req.num_tokens - 1
-        if req.logprob_start >= 0:
-            limit = min(limit, req.logprob_start)
+        limit = req.reuse_limit()
         if peek is None:
             return 0
         return min(peek(req.tokens(0, limit), req.namespace), limit)
@@ -348,11 +370,12 @@ class Scheduler:
         if not self.has_work:
             return None
         cfg = self.cfg
-        # decoding: 1 token left (or a few, after jump-forward), computed as decode rows
+        # decoding: 1 token left (or a few, after jump-forward), computed as decode rows; a request still
+        # owed prompt logits is prefilled (decode rows carry no logits_from)
         max_rows = cfg.max_decode_rows or cfg.max_running
         short = min(cfg.short_chunk, max_rows)
         decoding = [r for r in self.running
-                    if 1 <= r.num_tokens - r.num_computed <= (short if r.logprob_start < 0 else 1)]
+                    if 1 <= r.num_tokens - r.num_computed <= short and r.logits_needed_from() is None]
         prefilling = [r for r in self.running if r not in decoding]
 
         # 1. Every decoding request needs room for one more token; evict, then retract, if not.
@@ -391,8 +414,9 @@ class Scheduler:
                 return False
             samples = end == r.num_tokens and r.wants_sample
             logits_from = None
-            if r.logprob_start >= 0 and max(r.logprob_start - 1, 0, r.num_computed) < end:
-                logits_from = max(r.logprob_start - 1, 0, r.num_computed)
+            need = r.logits_needed_from()
+            if need is not None and max(need, r.num_computed) < end:
+                logits_from = max(need, r.num_computed)
             chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
             blocks += 1 if n == 1 and logits_from is None else math.ceil(n / cfg.prefill_block)
             budget_tokens -= n
@@ -493,7 +517,9 @@ class Scheduler:
                 break
             # Cold-burst sharing: wait for a prefix another request is computing right now.
             cached = self._peek(r)
-            if not self.cache.disabled and any(self._lcp(r, o) - cached >= cfg.page_size for o in inflight):
+            limit = r.reuse_limit()  # waiting for another request's prefix cannot help beyond this
+            if not self.cache.disabled and any(min(self._lcp(r, o), limit) - cached >= cfg.page_size
+                                               for o in inflight):
                 continue
             ps = cfg.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps
@@ -558,6 +584,8 @@ class Scheduler:
                 continue
             before = r.num_computed
             r.num_computed = c.end
+            if c.logits_from is not None:
+                r.logits_done = max(r.logits_done, c.end)
             if r.num_computed // ps > before // ps and not self.cache.disabled:
                 res = commit_running_prefix(self.cache, r.tokens(0, r.num_computed), r.pages, r.node, r.namespace)
                 r.pages[:len(res.pages)] = res.pages
@@ -577,6 +605,11 @@ class Scheduler:
         assert total == self.alloc.num_total, (
             f"free {self.alloc.num_free} + evictable {self.cache.evictable_pages} + in use {in_use} "
             f"!= total {self.alloc.num_total}")
+        for r in self.running:
+            need = r.logits_needed_from()
+            assert need is None or need >= r.num_computed, (
+                f"{r.rid}: prompt logits are needed from position {need}, but {r.num_computed} are computed "
+                f"(a reused or logit-less prefix went past it)")
         slots = [r.slot for r in self.running]
         assert len(set(slots)) == len(slots) and -1 not in slots, f"bad slots {slots}"
         assert len(slots) + len(self.free_slots) == self.cfg.max_running, "slot leak"

@@ -140,6 +140,41 @@ def test_logprobs_match_model(engine, tiny_path):
     assert mid["meta_info"]["input_token_logprobs"][0][0] == pytest.approx(lp[9, p[10]], abs=1e-4)
 
 
+@pytest.mark.timeout(180)
+def test_prompt_logprobs_across_cached_page_boundaries(engine):
+    """Issue 10 item 7: logprob_start_len at and around page boundaries, with the prompt cached by an
+    earlier max_new_tokens=0 request or not: the same entries as an uncached run, prompt_len - start of them
+    (the radix cache has no logits, so prefix reuse stops where the entries need them)."""
+    ps = SMALL["page_size"]
+    p = prompts(1, seed=12, lo=4 * ps + 2, hi=4 * ps + 3)[0]
+    n = len(p)
+    sp = {**GREEDY, "max_new_tokens": 2}
+
+    def run(start):
+        out = engine.generate(input_ids=p, sampling_params=sp, return_logprob=True, logprob_start_len=start)
+        return out["meta_info"], out["output_ids"]
+
+    engine.flush_cache()
+    ref, ref_out = run(0)
+    ref = ref["input_token_logprobs"]
+    assert len(ref) == n and ref[0] == [None, p[0], None] and all(e[0] is not None for e in ref[1:])
+    for start in sorted({1, ps - 1, ps, ps + 1, 2 * ps - 1, 2 * ps, 2 * ps + 1, 3 * ps, 4 * ps, n - 1}):
+        engine.flush_cache()
+        uncached, out_u = run(start)
+        engine.generate(input_ids=p, sampling_params={"max_new_tokens": 0})  # caches the prompt's pages
+        cached, out_c = run(start)
+        for meta in (uncached, cached):
+            got = meta["input_token_logprobs"]
+            assert len(got) == n - start, (start, len(got))
+            assert [e[1] for e in got] == p[start:]
+            assert got[0][0] is not None  # only position 0 has no logprob
+            assert [e[0] for e in got] == pytest.approx([e[0] for e in ref[start:]], abs=1e-4), start
+        assert out_u == out_c == ref_out
+        assert uncached["cached_tokens"] == 0
+        assert cached["cached_tokens"] == (start - 1) // ps * ps, (start, cached["cached_tokens"])
+        engine.check_integrity()
+
+
 def test_penalties_change_output_and_stay_reproducible(engine):
     p = [7] * 10
     base = engine.generate(input_ids=p, sampling_params={**GREEDY, "max_new_tokens": 16})["output_ids"]

@@ -360,3 +360,140 @@ def test_run_blocks_chosen_by_cost_and_outputs_exact(fill, costs, use_runs):
 
     _drive_jump_forward(s, 5, on_plan)
     assert any(run_steps) == use_runs
+
+
+# ------------------------------------------------------------------------------ prompt logprobs
+def mock_logprob(seq: list[int]) -> float:
+    """The mock's logprob of the token after `seq` (any deterministic function of the whole prefix)."""
+    return -(sum((i + 1) * t for i, t in enumerate(seq)) % 997) / 100.0
+
+
+def drive_logprobs(s: Scheduler, runner: MockRunner, on_schedule=None) -> tuple[dict, dict]:
+    """Run to completion collecting prompt-logprob entries as the engine does: the logits row at position q
+    gives the entry for prompt position q + 1 (a value computed from the tokens read back through the page
+    table, so a stale page shows up as a wrong value); position 0's entry is None. Every entry must be
+    produced exactly once, also across retraction. Returns (outputs, {rid: [(position, logprob), ...]})."""
+    done, entries = {}, {}
+    ps = runner.ps
+    while s.has_work:
+        before = {r.rid: (r.num_computed, r.retractions) for r in s.running}
+        plan = s.schedule()
+        assert plan is not None, "work pending but nothing scheduled"
+        if on_schedule:
+            on_schedule(s, plan, before)
+        out = runner.run(plan)
+        for c in plan.chunks:
+            r = c.req
+            if c.logits_from is None:
+                continue
+            assert r.logprob_start >= 0 and c.start <= c.logits_from < c.end
+            n = len(r.prompt_ids)
+            assert c.logits_from < n, "logits of output positions requested for prompt logprobs"
+            seq = [runner.store[(r.pages[p // ps], p % ps)] for p in range(c.end)]
+            assert seq == r.tokens(0, c.end), f"KV pages of {r.rid} hold the wrong tokens"
+            got = entries.setdefault(r.rid, [])
+            for q in range(c.logits_from, c.end):
+                if q == 0 and r.logprob_start == 0:
+                    got.append((0, None))
+                if r.logprob_start <= q + 1 < n:
+                    got.append((q + 1, mock_logprob(seq[:q + 1])))
+        s.on_step_done(plan)
+        for c in plan.chunks:
+            r = c.req
+            if r.state is not ReqState.RUNNING:
+                continue
+            if c.samples:
+                r.output_ids.append(out[r.rid])
+                if len(r.output_ids) >= r.max_new_tokens:
+                    s.finish(r)
+                    done[r.rid] = list(r.output_ids)
+            elif not r.wants_sample and r.num_computed >= r.num_tokens:
+                s.finish(r)
+                done[r.rid] = []
+        s.check_integrity()
+    return done, entries
+
+
+def expected_entries(prompt: list[int], start: int) -> list:
+    return [(p, None if p == 0 else mock_logprob(prompt[:p])) for p in range(start, len(prompt))]
+
+
+PS = 4
+SWEEP_STARTS = sorted({0, 1, PS - 1, PS, PS + 1, 2 * PS - 1, 2 * PS, 2 * PS + 1, 3 * PS, 4 * PS - 1})
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("budget", [64, 8])  # 8: the prompt is prefilled over several steps
+@pytest.mark.parametrize("cached", [False, True])
+def test_prompt_logprobs_across_page_boundaries_cached_or_not(cached, budget):
+    """Issue 10 item 7: a prefix served from the radix cache has no logits, so reuse must stop short of
+    logprob_start (the entry for position p is the logits row at p - 1): every entry, exactly once."""
+    rng = random.Random(7)
+    for n in (1, 2, PS, PS + 1, 2 * PS + 2, 4 * PS, 4 * PS + 2):
+        prompt = [rng.randrange(V) for _ in range(n)]
+        for start in [x for x in SWEEP_STARTS if x < n] + [n - 1]:
+            s = make(page_size=PS, budget=budget)
+            runner = MockRunner(PS)
+            if cached:  # an earlier max_new_tokens=0 request caches the prompt's whole pages
+                s.add(Request("warm", prompt, 0))
+                drive_logprobs(s, runner)
+            req = Request("lp", prompt, 2, logprob_start=start)
+            s.add(req)
+            done, entries = drive_logprobs(s, runner)
+            assert entries.get("lp", []) == expected_entries(prompt, start), (n, start)
+            assert len(entries["lp"]) == n - start
+            assert done["lp"] == expected_output(prompt, 2)
+            reusable = min(max(start - 1, 0), n - 1) // PS * PS
+            assert req.cached_tokens == (reusable if cached else 0), (n, start, req.cached_tokens)
+
+
+@pytest.mark.timeout(60)
+def test_prompt_logprobs_select_batch_shares_the_prefix_up_to_the_logprob_start():
+    """The frontend's `select`: prefix cached by a max_new_tokens=0 call, then prefix + each choice with
+    logprob_start = P - 2. Nothing waits for a prefix it may not reuse, and entries are exact."""
+    s = make(page_size=PS, max_running=8)
+    runner = MockRunner(PS)
+    prefix = list(range(100, 100 + 4 * PS + 1))
+    s.add(Request("prefix", prefix, 0))
+    drive_logprobs(s, runner)
+    P = len(prefix)
+    choices = [[7, 8], [9], [10, 11, 12]]
+    reqs = [Request(f"c{i}", prefix + c, 0, logprob_start=P - 2) for i, c in enumerate(choices)]
+    for r in reqs:
+        s.add(r)
+    plans = []
+    done, entries = drive_logprobs(s, runner, lambda s, plan, before: plans.append(plan))
+    assert {c.req.rid for c in plans[0].prefills} == {"c0", "c1", "c2"}  # admitted together, none waits
+    for r, c in zip(reqs, choices):
+        assert r.cached_tokens == (P - 3) // PS * PS
+        assert entries[r.rid] == expected_entries(prefix + c, P - 2) and len(entries[r.rid]) == len(c) + 2
+
+
+@pytest.mark.timeout(120)
+def test_prompt_logprobs_survive_retraction_exactly_once():
+    """A small pool retracts requests, some in the middle of a chunked prefill: a resumed request neither
+    loses nor re-collects entries, and one whose prompt entries are all in reuses the cache freely."""
+    s = make(num_pages=34, page_size=PS, max_running=8, new_token_ratio=0.0, budget=16)
+    rng = random.Random(5)
+    reqs = []
+    for i in range(10):
+        n = rng.randrange(18, 40)
+        reqs.append(Request(f"r{i}", [rng.randrange(V) for _ in range(n)], 24,
+                            logprob_start=rng.choice([0, 1, PS, PS + 1, n // 2, n - 1])))
+        s.add(reqs[-1])
+    seen = {"mid_prefill": 0, "after_prompt": 0}
+
+    def on_schedule(s, plan, before):
+        for r in reqs:
+            if r.rid in before and r.retractions > before[r.rid][1]:
+                seen["mid_prefill" if before[r.rid][0] < len(r.prompt_ids) else "after_prompt"] += 1
+        for c in plan.prefills:
+            r = c.req
+            if r.logits_done >= len(r.prompt_ids):
+                assert c.logits_from is None  # entries all in: no logits recomputed
+
+    done, entries = drive_logprobs(s, MockRunner(PS), on_schedule)
+    assert s.num_retractions > 0 and seen["mid_prefill"] > 0 and seen["after_prompt"] > 0, seen
+    for r in reqs:
+        assert done[r.rid] == expected_output(r.prompt_ids, 24)
+        assert entries[r.rid] == expected_entries(r.prompt_ids, r.logprob_start), r.rid
