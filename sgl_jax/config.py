@@ -58,6 +58,11 @@ class EngineConfig:
                               "step costs timed at warm-up (saved beside the compilation cache)")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
+    max_logit_bias: int = _f(64, "most logit_bias entries a request may give (more: a 400, never cut); >= 1, the "
+                             "step's static bias width")
+    max_stop_token_ids: int = _f(16, "most stop_token_ids a request may give (more: a 400); >= 0. Until "
+                                 "min_new_tokens is reached they and the model's EOS ids are masked on the device, "
+                                 "in slots of their own (never taking logit_bias slots)")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
     warmup: bool = _f(True, "compile every step shape at start-up")
     seed: int = _f(0, "default sampling seed for requests that give none")
@@ -69,6 +74,12 @@ class EngineConfig:
     max_constraint_states: int = _f(10000, "compile limit: larger regexes/schemas are rejected with an error")
     max_constraint_seconds: float = _f(20.0, "compile limit in seconds per constraint")
     json_whitespace: str = _f("", "JSON schema whitespace regex between tokens; empty = compact (longest forced runs)")
+
+    def __post_init__(self):
+        for name, lo in (("max_logit_bias", 1), ("max_stop_token_ids", 0)):
+            v = getattr(self, name)
+            if isinstance(v, int) and not isinstance(v, bool) and v < lo:
+                raise ConfigError(f"config key 'engine.{name}' must be >= {lo}, got {v}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator, Callable, Iterator
 
 from sgl_jax.config import EngineConfig, build
 from sgl_jax.errors import InvalidRequestError, UnsupportedFeatureError
-from sgl_jax.sampling_params import SamplingParams
+from sgl_jax.sampling_params import SamplingParams, check_token_ids
 from sgl_jax.scheduler import Chunk, OutOfPagesError, ReqState, Request, Scheduler, SchedulerConfig, StepPlan
 
 log = logging.getLogger("sgl_jax.engine")
@@ -115,6 +115,7 @@ class Engine:
         self.model_path = loaded.path
         self.model_config = mc = loaded.config
         self.tokenizer = loaded.tokenizer
+        self.vocab_size = loaded.vocab_size  # the tokenizer's ids; model rows past it are padding
         dtype = canonical_dtype(c.dtype)
         kv_dtype = canonical_dtype(c.kv_dtype or c.dtype)
         self.max_context_len = min(c.max_context_len, mc.max_position_embeddings)
@@ -140,7 +141,9 @@ class Engine:
             page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
             attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
             constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
-            run_q=c.run_block, run_buckets=list(c.run_block_buckets))
+            run_q=c.run_block, run_buckets=list(c.run_block_buckets), valid_vocab=self.vocab_size,
+            max_logit_bias=c.max_logit_bias,
+            max_suppress=c.max_stop_token_ids + len(self.tokenizer.stop_token_ids))
         from sgl_jax.constrained import ConstraintCache
         from sgl_jax.constrained.table import ConstraintTable
 
@@ -224,18 +227,15 @@ class Engine:
             if not ids and self.tokenizer.bos_token_id is not None:
                 ids = [self.tokenizer.bos_token_id]  # as upstream: an empty text is just BOS
         else:
-            if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                                          for t in input_ids):
+            if not isinstance(input_ids, list):
                 raise InvalidRequestError("'input_ids' must be a list of integers")
-            ids = list(input_ids)
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
-            if bad:
-                raise InvalidRequestError(f"'input_ids' has token id {bad[0]} outside [0, "
-                                          f"{self.model_config.vocab_size})")
+            ids = check_token_ids(input_ids, self.vocab_size, "input_ids")
         if not ids:
             raise InvalidRequestError("the prompt is empty ('text' or 'input_ids' must have at least one token)")
-        sp = SamplingParams.from_dict(sampling_params, vocab_size=self.model_config.vocab_size,
-                                      max_context=self.max_context_len, prompt_len=len(ids))
+        sp = SamplingParams.from_dict(sampling_params, vocab_size=self.vocab_size,
+                                      max_context=self.max_context_len, prompt_len=len(ids),
+                                      max_logit_bias=self.config.max_logit_bias,
+                                      max_stop_token_ids=self.config.max_stop_token_ids)
         if len(ids) >= self.max_context_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context length is "
                                       f"{self.max_context_len}")
@@ -615,9 +615,8 @@ class Engine:
 
         d: _ReqData = c.req.data
         p = d.params
-        bias = list(p.logit_bias)
-        if len(c.req.output_ids) < p.min_new_tokens:
-            bias += [(t, float("-inf")) for t in sorted(d.stop_ids)]
+        # min_new_tokens: the stop ids are masked in slots of their own (never a logit_bias slot)
+        suppress = tuple(sorted(d.stop_ids)) if len(c.req.output_ids) < p.min_new_tokens else ()
         fsm_state = fsm_slot = -1
         host_mask = None
         if d.place is not None:
@@ -626,7 +625,7 @@ class Engine:
             host_mask = d.mask_future.result()
         return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-                         repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
+                         repetition_penalty=p.repetition_penalty, bias=p.logit_bias, suppress=suppress, seed=d.seed,
                          step=len(c.req.output_ids), top=d.top_logprobs_num > 0, fsm_state=fsm_state,
                          fsm_slot=fsm_slot, host_mask=host_mask)
 
