@@ -58,6 +58,11 @@ class EngineConfig:
                               "step costs timed at warm-up (saved beside the compilation cache)")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
+    max_logit_bias: int = _f(64, "most logit_bias entries a request may give (more: a 400, never cut); >= 1, the "
+                             "step's static bias width")
+    max_stop_token_ids: int = _f(16, "most stop_token_ids a request may give (more: a 400); >= 0. Until "
+                                 "min_new_tokens is reached they and the model's EOS ids are masked on the device, "
+                                 "in slots of their own (never taking logit_bias slots)")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
     warmup: bool = _f(True, "compile every step shape at start-up")
     seed: int = _f(0, "default sampling seed for requests that give none")
@@ -105,6 +110,8 @@ class EngineConfig:
         if self.constraint_rows % 64:
             raise ConfigError(f"config key 'engine.constraint_rows' must be a multiple of 64 (the upload block), "
                               f"got {self.constraint_rows}")
+        _at_least(self, "max_logit_bias", 1)
+        _at_least(self, "max_stop_token_ids", 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """The device side of the engine: the KV pool, the penalty state, and the one jitted step.
 
 `step(params, kv, pstate, inputs)` is a pure function: the model forward over the ragged batch
-(KV pages written in place, the pool donated), penalties/bias/constraint masks on the logits, on-device
+(KV pages written in place, the pool donated), penalties, logit bias (max_logit_bias entries a row), the
+min_new_tokens stop-id suppression (slots of its own), the model's padding ids (embedding rows past the
+tokenizer's vocabulary: always -inf) and constraint masks on the logits, on-device
 sampling with per-request PRNG keys, logprobs (sampled tokens, prompt targets, top-k). It is compiled
 for a small fixed set of shapes (`StepShape`: decode rows x prefill blocks x page-table width, plus
 decode steps carrying run blocks and a full-logits variant for prompt logprobs), all at start-up; afterwards no request can trigger a
@@ -37,12 +39,11 @@ from tqdm.auto import tqdm
 
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, bucket, pack
-from sgl_jax.constrained.fsm import DIST_UNREACHABLE
+from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.models.attention import AttnMetadata
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
 
-_MAX_BIAS = 16  # logit_bias entries per request row (EOS suppression uses a few of them)
 NO_BUDGET = 1 << 30  # fsm_budget of a row without a token budget (never binds: dist of a live state is < S)
 
 
@@ -105,7 +106,7 @@ class ConstraintBuffers:
 
     mask: jax.Array  # [R, W] int32 packed allowed-token bits per state row
     next: jax.Array  # [R, C] int32 next state (global row) per token class; -1 = not allowed
-    cls: jax.Array  # [num_slots, V] int32 token -> class per constraint slot
+    cls: jax.Array  # [num_slots, V] int32 token -> class per constraint slot (model vocabulary V)
     dist: jax.Array  # [R] int32 fewest tokens from the state row to acceptance (DIST_UNREACHABLE = never)
 
 
@@ -140,15 +141,20 @@ def _constrain(logits, cb: ConstraintBuffers, fsm_state, host_mask, host_on, fsm
     return jnp.where(allowed, logits, -jnp.inf)
 
 
-def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1):
-    """The pure step function for one model; jit it with the KV pool and penalty state donated."""
+def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1, valid_vocab: int | None = None):
+    """The pure step function for one model; jit it with the KV pool and penalty state donated.
+
+    `valid_vocab` (static): the tokenizer's vocabulary size when the model's embedding has padding rows
+    past it; those ids are -inf in every logits row (never sampled, never in top logprobs).
+    """
 
     def step(params, kv, pstate: sampling.PenaltyState, cb: ConstraintBuffers, inp: StepInputs):
         meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
                             inp.pre_page_table, inp.pre_kv_lens, block_q=block_q,
                             run_page_table=inp.run_page_table, run_kv_lens=inp.run_kv_lens, run_q=run_q)
         logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
-        logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot)
+        logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot,
+                                                   valid_vocab=valid_vocab)
         constrained = inp.fsm_state >= 0
         logits = jax.lax.cond(jnp.any(constrained | inp.host_mask_on),
                               lambda lg: _constrain(lg, cb, inp.fsm_state, inp.host_mask, inp.host_mask_on,
@@ -202,7 +208,8 @@ class RowParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    bias: tuple = ()  # ((token, value), ...)
+    bias: tuple = ()  # ((token, value), ...) the request's logit_bias, at most max_logit_bias entries
+    suppress: tuple = ()  # token ids set to -inf (stop tokens before min_new_tokens), at most max_suppress
     seed: int = 0
     step: int = 0
     top: bool = False
@@ -220,7 +227,19 @@ class ModelRunner:
                  max_mixed_blocks: int, page_width_buckets: list[int], max_top_logprobs: int,
                  attention_backend: str = "jnp", max_marks: int = 512, constraint_rows: int = 1024,
                  constraint_classes: int = 512, constraint_slots: int = 8, run_q: int = 8,
-                 run_buckets: list[int] = ()):
+                 run_buckets: list[int] = (), valid_vocab: int | None = None, max_logit_bias: int = 64,
+                 max_suppress: int = 16):
+        """`valid_vocab`: the tokenizer's vocabulary size (default: the model's); ids from it up to the
+        model's vocab_size are padding, masked out on the device. `max_logit_bias` / `max_suppress`: the
+        device width of a row's logit_bias entries and of its suppressed (stop) ids; a row asking for more
+        is an error (requests are validated against these limits before they get here)."""
+        V = model_config.vocab_size
+        if valid_vocab is not None and not 0 < valid_vocab <= V:
+            raise ValueError(f"valid_vocab {valid_vocab} must be in [1, model vocab_size {V}]")
+        if max_logit_bias < 1 or max_suppress < 0:
+            raise ValueError(f"max_logit_bias ({max_logit_bias}) must be >= 1 and max_suppress ({max_suppress}) >= 0")
+        self.valid_vocab = V if valid_vocab is None else int(valid_vocab)
+        self.max_logit_bias, self.max_suppress = int(max_logit_bias), int(max_suppress)
         self.cfg = model_config
         self.params = params
         self.page_size, self.block_q, self.num_slots = page_size, block_q, num_slots
@@ -235,8 +254,7 @@ class ModelRunner:
         self.platform = jax.default_backend()  # "cpu", "gpu" or "tpu"
         self.model = CausalLM(model_config, dtype, attention_backend)
         self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
-        self.pstate = sampling.init_penalty_state(num_slots, model_config.vocab_size)
-        V = model_config.vocab_size
+        self.pstate = sampling.init_penalty_state(num_slots, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
                                       jnp.zeros((constraint_slots, V), jnp.int32),
@@ -244,7 +262,9 @@ class ModelRunner:
         self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1, 2))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
-        self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q), donate_argnums=(1, 2))
+        self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q,
+                                       self.valid_vocab if self.valid_vocab < V else None),
+                             donate_argnums=(1, 2))
         self._compiled: dict[StepShape, object] = {}
         self.num_compiles = 0
 
@@ -354,8 +374,10 @@ class ModelRunner:
         fp = np.zeros(L, np.float32)
         pp = np.zeros(L, np.float32)
         rp = np.ones(L, np.float32)
-        bias_ids = np.full((L, _MAX_BIAS), -1, np.int32)
-        bias_vals = np.zeros((L, _MAX_BIAS), np.float32)
+        K, S = self.max_logit_bias, self.max_suppress
+        bias_ids = np.full((L, K), -1, np.int32)
+        bias_vals = np.zeros((L, K), np.float32)
+        suppress = np.full((L, S), -1, np.int32)
         seeds = np.zeros(L, np.uint32)
         steps = np.zeros(L, np.int32)
         want_top = np.zeros(L, bool)
@@ -364,8 +386,12 @@ class ModelRunner:
                 continue
             temp[i], top_k[i], top_p[i], min_p[i] = r.temperature, r.top_k, r.top_p, r.min_p
             fp[i], pp[i], rp[i] = r.frequency_penalty, r.presence_penalty, r.repetition_penalty
-            for j, (tok, val) in enumerate(r.bias[:_MAX_BIAS]):
+            if len(r.bias) > K or len(r.suppress) > S:  # never truncated: validation keeps requests within
+                raise ValueError(f"a row has {len(r.bias)} logit_bias entries and {len(r.suppress)} suppressed "
+                                 f"ids; the step holds {K} (max_logit_bias) and {S}")
+            for j, (tok, val) in enumerate(r.bias):
                 bias_ids[i, j], bias_vals[i, j] = tok, val
+            suppress[i, :len(r.suppress)] = r.suppress
             seeds[i], steps[i], want_top[i] = np.uint32(r.seed & 0xFFFFFFFF), r.step, r.top
         rs = np.full(L, -1, np.int32)
         rs[:len(row_slot)] = row_slot
@@ -385,7 +411,7 @@ class ModelRunner:
         sb = sampling.SamplingBatch(
             temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, frequency_penalty=fp,
             presence_penalty=pp, repetition_penalty=rp, bias_ids=bias_ids, bias_vals=bias_vals,
-            seeds=seeds, steps=steps, vocab_mask=None)
+            seeds=seeds, steps=steps, vocab_mask=None, suppress_ids=suppress)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.run_page_table,
                           batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, fsm_state, fsm_slot,
@@ -455,22 +481,28 @@ class ModelRunner:
         """Copy a placed constraint's tables into the device buffer (fixed-size blocks: no recompiles)."""
         fsm, base = placement.fsm, placement.base
         R, C = self.cbuf.next.shape
+        num_slots, V = self.cbuf.cls.shape
         W = self.cbuf.mask.shape[1]
         S = fsm.num_states
+        if fsm.vocab_size > V or fsm.mask.shape[1] > W:
+            raise ValueError(f"the constraint is compiled for a vocabulary of {fsm.vocab_size} tokens; the model "
+                             f"has {V}")
         for start in range(0, placement.rows, _ROW_BLOCK):
             n = max(min(_ROW_BLOCK, S - start), 0)
             mblock = np.zeros((_ROW_BLOCK, W), np.int32)
             nblock = np.full((_ROW_BLOCK, C), -1, np.int32)
             dblock = np.full(_ROW_BLOCK, DIST_UNREACHABLE, np.int32)
             if n:
-                mblock[:n] = fsm.mask[start:start + n]
+                mblock[:n, :fsm.mask.shape[1]] = fsm.mask[start:start + n]  # padding ids: no bits
                 nxt = fsm.next_state[start:start + n]
                 nblock[:n, :nxt.shape[1]] = np.where(nxt >= 0, nxt + base, -1)
                 dblock[:n] = fsm.dist[start:start + n]
             mask, nexts, dist = self._put_rows(self.cbuf.mask, self.cbuf.next, self.cbuf.dist, mblock, nblock,
                                                dblock, np.int32(base + start))
             self.cbuf = self.cbuf.replace(mask=mask, next=nexts, dist=dist)
-        row = np.asarray(fsm.token_class, np.int32)
+        # the FSM covers the tokenizer's vocabulary; the model's padding ids are never allowed
+        row = np.full(V, NEVER_CLASS, np.int32)
+        row[:fsm.vocab_size] = fsm.token_class
         self.cbuf = self.cbuf.replace(cls=self._put_cls(self.cbuf.cls, row, np.int32(placement.slot)))
         placement.uploaded = True
 

@@ -7,7 +7,9 @@ Pipeline for one step (B logits rows, vocabulary V):
 
 1. `apply_penalties_and_bias` - repetition penalty (HF/CTRL, over prompt + output tokens), then
    frequency and presence penalties (OpenAI, over output tokens), read from the per-slot
-   `PenaltyState`; then `logit_bias`; then the packed allowed-token bitmask (disallowed -> -inf).
+   `PenaltyState`; then `logit_bias`; then the per-row suppressed ids (the stop tokens while
+   `min_new_tokens` is not reached) and the model's padding ids (embedding rows past the tokenizer's
+   vocabulary) -> -inf; then the packed allowed-token bitmask (disallowed -> -inf).
 2. `sample` - greedy rows take the argmax. Other rows divide by their temperature and keep the tokens
    whose scaled logit is >= a per-row cutoff value, the cutoff being the strictest of top-k (the k-th
    largest value), top-p (the smallest prefix of the sorted distribution, renormalised over the top-k
@@ -59,14 +61,18 @@ class SamplingBatch:
     seeds: jax.Array  # [B] u32 per-request seed
     steps: jax.Array  # [B] i32 number of tokens the request has sampled so far
     vocab_mask: jax.Array | None = None  # [B, ceil(V/32)] i32 packed allowed bits, or None
+    # [B, NS] i32 ids set to -inf (stop tokens before min_new_tokens), -1 = unused slot; None = none.
+    # Separate from bias_ids so that it never takes (or loses) a logit_bias slot.
+    suppress_ids: jax.Array | None = None
 
     @classmethod
-    def make(cls, batch_size: int, *, num_bias: int = 1, vocab_size: int | None = None,
+    def make(cls, batch_size: int, *, num_bias: int = 1, num_suppress: int = 0, vocab_size: int | None = None,
              temperature=0.0, top_k=-1, top_p=1.0, min_p=0.0, frequency_penalty=0.0,
              presence_penalty=0.0, repetition_penalty=1.0, seeds=0, steps=0) -> "SamplingBatch":
         """A batch with every row set to the given values (scalars broadcast; arrays taken as is).
 
-        `vocab_size` given: add an all-allowed vocab_mask. Convenience for tests and warm-up.
+        `vocab_size` given: add an all-allowed vocab_mask; `num_suppress` > 0: add empty suppress_ids.
+        Convenience for tests and warm-up.
         """
         B = batch_size
 
@@ -84,7 +90,8 @@ class SamplingBatch:
             repetition_penalty=full(repetition_penalty, jnp.float32),
             bias_ids=jnp.full((B, num_bias), -1, jnp.int32),
             bias_vals=jnp.zeros((B, num_bias), jnp.float32),
-            seeds=full(seeds, jnp.uint32), steps=full(steps, jnp.int32), vocab_mask=mask)
+            seeds=full(seeds, jnp.uint32), steps=full(steps, jnp.int32), vocab_mask=mask,
+            suppress_ids=jnp.full((B, num_suppress), -1, jnp.int32) if num_suppress > 0 else None)
 
 
 @flax.struct.dataclass
@@ -166,11 +173,14 @@ def _penalize(logits, sb: SamplingBatch, state: PenaltyState, slot_ids, active):
 
 
 def apply_penalties_and_bias(logits: jax.Array, sb: SamplingBatch, state: PenaltyState,
-                             slot_ids: jax.Array) -> jax.Array:
-    """Penalties (rows with slot -1 untouched), then logit_bias, then vocab_mask (disallowed -> -inf).
+                             slot_ids: jax.Array, *, valid_vocab: int | None = None) -> jax.Array:
+    """Penalties (rows with slot -1 untouched), then logit_bias, then suppress_ids and the padding ids
+    (-> -inf), then vocab_mask (disallowed -> -inf).
 
     Penalty order: repetition penalty on the raw logit first, then frequency and presence subtracted.
     The gather of the penalty rows is skipped at run time when no row has a penalty set.
+    `valid_vocab` (static): ids >= it are the model's padding rows (the embedding has more rows than the
+    tokenizer has tokens); they become -inf in every row, so they are never sampled nor in top logprobs.
     """
     logits = logits.astype(jnp.float32)
     B, V = logits.shape
@@ -184,6 +194,13 @@ def apply_penalties_and_bias(logits: jax.Array, sb: SamplingBatch, state: Penalt
         cols = jnp.where(ok, sb.bias_ids, V)  # out of range -> dropped
         rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], cols.shape)
         logits = logits.at[rows, cols].add(sb.bias_vals.astype(jnp.float32), mode="drop")
+    if sb.suppress_ids is not None and sb.suppress_ids.shape[-1] > 0:
+        ok = (sb.suppress_ids >= 0) & (sb.suppress_ids < V)
+        cols = jnp.where(ok, sb.suppress_ids, V)  # unused / out of range -> dropped
+        rows = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], cols.shape)
+        logits = logits.at[rows, cols].set(_NEG_INF, mode="drop")
+    if valid_vocab is not None and valid_vocab < V:
+        logits = jnp.where(lax.broadcasted_iota(jnp.int32, (1, V), 1) < valid_vocab, logits, _NEG_INF)
     if sb.vocab_mask is not None:
         logits = jnp.where(unpack_vocab_mask(sb.vocab_mask, V), logits, _NEG_INF)
     return logits

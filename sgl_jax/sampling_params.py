@@ -13,7 +13,11 @@ Semantics worth knowing:
 * `stop` may be one string or a list; a matched stop string is trimmed from the text unless
   `no_stop_trim`.
 * `json_schema` may be given as an object; it is serialized to a JSON string, the form the engine gets.
-* `logit_bias` keys may be strings (OpenAI sends `{"50256": -100}`); they become ints.
+* `logit_bias` keys may be strings (OpenAI sends `{"50256": -100}`); they become ints. The engine takes
+  at most `max_logit_bias` entries (config; more is a 400, never a silent cut). `min_new_tokens`
+  suppresses the stop tokens in slots of its own, so it never takes one of the user's.
+* Token ids (`input_ids`, `logit_bias` keys, `stop_token_ids`) are checked against `vocab_size`, the
+  tokenizer's vocabulary: a model whose embedding has more rows (padding) never sees or emits those ids.
 * `frequency_penalty` / `presence_penalty` follow OpenAI: in [-2, 2].
 
 No jax import: this is host code, used by the server and the scheduler alike.
@@ -87,13 +91,29 @@ class SamplingParams:
         prompt_len: int | None = None,
         where: str = "sampling_params",
         names: Mapping[str, str] | None = None,
+        max_logit_bias: int | None = None,
+        max_stop_token_ids: int | None = None,
     ) -> SamplingParams:
         """Validate and normalize a wire-format dict.
 
         `where` prefixes field names in messages ("sampling_params.top_p"); `names` renames keys in
         messages for callers that speak another dialect (e.g. {"max_new_tokens": "max_tokens"}).
+        `max_logit_bias` / `max_stop_token_ids` (the engine's limits; None = unchecked) bound the number
+        of `logit_bias` entries / `stop_token_ids`.
         """
-        return _Parser(where, names or {}).parse(d, vocab_size, max_context, prompt_len)
+        return _Parser(where, names or {}, max_logit_bias, max_stop_token_ids).parse(
+            d, vocab_size, max_context, prompt_len)
+
+
+def check_token_ids(ids: Any, vocab_size: int, field: str = "input_ids") -> list[int]:
+    """`ids` as a list of token ids in [0, vocab_size); InvalidRequestError naming the first bad one."""
+    if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InvalidRequestError(f"'{field}' must be a list of integers", field=field)
+    for j, t in enumerate(ids):
+        if not 0 <= t < vocab_size:
+            raise InvalidRequestError(f"'{field}'[{j}] is {t}, not a token id: the vocabulary is [0, {vocab_size})",
+                                      field=field)
+    return list(ids)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(SamplingParams)}
@@ -101,9 +121,12 @@ KNOWN_KEYS = frozenset(_FIELDS)
 
 
 class _Parser:
-    def __init__(self, where: str, names: Mapping[str, str]):
+    def __init__(self, where: str, names: Mapping[str, str], max_logit_bias: int | None = None,
+                 max_stop_token_ids: int | None = None):
         self.where = where
         self.names = names
+        self.max_logit_bias = max_logit_bias
+        self.max_stop_token_ids = max_stop_token_ids
 
     def name(self, key: str) -> str:
         key = self.names.get(key, key)
@@ -239,6 +262,9 @@ class _Parser:
             ids = v["stop_token_ids"]
             if not isinstance(ids, (list, tuple)):
                 self.fail("stop_token_ids", f"must be a list of token ids, got {ids!r}")
+            if self.max_stop_token_ids is not None and len(ids) > self.max_stop_token_ids:
+                self.fail("stop_token_ids", f"has {len(ids)} entries; at most {self.max_stop_token_ids} are "
+                                            "allowed (engine config max_stop_token_ids)")
             out["stop_token_ids"] = tuple(
                 self.token_id("stop_token_ids", t, vocab_size, f"[{i}]") for i, t in enumerate(ids))
 
@@ -297,6 +323,9 @@ class _Parser:
             items = [tuple(p) for p in lb]
         else:
             self.fail("logit_bias", f"must be an object mapping token ids to biases, got {lb!r}")
+        if self.max_logit_bias is not None and len(items) > self.max_logit_bias:
+            self.fail("logit_bias", f"has {len(items)} entries; at most {self.max_logit_bias} are allowed "
+                                    "(engine config max_logit_bias)")
         out: dict[int, float] = {}
         for k, b in items:
             tid = k

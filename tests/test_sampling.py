@@ -231,6 +231,39 @@ def test_penalties_and_bias_match_reference(with_mask):
     assert np.isneginf(got[0, bias_ids[0, 0]])
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("valid_vocab", [33, None])
+def test_suppress_ids_and_padding_ids_become_neg_inf(valid_vocab):
+    rng = np.random.default_rng(9)
+    (logits, counts, seen, slot_ids, freq, pres, rep, bias_ids, bias_vals,
+     _) = _random_penalty_case(rng, with_mask=False)
+    B, V = logits.shape
+    suppress = np.full((B, 4), -1, np.int32)
+    suppress[1, :2] = [5, 7]
+    suppress[3] = [bias_ids[3, 0], 1, 1, 32]  # a biased id, a duplicate, the last id below the padding
+    bias_vals[3, 0] = 50.0  # a large bias does not undo a suppression
+    sb = batch(B, frequency_penalty=freq, presence_penalty=pres, repetition_penalty=rep)
+    sb = sb.replace(bias_ids=jnp.asarray(bias_ids), bias_vals=jnp.asarray(bias_vals),
+                    suppress_ids=jnp.asarray(suppress))
+    state = PenaltyState(output_counts=jnp.asarray(counts), seen=jnp.asarray(seen))
+    fn = jax.jit(apply_penalties_and_bias, static_argnames=("valid_vocab",))
+    got = np.asarray(fn(jnp.asarray(logits), sb, state, jnp.asarray(slot_ids), valid_vocab=valid_vocab))
+    want = ref_penalize(logits, counts, seen, slot_ids, freq, pres, rep, bias_ids, bias_vals, None)
+    for b in range(B):
+        for t in suppress[b]:
+            if t >= 0:
+                want[b, t] = -math.inf
+        if valid_vocab is not None:
+            want[b, valid_vocab:] = -math.inf
+    np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+    fin = np.isfinite(want)
+    np.testing.assert_allclose(got[fin], want[fin], rtol=1e-5, atol=1e-5)
+    sb = sb.replace(temperature=jnp.asarray(np.tile([0.0, 1.0, 2.0], 2), jnp.float32))
+    for seed in range(4):
+        tok = np.asarray(draw(got, sb.replace(seeds=jnp.full((B,), seed, jnp.uint32))).tokens)
+        assert np.isfinite(want[np.arange(B), tok]).all()
+
+
 def test_penalties_off_skip_and_padding_rows_untouched():
     rng = np.random.default_rng(2)
     B, V = 3, 50

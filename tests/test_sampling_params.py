@@ -126,3 +126,29 @@ def test_host_code_imports_without_jax():
             "import sgl_jax.serve.server, sgl_jax.serve.__main__\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.timeout(30)
+def test_logit_bias_and_stop_token_id_limits_are_validated_not_cut():
+    from sgl_jax.sampling_params import check_token_ids
+
+    lb = {str(t): float(t % 7) for t in range(100, 164)}
+    sp = SamplingParams.from_dict({"logit_bias": lb}, vocab_size=1000, max_logit_bias=64)
+    assert sp.logit_bias == tuple((int(k), v) for k, v in lb.items())  # all 64 kept, sorted by id
+    with pytest.raises(InvalidRequestError, match=r"sampling_params.logit_bias has 65 entries; at most 64 .*"
+                                                  r"max_logit_bias") as e:
+        SamplingParams.from_dict({"logit_bias": {**lb, "99": 1.0}}, vocab_size=1000, max_logit_bias=64)
+    assert e.value.field == "logit_bias"
+    with pytest.raises(InvalidRequestError, match="logit_bias has 2 entries; at most 1"):
+        SamplingParams.from_dict({"logit_bias": [[1, 1.0], [2, 2.0]]}, max_logit_bias=1)
+    assert SamplingParams.from_dict({"stop_token_ids": [1, 2]}, max_stop_token_ids=2).stop_token_ids == (1, 2)
+    with pytest.raises(InvalidRequestError, match=r"stop_token_ids has 3 entries; at most 2"):
+        SamplingParams.from_dict({"stop_token_ids": [1, 2, 3]}, max_stop_token_ids=2)
+    # without limits (the protocol layer), nothing is counted
+    assert len(SamplingParams.from_dict({"logit_bias": {**lb, "99": 1.0}}).logit_bias) == 65
+    assert check_token_ids([0, 5, 299], 300) == [0, 5, 299]
+    with pytest.raises(InvalidRequestError, match=r"'input_ids'\[2\] is 300, not a token id: the vocabulary is "
+                                                  r"\[0, 300\)"):
+        check_token_ids([0, 5, 300], 300)
+    with pytest.raises(InvalidRequestError, match="list of integers"):
+        check_token_ids([0, True], 300)

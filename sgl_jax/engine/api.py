@@ -57,11 +57,14 @@ class Engine:
         self.max_context_len = rt.max_context_len
         self.load_seconds, self.compile_seconds, self.warmup_compiles = (rt.load_seconds, rt.compile_seconds,
                                                                          rt.warmup_compiles)
-        vocab = self.model_config.vocab_size
-        self.constraints = ConstraintManager(config, self.tokenizer, vocab, self.runner.upload_constraint)
+        self.vocab_size = rt.vocab_size  # the agreed size: request ids, logit_bias and stop ids are checked against it
+        self.constraints = ConstraintManager(config, self.tokenizer, self.model_config.vocab_size,
+                                             self.runner.upload_constraint)
         self.output = OutputProcessor(self.tokenizer, self.max_context_len, metrics)
-        self.preparer = RequestPreparer(self.tokenizer, vocab_size=vocab, max_context_len=self.max_context_len,
-                                        max_top_logprobs=config.max_top_logprobs,
+        self.preparer = RequestPreparer(self.tokenizer, vocab_size=self.vocab_size,
+                                        max_context_len=self.max_context_len, max_top_logprobs=config.max_top_logprobs,
+                                        max_logit_bias=config.max_logit_bias,
+                                        max_stop_token_ids=config.max_stop_token_ids,
                                         check_constraint=self.constraints.check)
         self._rng = random.Random(config.seed)
         self._seed_lock = threading.Lock()
@@ -277,13 +280,12 @@ class Engine:
 
         d = c.req.data
         p = d.params
-        bias = list(p.logit_bias)
-        if len(c.req.output_ids) < p.min_new_tokens:
-            bias += [(t, float("-inf")) for t in sorted(d.prep.stop_ids)]
+        # min_new_tokens: the stop ids are masked in slots of their own (never a logit_bias slot)
+        suppress = tuple(sorted(d.prep.stop_ids)) if len(c.req.output_ids) < p.min_new_tokens else ()
         fsm_state, fsm_slot, host_mask = self.constraints.row(c.req, c.samples)
         return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
-                         repetition_penalty=p.repetition_penalty, bias=tuple(bias), seed=d.seed,
+                         repetition_penalty=p.repetition_penalty, bias=p.logit_bias, suppress=suppress, seed=d.seed,
                          step=len(c.req.output_ids), top=d.prep.top_logprobs_num > 0, fsm_state=fsm_state,
                          fsm_slot=fsm_slot, fsm_budget=self.constraints.budget(c.req), host_mask=host_mask)
 

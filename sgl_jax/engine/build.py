@@ -25,6 +25,7 @@ class Runtime:
     model_path: str
     model_config: object
     tokenizer: object
+    vocab_size: int  # the tokenizer's ids; embedding rows past it are padding (masked on the device)
     runner: object
     allocator: object
     cache: object
@@ -84,7 +85,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
         attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
         constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
-        run_q=c.run_block, run_buckets=list(c.run_block_buckets))
+        run_q=c.run_block, run_buckets=list(c.run_block_buckets), valid_vocab=loaded.vocab_size,
+        max_logit_bias=c.max_logit_bias, max_suppress=c.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
     allocator = PageAllocator(num_pages, reserved=1)
     cache = RadixCache(allocator, c.page_size, disabled=c.disable_radix_cache)
     scheduler = Scheduler(cache, SchedulerConfig(
@@ -103,7 +105,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
             scheduler.cfg = dataclasses.replace(scheduler.cfg, decode_fill="cost",
                                                 decode_costs=step_costs(c, runner, loaded.path))
-    return Runtime(loaded.path, mc, loaded.tokenizer, runner, allocator, cache, scheduler, max_context_len,
+    return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler, max_context_len,
                    load_seconds, compile_seconds, runner.num_compiles)
 
 

@@ -17,7 +17,7 @@ import dataclasses
 from typing import Any, Callable
 
 from sgl_jax.errors import InvalidRequestError
-from sgl_jax.sampling_params import SamplingParams
+from sgl_jax.sampling_params import SamplingParams, check_token_ids
 
 from sgl_jax.engine.stops import StopRegex, compile_stop_regex
 
@@ -62,8 +62,10 @@ class RequestPreparer:
     """
 
     def __init__(self, tokenizer, *, vocab_size: int, max_context_len: int, max_top_logprobs: int,
+                 max_logit_bias: int | None = None, max_stop_token_ids: int | None = None,
                  check_constraint: Callable[[SamplingParams], None] | None = None):
         self.tokenizer = tokenizer
+        self.max_logit_bias, self.max_stop_token_ids = max_logit_bias, max_stop_token_ids
         self.vocab_size = vocab_size
         self.max_context_len = max_context_len
         self.max_top_logprobs = max_top_logprobs
@@ -82,12 +84,7 @@ class RequestPreparer:
                     "tokens; send at least one character (or input_ids)" if not text else
                     f"'text' {text[:40]!r} encodes to no tokens", field="text")
             return ids
-        if not isinstance(input_ids, (list, tuple)) or not all(_is_int(t) for t in input_ids):
-            raise InvalidRequestError("'input_ids' must be a list of integers", field="input_ids")
-        for j, t in enumerate(input_ids):
-            if not 0 <= t < self.vocab_size:
-                raise InvalidRequestError(f"'input_ids'[{j}] = {t} is outside the vocabulary [0, {self.vocab_size})",
-                                          field="input_ids")
+        input_ids = check_token_ids(input_ids, self.vocab_size, "input_ids")
         if not input_ids:
             raise InvalidRequestError("'input_ids' is empty: the prompt must have at least one token",
                                       field="input_ids")
@@ -99,7 +96,8 @@ class RequestPreparer:
         """Validate and tokenize one sequence's request; raises InvalidRequestError naming the field."""
         ids = self.prompt_ids(text, input_ids)
         sp = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams.from_dict(
-            sampling_params, vocab_size=self.vocab_size, max_context=self.max_context_len, prompt_len=len(ids))
+            sampling_params, vocab_size=self.vocab_size, max_context=self.max_context_len, prompt_len=len(ids),
+            max_logit_bias=self.max_logit_bias, max_stop_token_ids=self.max_stop_token_ids)
         if len(ids) >= self.max_context_len:
             raise InvalidRequestError(f"the prompt has {len(ids)} tokens; the context length is "
                                       f"{self.max_context_len}", field="input_ids")

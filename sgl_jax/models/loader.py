@@ -40,6 +40,24 @@ class LoadedModel:
     path: str
     dtype: Any
 
+    @property
+    def vocab_size(self) -> int:
+        """The token ids that mean something: the tokenizer's vocabulary.
+
+        `config.vocab_size` (the embedding rows) may be larger (Qwen2/Qwen3 pad to a multiple of 128); ids
+        from `vocab_size` up to it are padding, never sampled and rejected in requests.
+        """
+        return int(self.tokenizer.vocab_size)
+
+
+def check_vocab(cfg: ModelConfig, tokenizer, path: str) -> None:
+    """The tokenizer's vocabulary must fit the model's embedding (padding rows past it are fine)."""
+    n = int(tokenizer.vocab_size)
+    if n > cfg.vocab_size:
+        raise ModelLoadError(f"{path}: the tokenizer has {n} tokens but the model's embedding has only "
+                             f"{cfg.vocab_size} rows (vocab_size); ids {cfg.vocab_size}..{n - 1} would have no "
+                             "embedding")
+
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -59,6 +77,7 @@ def load_model(model: str, dtype="float32", progress: bool = True) -> LoadedMode
     path = resolve_model(model)
     cfg, params = load_weights(path, dtype, progress)
     tok = Tokenizer.from_hf_dir(path) if os.path.isdir(path) else Tokenizer.from_gguf(path)
+    check_vocab(cfg, tok, path)
     return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype))
 
 

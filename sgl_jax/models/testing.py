@@ -131,12 +131,17 @@ _HF_TO_GGUF = {
 }
 
 
-def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = 300, quant: str = "F32",
-                    num_layers: int | None = None) -> str:
+TINY_TOKENIZER_VOCAB = 300  # tokens of the tiny byte-level tokenizer every tiny GGUF carries
+
+
+def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = TINY_TOKENIZER_VOCAB, quant: str = "F32",
+                    num_layers: int | None = None, padding_scale: float = 1.0) -> str:
     """A tiny random model of family `name` as GGUF, with the tiny byte-level tokenizer's metadata.
 
     Written the way llama.cpp's converter writes real checkpoints: [out, in] rows, llama q/k rows
     permuted, `quant` in {"F32", "F16", "Q8_0"} for the 2-D weights. Returns `path`.
+    `vocab_size` above the tokenizer's 300 tokens gives the embedding padding rows (as Qwen2/Qwen3 pad to a
+    multiple of 128); `padding_scale` multiplies their output rows (lm_head, or the tied embedding).
     """
     import gguf
 
@@ -147,6 +152,9 @@ def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = 300, 
         cfg["num_hidden_layers"] = num_layers
     arch = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}[cfg["model_type"]]
     sd = tiny_state_dict(cfg, seed)
+    if padding_scale != 1.0 and vocab_size > TINY_TOKENIZER_VOCAB:
+        out = "lm_head.weight" if "lm_head.weight" in sd else "model.embed_tokens.weight"
+        sd[out][TINY_TOKENIZER_VOCAB:] *= np.float32(padding_scale)
     H, K, E = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
     D = cfg.get("head_dim") or E // H
     w = gguf.GGUFWriter(path, arch)
@@ -198,3 +206,17 @@ def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = 300, 
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tiny_padded_gguf(name: str, path: str, seed: int = 0, multiple: int = 128, padding_scale: float = 10.0,
+                           **kw) -> str:
+    """A tiny GGUF whose model vocabulary (embedding rows) exceeds its tokenizer's: the 300 tokens padded to
+    the next multiple of `multiple` (384), as Qwen2/Qwen3 checkpoints pad theirs.
+
+    The padding ids' output rows are scaled by `padding_scale` so that, unmasked, they would win the argmax
+    (and nearly all the probability mass) for practically every input: a runtime that samples them shows.
+    """
+    padded = -(-TINY_TOKENIZER_VOCAB // multiple) * multiple
+    if padded == TINY_TOKENIZER_VOCAB:
+        padded += multiple
+    return write_tiny_gguf(name, path, seed, vocab_size=padded, padding_scale=padding_scale, **kw)
