@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import os
 import random
 import statistics
@@ -254,7 +253,7 @@ class StepProbe:
             return call
 
         def run(plan, row_params_of):
-            shape = runner.shape_for(plan)
+            shape = plan.shape
             c = runner._compiled.get(shape)
             if c is not None and not getattr(c, "_probe", False):
                 runner._compiled[shape] = timed(c, shape)
@@ -659,7 +658,7 @@ def bench_decode(args) -> dict:
                                   1e3 * sorted(x["step_s"] for x in dec)[(9 * len(dec)) // 10]],
                  phase=r)
         shape = tuple(dec[-1]["shape"])
-        from sgl_jax.runner import StepShape
+        from sgl_jax.shapes import StepShape
         d["split"] = sp = step_split(eng, probe, StepShape(*shape))
         eng.flush_cache()
         _log(f"    step split at {shape}: full step {sp['full_step_ms']:.0f} ms = forward {sp['forward_ms']:.0f} "

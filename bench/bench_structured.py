@@ -115,8 +115,6 @@ def table(title, header, rows):
 
 # ------------------------------------------------------------------------------------ part 1: compile
 def part_compile(repeats: int) -> dict:
-    import numpy as np
-
     import llguidance as llg
     import outlines_core as oc
     from outlines_core.json_schema import build_regex_from_schema
@@ -264,32 +262,21 @@ def part_compile(repeats: int) -> dict:
 def make_engine(**kw):
     from sgl_jax.engine import Engine
 
-    class _Engine(Engine):
-        """Records each finished request's jump-forward token count (the engine keeps it internal)."""
-
-        def _emit(self, req, final):
-            if final:
-                self.forced_log[req.rid] = req.data.forced_tokens
-            super()._emit(req, final)
-
-    _Engine.forced_log = {}
     t = time.perf_counter()
-    eng = _Engine(model="smollm2-135m", **{**ENGINE_KW, **kw})
-    eng.forced_log = {}
-    # per-step record (bench-only instrumentation): compiled shape, real decode rows / prefill tokens
+    eng = Engine(model="smollm2-135m", **{**ENGINE_KW, **kw})
+    # per-step record through the public step listener: compiled shape, real decode rows / prefill tokens
     eng.step_log = []
-    runner, run = eng.runner, eng.runner.run
+    run_q = eng.runner.run_q
 
-    def logged_run(plan, row_params_of):
-        shape = runner.shape_for(plan)
+    def on_step(info):
+        plan, shape = info.plan, info.plan.shape
         eng.step_log.append((shape.num_decode, shape.num_blocks, len(plan.decodes),
                              sum(len(c.token_ids) for c in plan.prefills), len(plan.prefills),
-                             shape.num_runs * runner.run_q))
-        return run(plan, row_params_of)
-    runner.run = logged_run
+                             shape.num_runs * run_q))
+    eng.add_step_listener(on_step)
     log(f"engine up in {time.perf_counter() - t:.1f}s (load {eng.load_seconds:.1f}s, compile "
         f"{eng.compile_seconds:.1f}s) {kw}")
-    costs = eng.scheduler.cfg.decode_costs
+    costs = eng.scheduler.grid.costs
     if costs:  # step seconds timed at warm-up (decode_row_fill=auto sizes jump-forward steps by them)
         log("decode step ms by (decode rows x page width [+ run blocks]): " + ", ".join(
             f"{b}x{w}{f'+{r}r' if r else ''}: {1e3 * v:.1f}" for (b, w, r), v in sorted(costs.items())))
@@ -428,7 +415,6 @@ def _run_batch(eng, ids, sps, validator, repeats, label):
     outs = None
     for _ in range(repeats):
         eng.flush_cache()
-        eng.forced_log.clear()
         info: dict = {}
         outs, wall, nsteps, st = timed_generate(eng, ids, sps, info)
         bad = []
@@ -439,7 +425,7 @@ def _run_batch(eng, ids, sps, validator, repeats, label):
                 except Exception as e:  # noqa: BLE001 - counted and reported
                     bad.append((o["text"], o["meta_info"]["finish_reason"], repr(e)[:200]))
         toks = [o["meta_info"]["completion_tokens"] for o in outs]
-        forced = [eng.forced_log.get(o["meta_info"]["id"], 0) for o in outs]
+        forced = [o["meta_info"]["forced_tokens"] for o in outs]
         runs.append(dict(wall_s=wall, steps=nsteps, completion_tokens=sum(toks), forced_tokens=sum(forced),
                          invalid=len(bad), invalid_examples=bad[:3], step_s_median=med(st), **info))
         log(f"  run {label}: {runs[-1]}")
@@ -452,11 +438,10 @@ def _run_seq(eng, ids, sps, validator, label):
     n0, l0, agg = eng.num_steps, len(eng.step_log), {"invalid": 0, "completion_tokens": 0, "forced_tokens": 0}
     s0 = len(eng.step_times)
     eng.flush_cache()
-    eng.forced_log.clear()
     for i, sp in zip(ids, sps):
         o = eng.generate(input_ids=i, sampling_params=sp)
         agg["completion_tokens"] += o["meta_info"]["completion_tokens"]
-        agg["forced_tokens"] += eng.forced_log.get(o["meta_info"]["id"], 0)
+        agg["forced_tokens"] += o["meta_info"]["forced_tokens"]
         if validator is not None:
             try:
                 validator.validate(json.loads(o["text"]))

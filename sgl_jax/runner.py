@@ -27,7 +27,6 @@ short completion the model prefers token by token. Rows masked on the host (llgu
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -38,30 +37,14 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from sgl_jax import sampling
-from sgl_jax.batch import PackedBatch, SeqChunk, bucket, pack
+from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.models.attention import AttnMetadata
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
+from sgl_jax.shapes import ShapeGrid, StepShape  # noqa: F401 - StepShape re-exported
 
 NO_BUDGET = 1 << 30  # fsm_budget of a row without a token budget (never binds: dist of a live state is < S)
-
-
-@dataclasses.dataclass(frozen=True, order=True)
-class StepShape:
-    num_decode: int  # Sd
-    num_blocks: int  # NB
-    page_width: int  # P
-    full_logits: bool = False
-    num_runs: int = 0  # NR run blocks (of the runner's run_q tokens each)
-
-    def num_tokens(self, block_q: int, run_q: int = 1) -> int:
-        return self.num_decode + self.num_runs * run_q + self.num_blocks * block_q
-
-    def num_rows(self, block_q: int) -> int:
-        if self.full_logits:  # never with run blocks
-            return self.num_tokens(block_q)
-        return self.num_decode + self.num_runs + self.num_blocks
 
 
 @struct.dataclass
@@ -222,14 +205,12 @@ class RowParams:
 class ModelRunner:
     """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
 
-    def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, page_size: int,
-                 block_q: int, num_slots: int, decode_buckets: list[int], block_buckets: list[int],
-                 max_mixed_blocks: int, page_width_buckets: list[int], max_top_logprobs: int,
-                 attention_backend: str = "jnp", max_marks: int = 512, constraint_rows: int = 1024,
-                 constraint_classes: int = 512, constraint_slots: int = 8, run_q: int = 8,
-                 run_buckets: list[int] = (), valid_vocab: int | None = None, max_logit_bias: int = 64,
-                 max_suppress: int = 16):
-        """`valid_vocab`: the tokenizer's vocabulary size (default: the model's); ids from it up to the
+    def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, grid: ShapeGrid,
+                 num_slots: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
+                 constraint_rows: int = 1024, constraint_classes: int = 512, constraint_slots: int = 8,
+                 valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16):
+        """`grid`: the step shapes to compile (the runner owns it; the scheduler plans within it).
+        `valid_vocab`: the tokenizer's vocabulary size (default: the model's); ids from it up to the
         model's vocab_size are padding, masked out on the device. `max_logit_bias` / `max_suppress`: the
         device width of a row's logit_bias entries and of its suppressed (stop) ids; a row asking for more
         is an error (requests are validated against these limits before they get here)."""
@@ -242,12 +223,9 @@ class ModelRunner:
         self.max_logit_bias, self.max_suppress = int(max_logit_bias), int(max_suppress)
         self.cfg = model_config
         self.params = params
-        self.page_size, self.block_q, self.num_slots = page_size, block_q, num_slots
-        self.decode_buckets = sorted(decode_buckets)
-        self.run_q, self.run_buckets = run_q, sorted(run_buckets)
-        self.block_buckets = sorted(block_buckets)
-        self.max_mixed_blocks = max_mixed_blocks
-        self.page_width_buckets = sorted(page_width_buckets)
+        self.grid = grid
+        page_size, block_q, run_q = grid.page_size, grid.block_q, grid.run_q
+        self.page_size, self.block_q, self.num_slots, self.run_q = page_size, block_q, num_slots, run_q
         self.num_top = max_top_logprobs
         self.max_marks = max_marks
         self.num_pages = num_pages
@@ -270,37 +248,7 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------- shapes
     def shapes(self) -> list[StepShape]:
-        out = []
-        mixed_blocks = [b for b in self.block_buckets if b <= self.max_mixed_blocks]
-        for p in self.page_width_buckets:
-            for sd in self.decode_buckets:
-                out.append(StepShape(sd, 0, p))
-                out += [StepShape(sd, nb, p) for nb in mixed_blocks]
-                out += [StepShape(sd, 0, p, False, nr) for nr in self.run_buckets]
-            for nb in self.block_buckets:
-                out.append(StepShape(0, nb, p))
-                out.append(StepShape(0, nb, p, True))
-        return sorted(set(out))
-
-    def shape_for(self, plan: StepPlan) -> StepShape:
-        sd = sum(len(c.token_ids) for c in plan.decodes if not c.as_run)
-        nr = sum(math.ceil(len(c.token_ids) / self.run_q) for c in plan.decodes if c.as_run)
-        nb = sum(math.ceil(len(c.token_ids) / self.block_q) for c in plan.prefills)
-        pages = max(math.ceil(c.end / self.page_size) for c in plan.chunks)
-        if nr and (nb or plan.full_logits):
-            raise ValueError(f"plan has {nr} run blocks together with prefill blocks or full logits")
-        if nr:
-            sd = max(sd, 1)  # run shapes are compiled with at least one decode row
-        shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
-                          bucket(nb, self.block_buckets) if nb else 0,
-                          bucket(pages, self.page_width_buckets), plan.full_logits,
-                          bucket(nr, self.run_buckets) if nr else 0)
-        if shape.num_decode and shape.num_blocks > self.max_mixed_blocks:
-            raise ValueError(f"plan mixes {sd} decodes with {nb} prefill blocks; at most "
-                             f"{self.max_mixed_blocks} blocks ride along with decodes")
-        if shape.full_logits and shape.num_decode:
-            raise ValueError("a full-logits (prompt logprobs) step cannot carry decodes")
-        return shape
+        return self.grid.shapes()
 
     def _dummy_inputs(self, shape: StepShape) -> StepInputs:
         return self._inputs(shape, None, [], [], [])
@@ -336,23 +284,27 @@ class ModelRunner:
         def table(rows, p, first=0):  # distinct pages per row, as in a real batch (one page stays in cache)
             return ((np.arange(rows * p).reshape(rows, p) + first) % (self.num_pages - 1) + 1).astype(np.int32)
 
-        for p in self.page_width_buckets:
-            for sd, nr in [(sd, 0) for sd in self.decode_buckets] + [
-                    (sd, nr) for sd in self.decode_buckets for nr in self.run_buckets]:
-                shape = StepShape(sd, 0, p, False, nr)
-                inp = self._dummy_inputs(shape)
-                full = p * self.page_size
-                inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
-                                  run_kv_lens=np.full(nr, full, np.int32), run_page_table=table(nr, p, sd * p))
-                compiled = self._compile(shape)
-                times = []
-                for _ in range(repeats + 1):
-                    t0 = time.perf_counter()
-                    self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
-                    jax.block_until_ready(out)
-                    times.append(time.perf_counter() - t0)
-                costs[(sd, p, nr)] = float(np.median(times[1:]))
+        for shape in self.grid.decode_shapes():
+            sd, p, nr = shape.num_decode, shape.page_width, shape.num_runs
+            inp = self._dummy_inputs(shape)
+            full = p * self.page_size
+            inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
+                              run_kv_lens=np.full(nr, full, np.int32), run_page_table=table(nr, p, sd * p))
+            compiled = self._compile(shape)
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
+                jax.block_until_ready(out)
+                times.append(time.perf_counter() - t0)
+            costs[(sd, p, nr)] = float(np.median(times[1:]))
         return costs
+
+    def time_decode_costs(self, costs: dict | None = None) -> ShapeGrid:
+        """The grid with decode step costs (given, e.g. read back from disk, or measured now)."""
+        self.grid = dataclasses.replace(self.grid, costs=dict(costs if costs is not None
+                                                              else self.measure_decode_costs()))
+        return self.grid
 
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
@@ -423,7 +375,7 @@ class ModelRunner:
 
         Returns the packed batch (where each chunk's logits rows are) and numpy outputs.
         """
-        shape = self.shape_for(plan)
+        shape = plan.shape  # planned by the scheduler within this runner's grid
         chunks = plan.chunks
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
                 for c in chunks]

@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 from sgl_jax.cache import PageAllocator, RadixCache, commit_running_prefix
+from sgl_jax.shapes import ShapeGrid, StepShape
 
 
 class ReqState(enum.Enum):
@@ -136,6 +137,7 @@ class StepPlan:
     reset_slots: list[int]  # penalty-state rows to clear before this step (newly admitted requests)
     marks: list[tuple[int, int, bool]]  # (slot, token, counts_as_output): penalty history of admitted requests
     full_logits: bool  # some chunk wants logits for many positions (prompt logprobs)
+    shape: StepShape | None = None  # the grid shape the step runs as (set by the scheduler)
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -144,30 +146,24 @@ class StepPlan:
 
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
+    """Policy knobs. What shapes a step can take (buckets, block sizes, run blocks, measured costs) is not
+    here: it is the runner's `ShapeGrid`, which the scheduler receives read-only."""
+
     page_size: int
     max_running: int
     max_prefill_tokens: int
-    prefill_block: int
-    max_prefill_blocks: int  # blocks per prefill-only step
-    max_mixed_blocks: int  # blocks in a step that also carries decodes
     max_context: int
     policy: str = "lpm"
     starvation_limit: int = 64
     new_token_ratio: float = 0.4
-    max_decode_rows: int = 0  # decode rows per step (the largest decode bucket); 0 = max_running
     short_chunk: int = 32  # a request this close to its end (e.g. after jump-forward) decodes, as rows
-    # How multi-token decode runs (jump-forward) size a step. "pad": they may grow it up to max_decode_rows
-    # (the runner pads to a decode bucket). "fit": they only fill the rows left spare in the bucket the
-    # step's requests need anyway; the rest of a run is computed in later steps. "cost": the bucket with
-    # the most real tokens per second of step by the measured `decode_costs`.
-    # Run blocks (run_buckets non-empty): a multi-token run may instead take one block of run_q query
-    # tokens that gathers its pages once; a step carries a run_buckets count of them (no prefill blocks).
+    # How multi-token decode runs (jump-forward) size a step. "pad": they may grow it up to the largest
+    # decode bucket (the step is padded to a bucket anyway). "fit": they only fill the rows left spare in
+    # the bucket the step's requests need anyway; the rest of a run is computed in later steps. "cost":
+    # the bucket (and run-block count) with the most real tokens per second of step by the grid's
+    # measured costs. Run blocks (grid.run_buckets non-empty): a multi-token run may instead take one
+    # block of run_q query tokens that gathers its pages once (never in a step with prefill blocks).
     decode_fill: str = "pad"
-    decode_buckets: tuple = ()
-    page_width_buckets: tuple = ()
-    decode_costs: dict = dataclasses.field(default_factory=dict)  # {(decode rows, width, run blocks): s}
-    run_q: int = 8
-    run_buckets: tuple = ()
 
 
 class OutOfPagesError(RuntimeError):
@@ -177,14 +173,17 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded."""
 
-    def __init__(self, cache: RadixCache, cfg: SchedulerConfig):
+    def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid):
         if cfg.policy not in ("lpm", "dfs-weight", "fcfs"):
             raise ValueError(f"schedule_policy {cfg.policy!r} is unknown; expected lpm, dfs-weight or fcfs")
         if cfg.decode_fill not in ("pad", "fit", "cost"):
             raise ValueError(f"decode_fill {cfg.decode_fill!r} is unknown; expected pad, fit or cost")
+        if grid.page_size != cfg.page_size:
+            raise ValueError(f"the shape grid's page_size {grid.page_size} differs from {cfg.page_size}")
         self.cache = cache
         self.alloc: PageAllocator = cache.allocator
         self.cfg = cfg
+        self.grid = grid  # the runner's; read-only here
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.by_rid: dict[str, Request] = {}
@@ -372,7 +371,8 @@ class Scheduler:
         cfg = self.cfg
         # decoding: 1 token left (or a few, after jump-forward), computed as decode rows; a request still
         # owed prompt logits is prefilled (decode rows carry no logits_from)
-        max_rows = cfg.max_decode_rows or cfg.max_running
+        grid = self.grid
+        max_rows = grid.max_decode_rows
         short = min(cfg.short_chunk, max_rows)
         decoding = [r for r in self.running
                     if 1 <= r.num_tokens - r.num_computed <= short and r.logits_needed_from() is None]
@@ -395,9 +395,9 @@ class Scheduler:
         if prefill_only and decoding:
             pending = sum(r.num_tokens - 1 - r.num_computed for r in prefilling)
             pending += sum(r.num_tokens for r in self.waiting[:4])
-            if pending <= cfg.max_mixed_blocks * cfg.prefill_block:
+            if pending <= grid.mixed_blocks * grid.block_q:
                 prefill_only = False  # small enough to ride along with the decodes
-        max_blocks = cfg.max_prefill_blocks if prefill_only else cfg.max_mixed_blocks
+        max_blocks = grid.max_blocks if prefill_only else grid.mixed_blocks
         budget_tokens = cfg.max_prefill_tokens
         chunks: list[Chunk] = []
         blocks = 0
@@ -405,10 +405,10 @@ class Scheduler:
         def take(r: Request) -> bool:
             """Add r's next prefill chunk if budget, blocks and pages allow."""
             nonlocal blocks, budget_tokens
-            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * cfg.prefill_block)
+            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.block_q)
             end = r.num_computed + n
-            if end < r.num_tokens and n > cfg.prefill_block:
-                end -= n % cfg.prefill_block  # block-aligned chunk boundaries: only the last block pads
+            if end < r.num_tokens and n > grid.block_q:
+                end -= n % grid.block_q  # block-aligned chunk boundaries: only the last block pads
             n = end - r.num_computed
             if n <= 0 or not self._grow(r, end):
                 return False
@@ -418,7 +418,7 @@ class Scheduler:
             if need is not None and max(need, r.num_computed) < end:
                 logits_from = max(need, r.num_computed)
             chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
-            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / cfg.prefill_block)
+            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / grid.block_q)
             budget_tokens -= n
             return True
 
@@ -439,7 +439,7 @@ class Scheduler:
             runs, rest, rows = self._plan_decodes(order, max_rows, allow_runs=not chunks)
             for r in runs:  # run blocks: one block of up to run_q tokens each
                 need = r.num_tokens - r.num_computed
-                n = min(need, cfg.run_q)
+                n = min(need, grid.run_q)
                 dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, r.num_computed + n),
                                         n == need and r.wants_sample, as_run=True))
             spare = rows - len(rest)
@@ -456,7 +456,8 @@ class Scheduler:
                 return self.schedule()
             return None
         self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
-        plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full)
+        plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
+                        grid.shape_for(dec_chunks, pre_chunks, full))
         self._resets, self._marks = [], []
         return plan
 
@@ -467,7 +468,8 @@ class Scheduler:
         See SchedulerConfig.decode_fill. With measured costs, every combination of run-block bucket and
         decode bucket is scored by real tokens per second of step and the best one wins.
         """
-        cfg = self.cfg
+        cfg, grid = self.cfg, self.grid
+
         def need(r):
             return r.num_tokens - r.num_computed
 
@@ -476,28 +478,28 @@ class Scheduler:
             return runs, [r for r in order if id(r) not in ids], rows
 
         cands = []
-        if allow_runs and cfg.run_buckets and cfg.decode_fill != "fit":
+        if allow_runs and grid.run_buckets and cfg.decode_fill != "fit":
             cands = sorted((r for r in order if need(r) > 1), key=lambda r: (-need(r), r.admitted_at))
         run_opts = [0]
         if cands:
-            fit_all = next((b for b in cfg.run_buckets if b >= len(cands)), cfg.run_buckets[-1])
-            run_opts += [b for b in cfg.run_buckets if b <= fit_all]
-        buckets = [b for b in cfg.decode_buckets if b <= max_rows]
+            fit_all = next((b for b in grid.run_buckets if b >= len(cands)), grid.run_buckets[-1])
+            run_opts += [b for b in grid.run_buckets if b <= fit_all]
+        buckets = [b for b in grid.decode_buckets if b <= max_rows]
         if cfg.decode_fill == "pad" or not buckets or not order:
             return split(cands[:run_opts[-1]], max_rows)
         if cfg.decode_fill == "fit":
             return split([], next(b for b in buckets if b >= len(order)))
         pages = max(math.ceil(r.num_tokens / cfg.page_size) for r in order)
-        width = next((w for w in cfg.page_width_buckets if w >= pages), None)
+        width = grid.width_for(pages)
         best, best_score = split([], max_rows), -1.0
         for nr in run_opts:
             plan = split(cands[:nr], 0)
-            run_tokens = sum(min(need(r), cfg.run_q) for r in plan[0])
+            run_tokens = sum(min(need(r), grid.run_q) for r in plan[0])
             rest_tokens = sum(need(r) for r in plan[1])
             for b in buckets:
                 if b < max(len(plan[1]), 1 if nr else 0):
                     continue
-                cost = cfg.decode_costs.get((b, width, nr))
+                cost = grid.costs.get((b, width, nr))
                 if cost is None or cost <= 0:
                     return split(cands[:run_opts[-1]], max_rows)  # no measurement: behave as "pad"
                 score = (run_tokens + min(rest_tokens, b)) / cost

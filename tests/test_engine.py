@@ -287,11 +287,12 @@ def test_alternating_steps_with_short_remainders(tiny_path):
 
 def test_decode_costs_measured_at_warmup(engine, tiny_path):
     """decode_row_fill=auto: every (decode bucket, page width) step is timed and the scheduler sizes by cost."""
-    cfg = engine.scheduler.cfg
-    assert cfg.decode_fill == "cost"
-    assert set(cfg.decode_costs) == {(b, w, r) for b in SMALL["decode_buckets"] for w in SMALL["page_width_buckets"]
-                                     for r in [0] + engine.config.run_block_buckets}
-    assert all(v > 0 for v in cfg.decode_costs.values())
+    assert engine.scheduler.cfg.decode_fill == "cost"
+    grid = engine.scheduler.grid
+    assert grid is engine.runner.grid  # one grid: the runner's, read by the scheduler
+    assert set(grid.costs) == {(b, w, r) for b in SMALL["decode_buckets"] for w in SMALL["page_width_buckets"]
+                               for r in [0] + engine.config.run_block_buckets}
+    assert all(v > 0 for v in grid.costs.values())
     with pytest.raises(ValueError, match="decode_row_fill"):
         Engine(model=tiny_path, progress=False, decode_row_fill="sometimes", **SMALL)
 
@@ -303,8 +304,8 @@ def test_step_costs_kept_beside_the_compilation_cache(tiny_path, monkeypatch):
     cache = jax.config.jax_compilation_cache_dir  # the suite's persistent cache (conftest); left unchanged
     kw = dict(SMALL, compile_cache_dir=cache, run_block_buckets=[1, 2])
     with Engine(model=tiny_path, progress=False, **kw) as e1:
-        costs = e1.scheduler.cfg.decode_costs
+        costs = e1.scheduler.grid.costs
     assert costs and any(k[2] == 2 for k in costs)
     monkeypatch.setattr(ModelRunner, "measure_decode_costs", lambda self, repeats=2: pytest.fail("timed again"))
     with Engine(model=tiny_path, progress=False, **kw) as e2:
-        assert e2.scheduler.cfg.decode_costs == costs
+        assert e2.scheduler.grid.costs == costs

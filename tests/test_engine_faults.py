@@ -88,11 +88,13 @@ def test_fault_in_one_request_fails_only_that_request(engine, monkeypatch, phase
             raise RuntimeError(f"injected fault in {phase}")
         return orig(*args, **kw)
 
-    if attr == "submit":  # ConstraintCache.submit gets no request: fail compiles of the bad requests' regex
-        def faulty(kind, spec, *a, **kw):  # noqa: F811
-            if spec == "bad":
-                raise RuntimeError("injected fault in compile")
-            return orig(kind, spec, *a, **kw)
+    def faulty_compile(kind, spec, *a, **kw):  # ConstraintCache.submit sees no request: fail by spec
+        if spec == "bad":
+            raise RuntimeError("injected fault in compile")
+        return orig(kind, spec, *a, **kw)
+
+    if attr == "submit":
+        faulty = faulty_compile  # noqa: F811
         sps = sps[:3] + [{**sps[0], "regex": "bad"}] * 3
         reference.update({f"bad{i}": None for i in range(3)})
     monkeypatch.setattr(obj, attr, faulty)

@@ -11,6 +11,7 @@ import pytest
 
 from sgl_jax.cache import PageAllocator, RadixCache
 from sgl_jax.scheduler import ReqState, Request, Scheduler, SchedulerConfig
+from sgl_jax.shapes import ShapeGrid
 
 V = 1000
 
@@ -29,10 +30,16 @@ def expected_output(prompt, n):
 def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False, **kw):
     alloc = PageAllocator(num_pages)
     cache = RadixCache(alloc, page_size, disabled=disabled)
+    grid = ShapeGrid(page_size=page_size, block_q=8, block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)),
+                     max_mixed_blocks=2,
+                     decode_buckets=kw.pop("decode_buckets", (1, 2, 4, 8, 16, max_running)),
+                     page_width_buckets=kw.pop("page_width_buckets", (8, 64, 4096 // page_size)),
+                     run_q=kw.pop("run_q", 8), run_buckets=kw.pop("run_buckets", ()),
+                     costs=kw.pop("decode_costs", {}))
+    kw.pop("max_decode_rows", None)  # the grid's largest decode bucket
     cfg = SchedulerConfig(page_size=page_size, max_running=max_running, max_prefill_tokens=kw.pop("budget", 64),
-                          prefill_block=8, max_prefill_blocks=8, max_mixed_blocks=2, max_context=4096,
-                          policy=policy, **kw)
-    return Scheduler(cache, cfg)
+                          max_context=4096, policy=policy, **kw)
+    return Scheduler(cache, cfg, grid)
 
 
 class MockRunner:
@@ -65,6 +72,9 @@ def drive(s: Scheduler, runner: MockRunner, max_steps=10000, abort_at=None, chec
     while s.has_work:
         plan = s.schedule()
         assert plan is not None, "work pending but nothing scheduled"
+        # the plan carries a shape of the (runner's) grid, the one the runner will run
+        assert plan.shape in s.grid.shapes(), plan.shape
+        assert plan.shape == s.grid.shape_for(plan.decodes, plan.prefills, plan.full_logits)
         out = runner.run(plan)
         s.on_step_done(plan)
         for c in plan.chunks:
@@ -124,8 +134,7 @@ def test_outputs_match_mock_and_pages_hold_the_right_tokens():
 @pytest.mark.parametrize("disabled", [False, True])
 def test_cold_burst_computes_shared_prefix_once(disabled):
     prefix = list(range(1, 401))
-    s = make(num_pages=400, max_running=16, budget=512, disabled=disabled)
-    s.cfg = s.cfg.__class__(**{**s.cfg.__dict__, "max_prefill_blocks": 64, "max_prefill_tokens": 512})
+    s = make(num_pages=400, max_running=16, budget=512, disabled=disabled, block_buckets=(1, 2, 4, 8, 16, 32, 64))
     runner = MockRunner(4)
     for i in range(16):
         s.add(Request(f"r{i}", prefix + [500 + i, 600 + i, 700 + i], 4))

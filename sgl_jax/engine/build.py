@@ -54,6 +54,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     from sgl_jax.models.loader import canonical_dtype, load_model
     from sgl_jax.runner import ModelRunner, enable_compilation_cache
     from sgl_jax.scheduler import Scheduler, SchedulerConfig
+    from sgl_jax.shapes import ShapeGrid
 
     enable_compilation_cache(c.compile_cache_dir)
     t0 = time.perf_counter()
@@ -76,35 +77,30 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={max_context_len} "
                          f"({max_pages_per_seq} pages)")
     max_blocks = max(c.prefill_block_buckets)
-    # a mixed step's block count is rounded up to a bucket: the largest bucket within the limit
-    mixed_blocks = max([b for b in c.prefill_block_buckets if b <= c.max_mixed_blocks], default=0)
+    grid = ShapeGrid(page_size=c.page_size, block_q=c.prefill_block, decode_buckets=tuple(c.decode_buckets),
+                     block_buckets=tuple(c.prefill_block_buckets), max_mixed_blocks=c.max_mixed_blocks,
+                     page_width_buckets=tuple(widths), run_q=c.run_block, run_buckets=tuple(c.run_block_buckets))
     runner = ModelRunner(
-        mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, page_size=c.page_size,
-        block_q=c.prefill_block, num_slots=c.max_running_requests, decode_buckets=c.decode_buckets,
-        block_buckets=c.prefill_block_buckets, max_mixed_blocks=c.max_mixed_blocks,
-        page_width_buckets=widths, max_top_logprobs=c.max_top_logprobs,
+        mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,
+        num_slots=c.max_running_requests, max_top_logprobs=c.max_top_logprobs,
         attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
         constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
-        run_q=c.run_block, run_buckets=list(c.run_block_buckets), valid_vocab=loaded.vocab_size,
-        max_logit_bias=c.max_logit_bias, max_suppress=c.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
+        valid_vocab=loaded.vocab_size, max_logit_bias=c.max_logit_bias,
+        max_suppress=c.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
     allocator = PageAllocator(num_pages, reserved=1)
     cache = RadixCache(allocator, c.page_size, disabled=c.disable_radix_cache)
     scheduler = Scheduler(cache, SchedulerConfig(
         page_size=c.page_size, max_running=c.max_running_requests,
         max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
-        prefill_block=c.prefill_block, max_prefill_blocks=max_blocks,
-        max_mixed_blocks=mixed_blocks, max_context=max_context_len, policy=c.schedule_policy,
-        starvation_limit=c.starvation_limit, new_token_ratio=c.new_token_ratio,
-        max_decode_rows=max(c.decode_buckets), short_chunk=c.decode_row_chunk,
-        decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill,
-        decode_buckets=tuple(sorted(c.decode_buckets)), page_width_buckets=tuple(sorted(widths)),
-        run_q=c.run_block, run_buckets=tuple(sorted(c.run_block_buckets))))
+        max_context=max_context_len, policy=c.schedule_policy, starvation_limit=c.starvation_limit,
+        new_token_ratio=c.new_token_ratio, short_chunk=c.decode_row_chunk,
+        decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill), runner.grid)
     compile_seconds = 0.0
     if c.warmup:
         compile_seconds = runner.warmup(progress=progress)
         if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
-            scheduler.cfg = dataclasses.replace(scheduler.cfg, decode_fill="cost",
-                                                decode_costs=step_costs(c, runner, loaded.path))
+            scheduler.grid = runner.time_decode_costs(step_costs(c, runner, loaded.path))
+            scheduler.cfg = dataclasses.replace(scheduler.cfg, decode_fill="cost")
     return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler, max_context_len,
                    load_seconds, compile_seconds, runner.num_compiles)
 
@@ -115,9 +111,10 @@ def step_costs(c: EngineConfig, r, model_path: str) -> dict:
     import jax
 
     dev = jax.devices()[0]
+    g = r.grid
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.attention_backend, r.platform,
-                      getattr(dev, "device_kind", ""), jax.__version__, r.page_size, r.num_pages, r.run_q,
-                      r.decode_buckets, r.run_buckets, r.page_width_buckets, os.cpu_count()])
+                      getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages, g.run_q,
+                      list(g.decode_buckets), list(g.run_buckets), list(g.page_width_buckets), os.cpu_count()])
     path = None
     if c.compile_cache_dir:
         path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",

@@ -176,6 +176,8 @@ class OutputProcessor:
         meta = {"id": req.rid, "finish_reason": d.finish_reason if final else None,
                 "prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
                 "cached_tokens": req.cached_tokens, "e2e_latency": time.perf_counter() - d.t_start}
+        if d.prep.constraint is not None:
+            meta["forced_tokens"] = d.forced_tokens  # appended by jump-forward, not sampled
         if d.prep.return_logprob:
             meta["input_token_logprobs"] = list(d.input_logprobs)
             meta["output_token_logprobs"] = list(d.output_logprobs)
