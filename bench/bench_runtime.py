@@ -355,7 +355,7 @@ def make_engine(**overrides):
     eng = Engine(progress=False, **{**ENGINE, **overrides})
     _log(f"  engine up in {time.perf_counter() - t0:.1f} s (load {eng.load_seconds:.1f} s, "
          f"warm-up/compile {eng.compile_seconds:.1f} s for {eng.warmup_compiles} shapes; "
-         f"{eng.runner.num_pages} KV pages; radix {'off' if eng.config.disable_radix_cache else 'on'})")
+         f"{eng.runner.num_pages} KV pages; radix {'off' if eng.config.cache.disable_radix_cache else 'on'})")
     return eng, StepProbe(eng)
 
 

@@ -266,7 +266,7 @@ def make_engine(**kw):
     eng = Engine(model="smollm2-135m", **{**ENGINE_KW, **kw})
     # per-step record through the public step listener: compiled shape, real decode rows / prefill tokens
     eng.step_log = []
-    run_q = eng.runner.run_q
+    run_q = eng.runner.run_block
 
     def on_step(info):
         plan, shape = info.plan, info.plan.shape
@@ -296,7 +296,7 @@ def timed_generate(eng, ids, sps, info=None):
     steps = eng.step_times[s0:] if len(eng.step_times) >= s0 else []
     if info is not None:
         info["cpu_s"] = time.process_time() - c  # all threads of the process: less sensitive to other load
-        bq = eng.config.prefill_block
+        bq = eng.config.shapes.prefill_block
         sl = eng.step_log[l0:]
         info.update(device_s=sum(steps), host_s=sum(eng.host_times[s0:]),
                     steps_prefill_only=sum(1 for s in sl if s[0] == 0),
@@ -378,7 +378,7 @@ def isolated_mask_cost(iters: int = 300) -> dict:
     from sgl_jax.config import EngineConfig
     from sgl_jax.runner import ConstraintBuffers, _constrain
 
-    c = EngineConfig()
+    c = EngineConfig().constraints
     V = 49152
     W = -(-V // 32)
     rng = np.random.default_rng(0)
@@ -448,7 +448,7 @@ def _run_seq(eng, ids, sps, validator, label):
             except Exception:  # noqa: BLE001
                 agg["invalid"] += 1
     wall = time.perf_counter() - t
-    bq = eng.config.prefill_block
+    bq = eng.config.shapes.prefill_block
     sl = eng.step_log[l0:]
     by_shape: dict = {}  # "decode rows/prefill blocks/run rows" -> [steps, seconds]: where the time goes
     for x, dt in zip(sl, eng.step_times[s0:]):

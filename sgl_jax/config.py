@@ -1,9 +1,23 @@
-"""Typed configuration: one frozen dataclass per component, loaded from YAML presets in `configs/`.
+"""Typed configuration: nested frozen dataclasses, one per component, loaded from YAML presets in `configs/`.
 
-`load_config(path, overrides)` reads a YAML file whose top-level sections are `engine:` and `server:`,
-applies `key=value` / `section.key=value` overrides, and type-checks every field: an unknown or
-ill-typed key fails with an error naming it. Every field has a default and a one-line doc (the
-`doc` metadata), which `python -m sgl_jax.serve --help` prints. No jax import here.
+    Config
+      engine: EngineConfig          model, dtype, attention backend, seed, warm-up, compilation cache
+        cache: CacheConfig          the KV page pool and the radix cache over it
+        scheduler: SchedulerConfig  admission, batching, chunked prefill, decode-run sizing
+        shapes: ShapeConfig         the compiled step shapes (the runner's ShapeGrid is built from it)
+        sampling: SamplingConfig    static per-request limits of the sampling step
+        constraints: ConstraintConfig  structured generation: device table sizes, compile limits
+      server: ServerConfig          the HTTP server
+
+Each field keeps one name from the YAML preset to the component that reads it (`prefill_block` is
+`prefill_block` in the runner's grid, `max_running_requests` in the scheduler). Field names are unique
+across the engine's sections, so `engine.page_size` is accepted as short for `engine.cache.page_size`
+in presets, `--set` overrides and `Engine(page_size=...)` keyword arguments.
+
+`load_config(path, overrides)` reads a YAML preset and type-checks every field: an unknown or ill-typed
+key fails with an error naming it, and each section range-checks its values in `__post_init__` (before
+any weight is loaded). Every field has a default and a one-line doc (the `doc` metadata), which
+`python -m sgl_jax.serve --help` prints. No jax import here.
 """
 
 from __future__ import annotations
@@ -24,49 +38,141 @@ def _f(default, doc: str):
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """The runtime: model, KV pool, scheduler, compiled shapes."""
+def _section(cls, doc: str):
+    return dataclasses.field(default_factory=cls, metadata={"doc": doc, "section": True})
 
-    model: str = _f("smollm2-135m", "model name (see sgl_jax.models.hub), a .gguf file or a Hugging Face directory")
-    dtype: str = _f("float32", "parameter/activation dtype: float32 or bfloat16 (float32 on CPU: no native bf16 math)")
-    kv_dtype: str = _f("", "KV pool dtype; empty = same as dtype")
-    attention_backend: str = _f("auto", "auto | jnp | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, jnp on CPU)")
+
+def _choice(obj, key: str, allowed: tuple) -> None:
+    v = getattr(obj, key)
+    if v not in allowed:
+        raise ConfigError(f"config key '{obj.WHERE}.{key}' must be one of {', '.join(allowed)}; got {v!r}")
+
+
+def _at_least(obj, key: str, lo) -> None:
+    v = getattr(obj, key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo:
+        raise ConfigError(f"config key '{obj.WHERE}.{key}' must be >= {lo}, got {v!r}")
+
+
+def _positive(obj, key: str) -> None:
+    v = getattr(obj, key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+        raise ConfigError(f"config key '{obj.WHERE}.{key}' must be > 0, got {v!r}")
+
+
+def _buckets(obj, key: str, allow_empty: bool) -> None:
+    v = getattr(obj, key)
+    if not isinstance(v, (list, tuple)) or (not v and not allow_empty) or not all(
+            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in v):
+        raise ConfigError(f"config key '{obj.WHERE}.{key}' must be a {'' if allow_empty else 'non-empty '}list of "
+                          f"positive ints, got {v!r}")
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The KV page pool and the radix (prefix) cache over it."""
+
+    WHERE: typing.ClassVar[str] = "engine.cache"
     page_size: int = _f(16, "tokens per KV page")
     kv_memory_gb: float = _f(1.0, "memory budget of the KV pool in GiB (the pool size derives from it)")
     max_num_pages: int = _f(0, "if > 0, caps the number of KV pages regardless of the budget")
     max_context_len: int = _f(4096, "longest prompt + output a request may have (capped by the model's limit)")
+    disable_radix_cache: bool = _f(False, "turn prefix caching off (the ablation baseline)")
+
+    def __post_init__(self):
+        for key in ("page_size", "max_context_len"):
+            _at_least(self, key, 1)
+        _at_least(self, "max_context_len", 2)
+        _at_least(self, "max_num_pages", 0)
+        _positive(self, "kv_memory_gb")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Admission, batching, chunked prefill and the sizing of multi-token decode runs."""
+
+    WHERE: typing.ClassVar[str] = "engine.scheduler"
     max_running_requests: int = _f(64, "largest decode batch")
     max_prefill_tokens: int = _f(512, "token budget per step for prefill chunks (chunked prefill)")
-    prefill_block: int = _f(64, "query block size of prefill rows in the attention layout")
     schedule_policy: str = _f("lpm", "lpm (longest prefix match, cache-aware) | dfs-weight | fcfs")
     starvation_limit: int = _f(64, "a waiting request is bypassed at most this many times by cache-aware ordering")
-    disable_radix_cache: bool = _f(False, "turn prefix caching off (the ablation baseline)")
     new_token_ratio: float = _f(0.4, "fraction of max_new_tokens reserved in pages when admitting a request")
-    decode_buckets: list = _f([1, 2, 4, 8, 16, 32, 64], "decode-row counts the step is compiled for")
-    prefill_block_buckets: list = _f([1, 2, 4, 8], "prefill-block counts the step is compiled for")
-    max_mixed_blocks: int = _f(2, "prefill blocks that may share a step with decodes (more: a prefill-only step)")
     decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (e.g. after jump-forward) "
                                "computes them as decode rows instead of a padded prefill block")
-    run_block: int = _f(8, "query tokens per run block: a multi-token decode run (jump-forward) that gathers its "
-                        "pages once instead of once per token")
-    run_block_buckets: list = _f([1], "run-block counts a decode step is compiled for ([] = runs go as decode rows)")
     decode_row_fill: str = _f("auto", "auto | fit | pad: whether multi-token decode runs (jump-forward) may grow a step "
                               "to a larger decode bucket. pad: always (a memory-bound step pays little per row); "
                               "fit: never, they fill spare rows only (a compute-bound CPU pays every row); auto: "
                               "per step, the run blocks and decode bucket with the most real tokens per second, by "
                               "step costs timed at warm-up (saved beside the compilation cache)")
+    check_integrity_when_idle: bool = _f(False, "run the cache integrity check whenever the engine goes idle")
+
+    def __post_init__(self):
+        for key in ("max_running_requests", "max_prefill_tokens"):
+            _at_least(self, key, 1)
+        for key in ("starvation_limit", "decode_row_chunk"):
+            _at_least(self, key, 0)
+        _choice(self, "schedule_policy", ("lpm", "dfs-weight", "fcfs"))
+        _choice(self, "decode_row_fill", ("auto", "fit", "pad"))
+        if not 0 <= self.new_token_ratio <= 1:
+            raise ConfigError(f"config key '{self.WHERE}.new_token_ratio' must be in [0, 1], got {self.new_token_ratio}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeConfig:
+    """The step shapes compiled at start-up; the runner's ShapeGrid is built from these (same names)."""
+
+    WHERE: typing.ClassVar[str] = "engine.shapes"
+    prefill_block: int = _f(64, "query block size of prefill rows in the attention layout")
+    prefill_block_buckets: list = _f([1, 2, 4, 8], "prefill-block counts the step is compiled for")
+    decode_buckets: list = _f([1, 2, 4, 8, 16, 32, 64], "decode-row counts the step is compiled for")
+    max_mixed_blocks: int = _f(2, "prefill blocks that may share a step with decodes (more: a prefill-only step)")
+    run_block: int = _f(8, "query tokens per run block: a multi-token decode run (jump-forward) that gathers its "
+                        "pages once instead of once per token")
+    run_block_buckets: list = _f([1], "run-block counts a decode step is compiled for ([] = runs go as decode rows)")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
+
+    def __post_init__(self):
+        _at_least(self, "prefill_block", 1)
+        _at_least(self, "max_mixed_blocks", 0)
+        for key in ("decode_buckets", "prefill_block_buckets"):
+            _buckets(self, key, allow_empty=False)
+        for key in ("page_width_buckets", "run_block_buckets"):
+            _buckets(self, key, allow_empty=True)
+        if self.run_block_buckets and self.run_block < 2:
+            raise ConfigError(f"config key '{self.WHERE}.run_block' must be >= 2 while run_block_buckets is "
+                              f"non-empty, got {self.run_block}")
+
+    @property
+    def max_prefill_blocks(self) -> int:
+        return max(self.prefill_block_buckets)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """Static per-request limits of the compiled sampling step (requests beyond them get a 400)."""
+
+    WHERE: typing.ClassVar[str] = "engine.sampling"
     max_top_logprobs: int = _f(20, "largest top_logprobs_num served (compiled as a static size)")
     max_logit_bias: int = _f(64, "most logit_bias entries a request may give (more: a 400, never cut); >= 1, the "
                              "step's static bias width")
     max_stop_token_ids: int = _f(16, "most stop_token_ids a request may give (more: a 400); >= 0. Until "
                                  "min_new_tokens is reached they and the model's EOS ids are masked on the device, "
                                  "in slots of their own (never taking logit_bias slots)")
-    compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
-    warmup: bool = _f(True, "compile every step shape at start-up")
-    seed: int = _f(0, "default sampling seed for requests that give none")
-    check_integrity_when_idle: bool = _f(False, "run the cache integrity check whenever the engine goes idle")
+
+    def __post_init__(self):
+        _at_least(self, "max_top_logprobs", 0)
+        _at_least(self, "max_logit_bias", 1)
+        _at_least(self, "max_stop_token_ids", 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConstraintConfig:
+    """Structured generation: the on-device constraint table and the compile limits."""
+
+    WHERE: typing.ClassVar[str] = "engine.constraints"
     disable_jump_forward: bool = _f(False, "structured generation: emit forced runs one token at a time")
     constraint_rows: int = _f(4096, "FSM states the on-device constraint table holds (all active constraints)")
     constraint_classes: int = _f(512, "token equivalence classes per constraint the device table holds")
@@ -76,47 +182,61 @@ class EngineConfig:
     json_whitespace: str = _f("", "JSON schema whitespace regex between tokens; empty = compact (longest forced runs)")
 
     def __post_init__(self):
-        """Range checks, before any weight is loaded; each error names the key and the allowed range."""
-        _choice(self, "dtype", ("float32", "bfloat16", "float16"))
-        if self.kv_dtype:
-            _choice(self, "kv_dtype", ("float32", "bfloat16", "float16"))
-        _choice(self, "attention_backend", ("auto", "jnp", "pallas_tpu", "pallas_gpu"))
-        _choice(self, "schedule_policy", ("lpm", "dfs-weight", "fcfs"))
-        _choice(self, "decode_row_fill", ("auto", "fit", "pad"))
-        for key in ("page_size", "max_context_len", "max_running_requests", "max_prefill_tokens", "prefill_block",
-                    "max_top_logprobs", "constraint_rows", "constraint_classes", "constraint_slots",
-                    "max_constraint_states"):
-            _at_least(self, key, 0 if key == "max_top_logprobs" else 1)
-        for key in ("max_num_pages", "starvation_limit", "max_mixed_blocks", "decode_row_chunk"):
-            _at_least(self, key, 0)
-        _at_least(self, "max_context_len", 2)
-        if not self.kv_memory_gb > 0:
-            raise ConfigError(f"config key 'engine.kv_memory_gb' must be > 0, got {self.kv_memory_gb}")
-        if not 0 <= self.new_token_ratio <= 1:
-            raise ConfigError(f"config key 'engine.new_token_ratio' must be in [0, 1], got {self.new_token_ratio}")
-        if not self.max_constraint_seconds > 0:
-            raise ConfigError(f"config key 'engine.max_constraint_seconds' must be > 0, "
-                              f"got {self.max_constraint_seconds}")
-        for key in ("decode_buckets", "prefill_block_buckets"):
-            _buckets(self, key, allow_empty=False)
-        _buckets(self, "page_width_buckets", allow_empty=True)
-        _buckets(self, "run_block_buckets", allow_empty=True)
-        if max(self.decode_buckets) < self.max_running_requests:
-            raise ConfigError(f"config key 'engine.decode_buckets' {self.decode_buckets} must reach "
-                              f"max_running_requests={self.max_running_requests}")
-        if self.run_block_buckets and self.run_block < 2:
-            raise ConfigError(f"config key 'engine.run_block' must be >= 2 while run_block_buckets is non-empty, "
-                              f"got {self.run_block}")
+        for key in ("constraint_rows", "constraint_classes", "constraint_slots", "max_constraint_states"):
+            _at_least(self, key, 1)
+        _positive(self, "max_constraint_seconds")
         if self.constraint_rows % 64:
-            raise ConfigError(f"config key 'engine.constraint_rows' must be a multiple of 64 (the upload block), "
-                              f"got {self.constraint_rows}")
-        _at_least(self, "max_logit_bias", 1)
-        _at_least(self, "max_stop_token_ids", 0)
+            raise ConfigError(f"config key '{self.WHERE}.constraint_rows' must be a multiple of 64 (the upload "
+                              f"block), got {self.constraint_rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """The runtime: model and dtypes at the top, one section per component."""
+
+    WHERE: typing.ClassVar[str] = "engine"
+    model: str = _f("smollm2-135m", "model name (see sgl_jax.models.hub), a .gguf file or a Hugging Face directory")
+    dtype: str = _f("float32", "parameter/activation dtype: float32 or bfloat16 (float32 on CPU: no native bf16 math)")
+    kv_dtype: str = _f("", "KV pool dtype; empty = same as dtype")
+    attention_backend: str = _f("auto", "auto | jnp | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, jnp on CPU)")
+    seed: int = _f(0, "default sampling seed for requests that give none")
+    warmup: bool = _f(True, "compile every step shape at start-up")
+    compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
+    cache: CacheConfig = _section(CacheConfig, "the KV page pool and the radix cache")
+    scheduler: SchedulerConfig = _section(SchedulerConfig, "admission, batching, chunked prefill")
+    shapes: ShapeConfig = _section(ShapeConfig, "compiled step shapes")
+    sampling: SamplingConfig = _section(SamplingConfig, "static sampling limits")
+    constraints: ConstraintConfig = _section(ConstraintConfig, "structured generation")
+
+    def __post_init__(self):
+        """Range checks across sections (each section checks its own), before any weight is loaded."""
+        _choice(self, "dtype", DTYPES)
+        if self.kv_dtype:
+            _choice(self, "kv_dtype", DTYPES)
+        _choice(self, "attention_backend", ("auto", "jnp", "pallas_tpu", "pallas_gpu"))
+        if max(self.shapes.decode_buckets) < self.scheduler.max_running_requests:
+            raise ConfigError(f"config key 'engine.shapes.decode_buckets' {self.shapes.decode_buckets} must reach "
+                              f"engine.scheduler.max_running_requests={self.scheduler.max_running_requests}")
+
+    @classmethod
+    def make(cls, **values) -> "EngineConfig":
+        """From keyword arguments: flat field names (`page_size=4`) or section mappings (`cache={...}`)."""
+        return build(cls, values, "engine")
+
+    def replace(self, **values) -> "EngineConfig":
+        """A copy with some fields changed (flat names or section mappings, as in `make`)."""
+        return build(EngineConfig, _merge(dataclasses.asdict(self), _nest(EngineConfig, values, "engine")), "engine")
+
+    @property
+    def effective_kv_dtype(self) -> str:
+        return self.kv_dtype or self.dtype
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
     """The HTTP server."""
+
+    WHERE: typing.ClassVar[str] = "server"
 
     host: str = _f("127.0.0.1", "address to bind; loopback unless told otherwise")
     port: int = _f(30000, "TCP port")
@@ -130,11 +250,10 @@ class ServerConfig:
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"config key 'server.port' must be in [0, 65535], got {self.port}")
-        _choice(self, "log_level", ("debug", "info", "warning", "error", "critical"), "server")
-        _at_least(self, "max_body_bytes", 1, "server")
+        _choice(self, "log_level", ("debug", "info", "warning", "error", "critical"))
+        _at_least(self, "max_body_bytes", 1)
         for key in ("drain_timeout_s", "health_generate_timeout_s"):
-            if not getattr(self, key) > 0:
-                raise ConfigError(f"config key 'server.{key}' must be > 0, got {getattr(self, key)}")
+            _positive(self, key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,24 +262,67 @@ class Config:
     server: ServerConfig = dataclasses.field(default_factory=ServerConfig)
 
 
-def _choice(obj, key: str, allowed: tuple, section: str = "engine") -> None:
-    v = getattr(obj, key)
-    if v not in allowed:
-        raise ConfigError(f"config key '{section}.{key}' must be one of {', '.join(allowed)}; got {v!r}")
+def _sections(cls) -> dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(cls) if f.metadata.get("section")}
 
 
-def _at_least(obj, key: str, lo: int, section: str = "engine") -> None:
-    v = getattr(obj, key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < lo:
-        raise ConfigError(f"config key '{section}.{key}' must be >= {lo}, got {v!r}")
+def leaf_fields(cls=None) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """Every engine field by its (unique) name -> (section name or '', the field, its type)."""
+    cls = cls or EngineConfig
+    out = {}
+    for sec, sub in [("", cls)] + list(_sections(cls).items()):
+        hints = typing.get_type_hints(sub)
+        for f in dataclasses.fields(sub):
+            if not f.metadata.get("section"):
+                assert f.name not in out, f"config field {f.name} is not unique"
+                out[f.name] = (sec, f, hints[f.name])
+    return out
 
 
-def _buckets(obj, key: str, allow_empty: bool) -> None:
-    v = getattr(obj, key)
-    if not isinstance(v, (list, tuple)) or (not v and not allow_empty) or not all(
-            isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in v):
-        raise ConfigError(f"config key 'engine.{key}' must be a {'' if allow_empty else 'non-empty '}list of "
-                          f"positive ints, got {v!r}")
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _nest(cls, values: dict, where: str) -> dict:
+    """values with flat keys moved into their sections (flat keys win over the same key in a section)."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {where!r} must be a mapping, got {values!r}")
+    sections = _sections(cls)
+    if not sections:
+        known = [f.name for f in dataclasses.fields(cls)]
+        for k in values:
+            if k not in known:
+                raise ConfigError(f"unknown config key '{where}.{k}'; known keys: {', '.join(sorted(known))}")
+        return dict(values)
+    leaves = leaf_fields(cls)
+    nested: dict = {}
+    flat = []
+    for k, v in values.items():
+        if k in sections:
+            if dataclasses.is_dataclass(v):
+                v = dataclasses.asdict(v)
+            if not isinstance(v, dict):
+                raise ConfigError(f"config section '{where}.{k}' must be a mapping of keys to values, got {v!r}")
+            for name in v:
+                if name not in {f.name for f in dataclasses.fields(sections[k])}:
+                    raise ConfigError(f"unknown config key '{where}.{k}.{name}'; known keys: "
+                                      f"{', '.join(f.name for f in dataclasses.fields(sections[k]))}")
+            nested[k] = _merge(nested.get(k, {}), v)
+        elif k in leaves:
+            flat.append((k, v))
+        else:
+            raise ConfigError(f"unknown config key '{where}.{k}'; known keys: {', '.join(sorted(leaves))} "
+                              f"(or within sections: {', '.join(sections)})")
+    for k, v in flat:
+        sec = leaves[k][0]
+        if sec:
+            nested.setdefault(sec, {})[k] = v
+        else:
+            nested[k] = v
+    return nested
 
 
 def _check_type(section: str, name: str, tp, value):
@@ -192,16 +354,20 @@ def _check_type(section: str, name: str, tp, value):
 
 
 def build(cls, values: dict[str, Any], section: str = ""):
-    """Instantiate dataclass `cls` from a dict, rejecting unknown or ill-typed keys by name."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {section or cls.__name__!r} must be a mapping, got {values!r}")
+    """Instantiate dataclass `cls` from a dict, rejecting unknown or ill-typed keys by name.
+
+    Sections may be given as mappings or, for the engine, by their fields' flat names."""
+    where = section or cls.__name__
+    values = _nest(cls, values, where)
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    for k in values:
-        if k not in fields:
-            where = f"{section}.{k}" if section else k
-            raise ConfigError(f"unknown config key {where!r}; known keys: {', '.join(sorted(fields))}")
-    return cls(**{k: _check_type(section, k, hints[k], v) for k, v in values.items()})
+    sections = _sections(cls)
+    kwargs = {}
+    for k, v in values.items():
+        if k in sections:
+            kwargs[k] = build(sections[k], v, f"{where}.{k}")
+        else:
+            kwargs[k] = _check_type(where, k, hints[k], v)
+    return cls(**kwargs)
 
 
 def parse_value(text: str, tp):
@@ -225,7 +391,8 @@ def parse_value(text: str, tp):
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Config from a YAML preset (sections `engine:` and `server:`) plus overrides.
 
-    Override keys are `section.key` or a bare key that exists in exactly one section.
+    Override keys are `engine.section.key`, `engine.key` (a unique field name), `server.key`, or a bare
+    key that exists in exactly one of engine and server.
     """
     import yaml
 
@@ -242,16 +409,37 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
         if not isinstance(raw.get(section) or {}, dict):
             raise ConfigError(f"{path}: config section {section!r} must be a mapping of keys to values, "
                               f"got {raw[section]!r}")
-    eng = dict(raw.get("engine") or {})
+    eng = _nest(EngineConfig, dict(raw.get("engine") or {}), "engine")
     srv = dict(raw.get("server") or {})
-    e_fields = {f.name for f in dataclasses.fields(EngineConfig)}
-    s_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     for key, value in (overrides or {}).items():
-        section, _, name = key.rpartition(".")
-        if not section:
-            section = "engine" if name in e_fields else "server" if name in s_fields else ""
-        target = {"engine": eng, "server": srv}.get(section)
-        if target is None:
-            raise ConfigError(f"unknown config key {key!r}")
-        target[name] = value
+        section, path_ = resolve_key(key)
+        if section == "server":
+            srv[path_[-1]] = value
+        else:
+            eng = _merge(eng, _nest(EngineConfig, {path_[-1]: value}, "engine"))
     return Config(build(EngineConfig, eng, "engine"), build(ServerConfig, srv, "server"))
+
+
+def resolve_key(key: str) -> tuple[str, tuple[str, ...]]:
+    """'engine.cache.page_size' | 'engine.page_size' | 'page_size' | 'server.port' | 'port' ->
+    ('engine', ('cache', 'page_size')) / ('server', ('port',)); ConfigError if unknown or ambiguous."""
+    parts = key.split(".")
+    leaves = leaf_fields()
+    server = {f.name for f in dataclasses.fields(ServerConfig)}
+    if parts[0] in ("engine", "server"):
+        section, rest = parts[0], parts[1:]
+    elif parts[0] in _sections(EngineConfig):
+        section, rest = "engine", parts
+    else:
+        cands = [s for s, ok in (("engine", parts[-1] in leaves), ("server", parts[-1] in server)) if ok]
+        if len(parts) != 1 or len(cands) != 1:
+            raise ConfigError(f"unknown config key {key!r}")
+        section, rest = cands[0], parts
+    if section == "server":
+        if len(rest) != 1 or rest[0] not in server:
+            raise ConfigError(f"unknown config key {key!r}; known server keys: {', '.join(sorted(server))}")
+        return "server", (rest[0],)
+    if not rest or rest[-1] not in leaves or len(rest) > 2 or (len(rest) == 2 and leaves[rest[-1]][0] != rest[0]):
+        raise ConfigError(f"unknown config key {key!r}; see --help for the list")
+    sec = leaves[rest[-1]][0]
+    return "engine", ((sec, rest[-1]) if sec else (rest[-1],))

@@ -206,7 +206,7 @@ class ModelRunner:
     """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
 
     def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, grid: ShapeGrid,
-                 num_slots: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
+                 max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
                  constraint_rows: int = 1024, constraint_classes: int = 512, constraint_slots: int = 8,
                  valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16):
         """`grid`: the step shapes to compile (the runner owns it; the scheduler plans within it).
@@ -224,15 +224,16 @@ class ModelRunner:
         self.cfg = model_config
         self.params = params
         self.grid = grid
-        page_size, block_q, run_q = grid.page_size, grid.block_q, grid.run_q
-        self.page_size, self.block_q, self.num_slots, self.run_q = page_size, block_q, num_slots, run_q
+        page_size, block_q, run_q = grid.page_size, grid.prefill_block, grid.run_block
+        self.page_size, self.prefill_block, self.run_block = page_size, block_q, run_q
+        self.max_running_requests = max_running_requests  # penalty-state rows (one per running request)
         self.num_top = max_top_logprobs
         self.max_marks = max_marks
         self.num_pages = num_pages
         self.platform = jax.default_backend()  # "cpu", "gpu" or "tpu"
         self.model = CausalLM(model_config, dtype, attention_backend)
         self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
-        self.pstate = sampling.init_penalty_state(num_slots, V)
+        self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
                                       jnp.zeros((constraint_slots, V), jnp.int32),
@@ -309,16 +310,16 @@ class ModelRunner:
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
                 row_slot: list[int], target_ids: list[int]) -> StepInputs:
-        T = shape.num_tokens(self.block_q, self.run_q)
-        L = shape.num_rows(self.block_q)
+        T = shape.num_tokens(self.prefill_block, self.run_block)
+        L = shape.num_rows(self.prefill_block)
         P = shape.page_width
         if batch is None:
             z = np.zeros
             batch = PackedBatch(z(T, np.int32), np.full(T, -1, np.int32), z(T, np.int32),
                                 z((shape.num_decode, P), np.int32), z(shape.num_decode, np.int32),
                                 z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
-                                z(L, np.int32), self.block_q, [], [],
-                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_q)
+                                z(L, np.int32), self.prefill_block, [], [],
+                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_block)
         temp = np.zeros(L, np.float32)
         top_k = np.full(L, -1, np.int32)
         top_p = np.ones(L, np.float32)
@@ -379,10 +380,10 @@ class ModelRunner:
         chunks = plan.chunks
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
                 for c in chunks]
-        batch = pack(seqs, page_size=self.page_size, block_q=self.block_q, num_decode=shape.num_decode,
+        batch = pack(seqs, page_size=self.page_size, block_q=self.prefill_block, num_decode=shape.num_decode,
                      num_blocks=shape.num_blocks, page_width=shape.page_width,
-                     num_logits=shape.num_rows(self.block_q), run_q=self.run_q, num_runs=shape.num_runs)
-        L = shape.num_rows(self.block_q)
+                     num_logits=shape.num_rows(self.prefill_block), run_q=self.run_block, num_runs=shape.num_runs)
+        L = shape.num_rows(self.prefill_block)
         rows: list[RowParams | None] = [None] * L
         row_slot = [-1] * L
         target = [-1] * L
@@ -415,7 +416,7 @@ class ModelRunner:
     def apply_marks(self, reset_slots, marks) -> None:
         """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
         M = self.max_marks
-        reset = np.zeros(self.num_slots, bool)
+        reset = np.zeros(self.max_running_requests, bool)
         reset[list(reset_slots)] = True
         for start in range(0, max(len(marks), 1), M):
             part = marks[start:start + M]
@@ -426,7 +427,7 @@ class ModelRunner:
                 arr = np.asarray(part, np.int64)
                 mslot[:len(part)], mtok[:len(part)], mout[:len(part)] = arr[:, 0], arr[:, 1], arr[:, 2].astype(bool)
             self.pstate = self._marks(self.pstate, reset, mslot, mtok, mout)
-            reset = np.zeros(self.num_slots, bool)
+            reset = np.zeros(self.max_running_requests, bool)
 
     # ----------------------------------------------------------------------- constraint table
     def upload_constraint(self, placement) -> None:

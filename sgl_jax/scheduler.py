@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 from sgl_jax.cache import PageAllocator, RadixCache, commit_running_prefix
+from sgl_jax.config import SchedulerConfig
 from sgl_jax.shapes import ShapeGrid, StepShape
 
 
@@ -144,28 +145,6 @@ class StepPlan:
         return self.decodes + self.prefills
 
 
-@dataclasses.dataclass(frozen=True)
-class SchedulerConfig:
-    """Policy knobs. What shapes a step can take (buckets, block sizes, run blocks, measured costs) is not
-    here: it is the runner's `ShapeGrid`, which the scheduler receives read-only."""
-
-    page_size: int
-    max_running: int
-    max_prefill_tokens: int
-    max_context: int
-    policy: str = "lpm"
-    starvation_limit: int = 64
-    new_token_ratio: float = 0.4
-    short_chunk: int = 32  # a request this close to its end (e.g. after jump-forward) decodes, as rows
-    # How multi-token decode runs (jump-forward) size a step. "pad": they may grow it up to the largest
-    # decode bucket (the step is padded to a bucket anyway). "fit": they only fill the rows left spare in
-    # the bucket the step's requests need anyway; the rest of a run is computed in later steps. "cost":
-    # the bucket (and run-block count) with the most real tokens per second of step by the grid's
-    # measured costs. Run blocks (grid.run_buckets non-empty): a multi-token run may instead take one
-    # block of run_q query tokens that gathers its pages once (never in a step with prefill blocks).
-    decode_fill: str = "pad"
-
-
 class OutOfPagesError(RuntimeError):
     """The KV pool cannot hold even one request's next token."""
 
@@ -173,13 +152,13 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded."""
 
-    def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid):
-        if cfg.policy not in ("lpm", "dfs-weight", "fcfs"):
-            raise ValueError(f"schedule_policy {cfg.policy!r} is unknown; expected lpm, dfs-weight or fcfs")
-        if cfg.decode_fill not in ("pad", "fit", "cost"):
-            raise ValueError(f"decode_fill {cfg.decode_fill!r} is unknown; expected pad, fit or cost")
-        if grid.page_size != cfg.page_size:
-            raise ValueError(f"the shape grid's page_size {grid.page_size} differs from {cfg.page_size}")
+    def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid, max_context: int):
+        """`cfg` is the engine config's scheduler section; `grid` the runner's shape grid (read-only);
+        `max_context` the longest prompt + output a request may have (the config's, capped by the model)."""
+        if grid.page_size != cache.page_size:
+            raise ValueError(f"the shape grid's page_size {grid.page_size} differs from the cache's {cache.page_size}")
+        self.page_size = cache.page_size
+        self.max_context = max_context
         self.cache = cache
         self.alloc: PageAllocator = cache.allocator
         self.cfg = cfg
@@ -187,7 +166,7 @@ class Scheduler:
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.by_rid: dict[str, Request] = {}
-        self.free_slots = list(range(cfg.max_running - 1, -1, -1))
+        self.free_slots = list(range(cfg.max_running_requests - 1, -1, -1))
         # penalty-row work for admitted requests, handed to the next plan (kept if no plan is made)
         self._resets: list[int] = []
         self._marks: list[tuple[int, int, bool]] = []
@@ -200,9 +179,9 @@ class Scheduler:
     def add(self, req: Request) -> None:
         if req.rid in self.by_rid:
             raise ValueError(f"request id {req.rid!r} is already in use")
-        if req.num_tokens + max(req.max_new_tokens - len(req.output_ids), 0) > self.cfg.max_context:
+        if req.num_tokens + max(req.max_new_tokens - len(req.output_ids), 0) > self.max_context:
             raise ValueError(f"prompt ({len(req.prompt_ids)} tokens) + max_new_tokens ({req.max_new_tokens}) "
-                             f"exceeds the context length {self.cfg.max_context}")
+                             f"exceeds the context length {self.max_context}")
         if req.num_tokens == 0:
             raise ValueError("empty prompt")
         req.arrival = next(self._arrivals)
@@ -232,6 +211,17 @@ class Scheduler:
         req.state = ReqState.FINISHED
         self.by_rid.pop(req.rid, None)
 
+    @property
+    def decode_fill(self) -> str:
+        """How multi-token decode runs (jump-forward) size a step (config decode_row_fill): "pad": they may
+        grow it up to the largest decode bucket; "fit": they only fill rows left spare in the bucket the
+        step needs anyway; "auto": by the grid's measured costs ("cost": the run-block count and decode
+        bucket with the most real tokens per second), or "pad" while nothing is measured."""
+        fill = self.cfg.decode_row_fill
+        if fill == "auto":
+            return "cost" if self.grid.costs else "pad"
+        return fill
+
     def mark_output(self, req: Request, tokens: list[int], rebuild: bool = False) -> None:
         """Record output tokens that did not come from this request's sampling rows (jump-forward) in its
         penalty history, applied by the next plan. `rebuild`: tokens were also taken back, so the slot's
@@ -254,7 +244,7 @@ class Scheduler:
     def _release(self, req: Request, keep_cache: bool) -> None:
         if req.node is not None:
             node = req.node
-            if keep_cache and req.num_computed >= self.cfg.page_size:
+            if keep_cache and req.num_computed >= self.page_size:
                 res = commit_running_prefix(self.cache, req.tokens(0, req.num_computed), req.pages, node,
                                             req.namespace)
                 req.pages[:len(res.pages)] = res.pages
@@ -278,7 +268,7 @@ class Scheduler:
 
     def _grow(self, req: Request, upto: int) -> bool:
         """Give `req` pages covering positions [0, upto). False if the pool cannot."""
-        need = math.ceil(upto / self.cfg.page_size) - len(req.pages)
+        need = math.ceil(upto / self.page_size) - len(req.pages)
         got = self._alloc(need)
         if got is None:
             return False
@@ -288,7 +278,7 @@ class Scheduler:
     def _available(self) -> int:
         """Pages obtainable now (free + evictable) minus what running requests are expected to need."""
         reserved = 0
-        ps = self.cfg.page_size
+        ps = self.page_size
         for r in self.running:
             remaining = max(r.max_new_tokens - len(r.output_ids), 0)
             future = r.num_tokens + int(remaining * self.cfg.new_token_ratio)
@@ -320,11 +310,11 @@ class Scheduler:
     def _order(self) -> list[Request]:
         starving = [r for r in self.waiting if r.bypassed >= self.cfg.starvation_limit]
         rest = [r for r in self.waiting if r.bypassed < self.cfg.starvation_limit]
-        if self.cfg.policy == "lpm":
+        if self.cfg.schedule_policy == "lpm":
             keyed = [(-self._peek(r), r.arrival, r) for r in rest]
             keyed.sort(key=lambda t: (t[0], t[1]))
             rest = [t[2] for t in keyed]
-        elif self.cfg.policy == "dfs-weight":
+        elif self.cfg.schedule_policy == "dfs-weight":
             rest = self._dfs_order(rest)
         starving.sort(key=lambda r: r.arrival)
         return starving + rest
@@ -373,7 +363,7 @@ class Scheduler:
         # owed prompt logits is prefilled (decode rows carry no logits_from)
         grid = self.grid
         max_rows = grid.max_decode_rows
-        short = min(cfg.short_chunk, max_rows)
+        short = min(cfg.decode_row_chunk, max_rows)
         decoding = [r for r in self.running
                     if 1 <= r.num_tokens - r.num_computed <= short and r.logits_needed_from() is None]
         prefilling = [r for r in self.running if r not in decoding]
@@ -395,20 +385,20 @@ class Scheduler:
         if prefill_only and decoding:
             pending = sum(r.num_tokens - 1 - r.num_computed for r in prefilling)
             pending += sum(r.num_tokens for r in self.waiting[:4])
-            if pending <= grid.mixed_blocks * grid.block_q:
+            if pending <= grid.mixed_blocks * grid.prefill_block:
                 prefill_only = False  # small enough to ride along with the decodes
         max_blocks = grid.max_blocks if prefill_only else grid.mixed_blocks
-        budget_tokens = cfg.max_prefill_tokens
+        budget_tokens = min(cfg.max_prefill_tokens, grid.max_blocks * grid.prefill_block)
         chunks: list[Chunk] = []
         blocks = 0
 
         def take(r: Request) -> bool:
             """Add r's next prefill chunk if budget, blocks and pages allow."""
             nonlocal blocks, budget_tokens
-            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.block_q)
+            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.prefill_block)
             end = r.num_computed + n
-            if end < r.num_tokens and n > grid.block_q:
-                end -= n % grid.block_q  # block-aligned chunk boundaries: only the last block pads
+            if end < r.num_tokens and n > grid.prefill_block:
+                end -= n % grid.prefill_block  # block-aligned chunk boundaries: only the last block pads
             n = end - r.num_computed
             if n <= 0 or not self._grow(r, end):
                 return False
@@ -418,7 +408,7 @@ class Scheduler:
             if need is not None and max(need, r.num_computed) < end:
                 logits_from = max(need, r.num_computed)
             chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
-            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / grid.block_q)
+            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / grid.prefill_block)
             budget_tokens -= n
             return True
 
@@ -439,7 +429,7 @@ class Scheduler:
             runs, rest, rows = self._plan_decodes(order, max_rows, allow_runs=not chunks)
             for r in runs:  # run blocks: one block of up to run_q tokens each
                 need = r.num_tokens - r.num_computed
-                n = min(need, grid.run_q)
+                n = min(need, grid.run_block)
                 dec_chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, r.num_computed + n),
                                         n == need and r.wants_sample, as_run=True))
             spare = rows - len(rest)
@@ -465,10 +455,10 @@ class Scheduler:
                       allow_runs: bool) -> tuple[list[Request], list[Request], int]:
         """(run-block requests, the other requests, the decode rows those others may take).
 
-        See SchedulerConfig.decode_fill. With measured costs, every combination of run-block bucket and
-        decode bucket is scored by real tokens per second of step and the best one wins.
+        See `decode_fill`. With measured costs, every combination of run-block bucket and decode bucket is
+        scored by real tokens per second of step and the best one wins.
         """
-        cfg, grid = self.cfg, self.grid
+        grid = self.grid
 
         def need(r):
             return r.num_tokens - r.num_computed
@@ -478,23 +468,23 @@ class Scheduler:
             return runs, [r for r in order if id(r) not in ids], rows
 
         cands = []
-        if allow_runs and grid.run_buckets and cfg.decode_fill != "fit":
+        if allow_runs and grid.run_block_buckets and self.decode_fill != "fit":
             cands = sorted((r for r in order if need(r) > 1), key=lambda r: (-need(r), r.admitted_at))
         run_opts = [0]
         if cands:
-            fit_all = next((b for b in grid.run_buckets if b >= len(cands)), grid.run_buckets[-1])
-            run_opts += [b for b in grid.run_buckets if b <= fit_all]
+            fit_all = next((b for b in grid.run_block_buckets if b >= len(cands)), grid.run_block_buckets[-1])
+            run_opts += [b for b in grid.run_block_buckets if b <= fit_all]
         buckets = [b for b in grid.decode_buckets if b <= max_rows]
-        if cfg.decode_fill == "pad" or not buckets or not order:
+        if self.decode_fill == "pad" or not buckets or not order:
             return split(cands[:run_opts[-1]], max_rows)
-        if cfg.decode_fill == "fit":
+        if self.decode_fill == "fit":
             return split([], next(b for b in buckets if b >= len(order)))
-        pages = max(math.ceil(r.num_tokens / cfg.page_size) for r in order)
+        pages = max(math.ceil(r.num_tokens / self.page_size) for r in order)
         width = grid.width_for(pages)
         best, best_score = split([], max_rows), -1.0
         for nr in run_opts:
             plan = split(cands[:nr], 0)
-            run_tokens = sum(min(need(r), grid.run_q) for r in plan[0])
+            run_tokens = sum(min(need(r), grid.run_block) for r in plan[0])
             rest_tokens = sum(need(r) for r in plan[1])
             for b in buckets:
                 if b < max(len(plan[1]), 1 if nr else 0):
@@ -509,21 +499,21 @@ class Scheduler:
 
     def _admit(self, take, num_decoding, prefilling) -> list[Request]:
         cfg = self.cfg
-        if len(self.running) >= cfg.max_running or not self.free_slots:
+        if len(self.running) >= cfg.max_running_requests or not self.free_slots:
             return []  # nothing can be admitted: skip ordering the whole queue
         ordered = self._order()
         admitted: list[Request] = []
         inflight = list(prefilling)
         for r in ordered:
-            if len(self.running) >= cfg.max_running or not self.free_slots:
+            if len(self.running) >= cfg.max_running_requests or not self.free_slots:
                 break
             # Cold-burst sharing: wait for a prefix another request is computing right now.
             cached = self._peek(r)
             limit = r.reuse_limit()  # waiting for another request's prefix cannot help beyond this
-            if not self.cache.disabled and any(min(self._lcp(r, o), limit) - cached >= cfg.page_size
+            if not self.cache.disabled and any(min(self._lcp(r, o), limit) - cached >= self.page_size
                                                for o in inflight):
                 continue
-            ps = cfg.page_size
+            ps = self.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps
             need_future = math.ceil(max(r.max_new_tokens - len(r.output_ids), 0) * cfg.new_token_ratio / ps)
             fits = need_now + need_future <= self._available()
@@ -553,7 +543,7 @@ class Scheduler:
             take(r)  # if the step is full, it continues as a prefilling request next step
             admitted.append(r)
             inflight.append(r)
-            if len(admitted) + num_decoding >= cfg.max_running:
+            if len(admitted) + num_decoding >= cfg.max_running_requests:
                 break
         for r in self.waiting:
             if any(a.arrival > r.arrival for a in admitted):
@@ -579,7 +569,7 @@ class Scheduler:
 
         Called after the device step and BEFORE the engine appends sampled tokens / finishes requests.
         """
-        ps = self.cfg.page_size
+        ps = self.page_size
         for c in plan.chunks:
             r = c.req
             if r.state is not ReqState.RUNNING:
@@ -614,4 +604,4 @@ class Scheduler:
                 f"(a reused or logit-less prefix went past it)")
         slots = [r.slot for r in self.running]
         assert len(set(slots)) == len(slots) and -1 not in slots, f"bad slots {slots}"
-        assert len(slots) + len(self.free_slots) == self.cfg.max_running, "slot leak"
+        assert len(slots) + len(self.free_slots) == self.cfg.max_running_requests, "slot leak"

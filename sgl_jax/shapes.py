@@ -6,8 +6,8 @@ shape it was planned for (`plan.shape`), which the runner runs as it is. Nobody 
 so the scheduler and the runner cannot disagree.
 
 A shape is (decode rows Sd, prefill blocks NB, page-table width P, full logits, run blocks NR): the
-ragged layout is Sd decode rows (one query token each), NR run blocks (run_q tokens of one sequence),
-then NB prefill blocks (block_q tokens each).
+ragged layout is Sd decode rows (one query token each), NR run blocks (run_block tokens of one sequence),
+then NB prefill blocks (prefill_block tokens each).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ class StepShape:
     num_blocks: int  # NB
     page_width: int  # P
     full_logits: bool = False
-    num_runs: int = 0  # NR run blocks (of the grid's run_q tokens each)
+    num_runs: int = 0  # NR run blocks (of the grid's run_block tokens each)
 
     def num_tokens(self, block_q: int, run_q: int = 1) -> int:
         return self.num_decode + self.num_runs * run_q + self.num_blocks * block_q
@@ -47,28 +47,36 @@ class ShapeGrid:
     """Which step shapes exist, and the measured cost of the decode ones (read-only once built)."""
 
     page_size: int
-    block_q: int  # query tokens per prefill block
+    prefill_block: int  # query tokens per prefill block
     decode_buckets: tuple[int, ...]
-    block_buckets: tuple[int, ...]
+    prefill_block_buckets: tuple[int, ...]
     max_mixed_blocks: int  # prefill blocks that may share a step with decode rows (config limit)
     page_width_buckets: tuple[int, ...]
-    run_q: int = 8
-    run_buckets: tuple[int, ...] = ()
+    run_block: int = 8  # query tokens per run block
+    run_block_buckets: tuple[int, ...] = ()
     # seconds of a decode step by (decode rows, page width, run blocks), timed at warm-up; empty = not timed
     costs: Mapping[tuple[int, int, int], float] = dataclasses.field(default_factory=dict)
 
+    @classmethod
+    def from_config(cls, shapes, page_size: int, page_width_buckets) -> "ShapeGrid":
+        """The grid of an engine config's `shapes` section (the same names), with the page widths resolved."""
+        return cls(page_size=page_size, prefill_block=shapes.prefill_block,
+                   decode_buckets=tuple(shapes.decode_buckets), prefill_block_buckets=tuple(shapes.prefill_block_buckets),
+                   max_mixed_blocks=shapes.max_mixed_blocks, page_width_buckets=tuple(page_width_buckets),
+                   run_block=shapes.run_block, run_block_buckets=tuple(shapes.run_block_buckets))
+
     def __post_init__(self):
-        for name in ("decode_buckets", "block_buckets", "page_width_buckets", "run_buckets"):
+        for name in ("decode_buckets", "prefill_block_buckets", "page_width_buckets", "run_block_buckets"):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
 
     @property
     def mixed_blocks(self) -> int:
         """Prefill blocks a step with decode rows can carry: the largest block bucket within the limit."""
-        return max([b for b in self.block_buckets if b <= self.max_mixed_blocks], default=0)
+        return max([b for b in self.prefill_block_buckets if b <= self.max_mixed_blocks], default=0)
 
     @property
     def max_blocks(self) -> int:
-        return self.block_buckets[-1]
+        return self.prefill_block_buckets[-1]
 
     @property
     def max_decode_rows(self) -> int:
@@ -79,13 +87,13 @@ class ShapeGrid:
 
     def shapes(self) -> list[StepShape]:
         out = []
-        mixed = [b for b in self.block_buckets if b <= self.max_mixed_blocks]
+        mixed = [b for b in self.prefill_block_buckets if b <= self.max_mixed_blocks]
         for p in self.page_width_buckets:
             for sd in self.decode_buckets:
                 out.append(StepShape(sd, 0, p))
                 out += [StepShape(sd, nb, p) for nb in mixed]
-                out += [StepShape(sd, 0, p, False, nr) for nr in self.run_buckets]
-            for nb in self.block_buckets:
+                out += [StepShape(sd, 0, p, False, nr) for nr in self.run_block_buckets]
+            for nb in self.prefill_block_buckets:
                 out.append(StepShape(0, nb, p))
                 out.append(StepShape(0, nb, p, True))
         return sorted(set(out))
@@ -93,22 +101,22 @@ class ShapeGrid:
     def decode_shapes(self) -> list[StepShape]:
         """The decode-only shapes whose cost is timed (with and without run blocks)."""
         return [StepShape(sd, 0, p, False, nr) for p in self.page_width_buckets for sd in self.decode_buckets
-                for nr in (0, *self.run_buckets)]
+                for nr in (0, *self.run_block_buckets)]
 
     def shape_for(self, decodes, prefills, full_logits: bool) -> StepShape:
         """The grid shape of a plan's chunks; ValueError if the plan does not fit any compiled shape."""
         sd = sum(len(c.token_ids) for c in decodes if not c.as_run)
-        nr = sum(math.ceil(len(c.token_ids) / self.run_q) for c in decodes if c.as_run)
-        nb = sum(math.ceil(len(c.token_ids) / self.block_q) for c in prefills)
+        nr = sum(math.ceil(len(c.token_ids) / self.run_block) for c in decodes if c.as_run)
+        nb = sum(math.ceil(len(c.token_ids) / self.prefill_block) for c in prefills)
         pages = max(math.ceil(c.end / self.page_size) for c in list(decodes) + list(prefills))
         if nr and (nb or full_logits):
             raise ValueError(f"plan has {nr} run blocks together with prefill blocks or full logits")
         if nr:
             sd = max(sd, 1)  # run shapes are compiled with at least one decode row
         shape = StepShape(bucket(sd, self.decode_buckets) if sd else 0,
-                          bucket(nb, self.block_buckets) if nb else 0,
+                          bucket(nb, self.prefill_block_buckets) if nb else 0,
                           bucket(pages, self.page_width_buckets), full_logits,
-                          bucket(nr, self.run_buckets) if nr else 0)
+                          bucket(nr, self.run_block_buckets) if nr else 0)
         if shape.num_decode and shape.num_blocks > self.max_mixed_blocks:
             raise ValueError(f"plan mixes {sd} decodes with {nb} prefill blocks; at most "
                              f"{self.max_mixed_blocks} blocks ride along with decodes")

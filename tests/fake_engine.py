@@ -111,7 +111,7 @@ class FakeEngine:
         self.tokenizer = ByteTokenizer()
         self.model_path = model_path
         self.max_context_len = max_context_len
-        self.config = EngineConfig(model=model_path, max_context_len=max_context_len, page_size=page_size)
+        self.config = EngineConfig.make(model=model_path, max_context_len=max_context_len, page_size=page_size)
         self.metrics = metrics
         self.delay = delay
         self.page_size = page_size

@@ -11,7 +11,7 @@ import re
 import pytest
 import yaml
 
-from sgl_jax.config import ConfigError, EngineConfig, ServerConfig, load_config
+from sgl_jax.config import ConfigError, EngineConfig, ServerConfig, leaf_fields, load_config
 from sgl_jax.serve.__main__ import main, parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,23 +27,29 @@ def test_the_presets_exist():
 def test_preset_loads_and_is_consistent(path):
     cfg = load_config(path)
     e = cfg.engine
-    assert max(e.decode_buckets) >= e.max_running_requests  # the engine refuses otherwise
-    assert e.max_prefill_tokens <= max(e.prefill_block_buckets) * e.prefill_block
-    if e.page_width_buckets:
-        assert max(e.page_width_buckets) >= math.ceil(e.max_context_len / e.page_size)
+    sh, sc, kv = e.shapes, e.scheduler, e.cache
+    assert max(sh.decode_buckets) >= sc.max_running_requests  # the engine refuses otherwise
+    assert sc.max_prefill_tokens <= max(sh.prefill_block_buckets) * sh.prefill_block
+    if sh.page_width_buckets:
+        assert max(sh.page_width_buckets) >= math.ceil(kv.max_context_len / kv.page_size)
     with open(path) as f:
         raw = yaml.safe_load(f)
     assert set(raw) <= {"engine", "server"}
     for key, value in raw["engine"].items():  # every key written in the file is what was loaded
-        got = getattr(e, key)
-        assert got == value or (isinstance(got, float) and got == float(value)), key
+        if isinstance(value, dict):  # a section
+            for k, v in value.items():
+                got = getattr(getattr(e, key), k)
+                assert got == v or (isinstance(got, float) and got == float(v)), (key, k)
+        else:
+            got = getattr(e, key)
+            assert got == value or (isinstance(got, float) and got == float(value)), key
 
 
 def test_default_preset_is_the_cpu_one():
     cfg = load_config(os.path.join(ROOT, "configs", "smollm2-135m.yaml"))
     assert cfg.engine.model == "smollm2-135m" and cfg.engine.dtype == "float32"
-    assert cfg.engine.page_size == 16 and cfg.engine.kv_memory_gb == 1.0
-    assert cfg.engine.max_running_requests == 64
+    assert cfg.engine.cache.page_size == 16 and cfg.engine.cache.kv_memory_gb == 1.0
+    assert cfg.engine.scheduler.max_running_requests == 64
     assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 30000)
 
 
@@ -61,11 +67,14 @@ def _write(tmp_path, text: str) -> str:
 
 @pytest.mark.parametrize("text,needle", [
     ("engine:\n  page_sise: 16\n", "engine.page_sise"),
+    ("engine:\n  cache:\n    page_sise: 16\n", "engine.cache.page_sise"),
+    ("engine:\n  cache:\n    max_running_requests: 16\n", "engine.cache.max_running_requests"),
+    ("engine:\n  cache: 16\n", "engine.cache"),
     ("server:\n  prot: 1\n", "server.prot"),
-    ("engine:\n  page_size: sixteen\n", "engine.page_size"),
-    ("engine:\n  page_size: 16.5\n", "engine.page_size"),
-    ("engine:\n  disable_radix_cache: 'yes'\n", "engine.disable_radix_cache"),
-    ("engine:\n  decode_buckets: [1, two]\n", "engine.decode_buckets"),
+    ("engine:\n  page_size: sixteen\n", "engine.cache.page_size"),
+    ("engine:\n  cache:\n    page_size: 16.5\n", "engine.cache.page_size"),
+    ("engine:\n  disable_radix_cache: 'yes'\n", "engine.cache.disable_radix_cache"),
+    ("engine:\n  decode_buckets: [1, two]\n", "engine.shapes.decode_buckets"),
     ("server:\n  port: '30000'\n", "server.port"),
     ("sever:\n  port: 1\n", "sever"),
     ("engine: 5\n", "engine"),
@@ -78,13 +87,28 @@ def test_bad_keys_are_named(tmp_path, text, needle):
 
 def test_overrides(tmp_path):
     path = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
-    cfg = load_config(path, {"engine.page_size": 32, "port": 1234, "disable_radix_cache": True})
-    assert cfg.engine.page_size == 32 and cfg.server.port == 1234 and cfg.engine.disable_radix_cache
-    assert cfg.engine.model == "smollm2-135m"  # the rest comes from the preset
-    with pytest.raises(ConfigError, match="engine.page_size"):
+    cfg = load_config(path, {"engine.page_size": 32, "port": 1234, "disable_radix_cache": True,
+                             "engine.shapes.decode_buckets": [1, 64], "scheduler.max_prefill_tokens": 256})
+    e = cfg.engine
+    assert e.cache.page_size == 32 and cfg.server.port == 1234 and e.cache.disable_radix_cache
+    assert e.shapes.decode_buckets == [1, 64] and e.scheduler.max_prefill_tokens == 256
+    assert e.model == "smollm2-135m" and e.cache.max_context_len == 2048  # the rest comes from the preset
+    with pytest.raises(ConfigError, match="engine.cache.page_size"):
         load_config(path, {"engine.page_size": "big"})
     with pytest.raises(ConfigError, match="nope"):
         load_config(path, {"engine.nope": 1})
+    with pytest.raises(ConfigError, match="engine.shapes.page_size"):
+        load_config(path, {"engine.shapes.page_size": 8})  # a field lives in one section only
+
+
+def test_flat_names_sections_and_instances_agree():
+    a = EngineConfig.make(page_size=8, decode_buckets=[1, 8], max_running_requests=8)
+    b = EngineConfig.make(cache={"page_size": 8}, shapes={"decode_buckets": [1, 8]},
+                          scheduler={"max_running_requests": 8})
+    assert a == b and a.cache.page_size == 8
+    assert a.replace(page_size=4).cache.page_size == 4 and a.replace(page_size=4).shapes.decode_buckets == [1, 8]
+    with pytest.raises(ConfigError, match="unknown config key 'engine.nope'"):
+        EngineConfig.make(nope=1)
 
 
 def test_cli_flags_and_set():
@@ -92,19 +116,19 @@ def test_cli_flags_and_set():
     cfg, _ = parse_config(["--config", path, "--host", "0.0.0.0", "--port", "8080", "--model", "m.gguf",
                            "--api-key", "k", "--disable-radix-cache", "--log-level", "debug",
                            "--set", "engine.dtype=bfloat16", "max_running_requests=8",
-                           "--set", "engine.decode_buckets=1,2,8", "server.drain_timeout_s=2.5",
+                           "--set", "engine.shapes.decode_buckets=1,2,8", "server.drain_timeout_s=2.5",
                            "engine.warmup=false"])
     e, s = cfg.engine, cfg.server
     assert (s.host, s.port, s.api_key, s.log_level, s.drain_timeout_s) == ("0.0.0.0", 8080, "k", "debug", 2.5)
-    assert (e.model, e.dtype, e.max_running_requests, e.decode_buckets, e.disable_radix_cache, e.warmup) == (
-        "m.gguf", "bfloat16", 8, [1, 2, 8], True, False)
-    assert e.page_size == 16  # untouched preset value
+    assert (e.model, e.dtype, e.scheduler.max_running_requests, e.shapes.decode_buckets,
+            e.cache.disable_radix_cache, e.warmup) == ("m.gguf", "bfloat16", 8, [1, 2, 8], True, False)
+    assert e.cache.page_size == 16  # untouched preset value
     cfg, _ = parse_config([])  # no preset: the dataclass defaults
     assert cfg.engine == EngineConfig() and cfg.server == ServerConfig()
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["--set", "engine.page_size=abc"], "engine.page_size"),
+    (["--set", "engine.page_size=abc"], "engine.cache.page_size"),
     (["--set", "engine.nope=1"], "engine.nope"),
     (["--set", "nope=1"], "nope"),
     (["--set", "page_size"], "section.key=value"),
@@ -122,10 +146,12 @@ def test_help_lists_every_field_with_its_doc(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for section, cls in (("engine", EngineConfig), ("server", ServerConfig)):
-        for f in dataclasses.fields(cls):
-            assert f"{section}.{f.name} (" in out, f.name
-            assert f.metadata["doc"] in out, f.name
+    for name, (sec, f, _) in leaf_fields().items():
+        assert (f"engine.{sec}.{name} (" if sec else f"engine.{name} (") in out, name
+        assert f.metadata["doc"] in out, name
+    for f in dataclasses.fields(ServerConfig):
+        assert f"server.{f.name} (" in out, f.name
+        assert f.metadata["doc"] in out, f.name
 
 
 def test_print_config_round_trips(capsys, tmp_path):
@@ -137,31 +163,31 @@ def test_print_config_round_trips(capsys, tmp_path):
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("key,value,words", [
-    ("max_running_requests", 0, "'engine.max_running_requests' must be >= 1"),
-    ("page_size", 0, "'engine.page_size' must be >= 1"),
-    ("max_prefill_tokens", -5, "'engine.max_prefill_tokens' must be >= 1"),
-    ("prefill_block", 0, "'engine.prefill_block' must be >= 1"),
-    ("max_context_len", 1, "'engine.max_context_len' must be >= 2"),
-    ("kv_memory_gb", 0.0, "'engine.kv_memory_gb' must be > 0"),
-    ("new_token_ratio", 1.5, "'engine.new_token_ratio' must be in [0, 1]"),
-    ("decode_buckets", [], "'engine.decode_buckets' must be a non-empty list"),
-    ("decode_buckets", [1, 0, 4], "'engine.decode_buckets' must be a non-empty list of positive ints"),
-    ("decode_buckets", [1, 2], "must reach max_running_requests=64"),
-    ("prefill_block_buckets", [], "'engine.prefill_block_buckets'"),
-    ("schedule_policy", "random", "'engine.schedule_policy' must be one of lpm, dfs-weight, fcfs"),
-    ("decode_row_fill", "more", "'engine.decode_row_fill' must be one of"),
+    ("max_running_requests", 0, "'engine.scheduler.max_running_requests' must be >= 1"),
+    ("page_size", 0, "'engine.cache.page_size' must be >= 1"),
+    ("max_prefill_tokens", -5, "'engine.scheduler.max_prefill_tokens' must be >= 1"),
+    ("prefill_block", 0, "'engine.shapes.prefill_block' must be >= 1"),
+    ("max_context_len", 1, "'engine.cache.max_context_len' must be >= 2"),
+    ("kv_memory_gb", 0.0, "'engine.cache.kv_memory_gb' must be > 0"),
+    ("new_token_ratio", 1.5, "'engine.scheduler.new_token_ratio' must be in [0, 1]"),
+    ("decode_buckets", [], "'engine.shapes.decode_buckets' must be a non-empty list"),
+    ("decode_buckets", [1, 0, 4], "'engine.shapes.decode_buckets' must be a non-empty list of positive ints"),
+    ("decode_buckets", [1, 2], "must reach engine.scheduler.max_running_requests=64"),
+    ("prefill_block_buckets", [], "'engine.shapes.prefill_block_buckets'"),
+    ("schedule_policy", "random", "'engine.scheduler.schedule_policy' must be one of lpm, dfs-weight, fcfs"),
+    ("decode_row_fill", "more", "'engine.scheduler.decode_row_fill' must be one of"),
     ("dtype", "int8", "'engine.dtype' must be one of"),
     ("attention_backend", "cuda", "'engine.attention_backend' must be one of"),
     ("constraint_rows", 100, "multiple of 64"),
-    ("constraint_slots", 0, "'engine.constraint_slots' must be >= 1"),
-    ("max_constraint_seconds", 0.0, "'engine.max_constraint_seconds' must be > 0"),
-    ("run_block", 1, "'engine.run_block' must be >= 2"),
-    ("max_top_logprobs", -1, "'engine.max_top_logprobs' must be >= 0"),
-    ("starvation_limit", -1, "'engine.starvation_limit' must be >= 0"),
+    ("constraint_slots", 0, "'engine.constraints.constraint_slots' must be >= 1"),
+    ("max_constraint_seconds", 0.0, "'engine.constraints.max_constraint_seconds' must be > 0"),
+    ("run_block", 1, "'engine.shapes.run_block' must be >= 2"),
+    ("max_top_logprobs", -1, "'engine.sampling.max_top_logprobs' must be >= 0"),
+    ("starvation_limit", -1, "'engine.scheduler.starvation_limit' must be >= 0"),
 ])
 def test_out_of_range_engine_values_are_refused_by_name(key, value, words):
     with pytest.raises(ConfigError, match=re.escape(words)):
-        EngineConfig(**{key: value})
+        EngineConfig.make(**{key: value})
     with pytest.raises(ConfigError, match=re.escape(words)):
         load_config(None, {f"engine.{key}": value})
 

@@ -287,11 +287,11 @@ def test_alternating_steps_with_short_remainders(tiny_path):
 
 def test_decode_costs_measured_at_warmup(engine, tiny_path):
     """decode_row_fill=auto: every (decode bucket, page width) step is timed and the scheduler sizes by cost."""
-    assert engine.scheduler.cfg.decode_fill == "cost"
+    assert engine.scheduler.decode_fill == "cost"
     grid = engine.scheduler.grid
     assert grid is engine.runner.grid  # one grid: the runner's, read by the scheduler
     assert set(grid.costs) == {(b, w, r) for b in SMALL["decode_buckets"] for w in SMALL["page_width_buckets"]
-                               for r in [0] + engine.config.run_block_buckets}
+                               for r in [0] + engine.config.shapes.run_block_buckets}
     assert all(v > 0 for v in grid.costs.values())
     with pytest.raises(ValueError, match="decode_row_fill"):
         Engine(model=tiny_path, progress=False, decode_row_fill="sometimes", **SMALL)

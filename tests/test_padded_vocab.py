@@ -227,9 +227,9 @@ def test_min_new_tokens_suppresses_stops_with_a_full_user_bias(engine, reference
 # ------------------------------------------------------------------------------------------ config
 @pytest.mark.timeout(30)
 def test_config_limits_range_checked():
-    assert EngineConfig().max_logit_bias == 64 and EngineConfig().max_stop_token_ids == 16
-    with pytest.raises(ConfigError, match="engine.max_logit_bias"):
+    assert EngineConfig().sampling.max_logit_bias == 64 and EngineConfig().sampling.max_stop_token_ids == 16
+    with pytest.raises(ConfigError, match="engine.sampling.max_logit_bias"):
         build(EngineConfig, {"max_logit_bias": 0}, "engine")
-    with pytest.raises(ConfigError, match="engine.max_stop_token_ids"):
+    with pytest.raises(ConfigError, match="engine.sampling.max_stop_token_ids"):
         build(EngineConfig, {"max_stop_token_ids": -1}, "engine")
-    assert build(EngineConfig, {"max_logit_bias": 1, "max_stop_token_ids": 0}, "engine").max_logit_bias == 1
+    assert build(EngineConfig, {"max_logit_bias": 1, "max_stop_token_ids": 0}, "engine").sampling.max_logit_bias == 1

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from sgl_jax.cache import PageAllocator, RadixCache
-from sgl_jax.scheduler import ReqState, Request, Scheduler, SchedulerConfig
+from sgl_jax.config import SchedulerConfig
+from sgl_jax.scheduler import ReqState, Request, Scheduler
 from sgl_jax.shapes import ShapeGrid
 
 V = 1000
@@ -30,16 +31,21 @@ def expected_output(prompt, n):
 def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False, **kw):
     alloc = PageAllocator(num_pages)
     cache = RadixCache(alloc, page_size, disabled=disabled)
-    grid = ShapeGrid(page_size=page_size, block_q=8, block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)),
-                     max_mixed_blocks=2,
+    grid = ShapeGrid(page_size=page_size, prefill_block=8,
+                     prefill_block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)), max_mixed_blocks=2,
                      decode_buckets=kw.pop("decode_buckets", (1, 2, 4, 8, 16, max_running)),
                      page_width_buckets=kw.pop("page_width_buckets", (8, 64, 4096 // page_size)),
-                     run_q=kw.pop("run_q", 8), run_buckets=kw.pop("run_buckets", ()),
+                     run_block=kw.pop("run_q", 8), run_block_buckets=kw.pop("run_buckets", ()),
                      costs=kw.pop("decode_costs", {}))
     kw.pop("max_decode_rows", None)  # the grid's largest decode bucket
-    cfg = SchedulerConfig(page_size=page_size, max_running=max_running, max_prefill_tokens=kw.pop("budget", 64),
-                          max_context=4096, policy=policy, **kw)
-    return Scheduler(cache, cfg, grid)
+    if "decode_fill" in kw:  # "cost" = auto with measured costs
+        kw["decode_row_fill"] = {"cost": "auto"}.get(kw["decode_fill"], kw["decode_fill"])
+        del kw["decode_fill"]
+    if "short_chunk" in kw:
+        kw["decode_row_chunk"] = kw.pop("short_chunk")
+    cfg = SchedulerConfig(max_running_requests=max_running, max_prefill_tokens=kw.pop("budget", 64),
+                          schedule_policy=policy, **kw)
+    return Scheduler(cache, cfg, grid, max_context=4096)
 
 
 class MockRunner:
@@ -270,13 +276,15 @@ def test_scheduling_cost_with_1000_queued(capsys):
     t = time.perf_counter()
     plan = s.schedule()
     dt = time.perf_counter() - t
-    assert plan is not None and s.cfg.policy == "lpm"
+    assert plan is not None and s.cfg.schedule_policy == "lpm"
     print(f"\nschedule() with {len(s.waiting)} waiting: {dt * 1e3:.1f} ms")
 
 
 def test_host_modules_do_not_import_jax():
     code = ("import sys; sys.modules['jax'] = None; sys.modules['jaxlib'] = None\n"
             "import sgl_jax.scheduler, sgl_jax.cache, sgl_jax.batch, sgl_jax.config, sgl_jax.models.config\n"
+            "import sgl_jax.shapes, sgl_jax.engine.prepare, sgl_jax.engine.loop, sgl_jax.engine.output\n"
+            "import sgl_jax.engine.constraints, sgl_jax.engine.stops, sgl_jax.engine.protocol\n"
             "import sgl_jax.constrained, sgl_jax.models.tokenizer\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

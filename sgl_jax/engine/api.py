@@ -48,7 +48,7 @@ class Engine:
         if config is None:
             config = build(EngineConfig, overrides, "engine")
         elif overrides:
-            config = build(EngineConfig, {**dataclasses.asdict(config), **overrides}, "engine")
+            config = config.replace(**overrides)
         self.config: EngineConfig = config
         self.metrics = metrics
         rt = build_runtime(config, progress=progress)
@@ -62,15 +62,16 @@ class Engine:
                                              self.runner.upload_constraint)
         self.output = OutputProcessor(self.tokenizer, self.max_context_len, metrics)
         self.preparer = RequestPreparer(self.tokenizer, vocab_size=self.vocab_size,
-                                        max_context_len=self.max_context_len, max_top_logprobs=config.max_top_logprobs,
-                                        max_logit_bias=config.max_logit_bias,
-                                        max_stop_token_ids=config.max_stop_token_ids,
+                                        max_context_len=self.max_context_len,
+                                        max_top_logprobs=config.sampling.max_top_logprobs,
+                                        max_logit_bias=config.sampling.max_logit_bias,
+                                        max_stop_token_ids=config.sampling.max_stop_token_ids,
                                         check_constraint=self.constraints.check)
         self._rng = random.Random(config.seed)
         self._seed_lock = threading.Lock()
         self.loop = EngineLoop(scheduler=self.scheduler, runner=self.runner, constraints=self.constraints,
                                output=self.output, row_params=self._row_params, metrics=metrics,
-                               check_integrity_when_idle=config.check_integrity_when_idle)
+                               check_integrity_when_idle=config.scheduler.check_integrity_when_idle)
         self.loop.start()
 
     # ---------------------------------------------------------------------------- requests

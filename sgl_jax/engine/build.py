@@ -48,61 +48,54 @@ def default_widths(max_pages: int, page_size: int) -> list[int]:
 
 
 def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
+    """Load the model and make every part from the config's sections (the same names all the way)."""
     import jax
 
     from sgl_jax.cache import PageAllocator, RadixCache
     from sgl_jax.models.loader import canonical_dtype, load_model
     from sgl_jax.runner import ModelRunner, enable_compilation_cache
-    from sgl_jax.scheduler import Scheduler, SchedulerConfig
+    from sgl_jax.scheduler import Scheduler
     from sgl_jax.shapes import ShapeGrid
 
+    kv, sh = c.cache, c.shapes
     enable_compilation_cache(c.compile_cache_dir)
     t0 = time.perf_counter()
     loaded = load_model(c.model, c.dtype, progress=progress)
     load_seconds = time.perf_counter() - t0
     mc = loaded.config
     dtype = canonical_dtype(c.dtype)
-    kv_dtype = canonical_dtype(c.kv_dtype or c.dtype)
-    max_context_len = min(c.max_context_len, mc.max_position_embeddings)
-    page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * c.page_size
-    num_pages = int(c.kv_memory_gb * (1 << 30)) // page_bytes + 1
-    if c.max_num_pages > 0:
-        num_pages = min(num_pages, c.max_num_pages)
-    max_pages_per_seq = math.ceil(max_context_len / c.page_size)
+    kv_dtype = canonical_dtype(c.effective_kv_dtype)
+    max_context_len = min(kv.max_context_len, mc.max_position_embeddings)
+    page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * kv.page_size
+    num_pages = int(kv.kv_memory_gb * (1 << 30)) // page_bytes + 1
+    if kv.max_num_pages > 0:
+        num_pages = min(num_pages, kv.max_num_pages)
+    max_pages_per_seq = math.ceil(max_context_len / kv.page_size)
     if num_pages - 1 < max_pages_per_seq:
-        raise ValueError(f"the KV pool ({num_pages - 1} pages of {c.page_size} tokens, kv_memory_gb="
-                         f"{c.kv_memory_gb}) cannot hold one request of max_context_len={max_context_len}")
-    widths = list(c.page_width_buckets) or default_widths(max_pages_per_seq, c.page_size)
+        raise ValueError(f"the KV pool ({num_pages - 1} pages of {kv.page_size} tokens, kv_memory_gb="
+                         f"{kv.kv_memory_gb}) cannot hold one request of max_context_len={max_context_len}")
+    widths = list(sh.page_width_buckets) or default_widths(max_pages_per_seq, kv.page_size)
     if max(widths) < max_pages_per_seq:
         raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={max_context_len} "
                          f"({max_pages_per_seq} pages)")
-    max_blocks = max(c.prefill_block_buckets)
-    grid = ShapeGrid(page_size=c.page_size, block_q=c.prefill_block, decode_buckets=tuple(c.decode_buckets),
-                     block_buckets=tuple(c.prefill_block_buckets), max_mixed_blocks=c.max_mixed_blocks,
-                     page_width_buckets=tuple(widths), run_q=c.run_block, run_buckets=tuple(c.run_block_buckets))
+    grid = ShapeGrid.from_config(sh, kv.page_size, widths)
     runner = ModelRunner(
         mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,
-        num_slots=c.max_running_requests, max_top_logprobs=c.max_top_logprobs,
-        attention_backend=c.attention_backend, constraint_rows=c.constraint_rows,
-        constraint_classes=c.constraint_classes, constraint_slots=c.constraint_slots,
-        valid_vocab=loaded.vocab_size, max_logit_bias=c.max_logit_bias,
-        max_suppress=c.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
+        max_running_requests=c.scheduler.max_running_requests, max_top_logprobs=c.sampling.max_top_logprobs,
+        attention_backend=c.attention_backend, constraint_rows=c.constraints.constraint_rows,
+        constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
+        valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
+        max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
     allocator = PageAllocator(num_pages, reserved=1)
-    cache = RadixCache(allocator, c.page_size, disabled=c.disable_radix_cache)
-    scheduler = Scheduler(cache, SchedulerConfig(
-        page_size=c.page_size, max_running=c.max_running_requests,
-        max_prefill_tokens=min(c.max_prefill_tokens, max_blocks * c.prefill_block),
-        max_context=max_context_len, policy=c.schedule_policy, starvation_limit=c.starvation_limit,
-        new_token_ratio=c.new_token_ratio, short_chunk=c.decode_row_chunk,
-        decode_fill="pad" if c.decode_row_fill == "auto" else c.decode_row_fill), runner.grid)
+    cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache)
+    scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
     compile_seconds = 0.0
     if c.warmup:
         compile_seconds = runner.warmup(progress=progress)
-        if c.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured step costs
+        if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
             scheduler.grid = runner.time_decode_costs(step_costs(c, runner, loaded.path))
-            scheduler.cfg = dataclasses.replace(scheduler.cfg, decode_fill="cost")
-    return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler, max_context_len,
-                   load_seconds, compile_seconds, runner.num_compiles)
+    return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler,
+                   max_context_len, load_seconds, compile_seconds, runner.num_compiles)
 
 
 def step_costs(c: EngineConfig, r, model_path: str) -> dict:
@@ -113,8 +106,8 @@ def step_costs(c: EngineConfig, r, model_path: str) -> dict:
     dev = jax.devices()[0]
     g = r.grid
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.attention_backend, r.platform,
-                      getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages, g.run_q,
-                      list(g.decode_buckets), list(g.run_buckets), list(g.page_width_buckets), os.cpu_count()])
+                      getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages, g.run_block,
+                      list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets), os.cpu_count()])
     path = None
     if c.compile_cache_dir:
         path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",

@@ -51,12 +51,14 @@ class ConstraintManager:
         from sgl_jax.constrained import ConstraintCache
         from sgl_jax.constrained.table import ConstraintTable
 
-        self.config = config
+        self.config = config.constraints
+        self.page_size = config.cache.page_size
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.upload = runner_upload  # upload(placement): copy a placed FSM's rows to the device
         self.cache = ConstraintCache(capacity=256, max_workers=1)
-        self.table = ConstraintTable(config.constraint_rows, config.constraint_classes, config.constraint_slots)
+        c = self.config
+        self.table = ConstraintTable(c.constraint_rows, c.constraint_classes, c.constraint_slots)
         self.pending: list = []  # requests waiting for their FSM / a table slot
         self._vocab = None
         self._grammar = None
@@ -279,7 +281,7 @@ class ConstraintManager:
             return None
         out = req.output_ids
         # re-tokenize at most the last 2 tokens, never one whose KV sits in a shared (tree) page
-        k = max(min(2, len(out), req.num_tokens - req.n_tree * self.config.page_size), 0)
+        k = max(min(2, len(out), req.num_tokens - req.n_tree * self.page_size), 0)
         tb = self.tokenizer.token_bytes
         prev = b"".join(tb(t) for t in out[len(out) - k:]) if k > 0 else b""
         try:

@@ -12,25 +12,32 @@ import dataclasses
 import sys
 import typing
 
-from sgl_jax.config import Config, ConfigError, EngineConfig, ServerConfig, load_config, parse_value
+from sgl_jax.config import (Config, ConfigError, ServerConfig, leaf_fields, load_config, parse_value,
+                             resolve_key)
 
-_SECTIONS = {"engine": EngineConfig, "server": ServerConfig}
 # flag -> (section.key, how to read it)
 _FLAGS = {
     "host": "server.host", "port": "server.port", "model": "engine.model", "api_key": "server.api_key",
-    "log_level": "server.log_level", "disable_radix_cache": "engine.disable_radix_cache",
+    "log_level": "server.log_level", "disable_radix_cache": "engine.cache.disable_radix_cache",
 }
 
 
+def _default(f):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def _fields_help() -> str:
-    lines = ["configuration fields (override any with --set section.key=value):"]
-    for section, cls in _SECTIONS.items():
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            tp = getattr(hints[f.name], "__name__", str(hints[f.name]))
-            lines.append(f"  {section}.{f.name} ({tp}, default {default!r})")
-            lines.append(f"      {f.metadata.get('doc', '')}")
+    lines = ["configuration fields (override any with --set section.key=value; an engine field may also be",
+             "named without its section, e.g. engine.page_size for engine.cache.page_size):"]
+    for name, (sec, f, tp) in leaf_fields().items():
+        path = f"engine.{sec}.{name}" if sec else f"engine.{name}"
+        lines.append(f"  {path} ({getattr(tp, '__name__', str(tp))}, default {_default(f)!r})")
+        lines.append(f"      {f.metadata.get('doc', '')}")
+    hints = typing.get_type_hints(ServerConfig)
+    for f in dataclasses.fields(ServerConfig):
+        lines.append(f"  server.{f.name} ({getattr(hints[f.name], '__name__', hints[f.name])}, "
+                     f"default {_default(f)!r})")
+        lines.append(f"      {f.metadata.get('doc', '')}")
     return "\n".join(lines)
 
 
@@ -39,22 +46,15 @@ def _parse_set(item: str) -> tuple[str, typing.Any]:
     key = key.strip()
     if not eq or not key:
         raise ConfigError(f"--set expects section.key=value, got {item!r}")
-    section, _, name = key.rpartition(".")
-    candidates = [section] if section else [s for s, c in _SECTIONS.items()
-                                            if name in {f.name for f in dataclasses.fields(c)}]
-    if len(candidates) != 1 or candidates[0] not in _SECTIONS:
-        raise ConfigError(f"unknown config key {key!r}; see --help for the list")
-    cls = _SECTIONS[candidates[0]]
-    hints = typing.get_type_hints(cls)
-    if name not in hints:
-        raise ConfigError(f"unknown config key {key!r}; known {candidates[0]} keys: "
-                          f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+    section, path = resolve_key(key)
+    name = path[-1]
+    tp = leaf_fields()[name][2] if section == "engine" else typing.get_type_hints(ServerConfig)[name]
+    full = ".".join((section,) + path)
     try:
-        value = parse_value(text, hints[name])
+        value = parse_value(text, tp)
     except (ValueError, ConfigError) as e:
-        raise ConfigError(f"config key {candidates[0]}.{name}: cannot read {text!r} as "
-                          f"{getattr(hints[name], '__name__', hints[name])} ({e})") from None
-    return f"{candidates[0]}.{name}", value
+        raise ConfigError(f"config key {full}: cannot read {text!r} as {getattr(tp, '__name__', tp)} ({e})") from None
+    return full, value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="engine.model")
     p.add_argument("--api-key", dest="api_key", help="server.api_key")
     p.add_argument("--disable-radix-cache", dest="disable_radix_cache", action="store_true", default=None,
-                   help="engine.disable_radix_cache=true")
+                   help="engine.cache.disable_radix_cache=true")
     p.add_argument("--log-level", dest="log_level", help="server.log_level")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any field (repeatable)")

@@ -725,9 +725,9 @@ def run(config: Config) -> None:
         engine = Engine(config.engine, metrics=metrics)
         e = config.engine
         print(f"sgl_jax {__version__}: loaded {engine.model_path} in {time.perf_counter() - t0:.1f} s "
-              f"(dtype={e.dtype}, page_size={e.page_size}, kv_memory_gb={e.kv_memory_gb}, "
-              f"max_context_len={engine.max_context_len}, max_running_requests={e.max_running_requests}, "
-              f"radix_cache={'off' if e.disable_radix_cache else 'on'})", flush=True)
+              f"(dtype={e.dtype}, page_size={e.cache.page_size}, kv_memory_gb={e.cache.kv_memory_gb}, "
+              f"max_context_len={engine.max_context_len}, max_running_requests={e.scheduler.max_running_requests}, "
+              f"radix_cache={'off' if e.cache.disable_radix_cache else 'on'})", flush=True)
         print(f"sgl_jax: serving on http://{config.server.host}:{config.server.port}"
               f"{' (API key required)' if config.server.api_key else ''}", flush=True)
         await serve_async(engine, config.server, metrics)
