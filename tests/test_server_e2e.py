@@ -283,11 +283,55 @@ def test_sglang_frontend(server):
         sgl.set_default_backend(None)
 
 
+def test_prompt_logprobs_at_a_cached_page_boundary_and_upstream_select(server):
+    """The issue's reproduction: an 18-token prompt cached by a max_new_tokens=0 request, then prompt logprobs
+    from position 16 (the default preset's page boundary) must give 2 entries, equal to the uncached ones;
+    upstream's select (which reads those entries) must not crash on prompts ending in "Answer: "."""
+    import sglang as sgl
+
+    ids = requests.post(server.url + "/tokenize", json={"text": "one two three four five six seven eight nine ten "
+                        "eleven twelve thirteen fourteen fifteen sixteen seventeen eighteen"}, timeout=30).json()["tokens"]
+    ids = ids[:18]
+    assert len(ids) == 18
+    req = {"input_ids": ids, "sampling_params": {"max_new_tokens": 0}, "return_logprob": True}
+    cold = requests.post(server.url + "/generate", json={**req, "logprob_start_len": 16}, timeout=60).json()
+    requests.post(server.url + "/generate", json={"input_ids": ids, "sampling_params": {"max_new_tokens": 0}},
+                  timeout=60)
+    for start in (15, 16, 17):
+        warm = requests.post(server.url + "/generate", json={**req, "logprob_start_len": start}, timeout=60).json()
+        entries = warm["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in entries] == ids[start:], (start, entries)
+    warm = requests.post(server.url + "/generate", json={**req, "logprob_start_len": 16}, timeout=60).json()
+    for a, b in zip(cold["meta_info"]["input_token_logprobs"], warm["meta_info"]["input_token_logprobs"]):
+        assert a[1] == b[1] and a[0] == pytest.approx(b[0], abs=1e-4)
+
+    sgl.set_default_backend(sgl.RuntimeEndpoint(server.url))
+    try:
+        @sgl.function
+        def classify(s, review):
+            s += "Review: " + review + "\nIs this review positive or negative? Answer: "
+            s += sgl.select("label", choices=["positive", "negative"])
+
+        reviews = ["Great food, friendly staff.", "Cold soup and a rude waiter.", "I would come back any time.",
+                   "Never again.", "The best pizza in town!", "Overpriced and bland.", "Lovely view, slow service.",
+                   "Fresh, fast and cheap."]
+        first = [classify.run(review=r)["label"] for r in reviews]
+        again = [classify.run(review=r)["label"] for r in reviews]  # every prompt now cached
+        assert first == again and set(first) <= {"positive", "negative"}
+    finally:
+        sgl.set_default_backend(None)
+
+
 def test_bad_inputs_are_400_and_the_server_keeps_serving(server):
     for path, body, needle in [
         ("/generate", {"text": "hi", "sampling_params": {"temperature": "hot"}}, "temperature"),
         ("/generate", {"input_ids": [10 ** 9]}, "input_ids"),
         ("/generate", {"text": "hi", "sampling_params": {"max_new_tokens": 10 ** 6}}, "max_new_tokens"),
+        ("/generate", {"text": ""}, "BOS"),
+        ("/generate", {"text": "hi", "sampling_params": {"regex": "[a-z]{30}", "max_new_tokens": 3}},
+         "max_new_tokens (3) is too small"),
+        ("/generate", {"text": "hi", "sampling_params": {"logit_bias": {str(i): 1.0 for i in range(65)}}},
+         "logit_bias"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/completions", {"prompt": "hi", "max_tokens": "x"}, "max_tokens"),
     ]:

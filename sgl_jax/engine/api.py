@@ -230,19 +230,19 @@ class Engine:
 
     def add_step_listener(self, fn) -> None:
         """fn(StepInfo) after every step, on the engine thread (keep it cheap)."""
-        self.loop.step_listeners.append(fn)
+        self.loop.stats.listeners.append(fn)
 
     @property
     def step_times(self) -> list[float]:
-        return self.loop.step_times
+        return self.loop.stats.step_times
 
     @property
     def host_times(self) -> list[float]:
-        return self.loop.host_times
+        return self.loop.stats.host_times
 
     @property
     def num_steps(self) -> int:
-        return self.loop.num_steps
+        return self.loop.stats.num_steps
 
     @property
     def constraint_table(self):
@@ -258,7 +258,7 @@ class Engine:
 
     def stats(self) -> dict:
         s, c = self.scheduler, self.output.counters
-        return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.num_steps,
+        return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
                     num_retractions=s.num_retractions, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],

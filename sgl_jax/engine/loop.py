@@ -32,6 +32,7 @@ import threading
 import time
 from typing import Callable
 
+from sgl_jax.engine.postprocess import Postprocessor
 from sgl_jax.errors import EngineDeadError, InvalidRequestError
 from sgl_jax.scheduler import OutOfPagesError, ReqState, StepPlan
 
@@ -57,12 +58,8 @@ class EngineLoop:
         self.constraints = constraints
         self.output = output
         self.row_params = row_params
-        self.metrics = metrics
         self.check_integrity_when_idle = check_integrity_when_idle
-        self.step_times: list[float] = []
-        self.host_times: list[float] = []
-        self.num_steps = 0
-        self.step_listeners: list[Callable[[StepInfo], None]] = []
+        self.stats = StepStats(metrics)
         self.dead_reason: str | None = None
         self._live: dict[str, object] = {}  # rid -> request, from submit until its final event
         self._lock = threading.Lock()
@@ -71,6 +68,7 @@ class EngineLoop:
         self._wakeup = threading.Event()
         self._step_failures = 0
         self._thread = threading.Thread(target=self._run, name="sgl_jax-engine", daemon=True)
+        self.post = Postprocessor(output, constraints, scheduler, lambda req: self._retire(req, finished=True))
 
     def start(self) -> None:
         self._thread.start()
@@ -293,7 +291,7 @@ class EngineLoop:
     def _admit_placed(self, req) -> None:
         jump = self.constraints.plan_jump(req)  # a forced start ('{"name":"') joins the prompt's prefill
         if jump is not None:
-            self._apply_jump(req, jump)
+            self.post.apply_jump(req, jump)
             if req.data.finish_reason is not None:
                 self._retire(req, finished=True)
                 return
@@ -331,7 +329,7 @@ class EngineLoop:
             return
         self._postprocess(plan, batch, out)
         t3 = time.perf_counter()
-        self._record(plan, t2 - t1, (t1 - t0) + (t3 - t2))
+        self.stats.record(plan, t2 - t1, (t1 - t0) + (t3 - t2), self.scheduler)
 
     def _schedule(self) -> StepPlan | None:
         try:
@@ -351,83 +349,41 @@ class EngineLoop:
             self._wakeup.clear()
         return plan
 
-    def _record(self, plan, step_s: float, host_s: float) -> None:
-        self.num_steps += 1
-        self.step_times.append(step_s)
-        self.host_times.append(host_s)
-        if len(self.step_times) > 4096:
-            del self.step_times[:2048], self.host_times[:2048]
-        if self.metrics is not None:
-            alloc = self.scheduler.alloc
-            self.metrics.observe_step(step_s, len(plan.chunks))
-            self.metrics.set_queue(len(self.scheduler.waiting), len(self.scheduler.running),
-                                   1 - alloc.num_free / alloc.num_total)
-        for fn in list(self.step_listeners):
-            try:
-                fn(StepInfo(plan, step_s, host_s))
-            except Exception:  # noqa: BLE001 - a listener's bug must not stop serving
-                log.exception("step listener failed")
-
     # ------------------------------------------------------------------- postprocess
     def _postprocess(self, plan: StepPlan, batch, out) -> None:
         for c, rows in zip(plan.chunks, batch.logits_rows):
             req = c.req
             if req.state is not ReqState.RUNNING or req.data.finish_reason is not None:
                 continue
-            self._guard(req, "postprocess", self._postprocess_one, c, rows, out)
+            self._guard(req, "postprocess", self.post.one, c, rows, out)
 
-    def _postprocess_one(self, c, rows, out) -> None:
-        req, (a, e) = c.req, rows
-        d = req.data
-        if d.prep.return_logprob and c.logits_from is not None:
-            self.output.collect_input_logprobs(req, c, a, e, out["target_logprobs"], out["top_ids"],
-                                               out["top_logprobs"])
-        if not c.samples:
-            if not req.wants_sample and req.num_computed >= req.num_tokens:
-                d.finish_reason = {"type": "length", "length": 0}
-                self._retire(req, finished=True)
-            return
-        tok = int(out["tokens"][e - 1])
-        lp = out["logprobs"][e - 1] if d.prep.return_logprob else None
-        top = (out["top_ids"][e - 1], out["top_logprobs"][e - 1]) if d.prep.top_logprobs_num else None
-        reason = self.constraints.on_sampled(req, tok, int(out["next_state"][e - 1]))
-        if reason is None or reason.pop("grammar_end", False):
-            self.output.append(req, tok, lp, top)  # the token's text counts (a grammar's last token)
-            if reason is not None:
-                self.output.finish(req, reason)
-        else:
-            self.output.append(req, tok, lp, top, check=False)
-            self.output.finish(req, reason)
-        if d.finish_reason is None:
-            self._jump_forward(req)
-        if d.finish_reason is not None:
-            self._retire(req, finished=True)
-            return
-        self.constraints.after_step(req)
-        if d.stream:
-            self.output.emit(req, final=False)
 
-    def _jump_forward(self, req) -> None:
-        jump = self.constraints.plan_jump(req)
-        if jump is not None:
-            self._apply_jump(req, jump)
+class StepStats:
+    """Per-step timings (bounded lists), the metrics object and the step listeners."""
 
-    def _apply_jump(self, req, jump) -> None:
-        """Append a forced run through the output path (stops, length) and the penalty history."""
-        first_pos = req.num_tokens - jump.take_back
-        if jump.take_back:
-            self.output.truncate(req, jump.take_back)
-            self.constraints.take_back(req, jump.take_back)
-        appended = []
-        for i, tok in enumerate(jump.tokens):
-            self.output.append(req, tok, None, None, forced=True)
-            appended.append(tok)
-            if req.data.finish_reason is not None:
-                break
-        req.data.forced_tokens -= jump.take_back  # counted: net tokens the jump added
-        self.constraints.after_forced(req, jump.states[:len(appended)])
-        req.num_computed = min(req.num_computed, first_pos)
-        self.scheduler.mark_output(req, appended, rebuild=jump.take_back > 0)
+    def __init__(self, metrics=None):
+        self.metrics = metrics
+        self.step_times: list[float] = []
+        self.host_times: list[float] = []
+        self.num_steps = 0
+        self.listeners: list[Callable[[StepInfo], None]] = []
+
+    def record(self, plan, step_s: float, host_s: float, scheduler) -> None:
+        self.num_steps += 1
+        self.step_times.append(step_s)
+        self.host_times.append(host_s)
+        if len(self.step_times) > 4096:
+            del self.step_times[:2048], self.host_times[:2048]
+        if self.metrics is not None:
+            alloc = scheduler.alloc
+            self.metrics.observe_step(step_s, len(plan.chunks))
+            self.metrics.set_queue(len(scheduler.waiting), len(scheduler.running),
+                                   1 - alloc.num_free / alloc.num_total)
+        for fn in list(self.listeners):
+            try:
+                fn(StepInfo(plan, step_s, host_s))
+            except Exception:  # noqa: BLE001 - a listener's bug must not stop serving
+                log.exception("step listener failed")
 
 
 class _Dead(Exception):

@@ -519,11 +519,11 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
         if not isinstance(add, bool):
             raise InvalidRequestError(f"add_special_tokens must be true or false, got {add!r}",
                                       field="add_special_tokens")
-        if isinstance(text, str):
-            ids = tok.encode(text, add_special_tokens=add)
+        if isinstance(text, str):  # tokenizing runs in a worker thread, never on the event loop
+            ids = await asyncio.to_thread(tok.encode, text, add_special_tokens=add)
             return json_response({"tokens": ids, "count": len(ids), "max_model_len": engine.max_context_len})
         if isinstance(text, list) and all(isinstance(t, str) for t in text):
-            ids = [tok.encode(t, add_special_tokens=add) for t in text]
+            ids = await asyncio.to_thread(lambda: [tok.encode(t, add_special_tokens=add) for t in text])
             return json_response({"tokens": ids, "count": [len(x) for x in ids],
                                   "max_model_len": engine.max_context_len})
         raise InvalidRequestError(f"text must be a string or a list of strings, got {text!r}"[:200], field="text")
