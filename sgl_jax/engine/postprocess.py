@@ -62,7 +62,7 @@ class Postprocessor:
             self.output.truncate(req, jump.take_back)
             self.constraints.take_back(req, jump.take_back)
         appended = []
-        for i, tok in enumerate(jump.tokens):
+        for tok in jump.tokens:
             self.output.append(req, tok, None, None, forced=True)
             appended.append(tok)
             if req.data.finish_reason is not None:
