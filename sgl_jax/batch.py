@@ -76,6 +76,9 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
 
     Padding targets (None = exact fit): num_decode rows, num_runs run blocks, num_blocks prefill blocks,
     page_width pages per row, num_logits logits rows.
+
+    Longer than ~80 lines because the ragged layout's three segments (decode rows, run blocks, prefill blocks)
+    are filled in one pass over the same index arrays.
     """
     def is_dec(c):
         return not c.as_run and (len(c.token_ids) == 1 if c.as_decode is None else c.as_decode)

@@ -184,6 +184,7 @@ class _Parser:
 
     # -- the dict --------------------------------------------------------------------------------
     def parse(self, d, vocab_size, max_context, prompt_len) -> SamplingParams:
+        """Long because it has one short branch per wire key, in the order of the wire format."""
         if d is None:
             d = {}
         if not isinstance(d, Mapping):

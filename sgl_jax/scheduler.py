@@ -150,7 +150,11 @@ class OutOfPagesError(RuntimeError):
 
 
 class Scheduler:
-    """Owns the waiting queue, the running set, and every page request hold. Single-threaded."""
+    """Owns the waiting queue, the running set, and every page request hold. Single-threaded.
+
+    One class of ~450 lines because admission, chunked prefill, retraction and decode-run sizing all read and
+    change the same queue, page and slot state within one step.
+    """
 
     def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid, max_context: int):
         """`cfg` is the engine config's scheduler section; `grid` the runner's shape grid (read-only);
@@ -355,7 +359,11 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------- schedule
     def schedule(self) -> StepPlan | None:
-        """Plan the next step, or None when there is nothing to do."""
+        """Plan the next step, or None when there is nothing to do.
+
+        Longer than ~80 lines because it builds one step's plan in the order the policy is applied (grow
+        decodes, admit and chunk prefills, lay out decode runs).
+        """
         if not self.has_work:
             return None
         cfg = self.cfg

@@ -251,7 +251,10 @@ def _token_walk(trans: np.ndarray, tv: TokenVocabulary, budget: Optional[Budget]
     bytes leading from ``s`` to its dominant target ``d(s)``.  Following
     ``c_0 = s, c_{i+1} = d(c_i)``, a token of length ``L`` whose byte set lies in
     ``B(c_0) & ... & B(c_{L-1})`` goes to ``c_L``.  Only the other tokens are
-    walked byte by byte (vectorized over all (state, token) pairs)."""
+    walked byte by byte (vectorized over all (state, token) pairs).
+
+    A hot loop kept in one piece (kernel-like): splitting it would cost per-token calls.
+    """
     S = trans.shape[0]
     okb = trans >= 0
     # dominant target per state and the bytes leading to it

@@ -422,6 +422,12 @@ def _nonneg_int(schema, kw, path, default=None):
 
 
 class _Builder:
+    """JSON schema -> regex, one method per keyword family.
+
+    Over ~300 lines because of that one-method-per-family layout; the methods share the builder's
+    definitions ($defs) and recursion limits.
+    """
+
     def __init__(self, root, ws: str, max_depth: int):
         self.root = root
         self.ws = ws

@@ -282,7 +282,11 @@ def _to_int_list(ids: Any) -> list[int]:
 
 
 class Tokenizer:
-    """Text <-> token ids for one model.  Build with :meth:`from_gguf` / :meth:`from_hf_dir`."""
+    """Text <-> token ids for one model.  Build with :meth:`from_gguf` / :meth:`from_hf_dir`.
+
+    Over ~300 lines because it carries two constructors (GGUF metadata, Hugging Face directory) plus
+    encode/decode/templates over one backend.
+    """
 
     def __init__(
         self,
@@ -342,6 +346,9 @@ class Tokenizer:
 
         ``path_or_fields``: a path to a ``.gguf`` file, a ``gguf.GGUFReader``, or a mapping
         from GGUF key to value (ReaderFields or plain python values).
+
+        Long because it maps every GGUF tokenizer metadata variant (BPE, SentencePiece, pre-tokenizer names,
+        special tokens) in one place.
         """
         meta = _Meta(path_or_fields)
         src = meta.source
@@ -488,7 +495,10 @@ class Tokenizer:
     # ------------------------------------------------------------ construction: HF folder
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike) -> "Tokenizer":
-        """Load ``tokenizer.json`` + ``tokenizer_config.json`` (+ ``generation_config.json``)."""
+        """Load ``tokenizer.json`` + ``tokenizer_config.json`` (+ ``generation_config.json``).
+
+        Long because it maps every tokenizer_config.json variant in one place.
+        """
         path = os.fspath(path)
         tok_file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tok_file):

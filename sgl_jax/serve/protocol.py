@@ -127,6 +127,7 @@ def _per_item(body: Mapping, key: str, batch: int, kind, default):
 
 
 def parse_generate(body: Any, *, vocab_size: int, max_context: int) -> GenerateRequest:
+    """Long because SGLang's /generate accepts single, batched and per-item forms of every field."""
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {_type_name(body)}", field="body")
     for k, v in body.items():

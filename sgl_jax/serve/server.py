@@ -395,7 +395,11 @@ def _object(body: Any) -> dict:
 
 def create_app(engine, server_config: ServerConfig | None = None, metrics=None) -> FastAPI:
     """The ASGI app over `engine` (see module docstring). `metrics` is what /metrics renders;
-    by default the engine's `metrics` attribute, if any."""
+    by default the engine's `metrics` attribute, if any.
+
+    Long because the routes are closures over one app's state (engine, tokenizer, config); each route is
+    short.
+    """
     cfg = server_config or ServerConfig()
     state = ServerState(engine, cfg, metrics)
     app = FastAPI(title="sgl_jax", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
