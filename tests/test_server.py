@@ -152,7 +152,7 @@ def test_batch_and_n(client, engine):
     assert len({o["meta_info"]["id"] for o in outs}) == 4
     # each engine call is one sequence (n=1); the n samples of a prompt get distinct seeds
     sps = [c["sampling_params"] for c in engine.calls]
-    assert all(sp["n"] == 1 for sp in sps)
+    assert all(sp.get("n", 1) == 1 for sp in sps)  # one engine sequence per sample
     assert [sp["sampling_seed"] for sp in sps] == [7, 8, 7, 8]
     outs = gen(client, text="abc", sampling_params={"max_new_tokens": 2, "n": 3})
     assert isinstance(outs, list) and [o["text"] for o in outs] == ["de"] * 3

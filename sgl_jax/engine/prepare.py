@@ -130,6 +130,17 @@ class RequestPreparer:
             stop_ids=frozenset(stop_ids))
 
 
+def nth_sample(sp: dict | None, j: int) -> dict:
+    """The sampling-params dict of the j-th of n samples of one prompt (one engine sequence each): without
+    `n`, and a given sampling_seed offset by j so the samples differ. Used by every front end."""
+    out = dict(sp or {})
+    out.pop("n", None)
+    seed = out.get("sampling_seed")
+    if j and isinstance(seed, int) and not isinstance(seed, bool):
+        out["sampling_seed"] = seed + j
+    return out
+
+
 def expand_batch(prompt, input_ids, sampling_params) -> tuple[bool, list[tuple[dict, dict]]]:
     """SGLang's single / batch / n > 1 forms -> (batched, [(prompt kwargs, sampling-params dict)])."""
     if prompt is not None and input_ids is not None:
@@ -157,10 +168,6 @@ def expand_batch(prompt, input_ids, sampling_params) -> tuple[bool, list[tuple[d
         if not _is_int(n) or n < 1:
             raise InvalidRequestError(f"sampling param 'n' must be an int >= 1, got {n!r}", field="n")
         for i in range(n):
-            spi = dict(sp or {})
-            spi.pop("n", None)
-            if n > 1 and spi.get("sampling_seed") is not None:
-                spi["sampling_seed"] = spi["sampling_seed"] + i
             kw = {"text": item} if prompt is not None else {"input_ids": item}
-            out.append((kw, spi))
+            out.append((kw, nth_sample(sp, i)))
     return batched or len(out) > 1, out

@@ -20,6 +20,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sgl_jax.errors import InvalidRequestError, UnsupportedFeatureError
+from sgl_jax.engine.prepare import nth_sample
 from sgl_jax.sampling_params import SamplingParams
 
 
@@ -85,15 +86,6 @@ def _check_ids(ids: Any, name: str, vocab_size: int) -> list[int]:
             raise InvalidRequestError(f"{name}[{j}] must be a token id in [0, {vocab_size}), got {t!r}",
                                       field="input_ids")
     return ids
-
-
-def _seeded(sp: dict, j: int) -> dict:
-    """The j-th of n samples: n=1 for the engine; a given seed is offset so samples differ."""
-    out = dict(sp, n=1)
-    seed = out.get("sampling_seed")
-    if j and isinstance(seed, int) and not isinstance(seed, bool):
-        out["sampling_seed"] = seed + j
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -208,7 +200,7 @@ def parse_generate(body: Any, *, vocab_size: int, max_context: int) -> GenerateR
         for j in range(n):
             sub_rid = (base if n == 1 else f"{base}-{j}") if base else new_id()
             subs.append(SubRequest(
-                index=len(subs), rid=sub_rid, text=t, input_ids=ids, sampling_params=_seeded(sp or {}, j),
+                index=len(subs), rid=sub_rid, text=t, input_ids=ids, sampling_params=nth_sample(sp or {}, j),
                 return_logprob=return_logprob[i], logprob_start_len=start_len[i], top_logprobs_num=top_num[i],
                 return_text_in_logprobs=text_in_lp))
     return GenerateRequest(subs, multi, stream, rid if isinstance(rid, str) else None)
@@ -338,7 +330,7 @@ def parse_completion(body: Any, tokenizer, *, max_context: int) -> OpenAIRequest
             raise UnsupportedFeatureError(f"best_of must equal n ({n}) on this server, got {best_of}", field="best_of")
         for j in range(n):
             subs.append(SubRequest(
-                index=len(subs), rid=f"{rid}-{len(subs)}", input_ids=ids, sampling_params=_seeded(sp, j),
+                index=len(subs), rid=f"{rid}-{len(subs)}", input_ids=ids, sampling_params=nth_sample(sp, j),
                 return_logprob=logprobs is not None, top_logprobs_num=logprobs or 0,
                 logprob_start_len=0 if (echo and logprobs is not None) else -1, return_text_in_logprobs=True))
     return OpenAIRequest(rid, subs, n, stream, include_usage, logprobs, texts if echo else None)
@@ -436,7 +428,7 @@ def parse_chat(body: Any, tokenizer, *, max_context: int) -> OpenAIRequest:
     sp, parsed = _openai_sampling(body, default_max=None, prompt_len=len(ids), vocab_size=vocab,
                                   max_context=max_context)
     rid = _rid(body, "chatcmpl-")
-    subs = [SubRequest(index=j, rid=f"{rid}-{j}", input_ids=ids, sampling_params=_seeded(sp, j),
+    subs = [SubRequest(index=j, rid=f"{rid}-{j}", input_ids=ids, sampling_params=nth_sample(sp, j),
                        return_logprob=want_lp, top_logprobs_num=(top or 0) if want_lp else 0,
                        return_text_in_logprobs=True)
             for j in range(parsed.n)]
