@@ -133,6 +133,8 @@ class ShapeConfig:
                         "pages once instead of once per token")
     run_block_buckets: list = _f([1], "run-block counts a decode step is compiled for ([] = runs go as decode rows)")
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
+    background_compile: bool = _f(False, "at start-up compile only the shapes a first request needs (prefills and one "
+                                  "decode row, every width), serve, and compile the rest in a background thread")
 
     def __post_init__(self):
         _at_least(self, "prefill_block", 1)

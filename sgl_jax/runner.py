@@ -26,8 +26,10 @@ short completion the model prefers token by token. Rows masked on the host (llgu
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import os
+import threading
 import time
 
 import jax
@@ -245,7 +247,15 @@ class ModelRunner:
                                        self.valid_vocab if self.valid_vocab < V else None),
                              donate_argnums=(1, 2))
         self._compiled: dict[StepShape, object] = {}
+        self._compiling: dict[StepShape, concurrent.futures.Future] = {}
+        self._lock = threading.Lock()  # the engine thread and the background compiler share _compiled
+        # shapes/dtypes of the device state: lowering never touches the (donated) buffers themselves
+        self._state_avals = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                   (self.params, self.kv, self.pstate, self.cbuf))
         self.num_compiles = 0
+        self.background_done = threading.Event()
+        self.background_done.set()
+        self.background_error: BaseException | None = None
 
     # ------------------------------------------------------------------------------- shapes
     def shapes(self) -> list[StepShape]:
@@ -255,22 +265,82 @@ class ModelRunner:
         return self._inputs(shape, None, [], [], [])
 
     def _compile(self, shape: StepShape):
-        if shape not in self._compiled:
-            inp = self._dummy_inputs(shape)
-            self._compiled[shape] = self._step.lower(self.params, self.kv, self.pstate, self.cbuf, inp).compile()
+        """The compiled step for `shape`, compiled once: thread-safe, and a shape that another thread is
+        compiling right now is waited for rather than compiled again."""
+        with self._lock:
+            done = self._compiled.get(shape)
+            if done is not None:
+                return done
+            fut = self._compiling.get(shape)
+            owner = fut is None
+            if owner:
+                fut = self._compiling[shape] = concurrent.futures.Future()
+        if not owner:
+            return fut.result()
+        try:
+            params, kv, pstate, cbuf = self._state_avals
+            compiled = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape)).compile()
+        except BaseException as e:
+            with self._lock:
+                del self._compiling[shape]
+            fut.set_exception(e)
+            raise
+        with self._lock:
+            self._compiled[shape] = compiled
+            del self._compiling[shape]
             self.num_compiles += 1
-        return self._compiled[shape]
+        fut.set_result(compiled)
+        return compiled
 
-    def warmup(self, progress: bool = True, cache_dir: str = "") -> float:
-        """Compile every step shape. Returns seconds spent."""
+    def compiled_shapes(self) -> list[StepShape]:
+        with self._lock:
+            return sorted(self._compiled)
+
+    def first_shapes(self) -> list[StepShape]:
+        """What a first request needs at once: a prefill of any length and a single decode row, at every
+        page width (batches, run blocks, mixed and prompt-logprob steps can come a little later)."""
+        return [s for s in self.shapes()
+                if not s.full_logits and not s.num_runs and (s.num_decode, s.num_blocks) != (0, 0)
+                and (s.num_decode == 0 or (s.num_decode == self.grid.decode_buckets[0] and not s.num_blocks))]
+
+    def warmup(self, progress: bool = True, shapes: list[StepShape] | None = None) -> float:
+        """Compile the step shapes (all of them unless `shapes` says which). Returns seconds spent."""
         t0 = time.perf_counter()
         self._warm_constraint_upload()
         self.apply_marks([0], [(0, 0, False)])
         self.apply_marks([0], [])
-        shapes = self.shapes()
+        shapes = self.shapes() if shapes is None else shapes
         for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
             self._compile(s)
         return time.perf_counter() - t0
+
+    def compile_in_background(self, then=None) -> threading.Thread:
+        """Compile every shape not compiled yet in a daemon thread (the engine may serve meanwhile: a step
+        that needs a shape still missing compiles it, or waits for it, on the engine thread), then call
+        `then()`. `background_done` is set when the thread ends; `background_error` holds a failure."""
+        self.background_done.clear()
+        self._stop_background = False
+
+        def work():
+            try:
+                for s in self.shapes():
+                    if self._stop_background:
+                        return
+                    self._compile(s)
+                if then is not None:
+                    then()
+            except BaseException as e:  # noqa: BLE001 - reported through background_error; steps compile lazily
+                self.background_error = e
+            finally:
+                self.background_done.set()
+
+        t = threading.Thread(target=work, name="sgl_jax-compile", daemon=True)
+        t.start()
+        return t
+
+    def stop_background(self) -> None:
+        """Ask the background compiler to stop after the shape it is compiling."""
+        self._stop_background = True
 
     def measure_decode_costs(self, repeats: int = 2) -> dict[tuple[int, int, int], float]:
         """Median seconds of a decode-only step per (decode bucket, page width, run blocks), rows seeing

@@ -309,3 +309,46 @@ def test_step_costs_kept_beside_the_compilation_cache(tiny_path, monkeypatch):
     monkeypatch.setattr(ModelRunner, "measure_decode_costs", lambda self, repeats=2: pytest.fail("timed again"))
     with Engine(model=tiny_path, progress=False, **kw) as e2:
         assert e2.scheduler.grid.costs == costs
+
+
+@pytest.mark.timeout(600)
+def test_background_compile_serves_at_once_and_compiles_each_shape_once(tiny_path):
+    """shapes.background_compile: the engine is up after the first shapes; requests that need shapes still
+    missing (a batch of 8, prompt logprobs) are served meanwhile with the same outputs, and every shape is
+    compiled exactly once between the engine thread and the background compiler."""
+    ps = prompts(8, seed=21)
+    with Engine(model=tiny_path, progress=False, **SMALL) as ref:
+        want = [o["output_ids"] for o in ref.generate(input_ids=ps, sampling_params=GREEDY)]
+        want_lp = ref.generate(input_ids=ps[0], sampling_params={**GREEDY, "max_new_tokens": 2},
+                               return_logprob=True, logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+    with Engine(model=tiny_path, progress=False, background_compile=True, **SMALL) as e:
+        first = set(e.runner.first_shapes())
+        assert first and first < set(e.runner.shapes())
+        assert first <= set(e.runner.compiled_shapes())
+        outs = e.generate(input_ids=ps, sampling_params=GREEDY)  # decode bucket 8: maybe not compiled yet
+        assert [o["output_ids"] for o in outs] == want
+        lp = e.generate(input_ids=ps[0], sampling_params={**GREEDY, "max_new_tokens": 2}, return_logprob=True,
+                        logprob_start_len=0)["meta_info"]["input_token_logprobs"]
+        assert [x[1] for x in lp] == [x[1] for x in want_lp]
+        assert e.wait_compiled(timeout=300)
+        assert e.runner.compiled_shapes() == e.runner.shapes()
+        assert e.runner.num_compiles == len(e.runner.shapes())  # none compiled twice
+        assert e.scheduler.decode_fill == "cost"  # measured on the engine thread once all were compiled
+        assert e.get_server_info()["background_compile_done"] is True
+        e.check_integrity()
+
+
+@pytest.mark.timeout(300)
+def test_concurrent_compiles_of_one_shape_compile_it_once(tiny_path):
+    import threading
+
+    with Engine(model=tiny_path, progress=False, **dict(SMALL, warmup=False)) as e:
+        r = e.runner
+        shape = r.shapes()[-1]
+        got = []
+        ts = [threading.Thread(target=lambda: got.append(r._compile(shape))) for _ in range(3)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=120)
+        assert len(got) == 3 and all(g is got[0] for g in got) and r.num_compiles == 1

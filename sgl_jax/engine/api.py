@@ -73,6 +73,29 @@ class Engine:
                                output=self.output, row_params=self._row_params, metrics=metrics,
                                check_integrity_when_idle=config.scheduler.check_integrity_when_idle)
         self.loop.start()
+        if config.warmup and config.shapes.background_compile:
+            self.runner.compile_in_background(then=self._after_background_compile)
+
+    def _after_background_compile(self) -> None:
+        """Every shape compiled: with decode_row_fill auto and no saved costs, time the decode shapes now,
+        on the engine thread between steps (a one-time pause; the costs are saved for the next start)."""
+        from sgl_jax.engine.build import step_costs
+
+        if self.config.scheduler.decode_row_fill != "auto" or self.scheduler.grid.costs:
+            return
+
+        def measure():
+            self.scheduler.grid = self.runner.time_decode_costs(step_costs(self.config, self.runner,
+                                                                           self.model_path))
+
+        self.loop.call(measure, timeout=3600)
+
+    def wait_compiled(self, timeout: float | None = None) -> bool:
+        """Block until the background compilation (if any) has finished; False on timeout."""
+        done = self.runner.background_done.wait(timeout)
+        if self.runner.background_error is not None:
+            raise RuntimeError(f"background compilation failed: {self.runner.background_error}")
+        return done
 
     # ---------------------------------------------------------------------------- requests
     def prepare(self, **kw) -> PreparedRequest:
@@ -252,7 +275,9 @@ class Engine:
         info = dict(dataclasses.asdict(self.config))
         info.update(model_path=self.model_path, max_context_len=self.max_context_len,
                     num_kv_pages=self.runner.num_pages, load_seconds=round(self.load_seconds, 3),
-                    compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles)
+                    compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles,
+                    num_step_shapes=len(self.runner.shapes()),
+                    background_compile_done=self.runner.background_done.is_set())
         info.update(self.stats())
         return info
 
@@ -265,6 +290,7 @@ class Engine:
                     cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1))
 
     def shutdown(self) -> None:
+        self.runner.stop_background()
         self.loop.shutdown()
         self.constraints.shutdown()
 

@@ -91,16 +91,21 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
     compile_seconds = 0.0
     if c.warmup:
-        compile_seconds = runner.warmup(progress=progress)
+        background = sh.background_compile
+        compile_seconds = runner.warmup(progress=progress, shapes=runner.first_shapes() if background else None)
         if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
-            scheduler.grid = runner.time_decode_costs(step_costs(c, runner, loaded.path))
+            costs = step_costs(c, runner, loaded.path, measure=not background)  # background: once all compiled
+            if costs is not None:
+                scheduler.grid = runner.time_decode_costs(costs)
     return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler,
                    max_context_len, load_seconds, compile_seconds, runner.num_compiles)
 
 
-def step_costs(c: EngineConfig, r, model_path: str) -> dict:
+def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dict | None:
     """Decode step costs per shape (ModelRunner.measure_decode_costs), kept beside the compilation cache:
-    timing every shape takes ~20 s for the CPU preset, so a restart on the same machine reuses them."""
+    timing every shape takes ~20 s for the CPU preset, so a restart on the same machine reuses them.
+    With measure=False, only what is saved (None if nothing is). Measuring runs steps on the device
+    state: call it before serving or on the engine thread."""
     import jax
 
     dev = jax.devices()[0]
@@ -117,6 +122,8 @@ def step_costs(c: EngineConfig, r, model_path: str) -> dict:
                 return {tuple(k): v for k, v in json.load(f)}
         except (OSError, ValueError, TypeError):
             pass  # not measured yet (or unreadable): measure
+    if not measure:
+        return None
     costs = r.measure_decode_costs()
     if path:
         try:
