@@ -239,6 +239,8 @@ def test_rids_abort_and_batch_validation(engine, monkeypatch):
 
     asyncio.run(go())
     assert engine.abort("dup") is False  # retired exactly once
+    outs = engine.generate(input_ids=[5, 6], sampling_params={**GREEDY, "max_new_tokens": 2, "n": 2}, rid="pair")
+    assert [o["meta_info"]["id"] for o in outs] == ["pair-0", "pair-1"]  # one rid per sequence
     submitted = []
     orig = engine.loop.submit
     monkeypatch.setattr(engine.loop, "submit", lambda reqs: (submitted.append(reqs), orig(reqs)))

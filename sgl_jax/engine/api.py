@@ -124,8 +124,8 @@ class Engine:
         batched, items = expand_batch(prompt, input_ids, sampling_params)
         if stream and batched:
             raise InvalidRequestError("stream=True takes a single prompt", field="stream")
-        if batched and rid is not None and not isinstance(rid, list):
-            raise InvalidRequestError("a batch takes a list of rids (one per sequence) or none", field="rid")
+        if batched and isinstance(rid, str):  # one rid for a batch or n samples: one per sequence from it
+            rid = [f"{rid}-{i}" for i in range(len(items))]
         rids = rid if isinstance(rid, list) else [rid]
         if batched and rid is not None and len(rids) != len(items):
             raise InvalidRequestError(f"'rid' has {len(rids)} entries for {len(items)} sequences", field="rid")
