@@ -217,59 +217,26 @@ def user_message(rng: random.Random, tok, lo: int, hi: int) -> str:
 
 # ----------------------------------------------------------------------------------------- engine
 class StepProbe:
-    """Bench-side instrumentation of one Engine (instance attributes only; sgl_jax is unchanged).
+    """Per-step records of one Engine through its public step listener (Engine.add_step_listener).
 
-    steps[i] describes the i-th planned step and lines up with engine.step_times[i] / host_times[i]
-    as long as all three lists are cleared together while the engine is idle (`reset`)."""
+    steps[i] describes the i-th step and lines up with engine.step_times[i] / host_times[i] as long as all
+    three lists are cleared together while the engine is idle (`reset`)."""
 
     def __init__(self, engine):
-        import jax
-
         self.engine = engine
         self.steps: list[dict] = []
-        self._sched_s = 0.0
-        runner, sched = engine.runner, engine.scheduler
-        orig_schedule, orig_run = sched.schedule, runner.run
-        probe = self
+        self.last_inputs: dict = {}  # shape -> the StepInputs of its last real step, for step_split()
+        engine.add_step_listener(self._on_step)
 
-        def schedule():
-            t0 = time.perf_counter()
-            try:
-                return orig_schedule()
-            finally:
-                probe._sched_s += time.perf_counter() - t0  # recursive calls add up
-
-        self.last_args: dict = {}
-
-        def timed(fn, shape):
-            def call(*a, **k):
-                probe.last_args[shape] = a  # kept for step_split(); a[1], a[2] are donated (dead) after the call
-                t0 = time.perf_counter()
-                res = fn(*a, **k)
-                jax.block_until_ready(res)
-                probe._dev_s = time.perf_counter() - t0
-                return res
-            call._probe = True
-            return call
-
-        def run(plan, row_params_of):
-            shape = plan.shape
-            c = runner._compiled.get(shape)
-            if c is not None and not getattr(c, "_probe", False):
-                runner._compiled[shape] = timed(c, shape)
-            probe._dev_s = float("nan")
-            res = orig_run(plan, row_params_of)
-            kv = [c.end for c in plan.chunks]
-            probe.steps.append(dict(
-                nd=len(plan.decodes), npf=len(plan.prefills),
-                pf_tokens=sum(len(c.token_ids) for c in plan.prefills), shape=(shape.num_decode, shape.num_blocks,
-                                                                               shape.page_width),
-                mean_kv=sum(kv) / len(kv), sched_s=probe._sched_s, dev_s=probe._dev_s))
-            probe._sched_s = 0.0
-            return res
-
-        sched.schedule = schedule
-        runner.run = run
+    def _on_step(self, info):
+        plan, shape = info.plan, info.plan.shape
+        self.last_inputs[shape] = info.inputs
+        kv = [c.end for c in plan.chunks]
+        self.steps.append(dict(
+            nd=len(plan.decodes), npf=len(plan.prefills),
+            pf_tokens=sum(len(c.token_ids) for c in plan.prefills),
+            shape=(shape.num_decode, shape.num_blocks, shape.page_width),
+            mean_kv=sum(kv) / len(kv), sched_s=info.schedule_seconds, dev_s=info.device_seconds))
 
     def reset(self):
         e = self.engine
@@ -277,7 +244,6 @@ class StepProbe:
         e.step_times.clear()
         e.host_times.clear()
         self.steps.clear()
-        self._sched_s = 0.0
 
     def records(self) -> list[dict]:
         e = self.engine
@@ -300,25 +266,23 @@ def step_split(eng, probe, shape, n: int = 8) -> dict:
     from sgl_jax.models.attention import AttnMetadata, AttentionFn
 
     r = eng.runner
-    a = probe.last_args[shape]
-    inp = a[-1]
-    compiled = r._compiled[shape]
+    inp = probe.last_inputs[shape]
+    compiled = r._compile(shape)  # already compiled: the cached executable
 
     def full():
-        args = (a[0], r.kv, r.pstate) + tuple(a[3:])
-        r.kv, r.pstate, out = compiled(*args)
+        r.kv, r.pstate, out = compiled(r.params, r.kv, r.pstate, r.cbuf, inp)
         jax.block_until_ready(out)
 
     def forward_fn(model):
         def fwd(params, kv, inp):
             meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
-                                inp.pre_page_table, inp.pre_kv_lens, block_q=r.block_q)
+                                inp.pre_page_table, inp.pre_kv_lens, block_q=r.prefill_block)
             return model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)
         f = jax.jit(fwd, donate_argnums=(1,))
-        f = f.lower(a[0], r.kv, inp).compile()
+        f = f.lower(r.params, r.kv, inp).compile()
 
         def run():
-            logits, r.kv = f(a[0], r.kv, inp)
+            logits, r.kv = f(r.params, r.kv, inp)
             logits.block_until_ready()
         return run
 

@@ -204,6 +204,15 @@ class RowParams:
     host_mask: object = None  # np.ndarray [W] int32 from the grammar backend
 
 
+@dataclasses.dataclass(frozen=True)
+class RunTiming:
+    """How the last `ModelRunner.run` spent its time, and the step inputs it ran (for replaying a step)."""
+
+    pack_seconds: float  # host: packing the plan into the shape's arrays (and a first-use compile)
+    device_seconds: float  # the compiled step and device_get of its outputs
+    inputs: object  # the StepInputs it ran
+
+
 class ModelRunner:
     """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
 
@@ -256,6 +265,7 @@ class ModelRunner:
         self.background_done = threading.Event()
         self.background_done.set()
         self.background_error: BaseException | None = None
+        self.last_run: RunTiming | None = None
 
     # ------------------------------------------------------------------------------- shapes
     def shapes(self) -> list[StepShape]:
@@ -446,6 +456,7 @@ class ModelRunner:
 
         Returns the packed batch (where each chunk's logits rows are) and numpy outputs.
         """
+        t_run = time.perf_counter()
         shape = plan.shape  # planned by the scheduler within this runner's grid
         chunks = plan.chunks
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
@@ -478,8 +489,11 @@ class ModelRunner:
         compiled = self._compiled.get(shape)
         if compiled is None:
             compiled = self._compile(shape)
+        t_exec = time.perf_counter()
         self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
         out = jax.device_get(out)
+        # read by the engine loop for its step listeners: packing vs the compiled step + device_get
+        self.last_run = RunTiming(t_exec - t_run, time.perf_counter() - t_exec, inp)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
                        "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
 

@@ -46,6 +46,9 @@ class StepInfo:
     plan: StepPlan
     step_seconds: float  # runner.run: packing, the compiled step, device_get
     host_seconds: float  # schedule + postprocess
+    schedule_seconds: float = 0.0  # scheduler.schedule() alone (part of host_seconds)
+    device_seconds: float = 0.0  # the compiled step + device_get (part of step_seconds; the rest is packing)
+    inputs: object = None  # the step's StepInputs (for replaying it in benchmarks)
 
 
 class EngineLoop:
@@ -329,7 +332,10 @@ class EngineLoop:
             return
         self._postprocess(plan, batch, out)
         t3 = time.perf_counter()
-        self.stats.record(plan, t2 - t1, (t1 - t0) + (t3 - t2), self.scheduler)
+        run = getattr(self.runner, "last_run", None)
+        self.stats.record(StepInfo(plan, t2 - t1, (t1 - t0) + (t3 - t2), t1 - t0,
+                                   run.device_seconds if run is not None else float("nan"),
+                                   run.inputs if run is not None else None), self.scheduler)
 
     def _schedule(self) -> StepPlan | None:
         try:
@@ -368,7 +374,8 @@ class StepStats:
         self.num_steps = 0
         self.listeners: list[Callable[[StepInfo], None]] = []
 
-    def record(self, plan, step_s: float, host_s: float, scheduler) -> None:
+    def record(self, info: StepInfo, scheduler) -> None:
+        plan, step_s, host_s = info.plan, info.step_seconds, info.host_seconds
         self.num_steps += 1
         self.step_times.append(step_s)
         self.host_times.append(host_s)
@@ -381,7 +388,7 @@ class StepStats:
                                    1 - alloc.num_free / alloc.num_total)
         for fn in list(self.listeners):
             try:
-                fn(StepInfo(plan, step_s, host_s))
+                fn(info)
             except Exception:  # noqa: BLE001 - a listener's bug must not stop serving
                 log.exception("step listener failed")
 
