@@ -72,6 +72,22 @@ class MockRunner:
         return out
 
 
+def apply_outputs(s: Scheduler, plan, out: dict, done: dict) -> None:
+    """After on_step_done: append each sampling chunk's token, finish what is complete (into `done`)."""
+    for c in plan.chunks:
+        r = c.req
+        if r.state is not ReqState.RUNNING:
+            continue
+        if c.samples:
+            r.output_ids.append(out[r.rid])
+            if len(r.output_ids) >= r.max_new_tokens:
+                s.finish(r)
+                done[r.rid] = list(r.output_ids)
+        elif not r.wants_sample and r.num_computed >= r.num_tokens:
+            s.finish(r)
+            done[r.rid] = []
+
+
 def drive(s: Scheduler, runner: MockRunner, max_steps=10000, abort_at=None, check=True):
     steps = 0
     done = {}
@@ -83,18 +99,7 @@ def drive(s: Scheduler, runner: MockRunner, max_steps=10000, abort_at=None, chec
         assert plan.shape == s.grid.shape_for(plan.decodes, plan.prefills, plan.full_logits)
         out = runner.run(plan)
         s.on_step_done(plan)
-        for c in plan.chunks:
-            r = c.req
-            if r.state is not ReqState.RUNNING:
-                continue
-            if c.samples:
-                r.output_ids.append(out[r.rid])
-                if len(r.output_ids) >= r.max_new_tokens:
-                    s.finish(r)
-                    done[r.rid] = list(r.output_ids)
-            elif not r.wants_sample and r.num_computed >= r.num_tokens:
-                s.finish(r)
-                done[r.rid] = []
+        apply_outputs(s, plan, out, done)
         if check:
             s.check_integrity()
         steps += 1
@@ -415,18 +420,7 @@ def drive_logprobs(s: Scheduler, runner: MockRunner, on_schedule=None) -> tuple[
                 if r.logprob_start <= q + 1 < n:
                     got.append((q + 1, mock_logprob(seq[:q + 1])))
         s.on_step_done(plan)
-        for c in plan.chunks:
-            r = c.req
-            if r.state is not ReqState.RUNNING:
-                continue
-            if c.samples:
-                r.output_ids.append(out[r.rid])
-                if len(r.output_ids) >= r.max_new_tokens:
-                    s.finish(r)
-                    done[r.rid] = list(r.output_ids)
-            elif not r.wants_sample and r.num_computed >= r.num_tokens:
-                s.finish(r)
-                done[r.rid] = []
+        apply_outputs(s, plan, out, done)
         s.check_integrity()
     return done, entries
 

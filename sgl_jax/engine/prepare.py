@@ -95,7 +95,7 @@ class RequestPreparer:
                 rid=None) -> PreparedRequest:
         """Validate and tokenize one sequence's request; raises InvalidRequestError naming the field."""
         ids = self.prompt_ids(text, input_ids)
-        sp = sampling_params if isinstance(sampling_params, SamplingParams) else SamplingParams.from_dict(
+        sp = SamplingParams.from_dict(
             sampling_params, vocab_size=self.vocab_size, max_context=self.max_context_len, prompt_len=len(ids),
             max_logit_bias=self.max_logit_bias, max_stop_token_ids=self.max_stop_token_ids)
         if len(ids) >= self.max_context_len:
