@@ -35,6 +35,14 @@ from sgl_jax.errors import InvalidRequestError
 from sgl_jax.scheduler import Request
 
 
+@dataclasses.dataclass(eq=False)
+class PrefixHold:
+    """A locked radix-cache prefix (`Engine.hold_prefix`): `num_tokens` of it are cached and will stay."""
+
+    node: object
+    num_tokens: int
+
+
 class Engine:
     """In-process engine: `Engine(model="smollm2-135m", **config)` or `Engine(EngineConfig(...))`."""
 
@@ -67,6 +75,7 @@ class Engine:
                                         max_logit_bias=config.sampling.max_logit_bias,
                                         max_stop_token_ids=config.sampling.max_stop_token_ids,
                                         check_constraint=self.constraints.check)
+        self._holds: set[PrefixHold] = set()  # touched on the engine thread only
         self._rng = random.Random(config.seed)
         self._seed_lock = threading.Lock()
         self.loop = EngineLoop(scheduler=self.scheduler, runner=self.runner, constraints=self.constraints,
@@ -229,11 +238,44 @@ class Engine:
         """Abort a running or waiting request; False if no live request has this rid."""
         return self.loop.abort(rid)
 
+    def hold_prefix(self, input_ids) -> "PrefixHold | None":
+        """Lock the cached page-aligned prefix of `input_ids` in the radix cache (never evicted) until
+        `release_prefix(hold)`; None when nothing of it is cached. The frontend holds a fork's shared prefix
+        until every branch has been submitted. Each hold must be released exactly once."""
+
+        def hold():
+            m = self.cache.match_prefix(list(input_ids))
+            if m.num_tokens == 0:
+                return None
+            self.cache.lock(m.node)
+            h = PrefixHold(m.node, m.num_tokens)
+            self._holds.add(h)
+            return h
+
+        return self.loop.call(hold)
+
+    def release_prefix(self, hold: "PrefixHold | None") -> None:
+        """Release a hold taken by `hold_prefix` (None is a no-op); a second release raises ValueError."""
+        if hold is None:
+            return
+
+        def release():
+            if hold not in self._holds:
+                raise ValueError(f"release_prefix: {hold!r} is not held (released twice?)")
+            self._holds.discard(hold)
+            self.cache.unlock(hold.node)
+
+        self.loop.call(release)
+
+    @property
+    def num_prefix_holds(self) -> int:
+        return len(self._holds)
+
     def flush_cache(self) -> bool:
-        """Drop every cached prefix. Refused (False) while requests are running."""
+        """Drop every cached prefix. Refused (False) while requests are running or prefixes are held."""
 
         def flush():
-            if self.scheduler.running or self.scheduler.waiting or self.constraints.pending:
+            if self.scheduler.running or self.scheduler.waiting or self.constraints.pending or self._holds:
                 return False
             self.cache.reset()
             return True
@@ -317,4 +359,4 @@ class Engine:
                          fsm_slot=fsm_slot, fsm_budget=self.constraints.budget(c.req), host_mask=host_mask)
 
 
-__all__ = ["Engine", "PreparedRequest", "StepInfo"]
+__all__ = ["Engine", "PrefixHold", "PreparedRequest", "StepInfo"]

@@ -752,6 +752,17 @@ class Tokenizer:
         return self._compiled_template.render(**variables)
 
 
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                         **variables: Any) -> str:
+    """Render a jinja2 chat template string (sandboxed, the same environment as `Tokenizer.apply_chat_template`)
+    without a tokenizer: for clients that got the template from a server. `variables` fills bos_token etc."""
+    variables.setdefault("bos_token", "")
+    variables.setdefault("eos_token", "")
+    return _chat_environment().from_string(template).render(messages=messages,
+                                                             add_generation_prompt=add_generation_prompt,
+                                                             **variables)
+
+
 # --------------------------------------------------------------------------------------
 # Incremental detokenization
 # --------------------------------------------------------------------------------------

@@ -455,6 +455,9 @@ def create_app(engine, server_config: ServerConfig | None = None, metrics=None) 
             "model_path": engine.model_path, "tokenizer_path": engine.model_path, "is_generation": True,
             "served_model_name": state.model_name, "max_context_len": engine.max_context_len,
             "vocab_size": int(tok.vocab_size), "weight_version": "default", "preferred_sampling_params": None,
+            # the model's own chat template, so clients (our frontend) use its real role markup
+            "chat_template": getattr(tok, "chat_template", None), "bos_token": getattr(tok, "bos_token", None),
+            "eos_token": getattr(tok, "eos_token", None),
         })
 
     async def server_info():
