@@ -92,6 +92,18 @@ def test_sampling_defaults_merge_with_gen_overrides():
     assert sp["stop"] == ["!"] and sp["top_k"] == 5 and top == {}
 
 
+def test_a_program_argument_named_like_a_run_parameter_stays_the_programs():
+    be = Scripted()
+
+    @sgl.function
+    def prog(s, n, stop="!"):
+        s += f"{n}{stop}" + sgl.gen("x")
+
+    st = prog.run(n=3, stop="?", backend=be, temperature=0)
+    assert st.text() == "3?out0" and be.calls[0][1].n == 1 and be.calls[0][1].stop == ()
+    assert prog.run_batch([{"n": 4}], backend=be)[0].text() == "4!out1"
+
+
 def test_dtype_and_regex_are_sent_as_regex():
     be = Scripted()
 

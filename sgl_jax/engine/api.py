@@ -333,6 +333,9 @@ class Engine:
 
     def shutdown(self) -> None:
         self.runner.stop_background()
+        # let the shape being compiled finish: a daemon thread killed inside XLA at interpreter exit aborts
+        # the process ("terminate called ...") instead of exiting cleanly
+        self.runner.background_done.wait(timeout=300)
         self.loop.shutdown()
         self.constraints.shutdown()
 

@@ -62,8 +62,9 @@ class TracedProgram:
     prefix: str
 
 
-def _defaults(kw: dict) -> ir.SamplingDefaults:
-    d = {k: kw.pop(k) for k in _RUN_PARAMS if k in kw}
+def _defaults(kw: dict, program_args=()) -> ir.SamplingDefaults:
+    """Pop the run-level sampling keywords from `kw`; a name the program itself takes stays its argument."""
+    d = {k: kw.pop(k) for k in _RUN_PARAMS if k in kw and k not in program_args}
     for key in ("stop", "stop_token_ids", "stop_regex"):
         v = d.get(key)
         if v is None:
@@ -109,7 +110,7 @@ class SglFunction:
 
     # ------------------------------------------------------------------------------------ run
     def run(self, *args, stream: bool = False, backend=None, use_thread: bool = True, **kwargs) -> ProgramState:
-        defaults = _defaults(kwargs)
+        defaults = _defaults(kwargs, self.arg_names)
         bound = self._bound(args, kwargs)
         state = ProgramState(self._executor(backend, defaults, stream, use_thread))
         if stream:
@@ -146,7 +147,7 @@ class SglFunction:
         items = [kw if isinstance(kw, dict) else dict(zip(self.arg_names, kw)) for kw in batch_kwargs]
         if not items:
             return []
-        defaults = _defaults(kwargs)
+        defaults = _defaults(kwargs, self.arg_names)
         if kwargs:
             raise TypeError(f"{self.__name__}.run_batch: unknown keyword argument(s) {sorted(kwargs)}")
         bounds = [self._bound((), kw) for kw in items]  # every program's arguments checked first
