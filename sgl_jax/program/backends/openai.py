@@ -86,6 +86,12 @@ class OpenAI(Backend):
             body["regex"] = params.regex_for_request()
         if params.json_schema is not None:
             body["json_schema"] = params.json_schema
+        if params.return_logprob:
+            top = params.top_logprobs_num or 0
+            if self.is_chat_model:
+                body.update(logprobs=True, top_logprobs=top)
+            else:
+                body["logprobs"] = top
         if self.is_chat_model:
             if prompt.cur_role != "assistant":
                 raise ir.ProgramError("OpenAI chat model: gen/select must be inside an assistant turn "
@@ -96,6 +102,20 @@ class OpenAI(Backend):
         return "/completions", body
 
     @staticmethod
+    def _logprobs(choice: dict) -> tuple[list, list]:
+        """The choice's logprobs as native meta_info entries ([logprob, None, token text]; the API gives no
+        ids): (output_token_logprobs, output_top_logprobs), from either API's shape."""
+        lp = choice.get("logprobs") or {}
+        if "content" in lp:  # chat
+            items = lp["content"] or []
+            return ([[x["logprob"], None, x["token"]] for x in items],
+                    [[[t["logprob"], None, t["token"]] for t in x.get("top_logprobs") or []] for x in items])
+        toks, lps = lp.get("tokens") or [], lp.get("token_logprobs") or []
+        tops = lp.get("top_logprobs") or [None] * len(toks)
+        return ([[v, None, t] for v, t in zip(lps, toks)],
+                [[[v, None, t] for t, v in (d or {}).items()] for d in tops])
+
+    @staticmethod
     def _text(choice: dict) -> str:
         return choice["message"]["content"] if "message" in choice else choice["text"]
 
@@ -104,14 +124,17 @@ class OpenAI(Backend):
         path, body = self._body(prompt, params)
         obj = self._post(path, body)
         texts = [self._text(c) for c in sorted(obj["choices"], key=lambda c: c["index"])]
-        meta = {"id": obj.get("id"), "finish_reason": [c.get("finish_reason") for c in obj["choices"]],
-                "usage": obj.get("usage")}
+        first = min(obj["choices"], key=lambda c: c["index"])
+        meta = {"id": obj.get("id"), "finish_reason": first.get("finish_reason"), "usage": obj.get("usage"),
+                "completion_tokens": (obj.get("usage") or {}).get("completion_tokens")}
+        if params.return_logprob:
+            meta["output_token_logprobs"], meta["output_top_logprobs"] = self._logprobs(first)
         return Completion(texts if params.n > 1 else texts[0], meta)
 
     def generate_stream(self, prompt: Prompt, params):
         path, body = self._body(prompt, params)
         body["stream"] = True
-        meta: dict = {}
+        meta: dict = {"output_token_logprobs": [], "output_top_logprobs": []} if params.return_logprob else {}
         with self._post(path, body, stream=True) as r:
             for line in r.iter_lines(decode_unicode=False):
                 if not line.startswith(b"data:"):
@@ -124,7 +147,11 @@ class OpenAI(Backend):
                     if c.get("index", 0) != 0:
                         continue
                     delta = c["delta"].get("content") or "" if "delta" in c else c.get("text", "")
-                    meta = {"id": ev.get("id"), "finish_reason": c.get("finish_reason")}
+                    meta = dict(meta, id=ev.get("id"), finish_reason=c.get("finish_reason"))
+                    if params.return_logprob:
+                        toks, tops = self._logprobs(c)
+                        meta["output_token_logprobs"] = meta["output_token_logprobs"] + toks
+                        meta["output_top_logprobs"] = meta["output_top_logprobs"] + tops
                     yield delta, meta
         return None
 
