@@ -18,3 +18,19 @@ def smollm2_gguf():
     from sgl_jax.models.hub import resolve_model
 
     return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def server():
+    """One real server on the default preset for every end-to-end module (start-up is the slow part).
+    tests/test_server_e2e.py's last test (`test_zz_sigterm_drains_then_exits`) stops it: modules that use it
+    sort before that one."""
+    from e2e_server import _Server
+
+    srv = _Server()
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+        os.unlink(srv.log.name)

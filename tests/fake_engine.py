@@ -224,7 +224,7 @@ class FakeEngine:
             meta = {"id": rid, "finish_reason": finish, "prompt_tokens": len(ids), "completion_tokens": len(out),
                     "cached_tokens": cached, "e2e_latency": time.perf_counter() - t0}
             if return_logprob:
-                start = len(ids) if logprob_start_len < 0 else logprob_start_len
+                start = len(ids) - 1 if logprob_start_len < 0 else logprob_start_len
                 meta["input_token_logprobs"] = [entry(None if p == 0 else logprob(ids[p], ids[p - 1]), ids[p])
                                                 for p in range(start, len(ids))]
                 seq = ids + out

@@ -368,6 +368,8 @@ def _random_case(rng):
     ins = [[[rng.choice([-0.1, -0.5, -1.0, -2.0, -3.0]), rng.randint(0, 99), "t"] for _ in range(rng.randint(1, 4))]
            for _ in range(k)]
     unc = [[[None if j == 0 else rng.uniform(-4, -0.1), e[1], "t"] for j, e in enumerate(x)] for x in ins]
+    if rng.random() < 0.5:  # a server's default window: one entry per choice (upstream broadcasts it)
+        unc = [[[rng.choice([None, rng.uniform(-4, -0.1)]), x[-1][1], "t"]] for x in ins]
     norms = [sum(e[0] for e in x) / len(x) for x in ins]
     return choices, ins, unc, norms
 

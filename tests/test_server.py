@@ -206,9 +206,10 @@ def test_logprob_entries(client):
     assert m["input_top_logprobs"][0] is None
     assert m["input_top_logprobs"][1] == [[pytest.approx(LP_NEXT), 32, " "], [pytest.approx(LP_OTHER), 0, "\x00"]]
     assert [e[1] for e in m["output_top_logprobs"][0]] == [100, 0]
-    # default logprob_start_len = -1: output tokens only; no text unless asked
+    # default logprob_start_len = -1: the last prompt token's entry (as upstream's server), then the output;
+    # no text unless asked
     out = gen(client, text="abc", sampling_params={"max_new_tokens": 1}, return_logprob=True)
-    assert out["meta_info"]["input_token_logprobs"] == []
+    assert out["meta_info"]["input_token_logprobs"] == [[pytest.approx(LP_NEXT), 99, None]]
     assert out["meta_info"]["output_token_logprobs"] == [[pytest.approx(LP_NEXT), 100, None]]
 
 

@@ -8,7 +8,9 @@ the merged token -- "token healing"), then hands them to a method:
 - `greedy_token_selection`: compare the choices token by token, keeping those with the best logprob at each
   position until one remains; a shorter choice is padded with its own mean logprob;
 - `unconditional_likelihood_normalized`: the highest mean of (logprob given the prompt - logprob of the same
-  tokens with no prompt), which discounts choices that are likely anywhere.
+  tokens with no prompt), which discounts choices that are likely anywhere. The unconditional request asks
+  for the server's default window, as upstream's client does: one entry (the choice's last token given its
+  other tokens), which then applies to every token -- so the decisions agree with upstream's.
 
 Ties go to the earliest choice. Input entries are `[logprob | None, token_id, token_text | None]`, as the native
 API returns them. Host code: no jax import.
@@ -116,11 +118,20 @@ class UnconditionalLikelihoodNormalized(ChoicesMethod):
             raise ValueError("unconditional_likelihood_normalized needs the choices' unconditional logprobs")
         scores = []
         for cond, uncond in zip(input_token_logprobs, unconditional_token_logprobs):
+            c = [e[0] if e[0] is not None else 0.0 for e in cond]
             u = [e[0] for e in uncond]
-            if u:
-                u[0] = u[0] or 0.0  # the first token has nothing before it: no unconditional logprob
-            diffs = [(c[0] if c[0] is not None else 0.0) - (x if x is not None else 0.0) for c, x in zip(cond, u)]
-            scores.append(sum(diffs) / len(diffs) if diffs else float("-inf"))
+            if not c or not u:
+                scores.append(float("-inf"))
+                continue
+            u[0] = u[0] or 0.0  # the first token has nothing before it: no unconditional logprob
+            u = [x if x is not None else 0.0 for x in u]
+            if len(u) == 1:  # one unconditional entry (a server's default window) applies to every token
+                u = u * len(c)
+            elif len(c) == 1:
+                c = c * len(u)
+            if len(u) != len(c):
+                raise ValueError(f"unconditional logprobs for {len(u)} tokens, conditional for {len(c)}")
+            scores.append(sum(a - b for a, b in zip(c, u)) / len(c))
         i = _argmax(scores)
         return ChoicesDecision(choices[i], {"normalized_prompt_logprobs": list(normalized_prompt_logprobs),
                                             "input_token_logprobs": input_token_logprobs,

@@ -143,7 +143,7 @@ class EngineBackend(Backend):
         outputs = [o["meta_info"].get("output_token_logprobs", []) for o in outs]
 
         def unconditional(token_lists):
-            res = self._logprobs([list(t) for t in token_lists], 0)
+            res = self._logprobs([list(t) for t in token_lists], -1)  # the server default, as upstream asks
             return [o["meta_info"]["input_token_logprobs"] for o in res]
 
         decision = decide(method, prompt.text, choices, windows, outputs, unconditional)

@@ -113,7 +113,7 @@ class RuntimeEndpoint(Backend):
 
         def unconditional(token_lists):
             res = self._post({"input_ids": [list(t) for t in token_lists], "sampling_params": {"max_new_tokens": 0},
-                              "return_logprob": True, "logprob_start_len": 0})
+                              "return_logprob": True})  # the server's default window, as upstream's client asks
             return [o["meta_info"]["input_token_logprobs"] for o in res]
 
         return decide(method, prompt.text, choices, windows, outputs, unconditional), None
