@@ -123,10 +123,7 @@ class Engine:
             with self._seed_lock:
                 seed = self._rng.getrandbits(32)
         data = self.output.start(prep, sink, stream, seed)
-        # logprob_start_len -1 (the default) gives the last prompt token's entry only, as upstream's server does
-        # (its frontend's unconditional-likelihood select reads that entry)
-        start = -1 if not prep.return_logprob else (
-            prep.logprob_start_len if prep.logprob_start_len >= 0 else len(prep.input_ids) - 1)
+        start = prep.logprob_start_len if prep.return_logprob and prep.logprob_start_len >= 0 else -1
         uses_penalties = sp.frequency_penalty != 0 or sp.presence_penalty != 0 or sp.repetition_penalty != 1
         return Request(rid=prep.rid or uuid.uuid4().hex, prompt_ids=list(prep.input_ids),
                        max_new_tokens=sp.max_new_tokens, logprob_start=start, uses_penalties=uses_penalties,

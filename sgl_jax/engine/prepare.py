@@ -116,6 +116,10 @@ class RequestPreparer:
                                       f"got {top_logprobs_num!r}", field="top_logprobs_num")
         if rid is not None and (not isinstance(rid, str) or not rid):
             raise InvalidRequestError(f"'rid' must be a non-empty string, got {rid!r}", field="rid")
+        if return_logprob and logprob_start_len == -1:
+            # the default window is the last prompt token's entry, as upstream's server gives it (its frontend's
+            # unconditional-likelihood select reads that entry)
+            logprob_start_len = len(ids) - 1
         con = constraint_of(sp)
         if con is not None and self.check_constraint is not None:
             self.check_constraint(sp)
