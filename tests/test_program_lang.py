@@ -187,6 +187,44 @@ def test_fork_branches_run_concurrently_and_join_gathers():
     assert sorted(c[0].text for c in be.calls) == ["Q: b0=", "Q: b1=", "Q: b2="]
 
 
+class Holding(Scripted):
+    """Prefill returns a hold handle; releases are recorded."""
+
+    def __init__(self):
+        super().__init__()
+        self.released = []
+
+    def prefill(self, prompt, hold=False):
+        self.prefills.append(prompt.text)
+        return (f"hold-{len(self.prefills)}" if hold else None), None
+
+    def release(self, handle):
+        self.released.append(handle)
+
+
+def test_a_fork_hold_is_released_once_whether_or_not_the_fork_is_joined():
+    be = Holding()
+
+    @sgl.function
+    def joined(s):
+        s += "P"
+        f = s.fork(3)
+        f += sgl.gen("x")
+        f.join()
+
+    @sgl.function
+    def never_joined(s):
+        s += "Q"
+        f = s.fork(2)
+        f[0] += sgl.gen("y")  # branch 1 never calls: its hold share is released when the program ends
+        f[0]["y"]
+
+    joined.run(backend=be)
+    assert be.released == ["hold-1"]
+    never_joined.run(backend=be)
+    assert be.released == ["hold-1", "hold-2"]
+
+
 def test_fork_forms_and_concate_and_append():
     be = Scripted(["A", "B"])
 

@@ -48,6 +48,7 @@ class Executor(SpecMixin):
         self.error: BaseException | None = None
         self.fork_start = 0
         self.on_first_call = None  # a fork's prefix hold: released once this branch has sent its first call
+        self.cleanups: list = []  # run when this state ends: its forks' branches end, their holds are released
         self.changed = threading.Condition()
         self.version = 0
         self.streaming: set[str] = set()
@@ -111,11 +112,16 @@ class Executor(SpecMixin):
 
     def end(self) -> None:
         """No more expressions: stop the worker once the queue drains, release any prefix hold."""
+        if self.finished:
+            return
         if self._worker is not None:
             self._queue.put(None)
         self.sync()
         self._release_hold()
         self.finished = True
+        cleanups, self.cleanups = self.cleanups, []
+        for fn in cleanups:
+            fn()
         self.notify()
 
     def notify(self) -> None:

@@ -23,7 +23,8 @@ from sgl_jax.program.executor import Executor
 
 
 class _Countdown:
-    """Calls `fn` once, after `done()` has been called `n` times (a fork's prefix hold)."""
+    """Calls `fn` once: after `done()` has been called `n` times, or at `fire()` (the parent program ended
+    while a branch had not called yet -- a fork that is never joined must not keep its prefix held)."""
 
     def __init__(self, n: int, fn):
         self.n, self.fn, self.lock = n, fn, threading.Lock()
@@ -31,9 +32,17 @@ class _Countdown:
     def done(self) -> None:
         with self.lock:
             self.n -= 1
-            fire = self.n == 0
-        if fire:
-            self.fn()
+            fn = self.fn if self.n == 0 else None
+            if fn is not None:
+                self.fn = None
+        if fn is not None:
+            fn()
+
+    def fire(self) -> None:
+        with self.lock:
+            fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 class ProgramState:
@@ -100,6 +109,8 @@ class ProgramState:
             except Exception as err:  # noqa: BLE001 -- the parent records it; branches inherit the failure
                 ex.fail(err)
         countdown = _Countdown(size, lambda: ex.backend.release(hold)) if hold is not None else None
+        if countdown is not None:
+            ex.cleanups.append(countdown.fire)
         states = []
         for _ in range(size):
             c = Executor(ex.backend, ex.defaults, ex.template, stream=ex.stream, spec_tokens=ex.spec_tokens,
@@ -113,6 +124,7 @@ class ProgramState:
             st = ProgramState(c)
             st._role = self._role
             states.append(st)
+            ex.cleanups.append(c.end)  # a branch never joined ends with its parent (its worker thread exits)
         return StateGroup(states, self)
 
     def copy(self) -> "ProgramState":
@@ -240,6 +252,11 @@ class StateGroup:
 
     def __getitem__(self, i: int) -> ProgramState:
         return self.states[i]
+
+    def __setitem__(self, i: int, value) -> None:
+        """`forks[i] += ...` appends in place and assigns the same state back; anything else is a mistake."""
+        if value is not self.states[i]:
+            raise ir.ProgramError(f"fork: branch {i} cannot be replaced (append to it with forks[{i}] += ...)")
 
     def __iadd__(self, other):
         if callable(other) and not isinstance(other, ir.Expr):
