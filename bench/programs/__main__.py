@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+import bench.programs as package
 from bench.programs import WORKLOADS, common, parse_workloads, runner
 
 
@@ -25,7 +26,8 @@ def parse_set(items: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m bench.programs", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m bench.programs", description=package.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="all", help=f"all, or a comma list of: {', '.join(WORKLOADS)}")
     ap.add_argument("--backend", default="engine", choices=["engine", "http", "upstream"])
     ap.add_argument("--data", default=common.DEFAULT_DATA, help="the workload data folder (shared/workloads)")
