@@ -11,6 +11,7 @@ the quality of the tiny model's answers.
 from __future__ import annotations
 
 import collections
+import io
 import itertools
 import json
 import math
@@ -363,13 +364,14 @@ def tiny_path(tmp_path_factory):
 def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path):
     from sgl_jax.engine import Engine
 
-    out = tmp_path / "out.json"
+    out, table = tmp_path / "out.json", io.StringIO()
     with Engine(model=tiny_path, progress=False, **TINY_ENGINE) as engine:
         runner.run("engine", list(WORKLOADS), DATA, n=2, latency_programs=1, engine=engine, json_path=str(out),
-                   out=open(os.devnull, "w"))
+                   out=table)
         assert engine.num_prefix_holds == 0
         engine.check_integrity()
     res = json.loads(out.read_text())
+    assert all(f"\n{w} " in table.getvalue() for w in WORKLOADS) and "optimal" in table.getvalue()
     assert res["peer"].startswith("peer") and len(res["runs"]) == 1
     rows = res["runs"][0]["rows"]
     assert [r["workload"] for r in rows] == list(WORKLOADS)
