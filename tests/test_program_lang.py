@@ -273,6 +273,33 @@ def test_backend_error_is_recorded_and_reading_the_var_names_it():
         st["x"]
 
 
+def test_reading_a_variable_submitted_after_a_failure_raises_instead_of_hanging():
+    # the failure happened before these gens were submitted (after a sync, and in fork branches, which
+    # inherit it): their variables are never set and a reader must get the error, not wait forever
+    be = Scripted(fail_on="bad")
+
+    @sgl.function
+    def prog(s, q, read=True):
+        s += q + sgl.gen("x")
+        s.sync()
+        s += sgl.gen("y")
+        forks = s.fork(2)
+        forks += sgl.gen("z")
+        if read:
+            s["zs"] = [f["z"] for f in forks]
+
+    with pytest.raises(sgl.ProgramError, match="variable 'z' was not set: the program failed: backend refused"):
+        prog.run(q="bad", backend=be)
+    st = prog.run(q="bad", read=False, backend=be)
+    with pytest.raises(sgl.ProgramError, match="variable 'y' was not set: the program failed"):
+        st["y"]
+    # run_batch traces every program first (its backend answers no call): reading a branch's variable
+    # after the first gen used to hang the trace, and so the whole batch
+    states = prog.run_batch([{"q": "one"}, {"q": "two"}], backend=Scripted(), num_threads=2)
+    assert [s.error() for s in states] == [None, None]
+    assert all(len(s["zs"]) == 2 and all(z.startswith("out") for z in s["zs"]) for s in states)
+
+
 def test_run_batch_isolates_a_failing_program_and_precaches_the_shared_prefix():
     be = Scripted()
 

@@ -94,6 +94,11 @@ class Executor(SpecMixin):
 
     def _run_one(self, e: ir.Expr) -> None:
         if self.error is not None:
+            # skipped: its variable will never be set, so wake its readers (they raise, naming the failure);
+            # `fail` only sets the events that existed when the failure happened
+            ev = self.events.get(getattr(e, "name", None))
+            if ev is not None:
+                ev.set()
             return
         try:
             self._execute(e)

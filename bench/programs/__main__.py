@@ -1,0 +1,57 @@
+"""`python -m bench.programs`: see bench/programs/__init__.py and runner.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import bench.programs as package
+from bench.programs import WORKLOADS, common, parse_workloads, runner
+
+
+def parse_set(items: list[str]) -> dict:
+    """`key=value` engine/server overrides, typed as the config field is (sgl_jax.config)."""
+    from sgl_jax.config import leaf_fields, parse_value, resolve_key
+
+    out = {}
+    for item in items:
+        key, eq, text = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--set expects key=value, got {item!r}")
+        section, path = resolve_key(key.strip())
+        tp = leaf_fields()[path[-1]][2] if section == "engine" else str
+        out[path[-1]] = parse_value(text, tp)
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.programs", description=package.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="all", help=f"all, or a comma list of: {', '.join(WORKLOADS)}")
+    ap.add_argument("--backend", default="engine", choices=["engine", "http", "upstream"])
+    ap.add_argument("--data", default=common.DEFAULT_DATA, help="the workload data folder (shared/workloads)")
+    ap.add_argument("--full", action="store_true", help="the paper's sizes (default: the CPU sizes)")
+    ap.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    ap.add_argument("--n", type=int, default=None, help="programs per workload (default: the scale's)")
+    ap.add_argument("--latency-programs", type=int, default=3, help="programs run one at a time for latency")
+    ap.add_argument("--threads", type=int, default=None, help="run_batch num_threads (default: auto, or the "
+                    "workload's own, e.g. 1 for generative agents)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config", default=runner.DEFAULT_CONFIG, help="engine/server preset")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="engine config override, e.g. --set max_running_requests=32 (repeatable)")
+    ap.add_argument("--url", default=None, help="an already running server for http/upstream")
+    ap.add_argument("--ablations", action="store_true",
+                    help="also radix cache off, dfs-weight, fcfs, and jump-forward off (JSON)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.data):
+        raise SystemExit(f"--data {args.data}: no such folder")
+    runner.run(args.backend, parse_workloads(args.workloads), args.data, full=args.full, n=args.n,
+               latency_programs=args.latency_programs, seed=args.seed, threads=args.threads, config=args.config,
+               overrides=parse_set(args.overrides), url=args.url, ablations=args.ablations,
+               json_path=args.json_path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Run the workloads on one backend and measure them: throughput, latency, cache hit rates, quality.
+
+A workload's run:
+ 1. `load` its arguments, `build` its program against the target's frontend (ours, or upstream's `sglang`).
+ 2. Flush the runtime's cache, read its counters, start recording requests (recording.py), and run the whole
+    batch with `run_batch(temperature=0)`: programs/s = programs / wall time.
+ 3. Stop recording; the achieved hit rate is the counters' delta (cached prompt tokens / prompt tokens, as the
+    engine or the server's /server_info reports them), the optimal one is computed from the recorded ids.
+ 4. Score the states (accuracy where the workload has gold, JSON validity), count failed programs.
+ 5. Flush again and run the first few programs one at a time: mean single-program latency.
+
+Targets: `engine` (an in-process Engine on the preset, through `EngineBackend`), `http` (our RuntimeEndpoint to
+our server, started here on the preset or given with --url) and `upstream` (upstream's frontend, sglang 0.5.10,
+to the same server). `--ablations` repeats the run with a fresh engine or server per setting: radix cache off,
+schedule policy dfs-weight and fcfs, and jump-forward off (JSON workloads only). Host code: no jax import here
+(the engine imports it when built).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.programs import common, module
+from bench.programs.recording import (Recorder, optimal_hits, record_engine, record_runtime_endpoint,
+                                      record_upstream)
+
+DEFAULT_CONFIG = os.path.join(common.ROOT, "configs", "smollm2-135m.yaml")
+# --full prompts (ReAct with 6 examples, long chat answers) pass the CPU preset's 2048-token context
+FULL_OVERRIDES = {"max_context_len": 8192, "page_width_buckets": [32, 128, 512]}
+# (label, engine config changes, the workloads it applies to: None = all)
+ABLATIONS = [("baseline", {}, None),
+             ("radix off", {"disable_radix_cache": True}, None),
+             ("dfs-weight", {"schedule_policy": "dfs-weight"}, None),
+             ("fcfs", {"schedule_policy": "fcfs"}, None),
+             ("jump-fwd off", {"disable_jump_forward": True}, ("json",))]
+FIELDS = ("workload", "programs", "threads", "requests", "batch_s", "programs_per_s", "latency_s",
+          "latency_programs", "prompt_tokens", "cached_tokens", "hit_rate", "optimal_prompt_tokens",
+          "optimal_hit_rate", "accuracy", "json_valid", "errors", "first_error")
+
+
+# ------------------------------------------------------------------------------------------- targets
+class EngineTarget:
+    """The in-process engine: built from `config` + `overrides`, or an `engine` handed in (not shut down)."""
+
+    kind = "engine"
+
+    def __init__(self, config: str | None, overrides: dict, engine=None):
+        import sgl_jax.program as sgl
+
+        self.lang, self.owns = sgl, engine is None
+        if engine is None:
+            from sgl_jax.config import load_config
+            from sgl_jax.engine import Engine
+
+            engine = Engine(load_config(config, overrides or None).engine)
+        engine.wait_compiled()
+        self.engine, self.backend = engine, sgl.EngineBackend(engine)
+        self.rec = Recorder()
+        self._undo = record_engine(engine, self.rec)
+
+    def counters(self) -> tuple[int, int]:
+        st = self.engine.stats()
+        return st["prompt_tokens"], st["cached_tokens"]
+
+    def flush(self) -> None:
+        _retry(self.engine.flush_cache, "engine.flush_cache")
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [self.engine.tokenizer.encode(t) for t in texts]
+
+    def close(self) -> None:
+        self._undo()
+        if self.owns:
+            self.engine.shutdown()
+
+
+class HttpTarget:
+    """Our server (started here from `config` + `overrides`, or at `url`), through our frontend's
+    RuntimeEndpoint or (upstream=True) upstream's."""
+
+    def __init__(self, config: str | None, overrides: dict, url: str | None = None, upstream: bool = False):
+        import requests
+
+        self.http, self.upstream, self.server = requests.Session(), upstream, None
+        self.kind = "upstream" if upstream else "http"
+        if url is None:
+            self.server = LocalServer(config, overrides)
+            url = self.server.url
+        self.url = url.rstrip("/")
+        try:
+            _wait_ready(self.http, self.url, self.server)
+        except BaseException:
+            if self.server is not None:
+                self.server.stop()
+            raise
+        if upstream:
+            import sglang as lang
+        else:
+            import sgl_jax.program as lang
+        self.lang, self.backend = lang, lang.RuntimeEndpoint(self.url)
+        self.rec = Recorder()
+        self._undo = record_upstream(self.rec) if upstream else record_runtime_endpoint(self.backend, self.rec)
+
+    def counters(self) -> tuple[int, int]:
+        info = self.http.get(self.url + "/server_info", timeout=60).json()
+        return info["prompt_tokens"], info["cached_tokens"]
+
+    def flush(self) -> None:
+        _retry(lambda: self.http.post(self.url + "/flush_cache", timeout=60).status_code == 200, "/flush_cache")
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for i in range(0, len(texts), 64):  # the server's own tokenization of what it was sent
+            r = self.http.post(self.url + "/tokenize", json={"text": texts[i:i + 64]}, timeout=600)
+            r.raise_for_status()
+            out.extend(r.json()["tokens"])
+        return out
+
+    def close(self) -> None:
+        self._undo()
+        if self.server is not None:
+            self.server.stop()
+
+
+def _retry(fn, what: str, tries: int = 50) -> None:
+    for _ in range(tries):
+        if fn():
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{what} kept refusing (requests still running?)")
+
+
+def server_args(overrides: dict) -> list[str]:
+    out = []
+    for k, v in overrides.items():
+        text = ("true" if v else "false") if isinstance(v, bool) else (
+            ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+        out += ["--set", f"{k}={text}"]
+    return out
+
+
+class LocalServer:
+    """`python -m sgl_jax.serve` on a free loopback port, its output in a temporary log file."""
+
+    def __init__(self, config: str | None, overrides: dict):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_programs_server_", suffix=".log", delete=False)
+        cmd = [sys.executable, "-m", "sgl_jax.serve", "--port", str(port)] + (["--config", config] if config else [])
+        self.proc = subprocess.Popen(cmd + server_args(overrides), cwd=common.ROOT, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def tail(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name)
+
+
+def _wait_ready(http, url: str, server: LocalServer | None, timeout: float = 1800) -> None:
+    """/health answers 200 and the background compilation is done (timings then measure serving only)."""
+    import requests
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if server is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"the server exited during start-up:\n{server.tail()}")
+        try:
+            if http.get(url + "/health", timeout=5).status_code == 200 and \
+                    http.get(url + "/server_info", timeout=30).json().get("background_compile_done", True):
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} was not ready after {timeout:.0f} s")
+
+
+def make_target(kind: str, config: str | None, overrides: dict, url: str | None = None, engine=None):
+    if kind == "engine":
+        return EngineTarget(config, overrides, engine)
+    if kind in ("http", "upstream"):
+        return HttpTarget(config, overrides, url, upstream=kind == "upstream")
+    raise ValueError(f"backend must be engine, http or upstream, got {kind!r}")
+
+
+# ------------------------------------------------------------------------------------------- one workload
+def _quality(mod, states, items) -> dict:
+    errors = [st.error() for st in states]
+    failed = [e for e in errors if e is not None]
+    out = {"accuracy": None, "json_valid": None, "errors": len(failed),
+           "first_error": f"{type(failed[0]).__name__}: {failed[0]}"[:300] if failed else None}
+    metric = getattr(mod, "METRIC", None)
+    if metric:
+        vals = []
+        for st, args, err in zip(states, items, errors):
+            try:
+                vals.append(0.0 if err is not None else float(mod.score(st, args)))
+            except Exception:  # noqa: BLE001 -- an unreadable state scores 0 (its error is counted above)
+                vals.append(0.0)
+        out[metric] = sum(vals) / len(vals) if vals else None
+    return out
+
+
+def _latency(target, prog, batch: list[dict]) -> dict:
+    """Programs one at a time from a flushed cache: the mean wall time of one program."""
+    if not batch:
+        return {"latency_s": None, "latency_programs": 0}
+    target.flush()
+    times = []
+    for args in batch:
+        t0 = time.perf_counter()
+        prog.run(backend=target.backend, temperature=0, **args).sync()  # upstream's run() returns before the end
+        times.append(time.perf_counter() - t0)
+    return {"latency_s": statistics.mean(times), "latency_programs": len(times)}
+
+
+def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int | None = None,
+                 latency_programs: int = 3, seed: int = 0, threads: int | None = None) -> dict:
+    """One workload on one target: the row of FIELDS (see the module docstring for the steps)."""
+    mod, load_kw = module(name)
+    sz = mod.SIZES["full" if full else "cpu"]
+    items = mod.load(data_dir, sz["n"] if n is None else n, seed, full, **load_kw)
+    prog = mod.build(target.lang, full)
+    batch = [common.program_args(a) for a in items]
+    nthreads = threads or sz.get("threads") or "auto"
+    rec = target.rec
+    target.flush()
+    p0, c0 = target.counters()
+    rec.start()
+    try:
+        t0 = time.perf_counter()
+        states = prog.run_batch(batch, backend=target.backend, temperature=0, num_threads=nthreads)
+        for st in states:
+            st.sync()
+        wall = time.perf_counter() - t0
+    finally:
+        rec.stop()
+    p1, c1 = target.counters()
+    hits, total = optimal_hits(rec.resolve(target.tokenize))
+    row = {"workload": name, "programs": len(items), "threads": nthreads, "requests": len(rec.prompts),
+           "batch_s": wall, "programs_per_s": len(items) / wall if wall > 0 else None,
+           "prompt_tokens": p1 - p0, "cached_tokens": c1 - c0,
+           "hit_rate": (c1 - c0) / (p1 - p0) if p1 > p0 else 0.0,
+           "optimal_prompt_tokens": total, "optimal_hit_rate": hits / total if total else 0.0}
+    row.update(_quality(mod, states, items))
+    row.update(_latency(target, prog, batch[:latency_programs]))
+    return {k: row.get(k) for k in FIELDS}
+
+
+# ------------------------------------------------------------------------------------------- suites
+def peer_line() -> str:
+    path = shutil.which("llama-server")
+    if path is None:
+        return "peer skipped: llama-server not on PATH"
+    return f"peer not run: llama-server found at {path}, but this runner has no llama.cpp driver"
+
+
+def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEFAULT_DATA, *, full: bool = False,
+        n: int | None = None, latency_programs: int = 3, seed: int = 0, threads: int | None = None,
+        config: str | None = DEFAULT_CONFIG, overrides: dict | None = None, url: str | None = None,
+        ablations: bool = False, engine=None, json_path: str | None = None, out=sys.stdout) -> dict:
+    """Every workload on the backend, once per setting (just the baseline without `ablations`); prints the
+    tables, writes `json_path`, returns the result. `engine` (an Engine) serves the baseline in place of one
+    built from `config`; with `url`, the server there serves it (no ablations then)."""
+    if ablations and (url or engine is not None):
+        raise ValueError("--ablations restarts the engine or server per setting: not with --url or a given engine")
+    base = {**(FULL_OVERRIDES if full else {}), **(overrides or {})}
+    runs = []
+    for label, change, only in (ABLATIONS if ablations else ABLATIONS[:1]):
+        names = [w for w in workloads if only is None or w in only]
+        if not names:
+            continue
+        print(f"[{label}] starting the {backend} backend ...", file=sys.stderr, flush=True)
+        target = make_target(backend, config, {**base, **change}, url, engine)
+        rows = []
+        try:
+            for w in names:
+                print(f"[{label}] {w} ...", file=sys.stderr, flush=True)
+                rows.append(run_workload(target, w, data_dir, full=full, n=n, latency_programs=latency_programs,
+                                         seed=seed, threads=threads))
+        finally:
+            target.close()
+        runs.append({"label": label, "settings": change, "rows": rows})
+    result = {"backend": backend, "scale": "full" if full else "cpu", "config": config, "overrides": base,
+              "url": url, "seed": seed, "data": os.path.abspath(data_dir), "runs": runs, "peer": peer_line(),
+              "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    print(format_tables(result), file=out)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _pct(x) -> str:
+    return "   -" if x is None else f"{100 * x:3.0f}%"
+
+
+def _num(x, fmt: str) -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def format_tables(result: dict) -> str:
+    lines = []
+    for run_ in result["runs"]:
+        lines.append(f"\n{result['backend']} backend, {result['scale']} sizes, setting: {run_['label']} "
+                     f"{run_['settings'] or ''}")
+        lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
+                     f"{'optimal':>7s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s}")
+        for r in run_["rows"]:
+            lines.append(f"{r['workload']:12s} {r['programs']:5d} {r['requests']:5d} "
+                         f"{_num(r['programs_per_s'], '8.3f')} {_num(r['latency_s'], '9.2f')} "
+                         f"{_pct(r['hit_rate']):>5s} {_pct(r['optimal_hit_rate']):>7s} "
+                         f"{_pct(r['accuracy']):>8s} {_pct(r['json_valid']):>7s} {r['errors']:6d}")
+            if r["first_error"]:
+                lines.append(f"{'':12s} first error: {r['first_error']}")
+    if len(result["runs"]) > 1:
+        lines.append(format_ablations(result["runs"]))
+    lines.append(result["peer"])
+    lines.append("hit = cached / prompt tokens from the runtime's counters (whole pages); optimal = an infinite "
+                 "cache in arrival order, token granularity")
+    return "\n".join(lines)
+
+
+def format_ablations(runs: list[dict]) -> str:
+    labels = [r["label"] for r in runs]
+    by = {(r["label"], row["workload"]): row for r in runs for row in r["rows"]}
+    names = list(dict.fromkeys(row["workload"] for r in runs for row in r["rows"]))
+    lines = ["\nablations, side by side: programs/s | achieved hit rate", f"{'workload':12s} " +
+             " ".join(f"{x:>16s}" for x in labels)]
+    for w in names:
+        cells = []
+        for lab in labels:
+            r = by.get((lab, w))
+            cells.append(f"{'':>16s}" if r is None else
+                         f"{_num(r['programs_per_s'], '7.3f')} | {_pct(r['hit_rate'])}".rjust(16))
+        lines.append(f"{w:12s} " + " ".join(cells))
+    return "\n".join(lines)
