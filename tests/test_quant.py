@@ -74,6 +74,25 @@ def test_quantize_refuses_bad_input_by_name():
         load_weights("unused", quantization="int4")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("out_axis", [0, 1])
+def test_int8_matmul_in_pieces_equals_the_dequantized_product(out_axis):
+    """llama.int8_matmul on a matrix larger than one CPU piece (40,000 output channels of 64: two pieces of
+    output channels, each converted after the previous product) equals x @ (q * scale) to float32 rounding."""
+    from sgl_jax.models.llama import _CPU_CHUNK, int8_matmul
+
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((40000, 64) if out_axis == 0 else (64, 40000)).astype(np.float32)
+    assert w.size > _CPU_CHUNK
+    q, scale = quant.quantize_int8(w, axis=1 - out_axis)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    got = np.asarray(jax.jit(lambda x, q, s: int8_matmul(x, q, s, out_axis))(x, q, scale))
+    deq = quant.dequantize_int8(q, scale, 1 - out_axis)
+    want = x @ (deq.T if out_axis == 0 else deq)
+    assert got.shape == (3, 40000)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------- tiny models
 @pytest.fixture(scope="module", params=["llama", "llama3-tied-mqa", "qwen2"])
 def tiny_pair(request, tmp_path_factory):

@@ -68,6 +68,48 @@ def _int8(module: nn.Module, weight: str):
     return None
 
 
+# XLA:CPU does not fuse an int8 -> float convert into the dot: the convert writes the float matrix, then the
+# dot reads it. Two things keep that copy in cache (SmolLM2, batch-1 decode: 384 ms a step without them, vs
+# 40 ms with float32 weights; bench/notes.md, "int8 weight-only quantization"):
+#  * the convert depends on the matmul's input (`_after`): otherwise XLA:CPU's scheduler starts every convert
+#    (they read parameters only) before the first matmul, and all the float copies exist at once;
+#  * matrices over _CPU_CHUNK weights are converted and multiplied in pieces of output channels, each piece
+#    after the previous one's product (the tied 49,152 x 576 head: 5.5 ms in pieces of 4,096 rows, 69 ms in
+#    one, 8.6 ms for the float32 head, measured alone).
+# On TPU/GPU XLA is expected to fuse the convert into the dot (not verified here): one piece, no dependency.
+_CPU_CHUNK = 4096 * 576
+
+
+def _after(w, x):
+    """`w` unchanged, but computed from `x` too, so that XLA cannot schedule what reads it before `x` exists.
+
+    isnan(v) & isfinite(v) is false for every v (NaN is not finite), and XLA does not fold it away (an
+    optimization_barrier does not help: XLA:CPU removes barriers before it schedules)."""
+    if x.size == 0:
+        return w
+    v = x.reshape(-1)[0]
+    return w | (jnp.isnan(v) & jnp.isfinite(v)).astype(w.dtype)
+
+
+def int8_matmul(x, w, scale, out_axis: int):
+    """(x @ w.astype(x.dtype)) * scale in float32: x [T, in], w int8 [in, out] (out_axis 1) or [out, in]
+    (out_axis 0, the tied embedding), scale f32 [out]. The scale multiplies after the dot, once per output
+    channel. On CPU each piece's convert waits for the previous piece's product (see _CPU_CHUNK)."""
+    spec = "TI,IO->TO" if out_axis == 1 else "TI,OI->TO"
+    cpu = jax.default_backend() == "cpu"
+    n_out = w.shape[out_axis]
+    step = n_out
+    if cpu and w.size > _CPU_CHUNK:
+        step = max(128, _CPU_CHUNK // w.shape[1 - out_axis] // 128 * 128)
+    outs, prev = [], x
+    for a in range(0, n_out, step):
+        part = jax.lax.slice_in_dim(w, a, min(a + step, n_out), axis=out_axis)
+        part = _after(part, prev) if cpu else part
+        prev = jnp.einsum(spec, x, part.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, <=step]
+        outs.append(prev)
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)) * scale  # [T, out]
+
+
 class Linear(nn.Module):
     """y = x @ kernel [+ bias], kernel [in, out]; the same names and numerics as flax's nn.Dense.
 
@@ -83,8 +125,7 @@ class Linear(nn.Module):
     def __call__(self, x):
         q = _int8(self, "kernel")
         if q is not None:
-            w, scale = q  # [in, out] int8, [out] f32
-            y = (jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32) * scale).astype(self.dtype)
+            y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]
         else:
             w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
             y = jnp.dot(x, w)  # [T, out]
@@ -193,9 +234,9 @@ class Embedding(nn.Module):
         return (x.astype(jnp.float32) * self.scale[ids][:, None]).astype(self.dtype)
 
     def attend(self, h):
-        w = self.table.astype(h.dtype)  # [V, E]
-        logits = jnp.einsum("LE,VE->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
-        return logits if self.scale is None else logits * self.scale
+        if self.scale is not None:
+            return int8_matmul(h, self.table, self.scale, out_axis=0)  # [L, V]
+        return jnp.einsum("LE,VE->LV", h, self.table, preferred_element_type=jnp.float32)  # [L, V]
 
 
 class LMHead(nn.Module):
@@ -210,8 +251,7 @@ class LMHead(nn.Module):
         if q is None:
             w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
             return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
-        w, scale = q  # [E, V] int8, [V] f32
-        return jnp.einsum("LE,EV->LV", h, w.astype(h.dtype), preferred_element_type=jnp.float32) * scale
+        return int8_matmul(h, *q, out_axis=1)  # [L, V]; kernel [E, V] int8, scale [V] f32
 
 
 class CausalLM(nn.Module):

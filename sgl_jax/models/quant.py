@@ -28,12 +28,15 @@ Which matrices (`int8_axis`):
 
 GGUF quantized formats (Q4_0, Q4_1, Q8_0, K-quants, ...) are not kept in their block format: they are
 dequantized at load (`gguf_quants`), and in int8 mode requantized per channel here. Running them quantized
-would need the block decode (nibble unpack, per-32-value scale and min) inside the step, and XLA has no
-fused quantized matmul for it: on XLA:CPU even the simplest case, an int8 matrix converted in the graph, is
-a separate convert fusion that writes the whole float matrix every call before a float dot. Measured on
-this project's 2-core AMD EPYC (jax 0.10.2, jitted, best of 300): [1,576] x [576,1536] f32 67-75 us, the
-same with an int8 matrix converted in the graph 113-141 us. So on CPU int8 buys memory, not speed (see
-bench/notes.md, "int8 weight-only quantization"); the speed is for accelerators, where the convert fuses.
+would need their block decode (nibble unpack, a scale and a min per 32 values) inside the step, and XLA has
+no fast quantized-matmul path for it: on XLA:CPU even the simplest case, an int8 matrix converted in the
+graph, is a separate convert that writes the whole float matrix before a float dot. Measured on this
+project's 2-core AMD EPYC (jax 0.10.2, jitted, best of 300), one [1,576] x [576,1536] matmul: float32
+67-101 us, the same with int8 weights converted in the graph 113-202 us. The int8 model is still faster than
+the float32 one on this CPU (batch-1 decode 0.83x the time, bench/notes.md "int8 weight-only quantization"),
+but only because llama.int8_matmul keeps each converted copy in cache; a Q4_1 block decode was not tried.
+On TPU/GPU XLA is expected to fuse the convert into the dot (not verified: no accelerator was available when
+this was written; bench/device_check.sh prints the compiled int8 matmul).
 
 numpy only (no jax): the loader quantizes one tensor at a time on the host before handing it to jax.
 """
