@@ -144,7 +144,8 @@ if [ "$MODE" = smoke ]; then
   stage bandwidth bandwidth.log 60 "$PY" bench/floors.py --device-only --sizes-mib 64,256 \
     --json "$JSON/bandwidth.json"
   stage pallas pallas.log 120 "${PYTEST[@]}" tests/test_pallas_attention.py -k "pallas_gpu and kv2g3 and decode"
-  stage model model.log 120 "${PYTEST[@]}" tests/test_model.py tests/test_quant.py -k "(alone and llama and not tied) or round_trip"
+  stage model model.log 120 "${PYTEST[@]}" tests/test_model.py tests/test_quant.py \
+    -k "(alone and llama and not tied) or round_trip"
   DEC=(--random-weights smollm2-135m --layers 2 --dtype float32 --attention jnp --only decode --batches 1,2
        --ctxs 64 --decode-n 2 --quick)
   STRUCT_LAYERS=(--layers 2)
