@@ -2,6 +2,7 @@
 
     python bench/bench_model.py [--dtype float32|bfloat16|both] [--quick] [--json OUT] [--wait-quiet S]
                                 [--peer-python PY | --no-peer] [--attention jnp|none|...]
+                                [--quant none|int8|both] [--random-weights PRESET [--layers N]]
 
 Default: float32 with the peer, ~4.5 min on the 2-core machine (--dtype both ~7 min, --quick ~1 min).
 The machine is shared: each section logs how busy it was beforehand, the table gives the fastest call
@@ -24,7 +25,15 @@ same prompt length, batch sizes and contexts, run in this process when torch is 
 in a subprocess of --peer-python (default /work/refvenv/bin/python when it exists).
 
 `--attention none` swaps the attention for an identity (q passes through; the KV write stays) to show
-how much of a step the attention takes (experiment (b) in bench/notes.md).
+how much of a step the attention takes (experiment (b) in bench/notes.md); `--attention auto|pallas_gpu|
+pallas_tpu` uses the model's own backend choice (the Pallas kernels on an accelerator).
+
+`--quant int8` (or both) times the int8 weight-only model (sgl_jax/models/quant.py) beside the float one: the
+memory floor counts its own weight bytes (int8 + scales), and a single [1,576] x [576,1536] matmul is timed
+f32 vs int8-converted-in-the-graph (bench/floors.py int8_matmul_times). `--random-weights llama-3-8b` replaces SmolLM2 by random weights (made on
+the device, nothing downloaded) with the shapes of a sgl_jax.models.config.PRESETS entry (`--layers N` keeps
+its first N layers, for a smoke run); no peer then. On a GPU/TPU the memory floor uses the device's copy
+bandwidth (bench/floors.py device_copy_bandwidth) instead of the host's.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PEER_PYTHON = "/work/refvenv/bin/python"
 PAGE_SIZE = 16
 PREFILL_LEN = 512
+MODEL_BACKENDS = ("jnp", "auto", "pallas_gpu", "pallas_tpu")  # the model's own attention backends
 
 
 def _log(*a):
@@ -70,7 +80,7 @@ def _attention_override(name: str):
     from sgl_jax.models.attention import AttentionFn
 
     orig = llama.get_attention_backend
-    if name in ("jnp", "auto"):
+    if name in MODEL_BACKENDS:
         return lambda: None
     if name == "none":
         def fn(q, k_pages, v_pages, page_table, kv_lens, q_positions, **kw):
@@ -101,28 +111,69 @@ def _attention_override(name: str):
     return undo
 
 
-class ModelBench:
-    """Weights, one KV pool and a jitted, KV-donating forward for one dtype."""
+def random_params(cfg, dtype: str, quantization: str = "none", seed: int = 0) -> dict:
+    """Random weights with `cfg`'s parameter shapes, made on the default device leaf by leaf (N(0, 0.02);
+    int8 leaves uniform in [-127, 127] with a 0.02 / 127 scale). For timing only: the numbers mean nothing."""
+    import jax
+    import jax.numpy as jnp
 
-    def __init__(self, dtype: str, num_pages: int, attention: str = "jnp"):
+    from sgl_jax.models import quant
+    from sgl_jax.models.llama import param_shapes
+
+    flat, tree = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, getattr(jnp, dtype)))
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(flat))
+    params: dict = {}
+    for (kp, leaf), key in zip(flat, keys):
+        path = tuple(k.key for k in kp)
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        axis = quant.int8_axis(path, cfg.tie_word_embeddings) if quantization == "int8" else None
+        if axis is None:
+            node[path[-1]] = (0.02 * jax.random.normal(key, leaf.shape, jnp.float32)).astype(leaf.dtype)
+            continue
+        node[path[-1]] = jax.random.randint(key, leaf.shape, -127, 128, jnp.int8)
+        node["scale"] = jnp.full((leaf.shape[1 - axis],), 0.02 / 127, jnp.float32)
+    jax.block_until_ready(params)
+    return params
+
+
+class ModelBench:
+    """Weights, one KV pool and a jitted, KV-donating forward for one dtype and quantization."""
+
+    def __init__(self, dtype: str, num_pages: int, attention: str = "jnp", quantization: str = "none",
+                 random_preset: str | None = None, layers: int | None = None):
+        import dataclasses
+
         import jax
         import jax.numpy as jnp
 
         from sgl_jax.models.attention import AttnMetadata
-        from sgl_jax.models.hub import resolve_model
+        from sgl_jax.models.config import PRESETS
         from sgl_jax.models.llama import CausalLM, init_kv_cache
         from sgl_jax.models.loader import load_weights
 
         self.jax, self.jnp = jax, jnp
         self.dtype = dtype
-        self.path = resolve_model("smollm2-135m")
         t0 = time.perf_counter()
-        self.cfg, self.params = load_weights(self.path, dtype, progress=False)
+        if random_preset:
+            if random_preset not in PRESETS:
+                raise SystemExit(f"--random-weights {random_preset!r}: expected one of {sorted(PRESETS)}")
+            self.path = f"random:{random_preset}"
+            self.cfg = PRESETS[random_preset]
+            if layers:
+                self.cfg = dataclasses.replace(self.cfg, num_layers=layers)
+            self.params = random_params(self.cfg, dtype, quantization)
+        else:
+            from sgl_jax.models.hub import resolve_model
+
+            self.path = resolve_model("smollm2-135m")
+            self.cfg, self.params = load_weights(self.path, dtype, progress=False, quantization=quantization)
         self.load_s = time.perf_counter() - t0
         self.weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
         self.itemsize = jnp.dtype(dtype).itemsize
         self.undo = _attention_override(attention)
-        model = CausalLM(self.cfg, getattr(jnp, dtype))
+        model = CausalLM(self.cfg, getattr(jnp, dtype), attention if attention in MODEL_BACKENDS else "jnp")
 
         def forward(params, ids, kv, logits_idx, meta_arrays, block_q):
             meta = AttnMetadata(*meta_arrays, block_q=block_q)
@@ -182,15 +233,18 @@ class ModelBench:
         return r
 
 
-def bench_sgl_jax(dtype: str, plan: dict, attention: str = "jnp") -> dict:
+def bench_sgl_jax(dtype: str, plan: dict, attention: str = "jnp", quantization: str = "none",
+                  random_preset: str | None = None, layers: int | None = None) -> dict:
     num_pages = 1 + max(max(plan["batches"], default=0) * math.ceil(max(plan["ctxs"], default=0) / PAGE_SIZE),
                         math.ceil(PREFILL_LEN / PAGE_SIZE))
-    mb = ModelBench(dtype, num_pages, attention)
-    out = {"dtype": dtype, "attention": attention, "weight_bytes": mb.weight_bytes, "load_s": mb.load_s,
+    mb = ModelBench(dtype, num_pages, attention, quantization, random_preset, layers)
+    out = {"dtype": dtype, "quantization": quantization, "model": mb.path, "attention": attention,
+           "weight_bytes": mb.weight_bytes, "load_s": mb.load_s,
            "kv_bytes_per_token": mb.cfg.kv_bytes_per_token(mb.itemsize), "flops_per_token": mb.cfg.flops_per_token(),
            "num_pages": num_pages, "page_size": PAGE_SIZE, "prefill": {}, "decode": {}}
-    _log(f"[sgl_jax {dtype}] weights {mb.weight_bytes / 1e6:.0f} MB loaded in {mb.load_s:.1f} s; "
-         f"KV pool {num_pages} pages x {PAGE_SIZE} ({2 * mb.cfg.num_layers * mb.kv[0][0].nbytes / 1e9:.2f} GB)")
+    _log(f"[sgl_jax {dtype} quantization={quantization} {mb.path}] weights {mb.weight_bytes / 1e6:.0f} MB "
+         f"loaded in {mb.load_s:.1f} s; KV pool {num_pages} pages x {PAGE_SIZE} "
+         f"({2 * mb.cfg.num_layers * mb.kv[0][0].nbytes / 1e9:.2f} GB)")
     for bq in plan["block_qs"]:
         r = mb.prefill(bq, plan["prefill_n"])
         out["prefill"][str(bq)] = r
@@ -273,9 +327,9 @@ def bench_peer(plan: dict, gguf_path: str) -> dict:
 def run_peer(plan: dict, args) -> dict | None:
     from sgl_jax.models.hub import resolve_model
 
-    gguf = resolve_model("smollm2-135m")
     if args.no_peer:
         return None
+    gguf = resolve_model("smollm2-135m")
     if _have_torch() and not args.peer_python:
         return bench_peer(plan, gguf)
     py = args.peer_python or (DEFAULT_PEER_PYTHON if os.path.exists(DEFAULT_PEER_PYTHON) else None)
@@ -317,7 +371,8 @@ def report(results: dict) -> str:
     nan = float("nan")
     lines = []
     bw, f32g = floors["copy_bw"] / 1e9, floors["jnp_gemm_2048_f32"] / 1e9
-    lines.append(f"floors: copy bandwidth {bw:.1f} GB/s (read+write), GEMM f32 {max(f32g, floors['numpy_gemm_2048'] / 1e9):.0f} "
+    where = f"device {floors['platform']}" if floors.get("platform", "cpu") != "cpu" else "host"
+    lines.append(f"floors: {where} copy bandwidth {bw:.1f} GB/s (read+write), GEMM f32 {max(f32g, floors['numpy_gemm_2048'] / 1e9):.0f} "
                  f"GFLOP/s (jnp {f32g:.0f}, numpy {floors['numpy_gemm_2048'] / 1e9:.0f}), "
                  f"bf16 {floors['jnp_gemm_2048_bf16'] / 1e9:.0f} GFLOP/s")
     busy = {k: v for k, v in results.get("busy_before", {}).items() if v > 0.3}
@@ -328,8 +383,9 @@ def report(results: dict) -> str:
                        "compare the 'min' columns, or rerun with --wait-quiet")
     for res in results["sgl_jax"]:
         lines.append("")
-        lines.append(f"sgl_jax {res['dtype']} (attention={res['attention']}), weights {res['weight_bytes'] / 1e6:.0f} MB; "
-                     f"floor = max(memory, compute); eff = floor / median; HF = transformers fp32; sgl/HF from medians")
+        lines.append(f"sgl_jax {res['dtype']} quantization={res.get('quantization', 'none')} {res.get('model', '')} "
+                     f"(attention={res['attention']}), weights {res['weight_bytes'] / 1e6:.0f} MB; floor = max(memory, "
+                     f"compute); eff = floor / median; HF = transformers fp32; sgl/HF from medians")
         hdr = (f"| {'figure':<26} | {'sgl_jax':>8} | {'min':>8} | {'mem floor':>9} | {'cmp floor':>9} | {'eff':>4} "
                f"| {'HF fp32':>8} | {'HF min':>8} | {'sgl/HF':>6} |")
         lines.append(hdr)
@@ -353,6 +409,11 @@ def report(results: dict) -> str:
                          f"{hf:8.1f} | {hf_min:8.1f} | {hf / r['ms']:6.2f} |")
         lines.append("(prefill: tok/s, higher is better; decode: ms/step, lower is better; sgl/HF > 1: sgl_jax faster; "
                      "* = best block_q)")
+    mm = results.get("int8_matmul")
+    if mm:
+        lines.append("")
+        lines.append(f"one matmul {mm['shape']}, best of {mm['n']}: {mm['dtype']} {mm['float_us']:.1f} us, int8 converted "
+                     f"in the graph then scaled {mm['int8_us']:.1f} us ({mm['int8_us'] / mm['float_us']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -364,10 +425,16 @@ def make_plan(quick: bool) -> dict:
             "decode_n": 10, "peer_prefill_n": 3}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "both"],
                     help="both: ~6 min (bf16 is 3-10x slower on XLA:CPU; see bench/notes.md)")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "both"],
+                    help="weights: float (none), int8 weight-only, or both one after the other")
+    ap.add_argument("--random-weights", metavar="PRESET",
+                    help="random weights with the shapes of this sgl_jax.models.config.PRESETS entry (e.g. llama-3-8b) "
+                         "instead of SmolLM2; implies --no-peer")
+    ap.add_argument("--layers", type=int, help="with --random-weights: keep only the first N layers (smoke runs)")
     ap.add_argument("--quick", action="store_true", help="fewer shapes and repeats (~1 min)")
     ap.add_argument("--json", help="dump every figure to this file")
     ap.add_argument("--peer-python", help="interpreter with torch + transformers for the HF peer "
@@ -375,19 +442,27 @@ def main(argv=None):
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face peer")
     ap.add_argument("--no-floors", action="store_true", help="skip the floor measurements (and so the table; the log lines remain)")
     ap.add_argument("--attention", default="jnp",
-                    help="experiment: jnp (the model's own) | none (identity) | a bench_attention_layout "
-                         "variant: hm_dec, flat, flat_dec, chunk4_dec, qcast_dec, page_major, page_major_noguard")
+                    help="jnp (the model's jnp path) | auto | pallas_gpu | pallas_tpu (the model's backends) | "
+                         "experiment: none (identity) | a bench_attention_layout variant: hm_dec, flat, flat_dec, "
+                         "chunk4_dec, qcast_dec, page_major, page_major_noguard")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
                     help="before each section wait up to S seconds for the (shared) machine to go idle")
     ap.add_argument("--batches", help="comma list overriding the decode batch sizes")
     ap.add_argument("--ctxs", help="comma list overriding the decode contexts")
     ap.add_argument("--block-qs", help="comma list overriding the prefill block sizes")
+    ap.add_argument("--decode-n", type=int, help="timed calls per decode shape (default 10, --quick 5)")
     ap.add_argument("--only", choices=["prefill", "decode"], help="run one part only")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
     ap.add_argument("--plan", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.random_weights:
+        args.no_peer = True
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.peer_only:  # the subprocess side of the peer: no jax needed
         res = bench_peer(json.loads(args.plan), args.gguf)
         with open(args.json, "w") as f:
@@ -398,6 +473,8 @@ def main(argv=None):
     for k, a in (("batches", args.batches), ("ctxs", args.ctxs), ("block_qs", args.block_qs)):
         if a:
             plan[k] = [int(x) for x in a.split(",")]
+    if args.decode_n:
+        plan["decode_n"] = args.decode_n
     if args.only == "prefill":
         plan["batches"], plan["ctxs"] = [], []
     elif args.only == "decode":
@@ -418,10 +495,15 @@ def main(argv=None):
     quiet("floors")
     results["floors"] = floors_mod.measure_all(args.quick, log=_log) if not args.no_floors else {}
     dtypes = ["float32", "bfloat16"] if args.dtype == "both" else [args.dtype]
+    quants = ["none", "int8"] if args.quant == "both" else [args.quant]
+    if "int8" in quants:
+        results["int8_matmul"] = mm = floors_mod.int8_matmul_times(1, 576, 1536, "float32")
+        _log(f"  one matmul {mm['shape']}: f32 {mm['float_us']:.1f} us, int8 converted {mm['int8_us']:.1f} us")
     results["sgl_jax"] = []
     for dt in dtypes:
-        quiet(f"sgl_jax {dt}")
-        results["sgl_jax"].append(bench_sgl_jax(dt, plan, args.attention))
+        for qz in quants:
+            quiet(f"sgl_jax {dt} {qz}")
+            results["sgl_jax"].append(bench_sgl_jax(dt, plan, args.attention, qz, args.random_weights, args.layers))
     if not args.no_peer:
         quiet("peer")
     results["peer"] = run_peer(plan, args)

@@ -263,7 +263,7 @@ def make_engine(**kw):
     from sgl_jax.engine import Engine
 
     t = time.perf_counter()
-    eng = Engine(model="smollm2-135m", **{**ENGINE_KW, **kw})
+    eng = Engine(**{"model": "smollm2-135m", **ENGINE_KW, **kw})  # --engine model=PATH replaces the model
     # per-step record through the public step listener: compiled shape, real decode rows / prefill tokens
     eng.step_log = []
     run_q = eng.runner.run_block
@@ -590,13 +590,14 @@ def main():
                     "mode, same settings) and print the table")
     ap.add_argument("--json", default=None, help="write all figures to this JSON file")
     a = ap.parse_args()
-    from sgl_jax.config import EngineConfig, parse_value
-    import typing
-    hints = typing.get_type_hints(EngineConfig)
+    from sgl_jax.config import leaf_fields, parse_value
+    fields = leaf_fields()  # every engine key by its flat name (section keys included) -> (section, field, type)
     extra = {}
     for kv in a.engine:
         k, _, v = kv.partition("=")
-        extra[k] = parse_value(v, hints[k])
+        if k not in fields:
+            ap.error(f"--engine {kv!r}: unknown engine key {k!r}; known: {', '.join(sorted(fields))}")
+        extra[k] = parse_value(v, fields[k][2])
     out = {"argv": sys.argv}
     parts = a.parts.split(",") if not a.report else []
     if "compile" in parts:

@@ -1,7 +1,7 @@
 """Typed configuration: nested frozen dataclasses, one per component, loaded from YAML presets in `configs/`.
 
     Config
-      engine: EngineConfig          model, dtype, attention backend, seed, warm-up, compilation cache
+      engine: EngineConfig          model, dtype, quantization, attention backend, seed, warm-up, compilation cache
         cache: CacheConfig          the KV page pool and the radix cache over it
         scheduler: SchedulerConfig  admission, batching, chunked prefill, decode-run sizing
         shapes: ShapeConfig         the compiled step shapes (the runner's ShapeGrid is built from it)
@@ -26,6 +26,8 @@ import dataclasses
 import types
 import typing
 from typing import Any
+
+from sgl_jax.models.quant import QUANTIZATIONS  # numpy only, no jax
 
 
 class ConfigError(ValueError):
@@ -200,6 +202,9 @@ class EngineConfig:
     model: str = _f("smollm2-135m", "model name (see sgl_jax.models.hub), a .gguf file or a Hugging Face directory")
     dtype: str = _f("float32", "parameter/activation dtype: float32 or bfloat16 (float32 on CPU: no native bf16 math)")
     kv_dtype: str = _f("", "KV pool dtype; empty = same as dtype")
+    quantization: str = _f("none", "none | int8: int8 weight-only, one f32 scale per output channel, for every "
+                           "linear, the LM head and a tied embedding (sgl_jax/models/quant.py): 1/4 of the "
+                           "float32 weight bytes; logits move (SmolLM2: by up to ~1.4)")
     attention_backend: str = _f("auto", "auto | jnp | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, jnp on CPU)")
     seed: int = _f(0, "default sampling seed for requests that give none")
     warmup: bool = _f(True, "compile every step shape at start-up")
@@ -215,6 +220,7 @@ class EngineConfig:
         _choice(self, "dtype", DTYPES)
         if self.kv_dtype:
             _choice(self, "kv_dtype", DTYPES)
+        _choice(self, "quantization", QUANTIZATIONS)
         _choice(self, "attention_backend", ("auto", "jnp", "pallas_tpu", "pallas_gpu"))
         if max(self.shapes.decode_buckets) < self.scheduler.max_running_requests:
             raise ConfigError(f"config key 'engine.shapes.decode_buckets' {self.shapes.decode_buckets} must reach "

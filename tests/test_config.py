@@ -127,8 +127,29 @@ def test_cli_flags_and_set():
     assert cfg.engine == EngineConfig() and cfg.server == ServerConfig()
 
 
+@pytest.mark.timeout(60)
+def test_quantization_key():
+    """`quantization` (none | int8) is a top-level engine key: set by preset, flat name, --set and --flag-free
+    keyword, refused by name when unknown; the int8 preset is the CPU preset with only this key changed."""
+    assert EngineConfig().quantization == "none"
+    assert EngineConfig.make(quantization="int8").quantization == "int8"
+    base = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
+    for argv in (["--set", "quantization=int8"], ["--set", "engine.quantization=int8"]):
+        cfg, _ = parse_config(["--config", base] + argv)
+        assert cfg.engine.quantization == "int8" and cfg.engine.cache.page_size == 16
+    assert load_config(base, {"quantization": "int8"}).engine.quantization == "int8"
+    with pytest.raises(ConfigError, match=re.escape("'engine.quantization' must be one of none, int8; got 'fp8'")):
+        load_config(base, {"quantization": "fp8"})
+    with pytest.raises(ConfigError, match=re.escape("'engine.quantization' must be a string, got 8")):
+        EngineConfig.make(quantization=8)
+    int8 = load_config(os.path.join(ROOT, "configs", "smollm2-135m-int8.yaml"))
+    assert int8.engine.quantization == "int8"
+    assert int8 == load_config(base, {"quantization": "int8"})
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--set", "engine.page_size=abc"], "engine.cache.page_size"),
+    (["--set", "quantization=int4"], "engine.quantization"),
     (["--set", "engine.nope=1"], "engine.nope"),
     (["--set", "nope=1"], "nope"),
     (["--set", "page_size"], "section.key=value"),
@@ -177,6 +198,7 @@ def test_print_config_round_trips(capsys, tmp_path):
     ("schedule_policy", "random", "'engine.scheduler.schedule_policy' must be one of lpm, dfs-weight, fcfs"),
     ("decode_row_fill", "more", "'engine.scheduler.decode_row_fill' must be one of"),
     ("dtype", "int8", "'engine.dtype' must be one of"),
+    ("quantization", "int4", "'engine.quantization' must be one of none, int8; got 'int4'"),
     ("attention_backend", "cuda", "'engine.attention_backend' must be one of"),
     ("constraint_rows", 100, "multiple of 64"),
     ("constraint_slots", 0, "'engine.constraints.constraint_slots' must be >= 1"),

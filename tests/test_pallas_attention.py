@@ -8,6 +8,11 @@ Pages that no row owns (and owned slots past kv_len, and whole pages before a sl
 are filled with NaN, as are padded query slots: any stray read shows up as NaN in the output.
 
 ``SGL_JAX_WIDE_SWEEP=1`` widens the parametrization (page sizes, head dims, block sizes).
+``SGL_JAX_PALLAS_NATIVE=1`` (on a GPU machine, with ``JAX_PLATFORMS=cuda``; bench/device_check.sh sets both)
+runs the GPU kernel natively instead: compiled by Triton and run on the device (``interpret=False``), the
+model test with the real ``pallas_gpu`` backend; the TPU interpret-mode tests are skipped there (they
+simulate a TPU on the host). Set ``JAX_DEFAULT_MATMUL_PRECISION=highest`` with it, so that the float32 jnp
+reference does not use TF32 matmuls (the kernel's float32 dots are IEEE).
 """
 
 from __future__ import annotations
@@ -30,7 +35,11 @@ from pallas_kernels.ragged_paged_attention import (  # noqa: E402
 )
 
 WIDE = os.environ.get("SGL_JAX_WIDE_SWEEP", "") == "1"
-BACKENDS = ("pallas_gpu", "pallas_tpu")
+NATIVE = os.environ.get("SGL_JAX_PALLAS_NATIVE", "") == "1"
+if NATIVE and jax.default_backend() != "gpu":
+    raise RuntimeError(f"SGL_JAX_PALLAS_NATIVE=1 runs the GPU kernel on a GPU, but jax's default backend is "
+                       f"{jax.default_backend()!r} (set JAX_PLATFORMS=cuda on a GPU machine)")
+BACKENDS = ("pallas_gpu",) if NATIVE else ("pallas_gpu", "pallas_tpu")
 DTYPES = ("float32", "bfloat16")
 PAGE_SIZES = (16, 32, 64, 128) if WIDE else (16, 32)
 # (num_kv_heads, group size G): MQA, GQA with G=3, MHA
@@ -116,6 +125,8 @@ def check(case, backend, *, dtype, sm_scale, sliding_window=None, soft_cap=None,
           block_kv_pages=2, interpret=True):
     args = (case["q"], case["k_pages"], case["v_pages"], case["page_table"], case["kv_lens"],
             case["q_positions"])
+    if NATIVE:
+        interpret = False
     ref = _ref(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     out = ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
                                  soft_cap=soft_cap, backend=backend, interpret=interpret,
@@ -182,6 +193,7 @@ def test_default_block_table(backend):
     check(case, backend, dtype="bfloat16", sm_scale=0.125, block_kv_pages=None)
 
 
+@pytest.mark.skipif(NATIVE, reason="TPU interpret mode: a host simulation, not a GPU check")
 def test_tpu_eager_dma_and_race_detector():
     """TPU kernel with DMAs executed at .start() (not lazily at .wait()) and the interpreter's
     happens-before race detector on: an early overwrite of the buffer being computed (wrong
@@ -280,7 +292,7 @@ def test_tpu_kernel_lowers_to_mosaic(dtype):
 
 
 # ------------------------------------------------------------------ the model with a Pallas backend
-@pytest.mark.parametrize("backend", ["pallas_gpu_interpret", "pallas_tpu_interpret"])
+@pytest.mark.parametrize("backend", ["pallas_gpu"] if NATIVE else ["pallas_gpu_interpret", "pallas_tpu_interpret"])
 def test_model_with_pallas_backend_matches_jnp(backend, tmp_path):
     """A tiny model's logits (prefill with a cached prefix, decode rows, a run block) equal the jnp backend's."""
     import numpy as np

@@ -60,7 +60,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     kv, sh = c.cache, c.shapes
     enable_compilation_cache(c.compile_cache_dir)
     t0 = time.perf_counter()
-    loaded = load_model(c.model, c.dtype, progress=progress)
+    loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization)
     load_seconds = time.perf_counter() - t0
     mc = loaded.config
     dtype = canonical_dtype(c.dtype)
@@ -110,9 +110,10 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
 
     dev = jax.devices()[0]
     g = r.grid
-    key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.attention_backend, r.platform,
-                      getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages, g.run_block,
-                      list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets), os.cpu_count()])
+    key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.quantization, c.attention_backend,
+                      r.platform, getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages,
+                      g.run_block, list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets),
+                      os.cpu_count()])
     path = None
     if c.compile_cache_dir:
         path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",

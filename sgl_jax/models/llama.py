@@ -13,6 +13,9 @@ Parameter names keep the Hugging Face checkpoint names, so loading verifies keys
     HF  model.layers.{i}.mlp.{gate,up,down}_proj.weight -> params["layers_{i}"]["mlp"][...]["kernel"]
     HF  model.norm.weight -> params["norm"]["weight"];  lm_head.weight -> params["lm_head"]["kernel"] [E, V]
         (absent when embeddings are tied)
+With int8 weight-only quantization (sgl_jax.models.quant) every linear kernel, the LM head and a tied embedding
+are int8 with a float32 "scale" beside them, one per output channel ([out]; [V] for the embedding); `Linear`,
+`Embedding` and `LMHead` see the scale in the params and dequantize after the matmul. Nothing else changes.
 
 Layers are unrolled with separate per-layer arrays rather than stacked under `lax.scan`: on XLA:CPU
 the scanned variant copied the KV cache and weight slices every step (prefill 364 vs 479 tok/s, batch-32
@@ -55,9 +58,84 @@ def apply_rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _int8(module: nn.Module, weight: str):
+    """(int8 weight, f32 per-output-channel scale) when the params at `module` are int8-quantized, else None.
+
+    The params pytree decides (sgl_jax.models.quant): a quantized leaf comes with a `scale` beside it. `init`
+    (and so param_shapes and the loader's shape check) always builds the float layout."""
+    if module.has_variable("params", "scale"):
+        return module.get_variable("params", weight), module.get_variable("params", "scale")
+    return None
+
+
+# XLA:CPU does not fuse an int8 -> float convert into the dot: the convert writes the float matrix, then the
+# dot reads it. Two things keep that copy in cache (SmolLM2, batch-1 decode: 384 ms a step without them, vs
+# 40 ms with float32 weights; bench/notes.md, "int8 weight-only quantization"):
+#  * the convert depends on the matmul's input (`_after`): otherwise XLA:CPU's scheduler starts every convert
+#    (they read parameters only) before the first matmul, and all the float copies exist at once;
+#  * matrices over _CPU_CHUNK weights are converted and multiplied in pieces of output channels, each piece
+#    after the previous one's product (the tied 49,152 x 576 head: 5.5 ms in pieces of 4,096 rows, 69 ms in
+#    one, 8.6 ms for the float32 head, measured alone).
+# On TPU/GPU XLA is expected to fuse the convert into the dot (not verified here): one piece, no dependency.
+_CPU_CHUNK = 4096 * 576
+
+
+def _after(w, x):
+    """`w` unchanged, but computed from `x` too, so that XLA cannot schedule what reads it before `x` exists.
+
+    isnan(v) & isfinite(v) is false for every v (NaN is not finite), and XLA does not fold it away (an
+    optimization_barrier does not help: XLA:CPU removes barriers before it schedules)."""
+    if x.size == 0:
+        return w
+    v = x.reshape(-1)[0]
+    return w | (jnp.isnan(v) & jnp.isfinite(v)).astype(w.dtype)
+
+
+def int8_matmul(x, w, scale, out_axis: int):
+    """(x @ w.astype(x.dtype)) * scale in float32: x [T, in], w int8 [in, out] (out_axis 1) or [out, in]
+    (out_axis 0, the tied embedding), scale f32 [out]. The scale multiplies after the dot, once per output
+    channel. On CPU each piece's convert waits for the previous piece's product (see _CPU_CHUNK)."""
+    spec = "TI,IO->TO" if out_axis == 1 else "TI,OI->TO"
+    cpu = jax.default_backend() == "cpu"
+    n_out = w.shape[out_axis]
+    step = n_out
+    if cpu and w.size > _CPU_CHUNK:
+        step = max(128, _CPU_CHUNK // w.shape[1 - out_axis] // 128 * 128)
+    outs, prev = [], x
+    for a in range(0, n_out, step):
+        part = jax.lax.slice_in_dim(w, a, min(a + step, n_out), axis=out_axis)
+        part = _after(part, prev) if cpu else part
+        prev = jnp.einsum(spec, x, part.astype(x.dtype), preferred_element_type=jnp.float32)  # [T, <=step]
+        outs.append(prev)
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)) * scale  # [T, out]
+
+
+class Linear(nn.Module):
+    """y = x @ kernel [+ bias], kernel [in, out]; the same names and numerics as flax's nn.Dense.
+
+    int8 weight-only (kernel int8 [in, out] + scale f32 [out]): y = (x @ kernel.astype(x.dtype)) * scale,
+    accumulated in float32. The scale is applied after the matmul, one per output channel, so the dot reads
+    the int8 matrix and XLA (TPU/GPU) can fuse the convert into it; the result is cast back to `dtype`."""
+
+    features: int
+    use_bias: bool
+    dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        q = _int8(self, "kernel")
+        if q is not None:
+            y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]
+        else:
+            w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
+            y = jnp.dot(x, w)  # [T, out]
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+        return y
+
+
 def _dense(features, use_bias, dtype, name):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=dtype, name=name,
-                    kernel_init=nn.initializers.normal(0.02))
+    return Linear(features, use_bias, dtype, name=name)
 
 
 class Attention(nn.Module):
@@ -130,16 +208,50 @@ class DecoderLayer(nn.Module):
         return x + MLP(self.cfg, self.dtype, name="mlp")(h), pages
 
 
+class Embedding(nn.Module):
+    """Token embedding [V, E]; `attend` is the tied LM head (float32 logits).
+
+    int8 (only when tied, see sgl_jax.models.quant): embedding int8 [V, E] + scale f32 [V], one scale per
+    row, which is a per-token scale for the lookup and the per-output-channel scale of the head."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype
+
+    def setup(self):
+        q = _int8(self, "embedding")
+        if q is not None:
+            self.table, self.scale = q  # [V, E] int8, [V] f32
+        else:
+            self.table = self.param("embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
+                                    self.dtype)
+            self.scale = None
+
+    def __call__(self, ids):
+        x = jnp.take(self.table, ids, axis=0)  # [T, E]
+        if self.scale is None:
+            return x.astype(self.dtype)
+        return (x.astype(jnp.float32) * self.scale[ids][:, None]).astype(self.dtype)
+
+    def attend(self, h):
+        if self.scale is not None:
+            return int8_matmul(h, self.table, self.scale, out_axis=0)  # [L, V]
+        return jnp.einsum("LE,VE->LV", h, self.table, preferred_element_type=jnp.float32)  # [L, V]
+
+
 class LMHead(nn.Module):
-    """An untied output projection; float32 logits whatever the compute dtype."""
+    """An untied output projection; float32 logits whatever the compute dtype (int8: kernel + scale [V])."""
 
     vocab_size: int
     dtype: jnp.dtype
 
     @nn.compact
     def __call__(self, h):
-        w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
-        return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
+        q = _int8(self, "kernel")
+        if q is None:
+            w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
+            return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
+        return int8_matmul(h, *q, out_axis=1)  # [L, V]; kernel [E, V] int8, scale [V] f32
 
 
 class CausalLM(nn.Module):
@@ -152,8 +264,7 @@ class CausalLM(nn.Module):
     @nn.compact
     def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
         cfg = self.cfg
-        embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.dtype,
-                         name="embed_tokens", embedding_init=nn.initializers.normal(0.02))
+        embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
         x = embed(input_ids)  # [T, E]
         inv_freq = jnp.asarray(np.array(rope_inv_freq(cfg), np.float32))
         new_kv = []
@@ -164,8 +275,7 @@ class CausalLM(nn.Module):
         h = x[logits_indices]  # [L, E]
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
         if cfg.tie_word_embeddings:
-            w = embed.embedding  # [V, E]
-            logits = jnp.einsum("LE,VE->LV", h, w, preferred_element_type=jnp.float32)
+            logits = embed.attend(h)  # [L, V]
         else:
             logits = LMHead(cfg.vocab_size, self.dtype, name="lm_head")(h)
         return logits, tuple(new_kv)

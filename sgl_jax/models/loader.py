@@ -6,6 +6,9 @@ Tensors are converted one at a time (dequantize or read the memory-mapped payloa
 hand to jax, drop the numpy copy), so peak host memory stays near the final parameter bytes plus one
 tensor. GGUF payloads are dequantized by our own `gguf_quants`; llama.cpp's Q/K row permutation
 (applied by its converter to the `llama` architecture only) is undone so RoPE sees the HF layout.
+With `quantization="int8"` each weight matrix `quant.int8_axis` selects is quantized per output channel as
+it is converted (int8 kernel + float32 scale, see sgl_jax.models.quant); a GGUF's own quantized blocks are
+dequantized first, then requantized (quant.py says why they are not kept).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from sgl_jax.models import gguf_quants
+from sgl_jax.models import gguf_quants, quant
 from sgl_jax.models.config import ModelConfig, UnsupportedModelError
 from sgl_jax.models.hub import resolve_model
 from sgl_jax.models.llama import param_shapes
@@ -39,6 +42,7 @@ class LoadedModel:
     tokenizer: Any  # sgl_jax.models.tokenizer.Tokenizer
     path: str
     dtype: Any
+    quantization: str = "none"
 
     @property
     def vocab_size(self) -> int:
@@ -70,25 +74,29 @@ def canonical_dtype(dtype) -> Any:
     return jnp.dtype(dtype).type
 
 
-def load_model(model: str, dtype="float32", progress: bool = True) -> LoadedModel:
+def load_model(model: str, dtype="float32", progress: bool = True, quantization: str = "none") -> LoadedModel:
     """Load a named model (e.g. "smollm2-135m"), a `.gguf` file or a Hugging Face directory."""
     from sgl_jax.models.tokenizer import Tokenizer
 
     path = resolve_model(model)
-    cfg, params = load_weights(path, dtype, progress)
+    cfg, params = load_weights(path, dtype, progress, quantization)
     tok = Tokenizer.from_hf_dir(path) if os.path.isdir(path) else Tokenizer.from_gguf(path)
     check_vocab(cfg, tok, path)
-    return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype))
+    return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype), quantization)
 
 
-def load_weights(path: str, dtype="float32", progress: bool = True) -> tuple[ModelConfig, dict]:
-    """(config, params) of a `.gguf` file or a Hugging Face directory, without the tokenizer."""
+def load_weights(path: str, dtype="float32", progress: bool = True,
+                 quantization: str = "none") -> tuple[ModelConfig, dict]:
+    """(config, params) of a `.gguf` file or a Hugging Face directory, without the tokenizer.
+
+    quantization: "none" (every tensor in `dtype`) or "int8" (weight matrices int8 + per-channel scales)."""
     dtype = canonical_dtype(dtype)
+    quant.check_quantization(quantization)
     if os.path.isdir(path):
         cfg, tensors, n = _hf_source(path)
     else:
         cfg, tensors, n = _gguf_source(path)
-    return cfg, _build_params(cfg, tensors, n, dtype, path, progress)
+    return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization)
 
 
 # ------------------------------------------------------------------------------------------ mapping
@@ -130,7 +138,22 @@ def hf_name_to_path(name: str) -> tuple[str, ...] | None:
 TensorSource = Iterator[tuple[str, Callable[[], np.ndarray]]]
 
 
-def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, path: str, progress: bool):
+def _leaves(arr: np.ndarray, key: tuple[str, ...], cfg: ModelConfig, dtype, quantization: str) -> dict:
+    """The pytree leaves of one tensor in HF layout ([out, in] for a Linear): {name: jax array}."""
+    axis = quant.int8_axis(key, cfg.tie_word_embeddings) if quantization == "int8" else None
+    if axis is not None:
+        # HF layout: output channels are rows for Linears and the embedding alike, so reduce over axis 1
+        q, scale = quant.quantize_int8(arr, axis=1)
+        if key[-1] == "kernel":
+            q = q.T  # [out, in] -> [in, out]
+        return {key[-1]: jnp.asarray(np.ascontiguousarray(q)), "scale": jnp.asarray(scale)}
+    if key[-1] == "kernel":
+        arr = arr.T  # HF Linear [out, in] -> [in, out]
+    return {key[-1]: jnp.asarray(np.ascontiguousarray(arr), dtype=dtype)}
+
+
+def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, path: str, progress: bool,
+                  quantization: str = "none"):
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, dtype))[0]
     expected = {tuple(k.key for k in kp): leaf.shape for kp, leaf in expected}
     params: dict = {}
@@ -148,15 +171,16 @@ def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, pa
             raise ModelLoadError(f"{path}: tensor {name!r} does not belong to this config "
                                  f"(tie_word_embeddings={cfg.tie_word_embeddings})")
         arr = thunk()
-        if key[-1] == "kernel":
-            arr = arr.T  # HF Linear [out, in] -> [in, out]
-        if tuple(arr.shape) != tuple(expected[key]):
-            raise ModelLoadError(f"{path}: tensor {name!r} has shape {tuple(arr.shape)}, "
-                                 f"expected {tuple(expected[key])}")
+        shape = tuple(reversed(arr.shape)) if key[-1] == "kernel" else tuple(arr.shape)  # ours is [in, out]
+        if shape != tuple(expected[key]):
+            raise ModelLoadError(f"{path}: tensor {name!r} has shape {shape}, expected {tuple(expected[key])}")
         node = params
         for k in key[:-1]:
             node = node.setdefault(k, {})
-        node[key[-1]] = jnp.asarray(np.ascontiguousarray(arr), dtype=dtype)
+        try:
+            node.update(_leaves(arr, key, cfg, dtype, quantization))
+        except ValueError as e:  # quantize_int8: a non-finite weight
+            raise ModelLoadError(f"{path}: tensor {name!r}: {e}") from None
         del arr
         seen.add(key)
     bar.close()

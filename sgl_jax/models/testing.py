@@ -131,6 +131,17 @@ _HF_TO_GGUF = {
 }
 
 
+def gguf_tensor_name(hf: str) -> str:
+    """The GGUF tensor name llama.cpp's converter gives a Hugging Face tensor name (the loader's inverse)."""
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf in top:
+        return top[hf]
+    rest = hf.split(".", 3)[3]  # e.g. self_attn.q_proj.weight
+    mod, kind = rest.rsplit(".", 1)
+    return f"blk.{hf.split('.')[2]}.{_HF_TO_GGUF[mod]}.{kind}"
+
+
 TINY_TOKENIZER_VOCAB = 300  # tokens of the tiny byte-level tokenizer every tiny GGUF carries
 
 
@@ -182,16 +193,7 @@ def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = TINY_
     w.add_chat_template(meta["tokenizer.chat_template"])
     qtype = getattr(gguf.GGMLQuantizationType, quant)
     for hf, arr in sd.items():
-        if hf == "model.embed_tokens.weight":
-            g = "token_embd.weight"
-        elif hf == "model.norm.weight":
-            g = "output_norm.weight"
-        elif hf == "lm_head.weight":
-            g = "output.weight"
-        else:
-            rest = hf.split(".", 3)[3]  # e.g. self_attn.q_proj.weight
-            mod, kind = rest.rsplit(".", 1)
-            g = f"blk.{hf.split('.')[2]}.{_HF_TO_GGUF[mod]}.{kind}"
+        g = gguf_tensor_name(hf)
         if arch == "llama" and hf.endswith(("q_proj.weight", "q_proj.bias")):
             arr = _permute_qk(arr, H)
         elif arch == "llama" and hf.endswith(("k_proj.weight", "k_proj.bias")):
