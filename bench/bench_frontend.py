@@ -5,8 +5,8 @@
 
 `overhead`: programs of constant text and gens run on a backend that answers instantly, so the time is the
 frontend's (expression building, submission to the state's worker, the worker's execution, variable waits).
-Printed beside the floor measured in the same run: one Python call plus one thread hand-off (a queue put/get
-pair), the least a threaded interpreter can cost per expression.
+Printed beside the floors measured in the same run: a call queued to a worker thread (the least a threaded
+interpreter can cost per expression) and a synchronous thread round trip (what fork and join wait for).
 
 `backends`: the same programs (a fork(4)-then-gen program and a select chain), greedy, on (1) `EngineBackend`
 in-process, (2) `RuntimeEndpoint` to a server started here on the default preset (or --url), and (3) upstream's
@@ -38,6 +38,29 @@ class Instant(Backend):
 
     def select(self, prompt, choices, temperature, method):
         return sgl.ChoicesDecision(choices[0], {}), None
+
+
+def roundtrip_us(n: int = 5000) -> float:
+    """One thread hand-off and back (submit, the worker runs it, the caller is woken), per item (best of 3)."""
+    best = float("inf")
+    for _ in range(3):
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        back: queue.SimpleQueue = queue.SimpleQueue()
+
+        def worker():
+            for _ in range(n):
+                q.get()()
+                back.put(None)
+
+        t = threading.Thread(target=worker)
+        t.start()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            q.put(lambda: None)
+            back.get()
+        best = min(best, (time.perf_counter() - t0) / n)
+        t.join()
+    return best * 1e6
 
 
 def floor_us(n: int = 20000) -> float:
@@ -89,10 +112,12 @@ def overhead(args) -> None:
     per_gen = best(lambda: gens.run(backend=be)) / k * 1e6
     per_branch = best(lambda: forks.run(n=64, backend=be)) / 64 * 1e6
     per_prog = best(lambda: forks.run(n=1, backend=be)) * 1e6
-    fl = floor_us()
-    print(f"frontend overhead (instant backend; floor = call + thread hand-off = {fl:.1f} µs/expression)")
+    fl, rt = floor_us(), roundtrip_us()
+    print(f"frontend overhead (instant backend). Floors measured now: a queued call drained by a worker "
+          f"{fl:.1f} µs/item; a synchronous thread round trip {rt:.1f} µs")
     print(f"  per gen dispatch   : {per_gen:8.1f} µs  ({per_gen / fl:.1f}x floor; 2 expressions each)")
-    print(f"  per fork branch    : {per_branch:8.1f} µs  (a state, a worker thread, a gen, the join)")
+    print(f"  per fork branch    : {per_branch:8.1f} µs  (a state, a worker thread, a gen, the join: "
+          f"{per_branch / rt:.0f} round trips)")
     print(f"  per program (run)  : {per_prog:8.1f} µs  (fork(1) program: state, trace-free run, end)")
 
 
