@@ -150,15 +150,17 @@ def _time_backend(name, lang, backend, n, step_seconds):
     batch = [{"topic": t} for t in (TOPICS * 4)[:n]]
     out = {}
     for pname, prog in (("fork4", fork_p), ("select3", sel_p)):
-        prog.run(topic="warm-up", backend=backend, temperature=0)
+        prog.run(topic="warm-up", backend=backend, temperature=0).text()
         lat = []
         for t in batch[:3]:
             t0 = time.perf_counter()
-            prog.run(backend=backend, temperature=0, **t)
+            prog.run(backend=backend, temperature=0, **t).text()  # upstream's run returns before the end
             lat.append(time.perf_counter() - t0)
         s0 = step_seconds()
         t0 = time.perf_counter()
-        prog.run_batch(batch, backend=backend, temperature=0, num_threads=64)
+        states = prog.run_batch(batch, backend=backend, temperature=0, num_threads=64)
+        for st in states:
+            st.text()
         wall = time.perf_counter() - t0
         busy = step_seconds() - s0
         out[pname] = (n / wall, statistics.mean(lat), busy / wall if busy else None)

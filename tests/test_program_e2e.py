@@ -321,6 +321,12 @@ def test_fork_computes_the_shared_prefix_once(engine_backend):
     # request caches its prompt up to the token whose logits it computed); without the shared prefill and hold
     # each branch would compute the whole prefix: 8 * P more
     assert P + sum(suffixes) <= computed <= P + sum(suffixes) + 8, (computed, P, suffixes)
+    # again, the prefix now cached: no prefill request, only the hold; the branches compute their suffixes
+    p0, c0 = _counters(engine)
+    assert prog.run(backend=engine_backend, temperature=0).error() is None
+    p1, c1 = _counters(engine)
+    assert (p1 - p0) == 8 * P + sum(suffixes)  # 8 branch prompts and nothing else was sent
+    assert sum(suffixes) <= (p1 - p0) - (c1 - c0) <= sum(suffixes) + 8 * engine.config.cache.page_size
 
 
 def test_a_call_chain_recomputes_nothing_it_already_sent(engine_backend):

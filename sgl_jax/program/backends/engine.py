@@ -121,7 +121,15 @@ class EngineBackend(Backend):
         return None
 
     def prefill(self, prompt: Prompt, hold: bool = False):
+        """Cache the prompt (and hold it). When every full page of it is cached already, only the hold is
+        taken: a prefill request would cost the branches a whole engine step of latency for nothing."""
         ids = self.ids(prompt)
+        page = self.engine.config.cache.page_size
+        if hold:
+            h = self.engine.hold_prefix(ids)
+            if h is not None and h.num_tokens >= ((len(ids) - 1) // page) * page:
+                return h, ids
+            self.engine.release_prefix(h)
         self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0})
         return (self.engine.hold_prefix(ids) if hold else None), ids
 
