@@ -326,7 +326,8 @@ def test_fork_computes_the_shared_prefix_once(engine_backend):
     assert prog.run(backend=engine_backend, temperature=0).error() is None
     p1, c1 = _counters(engine)
     assert (p1 - p0) == 8 * P + sum(suffixes)  # 8 branch prompts and nothing else was sent
-    assert sum(suffixes) <= (p1 - p0) - (c1 - c0) <= sum(suffixes) + 8 * engine.config.cache.page_size
+    # (the first run's branches are cached too, so a branch may reuse part of its own suffix)
+    assert (p1 - p0) - (c1 - c0) <= sum(suffixes) + 8 * engine.config.cache.page_size
 
 
 def test_a_call_chain_recomputes_nothing_it_already_sent(engine_backend):

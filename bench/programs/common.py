@@ -24,7 +24,21 @@ import string
 
 # The default data folder: the shared workload files beside the repository (never copied into it).
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_DATA = os.environ.get("SGL_JAX_WORKLOADS", os.path.join(ROOT, "..", "shared", "workloads"))
+
+
+def _default_data() -> str:
+    """$SGL_JAX_WORKLOADS, else shared/workloads beside the checkout, else the workplace's /work/shared (a clone
+    made elsewhere, e.g. CI's, still finds the data)."""
+    env = os.environ.get("SGL_JAX_WORKLOADS")
+    if env:
+        return env
+    for cand in (os.path.join(ROOT, "..", "shared", "workloads"), "/work/shared/workloads"):
+        if os.path.isdir(cand):
+            return cand
+    return os.path.join(ROOT, "..", "shared", "workloads")
+
+
+DEFAULT_DATA = _default_data()
 
 
 def path(data_dir: str, name: str) -> str:
