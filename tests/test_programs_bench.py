@@ -366,7 +366,7 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
 
     out, table = tmp_path / "out.json", io.StringIO()
     with Engine(model=tiny_path, progress=False, **TINY_ENGINE) as engine:
-        runner.run("engine", list(WORKLOADS), DATA, n=2, latency_programs=1, engine=engine, json_path=str(out),
+        runner.run("engine", list(WORKLOADS), DATA, n=1, latency_programs=1, engine=engine, json_path=str(out),
                    out=table)
         assert engine.num_prefix_holds == 0
         engine.check_integrity()
@@ -377,9 +377,9 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
     assert [r["workload"] for r in rows] == list(WORKLOADS)
     for r in rows:
         assert set(r) == set(runner.FIELDS), r["workload"]
-        assert r["programs"] == 2 and r["errors"] == 0, r
+        assert r["programs"] == 1 and r["errors"] == 0, r
         assert 0 <= r["hit_rate"] <= 1 and 0 <= r["optimal_hit_rate"] <= 1, r
-        assert r["requests"] >= 2 and r["programs_per_s"] > 0 and r["latency_s"] > 0, r
+        assert r["requests"] >= 1 and r["programs_per_s"] > 0 and r["latency_s"] > 0, r
         # the recorder saw exactly the prompts the engine counted
         assert r["optimal_prompt_tokens"] == r["prompt_tokens"], r
         # page granularity and scheduling can only lose hits against the infinite-cache bound
