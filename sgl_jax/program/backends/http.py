@@ -23,6 +23,16 @@ class BackendError(RuntimeError):
     """The server answered a call with an error (its message is kept)."""
 
 
+def check_response(r: requests.Response) -> None:
+    """Raise BackendError with the server's own message unless the answer is 200 (both HTTP backends)."""
+    if r.status_code != 200:
+        try:
+            msg = r.json().get("error", {}).get("message") or r.text
+        except ValueError:
+            msg = r.text
+        raise BackendError(f"{r.request.method} {r.url} -> HTTP {r.status_code}: {msg}")
+
+
 class RuntimeEndpoint(Backend):
     def __init__(self, base_url: str, api_key: str | None = None, chat_template: str | ChatTemplate | None = None,
                  timeout: float = 600.0):
@@ -41,22 +51,14 @@ class RuntimeEndpoint(Backend):
         self._template = chat_template or DEFAULT
 
     # ------------------------------------------------------------------------------- transport
-    def _check(self, r: requests.Response) -> None:
-        if r.status_code != 200:
-            try:
-                msg = r.json().get("error", {}).get("message") or r.text
-            except ValueError:
-                msg = r.text
-            raise BackendError(f"{r.request.method} {r.url} -> HTTP {r.status_code}: {msg}")
-
     def _get(self, path: str) -> dict:
         r = self.session.get(self.base_url + path, timeout=self.timeout)
-        self._check(r)
+        check_response(r)
         return r.json()
 
     def _post(self, body: dict | None, path: str = "/generate", stream: bool = False):
         r = self.session.post(self.base_url + path, json=body, timeout=self.timeout, stream=stream)
-        self._check(r)
+        check_response(r)
         return r if stream else r.json()
 
     # ------------------------------------------------------------------------------- API

@@ -25,7 +25,7 @@ import requests
 
 from sgl_jax.program import ir
 from sgl_jax.program.backends.base import Backend, Completion, Prompt
-from sgl_jax.program.backends.http import BackendError
+from sgl_jax.program.backends.http import BackendError, check_response
 from sgl_jax.program.chat_template import DEFAULT, ChatTemplate, get_chat_template
 from sgl_jax.program.choices import decide
 
@@ -62,12 +62,7 @@ class OpenAI(Backend):
     # ------------------------------------------------------------------------------- transport
     def _post(self, path: str, body: dict, stream: bool = False):
         r = self.session.post(self.base_url + path, json=body, timeout=self.timeout, stream=stream)
-        if r.status_code != 200:
-            try:
-                msg = r.json().get("error", {}).get("message") or r.text
-            except ValueError:
-                msg = r.text
-            raise BackendError(f"POST {r.url} -> HTTP {r.status_code}: {msg}")
+        check_response(r)
         return r if stream else r.json()
 
     def _body(self, prompt: Prompt, params: ir.SamplingDefaults) -> tuple[str, dict]:
