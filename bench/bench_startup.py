@@ -63,8 +63,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "smollm2-135m.yaml"))
     ap.add_argument("--port", type=int, default=30123)
+    ap.add_argument("--modes", default="false,true",
+                    help="background_compile settings to start with, in order (e.g. 'true' for the preset only)")
     args = ap.parse_args(argv)
-    rows = [start_once(args.config, args.port, bg) for bg in (False, True)]
+    modes = [m.strip().lower() == "true" for m in args.modes.split(",") if m.strip()]
+    rows = [start_once(args.config, args.port, bg) for bg in modes]
     print("| background_compile | /health s | first request (32 tok) s | all shapes compiled s | same request after s |")
     print("|---|---|---|---|---|")
     for r in rows:

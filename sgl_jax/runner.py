@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
+from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint
 from sgl_jax.models.attention import AttnMetadata
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
@@ -219,12 +220,14 @@ class ModelRunner:
     def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, grid: ShapeGrid,
                  max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
                  constraint_rows: int = 1024, constraint_classes: int = 512, constraint_slots: int = 8,
-                 valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16):
+                 valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16,
+                 executable_dir: str = ""):
         """`grid`: the step shapes to compile (the runner owns it; the scheduler plans within it).
         `valid_vocab`: the tokenizer's vocabulary size (default: the model's); ids from it up to the
         model's vocab_size are padding, masked out on the device. `max_logit_bias` / `max_suppress`: the
         device width of a row's logit_bias entries and of its suppressed (stop) ids; a row asking for more
-        is an error (requests are validated against these limits before they get here)."""
+        is an error (requests are validated against these limits before they get here).
+        `executable_dir`: where compiled steps are saved and read back (sgl_jax/executables.py; '' = off)."""
         V = model_config.vocab_size
         if valid_vocab is not None and not 0 < valid_vocab <= V:
             raise ValueError(f"valid_vocab {valid_vocab} must be in [1, model vocab_size {V}]")
@@ -261,6 +264,11 @@ class ModelRunner:
         # shapes/dtypes of the device state: lowering never touches the (donated) buffers themselves
         self._state_avals = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                    (self.params, self.kv, self.pstate, self.cbuf))
+        self.store = None
+        if executable_dir:
+            settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
+                        self.valid_vocab, V]
+            self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()
         self.background_done.set()
@@ -288,8 +296,17 @@ class ModelRunner:
         if not owner:
             return fut.result()
         try:
-            params, kv, pstate, cbuf = self._state_avals
-            compiled = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape)).compile()
+            name = "step-{}-{}-{}-{}-{}".format(shape.num_decode, shape.num_blocks, shape.page_width,
+                                                int(shape.full_logits), shape.num_runs)
+            compiled = self.store.load(name) if self.store is not None else None
+            if compiled is None:
+                params, kv, pstate, cbuf = self._state_avals
+                lowered = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape))
+                if self.store is not None and self.store.enabled:
+                    compiled = compile_fresh(lowered)
+                    self.store.save(name, compiled)
+                else:
+                    compiled = lowered.compile()
         except BaseException as e:
             with self._lock:
                 del self._compiling[shape]

@@ -319,6 +319,8 @@ class Engine:
                     num_kv_pages=self.runner.num_pages, load_seconds=round(self.load_seconds, 3),
                     compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles,
                     num_step_shapes=len(self.runner.shapes()),
+                    executables_loaded=self.runner.store.loaded if self.runner.store else 0,
+                    executables_saved=self.runner.store.saved if self.runner.store else 0,
                     background_compile_done=self.runner.background_done.is_set())
         info.update(self.stats())
         return info

@@ -85,7 +85,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         attention_backend=c.attention_backend, constraint_rows=c.constraints.constraint_rows,
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
         valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
-        max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids))
+        max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
+        executable_dir=os.path.join(os.path.expanduser(c.compile_cache_dir), "executables") if c.compile_cache_dir else "")
     allocator = PageAllocator(num_pages, reserved=1)
     cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache)
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
