@@ -63,7 +63,7 @@ def write(src: str, out: str, vocab_only: bool, seed: int = 0, layers: int | Non
         meta[f"{arch}.block_count"] = layers
     has_output = any(t.name == "output.weight" for t in reader.tensors) or bool(meta.get("sgl_jax.untied"))
     writer = gguf.GGUFWriter(out, arch)
-    copy_metadata(reader, writer, layers)
+    copy_metadata(gguf.GGUFReader(src), writer, layers)  # needs the value types: gguf-py's reader
     if vocab_only and has_output and "sgl_jax.untied" not in reader.fields:  # no output.weight tells it
         writer.add_bool("sgl_jax.untied", True)
     if not vocab_only:

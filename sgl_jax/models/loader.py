@@ -79,8 +79,13 @@ def load_model(model: str, dtype="float32", progress: bool = True, quantization:
     from sgl_jax.models.tokenizer import Tokenizer
 
     path = resolve_model(model)
-    cfg, params = load_weights(path, dtype, progress, quantization)
-    tok = Tokenizer.from_hf_dir(path) if os.path.isdir(path) else Tokenizer.from_gguf(path)
+    if os.path.isdir(path):
+        cfg, params = load_weights(path, dtype, progress, quantization)
+        tok = Tokenizer.from_hf_dir(path)
+    else:  # the file is parsed once, for the weights and the tokenizer
+        reader, meta = read_gguf(path)
+        cfg, params = _build_from_gguf(path, reader, meta, dtype, progress, quantization)
+        tok = Tokenizer.from_gguf({**reader.fields, "__source__": path})
     check_vocab(cfg, tok, path)
     return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype), quantization)
 
@@ -94,8 +99,13 @@ def load_weights(path: str, dtype="float32", progress: bool = True,
     quant.check_quantization(quantization)
     if os.path.isdir(path):
         cfg, tensors, n = _hf_source(path)
-    else:
-        cfg, tensors, n = _gguf_source(path)
+        return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization)
+    reader, meta = read_gguf(path)
+    return _build_from_gguf(path, reader, meta, dtype, progress, quantization)
+
+
+def _build_from_gguf(path, reader, meta, dtype, progress, quantization):
+    cfg, tensors, n = _gguf_source(path, reader, meta)
     return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization)
 
 
@@ -296,24 +306,21 @@ _GGUF_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer
 
 
 def read_gguf(path: str):
-    """Open a GGUF file; (reader, metadata dict). Errors name the file."""
-    import gguf
+    """Open a GGUF file; (GGUFFile, metadata dict without the tokenizer's big arrays). Errors name the file."""
+    from sgl_jax.models.gguf_file import GGUFFile
 
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file")
     try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the reader raises a variety of errors on corrupt/truncated input
+        reader = GGUFFile(path)
+    except Exception as e:  # noqa: BLE001 - corrupt/truncated input raises a variety of errors
         raise ModelLoadError(f"{path}: not a valid GGUF file or truncated ({type(e).__name__}: {e})") from None
     meta = {}
-    for k, field in reader.fields.items():
+    for k, v in reader.fields.items():
         if k in _GGUF_BIG_ARRAYS:  # the tokenizer reads these itself; here only their length matters
-            meta[k + ".count"] = len(field.data)
-            continue
-        try:
-            meta[k] = field.contents()
-        except Exception:  # noqa: BLE001 - unreadable optional fields are skipped
-            continue
+            meta[k + ".count"] = len(v)
+        else:
+            meta[k] = v.tolist() if isinstance(v, np.ndarray) else v
     return reader, meta
 
 
@@ -324,8 +331,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_source(path: str):
-    reader, meta = read_gguf(path)
+def _gguf_source(path: str, reader, meta):
     names = {t.name for t in reader.tensors}
     try:
         cfg = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names,
