@@ -324,11 +324,34 @@ class ModelRunner:
             return sorted(self._compiled)
 
     def first_shapes(self) -> list[StepShape]:
-        """What a first request needs at once: a prefill of any length and a single decode row, at every
-        page width (batches, run blocks, mixed and prompt-logprob steps can come a little later)."""
-        return [s for s in self.shapes()
-                if not s.full_logits and not s.num_runs and (s.num_decode, s.num_blocks) != (0, 0)
-                and (s.num_decode == 0 or (s.num_decode == self.grid.decode_buckets[0] and not s.num_blocks))]
+        """The fewest shapes that can serve any request at once (with `stand_in`): the largest prefill and a
+        single decode row at the widest page table, plus a one-block prefill and a single decode row at the
+        narrowest (a short first request runs at full speed). Batches, other block counts, run blocks and
+        prompt-logprob steps come from the background compiler; until then a plan runs on a larger
+        compiled shape, or compiles its own."""
+        g = self.grid
+        lo, hi = g.page_width_buckets[0], g.page_width_buckets[-1]
+        d = g.decode_buckets[0]
+        want = {StepShape(0, g.prefill_block_buckets[-1], hi), StepShape(d, 0, hi),
+                StepShape(0, g.prefill_block_buckets[0], lo), StepShape(d, 0, lo)}
+        return sorted(want)
+
+    def stand_in(self, shape: StepShape) -> StepShape:
+        """`shape` if it is compiled; else the cheapest compiled shape that can run the same plan (the same
+        kinds of segments and prompt-logprob mode, each at least as large: the rest is padding, whose rows
+        compute nothing that is read), or `shape` itself when none can (it is then compiled, or waited for).
+        Used while the background compiler is still running."""
+        with self._lock:
+            if shape in self._compiled:
+                return shape
+            fits = [s for s in self._compiled
+                    if s.full_logits == shape.full_logits and s.page_width >= shape.page_width
+                    and all((a > 0) == (b > 0) and a >= b for a, b in ((s.num_decode, shape.num_decode),
+                                                                       (s.num_blocks, shape.num_blocks),
+                                                                       (s.num_runs, shape.num_runs)))]
+        if not fits:
+            return shape
+        return min(fits, key=lambda s: (s.num_tokens(self.prefill_block, self.run_block), s.page_width))
 
     def warmup(self, progress: bool = True, shapes: list[StepShape] | None = None) -> float:
         """Compile the step shapes (all of them unless `shapes` says which). Returns seconds spent."""
@@ -475,6 +498,8 @@ class ModelRunner:
         """
         t_run = time.perf_counter()
         shape = plan.shape  # planned by the scheduler within this runner's grid
+        if not self.background_done.is_set():  # not every shape compiled yet: maybe run it on a larger one
+            shape = self.stand_in(shape)
         chunks = plan.chunks
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
                 for c in chunks]

@@ -311,6 +311,34 @@ def test_step_costs_kept_beside_the_compilation_cache(tiny_path, monkeypatch):
         assert e2.scheduler.grid.costs == costs
 
 
+@pytest.mark.timeout(300)
+def test_before_the_background_compiler_a_plan_runs_on_a_larger_compiled_shape(tiny_path, monkeypatch):
+    """While shapes are missing, a step runs on the cheapest compiled shape that holds its plan (here a
+    2-block prefill at the narrow page width on the 4-block, wide first shape) with the reference's
+    greedy tokens, and compiles nothing of its own."""
+    from sgl_jax.runner import ModelRunner, StepShape
+
+    def idle(self, then=None):  # the background compiler never gets to run
+        self.background_done.clear()
+
+    monkeypatch.setattr(ModelRunner, "compile_in_background", idle)
+    kw = dict(SMALL, prefill_block_buckets=[1, 2, 4], page_width_buckets=[8, 32], max_prefill_tokens=32,
+              max_mixed_blocks=0, decode_row_fill="fit")
+    ids = prompts(1, seed=5, lo=12, hi=13)[0]  # 12 tokens: two prefill blocks of 8
+    with Engine(model=tiny_path, progress=False, background_compile=True, **kw) as e:
+        first = e.runner.first_shapes()
+        assert first == sorted({StepShape(0, 4, 32), StepShape(1, 0, 32), StepShape(0, 1, 8), StepShape(1, 0, 8)})
+        assert e.runner.compiled_shapes() == first
+        assert e.runner.stand_in(StepShape(0, 2, 8)) == StepShape(0, 4, 32)
+        assert e.runner.stand_in(StepShape(4, 0, 8)) == StepShape(4, 0, 8)  # nothing holds 4 decode rows
+        assert e.runner.stand_in(StepShape(0, 1, 8, True)) == StepShape(0, 1, 8, True)  # no logprob shape yet
+        out = e.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"]
+        assert out == reference_greedy(tiny_path, ids, 12)
+        assert e.runner.compiled_shapes() == first and e.runner.num_compiles == len(first)
+        e.check_integrity()
+        e.runner.background_done.set()  # as the idle compiler's end (shutdown waits for it)
+
+
 @pytest.mark.timeout(600)
 def test_background_compile_serves_at_once_and_compiles_each_shape_once(tiny_path):
     """shapes.background_compile: the engine is up after the first shapes; requests that need shapes still
