@@ -14,7 +14,14 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from sgl_jax.models.attention import paged_attention, paged_block_attention, paged_decode_attention
+from sgl_jax.models.attention import (
+    page_major_pays,
+    paged_attention,
+    paged_block_attention,
+    paged_decode_attention,
+    paged_decode_page_major,
+    pages_shared,
+)
 
 KV, G, D = 2, 3, 16
 H = KV * G
@@ -46,8 +53,10 @@ def dense_reference(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     return out
 
 
-def make_case(seed, *, S, rows, sliding_window=None, poison_unseen=True, extra_pages=3):
+def make_case(seed, *, S, rows, sliding_window=None, poison_unseen=True, extra_pages=3, shared=0):
     """rows: list of (kv_len, query positions). Returns the attention's inputs as numpy arrays.
+
+    shared > 0: the first `shared` pages of every row are the same pool pages (a radix-cache prefix).
 
     poison_unseen=False leaves every key below kv_len finite, also those a query does not see (before the
     window, after the query): the block path masks V only past kv_len, as the model only needs."""
@@ -55,8 +64,10 @@ def make_case(seed, *, S, rows, sliding_window=None, poison_unseen=True, extra_p
     R, Bq = len(rows), len(rows[0][1])
     need = [-(-n // S) for n, _ in rows]
     P = max(need) + 1  # a spare column: entries past the length point at page 0
-    N = 1 + sum(need) + extra_pages
-    owned = rng.permutation(np.arange(1, N))[: sum(need)]
+    own = [max(0, n - shared) for n in need]  # pages of the row's own, after the shared prefix
+    N = 1 + shared + sum(own) + extra_pages
+    perm = rng.permutation(np.arange(1, N))
+    prefix, owned = perm[:shared], perm[shared:]
     k = rng.standard_normal((N, KV, S, D)).astype(np.float32)
     v = rng.standard_normal((N, KV, S, D)).astype(np.float32)
     poison = np.ones((N, S), bool)
@@ -65,8 +76,8 @@ def make_case(seed, *, S, rows, sliding_window=None, poison_unseen=True, extra_p
     kv_lens = np.asarray([n for n, _ in rows], np.int32)
     off = 0
     for r, (n, qs) in enumerate(rows):
-        pages = owned[off: off + need[r]]
-        off += need[r]
+        pages = np.concatenate([prefix[: need[r]], owned[off: off + own[r]]])
+        off += own[r]
         page_table[r, : len(pages)] = pages
         valid = [t for t in qs if t >= 0]
         for j in range(n):
@@ -83,7 +94,7 @@ def make_case(seed, *, S, rows, sliding_window=None, poison_unseen=True, extra_p
 def decode_rows(S):
     """One query per row: decode rows at the end of their sequence, a query in the middle of its sequence
     (keys after it exist but are masked), and padding rows (kv_len 0, position -1)."""
-    lens = [1, 2, S - 1, S, S + 1, 3 * S + 2, 5 * S + 3]
+    lens = [1, 2, S - 1, S, S + 1, 2 * S, 3 * S + 2, 5 * S + 3]
     rows = [(n, [n - 1]) for n in lens]
     rows.append((4 * S + 1, [2 * S + 1]))
     rows += [(0, [-1]), (0, [-1])]
@@ -114,7 +125,7 @@ def test_decode_path_matches_dense_reference(S, sliding_window, soft_cap):
     ref = dense_reference(q, k, v, pt, lens, pos, **kw)
     args = tuple(jnp.asarray(x) for x in (q, k, v, pt, lens, pos))
     _check(_decode(*args, **kw), ref, pos, lens, 2e-5)
-    _check(_dispatch(*args, **kw), ref, pos, lens, 2e-5)  # Bq == 1 takes the decode path
+    _check(_dispatch(*args, **kw), ref, pos, lens, 2e-5)  # Bq == 1, a small pool: the page-major branch
 
 
 @pytest.mark.timeout(120)
@@ -158,3 +169,54 @@ def test_decode_path_bfloat16():
     out = _decode(*args, sm_scale=0.25)
     assert out.dtype == jnp.bfloat16
     _check(out.astype(jnp.float32), ref, pos, lens, 3e-2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("S", [4, 16])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_page_major_matches_dense_reference(S, sliding_window, soft_cap):
+    """No page shared: page-major scores every pool page (NaN-poisoned ones too) against its owner's query."""
+    q, k, v, pt, lens, pos = make_case(S + 1, S=S, rows=decode_rows(S), sliding_window=sliding_window)
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, lens, pos))
+    assert not bool(pages_shared(args[3], args[4], S, k.shape[0]))
+    out = jax.jit(paged_decode_page_major, static_argnames=tuple(kw))(*args, **kw)
+    _check(out, ref, pos, lens, 2e-5)
+    # the pool here is the batch's pages + 4: paged_attention takes the page-major branch
+    assert page_major_pays(pt.shape[0], pt.shape[1], k.shape[0])
+    _check(_dispatch(*args, **kw), ref, pos, lens, 2e-5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared", [1, 3])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+def test_shared_pages_take_the_gather_path(shared, sliding_window):
+    """Rows sharing prefix pages (radix cache): paged_attention must still match the reference (the
+    page-major form would score a shared page against one owner only)."""
+    S = 4
+    q, k, v, pt, lens, pos = make_case(5, S=S, rows=decode_rows(S), sliding_window=sliding_window, shared=shared)
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, lens, pos))
+    assert bool(pages_shared(args[3], args[4], S, k.shape[0]))
+    assert page_major_pays(pt.shape[0], pt.shape[1], k.shape[0])
+    _check(_dispatch(*args, **kw), ref, pos, lens, 2e-5)
+    if sliding_window is None:  # (with the window the shared prefix lies before it or in an edge page)
+        # page-major alone is wrong on shared inner pages: the check above is what keeps them exact
+        bad = np.asarray(jax.jit(paged_decode_page_major, static_argnames=tuple(kw))(*args, **kw))
+        assert not np.allclose(bad, ref, atol=1e-3)
+
+
+@pytest.mark.timeout(60)
+def test_pages_shared_and_threshold():
+    S = 4
+    pt = jnp.asarray([[3, 5, 0], [7, 3, 0], [9, 0, 0]], jnp.int32)
+    # page 3 is in rows 0 and 1, but row 1 uses only its first page (kv_len 4): nothing shared
+    assert not bool(pages_shared(pt, jnp.asarray([8, 4, 2]), S, 10))
+    assert bool(pages_shared(pt, jnp.asarray([8, 5, 2]), S, 10))
+    # table padding (page 0 past the length) is not sharing
+    assert not bool(pages_shared(pt, jnp.asarray([5, 0, 1]), S, 10))
+    assert page_major_pays(32, 32, 1025) and page_major_pays(16, 32, 1450)
+    assert not page_major_pays(4, 32, 1450) and not page_major_pays(1, 32, 10)
