@@ -218,5 +218,5 @@ def test_pages_shared_and_threshold():
     assert bool(pages_shared(pt, jnp.asarray([8, 5, 2]), S, 10))
     # table padding (page 0 past the length) is not sharing
     assert not bool(pages_shared(pt, jnp.asarray([5, 0, 1]), S, 10))
-    assert page_major_pays(32, 32, 1025) and page_major_pays(16, 32, 1450)
-    assert not page_major_pays(4, 32, 1450) and not page_major_pays(1, 32, 10)
+    assert page_major_pays(32, 32, 1025) and page_major_pays(64, 32, 1450)
+    assert not page_major_pays(32, 32, 1450) and not page_major_pays(1, 32, 10)

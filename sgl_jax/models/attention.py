@@ -20,7 +20,7 @@ so the attention reads one uniform paged layout for cached and new tokens alike.
 
 The jnp attention (`paged_attention`) has three forms of the same function: blocks of Bq queries gather their
 rows' pages (`paged_block_attention`); rows of one query do the same without the query axis
-(`paged_decode_attention`); and a decode call whose page tables cover a good share of the pool scores the pool
+(`paged_decode_attention`); and a decode call whose page tables are about as large as the pool scores the pool
 page-major, in place, without gathering K/V (`paged_decode_page_major`), unless a page is shared by two rows.
 """
 
@@ -85,8 +85,8 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     (and j > t - sliding_window). Returns [R, Bq, H, D] in q.dtype; rows with no visible key give 0.
 
     Rows of one query (Bq == 1: the decode segment, and run blocks of one token) take
-    `paged_decode_attention`, or `paged_decode_page_major` when the rows' page tables cover a good share
-    of the pool (`page_major_pays`) and no page has two owner rows; the others `paged_block_attention`.
+    `paged_decode_attention`, or `paged_decode_page_major` when the rows' page tables are about as large as
+    the pool (`page_major_pays`) and no page has two owner rows; the others `paged_block_attention`.
     All compute the same function.
     """
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -174,14 +174,18 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions
     return out.reshape(R, 1, H, D).astype(q.dtype)
 
 
-# Page-major decode reads every pool page once, whatever the batch; the gather path reads (and copies) R * P
-# pages. Page-major is taken when R * P >= PAGE_MAJOR_MIN_FILL * N (a static decision: shapes are static).
-PAGE_MAJOR_MIN_FILL = 1 / 3
+# Page-major decode reads every pool page once, whatever the batch; the gather path reads and copies R * P pages
+# (entries past a row's length read page 0, the sink, but are copied all the same). Page-major is taken when
+# R * P >= PAGE_MAJOR_MIN_ENTRIES * N, a static decision (shapes are static). Set from whole decode steps on a
+# 2-core Zen-3 host (bench/notes.md, "Decode attention for batch decode"): page-major was 11-22 % faster at
+# R * P ~= N (the pool just holds the batch) and 30 % faster at R * P = 1.4 N (B=64, width 32, 1450-page pool,
+# 35 % of it in use); at R * P = 0.71 N it was even (ctx 512) or 17 % slower (ctx 128, 18 % of the pool in use).
+PAGE_MAJOR_MIN_ENTRIES = 0.8
 
 
 def page_major_pays(rows: int, width: int, num_pages: int) -> bool:
     """Whether a decode call of `rows` rows x `width` pages should score the pool page-major."""
-    return rows > 1 and rows * width >= PAGE_MAJOR_MIN_FILL * num_pages
+    return rows > 1 and rows * width >= PAGE_MAJOR_MIN_ENTRIES * num_pages
 
 
 def _pages_in_use(page_table, kv_lens, page_size: int):
