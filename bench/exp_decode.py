@@ -113,8 +113,8 @@ def run_config(cfg, params, B, ctx, args, floors=None):
                 built[v]["times"].append(time.perf_counter() - t0)
     width = next(iter(built.values()))["width"]
     pool = next(iter(built.values()))["kv"][0][0].shape[0]
-    line = (f"decode B={B} ctx={ctx} (page width {width}, pool {pool} pages) {args.dtype}: {args.rounds} rounds x {args.steps} steps, "
-            f"interleaved; load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    line = (f"decode B={B} ctx={ctx} (page width {width}, pool {pool} pages) {args.dtype}: {args.rounds} rounds x "
+            f"{args.steps} steps, interleaved; load average now {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     if floors:
         w_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
         mem_ms = 1e3 * (w_bytes + B * ctx * cfg.kv_bytes_per_token(4)) / floors["copy_bw"]
