@@ -160,15 +160,16 @@ def test_block_rows_match_dense_reference():
 
 
 @pytest.mark.timeout(120)
-def test_decode_path_bfloat16():
+def test_decode_paths_bfloat16():
     S = 8
     q, k, v, pt, lens, pos = make_case(11, S=S, rows=decode_rows(S))
     ref = dense_reference(q, k, v, pt, lens, pos, sm_scale=0.25)
     args = (jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
             jnp.asarray(pt), jnp.asarray(lens), jnp.asarray(pos))
-    out = _decode(*args, sm_scale=0.25)
-    assert out.dtype == jnp.bfloat16
-    _check(out.astype(jnp.float32), ref, pos, lens, 3e-2)
+    for fn in (_decode, jax.jit(paged_decode_page_major, static_argnames=("sm_scale",))):
+        out = fn(*args, sm_scale=0.25)
+        assert out.dtype == jnp.bfloat16
+        _check(out.astype(jnp.float32), ref, pos, lens, 3e-2)
 
 
 @pytest.mark.timeout(120)
