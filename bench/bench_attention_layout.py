@@ -13,7 +13,11 @@ each round's median, the fastest call (on a shared machine the figure least dist
 and K+V bytes / fastest call.
 
 Variants (all checked against `hm` on the same data before timing; max|diff| column):
-  hm          head-major pages [N, KV, S, D]: sgl_jax's paged_attention (the current layout)
+  hm          head-major pages [N, KV, S, D]: sgl_jax's paged_block_attention (the current layout; the model's
+              attention for every row before the decode path was adopted)
+  pages_dec   hm without its Q axis: scores [R, KV, G, P, S] on the gathered blocks as they come (no transpose)
+  sgl_dec     sgl_jax's paged_decode_attention (the gather decode path the model uses for Bq == 1 rows)
+  sgl_page_major  sgl_jax's paged_decode_page_major (guarded; what the model uses when page_major_pays)
   tm          token-major pages [N, S, KV, D]: the same code with the layout's einsum subscripts
   kt          K pages D-major [N, KV, D, S], V pages head-major [N, KV, S, D]; general (Bq) form
   flat        head-major pages gathered as rows of the [N*KV, S, D] view with the page table expanded
@@ -51,7 +55,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sgl_jax.models.attention import _MASK_VALUE, paged_attention  # noqa: E402
+from sgl_jax.models.attention import (  # noqa: E402
+    _MASK_VALUE,
+    paged_block_attention as paged_attention,
+    paged_decode_attention,
+    paged_decode_page_major,
+)
 
 H, KV, D = 9, 3, 64
 
@@ -122,6 +131,28 @@ def paged_decode_hm(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     v = jnp.where(visible[:, 0, 0, :, None][:, None], v, 0)
     s = jnp.einsum("RKGD,RKCD->RKGC", qg, k, preferred_element_type=jnp.float32) * sm_scale
     out = _decode_softmax_pv(s, visible, v, "RKGC,RKCD->RKGD")
+    return out.reshape(R, 1, H_, D_).astype(q.dtype)
+
+
+def paged_decode_pages(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float):
+    """Bq == 1 only, on the gathered [R, P, KV, S, D] blocks as they come (no transpose to [R, KV, C, D]):
+    scores [R, KV, G, P, S], softmax over (P, S). hm without its Q axis."""
+    R, _, H_, D_ = q.shape
+    _, KV_, S, _ = k_pages.shape
+    P = page_table.shape[1]
+    qg = q.reshape(R, KV_, H_ // KV_, D_)
+    kpos = jnp.arange(P)[:, None] * S + jnp.arange(S)[None, :]  # [P, S]
+    visible = (kpos[None] <= q_positions[:, :1, None]) & (kpos[None] < kv_lens[:, None, None])  # [R, P, S]
+    k = k_pages[page_table]  # [R, P, KV, S, D]
+    v = jnp.where(visible[:, :, None, :, None], v_pages[page_table], 0)
+    s = jnp.einsum("RKGD,RPKSD->RKGPS", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    vis = visible[:, None, None]  # [R, 1, 1, P, S]
+    s = jnp.where(vis, s, _MASK_VALUE)
+    m = jnp.max(s, axis=(-2, -1), keepdims=True)
+    p = jnp.where(vis, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=(-2, -1), keepdims=True)
+    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    out = jnp.einsum("RKGPS,RPKSD->RKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(R, 1, H_, D_).astype(q.dtype)
 
 
@@ -395,7 +426,8 @@ def build(variant: str, R: int, ctx: int, S: int, layers: int, dtype, kv_dtype=N
           "chunk4_dec": functools.partial(paged_decode_chunked, chunks=4),
           "chunk8_dec": functools.partial(paged_decode_chunked, chunks=8),
           "qcast_dec": paged_decode_qcast, "page_major_dec": page_major_decode,
-          "page_major_noguard": functools.partial(page_major_decode, guard=False)}.get(variant)
+          "page_major_noguard": functools.partial(page_major_decode, guard=False),
+          "sgl_dec": paged_decode_attention, "pages_dec": paged_decode_pages, "sgl_page_major": paged_decode_page_major}.get(variant)
     if variant == "gather_only":
         def f(q, kvs, page_table, kv_lens, qpos):  # the gathers alone (a cheap use keeps them alive)
             return _chain(lambda q, k, v, pt: jnp.tile((k[pt].sum(axis=(1, 3)) + v[pt].sum(axis=(1, 3)))

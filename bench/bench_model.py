@@ -89,14 +89,16 @@ def _attention_override(name: str):
         sys.path.insert(0, HERE)
         import bench_attention_layout as bal
         import functools
-        table = {"hm_dec": bal.paged_decode_hm, "flat": bal.paged_attention_flat,
+        from sgl_jax.models.attention import paged_block_attention, paged_decode_attention
+        table = {"hm_dec": bal.paged_decode_hm, "flat": bal.paged_attention_flat, "block": paged_block_attention,
+                 "gather_dec": paged_decode_attention,
                  "flat_dec": bal.paged_decode_flat, "chunk4_dec": bal.paged_decode_chunked,
                  "qcast_dec": bal.paged_decode_qcast, "page_major": bal.page_major_decode,
                  "page_major_noguard": functools.partial(bal.page_major_decode, guard=False)}
         if name not in table:
             raise SystemExit(f"--attention {name!r}: expected jnp, none or one of {sorted(table)}")
         alt = table[name]
-        decode_only = name != "flat"
+        decode_only = name not in ("flat", "block")
 
         def fn(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
                soft_cap=None):

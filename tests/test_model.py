@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import PagedRunner
+from sgl_jax.models.attention import page_major_pays
 from sgl_jax.models.config import PRESETS, ModelConfig
 from sgl_jax.models.llama import param_shapes
 from sgl_jax.models.loader import ModelLoadError, load_weights
@@ -97,6 +98,43 @@ def test_tiny_run_blocks_match_reference(tiny):
     for j, (sid, ids, start, _, _) in enumerate(work[:-1]):
         np.testing.assert_allclose(outs[j], refs[sid][1][3:], atol=1e-4, rtol=1e-4, err_msg=f"{name} run {sid}")
     np.testing.assert_allclose(outs[-1], dec_ref[-1:], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_tiny_page_major_decode_and_shared_prefix(tiny):
+    """Decode rows on a small NaN-filled pool, so that the decode call takes the page-major attention
+    (page_major_pays), each row against HF; then two sequences sharing their first pages (a radix-cache prefix)
+    decode side by side, which must take the gather path (pages_shared), each row against HF or against the
+    same tokens run alone."""
+    name, cfg, params = tiny
+    refs = [(ids, ref) for ids, ref in _ref(name) if len(ids) >= 2]
+    runner = PagedRunner(cfg, params, num_pages=24)
+    assert page_major_pays(4, 16, 24)
+    for sid, (ids, _) in enumerate(refs):
+        runner.step([(sid, ids[:-1], 0, 0)])
+    assert len(refs) <= 4  # one decode call of 4 rows x 16 pages on a 24-page pool: page-major
+    outs = runner.step([(sid, ids[-1:], len(ids) - 1, None) for sid, (ids, _) in enumerate(refs)],
+                       num_decode=4, page_width=16)
+    for sid, (ids, ref) in enumerate(refs):
+        np.testing.assert_allclose(outs[sid], ref[-1:], atol=1e-4, rtol=1e-4, err_msg=f"{name} page-major {sid}")
+    # sequence 100: the longest prompt's first full pages (shared with sequence 0), then other tokens, so that
+    # its query differs from sequence 0's; its reference is the same tokens run alone (one row: gather path)
+    ids, ref = refs[-1]
+    k = (len(ids) - 1) // 4 - 1
+    assert k >= 2
+    start = 4 * k
+    ids100 = ids[:start] + refs[1][0][:6]
+    alone = PagedRunner(cfg, params, num_pages=24)
+    alone.step([(0, ids100[:-1], 0, 0)])
+    (want,) = alone.step([(0, ids100[-1:], len(ids100) - 1, None)])
+    runner = PagedRunner(cfg, params, num_pages=24)
+    runner.step([(0, ids[:-1], 0, 0)])
+    runner.pages[100] = list(runner.pages[0][:k])
+    runner.step([(100, ids100[start:-1], start, start)])
+    outs = runner.step([(0, ids[-1:], len(ids) - 1, None), (100, ids100[-1:], len(ids100) - 1, None)],
+                       num_decode=4, page_width=16)
+    np.testing.assert_allclose(outs[0], ref[-1:], atol=1e-4, rtol=1e-4, err_msg=f"{name} shared prefix, row 0")
+    np.testing.assert_allclose(outs[1], want, atol=1e-4, rtol=1e-4, err_msg=f"{name} shared prefix, row 100")
 
 
 def test_tiny_bfloat16_close(tiny):
