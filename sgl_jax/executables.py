@@ -118,6 +118,7 @@ def compile_fresh(lowered):
     """`lowered.compile()` compiled by the backend itself: neither jax's persistent cache nor its in-process
     cache may hand back an executable that was read from disk (see the module docstring). The extra
     option is a dump setting at its default value: it changes the in-process cache key, not the code."""
+    _install_fresh_hook()
     _fresh.on = True
     try:
         return lowered.compile(compiler_options={"xla_dump_max_hlo_modules": -1})
@@ -172,7 +173,8 @@ class ExecutableStore:
         return compiled
 
     def save(self, name: str, compiled) -> None:
-        """Write `compiled` as `name` (atomically); on any failure turn the store off with one warning."""
+        """Write `compiled` (from `compile_fresh`: see the module docstring) as `name`, atomically; on any
+        failure turn the store off with one warning."""
         if not self.enabled:
             return
         from jax.experimental.serialize_executable import serialize

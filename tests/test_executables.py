@@ -122,7 +122,7 @@ def test_fingerprint_changes_with_code_settings_and_state():
 
 def test_an_unwritable_store_turns_itself_off_once(tmp_path, caplog):
     f = jax.jit(lambda a: a * 2)
-    compiled = f.lower(np.ones(3, np.float32)).compile()
+    compiled = executables.compile_fresh(f.lower(np.ones(3, np.float32)))  # only a fresh one serializes whole
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     store = executables.ExecutableStore(str(blocked), "fp")
