@@ -102,6 +102,16 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
                         lambda *a: paged_decode_page_major(*a, **kw), *args)
 
 
+def _masked_softmax(s, visible, axes=(-2, -1)):
+    """Softmax of scores `s` over `axes`, only where `visible` (broadcastable): invisible entries get exactly 0,
+    and a row with nothing visible gets all zeros (no NaN)."""
+    s = jnp.where(visible, s, _MASK_VALUE)
+    m = jnp.max(s, axis=axes, keepdims=True)
+    p = jnp.where(visible, jnp.exp(s - m), 0.0)
+    denom = jnp.sum(p, axis=axes, keepdims=True)
+    return p / jnp.where(denom == 0.0, 1.0, denom)
+
+
 def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
                           sliding_window: int | None = None, soft_cap: float | None = None):
     """`paged_attention` for rows of any Bq: scores [R, KV, G, Bq, P, S], softmax over (P, S)."""
@@ -123,12 +133,7 @@ def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
     visible = (kpos[None, None] <= qpos) & (kpos[None, None] < kv_lens[:, None, None, None])
     if sliding_window is not None:
         visible &= kpos[None, None] > qpos - sliding_window
-    visible = visible[:, None, None]  # [R, 1, 1, Bq, P, S]
-    s = jnp.where(visible, s, _MASK_VALUE)
-    m = jnp.max(s, axis=(-2, -1), keepdims=True)
-    p = jnp.where(visible, jnp.exp(s - m), 0.0)
-    denom = jnp.sum(p, axis=(-2, -1), keepdims=True)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    p = _masked_softmax(s, visible[:, None, None])  # visible as [R, 1, 1, Bq, P, S]
     out = jnp.einsum("RKGQPS,RPKSD->RQKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(R, Bq, H, D).astype(q.dtype)
 
@@ -164,12 +169,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions
     s = jnp.einsum("RKGD,RPKSD->RKGPS", qg, k, preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
-    vis = visible[:, None, None]  # [R, 1, 1, P, S]
-    s = jnp.where(vis, s, _MASK_VALUE)
-    m = jnp.max(s, axis=(-2, -1), keepdims=True)
-    p = jnp.where(vis, jnp.exp(s - m), 0.0)
-    denom = jnp.sum(p, axis=(-2, -1), keepdims=True)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)
+    p = _masked_softmax(s, visible[:, None, None])  # visible as [R, 1, 1, P, S]
     out = jnp.einsum("RKGPS,RPKSD->RKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(R, 1, H, D).astype(q.dtype)
 
@@ -263,10 +263,7 @@ def paged_decode_page_major(q, k_pages, v_pages, page_table, kv_lens, q_position
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     live = jnp.concatenate([jnp.broadcast_to(inner[:, :, None], (R, P, S)), evis], axis=1)[:, :, None, None, :]
-    m = jnp.max(jnp.where(live, s, _MASK_VALUE), axis=(1, 4), keepdims=True)
-    p = jnp.where(live, jnp.exp(s - m), 0.0)
-    denom = jnp.sum(p, axis=(1, 4), keepdims=True)
-    p = p / jnp.where(denom == 0.0, 1.0, denom)  # [R, P + E, KV, G, S]
+    p = _masked_softmax(s, live, axes=(1, 4))  # [R, P + E, KV, G, S]
     p_in, p_e = p[:, :P], p[:, P:]
     p_pg = jnp.concatenate([p_in, jnp.zeros((1,) + p_in.shape[1:], p.dtype)])[owner, col]  # [N, KV, G, S]
     o_pg = jnp.einsum("NKGS,NKSD->NKGD", p_pg.astype(v_pages.dtype), v_pages, preferred_element_type=jnp.float32)
