@@ -15,8 +15,10 @@ a long one (~480 tokens). For each, measured in the same run:
   floor          memory floor of one batch-1 decode step: parameter bytes + KV bytes of the context,
                  over the copy bandwidth measured here (bench/floors.py), read + write counted as in
                  cpu-baselines.md
-Peer: llama.cpp's llama-server when `llama-server` is on PATH (see /work/shared/reference/cpu-baselines.md
-for building it from the llama-cpp-python sdist); otherwise the peer is reported as skipped.
+Peer: llama.cpp's llama-server (`--llama-server PATH`, or the one on PATH; see
+/work/shared/reference/cpu-baselines.md for building it from the llama-cpp-python sdist) on the same GGUF, the
+same templated prompts, 2 threads, one slot: its own per-token decode timing beside its wall time per token.
+Without one the peer is reported as skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import time
 
@@ -78,12 +82,13 @@ def _split(eng, shape) -> dict:
     return {"compiled_ms": _median_ms(step), "forward_ms": _median_ms(forward)}
 
 
-def run(config: str, tokens: int, overrides: dict) -> dict:
+def run(config: str, tokens: int, overrides: dict, llama_server: str | None = None) -> dict:
     import jax
 
     from floors import copy_bandwidth
     from sgl_jax.config import load_config
     from sgl_jax.engine import Engine
+    from sgl_jax.models.hub import resolve_model
 
     cfg = load_config(config, overrides).engine
     t0 = time.perf_counter()
@@ -100,9 +105,10 @@ def run(config: str, tokens: int, overrides: dict) -> dict:
     bw = copy_bandwidth(1 << 30, threads=2)
     long_text = " ".join(f"item {i} is a small red box;" for i in range(60))
     results = {"config": config, "engine_up_s": up, "copy_bandwidth_gbs": bw / 1e9, "rows": []}
-    for name, text in (("short", "Tell me a long story about a dragon."),
-                       ("long", "Summarize this list: " + long_text)):
-        prompt = tok.apply_chat_template([{"role": "user", "content": text}])
+    prompts = [(name, tok.apply_chat_template([{"role": "user", "content": text}]))
+               for name, text in (("short", "Tell me a long story about a dragon."),
+                                  ("long", "Summarize this list: " + long_text))]
+    for name, prompt in prompts:
         # untimed: the first call of each executable pays one-off costs (page faults, thread pools)
         eng.generate(prompt=prompt + " ", sampling_params={"temperature": 0, "max_new_tokens": 4})
         eng.flush_cache()
@@ -123,10 +129,56 @@ def run(config: str, tokens: int, overrides: dict) -> dict:
         row.update(_split(eng, shape))
         results["rows"].append(row)
     eng.shutdown()
-    peer = shutil.which("llama-server")
-    results["peer"] = ("llama-server found at " + peer + ": not driven by this script yet") if peer else \
-        "skipped: llama-server is not on PATH (build it as cpu-baselines.md describes)"
+    peer = llama_server or shutil.which("llama-server")
+    if peer:
+        results["peer"] = _llama_server_rows(peer, resolve_model(cfg.model), prompts, tokens)
+    else:
+        results["peer"] = "skipped: llama-server is not on PATH (build it as cpu-baselines.md describes)"
     return results
+
+
+def _llama_server_rows(binary: str, gguf: str, prompts: list[tuple[str, str]], tokens: int) -> list[dict]:
+    """llama.cpp's server on the same GGUF, 2 threads, one slot: the same prompts (already templated), greedy,
+    `tokens` tokens with EOS ignored, one untimed call first; its own timings (prompt and per-token decode)."""
+    import requests
+
+    port = _free_port()
+    proc = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-t", "2", "-np", "1", "-c", "4096"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                if requests.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() > deadline or proc.poll() is not None:
+                return [{"error": "llama-server did not come up"}]
+            time.sleep(0.5)
+        rows = []
+        for name, prompt in prompts:
+            body = {"prompt": prompt, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
+                    "cache_prompt": False}
+            requests.post(url + "/completion", json=dict(body, n_predict=4), timeout=600)
+            t = time.perf_counter()
+            out = requests.post(url + "/completion", json=body, timeout=600).json()
+            wall = time.perf_counter() - t
+            tm = out["timings"]
+            rows.append({"prompt": name, "prompt_tokens": tm["prompt_n"], "tokens": tm["predicted_n"],
+                         "wall_per_token_ms": 1e3 * wall / tm["predicted_n"],
+                         "decode_per_token_ms": tm["predicted_per_token_ms"], "prompt_ms": tm["prompt_ms"]})
+        return rows
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def report(res: dict) -> str:
@@ -139,7 +191,17 @@ def report(res: dict) -> str:
                      f"{r['wall_per_token_ms']:.1f} | {r['step_ms']:.1f} | {r['host_ms']:.2f} | "
                      f"{r['compiled_ms']:.1f} | {r['forward_ms']:.1f} | {r['floor_ms']:.1f} | "
                      f"{r['step_ms'] / r['forward_ms']:.2f} |")
-    lines.append(f"peer: {res['peer']}")
+    if isinstance(res["peer"], str):
+        lines.append(f"peer: {res['peer']}")
+    else:
+        lines += ["llama-server (same GGUF, 2 threads, one slot):", "| prompt | ctx | wall/token ms | decode ms/token | "
+                  "prompt ms |", "|---|---|---|---|---|"]
+        for r in res["peer"]:
+            if "error" in r:
+                lines.append(f"| {r['error']} |")
+                continue
+            lines.append(f"| {r['prompt']} | {r['prompt_tokens']}+{r['tokens']} | {r['wall_per_token_ms']:.1f} | "
+                         f"{r['decode_per_token_ms']:.1f} | {r['prompt_ms']:.0f} |")
     return "\n".join(lines)
 
 
@@ -148,6 +210,7 @@ def main(argv=None):
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "smollm2-135m.yaml"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--llama-server", help="llama-server binary (default: the one on PATH)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from sgl_jax.config import leaf_fields, parse_value
@@ -157,7 +220,7 @@ def main(argv=None):
     for item in args.overrides:
         k, _, v = item.partition("=")
         overrides[k] = parse_value(v, leaves[k.rpartition(".")[2]][2])
-    res = run(args.config, args.tokens, overrides)
+    res = run(args.config, args.tokens, overrides, args.llama_server)
     print(report(res), flush=True)
     if args.json:
         with open(args.json, "w") as f:

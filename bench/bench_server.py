@@ -160,6 +160,38 @@ async def burst(url, texts, sp):
         return time.perf_counter() - t0, res
 
 
+def default_gguf() -> str:
+    sys.path.insert(0, ROOT)
+    from sgl_jax.models.hub import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict) -> dict:
+    """The burst's physical floor on this machine, measured now: the prompt tokens our server computed
+    (cold: the shared prefix once plus the suffixes) at the large-GEMM rate, plus `out_tokens` decode steps of
+    `n` rows, each the larger of reading the fp32 weights once and its FLOPs at the [n, hidden] GEMM rate."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    sys.path.insert(0, ROOT)
+    from floors import copy_bandwidth, jnp_gemm_rate, numpy_gemm_rate
+    from sgl_jax.models.config import ModelConfig
+    from sgl_jax.models.loader import read_gguf
+
+    reader, meta = read_gguf(gguf)
+    cfg = ModelConfig.from_gguf(meta, any(t.name == "output.weight" for t in reader.tensors))
+    fpt = cfg.flops_per_token()
+    bw, big = copy_bandwidth(1 << 30, threads=2), numpy_gemm_rate(2048)
+    small = jnp_gemm_rate(n, cfg.hidden_size, cfg.intermediate_size)
+    step = max(4 * cfg.num_params / bw, n * fpt / small)
+    out = {"copy_gbs": bw / 1e9, "gemm_gflops": big / 1e9, f"gemm_{n}_rows_gflops": small / 1e9,
+           "decode_step_ms": 1e3 * step}
+    for phase in ("cold", "warm"):
+        computed = ours[f"{phase}_prompt_tokens"] - ours[f"{phase}_cached_tokens"]
+        secs = computed * fpt / big + out_tokens * step
+        out[f"{phase}_req_per_s"] = n / secs
+    return out
+
+
 async def run_prefix(args):
     rng = random.Random(1)
     _, cold = prefix_workload(rng)
@@ -180,11 +212,16 @@ async def run_prefix(args):
         results["sgl_jax"] = {"prompt_tokens": prompt_tokens, "cold_req_per_s": 16 / t_cold,
                               "warm_req_per_s": 16 / t_warm,
                               "cold_cached_tokens": sum(r[0]["meta_info"]["cached_tokens"] for r in res_c),
-                              "warm_cached_tokens": sum(r[0]["meta_info"]["cached_tokens"] for r in res_w)}
+                              "warm_cached_tokens": sum(r[0]["meta_info"]["cached_tokens"] for r in res_w),
+                              "cold_prompt_tokens": sum(r[0]["meta_info"]["prompt_tokens"] for r in res_c),
+                              "warm_prompt_tokens": sum(r[0]["meta_info"]["prompt_tokens"] for r in res_w)}
     finally:
         srv.stop()
+    results["floor"] = prefix_floor(args.gguf or default_gguf(), len(cold), 64,
+                                    results["sgl_jax"])
     llama = args.llama_server or shutil.which("llama-server")
-    if llama and args.gguf:
+    if llama:
+        args.gguf = args.gguf or default_gguf()
         port = free_port()
         proc = subprocess.Popen([llama, "-m", args.gguf, "--port", str(port), "-cb", "-np", "16", "-t", "2",
                                  "-c", str(16 * 512)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
