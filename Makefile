@@ -22,10 +22,10 @@ model: install
 	$(PY) -m sgl_jax.models.hub smollm2-135m
 
 test: model
-	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 $(PYTEST_ARGS)
 
 test-fast: model
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(PYTEST_ARGS)
 
 serve: model
 	$(PY) -m sgl_jax.serve --config $(CONFIG)

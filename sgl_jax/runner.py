@@ -38,6 +38,8 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
+from pallas_kernels import cpu_int8
+
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
@@ -264,10 +266,14 @@ class ModelRunner:
         # shapes/dtypes of the device state: lowering never touches the (donated) buffers themselves
         self._state_avals = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                    (self.params, self.kv, self.pstate, self.cbuf))
+        # int8 on CPU: the native decode matmul is registered now, before any executable that calls it is loaded
+        self.native_int8 = (self.platform == "cpu"
+                            and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
+                            and cpu_int8.available())
         self.store = None
         if executable_dir:
             settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
-                        self.valid_vocab, V]
+                        self.valid_vocab, V, self.native_int8]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()

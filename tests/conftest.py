@@ -34,3 +34,30 @@ def server():
     finally:
         srv.stop()
         os.unlink(srv.log.name)
+
+
+# `make test` runs the suite on two workers (pytest-xdist, -n 2). A worker takes whole modules, so a module's
+# engine fixture is built once; the modules that share the session's server take one worker between them (one
+# server start, not two) and go first, as they are the longest unit of work. (xdist's own `--dist loadgroup`
+# does not group under pytest 9: the group suffix it writes to the node id is not read back.)
+_SERVER_MODULES = ("test_program_e2e.py", "test_server_e2e.py")  # in this order: the last test stops the server
+
+
+def pytest_collection_modifyitems(config, items):
+    def key(item):
+        name = item.nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+        return _SERVER_MODULES.index(name) if name in _SERVER_MODULES else len(_SERVER_MODULES)
+
+    items.sort(key=key)  # stable: every module keeps its own order
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return "server" if module.rsplit("/", 1)[-1] in _SERVER_MODULES else module
+
+    return ModuleScheduling(config, log)

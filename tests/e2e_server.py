@@ -1,6 +1,9 @@
 """The real server in a subprocess for the end-to-end tests (one per test session: see conftest.py's `server`).
 
-`python -m sgl_jax.serve --config configs/smollm2-135m.yaml` on a free loopback port, its log in a temp file.
+`python -m sgl_jax.serve --config configs/smollm2-135m.yaml` on a free loopback port, its log in a temp file, with
+`engine.warmup=false`: each step shape is compiled when a test first needs it (about a third of the preset's 36),
+instead of all of them in the background while the suite runs on both cores (start-up and background compilation
+have tests of their own in tests/test_engine.py and tests/test_executables.py).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ class _Server:
         env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sgl_jax.serve", "--config", CONFIG, "--port", str(self.port),
-             "--log-level", "warning", "--set", "server.drain_timeout_s=3"],
+             "--log-level", "warning", "--set", "server.drain_timeout_s=3", "--set", "engine.warmup=false"],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
 
     def tail(self, n: int = 4000) -> str:

@@ -19,7 +19,7 @@ import pytest
 
 import sgl_jax.program as sgl
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("server")]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "smollm2-135m.yaml")

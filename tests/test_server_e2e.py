@@ -21,7 +21,7 @@ import requests
 
 from sgl_jax.constrained.testing import USER_SCHEMA
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("server")]
+pytestmark = pytest.mark.slow
 # `server` is one real server for the whole session (conftest.py, tests/e2e_server.py); this module's
 # last test stops it with SIGTERM, and it runs after test_program_e2e.py, which shares it.
 
