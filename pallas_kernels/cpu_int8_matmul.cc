@@ -18,56 +18,127 @@
 #include <memory>
 #include <thread>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kMaxRows = 16;   // the Python side only routes calls with at most this many rows here
-constexpr int64_t kBlockIO = 256;  // output columns per block, "io": kMaxRows x 256 floats of accumulators
+constexpr int64_t kMaxRows = 16;  // the Python side only routes calls with at most this many rows here
 
-// Columns [n0, n1) of y for layout io. Per k, the block's weights are converted once into `wf` and used for
-// every row.
-void BlockIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
-  alignas(64) float acc[kMaxRows][kBlockIO];
-  alignas(64) float wf[kBlockIO];
-  const int64_t nb = n1 - n0;
-  for (int64_t m = 0; m < M; ++m) std::memset(acc[m], 0, sizeof(float) * nb);
-  for (int64_t k = 0; k < K; ++k) {
-    const int8_t* row = w + k * N + n0;
-    for (int64_t j = 0; j < nb; ++j) wf[j] = static_cast<float>(row[j]);
-    for (int64_t m = 0; m < M; ++m) {
-      const float xm = x[m * K + k];
-      float* a = acc[m];
-      for (int64_t j = 0; j < nb; ++j) a[j] += xm * wf[j];
-    }
-  }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < nb; ++j) y[m * N + n0 + j] = acc[m][j] * scale[n0 + j];
+typedef float v8f __attribute__((vector_size(32)));
+typedef int8_t v8b __attribute__((vector_size(8)));
+
+// Eight int8 weights as eight floats. GCC does not vectorize __builtin_convertvector from int8 (it widens one
+// element at a time), so x86 with AVX2 gets the two instructions by hand.
+inline v8f Load8(const int8_t* p) {
+#if defined(__AVX2__)
+  return (v8f)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+  v8b b;
+  std::memcpy(&b, p, sizeof(b));
+  return __builtin_convertvector(b, v8f);
+#endif
 }
 
-// Rows [n0, n1) of w (= columns of y) for layout oi: each output is a dot over k, in 8 lanes.
-void BlockOI(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* row = w + n * K;
-    float acc[kMaxRows][8] = {};
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-      float wf[8];
-      for (int l = 0; l < 8; ++l) wf[l] = static_cast<float>(row[k + l]);
-      for (int64_t m = 0; m < M; ++m)
-        for (int l = 0; l < 8; ++l) acc[m][l] += x[m * K + k + l] * wf[l];
-    }
-    for (int64_t m = 0; m < M; ++m) {
-      float s = ((acc[m][0] + acc[m][1]) + (acc[m][2] + acc[m][3])) +
-                ((acc[m][4] + acc[m][5]) + (acc[m][6] + acc[m][7]));
-      for (int64_t kk = k; kk < K; ++kk) s += x[m * K + kk] * static_cast<float>(row[kk]);
-      y[m * N + n] = s * scale[n];
+inline v8f LoadF8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// y[r0:r0+R, n0:n0+8C] for layout io, accumulators in registers: for each k, C groups of 8 weights are read once
+// (one byte each), widened, and multiplied into every row of the tile.
+template <int R, int C>
+void TileIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N, int64_t r0,
+            int64_t n0) {
+  v8f acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = v8f{};
+  const float* xr = x + r0 * K;
+  const int8_t* wp = w + n0;
+  for (int64_t k = 0; k < K; ++k, wp += N) {
+    v8f xb[R];
+    for (int r = 0; r < R; ++r) xb[r] = v8f{} + xr[r * K + k];
+    for (int c = 0; c < C; ++c) {
+      const v8f wv = Load8(wp + 8 * c);
+      for (int r = 0; r < R; ++r) acc[r][c] += xb[r] * wv;
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      for (int l = 0; l < 8; ++l) {
+        const int64_t n = n0 + 8 * c + l;
+        y[(r0 + r) * N + n] = acc[r][c][l] * scale[n];
+      }
+}
+
+// The same for the last columns (< 8), one at a time.
+void TailIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+            int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = n0; n < n1; ++n) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * static_cast<float>(w[k * N + n]);
+      y[m * N + n] = s * scale[n];
+    }
+}
+
+// Columns [n0, n1) of y for layout io (n0 a multiple of 8): tiles of 64 columns for one row, 32 for two, 16 for
+// groups of four rows (accumulators + one weight vector + the rows' broadcasts fit in 16 vector registers).
+void BlockIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t n0, int64_t n1) {
+  const int64_t full = n0 + (n1 - n0) / 8 * 8;
+  int64_t n = n0;
+  if (M == 1) {
+    for (; n + 64 <= full; n += 64) TileIO<1, 8>(x, w, scale, y, K, N, 0, n);
+    for (; n + 8 <= full; n += 8) TileIO<1, 1>(x, w, scale, y, K, N, 0, n);
+  } else if (M == 2) {
+    for (; n + 32 <= full; n += 32) TileIO<2, 4>(x, w, scale, y, K, N, 0, n);
+    for (; n + 8 <= full; n += 8) TileIO<2, 1>(x, w, scale, y, K, N, 0, n);
+  } else {
+    for (; n + 16 <= full; n += 16) {
+      int64_t r = 0;
+      for (; r + 4 <= M; r += 4) TileIO<4, 2>(x, w, scale, y, K, N, r, n);
+      for (; r < M; ++r) TileIO<1, 2>(x, w, scale, y, K, N, r, n);
+    }
+    for (; n + 8 <= full; n += 8)
+      for (int64_t r = 0; r < M; ++r) TileIO<1, 1>(x, w, scale, y, K, N, r, n);
+  }
+  if (full < n1) TailIO(x, w, scale, y, M, K, N, full, n1);
+}
+
+// Rows [n0, n1) of w (= columns of y) for layout oi: each output is a dot over k of a contiguous weight row;
+// four outputs at a time share each load of x, in 8-lane partial sums reduced at the end.
+template <int O>
+void DotsOI(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+            int64_t n) {
+  const int64_t k8 = K / 8 * 8;
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = x + m * K;
+    v8f acc[O];
+    for (int o = 0; o < O; ++o) acc[o] = v8f{};
+    for (int64_t k = 0; k < k8; k += 8) {
+      const v8f xv = LoadF8(xm + k);
+      for (int o = 0; o < O; ++o) acc[o] += xv * Load8(w + (n + o) * K + k);
+    }
+    for (int o = 0; o < O; ++o) {
+      float s = ((acc[o][0] + acc[o][1]) + (acc[o][2] + acc[o][3])) + ((acc[o][4] + acc[o][5]) + (acc[o][6] + acc[o][7]));
+      for (int64_t k = k8; k < K; ++k) s += xm[k] * static_cast<float>(w[(n + o) * K + k]);
+      y[m * N + n + o] = s * scale[n + o];
+    }
+  }
+}
+
+void BlockOI(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) DotsOI<4>(x, w, scale, y, M, K, N, n);
+  for (; n < n1; ++n) DotsOI<1>(x, w, scale, y, M, K, N, n);
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
@@ -93,7 +164,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   }
   auto run = [=](int64_t n0, int64_t n1) {
     if (io) {
-      for (int64_t a = n0; a < n1; a += kBlockIO) BlockIO(xp, wp, sp, yp, M, K, N, a, std::min(a + kBlockIO, n1));
+      BlockIO(xp, wp, sp, yp, M, K, N, n0, n1);
     } else {
       BlockOI(xp, wp, sp, yp, M, K, N, n0, n1);
     }
@@ -104,7 +175,7 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     run(0, N);
     return ffi::Error::Success();
   }
-  const int64_t unit = io ? kBlockIO : 8;
+  const int64_t unit = io ? 64 : 8;
   const int64_t half = std::min(N, (N / 2 + unit - 1) / unit * unit);
   // The second half goes to the pool, but whoever gets to it first runs it: the pool's threads may all be busy
   // (XLA runs independent ops side by side, and this call may itself be on a pool thread), so waiting for the

@@ -8,7 +8,6 @@ import random
 import re
 import subprocess
 import sys
-import time
 from decimal import Decimal
 
 import numpy as np
@@ -499,8 +498,8 @@ def test_unsatisfiable_with_vocab():
     assert list(allowed_tokens(fsm, 0)) == [1]
 
 
+@pytest.mark.timeout(60)  # a limit that did not hold would hang here
 def test_limits_raise_instead_of_hanging():
-    t0 = time.monotonic()
     with pytest.raises(ConstraintTooLargeError, match="state limit"):
         regex_to_byte_dfa("(a|b)*a(a|b){20}", max_states=1000)
     with pytest.raises(ConstraintTooLargeError):
@@ -511,7 +510,6 @@ def test_limits_raise_instead_of_hanging():
     vocab, eos = synthetic_vocab()
     with pytest.raises(ConstraintTooLargeError):
         compile_json_schema({"type": "string", "maxLength": 5000}, vocab, eos, max_states=2000)
-    assert time.monotonic() - t0 < 10
 
 
 def test_module_does_not_import_jax():
@@ -1059,10 +1057,7 @@ def smollm_vocab(smollm2_gguf):
 def test_real_vocab_json_schema(smollm_vocab):
     vocab, eos, tv = smollm_vocab
     assert len(vocab) > 40000
-    t0 = time.perf_counter()
-    fsm = compile_json_schema(TEN_FIELDS, tv)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 20, elapsed
+    fsm = compile_json_schema(TEN_FIELDS, tv)  # its compile time is measured in bench/bench_structured.py
     assert fsm.mask.shape == (fsm.num_states, (len(vocab) + 31) // 32)
     rng = random.Random(42)
     for _ in range(12):
