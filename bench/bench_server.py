@@ -204,6 +204,12 @@ async def run_prefix(args):
     try:
         await srv.wait()
         async with aiohttp.ClientSession() as s:
+            t0 = time.time()  # the background compiler would share the cores with the timed bursts
+            while time.time() - t0 < 1800:
+                async with s.get(srv.url + "/get_server_info") as r:
+                    if (await r.json()).get("background_compile_done", True):
+                        break
+                await asyncio.sleep(2)
             await s.post(srv.url + "/flush_cache")
             async with s.post(srv.url + "/tokenize", json={"text": cold[0]}) as r:
                 prompt_tokens = (await r.json()).get("count")
