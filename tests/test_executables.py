@@ -16,7 +16,7 @@ from sgl_jax.engine import Engine
 from sgl_jax.models.testing import write_tiny_gguf
 
 SMALL = dict(page_size=4, max_context_len=64, max_running_requests=4, max_prefill_tokens=32, prefill_block=8,
-             decode_buckets=[1, 4], prefill_block_buckets=[1, 4], max_mixed_blocks=0,
+             decode_buckets=[4], prefill_block_buckets=[4], max_mixed_blocks=0,  # 3 shapes: saving, not the grid
              page_width_buckets=[16], max_top_logprobs=2, kv_memory_gb=0.01, decode_row_fill="fit")
 GREEDY = {"temperature": 0, "max_new_tokens": 6, "ignore_eos": True}
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 47)), [100, 3, 3, 3]]
