@@ -102,8 +102,9 @@ class SchedulerConfig:
     schedule_policy: str = _f("lpm", "lpm (longest prefix match, cache-aware) | dfs-weight | fcfs")
     starvation_limit: int = _f(64, "a waiting request is bypassed at most this many times by cache-aware ordering")
     new_token_ratio: float = _f(0.4, "fraction of max_new_tokens reserved in pages when admitting a request")
-    decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (e.g. after jump-forward) "
-                               "computes them as decode rows instead of a padded prefill block")
+    decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (after jump-forward, or admitted "
+                               "with a cached prefix: a fork branch's suffix) computes them as decode rows "
+                               "instead of a padded prefill block")
     decode_row_fill: str = _f("auto", "auto | fit | pad: whether multi-token decode runs (jump-forward) may grow a step "
                               "to a larger decode bucket. pad: always (a memory-bound step pays little per row); "
                               "fit: never, they fill spare rows only (a compute-bound CPU pays every row); auto: "

@@ -358,8 +358,9 @@ class Scheduler:
         return out
 
     # ---------------------------------------------------------------------------------- schedule
-    def schedule(self) -> StepPlan | None:
-        """Plan the next step, or None when there is nothing to do.
+    def schedule(self, defer: bool = True) -> StepPlan | None:
+        """Plan the next step, or None when there is nothing to do. (`defer`: see `_rows_next`; off when
+        re-planning, so that a step is planned after at most two re-plans.)
 
         Longer than ~80 lines because it builds one step's plan in the order the policy is applied (grow
         decodes, admit and chunk prefills, lay out decode runs).
@@ -425,7 +426,9 @@ class Scheduler:
                 if not take(r):
                     break
             if budget_tokens > 0 and blocks < max_blocks:
-                self._admit(take, len(decoding), prefilling)
+                admitted = self._admit(take, len(decoding), prefilling, defer)
+                if not chunks and defer and any(self._rows_next(r) for r in admitted):
+                    return self.schedule(defer=False)  # they decode as rows: plan that step now
 
         dec_chunks = []
         full = any(c.logits_from is not None and c.end - c.logits_from > 1 for c in chunks)
@@ -451,7 +454,7 @@ class Scheduler:
         if not dec_chunks and not pre_chunks:
             if decoding and prefill_only and not self._last_was_prefill_only:
                 self._last_was_prefill_only = True  # the waiting work does not fit: let decodes run
-                return self.schedule()
+                return self.schedule(defer)
             return None
         self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
@@ -505,7 +508,7 @@ class Scheduler:
                     best, best_score = (plan[0], plan[1], b), score
         return best
 
-    def _admit(self, take, num_decoding, prefilling) -> list[Request]:
+    def _admit(self, take, num_decoding, prefilling, defer: bool = True) -> list[Request]:
         cfg = self.cfg
         if len(self.running) >= cfg.max_running_requests or not self.free_slots:
             return []  # nothing can be admitted: skip ordering the whole queue
@@ -548,7 +551,8 @@ class Scheduler:
             if r.uses_penalties:  # the device penalty rows get the prompt and any output so far
                 self._marks += [(r.slot, t, False) for t in r.prompt_ids]
                 self._marks += [(r.slot, t, True) for t in r.output_ids]
-            take(r)  # if the step is full, it continues as a prefilling request next step
+            if not (defer and self._rows_next(r)):
+                take(r)  # if the step is full, it continues as a prefilling request next step
             admitted.append(r)
             inflight.append(r)
             if len(admitted) + num_decoding >= cfg.max_running_requests:
@@ -557,6 +561,14 @@ class Scheduler:
             if any(a.arrival > r.arrival for a in admitted):
                 r.bypassed += 1
         return admitted
+
+    def _rows_next(self, r: Request) -> bool:
+        """A request admitted with a cached prefix and at most `decode_row_chunk` tokens left (a fork branch's
+        or a chat turn's short suffix) takes no prefill chunk: from the next plan on it decodes as rows, one
+        per token, not as a prefill block padded to `prefill_block` tokens."""
+        left = r.num_tokens - r.num_computed
+        return (r.num_computed > 0 and 1 <= left <= min(self.cfg.decode_row_chunk, self.grid.max_decode_rows)
+                and r.logits_needed_from() is None)
 
     @staticmethod
     def _lcp(a: Request, b: Request) -> int:

@@ -1,7 +1,7 @@
 """The real server in a subprocess for the end-to-end tests (one per test session: see conftest.py's `server`).
 
 `python -m sgl_jax.serve --config configs/smollm2-135m.yaml` on a free loopback port, its log in a temp file, with
-`engine.warmup=false`: each step shape is compiled when a test first needs it, instead of all 36 in a background
+`engine.warmup=false`: each step shape is compiled when a test first needs it, instead of all of them in a background
 thread that competed with the suite for the two cores (start-up and background compilation have tests of their own
 in tests/test_engine.py and tests/test_executables.py).
 """

@@ -15,12 +15,16 @@ import jax
 import jax.numpy as jnp
 
 from sgl_jax.models.attention import (
+    CHUNK_PAGES,
+    chunk_pages_for,
     page_major_pays,
     paged_attention,
     paged_block_attention,
+    paged_chunked_attention,
     paged_decode_attention,
     paged_decode_page_major,
     pages_shared,
+    shared_columns,
 )
 
 KV, G, D = 2, 3, 16
@@ -221,3 +225,101 @@ def test_pages_shared_and_threshold():
     assert not bool(pages_shared(pt, jnp.asarray([5, 0, 1]), S, 10))
     assert page_major_pays(32, 32, 1025) and page_major_pays(64, 32, 1450)
     assert not page_major_pays(32, 32, 1450) and not page_major_pays(1, 32, 10)
+
+
+_chunked = jax.jit(paged_chunked_attention,
+                   static_argnames=("sm_scale", "sliding_window", "soft_cap", "chunk_pages", "cascade"))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunk_pages", [1, 2, 3])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("shared", [0, 3])
+def test_chunked_decode_matches_dense_reference(chunk_pages, sliding_window, soft_cap, shared):
+    """The loops over page chunks with an online softmax: rows that need 0, 1 and all chunks, a table width
+    that is not a multiple of the chunk, NaN in every slot no query may see; with shared prefix pages the
+    cascade part reads them once (the shortest row keeps it to the pages every row has in full)."""
+    S = 4
+    rows = decode_rows(S)
+    if shared:
+        rows = [(n, qs) for n, qs in rows if n == 0 or n > shared * S]  # rows long enough to share 3 pages
+    q, k, v, pt, lens, pos = make_case(20 + chunk_pages, S=S, rows=rows, sliding_window=sliding_window,
+                                       shared=shared)
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, lens, pos))
+    assert int(shared_columns(args[3], args[4], S)) == shared
+    out = _chunked(*args, chunk_pages=chunk_pages, **kw)
+    _check(out, ref, pos, lens, 2e-5)
+    _check(_chunked(*args, chunk_pages=chunk_pages, cascade=False, **kw), ref, pos, lens, 2e-5)
+
+
+@pytest.mark.timeout(60)
+def test_shared_columns():
+    S = 4
+    pt = jnp.asarray([[3, 5, 8, 0], [3, 5, 9, 0], [3, 6, 0, 0], [7, 0, 0, 0]], jnp.int32)
+    # the last row has no keys: it does not count; row 2 differs from column 1 on
+    assert int(shared_columns(pt, jnp.asarray([12, 10, 8, 0]), S)) == 1
+    assert int(shared_columns(pt[:2], jnp.asarray([12, 10]), S)) == 2
+    # a shared page must be full below every row's length: row 1 ends inside page 5
+    assert int(shared_columns(pt[:2], jnp.asarray([12, 7]), S)) == 1
+    # one row with keys shares nothing
+    assert int(shared_columns(pt, jnp.asarray([12, 0, 0, 0]), S)) == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("chunk_pages", [1, 2, 4])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_chunked_blocks_match_dense_reference(chunk_pages, shared):
+    """Rows of several queries (prefill blocks: padded slots, a block in the middle of its chunk), also over
+    pages shared by every row."""
+    S, Bq = 4, 4
+    rows = [(n, [t if t >= 0 else -1 for t in range(n - Bq, n)]) for n in (1, 3, S, 2 * S + 1, 5 * S + 3)]
+    rows += [(3 * S + 1, [S, S + 1, S + 2, S + 3]), (0, [-1] * Bq)]
+    q, k, v, pt, lens, pos = make_case(30 + shared, S=S, rows=rows, shared=shared)
+    kw = dict(sm_scale=0.4, soft_cap=3.0, sliding_window=6)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, lens, pos))
+    _check(_chunked(*args, chunk_pages=chunk_pages, **kw), ref, pos, lens, 2e-5)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bq", [1, 4])
+def test_wide_tables_take_the_chunked_path(bq):
+    """A table wider than the chunk, the rows far shorter (the serving case: a bucketed width), through
+    paged_attention: equal to the reference, and to the chunked function itself."""
+    S = 4
+    width = chunk_pages_for(5) + 3
+    lens = [1, 2 * S + 1, 5 * S, CHUNK_PAGES * S + 1, 0]
+    rows = [(n, [n - bq + i if n - bq + i >= 0 else -1 for i in range(bq)]) for n in lens]
+    q, k, v, pt, kv_lens, pos = make_case(40 + bq, S=S, rows=rows, extra_pages=8 * width)
+    pt = np.pad(pt, ((0, 0), (0, width - pt.shape[1])))
+    kw = dict(sm_scale=0.4)
+    ref = dense_reference(q, k, v, pt, kv_lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, kv_lens, pos))
+    assert not page_major_pays(len(rows), width, k.shape[0])
+    out = _dispatch(*args, **kw)
+    _check(out, ref, pos, kv_lens, 2e-5)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(_chunked(*args, chunk_pages=chunk_pages_for(len(rows)),
+                                                                      **kw)))
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bq", [1, 4])
+def test_wide_tables_filled_or_shared(bq):
+    """Wide tables on the other branches of paged_attention: blocks whose longest row fills the table (the
+    whole-table gather), and decode rows sharing prefix pages in a pool small enough for page-major (the
+    chunked fallback)."""
+    S = 4
+    width = chunk_pages_for(4) + 3
+    lens = [width * S - 1, 2 * S + 1, 9 * S, 1]
+    rows = [(n, [n - bq + i if n - bq + i >= 0 else -1 for i in range(bq)]) for n in lens]
+    q, k, v, pt, kv_lens, pos = make_case(50 + bq, S=S, rows=rows, shared=2, extra_pages=1)
+    assert pt.shape[1] > chunk_pages_for(4)  # (the longest row's pages and one spare column)
+    kw = dict(sm_scale=0.4, soft_cap=2.0)
+    ref = dense_reference(q, k, v, pt, kv_lens, pos, **kw)
+    args = tuple(jnp.asarray(x) for x in (q, k, v, pt, kv_lens, pos))
+    if bq == 1:
+        assert page_major_pays(len(rows), pt.shape[1], k.shape[0]) and bool(pages_shared(args[3], args[4], S, k.shape[0]))
+    _check(_dispatch(*args, **kw), ref, pos, kv_lens, 2e-5)

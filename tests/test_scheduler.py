@@ -508,3 +508,36 @@ def test_prompt_logprobs_survive_retraction_exactly_once():
     for r in reqs:
         assert done[r.rid] == expected_output(r.prompt_ids, 24)
         assert entries[r.rid] == expected_entries(r.prompt_ids, r.logprob_start), r.rid
+
+
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_short_suffix_after_a_cached_prefix_decodes_as_rows(logprobs):
+    """Fork branches: a cached prompt, then requests that add a few tokens each. They take no prefill block
+    (a 64-token block for 5 tokens): their first plan lays the suffixes out as decode rows, and the outputs
+    are the mock's. A request that wants prompt logprobs, or a fresh short prompt, still prefills."""
+    s = make(max_running=16, short_chunk=8)
+    runner = MockRunner(4)
+    prefix = list(range(1, 41))
+    s.add(Request("parent", prefix, 0))
+    drive(s, runner)
+    kw = dict(logprob_start=41) if logprobs else {}
+    reqs = [Request(f"b{i}", prefix + [100 + i] * (3 + i), 3, **kw) for i in range(4)]
+    reqs.append(Request("fresh", [7, 8, 9], 3))
+    for r in reqs:
+        s.add(r)
+    done, firsts = {}, {}
+    while s.has_work:
+        plan = s.schedule()
+        for c in plan.chunks:
+            firsts.setdefault(c.req.rid, c)
+        out = runner.run(plan)
+        s.on_step_done(plan)
+        apply_outputs(s, plan, out, done)
+        s.check_integrity()
+    assert not firsts["fresh"].as_decode  # a fresh prompt prefills
+    for i in range(4):
+        c = firsts[f"b{i}"]
+        assert c.start == 40  # the cached prefix is not recomputed
+        assert c.as_decode == (not logprobs), (i, c)
+    for r in reqs:
+        assert done[r.rid] == expected_output(r.prompt_ids, r.max_new_tokens), r.rid

@@ -85,21 +85,38 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     (and j > t - sliding_window). Returns [R, Bq, H, D] in q.dtype; rows with no visible key give 0.
 
     Rows of one query (Bq == 1: the decode segment, and run blocks of one token) take
-    `paged_decode_attention`, or `paged_decode_page_major` when the rows' page tables are about as large as
-    the pool (`page_major_pays`) and no page has two owner rows; the others `paged_block_attention`.
-    All compute the same function.
+    `paged_decode_page_major` when the rows' pages, up to the longest row, are about as many as the pool's
+    (`page_major_pays` statically for full tables, then on the device for this call's lengths) and no page
+    has two owner rows. Otherwise a table wider than `CHUNK_PAGES` takes
+    `paged_chunked_attention` (work in proportion to the longest row, not the table width), and a narrower
+    one `paged_decode_attention` (Bq == 1) or `paged_block_attention`; blocks (Bq > 1) whose longest row
+    fills 3/4 of the table gather it whole (decided on the device). All compute the same function.
     """
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_pages, v_pages, page_table, kv_lens, q_positions)
-    if q.shape[1] != 1:
-        return paged_block_attention(*args, **kw)
-    if not page_major_pays(q.shape[0], page_table.shape[1], k_pages.shape[0]):
-        return paged_decode_attention(*args, **kw)
-    # Page-major needs each page to have one owner row; a page shared by rows (a radix-cache prefix) sends the
-    # whole call to the gather path. Decided per call on the device (lax.cond runs one branch).
-    return jax.lax.cond(pages_shared(page_table, kv_lens, k_pages.shape[2], k_pages.shape[0]),
-                        lambda *a: paged_decode_attention(*a, **kw),
-                        lambda *a: paged_decode_page_major(*a, **kw), *args)
+    R, Bq, P = q.shape[0], q.shape[1], page_table.shape[1]
+    C = chunk_pages_for(R)
+    if Bq != 1:
+        if P <= C:
+            return paged_block_attention(*args, **kw)
+        # blocks that fill most of their table gather it whole (the online softmax costs ~20 % more there);
+        # no cascade for blocks: it was slower than the per-row loop in a CPU microbenchmark (bench/notes.md)
+        full = jnp.max(kv_lens) * 4 >= P * k_pages.shape[2] * 3
+        return jax.lax.cond(full, lambda *a: paged_block_attention(*a, **kw),
+                            lambda *a: paged_chunked_attention(*a, chunk_pages=C, cascade=False, **kw), *args)
+    if not page_major_pays(R, P, k_pages.shape[0]):
+        if P <= C:
+            return paged_decode_attention(*args, **kw)
+        return paged_chunked_attention(*args, chunk_pages=C, **kw)
+    # Page-major reads the whole pool, the other paths the rows' pages up to the longest row: it is taken when
+    # the rows' pages at that length come near the pool's size, and only when no page has two owner rows (a
+    # radix-cache prefix shared by rows). Decided per call on the device (lax.cond runs one branch).
+    other = (paged_decode_attention if P <= C else
+             lambda *a, **k: paged_chunked_attention(*a, chunk_pages=C, **k))
+    N, S = k_pages.shape[0], k_pages.shape[2]
+    need = (jnp.max(kv_lens) + S - 1) // S
+    use_pm = (R * need >= PAGE_MAJOR_MIN_ENTRIES * N) & ~pages_shared(page_table, kv_lens, S, N)
+    return jax.lax.cond(use_pm, lambda *a: paged_decode_page_major(*a, **kw), lambda *a: other(*a, **kw), *args)
 
 
 def _masked_softmax(s, visible, axes=(-2, -1)):
@@ -136,6 +153,114 @@ def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
     p = _masked_softmax(s, visible[:, None, None])  # visible as [R, 1, 1, Bq, P, S]
     out = jnp.einsum("RKGQPS,RPKSD->RQKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(R, Bq, H, D).astype(q.dtype)
+
+
+# Table columns per step of `paged_chunked_attention`'s loop (8 pages of 16 slots = 128 keys per row and step).
+# Few rows take wider chunks (the loop's per-step cost matters more than the gathered block's size).
+CHUNK_PAGES = 8
+
+
+def chunk_pages_for(rows: int) -> int:
+    return 4 * CHUNK_PAGES if rows <= 2 else 2 * CHUNK_PAGES if rows <= 8 else CHUNK_PAGES
+
+
+def shared_columns(page_table, kv_lens, page_size: int):
+    """Scalar int32: how many leading table columns hold the same page in every row that has keys, each page
+    full below every such row's length (the radix-cache prefix of fork branches or a shared system prompt).
+    0 unless two rows have keys."""
+    R, P = page_table.shape
+    live = kv_lens > 0
+    first = jnp.argmax(live)
+    same = jnp.all((page_table == page_table[first][None, :]) | ~live[:, None], axis=0)  # [P]
+    min_len = jnp.min(jnp.where(live, kv_lens, jnp.iinfo(jnp.int32).max))
+    full = (jnp.arange(P) + 1) * page_size <= min_len
+    n = jnp.sum(jnp.cumprod((same & full).astype(jnp.int32)))
+    return jnp.where(jnp.sum(live.astype(jnp.int32)) >= 2, n, 0).astype(jnp.int32)
+
+
+def paged_chunked_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
+                            sliding_window: int | None = None, soft_cap: float | None = None,
+                            chunk_pages: int = CHUNK_PAGES, cascade: bool = True):
+    """`paged_attention` in loops over chunks of `chunk_pages` table columns, with an online softmax (running
+    max and sum per query), for as many chunks as the rows of this call need: trip counts computed on the
+    device from `kv_lens`. The page-table width is then a bound, not a cost: a batch at context 700 in a table
+    of 128 pages (2,048 keys) reads 48 pages per row, not 128. The gather path reads (and copies) every table
+    entry, padding included; this one reads entries past the longest row never.
+
+    Cascade (`cascade=True`): the leading columns whose pages every row shares (`shared_columns`) are read
+    once for all rows -- one gather of C pages per step and one [rows x queries x heads, D] x [D, keys] product
+    per KV head -- and each row's own pages after them in the per-row loop. Fork branches decoding over their
+    common prompt read it once instead of once per branch.
+
+    Any Bq (decode rows, run blocks, prefill blocks). V is zeroed wherever no query sees the key (stale
+    non-finite slots must not meet a zero probability); scores of invisible keys are masked to a finite
+    minimum, so a row that sees nothing gets exact zeros, as in the one-pass forms."""
+    R, Bq, H, D = q.shape
+    _, KV, S, _ = k_pages.shape
+    P = page_table.shape[1]
+    G = H // KV
+    C = chunk_pages
+    n_chunks = -(-P // C)
+    table = jnp.pad(page_table, ((0, 0), (0, (n_chunks + 1) * C - P)))  # sink page; past every row's length
+    need = (jnp.max(kv_lens) + S - 1) // S  # columns the longest row uses
+    n_shared = shared_columns(page_table, kv_lens, S) if cascade else jnp.int32(0)
+    qg = q.reshape(R, Bq, KV, G, D)
+    qpos = q_positions[:, :, None, None]  # [R, Bq, 1, 1]
+    lens = kv_lens[:, None, None, None]
+
+    def update(carry, s, v, visible):
+        """Fold the raw scores s [R, KV, G, Bq, C, S] of one chunk (values v) into the running softmax."""
+        m, l, acc = carry  # [R, KV, G, Bq], [R, KV, G, Bq], [R, KV, G, Bq, D]
+        s = s * sm_scale
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
+        vis = visible[:, None, None]  # [R, 1, 1, Bq, C, S]
+        s = jnp.where(vis, s, _MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=(-2, -1)))
+        p = jnp.where(vis, jnp.exp(s - m_new[..., None, None]), 0.0)
+        scale = jnp.exp(m - m_new)
+        l = l * scale + jnp.sum(p, axis=(-2, -1))
+        eq = "RKGQCS,RCKSD->RKGQD" if v.ndim == 5 else "RKGQCS,CKSD->RKGQD"
+        acc = acc * scale[..., None] + jnp.einsum(eq, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return m_new, l, acc
+
+    def visible_at(col0, lo, hi):
+        """[R, Bq, C, S]: which keys of columns col0.. the queries see, within columns [lo, hi)."""
+        col = col0 + jnp.arange(C)
+        kpos = col[:, None] * S + jnp.arange(S)[None, :]  # [C, S]
+        vis = (kpos[None, None] <= qpos) & (kpos[None, None] < lens)
+        vis &= ((col >= lo) & (col < hi))[None, None, :, None]
+        if sliding_window is not None:
+            vis &= kpos[None, None] > qpos - sliding_window
+        return vis
+
+    def shared_body(i, carry):
+        col0 = i * C
+        cols = jax.lax.dynamic_slice_in_dim(shared_row, col0, C)  # [C]
+        visible = visible_at(col0, 0, n_shared)
+        seen = jnp.any(visible, axis=(0, 1))  # [C, S]
+        v = jnp.where(seen[:, None, :, None], v_pages[cols], 0)  # [C, KV, S, D]
+        s = jnp.einsum("RQKGD,CKSD->RKGQCS", qg, k_pages[cols], preferred_element_type=jnp.float32)
+        return update(carry, s, v, visible)
+
+    def own_body(i, carry):
+        col0 = n_shared + i * C
+        cols = jax.lax.dynamic_slice_in_dim(table, col0, C, axis=1)  # [R, C]
+        visible = visible_at(col0, n_shared, P)
+        seen = jnp.any(visible, axis=1)  # [R, C, S]
+        v = jnp.where(seen[:, :, None, :, None], v_pages[cols], 0)  # [R, C, KV, S, D]
+        s = jnp.einsum("RQKGD,RCKSD->RKGQCS", qg, k_pages[cols], preferred_element_type=jnp.float32)
+        return update(carry, s, v, visible)
+
+    carry = (jnp.full((R, KV, G, Bq), _MASK_VALUE, jnp.float32), jnp.zeros((R, KV, G, Bq), jnp.float32),
+             jnp.zeros((R, KV, G, Bq, D), jnp.float32))
+    if cascade:
+        shared_row = table[jnp.argmax(kv_lens > 0)]  # [P + pad]: the first row with keys
+        carry = jax.lax.fori_loop(0, (n_shared + C - 1) // C, shared_body, carry)
+    own_trips = jnp.clip((need - n_shared + C - 1) // C, 0, n_chunks)
+    _, l, acc = jax.lax.fori_loop(0, own_trips, own_body, carry)
+    out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]  # [R, KV, G, Bq, D]
+    return jnp.moveaxis(out, 3, 1).reshape(R, Bq, H, D).astype(q.dtype)
 
 
 def _decode_visible(kpos, kv_lens, q_positions, sliding_window):
@@ -175,11 +300,13 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions
 
 
 # Page-major decode reads every pool page once, whatever the batch; the gather path reads and copies R * P pages
-# (entries past a row's length read page 0, the sink, but are copied all the same). Page-major is taken when
-# R * P >= PAGE_MAJOR_MIN_ENTRIES * N, a static decision (shapes are static). Set from whole decode steps on a
-# 2-core Zen-3 host (bench/notes.md, "Decode attention for batch decode"): page-major was 11-22 % faster at
-# R * P ~= N (the pool just holds the batch) and 30 % faster at R * P = 1.4 N (B=64, width 32, 1450-page pool,
-# 35 % of it in use); at R * P = 0.71 N it was even (ctx 512) or 17 % slower (ctx 128, 18 % of the pool in use).
+# (entries past a row's length read page 0, the sink, but are copied all the same), the chunked path R pages per
+# column up to the longest row. The threshold was set against the gather path at full tables (R * P = R * the
+# longest row), from whole decode steps on a 2-core Zen-3 host (bench/notes.md, "Decode attention for batch
+# decode"): page-major was 11-22 % faster at R * P ~= N (the pool just holds the batch) and 30 % faster at
+# R * P = 1.4 N (B=64, width 32, 1450-page pool, 35 % of it in use); at R * P = 0.71 N it was even (ctx 512) or
+# 17 % slower (ctx 128, 18 % of the pool in use). `paged_attention` applies it to R x the longest row's pages
+# (on the device); `page_major_pays` is the static gate (a full table could reach it).
 PAGE_MAJOR_MIN_ENTRIES = 0.8
 
 
