@@ -292,6 +292,9 @@ def test_optimal_hit_rate_hand_worked():
     assert optimal_hit_rate([]) == 0.0 and optimal_hit_rate([([], [1])]) == 0.0
     # arrival order matters: the same requests reversed reuse less
     assert optimal_hit_rate(reqs[::-1]) < optimal_hit_rate(reqs)
+    # whole pages of 2, each prompt's last token computed: 4 -> 4, 2 -> 2, and the last 6 -> min(6, 5) -> 4
+    assert optimal_hits(reqs, page_size=2) == (10, 18)
+    assert optimal_hits(reqs, page_size=4) == (8, 18)  # 4, 0, 4
 
 
 @pytest.mark.timeout(30)
@@ -373,6 +376,8 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
     res = json.loads(out.read_text())
     assert all(f"\n{w} " in table.getvalue() for w in WORKLOADS) and "optimal" in table.getvalue()
     assert res["peer"].startswith("peer") and len(res["runs"]) == 1
+    floor = res["runs"][0]["floor"]
+    assert floor["prefill_tok_s"] > 0 and floor["decode_step_s"] > 0 and "lat/floor" in table.getvalue()
     rows = res["runs"][0]["rows"]
     assert [r["workload"] for r in rows] == list(WORKLOADS)
     for r in rows:
@@ -380,10 +385,12 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
         assert r["programs"] == 1 and r["errors"] == 0, r
         assert 0 <= r["hit_rate"] <= 1 and 0 <= r["optimal_hit_rate"] <= 1, r
         assert r["requests"] >= 1 and r["programs_per_s"] > 0 and r["latency_s"] > 0, r
+        # the compute floor: uncached prompt tokens at the measured prefill rate + decode steps at the step cost
+        assert r["floor_s"] > 0 and r["latency_over_floor"] == pytest.approx(r["latency_s"] / r["floor_s"]), r
         # the recorder saw exactly the prompts the engine counted
         assert r["optimal_prompt_tokens"] == r["prompt_tokens"], r
-        # page granularity and scheduling can only lose hits against the infinite-cache bound
-        assert r["hit_rate"] <= r["optimal_hit_rate"] + 1e-9, r
+        # page granularity and scheduling can only lose hits against the infinite-cache bounds
+        assert r["hit_rate"] <= r["optimal_page_hit_rate"] + 1e-9 <= r["optimal_hit_rate"] + 2e-9, r
     metric = {r["workload"]: r for r in rows}
     assert metric["json"]["json_valid"] == 1.0  # the FSM keeps every value well-formed, even on a random model
     assert all(metric[w]["accuracy"] is not None for w in ("mmlu", "hellaswag", "react", "tot", "rag"))

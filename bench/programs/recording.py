@@ -19,8 +19,12 @@ from __future__ import annotations
 import threading
 
 
-def optimal_hits(requests) -> tuple[int, int]:
-    """(reusable prompt tokens, total prompt tokens) for [(prompt ids, output ids), ...] in arrival order."""
+def optimal_hits(requests, page_size: int = 1) -> tuple[int, int]:
+    """(reusable prompt tokens, total prompt tokens) for [(prompt ids, output ids), ...] in arrival order.
+
+    page_size > 1: the bound for a cache of whole pages that computes at least each prompt's last token (as
+    the engine's does): each match is cut to len(prompt) - 1 and rounded down to whole pages. The gap between
+    the two bounds is what page granularity costs; the gap below the paged one is the schedule's."""
     root: dict = {}
     hits = total = 0
     for prompt, output in requests:
@@ -30,6 +34,8 @@ def optimal_hits(requests) -> tuple[int, int]:
             if node is None:
                 break
             m += 1
+        if page_size > 1:
+            m = min(m, len(prompt) - 1) // page_size * page_size
         hits += m
         total += len(prompt)
         node = root

@@ -7,7 +7,10 @@ A workload's run:
  3. Stop recording; the achieved hit rate is the counters' delta (cached prompt tokens / prompt tokens, as the
     engine or the server's /server_info reports them), the optimal one is computed from the recorded ids.
  4. Score the states (accuracy where the workload has gold, JSON validity), count failed programs.
- 5. Flush again and run the first few programs one at a time: mean single-program latency.
+ 5. Flush again and run the first few programs one at a time: mean single-program latency, beside its compute
+    floor: the uncached prompt tokens those programs sent at the prefill rate plus the decode steps the engine
+    ran for them at the batch-1 step cost, both measured on the target at the start of the run
+    (`measure_floor`).
 
 Targets: `engine` (an in-process Engine on the preset, through `EngineBackend`), `http` (our RuntimeEndpoint to
 our server, started here on the preset or given with --url) and `upstream` (upstream's frontend, sglang 0.5.10,
@@ -42,7 +45,7 @@ ABLATIONS = [("baseline", {}, None),
              ("jump-fwd off", {"disable_jump_forward": True}, ("json",))]
 FIELDS = ("workload", "programs", "threads", "requests", "batch_s", "programs_per_s", "latency_s",
           "latency_programs", "prompt_tokens", "cached_tokens", "hit_rate", "optimal_prompt_tokens",
-          "optimal_hit_rate", "accuracy", "json_valid", "errors", "first_error")
+          "optimal_hit_rate", "optimal_page_hit_rate", "accuracy", "json_valid", "errors", "first_error", "floor_s", "latency_over_floor")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -68,6 +71,24 @@ class EngineTarget:
     def counters(self) -> tuple[int, int]:
         st = self.engine.stats()
         return st["prompt_tokens"], st["cached_tokens"]
+
+    def step_counters(self) -> tuple[int, int, int]:
+        """(prompt tokens, cached prompt tokens, decode steps) so far."""
+        st = self.engine.stats()
+        return st["prompt_tokens"], st["cached_tokens"], st["num_decode_steps"]
+
+    def max_context(self) -> int:
+        return self.engine.max_context_len
+
+    def vocab_size(self) -> int:
+        return self.engine.vocab_size
+
+    def page_size(self) -> int:
+        return self.engine.config.cache.page_size
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
+        self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": max_new_tokens, "temperature": 0,
+                                                             "ignore_eos": True})
 
     def flush(self) -> None:
         _retry(self.engine.flush_cache, "engine.flush_cache")
@@ -111,6 +132,25 @@ class HttpTarget:
     def counters(self) -> tuple[int, int]:
         info = self.http.get(self.url + "/server_info", timeout=60).json()
         return info["prompt_tokens"], info["cached_tokens"]
+
+    def step_counters(self) -> tuple[int, int, int]:
+        info = self.http.get(self.url + "/server_info", timeout=60).json()
+        return info["prompt_tokens"], info["cached_tokens"], info["num_decode_steps"]
+
+    def max_context(self) -> int:
+        return self.http.get(self.url + "/server_info", timeout=60).json()["max_context_len"]
+
+    def vocab_size(self) -> int:
+        return self.http.get(self.url + "/server_info", timeout=60).json()["vocab_size"]
+
+    def page_size(self) -> int:
+        return self.http.get(self.url + "/server_info", timeout=60).json()["cache"]["page_size"]
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
+        r = self.http.post(self.url + "/generate", timeout=600, json={
+            "input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
+                                                  "ignore_eos": True}})
+        r.raise_for_status()
 
     def flush(self) -> None:
         _retry(lambda: self.http.post(self.url + "/flush_cache", timeout=60).status_code == 200, "/flush_cache")
@@ -219,21 +259,59 @@ def _quality(mod, states, items) -> dict:
     return out
 
 
-def _latency(target, prog, batch: list[dict]) -> dict:
-    """Programs one at a time from a flushed cache: the mean wall time of one program."""
-    if not batch:
-        return {"latency_s": None, "latency_programs": 0}
+def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tries: int = 3) -> dict:
+    """The machine's rates on this target, measured now: prefill tokens/s (a fresh `prefill_tokens`-token
+    prompt, one output token) and the batch-1 decode step (the extra wall time of `decode_tokens` more output
+    tokens over a short prompt, per token). Best of `tries` each, from a flushed cache: a floor, not a mean."""
+    import random
+
+    prefill_tokens = min(prefill_tokens, target.max_context() // 2)
+    rng = random.Random(1234)
+    vocab = target.vocab_size()
+    fresh = lambda n: [rng.randrange(vocab // 8, vocab) for _ in range(n)]  # noqa: E731 -- random ids: no hit
+    prefill, step = [], []
+    for _ in range(tries):
+        target.flush()
+        t0 = time.perf_counter()
+        target.generate_ids(fresh(prefill_tokens), 1)
+        prefill.append(time.perf_counter() - t0)
+        ids = fresh(32)
+        t0 = time.perf_counter()
+        target.generate_ids(ids, 1)
+        t1 = time.perf_counter()
+        target.generate_ids(ids, 1 + decode_tokens)  # the prompt is cached now: the extra is decode steps
+        t2 = time.perf_counter()
+        step.append(((t2 - t1) - (t1 - t0)) / decode_tokens)
     target.flush()
-    times = []
+    return {"prefill_tok_s": prefill_tokens / min(prefill), "decode_step_s": max(min(step), 1e-4)}
+
+
+def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict:
+    """Programs one at a time from a flushed cache: the mean wall time of one program, and with `floor`
+    (measure_floor) its compute floor: the prompt tokens it had to compute (not cached) at the prefill rate,
+    plus the decode steps the engine ran for it at the batch-1 step cost."""
+    out = {"latency_s": None, "latency_programs": 0, "floor_s": None, "latency_over_floor": None}
+    if not batch:
+        return out
+    target.flush()
+    times, floors = [], []
     for args in batch:
+        p0, c0, d0 = target.step_counters() if floor else (0, 0, 0)
         t0 = time.perf_counter()
         prog.run(backend=target.backend, temperature=0, **args).sync()  # upstream's run() returns before the end
         times.append(time.perf_counter() - t0)
-    return {"latency_s": statistics.mean(times), "latency_programs": len(times)}
+        if floor:
+            p1, c1, d1 = target.step_counters()
+            floors.append(((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"])
+    out.update(latency_s=statistics.mean(times), latency_programs=len(times))
+    if floors:
+        out.update(floor_s=statistics.mean(floors), latency_over_floor=statistics.mean(times) / statistics.mean(floors))
+    return out
 
 
 def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int | None = None,
-                 latency_programs: int = 3, seed: int = 0, threads: int | None = None) -> dict:
+                 latency_programs: int = 3, seed: int = 0, threads: int | None = None,
+                 floor: dict | None = None) -> dict:
     """One workload on one target: the row of FIELDS (see the module docstring for the steps)."""
     mod, load_kw = module(name)
     sz = mod.SIZES["full" if full else "cpu"]
@@ -254,14 +332,17 @@ def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int
     finally:
         rec.stop()
     p1, c1 = target.counters()
-    hits, total = optimal_hits(rec.resolve(target.tokenize))
+    sent = rec.resolve(target.tokenize)
+    hits, total = optimal_hits(sent)
+    page_hits, _ = optimal_hits(sent, target.page_size())
     row = {"workload": name, "programs": len(items), "threads": nthreads, "requests": len(rec.prompts),
            "batch_s": wall, "programs_per_s": len(items) / wall if wall > 0 else None,
            "prompt_tokens": p1 - p0, "cached_tokens": c1 - c0,
            "hit_rate": (c1 - c0) / (p1 - p0) if p1 > p0 else 0.0,
-           "optimal_prompt_tokens": total, "optimal_hit_rate": hits / total if total else 0.0}
+           "optimal_prompt_tokens": total, "optimal_hit_rate": hits / total if total else 0.0,
+           "optimal_page_hit_rate": page_hits / total if total else 0.0}
     row.update(_quality(mod, states, items))
-    row.update(_latency(target, prog, batch[:latency_programs]))
+    row.update(_latency(target, prog, batch[:latency_programs], floor))
     return {k: row.get(k) for k in FIELDS}
 
 
@@ -292,13 +373,17 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         target = make_target(backend, config, {**base, **change}, url, engine)
         rows = []
         try:
+            floor = measure_floor(target) if latency_programs else None
+            if floor:
+                print(f"[{label}] floor: prefill {floor['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
+                      f"{1e3 * floor['decode_step_s']:.1f} ms", file=sys.stderr, flush=True)
             for w in names:
                 print(f"[{label}] {w} ...", file=sys.stderr, flush=True)
                 rows.append(run_workload(target, w, data_dir, full=full, n=n, latency_programs=latency_programs,
-                                         seed=seed, threads=threads))
+                                         seed=seed, threads=threads, floor=floor))
         finally:
             target.close()
-        runs.append({"label": label, "settings": change, "rows": rows})
+        runs.append({"label": label, "settings": change, "rows": rows, "floor": floor})
     result = {"backend": backend, "scale": "full" if full else "cpu", "config": config, "overrides": base,
               "url": url, "seed": seed, "data": os.path.abspath(data_dir), "runs": runs, "peer": peer_line(),
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -322,20 +407,28 @@ def format_tables(result: dict) -> str:
     for run_ in result["runs"]:
         lines.append(f"\n{result['backend']} backend, {result['scale']} sizes, setting: {run_['label']} "
                      f"{run_['settings'] or ''}")
+        fl = run_.get("floor")
+        if fl:
+            lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
+                         f"{1e3 * fl['decode_step_s']:.1f} ms; floor = the latency programs' uncached prompt tokens "
+                         "at that rate + their decode steps at that step cost")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
-                     f"{'optimal':>7s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s}")
+                     f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} {'floor s':>7s} {'lat/floor':>9s}")
         for r in run_["rows"]:
             lines.append(f"{r['workload']:12s} {r['programs']:5d} {r['requests']:5d} "
                          f"{_num(r['programs_per_s'], '8.3f')} {_num(r['latency_s'], '9.2f')} "
                          f"{_pct(r['hit_rate']):>5s} {_pct(r['optimal_hit_rate']):>7s} "
-                         f"{_pct(r['accuracy']):>8s} {_pct(r['json_valid']):>7s} {r['errors']:6d}")
+                         f"{_pct(r.get('optimal_page_hit_rate')):>6s} "
+                         f"{_pct(r['accuracy']):>8s} {_pct(r['json_valid']):>7s} {r['errors']:6d} "
+                         f"{_num(r.get('floor_s'), '7.2f'):>7s} {_num(r.get('latency_over_floor'), '9.2f'):>9s}")
             if r["first_error"]:
                 lines.append(f"{'':12s} first error: {r['first_error']}")
     if len(result["runs"]) > 1:
         lines.append(format_ablations(result["runs"]))
     lines.append(result["peer"])
     lines.append("hit = cached / prompt tokens from the runtime's counters (whole pages); optimal = an infinite "
-                 "cache in arrival order, token granularity")
+                 "cache in arrival order, token granularity; opt/pg = the same in whole pages, each prompt's last "
+                 "token computed (the engine's granularity: below it is the schedule's loss)")
     return "\n".join(lines)
 
 

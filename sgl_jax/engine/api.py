@@ -315,7 +315,7 @@ class Engine:
 
     def get_server_info(self) -> dict:
         info = dict(dataclasses.asdict(self.config))
-        info.update(model_path=self.model_path, max_context_len=self.max_context_len,
+        info.update(model_path=self.model_path, max_context_len=self.max_context_len, vocab_size=self.vocab_size,
                     num_kv_pages=self.runner.num_pages, load_seconds=round(self.load_seconds, 3),
                     compile_seconds=round(self.compile_seconds, 3), num_compiled_shapes=self.runner.num_compiles,
                     num_step_shapes=len(self.runner.shapes()),
@@ -328,6 +328,7 @@ class Engine:
     def stats(self) -> dict:
         s, c = self.scheduler, self.output.counters
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
+                    num_decode_steps=self.loop.stats.num_decode_steps,
                     num_retractions=s.num_retractions, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],

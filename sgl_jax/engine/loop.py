@@ -372,11 +372,13 @@ class StepStats:
         self.step_times: list[float] = []
         self.host_times: list[float] = []
         self.num_steps = 0
+        self.num_decode_steps = 0  # steps with decode rows or run blocks
         self.listeners: list[Callable[[StepInfo], None]] = []
 
     def record(self, info: StepInfo, scheduler) -> None:
         plan, step_s, host_s = info.plan, info.step_seconds, info.host_seconds
         self.num_steps += 1
+        self.num_decode_steps += bool(plan.decodes)
         self.step_times.append(step_s)
         self.host_times.append(host_s)
         if len(self.step_times) > 4096:
