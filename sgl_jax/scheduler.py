@@ -514,7 +514,9 @@ class Scheduler:
             return []  # nothing can be admitted: skip ordering the whole queue
         ordered = self._order()
         admitted: list[Request] = []
-        inflight = list(prefilling)
+        # requests still computing their prompt, also those doing it as decode rows (`_rows_next`)
+        inflight = list(prefilling) + [r for r in self.running
+                                       if r not in prefilling and r.num_computed < len(r.prompt_ids) - 1]
         for r in ordered:
             if len(self.running) >= cfg.max_running_requests or not self.free_slots:
                 break

@@ -302,15 +302,14 @@ def test_wide_tables_take_the_chunked_path(bq):
     out = _dispatch(*args, **kw)
     _check(out, ref, pos, kv_lens, 2e-5)
     np.testing.assert_array_equal(np.asarray(out), np.asarray(_chunked(*args, chunk_pages=chunk_pages_for(len(rows)),
-                                                                      **kw)))
+                                                                      cascade=False, **kw)))
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("bq", [1, 4])
 def test_wide_tables_filled_or_shared(bq):
-    """Wide tables on the other branches of paged_attention: blocks whose longest row fills the table (the
-    whole-table gather), and decode rows sharing prefix pages in a pool small enough for page-major (the
-    chunked fallback)."""
+    """Wide tables on the other branches of paged_attention: blocks whose longest row fills the table, and
+    decode rows sharing prefix pages in a pool small enough for page-major (the chunked fallback)."""
     S = 4
     width = chunk_pages_for(4) + 3
     lens = [width * S - 1, 2 * S + 1, 9 * S, 1]

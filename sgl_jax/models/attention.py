@@ -87,32 +87,28 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     Rows of one query (Bq == 1: the decode segment, and run blocks of one token) take
     `paged_decode_page_major` when the rows' pages, up to the longest row, are about as many as the pool's
     (`page_major_pays` statically for full tables, then on the device for this call's lengths) and no page
-    has two owner rows. Otherwise a table wider than `CHUNK_PAGES` takes
+    has two owner rows. Otherwise a table wider than its chunk (`chunk_pages_for`) takes
     `paged_chunked_attention` (work in proportion to the longest row, not the table width), and a narrower
-    one `paged_decode_attention` (Bq == 1) or `paged_block_attention`; blocks (Bq > 1) whose longest row
-    fills 3/4 of the table gather it whole (decided on the device). All compute the same function.
+    one `paged_decode_attention` (Bq == 1) or `paged_block_attention`. All compute the same function.
     """
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_pages, v_pages, page_table, kv_lens, q_positions)
     R, Bq, P = q.shape[0], q.shape[1], page_table.shape[1]
     C = chunk_pages_for(R)
-    if Bq != 1:
-        if P <= C:
-            return paged_block_attention(*args, **kw)
-        # blocks that fill most of their table gather it whole (the online softmax costs ~20 % more there);
-        # no cascade for blocks: it was slower than the per-row loop in a CPU microbenchmark (bench/notes.md)
-        full = jnp.max(kv_lens) * 4 >= P * k_pages.shape[2] * 3
-        return jax.lax.cond(full, lambda *a: paged_block_attention(*a, **kw),
-                            lambda *a: paged_chunked_attention(*a, chunk_pages=C, cascade=False, **kw), *args)
-    if not page_major_pays(R, P, k_pages.shape[0]):
-        if P <= C:
-            return paged_decode_attention(*args, **kw)
-        return paged_chunked_attention(*args, chunk_pages=C, **kw)
+    if P <= C:
+        one_pass = paged_block_attention if Bq != 1 else paged_decode_attention
+        if Bq != 1 or not page_major_pays(R, P, k_pages.shape[0]):
+            return one_pass(*args, **kw)
+    # Cascade only for many decode rows: it paid 20-25 % at 32-64 rows and nothing at 8-16 in a CPU
+    # microbenchmark, and was slower for prefill blocks (bench/notes.md); each loop adds compile time.
+    cascade = Bq == 1 and R >= CASCADE_MIN_ROWS
+    chunked = lambda *a, **k: paged_chunked_attention(*a, chunk_pages=C, cascade=cascade, **k)  # noqa: E731
+    if Bq != 1 or not page_major_pays(R, P, k_pages.shape[0]):
+        return chunked(*args, **kw)
     # Page-major reads the whole pool, the other paths the rows' pages up to the longest row: it is taken when
     # the rows' pages at that length come near the pool's size, and only when no page has two owner rows (a
     # radix-cache prefix shared by rows). Decided per call on the device (lax.cond runs one branch).
-    other = (paged_decode_attention if P <= C else
-             lambda *a, **k: paged_chunked_attention(*a, chunk_pages=C, **k))
+    other = paged_decode_attention if P <= C else chunked
     N, S = k_pages.shape[0], k_pages.shape[2]
     need = (jnp.max(kv_lens) + S - 1) // S
     use_pm = (R * need >= PAGE_MAJOR_MIN_ENTRIES * N) & ~pages_shared(page_table, kv_lens, S, N)
@@ -158,9 +154,11 @@ def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
 # Table columns per step of `paged_chunked_attention`'s loop (8 pages of 16 slots = 128 keys per row and step).
 # Few rows take wider chunks (the loop's per-step cost matters more than the gathered block's size).
 CHUNK_PAGES = 8
+CASCADE_MIN_ROWS = 32
 
 
 def chunk_pages_for(rows: int) -> int:
+    """The chunk `paged_attention` uses for a call of `rows` rows."""
     return 4 * CHUNK_PAGES if rows <= 2 else 2 * CHUNK_PAGES if rows <= 8 else CHUNK_PAGES
 
 
