@@ -45,7 +45,8 @@ ABLATIONS = [("baseline", {}, None),
              ("jump-fwd off", {"disable_jump_forward": True}, ("json",))]
 FIELDS = ("workload", "programs", "threads", "requests", "batch_s", "programs_per_s", "latency_s",
           "latency_programs", "prompt_tokens", "cached_tokens", "hit_rate", "optimal_prompt_tokens",
-          "optimal_hit_rate", "optimal_page_hit_rate", "accuracy", "json_valid", "errors", "first_error", "floor_s", "latency_over_floor")
+          "optimal_hit_rate", "optimal_page_hit_rate", "accuracy", "json_valid", "errors", "first_error",
+          "floor_s", "latency_over_floor")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -413,7 +414,8 @@ def format_tables(result: dict) -> str:
                          f"{1e3 * fl['decode_step_s']:.1f} ms; floor = the latency programs' uncached prompt tokens "
                          "at that rate + their decode steps at that step cost")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
-                     f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} {'floor s':>7s} {'lat/floor':>9s}")
+                     f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} "
+                     f"{'floor s':>7s} {'lat/floor':>9s}")
         for r in run_["rows"]:
             lines.append(f"{r['workload']:12s} {r['programs']:5d} {r['requests']:5d} "
                          f"{_num(r['programs_per_s'], '8.3f')} {_num(r['latency_s'], '9.2f')} "
