@@ -515,8 +515,9 @@ class Scheduler:
         ordered = self._order()
         admitted: list[Request] = []
         # requests still computing their prompt, also those doing it as decode rows (`_rows_next`)
+        pre = {id(r) for r in prefilling}
         inflight = list(prefilling) + [r for r in self.running
-                                       if r not in prefilling and r.num_computed < len(r.prompt_ids) - 1]
+                                       if id(r) not in pre and r.num_computed < len(r.prompt_ids) - 1]
         for r in ordered:
             if len(self.running) >= cfg.max_running_requests or not self.free_slots:
                 break

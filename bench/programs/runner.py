@@ -70,8 +70,7 @@ class EngineTarget:
         self._undo = record_engine(engine, self.rec)
 
     def counters(self) -> tuple[int, int]:
-        st = self.engine.stats()
-        return st["prompt_tokens"], st["cached_tokens"]
+        return self.step_counters()[:2]
 
     def step_counters(self) -> tuple[int, int, int]:
         """(prompt tokens, cached prompt tokens, decode steps) so far."""
@@ -130,22 +129,24 @@ class HttpTarget:
         self.rec = Recorder()
         self._undo = record_upstream(self.rec) if upstream else record_runtime_endpoint(self.backend, self.rec)
 
+    def _info(self) -> dict:
+        return self.http.get(self.url + "/server_info", timeout=60).json()
+
     def counters(self) -> tuple[int, int]:
-        info = self.http.get(self.url + "/server_info", timeout=60).json()
-        return info["prompt_tokens"], info["cached_tokens"]
+        return self.step_counters()[:2]
 
     def step_counters(self) -> tuple[int, int, int]:
-        info = self.http.get(self.url + "/server_info", timeout=60).json()
+        info = self._info()
         return info["prompt_tokens"], info["cached_tokens"], info["num_decode_steps"]
 
     def max_context(self) -> int:
-        return self.http.get(self.url + "/server_info", timeout=60).json()["max_context_len"]
+        return self._info()["max_context_len"]
 
     def vocab_size(self) -> int:
-        return self.http.get(self.url + "/server_info", timeout=60).json()["vocab_size"]
+        return self._info()["vocab_size"]
 
     def page_size(self) -> int:
-        return self.http.get(self.url + "/server_info", timeout=60).json()["cache"]["page_size"]
+        return self._info()["cache"]["page_size"]
 
     def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
         r = self.http.post(self.url + "/generate", timeout=600, json={
