@@ -257,6 +257,7 @@ class ModelRunner:
         self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1, 2))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
         self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q,
                                        self.valid_vocab if self.valid_vocab < V else None),
                              donate_argnums=(1, 2))
@@ -363,6 +364,7 @@ class ModelRunner:
         """Compile the step shapes (all of them unless `shapes` says which). Returns seconds spent."""
         t0 = time.perf_counter()
         self._warm_constraint_upload()
+        self.copy_pages([(0, 0)])  # compiles the page copy (a page onto itself changes nothing)
         self.apply_marks([0], [(0, 0, False)])
         self.apply_marks([0], [])
         shapes = self.shapes() if shapes is None else shapes
@@ -533,6 +535,8 @@ class ModelRunner:
                     rows[j] = rows[j] or RowParams(top=True)
         if plan.reset_slots or plan.marks:
             self.apply_marks(plan.reset_slots, plan.marks)
+        if plan.copies:
+            self.copy_pages(plan.copies)
         inp = self._inputs(shape, batch, rows, row_slot, target)
         compiled = self._compiled.get(shape)
         if compiled is None:
@@ -544,6 +548,17 @@ class ModelRunner:
         self.last_run = RunTiming(t_exec - t_run, time.perf_counter() - t_exec, inp)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
                        "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
+
+    def copy_pages(self, pairs) -> None:
+        """Copy whole KV pages src -> dst, all layers, before the step that reads them (partial-page reuse:
+        a request's own page starts as a copy of a cached page it shares a few tokens with). Runs
+        `COPY_WIDTH` pairs per call, padded by repeating the last pair (equal writes to one page)."""
+        W = COPY_WIDTH
+        for start in range(0, len(pairs), W):
+            part = list(pairs[start:start + W])
+            part += [part[-1]] * (W - len(part))
+            arr = np.asarray(part, np.int32)
+            self.kv = self._copy(self.kv, arr[:, 0], arr[:, 1])
 
     def apply_marks(self, reset_slots, marks) -> None:
         """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
@@ -602,6 +617,12 @@ class ModelRunner:
 
 
 _ROW_BLOCK = 64  # rows per constraint upload (must equal ConstraintTable's block)
+COPY_WIDTH = 8  # page copies per call
+
+
+def _copy_pages(kv, src, dst):
+    """Every layer's K and V pages `src` written to pages `dst` (all gathered before any is written)."""
+    return tuple((k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv)
 
 
 def _put_rows(cb_mask, cb_next, cb_dist, mblock, nblock, dblock, start):

@@ -139,6 +139,7 @@ class StepPlan:
     marks: list[tuple[int, int, bool]]  # (slot, token, counts_as_output): penalty history of admitted requests
     full_logits: bool  # some chunk wants logits for many positions (prompt logprobs)
     shape: StepShape | None = None  # the grid shape the step runs as (set by the scheduler)
+    copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # KV pages (src, dst) to copy first
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -174,6 +175,8 @@ class Scheduler:
         # penalty-row work for admitted requests, handed to the next plan (kept if no plan is made)
         self._resets: list[int] = []
         self._marks: list[tuple[int, int, bool]] = []
+        self._copies: list[tuple[int, int]] = []  # partial-page reuse: (tree page, request page), next plan
+        self.partial_tokens = 0  # prompt tokens reused from partly matching pages (counted in cached_tokens)
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
         self._last_was_prefill_only = False
@@ -248,13 +251,24 @@ class Scheduler:
     def _release(self, req: Request, keep_cache: bool) -> None:
         if req.node is not None:
             node = req.node
-            if keep_cache and req.num_computed >= self.page_size:
+            ps = self.page_size
+            if keep_cache and req.num_computed >= ps:
                 res = commit_running_prefix(self.cache, req.tokens(0, req.num_computed), req.pages, node,
                                             req.namespace)
                 req.pages[:len(res.pages)] = res.pages
                 req.n_tree, node = len(res.pages), res.node
+            own = req.pages[req.n_tree:]
+            if self._copies:  # a copy into a page of this request that no step has run yet: drop it
+                dropped = set(own)
+                pending = len(self._copies)
+                self._copies = [c for c in self._copies if c[1] not in dropped]
+                keep_cache = keep_cache and len(self._copies) == pending  # (and keep no tail of that page)
+            full = req.num_computed // ps
+            if keep_cache and req.num_computed % ps and full == req.n_tree and len(req.pages) > full:
+                # the partly filled last page: kept as a tail (a fork's branches continue right there)
+                self.cache.insert_tail(node, req.tokens(full * ps, req.num_computed), own.pop(0))
             self.cache.unlock(node)
-            self.alloc.free(req.pages[req.n_tree:])
+            self.alloc.free(own)
         if req.slot >= 0:
             self._marks = [m for m in self._marks if m[0] != req.slot]
             self.free_slots.append(req.slot)
@@ -458,8 +472,8 @@ class Scheduler:
             return None
         self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
-                        grid.shape_for(dec_chunks, pre_chunks, full))
-        self._resets, self._marks = [], []
+                        grid.shape_for(dec_chunks, pre_chunks, full), self._copies)
+        self._resets, self._marks, self._copies = [], [], []
         return plan
 
     def _plan_decodes(self, order: list[Request], max_rows: int,
@@ -542,6 +556,7 @@ class Scheduler:
                 m = self.cache.match_prefix([], r.namespace)
                 r.pages, r.n_tree, r.node, cached = [], 0, m.node, 0
             self.cache.lock(r.node)
+            cached += self._reuse_partial(r, cached)
             r.num_computed = cached
             if r.retractions == 0:
                 r.cached_tokens = cached
@@ -564,6 +579,27 @@ class Scheduler:
             if any(a.arrival > r.arrival for a in admitted):
                 r.bypassed += 1
         return admitted
+
+    def _reuse_partial(self, r: Request, cached: int) -> int:
+        """Tokens past the page-aligned match `cached` taken from a tree page that shares its first few tokens
+        with `r`: r gets a page of its own, which starts as a copy of that tree page (`StepPlan.copies`, run
+        before the next step), and computes from the first differing token on. 0 when none matches or no page
+        is free. The copy makes a fork's branches, and prompts differing mid-page, lose no cached tokens to
+        page rounding; the tree itself stays page-granular."""
+        partial = getattr(self.cache, "match_partial", None)
+        limit = r.reuse_limit()
+        if partial is None or self.cache.disabled or limit <= cached:
+            return 0
+        found = partial(r.node, r.tokens(cached, min(cached + self.page_size - 1, limit)))
+        if found is None:
+            return 0
+        got = self._alloc(1)
+        if got is None:
+            return 0
+        r.pages.append(got[0])
+        self._copies.append((found[0], got[0]))
+        self.partial_tokens += found[1]
+        return found[1]
 
     def _rows_next(self, r: Request) -> bool:
         """A request admitted with a cached prefix and at most `decode_row_chunk` tokens left (a fork branch's

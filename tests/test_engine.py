@@ -70,6 +70,41 @@ def test_batched_equals_one_at_a_time_and_cache_hit_equals_miss(engine):
     engine.check_integrity()
 
 
+def test_prompt_diverging_mid_page_reuses_a_copy_of_the_cached_page(engine):
+    """Partial-page reuse: a prompt sharing a cached prompt up to the middle of a page takes those tokens too,
+    through a copy of the cached page into its own; greedy tokens and their logprobs equal an uncached run."""
+    ps = SMALL["page_size"]
+    base = prompts(1, seed=21, lo=6 * ps, hi=6 * ps + 1)[0]
+    sp = {**GREEDY, "max_new_tokens": 6}
+    for cut in (4 * ps + 1, 4 * ps + 3):
+        other = base[:cut] + [base[cut] % 290 + 5] + base[cut + 1:cut + 5]  # differs at position `cut`
+        engine.flush_cache()
+        ref = engine.generate(input_ids=other, sampling_params=sp, return_logprob=True)
+        engine.flush_cache()
+        engine.generate(input_ids=base, sampling_params={"max_new_tokens": 0})  # caches 6 whole pages
+        before = engine.stats()["partial_page_tokens"]
+        got = engine.generate(input_ids=other, sampling_params=sp, return_logprob=True)
+        assert got["meta_info"]["cached_tokens"] == cut
+        assert engine.stats()["partial_page_tokens"] - before == cut % ps
+        assert got["output_ids"] == ref["output_ids"]
+        assert [e[0] for e in got["meta_info"]["output_token_logprobs"]] == pytest.approx(
+            [e[0] for e in ref["meta_info"]["output_token_logprobs"]], abs=1e-5)
+        engine.check_integrity()
+    # a next turn: the first turn's partly filled last page was kept (a tail), so all it computed is reused
+    first = base[:4 * ps + 1]
+    engine.flush_cache()
+    turn = engine.generate(input_ids=first, sampling_params=sp)["output_ids"]  # computes 4 pages + 2 tokens
+    nxt = first + turn + base[:3]
+    got = engine.generate(input_ids=nxt, sampling_params=sp, return_logprob=True)
+    assert got["meta_info"]["cached_tokens"] == len(first) + len(turn) - 1
+    engine.flush_cache()
+    ref = engine.generate(input_ids=nxt, sampling_params=sp, return_logprob=True)
+    assert got["output_ids"] == ref["output_ids"]
+    assert [e[0] for e in got["meta_info"]["output_token_logprobs"]] == pytest.approx(
+        [e[0] for e in ref["meta_info"]["output_token_logprobs"]], abs=1e-5)
+    engine.check_integrity()
+
+
 def test_seeds_reproducible_alone_and_in_batch(engine):
     sp = {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 10, "sampling_seed": 1234, "ignore_eos": True}
     p = prompts(1, seed=3)[0]
@@ -171,7 +206,8 @@ def test_prompt_logprobs_across_cached_page_boundaries(engine):
             assert [e[0] for e in got] == pytest.approx([e[0] for e in ref[start:]], abs=1e-4), start
         assert out_u == out_c == ref_out
         assert uncached["cached_tokens"] == 0
-        assert cached["cached_tokens"] == (start - 1) // ps * ps, (start, cached["cached_tokens"])
+        # whole pages, then part of the last one the caching request filled (a page copy)
+        assert cached["cached_tokens"] == min(max(start - 1, 0), n // ps * ps), (start, cached["cached_tokens"])
         engine.check_integrity()
 
 

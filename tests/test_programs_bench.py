@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import sgl_jax.program as sgl  # noqa: E402
 from bench.programs import WORKLOADS, common, module, parse_workloads, runner  # noqa: E402
 from bench.programs.bm25 import BM25  # noqa: E402
-from bench.programs.recording import optimal_hit_rate, optimal_hit_rate_naive, optimal_hits  # noqa: E402
+from bench.programs.recording import Recorder, optimal_hit_rate, optimal_hit_rate_naive, optimal_hits  # noqa: E402
 from sgl_jax.program.backends.base import Backend, Completion  # noqa: E402
 from sgl_jax.program.choices import ChoicesDecision  # noqa: E402
 
@@ -313,6 +313,21 @@ def test_optimal_hit_rate_matches_the_naive_twin_on_random_sequences():
 
 # ------------------------------------------------------------------------------------------- (c) BM25
 @pytest.mark.timeout(30)
+def test_ablation_settings_by_key_and_text_outputs_resolved():
+    labels = lambda x: [a[0] for a in runner._settings(x)]  # noqa: E731
+    assert labels(False) == ["baseline"] and labels("all") == [a[0] for a in runner.ABLATIONS]
+    assert labels("fcfs,radix") == ["baseline", "radix off", "fcfs"]
+    with pytest.raises(ValueError, match="unknown ablation"):
+        runner._settings("radix,cache")
+    rec = Recorder()
+    rec.start()
+    a, b = rec.arrive("hello"), rec.arrive([1, 2])
+    rec.finish(a, " world")  # an API that returns text only: tokenized with the prompts
+    rec.finish(b, [3])
+    vocab = {"hello": [7, 8], " world": [9]}
+    assert rec.resolve(lambda texts: [vocab[t] for t in texts]) == [([7, 8], [9]), ([1, 2], [3])]
+
+
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():
     docs = ["the cat sat on the mat", "the dog sat", "cat cat dog"]
     bm = BM25(docs)  # terms: [cat, sat, mat], [dog, sat], [cat, cat, dog]; avgdl 8/3
@@ -389,8 +404,9 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
         assert r["floor_s"] > 0 and r["latency_over_floor"] == pytest.approx(r["latency_s"] / r["floor_s"]), r
         # the recorder saw exactly the prompts the engine counted
         assert r["optimal_prompt_tokens"] == r["prompt_tokens"], r
-        # page granularity and scheduling can only lose hits against the infinite-cache bounds
-        assert r["hit_rate"] <= r["optimal_page_hit_rate"] + 1e-9 <= r["optimal_hit_rate"] + 2e-9, r
+        # scheduling can only lose hits against the infinite-cache bound (partial pages are reused by copies,
+        # so the page-granular bound may be passed)
+        assert r["hit_rate"] <= r["optimal_hit_rate"] + 1e-9 and r["optimal_page_hit_rate"] <= r["optimal_hit_rate"], r
     metric = {r["workload"]: r for r in rows}
     assert metric["json"]["json_valid"] == 1.0  # the FSM keeps every value well-formed, even on a random model
     assert all(metric[w]["accuracy"] is not None for w in ("mmlu", "hellaswag", "react", "tot", "rag"))

@@ -95,6 +95,47 @@ def test_partial_page_not_cached(cls):
     c.check_integrity()
 
 
+@BOTH
+def test_tails_keep_a_partly_filled_page_and_go_first(cls):
+    a, c = make(cls, num_pages=8, page_size=4)
+    _, pages = put(c, [0, 1, 2, 3])
+    node = c.match_prefix([0, 1, 2, 3]).node
+    tail = a.alloc(1)[0]
+    assert c.insert_tail(node, [4, 5], tail)
+    assert c.match_prefix([0, 1, 2, 3, 4, 5, 6, 7]).num_tokens == 4  # a tail is never matched whole
+    assert c.match_partial(node, [4, 5, 9]) == (tail, 2) and c.match_partial(node, [4, 9]) == (tail, 1)
+    assert (c.cached_pages, c.evictable_pages, c.num_tails) == (2, 2, 1)
+    longer = a.alloc(1)[0]
+    assert c.insert_tail(node, [4, 5, 6], longer)  # supersedes [4, 5]: that page is freed
+    assert a.is_free(tail) and c.match_partial(node, [4, 5, 6]) == (longer, 3)
+    dup = a.alloc(1)[0]
+    assert not c.insert_tail(node, [4], dup) and a.is_free(dup)  # covered by the longer tail
+    with pytest.raises(ValueError, match="1 to 3"):
+        c.insert_tail(node, [4, 5, 6, 7], a.alloc(1)[0])
+    c.check_integrity()
+    assert c.evict(1) == 1 and a.is_free(longer) and c.num_tails == 0  # tails go before node pages
+    assert c.match_prefix([0, 1, 2, 3]).pages == pages
+    c.check_integrity()
+
+
+@BOTH
+def test_match_partial_finds_the_longest_partial_page(cls):
+    a, c = make(cls, page_size=4)
+    _, pages = put(c, [0, 1, 2, 3, 4, 5, 6, 7])
+    _, more = put(c, [0, 1, 2, 3, 4, 5, 9, 9])  # a second child of the first page, sharing 2 tokens
+    m = c.match_prefix([0, 1, 2, 3, 4, 5, 6, 9, 9])
+    assert m.num_tokens == 4
+    assert c.match_partial(m.node, [4, 5, 6, 9, 9]) == (pages[1], 3)  # never a whole page: at most 3
+    assert c.match_partial(m.node, [4, 5, 9]) == (more[1], 3)
+    assert c.match_partial(m.node, [4, 9]) in [(pages[1], 1), (more[1], 1)]
+    assert c.match_partial(m.node, [7]) is None and c.match_partial(m.node, []) is None
+    root = c.match_prefix([]).node
+    assert c.match_partial(root, [0, 1, 5]) == (pages[0], 2)
+    before = (c.cached_pages, c.evictable_pages, a.num_free)
+    c.check_integrity()
+    assert (c.cached_pages, c.evictable_pages, a.num_free) == before  # read-only
+
+
 def test_split_at_page_boundary():
     a, c = make(page_size=4)
     _, pages = put(c, list(range(12)))
@@ -459,6 +500,17 @@ class TwinMachine(RuleBasedStateMachine):
         assert self.r.peek_prefix_len(tokens, ns) == self.n.peek_prefix_len(tokens, ns)
 
     @rule(tokens=TOKENS, ns=NS)
+    def partial(self, tokens, ns):
+        rm, nm = self._match(tokens, ns)
+        rest = tokens[rm.num_tokens:]
+        rp, np_ = self.r.match_partial(rm.node, rest), self.n.match_partial(nm.node, rest)
+        assert (rp is None) == (np_ is None)
+        if rp is not None:
+            assert rp[1] == np_[1] and 1 <= rp[1] < self.ps
+            (key,) = [k for (kns, k), e in self.n._entries.items() if kns == ns and e.page == np_[0]]
+            assert key[:-self.ps] == tuple(tokens[:rm.num_tokens]) and key[-self.ps:][:rp[1]] == tuple(rest[:rp[1]])
+
+    @rule(tokens=TOKENS, ns=NS)
     def insert_fresh(self, tokens, ns):
         k = len(tokens) // self.ps
         got = self._alloc(k)
@@ -524,16 +576,22 @@ class TwinMachine(RuleBasedStateMachine):
         q.rnode, q.nnode, q.n_tree = rr.node, nr.node, len(rr.pages)
 
     @precondition(lambda self: self.reqs)
-    @rule(i=st.integers(0, 100))
-    def finish_request(self, i):
+    @rule(i=st.integers(0, 100), keep_tail=st.booleans())
+    def finish_request(self, i, keep_tail):
         q = self.reqs.pop(i % len(self.reqs))
         k = len(q.tokens) // self.ps
         t = q.tokens[: k * self.ps]
         assert self.r.insert(t, q.rpages[:k], q.ns) == self.n.insert(t, q.npages[:k], q.ns)
+        rest = q.tokens[k * self.ps:]
+        if rest and keep_tail:  # the partly filled last page becomes a tail
+            rm, nm = self._match(t, q.ns)
+            assert self.r.insert_tail(rm.node, rest, q.rpages[k]) == self.n.insert_tail(nm.node, rest, q.npages[k])
+            k += 1
         self.r.allocator.free(q.rpages[k:])
         self.n.allocator.free(q.npages[k:])
         self.r.unlock(q.rnode)
         self.n.unlock(q.nnode)
+        assert self.r.num_tails == self.n.num_tails
 
     @precondition(lambda self: self.reqs)
     @rule(i=st.integers(0, 100))

@@ -58,6 +58,11 @@ class MockRunner:
 
     def run(self, plan):
         out = {}
+        # partial-page reuse: whole pages copied first, every source read before any page is written
+        moved = [{(d, i): self.store.get((src, i)) for i in range(self.ps)} for src, d in plan.copies]
+        for m in moved:
+            self.store.update({k: v for k, v in m.items() if v is not None})
+        self.copied_pages = getattr(self, "copied_pages", 0) + len(plan.copies)
         for c in plan.chunks:
             r = c.req
             for i, t in enumerate(c.token_ids):
@@ -168,9 +173,71 @@ def test_cache_hit_reuses_pages_and_gives_same_output():
     s.add(Request("b", prompt, 5))
     b = s.waiting[0]
     done2, _ = drive(s, runner)  # the runner re-reads every cached page: wrong pages would fail here
-    assert b.cached_tokens == 48  # 12 full pages of the 50-token prompt (the partial page is recomputed)
-    assert runner.computed_tokens - computed == 2 + 4  # 2 recomputed prompt tokens + 4 decodes
+    # 12 full pages of the 50-token prompt, and 1 token of a's 13th page (copied): all but the last token
+    assert b.cached_tokens == 49 and runner.copied_pages == 1
+    assert runner.computed_tokens - computed == 1 + 4  # the last prompt token + 4 decodes
     assert done2["b"] == done1["a"]
+
+
+def test_branches_diverging_mid_page_compute_only_their_own_tokens():
+    """Fork branches: a cached prefix ending mid-page, then each branch's few tokens. Each branch's own page
+    starts as a copy of the prefix's partly matching page; the runner re-reads every position through the
+    page tables, so a wrong or missing copy fails here, and the outputs equal a cache-off run's."""
+    def run(disabled):
+        s = make(page_size=4, max_running=8, disabled=disabled)
+        runner = MockRunner(4)
+        prefix = list(range(100, 118))  # 4 whole pages + 2 tokens
+        s.add(Request("p", prefix, 3))
+        drive(s, runner)
+        before = runner.computed_tokens
+        for i in range(3):
+            s.add(Request(f"b{i}", prefix + [7 + i, 8, 9], 4))
+        done, _ = drive(s, runner)
+        return s, runner, runner.computed_tokens - before, done
+
+    s, runner, computed, done = run(False)
+    _, _, computed_off, done_off = run(True)
+    assert done == done_off
+    # prefix + the first 2 outputs are cached (20 tokens = 5 pages): each branch computes its 3 tokens, then
+    # 3 decodes; the 5th page is partly reused (2 of its tokens) by a copy, one per branch
+    assert computed == 3 * (3 + 3), computed
+    assert s.partial_tokens == 3 * 2 and runner.copied_pages == 3
+    assert computed_off == 3 * (21 + 3)
+
+
+def test_the_next_turn_continues_from_the_last_turns_tail_page():
+    """A finished request's partly filled last page stays as a tail: the next chat turn (its prompt + output +
+    more) reuses every computed token, the tail's through a copy; outputs equal a cache-off run's."""
+    def run(disabled):
+        s = make(page_size=4, disabled=disabled)
+        runner = MockRunner(4)
+        first = list(range(100, 118))
+        s.add(Request("t1", first, 2))  # computes 18 + 1 tokens: 4 pages and a 3-token tail
+        done, _ = drive(s, runner)
+        s.add(Request("t2", first + done["t1"] + [5, 6], 3))
+        t2 = s.waiting[0]
+        done2, _ = drive(s, runner)
+        return s, t2, runner, done2
+
+    s, t2, runner, done = run(False)
+    assert run(True)[3] == done
+    assert t2.cached_tokens == 19 and s.partial_tokens == 3 and runner.copied_pages == 1
+    s.check_integrity()
+
+
+def test_a_pending_page_copy_goes_with_its_request():
+    """A request admitted with a partial-page copy, aborted before any step ran it: the copy is dropped
+    with the page it was to write (the freed page may be handed to another request)."""
+    s = make(page_size=4)
+    runner = MockRunner(4)
+    s.add(Request("a", list(range(10, 23)), 1))  # 3 whole pages cached
+    drive(s, runner)
+    s.add(Request("b", list(range(10, 19)) + [5], 2))  # 2 pages + 1 token of the third
+    (b,) = s._admit(lambda r: True, 0, [])
+    assert b.cached_tokens == 9 and s._copies == [(s.cache.match_prefix(list(range(10, 22))).pages[2], b.pages[2])]
+    s.abort("b")
+    assert s._copies == []
+    s.check_integrity()
 
 
 def test_retraction_under_small_pool_resumes_with_identical_output():
@@ -239,7 +306,7 @@ def test_prefill_only_request_caches_prompt():
     s.add(Request("p", list(range(1, 30)), 0))
     done, _ = drive(s, MockRunner(4))
     assert done["p"] == []
-    assert s.cache.evictable_pages == 7  # 28 of 29 tokens in whole pages
+    assert s.cache.evictable_pages == 8 and s.cache.num_tails == 1  # 7 whole pages, the 29th token in a tail
 
 
 def test_mixed_steps_and_chunked_prefill_budget():
@@ -454,7 +521,8 @@ def test_prompt_logprobs_across_page_boundaries_cached_or_not(cached, budget):
             assert entries.get("lp", []) == expected_entries(prompt, start), (n, start)
             assert len(entries["lp"]) == n - start
             assert done["lp"] == expected_output(prompt, 2)
-            reusable = min(max(start - 1, 0), n - 1) // PS * PS
+            # up to the logprob start, within the warm request's whole pages (the last one partly, by a copy)
+            reusable = min(max(start - 1, 0), n - 1, n // PS * PS)
             assert req.cached_tokens == (reusable if cached else 0), (n, start, req.cached_tokens)
 
 
@@ -476,7 +544,7 @@ def test_prompt_logprobs_select_batch_shares_the_prefix_up_to_the_logprob_start(
     done, entries = drive_logprobs(s, runner, lambda s, plan, before: plans.append(plan))
     assert {c.req.rid for c in plans[0].prefills} == {"c0", "c1", "c2"}  # admitted together, none waits
     for r, c in zip(reqs, choices):
-        assert r.cached_tokens == (P - 3) // PS * PS
+        assert r.cached_tokens == P - 3  # whole pages, then part of the next one (copied)
         assert entries[r.rid] == expected_entries(prefix + c, P - 2) and len(entries[r.rid]) == len(c) + 2
 
 

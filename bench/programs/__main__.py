@@ -42,15 +42,19 @@ def main(argv=None) -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="engine config override, e.g. --set max_running_requests=32 (repeatable)")
     ap.add_argument("--url", default=None, help="an already running server for http/upstream")
-    ap.add_argument("--ablations", action="store_true",
-                    help="also radix cache off, dfs-weight, fcfs, and jump-forward off (JSON)")
+    ap.add_argument("--ablations", nargs="?", const="all", default="",
+                    help="also run these settings, each on a fresh engine/server: all, or a comma list of "
+                         "radix (cache off), dfs (dfs-weight), fcfs, jf (jump-forward off, JSON only)")
+    ap.add_argument("--peer", choices=["auto", "off"], default="auto",
+                    help="auto: also run llama.cpp's llama-server (on PATH, or --llama-server) on the same GGUF")
+    ap.add_argument("--llama-server", default=None, help="the llama-server binary for the peer run")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data}: no such folder")
     runner.run(args.backend, parse_workloads(args.workloads), args.data, full=args.full, n=args.n,
                latency_programs=args.latency_programs, seed=args.seed, threads=args.threads, config=args.config,
                overrides=parse_set(args.overrides), url=args.url, ablations=args.ablations,
-               json_path=args.json_path)
+               json_path=args.json_path, peer=args.peer != "off", llama_server=args.llama_server)
 
 
 if __name__ == "__main__":

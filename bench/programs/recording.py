@@ -10,7 +10,8 @@ transport, below the frontend, so it sees exactly what the runtime saw:
 `optimal_hit_rate(requests)`: what an infinite cache could have reused, with requests taken in arrival order:
 for each request, the longest prefix its prompt shares with any earlier request's prompt + output, summed,
 over all prompt tokens. Computed with a token trie (one dict per node); page granularity is not applied (the
-engine's own counters are in whole pages, so the achieved rate sits a little below even a perfect schedule).
+engine reuses whole pages and then part of a page by copying it, so it can reach this bound except for each
+prompt's last token, which is always computed).
 `optimal_hit_rate_naive` is the O(n^2) twin the tests compare against. Host code: no jax.
 """
 
@@ -92,14 +93,16 @@ class Recorder:
             return len(self.prompts) - 1
 
     def finish(self, slot: int | None, output_ids) -> None:
+        """The request's output: ids, or a text to tokenize later (APIs that return no ids)."""
         if slot is not None:
-            self.outputs[slot] = list(output_ids or [])
+            self.outputs[slot] = output_ids if isinstance(output_ids, str) else list(output_ids or [])
 
     def resolve(self, tokenize) -> list[tuple[list[int], list[int]]]:
         """The requests as ids; `tokenize(list of texts) -> list of id lists` handles the text prompts."""
-        texts = sorted({p for p in self.prompts if isinstance(p, str)})
+        texts = sorted({p for p in self.prompts + self.outputs if isinstance(p, str)})
         ids = dict(zip(texts, tokenize(texts))) if texts else {}
-        return [(ids[p] if isinstance(p, str) else list(p), o) for p, o in zip(self.prompts, self.outputs)]
+        return [(ids[p] if isinstance(p, str) else list(p), ids[o] if isinstance(o, str) else o)
+                for p, o in zip(self.prompts, self.outputs)]
 
 
 def _expand(prompts: list, sampling_params) -> list:

@@ -15,8 +15,10 @@ A workload's run:
 Targets: `engine` (an in-process Engine on the preset, through `EngineBackend`), `http` (our RuntimeEndpoint to
 our server, started here on the preset or given with --url) and `upstream` (upstream's frontend, sglang 0.5.10,
 to the same server). `--ablations` repeats the run with a fresh engine or server per setting: radix cache off,
-schedule policy dfs-weight and fcfs, and jump-forward off (JSON workloads only). Host code: no jax import here
-(the engine imports it when built).
+schedule policy dfs-weight and fcfs, and jump-forward off (JSON workloads only); `--ablations radix,fcfs`
+picks some. The peer (`LlamaTarget`, `--peer auto`, the default on the command line): llama.cpp's llama-server
+on the same GGUF, driven by our frontend's OpenAI backend, when a `llama-server` binary is on PATH; otherwise
+the table says it was skipped. Host code: no jax import here (the engine imports it when built).
 """
 
 from __future__ import annotations
@@ -169,6 +171,125 @@ class HttpTarget:
         self._undo()
         if self.server is not None:
             self.server.stop()
+
+
+class LlamaTarget:
+    """The peer: llama.cpp's `llama-server` on the same GGUF, driven by our frontend's OpenAI backend (completion
+    API, `/v1`), `slots` parallel slots with prompt caching on. The achieved hit rate comes from the `timings`
+    llama-server returns with each completion (`cache_n` tokens reused of `cache_n + prompt_n`); what it was sent
+    is recorded as text and tokenized by its own `/tokenize`. It has no decode-step counter, so no floor is
+    printed for it, and no echoed prompt logprobs, so `select` workloads fail on it (counted as errors)."""
+
+    kind = "llama"
+
+    def __init__(self, binary: str, gguf: str, slots: int = 16, ctx_per_slot: int = 2048, threads: int = 2):
+        import socket
+
+        import requests
+
+        import sgl_jax.program as lang
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url, self.ctx, self.slots = f"http://127.0.0.1:{port}", ctx_per_slot, slots
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_programs_llama_", suffix=".log", delete=False)
+        self.slot_dir = tempfile.mkdtemp(prefix="bench_programs_llama_slots_")  # (enables the slot erase action)
+        self.proc = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-np", str(slots), "-cb",
+                                      "-t", str(threads), "-c", str(slots * ctx_per_slot),
+                                      "--slot-save-path", self.slot_dir],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.http = requests.Session()
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited during start-up:\n{self._tail()}")
+            try:
+                if self.http.get(self.url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.time() - t0 > 300:
+                self.close()
+                raise TimeoutError("llama-server was not ready after 300 s")
+            time.sleep(0.5)
+        self.lang = lang
+        self.backend = lang.OpenAI(os.path.basename(gguf), base_url=self.url + "/v1", is_chat_model=False,
+                                   tokenizer=gguf, supports_regex=False)
+        self.rec = Recorder()
+        self.prompt_n = self.cache_n = self.decoded = 0
+        self._undo = self._wrap()
+
+    def _tail(self) -> str:
+        with open(self.log.name) as f:
+            return f.read()[-3000:]
+
+    def _wrap(self):
+        orig, rec = self.backend._post, self.rec
+
+        def _post(path, body, stream=False):
+            prompts = body.get("prompt") if path == "/completions" and not stream else None
+            if prompts is None:
+                return orig(path, body, stream)
+            items = prompts if isinstance(prompts, list) else [prompts]
+            slots = [rec.arrive(p) for p in items for _ in range(body.get("n", 1) or 1)]
+            obj = orig(path, body, stream)
+            for slot, c in zip(slots, sorted(obj.get("choices", []), key=lambda c: c.get("index", 0))):
+                rec.finish(slot, c.get("text") or "")
+            t = obj.get("timings") or {}
+            self.prompt_n += int(t.get("prompt_n", 0))
+            self.cache_n += int(t.get("cache_n", 0))
+            self.decoded += int(t.get("predicted_n", 0))
+            return obj
+
+        self.backend._post = _post
+        return lambda: self.backend.__dict__.pop("_post", None)
+
+    def counters(self) -> tuple[int, int]:
+        return self.step_counters()[:2]
+
+    def step_counters(self) -> tuple[int, int, int]:
+        """(prompt tokens, cached prompt tokens, tokens decoded): llama-server counts no steps."""
+        return self.prompt_n + self.cache_n, self.cache_n, self.decoded
+
+    def max_context(self) -> int:
+        return self.ctx
+
+    def vocab_size(self) -> int:
+        return self.backend._tokenizer.vocab_size
+
+    def page_size(self) -> int:
+        return 1
+
+    def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
+        r = self.http.post(self.url + "/completion", timeout=600, json={
+            "prompt": ids, "n_predict": max_new_tokens, "temperature": 0, "ignore_eos": True, "cache_prompt": True})
+        r.raise_for_status()
+
+    def flush(self) -> None:
+        """Erase every slot's cached prompt (llama-server's cache lives in its slots)."""
+        for i in range(self.slots):
+            r = self.http.post(f"{self.url}/slots/{i}?action=erase", timeout=60)
+            r.raise_for_status()
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        out = []
+        for t in texts:
+            r = self.http.post(self.url + "/tokenize", json={"content": t}, timeout=600)
+            r.raise_for_status()
+            out.append(r.json()["tokens"])
+        return out
+
+    def close(self) -> None:
+        self._undo()
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        os.unlink(self.log.name)
+        shutil.rmtree(self.slot_dir, ignore_errors=True)
 
 
 def _retry(fn, what: str, tries: int = 50) -> None:
@@ -349,17 +470,53 @@ def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int
 
 
 # ------------------------------------------------------------------------------------------- suites
-def peer_line() -> str:
-    path = shutil.which("llama-server")
-    if path is None:
-        return "peer skipped: llama-server not on PATH"
-    return f"peer not run: llama-server found at {path}, but this runner has no llama.cpp driver"
+ABLATION_KEYS = {"radix": "radix off", "dfs": "dfs-weight", "fcfs": "fcfs", "jf": "jump-fwd off"}
+
+
+def _settings(ablations) -> list:
+    """The baseline, then the ablations asked for: False/'' none, True/'all' every one, or a comma list of keys."""
+    if ablations in (False, None, ""):
+        return ABLATIONS[:1]
+    if ablations is True or ablations == "all":
+        return ABLATIONS
+    keys = [k.strip() for k in str(ablations).split(",") if k.strip()]
+    bad = [k for k in keys if k not in ABLATION_KEYS]
+    if bad:
+        raise ValueError(f"unknown ablation(s) {bad}; choose from {sorted(ABLATION_KEYS)}")
+    return ABLATIONS[:1] + [a for a in ABLATIONS[1:] if a[0] in {ABLATION_KEYS[k] for k in keys}]
+
+
+def _gguf(config: str | None, overrides: dict) -> str:
+    from sgl_jax.config import load_config
+    from sgl_jax.models.hub import resolve_model
+
+    return resolve_model(load_config(config, overrides or None).engine.model)
+
+
+def run_peer(binary: str | None, workloads, data_dir: str, *, config, overrides, full, n, latency_programs, seed,
+             threads) -> tuple[str, dict | None]:
+    """llama-server on the same GGUF through the OpenAI backend: (the peer line, its run or None if skipped)."""
+    if binary is None:
+        return "peer skipped: llama-server not on PATH (see shared/reference/cpu-baselines.md to build it)", None
+    print("[llama-server] starting the peer ...", file=sys.stderr, flush=True)
+    target = LlamaTarget(binary, _gguf(config, overrides))
+    rows = []
+    try:
+        for w in workloads:
+            print(f"[llama-server] {w} ...", file=sys.stderr, flush=True)
+            rows.append(run_workload(target, w, data_dir, full=full, n=n, latency_programs=latency_programs,
+                                     seed=seed, threads=threads, floor=None))
+    finally:
+        target.close()
+    return f"peer run: {binary} (16 slots, completion API), same GGUF, same machine, in this invocation", {
+        "label": "llama-server", "settings": {"binary": binary}, "rows": rows, "floor": None}
 
 
 def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEFAULT_DATA, *, full: bool = False,
         n: int | None = None, latency_programs: int = 3, seed: int = 0, threads: int | None = None,
         config: str | None = DEFAULT_CONFIG, overrides: dict | None = None, url: str | None = None,
-        ablations: bool = False, engine=None, json_path: str | None = None, out=sys.stdout) -> dict:
+        ablations: bool | str = False, engine=None, json_path: str | None = None, out=sys.stdout,
+        peer: bool = False, llama_server: str | None = None) -> dict:
     """Every workload on the backend, once per setting (just the baseline without `ablations`); prints the
     tables, writes `json_path`, returns the result. `engine` (an Engine) serves the baseline in place of one
     built from `config`; with `url`, the server there serves it (no ablations then)."""
@@ -367,7 +524,7 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         raise ValueError("--ablations restarts the engine or server per setting: not with --url or a given engine")
     base = {**(FULL_OVERRIDES if full else {}), **(overrides or {})}
     runs = []
-    for label, change, only in (ABLATIONS if ablations else ABLATIONS[:1]):
+    for label, change, only in _settings(ablations):
         names = [w for w in workloads if only is None or w in only]
         if not names:
             continue
@@ -386,8 +543,15 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         finally:
             target.close()
         runs.append({"label": label, "settings": change, "rows": rows, "floor": floor})
+    peer_text = "peer not asked for (--peer off)"
+    if peer:
+        peer_text, peer_run = run_peer(llama_server or shutil.which("llama-server"), workloads, data_dir,
+                                       config=config, overrides=base, full=full, n=n,
+                                       latency_programs=latency_programs, seed=seed, threads=threads)
+        if peer_run is not None:
+            runs.append(peer_run)
     result = {"backend": backend, "scale": "full" if full else "cpu", "config": config, "overrides": base,
-              "url": url, "seed": seed, "data": os.path.abspath(data_dir), "runs": runs, "peer": peer_line(),
+              "url": url, "seed": seed, "data": os.path.abspath(data_dir), "runs": runs, "peer": peer_text,
               "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(format_tables(result), file=out)
     if json_path:
@@ -407,8 +571,11 @@ def _num(x, fmt: str) -> str:
 def format_tables(result: dict) -> str:
     lines = []
     for run_ in result["runs"]:
-        lines.append(f"\n{result['backend']} backend, {result['scale']} sizes, setting: {run_['label']} "
-                     f"{run_['settings'] or ''}")
+        if run_["label"] == "llama-server":
+            lines.append(f"\npeer: llama-server, {result['scale']} sizes, {run_['settings']['binary']}")
+        else:
+            lines.append(f"\n{result['backend']} backend, {result['scale']} sizes, setting: {run_['label']} "
+                         f"{run_['settings'] or ''}")
         fl = run_.get("floor")
         if fl:
             lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
@@ -429,9 +596,9 @@ def format_tables(result: dict) -> str:
     if len(result["runs"]) > 1:
         lines.append(format_ablations(result["runs"]))
     lines.append(result["peer"])
-    lines.append("hit = cached / prompt tokens from the runtime's counters (whole pages); optimal = an infinite "
-                 "cache in arrival order, token granularity; opt/pg = the same in whole pages, each prompt's last "
-                 "token computed (the engine's granularity: below it is the schedule's loss)")
+    lines.append("hit = cached / prompt tokens from the runtime's counters (whole pages, then part of a page by a "
+                 "copy); optimal = an infinite cache in arrival order, token granularity; opt/pg = the same in whole "
+                 "pages, each prompt's last token computed (what a page-granular cache could reach)")
     return "\n".join(lines)
 
 

@@ -49,11 +49,12 @@ class NaivePrefixCache:
         self._entries: dict[tuple[str, tuple], _Entry] = {}
         self._root_refs: dict[str, int] = {}
         self._clock = 0
+        self._tails: dict[tuple[str, tuple], int] = {}  # (namespace, prefix + tail tokens) -> page, oldest first
 
     # counters (recounted every time: this is the slow, obviously-correct twin)
     @property
     def evictable_pages(self) -> int:
-        return sum(1 for e in self._entries.values() if e.ref == 0)
+        return sum(1 for e in self._entries.values() if e.ref == 0) + len(self._tails)
 
     @property
     def protected_pages(self) -> int:
@@ -61,7 +62,33 @@ class NaivePrefixCache:
 
     @property
     def cached_pages(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self._tails)
+
+    @property
+    def num_tails(self) -> int:
+        return len(self._tails)
+
+    def insert_tail(self, node: _Handle, tokens: Sequence[int], page: int) -> bool:
+        """Keep a partly filled page after ``node``'s prefix.  See ``RadixCache.insert_tail``."""
+        toks = _as_tokens(tokens)
+        ps = self.page_size
+        if not 0 < len(toks) < ps:
+            raise ValueError(f"a tail holds 1 to {ps - 1} tokens, got {len(toks)}")
+        if self.disabled:
+            self.allocator.free([page])
+            return False
+        self._handle_keys(node)
+        base, ns, full = len(node.key), node.namespace, node.key + toks
+        covered = any(kns == ns and len(k) >= len(full) and k[:len(full)] == full and len(k) - base <= ps
+                      for kns, k in list(self._entries) + list(self._tails))
+        if covered:
+            self.allocator.free([page])
+            return False
+        for key in [k for k in self._tails if k[0] == ns and len(k[1]) < len(full) and full[:len(k[1])] == k[1]
+                    and len(k[1]) > base]:
+            self.allocator.free([self._tails.pop(key)])
+        self._tails[(ns, full)] = int(page)
+        return True
 
     def _prefix_keys(self, toks: tuple, namespace: str, npages: int) -> list[tuple[str, tuple]]:
         ps = self.page_size
@@ -82,6 +109,31 @@ class NaivePrefixCache:
             e.last_access = self._clock
             pages.append(e.page)
         return MatchResult(pages, len(pages) * ps, _Handle(namespace, toks[: len(pages) * ps]))
+
+    def match_partial(self, node: _Handle, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """Longest partial continuation page of ``node``; read-only.  See ``RadixCache.match_partial``."""
+        if self.disabled or self.page_size == 1 or not len(tokens):
+            return None
+        self._handle_keys(node)
+        toks = _as_tokens(tokens)[: self.page_size - 1]
+        base, best = len(node.key), None
+        for (ns, key), e in self._entries.items():
+            if ns != node.namespace or len(key) != base + self.page_size or key[:base] != node.key:
+                continue
+            j = 0
+            while j < len(toks) and key[base + j] == toks[j]:
+                j += 1
+            if j and (best is None or j > best[1]):
+                best = (e.page, j)
+        for (ns, key), page in self._tails.items():
+            if ns != node.namespace or not base < len(key) < base + self.page_size or key[:base] != node.key:
+                continue
+            j = 0
+            while j < min(len(key) - base, len(toks)) and key[base + j] == toks[j]:
+                j += 1
+            if j and (best is None or j > best[1]):
+                best = (page, j)
+        return best
 
     def peek_prefix_len(self, tokens: Sequence[int], namespace: str = "") -> int:
         """Cached page-aligned prefix length, read-only (no stamp).  See ``RadixCache.peek_prefix_len``."""
@@ -167,6 +219,8 @@ class NaivePrefixCache:
         if self.disabled:
             return 0
         freed: list[int] = []
+        while len(freed) < num_pages and self._tails:
+            freed.append(self._tails.pop(next(iter(self._tails))))
         while len(freed) < num_pages:
             cands = [(e.last_access, k[0], k[1]) for k, e in self._entries.items() if e.ref == 0 and self._is_leaf(k)]
             if not cands:
@@ -181,8 +235,9 @@ class NaivePrefixCache:
         for ns, r in self._root_refs.items():
             if r:
                 raise RuntimeError(f"reset() with {r} lock(s) held in namespace {ns!r}")
-        pages = [e.page for e in self._entries.values()]
+        pages = [e.page for e in self._entries.values()] + list(self._tails.values())
         self._entries.clear()
+        self._tails.clear()
         self._root_refs.clear()
         if pages:
             self.allocator.free(pages)
@@ -203,6 +258,13 @@ class NaivePrefixCache:
             assert alloc.is_valid_page(e.page), f"cached page {e.page} is reserved or out of range"
             assert not alloc.is_free(e.page), f"cached page {e.page} is on the free list"
             assert e.ref >= 0, f"negative ref on {toks!r}"
+        for (ns, toks), page in self._tails.items():
+            base = len(toks) - len(toks) % ps
+            assert len(toks) % ps, f"tail {toks!r} fills whole pages"
+            assert not toks[:base] or (ns, toks[:base]) in self._entries, f"tail {toks!r} without its prefix"
+            assert page not in seen, f"page {page} appears twice in the cache"
+            seen[page] = toks
+            assert alloc.is_valid_page(page) and not alloc.is_free(page), f"tail page {page} is free or invalid"
         for parent, s in child_refs.items():
             ns, toks = parent
             r = self._entries[parent].ref if toks else self._root_refs.get(ns, 0)
@@ -213,7 +275,7 @@ class NaivePrefixCache:
         assert self.protected_pages <= allocated - evictable
         if held_pages is not None:
             held = set(int(p) for p in held_pages)
-            unlocked = {e.page for e in self._entries.values() if e.ref == 0}
+            unlocked = {e.page for e in self._entries.values() if e.ref == 0} | set(self._tails.values())
             for p in held:
                 assert not alloc.is_free(p), f"page {p} held by a request is on the free list"
                 assert p not in unlocked, f"page {p} held by a request is in an unlocked entry"

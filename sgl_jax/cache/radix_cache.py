@@ -11,14 +11,24 @@ Every edge of the tree carries a whole number of pages: ``len(edge tokens) ==
 len(edge pages) * page_size``, and nodes are only ever split at page
 boundaries.  A sequence of ``n`` tokens is cached as its first
 ``(n // page_size) * page_size`` tokens; the partially filled last page is
-*not* inserted, and the next request sharing it recomputes those
-``< page_size`` tokens.  Why: sharing a partial page would require
-copy-on-write (the next request appends different tokens into the same page)
-or per-token slot indirection.  Recomputing fewer than ``page_size`` tokens in
-prefill is cheaper and much simpler than that, and it keeps every page in the
-tree immutable once inserted, so a tree page can be read by any number of
-requests without coordination.  (Callers free the partial tail page
-themselves.)
+*not* inserted (callers free it themselves).  Every page in the tree is
+immutable once inserted, so any number of requests read it without
+coordination.  A request whose prompt continues a cached prefix into the
+middle of a tree page is served by copy-on-write instead of sharing:
+``match_partial`` names the tree page and how many of its leading tokens
+match, and the scheduler copies that page into one the request owns (a device
+copy before its first step) and computes from the first differing token.
+
+Tails
+-----
+A finished request's partly filled last page need not be lost: ``insert_tail``
+keeps it as a *tail* of the node ending where the page starts (1 to
+``page_size - 1`` tokens; never matched by ``match_prefix``, only offered by
+``match_partial`` for copying).  A fork's branches and a chat's next turn
+continue exactly there.  Tails are never locked (a reader copies the page
+before the next step writes anything), count as evictable, and are evicted
+before any node page, oldest first: each holds less than a page of tokens.
+Because of that order, no node is ever trimmed or removed while it has tails.
 
 Namespaces
 ----------
@@ -96,7 +106,8 @@ def _as_tokens(tokens: Sequence[int]) -> tuple:
 
 
 class _Node:
-    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "namespace", "is_root", "heap_id")
+    __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "namespace", "is_root", "heap_id",
+                 "tails")
 
     def __init__(self, key: tuple, pages: list[int], parent: "_Node | None", namespace: str, last_access: int):
         self.key = key  # tokens on the edge from parent; len == len(pages) * page_size
@@ -108,6 +119,7 @@ class _Node:
         self.namespace = namespace
         self.is_root = False
         self.heap_id = -1  # id of this node's one live heap entry (-1: none)
+        self.tails: dict[tuple, int] = {}  # partly filled pages continuing this node: tokens -> page
 
     def __repr__(self) -> str:
         return f"_Node(ns={self.namespace!r}, tokens={len(self.key)}, pages={self.pages}, ref={self.ref}, t={self.last_access})"
@@ -139,6 +151,7 @@ class RadixCache:
         self._protected = 0
         self._num_nodes = 0  # non-root nodes
         self._tree_pages: set[int] = set()
+        self._tails: dict[tuple[_Node, tuple], int] = {}  # every tail, oldest first (eviction order)
 
     # ------------------------------------------------------------- counters
     @property
@@ -284,6 +297,79 @@ class RadixCache:
         if node is not root and not node.children and node.ref == 0:
             self._push(node)  # stamp changed
         return MatchResult(pages, len(pages) * ps, node)
+
+    def match_partial(self, node: Any, tokens: Sequence[int]) -> tuple[int, int] | None:
+        """A tree page that continues ``node``'s prefix and starts with some of ``tokens``; read-only.
+
+        ``node`` is a handle from ``match_prefix`` (it ends exactly at the matched prefix) and ``tokens``
+        the tokens after that prefix.  Returns ``(page, j)`` for the child page sharing the longest
+        common prefix ``j`` with ``tokens`` (1 <= j < page_size; ties: the first child found), or None.
+        The tree stays page-granular: the caller copies the page's K/V into a page it owns and computes
+        from position ``j`` of it on (copy-on-write of the partial page), so the tree page is never
+        written.  Costs O(children of ``node``) comparisons of one token, then up to a page's tokens for
+        each child whose first token matches.
+        """
+        if self.disabled or self.page_size == 1 or not len(tokens):
+            return None
+        n = self._check_handle(node)
+        toks = _as_tokens(tokens)[: self.page_size - 1]
+        first, best = toks[0], None
+        for key, child in n.children.items():
+            if key[0] != first:
+                continue
+            j = 1
+            while j < len(toks) and key[j] == toks[j]:
+                j += 1
+            if best is None or j > best[1]:
+                best = (child.pages[0], j)
+        for key, page in n.tails.items():
+            j = 0
+            while j < min(len(key), len(toks)) and key[j] == toks[j]:
+                j += 1
+            if j and (best is None or j > best[1]):
+                best = (page, j)
+        return best
+
+    @property
+    def num_tails(self) -> int:
+        return len(self._tails)
+
+    def insert_tail(self, node: Any, tokens: Sequence[int], page: int) -> bool:
+        """Keep ``page``, holding the K/V of ``tokens`` (1 to page_size - 1 of them) right after ``node``'s
+        prefix, as a tail (see the module docstring).  Ownership of ``page`` passes to the cache either way:
+        it is freed now when disabled, or when a child page or another tail already starts with ``tokens``.
+        Tails of ``node`` that ``tokens`` extends are superseded (freed).  True if it was kept.
+        """
+        toks = _as_tokens(tokens)
+        if not 0 < len(toks) < self.page_size:
+            raise ValueError(f"a tail holds 1 to {self.page_size - 1} tokens, got {len(toks)}")
+        page = int(page)
+        if not self.allocator.is_valid_page(page) or self.allocator.is_free(page) or page in self._tree_pages:
+            raise ValueError(f"page {page} is free, reserved, out of range or already in the cache")
+        if self.disabled:
+            self.allocator.free([page])
+            return False
+        n = self._check_handle(node)
+        covered = any(k[: len(toks)] == toks for k in n.children) or any(
+            len(k) >= len(toks) and k[: len(toks)] == toks for k in n.tails)
+        if covered:
+            self.allocator.free([page])
+            return False
+        for k in [k for k in n.tails if toks[: len(k)] == k]:
+            self._drop_tail(n, k)
+        n.tails[toks] = page
+        self._tails[(n, toks)] = page
+        self._tree_pages.add(page)
+        self._evictable += 1
+        return True
+
+    def _drop_tail(self, node: _Node, toks: tuple) -> int:
+        page = node.tails.pop(toks)
+        del self._tails[(node, toks)]
+        self._tree_pages.discard(page)
+        self._evictable -= 1
+        self.allocator.free([page])
+        return page
 
     def peek_prefix_len(self, tokens: Sequence[int], namespace: str = "") -> int:
         """Length of the longest cached page-aligned prefix, read-only (no LRU stamp, no split).
@@ -446,6 +532,11 @@ class RadixCache:
             return 0
         ps = self.page_size
         heap = self._heap
+        tails = 0
+        while tails < num_pages and self._tails:  # tails first, oldest first (freed one by one)
+            self._drop_tail(*next(iter(self._tails)))
+            tails += 1
+        num_pages -= tails
         freed: list[int] = []
         while len(freed) < num_pages and heap:
             entry = heap[0]
@@ -473,7 +564,7 @@ class RadixCache:
         if freed:
             self._tree_pages.difference_update(freed)
             self.allocator.free(freed)
-        return len(freed)
+        return tails + len(freed)
 
     # ---------------------------------------------------------------- reset
     def reset(self) -> None:
@@ -494,6 +585,7 @@ class RadixCache:
                 n.parent = None
                 n.heap_id = -1
         self._roots.clear()
+        self._tails.clear()
         self._heap = []
         self._tree_pages = set()
         self._evictable = self._protected = self._num_nodes = 0
@@ -518,7 +610,7 @@ class RadixCache:
         ps = self.page_size
         alloc = self.allocator
         seen: dict[int, _Node] = {}
-        evictable = protected = nodes = 0
+        evictable = protected = nodes = tails = 0
         evictable_leaves: list[_Node] = []
         unlocked_pages: set[int] = set()
         for ns, root in self._roots.items():
@@ -538,6 +630,15 @@ class RadixCache:
                     child_refs += child.ref
                     stack.append(child)
                 assert node.ref >= child_refs, f"ref {node.ref} < sum of children refs {child_refs}: {node!r}"
+                for toks, p in node.tails.items():
+                    assert 0 < len(toks) < ps, f"a tail of {len(toks)} tokens under {node!r}"
+                    assert self._tails.get((node, toks)) == p, f"tail {toks!r} -> {p} of {node!r} not in the index"
+                    assert p not in seen, f"page {p} appears twice in the tree: {seen[p]!r} and a tail of {node!r}"
+                    seen[p] = node
+                    assert alloc.is_valid_page(p) and not alloc.is_free(p), f"tail page {p} is free or invalid"
+                    evictable += 1
+                    unlocked_pages.add(p)
+                    tails += 1
                 if node.is_root:
                     continue
                 nodes += 1
@@ -559,6 +660,7 @@ class RadixCache:
         assert evictable == self._evictable, f"evictable_pages counter {self._evictable} != recount {evictable}"
         assert protected == self._protected, f"protected_pages counter {self._protected} != recount {protected}"
         assert nodes == self._num_nodes, f"num_nodes counter {self._num_nodes} != recount {nodes}"
+        assert tails == len(self._tails), f"{len(self._tails)} tails indexed, {tails} found under live nodes"
         assert set(seen) == self._tree_pages, (
             f"tree page set out of sync: extra {sorted(self._tree_pages - set(seen))}, missing {sorted(set(seen) - self._tree_pages)}"
         )
