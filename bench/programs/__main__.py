@@ -45,8 +45,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ablations", nargs="?", const="all", default="",
                     help="also run these settings, each on a fresh engine/server: all, or a comma list of "
                          "radix (cache off), dfs (dfs-weight), fcfs, jf (jump-forward off, JSON only)")
-    ap.add_argument("--peer", choices=["auto", "off"], default="auto",
-                    help="auto: also run llama.cpp's llama-server (on PATH, or --llama-server) on the same GGUF")
+    ap.add_argument("--peer", choices=["auto", "off", "only"], default="auto",
+                    help="auto: also run llama.cpp's llama-server (on PATH, or --llama-server) on the same GGUF; "
+                         "only: just the peer")
     ap.add_argument("--llama-server", default=None, help="the llama-server binary for the peer run")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.data):
@@ -54,7 +55,7 @@ def main(argv=None) -> None:
     runner.run(args.backend, parse_workloads(args.workloads), args.data, full=args.full, n=args.n,
                latency_programs=args.latency_programs, seed=args.seed, threads=args.threads, config=args.config,
                overrides=parse_set(args.overrides), url=args.url, ablations=args.ablations,
-               json_path=args.json_path, peer=args.peer != "off", llama_server=args.llama_server)
+               json_path=args.json_path, peer={"auto": True, "off": False}.get(args.peer, args.peer), llama_server=args.llama_server)
 
 
 if __name__ == "__main__":

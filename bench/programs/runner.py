@@ -192,33 +192,45 @@ class LlamaTarget:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        self.url, self.ctx, self.slots = f"http://127.0.0.1:{port}", ctx_per_slot, slots
+        self.url, self.ctx = f"http://127.0.0.1:{port}", ctx_per_slot
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_programs_llama_", suffix=".log", delete=False)
-        self.slot_dir = tempfile.mkdtemp(prefix="bench_programs_llama_slots_")  # (enables the slot erase action)
-        self.proc = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-np", str(slots), "-cb",
-                                      "-t", str(threads), "-c", str(slots * ctx_per_slot),
-                                      "--slot-save-path", self.slot_dir],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+        self.cmd = [binary, "-m", gguf, "--port", str(port), "-np", str(slots), "-cb", "-t", str(threads),
+                    "-c", str(slots * ctx_per_slot)]
         self.http = requests.Session()
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited during start-up:\n{self._tail()}")
-            try:
-                if self.http.get(self.url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > 300:
-                self.close()
-                raise TimeoutError("llama-server was not ready after 300 s")
-            time.sleep(0.5)
+        self.proc = None
+        self._start()
         self.lang = lang
         self.backend = lang.OpenAI(os.path.basename(gguf), base_url=self.url + "/v1", is_chat_model=False,
                                    tokenizer=gguf, supports_regex=False)
         self.rec = Recorder()
         self.prompt_n = self.cache_n = self.decoded = 0
         self._undo = self._wrap()
+
+    def _start(self) -> None:
+        import requests
+
+        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited during start-up:\n{self._tail()}")
+            try:
+                if self.http.get(self.url + "/health", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.time() - t0 > 300:
+                self._stop()
+                raise TimeoutError("llama-server was not ready after 300 s")
+            time.sleep(0.2)
+
+    def _stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     def _tail(self) -> str:
         with open(self.log.name) as f:
@@ -267,10 +279,10 @@ class LlamaTarget:
         r.raise_for_status()
 
     def flush(self) -> None:
-        """Erase every slot's cached prompt (llama-server's cache lives in its slots)."""
-        for i in range(self.slots):
-            r = self.http.post(f"{self.url}/slots/{i}?action=erase", timeout=60)
-            r.raise_for_status()
+        """A restart: llama-server keeps prompts in its slots and in a host-memory prompt cache (`--cache-ram`),
+        and only the slots can be erased over HTTP. (About a second on this machine: the GGUF is mmapped.)"""
+        self._stop()
+        self._start()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         out = []
@@ -282,14 +294,8 @@ class LlamaTarget:
 
     def close(self) -> None:
         self._undo()
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        self._stop()
         os.unlink(self.log.name)
-        shutil.rmtree(self.slot_dir, ignore_errors=True)
 
 
 def _retry(fn, what: str, tries: int = 50) -> None:
@@ -516,7 +522,7 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         n: int | None = None, latency_programs: int = 3, seed: int = 0, threads: int | None = None,
         config: str | None = DEFAULT_CONFIG, overrides: dict | None = None, url: str | None = None,
         ablations: bool | str = False, engine=None, json_path: str | None = None, out=sys.stdout,
-        peer: bool = False, llama_server: str | None = None) -> dict:
+        peer: bool | str = False, llama_server: str | None = None) -> dict:
     """Every workload on the backend, once per setting (just the baseline without `ablations`); prints the
     tables, writes `json_path`, returns the result. `engine` (an Engine) serves the baseline in place of one
     built from `config`; with `url`, the server there serves it (no ablations then)."""
@@ -524,7 +530,7 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         raise ValueError("--ablations restarts the engine or server per setting: not with --url or a given engine")
     base = {**(FULL_OVERRIDES if full else {}), **(overrides or {})}
     runs = []
-    for label, change, only in _settings(ablations):
+    for label, change, only in (_settings(ablations) if peer != "only" else []):
         names = [w for w in workloads if only is None or w in only]
         if not names:
             continue
