@@ -153,7 +153,7 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded.
 
-    One class of ~450 lines because admission, chunked prefill, retraction and decode-run sizing all read and
+    One class of ~510 lines because admission, chunked prefill, retraction and decode-run sizing all read and
     change the same queue, page and slot state within one step.
     """
 

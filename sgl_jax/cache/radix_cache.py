@@ -132,9 +132,9 @@ class RadixCache:
     baseline: ``match_prefix`` always returns an empty match and ``insert``
     frees every page it is given.
 
-    One class of ~470 lines because match, insert, lock, split, evict and the integrity check all maintain the
-    same node invariants (refcounts, page ownership, LRU order); the naive twin implements the same interface
-    for tests.
+    One class of ~560 lines because match, partial match, insert, tails, lock, split, evict and the integrity
+    check all maintain the same node invariants (refcounts, page ownership, LRU and eviction order); the naive
+    twin implements the same interface for tests.
     """
 
     def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False):
