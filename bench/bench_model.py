@@ -55,7 +55,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PEER_PYTHON = "/work/refvenv/bin/python"
 PAGE_SIZE = 16
 PREFILL_LEN = 512
-MODEL_BACKENDS = ("jnp", "auto", "pallas_gpu", "pallas_tpu")  # the model's own attention backends
+XLA_DEFAULTS = False  # --xla-defaults: compile with XLA:CPU's default fusions instead of the runner's options
+MODEL_BACKENDS = ("jnp", "cpu_native", "auto", "pallas_gpu", "pallas_tpu")  # the model's own attention backends
 
 
 def _log(*a):
@@ -182,6 +183,9 @@ class ModelBench:
             return model.apply({"params": params}, ids, meta, kv, logits_idx)
 
         self.fwd = jax.jit(forward, donate_argnums=(2,), static_argnames=("block_q",))
+        from sgl_jax.executables import step_compile_options
+
+        self.compile_options = {} if XLA_DEFAULTS else step_compile_options()
         self.kv = init_kv_cache(self.cfg, num_pages, PAGE_SIZE, getattr(jnp, dtype))
         self.num_pages = num_pages
 
@@ -195,15 +199,19 @@ class ModelBench:
                                               b.pre_page_table, b.pre_kv_lens))
         ids, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
 
+        # compiled with the runner's options (XLA:CPU's YNNPACK fusions off, unless --xla-defaults)
+        compiled = self.fwd.lower(self.params, ids, self.kv, li, meta, block_q=b.block_q).compile(
+            compiler_options=self.compile_options)
+
         def run():
-            logits, self.kv = self.fwd(self.params, ids, self.kv, li, meta, block_q=b.block_q)
+            logits, self.kv = compiled(self.params, ids, self.kv, li, meta)
             logits.block_until_ready()
             return logits
         return run
 
     def time_batch(self, b, n: int) -> dict:
-        run = self._run_fn(b)
         t0 = time.perf_counter()
+        run = self._run_fn(b)
         run()
         compile_s = time.perf_counter() - t0
         med, ts = _median_time(run, n)
@@ -453,6 +461,8 @@ def parse_args(argv=None):
     ap.add_argument("--ctxs", help="comma list overriding the decode contexts")
     ap.add_argument("--block-qs", help="comma list overriding the prefill block sizes")
     ap.add_argument("--decode-n", type=int, help="timed calls per decode shape (default 10, --quick 5)")
+    ap.add_argument("--xla-defaults", action="store_true",
+                    help="compile with XLA's default options, not the runner's (YNNPACK fusions on, on CPU)")
     ap.add_argument("--only", choices=["prefill", "decode"], help="run one part only")
     ap.add_argument("--peer-only", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gguf", help=argparse.SUPPRESS)
@@ -471,6 +481,8 @@ def main(argv=None):
             json.dump(res, f)
         return 0
 
+    global XLA_DEFAULTS
+    XLA_DEFAULTS = args.xla_defaults
     plan = make_plan(args.quick)
     for k, a in (("batches", args.batches), ("ctxs", args.ctxs), ("block_qs", args.block_qs)):
         if a:

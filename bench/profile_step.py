@@ -110,11 +110,13 @@ def main(argv=None):
     meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
                                           b.pre_page_table, b.pre_kv_lens))
     ids_, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
-    hlo = mb.fwd.lower(mb.params, ids_, mb.kv, li, meta, block_q=b.block_q).compile().as_text()
+    compiled = mb.fwd.lower(mb.params, ids_, mb.kv, li, meta, block_q=b.block_q).compile(
+        compiler_options=mb.compile_options)  # the runner's options
+    hlo = compiled.as_text()
     roles = instruction_roles(hlo)
 
     def run():
-        logits, mb.kv = mb.fwd(mb.params, ids_, mb.kv, li, meta, block_q=b.block_q)
+        logits, mb.kv = compiled(mb.params, ids_, mb.kv, li, meta)
         logits.block_until_ready()
 
     for _ in range(3):

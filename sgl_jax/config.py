@@ -206,7 +206,7 @@ class EngineConfig:
     quantization: str = _f("none", "none | int8: int8 weight-only, one f32 scale per output channel, for every "
                            "linear, the LM head and a tied embedding (sgl_jax/models/quant.py): 1/4 of the "
                            "float32 weight bytes; logits move (SmolLM2: by up to ~1.4)")
-    attention_backend: str = _f("auto", "auto | jnp | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, jnp on CPU)")
+    attention_backend: str = _f("auto", "auto | jnp | cpu_native | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, the native kernel on CPU, else jnp)")
     seed: int = _f(0, "default sampling seed for requests that give none")
     warmup: bool = _f(True, "compile every step shape at start-up")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
@@ -222,7 +222,7 @@ class EngineConfig:
         if self.kv_dtype:
             _choice(self, "kv_dtype", DTYPES)
         _choice(self, "quantization", QUANTIZATIONS)
-        _choice(self, "attention_backend", ("auto", "jnp", "pallas_tpu", "pallas_gpu"))
+        _choice(self, "attention_backend", ("auto", "jnp", "cpu_native", "pallas_tpu", "pallas_gpu"))
         if max(self.shapes.decode_buckets) < self.scheduler.max_running_requests:
             raise ConfigError(f"config key 'engine.shapes.decode_buckets' {self.shapes.decode_buckets} must reach "
                               f"engine.scheduler.max_running_requests={self.scheduler.max_running_requests}")

@@ -78,7 +78,7 @@ def fingerprint(settings, state_avals) -> str:
     parts = [_FORMAT, jax.__version__, jaxlib.__version__, jax.default_backend(),
              [(d.platform, getattr(d, "device_kind", ""), d.id) for d in devices],
              getattr(devices[0].client, "platform_version", ""), os.environ.get("XLA_FLAGS", ""),
-             source_digest(), settings, str(jax.tree_util.tree_structure(state_avals)),
+             step_compile_options(), source_digest(), settings, str(jax.tree_util.tree_structure(state_avals)),
              [(tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(state_avals)]]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:32]
 
@@ -114,14 +114,40 @@ def _install_fresh_hook() -> bool:
         return _installed
 
 
-def compile_fresh(lowered):
-    """`lowered.compile()` compiled by the backend itself: neither jax's persistent cache nor its in-process
-    cache may hand back an executable that was read from disk (see the module docstring). The extra
-    option is a dump setting at its default value: it changes the in-process cache key, not the code."""
+# XLA:CPU hands some dots and their neighbours to YNNPACK fusions by default. For the decode step's few-row
+# matmuls they were 1.2-1.9x slower than XLA's own dot (bench/notes.md, "Few-row decode on XLA:CPU"): the step
+# is compiled with them off. Per compile, so a user's other jax code keeps its defaults.
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_cpu_options_ok: bool | None = None
+
+
+def step_compile_options() -> dict:
+    """The compiler options the runner's step is compiled with on this backend ({} off CPU, or where this
+    jax does not know the option: then one warning and XLA's defaults)."""
+    global _cpu_options_ok
+    if jax.default_backend() != "cpu":
+        return {}
+    if _cpu_options_ok is None:
+        try:
+            jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((1,), "float32")).compile(
+                compiler_options=_CPU_OPTIONS)
+            _cpu_options_ok = True
+        except Exception as e:  # noqa: BLE001 - an unknown option: keep the defaults, say so once
+            _cpu_options_ok = False
+            log.warning("XLA:CPU option %s is not accepted (%s): the step keeps XLA's default fusions",
+                        _CPU_OPTIONS, e)
+    return dict(_CPU_OPTIONS) if _cpu_options_ok else {}
+
+
+def compile_fresh(lowered, options: dict | None = None):
+    """`lowered.compile(compiler_options=options)` compiled by the backend itself: neither jax's persistent
+    cache nor its in-process cache may hand back an executable that was read from disk (see the module
+    docstring). The extra option is a dump setting at its default value: it changes the in-process cache key,
+    not the code."""
     _install_fresh_hook()
     _fresh.on = True
     try:
-        return lowered.compile(compiler_options={"xla_dump_max_hlo_modules": -1})
+        return lowered.compile(compiler_options={"xla_dump_max_hlo_modules": -1, **(options or {})})
     finally:
         _fresh.on = False
 

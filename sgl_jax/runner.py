@@ -38,12 +38,12 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from pallas_kernels import cpu_int8
+from pallas_kernels import cpu_attention, cpu_matmul
 
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
-from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint
+from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint, step_compile_options
 from sgl_jax.models.attention import AttnMetadata
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
@@ -267,14 +267,16 @@ class ModelRunner:
         # shapes/dtypes of the device state: lowering never touches the (donated) buffers themselves
         self._state_avals = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                                    (self.params, self.kv, self.pstate, self.cbuf))
-        # int8 on CPU: the native decode matmul is registered now, before any executable that calls it is loaded
-        self.native_int8 = (self.platform == "cpu"
-                            and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
-                            and cpu_int8.available())
+        # CPU: the native kernels the step will call are built and registered now, before any executable that
+        # calls them is loaded from the store (loading does not trace the model, which would register them)
+        cpu = self.platform == "cpu"
+        self.native_int8 = (cpu and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
+                            and cpu_matmul.int8_available())
+        self.native_attention = cpu and attention_backend in ("auto", "cpu_native") and cpu_attention.available()
         self.store = None
         if executable_dir:
             settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
-                        self.valid_vocab, V, self.native_int8]
+                        self.valid_vocab, V, self.native_int8, self.native_attention]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()
@@ -310,10 +312,10 @@ class ModelRunner:
                 params, kv, pstate, cbuf = self._state_avals
                 lowered = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape))
                 if self.store is not None and self.store.enabled:
-                    compiled = compile_fresh(lowered)
+                    compiled = compile_fresh(lowered, step_compile_options())
                     self.store.save(name, compiled)
                 else:
-                    compiled = lowered.compile()
+                    compiled = lowered.compile(compiler_options=step_compile_options())
         except BaseException as e:
             with self._lock:
                 del self._compiling[shape]

@@ -406,12 +406,30 @@ class AttentionFn(NamedTuple):
 
 
 def get_attention_backend(name: str = "auto") -> AttentionFn:
-    """`auto` picks the Pallas kernel for the platform (TPU/GPU) and the jnp path on CPU."""
+    """`auto` picks the Pallas kernel for the platform (TPU/GPU), and on CPU the native kernel
+    (pallas_kernels/cpu_attention.py) when it builds here, else the jnp path. `cpu_native` asks for the native
+    kernel and fails, naming the cause, when it cannot be built; float32 operands take it, others the jnp path."""
     if name == "auto":
         platform = jax.default_backend()
-        name = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "jnp")
+        name = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "cpu")
+        if name == "cpu":
+            from pallas_kernels import cpu_attention
+
+            name = "cpu_native" if cpu_attention.available() else "jnp"
     if name == "jnp":
         return AttentionFn("jnp", paged_attention)
+    if name == "cpu_native":
+        from pallas_kernels import cpu_attention
+
+        if not cpu_attention.available():
+            raise ValueError(f"attention_backend 'cpu_native': the kernel did not build ({cpu_attention.why_not()})")
+
+        def native(q, k_pages, v_pages, *args, **kw):
+            if cpu_attention.supports(q, k_pages) and v_pages.dtype == k_pages.dtype:
+                return cpu_attention.paged_attention(q, k_pages, v_pages, *args, **kw)
+            return paged_attention(q, k_pages, v_pages, *args, **kw)
+
+        return AttentionFn("cpu_native", native)
     if name in ("pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret"):
         from pallas_kernels import ragged_paged_attention as rpa
 
@@ -425,5 +443,5 @@ def get_attention_backend(name: str = "auto") -> AttentionFn:
                                               soft_cap=soft_cap, backend=backend, interpret=interpret)
 
         return AttentionFn(name, fn)
-    raise ValueError(f"attention_backend {name!r} is unknown; expected auto, jnp, pallas_tpu or pallas_gpu "
+    raise ValueError(f"attention_backend {name!r} is unknown; expected auto, jnp, cpu_native, pallas_tpu or pallas_gpu "
                      "(optionally with _interpret)")

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from pallas_kernels import cpu_int8
+from pallas_kernels import cpu_matmul
 
 from sgl_jax.models.attention import AttnMetadata, KVCache, get_attention_backend, write_kv
 from sgl_jax.models.config import ModelConfig, rope_inv_freq
@@ -96,12 +96,12 @@ def _after(w, x):
 def int8_matmul(x, w, scale, out_axis: int):
     """(x @ w.astype(x.dtype)) * scale in float32: x [T, in], w int8 [in, out] (out_axis 1) or [out, in]
     (out_axis 0, the tied embedding), scale f32 [out]. The scale multiplies after the dot, once per output
-    channel. On CPU, few float32 rows (decode) take the native kernel (pallas_kernels/cpu_int8.py) when it could
+    channel. On CPU, few float32 rows (decode) take the native kernel (pallas_kernels/cpu_matmul.py) when it could
     be built; otherwise each piece's convert waits for the previous piece's product (see _CPU_CHUNK)."""
     spec = "TI,IO->TO" if out_axis == 1 else "TI,OI->TO"
     cpu = jax.default_backend() == "cpu"
-    if cpu and x.shape[0] <= cpu_int8.MAX_ROWS and x.dtype == jnp.float32 and cpu_int8.available():
-        return cpu_int8.matmul(x, w, scale, out_axis)  # decode rows: each weight read once, as a byte
+    if cpu and x.shape[0] <= cpu_matmul.MAX_ROWS_INT8 and x.dtype == jnp.float32 and cpu_matmul.int8_available():
+        return cpu_matmul.int8_matmul(x, w, scale, out_axis)  # decode rows: each weight read once, as a byte
     n_out = w.shape[out_axis]
     step = n_out
     if cpu and w.size > _CPU_CHUNK:

@@ -1,4 +1,4 @@
-// int8 weight-only matmul for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_int8.py builds and
+// int8 weight-only matmul for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_matmul.py builds and
 // registers it). XLA:CPU does not fuse an int8 -> float convert into a dot: the convert writes a float copy of
 // the matrix that the dot then reads, so a decode step reads 4 bytes per weight and writes 4 more. Here each
 // weight is read once, as one byte, converted in registers and multiplied at once.
@@ -9,7 +9,7 @@
 // For few rows (decode): the work is memory-bound, the weights stream through once for all rows. Output columns
 // are cut into blocks; half of the blocks run on XLA's intra-op thread pool, the other half on the calling
 // thread. Accumulation is in float32, in k order for "io" and in 8 interleaved partial sums for "oi": results
-// differ from XLA's dot by float32 rounding only (tests/test_cpu_int8.py checks against a float64 reference).
+// differ from XLA's dot by float32 rounding only (tests/test_cpu_matmul.py checks against a float64 reference).
 
 #include <algorithm>
 #include <atomic>

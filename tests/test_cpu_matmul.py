@@ -1,4 +1,4 @@
-"""The CPU int8 matmul kernel (pallas_kernels/cpu_int8.py) against a float64 numpy reference, and its use in the
+"""The CPU int8 matmul kernel (pallas_kernels/cpu_matmul.py) against a float64 numpy reference, and its use in the
 model: a decode forward with it equals the forward on XLA's convert + dot path to float32 rounding."""
 
 import numpy as np
@@ -7,15 +7,15 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_int8
+from pallas_kernels import cpu_matmul
 
 pytestmark = pytest.mark.timeout(300)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def native():
-    if not cpu_int8.available():  # a failure, not a skip: CI and the dev machines have a C++ compiler
-        pytest.fail(f"the native int8 kernel did not build: {cpu_int8.why_not()}")
+    if not cpu_matmul.int8_available():  # a failure, not a skip: CI and the dev machines have a C++ compiler
+        pytest.fail(f"the native int8 kernel did not build: {cpu_matmul.why_not()}")
 
 
 def _case(rng, m, k, n, out_axis):
@@ -33,7 +33,7 @@ def _case(rng, m, k, n, out_axis):
 ])
 def test_matches_float64_reference(m, k, n, out_axis):
     x, w, s, ref = _case(np.random.default_rng(m * 7 + k + n), m, k, n, out_axis)
-    y = np.asarray(jax.jit(lambda x, w, s: cpu_int8.matmul(x, w, s, out_axis))(x, w, s))
+    y = np.asarray(jax.jit(lambda x, w, s: cpu_matmul.int8_matmul(x, w, s, out_axis))(x, w, s))
     assert y.shape == (m, n) and y.dtype == np.float32
     # float32 accumulation of k products: error ~ sqrt(k) ulp of the partial sums
     tol = 4 * np.sqrt(k) * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(w.astype(np.float64) if out_axis == 1
@@ -44,16 +44,16 @@ def test_matches_float64_reference(m, k, n, out_axis):
 def test_non_finite_inputs_propagate_like_a_dot():
     x, w, s, _ = _case(np.random.default_rng(1), 2, 64, 300, 1)
     x[1, 5] = np.nan
-    y = np.asarray(jax.jit(lambda x, w, s: cpu_int8.matmul(x, w, s, 1))(x, w, s))
+    y = np.asarray(jax.jit(lambda x, w, s: cpu_matmul.int8_matmul(x, w, s, 1))(x, w, s))
     assert np.all(np.isfinite(y[0])) and np.all(np.isnan(y[1][w[5] != 0]))
 
 
 def test_bad_shapes_raise_naming_the_operands():
-    x = jnp.zeros((cpu_int8.MAX_ROWS + 1, 8), jnp.float32)
+    x = jnp.zeros((cpu_matmul.MAX_ROWS_INT8 + 1, 8), jnp.float32)
     with pytest.raises(ValueError, match="native int8 matmul"):
-        cpu_int8.matmul(x, jnp.zeros((8, 4), jnp.int8), jnp.ones(4), 1)
+        cpu_matmul.int8_matmul(x, jnp.zeros((8, 4), jnp.int8), jnp.ones(4), 1)
     with pytest.raises(ValueError, match="native int8 matmul"):
-        cpu_int8.matmul(jnp.zeros((1, 8)), jnp.zeros((9, 4), jnp.int8), jnp.ones(4), 1)
+        cpu_matmul.int8_matmul(jnp.zeros((1, 8)), jnp.zeros((9, 4), jnp.int8), jnp.ones(4), 1)
 
 
 def test_concurrent_calls_in_one_step_do_not_deadlock():
@@ -64,7 +64,7 @@ def test_concurrent_calls_in_one_step_do_not_deadlock():
 
     @jax.jit
     def many(xs, ws, ss):
-        return [cpu_int8.matmul(x, w, s, 1) for x, w, s in zip(xs, ws, ss)]
+        return [cpu_matmul.int8_matmul(x, w, s, 1) for x, w, s in zip(xs, ws, ss)]
 
     outs = many(*(list(c[i] for c in cases) for i in range(3)))
     for (_, _, _, ref), y in zip(cases, outs):
@@ -84,12 +84,12 @@ def test_int8_matmul_routes_decode_rows_to_the_kernel(monkeypatch):
         def f():  # a new function each time: jit caches traces by function
             return jax.jit(lambda x: llama.int8_matmul(x, w, s, out_axis=out_axis))
 
-        assert cpu_int8.TARGET in f().lower(x).as_text()
+        assert cpu_matmul.INT8_TARGET in f().lower(x).as_text()
         native = np.asarray(f()(x))
-        big = np.zeros((cpu_int8.MAX_ROWS + 1, 576), np.float32)
-        assert cpu_int8.TARGET not in f().lower(big).as_text()
-        monkeypatch.setitem(cpu_int8._state, "ok", False)
-        assert cpu_int8.TARGET not in f().lower(x).as_text()
+        big = np.zeros((cpu_matmul.MAX_ROWS_INT8 + 1, 576), np.float32)
+        assert cpu_matmul.INT8_TARGET not in f().lower(big).as_text()
+        monkeypatch.setitem(cpu_matmul._INT8._state, "ok", False)
+        assert cpu_matmul.INT8_TARGET not in f().lower(x).as_text()
         xla = np.asarray(f()(x))
-        monkeypatch.setitem(cpu_int8._state, "ok", True)
+        monkeypatch.setitem(cpu_matmul._INT8._state, "ok", True)
         np.testing.assert_allclose(native, xla, rtol=1e-5, atol=1e-5 * np.abs(xla).max())

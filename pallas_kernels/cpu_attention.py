@@ -1,0 +1,97 @@
+"""Paged attention for the CPU backend, as an XLA FFI custom call (`cpu_paged_attention.cc`).
+
+The jnp forms in sgl_jax.models.attention run on XLA:CPU as gathers that copy each row's pages; a batched decode
+step spent most of its time there (bench/notes.md, "Native paged attention on CPU"). The kernel walks each
+row's pages in place and reads only the keys its queries see. It computes `paged_attention`'s function
+exactly (up to float32 rounding; `ref_paged_attention` below is the pure-jnp reference it is tested against),
+for float32 queries and pages; other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
+without a compiler `available()` is False, one warning names the cause, and the model keeps the jnp path.
+
+    paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
+                    soft_cap=None)
+        q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32; page_table [R, P] int32; kv_lens [R] int32;
+        q_positions [R, Bq] int32 (-1 = padding)  ->  [R, Bq, H, D] f32
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.cpu_native import NativeKernel
+
+TARGET = "sgl_jax_paged_attention"
+_KERNEL = NativeKernel("cpu_paged_attention.cc", "SglJaxPagedAttention", TARGET, "SGL_JAX_NATIVE_ATTENTION",
+                       "paged attention")
+available = _KERNEL.available
+why_not = _KERNEL.why_not
+
+
+def supports(q, k_pages) -> bool:
+    """Whether the kernel takes these operands (float32 queries and pages)."""
+    return q.dtype == jnp.float32 and k_pages.dtype == jnp.float32
+
+
+def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
+    R, Bq, H, D = q.shape
+    if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or k_pages.shape[3] != D:
+        raise ValueError(f"native paged attention: q {q.shape} needs k/v pages [N, KV, S, {D}], got "
+                         f"{k_pages.shape} and {v_pages.shape}")
+    if H % k_pages.shape[1]:
+        raise ValueError(f"native paged attention: {H} query heads are not a multiple of {k_pages.shape[1]} KV heads")
+    if page_table.ndim != 2 or page_table.shape[0] != R or kv_lens.shape != (R,) or q_positions.shape != (R, Bq):
+        raise ValueError(f"native paged attention: for q {q.shape} expected page_table [{R}, P], kv_lens [{R}], "
+                         f"q_positions [{R}, {Bq}]; got {page_table.shape}, {kv_lens.shape}, {q_positions.shape}")
+    if not supports(q, k_pages) or v_pages.dtype != jnp.float32:
+        raise ValueError(f"native paged attention takes float32 q and pages, got {q.dtype}, {k_pages.dtype}, "
+                         f"{v_pages.dtype}")
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
+                    sliding_window: int | None = None, soft_cap: float | None = None):
+    """`sgl_jax.models.attention.paged_attention` by the native kernel (built and registered here if it was not
+    yet; raises naming the cause if it cannot be)."""
+    _check(q, k_pages, v_pages, page_table, kv_lens, q_positions)
+    if not available():
+        raise RuntimeError(f"the native paged attention is not available: {why_not()}")
+    out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+    return jax.ffi.ffi_call(TARGET, out)(
+        q, k_pages, v_pages, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32),
+        q_positions.astype(jnp.int32), sm_scale=np.float32(sm_scale),
+        window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+
+
+def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
+                        sliding_window: int | None = None, soft_cap: float | None = None):
+    """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32)."""
+    R, Bq, H, D = q.shape
+    _, KV, S, _ = k_pages.shape
+    P = page_table.shape[1]
+    k = jnp.moveaxis(k_pages[page_table], 2, 1).reshape(R, KV, P * S, D)  # [R, KV, P*S, D]
+    v = jnp.moveaxis(v_pages[page_table], 2, 1).reshape(R, KV, P * S, D)
+    qg = q.reshape(R, Bq, KV, H // KV, D)
+    s = jnp.einsum("RQKGD,RKJD->RKGQJ", qg, k, precision="highest") * sm_scale
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    j = jnp.arange(P * S)
+    t = q_positions[:, None, None, :, None]  # [R, 1, 1, Bq, 1]
+    vis = (j <= t) & (j < kv_lens[:, None, None, None, None]) & (t >= 0)
+    if sliding_window is not None:
+        vis &= j > t - sliding_window
+    s = jnp.where(vis, s, -jnp.inf)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(vis, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0)), 0)
+    den = jnp.sum(p, axis=-1, keepdims=True)
+    p = p / jnp.where(den == 0, 1, den)
+    v = jnp.where(vis.any(axis=(2, 3))[..., None], v, 0)  # stale slots nobody sees must not meet a 0 weight
+    out = jnp.einsum("RKGQJ,RKJD->RQKGD", p, v, precision="highest")
+    return out.reshape(R, Bq, H, D).astype(q.dtype)
+
+
+if __name__ == "__main__":  # python -m pallas_kernels.cpu_attention: build now and say whether it works
+    ok = available()
+    print("native paged attention:", "available" if ok else f"off ({why_not()})")
+    sys.exit(0 if ok else 1)

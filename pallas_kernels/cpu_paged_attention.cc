@@ -1,0 +1,262 @@
+// Paged attention for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_attention.py builds and
+// registers it). The same function as sgl_jax.models.attention.paged_attention:
+//
+//   q [R, Bq, H, D] f32, k_pages / v_pages [N, KV, S, D] f32, page_table [R, P] s32, kv_lens [R] s32,
+//   q_positions [R, Bq] s32 (-1 = padding)  ->  out [R, Bq, H, D] f32
+//
+// The query at position t of row r sees keys j with j <= t, j < kv_lens[r] (and j > t - window when a window
+// is set); key j lives in slot j % S of page page_table[r, j / S]. A query that sees nothing gives zeros.
+//
+// Why a kernel: XLA:CPU runs the jnp forms as gathers that copy every row's pages (or a loop of them), so a
+// decode step at 64 rows x 700 tokens spent ~1 s in attention where reading the keys and values once takes
+// ~50 ms (bench/notes.md, "Native paged attention on CPU"). Here each (row, KV head) is one unit of work: it
+// walks the pages its queries see, in place, with an online softmax (running max and sum per query), and
+// reads only the visible keys of each page -- so slots past a row's length, which may hold stale or
+// non-finite data, are never read, and no mask value ever meets a value row. The G = H / KV query heads
+// that share a KV head are scored together, so each key and value row is loaded once per unit.
+//
+// Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool; a
+// helper that starts after the call has returned finds nothing to claim and touches no buffer.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+typedef float v8f __attribute__((vector_size(32)));
+
+inline v8f LoadF8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void StoreF8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+
+inline float HSum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+// exp of eight lanes. With AVX2: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p a degree-6
+// polynomial (relative error ~2e-7, below float32 rounding of the sums it feeds); inputs are <= 0 here
+// (scores minus their running max), clamped at -87 where exp is below float32's normal range and the
+// probability is as good as 0 beside the running max's 1. Without AVX2, std::exp lane by lane.
+inline v8f Exp8(v8f x) {
+#if defined(__AVX2__)
+  __m256 v = _mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), v);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(v, v), _mm256_add_ps(v, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return (v8f)_mm256_mul_ps(p, _mm256_castsi256_ps(e));
+#else
+  v8f y;
+  for (int i = 0; i < 8; ++i) y[i] = std::exp(x[i]);
+  return y;
+#endif
+}
+
+struct Problem {
+  const float* q;
+  const float* k;
+  const float* v;
+  const int32_t* table;
+  const int32_t* lens;
+  const int32_t* pos;
+  float* out;
+  int64_t R, Bq, H, D, N, KV, S, P, G;
+  float sm_scale;
+  int64_t window;  // 0: none
+  float soft_cap;  // 0: none
+};
+
+// Per-thread scratch for one unit: running max, sum and output of each of the unit's queries, and one page's
+// scores for one query (S rounded up to whole vectors).
+struct Scratch {
+  std::vector<float> m, l, acc, s;
+  Scratch(const Problem& p)
+      : m(p.Bq * p.G), l(p.Bq * p.G), acc(p.Bq * p.G * p.D), s((p.S + 7) / 8 * 8) {}
+};
+
+inline float Dot(const float* a, const float* b, int64_t D) {
+  const int64_t d8 = D / 8 * 8;
+  v8f acc0 = v8f{}, acc1 = v8f{};
+  int64_t d = 0;
+  for (; d + 16 <= d8; d += 16) {
+    acc0 += LoadF8(a + d) * LoadF8(b + d);
+    acc1 += LoadF8(a + d + 8) * LoadF8(b + d + 8);
+  }
+  for (; d < d8; d += 8) acc0 += LoadF8(a + d) * LoadF8(b + d);
+  float s = HSum(acc0 + acc1);
+  for (; d < D; ++d) s += a[d] * b[d];
+  return s;
+}
+
+// acc[0:D] = acc * corr + sum_j p[j] * vrows[j]   (j < n, rows D apart)
+inline void Accumulate(float* acc, float corr, const float* p, const float* vrows, int64_t n, int64_t D) {
+  const int64_t d8 = D / 8 * 8;
+  for (int64_t d = 0; d < d8; d += 8) {
+    v8f a = LoadF8(acc + d) * corr;
+    for (int64_t j = 0; j < n; ++j) a += p[j] * LoadF8(vrows + j * D + d);
+    StoreF8(acc + d, a);
+  }
+  for (int64_t d = d8; d < D; ++d) {
+    float a = acc[d] * corr;
+    for (int64_t j = 0; j < n; ++j) a += p[j] * vrows[j * D + d];
+    acc[d] = a;
+  }
+}
+
+// Row r, KV head h. Returns false when a page index is outside the pool (nothing is read from it).
+bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
+  const int64_t D = p.D, S = p.S, G = p.G;
+  const int32_t len = p.lens[r];
+  std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
+  std::fill(sc.l.begin(), sc.l.end(), 0.0f);
+  std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
+  // the keys any query of the row sees: [lo, hi]
+  int64_t hi = -1, lo = std::numeric_limits<int64_t>::max();
+  for (int64_t b = 0; b < p.Bq; ++b) {
+    const int64_t t = p.pos[r * p.Bq + b];
+    if (t < 0) continue;
+    hi = std::max<int64_t>(hi, std::min<int64_t>(t, int64_t{len} - 1));
+    lo = std::min<int64_t>(lo, p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0);
+  }
+  bool ok = true;
+  if (hi >= 0 && lo <= hi) {
+    const int64_t c_end = std::min<int64_t>(hi / S, p.P - 1);
+    for (int64_t c = lo / S; c <= c_end; ++c) {
+      const int64_t page = p.table[r * p.P + c];
+      if (page < 0 || page >= p.N) {
+        ok = false;
+        break;
+      }
+      const float* kb = p.k + (page * p.KV + h) * S * D;
+      const float* vb = p.v + (page * p.KV + h) * S * D;
+      const int64_t j0 = c * S;
+      for (int64_t b = 0; b < p.Bq; ++b) {
+        const int64_t t = p.pos[r * p.Bq + b];
+        if (t < 0) continue;
+        // this query's visible keys in the page: [a, e)
+        const int64_t first = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
+        const int64_t a = std::max(j0, first);
+        const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
+        if (a >= e) continue;
+        const int64_t n = e - a;
+        for (int64_t g = 0; g < G; ++g) {
+          const int64_t qi = b * G + g;
+          const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
+          float* s = sc.s.data();
+          float mx = sc.m[qi];
+          for (int64_t j = 0; j < n; ++j) {
+            float x = Dot(qv, kb + (a - j0 + j) * D, D) * p.sm_scale;
+            if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
+            s[j] = x;
+            mx = std::max(mx, x);
+          }
+          for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, Exp8(LoadF8(s + j) - mx));
+          float sum = 0.0f;
+          for (int64_t j = 0; j < n; ++j) sum += s[j];
+          const float corr = std::exp(sc.m[qi] - mx);  // exp(-inf) = 0 at the first visible page
+          sc.l[qi] = sc.l[qi] * corr + sum;
+          sc.m[qi] = mx;
+          Accumulate(sc.acc.data() + qi * D, corr, s, vb + (a - j0) * D, n, D);
+        }
+      }
+    }
+  }
+  for (int64_t b = 0; b < p.Bq; ++b)
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t qi = b * G + g;
+      float* o = p.out + ((r * p.Bq + b) * p.H + h * G + g) * D;
+      const float inv = sc.l[qi] > 0.0f ? 1.0f / sc.l[qi] : 0.0f;
+      for (int64_t d = 0; d < D; ++d) o[d] = sc.acc[qi * D + d] * inv;
+    }
+  return ok;
+}
+
+struct Shared {
+  Problem p;
+  int64_t total;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  std::atomic<bool> bad_page{false};
+};
+
+void Work(Shared& sh) {
+  if (sh.next.load(std::memory_order_relaxed) >= sh.total) return;
+  std::unique_ptr<Scratch> sc;
+  for (int64_t u; (u = sh.next.fetch_add(1)) < sh.total;) {
+    if (!sc) sc = std::make_unique<Scratch>(sh.p);
+    if (!Unit(sh.p, u / sh.p.KV, u % sh.p.KV, *sc)) sh.bad_page.store(true);
+    sh.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens,
+                              ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
+                              int64_t window, float soft_cap) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
+  const auto vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || vd.size() != 4 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()))
+    return ffi::Error::InvalidArgument("paged attention: q and pages must be 4-D, v like k, the table 2-D");
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(), lens.typed_data(),
+            pos.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], 0,
+            sm_scale, window, soft_cap};
+  if (kd[3] != p.D || p.KV == 0 || p.H % p.KV != 0 || td[0] != p.R ||
+      static_cast<int64_t>(lens.element_count()) != p.R ||
+      static_cast<int64_t>(pos.element_count()) != p.R * p.Bq)
+    return ffi::Error::InvalidArgument("paged attention: operand shapes disagree");
+  p.G = p.H / p.KV;
+  auto sh = std::make_shared<Shared>();
+  sh->p = p;
+  sh->total = p.R * p.KV;
+  if (sh->total == 0) return ffi::Error::Success();
+  // helpers: one per pool thread (the pool has as many as XLA's intra-op parallelism), never more than the
+  // units beyond the first
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->total - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh]() { Work(*sh); });
+  Work(*sh);
+  while (sh->done.load(std::memory_order_acquire) < sh->total) std::this_thread::yield();
+  if (sh->bad_page.load()) return ffi::Error::InvalidArgument("paged attention: a page index is outside the pool");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("sm_scale")
+                                  .Attr<int64_t>("window")
+                                  .Attr<float>("soft_cap"));

@@ -1,0 +1,137 @@
+"""The native CPU paged attention (pallas_kernels/cpu_attention.py) against the dense float64 reference of
+test_attention.py and against its own pure-jnp reference, and in the model against the jnp backend.
+
+The cases are test_attention's: every (page, slot) no query may see is NaN (pages nobody owns, the tail of a
+row's last page, table padding, keys after the query, keys before the window) and padded query slots carry NaN
+queries, so a stray read shows up as NaN; rows with nothing to see must give exactly 0. Unlike the jnp block
+path, the kernel reads only visible keys, so block rows are checked with every unseen key poisoned too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import cpu_attention
+from test_attention import _check, decode_rows, dense_reference, make_case
+
+pytestmark = pytest.mark.timeout(300)
+
+_native = jax.jit(cpu_attention.paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+_ref = jax.jit(cpu_attention.ref_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native():
+    if not cpu_attention.available():  # a failure, not a skip: CI and the dev machines have a C++ compiler
+        pytest.fail(f"the native paged attention did not build: {cpu_attention.why_not()}")
+
+
+def _args(case):
+    return tuple(jnp.asarray(x) for x in case)
+
+
+@pytest.mark.parametrize("S", [4, 16])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+def test_decode_rows_match_dense_reference(S, sliding_window, soft_cap):
+    """Lengths 1, 2, S-1, S, S+1, 2S, 3S+2, 5S+3, a query mid-sequence, padding rows."""
+    case = make_case(S + (sliding_window or 0), S=S, rows=decode_rows(S), sliding_window=sliding_window)
+    q, k, v, pt, lens, pos = case
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    _check(_native(*_args(case), **kw), ref, pos, lens, 2e-5)
+
+
+@pytest.mark.parametrize("sliding_window", [None, 3])
+@pytest.mark.parametrize("shared", [0, 2])
+def test_block_rows_match_dense_reference(sliding_window, shared):
+    """Rows of 4 queries: padded slots, a block in the middle of its sequence, a row with nothing, pages
+    shared by every row (a radix-cache prefix); every unseen key poisoned."""
+    S, Bq = 4, 4
+    rows = [(n, [t if t >= 0 else -1 for t in range(n - Bq, n)]) for n in (9, 11, 2 * S + 1, 5 * S + 3)]
+    rows += [(3 * S + 1, [S, S + 1, S + 2, S + 3]), (0, [-1] * Bq)]
+    case = make_case(5, S=S, rows=rows, sliding_window=sliding_window, shared=shared)
+    q, k, v, pt, lens, pos = case
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window, soft_cap=3.0)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    _check(_native(*_args(case), **kw), ref, pos, lens, 2e-5)
+
+
+def test_jnp_reference_matches_dense_reference():
+    """The pure-jnp reference beside the kernel is itself right (decode rows and block rows)."""
+    for S, rows in ((16, decode_rows(16)), (4, [(n, list(range(n - 3, n + 1))) for n in (4, 9, 17)])):
+        case = make_case(2, S=S, rows=rows, sliding_window=6)
+        q, k, v, pt, lens, pos = case
+        kw = dict(sm_scale=0.3, sliding_window=6, soft_cap=None)
+        _check(_ref(*_args(case), **kw), dense_reference(q, k, v, pt, lens, pos, **kw), pos, lens, 2e-5)
+
+
+@pytest.mark.parametrize("rows,Bq", [(64, 1), (7, 64)])
+def test_model_sized_case_matches_jnp_reference(rows, Bq):
+    """SmolLM2's head shapes (9 query heads over 3 KV heads, D = 64, pages of 16): many rows of up to 1,000
+    keys in a shuffled pool -- every unit of work spread over the threads -- against `ref_paged_attention`."""
+    rng = np.random.default_rng(rows)
+    H, KV, D, S = 9, 3, 64, 16
+    lens = rng.integers(Bq, 1000, rows).astype(np.int32)
+    need = -(-lens // S)
+    P = int(need.max())
+    N = 1 + int(need.sum())
+    perm = rng.permutation(np.arange(1, N))
+    table = np.zeros((rows, P), np.int32)
+    off = 0
+    for r in range(rows):
+        table[r, : need[r]] = perm[off: off + need[r]]
+        off += need[r]
+    q = rng.standard_normal((rows, Bq, H, D)).astype(np.float32)
+    k = rng.standard_normal((N, KV, S, D)).astype(np.float32)
+    v = rng.standard_normal((N, KV, S, D)).astype(np.float32)
+    pos = (lens[:, None] - Bq + np.arange(Bq)[None, :]).astype(np.int32)
+    case = (q, k, v, table, lens, pos)
+    out = np.asarray(_native(*_args(case), sm_scale=0.125))
+    np.testing.assert_allclose(out, np.asarray(_ref(*_args(case), sm_scale=0.125)), atol=2e-5, rtol=2e-5)
+
+
+def test_bad_operands_raise_naming_them():
+    q = jnp.zeros((2, 1, 6, 16))
+    k = jnp.zeros((8, 2, 4, 16))
+    good = (q, k, k, jnp.zeros((2, 3), jnp.int32), jnp.ones((2,), jnp.int32), jnp.zeros((2, 1), jnp.int32))
+    with pytest.raises(ValueError, match=r"page_table \[2, P\]"):
+        cpu_attention.paged_attention(*good[:3], jnp.zeros((3, 3), jnp.int32), *good[4:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="KV heads"):
+        cpu_attention.paged_attention(jnp.zeros((2, 1, 5, 16)), *good[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match="float32"):
+        cpu_attention.paged_attention(q.astype(jnp.bfloat16), *good[1:], sm_scale=1.0)
+    with pytest.raises(ValueError, match=r"\[N, KV, S, 16\]"):
+        cpu_attention.paged_attention(q, jnp.zeros((8, 2, 4, 8)), jnp.zeros((8, 2, 4, 8)), *good[3:], sm_scale=1.0)
+
+
+def test_page_index_outside_the_pool_is_an_error_not_a_read():
+    q, k = jnp.ones((1, 1, 2, 8)), jnp.ones((4, 1, 4, 8))
+    with pytest.raises(Exception, match="outside the pool"):
+        _native(q, k, k, jnp.asarray([[1, 99]], jnp.int32), jnp.asarray([6], jnp.int32),
+                jnp.asarray([[5]], jnp.int32), sm_scale=1.0).block_until_ready()
+
+
+def test_model_with_native_backend_matches_jnp(tmp_path):
+    """A tiny model's logits (prefill with a cached prefix, decode rows, a run block) equal the jnp backend's;
+    `auto` on CPU is the native kernel."""
+    from helpers import PagedRunner
+    from sgl_jax.models.attention import get_attention_backend
+    from sgl_jax.models.loader import load_weights
+    from sgl_jax.models.testing import write_tiny_checkpoint
+
+    assert get_attention_backend("auto").name == "cpu_native"
+    write_tiny_checkpoint("llama", str(tmp_path))
+    cfg, params = load_weights(str(tmp_path), progress=False)
+    outs = {}
+    for name in ("jnp", "cpu_native"):
+        r = PagedRunner(cfg, params, num_pages=16, page_size=16, block_q=8, attention_backend=name)
+        a = r.step([(0, list(range(3, 23)), 0, 0), (1, list(range(40, 45)), 0, 0)])
+        b = r.step([(0, [7], 20, None), (1, list(range(50, 60)), 5, 5)])
+        c = r.step([(0, [8, 9, 10], 21, 21, True), (1, [11], 15, None)], run_q=4)  # a run block + a decode
+        outs[name] = np.concatenate([x for x in a + b + c])
+    np.testing.assert_allclose(outs["cpu_native"], outs["jnp"], atol=2e-5, rtol=2e-5)
