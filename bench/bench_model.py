@@ -183,9 +183,7 @@ class ModelBench:
             return model.apply({"params": params}, ids, meta, kv, logits_idx)
 
         self.fwd = jax.jit(forward, donate_argnums=(2,), static_argnames=("block_q",))
-        from sgl_jax.executables import step_compile_options
 
-        self.compile_options = {} if XLA_DEFAULTS else step_compile_options()
         self.kv = init_kv_cache(self.cfg, num_pages, PAGE_SIZE, getattr(jnp, dtype))
         self.num_pages = num_pages
 
@@ -199,9 +197,12 @@ class ModelBench:
                                               b.pre_page_table, b.pre_kv_lens))
         ids, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
 
-        # compiled with the runner's options (XLA:CPU's YNNPACK fusions off, unless --xla-defaults)
+        from sgl_jax.executables import step_compile_options
+
+        # compiled with the runner's options for this many tokens (unless --xla-defaults)
+        opts = {} if XLA_DEFAULTS else step_compile_options(len(b.input_ids))
         compiled = self.fwd.lower(self.params, ids, self.kv, li, meta, block_q=b.block_q).compile(
-            compiler_options=self.compile_options)
+            compiler_options=opts)
 
         def run():
             logits, self.kv = compiled(self.params, ids, self.kv, li, meta)

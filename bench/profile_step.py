@@ -110,8 +110,10 @@ def main(argv=None):
     meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
                                           b.pre_page_table, b.pre_kv_lens))
     ids_, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
+    from sgl_jax.executables import step_compile_options
+
     compiled = mb.fwd.lower(mb.params, ids_, mb.kv, li, meta, block_q=b.block_q).compile(
-        compiler_options=mb.compile_options)  # the runner's options
+        compiler_options=step_compile_options(len(b.input_ids)))  # the runner's options
     hlo = compiled.as_text()
     roles = instruction_roles(hlo)
 

@@ -78,7 +78,7 @@ def fingerprint(settings, state_avals) -> str:
     parts = [_FORMAT, jax.__version__, jaxlib.__version__, jax.default_backend(),
              [(d.platform, getattr(d, "device_kind", ""), d.id) for d in devices],
              getattr(devices[0].client, "platform_version", ""), os.environ.get("XLA_FLAGS", ""),
-             step_compile_options(), source_digest(), settings, str(jax.tree_util.tree_structure(state_avals)),
+             source_digest(), settings, str(jax.tree_util.tree_structure(state_avals)),
              [(tuple(a.shape), str(a.dtype)) for a in jax.tree_util.tree_leaves(state_avals)]]
     return hashlib.sha256(json.dumps(parts, default=repr).encode()).hexdigest()[:32]
 
@@ -114,29 +114,32 @@ def _install_fresh_hook() -> bool:
         return _installed
 
 
-# XLA:CPU hands some dots and their neighbours to YNNPACK fusions by default. For the decode step's few-row
-# matmuls they were 1.2-1.9x slower than XLA's own dot (bench/notes.md, "Few-row decode on XLA:CPU"): the step
-# is compiled with them off. Per compile, so a user's other jax code keeps its defaults.
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU hands dots and their neighbours to YNNPACK fusions by default. In whole SmolLM2 decode steps (native
+# attention, ctx 512, 2-core Zen 3, interleaved) they cost 127 vs 164 ms at 16 rows, 235 vs 256 at 32 and were even
+# at 64; a 512-token prefill was 5 % faster with them, 128 tokens even (bench/notes.md, "Native paged attention on
+# CPU"). So a step of at most YNN_OFF_MAX_TOKENS tokens (the decode shapes) is compiled with them off, larger ones
+# with the defaults. Per compile, so a user's other jax code keeps its defaults.
+YNN_OFF_MAX_TOKENS = 64
+_CPU_FEW_ROWS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 _cpu_options_ok: bool | None = None
 
 
-def step_compile_options() -> dict:
-    """The compiler options the runner's step is compiled with on this backend ({} off CPU, or where this
-    jax does not know the option: then one warning and XLA's defaults)."""
+def step_compile_options(tokens: int) -> dict:
+    """The compiler options the runner's step of `tokens` tokens is compiled with on this backend ({} off CPU,
+    for more tokens, or where this jax does not know the option: then one warning and XLA's defaults)."""
     global _cpu_options_ok
-    if jax.default_backend() != "cpu":
+    if jax.default_backend() != "cpu" or tokens > YNN_OFF_MAX_TOKENS:
         return {}
     if _cpu_options_ok is None:
         try:
             jax.jit(lambda x: x + 1).lower(jax.ShapeDtypeStruct((1,), "float32")).compile(
-                compiler_options=_CPU_OPTIONS)
+                compiler_options=_CPU_FEW_ROWS)
             _cpu_options_ok = True
         except Exception as e:  # noqa: BLE001 - an unknown option: keep the defaults, say so once
             _cpu_options_ok = False
             log.warning("XLA:CPU option %s is not accepted (%s): the step keeps XLA's default fusions",
-                        _CPU_OPTIONS, e)
-    return dict(_CPU_OPTIONS) if _cpu_options_ok else {}
+                        _CPU_FEW_ROWS, e)
+    return dict(_CPU_FEW_ROWS) if _cpu_options_ok else {}
 
 
 def compile_fresh(lowered, options: dict | None = None):

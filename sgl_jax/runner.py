@@ -311,11 +311,12 @@ class ModelRunner:
             if compiled is None:
                 params, kv, pstate, cbuf = self._state_avals
                 lowered = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape))
+                options = step_compile_options(shape.num_tokens(self.prefill_block, self.run_block))
                 if self.store is not None and self.store.enabled:
-                    compiled = compile_fresh(lowered, step_compile_options())
+                    compiled = compile_fresh(lowered, options)
                     self.store.save(name, compiled)
                 else:
-                    compiled = lowered.compile(compiler_options=step_compile_options())
+                    compiled = lowered.compile(compiler_options=options)
         except BaseException as e:
             with self._lock:
                 del self._compiling[shape]

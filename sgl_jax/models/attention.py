@@ -1,5 +1,8 @@
 """Attention over a paged KV pool: the batch layout, the KV write, and the pure-jnp attention path.
 
+Which attention a model runs is `get_attention_backend`'s choice: the Pallas kernels on TPU/GPU, the native
+kernel on CPU (pallas_kernels/cpu_attention.py, float32), and the jnp path here where neither applies.
+
 The KV pool of one layer is a pair of arrays `[N, KV, S, D]` (N pages, KV heads, S = page_size token
 slots, head dim D). Head-major inside a page was chosen by measurement (bench/bench_attention_layout.py):
 the gathered `[R, P, KV, S, D]` block feeds the score einsum with heads as a batch dimension and no
