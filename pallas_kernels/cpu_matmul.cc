@@ -1,10 +1,14 @@
-// int8 weight-only matmul for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_matmul.py builds and
-// registers it). XLA:CPU does not fuse an int8 -> float convert into a dot: the convert writes a float copy of
-// the matrix that the dot then reads, so a decode step reads 4 bytes per weight and writes 4 more. Here each
-// weight is read once, as one byte, converted in registers and multiplied at once.
+// Few-row matmuls for the CPU backend, as XLA FFI custom calls (pallas_kernels/cpu_matmul.py builds and
+// registers them), with int8 weights (and a float32 scale per output channel) or float32 weights.
+//   int8: XLA:CPU does not fuse an int8 -> float convert into a dot: the convert writes a float copy of the
+//   matrix that the dot then reads, so a decode step reads 4 bytes per weight and writes 4 more. Here each
+//   weight is read once, as one byte, converted in registers and multiplied at once.
+//   float32: for the LM head's 2-8 decode rows, where XLA:CPU's dot was 1.2-15x slower than this (bench/notes.md,
+//   "Native paged attention on CPU"); the weights stream through once for all rows.
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[k, n]      layout "io": w [K, N] (a Linear kernel, an untied head)
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]      layout "oi": w [N, K] (a tied embedding used as the head)
+//   (float32 weights have no scale)
 //
 // For few rows (decode): the work is memory-bound, the weights stream through once for all rows. Output columns
 // are cut into blocks; half of the blocks run on XLA's intra-op thread pool, the other half on the calling
@@ -53,20 +57,26 @@ inline v8f LoadF8(const float* p) {
   return v;
 }
 
+inline v8f Load8(const float* p) { return LoadF8(p); }
+
+// the scale of output column n (float32 weights have none)
+inline float Scale(const float* scale, int64_t n) { return scale ? scale[n] : 1.0f; }
+
 // y[r0:r0+R, n0:n0+8C] for layout io, accumulators in registers: for each k, C groups of 8 weights are read once
 // (one byte each), widened, and multiplied into every row of the tile.
-template <int R, int C>
-void TileIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N, int64_t r0,
+template <int R, int C, typename W>
+void TileIO(const float* x, const W* w, const float* scale, float* y, int64_t K, int64_t N, int64_t r0,
             int64_t n0) {
   v8f acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = v8f{};
   const float* xr = x + r0 * K;
-  const int8_t* wp = w + n0;
+  const W* wp = w + n0;
   for (int64_t k = 0; k < K; ++k, wp += N) {
     // the tile walks down the matrix with stride N: ask for the line kPrefetch rows ahead (the hardware
     // prefetchers do not follow a stride that crosses pages this often)
-    __builtin_prefetch(wp + kPrefetch * N);
+    constexpr int kLines = (sizeof(W) * 8 * C + 63) / 64;  // cache lines of the tile's row
+    for (int l = 0; l < kLines; ++l) __builtin_prefetch(wp + kPrefetch * N + l * (64 / sizeof(W)));
     v8f xb[R];
     for (int r = 0; r < R; ++r) xb[r] = v8f{} + xr[r * K + k];
     for (int c = 0; c < C; ++c) {
@@ -78,24 +88,26 @@ void TileIO(const float* x, const int8_t* w, const float* scale, float* y, int64
     for (int c = 0; c < C; ++c)
       for (int l = 0; l < 8; ++l) {
         const int64_t n = n0 + 8 * c + l;
-        y[(r0 + r) * N + n] = acc[r][c][l] * scale[n];
+        y[(r0 + r) * N + n] = acc[r][c][l] * Scale(scale, n);
       }
 }
 
 // The same for the last columns (< 8), one at a time.
-void TailIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+template <typename W>
+void TailIO(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
             int64_t n0, int64_t n1) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = n0; n < n1; ++n) {
       float s = 0.0f;
       for (int64_t k = 0; k < K; ++k) s += x[m * K + k] * static_cast<float>(w[k * N + n]);
-      y[m * N + n] = s * scale[n];
+      y[m * N + n] = s * Scale(scale, n);
     }
 }
 
 // Columns [n0, n1) of y for layout io (n0 a multiple of 8): tiles of 64 columns for one row, 32 for two, 16 for
 // groups of four rows (accumulators + one weight vector + the rows' broadcasts fit in 16 vector registers).
-void BlockIO(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+template <typename W>
+void BlockIO(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n0, int64_t n1) {
   const int64_t full = n0 + (n1 - n0) / 8 * 8;
   int64_t n = n0;
@@ -119,8 +131,8 @@ void BlockIO(const float* x, const int8_t* w, const float* scale, float* y, int6
 
 // Rows [n0, n1) of w (= columns of y) for layout oi: each output is a dot over k of a contiguous weight row;
 // four outputs at a time share each load of x, in 8-lane partial sums reduced at the end.
-template <int O>
-void DotsOI(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+template <int O, typename W>
+void DotsOI(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
             int64_t n) {
   const int64_t k8 = K / 8 * 8;
   for (int64_t m = 0; m < M; ++m) {
@@ -134,34 +146,31 @@ void DotsOI(const float* x, const int8_t* w, const float* scale, float* y, int64
     for (int o = 0; o < O; ++o) {
       float s = ((acc[o][0] + acc[o][1]) + (acc[o][2] + acc[o][3])) + ((acc[o][4] + acc[o][5]) + (acc[o][6] + acc[o][7]));
       for (int64_t k = k8; k < K; ++k) s += xm[k] * static_cast<float>(w[(n + o) * K + k]);
-      y[m * N + n + o] = s * scale[n + o];
+      y[m * N + n + o] = s * Scale(scale, n + o);
     }
   }
 }
 
-void BlockOI(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+template <typename W>
+void BlockOI(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n0, int64_t n1) {
   int64_t n = n0;
   for (; n + 4 <= n1; n += 4) DotsOI<4>(x, w, scale, y, M, K, N, n);
   for (; n < n1; ++n) DotsOI<1>(x, w, scale, y, M, K, N, n);
 }
 
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t layout) {
-  const auto xd = x.dimensions();
-  const auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("int8 matmul: x and w must be 2-D");
+// y = (x @ w) [* scale]; w's dims as stored ([K, N] for io, [N, K] for oi); no scale for float32 weights.
+template <typename W>
+ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
+                  const W* wp, const float* sp, int64_t scale_count, float* yp, int64_t layout) {
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("few-row matmul: x and w must be 2-D");
   const int64_t M = xd[0], K = xd[1];
   const bool io = layout == 0;
   const int64_t N = io ? wd[1] : wd[0];
-  if ((io ? wd[0] : wd[1]) != K) return ffi::Error::InvalidArgument("int8 matmul: x and w disagree on K");
-  if (M > kMaxRows) return ffi::Error::InvalidArgument("int8 matmul: more rows than the kernel takes");
-  if (static_cast<int64_t>(scale.element_count()) != N)
-    return ffi::Error::InvalidArgument("int8 matmul: scale must have one entry per output column");
-  const float* xp = x.typed_data();
-  const int8_t* wp = w.typed_data();
-  const float* sp = scale.typed_data();
-  float* yp = y->typed_data();
+  if ((io ? wd[0] : wd[1]) != K) return ffi::Error::InvalidArgument("few-row matmul: x and w disagree on K");
+  if (M > kMaxRows) return ffi::Error::InvalidArgument("few-row matmul: more rows than the kernel takes");
+  if (sp && scale_count != N)
+    return ffi::Error::InvalidArgument("few-row matmul: scale must have one entry per output column");
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
     std::fill(yp, yp + M * N, 0.0f);
@@ -204,6 +213,18 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t layout) {
+  return Matmul<int8_t>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), scale.typed_data(),
+                        static_cast<int64_t>(scale.element_count()), y->typed_data(), layout);
+}
+
+ffi::Error F32MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y, int64_t layout) {
+  return Matmul<float>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), nullptr, 0,
+                       y->typed_data(), layout);
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxInt8Matmul, Int8MatmulImpl,
@@ -211,6 +232,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxInt8Matmul, Int8MatmulImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxF32Matmul, F32MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("layout"));

@@ -1,14 +1,20 @@
-"""The CPU backend's int8 weight-only matmul for few rows (decode), as an XLA FFI custom call (`cpu_matmul.cc`).
+"""The CPU backend's few-row matmuls (decode), as XLA FFI custom calls (`cpu_matmul.cc`).
 
-XLA:CPU converts an int8 matrix to float in an op of its own before the dot (bench/notes.md, "int8 weight-only
-quantization"), so an int8 decode step would move more bytes than a float32 one; the kernel reads each weight
-once, as a byte. Built on first use (`cpu_native.NativeKernel`); without a compiler `int8_available()` is False,
-one warning names the cause, and callers keep XLA's convert + dot. TPU and GPU never use this: XLA fuses the
-convert there. (A float32 twin for 2-64 rows was tried and not kept: bench/notes.md, "Few-row decode on
-XLA:CPU".)
+- int8 weight-only: XLA:CPU converts an int8 matrix to float in an op of its own before the dot (bench/notes.md,
+  "int8 weight-only quantization"), so an int8 decode step would move more bytes than a float32 one; the kernel
+  reads each weight once, as a byte.
+- float32, for the LM head's 2-8 decode rows: XLA:CPU's [rows, 576] x [576, 49152] took 15-17 ms with its
+  default fusions and 18-118 ms without them (the decode steps are compiled without: executables.py), against
+  7-14 ms here (bench/notes.md, "Native paged attention on CPU"). The model's other matmuls stay with XLA's dot:
+  there the kernel's column tiles, walking down a [576, 1536] matrix with a stride, were slower (a 4-row step
+  90 vs 63 ms). One row and 9 or more rows stay with XLA everywhere.
+
+Built on first use (`cpu_native.NativeKernel`); without a compiler the `*_available()` are False, one warning
+names the cause, and callers keep XLA's dot. TPU and GPU never use these.
 
     int8_matmul(x, w, scale, out_axis)  x f32 [M <= MAX_ROWS_INT8, K]; w int8 [K, N] (out_axis 1) or [N, K]
                                         (out_axis 0); scale f32 [N] -> f32 [M, N] = (x @ w) * scale
+    f32_matmul(x, w, out_axis)          x f32 [M <= MAX_ROWS_INT8, K]; w f32 likewise -> f32 [M, N] = x @ w
 """
 
 from __future__ import annotations
@@ -21,17 +27,30 @@ import jax.numpy as jnp
 from pallas_kernels.cpu_native import NativeKernel
 
 MAX_ROWS_INT8 = 16  # kMaxRows in the kernel; more rows are compute-bound and go to XLA's dot
+F32_ROWS = (2, 8)  # float32 rows of the LM head routed to the kernel (inclusive): where it beat XLA's dot
 INT8_TARGET = "sgl_jax_int8_matmul"
+F32_TARGET = "sgl_jax_f32_matmul"
 _INT8 = NativeKernel("cpu_matmul.cc", "SglJaxInt8Matmul", INT8_TARGET, "SGL_JAX_NATIVE_INT8", "int8 matmul")
+_F32 = NativeKernel("cpu_matmul.cc", "SglJaxF32Matmul", F32_TARGET, "SGL_JAX_NATIVE_F32", "float32 matmul")
 
 
 def int8_available() -> bool:
     return _INT8.available()
 
 
+def f32_available() -> bool:
+    return _F32.available()
+
+
+def f32_routes(x) -> bool:
+    """Whether the LM head's float32 matmul of x's rows goes to the kernel (CPU, F32_ROWS, the kernel built)."""
+    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and x.ndim == 2
+            and F32_ROWS[0] <= x.shape[0] <= F32_ROWS[1] and f32_available())
+
+
 def why_not() -> str | None:
-    """Why the kernel is off (None when it is on or not decided yet)."""
-    return _INT8.why_not()
+    """Why a kernel is off (None when both are on or not decided yet)."""
+    return _INT8.why_not() or _F32.why_not()
 
 
 def _check(x, w, out_axis, max_rows, wdtype, what):
@@ -46,10 +65,21 @@ def _check(x, w, out_axis, max_rows, wdtype, what):
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, out_axis: int) -> jax.Array:
     """(x @ w) * scale in float32 by the native kernel; the caller checks `int8_available()` and x's rows."""
     out = _check(x, w, out_axis, MAX_ROWS_INT8, jnp.int8, "int8 matmul")
+    if not int8_available():
+        raise RuntimeError(f"the native int8 matmul is not available: {why_not()}")
     return jax.ffi.ffi_call(INT8_TARGET, out)(x, w, scale.astype(jnp.float32), layout=0 if out_axis == 1 else 1)
 
 
+def f32_matmul(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
+    """x @ w (w [K, N], out_axis 1) or x @ w.T (w [N, K], out_axis 0) in float32 by the native kernel; the
+    caller checks `f32_available()` and x's rows."""
+    out = _check(x, w, out_axis, MAX_ROWS_INT8, jnp.float32, "float32 matmul")
+    if not f32_available():
+        raise RuntimeError(f"the native float32 matmul is not available: {why_not()}")
+    return jax.ffi.ffi_call(F32_TARGET, out)(x, w, layout=0 if out_axis == 1 else 1)
+
+
 if __name__ == "__main__":  # python -m pallas_kernels.cpu_matmul: build now and say whether it works
-    ok = int8_available()
-    print("native int8 matmul:", "available" if ok else f"off ({why_not()})")
+    ok = int8_available() and f32_available()
+    print("native matmuls:", "available" if ok else f"off ({why_not()})")
     sys.exit(0 if ok else 1)

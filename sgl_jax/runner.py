@@ -273,10 +273,11 @@ class ModelRunner:
         self.native_int8 = (cpu and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
                             and cpu_matmul.int8_available())
         self.native_attention = cpu and attention_backend in ("auto", "cpu_native") and cpu_attention.available()
+        self.native_f32 = cpu and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.f32_available()
         self.store = None
         if executable_dir:
             settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
-                        self.valid_vocab, V, self.native_int8, self.native_attention]
+                        self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()

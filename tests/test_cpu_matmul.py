@@ -1,5 +1,6 @@
-"""The CPU int8 matmul kernel (pallas_kernels/cpu_matmul.py) against a float64 numpy reference, and its use in the
-model: a decode forward with it equals the forward on XLA's convert + dot path to float32 rounding."""
+"""The CPU few-row matmul kernels (pallas_kernels/cpu_matmul.py), int8 and float32 weights, against a float64 numpy
+reference, and their use in the model: a decode forward with them equals the forward on XLA's path to float32
+rounding."""
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module", autouse=True)
 def native():
-    if not cpu_matmul.int8_available():  # a failure, not a skip: CI and the dev machines have a C++ compiler
-        pytest.fail(f"the native int8 kernel did not build: {cpu_matmul.why_not()}")
+    if not (cpu_matmul.int8_available() and cpu_matmul.f32_available()):  # a failure, not a skip: CI and the dev
+        pytest.fail(f"the native matmul kernels did not build: {cpu_matmul.why_not()}")  # machines have a C++ compiler
 
 
 def _case(rng, m, k, n, out_axis):
@@ -93,3 +94,45 @@ def test_int8_matmul_routes_decode_rows_to_the_kernel(monkeypatch):
         xla = np.asarray(f()(x))
         monkeypatch.setitem(cpu_matmul._INT8._state, "ok", True)
         np.testing.assert_allclose(native, xla, rtol=1e-5, atol=1e-5 * np.abs(xla).max())
+
+
+@pytest.mark.parametrize("m,k,n,out_axis", [
+    (2, 576, 1536, 1), (8, 1536, 576, 1), (5, 100, 300, 1), (16, 64, 257, 1),  # blocks, both halves, ragged
+    (4, 576, 4099, 0), (3, 577, 1001, 0), (2, 3, 2, 0),                         # the tied head's layout
+])
+def test_f32_matches_float64_reference(m, k, n, out_axis):
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n) if out_axis == 1 else (n, k)).astype(np.float32)
+    wk = (w if out_axis == 1 else w.T).astype(np.float64)
+    ref = x.astype(np.float64) @ wk
+    y = np.asarray(jax.jit(lambda x, w: cpu_matmul.f32_matmul(x, w, out_axis))(x, w))
+    assert y.shape == (m, n) and y.dtype == np.float32
+    tol = 4 * np.sqrt(k) * np.finfo(np.float32).eps * (np.abs(x) @ np.abs(wk))
+    assert np.all(np.abs(y - ref) <= tol + 1e-30)
+
+
+def test_f32_routing_in_the_model(monkeypatch, tmp_path):
+    """The LM head sends 2-8 float32 rows to the kernel, 1 row and 9+ rows to XLA's dot; a tiny model's decode
+    logits (4 rows) with the kernel equal those without it (switched off) to float32 rounding, for an untied head
+    (tiny llama: "io" layout) and a tied one (tiny qwen2: the embedding, "oi")."""
+    from helpers import PagedRunner
+    from sgl_jax.models.loader import load_weights
+    from sgl_jax.models.testing import write_tiny_checkpoint
+
+    lo, hi = cpu_matmul.F32_ROWS
+    for rows, routed in ((1, False), (lo, True), (hi, True), (hi + 1, False)):
+        assert cpu_matmul.f32_routes(jnp.ones((rows, 8), jnp.float32)) == routed, rows
+    assert not cpu_matmul.f32_routes(jnp.ones((4, 8), jnp.bfloat16))
+    for family in ("llama", "qwen2"):
+        path = tmp_path / family
+        write_tiny_checkpoint(family, str(path))
+        cfg, params = load_weights(str(path), progress=False)
+        outs = {}
+        for on in (True, False):
+            monkeypatch.setitem(cpu_matmul._F32._state, "ok", on)
+            r = PagedRunner(cfg, params, num_pages=32, page_size=16, block_q=8)
+            r.step([(i, list(range(3 + i, 20 + 2 * i)), 0, 0) for i in range(4)])
+            work = [(i, [7 + i], 17 + i, None) for i in range(4)]  # 4 decode rows
+            outs[on] = np.concatenate(r.step(work))
+        np.testing.assert_allclose(outs[True], outs[False], atol=2e-5, rtol=2e-5)

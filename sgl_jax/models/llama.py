@@ -241,6 +241,8 @@ class Embedding(nn.Module):
     def attend(self, h):
         if self.scale is not None:
             return int8_matmul(h, self.table, self.scale, out_axis=0)  # [L, V]
+        if cpu_matmul.f32_routes(h) and self.table.dtype == jnp.float32:  # CPU, 2-8 decode rows
+            return cpu_matmul.f32_matmul(h, self.table, out_axis=0)  # [L, V]
         return jnp.einsum("LE,VE->LV", h, self.table, preferred_element_type=jnp.float32)  # [L, V]
 
 
@@ -255,6 +257,8 @@ class LMHead(nn.Module):
         q = _int8(self, "kernel")
         if q is None:
             w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
+            if cpu_matmul.f32_routes(h) and w.dtype == jnp.float32:  # CPU, 2-8 decode rows
+                return cpu_matmul.f32_matmul(h, w, out_axis=1)  # [L, V]
             return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
         return int8_matmul(h, *q, out_axis=1)  # [L, V]; kernel [E, V] int8, scale [V] f32
 
