@@ -1,7 +1,7 @@
 """Benchmark of sgl_jax's model core on CPU (SmolLM2-135M): prefill and decode, beside floors and a peer.
 
     python bench/bench_model.py [--dtype float32|bfloat16|both] [--quick] [--json OUT] [--wait-quiet S]
-                                [--peer-python PY | --no-peer] [--attention jnp|none|...]
+                                [--peer-python PY | --no-peer] [--attention auto|jnp|none|...]
                                 [--quant none|int8|both] [--random-weights PRESET [--layers N]]
 
 Default: float32 with the peer, ~4.5 min on the 2-core machine (--dtype both ~7 min, --quick ~1 min).
@@ -25,8 +25,10 @@ same prompt length, batch sizes and contexts, run in this process when torch is 
 in a subprocess of --peer-python (default /work/refvenv/bin/python when it exists).
 
 `--attention none` swaps the attention for an identity (q passes through; the KV write stays) to show
-how much of a step the attention takes (experiment (b) in bench/notes.md); `--attention auto|pallas_gpu|
-pallas_tpu` uses the model's own backend choice (the Pallas kernels on an accelerator).
+how much of a step the attention takes (experiment (b) in bench/notes.md); `--attention auto` (the default) is
+the model's own backend choice, what the engine runs (the native kernel on CPU, the Pallas kernels on an
+accelerator); `jnp`, `cpu_native`, `pallas_gpu`, `pallas_tpu` name one. Steps are compiled with the runner's
+options for their token count (`--xla-defaults`: XLA's defaults).
 
 `--quant int8` (or both) times the int8 weight-only model (sgl_jax/models/quant.py) beside the float one: the
 memory floor counts its own weight bytes (int8 + scales), and a single [1,576] x [576,1536] matmul is timed
@@ -183,7 +185,6 @@ class ModelBench:
             return model.apply({"params": params}, ids, meta, kv, logits_idx)
 
         self.fwd = jax.jit(forward, donate_argnums=(2,), static_argnames=("block_q",))
-
         self.kv = init_kv_cache(self.cfg, num_pages, PAGE_SIZE, getattr(jnp, dtype))
         self.num_pages = num_pages
 
@@ -452,8 +453,9 @@ def parse_args(argv=None):
                                           f"(default: this one if it has torch, else {DEFAULT_PEER_PYTHON})")
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face peer")
     ap.add_argument("--no-floors", action="store_true", help="skip the floor measurements (and so the table; the log lines remain)")
-    ap.add_argument("--attention", default="jnp",
-                    help="jnp (the model's jnp path) | auto | pallas_gpu | pallas_tpu (the model's backends) | "
+    ap.add_argument("--attention", default="auto",
+                    help="auto (what the engine runs: the native kernel on CPU) | jnp | cpu_native | pallas_gpu | "
+                         "pallas_tpu (the model's backends) | "
                          "experiment: none (identity) | a bench_attention_layout variant: hm_dec, flat, flat_dec, "
                          "chunk4_dec, qcast_dec, page_major, page_major_noguard")
     ap.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
