@@ -14,6 +14,9 @@
 // reads only the visible keys of each page -- so slots past a row's length, which may hold stale or
 // non-finite data, are never read, and no mask value ever meets a value row. The G = H / KV query heads
 // that share a KV head are scored together, so each key and value row is loaded once per unit.
+// Inner loops: keys are scored 8 at a time with one transpose-add, and the value accumulation keeps the output
+// vectors in registers (D = 32, 64, 128) so its chains run side by side (bench/notes.md, "Tuning the attention
+// kernel").
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool; a
 // helper that starts after the call has returned finds nothing to claim and touches no buffer.
@@ -113,8 +116,51 @@ inline float Dot(const float* a, const float* b, int64_t D) {
   return s;
 }
 
+#if defined(__AVX2__)
+// The dot products of q with 8 consecutive key rows (D apart, D a multiple of 8), as one vector: eight 8-lane
+// partial sums reduced together by a transpose-add (7 shuffles and adds for 8 results, not a horizontal sum each).
+inline v8f Dots8(const float* q, const float* k, int64_t D) {
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  for (int64_t d = 0; d < D; d += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + d);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * D + d), a[i]);
+  }
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return (v8f)_mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+#endif
+
+// s[0:n] = q . key rows [0, n) (rows D apart)
+inline void Scores(const float* q, const float* k, int64_t n, int64_t D, float* s) {
+  int64_t j = 0;
+#if defined(__AVX2__)
+  if (D % 8 == 0)
+    for (; j + 8 <= n; j += 8) StoreF8(s + j, Dots8(q, k + j * D, D));
+#endif
+  for (; j < n; ++j) s[j] = Dot(q, k + j * D, D);
+}
+
+// Accumulate for D = 8 * C: the C output vectors stay in registers while the value rows stream by, so the C
+// accumulation chains run side by side (one chain over the keys would wait on each add's latency).
+template <int C>
+inline void AccumulateRegs(float* acc, float corr, const float* p, const float* vrows, int64_t n) {
+  v8f a[C];
+  for (int c = 0; c < C; ++c) a[c] = LoadF8(acc + 8 * c) * corr;
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    for (int c = 0; c < C; ++c) a[c] += pj * LoadF8(vrows + j * 8 * C + 8 * c);
+  }
+  for (int c = 0; c < C; ++c) StoreF8(acc + 8 * c, a[c]);
+}
+
 // acc[0:D] = acc * corr + sum_j p[j] * vrows[j]   (j < n, rows D apart)
 inline void Accumulate(float* acc, float corr, const float* p, const float* vrows, int64_t n, int64_t D) {
+  if (D == 64) return AccumulateRegs<8>(acc, corr, p, vrows, n);
+  if (D == 128) return AccumulateRegs<16>(acc, corr, p, vrows, n);
+  if (D == 32) return AccumulateRegs<4>(acc, corr, p, vrows, n);
   const int64_t d8 = D / 8 * 8;
   for (int64_t d = 0; d < d8; d += 8) {
     v8f a = LoadF8(acc + d) * corr;
@@ -169,8 +215,9 @@ bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
           const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
           float* s = sc.s.data();
           float mx = sc.m[qi];
+          Scores(qv, kb + (a - j0) * D, n, D, s);
           for (int64_t j = 0; j < n; ++j) {
-            float x = Dot(qv, kb + (a - j0 + j) * D, D) * p.sm_scale;
+            float x = s[j] * p.sm_scale;
             if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
             s[j] = x;
             mx = std::max(mx, x);
