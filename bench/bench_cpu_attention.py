@@ -30,28 +30,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 
-def _decode_batch(B: int, ctx: int):
-    from sgl_jax.batch import SeqChunk, pack
-
-    pp = -(-ctx // 16)
-    return pack([SeqChunk([1], ctx - 1, list(range(1 + i * pp, 1 + (i + 1) * pp))) for i in range(B)],
-                page_size=16, block_q=1)
-
-
-def _compiled_step(mb, b, opts):
-    import jax.numpy as jnp
-
-    meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
-                                          b.pre_page_table, b.pre_kv_lens))
-    ids, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
-    c = mb.fwd.lower(mb.params, ids, mb.kv, li, meta, block_q=1).compile(compiler_options=opts)
-
-    def run():
-        logits, mb.kv = c(mb.params, ids, mb.kv, li, meta)
-        logits.block_until_ready()
-    return run
-
-
 def whole_steps(batches, ctxs, rounds: int) -> list[dict]:
     import bench_model as bm
 
@@ -60,16 +38,16 @@ def whole_steps(batches, ctxs, rounds: int) -> list[dict]:
     from pallas_kernels import cpu_matmul
 
     pages = 1 + max(batches) * -(-max(ctxs) // 16)
-    variants = {"before": (bm.ModelBench("float32", pages, "jnp", "none"), lambda T: None, False),
+    variants = {"before": (bm.ModelBench("float32", pages, "jnp", "none"), lambda T: {}, False),
                 "after": (bm.ModelBench("float32", pages, "cpu_native", "none"), step_compile_options, True)}
     runs = {}
     native_f32 = cpu_matmul.f32_available()
     for B in batches:
         for ctx in ctxs:
-            b = _decode_batch(B, ctx)
             for name, (mb, opts, f32) in variants.items():
+                b = mb.decode_batch(B, ctx)
                 cpu_matmul._F32._state["ok"] = f32 and native_f32  # read when the step is traced
-                runs[(name, B, ctx)] = _compiled_step(mb, b, opts(len(b.input_ids)))
+                runs[(name, B, ctx)] = mb._run_fn(b, opts(len(b.input_ids)))
     cpu_matmul._F32._state["ok"] = native_f32
     for f in runs.values():
         f()

@@ -192,7 +192,9 @@ class ModelBench:
         self.undo()
         del self.kv, self.params
 
-    def _run_fn(self, b):
+    def _run_fn(self, b, options: dict | None = None):
+        """A call of the forward on packed batch `b`, compiled once with `options` (None: the runner's options for
+        b's token count, or XLA's defaults under --xla-defaults)."""
         jnp = self.jnp
         meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
                                               b.pre_page_table, b.pre_kv_lens))
@@ -201,7 +203,7 @@ class ModelBench:
         from sgl_jax.executables import step_compile_options
 
         # compiled with the runner's options for this many tokens (unless --xla-defaults)
-        opts = {} if XLA_DEFAULTS else step_compile_options(len(b.input_ids))
+        opts = options if options is not None else {} if XLA_DEFAULTS else step_compile_options(len(b.input_ids))
         compiled = self.fwd.lower(self.params, ids, self.kv, li, meta, block_q=b.block_q).compile(
             compiler_options=opts)
 
@@ -230,7 +232,8 @@ class ModelBench:
         r["tok_s"] = length / r["median_s"]
         return r
 
-    def decode(self, batch: int, ctx: int, n: int) -> dict:
+    def decode_batch(self, batch: int, ctx: int):
+        """`batch` sequences of one new token at KV length `ctx`, pages assigned consecutively."""
         from sgl_jax.batch import SeqChunk, pack
         import numpy as np
 
@@ -239,8 +242,10 @@ class ModelBench:
         rng = np.random.default_rng(1)
         chunks = [SeqChunk([int(rng.integers(self.cfg.vocab_size))], ctx - 1,
                            list(range(1 + i * pp, 1 + (i + 1) * pp))) for i in range(batch)]
-        b = pack(chunks, page_size=PAGE_SIZE, block_q=1)
-        r = self.time_batch(b, n)
+        return pack(chunks, page_size=PAGE_SIZE, block_q=1)
+
+    def decode(self, batch: int, ctx: int, n: int) -> dict:
+        r = self.time_batch(self.decode_batch(batch, ctx), n)
         r["ms"] = 1e3 * r["median_s"]
         return r
 

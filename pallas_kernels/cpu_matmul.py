@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.cpu_native import NativeKernel
 
-MAX_ROWS_INT8 = 16  # kMaxRows in the kernel; more rows are compute-bound and go to XLA's dot
+MAX_ROWS_INT8 = 16  # kMaxRows in the kernel (both weight types); more rows are compute-bound: XLA's dot
 F32_ROWS = (2, 8)  # float32 rows of the LM head routed to the kernel (inclusive): where it beat XLA's dot
 INT8_TARGET = "sgl_jax_int8_matmul"
 F32_TARGET = "sgl_jax_f32_matmul"
@@ -53,18 +53,18 @@ def why_not() -> str | None:
     return _INT8.why_not() or _F32.why_not()
 
 
-def _check(x, w, out_axis, max_rows, wdtype, what):
+def _check(x, w, out_axis, wdtype, what):
     m, k = x.shape
-    if m > max_rows or x.dtype != jnp.float32 or w.dtype != wdtype or w.ndim != 2 or w.shape[1 - out_axis] != k:
+    if m > MAX_ROWS_INT8 or x.dtype != jnp.float32 or w.dtype != wdtype or w.ndim != 2 or w.shape[1 - out_axis] != k:
         raise ValueError(f"native {what}: x {x.dtype}{x.shape}, w {w.dtype}{w.shape}, out_axis {out_axis} "
-                         f"(expected float32 x of at most {max_rows} rows and {jnp.dtype(wdtype).name} w sharing "
+                         f"(expected float32 x of at most {MAX_ROWS_INT8} rows and {jnp.dtype(wdtype).name} w sharing "
                          f"its {k} inputs)")
     return jax.ShapeDtypeStruct((m, w.shape[out_axis]), jnp.float32)
 
 
 def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, out_axis: int) -> jax.Array:
     """(x @ w) * scale in float32 by the native kernel; the caller checks `int8_available()` and x's rows."""
-    out = _check(x, w, out_axis, MAX_ROWS_INT8, jnp.int8, "int8 matmul")
+    out = _check(x, w, out_axis, jnp.int8, "int8 matmul")
     if not int8_available():
         raise RuntimeError(f"the native int8 matmul is not available: {why_not()}")
     return jax.ffi.ffi_call(INT8_TARGET, out)(x, w, scale.astype(jnp.float32), layout=0 if out_axis == 1 else 1)
@@ -73,7 +73,7 @@ def int8_matmul(x: jax.Array, w: jax.Array, scale: jax.Array, out_axis: int) -> 
 def f32_matmul(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
     """x @ w (w [K, N], out_axis 1) or x @ w.T (w [N, K], out_axis 0) in float32 by the native kernel; the
     caller checks `f32_available()` and x's rows."""
-    out = _check(x, w, out_axis, MAX_ROWS_INT8, jnp.float32, "float32 matmul")
+    out = _check(x, w, out_axis, jnp.float32, "float32 matmul")
     if not f32_available():
         raise RuntimeError(f"the native float32 matmul is not available: {why_not()}")
     return jax.ffi.ffi_call(F32_TARGET, out)(x, w, layout=0 if out_axis == 1 else 1)

@@ -38,13 +38,13 @@ import numpy as np
 from flax import struct
 from tqdm.auto import tqdm
 
-from pallas_kernels import cpu_attention, cpu_matmul
+from pallas_kernels import cpu_matmul
 
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint, step_compile_options
-from sgl_jax.models.attention import AttnMetadata
+from sgl_jax.models.attention import AttnMetadata, get_attention_backend
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
 from sgl_jax.shapes import ShapeGrid, StepShape  # noqa: F401 - StepShape re-exported
@@ -272,7 +272,7 @@ class ModelRunner:
         cpu = self.platform == "cpu"
         self.native_int8 = (cpu and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
                             and cpu_matmul.int8_available())
-        self.native_attention = cpu and attention_backend in ("auto", "cpu_native") and cpu_attention.available()
+        self.native_attention = get_attention_backend(attention_backend).name == "cpu_native"  # same choice as the model
         self.native_f32 = cpu and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.f32_available()
         self.store = None
         if executable_dir:
