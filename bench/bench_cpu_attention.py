@@ -38,8 +38,9 @@ def whole_steps(batches, ctxs, rounds: int) -> list[dict]:
     from pallas_kernels import cpu_matmul
 
     pages = 1 + max(batches) * -(-max(ctxs) // 16)
-    variants = {"before": (bm.ModelBench("float32", pages, "jnp", "none"), lambda T: {}, False),
-                "after": (bm.ModelBench("float32", pages, "cpu_native", "none"), step_compile_options, True)}
+    variants = {"before": (bm.ModelBench("float32", pages, "jnp", "none", packed=False), lambda T: {}, False),
+                "after": (bm.ModelBench("float32", pages, "cpu_native", "none", packed=False), step_compile_options,
+                          True)}
     runs = {}
     native_f32 = cpu_matmul.f32_available()
     for B in batches:
@@ -49,16 +50,7 @@ def whole_steps(batches, ctxs, rounds: int) -> list[dict]:
                 cpu_matmul._F32._state["ok"] = f32 and native_f32  # read when the step is traced
                 runs[(name, B, ctx)] = mb._run_fn(b, opts(len(b.input_ids)))
     cpu_matmul._F32._state["ok"] = native_f32
-    for f in runs.values():
-        f()
-        f()
-    times = {k: [] for k in runs}
-    for _ in range(rounds):
-        for k, f in runs.items():
-            for _ in range(3):
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
+    times = bm.interleaved_times(runs, rounds)
     mb = variants["after"][0]
     out = []
     for B in batches:

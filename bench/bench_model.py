@@ -147,7 +147,9 @@ class ModelBench:
     """Weights, one KV pool and a jitted, KV-donating forward for one dtype and quantization."""
 
     def __init__(self, dtype: str, num_pages: int, attention: str = "jnp", quantization: str = "none",
-                 random_preset: str | None = None, layers: int | None = None):
+                 random_preset: str | None = None, layers: int | None = None, packed: bool | None = None):
+        """packed: weights panel-packed for the CPU's native matmul (sgl_jax.models.packing); None = as the engine
+        does (CPU, float32, the kernel built)."""
         import dataclasses
 
         import jax
@@ -174,6 +176,15 @@ class ModelBench:
 
             self.path = resolve_model("smollm2-135m")
             self.cfg, self.params = load_weights(self.path, dtype, progress=False, quantization=quantization)
+        if packed is None:
+            from pallas_kernels import cpu_matmul
+
+            packed = jax.default_backend() == "cpu" and dtype == "float32" and cpu_matmul.packed_available()
+        if packed:
+            from sgl_jax.models.packing import pack_params
+
+            self.params = pack_params(self.params, self.cfg.tie_word_embeddings)
+        self.packed = packed
         self.load_s = time.perf_counter() - t0
         self.weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
         self.itemsize = jnp.dtype(dtype).itemsize
@@ -213,6 +224,15 @@ class ModelBench:
             return logits
         return run
 
+    def prefill_batch(self, length: int = PREFILL_LEN, block_q: int = 64):
+        """One sequence of `length` random tokens from position 0."""
+        from sgl_jax.batch import SeqChunk, pack
+        import numpy as np
+
+        pages = list(range(1, 1 + math.ceil(length / PAGE_SIZE)))
+        ids = np.random.default_rng(0).integers(0, self.cfg.vocab_size, length).tolist()
+        return pack([SeqChunk(ids, 0, pages)], page_size=PAGE_SIZE, block_q=block_q)
+
     def time_batch(self, b, n: int) -> dict:
         t0 = time.perf_counter()
         run = self._run_fn(b)
@@ -222,13 +242,7 @@ class ModelBench:
         return {"median_s": med, "min_s": min(ts), "max_s": max(ts), "n": n, "compile_s": compile_s}
 
     def prefill(self, block_q: int, n: int, length: int = PREFILL_LEN) -> dict:
-        from sgl_jax.batch import SeqChunk, pack
-        import numpy as np
-
-        pages = list(range(1, 1 + math.ceil(length / PAGE_SIZE)))
-        ids = np.random.default_rng(0).integers(0, self.cfg.vocab_size, length).tolist()
-        b = pack([SeqChunk(ids, 0, pages)], page_size=PAGE_SIZE, block_q=block_q)
-        r = self.time_batch(b, n)
+        r = self.time_batch(self.prefill_batch(length, block_q), n)
         r["tok_s"] = length / r["median_s"]
         return r
 
@@ -248,6 +262,22 @@ class ModelBench:
         r = self.time_batch(self.decode_batch(batch, ctx), n)
         r["ms"] = 1e3 * r["median_s"]
         return r
+
+
+def interleaved_times(runs: dict, rounds: int, per_round: int = 3) -> dict:
+    """{key: [seconds, ...]} for calls `runs[key]()`, two warm-up calls each, then `rounds` rounds that call every
+    run `per_round` times in turn: every variant sees the same (shared, drifting) machine."""
+    for f in runs.values():
+        f()
+        f()
+    times = {k: [] for k in runs}
+    for _ in range(rounds):
+        for k, f in runs.items():
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return times
 
 
 def bench_sgl_jax(dtype: str, plan: dict, attention: str = "jnp", quantization: str = "none",

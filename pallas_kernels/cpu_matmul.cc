@@ -1,5 +1,6 @@
-// Few-row matmuls for the CPU backend, as XLA FFI custom calls (pallas_kernels/cpu_matmul.py builds and
-// registers them), with int8 weights (and a float32 scale per output channel) or float32 weights.
+// Matmuls for the CPU backend, as XLA FFI custom calls (pallas_kernels/cpu_matmul.py builds and registers them),
+// with int8 weights (and a float32 scale per output channel) or float32 weights: few-row kernels for the plain
+// [K, N] / [N, K] layouts first, then (below) the panel-packed kernel the engine uses for every step.
 //   int8: XLA:CPU does not fuse an int8 -> float convert into a dot: the convert writes a float copy of the
 //   matrix that the dot then reads, so a decode step reads 4 bytes per weight and writes 4 more. Here each
 //   weight is read once, as one byte, converted in registers and multiplied at once.
@@ -22,6 +23,11 @@
 #include <memory>
 #include <thread>
 
+#if defined(__linux__)
+#include <sched.h>
+#endif
+#include <type_traits>
+
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -31,6 +37,15 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// CPUs this process may run on (its affinity mask on Linux: a container's share, not the host's count)
+inline int64_t UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
 
 constexpr int64_t kMaxRows = 16;  // the Python side only routes calls with at most this many rows here
 
@@ -58,6 +73,15 @@ inline v8f LoadF8(const float* p) {
 }
 
 inline v8f Load8(const float* p) { return LoadF8(p); }
+
+// x[0] in all eight lanes, straight from memory (a load, not a load and a shuffle)
+inline v8f Bcast(const float* p) {
+#if defined(__AVX2__)
+  return (v8f)_mm256_broadcast_ss(p);
+#else
+  return v8f{} + *p;
+#endif
+}
 
 // the scale of output column n (float32 weights have none)
 inline float Scale(const float* scale, int64_t n) { return scale ? scale[n] : 1.0f; }
@@ -213,6 +237,184 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const floa
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Panel-packed weights: w [P, K, 16] holds columns 16p .. 16p+15 of a [K, N] matrix, k-major inside the panel, so
+// a tile of 16 output columns reads its weights as one contiguous stream (the [K, N] layout above reads 16 of
+// every N bytes). Any number of rows:
+//   M <= 16: one pass over the weights, the rows' accumulators in registers (1 row x 4 panels, 2 rows x 2 panels,
+//            else tiles of 3-6 rows x 1 panel, each reading the panel from L1 after the first);
+//   M > 16:  blocks of 96 rows x 256 k; an int8 panel's 256 x 16 block is widened once into a float buffer (in
+//            L1) that every row tile of the block then reads; float32 panels are read in place.
+
+constexpr int64_t kPanel = 16;
+constexpr int64_t kKc = 256;  // k per block (a widened int8 block: 16 KB)
+constexpr int64_t kMc = 96;   // rows per block (x's block: 96 KB, in L2)
+constexpr int64_t kDirectRows = 8;  // up to here int8 is widened in registers by each row tile, no buffer
+
+// y[r0.., c0..c0+16*NP) (+)= x[r0.., k0..k0+kn) @ panels; `wp` points at the first panel's row k0, `pstride` is
+// the distance between panels. `acc_in`: add to y (a later k block); `scale` (last k block only, may be null).
+template <int R, int NP, typename W>
+inline void PanelTile(const float* x, int64_t ldx, const W* wp, int64_t pstride, int64_t kn, float* y,
+                      int64_t ldy, bool acc_in, const float* scale, bool last) {
+  v8f acc[R][2 * NP];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NP; ++c) acc[r][c] = acc_in ? LoadF8(y + r * ldy + 8 * c) : v8f{};
+  for (int64_t k = 0; k < kn; ++k) {
+    for (int p = 0; p < NP; ++p) {
+      const W* w = wp + p * pstride + k * kPanel;
+      const v8f w0 = Load8(w), w1 = Load8(w + 8);
+      for (int r = 0; r < R; ++r) {
+        const v8f xr = Bcast(x + r * ldx + k);
+        acc[r][2 * p] += xr * w0;
+        acc[r][2 * p + 1] += xr * w1;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NP; ++c) {
+      v8f v = acc[r][c];
+      if (last && scale) v *= LoadF8(scale + 8 * c);
+      std::memcpy(y + r * ldy + 8 * c, &v, sizeof(v));
+    }
+}
+
+// R (1..6) rows x one panel, R chosen at run time
+template <typename W>
+inline void PanelRows(int64_t R, const float* x, int64_t ldx, const W* wp, int64_t kn, float* y, int64_t ldy,
+                      bool acc_in, const float* scale, bool last) {
+  switch (R) {
+    case 1: return PanelTile<1, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 2: return PanelTile<2, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 3: return PanelTile<3, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 4: return PanelTile<4, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 5: return PanelTile<5, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    default: return PanelTile<6, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+  }
+}
+
+inline const float* ScaleAt(const float* scale, int64_t c) { return scale ? scale + c : nullptr; }
+
+// Rows cut into ceil(M / 6) tiles of nearly equal height (8 rows: 4 + 4, not 6 + 2): tile t covers
+// [TileStart(t), TileStart(t + 1)).
+inline int64_t TileStart(int64_t t, int64_t tiles, int64_t M) { return t * M / tiles; }
+
+// Panels [p0, p1) of y for M <= kDirectRows rows: one pass over the weights; each panel (at most 24 KB of int8 at
+// K = 1536) is read from memory once and from L1 by the other row tiles, widened again by each.
+template <typename W>
+void PanelsFew(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+               int64_t p0, int64_t p1) {
+  const int64_t ps = K * kPanel;
+  int64_t p = p0;
+  if (M == 1) {
+    for (; p + 4 <= p1; p += 4) PanelTile<1, 4>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+  } else if (M == 2) {
+    for (; p + 2 <= p1; p += 2) PanelTile<2, 2>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+  }
+  const int64_t tiles = (M + 5) / 6;
+  for (; p < p1; ++p)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t r0 = TileStart(t, tiles, M), r1 = TileStart(t + 1, tiles, M);
+      PanelRows(r1 - r0, x + r0 * K, K, w + p * ps, K, y + r0 * N + p * kPanel, N, false, ScaleAt(scale, p * kPanel),
+                true);
+    }
+}
+
+// n weights (a multiple of 8) as floats in dst (int8 widened; float32 copied, so that every tile reads an aligned
+// block in L1 rather than the matrix)
+template <typename W>
+inline void Widen(const W* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const v8f v = Load8(src + i);
+    std::memcpy(dst + i, &v, sizeof(v));
+  }
+}
+
+// Panels [p0, p1) of y for M > 6 rows, blocked (see above).
+template <typename W>
+void PanelsMany(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                int64_t p0, int64_t p1) {
+  alignas(64) float buf[kKc * kPanel];
+  const int64_t ps = K * kPanel;
+  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+    const int64_t mn = std::min(kMc, M - m0);
+    for (int64_t p = p0; p < p1; ++p) {
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t kn = std::min(kKc, K - k0);
+        const bool last = k0 + kn == K;
+        Widen(w + p * ps + k0 * kPanel, kn * kPanel, buf);
+        const float* wf = buf;
+        const int64_t tiles = (mn + 5) / 6;
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
+          PanelRows(r1 - r, x + r * K + k0, K, wf, kn, y + r * N + p * kPanel, N, k0 > 0, ScaleAt(scale, p * kPanel),
+                    last);
+        }
+      }
+    }
+  }
+}
+
+// y = (x @ w) [* scale] with w packed [P, K, 16], N = 16 P.
+template <typename W>
+ffi::Error PackedMatmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp,
+                        ffi::Span<const int64_t> wd, const W* wp, const float* sp, int64_t scale_count, float* yp) {
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel)
+    return ffi::Error::InvalidArgument("packed matmul: x must be [M, K] and w [N / 16, K, 16]");
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
+  if (wd[1] != K) return ffi::Error::InvalidArgument("packed matmul: x and w disagree on K");
+  if (sp && scale_count != N)
+    return ffi::Error::InvalidArgument("packed matmul: scale must have one entry per output column");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + M * N, 0.0f);
+    return ffi::Error::Success();
+  }
+  auto run = [=](int64_t p0, int64_t p1) {
+    if (M <= kDirectRows) {
+      PanelsFew(xp, wp, sp, yp, M, K, N, p0, p1);
+    } else {
+      PanelsMany(xp, wp, sp, yp, M, K, N, p0, p1);
+    }
+  };
+  // Units of whole panel groups (4 panels for one row, 2 for two: PanelsFew's tiles), claimed from a shared
+  // counter by this thread and by helpers on XLA's pool, so that a thread slowed by other work (XLA runs
+  // independent ops side by side; this host is shared) takes fewer. A helper that starts after the last unit
+  // was claimed returns at once: no one waits for a task that never ran. Helpers: one fewer than the CPU's
+  // threads (this thread is the other); one per pool thread put three threads on two cores and made a 1-row
+  // matmul 1.4x slower (bench/notes.md, "Panel-packed weights").
+  const int64_t group = M == 1 ? 4 : M == 2 ? 2 : 1, groups = (P + group - 1) / group;
+  const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
+  struct Shared {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+  };
+  auto sh = std::make_shared<Shared>();
+  auto work = [sh, run, units, groups, group, P]() {
+    for (int64_t u; (u = sh->next.fetch_add(1)) < units;) {
+      run(std::min(P, u * groups / units * group), std::min(P, (u + 1) * groups / units * group));
+      sh->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t cpus = UsableCpus();
+  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), cpus - 1), units - 1);
+  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
+  work();
+  while (sh->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  return PackedMatmul<int8_t>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(),
+                              scale.typed_data(), static_cast<int64_t>(scale.element_count()), y->typed_data());
+}
+
+ffi::Error PackedF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                         ffi::ResultBuffer<ffi::F32> y) {
+  return PackedMatmul<float>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), nullptr, 0,
+                             y->typed_data());
+}
+
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, int64_t layout) {
   return Matmul<int8_t>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), scale.typed_data(),
@@ -243,3 +445,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxF32Matmul, F32MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("layout"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedInt8Matmul, PackedInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

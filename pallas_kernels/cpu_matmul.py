@@ -1,4 +1,12 @@
-"""The CPU backend's few-row matmuls (decode), as XLA FFI custom calls (`cpu_matmul.cc`).
+"""The CPU backend's matmuls, as XLA FFI custom calls (`cpu_matmul.cc`).
+
+- packed (what the engine runs on CPU with float32 compute, `engine.pack_weights`): weights panel-packed
+  [N / 16, K, 16] (sgl_jax.models.packing), float32 or int8 + a scale per output column, any number of rows. A
+  tile of 16 output columns reads its weights as one contiguous stream; rows are register-tiled (1-8 rows: one
+  pass over the weights; more: 96 x 256 blocks, an int8 block widened once into L1 for all its rows). Decode
+  steps 1.1-1.5x faster than the plain layout's paths below (bench/notes.md, "Panel-packed weights").
+
+The plain [K, N] layout's few-row kernels (used when the weights are not packed):
 
 - int8 weight-only: XLA:CPU converts an int8 matrix to float in an op of its own before the dot (bench/notes.md,
   "int8 weight-only quantization"), so an int8 decode step would move more bytes than a float32 one; the kernel
@@ -15,6 +23,7 @@ names the cause, and callers keep XLA's dot. TPU and GPU never use these.
     int8_matmul(x, w, scale, out_axis)  x f32 [M <= MAX_ROWS_INT8, K]; w int8 [K, N] (out_axis 1) or [N, K]
                                         (out_axis 0); scale f32 [N] -> f32 [M, N] = (x @ w) * scale
     f32_matmul(x, w, out_axis)          x f32 [M <= MAX_ROWS_INT8, K]; w f32 likewise -> f32 [M, N] = x @ w
+    packed_matmul(x, w, scale=None)     x f32 [M, K]; w [N / 16, K, 16] f32, or int8 with scale f32 [N]
 """
 
 from __future__ import annotations
@@ -32,6 +41,13 @@ INT8_TARGET = "sgl_jax_int8_matmul"
 F32_TARGET = "sgl_jax_f32_matmul"
 _INT8 = NativeKernel("cpu_matmul.cc", "SglJaxInt8Matmul", INT8_TARGET, "SGL_JAX_NATIVE_INT8", "int8 matmul")
 _F32 = NativeKernel("cpu_matmul.cc", "SglJaxF32Matmul", F32_TARGET, "SGL_JAX_NATIVE_F32", "float32 matmul")
+PANEL = 16  # output columns per panel of a packed matrix
+PACKED_INT8_TARGET = "sgl_jax_packed_int8_matmul"
+PACKED_F32_TARGET = "sgl_jax_packed_f32_matmul"
+_PACKED_INT8 = NativeKernel("cpu_matmul.cc", "SglJaxPackedInt8Matmul", PACKED_INT8_TARGET, "SGL_JAX_PACKED",
+                            "packed int8 matmul")
+_PACKED_F32 = NativeKernel("cpu_matmul.cc", "SglJaxPackedF32Matmul", PACKED_F32_TARGET, "SGL_JAX_PACKED",
+                           "packed float32 matmul")
 
 
 def int8_available() -> bool:
@@ -77,6 +93,26 @@ def f32_matmul(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
     if not f32_available():
         raise RuntimeError(f"the native float32 matmul is not available: {why_not()}")
     return jax.ffi.ffi_call(F32_TARGET, out)(x, w, layout=0 if out_axis == 1 else 1)
+
+
+def packed_available() -> bool:
+    return _PACKED_INT8.available() and _PACKED_F32.available()
+
+
+def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+    """x @ unpack(w) [* scale] in float32: x f32 [M, K], w [N / 16, K, 16] (float32, or int8 with scale f32 [N])."""
+    m, k = x.shape
+    if (x.dtype != jnp.float32 or w.ndim != 3 or w.shape[1:] != (k, PANEL) or w.dtype not in (jnp.int8, jnp.float32)
+            or (w.dtype == jnp.int8) != (scale is not None)):
+        raise ValueError(f"packed matmul: x {x.dtype}{x.shape}, w {w.dtype}{w.shape}, scale "
+                         f"{None if scale is None else scale.shape} (expected float32 x [M, K], w [N/16, K, 16] "
+                         f"float32, or int8 with a scale)")
+    if not packed_available():
+        raise RuntimeError(f"the packed matmul is not available: {_PACKED_INT8.why_not() or _PACKED_F32.why_not()}")
+    out = jax.ShapeDtypeStruct((m, w.shape[0] * PANEL), jnp.float32)
+    if scale is None:
+        return jax.ffi.ffi_call(PACKED_F32_TARGET, out)(x, w)
+    return jax.ffi.ffi_call(PACKED_INT8_TARGET, out)(x, w, scale.astype(jnp.float32))
 
 
 if __name__ == "__main__":  # python -m pallas_kernels.cpu_matmul: build now and say whether it works

@@ -29,6 +29,10 @@
 #include <limits>
 #include <memory>
 #include <thread>
+
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <vector>
 
 #if defined(__AVX2__)
@@ -40,6 +44,15 @@
 namespace ffi = xla::ffi;
 
 namespace {
+
+// CPUs this process may run on (its affinity mask on Linux: a container's share, not the host's count)
+inline int64_t UsableCpus() {
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+#endif
+  return std::max<int64_t>(1, std::thread::hardware_concurrency());
+}
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -282,9 +295,11 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   sh->p = p;
   sh->total = p.R * p.KV;
   if (sh->total == 0) return ffi::Error::Success();
-  // helpers: one per pool thread (the pool has as many as XLA's intra-op parallelism), never more than the
-  // units beyond the first
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), sh->total - 1);
+  // helpers: one fewer than the CPU's threads (this thread is the other), at most one per pool thread, never more
+  // than the units beyond the first. One per pool thread put three threads on two cores: a 1-row layer took
+  // 0.111 against 0.061 ms (bench/notes.md, "Panel-packed weights").
+  const int64_t cpus = UsableCpus();
+  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), cpus - 1), sh->total - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh]() { Work(*sh); });
   Work(*sh);
   while (sh->done.load(std::memory_order_acquire) < sh->total) std::this_thread::yield();

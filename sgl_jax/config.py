@@ -207,6 +207,9 @@ class EngineConfig:
                            "linear, the LM head and a tied embedding (sgl_jax/models/quant.py): 1/4 of the "
                            "float32 weight bytes; logits move (SmolLM2: by up to ~1.4)")
     attention_backend: str = _f("auto", "auto | jnp | cpu_native | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, the native kernel on CPU, else jnp)")
+    pack_weights: bool = _f(True, "CPU, float32 compute: weight matrices stored panel-packed [out/16, in, 16] for the "
+                            "native matmul (sgl_jax/models/packing.py), every step's linears and LM head through "
+                            "it; no effect on TPU/GPU or without a C++ compiler")
     seed: int = _f(0, "default sampling seed for requests that give none")
     warmup: bool = _f(True, "compile every step shape at start-up")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")

@@ -45,6 +45,7 @@ from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint, step_compile_options
 from sgl_jax.models.attention import AttnMetadata, get_attention_backend
+from sgl_jax.models import packing
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
 from sgl_jax.shapes import ShapeGrid, StepShape  # noqa: F401 - StepShape re-exported
@@ -274,10 +275,12 @@ class ModelRunner:
                             and cpu_matmul.int8_available())
         self.native_attention = get_attention_backend(attention_backend).name == "cpu_native"  # same choice as the model
         self.native_f32 = cpu and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.f32_available()
+        self.native_packed = cpu and packing.is_packed(params) and cpu_matmul.packed_available()
         self.store = None
         if executable_dir:
             settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
-                        self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32]
+                        self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32,
+                        self.native_packed]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()

@@ -136,3 +136,107 @@ def test_f32_routing_in_the_model(monkeypatch, tmp_path):
             work = [(i, [7 + i], 17 + i, None) for i in range(4)]  # 4 decode rows
             outs[on] = np.concatenate(r.step(work))
         np.testing.assert_allclose(outs[True], outs[False], atol=2e-5, rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------ panel-packed weights
+def _packed_case(rng, m, k, n, int8):
+    from sgl_jax.models.packing import pack_io
+
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8) if int8 else rng.standard_normal((k, n)).astype(np.float32)
+    s = (rng.random(n) * 0.01).astype(np.float32) if int8 else None
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    bound = np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64))
+    if int8:
+        ref, bound = ref * s, bound * s
+    return x, pack_io(w), s, ref, bound
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["f32", "int8"])
+@pytest.mark.parametrize("m,k,n", [
+    (1, 576, 1536), (1, 1536, 576), (1, 100, 48),       # 1 row: groups of 4 panels, then single panels
+    (2, 576, 1536), (2, 7, 48),                         # 2 rows: pairs of panels, an odd one left
+    (3, 64, 32), (5, 300, 96), (6, 1, 16), (8, 576, 192),  # row tiles of 3-6 in one pass, K = 1
+    (9, 577, 64), (16, 1536, 576), (17, 256, 80),       # blocked path: k blocks of 256, a ragged last one
+    (97, 300, 64), (200, 64, 48),                        # more rows than one 96-row block
+])
+def test_packed_matches_float64_reference(m, k, n, int8):
+    x, wp, s, ref, bound = _packed_case(np.random.default_rng(m * 31 + k + n), m, k, n, int8)
+    y = np.asarray(jax.jit(lambda x, w, s: cpu_matmul.packed_matmul(x, w, s))(x, wp, s))
+    assert y.shape == (m, n) and y.dtype == np.float32
+    tol = 4 * np.sqrt(k) * np.finfo(np.float32).eps * bound  # float32 accumulation over k
+    assert np.all(np.abs(y - ref) <= tol + 1e-30)
+
+
+def test_packed_empty_inner_dimension_and_non_finite_rows():
+    y = cpu_matmul.packed_matmul(jnp.ones((3, 0), jnp.float32), jnp.zeros((2, 0, 16), jnp.float32))
+    assert y.shape == (3, 32) and not np.any(np.asarray(y))
+    x, wp, s, _, _ = _packed_case(np.random.default_rng(2), 4, 64, 64, True)
+    x[2, 3] = np.inf
+    y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), jnp.asarray(wp), jnp.asarray(s)))
+    assert np.all(np.isfinite(y[[0, 1, 3]])) and not np.all(np.isfinite(y[2]))
+
+
+def test_packed_bad_operands_raise_naming_them():
+    x = jnp.zeros((2, 8), jnp.float32)
+    for w, s in ((jnp.zeros((8, 16), jnp.float32), None),        # not packed
+                 (jnp.zeros((1, 9, 16), jnp.float32), None),     # K disagrees
+                 (jnp.zeros((1, 8, 8), jnp.float32), None),      # panel width
+                 (jnp.zeros((1, 8, 16), jnp.int8), None),        # int8 without a scale
+                 (jnp.zeros((1, 8, 16), jnp.float32), jnp.ones(16))):  # a scale for float weights
+        with pytest.raises(ValueError, match="packed matmul"):
+            cpu_matmul.packed_matmul(x, w, s)
+
+
+def test_pack_layouts_and_which_leaves():
+    from sgl_jax.models import packing
+
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((24, 48)).astype(np.float32)  # [in, out]
+    wp = packing.pack_io(w)
+    assert wp.shape == (3, 24, 16) and np.array_equal(wp[1, 5], w[5, 16:32])
+    assert np.array_equal(packing.unpack_io(wp), w)
+    assert np.array_equal(packing.pack_oi(np.ascontiguousarray(w.T)), wp)  # [out, in] packs to the same
+    with pytest.raises(ValueError, match="multiple of 16"):
+        packing.pack_io(np.zeros((4, 20), np.float32))
+    tied = ("embed_tokens", "embedding")
+    assert packing.packed_axis(("layers_0", "mlp", "up_proj", "kernel"), (64, 128), False) == "io"
+    assert packing.packed_axis(("layers_0", "mlp", "up_proj", "kernel"), (64, 120), False) is None  # 120 % 16
+    assert packing.packed_axis(("layers_0", "self_attn", "q_proj", "bias"), (64,), False) is None
+    assert packing.packed_axis(("lm_head", "kernel"), (64, 320), False) == "io"
+    assert packing.packed_axis(tied, (320, 64), True) == "oi"
+    assert packing.packed_axis(tied, (320, 64), False) is None  # an untied embedding is only looked up
+
+
+@pytest.mark.parametrize("quant", ["none", "int8"])
+def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
+    """A tiny model with packed weights gives the plain layout's logits to float32 rounding: prefill and decode rows,
+    an untied head (tiny llama) and a tied one (tiny qwen2: the packed embedding is both the lookup and the head),
+    float32 and int8; every linear and the head call the packed kernel."""
+    from helpers import PagedRunner
+    from sgl_jax.models import packing
+    from sgl_jax.models.loader import load_weights
+    from sgl_jax.models.testing import write_tiny_checkpoint
+
+    calls, kernel = [], cpu_matmul.packed_matmul
+    monkeypatch.setattr(cpu_matmul, "packed_matmul", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
+    for family in ("llama", "qwen2"):
+        path = tmp_path / family
+        write_tiny_checkpoint(family, str(path))
+        cfg, params = load_weights(str(path), progress=False, quantization=quant)
+        packed = packing.pack_params(params, cfg.tie_word_embeddings)
+        assert packing.is_packed(packed) and not packing.is_packed(params)
+        if cfg.tie_word_embeddings:
+            assert packed["embed_tokens"]["embedding"].ndim == 3
+        prefill = [(i, list(range(3 + i, 20 + 2 * i)), 0, 0) for i in range(4)]
+        decode = [(i, [7 + i], 17 + i, None) for i in range(4)]  # after each prompt of 17 + i tokens
+        outs = {}
+        for name, p in (("plain", params), ("packed", packed)):
+            r = PagedRunner(cfg, p, num_pages=32, page_size=16, block_q=8, attention_backend="cpu_native")
+            calls.clear()
+            outs[name] = [np.concatenate(r.step(prefill)), np.concatenate(r.step(decode))]
+            # traced once per step shape: every linear (7 a layer) and the head, in each of the two steps
+            linears = 2 * (7 * cfg.num_layers + 1)
+            assert len(calls) == (linears if name == "packed" else 0), (name, calls)
+        for got, want in zip(outs["packed"], outs["plain"]):
+            np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0, err_msg=family)

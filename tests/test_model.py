@@ -44,6 +44,25 @@ def test_tiny_alone_all_positions(tiny):
         np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
 
 
+def test_tiny_packed_weights_match_reference(tiny):
+    """The CPU engine's layout (sgl_jax.models.packing: every linear, and a tied embedding, panel-packed for the
+    native matmul) against the same Hugging Face values, prefill and a decode continuation."""
+    from pallas_kernels import cpu_matmul
+    from sgl_jax.models.packing import is_packed, pack_params
+
+    name, cfg, params = tiny
+    assert cpu_matmul.packed_available(), cpu_matmul.why_not()
+    packed = pack_params(params, cfg.tie_word_embeddings)
+    assert is_packed(packed)
+    runner = PagedRunner(cfg, packed, attention_backend="auto")
+    for sid, (ids, ref) in enumerate(_ref(name)):
+        split = max(1, len(ids) - 1)
+        parts = runner.step([(sid, ids[:split], 0, 0)])
+        if split < len(ids):
+            parts += runner.step([(sid, ids[split:], split, split)])
+        np.testing.assert_allclose(np.concatenate(parts), ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
+
+
 def test_tiny_cached_prefix_and_decode(tiny):
     """Prefill a prefix, then the rest as a second chunk over the cached pages, then 1-token decodes."""
     name, cfg, params = tiny

@@ -38,10 +38,19 @@ def _greedy(runner, sid, ids, n):
 
 @pytest.mark.slow
 def test_smollm2_f32_logits_and_greedy(smollm_f32):
+    """What the engine runs on CPU: weights panel-packed for the native matmul, the native paged attention (the
+    plain layout is checked against the tiny models' references in test_model.py and against this one in
+    test_cpu_matmul.py)."""
+    from pallas_kernels import cpu_matmul
+    from sgl_jax.models.packing import pack_params
+
     cfg, params = smollm_f32
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size) == (30, 576, 9, 3, 49152)
     assert cfg.tie_word_embeddings
-    runner = PagedRunner(cfg, params, num_pages=64, page_size=16, block_q=16, nan_fill=False)
+    assert cpu_matmul.packed_available(), cpu_matmul.why_not()
+    params = pack_params(params, cfg.tie_word_embeddings)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=16, block_q=16, nan_fill=False,
+                         attention_backend="auto")
     for sid, (ids, ref_logits, ref_greedy) in enumerate(_refs()):
         last, greedy = _greedy(runner, sid, ids, len(ref_greedy))
         np.testing.assert_allclose(last, ref_logits, atol=1e-3, rtol=0, err_msg=f"prompt {sid}")

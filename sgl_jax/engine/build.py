@@ -79,8 +79,15 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         raise ValueError(f"page_width_buckets {widths} cannot cover max_context_len={max_context_len} "
                          f"({max_pages_per_seq} pages)")
     grid = ShapeGrid.from_config(sh, kv.page_size, widths)
+    params = loaded.params
+    if c.pack_weights and jax.default_backend() == "cpu" and dtype == jax.numpy.float32:
+        from pallas_kernels import cpu_matmul
+        from sgl_jax.models import packing
+
+        if cpu_matmul.packed_available():  # else one warning names why, and the plain layout stays
+            params = loaded.params = packing.pack_params(params, mc.tie_word_embeddings)  # the plain copy freed
     runner = ModelRunner(
-        mc, loaded.params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,
+        mc, params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,
         max_running_requests=c.scheduler.max_running_requests, max_top_logprobs=c.sampling.max_top_logprobs,
         attention_backend=c.attention_backend, constraint_rows=c.constraints.constraint_rows,
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
@@ -112,6 +119,7 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
     dev = jax.devices()[0]
     g = r.grid
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.quantization, c.attention_backend,
+                      c.pack_weights,
                       r.platform, getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages,
                       g.run_block, list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets),
                       os.cpu_count()])

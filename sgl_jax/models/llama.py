@@ -60,6 +60,15 @@ def apply_rope(x, positions, inv_freq):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+def _packed(module: nn.Module, weight: str):
+    """(packed weight [out / 16, in, 16], int8 scale [out] or None) when the params at `module` hold a panel-packed
+    matrix (sgl_jax.models.packing: CPU, float32 compute), else None."""
+    if module.has_variable("params", weight) and module.get_variable("params", weight).ndim == 3:
+        scale = module.get_variable("params", "scale") if module.has_variable("params", "scale") else None
+        return module.get_variable("params", weight), scale
+    return None
+
+
 def _int8(module: nn.Module, weight: str):
     """(int8 weight, f32 per-output-channel scale) when the params at `module` are int8-quantized, else None.
 
@@ -120,7 +129,9 @@ class Linear(nn.Module):
 
     int8 weight-only (kernel int8 [in, out] + scale f32 [out]): y = (x @ kernel.astype(x.dtype)) * scale,
     accumulated in float32. The scale is applied after the matmul, one per output channel, so the dot reads
-    the int8 matrix and XLA (TPU/GPU) can fuse the convert into it; the result is cast back to `dtype`."""
+    the int8 matrix and XLA (TPU/GPU) can fuse the convert into it; the result is cast back to `dtype`.
+    A packed kernel ([out / 16, in, 16], float32 or int8; sgl_jax.models.packing) goes to the CPU's native
+    packed matmul, the same product in another layout."""
 
     features: int
     use_bias: bool
@@ -128,8 +139,10 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        q = _int8(self, "kernel")
-        if q is not None:
+        p, q = _packed(self, "kernel"), _int8(self, "kernel")
+        if p is not None:  # CPU: the native packed matmul, any number of rows
+            y = cpu_matmul.packed_matmul(x.astype(jnp.float32), *p).astype(self.dtype)  # [T, out]
+        elif q is not None:
             y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]
         else:
             w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
@@ -217,15 +230,19 @@ class Embedding(nn.Module):
     """Token embedding [V, E]; `attend` is the tied LM head (float32 logits).
 
     int8 (only when tied, see sgl_jax.models.quant): embedding int8 [V, E] + scale f32 [V], one scale per
-    row, which is a per-token scale for the lookup and the per-output-channel scale of the head."""
+    row, which is a per-token scale for the lookup and the per-output-channel scale of the head.
+    Packed (tied, CPU; sgl_jax.models.packing): [V / 16, E, 16], the head's layout for the native matmul."""
 
     num_embeddings: int
     features: int
     dtype: jnp.dtype
 
     def setup(self):
-        q = _int8(self, "embedding")
-        if q is not None:
+        p, q = _packed(self, "embedding"), _int8(self, "embedding")
+        self.packed = p is not None
+        if p is not None:
+            self.table, self.scale = p  # [V / 16, E, 16] float32 or int8, [V] f32 or None
+        elif q is not None:
             self.table, self.scale = q  # [V, E] int8, [V] f32
         else:
             self.table = self.param("embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
@@ -233,12 +250,17 @@ class Embedding(nn.Module):
             self.scale = None
 
     def __call__(self, ids):
-        x = jnp.take(self.table, ids, axis=0)  # [T, E]
+        if self.packed:
+            x = self.table[ids // cpu_matmul.PANEL, :, ids % cpu_matmul.PANEL]  # [T, E]: token t, column t % 16 of panel t // 16
+        else:
+            x = jnp.take(self.table, ids, axis=0)  # [T, E]
         if self.scale is None:
             return x.astype(self.dtype)
         return (x.astype(jnp.float32) * self.scale[ids][:, None]).astype(self.dtype)
 
     def attend(self, h):
+        if self.packed:
+            return cpu_matmul.packed_matmul(h.astype(jnp.float32), self.table, self.scale)  # [L, V]
         if self.scale is not None:
             return int8_matmul(h, self.table, self.scale, out_axis=0)  # [L, V]
         if cpu_matmul.f32_routes(h) and self.table.dtype == jnp.float32:  # CPU, 2-8 decode rows
@@ -254,7 +276,9 @@ class LMHead(nn.Module):
 
     @nn.compact
     def __call__(self, h):
-        q = _int8(self, "kernel")
+        p, q = _packed(self, "kernel"), _int8(self, "kernel")
+        if p is not None:  # CPU: the native packed matmul
+            return cpu_matmul.packed_matmul(h.astype(jnp.float32), *p)  # [L, V]
         if q is None:
             w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
             if cpu_matmul.f32_routes(h) and w.dtype == jnp.float32:  # CPU, 2-8 decode rows

@@ -50,7 +50,7 @@ INT8_MAX = 127
 _CHUNK_ELEMENTS = 1 << 22  # weights quantized at once: bounds the float64 temporaries (32 MiB) of a large matrix
 
 # Leaves (last two pytree keys) quantized per output channel, stored [in, out] -> reduce over axis 0.
-_LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"})
+LINEARS = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"})
 
 
 def check_quantization(quantization: str) -> str:
@@ -64,7 +64,7 @@ def int8_axis(key: tuple[str, ...], tied: bool) -> int | None:
 
     Linear kernels are [in, out] (axis 0); the tied embedding is [V, E] with V the head's output channels
     (axis 1). See the module docstring for why these and not the others."""
-    if len(key) >= 2 and key[-1] == "kernel" and key[-2] in _LINEARS:
+    if len(key) >= 2 and key[-1] == "kernel" and key[-2] in LINEARS:
         return 0
     if tied and key == ("embed_tokens", "embedding"):
         return 1
