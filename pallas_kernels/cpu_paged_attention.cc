@@ -107,12 +107,12 @@ struct Problem {
   float soft_cap;  // 0: none
 };
 
-// Per-thread scratch for one unit: running max, sum and output of each of the unit's queries, and one page's
-// scores for one query (S rounded up to whole vectors).
+// Per-thread scratch for one unit: running max, sum and output of each query of the row (index b * H + head),
+// and one page's scores for one query (S rounded up to whole vectors).
 struct Scratch {
   std::vector<float> m, l, acc, s;
   Scratch(const Problem& p)
-      : m(p.Bq * p.G), l(p.Bq * p.G), acc(p.Bq * p.G * p.D), s((p.S + 7) / 8 * 8) {}
+      : m(p.Bq * p.H), l(p.Bq * p.H), acc(p.Bq * p.H * p.D), s((p.S + 7) / 8 * 8) {}
 };
 
 inline float Dot(const float* a, const float* b, int64_t D) {
@@ -187,13 +187,19 @@ inline void Accumulate(float* acc, float corr, const float* p, const float* vrow
   }
 }
 
-// Row r, KV head h. Returns false when a page index is outside the pool (nothing is read from it).
-bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
+// Row r, KV heads [h0, h1). Returns false when a page index is outside the pool (nothing is read from it). The
+// heads are visited inside the page loop: a page's blocks for consecutive heads are adjacent in the pool, so a
+// unit of several heads reads each page's keys (and values) as one run of memory rather than one 4 KB block per
+// pass over the row.
+bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
   const int64_t D = p.D, S = p.S, G = p.G;
   const int32_t len = p.lens[r];
-  std::fill(sc.m.begin(), sc.m.end(), -std::numeric_limits<float>::infinity());
-  std::fill(sc.l.begin(), sc.l.end(), 0.0f);
-  std::fill(sc.acc.begin(), sc.acc.end(), 0.0f);
+  for (int64_t b = 0; b < p.Bq; ++b) {
+    const int64_t q0 = b * p.H + h0 * G, q1 = b * p.H + h1 * G;
+    std::fill(sc.m.begin() + q0, sc.m.begin() + q1, -std::numeric_limits<float>::infinity());
+    std::fill(sc.l.begin() + q0, sc.l.begin() + q1, 0.0f);
+    std::fill(sc.acc.begin() + q0 * D, sc.acc.begin() + q1 * D, 0.0f);
+  }
   // the keys any query of the row sees: [lo, hi]
   int64_t hi = -1, lo = std::numeric_limits<int64_t>::max();
   for (int64_t b = 0; b < p.Bq; ++b) {
@@ -211,9 +217,10 @@ bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
         ok = false;
         break;
       }
+      const int64_t j0 = c * S;
+      for (int64_t h = h0; h < h1; ++h) {
       const float* kb = p.k + (page * p.KV + h) * S * D;
       const float* vb = p.v + (page * p.KV + h) * S * D;
-      const int64_t j0 = c * S;
       for (int64_t b = 0; b < p.Bq; ++b) {
         const int64_t t = p.pos[r * p.Bq + b];
         if (t < 0) continue;
@@ -224,7 +231,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
         if (a >= e) continue;
         const int64_t n = e - a;
         for (int64_t g = 0; g < G; ++g) {
-          const int64_t qi = b * G + g;
+          const int64_t qi = b * p.H + h * G + g;
           const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
           float* s = sc.s.data();
           float mx = sc.m[qi];
@@ -244,21 +251,25 @@ bool Unit(const Problem& p, int64_t r, int64_t h, Scratch& sc) {
           Accumulate(sc.acc.data() + qi * D, corr, s, vb + (a - j0) * D, n, D);
         }
       }
+      }
     }
   }
   for (int64_t b = 0; b < p.Bq; ++b)
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t qi = b * G + g;
-      float* o = p.out + ((r * p.Bq + b) * p.H + h * G + g) * D;
+    for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
+      const int64_t qi = b * p.H + qh;
+      float* o = p.out + ((r * p.Bq + b) * p.H + qh) * D;
       const float inv = sc.l[qi] > 0.0f ? 1.0f / sc.l[qi] : 0.0f;
       for (int64_t d = 0; d < D; ++d) o[d] = sc.acc[qi * D + d] * inv;
     }
   return ok;
 }
 
+constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole row (all its KV heads)
+
 struct Shared {
   Problem p;
   int64_t total;
+  int64_t heads;  // KV heads per unit: all of a row's (KV) when there are rows enough to share out, else 1
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   std::atomic<bool> bad_page{false};
@@ -269,7 +280,8 @@ void Work(Shared& sh) {
   std::unique_ptr<Scratch> sc;
   for (int64_t u; (u = sh.next.fetch_add(1)) < sh.total;) {
     if (!sc) sc = std::make_unique<Scratch>(sh.p);
-    if (!Unit(sh.p, u / sh.p.KV, u % sh.p.KV, *sc)) sh.bad_page.store(true);
+    const int64_t per_row = sh.p.KV / sh.heads, r = u / per_row, h0 = u % per_row * sh.heads;
+    if (!Unit(sh.p, r, h0, h0 + sh.heads, *sc)) sh.bad_page.store(true);
     sh.done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -293,7 +305,8 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   p.G = p.H / p.KV;
   auto sh = std::make_shared<Shared>();
   sh->p = p;
-  sh->total = p.R * p.KV;
+  sh->heads = p.R >= kRowUnits ? p.KV : 1;
+  sh->total = p.R * (p.KV / sh->heads);
   if (sh->total == 0) return ffi::Error::Success();
   // helpers: one fewer than the CPU's threads (this thread is the other), at most one per pool thread, never more
   // than the units beyond the first. One per pool thread put three threads on two cores: a 1-row layer took
