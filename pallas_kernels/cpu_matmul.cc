@@ -22,30 +22,20 @@
 #include <cstring>
 #include <memory>
 #include <thread>
-
-#if defined(__linux__)
-#include <sched.h>
-#endif
 #include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_native.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// CPUs this process may run on (its affinity mask on Linux: a container's share, not the host's count)
-inline int64_t UsableCpus() {
-#if defined(__linux__)
-  cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
-#endif
-  return std::max<int64_t>(1, std::thread::hardware_concurrency());
-}
+using sgl_jax_native::UsableCpus;
 
 constexpr int64_t kMaxRows = 16;  // the Python side only routes calls with at most this many rows here
 

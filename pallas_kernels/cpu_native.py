@@ -1,8 +1,9 @@
 """Native CPU kernels as XLA FFI custom calls: build on first use, register, or say why not.
 
-Each kernel is one C++ file in this folder. It is compiled on first use with the system's C++ compiler (`$CXX`,
-else `c++`) for this CPU (`-march=native`) into `<cache>/native/<key>/`, the key covering the source, the flags,
-jax's FFI headers and the CPU's feature flags; a file lock keeps concurrent processes from building it twice.
+Each kernel is one C++ file in this folder (with the shared `cpu_native.h`). It is compiled on first use with the
+system's C++ compiler (`$CXX`, else `c++`) for this CPU (`-march=native`) into `<cache>/native/<key>/`, the key
+covering the source and this folder's headers, the flags, jax's FFI headers and the CPU's feature flags; a file
+lock keeps concurrent processes from building it twice.
 Without a compiler (or if the build fails) `available()` is False, one warning names the cause, and the caller
 keeps its XLA path. TPU and GPU never use these.
 """
@@ -10,6 +11,7 @@ keeps its XLA path. TPU and GPU never use these.
 from __future__ import annotations
 
 import ctypes
+import glob
 import hashlib
 import logging
 import os
@@ -58,8 +60,9 @@ class NativeKernel:
 
     def _key(self, cxx: str) -> str:
         h = hashlib.sha256()
-        with open(self.source, "rb") as f:
-            h.update(f.read())
+        for path in [self.source] + sorted(glob.glob(os.path.join(HERE, "*.h"))):  # the source and our headers
+            with open(path, "rb") as f:
+                h.update(f.read())
         include = jax.ffi.include_dir()
         for name in ("ffi.h", "api.h", "c_api.h"):
             with open(os.path.join(include, "xla", "ffi", "api", name), "rb") as f:
@@ -80,7 +83,7 @@ class NativeKernel:
         with FileLock(lib + ".lock"):
             if not os.path.exists(lib):
                 tmp = f"{lib}.{os.getpid()}.tmp"
-                cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), self.source, "-o", tmp]
+                cmd = [cxx, *_FLAGS, "-I", jax.ffi.include_dir(), "-I", HERE, self.source, "-o", tmp]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 if res.returncode != 0:
                     raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{res.stderr[-2000:]}")
