@@ -10,8 +10,9 @@ a long one (~480 tokens). For each, measured in the same run:
   step           the engine's own step time (runner.run: packing, the compiled step, device_get), median
                  over the decode steps, read through Engine.add_step_listener
   host           schedule + postprocess per step (the engine loop's host work), median
-  compiled       the compiled step executable alone on the same shape, inputs already on the device
-  forward        the model forward alone (jit of CausalLM.apply, KV donated) on the same shape
+  compiled       the compiled step executable alone, replaying the last decode step's own inputs (its context,
+                 its page table; StepInfo.inputs), inputs already on the device
+  forward        the model forward alone (jit of CausalLM.apply, KV donated) on those inputs
   floor          memory floor of one batch-1 decode step: parameter bytes + KV bytes of the context,
                  over the copy bandwidth measured here (bench/floors.py), read + write counted as in
                  cpu-baselines.md
@@ -52,14 +53,14 @@ def _median_ms(fn, n: int = 20, warmup: int = 3) -> float:
     return 1e3 * statistics.median(ts)
 
 
-def _split(eng, shape) -> dict:
-    """The compiled step alone and the forward alone on `shape` (dummy inputs, full-width page table)."""
+def _split(eng, shape, inp) -> dict:
+    """The compiled step alone and the forward alone on `shape`, replaying a served step's inputs `inp` (the
+    step writes the same keys and values to the same slots again)."""
     import jax
 
     from sgl_jax.models.attention import AttnMetadata
 
     r = eng.runner
-    inp = r._dummy_inputs(shape)
     compiled = r._compiled[shape]
 
     def step():
@@ -120,7 +121,8 @@ def run(config: str, tokens: int, overrides: dict, llama_server: str | None = No
                                                           "ignore_eos": True})
         wall = time.perf_counter() - t
         dec = [s for s in steps if s.plan.shape.num_decode == 1 and not s.plan.prefills]
-        shape = max((s.plan.shape for s in dec), key=lambda s: s.page_width)
+        last = dec[-1]  # the longest context
+        shape = last.plan.shape
         ctx = out["meta_info"]["prompt_tokens"] + tokens
         row = {"prompt": name, "prompt_tokens": out["meta_info"]["prompt_tokens"], "tokens": tokens,
                "wall_per_token_ms": 1e3 * wall / tokens,
@@ -128,7 +130,7 @@ def run(config: str, tokens: int, overrides: dict, llama_server: str | None = No
                "host_ms": 1e3 * statistics.median(s.host_seconds for s in dec),
                "shape": [shape.num_decode, shape.num_blocks, shape.page_width],
                "floor_ms": 1e3 * (param_bytes + kv_per_token * ctx) / bw}
-        row.update(_split(eng, shape))
+        row.update(_split(eng, shape, last.inputs))
         results["rows"].append(row)
     eng.shutdown()
     peer = llama_server or shutil.which("llama-server")
