@@ -22,7 +22,6 @@
 #include <cstring>
 #include <memory>
 #include <thread>
-#include <type_traits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -231,10 +230,11 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const floa
 // Panel-packed weights: w [P, K, 16] holds columns 16p .. 16p+15 of a [K, N] matrix, k-major inside the panel, so
 // a tile of 16 output columns reads its weights as one contiguous stream (the [K, N] layout above reads 16 of
 // every N bytes). Any number of rows:
-//   M <= 16: one pass over the weights, the rows' accumulators in registers (1 row x 4 panels, 2 rows x 2 panels,
-//            else tiles of 3-6 rows x 1 panel, each reading the panel from L1 after the first);
-//   M > 16:  blocks of 96 rows x 256 k; an int8 panel's 256 x 16 block is widened once into a float buffer (in
-//            L1) that every row tile of the block then reads; float32 panels are read in place.
+//   M <= 8: one pass over the weights, the rows' accumulators in registers (1 row x 4 panels, 2 rows x 2 panels,
+//           else tiles of 3-6 rows x 1 panel, each reading the panel from L1 after the first);
+//   M > 8:  blocks of 96 rows x 256 k; a panel's 256 x 16 block is widened (int8) or copied (float32) once into an
+//           aligned float buffer in L1 that every row tile of the block then reads (float32 panels read in place
+//           were up to 2x slower at 16-64 rows: bench/notes.md, "Panel-packed weights").
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kKc = 256;  // k per block (a widened int8 block: 16 KB)
@@ -296,9 +296,11 @@ void PanelsFew(const float* x, const W* w, const float* scale, float* y, int64_t
   const int64_t ps = K * kPanel;
   int64_t p = p0;
   if (M == 1) {
-    for (; p + 4 <= p1; p += 4) PanelTile<1, 4>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+    for (; p + 4 <= p1; p += 4)
+      PanelTile<1, 4>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
   } else if (M == 2) {
-    for (; p + 2 <= p1; p += 2) PanelTile<2, 2>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+    for (; p + 2 <= p1; p += 2)
+      PanelTile<2, 2>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
   }
   const int64_t tiles = (M + 5) / 6;
   for (; p < p1; ++p)
@@ -319,7 +321,7 @@ inline void Widen(const W* src, int64_t n, float* dst) {
   }
 }
 
-// Panels [p0, p1) of y for M > 6 rows, blocked (see above).
+// Panels [p0, p1) of y for M > kDirectRows rows, blocked (see above).
 template <typename W>
 void PanelsMany(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                 int64_t p0, int64_t p1) {

@@ -251,7 +251,8 @@ class Embedding(nn.Module):
 
     def __call__(self, ids):
         if self.packed:
-            x = self.table[ids // cpu_matmul.PANEL, :, ids % cpu_matmul.PANEL]  # [T, E]: token t, column t % 16 of panel t // 16
+            # token t is column t % 16 of panel t // 16
+            x = self.table[ids // cpu_matmul.PANEL, :, ids % cpu_matmul.PANEL]  # [T, E]
         else:
             x = jnp.take(self.table, ids, axis=0)  # [T, E]
         if self.scale is None:
