@@ -4,7 +4,7 @@
   [N / 16, K, 16] (sgl_jax.models.packing), float32 or int8 + a scale per output column, any number of rows. A
   tile of 16 output columns reads its weights as one contiguous stream; rows are register-tiled (1-8 rows: one
   pass over the weights; more: 96 x 256 blocks, an int8 block widened once into L1 for all its rows). Decode
-  steps 1.1-1.5x faster than the plain layout's paths below (bench/notes.md, "Panel-packed weights").
+  steps 1.0-1.6x faster than the plain layout's paths below (bench/notes.md, "Panel-packed weights").
 
 The plain [K, N] layout's few-row kernels (used when the weights are not packed):
 
@@ -116,6 +116,7 @@ def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
 
 
 if __name__ == "__main__":  # python -m pallas_kernels.cpu_matmul: build now and say whether it works
-    ok = int8_available() and f32_available()
-    print("native matmuls:", "available" if ok else f"off ({why_not()})")
+    ok = int8_available() and f32_available() and packed_available()
+    why = why_not() or _PACKED_INT8.why_not() or _PACKED_F32.why_not()
+    print("native matmuls:", "available" if ok else f"off ({why})")
     sys.exit(0 if ok else 1)

@@ -209,38 +209,38 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
       }
       const int64_t j0 = c * S;
       for (int64_t h = h0; h < h1; ++h) {
-      const float* kb = p.k + (page * p.KV + h) * S * D;
-      const float* vb = p.v + (page * p.KV + h) * S * D;
-      for (int64_t b = 0; b < p.Bq; ++b) {
-        const int64_t t = p.pos[r * p.Bq + b];
-        if (t < 0) continue;
-        // this query's visible keys in the page: [a, e)
-        const int64_t first = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
-        const int64_t a = std::max(j0, first);
-        const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
-        if (a >= e) continue;
-        const int64_t n = e - a;
-        for (int64_t g = 0; g < G; ++g) {
-          const int64_t qi = b * p.H + h * G + g;
-          const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
-          float* s = sc.s.data();
-          float mx = sc.m[qi];
-          Scores(qv, kb + (a - j0) * D, n, D, s);
-          for (int64_t j = 0; j < n; ++j) {
-            float x = s[j] * p.sm_scale;
-            if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
-            s[j] = x;
-            mx = std::max(mx, x);
+        const float* kb = p.k + (page * p.KV + h) * S * D;
+        const float* vb = p.v + (page * p.KV + h) * S * D;
+        for (int64_t b = 0; b < p.Bq; ++b) {
+          const int64_t t = p.pos[r * p.Bq + b];
+          if (t < 0) continue;
+          // this query's visible keys in the page: [a, e)
+          const int64_t first = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
+          const int64_t a = std::max(j0, first);
+          const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
+          if (a >= e) continue;
+          const int64_t n = e - a;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t qi = b * p.H + h * G + g;
+            const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
+            float* s = sc.s.data();
+            float mx = sc.m[qi];
+            Scores(qv, kb + (a - j0) * D, n, D, s);
+            for (int64_t j = 0; j < n; ++j) {
+              float x = s[j] * p.sm_scale;
+              if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
+              s[j] = x;
+              mx = std::max(mx, x);
+            }
+            for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, Exp8(LoadF8(s + j) - mx));
+            float sum = 0.0f;
+            for (int64_t j = 0; j < n; ++j) sum += s[j];
+            const float corr = std::exp(sc.m[qi] - mx);  // exp(-inf) = 0 at the first visible page
+            sc.l[qi] = sc.l[qi] * corr + sum;
+            sc.m[qi] = mx;
+            Accumulate(sc.acc.data() + qi * D, corr, s, vb + (a - j0) * D, n, D);
           }
-          for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, Exp8(LoadF8(s + j) - mx));
-          float sum = 0.0f;
-          for (int64_t j = 0; j < n; ++j) sum += s[j];
-          const float corr = std::exp(sc.m[qi] - mx);  // exp(-inf) = 0 at the first visible page
-          sc.l[qi] = sc.l[qi] * corr + sum;
-          sc.m[qi] = mx;
-          Accumulate(sc.acc.data() + qi * D, corr, s, vb + (a - j0) * D, n, D);
         }
-      }
       }
     }
   }

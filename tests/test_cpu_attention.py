@@ -50,9 +50,10 @@ def test_decode_rows_match_dense_reference(S, sliding_window, soft_cap):
 @pytest.mark.parametrize("shared", [0, 2])
 def test_block_rows_match_dense_reference(sliding_window, shared):
     """Rows of 4 queries: padded slots, a block in the middle of its sequence, a row with nothing, pages
-    shared by every row (a radix-cache prefix); every unseen key poisoned."""
+    shared by every row (a radix-cache prefix); every unseen key poisoned. Nine rows: from 8 on, a unit of the
+    kernel is a whole row (all its KV heads), below one (row, KV head) -- test_model_sized_case has 7."""
     S, Bq = 4, 4
-    rows = [(n, [t if t >= 0 else -1 for t in range(n - Bq, n)]) for n in (9, 11, 2 * S + 1, 5 * S + 3)]
+    rows = [(n, [t if t >= 0 else -1 for t in range(n - Bq, n)]) for n in (9, 11, 2 * S + 1, 5 * S + 3, 2, 13, 3 * S)]
     rows += [(3 * S + 1, [S, S + 1, S + 2, S + 3]), (0, [-1] * Bq)]
     case = make_case(5, S=S, rows=rows, sliding_window=sliding_window, shared=shared)
     q, k, v, pt, lens, pos = case
