@@ -39,7 +39,7 @@ def _greedy(runner, sid, ids, n):
 @pytest.mark.slow
 def test_smollm2_f32_logits_and_greedy(smollm_f32):
     """What the engine runs on CPU: weights panel-packed for the native matmul, the native paged attention (the
-    plain layout is checked against the tiny models' references in test_model.py and against this one in
+    plain layout is checked against the tiny models' references in test_model.py, and packed against plain in
     test_cpu_matmul.py)."""
     from pallas_kernels import cpu_matmul
     from sgl_jax.models.packing import pack_params
