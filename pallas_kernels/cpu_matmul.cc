@@ -27,14 +27,13 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu_native.h"
-#include "xla/ffi/api/ffi.h"
+#include "cpu_native.h"  // includes xla/ffi/api/ffi.h
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using sgl_jax_native::UsableCpus;
+using sgl_jax_native::RunUnits;
 
 constexpr int64_t kMaxRows = 16;  // the Python side only routes calls with at most this many rows here
 
@@ -196,33 +195,13 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const floa
       BlockOI(xp, wp, sp, yp, M, K, N, n0, n1);
     }
   };
-  // Two halves: one on the pool, one here. Small matrices stay on this thread (a task costs microseconds).
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(2, pool.num_threads()));
-  if (threads < 2 || N * K < (1 << 16)) {
-    run(0, N);
-    return ffi::Error::Success();
-  }
-  const int64_t unit = io ? 64 : 8;
-  const int64_t half = std::min(N, (N / 2 + unit - 1) / unit * unit);
-  // The second half goes to the pool, but whoever gets to it first runs it: the pool's threads may all be busy
-  // (XLA runs independent ops side by side, and this call may itself be on a pool thread), so waiting for the
-  // task without claiming it could deadlock. The task may start after this call returned: it shares only `sh`.
-  struct Shared {
-    std::atomic<bool> claimed{false};
-    std::atomic<bool> done{false};
-  };
-  auto sh = std::make_shared<Shared>();
-  pool.Schedule([sh, run, half, N]() {
-    if (sh->claimed.exchange(true)) return;
-    run(half, N);
-    sh->done.store(true, std::memory_order_release);
+  // Units of whole column blocks (64 columns for io, 8 rows of w for oi); small matrices stay on this thread
+  // (a task costs microseconds).
+  const int64_t unit = io ? 64 : 8, blocks = (N + unit - 1) / unit;
+  const int64_t units = N * K < (1 << 16) ? 1 : std::min<int64_t>(blocks, 16);
+  RunUnits(pool, units, [=](int64_t u) {
+    run(std::min(N, u * blocks / units * unit), std::min(N, (u + 1) * blocks / units * unit));
   });
-  run(0, half);
-  if (!sh->claimed.exchange(true)) {
-    run(half, N);
-  } else {
-    while (!sh->done.load(std::memory_order_acquire)) std::this_thread::yield();
-  }
   return ffi::Error::Success();
 }
 
@@ -368,30 +347,13 @@ ffi::Error PackedMatmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, cons
       PanelsMany(xp, wp, sp, yp, M, K, N, p0, p1);
     }
   };
-  // Units of whole panel groups (4 panels for one row, 2 for two: PanelsFew's tiles), claimed from a shared
-  // counter by this thread and by helpers on XLA's pool, so that a thread slowed by other work (XLA runs
-  // independent ops side by side; this host is shared) takes fewer. A helper that starts after the last unit
-  // was claimed returns at once: no one waits for a task that never ran. Helpers: one fewer than the CPU's
-  // threads (this thread is the other); one per pool thread put three threads on two cores and made a 1-row
-  // matmul 1.4x slower (bench/notes.md, "Panel-packed weights").
+  // Units of whole panel groups (4 panels for one row, 2 for two: PanelsFew's tiles); small products stay on this
+  // thread.
   const int64_t group = M == 1 ? 4 : M == 2 ? 2 : 1, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
-  struct Shared {
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> done{0};
-  };
-  auto sh = std::make_shared<Shared>();
-  auto work = [sh, run, units, groups, group, P]() {
-    for (int64_t u; (u = sh->next.fetch_add(1)) < units;) {
-      run(std::min(P, u * groups / units * group), std::min(P, (u + 1) * groups / units * group));
-      sh->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t cpus = UsableCpus();
-  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), cpus - 1), units - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
-  work();
-  while (sh->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+  RunUnits(pool, units, [=](int64_t u) {
+    run(std::min(P, u * groups / units * group), std::min(P, (u + 1) * groups / units * group));
+  });
   return ffi::Error::Success();
 }
 

@@ -18,8 +18,8 @@
 // vectors in registers (D = 32, 64, 128) so its chains run side by side (bench/notes.md, "Tuning the attention
 // kernel").
 //
-// Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool; a
-// helper that starts after the call has returned finds nothing to claim and touches no buffer.
+// Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
+// (cpu_native.h, RunUnits).
 
 #include <algorithm>
 #include <atomic>
@@ -35,14 +35,13 @@
 #include <immintrin.h>
 #endif
 
-#include "cpu_native.h"
-#include "xla/ffi/api/ffi.h"
+#include "cpu_native.h"  // includes xla/ffi/api/ffi.h
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using sgl_jax_native::UsableCpus;
+using sgl_jax_native::RunUnits;
 
 typedef float v8f __attribute__((vector_size(32)));
 
@@ -99,10 +98,15 @@ struct Problem {
 
 // Per-thread scratch for one unit: running max, sum and output of each query of the row (index b * H + head),
 // and one page's scores for one query (S rounded up to whole vectors).
+// One per thread (thread_local below), fitted to each call's problem.
 struct Scratch {
   std::vector<float> m, l, acc, s;
-  Scratch(const Problem& p)
-      : m(p.Bq * p.H), l(p.Bq * p.H), acc(p.Bq * p.H * p.D), s((p.S + 7) / 8 * 8) {}
+  void Fit(const Problem& p) {
+    m.resize(p.Bq * p.H);
+    l.resize(p.Bq * p.H);
+    acc.resize(p.Bq * p.H * p.D);
+    s.resize((p.S + 7) / 8 * 8);
+  }
 };
 
 inline float Dot(const float* a, const float* b, int64_t D) {
@@ -256,26 +260,6 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
 
 constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole row (all its KV heads)
 
-struct Shared {
-  Problem p;
-  int64_t total;
-  int64_t heads;  // KV heads per unit: all of a row's (KV) when there are rows enough to share out, else 1
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::atomic<bool> bad_page{false};
-};
-
-void Work(Shared& sh) {
-  if (sh.next.load(std::memory_order_relaxed) >= sh.total) return;
-  std::unique_ptr<Scratch> sc;
-  for (int64_t u; (u = sh.next.fetch_add(1)) < sh.total;) {
-    if (!sc) sc = std::make_unique<Scratch>(sh.p);
-    const int64_t per_row = sh.p.KV / sh.heads, r = u / per_row, h0 = u % per_row * sh.heads;
-    if (!Unit(sh.p, r, h0, h0 + sh.heads, *sc)) sh.bad_page.store(true);
-    sh.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                               ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens,
                               ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
@@ -293,20 +277,16 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
       static_cast<int64_t>(pos.element_count()) != p.R * p.Bq)
     return ffi::Error::InvalidArgument("paged attention: operand shapes disagree");
   p.G = p.H / p.KV;
-  auto sh = std::make_shared<Shared>();
-  sh->p = p;
-  sh->heads = p.R >= kRowUnits ? p.KV : 1;
-  sh->total = p.R * (p.KV / sh->heads);
-  if (sh->total == 0) return ffi::Error::Success();
-  // helpers: one fewer than the CPU's threads (this thread is the other), at most one per pool thread, never more
-  // than the units beyond the first. One per pool thread put three threads on two cores: a 1-row layer took
-  // 0.111 against 0.061 ms (bench/notes.md, "Panel-packed weights").
-  const int64_t cpus = UsableCpus();
-  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), cpus - 1), sh->total - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh]() { Work(*sh); });
-  Work(*sh);
-  while (sh->done.load(std::memory_order_acquire) < sh->total) std::this_thread::yield();
-  if (sh->bad_page.load()) return ffi::Error::InvalidArgument("paged attention: a page index is outside the pool");
+  // a unit: all of a row's KV heads when there are rows enough to share out, else one (row, KV head)
+  const int64_t heads = p.R >= kRowUnits ? p.KV : 1, per_row = p.KV / heads;
+  std::atomic<bool> bad_page{false};
+  RunUnits(pool, p.R * per_row, [p, heads, per_row, &bad_page](int64_t u) {
+    thread_local Scratch sc;
+    sc.Fit(p);
+    const int64_t r = u / per_row, h0 = u % per_row * heads;
+    if (!Unit(p, r, h0, h0 + heads, sc)) bad_page.store(true);
+  });
+  if (bad_page.load()) return ffi::Error::InvalidArgument("paged attention: a page index is outside the pool");
   return ffi::Error::Success();
 }
 
