@@ -176,14 +176,12 @@ class ModelBench:
 
             self.path = resolve_model("smollm2-135m")
             self.cfg, self.params = load_weights(self.path, dtype, progress=False, quantization=quantization)
+        from sgl_jax.models import packing
+
         if packed is None:
-            from pallas_kernels import cpu_matmul
-
-            packed = jax.default_backend() == "cpu" and dtype == "float32" and cpu_matmul.packed_available()
+            packed = packing.packs_here(dtype)
         if packed:
-            from sgl_jax.models.packing import pack_params
-
-            self.params = pack_params(self.params, self.cfg.tie_word_embeddings)
+            self.params = packing.pack_params(self.params, self.cfg.tie_word_embeddings)
         self.packed = packed
         self.load_s = time.perf_counter() - t0
         self.weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))

@@ -80,11 +80,10 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
                          f"({max_pages_per_seq} pages)")
     grid = ShapeGrid.from_config(sh, kv.page_size, widths)
     params = loaded.params
-    if c.pack_weights and jax.default_backend() == "cpu" and dtype == jax.numpy.float32:
-        from pallas_kernels import cpu_matmul
+    if c.pack_weights:
         from sgl_jax.models import packing
 
-        if cpu_matmul.packed_available():  # else one warning names why, and the plain layout stays
+        if packing.packs_here(dtype):  # else the plain layout stays
             params = loaded.params = packing.pack_params(params, mc.tie_word_embeddings)  # the plain copy freed
     runner = ModelRunner(
         mc, params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pallas_kernels.cpu_matmul import PANEL  # = kPanel in cpu_matmul.cc
 from sgl_jax.models.quant import LINEARS
-
-PANEL = 16  # = kPanel in cpu_matmul.cc and cpu_matmul.PANEL
 
 
 def pack_io(w: np.ndarray) -> np.ndarray:
@@ -57,6 +56,17 @@ def packed_axis(key: tuple[str, ...], shape: tuple[int, ...], tied: bool) -> str
     if tied and key == ("embed_tokens", "embedding") and shape[0] % PANEL == 0:
         return "oi"
     return None
+
+
+def packs_here(dtype) -> bool:
+    """Whether this process can run packed weights: CPU, float32 compute, the native kernel built (else one
+    warning names why). The engine packs when this holds and `engine.pack_weights` is on."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import cpu_matmul
+
+    return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.packed_available()
 
 
 def pack_params(params: dict, tied: bool) -> dict:
