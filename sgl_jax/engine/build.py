@@ -118,7 +118,7 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
     dev = jax.devices()[0]
     g = r.grid
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.quantization, c.attention_backend,
-                      c.pack_weights,
+                      r.native_packed,
                       r.platform, getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages,
                       g.run_block, list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets),
                       os.cpu_count()])
