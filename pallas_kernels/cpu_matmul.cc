@@ -19,7 +19,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <thread>
 
@@ -325,16 +327,13 @@ void PanelsMany(const float* x, const W* w, const float* scale, float* y, int64_
   }
 }
 
-// y = (x @ w) [* scale] with w packed [P, K, 16], N = 16 P.
-template <typename W>
-ffi::Error PackedMatmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp,
-                        ffi::Span<const int64_t> wd, const W* wp, const float* sp, int64_t scale_count, float* yp) {
+// y = x @ w with float32 w packed [P, K, 16], N = 16 P.
+ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
+                     const float* wp, float* yp) {
   if (xd.size() != 2 || wd.size() != 3 || wd[2] != kPanel)
     return ffi::Error::InvalidArgument("packed matmul: x must be [M, K] and w [N / 16, K, 16]");
   const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
   if (wd[1] != K) return ffi::Error::InvalidArgument("packed matmul: x and w disagree on K");
-  if (sp && scale_count != N)
-    return ffi::Error::InvalidArgument("packed matmul: scale must have one entry per output column");
   if (M == 0 || N == 0) return ffi::Error::Success();
   if (K == 0) {
     std::fill(yp, yp + M * N, 0.0f);
@@ -342,9 +341,9 @@ ffi::Error PackedMatmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, cons
   }
   auto run = [=](int64_t p0, int64_t p1) {
     if (M <= kDirectRows) {
-      PanelsFew(xp, wp, sp, yp, M, K, N, p0, p1);
+      PanelsFew<float>(xp, wp, nullptr, yp, M, K, N, p0, p1);
     } else {
-      PanelsMany(xp, wp, sp, yp, M, K, N, p0, p1);
+      PanelsMany<float>(xp, wp, nullptr, yp, M, K, N, p0, p1);
     }
   };
   // Units of whole panel groups (4 panels for one row, 2 for two: PanelsFew's tiles); small products stay on this
@@ -357,16 +356,235 @@ ffi::Error PackedMatmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, cons
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// int8 panel-packed weights times int8-quantized activations, in integer arithmetic.
+//
+// Layout: w [P, K / 4, 16, 4], w[p, q, c, j] = W[4q + j, 16p + c] (K a multiple of 4): a panel's 16 columns x 4
+// consecutive inputs are 64 contiguous bytes, each column's 4 weights adjacent, so one 32-byte vector holds 8
+// columns x 4 inputs, the operand of a 4-term integer dot product per 32-bit lane.
+//
+// Activations: each row of x is cut into blocks of 32 inputs and each block quantized symmetrically,
+//   d = max |x_blk| / 127,   xq = round-to-nearest-even(x * (127 / max |x_blk|))  in [-127, 127]   (0 if the block
+//   is all zero; a block holding inf or NaN gets d = NaN, so its row's outputs are NaN, never a finite guess),
+// and y[m, n] = scale[n] * sum_blk d[m, blk] * (sum_{k in blk} xq[m, k] * w[k, n]): the inner sums are exact
+// int32 (at most 32 x 127 x 127), converted once per block. Error against x @ w: at most d / 2 per input, i.e.
+// |y - x @ W * scale| <= scale[n] * sum_blk d_blk / 2 * sum_{k in blk} |w[k, n]| (tests/test_cpu_matmul.py checks
+// this and the exact integer result). This is the Q8_0 activation format llama.cpp uses for its CPU dot
+// products; the reason here is speed: on AVX2 a 32-byte vector of weights is 4 instructions (sign, u8 x s8
+// multiply-add pairs, s16 pairs, add; 2 with AVX-VNNI's dot product), against 12 for widening the same 32 weights
+// to float and multiplying.
+// SmolLM2 decode steps 1.2-1.6x faster at 1-8 rows; the int8 preset's logit error against fp32 grows 1.3-1.5x
+// over weight-only int8 (tests/test_quant.py states both). 16-bit activations per 128 inputs were tried: weight-only
+// accuracy to 0.01, but 6 instructions per 32 weights and a 1-row step only 0.9-1.15x faster than the float
+// widening (bench/notes.md, "Integer dot products for int8 weights"). Weights must lie in [-127, 127]
+// (sgl_jax.models.quant's range): the sign trick negates a weight.
+
+constexpr int64_t kQuad = 4;     // inputs per 32-bit lane
+constexpr int64_t kXBlock = 32;  // inputs per activation scale
+
+// One row of x quantized: xq[K] and d[ceil(K / 32)] (see above).
+void QuantizeRow(const float* x, int64_t K, int8_t* xq, float* d) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kXBlock, ++b) {
+    const int64_t k1 = std::min(K, k0 + kXBlock);
+    float amax = 0.0f;
+    bool finite = true;
+    for (int64_t k = k0; k < k1; ++k) {
+      finite = finite && std::isfinite(x[k]);
+      amax = std::max(amax, std::fabs(x[k]));
+    }
+    if (!finite) {
+      d[b] = std::numeric_limits<float>::quiet_NaN();
+      std::fill(xq + k0, xq + k1, int8_t{0});
+      continue;
+    }
+    d[b] = amax / 127.0f;
+    const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+    for (int64_t k = k0; k < k1; ++k) xq[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+  }
+}
+
+#if defined(__AVX2__)
+typedef __m256i v8i;
+inline v8i ZeroI() { return _mm256_setzero_si256(); }
+// acc[c] += sum_j |x_j| * (w[c, j] * sign(x_j)) for the 8 columns of one vector (4 inputs each); x4 holds the 4
+// quantized inputs in every lane, xa their absolute values
+inline v8i DotQuad(v8i acc, v8i xa, v8i x4, const int8_t* w) {
+  const v8i wv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)), x4);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(acc, xa, wv);  // the three steps below in one, the same exact sums
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(acc, xa, wv);
+#else
+  const v8i pairs = _mm256_maddubs_epi16(xa, wv);  // |pair| <= 2 x 127 x 127 < 2^15: never saturates
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+inline v8i Bcast4(const int8_t* x) {
+  int32_t v;
+  std::memcpy(&v, x, sizeof(v));
+  return _mm256_set1_epi32(v);
+}
+inline v8i Abs4(v8i x4) { return _mm256_abs_epi8(x4); }
+inline v8f ToFloat(v8i v) { return (v8f)_mm256_cvtepi32_ps(v); }
+#else
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v8i ZeroI() { return v8i{}; }
+inline v8i Bcast4(const int8_t* x) {
+  v8i v;
+  int32_t q;
+  std::memcpy(&q, x, sizeof(q));
+  for (int l = 0; l < 8; ++l) v[l] = q;
+  return v;
+}
+inline v8i Abs4(v8i x4) { return x4; }  // unused by the portable DotQuad
+inline v8i DotQuad(v8i acc, v8i, v8i x4, const int8_t* w) {
+  int8_t x[4];
+  int32_t q = x4[0];
+  std::memcpy(x, &q, sizeof(q));
+  for (int l = 0; l < 8; ++l)
+    acc[l] += x[0] * w[4 * l] + x[1] * w[4 * l + 1] + x[2] * w[4 * l + 2] + x[3] * w[4 * l + 3];
+  return acc;
+}
+inline v8f ToFloat(v8i v) { return __builtin_convertvector(v, v8f); }
+#endif
+
+// y[r0.., 16 NP columns] (+)= x[r0.., k0 .. k0 + kn) @ NP panels, integer inner sums per 32-input block. `xq` and
+// `xd` point at the tile's first row (its column 0 and block 0), `wp` at the first panel's quad k0 / 4, `pstride`
+// is the distance between panels; k0 is a multiple of 32, kn of 4. `acc_in`: add to y (a later k block);
+// `scale` applied on the last k block.
+template <int R, int NP>
+inline void QuadTile(const int8_t* xq, const float* xd, int64_t ldx, int64_t ldd, int64_t k0, const int8_t* wp,
+                     int64_t pstride, int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
+  v8f acc[R][2 * NP];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NP; ++c) acc[r][c] = acc_in ? LoadF8(y + r * ldy + 8 * c) : v8f{};
+  for (int64_t b = 0; b < kn; b += kXBlock) {
+    const int64_t quads = std::min(kXBlock, kn - b) / kQuad;
+    v8i iacc[R][2 * NP];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 2 * NP; ++c) iacc[r][c] = ZeroI();
+    const int8_t* wb = wp + b / kQuad * kPanel * kQuad;
+    for (int64_t q = 0; q < quads; ++q) {
+      v8i x4[R], xa[R];
+      for (int r = 0; r < R; ++r) {
+        x4[r] = Bcast4(xq + r * ldx + k0 + b + kQuad * q);
+        xa[r] = Abs4(x4[r]);
+      }
+      for (int p = 0; p < NP; ++p) {
+        const int8_t* w = wb + p * pstride + q * kPanel * kQuad;
+        for (int r = 0; r < R; ++r) {
+          iacc[r][2 * p] = DotQuad(iacc[r][2 * p], xa[r], x4[r], w);
+          iacc[r][2 * p + 1] = DotQuad(iacc[r][2 * p + 1], xa[r], x4[r], w + 32);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const v8f d = v8f{} + xd[r * ldd + (k0 + b) / kXBlock];
+      for (int c = 0; c < 2 * NP; ++c) acc[r][c] += ToFloat(iacc[r][c]) * d;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NP; ++c) {
+      v8f v = acc[r][c];
+      if (last && scale) v *= LoadF8(scale + 8 * c);
+      std::memcpy(y + r * ldy + 8 * c, &v, sizeof(v));
+    }
+}
+
+// Quantized activations of M rows: xq [M, K], d [M, ceil(K / 32)].
+struct QuantRows {
+  const int8_t* xq;
+  const float* d;
+  int64_t K, blocks;
+};
+
+// R (1..4) rows x one panel, R chosen at run time (4 rows: 8 integer accumulators + the rows' inputs in registers)
+inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t kn, float* y,
+                     int64_t ldy, bool acc_in, const float* scale, bool last) {
+  const int8_t* xq = x.xq + r0 * x.K;
+  const float* xd = x.d + r0 * x.blocks;
+  switch (R) {
+    case 1: return QuadTile<1, 1>(xq, xd, x.K, x.blocks, k0, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 2: return QuadTile<2, 1>(xq, xd, x.K, x.blocks, k0, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 3: return QuadTile<3, 1>(xq, xd, x.K, x.blocks, k0, wp, 0, kn, y, ldy, acc_in, scale, last);
+    default: return QuadTile<4, 1>(xq, xd, x.K, x.blocks, k0, wp, 0, kn, y, ldy, acc_in, scale, last);
+  }
+}
+
+// Panels [p0, p1) of y: rows in blocks of 96 and inputs in blocks of 256 (one pass for decode's few rows); each
+// panel's k block (4 KB) is read from memory once and from L1 by the block's other row tiles. One row takes 4
+// panels per pass and two rows 2 (more independent accumulators per weight read).
+void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
+                int64_t p1) {
+  const int64_t K = x.K, ps = K * kPanel;
+  int64_t p = p0;
+  if (M == 1) {
+    for (; p + 4 <= p1; p += 4)
+      QuadTile<1, 4>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
+                     ScaleAt(scale, p * kPanel), true);
+  } else if (M == 2) {
+    for (; p + 2 <= p1; p += 2)
+      QuadTile<2, 2>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
+                     ScaleAt(scale, p * kPanel), true);
+  }
+  const int64_t kc = M <= kDirectRows ? K : kKc;
+  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+    const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
+    for (int64_t q = p; q < p1; ++q)
+      for (int64_t k0 = 0; k0 < K; k0 += kc) {
+        const int64_t kn = std::min(kc, K - k0);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
+          QuadRows(r1 - r, x, r, k0, w + q * ps + k0 * kPanel, kn, y + r * N + q * kPanel, N, k0 > 0,
+                   ScaleAt(scale, q * kPanel), k0 + kn == K);
+        }
+      }
+  }
+}
+
+// y = (x @ w) * scale with w int8 [P, K / 4, 16, 4], N = 16 P (see above).
+ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
+                      const int8_t* wp, const float* sp, int64_t scale_count, float* yp) {
+  if (xd.size() != 2 || wd.size() != 4 || wd[2] != kPanel || wd[3] != kQuad)
+    return ffi::Error::InvalidArgument("packed int8 matmul: x must be [M, K] and w [N / 16, K / 4, 16, 4]");
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel;
+  if (wd[1] * kQuad != K) return ffi::Error::InvalidArgument("packed int8 matmul: x and w disagree on K");
+  if (scale_count != N)
+    return ffi::Error::InvalidArgument("packed int8 matmul: scale must have one entry per output column");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + M * N, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t blocks = (K + kXBlock - 1) / kXBlock;
+  // the quantized rows live until every unit has run (RunUnits returns after that)
+  std::unique_ptr<int8_t[]> xq(new int8_t[M * K]);
+  std::unique_ptr<float[]> xs(new float[M * blocks]);
+  const QuantRows x{xq.get(), xs.get(), K, blocks};
+  int8_t* q = xq.get();
+  float* d = xs.get();
+  const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
+  RunUnits(pool, qunits, [=](int64_t u) {
+    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
+  });
+  const int64_t group = M == 1 ? 4 : M == 2 ? 2 : 1, groups = (P + group - 1) / group;
+  const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
+  RunUnits(pool, units, [=](int64_t u) {
+    QuadPanels(x, wp, sp, yp, M, N, std::min(P, u * groups / units * group),
+               std::min(P, (u + 1) * groups / units * group));
+  });
+  return ffi::Error::Success();
+}
+
 ffi::Error PackedInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  return PackedMatmul<int8_t>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(),
-                              scale.typed_data(), static_cast<int64_t>(scale.element_count()), y->typed_data());
+  return PackedInt8(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), scale.typed_data(),
+                    static_cast<int64_t>(scale.element_count()), y->typed_data());
 }
 
 ffi::Error PackedF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                          ffi::ResultBuffer<ffi::F32> y) {
-  return PackedMatmul<float>(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), nullptr, 0,
-                             y->typed_data());
+  return PackedF32(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), y->typed_data());
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,

@@ -1,10 +1,12 @@
 """The CPU backend's matmuls, as XLA FFI custom calls (`cpu_matmul.cc`).
 
 - packed (what the engine runs on CPU with float32 compute, `engine.pack_weights`): weights panel-packed
-  [N / 16, K, 16] (sgl_jax.models.packing), float32 or int8 + a scale per output column, any number of rows. A
-  tile of 16 output columns reads its weights as one contiguous stream; rows are register-tiled (1-8 rows: one
-  pass over the weights; more: 96 x 256 blocks, an int8 block widened once into L1 for all its rows). Decode
-  steps 1.0-1.6x faster than the plain layout's paths below (bench/notes.md, "Panel-packed weights").
+  (sgl_jax.models.packing), any number of rows. A tile of 16 output columns reads its weights as one contiguous
+  stream. float32 [N / 16, K, 16]: rows register-tiled (1-8 rows: one pass over the weights; more: 96 x 256
+  blocks through L1). Decode steps 1.0-1.6x faster than the plain layout's paths below (bench/notes.md,
+  "Panel-packed weights"). int8 [N / 16, K / 4, 16, 4] + a scale per output column: the activations are
+  quantized to int8 per block of 32 inputs and the products summed in integer arithmetic (bench/notes.md,
+  "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc).
 
 The plain [K, N] layout's few-row kernels (used when the weights are not packed):
 
@@ -23,7 +25,8 @@ names the cause, and callers keep XLA's dot. TPU and GPU never use these.
     int8_matmul(x, w, scale, out_axis)  x f32 [M <= MAX_ROWS_INT8, K]; w int8 [K, N] (out_axis 1) or [N, K]
                                         (out_axis 0); scale f32 [N] -> f32 [M, N] = (x @ w) * scale
     f32_matmul(x, w, out_axis)          x f32 [M <= MAX_ROWS_INT8, K]; w f32 likewise -> f32 [M, N] = x @ w
-    packed_matmul(x, w, scale=None)     x f32 [M, K]; w [N / 16, K, 16] f32, or int8 with scale f32 [N]
+    packed_matmul(x, w, scale=None)     x f32 [M, K]; w f32 [N / 16, K, 16], or int8 [N / 16, K / 4, 16, 4] with
+                                        scale f32 [N]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ F32_TARGET = "sgl_jax_f32_matmul"
 _INT8 = NativeKernel("cpu_matmul.cc", "SglJaxInt8Matmul", INT8_TARGET, "SGL_JAX_NATIVE_INT8", "int8 matmul")
 _F32 = NativeKernel("cpu_matmul.cc", "SglJaxF32Matmul", F32_TARGET, "SGL_JAX_NATIVE_F32", "float32 matmul")
 PANEL = 16  # output columns per panel of a packed matrix
+QUAD = 4  # inputs kept together per column in an int8 panel (kQuad)
 PACKED_INT8_TARGET = "sgl_jax_packed_int8_matmul"
 PACKED_F32_TARGET = "sgl_jax_packed_f32_matmul"
 _PACKED_INT8 = NativeKernel("cpu_matmul.cc", "SglJaxPackedInt8Matmul", PACKED_INT8_TARGET, "SGL_JAX_PACKED",
@@ -100,13 +104,15 @@ def packed_available() -> bool:
 
 
 def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """x @ unpack(w) [* scale] in float32: x f32 [M, K], w [N / 16, K, 16] (float32, or int8 with scale f32 [N])."""
+    """x @ unpack(w) [* scale] in float32: x f32 [M, K]; w float32 [N / 16, K, 16], or int8 [N / 16, K / 4, 16, 4]
+    with scale f32 [N] (x then quantized per 32 inputs inside the kernel: cpu_matmul.cc)."""
     m, k = x.shape
-    if (x.dtype != jnp.float32 or w.ndim != 3 or w.shape[1:] != (k, PANEL) or w.dtype not in (jnp.int8, jnp.float32)
-            or (w.dtype == jnp.int8) != (scale is not None)):
+    want = (k, PANEL) if w.dtype == jnp.float32 else (k // QUAD, PANEL, QUAD)
+    if (x.dtype != jnp.float32 or w.dtype not in (jnp.int8, jnp.float32) or w.shape[1:] != want
+            or (w.dtype == jnp.int8 and k % QUAD) or (w.dtype == jnp.int8) != (scale is not None)):
         raise ValueError(f"packed matmul: x {x.dtype}{x.shape}, w {w.dtype}{w.shape}, scale "
-                         f"{None if scale is None else scale.shape} (expected float32 x [M, K], w [N/16, K, 16] "
-                         f"float32, or int8 with a scale)")
+                         f"{None if scale is None else scale.shape} (expected float32 x [M, K], and w float32 "
+                         f"[N/16, K, 16] or int8 [N/16, K/4, 16, 4] with a scale)")
     if not packed_available():
         raise RuntimeError(f"the packed matmul is not available: {_PACKED_INT8.why_not() or _PACKED_F32.why_not()}")
     out = jax.ShapeDtypeStruct((m, w.shape[0] * PANEL), jnp.float32)

@@ -139,33 +139,76 @@ def test_f32_routing_in_the_model(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ panel-packed weights
+def quantize_rows_ref(x: np.ndarray, block: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's activation quantization, restated in numpy: per row and block of 32 inputs, d = max|x| / 127
+    and q = round-half-even(x * (127 / max|x|)), in float32 as the kernel computes them. -> (q [M, K] as float64,
+    d per input [M, K] float64)."""
+    m, k = x.shape
+    q, d = np.zeros((m, k)), np.zeros((m, k))
+    for k0 in range(0, k, block):
+        xb = x[:, k0:k0 + block].astype(np.float32)
+        amax = np.abs(xb).max(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            inv = np.where(amax > 0, np.float32(127) / amax, np.float32(0)).astype(np.float32)
+        q[:, k0:k0 + block] = np.rint(xb * inv)
+        d[:, k0:k0 + block] = amax / np.float32(127)
+    return q, d
+
+
 def _packed_case(rng, m, k, n, int8):
-    from sgl_jax.models.packing import pack_io
+    """(x, packed w, scale, reference, bound): float32 weights against the float64 product; int8 against the
+    float64 product of the kernel's quantized activations (exact integer sums, then float32 per block)."""
+    from sgl_jax.models.packing import pack_io, to_quads
 
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.integers(-127, 128, (k, n)).astype(np.int8) if int8 else rng.standard_normal((k, n)).astype(np.float32)
     s = (rng.random(n) * 0.01).astype(np.float32) if int8 else None
-    ref = x.astype(np.float64) @ w.astype(np.float64)
-    bound = np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64))
-    if int8:
-        ref, bound = ref * s, bound * s
-    return x, pack_io(w), s, ref, bound
+    if not int8:
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        return x, pack_io(w), s, ref, np.abs(x).astype(np.float64) @ np.abs(w.astype(np.float64))
+    q, d = quantize_rows_ref(x)
+    ref = ((q * d) @ w.astype(np.float64)) * s
+    bound = (np.abs(q * d) @ np.abs(w.astype(np.float64))) * s
+    return x, to_quads(pack_io(w)), s, ref, bound
 
 
 @pytest.mark.parametrize("int8", [False, True], ids=["f32", "int8"])
 @pytest.mark.parametrize("m,k,n", [
     (1, 576, 1536), (1, 1536, 576), (1, 100, 48),       # 1 row: groups of 4 panels, then single panels
     (2, 576, 1536), (2, 7, 48),                         # 2 rows: pairs of panels, an odd one left
-    (3, 64, 32), (5, 300, 96), (6, 1, 16), (8, 576, 192),  # row tiles of 3-6 in one pass, K = 1
+    (3, 64, 32), (5, 300, 96), (6, 1, 16), (8, 576, 192),  # row tiles in one pass, K = 1
     (9, 577, 64), (16, 1536, 576), (17, 256, 80),       # blocked path: k blocks of 256, a ragged last one
     (97, 300, 64), (200, 64, 48),                        # more rows than one 96-row block
 ])
 def test_packed_matches_float64_reference(m, k, n, int8):
+    if int8:  # int8 takes K in quads (1 -> 4, 7 -> 8, 577 -> 580: still a ragged last block of 32 and of 256)
+        k = -(-k // 4) * 4
     x, wp, s, ref, bound = _packed_case(np.random.default_rng(m * 31 + k + n), m, k, n, int8)
     y = np.asarray(jax.jit(lambda x, w, s: cpu_matmul.packed_matmul(x, w, s))(x, wp, s))
     assert y.shape == (m, n) and y.dtype == np.float32
     tol = 4 * np.sqrt(k) * np.finfo(np.float32).eps * bound  # float32 accumulation over k
     assert np.all(np.abs(y - ref) <= tol + 1e-30)
+
+
+def test_packed_int8_activation_error_is_bounded():
+    """int8 weights: against the unquantized activations, the error is what quantizing x to 8 bits per block of 32
+    allows (at most d / 2 per input: scale * sum_k d_k / 2 * |w_k|), and not zero; a block with an outlier
+    coarsens only its own inputs."""
+    from sgl_jax.models.packing import pack_io, to_quads
+
+    rng = np.random.default_rng(7)
+    m, k, n = 3, 576, 96
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[1, :32] *= 100.0  # an outlier block: its inputs get a coarse scale, the other blocks keep theirs
+    w = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    s = (rng.random(n) * 0.01 + 0.001).astype(np.float32)
+    y = np.asarray(cpu_matmul.packed_matmul(jnp.asarray(x), jnp.asarray(to_quads(pack_io(w))), jnp.asarray(s)))
+    exact = (x.astype(np.float64) @ w.astype(np.float64)) * s
+    _, d = quantize_rows_ref(x)
+    bound = ((d / 2) @ np.abs(w.astype(np.float64))) * s
+    err = np.abs(y - exact)
+    assert np.all(err <= bound * 1.0001 + 1e-6) and err.max() > 0
+    assert err[1].max() > err[0].max()  # the outlier block's coarse scale shows in its row
 
 
 def test_packed_empty_inner_dimension_and_non_finite_rows():
@@ -182,7 +225,9 @@ def test_packed_bad_operands_raise_naming_them():
     for w, s in ((jnp.zeros((8, 16), jnp.float32), None),        # not packed
                  (jnp.zeros((1, 9, 16), jnp.float32), None),     # K disagrees
                  (jnp.zeros((1, 8, 8), jnp.float32), None),      # panel width
-                 (jnp.zeros((1, 8, 16), jnp.int8), None),        # int8 without a scale
+                 (jnp.zeros((1, 2, 16, 4), jnp.int8), None),     # int8 without a scale
+                 (jnp.zeros((1, 8, 16), jnp.int8), jnp.ones(16)),  # int8 not in quads
+                 (jnp.zeros((1, 3, 16, 4), jnp.int8), jnp.ones(16)),  # int8 K disagrees
                  (jnp.zeros((1, 8, 16), jnp.float32), jnp.ones(16))):  # a scale for float weights
         with pytest.raises(ValueError, match="packed matmul"):
             cpu_matmul.packed_matmul(x, w, s)
@@ -206,20 +251,67 @@ def test_pack_layouts_and_which_leaves():
     assert packing.packed_axis(("lm_head", "kernel"), (64, 320), False) == "io"
     assert packing.packed_axis(tied, (320, 64), True) == "oi"
     assert packing.packed_axis(tied, (320, 64), False) is None  # an untied embedding is only looked up
+    # int8: [N/16, K/4, 16, 4], column c's inputs 4q .. 4q+3 adjacent; K must be a multiple of 4
+    q = packing.to_quads(wp)
+    assert q.shape == (3, 6, 16, 4) and np.array_equal(q[1, 2, 5], w[8:12, 16 + 5])
+    assert np.array_equal(packing.unpack_io(q), w)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        packing.to_quads(packing.pack_io(np.zeros((6, 16), np.float32)))
+    assert packing.packed_axis(("lm_head", "kernel"), (66, 320), False, int8=True) is None
+    assert packing.packed_axis(("lm_head", "kernel"), (66, 320), False) == "io"
+    assert packing.packed_axis(tied, (320, 66), True, int8=True) is None
+
+
+def _quantized_activations(x):
+    """The kernel's activation quantization (8 bits per block of 32 inputs) in jnp, an independent restatement:
+    x -> q * d."""
+    m, k = x.shape
+    xb = jnp.pad(x, ((0, 0), (0, -k % 32))).reshape(m, -1, 32)
+    amax = jnp.abs(xb).max(-1, keepdims=True)
+    q = jnp.round(xb * jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0))  # half to even
+    return (q * (amax / 127.0)).reshape(m, -1)[:, :k]
+
+
+def test_fused_linears():
+    """pack_params fuses q/k/v and gate/up (packing.FUSED): kernels stacked along the panel axis, scales and biases
+    concatenated in the same order; a group whose members differ (one int8, one float) stays apart."""
+    from sgl_jax.models import packing
+
+    rng = np.random.default_rng(5)
+    lin = lambda n, bias=False: {"kernel": rng.standard_normal((32, n)).astype(np.float32),  # noqa: E731
+                                 **({"bias": rng.standard_normal(n).astype(np.float32)} if bias else {})}
+    attn = {"q_proj": lin(64, True), "k_proj": lin(16, True), "v_proj": lin(16, True), "o_proj": lin(32)}
+    q8 = {"kernel": rng.integers(-127, 128, (32, 48)).astype(np.int8), "scale": np.ones(48, np.float32)}
+    mlp = {"gate_proj": lin(48), "up_proj": q8, "down_proj": lin(32)}
+    out = packing.pack_params({"layers_0": {"self_attn": attn, "mlp": mlp}}, tied=False)["layers_0"]
+    fused = out["self_attn"]["qkv_proj"]
+    assert sorted(out["self_attn"]) == ["o_proj", "qkv_proj"] and sorted(fused) == ["bias", "kernel"]
+    want = np.concatenate([attn[p]["kernel"] for p in ("q_proj", "k_proj", "v_proj")], axis=1)
+    assert np.array_equal(packing.unpack_io(np.asarray(fused["kernel"])), want)
+    assert np.array_equal(np.asarray(fused["bias"]), np.concatenate([attn[p]["bias"] for p in ("q_proj", "k_proj",
+                                                                                               "v_proj")]))
+    assert sorted(out["mlp"]) == ["down_proj", "gate_proj", "up_proj"]  # float gate, int8 up: not fused
+    assert out["mlp"]["up_proj"]["kernel"].ndim == 4 and out["mlp"]["gate_proj"]["kernel"].ndim == 3
 
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
     """A tiny model with packed weights gives the plain layout's logits to float32 rounding: prefill and decode rows,
     an untied head (tiny llama) and a tied one (tiny qwen2: the packed embedding is both the lookup and the head),
-    float32 and int8; every linear and the head call the packed kernel."""
+    float32 and int8; every linear and the head call the packed kernel. int8's packed kernel also quantizes the
+    activations (8 bits per 32 inputs): the plain model it is compared with gets the same quantization, restated
+    in jnp (_quantized_activations), in front of each of its int8 matmuls. Both within 2e-5 of the largest
+    logit."""
     from helpers import PagedRunner
-    from sgl_jax.models import packing
+    from sgl_jax.models import llama, packing
     from sgl_jax.models.loader import load_weights
     from sgl_jax.models.testing import write_tiny_checkpoint
 
     calls, kernel = [], cpu_matmul.packed_matmul
     monkeypatch.setattr(cpu_matmul, "packed_matmul", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
+    plain_int8 = llama.int8_matmul
+    if quant == "int8":
+        monkeypatch.setattr(llama, "int8_matmul", lambda x, *a, **k: plain_int8(_quantized_activations(x), *a, **k))
     for family in ("llama", "qwen2"):
         path = tmp_path / family
         write_tiny_checkpoint(family, str(path))
@@ -227,7 +319,7 @@ def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
         packed = packing.pack_params(params, cfg.tie_word_embeddings)
         assert packing.is_packed(packed) and not packing.is_packed(params)
         if cfg.tie_word_embeddings:
-            assert packed["embed_tokens"]["embedding"].ndim == 3
+            assert packed["embed_tokens"]["embedding"].ndim == (4 if quant == "int8" else 3)
         prefill = [(i, list(range(3 + i, 20 + 2 * i)), 0, 0) for i in range(4)]
         decode = [(i, [7 + i], 17 + i, None) for i in range(4)]  # after each prompt of 17 + i tokens
         outs = {}
@@ -235,8 +327,8 @@ def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
             r = PagedRunner(cfg, p, num_pages=32, page_size=16, block_q=8, attention_backend="cpu_native")
             calls.clear()
             outs[name] = [np.concatenate(r.step(prefill)), np.concatenate(r.step(decode))]
-            # traced once per step shape: every linear (7 a layer) and the head, in each of the two steps
-            linears = 2 * (7 * cfg.num_layers + 1)
+            # traced once per step shape: every linear (4 calls a layer) and the head, in each of the two steps
+            linears = 2 * (4 * cfg.num_layers + 1)  # q/k/v and gate/up fused (packing.FUSED)
             assert len(calls) == (linears if name == "packed" else 0), (name, calls)
         for got, want in zip(outs["packed"], outs["plain"]):
             np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0, err_msg=family)

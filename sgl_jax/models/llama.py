@@ -61,9 +61,9 @@ def apply_rope(x, positions, inv_freq):
 
 
 def _packed(module: nn.Module, weight: str):
-    """(packed weight [out / 16, in, 16], int8 scale [out] or None) when the params at `module` hold a panel-packed
-    matrix (sgl_jax.models.packing: CPU, float32 compute), else None."""
-    if module.has_variable("params", weight) and module.get_variable("params", weight).ndim == 3:
+    """(packed weight [out / 16, in, 16] float32 or [out / 16, in / 4, 16, 4] int8, int8 scale [out] or None) when
+    the params at `module` hold a panel-packed matrix (sgl_jax.models.packing: CPU, float32 compute), else None."""
+    if module.has_variable("params", weight) and module.get_variable("params", weight).ndim in (3, 4):
         scale = module.get_variable("params", "scale") if module.has_variable("params", "scale") else None
         return module.get_variable("params", weight), scale
     return None
@@ -130,8 +130,9 @@ class Linear(nn.Module):
     int8 weight-only (kernel int8 [in, out] + scale f32 [out]): y = (x @ kernel.astype(x.dtype)) * scale,
     accumulated in float32. The scale is applied after the matmul, one per output channel, so the dot reads
     the int8 matrix and XLA (TPU/GPU) can fuse the convert into it; the result is cast back to `dtype`.
-    A packed kernel ([out / 16, in, 16], float32 or int8; sgl_jax.models.packing) goes to the CPU's native
-    packed matmul, the same product in another layout."""
+    A packed kernel ([out / 16, in, 16] float32, or int8 [out / 16, in / 4, 16, 4]; sgl_jax.models.packing) goes to
+    the CPU's native packed matmul: float32 the same product in another layout; int8 with x quantized per 32 inputs
+    as well (an error of at most half a step of each block's scale per input: pallas_kernels/cpu_matmul.cc)."""
 
     features: int
     use_bias: bool
@@ -166,9 +167,14 @@ class Attention(nn.Module):
         cfg = self.cfg
         T = x.shape[0]
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(H * D, cfg.qkv_bias, self.dtype, "q_proj")(x).reshape(T, H, D)  # [T, H, D]
-        k = _dense(K * D, cfg.qkv_bias, self.dtype, "k_proj")(x).reshape(T, K, D)  # [T, K, D]
-        v = _dense(K * D, cfg.qkv_bias, self.dtype, "v_proj")(x).reshape(T, K, D)  # [T, K, D]
+        if self.has_variable("params", "qkv_proj"):  # CPU packed layout: q, k, v in one matmul (packing.FUSED)
+            qkv = _dense((H + 2 * K) * D, cfg.qkv_bias, self.dtype, "qkv_proj")(x)  # [T, (H + 2K) * D]
+            q, k, v = jnp.split(qkv, [H * D, (H + K) * D], axis=1)
+        else:
+            q = _dense(H * D, cfg.qkv_bias, self.dtype, "q_proj")(x)  # [T, H*D]
+            k = _dense(K * D, cfg.qkv_bias, self.dtype, "k_proj")(x)  # [T, K*D]
+            v = _dense(K * D, cfg.qkv_bias, self.dtype, "v_proj")(x)  # [T, K*D]
+        q, k, v = q.reshape(T, H, D), k.reshape(T, K, D), v.reshape(T, K, D)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
@@ -206,8 +212,11 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         f = self.cfg.intermediate_size
-        g = _dense(f, False, self.dtype, "gate_proj")(x)  # [T, F]
-        u = _dense(f, False, self.dtype, "up_proj")(x)  # [T, F]
+        if self.has_variable("params", "gate_up_proj"):  # CPU packed layout: one matmul (packing.FUSED)
+            g, u = jnp.split(_dense(2 * f, False, self.dtype, "gate_up_proj")(x), 2, axis=1)  # [T, F] each
+        else:
+            g = _dense(f, False, self.dtype, "gate_proj")(x)  # [T, F]
+            u = _dense(f, False, self.dtype, "up_proj")(x)  # [T, F]
         return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(g) * u)
 
 
@@ -231,7 +240,8 @@ class Embedding(nn.Module):
 
     int8 (only when tied, see sgl_jax.models.quant): embedding int8 [V, E] + scale f32 [V], one scale per
     row, which is a per-token scale for the lookup and the per-output-channel scale of the head.
-    Packed (tied, CPU; sgl_jax.models.packing): [V / 16, E, 16], the head's layout for the native matmul."""
+    Packed (tied, CPU; sgl_jax.models.packing): [V / 16, E, 16] (int8 [V / 16, E / 4, 16, 4]), the head's layout
+    for the native matmul."""
 
     num_embeddings: int
     features: int
@@ -251,8 +261,8 @@ class Embedding(nn.Module):
 
     def __call__(self, ids):
         if self.packed:
-            # token t is column t % 16 of panel t // 16
-            x = self.table[ids // cpu_matmul.PANEL, :, ids % cpu_matmul.PANEL]  # [T, E]
+            # token t is column t % 16 of panel t // 16 (int8: [T, E / 4, 4], each 4 inputs adjacent)
+            x = self.table[ids // cpu_matmul.PANEL, :, ids % cpu_matmul.PANEL].reshape(ids.shape[0], -1)  # [T, E]
         else:
             x = jnp.take(self.table, ids, axis=0)  # [T, E]
         if self.scale is None:

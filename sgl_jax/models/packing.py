@@ -10,7 +10,12 @@ Which leaves (the rest keep their layout):
   * every Linear kernel [in, out] (q/k/v/o, gate/up/down, an untied lm_head) whose `out` is a multiple of 16;
   * a tied embedding [V, E] (the head's [out, in]) when V is a multiple of 16: the lookup of token t reads
     table[t // 16, :, t % 16].
-int8 kernels (sgl_jax.models.quant) are packed the same way; their per-output-channel scales stay [out].
+int8 kernels (sgl_jax.models.quant) go one step further, [N / 16, K / 4, 16, 4]: inside a panel, each column's 4
+consecutive inputs are adjacent bytes (the operand of the kernel's 4-term integer dot products), so K must be a
+multiple of 4 (else the leaf stays plain); the lookup of token t reads table[t // 16, :, t % 16, :]. Their
+per-output-channel scales stay [out].
+
+Linears sharing an input are fused (FUSED: q/k/v, gate/up), their packed kernels stacked along the panel axis.
 
 Only for float32 compute on CPU with the native kernel built (`engine.pack_weights`, on by default); the model
 (`llama.Linear`, `Embedding`, `LMHead`) sees a 3-D kernel and calls the packed matmul for every number of rows.
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallas_kernels.cpu_matmul import PANEL  # = kPanel in cpu_matmul.cc
+from pallas_kernels.cpu_matmul import PANEL, QUAD  # = kPanel, kQuad in cpu_matmul.cc
 from sgl_jax.models.quant import LINEARS
 
 
@@ -41,21 +46,34 @@ def pack_oi(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(w.reshape(n // PANEL, PANEL, k).transpose(0, 2, 1))
 
 
-def unpack_io(wp: np.ndarray) -> np.ndarray:
-    """The inverse of pack_io: [N / 16, K, 16] -> [K, N]."""
+def to_quads(wp: np.ndarray) -> np.ndarray:
+    """[N / 16, K, 16] -> the int8 layout [N / 16, K / 4, 16, 4] (each column's 4 consecutive inputs adjacent)."""
     p, k, c = wp.shape
-    return np.ascontiguousarray(np.asarray(wp).transpose(1, 0, 2).reshape(k, p * c))
+    if k % QUAD:
+        raise ValueError(f"to_quads: {k} inputs are not a multiple of {QUAD}")
+    return np.ascontiguousarray(np.asarray(wp).reshape(p, k // QUAD, QUAD, c).transpose(0, 1, 3, 2))
 
 
-def packed_axis(key: tuple[str, ...], shape: tuple[int, ...], tied: bool) -> str | None:
-    """"io" or "oi" when the leaf at pytree path `key` is packed (module docstring), else None."""
+def unpack_io(wp: np.ndarray) -> np.ndarray:
+    """The inverse of pack_io (and of to_quads after it): [N / 16, K, 16] or [N / 16, K / 4, 16, 4] -> [K, N]."""
+    wp = np.asarray(wp)
+    if wp.ndim == 4:
+        wp = wp.transpose(0, 1, 3, 2).reshape(wp.shape[0], -1, wp.shape[2])
+    p, k, c = wp.shape
+    return np.ascontiguousarray(wp.transpose(1, 0, 2).reshape(k, p * c))
+
+
+def packed_axis(key: tuple[str, ...], shape: tuple[int, ...], tied: bool, int8: bool = False) -> str | None:
+    """"io" or "oi" when the leaf at pytree path `key` (int8 or not) is packed (module docstring), else None."""
     if len(shape) != 2:
         return None
     if len(key) >= 2 and key[-1] == "kernel" and key[-2] in LINEARS and shape[1] % PANEL == 0:
-        return "io"
-    if tied and key == ("embed_tokens", "embedding") and shape[0] % PANEL == 0:
-        return "oi"
-    return None
+        how, inputs = "io", shape[0]
+    elif tied and key == ("embed_tokens", "embedding") and shape[0] % PANEL == 0:
+        how, inputs = "oi", shape[1]
+    else:
+        return None
+    return None if int8 and inputs % QUAD else how
 
 
 def packs_here(dtype) -> bool:
@@ -69,8 +87,32 @@ def packs_here(dtype) -> bool:
     return jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.packed_available()
 
 
+# Linears that read the same input, fused into one packed matrix (their outputs side by side, in this order): one
+# kernel call instead of three (two) a layer. A decode step's small matmuls are dominated by the per-call cost:
+# SmolLM2's k/v projections are 110 KB of int8 each (bench/notes.md, "Integer dot products for int8 weights").
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _fuse(node: dict) -> dict:
+    """`node` (a module's params, leaves packed numpy) with each complete FUSED group replaced by its fused Linear:
+    kernels stacked along the panel axis (outputs), scales and biases concatenated. A group whose members differ
+    in layout or leaves (one int8 and one not, a bias on one only) stays apart."""
+    for fused, parts in FUSED.items():
+        subs = [node.get(p) for p in parts]
+        if any(not isinstance(x, dict) or not isinstance(x.get("kernel"), np.ndarray) for x in subs):
+            continue
+        kernels = [x["kernel"] for x in subs]
+        if (len({(k.ndim, k.dtype, k.shape[1:]) for k in kernels}) != 1 or kernels[0].ndim not in (3, 4)
+                or len({frozenset(x) for x in subs}) != 1 or not set(subs[0]) <= {"kernel", "scale", "bias"}):
+            continue
+        group = {name: np.concatenate([np.asarray(x[name]) for x in subs], axis=0) for name in subs[0]}
+        node = {**{k: v for k, v in node.items() if k not in parts}, fused: group}
+    return node
+
+
 def pack_params(params: dict, tied: bool) -> dict:
-    """A copy of the params pytree (a nested dict) with the packable leaves packed; other leaves are shared."""
+    """A copy of the params pytree (a nested dict) with the packable leaves packed and the FUSED groups fused;
+    other leaves are shared."""
     import jax.numpy as jnp
 
     def walk(node, path):
@@ -80,19 +122,25 @@ def pack_params(params: dict, tied: bool) -> dict:
             if isinstance(leaf, dict):
                 out[name] = walk(leaf, key)
                 continue
-            how = packed_axis(key, tuple(leaf.shape), tied)
+            int8 = leaf.dtype == np.int8
+            how = packed_axis(key, tuple(leaf.shape), tied, int8)
             if how is None:
                 out[name] = leaf
             else:
                 a = np.asarray(leaf)
-                out[name] = jnp.asarray(pack_io(a) if how == "io" else pack_oi(a))
-        return out
+                a = pack_io(a) if how == "io" else pack_oi(a)
+                out[name] = to_quads(a) if int8 else a  # numpy until fused
+        return _fuse(out)
 
-    return walk(params, ())
+    def to_device(node):
+        return {k: to_device(v) if isinstance(v, dict) else (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
+                for k, v in node.items()}
+
+    return to_device(walk(params, ()))
 
 
 def is_packed(params: dict) -> bool:
-    """Whether any leaf of the pytree is a packed (3-D) matrix."""
+    """Whether any leaf of the pytree is a packed (3-D, or 4-D int8) matrix."""
     import jax
 
-    return any(getattr(x, "ndim", 0) == 3 for x in jax.tree_util.tree_leaves(params))
+    return any(getattr(x, "ndim", 0) in (3, 4) for x in jax.tree_util.tree_leaves(params))

@@ -1,0 +1,112 @@
+"""Whole SmolLM2 steps for two checkouts of this repository, in alternating processes: the A/B of a kernel change.
+
+    python bench/bench_ab.py --a /path/to/other/checkout [--b .] [--quant int8] [--batches 1,4,8,16,64]
+                             [--ctxs 64,512] [--prefill 512] [--rounds 2] [--json OUT]
+
+One process cannot load two builds of the same native kernel (both register the same FFI target), so each round
+starts one child process per checkout, a then b, with that checkout first on the path. A child times every case as
+bench_packed.py does (bench_model's jitted forward, packed weights when the engine would pack them, KV donated,
+the runner's compile options) and prints its medians as JSON. The table gives per case the median over the rounds
+for a and b, b's speed-up, and the floor (weights + KV over the copy bandwidth, or FLOPs over numpy's GEMM rate)
+measured in this process between the rounds. Make `other` with `git worktree add /tmp/other <rev>`; both checkouts
+use this interpreter's packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+
+def child(quant: str, cases: list[tuple[str, int, int]], rounds: int) -> dict:
+    """In a child: {"kind rows ctx": median ms} for this checkout (the first one on sys.path)."""
+    import numpy as np
+
+    import bench_model as bm
+
+    decode = [c for c in cases if c[0] == "decode"]
+    pages = 1 + max([r * -(-ctx // bm.PAGE_SIZE) for _, r, ctx in decode] + [-(-n // bm.PAGE_SIZE) for k, n, _ in cases
+                                                                           if k == "prefill"])
+    mb = bm.ModelBench("float32", pages, "auto", quant)
+    runs = {c: mb._run_fn(mb.decode_batch(c[1], c[2]) if c[0] == "decode" else mb.prefill_batch(c[1])) for c in cases}
+    times = bm.interleaved_times(runs, rounds)
+    out = {"packed": bool(getattr(mb, "packed", False)), "weight_bytes": mb.weight_bytes,
+           "kv_bytes_per_token": mb.cfg.kv_bytes_per_token(mb.itemsize), "flops_per_token": mb.cfg.flops_per_token(),
+           "ms": {" ".join(map(str, c)): 1e3 * float(np.median(times[c])) for c in cases}}
+    mb.close()
+    return out
+
+
+def run_child(root: str, args) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", args.quant, "--batches",
+           args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
+    if res.returncode or not lines:
+        raise SystemExit(f"child for {root} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--a", help="the other checkout (the baseline)")
+    ap.add_argument("--b", default=os.path.dirname(HERE), help="this checkout (default)")
+    ap.add_argument("--quant", default="int8")
+    ap.add_argument("--batches", default="1,4,8,16,64")
+    ap.add_argument("--ctxs", default="64,512")
+    ap.add_argument("--prefill", default="512", help="prefill lengths ('' for none)")
+    ap.add_argument("--rounds", type=int, default=2, help="process pairs")
+    ap.add_argument("--json")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
+    cases = [("decode", b, c) for b in ints(args.batches) for c in ints(args.ctxs)]
+    cases += [("prefill", n, n) for n in ints(args.prefill)]
+    if args.child:
+        print(json.dumps(child(args.quant, cases, 2)), flush=True)
+        return
+    if not args.a:
+        ap.error("--a (the other checkout) is required")
+    import floors
+    import numpy as np
+
+    roots = {"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)}
+    results = {"a": [], "b": []}
+    bws, gemms = [], []
+    for r in range(args.rounds):
+        for name, root in roots.items():
+            results[name].append(run_child(root, args))
+            print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
+        bws.append(floors.copy_bandwidth(threads=2))
+        gemms.append(floors.numpy_gemm_rate())
+    bw, gemm = max(bws), max(gemms)
+    info = results["b"][0]
+    print(f"a = {roots['a']} (packed: {results['a'][0]['packed']}), b = {roots['b']} (packed: {info['packed']}); "
+          f"{args.quant} weights; copy bandwidth {bw / 1e9:.1f} GB/s, numpy GEMM {gemm / 1e9:.0f} GFLOP/s")
+    print("| step | rows | ctx | a ms | b ms | a / b | floor ms | floor / b |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for c in cases:
+        key = " ".join(map(str, c))
+        a = float(np.median([x["ms"][key] for x in results["a"]]))
+        b = float(np.median([x["ms"][key] for x in results["b"]]))
+        tokens = c[1] * c[2] if c[0] == "decode" else c[2]
+        nbytes = info["weight_bytes"] + tokens * info["kv_bytes_per_token"]
+        flops = info["flops_per_token"] * c[1]
+        floor = 1e3 * max(nbytes / bw, flops / gemm)
+        rows.append({"kind": c[0], "rows": c[1], "ctx": c[2], "a_ms": a, "b_ms": b, "floor_ms": floor})
+        print(f"| {c[0]} | {c[1]} | {c[2]} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {floor:.1f} | {floor / b:.0%} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"roots": roots, "quant": args.quant, "copy_gbs": bw / 1e9, "gemm_gflops": gemm / 1e9,
+                       "steps": rows, "raw": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
