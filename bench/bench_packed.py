@@ -7,8 +7,9 @@ Per quantization, two variants of SmolLM2-135M's jitted forward (as bench_model.
 inputs on the device, the runner's compile options for the step's token count, the native paged attention):
   plain   [in, out] matrices: XLA's dots, the few-row kernels of session 6 (int8 up to 16 rows, the float32 LM
           head at 2-8 rows), XLA's convert + dot for more int8 rows;
-  packed  [out/16, in, 16] matrices (sgl_jax.models.packing), every linear and the LM head through the native
-          packed matmul (pallas_kernels/cpu_matmul.cc), whatever the row count.
+  packed  [out/16, in, 16] matrices (int8: [out/16, in/4, 16, 4], activations quantized in the kernel; q/k/v and
+          gate/up fused; sgl_jax.models.packing), every linear and the LM head through the native packed matmul
+          (pallas_kernels/cpu_matmul.cc), whatever the row count.
 Decode steps (one token per row at KV length ctx) and prefill steps (one sequence, 64-token blocks), each timed
 in rounds that alternate between the variants. Floors from bench/floors.py in the same run: memory = weights +
 the batch's KV over the copy bandwidth; compute = 2 x params x tokens over numpy's GEMM rate.

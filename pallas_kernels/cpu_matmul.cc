@@ -24,6 +24,7 @@
 #include <limits>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -373,9 +374,9 @@ ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const f
 // products; the reason here is speed: on AVX2 a 32-byte vector of weights is 4 instructions (sign, u8 x s8
 // multiply-add pairs, s16 pairs, add; 2 with AVX-VNNI's dot product), against 12 for widening the same 32 weights
 // to float and multiplying.
-// SmolLM2 decode steps 1.2-1.6x faster at 1-8 rows; the int8 preset's logit error against fp32 grows 1.3-1.5x
-// over weight-only int8 (tests/test_quant.py states both). 16-bit activations per 128 inputs were tried: weight-only
-// accuracy to 0.01, but 6 instructions per 32 weights and a 1-row step only 0.9-1.15x faster than the float
+// SmolLM2 decode steps 1.1-1.75x faster (1-64 rows), prefill 1.3x; the int8 preset's logit error against fp32
+// up to 1.5x the weight-only int8 one (tests/test_quant.py states both). 16-bit activations per 128 inputs were tried: weight-only
+// accuracy to 0.01, but 6 instructions per 32 weights and a 1-row step only 0.93-1.2x faster than the float
 // widening (bench/notes.md, "Integer dot products for int8 weights"). Weights must lie in [-127, 127]
 // (sgl_jax.models.quant's range): the sign trick negates a weight.
 
@@ -657,12 +658,15 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
     return ffi::Error::Success();
   }
   const int64_t blocks = (K + kXBlock - 1) / kXBlock;
-  // the quantized rows live until every unit has run (RunUnits returns after that)
-  std::unique_ptr<int8_t[]> xq(new int8_t[M * K]);
-  std::unique_ptr<float[]> xs(new float[M * blocks]);
-  const QuantRows x{xq.get(), xs.get(), K, blocks};
-  int8_t* q = xq.get();
-  float* d = xs.get();
+  // The quantized rows, in this thread's buffers (kept between calls: a prefill's rows are ~1 MB, which malloc
+  // would map and unmap each call); they outlive every unit (RunUnits returns after the last).
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> xs_buf;
+  if (xq_buf.size() < static_cast<size_t>(M * K)) xq_buf.resize(M * K);
+  if (xs_buf.size() < static_cast<size_t>(M * blocks)) xs_buf.resize(M * blocks);
+  int8_t* q = xq_buf.data();
+  float* d = xs_buf.data();
+  const QuantRows x{q, d, K, blocks};
   const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
   RunUnits(pool, qunits, [=](int64_t u) {
     for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);

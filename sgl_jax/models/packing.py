@@ -18,7 +18,8 @@ per-output-channel scales stay [out].
 Linears sharing an input are fused (FUSED: q/k/v, gate/up), their packed kernels stacked along the panel axis.
 
 Only for float32 compute on CPU with the native kernel built (`engine.pack_weights`, on by default); the model
-(`llama.Linear`, `Embedding`, `LMHead`) sees a 3-D kernel and calls the packed matmul for every number of rows.
+(`llama.Linear`, `Embedding`, `LMHead`) sees a 3-D (int8: 4-D) kernel and calls the packed matmul for every number
+of rows.
 TPU and GPU never see this layout. Packing runs once at load, one leaf at a time (numpy; a leaf is copied once).
 """
 
@@ -130,13 +131,14 @@ def pack_params(params: dict, tied: bool) -> dict:
                 a = np.asarray(leaf)
                 a = pack_io(a) if how == "io" else pack_oi(a)
                 out[name] = to_quads(a) if int8 else a  # numpy until fused
-        return _fuse(out)
+        out = _fuse(out)  # (a module's Linears, still numpy)
+        return to_device(out) if len(path) <= 1 else out  # one layer's packed copies on the host at a time
 
     def to_device(node):
         return {k: to_device(v) if isinstance(v, dict) else (jnp.asarray(v) if isinstance(v, np.ndarray) else v)
                 for k, v in node.items()}
 
-    return to_device(walk(params, ()))
+    return walk(params, ())
 
 
 def is_packed(params: dict) -> bool:

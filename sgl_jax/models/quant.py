@@ -8,11 +8,11 @@ after the matmul, once per output channel, so the matmul reads int8 weights and 
 int8 -> compute-dtype convert into the dot (1 byte a weight read from HBM instead of 2 or 4). Activations,
 the KV pool, norms and biases stay in the compute dtype -- except inside the CPU's packed kernel (the engine's
 default layout on CPU, sgl_jax.models.packing): it quantizes each matmul's input rows to int8 per block of 32
-inputs (llama.cpp's Q8_0 activations) to sum in integer arithmetic, 1.2-1.4x faster decode steps for logit
+inputs (llama.cpp's Q8_0 activations) to sum in integer arithmetic, 1.1-1.75x faster decode steps for logit
 errors against fp32 up to ~1.5x the weight-only ones (pallas_kernels/cpu_matmul.cc; tests/test_quant.py
-states both). `pack_weights: false` keeps weight-only int8 on CPU. The params pytree is the only thing that changes:
-a linear whose params hold a `scale` is an int8 one (see `llama.Linear`), so the runner, the paged attention
-and the sampling are the same code for both.
+states both). `pack_weights: false` keeps weight-only int8 on CPU.
+The params pytree is the only thing that changes: a linear whose params hold a `scale` is an int8 one (see
+`llama.Linear`), so the runner, the paged attention and the sampling are the same code for both.
 
 Round-trip error: every weight comes back within scale / 2 of its value (`dequantize_int8`), i.e. within
 max|w| / 254 of its channel's largest weight; an all-zero channel gets scale 0 and comes back as exact zeros
