@@ -6,6 +6,7 @@
 //   weight is read once, as one byte, converted in registers and multiplied at once.
 //   float32: for the LM head's 2-8 decode rows, where XLA:CPU's dot was 1.2-15x slower than this (bench/notes.md,
 //   "Native paged attention on CPU"); the weights stream through once for all rows.
+// The panel-packed kernels (float32, then int8 in integer arithmetic) follow them.
 //
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[k, n]      layout "io": w [K, N] (a Linear kernel, an untied head)
 //   y[m, n] = scale[n] * sum_k x[m, k] * w[n, k]      layout "oi": w [N, K] (a tied embedding used as the head)
@@ -209,19 +210,21 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const floa
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Panel-packed weights: w [P, K, 16] holds columns 16p .. 16p+15 of a [K, N] matrix, k-major inside the panel, so
-// a tile of 16 output columns reads its weights as one contiguous stream (the [K, N] layout above reads 16 of
-// every N bytes). Any number of rows:
+// Panel-packed float32 weights: w [P, K, 16] holds columns 16p .. 16p+15 of a [K, N] matrix, k-major inside the
+// panel, so a tile of 16 output columns reads its weights as one contiguous stream (the [K, N] layout above reads
+// 16 of every N values). Any number of rows:
 //   M <= 8: one pass over the weights, the rows' accumulators in registers (1 row x 4 panels, 2 rows x 2 panels,
 //           else tiles of 3-6 rows x 1 panel, each reading the panel from L1 after the first);
-//   M > 8:  blocks of 96 rows x 256 k; a panel's 256 x 16 block is widened (int8) or copied (float32) once into an
-//           aligned float buffer in L1 that every row tile of the block then reads (float32 panels read in place
-//           were up to 2x slower at 16-64 rows: bench/notes.md, "Panel-packed weights").
+//   M > 8:  blocks of 96 rows x 256 k; a panel's 256 x 16 block is copied once into an aligned buffer in L1 that
+//           every row tile of the block then reads (panels read in place were up to 2x slower at 16-64 rows:
+//           bench/notes.md, "Panel-packed weights").
+// (The templates' weight type is float only since int8 packed weights got their own integer kernel, further down;
+// session 7 widened int8 here.)
 
 constexpr int64_t kPanel = 16;
-constexpr int64_t kKc = 256;  // k per block (a widened int8 block: 16 KB)
+constexpr int64_t kKc = 256;  // k per block (a float32 panel block: 16 KB)
 constexpr int64_t kMc = 96;   // rows per block (x's block: 96 KB, in L2)
-constexpr int64_t kDirectRows = 8;  // up to here int8 is widened in registers by each row tile, no buffer
+constexpr int64_t kDirectRows = 8;  // up to here one pass over the weights, no k blocks
 
 // y[r0.., c0..c0+16*NP) (+)= x[r0.., k0..k0+kn) @ panels; `wp` points at the first panel's row k0, `pstride` is
 // the distance between panels. `acc_in`: add to y (a later k block); `scale` (last k block only, may be null).
@@ -293,8 +296,7 @@ void PanelsFew(const float* x, const W* w, const float* scale, float* y, int64_t
     }
 }
 
-// n weights (a multiple of 8) as floats in dst (int8 widened; float32 copied, so that every tile reads an aligned
-// block in L1 rather than the matrix)
+// n weights (a multiple of 8) copied to dst, so that every tile reads an aligned block in L1 rather than the matrix
 template <typename W>
 inline void Widen(const W* src, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; i += 8) {
