@@ -515,6 +515,7 @@ inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, cons
 }
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define SGL_JAX_WIDE_INT8 1
 // With AVX-512 (BW + VNNI) a panel's quad row (16 columns x 4 inputs, 64 bytes) is one 512-bit vector: one dot
 // product instruction per row instead of two, and the sign applied by a masked subtract (AVX-512 has no byte
 // sign). The same integer sums, so the same results as the 256-bit tile. R rows x NP panels.
@@ -583,63 +584,57 @@ inline void QuadTileWide(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, 
   }
 }
 
-// Panels [p0, p1) with 512-bit tiles: pairs of panels x up to 4 rows (one row: 4 panels a pass), rows in blocks of
-// 96 and inputs in blocks of 256 past kDirectRows rows.
-void QuadPanelsWide(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N,
-                    int64_t p0, int64_t p1) {
-  const int64_t K = x.K, ps = K * kPanel;
-  int64_t p = p0;
-  if (M == 1)
-    for (; p + 4 <= p1; p += 4)
-      QuadTile512<1, 4>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
-                        ScaleAt(scale, p * kPanel), true);
-  const int64_t kc = M <= kDirectRows ? K : kKc;
-  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
-    const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
-    for (int64_t q = p; q < p1; q += 2) {
-      const int64_t np = std::min<int64_t>(2, p1 - q);
-      for (int64_t k0 = 0; k0 < K; k0 += kc) {
-        const int64_t kn = std::min(kc, K - k0);
-        for (int64_t t = 0; t < tiles; ++t) {
-          const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
-          QuadTileWide(r1 - r, np, x, r, k0, w + q * ps + k0 * kPanel, ps, kn, y + r * N + q * kPanel, N, k0 > 0,
-                       ScaleAt(scale, q * kPanel), k0 + kn == K);
-        }
-      }
-    }
-  }
-}
 #else
 constexpr bool kWide = false;
-void QuadPanelsWide(const QuantRows&, const int8_t*, const float*, float*, int64_t, int64_t, int64_t, int64_t) {}
 #endif
+
+// R (1..4) rows x NP panels at rows [r0, r0 + R), inputs [k0, k0 + kn): 512-bit tiles (NP 1..2) where the CPU has
+// them, else 256-bit ones (NP 1)
+inline void RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t ps,
+                    int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
+#if defined(SGL_JAX_WIDE_INT8)
+  QuadTileWide(R, NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+#else
+  (void)NP;
+  (void)ps;
+  QuadRows(R, x, r0, k0, wp, kn, y, ldy, acc_in, scale, last);
+#endif
+}
+
+// One row x 4 panels in one pass over all K
+inline void OneRowPass(const QuantRows& x, const int8_t* wp, int64_t ps, float* y, const float* scale) {
+#if defined(SGL_JAX_WIDE_INT8)
+  QuadTile512<1, 4>(x.xq, x.d, x.K, x.blocks, 0, wp, ps, x.K, y, 0, false, scale, true);
+#else
+  QuadTile<1, 4>(x.xq, x.d, x.K, x.blocks, 0, wp, ps, x.K, y, 0, false, scale, true);
+#endif
+}
 
 // Panels [p0, p1) of y: rows in blocks of 96 and inputs in blocks of 256 (one pass for decode's few rows); each
 // panel's k block (4 KB) is read from memory once and from L1 by the block's other row tiles. One row takes 4
-// panels per pass and two rows 2 (more independent accumulators per weight read).
+// panels per pass, two rows 2 (256-bit: more independent accumulators per weight read); then tiles of up to 4 rows
+// x RowTile's panels (2 with 512-bit tiles, else 1).
 void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
                 int64_t p1) {
   const int64_t K = x.K, ps = K * kPanel;
   int64_t p = p0;
   if (M == 1) {
-    for (; p + 4 <= p1; p += 4)
-      QuadTile<1, 4>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
-                     ScaleAt(scale, p * kPanel), true);
-  } else if (M == 2) {
+    for (; p + 4 <= p1; p += 4) OneRowPass(x, w + p * ps, ps, y + p * kPanel, ScaleAt(scale, p * kPanel));
+  } else if (M == 2 && !kWide) {
     for (; p + 2 <= p1; p += 2)
       QuadTile<2, 2>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
                      ScaleAt(scale, p * kPanel), true);
   }
-  const int64_t kc = M <= kDirectRows ? K : kKc;
+  const int64_t kc = M <= kDirectRows ? K : kKc, np_max = kWide ? 2 : 1;
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
-    for (int64_t q = p; q < p1; ++q)
+    for (int64_t q = p; q < p1; q += np_max)
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = std::min(kc, K - k0);
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
-          QuadRows(r1 - r, x, r, k0, w + q * ps + k0 * kPanel, kn, y + r * N + q * kPanel, N, k0 > 0,
-                   ScaleAt(scale, q * kPanel), k0 + kn == K);
+          RowTile(r1 - r, std::min(np_max, p1 - q), x, r, k0, w + q * ps + k0 * kPanel, ps, kn,
+                  y + r * N + q * kPanel, N, k0 > 0, ScaleAt(scale, q * kPanel), k0 + kn == K);
         }
       }
   }
@@ -677,12 +672,8 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
   const int64_t group = M == 1 ? 4 : (M == 2 || kWide) ? 2 : 1, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
   RunUnits(pool, units, [=](int64_t u) {
-    const int64_t a = std::min(P, u * groups / units * group), e = std::min(P, (u + 1) * groups / units * group);
-    if (kWide) {
-      QuadPanelsWide(x, wp, sp, yp, M, N, a, e);
-    } else {
-      QuadPanels(x, wp, sp, yp, M, N, a, e);
-    }
+    QuadPanels(x, wp, sp, yp, M, N, std::min(P, u * groups / units * group),
+               std::min(P, (u + 1) * groups / units * group));
   });
   return ffi::Error::Success();
 }
