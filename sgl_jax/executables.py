@@ -61,7 +61,7 @@ def source_digest() -> str:
             top = dirpath == root and pkg is sgl_jax
             dirnames[:] = sorted(d for d in dirnames if d != "__pycache__" and not (top and d in _HOST_ONLY))
             for name in sorted(filenames):
-                if name.endswith((".py", ".cc")) and not (top and name in _HOST_ONLY):
+                if name.endswith((".py", ".cc", ".h")) and not (top and name in _HOST_ONLY):
                     path = os.path.join(dirpath, name)
                     h.update(os.path.relpath(path, root).encode())
                     with open(path, "rb") as f:

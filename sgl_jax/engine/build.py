@@ -115,10 +115,13 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
     state: call it before serving or on the engine thread."""
     import jax
 
+    from sgl_jax.executables import source_digest
+
     dev = jax.devices()[0]
     g = r.grid
+    # the device code's digest too: a kernel change (e.g. the int8 matmul's) makes the saved costs stale
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.quantization, c.attention_backend,
-                      r.native_packed,
+                      r.native_packed, source_digest(),
                       r.platform, getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages,
                       g.run_block, list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets),
                       os.cpu_count()])
