@@ -218,8 +218,7 @@ ffi::Error Matmul(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const floa
 //   M > 8:  blocks of 96 rows x 256 k; a panel's 256 x 16 block is copied once into an aligned buffer in L1 that
 //           every row tile of the block then reads (panels read in place were up to 2x slower at 16-64 rows:
 //           bench/notes.md, "Panel-packed weights").
-// (The templates' weight type is float only since int8 packed weights got their own integer kernel, further down;
-// session 7 widened int8 here.)
+// (int8 packed weights have their own integer kernel, further down.)
 
 constexpr int64_t kPanel = 16;
 constexpr int64_t kKc = 256;  // k per block (a float32 panel block: 16 KB)
@@ -227,17 +226,17 @@ constexpr int64_t kMc = 96;   // rows per block (x's block: 96 KB, in L2)
 constexpr int64_t kDirectRows = 8;  // up to here one pass over the weights, no k blocks
 
 // y[r0.., c0..c0+16*NP) (+)= x[r0.., k0..k0+kn) @ panels; `wp` points at the first panel's row k0, `pstride` is
-// the distance between panels. `acc_in`: add to y (a later k block); `scale` (last k block only, may be null).
-template <int R, int NP, typename W>
-inline void PanelTile(const float* x, int64_t ldx, const W* wp, int64_t pstride, int64_t kn, float* y,
-                      int64_t ldy, bool acc_in, const float* scale, bool last) {
+// the distance between panels. `acc_in`: add to y (a later k block).
+template <int R, int NP>
+inline void PanelTile(const float* x, int64_t ldx, const float* wp, int64_t pstride, int64_t kn, float* y,
+                      int64_t ldy, bool acc_in) {
   v8f acc[R][2 * NP];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 2 * NP; ++c) acc[r][c] = acc_in ? LoadF8(y + r * ldy + 8 * c) : v8f{};
   for (int64_t k = 0; k < kn; ++k) {
     for (int p = 0; p < NP; ++p) {
-      const W* w = wp + p * pstride + k * kPanel;
-      const v8f w0 = Load8(w), w1 = Load8(w + 8);
+      const float* w = wp + p * pstride + k * kPanel;
+      const v8f w0 = LoadF8(w), w1 = LoadF8(w + 8);
       for (int r = 0; r < R; ++r) {
         const v8f xr = Bcast(x + r * ldx + k);
         acc[r][2 * p] += xr * w0;
@@ -246,24 +245,19 @@ inline void PanelTile(const float* x, int64_t ldx, const W* wp, int64_t pstride,
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 2 * NP; ++c) {
-      v8f v = acc[r][c];
-      if (last && scale) v *= LoadF8(scale + 8 * c);
-      std::memcpy(y + r * ldy + 8 * c, &v, sizeof(v));
-    }
+    for (int c = 0; c < 2 * NP; ++c) std::memcpy(y + r * ldy + 8 * c, &acc[r][c], sizeof(v8f));
 }
 
 // R (1..6) rows x one panel, R chosen at run time
-template <typename W>
-inline void PanelRows(int64_t R, const float* x, int64_t ldx, const W* wp, int64_t kn, float* y, int64_t ldy,
-                      bool acc_in, const float* scale, bool last) {
+inline void PanelRows(int64_t R, const float* x, int64_t ldx, const float* wp, int64_t kn, float* y, int64_t ldy,
+                      bool acc_in) {
   switch (R) {
-    case 1: return PanelTile<1, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
-    case 2: return PanelTile<2, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
-    case 3: return PanelTile<3, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
-    case 4: return PanelTile<4, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
-    case 5: return PanelTile<5, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
-    default: return PanelTile<6, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, scale, last);
+    case 1: return PanelTile<1, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    case 2: return PanelTile<2, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    case 3: return PanelTile<3, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    case 4: return PanelTile<4, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    case 5: return PanelTile<5, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    default: return PanelTile<6, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
   }
 }
 
@@ -273,42 +267,27 @@ inline const float* ScaleAt(const float* scale, int64_t c) { return scale ? scal
 // [TileStart(t), TileStart(t + 1)).
 inline int64_t TileStart(int64_t t, int64_t tiles, int64_t M) { return t * M / tiles; }
 
-// Panels [p0, p1) of y for M <= kDirectRows rows: one pass over the weights; each panel (at most 24 KB of int8 at
-// K = 1536) is read from memory once and from L1 by the other row tiles, widened again by each.
-template <typename W>
-void PanelsFew(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-               int64_t p0, int64_t p1) {
+// Panels [p0, p1) of y for M <= kDirectRows rows: one pass over the weights; each panel (at most 96 KB at
+// K = 1536) is read from memory once and from L1/L2 by the other row tiles.
+void PanelsFew(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
   const int64_t ps = K * kPanel;
   int64_t p = p0;
   if (M == 1) {
-    for (; p + 4 <= p1; p += 4)
-      PanelTile<1, 4>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+    for (; p + 4 <= p1; p += 4) PanelTile<1, 4>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false);
   } else if (M == 2) {
-    for (; p + 2 <= p1; p += 2)
-      PanelTile<2, 2>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false, ScaleAt(scale, p * kPanel), true);
+    for (; p + 2 <= p1; p += 2) PanelTile<2, 2>(x, K, w + p * ps, ps, K, y + p * kPanel, N, false);
   }
   const int64_t tiles = (M + 5) / 6;
   for (; p < p1; ++p)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t r0 = TileStart(t, tiles, M), r1 = TileStart(t + 1, tiles, M);
-      PanelRows(r1 - r0, x + r0 * K, K, w + p * ps, K, y + r0 * N + p * kPanel, N, false, ScaleAt(scale, p * kPanel),
-                true);
+      PanelRows(r1 - r0, x + r0 * K, K, w + p * ps, K, y + r0 * N + p * kPanel, N, false);
     }
 }
 
-// n weights (a multiple of 8) copied to dst, so that every tile reads an aligned block in L1 rather than the matrix
-template <typename W>
-inline void Widen(const W* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; i += 8) {
-    const v8f v = Load8(src + i);
-    std::memcpy(dst + i, &v, sizeof(v));
-  }
-}
-
-// Panels [p0, p1) of y for M > kDirectRows rows, blocked (see above).
-template <typename W>
-void PanelsMany(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-                int64_t p0, int64_t p1) {
+// Panels [p0, p1) of y for M > kDirectRows rows, blocked (see above): each panel block is copied into an aligned
+// buffer that every row tile of the block then reads from L1.
+void PanelsMany(const float* x, const float* w, float* y, int64_t M, int64_t K, int64_t N, int64_t p0, int64_t p1) {
   alignas(64) float buf[kKc * kPanel];
   const int64_t ps = K * kPanel;
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
@@ -316,14 +295,11 @@ void PanelsMany(const float* x, const W* w, const float* scale, float* y, int64_
     for (int64_t p = p0; p < p1; ++p) {
       for (int64_t k0 = 0; k0 < K; k0 += kKc) {
         const int64_t kn = std::min(kKc, K - k0);
-        const bool last = k0 + kn == K;
-        Widen(w + p * ps + k0 * kPanel, kn * kPanel, buf);
-        const float* wf = buf;
+        std::memcpy(buf, w + p * ps + k0 * kPanel, kn * kPanel * sizeof(float));
         const int64_t tiles = (mn + 5) / 6;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
-          PanelRows(r1 - r, x + r * K + k0, K, wf, kn, y + r * N + p * kPanel, N, k0 > 0, ScaleAt(scale, p * kPanel),
-                    last);
+          PanelRows(r1 - r, x + r * K + k0, K, buf, kn, y + r * N + p * kPanel, N, k0 > 0);
         }
       }
     }
@@ -344,9 +320,9 @@ ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const f
   }
   auto run = [=](int64_t p0, int64_t p1) {
     if (M <= kDirectRows) {
-      PanelsFew<float>(xp, wp, nullptr, yp, M, K, N, p0, p1);
+      PanelsFew(xp, wp, yp, M, K, N, p0, p1);
     } else {
-      PanelsMany<float>(xp, wp, nullptr, yp, M, K, N, p0, p1);
+      PanelsMany(xp, wp, yp, M, K, N, p0, p1);
     }
   };
   // Units of whole panel groups (4 panels for one row, 2 for two: PanelsFew's tiles); small products stay on this
