@@ -2,6 +2,7 @@
 
     python bench/bench_ab.py --a /path/to/other/checkout [--b .] [--quant int8] [--batches 1,4,8,16,64]
                              [--ctxs 64,512] [--prefill 512] [--rounds 2] [--json OUT]
+    python bench/bench_ab.py --a . --kv-b float16      # one checkout, float32 KV pool (a) against float16 (b)
 
 One process cannot load two builds of the same native kernel (both register the same FFI target), so each round
 starts one child process per checkout, a then b, with that checkout first on the path. A child times every case as
@@ -24,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
-def child(quant: str, cases: list[tuple[str, int, int]], rounds: int) -> dict:
+def child(quant: str, cases: list[tuple[str, int, int]], rounds: int, kv_dtype: str | None = None) -> dict:
     """In a child: {"kind rows ctx": median ms} for this checkout (the first one on sys.path)."""
     import numpy as np
 
@@ -33,20 +34,20 @@ def child(quant: str, cases: list[tuple[str, int, int]], rounds: int) -> dict:
     decode = [c for c in cases if c[0] == "decode"]
     pages = 1 + max([r * -(-ctx // bm.PAGE_SIZE) for _, r, ctx in decode] + [-(-n // bm.PAGE_SIZE) for k, n, _ in cases
                                                                            if k == "prefill"])
-    mb = bm.ModelBench("float32", pages, "auto", quant)
+    mb = bm.ModelBench("float32", pages, "auto", quant, kv_dtype=kv_dtype or None)
     runs = {c: mb._run_fn(mb.decode_batch(c[1], c[2]) if c[0] == "decode" else mb.prefill_batch(c[1])) for c in cases}
     times = bm.interleaved_times(runs, rounds)
-    out = {"packed": bool(getattr(mb, "packed", False)), "weight_bytes": mb.weight_bytes,
+    out = {"packed": bool(getattr(mb, "packed", False)), "kv_dtype": mb.kv_dtype, "weight_bytes": mb.weight_bytes,
            "kv_bytes_per_token": mb.cfg.kv_bytes_per_token(mb.itemsize), "flops_per_token": mb.cfg.flops_per_token(),
            "ms": {" ".join(map(str, c)): 1e3 * float(np.median(times[c])) for c in cases}}
     mb.close()
     return out
 
 
-def run_child(root: str, args) -> dict:
+def run_child(root: str, args, kv_dtype: str) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
     cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", args.quant, "--batches",
-           args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2"]
+           args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2", "--kv", kv_dtype]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode or not lines:
@@ -63,14 +64,17 @@ def main(argv=None):
     ap.add_argument("--ctxs", default="64,512")
     ap.add_argument("--prefill", default="512", help="prefill lengths ('' for none)")
     ap.add_argument("--rounds", type=int, default=2, help="process pairs")
+    ap.add_argument("--kv-a", default="", help="a's KV pool dtype (default: the model's, float32)")
+    ap.add_argument("--kv-b", default="", help="b's KV pool dtype")
     ap.add_argument("--json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--kv", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     cases = [("decode", b, c) for b in ints(args.batches) for c in ints(args.ctxs)]
     cases += [("prefill", n, n) for n in ints(args.prefill)]
     if args.child:
-        print(json.dumps(child(args.quant, cases, 2)), flush=True)
+        print(json.dumps(child(args.quant, cases, 2, args.kv)), flush=True)
         return
     if not args.a:
         ap.error("--a (the other checkout) is required")
@@ -80,15 +84,17 @@ def main(argv=None):
     roots = {"a": os.path.abspath(args.a), "b": os.path.abspath(args.b)}
     results = {"a": [], "b": []}
     bws, gemms = [], []
+    kvs = {"a": args.kv_a, "b": args.kv_b}
     for r in range(args.rounds):
         for name, root in roots.items():
-            results[name].append(run_child(root, args))
+            results[name].append(run_child(root, args, kvs[name]))
             print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
         bws.append(floors.copy_bandwidth(threads=2))
         gemms.append(floors.numpy_gemm_rate())
     bw, gemm = max(bws), max(gemms)
     info = results["b"][0]
-    print(f"a = {roots['a']} (packed: {results['a'][0]['packed']}), b = {roots['b']} (packed: {info['packed']}); "
+    print(f"a = {roots['a']} (packed: {results['a'][0]['packed']}, KV {results['a'][0].get('kv_dtype', '?')}), "
+          f"b = {roots['b']} (packed: {info['packed']}, KV {info['kv_dtype']}); floors priced by b's KV bytes; "
           f"{args.quant} weights; copy bandwidth {bw / 1e9:.1f} GB/s, numpy GEMM {gemm / 1e9:.0f} GFLOP/s")
     print("| step | rows | ctx | a ms | b ms | a / b | floor ms | floor / b |\n|---|---|---|---|---|---|---|---|")
     rows = []

@@ -147,9 +147,10 @@ class ModelBench:
     """Weights, one KV pool and a jitted, KV-donating forward for one dtype and quantization."""
 
     def __init__(self, dtype: str, num_pages: int, attention: str = "jnp", quantization: str = "none",
-                 random_preset: str | None = None, layers: int | None = None, packed: bool | None = None):
+                 random_preset: str | None = None, layers: int | None = None, packed: bool | None = None,
+                 kv_dtype: str | None = None):
         """packed: weights panel-packed for the CPU's native matmul (sgl_jax.models.packing); None = as the engine
-        does (CPU, float32, the kernel built)."""
+        does (CPU, float32, the kernel built). kv_dtype: the KV pool's dtype (None: `dtype`)."""
         import dataclasses
 
         import jax
@@ -185,7 +186,8 @@ class ModelBench:
         self.packed = packed
         self.load_s = time.perf_counter() - t0
         self.weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(self.params))
-        self.itemsize = jnp.dtype(dtype).itemsize
+        self.kv_dtype = kv_dtype or dtype
+        self.itemsize = jnp.dtype(self.kv_dtype).itemsize  # of the KV pool (what kv_bytes_per_token is priced by)
         self.undo = _attention_override(attention)
         model = CausalLM(self.cfg, getattr(jnp, dtype), attention if attention in MODEL_BACKENDS else "jnp")
 
@@ -194,7 +196,7 @@ class ModelBench:
             return model.apply({"params": params}, ids, meta, kv, logits_idx)
 
         self.fwd = jax.jit(forward, donate_argnums=(2,), static_argnames=("block_q",))
-        self.kv = init_kv_cache(self.cfg, num_pages, PAGE_SIZE, getattr(jnp, dtype))
+        self.kv = init_kv_cache(self.cfg, num_pages, PAGE_SIZE, getattr(jnp, self.kv_dtype))
         self.num_pages = num_pages
 
     def close(self):

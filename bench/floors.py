@@ -5,6 +5,7 @@ calls `measure_all` so that its floors come from the same process and the same m
 Everything is best-of-N: on a shared machine the best run is the closest to the hardware's ceiling.
 
   copy_bandwidth(nbytes, threads)  numpy copy of an nbytes float32 array; bytes read + written per second
+  read_bandwidth(nbytes, threads)  numpy sum of an nbytes float32 array, threads slices at once; bytes read per second
   device_copy_bandwidth(nbytes)    the same on jax's default device (HBM on a GPU/TPU): a jitted x + 1
   numpy_gemm_rate(n)               f32 numpy (OpenBLAS) n x n x n; FLOP/s
   jnp_gemm_rate(m, k, n, dtype)    jitted jnp.dot [m,k] x [k,n]; FLOP/s
@@ -96,6 +97,24 @@ def copy_bandwidth(nbytes: int = 1 << 30, threads: int = 1, repeats: int = 4) ->
     t = _best_time(fn, repeats)
     del src, dst
     return 2 * nbytes / t
+
+
+def read_bandwidth(nbytes: int = 1 << 30, threads: int = 2, repeats: int = 4) -> float:
+    """Bytes/s read by a float32 sum over an `nbytes` array split in contiguous slices, one Python thread each (numpy
+    releases the GIL in the reduction): the ceiling for a kernel that only reads, like the paged attention."""
+    n = nbytes // 4
+    src = np.ones(n, np.float32)
+    bounds = np.linspace(0, n, threads + 1).astype(np.int64)
+
+    def fn():
+        ts = [threading.Thread(target=np.add.reduce, args=(src[a:b],)) for a, b in zip(bounds[:-1], bounds[1:])]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+    t = _best_time(fn, repeats)
+    del src
+    return nbytes / t
 
 
 def device_copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 10) -> float:

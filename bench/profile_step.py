@@ -1,7 +1,7 @@
 """Where does a forward step's time go? jax.profiler trace of the jitted forward, grouped by role.
 
     python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N] [--dtype float32] [--steps 5]
-                                 [--attention jnp|...] [--quant int8]
+                                 [--attention jnp|...] [--quant int8] [--kv-dtype float16]
 
 Runs the forward as bench_model.py does, traces `--steps` calls with jax.profiler, and sums the duration
 of every XLA:CPU op (thunk) event, attributing each top-level HLO instruction to a role through its
@@ -84,6 +84,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--attention", default="auto", help="as bench_model.py's (auto: what the engine runs)")
     ap.add_argument("--quant", default="none", choices=["none", "int8"], help="weight quantization")
+    ap.add_argument("--kv-dtype", default="", help="the KV pool's dtype (default: --dtype)")
     ap.add_argument("--top", type=int, default=8, help="list this many most expensive ops")
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
@@ -97,13 +98,13 @@ def main(argv=None):
     S = bm.PAGE_SIZE
     if args.prefill:
         pp = math.ceil(args.prefill / S)
-        mb = bm.ModelBench(args.dtype, 1 + pp, args.attention, args.quant)
+        mb = bm.ModelBench(args.dtype, 1 + pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
         ids = np.random.default_rng(0).integers(0, mb.cfg.vocab_size, args.prefill).tolist()
         b = pack([SeqChunk(ids, 0, list(range(1, 1 + pp)))], page_size=S, block_q=args.block_q)
         what = f"prefill {args.prefill} block_q={args.block_q}"
     else:
         pp = math.ceil(args.ctx / S)
-        mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant)
+        mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
         chunks = [SeqChunk([1], args.ctx - 1, list(range(1 + i * pp, 1 + (i + 1) * pp))) for i in range(args.batch)]
         b = pack(chunks, page_size=S, block_q=1)
         what = f"decode B={args.batch} ctx={args.ctx}"

@@ -4,12 +4,13 @@ The jnp forms in sgl_jax.models.attention run on XLA:CPU as gathers that copy ea
 step spent most of its time there (bench/notes.md, "Native paged attention on CPU"). The kernel walks each
 row's pages in place and reads only the keys its queries see. It computes `paged_attention`'s function
 exactly (up to float32 rounding; `ref_paged_attention` below is the pure-jnp reference it is tested against),
-for float32 queries and pages; other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
+for float32 queries and float32, float16 or bfloat16 pages (16-bit pages are widened as they are read, the
+arithmetic stays float32); other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
 without a compiler `available()` is False, one warning names the cause, and the model keeps the jnp path.
 
     paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
                     soft_cap=None)
-        q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32; page_table [R, P] int32; kv_lens [R] int32;
+        q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32, f16 or bf16 (both the same); page_table [R, P] int32; kv_lens [R] int32;
         q_positions [R, Bq] int32 (-1 = padding)  ->  [R, Bq, H, D] f32
 """
 
@@ -30,9 +31,12 @@ available = _KERNEL.available
 why_not = _KERNEL.why_not
 
 
+PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+
+
 def supports(q, k_pages) -> bool:
-    """Whether the kernel takes these operands (float32 queries and pages)."""
-    return q.dtype == jnp.float32 and k_pages.dtype == jnp.float32
+    """Whether the kernel takes these operands (float32 queries; float32, float16 or bfloat16 pages)."""
+    return q.dtype == jnp.float32 and any(k_pages.dtype == d for d in PAGE_DTYPES)
 
 
 def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
@@ -45,9 +49,9 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
     if page_table.ndim != 2 or page_table.shape[0] != R or kv_lens.shape != (R,) or q_positions.shape != (R, Bq):
         raise ValueError(f"native paged attention: for q {q.shape} expected page_table [{R}, P], kv_lens [{R}], "
                          f"q_positions [{R}, {Bq}]; got {page_table.shape}, {kv_lens.shape}, {q_positions.shape}")
-    if not supports(q, k_pages) or v_pages.dtype != jnp.float32:
-        raise ValueError(f"native paged attention takes float32 q and pages, got {q.dtype}, {k_pages.dtype}, "
-                         f"{v_pages.dtype}")
+    if not supports(q, k_pages) or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"native paged attention takes float32 q and float32, float16 or bfloat16 k/v pages (both "
+                         f"the same), got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
@@ -66,7 +70,9 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
 
 def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
                         sliding_window: int | None = None, soft_cap: float | None = None):
-    """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32)."""
+    """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32; 16-bit pages are
+    widened first)."""
+    k_pages, v_pages = k_pages.astype(jnp.float32), v_pages.astype(jnp.float32)
     R, Bq, H, D = q.shape
     _, KV, S, _ = k_pages.shape
     P = page_table.shape[1]

@@ -1,8 +1,12 @@
 // Paged attention for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_attention.py builds and
 // registers it). The same function as sgl_jax.models.attention.paged_attention:
 //
-//   q [R, Bq, H, D] f32, k_pages / v_pages [N, KV, S, D] f32, page_table [R, P] s32, kv_lens [R] s32,
-//   q_positions [R, Bq] s32 (-1 = padding)  ->  out [R, Bq, H, D] f32
+//   q [R, Bq, H, D] f32, k_pages / v_pages [N, KV, S, D] f32, f16 or bf16 (both the same), page_table [R, P] s32,
+//   kv_lens [R] s32, q_positions [R, Bq] s32 (-1 = padding)  ->  out [R, Bq, H, D] f32
+//
+// 16-bit pages are widened to float32 as they are loaded (F16C's convert, or a 16-bit shift for bf16) and all
+// arithmetic stays float32: a 16-bit pool halves the bytes a decode step reads, which is what a batched decode
+// step at long context waits on (bench/notes.md, "A float16 KV pool on CPU").
 //
 // The query at position t of row r sees keys j with j <= t, j < kv_lens[r] (and j > t - window when a window
 // is set); key j lives in slot j % S of page page_table[r, j / S]. A query that sees nothing gives zeros.
@@ -13,10 +17,13 @@
 // walks the pages its queries see, in place, with an online softmax (running max and sum per query), and
 // reads only the visible keys of each page -- so slots past a row's length, which may hold stale or
 // non-finite data, are never read, and no mask value ever meets a value row. The G = H / KV query heads
-// that share a KV head are scored together, so each key and value row is loaded once per unit.
-// Inner loops: keys are scored 8 at a time with one transpose-add, and the value accumulation keeps the output
-// vectors in registers (D = 32, 64, 128) so its chains run side by side (bench/notes.md, "Tuning the attention
-// kernel").
+// that share a KV head are computed together (PageShared, with AVX2 for G = 2..4 and D = 32, 64, 128): each key
+// and value vector is loaded and widened once into registers for all G, against G times from L1 before (1.2x
+// per layer with float16 pages; bench/notes.md, "A float16 KV pool on CPU"); other shapes take PageEach, one
+// query at a time. Keys are scored a few at a time with their partial sums reduced by transpose-adds; the value
+// accumulation keeps the output vectors in registers so its chains run side by side (bench/notes.md, "Tuning the
+// attention kernel"). The next page's key and value blocks are prefetched while one page is computed (the pool
+// is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer).
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
 // (cpu_native.h, RunUnits).
@@ -53,6 +60,64 @@ inline v8f LoadF8(const float* p) {
 
 inline void StoreF8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
 
+// How a page's elements are read: Load8 widens 8 consecutive elements to float32 lanes, Load1 one element.
+struct F32Pages {
+  using T = float;
+  static v8f Load8(const T* p) { return LoadF8(p); }
+  static float Load1(const T* p) { return *p; }
+};
+
+inline float HalfToFloat(uint16_t h) {
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  // IEEE binary16: sign, 5 exponent bits (bias 15), 10 mantissa bits; subnormals scaled exactly
+  const uint32_t sign = uint32_t{h & 0x8000u} << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ffu;
+  float f;
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -f : f;
+  }
+  const uint32_t bits = sign | (exp == 31 ? (0xffu << 23) | (man << 13) : ((exp + 112) << 23) | (man << 13));
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+struct F16Pages {
+  using T = uint16_t;
+  static v8f Load8(const T* p) {
+#if defined(__F16C__)
+    return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    v8f y;
+    for (int i = 0; i < 8; ++i) y[i] = HalfToFloat(p[i]);
+    return y;
+#endif
+  }
+  static float Load1(const T* p) { return HalfToFloat(*p); }
+};
+
+struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit shift
+  using T = uint16_t;
+  static v8f Load8(const T* p) {
+#if defined(__AVX2__)
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return (v8f)_mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+#else
+    v8f y;
+    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
+    return y;
+#endif
+  }
+  static float Load1(const T* p) {
+    const uint32_t bits = uint32_t{*p} << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof(f));
+    return f;
+  }
+};
+
 inline float HSum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 // exp of eight lanes. With AVX2: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p a degree-6
@@ -84,8 +149,8 @@ inline v8f Exp8(v8f x) {
 
 struct Problem {
   const float* q;
-  const float* k;
-  const float* v;
+  const void* k;  // [N, KV, S, D] of the page element type (Unit's E)
+  const void* v;
   const int32_t* table;
   const int32_t* lens;
   const int32_t* pos;
@@ -97,41 +162,45 @@ struct Problem {
 };
 
 // Per-thread scratch for one unit: running max, sum and output of each query of the row (index b * H + head),
-// and one page's scores for one query (S rounded up to whole vectors).
+// and one page's scores for the G queries of a KV head (each S rounded up to whole vectors, `stride` apart).
 // One per thread (thread_local below), fitted to each call's problem.
 struct Scratch {
   std::vector<float> m, l, acc, s;
+  int64_t stride = 0;
   void Fit(const Problem& p) {
     m.resize(p.Bq * p.H);
     l.resize(p.Bq * p.H);
     acc.resize(p.Bq * p.H * p.D);
-    s.resize((p.S + 7) / 8 * 8);
+    stride = (p.S + 7) / 8 * 8;
+    s.resize(p.G * stride);
   }
 };
 
-inline float Dot(const float* a, const float* b, int64_t D) {
+template <typename E>
+inline float Dot(const float* a, const typename E::T* b, int64_t D) {
   const int64_t d8 = D / 8 * 8;
   v8f acc0 = v8f{}, acc1 = v8f{};
   int64_t d = 0;
   for (; d + 16 <= d8; d += 16) {
-    acc0 += LoadF8(a + d) * LoadF8(b + d);
-    acc1 += LoadF8(a + d + 8) * LoadF8(b + d + 8);
+    acc0 += LoadF8(a + d) * E::Load8(b + d);
+    acc1 += LoadF8(a + d + 8) * E::Load8(b + d + 8);
   }
-  for (; d < d8; d += 8) acc0 += LoadF8(a + d) * LoadF8(b + d);
+  for (; d < d8; d += 8) acc0 += LoadF8(a + d) * E::Load8(b + d);
   float s = HSum(acc0 + acc1);
-  for (; d < D; ++d) s += a[d] * b[d];
+  for (; d < D; ++d) s += a[d] * E::Load1(b + d);
   return s;
 }
 
 #if defined(__AVX2__)
 // The dot products of q with 8 consecutive key rows (D apart, D a multiple of 8), as one vector: eight 8-lane
 // partial sums reduced together by a transpose-add (7 shuffles and adds for 8 results, not a horizontal sum each).
-inline v8f Dots8(const float* q, const float* k, int64_t D) {
+template <typename E>
+inline v8f Dots8(const float* q, const typename E::T* k, int64_t D) {
   __m256 a[8];
   for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
   for (int64_t d = 0; d < D; d += 8) {
     const __m256 qv = _mm256_loadu_ps(q + d);
-    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + i * D + d), a[i]);
+    for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, (__m256)E::Load8(k + i * D + d), a[i]);
   }
   const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
   const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
@@ -141,51 +210,200 @@ inline v8f Dots8(const float* q, const float* k, int64_t D) {
 #endif
 
 // s[0:n] = q . key rows [0, n) (rows D apart)
-inline void Scores(const float* q, const float* k, int64_t n, int64_t D, float* s) {
+template <typename E>
+inline void Scores(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s) {
   int64_t j = 0;
 #if defined(__AVX2__)
   if (D % 8 == 0)
-    for (; j + 8 <= n; j += 8) StoreF8(s + j, Dots8(q, k + j * D, D));
+    for (; j + 8 <= n; j += 8) StoreF8(s + j, Dots8<E>(q, k + j * D, D));
 #endif
-  for (; j < n; ++j) s[j] = Dot(q, k + j * D, D);
+  for (; j < n; ++j) s[j] = Dot<E>(q, k + j * D, D);
 }
 
 // Accumulate for D = 8 * C: the C output vectors stay in registers while the value rows stream by, so the C
 // accumulation chains run side by side (one chain over the keys would wait on each add's latency).
-template <int C>
-inline void AccumulateRegs(float* acc, float corr, const float* p, const float* vrows, int64_t n) {
+template <typename E, int C>
+inline void AccumulateRegs(float* acc, float corr, const float* p, const typename E::T* vrows, int64_t n) {
   v8f a[C];
   for (int c = 0; c < C; ++c) a[c] = LoadF8(acc + 8 * c) * corr;
   for (int64_t j = 0; j < n; ++j) {
     const float pj = p[j];
-    for (int c = 0; c < C; ++c) a[c] += pj * LoadF8(vrows + j * 8 * C + 8 * c);
+    for (int c = 0; c < C; ++c) a[c] += pj * E::Load8(vrows + j * 8 * C + 8 * c);
   }
   for (int c = 0; c < C; ++c) StoreF8(acc + 8 * c, a[c]);
 }
 
 // acc[0:D] = acc * corr + sum_j p[j] * vrows[j]   (j < n, rows D apart)
-inline void Accumulate(float* acc, float corr, const float* p, const float* vrows, int64_t n, int64_t D) {
-  if (D == 64) return AccumulateRegs<8>(acc, corr, p, vrows, n);
-  if (D == 128) return AccumulateRegs<16>(acc, corr, p, vrows, n);
-  if (D == 32) return AccumulateRegs<4>(acc, corr, p, vrows, n);
+template <typename E>
+inline void Accumulate(float* acc, float corr, const float* p, const typename E::T* vrows, int64_t n, int64_t D) {
+  if (D == 64) return AccumulateRegs<E, 8>(acc, corr, p, vrows, n);
+  if (D == 128) return AccumulateRegs<E, 16>(acc, corr, p, vrows, n);
+  if (D == 32) return AccumulateRegs<E, 4>(acc, corr, p, vrows, n);
   const int64_t d8 = D / 8 * 8;
   for (int64_t d = 0; d < d8; d += 8) {
     v8f a = LoadF8(acc + d) * corr;
-    for (int64_t j = 0; j < n; ++j) a += p[j] * LoadF8(vrows + j * D + d);
+    for (int64_t j = 0; j < n; ++j) a += p[j] * E::Load8(vrows + j * D + d);
     StoreF8(acc + d, a);
   }
   for (int64_t d = d8; d < D; ++d) {
     float a = acc[d] * corr;
-    for (int64_t j = 0; j < n; ++j) a += p[j] * vrows[j * D + d];
+    for (int64_t j = 0; j < n; ++j) a += p[j] * E::Load1(vrows + j * D + d);
     acc[d] = a;
   }
+}
+
+// Online-softmax update of one query over one page's n scores s[0:n] (raw q.k): scales (and soft-caps) them, turns
+// them into exp(x - new max) in place, and updates the running max m and sum l; returns the factor the query's
+// output accumulated so far must be multiplied by. s has room for whole vectors: the lanes past n are set to -inf
+// for the max and give exp(-87 - max) ~ 1e-38 to the sum (never to the output, which reads s[0:n] only).
+inline float SoftmaxPage(float* s, int64_t n, float sm_scale, float soft_cap, float& m, float& l) {
+  const int64_t n8 = (n + 7) / 8 * 8;
+  if (soft_cap > 0.0f)
+    for (int64_t j = 0; j < n; ++j) s[j] = soft_cap * std::tanh(s[j] * sm_scale / soft_cap);
+  else
+    for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, LoadF8(s + j) * sm_scale);
+  for (int64_t j = n; j < n8; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  v8f mv = LoadF8(s);
+  for (int64_t j = 8; j < n8; j += 8) {
+    const v8f x = LoadF8(s + j);
+    mv = mv > x ? mv : x;
+  }
+  float mx = m;
+  for (int i = 0; i < 8; ++i) mx = std::max(mx, mv[i]);
+  v8f sum = v8f{};
+  for (int64_t j = 0; j < n8; j += 8) {
+    const v8f e = Exp8(LoadF8(s + j) - mx);
+    StoreF8(s + j, e);
+    sum += e;
+  }
+  const float corr = std::exp(m - mx);  // exp(-inf) = 0 at the first visible page
+  l = l * corr + HSum(sum);
+  m = mx;
+  return corr;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+constexpr int kAccRegs = 24;  // vector registers the shared loops below may fill with accumulators (of 32)
+#else
+constexpr int kAccRegs = 12;  // (of 16)
+#endif
+
+constexpr int Pow2Below(int x) { return x >= 8 ? 8 : x >= 4 ? 4 : x >= 2 ? 2 : 1; }
+
+#if defined(__AVX2__)
+// The 4 sums of a[0..3]'s lanes, into out[0..3].
+inline void Sums4(const v8f* a, float* out) {
+  const __m256 t0 = _mm256_hadd_ps((__m256)a[0], (__m256)a[1]), t1 = _mm256_hadd_ps((__m256)a[2], (__m256)a[3]);
+  const __m256 u = _mm256_hadd_ps(t0, t1);  // [a0 a1 a2 a3 | a0 a1 a2 a3] partial sums of each 128-bit half
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1)));
+}
+#endif
+
+// The scores of G queries (G x D floats, consecutive) with key rows [0, n) (D apart, D a multiple of 8) into
+// s + g * stride: each key vector is loaded (and widened) once for all G queries, KB keys at a time with the
+// G x KB accumulators in registers.
+template <typename E, int G>
+inline void ScoresShared(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride) {
+  constexpr int KB = Pow2Below(kAccRegs / G) >= 4 ? Pow2Below(kAccRegs / G) : 4;
+  int64_t j = 0;
+#if defined(__AVX2__)
+  for (; j + KB <= n; j += KB) {
+    v8f acc[G][KB];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KB; ++i) acc[g][i] = v8f{};
+    for (int64_t d = 0; d < D; d += 8) {
+      v8f qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = LoadF8(q + g * D + d);
+      for (int i = 0; i < KB; ++i) {
+        const v8f kv = E::Load8(k + (j + i) * D + d);
+        for (int g = 0; g < G; ++g) acc[g][i] += qv[g] * kv;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KB; i += 4) Sums4(acc[g] + i, s + g * stride + j + i);
+  }
+#endif
+  for (int g = 0; g < G; ++g)
+    for (int64_t jj = j; jj < n; ++jj) s[g * stride + jj] = Dot<E>(q + g * D, k + jj * D, D);
+}
+
+// acc_g[0:D] = acc_g * corr[g] + sum_j p_g[j] * vrows[j] for the G queries (outputs G x D consecutive, p_g at
+// p + g * stride; D = 8 * C): each value vector is loaded once for all G, CP of the C output vectors per pass.
+template <typename E, int G, int C>
+inline void AccumulateShared(float* acc, const float* corr, const float* p, int64_t stride,
+                             const typename E::T* vrows, int64_t n) {
+  constexpr int CP = Pow2Below(kAccRegs / G) < C ? Pow2Below(kAccRegs / G) : C;
+  constexpr int D = 8 * C;
+  for (int c0 = 0; c0 < C; c0 += CP) {
+    v8f a[G][CP];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CP; ++c) a[g][c] = LoadF8(acc + g * D + 8 * (c0 + c)) * corr[g];
+    for (int64_t j = 0; j < n; ++j) {
+      float pj[G];
+      for (int g = 0; g < G; ++g) pj[g] = p[g * stride + j];
+      for (int c = 0; c < CP; ++c) {
+        const v8f vv = E::Load8(vrows + j * D + 8 * (c0 + c));
+        for (int g = 0; g < G; ++g) a[g][c] += pj[g] * vv;
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CP; ++c) StoreF8(acc + g * D + 8 * (c0 + c), a[g][c]);
+  }
+}
+
+// One page's keys [0, n) for the G queries of one KV head (queries, running max/sum and outputs at index qi..
+// qi+G-1): scores, softmax update and value accumulation, each key and value row read once for the G of them.
+template <typename E, int G, int C>
+void PageShared(const Problem& p, Scratch& sc, int64_t qi, const float* q, const typename E::T* k,
+                const typename E::T* v, int64_t n) {
+  float* s = sc.s.data();
+  ScoresShared<E, G>(q, k, n, 8 * C, s, sc.stride);
+  float corr[G];
+  for (int g = 0; g < G; ++g)
+    corr[g] = SoftmaxPage(s + g * sc.stride, n, p.sm_scale, p.soft_cap, sc.m[qi + g], sc.l[qi + g]);
+  AccumulateShared<E, G, C>(sc.acc.data() + qi * 8 * C, corr, s, sc.stride, v, n);
+}
+
+// The same for any G and D, one query at a time (each key row re-read from L1 per query).
+template <typename E>
+void PageEach(const Problem& p, Scratch& sc, int64_t qi, const float* q, const typename E::T* k,
+              const typename E::T* v, int64_t n) {
+  float* s = sc.s.data();
+  for (int64_t g = 0; g < p.G; ++g) {
+    Scores<E>(q + g * p.D, k, n, p.D, s);
+    const float corr = SoftmaxPage(s, n, p.sm_scale, p.soft_cap, sc.m[qi + g], sc.l[qi + g]);
+    Accumulate<E>(sc.acc.data() + (qi + g) * p.D, corr, s, v, n, p.D);
+  }
+}
+
+template <typename E>
+using PageFn = void (*)(const Problem&, Scratch&, int64_t, const float*, const typename E::T*, const typename E::T*,
+                        int64_t);
+
+// The page function for this problem: shared loads for G = 2..4 query heads a KV head and D = 32, 64 or 128
+// (with AVX2), else one query at a time.
+template <typename E>
+PageFn<E> PickPage(const Problem& p) {
+#if defined(__AVX2__)
+#define SGL_PAGE_D(G)                                   \
+  if (p.D == 64) return &PageShared<E, G, 8>;           \
+  if (p.D == 128) return &PageShared<E, G, 16>;         \
+  if (p.D == 32) return &PageShared<E, G, 4>;
+  if (p.G == 2) { SGL_PAGE_D(2) }
+  if (p.G == 3) { SGL_PAGE_D(3) }
+  if (p.G == 4) { SGL_PAGE_D(4) }
+#undef SGL_PAGE_D
+#endif
+  return &PageEach<E>;
 }
 
 // Row r, KV heads [h0, h1). Returns false when a page index is outside the pool (nothing is read from it). The
 // heads are visited inside the page loop: a page's blocks for consecutive heads are adjacent in the pool, so a
 // unit of several heads reads each page's keys (and values) as one run of memory rather than one 4 KB block per
 // pass over the row.
-bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
+template <typename E>
+bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn) {
+  using T = typename E::T;
   const int64_t D = p.D, S = p.S, G = p.G;
   const int32_t len = p.lens[r];
   for (int64_t b = 0; b < p.Bq; ++b) {
@@ -212,9 +430,21 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
         break;
       }
       const int64_t j0 = c * S;
+      if (c < c_end) {  // the next page's blocks for these heads are fetched while this one is computed
+        const int64_t next = p.table[r * p.P + c + 1];
+        if (next >= 0 && next < p.N) {
+          const int64_t off = (next * p.KV + h0) * S * D * sizeof(T), bytes = (h1 - h0) * S * D * sizeof(T);
+          const char* kn = static_cast<const char*>(p.k) + off;
+          const char* vn = static_cast<const char*>(p.v) + off;
+          for (int64_t o = 0; o < bytes; o += 64) {
+            __builtin_prefetch(kn + o);
+            __builtin_prefetch(vn + o);
+          }
+        }
+      }
       for (int64_t h = h0; h < h1; ++h) {
-        const float* kb = p.k + (page * p.KV + h) * S * D;
-        const float* vb = p.v + (page * p.KV + h) * S * D;
+        const T* kb = static_cast<const T*>(p.k) + (page * p.KV + h) * S * D;
+        const T* vb = static_cast<const T*>(p.v) + (page * p.KV + h) * S * D;
         for (int64_t b = 0; b < p.Bq; ++b) {
           const int64_t t = p.pos[r * p.Bq + b];
           if (t < 0) continue;
@@ -224,26 +454,8 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
           const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
           if (a >= e) continue;
           const int64_t n = e - a;
-          for (int64_t g = 0; g < G; ++g) {
-            const int64_t qi = b * p.H + h * G + g;
-            const float* qv = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
-            float* s = sc.s.data();
-            float mx = sc.m[qi];
-            Scores(qv, kb + (a - j0) * D, n, D, s);
-            for (int64_t j = 0; j < n; ++j) {
-              float x = s[j] * p.sm_scale;
-              if (p.soft_cap > 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
-              s[j] = x;
-              mx = std::max(mx, x);
-            }
-            for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, Exp8(LoadF8(s + j) - mx));
-            float sum = 0.0f;
-            for (int64_t j = 0; j < n; ++j) sum += s[j];
-            const float corr = std::exp(sc.m[qi] - mx);  // exp(-inf) = 0 at the first visible page
-            sc.l[qi] = sc.l[qi] * corr + sum;
-            sc.m[qi] = mx;
-            Accumulate(sc.acc.data() + qi * D, corr, s, vb + (a - j0) * D, n, D);
-          }
+          const int64_t qi = b * p.H + h * G;
+          page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + (a - j0) * D, vb + (a - j0) * D, n);
         }
       }
     }
@@ -260,16 +472,31 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc) {
 
 constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole row (all its KV heads)
 
-ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                              ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens,
-                              ffi::Buffer<ffi::S32> pos, ffi::ResultBuffer<ffi::F32> out, float sm_scale,
-                              int64_t window, float soft_cap) {
+template <typename E>
+void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page) {
+  // a unit: all of a row's KV heads when there are rows enough to share out, else one (row, KV head)
+  const int64_t heads = p.R >= kRowUnits ? p.KV : 1, per_row = p.KV / heads;
+  const PageFn<E> page_fn = PickPage<E>(p);
+  RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, &bad_page](int64_t u) {
+    thread_local Scratch sc;
+    sc.Fit(p);
+    const int64_t r = u / per_row, h0 = u % per_row * heads;
+    if (!Unit<E>(p, r, h0, h0 + heads, sc, page_fn)) bad_page.store(true);
+  });
+}
+
+ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                              ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> pos,
+                              ffi::ResultBuffer<ffi::F32> out, float sm_scale, int64_t window, float soft_cap) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
   const auto vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || vd.size() != 4 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()))
     return ffi::Error::InvalidArgument("paged attention: q and pages must be 4-D, v like k, the table 2-D");
-  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), table.typed_data(), lens.typed_data(),
+  const ffi::DataType et = k.element_type();
+  if (v.element_type() != et || (et != ffi::DataType::F32 && et != ffi::DataType::F16 && et != ffi::DataType::BF16))
+    return ffi::Error::InvalidArgument("paged attention: k and v pages must both be f32, f16 or bf16");
+  Problem p{q.typed_data(), k.untyped_data(), v.untyped_data(), table.typed_data(), lens.typed_data(),
             pos.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], 0,
             sm_scale, window, soft_cap};
   if (kd[3] != p.D || p.KV == 0 || p.H % p.KV != 0 || td[0] != p.R ||
@@ -277,15 +504,10 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
       static_cast<int64_t>(pos.element_count()) != p.R * p.Bq)
     return ffi::Error::InvalidArgument("paged attention: operand shapes disagree");
   p.G = p.H / p.KV;
-  // a unit: all of a row's KV heads when there are rows enough to share out, else one (row, KV head)
-  const int64_t heads = p.R >= kRowUnits ? p.KV : 1, per_row = p.KV / heads;
   std::atomic<bool> bad_page{false};
-  RunUnits(pool, p.R * per_row, [p, heads, per_row, &bad_page](int64_t u) {
-    thread_local Scratch sc;
-    sc.Fit(p);
-    const int64_t r = u / per_row, h0 = u % per_row * heads;
-    if (!Unit(p, r, h0, h0 + heads, sc)) bad_page.store(true);
-  });
+  if (et == ffi::DataType::F32) RunAll<F32Pages>(pool, p, bad_page);
+  else if (et == ffi::DataType::F16) RunAll<F16Pages>(pool, p, bad_page);
+  else RunAll<BF16Pages>(pool, p, bad_page);
   if (bad_page.load()) return ffi::Error::InvalidArgument("paged attention: a page index is outside the pool");
   return ffi::Error::Success();
 }
@@ -296,8 +518,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()

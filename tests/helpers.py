@@ -15,10 +15,10 @@ class PagedRunner:
     """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
-                 attention_backend="jnp", nan_fill=True):
+                 attention_backend="jnp", nan_fill=True, kv_dtype=None):
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
         self.model = CausalLM(cfg, dtype, attention_backend)
-        kv = init_kv_cache(cfg, num_pages, page_size, dtype)
+        kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype or dtype)
         if nan_fill:  # a read of a page nobody owns poisons the output
             kv = tuple((jnp.full_like(k, jnp.nan), jnp.full_like(v, jnp.nan)) for k, v in kv)
         self.kv = kv

@@ -130,7 +130,8 @@ def test_cli_flags_and_set():
 @pytest.mark.timeout(60)
 def test_quantization_key():
     """`quantization` (none | int8) is a top-level engine key: set by preset, flat name, --set and --flag-free
-    keyword, refused by name when unknown; the int8 preset is the CPU preset with only this key changed."""
+    keyword, refused by name when unknown; the int8 preset is the CPU preset with this key and kv_dtype (float16)
+    changed."""
     assert EngineConfig().quantization == "none"
     assert EngineConfig.make(quantization="int8").quantization == "int8"
     base = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
@@ -143,8 +144,8 @@ def test_quantization_key():
     with pytest.raises(ConfigError, match=re.escape("'engine.quantization' must be a string, got 8")):
         EngineConfig.make(quantization=8)
     int8 = load_config(os.path.join(ROOT, "configs", "smollm2-135m-int8.yaml"))
-    assert int8.engine.quantization == "int8"
-    assert int8 == load_config(base, {"quantization": "int8"})
+    assert int8.engine.quantization == "int8" and int8.engine.kv_dtype == "float16"
+    assert int8 == load_config(base, {"quantization": "int8", "kv_dtype": "float16"})
 
 
 @pytest.mark.parametrize("argv,needle", [
