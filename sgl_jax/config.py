@@ -83,6 +83,10 @@ class CacheConfig:
     max_num_pages: int = _f(0, "if > 0, caps the number of KV pages regardless of the budget")
     max_context_len: int = _f(4096, "longest prompt + output a request may have (capped by the model's limit)")
     disable_radix_cache: bool = _f(False, "turn prefix caching off (the ablation baseline)")
+    host_memory_gb: float = _f(4.0, "host-memory tier of the prefix cache in GiB: pages evicted from the device "
+                               "pool move there and are loaded back on a hit (0: off; reserved lazily, memory is "
+                               "touched only as pages arrive)")
+    disable_hierarchical_cache: bool = _f(False, "keep the cache in the device pool only (the ablation baseline)")
 
     def __post_init__(self):
         for key in ("page_size", "max_context_len"):
@@ -90,6 +94,7 @@ class CacheConfig:
         _at_least(self, "max_context_len", 2)
         _at_least(self, "max_num_pages", 0)
         _positive(self, "kv_memory_gb")
+        _at_least(self, "host_memory_gb", 0)
 
 
 @dataclasses.dataclass(frozen=True)

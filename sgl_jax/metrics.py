@@ -5,6 +5,8 @@ The engine reports; the server only renders:
 * `observe_step(seconds, batch_size)` after every model step,
 * `set_queue(waiting, running, pages_used_ratio)` whenever the scheduler's queues change,
 * `on_first_token(seconds)` when a request's first output token exists (time since arrival),
+* `set_cache(tiers)` after every step: the prefix cache's pages per tier and its host-tier decisions
+  (`cache_tiers(scheduler)` gathers them),
 * `on_finish(status, prompt_tokens, completion_tokens, cached_tokens, e2e_seconds)` once per request;
   `status` is the finish type: "stop", "length", "abort" or "error".
 `render()` returns the Prometheus text exposition format that `/metrics` serves.
@@ -45,6 +47,12 @@ class Metrics:
             f"{p}e2e_latency_seconds", "arrival to finish", buckets=_E2E_BUCKETS, registry=r)
         self.step_seconds = Histogram(f"{p}step_seconds", "duration of one engine step", buckets=_STEP_BUCKETS, registry=r)
         self.batch_size = Histogram(f"{p}batch_size", "sequences per engine step", buckets=_BATCH_BUCKETS, registry=r)
+        self.cache_pages = Gauge(f"{p}cache_pages", "pages held by the prefix cache, by tier", ["tier"], registry=r)
+        self.cache_tier_bytes = Gauge(f"{p}cache_tier_bytes", "bytes of cached K/V, by tier", ["tier"], registry=r)
+        self.host_free_slots = Gauge(f"{p}host_free_slots", "free page slots of the host tier", registry=r)
+        self.cache_events = Gauge(f"{p}cache_events", "host-tier events since start: pages demoted, promoted "
+                                  "(loaded), dropped from the host; hit tokens loaded or recomputed", ["event"],
+                                  registry=r)
         self._lock = threading.Lock()
         self._prompt_sum = 0
         self._cached_sum = 0
@@ -57,6 +65,15 @@ class Metrics:
         self.num_waiting.set(waiting)
         self.num_running.set(running)
         self.kv_pages_used_ratio.set(pages_used_ratio)
+
+    def set_cache(self, tiers: dict) -> None:
+        for tier in ("device", "host"):
+            self.cache_pages.labels(tier=tier).set(tiers[f"{tier}_pages"])
+            self.cache_tier_bytes.labels(tier=tier).set(tiers[f"{tier}_pages"] * tiers["page_bytes"])
+        self.host_free_slots.set(tiers["host_free_slots"])
+        for event in ("pages_demoted", "pages_promoted", "host_pages_dropped", "host_tokens_loaded",
+                      "host_tokens_recomputed"):
+            self.cache_events.labels(event=event).set(tiers[event])
 
     def on_first_token(self, seconds: float) -> None:
         self.time_to_first_token_seconds.observe(seconds)
@@ -76,3 +93,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def cache_tiers(scheduler) -> dict:
+    """The prefix cache's state per tier and the host tier's counters, from the scheduler (engine thread)."""
+    cache = scheduler.cache
+    host = getattr(cache, "host", None)
+    return {"device_pages": cache.cached_pages, "host_pages": getattr(cache, "host_cached_pages", 0),
+            "page_bytes": host.page_bytes if host is not None else 0,
+            "host_free_slots": host.allocator.num_free if host is not None else 0,
+            "host_slots": host.num_slots if host is not None else 0,
+            "pages_demoted": getattr(cache, "pages_demoted", 0), "pages_promoted": getattr(cache, "pages_promoted", 0),
+            "host_pages_dropped": getattr(cache, "host_pages_dropped", 0),
+            "host_tokens_loaded": scheduler.host_tokens_loaded,
+            "host_tokens_recomputed": scheduler.host_tokens_recomputed,
+            "transfer_costs": scheduler.transfer_costs.as_dict()}

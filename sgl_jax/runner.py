@@ -259,6 +259,9 @@ class ModelRunner:
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
         self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._gather = jax.jit(_gather_pages)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+        self.host_arena: np.ndarray | None = None  # the host tier's (HostPool.arena), when there is one
         self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q,
                                        self.valid_vocab if self.valid_vocab < V else None),
                              donate_argnums=(1, 2))
@@ -542,8 +545,8 @@ class ModelRunner:
                     rows[j] = rows[j] or RowParams(top=True)
         if plan.reset_slots or plan.marks:
             self.apply_marks(plan.reset_slots, plan.marks)
-        if plan.copies:
-            self.copy_pages(plan.copies)
+        if plan.copies or plan.loads:
+            self._transfers(plan)
         inp = self._inputs(shape, batch, rows, row_slot, target)
         compiled = self._compiled.get(shape)
         if compiled is None:
@@ -556,6 +559,24 @@ class ModelRunner:
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
                        "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
 
+    def _transfers(self, plan: StepPlan) -> None:
+        """The plan's page copies and host loads, in the order the scheduler made them (`StepPlan.copy_after`),
+        consecutive ones of a kind in one call."""
+        done = 0
+        after = plan.copy_after or [0] * len(plan.copies)
+        i = 0
+        while i < len(plan.copies):
+            j = i
+            while j < len(plan.copies) and after[j] == after[i]:
+                j += 1
+            if after[i] > done:
+                self.load_pages(plan.loads[done:after[i]])
+                done = after[i]
+            self.copy_pages(plan.copies[i:j])
+            i = j
+        if done < len(plan.loads):
+            self.load_pages(plan.loads[done:])
+
     def copy_pages(self, pairs) -> None:
         """Copy whole KV pages src -> dst, all layers, before the step that reads them (partial-page reuse:
         a request's own page starts as a copy of a cached page it shares a few tokens with). Runs
@@ -566,6 +587,81 @@ class ModelRunner:
             part += [part[-1]] * (W - len(part))
             arr = np.asarray(part, np.int32)
             self.kv = self._copy(self.kv, arr[:, 0], arr[:, 1])
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page over all layers' K and V (a host-tier slot)."""
+        k = self.kv[0][0]
+        return 2 * len(self.kv) * (k.size // k.shape[0]) * k.dtype.itemsize
+
+    def save_pages(self, pages) -> np.ndarray:
+        """Device -> host: pages' K/V for every layer as raw bytes, uint8 [len(pages), page_bytes] (the host tier's
+        `save`); waits for the copy. `TRANSFER_WIDTH` pages per call, padded with page 0."""
+        out = []
+        for start in range(0, len(pages), TRANSFER_WIDTH):
+            part = list(pages[start:start + TRANSFER_WIDTH])
+            idx = np.zeros(TRANSFER_WIDTH, np.int32)
+            idx[:len(part)] = part
+            data = np.asarray(self._gather(self.kv, idx))[:len(part)]
+            out.append(np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8))
+        return np.concatenate(out) if out else np.zeros((0, self.page_bytes), np.uint8)
+
+    def load_pages(self, loads) -> None:
+        """Host -> device: (slot, page) pairs from the host arena into the pool (donated; padding writes page 0,
+        the sink). The copy from host memory is dispatched asynchronously, ahead of the step that reads it."""
+        k = self.kv[0][0]
+        L, shape = len(self.kv), k.shape[1:]
+        for start in range(0, len(loads), TRANSFER_WIDTH):
+            part = loads[start:start + TRANSFER_WIDTH]
+            idx = np.zeros(TRANSFER_WIDTH, np.int32)
+            idx[:len(part)] = [p for _, p in part]
+            rows = np.zeros((TRANSFER_WIDTH, self.page_bytes), np.uint8)
+            rows[:len(part)] = self.host_arena[[s for s, _ in part]]
+            data = rows.view(np.dtype(k.dtype)).reshape(TRANSFER_WIDTH, L, 2, *shape)
+            self.kv = self._scatter(self.kv, idx, data)
+
+    def measure_transfer_costs(self, pages: int = 2 * 16) -> "TransferCosts":
+        """This machine's prices for the host tier's load-or-recompute choice (sgl_jax/cache/costs.py): a
+        prefill step of the largest compiled block count on dummy inputs (its matmuls are the recompute cost;
+        padding rows compute like real ones), and saves / loads of 1 and `pages` pages (fixed cost and per
+        page). Runs steps on the device state: call before serving or on the engine thread."""
+        from sgl_jax.cache.costs import TransferCosts
+
+        g = self.grid
+        shape = StepShape(0, g.prefill_block_buckets[-1], g.page_width_buckets[-1])  # one of first_shapes()
+        compiled, inp = self._compile(shape), self._dummy_inputs(shape)
+
+        def prefill():
+            self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
+            jax.block_until_ready(out)
+
+        def best(fn, n=3):
+            fn()
+            ts = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+            return min(ts)
+
+        prefill_s = best(prefill) / (g.prefill_block_buckets[-1] * self.prefill_block)
+        arena, self.host_arena = self.host_arena, np.zeros((pages, self.page_bytes), np.uint8)
+        try:
+            few = [1 + i % (self.num_pages - 1) for i in range(pages)]
+            save1, saven = best(lambda: self.save_pages(few[:1])), best(lambda: self.save_pages(few))
+
+            def load(n):
+                def run():
+                    self.load_pages([(i, p) for i, p in enumerate(few[:n])])
+                    jax.block_until_ready(self.kv)
+                return run
+            load1, loadn = best(load(1)), best(load(pages))
+        finally:
+            self.host_arena = arena
+        ps = self.page_size
+        per_page = max(loadn - load1, 0.0) / (pages - 1)
+        return TransferCosts(prefill_s, max(load1 - per_page, 0.0), per_page / ps,
+                             max(saven - save1, 0.0) / (pages - 1) / ps)
 
     def apply_marks(self, reset_slots, marks) -> None:
         """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
@@ -625,11 +721,23 @@ class ModelRunner:
 
 _ROW_BLOCK = 64  # rows per constraint upload (must equal ConstraintTable's block)
 COPY_WIDTH = 8  # page copies per call
+TRANSFER_WIDTH = 16  # pages per host-tier save / load call (one compiled width each)
 
 
 def _copy_pages(kv, src, dst):
     """Every layer's K and V pages `src` written to pages `dst` (all gathered before any is written)."""
     return tuple((k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv)
+
+
+def _gather_pages(kv, idx):
+    """Pages `idx` of every layer's K and V: [len(idx), layers, 2, KV, S, D]."""
+    return jnp.stack([jnp.stack([k[idx], v[idx]], axis=1) for k, v in kv], axis=1)
+
+
+def _scatter_pages(kv, idx, data):
+    """`data` [len(idx), layers, 2, KV, S, D] written to pages `idx` of every layer."""
+    return tuple((k.at[idx].set(data[:, i, 0].astype(k.dtype)), v.at[idx].set(data[:, i, 1].astype(v.dtype)))
+                 for i, (k, v) in enumerate(kv))
 
 
 def _put_rows(cb_mask, cb_next, cb_dist, mblock, nblock, dblock, start):

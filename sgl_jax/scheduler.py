@@ -33,6 +33,7 @@ import math
 from typing import Any
 
 from sgl_jax.cache import PageAllocator, RadixCache, commit_running_prefix
+from sgl_jax.cache.costs import TransferCosts
 from sgl_jax.config import SchedulerConfig
 from sgl_jax.shapes import ShapeGrid, StepShape
 
@@ -140,6 +141,10 @@ class StepPlan:
     full_logits: bool  # some chunk wants logits for many positions (prompt logprobs)
     shape: StepShape | None = None  # the grid shape the step runs as (set by the scheduler)
     copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # KV pages (src, dst) to copy first
+    loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # (host slot, page) to load
+    # copies[i] runs after the first copy_after[i] loads: copies and loads run in the order the scheduler made them
+    # (a copy may read a page promoted earlier in the round; a load may refill a page freed after a copy read it)
+    copy_after: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def chunks(self) -> list[Chunk]:
@@ -176,7 +181,11 @@ class Scheduler:
         self._resets: list[int] = []
         self._marks: list[tuple[int, int, bool]] = []
         self._copies: list[tuple[int, int]] = []  # partial-page reuse: (tree page, request page), next plan
+        self._copy_after: list[int] = []  # loads queued before each copy (see StepPlan.copy_after)
         self.partial_tokens = 0  # prompt tokens reused from partly matching pages (counted in cached_tokens)
+        self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
+        self.host_tokens_loaded = 0  # prompt tokens loaded from the host tier (counted in cached_tokens)
+        self.host_tokens_recomputed = 0  # ... found there but recomputed (too short to be worth a load)
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
         self._last_was_prefill_only = False
@@ -261,7 +270,9 @@ class Scheduler:
             if self._copies:  # a copy into a page of this request that no step has run yet: drop it
                 dropped = set(own)
                 pending = len(self._copies)
-                self._copies = [c for c in self._copies if c[1] not in dropped]
+                keep = [i for i, c in enumerate(self._copies) if c[1] not in dropped]
+                self._copies = [self._copies[i] for i in keep]
+                self._copy_after = [self._copy_after[i] for i in keep]
                 keep_cache = keep_cache and len(self._copies) == pending  # (and keep no tail of that page)
             full = req.num_computed // ps
             if keep_cache and req.num_computed % ps and full == req.n_tree and len(req.pages) > full:
@@ -472,8 +483,10 @@ class Scheduler:
             return None
         self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
-                        grid.shape_for(dec_chunks, pre_chunks, full), self._copies)
-        self._resets, self._marks, self._copies = [], [], []
+                        grid.shape_for(dec_chunks, pre_chunks, full), self._copies,
+                        self.cache.take_loads() if getattr(self.cache, "host", None) is not None else [],
+                        self._copy_after)
+        self._resets, self._marks, self._copies, self._copy_after = [], [], [], []
         return plan
 
     def _plan_decodes(self, order: list[Request], max_rows: int,
@@ -556,6 +569,7 @@ class Scheduler:
                 m = self.cache.match_prefix([], r.namespace)
                 r.pages, r.n_tree, r.node, cached = [], 0, m.node, 0
             self.cache.lock(r.node)
+            cached += self._promote(r, cached)
             cached += self._reuse_partial(r, cached)
             r.num_computed = cached
             if r.retractions == 0:
@@ -580,6 +594,34 @@ class Scheduler:
                 r.bypassed += 1
         return admitted
 
+    def _promote(self, r: Request, cached: int) -> int:
+        """Where `r`'s prompt continues past its device match into host-tier pages, load them (queued for the next
+        step) if the cost model says loading beats recomputing them (`TransferCosts`); returns the tokens gained.
+        Free pages only, after evicting for the rest: `r`'s device prefix is locked, so eviction cannot demote
+        it (it may drop host pages of the hit itself when the host tier is full: fewer are then loaded)."""
+        if getattr(self.cache, "host", None) is None or self.cache.disabled:
+            return 0
+        ps, limit = self.page_size, r.reuse_limit()
+        extra = min(self.cache.host_match_len(r.tokens(0, limit), r.namespace), (limit - cached) // ps * ps)
+        if extra <= 0:
+            return 0
+        if not self.transfer_costs.load_pays(extra):
+            self.host_tokens_recomputed += extra
+            return 0
+        short = extra // ps - self.alloc.num_free
+        if short > 0:
+            self.cache.evict(short)
+        moved = self.cache.promote(r.tokens(0, cached + extra), r.namespace, max_pages=extra // ps)
+        if not moved:
+            return 0
+        m = self.cache.match_prefix(r.tokens(0, cached + moved), r.namespace)
+        self.cache.lock(m.node)
+        self.cache.unlock(r.node)
+        r.pages, r.n_tree, r.node = list(m.pages), len(m.pages), m.node
+        moved = m.num_tokens - cached
+        self.host_tokens_loaded += moved
+        return moved
+
     def _reuse_partial(self, r: Request, cached: int) -> int:
         """Tokens past the page-aligned match `cached` taken from a tree page that shares its first few tokens
         with `r`: r gets a page of its own, which starts as a copy of that tree page (`StepPlan.copies`, run
@@ -598,6 +640,8 @@ class Scheduler:
             return 0
         r.pages.append(got[0])
         self._copies.append((found[0], got[0]))
+        host = getattr(self.cache, "host", None)
+        self._copy_after.append(len(host.loads) if host is not None else 0)
         self.partial_tokens += found[1]
         return found[1]
 

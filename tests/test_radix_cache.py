@@ -12,7 +12,10 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+import hashlib
+
 from sgl_jax.cache import (
+    HostPool,
     NaivePrefixCache,
     PageAllocator,
     RadixCache,
@@ -429,22 +432,64 @@ TOKENS = st.lists(st.integers(0, 1), max_size=12)
 NS = st.sampled_from(["", "a"])
 
 
-def radix_contents(c):
-    """{(namespace, page-aligned prefix): locked?} for every page in a RadixCache."""
+def radix_pages(c):
+    """{(namespace, page-aligned prefix): (locked?, tier, page or slot)} for every page in a RadixCache."""
     out = {}
     for ns, root in c._roots.items():
         stack = [(root, ())]
         while stack:
             node, prefix = stack.pop()
-            for i in range(len(node.pages)):
-                out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = node.ref > 0
+            for i, p in enumerate(node.pages):
+                out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = (node.ref > 0, node.tier, p)
             prefix = prefix + node.key
             stack.extend((ch, prefix) for ch in node.children.values())
     return out
 
 
+def naive_pages(c):
+    out = {k: (e.ref > 0, 0, e.page) for k, e in c._entries.items()}
+    out.update({k: (False, 1, h.page) for k, h in c._host.items()})
+    return out
+
+
+def radix_contents(c):
+    """{(namespace, page-aligned prefix): (locked?, tier)}."""
+    return {k: v[:2] for k, v in radix_pages(c).items()}
+
+
 def naive_contents(c):
-    return {k: e.ref > 0 for k, e in c._entries.items()}
+    return {k: v[:2] for k, v in naive_pages(c).items()}
+
+
+def fingerprint(key) -> np.ndarray:
+    """8 bytes standing for the K/V a page holds: a hash of its (namespace, prefix)."""
+    return np.frombuffer(hashlib.blake2b(repr(key).encode(), digest_size=8).digest(), np.uint8)
+
+
+class FakeDevice:
+    """A KV pool of 8-byte pages for one cache, with its host tier reading and writing it as the engine would."""
+
+    def __init__(self, num_pages: int, host: HostPool | None):
+        self.data = np.zeros((num_pages, 8), np.uint8)
+        self.host = host
+        if host is not None:
+            host.bind(lambda pages: self.data[pages].copy())
+
+    def write(self, tokens, pages, ns, ps):
+        """The step that computed ``tokens`` wrote their K/V into ``pages``."""
+        for i, p in enumerate(pages[: len(tokens) // ps]):
+            self.data[p] = fingerprint((ns, tuple(tokens[: (i + 1) * ps])))
+
+    def run_loads(self, cache):
+        """What the scheduler and runner do for a step: take the queued host -> device loads, run them."""
+        for slot, page in cache.take_loads():
+            self.data[page] = self.host.arena[slot]
+
+    def check(self, pages: dict):
+        """Every cached page (device or host) holds the K/V of its own prefix."""
+        for key, (_, tier, p) in pages.items():
+            got = self.data[p] if tier == 0 else self.host.arena[p]
+            assert (got == fingerprint(key)).all(), f"{key} on tier {tier} ({p}) holds another prefix's data"
 
 
 class _Req:
@@ -461,11 +506,13 @@ class TwinMachine(RuleBasedStateMachine):
 
     NUM_PAGES = 20
 
-    @initialize(ps=st.sampled_from([1, 2, 3]))
-    def setup(self, ps):
+    @initialize(ps=st.sampled_from([1, 2, 3]), host_slots=st.sampled_from([0, 0, 1, 3, 8]))
+    def setup(self, ps, host_slots):
         self.ps = ps
-        self.r = RadixCache(PageAllocator(self.NUM_PAGES), ps)
-        self.n = NaivePrefixCache(PageAllocator(self.NUM_PAGES), ps)
+        hosts = [HostPool(host_slots, 8) if host_slots else None for _ in range(2)]
+        self.r = RadixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[0])
+        self.n = NaivePrefixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[1])
+        self.rdev, self.ndev = FakeDevice(self.NUM_PAGES, hosts[0]), FakeDevice(self.NUM_PAGES, hosts[1])
         self.reqs: list[_Req] = []
         self.pins: list[tuple] = []
 
@@ -507,8 +554,10 @@ class TwinMachine(RuleBasedStateMachine):
         assert (rp is None) == (np_ is None)
         if rp is not None:
             assert rp[1] == np_[1] and 1 <= rp[1] < self.ps
-            (key,) = [k for (kns, k), e in self.n._entries.items() if kns == ns and e.page == np_[0]]
-            assert key[:-self.ps] == tuple(tokens[:rm.num_tokens]) and key[-self.ps:][:rp[1]] == tuple(rest[:rp[1]])
+            (key,) = [k for (kns, k), e in self.n._entries.items() if kns == ns and e.page == np_[0]] + [
+                k for (kns, k), p in self.n._tails.items() if kns == ns and p == np_[0]]
+            base = tuple(tokens[:rm.num_tokens])
+            assert key[:len(base)] == base and key[len(base):][:rp[1]] == tuple(rest[:rp[1]])
 
     @rule(tokens=TOKENS, ns=NS)
     def insert_fresh(self, tokens, ns):
@@ -517,7 +566,22 @@ class TwinMachine(RuleBasedStateMachine):
         if got is None:
             return
         t = tokens[: k * self.ps]
+        self.rdev.write(t, got[0], ns, self.ps)
+        self.ndev.write(t, got[1], ns, self.ps)
         assert self.r.insert(t, got[0], ns) == self.n.insert(t, got[1], ns)
+
+    @rule(tokens=TOKENS, ns=NS)
+    def host_len(self, tokens, ns):
+        assert self.r.host_match_len(tokens, ns) == self.n.host_match_len(tokens, ns)
+
+    @rule(tokens=TOKENS, ns=NS, max_pages=st.one_of(st.none(), st.integers(0, 3)), run=st.booleans())
+    def promote(self, tokens, ns, max_pages, run):
+        """Host continuation back to device pages; the loads run with the next step (now, or after later rules:
+        a demotion in between must not overwrite a slot a queued load still reads)."""
+        assert self.r.promote(tokens, ns, max_pages) == self.n.promote(tokens, ns, max_pages)
+        if run:
+            self.rdev.run_loads(self.r)
+            self.ndev.run_loads(self.n)
 
     @rule(n=st.integers(0, 8))
     def evict(self, n):
@@ -568,6 +632,8 @@ class TwinMachine(RuleBasedStateMachine):
     @rule(i=st.integers(0, 100))
     def commit_request(self, i):
         q = self._pick(i)
+        self.rdev.write(q.tokens, q.rpages, q.ns, self.ps)
+        self.ndev.write(q.tokens, q.npages, q.ns, self.ps)
         rr = commit_running_prefix(self.r, q.tokens, q.rpages, q.rnode, q.ns)
         nr = commit_running_prefix(self.n, q.tokens, q.npages, q.nnode, q.ns)
         assert rr.num_tokens == nr.num_tokens == (len(q.tokens) // self.ps) * self.ps
@@ -581,6 +647,8 @@ class TwinMachine(RuleBasedStateMachine):
         q = self.reqs.pop(i % len(self.reqs))
         k = len(q.tokens) // self.ps
         t = q.tokens[: k * self.ps]
+        self.rdev.write(t, q.rpages, q.ns, self.ps)
+        self.ndev.write(t, q.npages, q.ns, self.ps)
         assert self.r.insert(t, q.rpages[:k], q.ns) == self.n.insert(t, q.npages[:k], q.ns)
         rest = q.tokens[k * self.ps:]
         if rest and keep_tail:  # the partly filled last page becomes a tail
@@ -618,8 +686,17 @@ class TwinMachine(RuleBasedStateMachine):
         assert self.r.evictable_pages == self.n.evictable_pages
         assert self.r.protected_pages == self.n.protected_pages
         assert self.r.cached_pages == self.n.cached_pages
-        # same prefixes cached and locked: catches any divergence in eviction order at once
+        # same prefixes cached, locked and on the same tier: catches any divergence in eviction order at once
         assert radix_contents(self.r) == naive_contents(self.n)
+        assert self.r.host_cached_pages == self.n.host_cached_pages
+        if self.r.host is not None:
+            assert self.r.host.allocator.num_free == self.n.host.allocator.num_free
+            assert self.r.host.pending_release == self.n.host.pending_release
+            # the data each page holds is its own prefix's (loads still queued: not yet, so run them first)
+            if not self.r.host.loads:
+                self.rdev.check(radix_pages(self.r))
+            if not self.n.host.loads:
+                self.ndev.check(naive_pages(self.n))
 
 
 TwinMachine.TestCase.settings = settings(

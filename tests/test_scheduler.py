@@ -7,9 +7,10 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from sgl_jax.cache import PageAllocator, RadixCache
+from sgl_jax.cache import HostPool, PageAllocator, RadixCache
 from sgl_jax.config import SchedulerConfig
 from sgl_jax.scheduler import ReqState, Request, Scheduler
 from sgl_jax.shapes import ShapeGrid
@@ -28,9 +29,10 @@ def expected_output(prompt, n):
     return toks[len(prompt):]
 
 
-def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False, **kw):
+def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False, host_slots=0, **kw):
     alloc = PageAllocator(num_pages)
-    cache = RadixCache(alloc, page_size, disabled=disabled)
+    host = HostPool(host_slots, page_size * 8) if host_slots else None  # a page: page_size int64 "K/V" tokens
+    cache = RadixCache(alloc, page_size, disabled=disabled, host=host)
     grid = ShapeGrid(page_size=page_size, prefill_block=8,
                      prefill_block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)), max_mixed_blocks=2,
                      decode_buckets=kw.pop("decode_buckets", (1, 2, 4, 8, 16, max_running)),
@@ -55,13 +57,39 @@ class MockRunner:
         self.ps = page_size
         self.store: dict[tuple[int, int], int] = {}
         self.computed_tokens = 0
+        self.host = None
+
+    def attach(self, s: "Scheduler") -> "MockRunner":
+        """Serve the scheduler's host tier: demotions read pages from the store, loads write them back."""
+        self.host = s.cache.host
+        if self.host is not None:
+            self.host.bind(lambda pages: np.asarray([[self.store.get((p, i), -1) for i in range(self.ps)]
+                                                     for p in pages], np.int64).view(np.uint8))
+        return self
+
+    def _copy(self, pairs):
+        # partial-page reuse: whole pages copied, every source read before any page is written
+        moved = [{(d, i): self.store.get((src, i)) for i in range(self.ps)} for src, d in pairs]
+        for m in moved:
+            self.store.update({k: v for k, v in m.items() if v is not None})
+
+    def _load(self, loads):
+        for slot, page in loads:
+            for i, t in enumerate(self.host.arena[slot].view(np.int64)):
+                if t >= 0:
+                    self.store[(page, i)] = int(t)
+                else:
+                    self.store.pop((page, i), None)
 
     def run(self, plan):
         out = {}
-        # partial-page reuse: whole pages copied first, every source read before any page is written
-        moved = [{(d, i): self.store.get((src, i)) for i in range(self.ps)} for src, d in plan.copies]
-        for m in moved:
-            self.store.update({k: v for k, v in m.items() if v is not None})
+        after = plan.copy_after or [0] * len(plan.copies)
+        done = 0
+        for pair, k in zip(plan.copies, after):  # in the scheduler's order, as the runner does
+            self._load(plan.loads[done:k])
+            done = max(done, k)
+            self._copy([pair])
+        self._load(plan.loads[done:])
         self.copied_pages = getattr(self, "copied_pages", 0) + len(plan.copies)
         for c in plan.chunks:
             r = c.req
@@ -609,3 +637,68 @@ def test_short_suffix_after_a_cached_prefix_decodes_as_rows(logprobs):
         assert c.as_decode == (not logprobs), (i, c)
     for r in reqs:
         assert done[r.rid] == expected_output(r.prompt_ids, r.max_new_tokens), r.rid
+
+
+@pytest.mark.parametrize("host_slots", [3, 64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_host_tier_under_a_small_pool_keeps_every_page_right(host_slots, seed):
+    """Shared prefixes, multi-turn follow-ups and partial-page branches through a 40-page pool with a host tier
+    (tiny: pages dropped from it too; large: everything kept): the mock reads every position back through the
+    page table at each sample, so a demoted, loaded or copied page holding the wrong tokens fails at once;
+    outputs are the mock's; the invariants (both tiers) hold after every step."""
+    rng = random.Random(seed)
+    s = make(num_pages=41, page_size=4, host_slots=host_slots, max_running=4)
+    runner = MockRunner(4).attach(s)
+    prefixes = [[rng.randrange(1, V) for _ in range(rng.randrange(8, 30))] for _ in range(4)]
+    done_all, history = {}, {}
+    for wave in range(3):
+        reqs = []
+        for i in range(8):
+            if wave and rng.random() < 0.6:  # a follow-up turn of an earlier request
+                rid = rng.choice(sorted(history))
+                prompt = history[rid] + [rng.randrange(1, V) for _ in range(rng.randrange(1, 6))]
+            else:
+                base = rng.choice(prefixes)
+                prompt = base[:rng.randrange(len(base) // 2, len(base) + 1)] + [
+                    rng.randrange(1, V) for _ in range(rng.randrange(1, 12))]
+            rid = f"w{wave}-{i}"
+            n = rng.randrange(2, 12)
+            reqs.append((rid, prompt, n))
+            s.add(Request(rid, prompt, n))
+        done, _ = drive(s, runner)
+        for rid, prompt, n in reqs:
+            assert done[rid] == expected_output(prompt, n), rid
+            history[rid] = prompt + done[rid]
+        done_all.update(done)
+    cache = s.cache
+    assert cache.pages_demoted > 0, cache.pages_demoted
+    if host_slots == 3:
+        assert cache.host_pages_dropped > 0
+    else:
+        assert s.host_tokens_loaded > 0 and cache.pages_promoted > 0
+
+
+def test_a_copy_from_a_page_promoted_in_the_same_step_reads_the_loaded_page():
+    """P is pushed out to the host tier; then A (P + more) and B (P cut mid-page + other tokens) arrive together:
+    A's admission loads P's pages back, and B's partial-page copy reads P's last page, loaded in the same step --
+    so the copy must run after that load (StepPlan.copy_after), else B's page holds stale tokens."""
+    s = make(num_pages=21, page_size=4, host_slots=32, max_running=2)
+    runner = MockRunner(4).attach(s)
+    p = list(range(100, 140))  # 10 pages
+    s.add(Request("p", p, 1))
+    drive(s, runner)
+    for i in range(3):  # fillers: P goes to the host tier
+        s.add(Request(f"f{i}", list(range(200 + 50 * i, 240 + 50 * i)), 1))
+        drive(s, runner)
+    assert s.cache.peek_prefix_len(p) < 36 and s.cache.host_match_len(p) > 0
+    a, b = p + [7, 8, 9], p[:38] + [5, 6]
+    s.add(Request("a", a, 3))
+    s.add(Request("b", b, 3))
+    plan = s.schedule()
+    assert plan.loads and plan.copies and plan.copy_after[0] > 0, (plan.loads, plan.copies, plan.copy_after)
+    out = runner.run(plan)
+    s.on_step_done(plan)
+    done = {}
+    apply_outputs(s, plan, out, done)
+    done.update(drive(s, runner)[0])
+    assert done["a"] == expected_output(a, 3) and done["b"] == expected_output(b, 3)

@@ -11,6 +11,11 @@ the touched prefix gets the tick.  ``evict`` repeatedly removes the unlocked
 leaf entry (no cached extension) with the smallest ``(stamp, namespace,
 key)``.  Because a tick stamps one root-to-node path, leaf stamps are unique,
 so the tie-break never matters and the order equals RadixCache's.
+
+Host tier (``host=HostPool``): host-resident pages are entries of a second dict, ``_host`` (page = slot), with
+the semantics of RadixCache's "Tiers", page by page: ``evict`` takes the LRU device leaf entry (no device entry
+extends it), frees a host slot first if none is free by dropping the LRU host leaf entry (nothing extends it),
+and moves the page there; with no slot to be had it drops the page and every host entry extending it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from .allocator import PageAllocator
+from .host_pool import HostPool
 from .radix_cache import MatchResult, _as_tokens
 
 __all__ = ["NaivePrefixCache"]
@@ -40,10 +46,15 @@ class _Handle:
 class NaivePrefixCache:
     """Dict-of-prefixes prefix cache with the same interface as ``RadixCache``."""
 
-    def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False):
+    def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False,
+                 host: HostPool | None = None):
         if page_size <= 0:
             raise ValueError(f"page_size must be > 0, got {page_size}")
         self.allocator = allocator
+        self.host = host
+        self._host: dict[tuple[str, tuple], _Entry] = {}  # host-resident pages: entry.page is the slot
+        self._load_locks_next: list[_Handle] = []  # promoted prefixes, locked until their loads have run
+        self._load_locks_now: list[_Handle] = []
         self.page_size = int(page_size)
         self.disabled = bool(disabled)
         self._entries: dict[tuple[str, tuple], _Entry] = {}
@@ -67,6 +78,58 @@ class NaivePrefixCache:
     @property
     def num_tails(self) -> int:
         return len(self._tails)
+
+    @property
+    def host_cached_pages(self) -> int:
+        return len(self._host)
+
+    def host_match_len(self, tokens: Sequence[int], namespace: str = "") -> int:
+        if self.disabled or self.host is None:
+            return 0
+        toks = _as_tokens(tokens)
+        k = 0
+        for key in self._prefix_keys(toks, namespace, len(toks) // self.page_size):
+            if key in self._entries:
+                continue
+            if key not in self._host:
+                break
+            k += 1
+        return k * self.page_size
+
+    def promote(self, tokens: Sequence[int], namespace: str = "", max_pages: int | None = None) -> int:
+        """Host continuation of the device match -> device pages (loads queued). See ``RadixCache.promote``."""
+        if self.disabled or self.host is None:
+            return 0
+        toks = _as_tokens(tokens)
+        budget = self.allocator.num_free if max_pages is None else min(max_pages, self.allocator.num_free)
+        self._clock += 1
+        moved = end = 0
+        for key in self._prefix_keys(toks, namespace, len(toks) // self.page_size):
+            e = self._entries.get(key)
+            if e is None:
+                if key not in self._host or budget == 0:
+                    break
+                h = self._host.pop(key)
+                (page,) = self.allocator.alloc(1)
+                self.host.queue_load([h.page], [page])
+                e = self._entries[key] = _Entry(page, self._clock)
+                budget -= 1
+                moved += 1
+            e.last_access = self._clock
+            end = len(key[1])
+        if moved:
+            handle = _Handle(namespace, toks[:end])
+            self.lock(handle)
+            self._load_locks_next.append(handle)
+        return moved * self.page_size
+
+    def take_loads(self) -> list[tuple[int, int]]:
+        if self.host is None:
+            return []
+        for h in self._load_locks_now:
+            self.unlock(h)
+        self._load_locks_now, self._load_locks_next = self._load_locks_next, []
+        return self.host.take_loads()
 
     def insert_tail(self, node: _Handle, tokens: Sequence[int], page: int) -> bool:
         """Keep a partly filled page after ``node``'s prefix.  See ``RadixCache.insert_tail``."""
@@ -176,6 +239,9 @@ class NaivePrefixCache:
         for key, p in zip(keys, pages):
             e = self._entries.get(key)
             if e is None:
+                h = self._host.pop(key, None)
+                if h is not None:  # recomputed: the host copy goes
+                    self.host.allocator.free([h.page])
                 self._entries[key] = _Entry(p, self._clock)
             else:
                 already += 1
@@ -226,12 +292,37 @@ class NaivePrefixCache:
             if not cands:
                 break
             _, ns, toks = min(cands)
-            freed.append(self._entries.pop((ns, toks)).page)
+            e = self._entries.pop((ns, toks))
+            freed.append(e.page)
+            if self.host is not None:
+                self._demote((ns, toks), e)
         if freed:
             self.allocator.free(freed)
         return len(freed)
 
+    def _extends(self, key, other) -> bool:
+        return other[0] == key[0] and len(other[1]) > len(key[1]) and other[1][: len(key[1])] == key[1]
+
+    def _demote(self, key, e: _Entry) -> None:
+        alloc = self.host.allocator
+        if alloc.num_free == 0:
+            cands = [(h.last_access, k[0], k[1]) for k, h in self._host.items()
+                     if not any(self._extends(k, o) for o in list(self._host) + list(self._entries))]
+            if cands:
+                _, ns, toks = min(cands)
+                alloc.free([self._host.pop((ns, toks)).page])
+        if alloc.num_free == 0:  # no slot to be had: the page goes, and every host page below it
+            below = [k for k in self._host if self._extends(key, k)]
+            alloc.free([self._host.pop(k).page for k in below])
+            return
+        (slot,) = alloc.alloc(1)
+        self.host.save([e.page], [slot])
+        self._host[key] = _Entry(slot, e.last_access)
+
     def reset(self) -> None:
+        for h in self._load_locks_now + self._load_locks_next:
+            self.unlock(h)
+        self._load_locks_now, self._load_locks_next = [], []
         for ns, r in self._root_refs.items():
             if r:
                 raise RuntimeError(f"reset() with {r} lock(s) held in namespace {ns!r}")
@@ -241,6 +332,11 @@ class NaivePrefixCache:
         self._root_refs.clear()
         if pages:
             self.allocator.free(pages)
+        if self.host is not None:
+            if self._host:
+                self.host.allocator.free([h.page for h in self._host.values()])
+            self.host.drop_pending()
+        self._host.clear()
 
     def check_integrity(self, held_pages: Iterable[int] | None = None) -> None:
         ps = self.page_size
@@ -265,6 +361,19 @@ class NaivePrefixCache:
             assert page not in seen, f"page {page} appears twice in the cache"
             seen[page] = toks
             assert alloc.is_valid_page(page) and not alloc.is_free(page), f"tail page {page} is free or invalid"
+        slots: set[int] = set()
+        for (ns, toks), h in self._host.items():
+            assert self.host is not None and (ns, toks) not in self._entries, f"{toks!r} on both tiers"
+            parent = (ns, toks[:-ps])
+            assert not toks[:-ps] or parent in self._entries or parent in self._host, f"host {toks!r} without prefix"
+            assert h.page not in slots, f"host slot {h.page} appears twice"
+            slots.add(h.page)
+            assert not self.host.allocator.is_free(h.page), f"host slot {h.page} is free"
+        for (ns, toks) in self._entries:
+            assert (ns, toks[:-ps]) not in self._host, f"device page {toks!r} below a host page"
+        if self.host is not None:
+            a = self.host.allocator
+            assert a.num_free + len(slots) + self.host.pending_release == a.num_total, "host slots leak"
         for parent, s in child_refs.items():
             ns, toks = parent
             r = self._entries[parent].ref if toks else self._root_refs.get(ns, 0)

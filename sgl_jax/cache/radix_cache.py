@@ -52,6 +52,22 @@ locked.  An *unlocked* handle is only valid until the next ``evict`` /
 match.  Splits never invalidate a handle: the handle node keeps the deeper half
 and still ends exactly at the matched prefix.
 
+Tiers
+-----
+With a host tier (``RadixCache(..., host=HostPool)``) a node's pages live on the device (``tier`` 0, device
+page ids) or in host memory (``tier`` 1, host slot ids); one tree, each node says where its pages are.
+Residency only deepens downwards: a host node's children are host nodes. Eviction *demotes* instead of
+dropping: the least recently used *device leaf* (a device node with no device child) gives up its trailing
+pages, which are copied into host slots (``HostPool.save``) before the device pages are freed; when the host
+tier is full its least recently used host leaf (a host node without children) loses its trailing page first.
+Demotion is defined page by page (host eviction and demotion interleave: a page demoted a moment ago may be the
+next host page dropped); a whole node moves at once when the host has room for it, which is the same result.
+``match_prefix``, ``peek_*``, ``match_partial``, ``insert_tail`` and locks see device nodes only; a host node is
+never locked and has no tails. ``host_match_len`` reports how far a prefix continues on the host, and
+``promote`` moves such a continuation back into device pages (``HostPool.queue_load``). ``insert`` through a
+host node (the request recomputed it) turns that node back into a device node with the new pages and frees its
+slots.
+
 Threading
 ---------
 The scheduler is single-threaded; no method is thread-safe, and callers must
@@ -78,6 +94,8 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from .allocator import PageAllocator
+from .host_pool import HostPool
+from .tiers import TierMixin
 
 __all__ = ["MatchResult", "RadixCache", "commit_running_prefix"]
 
@@ -107,7 +125,7 @@ def _as_tokens(tokens: Sequence[int]) -> tuple:
 
 class _Node:
     __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "namespace", "is_root", "heap_id",
-                 "tails")
+                 "tails", "tier")
 
     def __init__(self, key: tuple, pages: list[int], parent: "_Node | None", namespace: str, last_access: int):
         self.key = key  # tokens on the edge from parent; len == len(pages) * page_size
@@ -120,24 +138,30 @@ class _Node:
         self.is_root = False
         self.heap_id = -1  # id of this node's one live heap entry (-1: none)
         self.tails: dict[tuple, int] = {}  # partly filled pages continuing this node: tokens -> page
+        self.tier = 0  # 0: pages are device pages; 1: host slots (see Tiers)
 
     def __repr__(self) -> str:
-        return f"_Node(ns={self.namespace!r}, tokens={len(self.key)}, pages={self.pages}, ref={self.ref}, t={self.last_access})"
+        return (f"_Node(ns={self.namespace!r}, tokens={len(self.key)}, pages={self.pages}, ref={self.ref}, "
+                f"t={self.last_access}, tier={self.tier})")
 
 
-class RadixCache:
+class RadixCache(TierMixin):
     """Radix tree of token prefixes -> KV pages, at page granularity.
 
     ``disabled=True`` (config ``disable_radix_cache``) is the no-reuse
     baseline: ``match_prefix`` always returns an empty match and ``insert``
     frees every page it is given.
 
-    One class of ~560 lines because match, partial match, insert, tails, lock, split, evict and the integrity
-    check all maintain the same node invariants (refcounts, page ownership, LRU and eviction order); the naive
-    twin implements the same interface for tests.
+    ``host``: a host tier (see Tiers); None keeps every page on the device and drops what is evicted.
+
+    One class of ~600 lines (and TierMixin's host-tier half, cache/tiers.py) because match, partial match,
+    insert, tails, lock, split, evict, demote, promote and the integrity check all maintain the same node
+    invariants (refcounts, page ownership per tier, LRU and eviction order); the naive twin implements the same
+    interface for tests.
     """
 
-    def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False):
+    def __init__(self, allocator: PageAllocator, page_size: int, disabled: bool = False,
+                 host: HostPool | None = None):
         if page_size <= 0:
             raise ValueError(f"page_size must be > 0, got {page_size}")
         self.allocator = allocator
@@ -152,6 +176,7 @@ class RadixCache:
         self._num_nodes = 0  # non-root nodes
         self._tree_pages: set[int] = set()
         self._tails: dict[tuple[_Node, tuple], int] = {}  # every tail, oldest first (eviction order)
+        self._init_tiers(host)
 
     # ------------------------------------------------------------- counters
     @property
@@ -198,18 +223,23 @@ class RadixCache:
             heapq.heapify(self._heap)
 
     @staticmethod
-    def _entry_valid(entry: tuple[int, int, _Node]) -> bool:
+    def _device_leaf(node: _Node) -> bool:
+        """A device node none of whose children is on the device (demoted or dropped next by ``evict``)."""
+        return node.tier == 0 and all(c.tier for c in node.children.values())
+
+    @classmethod
+    def _entry_valid(cls, entry: tuple[int, int, _Node]) -> bool:
         stamp, hid, node = entry
         return (
             node.heap_id == hid
             and node.last_access == stamp
             and node.parent is not None
-            and not node.children
             and node.ref == 0
+            and cls._device_leaf(node)
         )
 
     def _maybe_push(self, node: _Node) -> None:
-        if not node.is_root and node.parent is not None and not node.children and node.ref == 0:
+        if not node.is_root and node.parent is not None and node.ref == 0 and self._device_leaf(node):
             self._push(node)
 
     def _edge_match(self, key: tuple, toks: tuple, pos: int) -> int:
@@ -235,6 +265,7 @@ class RadixCache:
         parent = child.parent
         upper = _Node(child.key[:k], child.pages[: k // ps], parent, child.namespace, child.last_access)
         upper.ref = child.ref
+        upper.tier = child.tier
         parent.children[child.key[:ps]] = upper
         child.key = child.key[k:]
         child.pages = child.pages[k // ps :]
@@ -253,7 +284,7 @@ class RadixCache:
         node, pos, n = root, 0, len(toks)
         while pos < n:
             child = node.children.get(toks[pos : pos + ps])
-            if child is None:
+            if child is None or child.tier:
                 break
             k = self._edge_match(child.key, toks, pos)
             pages.extend(child.pages[: k // ps])
@@ -284,7 +315,7 @@ class RadixCache:
         node, pos, pages = root, 0, []
         while pos < n:
             child = node.children.get(toks[pos : pos + ps])
-            if child is None:
+            if child is None or child.tier:  # host nodes: see host_match_len / promote
                 break
             k = self._edge_match(child.key, toks, pos)
             if k < len(child.key):
@@ -294,8 +325,8 @@ class RadixCache:
             child.last_access = t
             pages.extend(child.pages)
             node, pos = child, pos + k
-        if node is not root and not node.children and node.ref == 0:
-            self._push(node)  # stamp changed
+        if node is not root:
+            self._maybe_push(node)  # stamp changed
         return MatchResult(pages, len(pages) * ps, node)
 
     def match_partial(self, node: Any, tokens: Sequence[int]) -> tuple[int, int] | None:
@@ -315,7 +346,7 @@ class RadixCache:
         toks = _as_tokens(tokens)[: self.page_size - 1]
         first, best = toks[0], None
         for key, child in n.children.items():
-            if key[0] != first:
+            if key[0] != first or child.tier:
                 continue
             j = 1
             while j < len(toks) and key[j] == toks[j]:
@@ -350,7 +381,7 @@ class RadixCache:
             self.allocator.free([page])
             return False
         n = self._check_handle(node)
-        covered = any(k[: len(toks)] == toks for k in n.children) or any(
+        covered = any(k[: len(toks)] == toks and not c.tier for k, c in n.children.items()) or any(
             len(k) >= len(toks) and k[: len(toks)] == toks for k in n.tails)
         if covered:
             self.allocator.free([page])
@@ -394,7 +425,7 @@ class RadixCache:
         node, pos, n = root, 0, (len(toks) // ps) * ps
         while pos < n:
             child = node.children.get(toks[pos : pos + ps])
-            if child is None or self._edge_match(child.key, toks, pos) < len(child.key):
+            if child is None or child.tier or self._edge_match(child.key, toks, pos) < len(child.key):
                 break
             node, pos = child, pos + len(child.key)
         return node
@@ -466,10 +497,12 @@ class RadixCache:
             k = self._edge_match(child.key, toks, pos)
             if k < len(child.key):
                 child = self._split(child, k)
+            if child.tier:  # recomputed: the request's pages replace the host copy
+                self._to_device(child, pages[pos // ps : (pos + k) // ps])
             child.last_access = t
             node, pos = child, pos + k
-        if node is not root and not node.children and node.ref == 0:
-            self._push(node)
+        if node is not root:
+            self._maybe_push(node)
         dups = [pages[i] for i in range(m) if pages[i] != existing[i]]
         if dups:
             self.allocator.free(dups)
@@ -524,7 +557,8 @@ class RadixCache:
         """Free up to ``num_pages`` tree pages, least recently used unlocked leaves first.
 
         Trailing pages of a leaf go first; a leaf emptied is removed and its
-        parent, if now an unlocked leaf, becomes eligible.  Returns the number
+        parent, if now an unlocked leaf, becomes eligible.  With a host tier
+        the pages are demoted to it rather than dropped (see Tiers).  Returns the number
         of pages freed: exactly ``min(num_pages, evictable_pages)``.
         Invalidates unlocked handles.  O(log n) per node touched.
         """
@@ -546,6 +580,9 @@ class RadixCache:
             node = entry[2]
             need = num_pages - len(freed)
             npg = len(node.pages)
+            if self.host is not None:  # demote (see Tiers); the entry goes stale as the node changes tier
+                freed.extend(self._demote_some(node, need))
+                continue
             if npg <= need:
                 heapq.heappop(heap)
                 freed.extend(node.pages)
@@ -571,8 +608,10 @@ class RadixCache:
         """Flush the cache: free every tree page.  Invalidates all handles.
 
         Raises ``RuntimeError`` (and changes nothing) if any node -- or a
-        namespace root, via a lock on an empty match -- is locked.
+        namespace root, via a lock on an empty match -- is locked (other than
+        by queued host loads, which the flush drops).
         """
+        self._release_load_locks()
         for ns, root in self._roots.items():
             if root.ref:
                 raise RuntimeError(f"reset() with {root.ref} lock(s) held in namespace {ns!r}")
@@ -587,6 +626,7 @@ class RadixCache:
         self._roots.clear()
         self._tails.clear()
         self._heap = []
+        self._reset_host()
         self._tree_pages = set()
         self._evictable = self._protected = self._num_nodes = 0
         if pages:
@@ -605,13 +645,18 @@ class RadixCache:
         <= in_use``.  If ``held_pages`` (all pages referenced by running
         requests) is given, conservation is checked exactly: no held page is
         free or in an unlocked node, and ``num_free + cached + |held - tree|
-        == num_total``.  O(tree size).
+        == num_total``.  Tiers: residency deepens downwards, host nodes are
+        unlocked and tail-free, host slots unique and allocated, ``host free +
+        host cached + slots awaiting queued loads == host total``, every host
+        leaf has a live entry in the host heap.  O(tree size).
         """
         ps = self.page_size
         alloc = self.allocator
         seen: dict[int, _Node] = {}
         evictable = protected = nodes = tails = 0
         evictable_leaves: list[_Node] = []
+        host_leaves: list[_Node] = []
+        seen_slots: dict[int, _Node] = {}
         unlocked_pages: set[int] = set()
         for ns, root in self._roots.items():
             assert root.is_root and root.parent is None and not root.key and not root.pages, f"bad root for {ns!r}"
@@ -645,6 +690,11 @@ class RadixCache:
                 assert len(node.key) > 0 and len(node.key) % ps == 0, f"edge length {len(node.key)} not a positive multiple of {ps}: {node!r}"
                 assert len(node.key) == len(node.pages) * ps, f"edge has {len(node.key)} tokens for {len(node.pages)} pages: {node!r}"
                 assert node.ref >= 0, f"negative ref: {node!r}"
+                self._check_host_node(node, node.parent, seen_slots)
+                if node.tier:
+                    if not node.children:
+                        host_leaves.append(node)
+                    continue
                 for p in node.pages:
                     assert p not in seen, f"page {p} appears twice in the tree: {seen[p]!r} and {node!r}"
                     seen[p] = node
@@ -653,7 +703,7 @@ class RadixCache:
                 if node.ref == 0:
                     evictable += len(node.pages)
                     unlocked_pages.update(node.pages)
-                    if not node.children:
+                    if self._device_leaf(node):
                         evictable_leaves.append(node)
                 else:
                     protected += len(node.pages)
@@ -667,6 +717,7 @@ class RadixCache:
         live = {e[1] for e in self._heap if self._entry_valid(e)}
         for leaf in evictable_leaves:
             assert leaf.heap_id in live, f"evictable leaf has no live heap entry: {leaf!r}"
+        self._check_host_totals(seen_slots, host_leaves)
         allocated = alloc.num_total - alloc.num_free
         in_use = allocated - evictable
         assert in_use >= 0, f"{evictable} evictable pages but only {allocated} allocated"

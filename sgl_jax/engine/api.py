@@ -29,6 +29,7 @@ from typing import AsyncIterator, Iterator
 from sgl_jax.config import EngineConfig, build
 from sgl_jax.engine.constraints import ConstraintManager
 from sgl_jax.engine.loop import EngineLoop, StepInfo
+from sgl_jax.metrics import cache_tiers
 from sgl_jax.engine.output import OutputProcessor
 from sgl_jax.engine.prepare import PreparedRequest, RequestPreparer, expand_batch
 from sgl_jax.errors import InvalidRequestError
@@ -332,7 +333,7 @@ class Engine:
                     num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
-                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1))
+                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1), cache_tiers=cache_tiers(s))
 
     def shutdown(self) -> None:
         self.runner.stop_background()

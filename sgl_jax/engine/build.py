@@ -51,7 +51,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     """Load the model and make every part from the config's sections (the same names all the way)."""
     import jax
 
-    from sgl_jax.cache import PageAllocator, RadixCache
+    from sgl_jax.cache import HostPool, PageAllocator, RadixCache
     from sgl_jax.models.loader import canonical_dtype, load_model
     from sgl_jax.runner import ModelRunner, enable_compilation_cache
     from sgl_jax.scheduler import Scheduler
@@ -94,12 +94,25 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
         executable_dir=os.path.join(os.path.expanduser(c.compile_cache_dir), "executables") if c.compile_cache_dir else "")
     allocator = PageAllocator(num_pages, reserved=1)
-    cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache)
+    host = None
+    host_slots = int(kv.host_memory_gb * (1 << 30)) // runner.page_bytes
+    if host_slots > 0 and not kv.disable_hierarchical_cache and not kv.disable_radix_cache:
+        try:
+            host = HostPool(host_slots, runner.page_bytes)
+        except MemoryError:  # e.g. no overcommit: serve from the device pool alone, and say so once
+            log.warning("the host tier of %.1f GiB could not be reserved; the prefix cache stays on the device",
+                        kv.host_memory_gb)
+        else:
+            host.bind(runner.save_pages)
+            runner.host_arena = host.arena
+    cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache, host=host)
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
     compile_seconds = 0.0
     if c.warmup:
         background = sh.background_compile
         compile_seconds = runner.warmup(progress=progress, shapes=runner.first_shapes() if background else None)
+        if host is not None:  # the load-or-recompute prices (also compiles the host tier's copies)
+            scheduler.transfer_costs = runner.measure_transfer_costs()
         if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
             costs = step_costs(c, runner, loaded.path, measure=not background)  # background: once all compiled
             if costs is not None:

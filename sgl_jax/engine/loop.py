@@ -34,6 +34,7 @@ from typing import Callable
 
 from sgl_jax.engine.postprocess import Postprocessor
 from sgl_jax.errors import EngineDeadError, InvalidRequestError
+from sgl_jax.metrics import cache_tiers
 from sgl_jax.scheduler import OutOfPagesError, ReqState, StepPlan
 
 log = logging.getLogger("sgl_jax.engine")
@@ -388,6 +389,7 @@ class StepStats:
             self.metrics.observe_step(step_s, len(plan.chunks))
             self.metrics.set_queue(len(scheduler.waiting), len(scheduler.running),
                                    1 - alloc.num_free / alloc.num_total)
+            self.metrics.set_cache(cache_tiers(scheduler))
         for fn in list(self.listeners):
             try:
                 fn(info)

@@ -19,6 +19,7 @@ from sgl_jax.config import (Config, ConfigError, ServerConfig, leaf_fields, load
 _FLAGS = {
     "host": "server.host", "port": "server.port", "model": "engine.model", "api_key": "server.api_key",
     "log_level": "server.log_level", "disable_radix_cache": "engine.cache.disable_radix_cache",
+    "disable_hierarchical_cache": "engine.cache.disable_hierarchical_cache",
 }
 
 
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", dest="api_key", help="server.api_key")
     p.add_argument("--disable-radix-cache", dest="disable_radix_cache", action="store_true", default=None,
                    help="engine.cache.disable_radix_cache=true")
+    p.add_argument("--disable-hierarchical-cache", dest="disable_hierarchical_cache", action="store_true",
+                   default=None, help="engine.cache.disable_hierarchical_cache=true (device pool only)")
     p.add_argument("--log-level", dest="log_level", help="server.log_level")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any field (repeatable)")

@@ -1,0 +1,105 @@
+"""The host-memory tier of the KV cache: page-sized slots in one numpy byte arena.
+
+Pure host code (numpy; does not import jax). The radix tree (``RadixCache(host=...)``) decides what lives here: a
+device page the tree evicts is *demoted* into a slot instead of being dropped, and a later request whose prefix
+continues into host-resident nodes may have them *promoted* back into device pages (or recompute them; the
+scheduler's cost model, ``TransferCosts``, decides). The arena holds each page as raw bytes, every layer's K and V
+of one page in one row (``page_bytes``), so this module never needs the pool's dtype.
+
+Data moves through two callbacks the engine installs (``bind``), both on the scheduler's thread:
+
+  save(device_pages) -> uint8 [n, page_bytes]   read now, before anything can overwrite those device pages (the
+                                                tree frees them right after)
+  loads                                          (slot, device page) pairs queued for the next step: the runner
+                                                writes them after the step's page copies and before it runs
+
+A promoted slot is not reused until the step after the one whose loads read it (``take_loads`` releases the slots
+of the previous batch), so a demotion in the same scheduling round cannot overwrite data a queued load still needs.
+Without callbacks (tests of the tree alone) ``save`` returns zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .allocator import PageAllocator
+
+__all__ = ["HostPool"]
+
+
+class HostPool:
+    """``num_slots`` host slots of ``page_bytes`` bytes, their allocator, and the transfers queued for the next
+    step. ``page_bytes == 0`` keeps no arena (tests of the tree's bookkeeping alone)."""
+
+    def __init__(self, num_slots: int, page_bytes: int = 0):
+        if num_slots < 1:
+            raise ValueError(f"a host tier needs at least one slot, got {num_slots}")
+        self.allocator = PageAllocator(num_slots, reserved=0)
+        self.page_bytes = int(page_bytes)
+        self.arena = np.zeros((num_slots, self.page_bytes), np.uint8) if page_bytes else None
+        self._save: Callable[[Sequence[int]], np.ndarray] | None = None
+        self.loads: list[tuple[int, int]] = []  # (slot, device page) for the next step
+        self._release_next: list[int] = []  # slots promoted this round: free once their loads have run
+        self._release_now: list[int] = []  # promoted last round: their loads ran with the last step
+        # counters (read by /metrics)
+        self.pages_saved = 0
+        self.pages_loaded = 0
+
+    @property
+    def num_slots(self) -> int:
+        return self.allocator.num_total
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_slots * self.page_bytes
+
+    def bind(self, save: Callable[[Sequence[int]], np.ndarray]) -> None:
+        """Install the engine's device -> host reader (see the module docstring)."""
+        self._save = save
+
+    def save(self, device_pages: Sequence[int], slots: Sequence[int]) -> None:
+        """Copy ``device_pages`` into ``slots`` now."""
+        if not device_pages:
+            return
+        self.pages_saved += len(device_pages)
+        if self._save is None or self.arena is None:
+            return
+        data = self._save(list(device_pages))
+        if data.shape != (len(device_pages), self.page_bytes):
+            raise ValueError(f"the device reader returned {data.shape} for {len(device_pages)} pages of "
+                             f"{self.page_bytes} bytes")
+        self.arena[np.asarray(slots, np.int64)] = data
+
+    def queue_load(self, slots: Sequence[int], device_pages: Sequence[int]) -> None:
+        """Queue ``slots`` -> ``device_pages`` for the next step; the slots are released after it."""
+        self.loads.extend(zip((int(s) for s in slots), (int(p) for p in device_pages)))
+        self._release_next.extend(int(s) for s in slots)
+        self.pages_loaded += len(slots)
+
+    def take_loads(self) -> list[tuple[int, int]]:
+        """The loads for the step being planned (the caller runs them before that step), and release the slots
+        whose loads ran with the previous step."""
+        if self._release_now:
+            self.allocator.free(self._release_now)
+        self._release_now, self._release_next = self._release_next, []
+        loads, self.loads = self.loads, []
+        return loads
+
+    @property
+    def pending_release(self) -> int:
+        """Slots held only until queued loads have run (counted as neither free nor cached)."""
+        return len(self._release_now) + len(self._release_next)
+
+    def drop_pending(self) -> None:
+        """Forget queued loads and release their slots now (a flush: the pages they would fill were freed)."""
+        self.loads = []
+        slots = self._release_now + self._release_next
+        self._release_now, self._release_next = [], []
+        if slots:
+            self.allocator.free(slots)
+
+    def __repr__(self) -> str:
+        return (f"HostPool(slots={self.num_slots}, free={self.allocator.num_free}, page_bytes={self.page_bytes}, "
+                f"pending={self.pending_release})")

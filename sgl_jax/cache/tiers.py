@@ -1,0 +1,280 @@
+"""The host-tier half of ``RadixCache`` (see "Tiers" in radix_cache.py): demotion on eviction, the host tier's own
+LRU eviction, promotion back to device pages, and the tier invariants. A mixin rather than a second class over the
+same nodes: every method here changes the same node fields, counters and heaps as the device half, and the
+integrity check covers both. Pure host code (no jax).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Any, Sequence
+
+from .host_pool import HostPool
+
+__all__ = ["TierMixin"]
+
+
+class TierMixin:
+    """Host-tier operations of RadixCache; expects its fields (allocator, page_size, _roots, _heap, ...)."""
+
+    def _init_tiers(self, host: HostPool | None) -> None:
+        self.host = host
+        self._host_heap: list[tuple[int, int, Any]] = []
+        self._host_heap_ids = itertools.count()
+        self._host_pages: set[int] = set()  # slots held by host nodes
+        self.pages_demoted = 0  # device pages moved to the host tier (not dropped)
+        self.pages_promoted = 0  # host pages moved back to the device
+        self.host_pages_dropped = 0  # host pages evicted from the host tier
+        # promoted nodes stay locked until the step that loads their pages has run: evicting one before that would
+        # save pages not yet loaded, or free pages a queued load would then overwrite
+        self._load_locks_next: list[Any] = []
+        self._load_locks_now: list[Any] = []
+
+    # ------------------------------------------------------------- counters
+    @property
+    def host_cached_pages(self) -> int:
+        """Pages held by host nodes."""
+        return len(self._host_pages)
+
+    # ---------------------------------------------------------------- heaps
+    @staticmethod
+    def _host_leaf_valid(entry) -> bool:
+        stamp, hid, node = entry
+        return (node.heap_id == hid and node.last_access == stamp and node.parent is not None and node.tier == 1
+                and not node.children)
+
+    def _push_host(self, node) -> None:
+        hid = next(self._host_heap_ids)
+        node.heap_id = hid
+        heapq.heappush(self._host_heap, (node.last_access, hid, node))
+        if len(self._host_heap) > 2 * self._num_nodes + 64:
+            self._host_heap[:] = [e for e in self._host_heap if self._host_leaf_valid(e)]
+            heapq.heapify(self._host_heap)
+
+    def _maybe_push_host(self, node) -> None:
+        if node.tier == 1 and node.parent is not None and not node.children:
+            self._push_host(node)
+
+    # -------------------------------------------------------------- demote
+    def _demote_some(self, node, need: int) -> list[int]:
+        """One step of ``evict`` with a host tier: ``node`` is the least recently used device leaf. Moves its
+        trailing ``min(need, pages)`` pages to the host at once when the host has room for all of them, else one
+        page (after dropping a host page if none is free); returns the device pages given up (the caller frees
+        them). A page the host cannot take at all (every slot waits on a queued load) is dropped, and with it
+        every host page below it."""
+        host = self.host
+        npg = len(node.pages)
+        j = min(need, npg)
+        if host.allocator.num_free < j:
+            j = 1
+            if host.allocator.num_free == 0:
+                self._evict_host(1)
+        if host.allocator.num_free == 0:
+            return self._drop_with_host_below(node)
+        if j == npg:
+            low, upper = node, node.parent
+        else:  # the new upper node keeps the leading pages on the device; `node` the trailing j
+            upper, low = self._split(node, (npg - j) * self.page_size), node
+        slots = host.allocator.alloc(j)
+        dev = low.pages
+        host.save(dev, slots)
+        low.pages = slots
+        low.tier = 1
+        self._evictable -= j
+        self._tree_pages.difference_update(dev)
+        self._host_pages.update(slots)
+        self.pages_demoted += j
+        self._maybe_push_host(low)
+        if not upper.is_root:
+            self._maybe_push(upper)
+        return dev
+
+    def _drop_with_host_below(self, node) -> list[int]:
+        """Drop ``node``'s trailing page, and every host page below it (no host slot could be had)."""
+        ps = self.page_size
+        stack = list(node.children.values())
+        while stack:  # all host nodes (node is a device leaf)
+            c = stack.pop()
+            stack.extend(c.children.values())
+            self._host_pages.difference_update(c.pages)
+            self.host.allocator.free(c.pages)
+            self.host_pages_dropped += len(c.pages)
+            c.parent, c.heap_id = None, -1
+            self._num_nodes -= 1
+        node.children = {}
+        page = node.pages[-1]
+        self._evictable -= 1
+        self._tree_pages.discard(page)
+        if len(node.pages) == 1:
+            parent = node.parent
+            del parent.children[node.key[:ps]]
+            node.parent, node.heap_id = None, -1
+            self._num_nodes -= 1
+            if not parent.is_root:
+                self._maybe_push(parent)
+        else:
+            node.pages = node.pages[:-1]
+            node.key = node.key[: len(node.pages) * ps]
+            self._maybe_push(node)
+        return [page]
+
+    def _evict_host(self, num_pages: int) -> int:
+        """Drop up to ``num_pages`` host pages, trailing pages of the least recently used host leaf first."""
+        ps, heap, freed = self.page_size, self._host_heap, []
+        while len(freed) < num_pages and heap:
+            entry = heap[0]
+            if not self._host_leaf_valid(entry):
+                heapq.heappop(heap)
+                continue
+            node = entry[2]
+            need = num_pages - len(freed)
+            if len(node.pages) <= need:
+                heapq.heappop(heap)
+                freed.extend(node.pages)
+                parent = node.parent
+                del parent.children[node.key[:ps]]
+                node.parent, node.heap_id = None, -1
+                self._num_nodes -= 1
+                if parent.tier == 1:
+                    self._maybe_push_host(parent)
+                elif not parent.is_root:
+                    self._maybe_push(parent)
+            else:
+                keep = len(node.pages) - need
+                freed.extend(node.pages[keep:])
+                node.pages, node.key = node.pages[:keep], node.key[: keep * ps]
+        if freed:
+            self._host_pages.difference_update(freed)
+            self.host.allocator.free(freed)
+            self.host_pages_dropped += len(freed)
+        return len(freed)
+
+    # ------------------------------------------------------------- promote
+    def _to_device(self, node, pages: list[int], deferred: bool = False) -> None:
+        """Host node ``node`` (tier 1) takes device ``pages`` instead of its slots. ``deferred``: the slots are
+        read by loads queued for the next step (promotion); else they are freed now (the pages were recomputed)."""
+        slots = node.pages
+        self._host_pages.difference_update(slots)
+        if deferred:
+            self.host.queue_load(slots, pages)
+        else:
+            self.host.allocator.free(slots)
+        node.pages, node.tier = list(pages), 0
+        self._evictable += len(pages)
+        self._tree_pages.update(pages)
+
+    def host_match_len(self, tokens: Sequence[int], namespace: str = "") -> int:
+        """Tokens past the device match of ``tokens`` that the host tier holds (page-aligned); read-only."""
+        from .radix_cache import _as_tokens
+
+        root = self._roots.get(namespace)
+        if self.disabled or root is None or self.host is None:
+            return 0
+        ps = self.page_size
+        toks = _as_tokens(tokens)
+        node, pos, n, on_host = root, 0, (len(toks) // ps) * ps, 0
+        while pos < n:
+            child = node.children.get(toks[pos : pos + ps])
+            if child is None:
+                break
+            k = self._edge_match(child.key, toks, pos)
+            if child.tier:
+                on_host += k
+            if k < len(child.key):
+                break
+            node, pos = child, pos + k
+        return on_host
+
+    def promote(self, tokens: Sequence[int], namespace: str = "", max_pages: int | None = None) -> int:
+        """Move the host-resident continuation of ``tokens``'s device match (up to ``max_pages`` pages) back into
+        device pages; the data moves with the next step (``HostPool.take_loads``). The device pages come from the
+        free list only (the caller evicts first if it wants more; evicting here could demote the very prefix being
+        promoted). Stamps the path (an access). Returns the tokens promoted."""
+        from .radix_cache import _as_tokens
+
+        if self.disabled or self.host is None:
+            return 0
+        ps = self.page_size
+        toks = _as_tokens(tokens)
+        n = (len(toks) // ps) * ps
+        budget = self.allocator.num_free if max_pages is None else min(max_pages, self.allocator.num_free)
+        root = self._root(namespace)
+        t = self._tick()
+        root.last_access = t
+        node, pos, moved = root, 0, 0
+        while pos < n:
+            child = node.children.get(toks[pos : pos + ps])
+            if child is None or (child.tier and budget == 0):
+                break
+            k = self._edge_match(child.key, toks, pos)
+            if child.tier:
+                k = min(k, budget * ps)
+            if k < len(child.key):
+                child = self._split(child, k)
+            if child.tier:
+                pages = self.allocator.alloc(k // ps)
+                self._to_device(child, pages, deferred=True)
+                budget -= k // ps
+                moved += k
+                self.pages_promoted += k // ps
+            child.last_access = t
+            node, pos = child, pos + k
+        if node is not root:
+            self._maybe_push(node)
+        if moved:
+            self.lock(node)
+            self._load_locks_next.append(node)
+        return moved
+
+    def take_loads(self) -> list[tuple[int, int]]:
+        """The (slot, device page) loads the step being planned must run before it computes; releases what the
+        previous step's loads held (its promoted nodes' locks and slots). Call once per step."""
+        if self.host is None:
+            return []
+        for node in self._load_locks_now:
+            self.unlock(node)
+        self._load_locks_now, self._load_locks_next = self._load_locks_next, []
+        return self.host.take_loads()
+
+    # ------------------------------------------------------------ integrity
+    def _release_load_locks(self) -> None:
+        """Before a flush: queued loads are dropped with the pages they would fill (``_reset_host``)."""
+        for node in self._load_locks_now + self._load_locks_next:
+            self.unlock(node)
+        self._load_locks_now, self._load_locks_next = [], []
+
+    def _reset_host(self) -> None:
+        if self.host is not None:
+            if self._host_pages:
+                self.host.allocator.free(list(self._host_pages))
+            self.host.drop_pending()
+        self._host_pages = set()
+        self._host_heap = []
+
+    def _check_host_node(self, node, parent, seen_slots: dict) -> None:
+        """Tier invariants of one non-root node (called by check_integrity)."""
+        assert node.tier in (0, 1), f"bad tier {node.tier}: {node!r}"
+        assert node.tier >= parent.tier, f"device node under a host node: {node!r} under {parent!r}"
+        if node.tier == 0:
+            return
+        assert self.host is not None, f"host node without a host tier: {node!r}"
+        assert node.ref == 0, f"locked host node: {node!r}"
+        assert not node.tails, f"host node with tails: {node!r}"
+        alloc = self.host.allocator
+        for s in node.pages:
+            assert s not in seen_slots, f"host slot {s} appears twice: {seen_slots[s]!r} and {node!r}"
+            seen_slots[s] = node
+            assert alloc.is_valid_page(s) and not alloc.is_free(s), f"host slot {s} is free or invalid: {node!r}"
+
+    def _check_host_totals(self, seen_slots: dict, host_leaves: list) -> None:
+        assert set(seen_slots) == self._host_pages, "host slot set out of sync with the tree"
+        if self.host is None:
+            return
+        alloc = self.host.allocator
+        assert alloc.num_free + len(seen_slots) + self.host.pending_release == alloc.num_total, (
+            f"host slots leak: free {alloc.num_free} + cached {len(seen_slots)} + pending "
+            f"{self.host.pending_release} != {alloc.num_total}")
+        live = {e[1] for e in self._host_heap if self._host_leaf_valid(e)}
+        for leaf in host_leaves:
+            assert leaf.heap_id in live, f"host leaf has no live heap entry: {leaf!r}"
