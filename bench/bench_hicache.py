@@ -63,9 +63,10 @@ def run_chat(engine, convs, turns, question, answer, seed=1) -> dict:
             cached += r["meta_info"]["cached_tokens"]
             out += len(r["output_ids"])
     wall = time.perf_counter() - t0
-    tiers = engine.stats()["cache_tiers"]
+    st = engine.stats()
     return {"wall_s": wall, "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt,
-            "output_tokens": out, "out_tok_s": out / wall, "tiers": tiers,
+            "output_tokens": out, "out_tok_s": out / wall, "tiers": st["cache_tiers"],
+            "steps": st["num_steps"], "decode_steps": st["num_decode_steps"], "retractions": st["num_retractions"],
             "final_tokens": sum(len(h) for h in hist)}
 
 
@@ -73,8 +74,9 @@ def chat(args) -> dict:
     convs = _conversations(args.convs, args.system)
     per_conv = args.system + args.turns * (args.question + args.answer)
     ps = 16
-    pool_pages = max(int(args.pool_fraction * args.convs * per_conv / ps), per_conv // ps + 2)
-    common = dict(max_context_len=max(2048, per_conv + 64))
+    ctx = per_conv + 64
+    pool_pages = max(int(args.pool_fraction * args.convs * per_conv / ps), -(-ctx // ps) + 1)
+    common = dict(max_context_len=ctx)
     results = {}
     for name, kw in (("unbounded", {}),
                      ("device-only", dict(max_num_pages=pool_pages + 1, disable_hierarchical_cache=True)),
@@ -94,12 +96,13 @@ def chat(args) -> dict:
     print(f"multi-turn chat: {args.convs} conversations x {args.turns} turns (system {args.system}, question "
           f"{args.question}, answer {args.answer} tokens); working set {ws} tokens, small pool {pool_pages} pages of "
           f"{ps} ({pool_pages * ps / ws:.0%} of it); floor: the unbounded run; peer: skipped (see the docstring)")
-    print("| cache | hit rate | output tok/s | wall s | demoted | loaded pages | host tokens loaded |\n"
-          "|---|---|---|---|---|---|---|")
+    print("| cache | hit rate | output tok/s | wall s | steps (decode) | retractions | demoted | loaded pages | "
+          "host tokens loaded |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = r["tiers"]
-        print(f"| {name} | {r['hit_rate']:.1%} | {r['out_tok_s']:.1f} | {r['wall_s']:.1f} | {t['pages_demoted']} | "
-              f"{t['pages_promoted']} | {t['host_tokens_loaded']} |")
+        print(f"| {name} | {r['hit_rate']:.1%} | {r['out_tok_s']:.1f} | {r['wall_s']:.1f} | {r['steps']} "
+              f"({r['decode_steps']}) | {r['retractions']} | {t['pages_demoted']} | {t['pages_promoted']} | "
+              f"{t['host_tokens_loaded']} |")
     h, d, u = results["+host"], results["device-only"], results["unbounded"]
     print(f"+host vs device-only: throughput {h['out_tok_s'] / d['out_tok_s']:.2f}x (target >= 1.5x); hit rate "
           f"{h['hit_rate']:.1%} vs unbounded {u['hit_rate']:.1%} ({100 * (u['hit_rate'] - h['hit_rate']):.1f} points; "

@@ -620,11 +620,12 @@ class ModelRunner:
             data = rows.view(np.dtype(k.dtype)).reshape(TRANSFER_WIDTH, L, 2, *shape)
             self.kv = self._scatter(self.kv, idx, data)
 
-    def measure_transfer_costs(self, pages: int = 2 * 16) -> "TransferCosts":
+    def measure_transfer_costs(self, pages: int = 2 * 16):
         """This machine's prices for the host tier's load-or-recompute choice (sgl_jax/cache/costs.py): a
         prefill step of the largest compiled block count on dummy inputs (its matmuls are the recompute cost;
         padding rows compute like real ones), and saves / loads of 1 and `pages` pages (fixed cost and per
-        page). Runs steps on the device state: call before serving or on the engine thread."""
+        page). Runs steps on the device state: call before serving or on the engine thread. Returns
+        `TransferCosts`."""
         from sgl_jax.cache.costs import TransferCosts
 
         g = self.grid

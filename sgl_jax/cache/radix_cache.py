@@ -564,7 +564,6 @@ class RadixCache(TierMixin):
         """
         if num_pages <= 0 or self.disabled:
             return 0
-        ps = self.page_size
         heap = self._heap
         tails = 0
         while tails < num_pages and self._tails:  # tails first, oldest first (freed one by one)
@@ -585,23 +584,30 @@ class RadixCache(TierMixin):
                 continue
             if npg <= need:
                 heapq.heappop(heap)
-                freed.extend(node.pages)
-                parent = node.parent
-                del parent.children[node.key[:ps]]
-                node.parent = None
-                node.heap_id = -1
-                self._num_nodes -= 1
-                self._evictable -= npg
+            parent = node.parent
+            pages = self._cut_leaf(node, need)
+            freed.extend(pages)
+            self._evictable -= len(pages)
+            if npg <= need:
                 self._maybe_push(parent)
-            else:  # trim: the leaf keeps its first page, so its key in the parent is unchanged
-                freed.extend(node.pages[npg - need :])
-                node.pages = node.pages[: npg - need]
-                node.key = node.key[: (npg - need) * ps]
-                self._evictable -= need
         if freed:
             self._tree_pages.difference_update(freed)
             self.allocator.free(freed)
         return tails + len(freed)
+
+    def _cut_leaf(self, node: _Node, need: int) -> list[int]:
+        """Take the trailing ``min(need, pages)`` pages off leaf ``node``: the whole node, unlinked from its
+        parent, when that is all of them (else it keeps its first page, so its key in the parent is unchanged).
+        Returns the pages; counters are the caller's."""
+        ps, npg = self.page_size, len(node.pages)
+        if npg <= need:
+            del node.parent.children[node.key[:ps]]
+            node.parent, node.heap_id = None, -1
+            self._num_nodes -= 1
+            return node.pages
+        pages = node.pages[npg - need :]
+        node.pages, node.key = node.pages[: npg - need], node.key[: (npg - need) * ps]
+        return pages
 
     # ---------------------------------------------------------------- reset
     def reset(self) -> None:

@@ -92,7 +92,6 @@ class TierMixin:
 
     def _drop_with_host_below(self, node) -> list[int]:
         """Drop ``node``'s trailing page, and every host page below it (no host slot could be had)."""
-        ps = self.page_size
         stack = list(node.children.values())
         while stack:  # all host nodes (node is a device leaf)
             c = stack.pop()
@@ -103,25 +102,19 @@ class TierMixin:
             c.parent, c.heap_id = None, -1
             self._num_nodes -= 1
         node.children = {}
-        page = node.pages[-1]
+        parent, removed = node.parent, len(node.pages) == 1
+        pages = self._cut_leaf(node, 1)
         self._evictable -= 1
-        self._tree_pages.discard(page)
-        if len(node.pages) == 1:
-            parent = node.parent
-            del parent.children[node.key[:ps]]
-            node.parent, node.heap_id = None, -1
-            self._num_nodes -= 1
-            if not parent.is_root:
-                self._maybe_push(parent)
-        else:
-            node.pages = node.pages[:-1]
-            node.key = node.key[: len(node.pages) * ps]
+        self._tree_pages.difference_update(pages)
+        if not removed:
             self._maybe_push(node)
-        return [page]
+        elif not parent.is_root:
+            self._maybe_push(parent)
+        return pages
 
     def _evict_host(self, num_pages: int) -> int:
         """Drop up to ``num_pages`` host pages, trailing pages of the least recently used host leaf first."""
-        ps, heap, freed = self.page_size, self._host_heap, []
+        heap, freed = self._host_heap, []
         while len(freed) < num_pages and heap:
             entry = heap[0]
             if not self._host_leaf_valid(entry):
@@ -129,21 +122,14 @@ class TierMixin:
                 continue
             node = entry[2]
             need = num_pages - len(freed)
-            if len(node.pages) <= need:
+            parent, removed = node.parent, len(node.pages) <= need
+            if removed:
                 heapq.heappop(heap)
-                freed.extend(node.pages)
-                parent = node.parent
-                del parent.children[node.key[:ps]]
-                node.parent, node.heap_id = None, -1
-                self._num_nodes -= 1
-                if parent.tier == 1:
-                    self._maybe_push_host(parent)
-                elif not parent.is_root:
-                    self._maybe_push(parent)
-            else:
-                keep = len(node.pages) - need
-                freed.extend(node.pages[keep:])
-                node.pages, node.key = node.pages[:keep], node.key[: keep * ps]
+            freed.extend(self._cut_leaf(node, need))
+            if removed and parent.tier == 1:
+                self._maybe_push_host(parent)
+            elif removed and not parent.is_root:
+                self._maybe_push(parent)
         if freed:
             self._host_pages.difference_update(freed)
             self.host.allocator.free(freed)
