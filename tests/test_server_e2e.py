@@ -307,6 +307,9 @@ def test_metrics(server):
     text = requests.get(server.url + "/metrics", timeout=30).text
     assert "sgl_jax_requests_total" in text and "sgl_jax_time_to_first_token_seconds_bucket" in text
     assert re.search(r"sgl_jax_generation_tokens_total [1-9]", text)
+    # the default preset runs the host tier: its pages and decisions are reported (values depend on the run)
+    assert re.search(r'sgl_jax_cache_pages\{tier="host"\} \d', text) and 'sgl_jax_cache_events{event="pages_demoted"}' in text
+    assert re.search(r"sgl_jax_host_free_slots [1-9]", text)
 
 
 def test_zz_sigterm_drains_then_exits(server):
