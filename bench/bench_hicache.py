@@ -3,7 +3,8 @@
     python bench/bench_hicache.py chat  [--config configs/smollm2-135m-int8.yaml] [--convs 8] [--turns 4]
                                         [--system 256] [--question 48] [--answer 128] [--pool-fraction 0.25]
     python bench/bench_hicache.py table [--config ...] [--lengths 16,64,256,1024,4096]
-    (both: [--json OUT])
+    python bench/bench_hicache.py restart [--config ...] [--prompt 2000] [--disk-dir DIR]
+    (all: [--json OUT])
 
 chat: the SGLang paper's synthetic multi-turn workload (seeded random prompts: a system prompt per conversation,
 then per turn a question and a long answer, `--answer` greedy tokens with ignore_eos), all conversations' turn t
@@ -15,6 +16,10 @@ Per engine: hit rate (cached / prompt tokens, as the engine counts them), output
 tier's counters. The floor beside them is the unbounded engine's own run (everything reused; the compute left is
 what no cache can save). Peer: skipped (llama-server keeps one slot's prompt per slot, no tiered prefix cache to
 compare with).
+
+restart: a `--prompt`-token prompt (random tokens) served by an engine with a disk tier (`cache.disk_dir`, a fresh
+temporary directory unless given), the engine shut down, a new engine on the same directory, the same prompt: the
+time to its first token (greedy, 1 output token) cold against after the restart, and the pages read back.
 
 table: for each prefix length, one engine (host tier on) times a request of that many cached tokens plus one new
 token both ways: recomputed (the cache flushed first) and loaded from the host tier (the prefix served once, then
@@ -163,9 +168,42 @@ def table(args) -> dict:
     return {"costs": costs.as_dict(), "rows": rows}
 
 
+def restart(args) -> dict:
+    import tempfile
+
+    disk = args.disk_dir or tempfile.mkdtemp(prefix="sgl_jax_disk_")
+    ids = [random.Random(7).randrange(100, 40000) for _ in range(args.prompt)]
+    sp = {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True}
+    ctx = max(2048, args.prompt + 64)
+    kw = dict(disk_dir=disk, max_context_len=ctx, page_width_buckets=[-(-ctx // 16)])
+    times, outs, tiers = [], [], []
+    for run in ("cold, no disk tier", "cold", "after restart"):
+        e = _engine(args.config, **dict(kw, disk_dir="") if run.endswith("no disk tier") else kw)
+        try:
+            e.wait_compiled()
+            e.generate(input_ids=[5, 6, 7], sampling_params=sp)  # first-use compilations outside the timing
+            t0 = time.perf_counter()
+            r = e.generate(input_ids=ids, sampling_params=sp)
+            times.append(time.perf_counter() - t0)
+            outs.append(r)
+            tiers.append(e.stats()["cache_tiers"])
+        finally:
+            e.shutdown()
+        print(f"  {run}: {1e3 * times[-1]:.0f} ms, {r['meta_info']['cached_tokens']} cached", file=sys.stderr,
+              flush=True)
+    same = outs[1]["output_ids"] == outs[2]["output_ids"] == outs[0]["output_ids"]
+    print(f"warm restart: a {args.prompt}-token prompt, time to first token cold {1e3 * times[1]:.0f} ms (without a "
+          f"disk tier {1e3 * times[0]:.0f} ms: the write-through costs {times[1] / times[0] - 1:+.0%}), after a restart "
+          f"{1e3 * times[2]:.0f} ms: {times[1] / times[2]:.1f}x faster than cold (target >= 3x); "
+          f"{outs[2]['meta_info']['cached_tokens']} tokens cached, {tiers[2].get('disk_read', 0)} pages read from "
+          f"{disk} ({tiers[2].get('disk_bytes', 0) / 1e6:.0f} MB on disk); same first token: {same}")
+    return {"ttft_s": times, "cached": [o["meta_info"]["cached_tokens"] for o in outs], "tiers": tiers,
+            "disk_dir": disk}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["chat", "table"])
+    ap.add_argument("what", choices=["chat", "table", "restart"])
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "smollm2-135m-int8.yaml"))
     ap.add_argument("--convs", type=int, default=8)
     ap.add_argument("--turns", type=int, default=4)
@@ -175,9 +213,11 @@ def main(argv=None):
     ap.add_argument("--pool-fraction", type=float, default=0.25)
     ap.add_argument("--lengths", default="16,64,256,1024,4096")
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--prompt", type=int, default=2000)
+    ap.add_argument("--disk-dir", default="")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    out = chat(args) if args.what == "chat" else table(args)
+    out = {"chat": chat, "table": table, "restart": restart}[args.what](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), **out}, f, indent=1, default=str)

@@ -87,6 +87,9 @@ class CacheConfig:
                                "pool move there and are loaded back on a hit (0: off; reserved lazily, memory is "
                                "touched only as pages arrive)")
     disable_hierarchical_cache: bool = _f(False, "keep the cache in the device pool only (the ablation baseline)")
+    disk_dir: str = _f("", "disk tier of the prefix cache: a directory (kept across restarts; '' = off; needs the "
+                       "host tier): every cached page is written there once, and a miss reads runs of pages back")
+    disk_gb: float = _f(16.0, "byte budget of the disk tier in GiB (least recently used files go first)")
 
     def __post_init__(self):
         for key in ("page_size", "max_context_len"):
@@ -95,6 +98,7 @@ class CacheConfig:
         _at_least(self, "max_num_pages", 0)
         _positive(self, "kv_memory_gb")
         _at_least(self, "host_memory_gb", 0)
+        _positive(self, "disk_gb")
 
 
 @dataclasses.dataclass(frozen=True)

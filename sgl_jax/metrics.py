@@ -107,4 +107,6 @@ def cache_tiers(scheduler) -> dict:
             "host_pages_dropped": getattr(cache, "host_pages_dropped", 0),
             "host_tokens_loaded": scheduler.host_tokens_loaded,
             "host_tokens_recomputed": scheduler.host_tokens_recomputed,
-            "transfer_costs": scheduler.transfer_costs.as_dict()}
+            "transfer_costs": scheduler.transfer_costs.as_dict(),
+            "disk_tokens_read": scheduler.disk_tokens_read,
+            **(scheduler.disk.stats() if getattr(scheduler, "disk", None) is not None else {})}

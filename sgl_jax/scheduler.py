@@ -186,6 +186,8 @@ class Scheduler:
         self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
         self.host_tokens_loaded = 0  # prompt tokens loaded from the host tier (counted in cached_tokens)
         self.host_tokens_recomputed = 0  # ... found there but recomputed (too short to be worth a load)
+        self.disk = None  # the disk tier (cache/disk_store.py), set by the engine with cache.fresh = []
+        self.disk_tokens_read = 0  # prompt tokens read back from the disk tier into host slots
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
         self._last_was_prefill_only = False
@@ -390,6 +392,7 @@ class Scheduler:
         Longer than ~80 lines because it builds one step's plan in the order the policy is applied (grow
         decodes, admit and chunk prefills, lay out decode runs).
         """
+        self._write_through()  # before any eviction of this round can free a page not yet written
         if not self.has_work:
             return None
         cfg = self.cfg
@@ -603,6 +606,7 @@ class Scheduler:
             return 0
         ps, limit = self.page_size, r.reuse_limit()
         extra = min(self.cache.host_match_len(r.tokens(0, limit), r.namespace), (limit - cached) // ps * ps)
+        extra += self._from_disk(r, cached + extra, limit)
         if extra <= 0:
             return 0
         if not self.transfer_costs.load_pays(extra):
@@ -621,6 +625,54 @@ class Scheduler:
         moved = m.num_tokens - cached
         self.host_tokens_loaded += moved
         return moved
+
+    def _from_disk(self, r: Request, upto: int, limit: int) -> int:
+        """Pages of `r`'s prompt past `upto` (the device + host match) that the disk tier holds, consecutive and
+        verified, read into free host slots and added to the tree as host nodes; returns their tokens. Only free
+        slots are used: evicting host pages here could drop the very continuation being extended."""
+        disk, host, ps = self.disk, self.cache.host, self.page_size
+        if disk is None or not disk.enabled or limit - upto < ps:
+            return 0
+        hashes = disk.chain(r.tokens(0, limit // ps * ps), r.namespace)[upto // ps:]
+        data = []
+        for h in hashes[: host.allocator.num_free]:
+            page = disk.get(h) if disk.has(h) else None
+            if page is None:
+                break
+            data.append(page)
+        if not data:
+            return 0
+        slots = host.allocator.alloc(len(data))
+        for slot, page in zip(slots, data):
+            host.arena[slot] = page
+        self.cache.insert_host(r.tokens(0, upto + len(data) * ps), slots, r.namespace)
+        self.disk_tokens_read += len(data) * ps
+        return len(data) * ps
+
+    def write_through(self) -> None:
+        """Write what the tree took in since the last step to the disk tier now (at shutdown)."""
+        self._write_through()
+
+    def _write_through(self) -> None:
+        """The disk tier's write-through: every page the tree took in since the last step, if it is still the
+        tree's device page for its prefix (one device read for all of them), under its chain address."""
+        fresh, disk, ps = self.cache.fresh, self.disk, self.page_size
+        if not fresh or disk is None or not disk.enabled:
+            if fresh:
+                fresh.clear()
+            return
+        items = []
+        for ns, toks, i0, pages in fresh:
+            end = (i0 + len(pages)) * ps
+            now = self.cache._walk_pages(toks[:end], ns)  # evicted or replaced since: not written
+            hashes = disk.chain(toks[:end], ns)
+            items += [(hashes[i0 + j], p) for j, p in enumerate(pages)
+                      if i0 + j < len(now) and now[i0 + j] == p and not disk.has(hashes[i0 + j])]
+        fresh.clear()
+        if items:
+            data = self.cache.host.read_device([p for _, p in items])
+            for (h, _), row in zip(items, data):
+                disk.put(h, row)
 
     def _reuse_partial(self, r: Request, cached: int) -> int:
         """Tokens past the page-aligned match `cached` taken from a tree page that shares its first few tokens

@@ -583,6 +583,22 @@ class TwinMachine(RuleBasedStateMachine):
             self.rdev.run_loads(self.r)
             self.ndev.run_loads(self.n)
 
+    @precondition(lambda self: self.r.host is not None)
+    @rule(tokens=TOKENS, ns=NS)
+    def insert_host(self, tokens, ns):
+        """Pages read back from a disk tier: a run past the tree's device + host match, into free host slots."""
+        m = self.r.peek_prefix_len(tokens, ns) + self.r.host_match_len(tokens, ns)
+        assert m == self.n.peek_prefix_len(tokens, ns) + self.n.host_match_len(tokens, ns)
+        k = min(len(tokens) // self.ps - m // self.ps, self.r.host.allocator.num_free)
+        if k <= 0:
+            return
+        t = tokens[: m + k * self.ps]
+        for cache, dev in ((self.r, self.rdev), (self.n, self.ndev)):
+            slots = cache.host.allocator.alloc(k)
+            for i, slot in enumerate(slots):
+                cache.host.arena[slot] = fingerprint((ns, tuple(t[: m + (i + 1) * self.ps])))
+            cache.insert_host(t, slots, ns)
+
     @rule(n=st.integers(0, 8))
     def evict(self, n):
         assert self.r.evict(n) == self.n.evict(n)

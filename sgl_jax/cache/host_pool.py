@@ -59,6 +59,12 @@ class HostPool:
         """Install the engine's device -> host reader (see the module docstring)."""
         self._save = save
 
+    def read_device(self, device_pages: Sequence[int]) -> np.ndarray:
+        """Device pages as bytes [n, page_bytes], now (the disk tier's write-through reads them this way)."""
+        if self._save is None:
+            return np.zeros((len(device_pages), self.page_bytes), np.uint8)
+        return self._save(list(device_pages))
+
     def save(self, device_pages: Sequence[int], slots: Sequence[int]) -> None:
         """Copy ``device_pages`` into ``slots`` now."""
         if not device_pages:

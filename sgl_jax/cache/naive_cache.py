@@ -123,6 +123,19 @@ class NaivePrefixCache:
             self._load_locks_next.append(handle)
         return moved * self.page_size
 
+    def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
+        toks, ps = _as_tokens(tokens), self.page_size
+        start = len(toks) - len(slots) * ps
+        keys = self._prefix_keys(toks, namespace, len(toks) // ps)
+        if any(k not in self._entries and k not in self._host for k in keys[: start // ps]) or any(
+                k in self._entries or k in self._host for k in keys[start // ps:]):
+            raise ValueError("insert_host: the leading tokens are not in the tree, or the new ones are")
+        self._clock += 1
+        for k in keys[: start // ps]:
+            (self._entries.get(k) or self._host[k]).last_access = self._clock
+        for k, slot in zip(keys[start // ps:], slots):
+            self._host[k] = _Entry(int(slot), self._clock)
+
     def take_loads(self) -> list[tuple[int, int]]:
         if self.host is None:
             return []

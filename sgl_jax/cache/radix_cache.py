@@ -492,6 +492,8 @@ class RadixCache(TierMixin):
                 self._num_nodes += 1
                 self._evictable += len(leaf.pages)
                 self._tree_pages.update(leaf.pages)
+                if self.fresh is not None:
+                    self.fresh.append((namespace, toks, pos // ps, list(leaf.pages)))
                 node = leaf
                 break
             k = self._edge_match(child.key, toks, pos)
@@ -633,6 +635,8 @@ class RadixCache(TierMixin):
         self._tails.clear()
         self._heap = []
         self._reset_host()
+        if self.fresh is not None:
+            self.fresh = []
         self._tree_pages = set()
         self._evictable = self._protected = self._num_nodes = 0
         if pages:

@@ -30,6 +30,8 @@ class TierMixin:
         # save pages not yet loaded, or free pages a queued load would then overwrite
         self._load_locks_next: list[Any] = []
         self._load_locks_now: list[Any] = []
+        # with a disk tier: (namespace, tokens, first page index, device pages) of every new leaf, for write-through
+        self.fresh: list[tuple[str, tuple, int, list[int]]] | None = None
 
     # ------------------------------------------------------------- counters
     @property
@@ -212,6 +214,40 @@ class TierMixin:
             self.lock(node)
             self._load_locks_next.append(node)
         return moved
+
+    def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
+        """Add host pages (``slots``, already filled) for the last ``len(slots)`` pages of page-aligned ``tokens``,
+        whose leading part must be in the tree (device or host, whole pages) and whose new part must not be: a run
+        read back from the disk tier. Stamps the path (an access)."""
+        from .radix_cache import _Node, _as_tokens
+
+        ps, toks, slots = self.page_size, _as_tokens(tokens), [int(x) for x in slots]
+        start = len(toks) - len(slots) * ps
+        if self.host is None or not slots or len(toks) % ps or start < 0:
+            raise ValueError(f"insert_host: {len(toks)} tokens and {len(slots)} slots of {ps} do not fit")
+        root = self._root(namespace)
+        t = self._tick()
+        root.last_access = t
+        node, pos = root, 0
+        while pos < start:
+            child = node.children.get(toks[pos : pos + ps])
+            k = 0 if child is None else self._edge_match(child.key, toks, pos)
+            if child is None or pos + k > start or (k < len(child.key) and pos + k < start):
+                raise ValueError("insert_host: the leading tokens are not in the tree, or the new ones are")
+            if k < len(child.key):
+                child = self._split(child, k)
+            child.last_access = t
+            node, pos = child, pos + k
+        if toks[start : start + ps] in node.children:
+            raise ValueError("insert_host: the new pages are already in the tree")
+        leaf = _Node(toks[start:], slots, node, namespace, t)
+        leaf.tier = 1
+        node.children[toks[start : start + ps]] = leaf
+        self._num_nodes += 1
+        self._host_pages.update(slots)
+        self._push_host(leaf)
+        if node is not root:
+            self._maybe_push(node)
 
     def take_loads(self) -> list[tuple[int, int]]:
         """The (slot, device page) loads the step being planned must run before it computes; releases what the

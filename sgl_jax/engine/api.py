@@ -336,6 +336,8 @@ class Engine:
                     cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1), cache_tiers=cache_tiers(s))
 
     def shutdown(self) -> None:
+        if self.scheduler.disk is not None and self.loop.health()[0]:  # the last pages, before the loop stops
+            self.loop.call(self.scheduler.write_through)
         self.runner.stop_background()
         # let the shape being compiled finish: a daemon thread killed inside XLA at interpreter exit aborts
         # the process ("terminate called ...") instead of exiting cleanly

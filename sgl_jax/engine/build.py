@@ -107,6 +107,16 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
             runner.host_arena = host.arena
     cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache, host=host)
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
+    if host is not None and kv.disk_dir:
+        from sgl_jax.cache.disk_store import DiskStore
+
+        # what a page's K/V depends on besides its tokens: the weights and how they and the pool are stored
+        st = os.stat(loaded.path) if os.path.isfile(loaded.path) else None
+        fingerprint = json.dumps([os.path.abspath(loaded.path), st.st_size if st else 0, st.st_mtime_ns if st else 0,
+                                  c.dtype, str(kv_dtype), c.quantization, kv.page_size, runner.page_bytes])
+        scheduler.disk = DiskStore(kv.disk_dir, int(kv.disk_gb * (1 << 30)), fingerprint, runner.page_bytes,
+                                   kv.page_size)
+        cache.fresh = []
     compile_seconds = 0.0
     if c.warmup:
         background = sh.background_compile

@@ -1,0 +1,137 @@
+"""The disk tier of the prefix cache (sgl_jax/cache/disk_store.py): addresses, integrity, budget, failure to write,
+and the engine end to end across a restart (the tree's insert_host and its twin are in test_radix_cache.py)."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+
+import numpy as np
+import pytest
+
+from sgl_jax.cache.disk_store import DiskStore
+from sgl_jax.engine import Engine
+from sgl_jax.models.testing import write_tiny_gguf
+from test_engine import SMALL, reference_greedy
+
+pytestmark = pytest.mark.timeout(300)
+
+PB, PS = 64, 4  # page bytes, page size
+
+
+def _store(d, fp="model-a", budget=1 << 20):
+    return DiskStore(str(d), budget, fp, PB, PS)
+
+
+def _page(i):
+    return np.full(PB, i % 251, np.uint8)
+
+
+def test_pages_round_trip_and_survive_a_new_store(tmp_path):
+    s = _store(tmp_path)
+    hs = s.chain(list(range(10)))  # two whole pages; the 2 extra tokens are not a page
+    assert len(hs) == 2 and hs[0] != hs[1]
+    assert s.chain(list(range(8)), "ns")[0] != hs[0] and _store(tmp_path, "model-b").chain(list(range(8)))[0] != hs[0]
+    assert s.chain([9, 9, 9, 9] + list(range(4, 8)))[1] != hs[1]  # a page's address depends on every earlier token
+    for i, h in enumerate(hs):
+        s.put(h, _page(i))
+    s.put(hs[0], _page(99))  # already there: not rewritten
+    assert s.written == 2 and s.num_pages == 2
+    again = _store(tmp_path)
+    assert again.has(hs[0]) and again.has(hs[1])
+    np.testing.assert_array_equal(again.get(hs[1]), _page(1))
+    assert again.read == 1 and again.get(b"\0" * 32) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])
+def test_a_damaged_or_foreign_file_is_deleted_and_never_served(tmp_path, damage):
+    a = _store(tmp_path)
+    h = a.chain(list(range(4)))[0]
+    a.put(h, _page(7))
+    path = a._path(h)
+    blob = open(path, "rb").read()
+    if damage == "truncate":
+        open(path, "wb").write(blob[:-5])
+    elif damage == "flip":
+        open(path, "wb").write(blob[:100] + bytes([blob[100] ^ 1]) + blob[101:])
+    else:  # another model's page placed under this model's address for the same tokens
+        b = _store(tmp_path / "b", "model-b")
+        hb = b.chain(list(range(4)))[0]
+        b.put(hb, _page(7))
+        os.replace(b._path(hb), path)
+    s = _store(tmp_path)
+    assert s.has(h) and s.get(h) is None
+    assert s.corrupt == 1 and not os.path.exists(path) and not s.has(h)
+
+
+def test_the_budget_is_a_hard_cap_oldest_first(tmp_path):
+    s = _store(tmp_path, budget=2 * (PB + 96))  # two files' worth
+    hs = s.chain(list(range(12)))
+    s.put(hs[0], _page(0))
+    s.put(hs[1], _page(1))
+    s.get(hs[0])  # read: the most recently used now
+    s.put(hs[2], _page(2))
+    assert s.num_pages == 2 and s.evicted == 1 and s.has(hs[0]) and not s.has(hs[1]) and s.has(hs[2])
+    assert len(glob.glob(str(tmp_path / "*" / "*.kv"))) == 2 and s.nbytes <= s.budget
+
+
+def test_an_unusable_directory_or_a_failed_write_turns_the_tier_off_with_one_warning(tmp_path, caplog, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with caplog.at_level(logging.WARNING, logger="sgl_jax.cache"):
+        s = _store(blocker / "sub")
+        s.put(s.chain(list(range(4)))[0], _page(1))
+    assert not s.enabled and s.written == 0
+    assert len([r for r in caplog.records if "disk tier" in r.message]) == 1
+    caplog.clear()
+    s = _store(tmp_path / "ok")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", full)
+    with caplog.at_level(logging.WARNING, logger="sgl_jax.cache"):
+        for i in range(3):
+            s.put(s.chain(list(range(4 * (i + 1))))[-1], _page(i))
+    assert not s.enabled and [r.message for r in caplog.records if "disk tier" in r.message][0].count("No space") == 1
+    assert len([r for r in caplog.records if "disk tier" in r.message]) == 1
+    assert not glob.glob(str(tmp_path / "ok" / "*" / "*.tmp"))
+
+
+# ------------------------------------------------------------------------------------- engine
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_gguf("llama", str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+
+
+CFG = dict(SMALL, max_context_len=64, warmup=False)
+GREEDY = {"temperature": 0, "max_new_tokens": 8, "ignore_eos": True}
+
+
+def test_a_restarted_engine_reads_its_prefixes_back_from_disk(tiny_path, tmp_path):
+    """Engine A serves a 40-token prompt and shuts down; engine B, new process state, same disk_dir, gets the
+    prompt's pages from the disk tier (into host slots, then loaded) and answers with the independent forward's
+    tokens. With every file damaged, engine C recomputes and answers the same, the damage counted."""
+    p = [random.Random(4).randrange(3, 297) for _ in range(40)]
+    want = reference_greedy(tiny_path, p, GREEDY["max_new_tokens"])
+    disk = str(tmp_path / "kv")
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as a:
+        assert a.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] == want
+    files = glob.glob(os.path.join(disk, "*", "*.kv"))
+    assert len(files) >= 10  # the prompt's 10 pages (and pages of its output)
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as b:
+        out = b.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] >= 36
+        t = b.stats()["cache_tiers"]
+        assert t["disk_read"] >= 9 and t["disk_tokens_read"] >= 36 and t["disk_corrupt"] == 0
+        b.check_integrity()
+    for f in glob.glob(os.path.join(disk, "*", "*.kv")):
+        blob = open(f, "rb").read()
+        open(f, "wb").write(blob[:90] + bytes([blob[90] ^ 0xFF]) + blob[91:])
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as c:
+        out = c.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == 0
+        assert c.stats()["cache_tiers"]["disk_corrupt"] >= 1
+        c.check_integrity()
