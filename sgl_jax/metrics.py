@@ -50,8 +50,9 @@ class Metrics:
         self.cache_pages = Gauge(f"{p}cache_pages", "pages held by the prefix cache, by tier", ["tier"], registry=r)
         self.cache_tier_bytes = Gauge(f"{p}cache_tier_bytes", "bytes of cached K/V, by tier", ["tier"], registry=r)
         self.host_free_slots = Gauge(f"{p}host_free_slots", "free page slots of the host tier", registry=r)
-        self.cache_events = Gauge(f"{p}cache_events", "host-tier events since start: pages demoted, promoted "
-                                  "(loaded), dropped from the host; hit tokens loaded or recomputed", ["event"],
+        self.cache_events = Gauge(f"{p}cache_events", "tier events since start: pages demoted, promoted "
+                                  "(loaded), dropped from the host; hit tokens loaded or recomputed; disk pages "
+                                  "written, read, found corrupt, evicted; tokens read from disk", ["event"],
                                   registry=r)
         self._lock = threading.Lock()
         self._prompt_sum = 0
@@ -74,6 +75,11 @@ class Metrics:
         for event in ("pages_demoted", "pages_promoted", "host_pages_dropped", "host_tokens_loaded",
                       "host_tokens_recomputed"):
             self.cache_events.labels(event=event).set(tiers[event])
+        if "disk_pages" in tiers:  # a disk tier
+            self.cache_pages.labels(tier="disk").set(tiers["disk_pages"])
+            self.cache_tier_bytes.labels(tier="disk").set(tiers["disk_bytes"])
+            for event in ("disk_written", "disk_read", "disk_corrupt", "disk_evicted", "disk_tokens_read"):
+                self.cache_events.labels(event=event).set(tiers[event])
 
     def on_first_token(self, seconds: float) -> None:
         self.time_to_first_token_seconds.observe(seconds)
