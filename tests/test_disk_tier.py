@@ -43,6 +43,9 @@ def test_pages_round_trip_and_survive_a_new_store(tmp_path):
     assert again.has(hs[0]) and again.has(hs[1])
     np.testing.assert_array_equal(again.get(hs[1]), _page(1))
     assert again.read == 1 and again.get(b"\0" * 32) is None
+    h3 = s.chain(list(range(12)))[2]
+    s.put(h3, _page(3))  # written by another store (process) after `again` indexed the directory
+    np.testing.assert_array_equal(again.get(h3), _page(3))
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "foreign"])

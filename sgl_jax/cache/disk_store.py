@@ -84,7 +84,13 @@ class DiskStore:
         return len(self._index) * self.file_bytes
 
     def has(self, h: bytes) -> bool:
-        return self.enabled and h in self._index
+        """Whether a page is stored under ``h``: in this store's index, or written since by another process on
+        the same directory (then indexed; each process's budget counts the files it has seen)."""
+        if not self.enabled:
+            return False
+        if h not in self._index and os.path.exists(self._path(h)):
+            self._index[h] = None
+        return h in self._index
 
     # ------------------------------------------------------------ read/write
     def put(self, h: bytes, data: np.ndarray) -> None:
