@@ -656,7 +656,7 @@ class Scheduler:
     def _write_through(self) -> None:
         """The disk tier's write-through: every page the tree took in since the last step, if it is still the
         tree's device page for its prefix (one device read for all of them), under its chain address."""
-        fresh, disk, ps = self.cache.fresh, self.disk, self.page_size
+        fresh, disk, ps = getattr(self.cache, "fresh", None), self.disk, self.page_size
         if not fresh or disk is None or not disk.enabled:
             if fresh:
                 fresh.clear()
