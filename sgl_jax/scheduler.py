@@ -634,8 +634,13 @@ class Scheduler:
         if disk is None or not disk.enabled or limit - upto < ps:
             return 0
         hashes = disk.chain(r.tokens(0, limit // ps * ps), r.namespace)[upto // ps:]
+        run = 0  # the run on disk, priced before anything is read
+        while run < min(len(hashes), host.allocator.num_free) and disk.has(hashes[run]):
+            run += 1
+        if not run or not self.transfer_costs.disk_pays(run * ps):
+            return 0
         data = []
-        for h in hashes[: host.allocator.num_free]:
+        for h in hashes[:run]:
             page = disk.get(h) if disk.has(h) else None
             if page is None:
                 break

@@ -138,3 +138,29 @@ def test_a_restarted_engine_reads_its_prefixes_back_from_disk(tiny_path, tmp_pat
         assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == 0
         assert c.stats()["cache_tiers"]["disk_corrupt"] >= 1
         c.check_integrity()
+
+
+def test_the_read_probe_prices_a_page_and_leaves_nothing(tmp_path):
+    from sgl_jax.cache.costs import TransferCosts
+
+    s = _store(tmp_path)
+    assert s.measure_read_s() > 0
+    assert not glob.glob(str(tmp_path / "probe" / "*" / "*.kv")) and s.num_pages == 0
+    c = TransferCosts(prefill_s_per_token=1e-3, load_s_fixed=0.0, load_s_per_token=1e-5, disk_s_per_token=2e-3)
+    assert c.load_pays(16) and not c.disk_pays(16)  # reading it back costs more than recomputing it
+    assert TransferCosts.unmeasured().disk_pays(16)
+
+
+def test_a_disk_hit_priced_above_recompute_is_recomputed(tiny_path, tmp_path):
+    from sgl_jax.cache.costs import TransferCosts
+
+    p = [random.Random(6).randrange(3, 297) for _ in range(40)]
+    want = reference_greedy(tiny_path, p, GREEDY["max_new_tokens"])
+    disk = str(tmp_path / "kv")
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as a:
+        a.generate(input_ids=p, sampling_params=GREEDY)
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as b:
+        b.scheduler.transfer_costs = TransferCosts(1e-3, 0.0, 1e-5, disk_s_per_token=1.0)
+        out = b.generate(input_ids=p, sampling_params=GREEDY)
+        assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == 0
+        assert b.scheduler.disk_tokens_read == 0 and b.scheduler.disk.read == 0

@@ -168,9 +168,11 @@ def test_many_conversations_through_a_small_pool_keep_outputs_and_invariants(tin
     assert outs[True] == outs[False]
 
 
-def test_transfer_costs_measured_at_warmup(tiny_path):
-    with Engine(model=tiny_path, progress=False, **dict(TIGHT, warmup=True)) as e:
+def test_transfer_costs_measured_at_warmup(tiny_path, tmp_path):
+    with Engine(model=tiny_path, progress=False, **dict(TIGHT, warmup=True, disk_dir=str(tmp_path))) as e:
         c = e.scheduler.transfer_costs
-        assert c.measured and c.prefill_s_per_token > 0 and c.load_s_per_token >= 0
-        # on this CPU a page's K/V copy costs far less than recomputing its tokens: a page-sized hit loads
-        assert c.load_pays(TIGHT["page_size"] * 4)
+        assert c.measured and c.prefill_s_per_token > 0 and c.load_s_per_token >= 0 and c.disk_s_per_token > 0
+        # on this CPU a page's K/V copy costs far less than recomputing its tokens: a page-sized hit loads, and
+        # is read back from disk
+        assert c.load_pays(TIGHT["page_size"] * 4) and c.disk_pays(TIGHT["page_size"] * 4)
+        assert e.stats()["cache_tiers"]["transfer_costs"]["disk_us_per_token"] > 0

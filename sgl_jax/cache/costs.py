@@ -25,6 +25,7 @@ class TransferCosts:
     load_s_per_token: float  # each token's K/V copied host -> device
     save_s_per_token: float = 0.0  # device -> host (demotion), for /metrics and the notes
     measured: bool = True
+    disk_s_per_token: float = 0.0  # disk tier -> host slot, per token (read and verified; 0 without a disk tier)
 
     @classmethod
     def unmeasured(cls) -> "TransferCosts":
@@ -40,6 +41,10 @@ class TransferCosts:
         """Whether loading ``tokens`` cached tokens beats recomputing them."""
         return tokens > 0 and self.load_s(tokens) < self.recompute_s(tokens)
 
+    def disk_pays(self, tokens: int) -> bool:
+        """Whether reading ``tokens`` from the disk tier and then loading them beats recomputing them."""
+        return tokens > 0 and tokens * self.disk_s_per_token + self.load_s(tokens) < self.recompute_s(tokens)
+
     @property
     def min_load_tokens(self) -> int:
         """The shortest hit worth loading (tokens; 1 when every hit is)."""
@@ -53,4 +58,5 @@ class TransferCosts:
     def as_dict(self) -> dict:
         return {"prefill_us_per_token": 1e6 * self.prefill_s_per_token, "load_us_fixed": 1e6 * self.load_s_fixed,
                 "load_us_per_token": 1e6 * self.load_s_per_token, "save_us_per_token": 1e6 * self.save_s_per_token,
-                "min_load_tokens": self.min_load_tokens, "measured": self.measured}
+                "disk_us_per_token": 1e6 * self.disk_s_per_token, "min_load_tokens": self.min_load_tokens,
+                "measured": self.measured}

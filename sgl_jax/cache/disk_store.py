@@ -164,6 +164,25 @@ class DiskStore:
             log.warning("the disk tier of the prefix cache is off: %s; the device and host tiers keep serving", why)
         self.enabled = False
 
+    def measure_read_s(self, pages: int = 8) -> float:
+        """Seconds to read and verify one page file, from `pages` probe files written under a name no chain hash
+        has (then deleted). Files just written are likely still in the OS's cache: a floor for a cold read."""
+        import time
+
+        probe = DiskStore(os.path.join(self.dir, "probe"), 1 << 62, "probe", self.page_bytes, self.page_size)
+        if not probe.enabled:
+            return 0.0
+        hs = probe.chain(list(range(pages * self.page_size)))
+        for h in hs:
+            probe.put(h, np.zeros(self.page_bytes, np.uint8))
+        t0 = time.perf_counter()
+        for h in hs:
+            probe.get(h)
+        dt = (time.perf_counter() - t0) / len(hs)
+        for h in hs:
+            probe._drop(h)
+        return dt
+
     def stats(self) -> dict:
         return {"disk_pages": self.num_pages, "disk_bytes": self.nbytes, "disk_written": self.written,
                 "disk_read": self.read, "disk_corrupt": self.corrupt, "disk_evicted": self.evicted,

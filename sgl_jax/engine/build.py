@@ -122,7 +122,10 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         background = sh.background_compile
         compile_seconds = runner.warmup(progress=progress, shapes=runner.first_shapes() if background else None)
         if host is not None:  # the load-or-recompute prices (also compiles the host tier's copies)
-            scheduler.transfer_costs = runner.measure_transfer_costs()
+            costs = runner.measure_transfer_costs()
+            if scheduler.disk is not None:
+                costs = dataclasses.replace(costs, disk_s_per_token=scheduler.disk.measure_read_s() / kv.page_size)
+            scheduler.transfer_costs = costs
         if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
             costs = step_costs(c, runner, loaded.path, measure=not background)  # background: once all compiled
             if costs is not None:
