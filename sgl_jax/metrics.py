@@ -102,7 +102,8 @@ class Metrics:
 
 
 def cache_tiers(scheduler) -> dict:
-    """The prefix cache's state per tier and the host tier's counters, from the scheduler (engine thread)."""
+    """The prefix cache's state per tier and the host tier's counters, from the scheduler (engine thread; after
+    every step, so counters only: `Engine.stats` adds the measured prices)."""
     cache = scheduler.cache
     host = getattr(cache, "host", None)
     return {"device_pages": cache.cached_pages, "host_pages": getattr(cache, "host_cached_pages", 0),
@@ -113,6 +114,5 @@ def cache_tiers(scheduler) -> dict:
             "host_pages_dropped": getattr(cache, "host_pages_dropped", 0),
             "host_tokens_loaded": scheduler.host_tokens_loaded,
             "host_tokens_recomputed": scheduler.host_tokens_recomputed,
-            "transfer_costs": scheduler.transfer_costs.as_dict(),
             "disk_tokens_read": scheduler.disk_tokens_read,
             **(scheduler.disk.stats() if getattr(scheduler, "disk", None) is not None else {})}

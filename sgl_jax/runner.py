@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import itertools
 import os
 import threading
 import time
@@ -564,18 +565,11 @@ class ModelRunner:
         consecutive ones of a kind in one call."""
         done = 0
         after = plan.copy_after or [0] * len(plan.copies)
-        i = 0
-        while i < len(plan.copies):
-            j = i
-            while j < len(plan.copies) and after[j] == after[i]:
-                j += 1
-            if after[i] > done:
-                self.load_pages(plan.loads[done:after[i]])
-                done = after[i]
-            self.copy_pages(plan.copies[i:j])
-            i = j
-        if done < len(plan.loads):
-            self.load_pages(plan.loads[done:])
+        for k, group in itertools.groupby(zip(after, plan.copies), key=lambda t: t[0]):
+            self.load_pages(plan.loads[done:k])  # (empty: nothing)
+            done = max(done, k)
+            self.copy_pages([pair for _, pair in group])
+        self.load_pages(plan.loads[done:])
 
     def copy_pages(self, pairs) -> None:
         """Copy whole KV pages src -> dst, all layers, before the step that reads them (partial-page reuse:

@@ -641,7 +641,7 @@ class Scheduler:
             return 0
         data = []
         for h in hashes[:run]:
-            page = disk.get(h) if disk.has(h) else None
+            page = disk.get(h)
             if page is None:
                 break
             data.append(page)
@@ -669,7 +669,7 @@ class Scheduler:
         items = []
         for ns, toks, i0, pages in fresh:
             end = (i0 + len(pages)) * ps
-            now = self.cache._walk_pages(toks[:end], ns)  # evicted or replaced since: not written
+            now = self.cache.device_pages(toks[:end], ns)  # evicted or replaced since: not written
             hashes = disk.chain(toks[:end], ns)
             items += [(hashes[i0 + j], p) for j, p in enumerate(pages)
                       if i0 + j < len(now) and now[i0 + j] == p and not disk.has(hashes[i0 + j])]

@@ -70,9 +70,9 @@ class HostPool:
         if not device_pages:
             return
         self.pages_saved += len(device_pages)
-        if self._save is None or self.arena is None:
+        if self.arena is None:
             return
-        data = self._save(list(device_pages))
+        data = self.read_device(device_pages)
         if data.shape != (len(device_pages), self.page_bytes):
             raise ValueError(f"the device reader returned {data.shape} for {len(device_pages)} pages of "
                              f"{self.page_bytes} bytes")

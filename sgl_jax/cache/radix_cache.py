@@ -412,6 +412,11 @@ class RadixCache(TierMixin):
         toks = _as_tokens(tokens)
         return len(self._walk_pages(toks[: (len(toks) // self.page_size) * self.page_size], namespace)) * self.page_size
 
+    def device_pages(self, tokens: Sequence[int], namespace: str = "") -> list[int]:
+        """The tree's device pages along the longest cached page-aligned prefix of ``tokens``; read-only."""
+        toks = _as_tokens(tokens)
+        return self._walk_pages(toks[: (len(toks) // self.page_size) * self.page_size], namespace)
+
     def peek_node(self, tokens: Sequence[int], namespace: str = "") -> Any:
         """Deepest node whose whole edge matches a prefix of ``tokens`` (the root if none); read-only.
 

@@ -333,7 +333,7 @@ class Engine:
                     num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
-                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1), cache_tiers=cache_tiers(s))
+                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1), cache_tiers={**cache_tiers(s), "transfer_costs": s.transfer_costs.as_dict()})
 
     def shutdown(self) -> None:
         if self.scheduler.disk is not None and self.loop.health()[0]:  # the last pages, before the loop stops
