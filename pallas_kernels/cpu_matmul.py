@@ -31,7 +31,9 @@ names the cause, and callers keep XLA's dot. TPU and GPU never use these.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +56,26 @@ _PACKED_F32 = NativeKernel("cpu_matmul.cc", "SglJaxPackedF32Matmul", PACKED_F32_
                            "packed float32 matmul")
 
 
+_TRACE = threading.local()
+
+
+@contextlib.contextmanager
+def sharded_trace():
+    """While a model is traced for a device mesh (tensor parallel: sgl_jax/parallel/tp.py) the plain-layout kernels
+    stay off (`f32_routes` False, `sharded()` True): XLA's SPMD partitioner cannot split a custom call and would
+    gather each sharded matrix whole onto every device. Thread-local (the background compiler traces too)."""
+    prev = getattr(_TRACE, "sharded", False)
+    _TRACE.sharded = True
+    try:
+        yield
+    finally:
+        _TRACE.sharded = prev
+
+
+def sharded() -> bool:
+    return getattr(_TRACE, "sharded", False)
+
+
 def int8_available() -> bool:
     return _INT8.available()
 
@@ -64,7 +86,7 @@ def f32_available() -> bool:
 
 def f32_routes(x) -> bool:
     """Whether the LM head's float32 matmul of x's rows goes to the kernel (CPU, F32_ROWS, the kernel built)."""
-    return (jax.default_backend() == "cpu" and x.dtype == jnp.float32 and x.ndim == 2
+    return (jax.default_backend() == "cpu" and not sharded() and x.dtype == jnp.float32 and x.ndim == 2
             and F32_ROWS[0] <= x.shape[0] <= F32_ROWS[1] and f32_available())
 
 

@@ -7,6 +7,7 @@
         shapes: ShapeConfig         the compiled step shapes (the runner's ShapeGrid is built from it)
         sampling: SamplingConfig    static per-request limits of the sampling step
         constraints: ConstraintConfig  structured generation: device table sizes, compile limits
+        parallel: ParallelConfig    tensor parallelism on a device mesh, one model across hosts
       server: ServerConfig          the HTTP server
 
 Each field keeps one name from the YAML preset to the component that reads it (`prefill_block` is
@@ -79,7 +80,7 @@ class CacheConfig:
 
     WHERE: typing.ClassVar[str] = "engine.cache"
     page_size: int = _f(16, "tokens per KV page")
-    kv_memory_gb: float = _f(1.0, "memory budget of the KV pool in GiB (the pool size derives from it)")
+    kv_memory_gb: float = _f(1.0, "memory budget of the KV pool in GiB per device (the pool size derives from it; with parallel.tp each device holds its KV heads' share)")
     max_num_pages: int = _f(0, "if > 0, caps the number of KV pages regardless of the budget")
     max_context_len: int = _f(4096, "longest prompt + output a request may have (capped by the model's limit)")
     disable_radix_cache: bool = _f(False, "turn prefix caching off (the ablation baseline)")
@@ -205,6 +206,32 @@ class ConstraintConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism over a device mesh (sgl_jax/parallel/tp.py) and one model across hosts
+    (sgl_jax/parallel/multihost.py)."""
+
+    WHERE: typing.ClassVar[str] = "engine.parallel"
+    tp: int = _f(1, "tensor-parallel degree: devices the model is sharded over (attention heads, MLP hidden, vocabulary, "
+                 "KV pool by KV heads; see BUILD.md); 1 = one device. On CPU, simulated devices: "
+                 "XLA_FLAGS=--xla_force_host_platform_device_count=N")
+    dist_init_addr: str = _f("", "multi-host: host:port of rank 0's jax.distributed coordinator ('' = one host)")
+    nnodes: int = _f(1, "multi-host: number of processes (hosts) serving the one model")
+    node_rank: int = _f(0, "multi-host: this process's rank; rank 0 owns the scheduler, the radix cache and HTTP")
+    dist_timeout_s: float = _f(10.0, "multi-host: a rank silent this long (no step acknowledged) is declared failed")
+
+    def __post_init__(self):
+        for key in ("tp", "nnodes"):
+            _at_least(self, key, 1)
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"config key '{self.WHERE}.node_rank' must be in [0, nnodes={self.nnodes}), "
+                              f"got {self.node_rank}")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ConfigError(f"config key '{self.WHERE}.dist_init_addr' (host:port of rank 0) is required when "
+                              f"nnodes={self.nnodes} > 1")
+        _positive(self, "dist_timeout_s")
+
+
+@dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """The runtime: model and dtypes at the top, one section per component."""
 
@@ -227,6 +254,7 @@ class EngineConfig:
     shapes: ShapeConfig = _section(ShapeConfig, "compiled step shapes")
     sampling: SamplingConfig = _section(SamplingConfig, "static sampling limits")
     constraints: ConstraintConfig = _section(ConstraintConfig, "structured generation")
+    parallel: ParallelConfig = _section(ParallelConfig, "tensor parallelism and multi-host")
 
     def __post_init__(self):
         """Range checks across sections (each section checks its own), before any weight is loaded."""

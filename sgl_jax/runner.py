@@ -225,13 +225,17 @@ class ModelRunner:
                  max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
                  constraint_rows: int = 1024, constraint_classes: int = 512, constraint_slots: int = 8,
                  valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16,
-                 executable_dir: str = ""):
+                 executable_dir: str = "", layout=None):
         """`grid`: the step shapes to compile (the runner owns it; the scheduler plans within it).
         `valid_vocab`: the tokenizer's vocabulary size (default: the model's); ids from it up to the
         model's vocab_size are padding, masked out on the device. `max_logit_bias` / `max_suppress`: the
         device width of a row's logit_bias entries and of its suppressed (stop) ids; a row asking for more
         is an error (requests are validated against these limits before they get here).
-        `executable_dir`: where compiled steps are saved and read back (sgl_jax/executables.py; '' = off)."""
+        `executable_dir`: where compiled steps are saved and read back (sgl_jax/executables.py; '' = off).
+        `layout` (sgl_jax.parallel.tp.TPLayout): tensor parallel over its mesh. `params` are already placed with its
+        shardings (and `model_config` is the layout's, KV heads expanded); the pool is made sharded by KV heads,
+        the rest replicated, and the step is jitted with these in/out shardings. Compiled steps are not saved to
+        `executable_dir` then (the persistent compilation cache still applies)."""
         V = model_config.vocab_size
         if valid_vocab is not None and not 0 < valid_vocab <= V:
             raise ValueError(f"valid_vocab {valid_vocab} must be in [1, model vocab_size {V}]")
@@ -249,23 +253,34 @@ class ModelRunner:
         self.max_marks = max_marks
         self.num_pages = num_pages
         self.platform = jax.default_backend()  # "cpu", "gpu" or "tpu"
-        self.model = CausalLM(model_config, dtype, attention_backend)
-        self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
+        self.layout = layout
+        self.model = CausalLM(model_config, dtype, attention_backend, layout)
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
                                       jnp.zeros((constraint_slots, V), jnp.int32),
                                       jnp.full((constraint_rows,), DIST_UNREACHABLE, jnp.int32))
+        step = make_step(self.model, block_q, self.num_top, run_q, self.valid_vocab if self.valid_vocab < V else None)
+        if layout is None:
+            self.kv = init_kv_cache(model_config, num_pages, page_size, kv_dtype)
+            kv_out, step_sh = {}, {}
+        else:  # every array lives on the mesh: the pool by KV heads, params as placed, the rest replicated
+            kv_sh, rep = layout.kv_shardings(model_config.num_layers), layout.replicated
+            self.kv = jax.jit(lambda: init_kv_cache(model_config, num_pages, page_size, kv_dtype),
+                              out_shardings=kv_sh)()
+            self.pstate, self.cbuf = jax.device_put((self.pstate, self.cbuf), rep)
+            kv_out = dict(out_shardings=kv_sh)
+            step_sh = dict(in_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, params), kv_sh, rep, rep, rep),
+                           out_shardings=(kv_sh, rep, rep))
+            executable_dir = ""
         self._put_rows = jax.jit(_put_rows, donate_argnums=(0, 1, 2))
         self._put_cls = jax.jit(_put_cls, donate_argnums=(0,))
         self._marks = jax.jit(_apply_marks, donate_argnums=(0,))
-        self._copy = jax.jit(_copy_pages, donate_argnums=(0,))
+        self._copy = jax.jit(_copy_pages, donate_argnums=(0,), **kv_out)
         self._gather = jax.jit(_gather_pages)
-        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,))
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=(0,), **kv_out)
         self.host_arena: np.ndarray | None = None  # the host tier's (HostPool.arena), when there is one
-        self._step = jax.jit(make_step(self.model, block_q, self.num_top, run_q,
-                                       self.valid_vocab if self.valid_vocab < V else None),
-                             donate_argnums=(1, 2))
+        self._step = jax.jit(step, donate_argnums=(1, 2), **step_sh)
         self._compiled: dict[StepShape, object] = {}
         self._compiling: dict[StepShape, concurrent.futures.Future] = {}
         self._lock = threading.Lock()  # the engine thread and the background compiler share _compiled

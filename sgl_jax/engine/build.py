@@ -59,14 +59,27 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
 
     kv, sh = c.cache, c.shapes
     enable_compilation_cache(c.compile_cache_dir)
+    layouts = []  # tensor parallel: the model's layout on the mesh, planned once its config is read
+
+    def placement(cfg):
+        from sgl_jax.parallel import tp
+
+        layouts.append(tp.TPLayout.plan(cfg, tp.make_mesh(c.parallel.tp)))
+        log.info("tensor parallel: %s", layouts[0].describe())
+        return layouts[0].place
+
     t0 = time.perf_counter()
-    loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization)
+    loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization,
+                        placement=placement if c.parallel.tp > 1 else None)
     load_seconds = time.perf_counter() - t0
-    mc = loaded.config
+    layout = layouts[0] if layouts else None
+    mc = loaded.config if layout is None else layout.model_config(loaded.config)  # KV heads as stored
     dtype = canonical_dtype(c.dtype)
     kv_dtype = canonical_dtype(c.effective_kv_dtype)
     max_context_len = min(kv.max_context_len, mc.max_position_embeddings)
     page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * kv.page_size
+    if layout is not None:  # kv_memory_gb is per device; a device holds its KV heads' share of each page
+        page_bytes = max(1, int(page_bytes * layout.kv_fraction()))
     num_pages = int(kv.kv_memory_gb * (1 << 30)) // page_bytes + 1
     if kv.max_num_pages > 0:
         num_pages = min(num_pages, kv.max_num_pages)
@@ -80,7 +93,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
                          f"({max_pages_per_seq} pages)")
     grid = ShapeGrid.from_config(sh, kv.page_size, widths)
     params = loaded.params
-    if c.pack_weights:
+    if c.pack_weights and layout is None:  # (a mesh: the plain layout, XLA's SPMD partitioner splits it)
         from sgl_jax.models import packing
 
         if packing.packs_here(dtype):  # else the plain layout stays
@@ -92,7 +105,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
         valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
-        executable_dir=os.path.join(os.path.expanduser(c.compile_cache_dir), "executables") if c.compile_cache_dir else "")
+        executable_dir=os.path.join(os.path.expanduser(c.compile_cache_dir), "executables") if c.compile_cache_dir else "",
+        layout=layout)
     allocator = PageAllocator(num_pages, reserved=1)
     host = None
     host_slots = int(kv.host_memory_gb * (1 << 30)) // runner.page_bytes

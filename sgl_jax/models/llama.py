@@ -28,6 +28,8 @@ Dimension letters in comments: T tokens, E hidden, H query heads, K kv heads, D 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,7 +110,7 @@ def int8_matmul(x, w, scale, out_axis: int):
     channel. On CPU, few float32 rows (decode) take the native kernel (pallas_kernels/cpu_matmul.py) when it could
     be built; otherwise each piece's convert waits for the previous piece's product (see _CPU_CHUNK)."""
     spec = "TI,IO->TO" if out_axis == 1 else "TI,OI->TO"
-    cpu = jax.default_backend() == "cpu"
+    cpu = jax.default_backend() == "cpu" and not cpu_matmul.sharded()  # sharded: XLA's dot, one piece
     if cpu and x.shape[0] <= cpu_matmul.MAX_ROWS_INT8 and x.dtype == jnp.float32 and cpu_matmul.int8_available():
         return cpu_matmul.int8_matmul(x, w, scale, out_axis)  # decode rows: each weight read once, as a byte
     n_out = w.shape[out_axis]
@@ -157,10 +159,35 @@ def _dense(features, use_bias, dtype, name):
     return Linear(features, use_bias, dtype, name=name)
 
 
+def _attend(attn, kw, q, k, v, pages, meta: AttnMetadata):
+    """This step's k, v written into the pool, then attention per segment of the ragged batch (decode rows, run
+    blocks, prefill blocks). q [T, H, D], k, v [T, K, D] (H, K: the heads this device holds) -> ([T, H*D], pages)."""
+    pages = write_kv(pages, k, v, meta.slot_mapping)
+    H, D = q.shape[1], q.shape[2]
+    Sd, NR, Br, NB, Bq = meta.num_decode, meta.num_runs, meta.run_q, meta.num_blocks, meta.block_q
+    outs = []
+    if Sd:
+        o = attn(q[:Sd].reshape(Sd, 1, H, D), *pages, meta.dec_page_table, meta.dec_kv_lens,
+                 meta.positions[:Sd].reshape(Sd, 1), **kw)  # [Sd, 1, H, D]
+        outs.append(o.reshape(Sd, H * D))
+    if NR:
+        a, e = Sd, Sd + NR * Br
+        o = attn(q[a:e].reshape(NR, Br, H, D), *pages, meta.run_page_table, meta.run_kv_lens,
+                 meta.positions[a:e].reshape(NR, Br), **kw)  # [NR, Br, H, D]
+        outs.append(o.reshape(NR * Br, H * D))
+    if NB:
+        a = Sd + NR * Br
+        o = attn(q[a:].reshape(NB, Bq, H, D), *pages, meta.pre_page_table, meta.pre_kv_lens,
+                 meta.positions[a:].reshape(NB, Bq), **kw)  # [NB, Bq, H, D]
+        outs.append(o.reshape(NB * Bq, H * D))
+    return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)), pages  # [T, H*D]
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention_backend: str = "jnp"
+    layout: object = None  # sgl_jax.parallel.tp.TPLayout: attention under shard_map on each device's heads
 
     @nn.compact
     def __call__(self, x, meta: AttnMetadata, pages, inv_freq):
@@ -181,27 +208,12 @@ class Attention(nn.Module):
         pos = jnp.maximum(meta.positions, 0)
         q = apply_rope(q, pos, inv_freq)
         k = apply_rope(k, pos, inv_freq)
-        pages = write_kv(pages, k, v, meta.slot_mapping)
-
-        attn = get_attention_backend(self.attention_backend).fn
         kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
-        Sd, NR, Br, NB, Bq = meta.num_decode, meta.num_runs, meta.run_q, meta.num_blocks, meta.block_q
-        outs = []
-        if Sd:
-            o = attn(q[:Sd].reshape(Sd, 1, H, D), *pages, meta.dec_page_table, meta.dec_kv_lens,
-                     meta.positions[:Sd].reshape(Sd, 1), **kw)  # [Sd, 1, H, D]
-            outs.append(o.reshape(Sd, H * D))
-        if NR:
-            a, e = Sd, Sd + NR * Br
-            o = attn(q[a:e].reshape(NR, Br, H, D), *pages, meta.run_page_table, meta.run_kv_lens,
-                     meta.positions[a:e].reshape(NR, Br), **kw)  # [NR, Br, H, D]
-            outs.append(o.reshape(NR * Br, H * D))
-        if NB:
-            a = Sd + NR * Br
-            o = attn(q[a:].reshape(NB, Bq, H, D), *pages, meta.pre_page_table, meta.pre_kv_lens,
-                     meta.positions[a:].reshape(NB, Bq), **kw)  # [NB, Bq, H, D]
-            outs.append(o.reshape(NB * Bq, H * D))
-        o = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)  # [T, H*D]
+        attend = functools.partial(_attend, get_attention_backend(self.attention_backend).fn, kw)
+        if self.layout is None:
+            o, pages = attend(q, k, v, pages, meta)  # [T, H*D]
+        else:  # each device its own heads (sgl_jax/parallel/tp.py)
+            o, pages = self.layout.attention_map(attend)(q, k, v, pages, meta)
         return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(o), pages
 
 
@@ -224,12 +236,13 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
     dtype: jnp.dtype
     attention_backend: str = "jnp"
+    layout: object = None
 
     @nn.compact
     def __call__(self, x, meta, pages, inv_freq):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        a, pages = Attention(self.cfg, self.dtype, self.attention_backend, name="self_attn")(h, meta, pages, inv_freq)
+        a, pages = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")(h, meta, pages, inv_freq)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(self.cfg, self.dtype, name="mlp")(h), pages
@@ -299,21 +312,32 @@ class LMHead(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Token ids + batch layout + KV pool -> float32 logits at `logits_indices` + updated KV pool."""
+    """Token ids + batch layout + KV pool -> float32 logits at `logits_indices` + updated KV pool.
+
+    `layout` (sgl_jax.parallel.tp.TPLayout): the model is traced for a device mesh; params and pool come sharded,
+    the logits leave replicated."""
 
     cfg: ModelConfig
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "jnp"
+    layout: object = None
+
+    def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
+        if self.layout is None:
+            return self._forward(input_ids, meta, kv, logits_indices)
+        with cpu_matmul.sharded_trace():
+            logits, kv = self._forward(input_ids, meta, kv, logits_indices)
+        return jax.lax.with_sharding_constraint(logits, self.layout.replicated), kv
 
     @nn.compact
-    def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
+    def _forward(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
         cfg = self.cfg
         embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
         x = embed(input_ids)  # [T, E]
         inv_freq = jnp.asarray(np.array(rope_inv_freq(cfg), np.float32))
         new_kv = []
         for i in range(cfg.num_layers):
-            x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, name=f"layers_{i}")(
+            x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, name=f"layers_{i}")(
                 x, meta, kv[i], inv_freq)
             new_kv.append(pages)
         h = x[logits_indices]  # [L, E]

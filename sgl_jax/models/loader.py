@@ -74,24 +74,29 @@ def canonical_dtype(dtype) -> Any:
     return jnp.dtype(dtype).type
 
 
-def load_model(model: str, dtype="float32", progress: bool = True, quantization: str = "none") -> LoadedModel:
-    """Load a named model (e.g. "smollm2-135m"), a `.gguf` file or a Hugging Face directory."""
+def load_model(model: str, dtype="float32", progress: bool = True, quantization: str = "none",
+               placement=None) -> LoadedModel:
+    """Load a named model (e.g. "smollm2-135m"), a `.gguf` file or a Hugging Face directory.
+
+    `placement(config) -> place`: where each tensor goes, decided once the model's config is read; `place(path,
+    host_array, dtype)` returns the device array (tensor parallel: only each device's shard is copied to it,
+    sgl_jax/parallel/tp.py). Default: the default device."""
     from sgl_jax.models.tokenizer import Tokenizer
 
     path = resolve_model(model)
     if os.path.isdir(path):
-        cfg, params = load_weights(path, dtype, progress, quantization)
+        cfg, params = load_weights(path, dtype, progress, quantization, placement)
         tok = Tokenizer.from_hf_dir(path)
     else:  # the file is parsed once, for the weights and the tokenizer
         reader, meta = read_gguf(path)
-        cfg, params = _build_from_gguf(path, reader, meta, dtype, progress, quantization)
+        cfg, params = _build_from_gguf(path, reader, meta, dtype, progress, quantization, placement)
         tok = Tokenizer.from_gguf({**reader.fields, "__source__": path})
     check_vocab(cfg, tok, path)
     return LoadedModel(cfg, params, tok, path, canonical_dtype(dtype), quantization)
 
 
 def load_weights(path: str, dtype="float32", progress: bool = True,
-                 quantization: str = "none") -> tuple[ModelConfig, dict]:
+                 quantization: str = "none", placement=None) -> tuple[ModelConfig, dict]:
     """(config, params) of a `.gguf` file or a Hugging Face directory, without the tokenizer.
 
     quantization: "none" (every tensor in `dtype`) or "int8" (weight matrices int8 + per-channel scales)."""
@@ -99,14 +104,14 @@ def load_weights(path: str, dtype="float32", progress: bool = True,
     quant.check_quantization(quantization)
     if os.path.isdir(path):
         cfg, tensors, n = _hf_source(path)
-        return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization)
+        return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization, placement)
     reader, meta = read_gguf(path)
-    return _build_from_gguf(path, reader, meta, dtype, progress, quantization)
+    return _build_from_gguf(path, reader, meta, dtype, progress, quantization, placement)
 
 
-def _build_from_gguf(path, reader, meta, dtype, progress, quantization):
+def _build_from_gguf(path, reader, meta, dtype, progress, quantization, placement=None):
     cfg, tensors, n = _gguf_source(path, reader, meta)
-    return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization)
+    return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization, placement)
 
 
 # ------------------------------------------------------------------------------------------ mapping
@@ -148,26 +153,33 @@ def hf_name_to_path(name: str) -> tuple[str, ...] | None:
 TensorSource = Iterator[tuple[str, Callable[[], np.ndarray]]]
 
 
-def _leaves(arr: np.ndarray, key: tuple[str, ...], cfg: ModelConfig, dtype, quantization: str) -> dict:
-    """The pytree leaves of one tensor in HF layout ([out, in] for a Linear): {name: jax array}."""
+def _default_place(path: tuple[str, ...], arr: np.ndarray, dtype=None) -> jax.Array:
+    return jnp.asarray(arr, dtype=dtype)
+
+
+def _leaves(arr: np.ndarray, key: tuple[str, ...], cfg: ModelConfig, dtype, quantization: str,
+            place=_default_place) -> dict:
+    """The pytree leaves of one tensor in HF layout ([out, in] for a Linear): {name: jax array}, each put where
+    `place(path, host array, dtype)` says."""
     axis = quant.int8_axis(key, cfg.tie_word_embeddings) if quantization == "int8" else None
     if axis is not None:
         # HF layout: output channels are rows for Linears and the embedding alike, so reduce over axis 1
         q, scale = quant.quantize_int8(arr, axis=1)
         if key[-1] == "kernel":
             q = q.T  # [out, in] -> [in, out]
-        return {key[-1]: jnp.asarray(np.ascontiguousarray(q)), "scale": jnp.asarray(scale)}
+        return {key[-1]: place(key, np.ascontiguousarray(q)), "scale": place(key[:-1] + ("scale",), scale)}
     if key[-1] == "kernel":
         arr = arr.T  # HF Linear [out, in] -> [in, out]
-    return {key[-1]: jnp.asarray(np.ascontiguousarray(arr), dtype=dtype)}
+    return {key[-1]: place(key, np.ascontiguousarray(arr), dtype)}
 
 
 def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, path: str, progress: bool,
-                  quantization: str = "none"):
+                  quantization: str = "none", placement=None):
     expected = jax.tree_util.tree_flatten_with_path(param_shapes(cfg, dtype))[0]
     expected = {tuple(k.key for k in kp): leaf.shape for kp, leaf in expected}
     params: dict = {}
     seen = set()
+    place = _default_place if placement is None else placement(cfg)
     bar = tqdm(total=count, desc=f"loading {Path(path).name}", unit="tensor", disable=not progress,
                leave=False)
     for name, thunk in tensors:
@@ -188,7 +200,7 @@ def _build_params(cfg: ModelConfig, tensors: TensorSource, count: int, dtype, pa
         for k in key[:-1]:
             node = node.setdefault(k, {})
         try:
-            node.update(_leaves(arr, key, cfg, dtype, quantization))
+            node.update(_leaves(arr, key, cfg, dtype, quantization, place))
         except ValueError as e:  # quantize_int8: a non-finite weight
             raise ModelLoadError(f"{path}: tensor {name!r}: {e}") from None
         del arr

@@ -20,6 +20,8 @@ _FLAGS = {
     "host": "server.host", "port": "server.port", "model": "engine.model", "api_key": "server.api_key",
     "log_level": "server.log_level", "disable_radix_cache": "engine.cache.disable_radix_cache",
     "disable_hierarchical_cache": "engine.cache.disable_hierarchical_cache",
+    "tp": "engine.parallel.tp", "dist_init_addr": "engine.parallel.dist_init_addr", "nnodes": "engine.parallel.nnodes",
+    "node_rank": "engine.parallel.node_rank",
 }
 
 
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable-hierarchical-cache", dest="disable_hierarchical_cache", action="store_true",
                    default=None, help="engine.cache.disable_hierarchical_cache=true (device pool only)")
     p.add_argument("--log-level", dest="log_level", help="server.log_level")
+    p.add_argument("--tp", "--tp-size", dest="tp", type=int, help="engine.parallel.tp (tensor-parallel devices)")
+    p.add_argument("--dist-init-addr", dest="dist_init_addr", help="engine.parallel.dist_init_addr (host:port of rank 0)")
+    p.add_argument("--nnodes", type=int, help="engine.parallel.nnodes (processes serving one model)")
+    p.add_argument("--node-rank", dest="node_rank", type=int, help="engine.parallel.node_rank (0 serves HTTP)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
