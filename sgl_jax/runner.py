@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import os
 import threading
@@ -50,6 +51,27 @@ from sgl_jax.models import packing
 from sgl_jax.models.llama import CausalLM, init_kv_cache
 from sgl_jax.scheduler import StepPlan
 from sgl_jax.shapes import ShapeGrid, StepShape  # noqa: F401 - StepShape re-exported
+
+def mirrored(method):
+    """A runner method that changes or reads the device state through an SPMD program: with a multi-host
+    `channel` (rank 0; sgl_jax/parallel/multihost.py) the call is sent to every other rank first, which runs it on
+    its own runner, so all ranks run the same programs in the same order. One call at a time (a lock)."""
+
+    @functools.wraps(method)
+    def call(self, *args):
+        if self.channel is None:
+            return method(self, *args)
+        with self._mirror_lock:
+            self.channel.send(method.__name__, args)
+            return method(self, *args)
+
+    return call
+
+
+def _host(x):
+    """A step output on the host; a replicated array spanning processes is read from a local copy."""
+    return np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+
 
 NO_BUDGET = 1 << 30  # fsm_budget of a row without a token budget (never binds: dist of a live state is < S)
 
@@ -254,6 +276,8 @@ class ModelRunner:
         self.num_pages = num_pages
         self.platform = jax.default_backend()  # "cpu", "gpu" or "tpu"
         self.layout = layout
+        self.channel = None  # multi-host rank 0: sgl_jax.parallel.multihost.StepChannel (see `mirrored`)
+        self._mirror_lock = threading.RLock()
         self.model = CausalLM(model_config, dtype, attention_backend, layout)
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
@@ -268,7 +292,7 @@ class ModelRunner:
             kv_sh, rep = layout.kv_shardings(model_config.num_layers), layout.replicated
             self.kv = jax.jit(lambda: init_kv_cache(model_config, num_pages, page_size, kv_dtype),
                               out_shardings=kv_sh)()
-            self.pstate, self.cbuf = jax.device_put((self.pstate, self.cbuf), rep)
+            self.pstate, self.cbuf = layout.put_replicated((self.pstate, self.cbuf))
             kv_out = dict(out_shardings=kv_sh)
             step_sh = dict(in_shardings=(jax.tree_util.tree_map(lambda x: x.sharding, params), kv_sh, rep, rep, rep),
                            out_shardings=(kv_sh, rep, rep))
@@ -445,12 +469,11 @@ class ModelRunner:
             full = p * self.page_size
             inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
                               run_kv_lens=np.full(nr, full, np.int32), run_page_table=table(nr, p, sd * p))
-            compiled = self._compile(shape)
+            self._compile(shape)
             times = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
-                jax.block_until_ready(out)
+                jax.block_until_ready(self.execute(shape, inp))
                 times.append(time.perf_counter() - t0)
             costs[(sd, p, nr)] = float(np.median(times[1:]))
         return costs
@@ -564,16 +587,23 @@ class ModelRunner:
         if plan.copies or plan.loads:
             self._transfers(plan)
         inp = self._inputs(shape, batch, rows, row_slot, target)
-        compiled = self._compiled.get(shape)
-        if compiled is None:
-            compiled = self._compile(shape)
+        if shape not in self._compiled:
+            self._compile(shape)
         t_exec = time.perf_counter()
-        self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
-        out = jax.device_get(out)
+        out = jax.tree_util.tree_map(_host, self.execute(shape, inp))
         # read by the engine loop for its step listeners: packing vs the compiled step + device_get
         self.last_run = RunTiming(t_exec - t_run, time.perf_counter() - t_exec, inp)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,
                        "top_ids": out.top_ids, "top_logprobs": out.top_logprobs, "next_state": out.next_state}
+
+    @mirrored
+    def execute(self, shape: StepShape, inp: StepInputs) -> StepOutputs:
+        """The compiled step of `shape` on the device state (compiled now if it is not yet); device outputs."""
+        compiled = self._compiled.get(shape)
+        if compiled is None:
+            compiled = self._compile(shape)
+        self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
+        return out
 
     def _transfers(self, plan: StepPlan) -> None:
         """The plan's page copies and host loads, in the order the scheduler made them (`StepPlan.copy_after`),
@@ -586,6 +616,7 @@ class ModelRunner:
             self.copy_pages([pair for _, pair in group])
         self.load_pages(plan.loads[done:])
 
+    @mirrored
     def copy_pages(self, pairs) -> None:
         """Copy whole KV pages src -> dst, all layers, before the step that reads them (partial-page reuse:
         a request's own page starts as a copy of a cached page it shares a few tokens with). Runs
@@ -615,6 +646,7 @@ class ModelRunner:
             out.append(np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8))
         return np.concatenate(out) if out else np.zeros((0, self.page_bytes), np.uint8)
 
+    @mirrored
     def load_pages(self, loads) -> None:
         """Host -> device: (slot, page) pairs from the host arena into the pool (donated; padding writes page 0,
         the sink). The copy from host memory is dispatched asynchronously, ahead of the step that reads it."""
@@ -639,11 +671,11 @@ class ModelRunner:
 
         g = self.grid
         shape = StepShape(0, g.prefill_block_buckets[-1], g.page_width_buckets[-1])  # one of first_shapes()
-        compiled, inp = self._compile(shape), self._dummy_inputs(shape)
+        self._compile(shape)
+        inp = self._dummy_inputs(shape)
 
         def prefill():
-            self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
-            jax.block_until_ready(out)
+            jax.block_until_ready(self.execute(shape, inp))
 
         def best(fn, n=3):
             fn()
@@ -673,6 +705,7 @@ class ModelRunner:
         return TransferCosts(prefill_s, max(load1 - per_page, 0.0), per_page / ps,
                              max(saven - save1, 0.0) / (pages - 1) / ps)
 
+    @mirrored
     def apply_marks(self, reset_slots, marks) -> None:
         """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
         M = self.max_marks
@@ -690,6 +723,7 @@ class ModelRunner:
             reset = np.zeros(self.max_running_requests, bool)
 
     # ----------------------------------------------------------------------- constraint table
+    @mirrored
     def upload_constraint(self, placement) -> None:
         """Copy a placed constraint's tables into the device buffer (fixed-size blocks: no recompiles)."""
         fsm, base = placement.fsm, placement.base
@@ -719,6 +753,7 @@ class ModelRunner:
         self.cbuf = self.cbuf.replace(cls=self._put_cls(self.cbuf.cls, row, np.int32(placement.slot)))
         placement.uploaded = True
 
+    @mirrored
     def _warm_constraint_upload(self) -> None:
         R, C = self.cbuf.next.shape
         W = self.cbuf.mask.shape[1]

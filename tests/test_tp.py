@@ -98,6 +98,9 @@ def test_engine_tp_outputs_identical(engine_results):
         for a, b in zip(ref["logprobs"], got["logprobs"]):
             assert np.abs(np.array(a) - np.array(b)).max() <= 1e-5, tp
         assert got["kv_devices"] == tp and f"tp={tp}" in got["layout"]
+        assert got["round_trip"], tp  # the host tier's save / load on the sharded pool
+        assert got["kv_sharding"] == str(P() if tp == 8 else P(None, AXIS, None, None))
+    assert ref["round_trip"]
     import re
 
     assert re.fullmatch(r"(yes|no), [0-9]{3}!", ref["regex"]), ref["regex"]

@@ -30,6 +30,8 @@ MODEL_CASES = [
     ("qwen3", {}, (2,), "jnp"),               # q/k norms (replicated) on split heads
     ("mistral-swa", {}, (4,), "cpu_native"),  # sliding window; KV heads stored twice
     ("llama", {"intermediate_size": 96, "vocab_size": 322}, (4,), "jnp"),  # MLP split, vocabulary replicated (322)
+    ("llama", {"head_dim": 64}, (2,), "pallas_tpu_interpret"),  # the Pallas kernels (interpreted on CPU) under
+    ("llama", {"head_dim": 64}, (4,), "pallas_gpu_interpret"),  # shard_map (head dims 64/128/256)
 ]
 
 
@@ -54,10 +56,11 @@ def model_cases(tmp: str) -> list[dict]:
     for i, (name, over, tps, backend) in enumerate(MODEL_CASES):
         path = write_tiny_checkpoint(name, os.path.join(tmp, f"m{i}"), **over)
         cfg, params = load_weights(path, "float32", progress=False)
-        ref = _work(PagedRunner(cfg, params, attention_backend=backend), np.random.default_rng(i), cfg.vocab_size)
+        kw = dict(attention_backend=backend, page_size=16 if backend.startswith("pallas") else 4)  # Pallas: pages >= 16
+        ref = _work(PagedRunner(cfg, params, **kw), np.random.default_rng(i), cfg.vocab_size)
         for tp in tps:
             layout = TPLayout.plan(cfg, make_mesh(tp))
-            runner = PagedRunner(cfg, params, attention_backend=backend, layout=layout)
+            runner = PagedRunner(cfg, params, layout=layout, **kw)
             got = _work(runner, np.random.default_rng(i), cfg.vocab_size)
             q = runner.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
             res.append(dict(
@@ -94,6 +97,11 @@ def engine_cases(tmp: str) -> dict:
             regex = e.generate("Answer:", {"max_new_tokens": 16, "temperature": 0, "regex": r"(yes|no), [0-9]{3}!"})
             sampled = e.generate("Once", {"max_new_tokens": 8, "temperature": 0.9, "sampling_seed": 7})
             e.check_integrity()
+            r = e.runner  # host tier round trip on the sharded pool: pages 1-3 out, into 20-22, out again
+            saved = r.save_pages([1, 2, 3])
+            r.host_arena[:3] = saved
+            r.load_pages([(0, 20), (1, 21), (2, 22)])
+            round_trip = bool((r.save_pages([20, 21, 22]) == saved).all()) and bool(saved.any())
             kv = e.runner.kv[0][0]
             out[tp] = dict(
                 texts=[o["text"] for o in greedy] + [shared["text"]], regex=regex["text"], sampled=sampled["text"],
@@ -101,7 +109,7 @@ def engine_cases(tmp: str) -> dict:
                 top=[[[t[1] for t in row] for row in o["meta_info"]["output_top_logprobs"]] for o in greedy],
                 cached_tokens=shared["meta_info"]["cached_tokens"], layout=getattr(e.runner.layout, "describe",
                                                                                   lambda: "none")(),
-                kv_devices=len(kv.sharding.device_set), kv_shard_shape=list(kv.addressable_shards[0].data.shape))
+                round_trip=round_trip, kv_sharding=str(getattr(kv.sharding, "spec", None)), kv_devices=len(kv.sharding.device_set), kv_shard_shape=list(kv.addressable_shards[0].data.shape))
     return out
 
 

@@ -82,6 +82,9 @@ class Engine:
         self.loop = EngineLoop(scheduler=self.scheduler, runner=self.runner, constraints=self.constraints,
                                output=self.output, row_params=self._row_params, metrics=metrics,
                                check_integrity_when_idle=config.scheduler.check_integrity_when_idle)
+        self.channel = rt.channel if config.parallel.node_rank == 0 else None  # multi-host: rank 0's StepChannel
+        if self.channel is not None:
+            self.channel.on_failure = self.loop.die
         self.loop.start()
         if config.warmup and config.shapes.background_compile:
             self.runner.compile_in_background(then=self._after_background_compile)
@@ -322,7 +325,8 @@ class Engine:
                     num_step_shapes=len(self.runner.shapes()),
                     executables_loaded=self.runner.store.loaded if self.runner.store else 0,
                     executables_saved=self.runner.store.saved if self.runner.store else 0,
-                    background_compile_done=self.runner.background_done.is_set())
+                    background_compile_done=self.runner.background_done.is_set(),
+                    tp_layout=self.runner.layout.describe() if self.runner.layout is not None else "tp=1 (one device)")
         info.update(self.stats())
         return info
 
@@ -344,6 +348,8 @@ class Engine:
         self.runner.background_done.wait(timeout=300)
         self.loop.shutdown()
         self.constraints.shutdown()
+        if self.channel is not None:  # the other ranks exit
+            self.channel.close()
 
     def __enter__(self):
         return self

@@ -34,6 +34,7 @@ class Runtime:
     load_seconds: float
     compile_seconds: float
     warmup_compiles: int
+    channel: object = None  # multi-host: rank 0's StepChannel (also runner.channel), another rank's socket to it
 
 
 def default_widths(max_pages: int, page_size: int) -> list[int]:
@@ -59,6 +60,12 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
 
     kv, sh = c.cache, c.shapes
     enable_compilation_cache(c.compile_cache_dir)
+    channel = None
+    if c.parallel.nnodes > 1:  # before anything runs on a device (sgl_jax/parallel/multihost.py)
+        from sgl_jax.parallel import multihost
+
+        multihost.initialize(c.parallel)
+        channel = multihost.StepChannel(c.parallel) if c.parallel.node_rank == 0 else multihost.connect(c.parallel)
     layouts = []  # tensor parallel: the model's layout on the mesh, planned once its config is read
 
     def placement(cfg):
@@ -110,6 +117,11 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     allocator = PageAllocator(num_pages, reserved=1)
     host = None
     host_slots = int(kv.host_memory_gb * (1 << 30)) // runner.page_bytes
+    if c.parallel.nnodes > 1 and host_slots > 0 and not kv.disable_hierarchical_cache:
+        log.warning("multi-host: the host/disk KV tiers are off (not built for pools split across processes)")
+        host_slots = 0
+    if c.parallel.node_rank == 0 and channel is not None:
+        runner.channel = channel  # every device operation from here on reaches the other ranks first
     if host_slots > 0 and not kv.disable_hierarchical_cache and not kv.disable_radix_cache:
         try:
             host = HostPool(host_slots, runner.page_bytes)
@@ -132,7 +144,9 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
                                    kv.page_size)
         cache.fresh = []
     compile_seconds = 0.0
-    if c.warmup:
+    if c.warmup and c.parallel.node_rank > 0:  # another rank: compile only; rank 0's calls run the warm-up
+        runner.compile_in_background()
+    elif c.warmup:
         background = sh.background_compile
         compile_seconds = runner.warmup(progress=progress, shapes=runner.first_shapes() if background else None)
         if host is not None:  # the load-or-recompute prices (also compiles the host tier's copies)
@@ -145,7 +159,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
             if costs is not None:
                 scheduler.grid = runner.time_decode_costs(costs)
     return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler,
-                   max_context_len, load_seconds, compile_seconds, runner.num_compiles)
+                   max_context_len, load_seconds, compile_seconds, runner.num_compiles, channel)
 
 
 def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dict | None:

@@ -160,6 +160,8 @@ class EngineLoop:
         self._close_out("the engine is shutting down")
 
     def _tick(self) -> None:
+        if self.dead_reason is not None:  # declared dead from outside (`die`)
+            raise _Dead()
         self._drain_inbox()
         if self.constraints.pending:
             self._admit_constrained()
@@ -178,6 +180,12 @@ class EngineLoop:
             log.exception("cache integrity check failed")
             self._die(f"cache invariants broken: {e}")
             raise _Dead() from e
+
+    def die(self, reason: str) -> None:
+        """Declare the engine dead from another thread (a multi-host rank lost while this thread may be blocked in a
+        step's collective): every live request fails with `reason`, new ones are refused, health() reports it."""
+        log.error("engine declared dead: %s", reason)
+        self._die(reason)
 
     def _die(self, reason: str) -> None:
         with self._lock:

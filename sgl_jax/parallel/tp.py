@@ -37,6 +37,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 AXIS = "tp"
 
 
+def _put(arr: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array onto `sharding`, each device given its slice; works when the mesh spans processes (every
+    process holds the same host array and fills its own devices)."""
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: arr[idx])
+
+
 def make_mesh(tp: int, devices=None) -> Mesh:
     """A 1-D mesh over the first `tp` devices (all processes' devices in a multi-host run), axis "tp"."""
     devices = jax.devices() if devices is None else devices
@@ -128,7 +134,7 @@ class TPLayout:
         arr = self.expand(path, np.asarray(arr))
         if dtype is not None:
             arr = arr.astype(jnp.dtype(dtype))
-        return jax.device_put(arr, self.sharding(path))
+        return _put(arr, self.sharding(path))
 
     def shard_params(self, params):
         """An already-loaded params pytree (host or one device) placed on the mesh, KV heads expanded."""
@@ -151,6 +157,10 @@ class TPLayout:
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
+
+    def put_replicated(self, tree):
+        """Every leaf copied whole to every device of the mesh (any process's devices)."""
+        return jax.tree_util.tree_map(lambda x: _put(np.asarray(x), self.replicated), tree)
 
     def kv_fraction(self) -> float:
         """Bytes of the pool one device holds, as a fraction of the (expanded) model's whole pool."""

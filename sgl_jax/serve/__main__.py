@@ -111,6 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         yaml.safe_dump({"engine": dataclasses.asdict(cfg.engine), "server": dataclasses.asdict(cfg.server)},
                        sys.stdout, sort_keys=False)
         return
+    if cfg.engine.parallel.node_rank > 0:  # multi-host: this rank follows rank 0's steps; rank 0 serves HTTP
+        import logging
+
+        from sgl_jax.parallel.multihost import serve_follower
+
+        logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        serve_follower(cfg.engine)
+        return
     from sgl_jax.serve.server import run
 
     run(cfg)
