@@ -59,7 +59,7 @@ def mirrored(method):
 
     @functools.wraps(method)
     def call(self, *args):
-        if self.channel is None:
+        if getattr(self, "channel", None) is None:  # (a runner built piecemeal by a test has none)
             return method(self, *args)
         with self._mirror_lock:
             self.channel.send(method.__name__, args)

@@ -209,3 +209,32 @@ def test_rank0_shutdown_stops_the_other_rank():
             assert "rank 0 said stop" in r.tail(1)
         finally:
             r.stop()
+
+
+@pytest.mark.timeout(30)
+def test_channel_payload_sends_zero_arrays_by_shape():
+    """An all-zero array of 4 KiB or more travels as its shape and dtype and comes back equal; others unchanged."""
+    import pickle
+
+    from sgl_jax.parallel import multihost
+
+    zeros = np.zeros((64, 1536), np.int32)
+    mixed = np.zeros((64, 1536), np.int32)
+    mixed[3, 7] = 5
+    small = np.zeros(8, np.float32)
+    data = multihost.dumps(("execute", (zeros, mixed, small, {"k": np.ones(3, np.bool_)})))
+    assert len(data) < mixed.nbytes + 1024  # the zeros did not travel
+    op, (z, m, s, d) = pickle.loads(data)
+    assert op == "execute" and z.dtype == np.int32 and z.shape == (64, 1536) and not z.any()
+    np.testing.assert_array_equal(m, mixed)
+    np.testing.assert_array_equal(s, small)
+    assert d["k"].dtype == np.bool_ and d["k"].all()
+    assert len(multihost.dumps(zeros)) < 200
+
+
+@pytest.mark.timeout(30)
+def test_bad_dist_init_addr_is_named():
+    from sgl_jax.parallel import multihost
+
+    with pytest.raises(ValueError, match="dist_init_addr must be host:port, got 'nohost'"):
+        multihost._channel_addr("nohost")

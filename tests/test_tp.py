@@ -101,6 +101,13 @@ def test_engine_tp_outputs_identical(engine_results):
         assert got["round_trip"], tp  # the host tier's save / load on the sharded pool
         assert got["kv_sharding"] == str(P() if tp == 8 else P(None, AXIS, None, None))
     assert ref["round_trip"]
+    # what the partitioner added to the decode step: per layer one all-reduce after o_proj and one after down_proj,
+    # one for the vocabulary-split embedding lookup, one all-gather of the vocabulary-split logits; nothing else
+    L = ref["num_layers"]
+    assert ref["collectives"] == {}
+    for tp in (2, 4):
+        assert engine_results[tp]["collectives"] == {"all-reduce": 2 * L + 1, "all-gather": 1}, tp
+    assert engine_results[8]["collectives"] == {"all-reduce": L}  # attention and vocabulary replicated: MLP only
     import re
 
     assert re.fullmatch(r"(yes|no), [0-9]{3}!", ref["regex"]), ref["regex"]

@@ -4,8 +4,10 @@ tests/test_tp.py compares. Not a test module itself (pytest collects test_*.py o
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -19,6 +21,7 @@ from helpers import PagedRunner  # noqa: E402
 from sgl_jax.models.loader import load_weights  # noqa: E402
 from sgl_jax.models.testing import write_tiny_checkpoint, write_tiny_gguf  # noqa: E402
 from sgl_jax.parallel.tp import TPLayout, make_mesh  # noqa: E402
+from sgl_jax.shapes import StepShape  # noqa: E402
 
 # (model, overrides, tp values, attention backend): every split rule is met at least once. Tiny models: H = 4 query
 # and K = 2 KV heads unless overridden (llama3-tied-mqa: K = 1; "h8" has H = 8, K = 2), F = 128, V = 320.
@@ -103,13 +106,16 @@ def engine_cases(tmp: str) -> dict:
             r.load_pages([(0, 20), (1, 21), (2, 22)])
             round_trip = bool((r.save_pages([20, 21, 22]) == saved).all()) and bool(saved.any())
             kv = e.runner.kv[0][0]
+            hlo = r._compile(StepShape(8, 0, 32)).as_text()  # the 8-row decode step as XLA compiled it
+            ops = collections.Counter(re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|"
+                                                 r"collective-permute)\(", hlo))
             out[tp] = dict(
                 texts=[o["text"] for o in greedy] + [shared["text"]], regex=regex["text"], sampled=sampled["text"],
                 logprobs=[[x[0] for x in o["meta_info"]["output_token_logprobs"]] for o in greedy + [shared]],
                 top=[[[t[1] for t in row] for row in o["meta_info"]["output_top_logprobs"]] for o in greedy],
                 cached_tokens=shared["meta_info"]["cached_tokens"], layout=getattr(e.runner.layout, "describe",
                                                                                   lambda: "none")(),
-                round_trip=round_trip, kv_sharding=str(getattr(kv.sharding, "spec", None)), kv_devices=len(kv.sharding.device_set), kv_shard_shape=list(kv.addressable_shards[0].data.shape))
+                round_trip=round_trip, collectives=dict(ops), num_layers=r.cfg.num_layers, kv_sharding=str(getattr(kv.sharding, "spec", None)), kv_devices=len(kv.sharding.device_set), kv_shard_shape=list(kv.addressable_shards[0].data.shape))
     return out
 
 
