@@ -85,11 +85,11 @@ def test_shards_hold_their_part(model_results):
 @pytest.mark.timeout(480)
 def test_engine_tp_outputs_identical(engine_results):
     """The whole engine (scheduler, radix cache, constrained decoding with jump-forward, seeded sampling) on a
-    mesh: greedy texts, top-logprob ids, the constrained and the sampled outputs identical to one device, token
+    mesh of 2 (heads split) and 8 (attention and vocabulary replicated): greedy texts, top-logprob ids, the constrained and the sampled outputs identical to one device, token
     logprobs within 1e-5, the same prefix-cache hit."""
     ref = engine_results[1]
     assert ref["cached_tokens"] > 0 and ref["layout"] == "none"
-    for tp in (2, 4, 8):
+    for tp in (2, 8):
         got = engine_results[tp]
         assert got["texts"] == ref["texts"], tp
         assert got["top"] == ref["top"], tp
@@ -105,8 +105,7 @@ def test_engine_tp_outputs_identical(engine_results):
     # one for the vocabulary-split embedding lookup, one all-gather of the vocabulary-split logits; nothing else
     L = ref["num_layers"]
     assert ref["collectives"] == {}
-    for tp in (2, 4):
-        assert engine_results[tp]["collectives"] == {"all-reduce": 2 * L + 1, "all-gather": 1}, tp
+    assert engine_results[2]["collectives"] == {"all-reduce": 2 * L + 1, "all-gather": 1}
     assert engine_results[8]["collectives"] == {"all-reduce": L}  # attention and vocabulary replicated: MLP only
     import re
 

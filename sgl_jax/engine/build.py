@@ -48,25 +48,19 @@ def default_widths(max_pages: int, page_size: int) -> list[int]:
     return out
 
 
-def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
-    """Load the model and make every part from the config's sections (the same names all the way)."""
-    import jax
+def _start_parallel(c: EngineConfig):
+    """(multi-host channel or None, the loader's placement or None, the list that receives the TPLayout).
 
-    from sgl_jax.cache import HostPool, PageAllocator, RadixCache
-    from sgl_jax.models.loader import canonical_dtype, load_model
-    from sgl_jax.runner import ModelRunner, enable_compilation_cache
-    from sgl_jax.scheduler import Scheduler
-    from sgl_jax.shapes import ShapeGrid
-
-    kv, sh = c.cache, c.shapes
-    enable_compilation_cache(c.compile_cache_dir)
+    Multi-host: jax.distributed first, before anything runs on a device, then rank 0's StepChannel or another rank's
+    connection to it (sgl_jax/parallel/multihost.py). Tensor parallel: the layout is planned once the loader has read
+    the model's config, and every tensor is placed on the mesh as it is loaded (sgl_jax/parallel/tp.py)."""
     channel = None
-    if c.parallel.nnodes > 1:  # before anything runs on a device (sgl_jax/parallel/multihost.py)
+    if c.parallel.nnodes > 1:
         from sgl_jax.parallel import multihost
 
         multihost.initialize(c.parallel)
         channel = multihost.StepChannel(c.parallel) if c.parallel.node_rank == 0 else multihost.connect(c.parallel)
-    layouts = []  # tensor parallel: the model's layout on the mesh, planned once its config is read
+    layouts: list = []
 
     def placement(cfg):
         from sgl_jax.parallel import tp
@@ -75,9 +69,24 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         log.info("tensor parallel: %s", layouts[0].describe())
         return layouts[0].place
 
+    return channel, (placement if c.parallel.tp > 1 else None), layouts
+
+
+def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
+    """Load the model and make every part from the config's sections (the same names all the way)."""
+    import jax
+
+    from sgl_jax.cache import PageAllocator, RadixCache
+    from sgl_jax.models.loader import canonical_dtype, load_model
+    from sgl_jax.runner import ModelRunner, enable_compilation_cache
+    from sgl_jax.scheduler import Scheduler
+    from sgl_jax.shapes import ShapeGrid
+
+    kv, sh = c.cache, c.shapes
+    enable_compilation_cache(c.compile_cache_dir)
+    channel, placement, layouts = _start_parallel(c)
     t0 = time.perf_counter()
-    loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization,
-                        placement=placement if c.parallel.tp > 1 else None)
+    loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization, placement=placement)
     load_seconds = time.perf_counter() - t0
     layout = layouts[0] if layouts else None
     mc = loaded.config if layout is None else layout.model_config(loaded.config)  # KV heads as stored
@@ -112,25 +121,12 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
         valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
-        executable_dir=os.path.join(os.path.expanduser(c.compile_cache_dir), "executables") if c.compile_cache_dir else "",
-        layout=layout)
+        executable_dir=(os.path.join(os.path.expanduser(c.compile_cache_dir), "executables")
+                        if c.compile_cache_dir else ""), layout=layout)
     allocator = PageAllocator(num_pages, reserved=1)
-    host = None
-    host_slots = int(kv.host_memory_gb * (1 << 30)) // runner.page_bytes
-    if c.parallel.nnodes > 1 and host_slots > 0 and not kv.disable_hierarchical_cache:
-        log.warning("multi-host: the host/disk KV tiers are off (not built for pools split across processes)")
-        host_slots = 0
     if c.parallel.node_rank == 0 and channel is not None:
         runner.channel = channel  # every device operation from here on reaches the other ranks first
-    if host_slots > 0 and not kv.disable_hierarchical_cache and not kv.disable_radix_cache:
-        try:
-            host = HostPool(host_slots, runner.page_bytes)
-        except MemoryError:  # e.g. no overcommit: serve from the device pool alone, and say so once
-            log.warning("the host tier of %.1f GiB could not be reserved; the prefix cache stays on the device",
-                        kv.host_memory_gb)
-        else:
-            host.bind(runner.save_pages)
-            runner.host_arena = host.arena
+    host = _host_pool(c, runner)
     cache = RadixCache(allocator, kv.page_size, disabled=kv.disable_radix_cache, host=host)
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
     if host is not None and kv.disk_dir:
@@ -160,6 +156,28 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
                 scheduler.grid = runner.time_decode_costs(costs)
     return Runtime(loaded.path, mc, loaded.tokenizer, loaded.vocab_size, runner, allocator, cache, scheduler,
                    max_context_len, load_seconds, compile_seconds, runner.num_compiles, channel)
+
+
+def _host_pool(c: EngineConfig, runner):
+    """The host tier's arena bound to the runner, or None (off, no radix cache, multi-host, or not reservable)."""
+    from sgl_jax.cache import HostPool
+
+    kv = c.cache
+    host_slots = int(kv.host_memory_gb * (1 << 30)) // runner.page_bytes
+    if host_slots <= 0 or kv.disable_hierarchical_cache or kv.disable_radix_cache:
+        return None
+    if c.parallel.nnodes > 1:
+        log.warning("multi-host: the host/disk KV tiers are off (not built for pools split across processes)")
+        return None
+    try:
+        host = HostPool(host_slots, runner.page_bytes)
+    except MemoryError:  # e.g. no overcommit: serve from the device pool alone, and say so once
+        log.warning("the host tier of %.1f GiB could not be reserved; the prefix cache stays on the device",
+                    kv.host_memory_gb)
+        return None
+    host.bind(runner.save_pages)
+    runner.host_arena = host.arena
+    return host
 
 
 def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dict | None:

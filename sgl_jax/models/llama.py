@@ -242,7 +242,8 @@ class DecoderLayer(nn.Module):
     def __call__(self, x, meta, pages, inv_freq):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        a, pages = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")(h, meta, pages, inv_freq)
+        attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")
+        a, pages = attn(h, meta, pages, inv_freq)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(self.cfg, self.dtype, name="mlp")(h), pages

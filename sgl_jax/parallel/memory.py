@@ -152,7 +152,8 @@ def _trace(model, params, pool, c, AttnMetadata) -> None:
     import jax.numpy as jnp
 
     sh = c.shapes
-    width = max(sh.page_width_buckets) if sh.page_width_buckets else math.ceil(c.cache.max_context_len / c.cache.page_size)
+    width = (max(sh.page_width_buckets) if sh.page_width_buckets
+             else math.ceil(c.cache.max_context_len / c.cache.page_size))
     i32 = jnp.int32
 
     def sds(*shape):

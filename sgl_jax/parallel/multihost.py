@@ -41,8 +41,7 @@ def initialize(p) -> None:
     """jax.distributed.initialize from ParallelConfig `p` (before any computation)."""
     import jax
 
-    if jax.config.jax_platforms in (None, "", "cpu") or str(jax.config.jax_platforms).startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives (others: their own)
     jax.config.update("jax_enable_recoverability", True)
     jax.distributed.initialize(p.dist_init_addr, p.nnodes, p.node_rank,
                                heartbeat_timeout_seconds=max(5, int(4 * p.dist_timeout_s)),

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="engine.cache.disable_hierarchical_cache=true (device pool only)")
     p.add_argument("--log-level", dest="log_level", help="server.log_level")
     p.add_argument("--tp", "--tp-size", dest="tp", type=int, help="engine.parallel.tp (tensor-parallel devices)")
-    p.add_argument("--dist-init-addr", dest="dist_init_addr", help="engine.parallel.dist_init_addr (host:port of rank 0)")
+    p.add_argument("--dist-init-addr", dest="dist_init_addr",
+                   help="engine.parallel.dist_init_addr (host:port of rank 0)")
     p.add_argument("--nnodes", type=int, help="engine.parallel.nnodes (processes serving one model)")
     p.add_argument("--node-rank", dest="node_rank", type=int, help="engine.parallel.node_rank (0 serves HTTP)")
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
@@ -116,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
 
         from sgl_jax.parallel.multihost import serve_follower
 
-        logging.basicConfig(level=cfg.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=cfg.server.log_level.upper(),
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         serve_follower(cfg.engine)
         return
     from sgl_jax.serve.server import run
