@@ -80,7 +80,8 @@ class CacheConfig:
 
     WHERE: typing.ClassVar[str] = "engine.cache"
     page_size: int = _f(16, "tokens per KV page")
-    kv_memory_gb: float = _f(1.0, "memory budget of the KV pool in GiB per device (the pool size derives from it; with parallel.tp each device holds its KV heads' share)")
+    kv_memory_gb: float = _f(1.0, "memory budget of the KV pool in GiB per device (the pool size derives from it; "
+                             "with parallel.tp each device holds its KV heads' share)")
     max_num_pages: int = _f(0, "if > 0, caps the number of KV pages regardless of the budget")
     max_context_len: int = _f(4096, "longest prompt + output a request may have (capped by the model's limit)")
     disable_radix_cache: bool = _f(False, "turn prefix caching off (the ablation baseline)")
@@ -91,6 +92,11 @@ class CacheConfig:
     disk_dir: str = _f("", "disk tier of the prefix cache: a directory (kept across restarts; '' = off; needs the "
                        "host tier): every cached page is written there once, and a miss reads runs of pages back")
     disk_gb: float = _f(16.0, "byte budget of the disk tier in GiB (least recently used files go first)")
+    kv_events_endpoint: str = _f("", "ZMQ endpoint publishing the cache's KV events (BlockStored / BlockRemoved, as "
+                                 "vLLM and SGLang do; e.g. tcp://*:5557; '' = off; needs pyzmq, msgspec)")
+    kv_events_topic: str = _f("kv-events", "topic frame of every KV event message")
+    kv_events_replay_endpoint: str = _f("", "ZMQ ROUTER endpoint answering replay requests for missed KV event "
+                                        "batches ('' = off)")
 
     def __post_init__(self):
         for key in ("page_size", "max_context_len"):

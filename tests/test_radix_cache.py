@@ -14,6 +14,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import hashlib
 
+from sgl_jax.cache import events as events_mod
+from sgl_jax.cache.events import KVEventLog, chain, sequence_hashes
 from sgl_jax.cache import (
     HostPool,
     NaivePrefixCache,
@@ -446,6 +448,36 @@ def radix_pages(c):
     return out
 
 
+def apply_events(mirror: set, events: list, ps: int) -> None:
+    """What a subscriber does with a batch: BlockStored adds its hashes (checked against its tokens and parent),
+    BlockRemoved drops them, AllBlocksCleared empties the set."""
+    for ev in events:
+        if ev[0] == "BlockStored":
+            hashes, parent, tokens, size = ev[1], ev[2], ev[3], ev[4]
+            assert size == ps and len(tokens) == len(hashes) * ps and ev[6] == "GPU"
+            h = parent
+            for i, want in enumerate(hashes):
+                assert h is None or h in mirror or i > 0, "a stored block's parent is not on the device"
+                h = chain(h if h is not None else _root_of(want, tokens[:ps], ps), tokens[i * ps:(i + 1) * ps])
+                assert h == want
+            mirror.update(hashes)
+        elif ev[0] == "BlockRemoved":
+            assert ev[2] == "GPU" and set(ev[1]) <= mirror, "removed blocks were not announced"
+            mirror.difference_update(ev[1])
+        else:
+            assert ev == ["AllBlocksCleared"]
+            mirror.clear()
+
+
+def _root_of(first_hash, tokens, ps):
+    """The root hash (of some namespace) under which `tokens` hash to `first_hash`."""
+    for ns in ("", "a", "b", "lora1", "lora2"):
+        root = events_mod._root_hash(ns)
+        if chain(root, tokens) == first_hash:
+            return root
+    raise AssertionError("a first block's hash matches no namespace root")
+
+
 def naive_pages(c):
     out = {k: (e.ref > 0, 0, e.page) for k, e in c._entries.items()}
     out.update({k: (False, 1, h.page) for k, h in c._host.items()})
@@ -513,6 +545,8 @@ class TwinMachine(RuleBasedStateMachine):
         self.r = RadixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[0])
         self.n = NaivePrefixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[1])
         self.rdev, self.ndev = FakeDevice(self.NUM_PAGES, hosts[0]), FakeDevice(self.NUM_PAGES, hosts[1])
+        self.r.events = KVEventLog(ps)  # a subscriber's mirror of the device pages, from the events alone
+        self.mirror: set[int] = set()
         self.reqs: list[_Req] = []
         self.pins: list[tuple] = []
 
@@ -705,6 +739,8 @@ class TwinMachine(RuleBasedStateMachine):
         # same prefixes cached, locked and on the same tier: catches any divergence in eviction order at once
         assert radix_contents(self.r) == naive_contents(self.n)
         assert self.r.host_cached_pages == self.n.host_cached_pages
+        apply_events(self.mirror, self.r.events.take(), self.ps)
+        assert self.mirror == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._entries}
         if self.r.host is not None:
             assert self.r.host.allocator.num_free == self.n.host.allocator.num_free
             assert self.r.host.pending_release == self.n.host.pending_release

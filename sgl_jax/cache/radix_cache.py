@@ -499,6 +499,8 @@ class RadixCache(TierMixin):
                 self._tree_pages.update(leaf.pages)
                 if self.fresh is not None:
                     self.fresh.append((namespace, toks, pos // ps, list(leaf.pages)))
+                if self.events is not None:
+                    self.events.stored(namespace, toks, pos // ps, len(leaf.pages))
                 node = leaf
                 break
             k = self._edge_match(child.key, toks, pos)
@@ -607,6 +609,8 @@ class RadixCache(TierMixin):
         parent, when that is all of them (else it keeps its first page, so its key in the parent is unchanged).
         Returns the pages; counters are the caller's."""
         ps, npg = self.page_size, len(node.pages)
+        if self.events is not None and node.tier == 0:
+            self._emit("removed", node, min(need, npg))
         if npg <= need:
             del node.parent.children[node.key[:ps]]
             node.parent, node.heap_id = None, -1
@@ -642,6 +646,8 @@ class RadixCache(TierMixin):
         self._reset_host()
         if self.fresh is not None:
             self.fresh = []
+        if self.events is not None:
+            self.events.cleared()
         self._tree_pages = set()
         self._evictable = self._protected = self._num_nodes = 0
         if pages:

@@ -32,6 +32,22 @@ class TierMixin:
         self._load_locks_now: list[Any] = []
         # with a disk tier: (namespace, tokens, first page index, device pages) of every new leaf, for write-through
         self.fresh: list[tuple[str, tuple, int, list[int]]] | None = None
+        # KV-cache events (cache/events.py): device pages gained and given up, for routers; None = off
+        self.events = None
+
+    def _path_tokens(self, node) -> tuple:
+        """Every token from the root to the end of ``node``'s edge."""
+        parts = []
+        while node is not None and not node.is_root:
+            parts.append(node.key)
+            node = node.parent
+        return tuple(t for key in reversed(parts) for t in key)
+
+    def _emit(self, kind: str, node, num_pages: int) -> None:
+        """Tell `events` that the trailing ``num_pages`` pages of ``node`` were stored on / removed from the device."""
+        tokens = self._path_tokens(node)
+        first = len(tokens) // self.page_size - num_pages
+        getattr(self.events, kind)(node.namespace, tokens, first, num_pages)
 
     # ------------------------------------------------------------- counters
     @property
@@ -79,6 +95,8 @@ class TierMixin:
         else:  # the new upper node keeps the leading pages on the device; `node` the trailing j
             upper, low = self._split(node, (npg - j) * self.page_size), node
         slots = host.allocator.alloc(j)
+        if self.events is not None:
+            self._emit("removed", low, j)
         dev = low.pages
         host.save(dev, slots)
         low.pages = slots
@@ -151,6 +169,8 @@ class TierMixin:
         node.pages, node.tier = list(pages), 0
         self._evictable += len(pages)
         self._tree_pages.update(pages)
+        if self.events is not None:
+            self._emit("stored", node, len(pages))
 
     def host_match_len(self, tokens: Sequence[int], namespace: str = "") -> int:
         """Tokens past the device match of ``tokens`` that the host tier holds (page-aligned); read-only."""

@@ -82,6 +82,14 @@ class Engine:
         self.loop = EngineLoop(scheduler=self.scheduler, runner=self.runner, constraints=self.constraints,
                                output=self.output, row_params=self._row_params, metrics=metrics,
                                check_integrity_when_idle=config.scheduler.check_integrity_when_idle)
+        self.kv_events = None  # the KV event publisher (serve/kv_events.py), when engine.cache.kv_events_endpoint
+        if config.cache.kv_events_endpoint and not config.cache.disable_radix_cache:
+            from sgl_jax.cache.events import KVEventLog
+            from sgl_jax.serve.kv_events import KVEventPublisher
+
+            self.cache.events = KVEventLog(config.cache.page_size)
+            self.kv_events = KVEventPublisher(self.cache.events, config.cache.kv_events_endpoint,
+                                              config.cache.kv_events_topic, config.cache.kv_events_replay_endpoint)
         self.channel = rt.channel if config.parallel.node_rank == 0 else None  # multi-host: rank 0's StepChannel
         if self.channel is not None:
             self.channel.on_failure = self.loop.die
@@ -350,6 +358,8 @@ class Engine:
         self.constraints.shutdown()
         if self.channel is not None:  # the other ranks exit
             self.channel.close()
+        if self.kv_events is not None:
+            self.kv_events.close()
 
     def __enter__(self):
         return self
