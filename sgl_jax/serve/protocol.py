@@ -97,8 +97,10 @@ _GENERATE_KEYS = frozenset({"text", "input_ids", "sampling_params", "return_logp
 # Upstream fields this server does not implement: accepted only when absent, null, empty or false.
 _GENERATE_UNSUPPORTED = frozenset({"image_data", "audio_data", "video_data", "input_embeds", "lora_path",
                                    "session_params", "custom_logit_processor", "return_hidden_states",
-                                   "bootstrap_host", "bootstrap_port", "bootstrap_room", "data_parallel_rank"})
-_GENERATE_IGNORED = frozenset({"log_metrics", "modalities", "stream_options", "no_logs"})
+                                   "bootstrap_host", "bootstrap_port", "bootstrap_room", "data_parallel_rank",
+                                   "background", "return_bytes", "return_entropy"})
+# "model": SGLang's gateway names the model on every request it forwards; a worker serves one
+_GENERATE_IGNORED = frozenset({"log_metrics", "modalities", "stream_options", "no_logs", "model"})
 
 
 @dataclasses.dataclass
@@ -238,11 +240,22 @@ class OpenAIRequest:
     echo_texts: list[str] | None  # completions with echo: the prompt text of each prompt
 
 
+# SGLang's OpenAI-route extensions (its gateway sends them with their defaults): accepted when they change nothing
+# here -- absent, null or false (continue_final_message, return_hidden_states), or reasoning switches, which
+# apply only with a reasoning parser, and this server has none
+_OPENAI_UNSUPPORTED = frozenset({"continue_final_message", "return_hidden_states"})
+_OPENAI_IGNORED = frozenset({"separate_reasoning", "stream_reasoning"})
+
+
 def _check_keys(body: Any, known: frozenset, route: str) -> None:
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {_type_name(body)}", field="body")
     for k in body:
-        if k not in known:
+        if k in _OPENAI_UNSUPPORTED and route != "/generate":
+            if body[k] not in (None, False):
+                raise InvalidRequestError(f"{k!r} is not supported by this server (only false)", field=k)
+            continue
+        if k not in known and not (k in _OPENAI_IGNORED and route != "/generate"):
             raise InvalidRequestError(f"unknown field {k!r} in {route}", field=k)
 
 

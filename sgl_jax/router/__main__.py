@@ -1,0 +1,3 @@
+from sgl_jax.router.server import main
+
+main()

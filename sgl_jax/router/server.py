@@ -1,0 +1,239 @@
+"""The router as an HTTP server in front of several sgl_jax workers (SGLang's native API).
+
+    python -m sgl_jax.router --workers http://127.0.0.1:30001,http://127.0.0.1:30002 --model smollm2-135m \\
+        [--policy cost|round_robin] [--max-inflight 8] [--port 30000]
+
+Each worker is asked for its settings (`/get_server_info`: page size, `max_running_requests` as the default
+`--max-inflight`, and its KV-event endpoint, `engine.cache.kv_events_endpoint`, whose host part is taken from the
+worker's URL when it binds all interfaces); the router subscribes to those events (ZMQ) to mirror each worker's
+cache, tokenizes prompts with the model's own tokenizer (`--model`, the same name or path as the workers'), and
+routes by sgl_jax/router/policy.py. `POST /generate` (single prompt, streamed or not) is routed; a batch is sent
+whole to the least loaded worker. `GET /health` is 200 while one worker is up; `GET /router_stats` reports the
+routing. Failures: a worker that cannot be reached, or that drops a request before its first byte, is marked
+down and the request is retried once on another; one that fails after bytes were sent ends the stream with an
+error event naming it (nothing is lost silently). Down workers are probed every second and take traffic again
+once `/health` answers 200, with an empty mirror.
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import threading
+import time
+import urllib.parse
+import uuid
+
+from sgl_jax.router.policy import Pending, Replica, Router
+
+log = logging.getLogger("sgl_jax.router")
+
+
+def _events_endpoint(worker_url: str, endpoint: str) -> str:
+    host = urllib.parse.urlparse(worker_url).hostname or "127.0.0.1"
+    proto, _, rest = endpoint.partition("://")
+    h, _, port = rest.rpartition(":")
+    return f"{proto}://{host if h in ('*', '0.0.0.0', '') else h}:{port}"
+
+
+def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event) -> threading.Thread:
+    """A thread mirroring `replica`'s cache from its KV events until `stop`."""
+    import msgspec
+    import zmq
+
+    def run():
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+        decode = msgspec.msgpack.Decoder().decode
+        try:
+            while not stop.is_set():
+                if sock.poll(100):
+                    _, _, payload = sock.recv_multipart()
+                    replica.apply(decode(payload)[1])
+        finally:
+            sock.close(0)
+
+    t = threading.Thread(target=run, name=f"sgl_jax-events-{replica.name}", daemon=True)
+    t.start()
+    return t
+
+
+class RouterApp:
+    """The router's state and its request path (one asyncio loop)."""
+
+    def __init__(self, router: Router, tokenizer, http):
+        self.router, self.tokenizer, self.http = router, tokenizer, http
+        self.waiting: dict[str, asyncio.Future] = {}
+        self.retried = self.failed = 0
+        self.ttfts: list[float] = []
+
+    def _pending(self, body: dict) -> Pending:
+        from sgl_jax.cache.events import sequence_hashes
+
+        ids = body.get("input_ids")
+        text = body.get("text")
+        if ids is None and isinstance(text, str):
+            ids = self.tokenizer.encode(text)
+        ids = ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else []
+        ps = self.router.replicas[0].page_size
+        max_new = int((body.get("sampling_params") or {}).get("max_new_tokens", 128))
+        return Pending(str(body.get("rid") or uuid.uuid4().hex), sequence_hashes(ids, ps), len(ids), max_new)
+
+    async def acquire(self, p: Pending) -> Replica:
+        r = self.router.submit(p)
+        if r is not None:
+            return r
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[p.rid] = fut
+        return await fut
+
+    def release(self, p: Pending) -> None:
+        self.router.finish(p)
+        self.rebind()
+
+    def rebind(self) -> None:
+        for q, r in self.router.bind():
+            fut = self.waiting.pop(q.rid, None)
+            if fut is not None and not fut.done():
+                fut.set_result(r)
+
+    def down(self, r: Replica, why: str) -> None:
+        if r.healthy:
+            log.warning("worker %s (%s) is down: %s", r.name, r.url, why)
+        self.router.mark_down(r)
+
+    async def health_loop(self) -> None:
+        while True:
+            for r in self.router.replicas:
+                try:
+                    ok = (await self.http.get(r.url + "/health", timeout=2.0)).status_code == 200
+                except Exception:  # noqa: BLE001 - any failure means not serving
+                    ok = False
+                if ok and not r.healthy:
+                    log.info("worker %s is back", r.name)
+                    self.router.mark_up(r)
+                    self.rebind()
+                elif not ok and r.healthy:
+                    self.down(r, "health check failed")
+            await asyncio.sleep(1.0)
+
+
+def _forward(app: RouterApp, body: dict, stream: bool):
+    """An async generator of response bytes for one /generate request (see the module docstring for failures)."""
+    import httpx
+
+    async def gen():
+        p = app._pending(body)
+        t0 = time.perf_counter()
+        for attempt in (0, 1):
+            r = await app.acquire(p)
+            sent = False
+            try:
+                async with app.http.stream("POST", r.url + "/generate", json=body, timeout=None) as resp:
+                    async for chunk in resp.aiter_raw():
+                        if not sent:
+                            app.ttfts.append(time.perf_counter() - t0)
+                        sent = True
+                        yield chunk
+                app.release(p)
+                return
+            except (httpx.TransportError, httpx.HTTPError) as e:
+                app.release(p)
+                app.down(r, f"{type(e).__name__}: {e}")
+                if sent or attempt == 1:
+                    app.failed += 1
+                    msg = f"worker {r.name} ({r.url}) failed{' mid-stream' if sent else ''}: {type(e).__name__}: {e}"
+                    err = {"error": {"message": msg, "code": 502}}
+                    yield (f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n" if stream else json.dumps(err)).encode()
+                    return
+                app.retried += 1
+                p.replica = None
+
+    return gen()
+
+
+def build_app(app: RouterApp):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+
+    api = FastAPI()
+
+    @api.post("/generate")
+    async def generate(request: Request):
+        body = await request.json()
+        stream = bool(body.get("stream"))
+        gen = _forward(app, body, stream)
+        if stream:
+            return StreamingResponse(gen, media_type="text/event-stream")
+        data = b"".join([c async for c in gen])
+        try:
+            out = json.loads(data)
+        except ValueError:
+            return JSONResponse({"error": {"message": "bad reply from worker", "code": 502}}, status_code=502)
+        status = 502 if isinstance(out, dict) and "error" in out and out["error"].get("code") == 502 else 200
+        if isinstance(out, dict) and "error" in out and status != 502:
+            status = int(out["error"].get("code", 400))
+        return JSONResponse(out, status_code=status)
+
+    @api.get("/health")
+    async def health():
+        up = [r.name for r in app.router.replicas if r.healthy]
+        return JSONResponse({"workers_up": up}, status_code=200 if up else 503)
+
+    @api.get("/router_stats")
+    async def stats():
+        mx, mean = app.router.imbalance()
+        return {"policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
+                "failed": app.failed, "inflight_max": mx, "inflight_mean": mean,
+                "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
+                             "routed": r.routed, "load": r.load, "blocks": len(r.blocks)}
+                            for r in app.router.replicas]}
+
+    return api
+
+
+def main(argv=None) -> None:
+    import httpx
+    import requests
+    import uvicorn
+
+    from sgl_jax.models.hub import resolve_model
+    from sgl_jax.models.tokenizer import Tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m sgl_jax.router", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workers", required=True, help="comma-separated worker URLs")
+    ap.add_argument("--model", default="smollm2-135m", help="the workers' model (for its tokenizer)")
+    ap.add_argument("--policy", default="cost", choices=("cost", "round_robin"))
+    ap.add_argument("--max-inflight", type=int, default=0, help="requests per worker at once (0: its batch size)")
+    ap.add_argument("--decode-weight", type=float, default=2.0)
+    ap.add_argument("--max-bypass", type=int, default=4)
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=30000)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    path = resolve_model(a.model)
+    tok = Tokenizer.from_hf_dir(path) if not path.endswith(".gguf") else Tokenizer.from_gguf(path)
+    stop = threading.Event()
+    replicas = []
+    for i, url in enumerate(u.rstrip("/") for u in a.workers.split(",")):
+        info = requests.get(url + "/get_server_info", timeout=30).json()
+        cache = info["cache"]
+        r = Replica(f"w{i}", url, a.max_inflight or info["scheduler"]["max_running_requests"], cache["page_size"])
+        if cache.get("kv_events_endpoint"):
+            subscribe(r, _events_endpoint(url, cache["kv_events_endpoint"]), cache.get("kv_events_topic", ""), stop)
+        else:
+            log.warning("worker %s publishes no KV events: the router mirrors only what it sent there", url)
+        replicas.append(r)
+    app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass), tok,
+                    httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)))
+    api = build_app(app)
+
+    @api.on_event("startup")
+    async def _start():
+        asyncio.get_running_loop().create_task(app.health_loop())
+
+    uvicorn.run(api, host=a.host, port=a.port, log_level="warning")

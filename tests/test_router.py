@@ -1,0 +1,286 @@
+"""Routing across replicas: the policy (sgl_jax/router/policy.py) on its own, then the HTTP router and SGLang's
+gateway (`sglang-router`, unmodified) in front of two real workers on the tiny model, and a worker killed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+import requests
+
+from sgl_jax.cache.events import sequence_hashes
+from sgl_jax.models.testing import write_tiny_gguf
+from sgl_jax.router.policy import Pending, Replica, Router
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------- policy
+def _replicas(n=2, max_inflight=2, ps=4):
+    return [Replica(f"w{i}", f"http://w{i}", max_inflight, ps) for i in range(n)]
+
+
+def _req(rid, tokens, max_new=8, ps=4):
+    return Pending(rid, sequence_hashes(tokens, ps), len(tokens), max_new)
+
+
+PREFIX = list(range(10, 42))  # 8 pages
+
+
+@pytest.mark.timeout(30)
+def test_cost_prefers_the_cached_replica_until_its_load_outweighs_the_match():
+    a, b = _replicas(max_inflight=8)
+    r = Router([a, b], "cost", decode_weight=1.0)
+    a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+    assert r.submit(_req("x", PREFIX + [1, 2, 3])) is a  # 32 cached tokens there
+    # a now carries x's work (3 + 8); a second request with the prefix still costs less on a than 35 + 8 on b
+    assert r.submit(_req("y", PREFIX + [4, 5, 6, 7])) is a
+    a.load += 100  # a long queue on a: recomputing the prefix on b is cheaper
+    assert r.submit(_req("z", PREFIX + [9])) is b
+    # no match anywhere: the least loaded (a carries 100 + x + y, b only z)
+    assert r.submit(_req("u", [7] * 12)) is b
+
+
+@pytest.mark.timeout(30)
+def test_round_robin_ignores_the_cache():
+    a, b = _replicas(max_inflight=8)
+    r = Router([a, b], "round_robin")
+    a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+    got = [r.submit(_req(str(i), PREFIX)).name for i in range(4)]
+    assert got == ["w0", "w1", "w0", "w1"]
+
+
+@pytest.mark.timeout(30)
+def test_late_binding_queues_when_all_are_full_and_binds_as_slots_free():
+    a, b = _replicas(max_inflight=1)
+    r = Router([a, b], "cost")
+    p1, p2, p3, p4 = (_req(f"p{i}", [i] * 8) for i in range(1, 5))
+    assert r.submit(p1) is not None and r.submit(p2) is not None
+    assert r.submit(p3) is None and r.submit(p4) is None  # both full: the router's queue, not a replica's
+    assert [q.rid for q in r.queue] == ["p3", "p4"]
+    r.finish(p1)
+    bound = r.bind()
+    assert [q.rid for q, _ in bound] == ["p3"] and bound[0][1] is p1.replica
+    # a newcomer does not overtake the waiting p4 even though a slot is free after p2 finishes
+    r.finish(p2)
+    p5 = _req("p5", [5] * 8)
+    assert r.submit(p5) is None
+    assert [q.rid for q, _ in r.bind()] == ["p4"]
+
+
+@pytest.mark.timeout(30)
+def test_bypass_is_bounded_no_starvation():
+    """A freed slot on the replica caching PREFIX takes a waiting request with that prefix over the oldest one,
+    but the oldest is passed over at most max_bypass times."""
+    (a,) = _replicas(n=1, max_inflight=1)
+    r = Router([a], "cost", max_bypass=2)
+    a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+    first = _req("first", [1] * 8)
+    assert r.submit(first) is a
+    old = _req("old", [2] * 8)  # no match: waits first
+    assert r.submit(old) is None
+    order = []
+    running = first
+    for i in range(5):
+        assert r.submit(_req(f"hit{i}", PREFIX + [i])) is None
+    for _ in range(6):
+        r.finish(running)
+        (running, _), = r.bind()
+        order.append(running.rid)
+    assert order[:2] == ["hit0", "hit1"] and order[2] == "old"  # bypassed twice, then served
+    assert old.bypassed == 2
+
+
+@pytest.mark.timeout(30)
+def test_events_and_down_replicas():
+    (a,) = _replicas(n=1)
+    hs = sequence_hashes(PREFIX, 4)
+    a.apply([["BlockStored", hs, None, PREFIX, 4, None, "GPU", None], ["BlockRemoved", hs[4:], "GPU"]])
+    assert a.matched_blocks(hs) == 4
+    a.apply([["AllBlocksCleared"]])
+    assert a.matched_blocks(hs) == 0
+    r = Router([a], "cost")
+    a.apply([["BlockStored", hs, None, PREFIX, 4, None, "GPU", None]])
+    r.mark_down(a)
+    assert a.matched_blocks(hs) == 0 and not a.has_room
+    assert r.submit(_req("x", PREFIX)) is None
+    r.mark_up(a)
+    assert [q.rid for q, _ in r.bind()] == ["x"]
+    with pytest.raises(ValueError, match="routing policy 'fastest' is unknown"):
+        Router([a], "fastest")
+
+
+# ------------------------------------------------------------------------------------------- end to end
+SMALL = ("page_size=4 max_context_len=128 max_running_requests=8 max_prefill_tokens=64 prefill_block=8 "
+         "decode_buckets=1,4,8 prefill_block_buckets=2,8 max_mixed_blocks=2 page_width_buckets=32 kv_memory_gb=0.01 "
+         "warmup=false compile_cache_dir= host_memory_gb=0").split()
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(url, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: exited with {proc.returncode}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(url)
+
+
+class Cluster:
+    def __init__(self, tmp):
+        self.model = write_tiny_gguf("llama", os.path.join(tmp, "tiny.gguf"))
+        self.tmp = tmp
+        self.env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+        self.ports = [_port() for _ in range(2)]
+        self.ev_ports = [_port() for _ in range(2)]
+        self.workers = [self.start_worker(i) for i in range(2)]
+        for i in range(2):
+            _wait(self.url(i), self.workers[i])
+        self.rport = _port()
+        self.router = subprocess.Popen(
+            [sys.executable, "-m", "sgl_jax.router", "--workers", ",".join(self.url(i) for i in range(2)),
+             "--model", self.model, "--port", str(self.rport), "--max-inflight", "4"],
+            stdout=open(os.path.join(tmp, "router.log"), "w"), stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+        self.rurl = f"http://127.0.0.1:{self.rport}"
+        _wait(self.rurl, self.router)
+
+    def url(self, i):
+        return f"http://127.0.0.1:{self.ports[i]}"
+
+    def start_worker(self, i):
+        return subprocess.Popen(
+            [sys.executable, "-m", "sgl_jax.serve", "--model", self.model, "--port", str(self.ports[i]),
+             "--set", *SMALL, f"kv_events_endpoint=tcp://127.0.0.1:{self.ev_ports[i]}"],
+            stdout=open(os.path.join(self.tmp, f"w{i}.log"), "a"), stderr=subprocess.STDOUT, env=self.env, cwd=ROOT)
+
+    def stats(self):
+        return requests.get(self.rurl + "/router_stats", timeout=5).json()
+
+    def stop(self):
+        for p in self.workers + [self.router]:
+            if p.poll() is None:
+                p.kill()
+            p.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Cluster(tmp)
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def _gen(url, text, max_new=4, **extra):
+    r = requests.post(url + "/generate", json=dict({"text": text, "sampling_params": {
+        "max_new_tokens": max_new, "temperature": 0}}, **extra), timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.mark.timeout(600)
+def test_router_sends_a_shared_prefix_to_the_replica_that_holds_it(cluster):
+    """Two tenants' system prompts: after each one's first request, its later ones land where its prefix is cached
+    (the mirror is built from the workers' KV events) and hit the cache; the answer equals a direct request's."""
+    sys_a = "You are a helpful assistant for tenant A. Answer briefly and politely. "
+    sys_b = "Tenant B system prompt: be terse, cite nothing, never apologize, thanks. "
+    first_a, first_b = _gen(cluster.rurl, sys_a + "q0"), _gen(cluster.rurl, sys_b + "q0")
+    time.sleep(0.3)  # their events arrive
+    hits = [_gen(cluster.rurl, s + f"question {i}")["meta_info"] for i in range(3) for s in (sys_a, sys_b)]
+    assert all(m["cached_tokens"] >= 40 for m in hits), hits
+    st = cluster.stats()
+    assert sum(w["routed"] for w in st["workers"]) == 8 and all(w["blocks"] > 0 for w in st["workers"])
+    direct = _gen(cluster.url(0), sys_a + "q0")
+    assert direct["text"] == first_a["text"] and first_b["text"]
+
+
+@pytest.mark.timeout(600)
+def test_sglang_gateway_routes_to_our_workers(cluster):
+    """SGLang's own gateway (sglang-router from PyPI, cache_aware) in front of the two workers, unmodified: native
+    /generate (plain and streamed) and the OpenAI routes answer through it."""
+    port, prom = _port(), _port()
+    gw = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", cluster.url(0),
+                           cluster.url(1), "--policy", "cache_aware", "--port", str(port), "--prometheus-port",
+                           str(prom)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, env=cluster.env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                out = requests.post(url + "/generate", json={"text": "Gateway hello there, friend",
+                                                             "sampling_params": {"max_new_tokens": 4}}, timeout=10)
+                if out.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        assert out.status_code == 200 and out.json()["meta_info"]["completion_tokens"] == 4, out.text
+        again = _gen(url, "Gateway hello there, friend, once more")
+        assert again["meta_info"]["cached_tokens"] >= 12  # cache_aware sent it where the prefix is
+        chat = requests.post(url + "/v1/chat/completions", json={"model": "x", "max_tokens": 4, "messages": [
+            {"role": "user", "content": "hi"}]}, timeout=60)
+        assert chat.status_code == 200 and chat.json()["object"] == "chat.completion", chat.text
+        comp = requests.post(url + "/v1/completions", json={"model": "x", "prompt": "hi", "max_tokens": 3},
+                             timeout=60)
+        assert comp.status_code == 200 and comp.json()["choices"][0]["text"] is not None, comp.text
+        with requests.post(url + "/generate", json={"text": "stream me", "stream": True,
+                                                    "sampling_params": {"max_new_tokens": 3}}, stream=True,
+                           timeout=60) as s:
+            lines = [ln for ln in s.iter_lines() if ln]
+        assert lines[-1] == b"data: [DONE]" and json.loads(lines[-2][6:])["meta_info"]["completion_tokens"] == 3
+    finally:
+        gw.kill()
+        gw.wait(timeout=30)
+
+
+@pytest.mark.timeout(600)
+def test_killed_worker_retry_error_and_return(cluster):
+    """Worker 0 killed: a request that has not started is retried once on worker 1 and succeeds; a stream that
+    worker 1 had started ends with an error naming it when worker 1 is killed; nothing hangs; the router answers
+    503 with both down, and routes to a worker again once it is restarted."""
+    cluster.workers[0].kill()
+    cluster.workers[0].wait()
+    out = _gen(cluster.rurl, "after the kill " * 3, max_new=3)  # worker 0 may still look healthy: retried
+    assert out["meta_info"]["completion_tokens"] == 3
+    st = cluster.stats()
+    assert not st["workers"][0]["healthy"] and st["workers"][0]["blocks"] == 0
+    # a long stream on worker 1, killed mid-way
+    s = requests.post(cluster.rurl + "/generate", json={"text": "Go on", "stream": True, "sampling_params": {
+        "max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=120)
+    it = s.iter_lines()
+    first = next(ln for ln in it if ln)
+    assert first.startswith(b"data: {")
+    cluster.workers[1].send_signal(signal.SIGKILL)
+    rest = [ln for ln in it if ln]
+    assert rest[-1] == b"data: [DONE]"
+    err = json.loads(rest[-2][6:])
+    assert "worker w1" in err["error"]["message"] and "mid-stream" in err["error"]["message"], err
+    cluster.workers[1].wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and requests.get(cluster.rurl + "/health", timeout=5).status_code != 503:
+        time.sleep(0.2)
+    assert requests.get(cluster.rurl + "/health", timeout=5).status_code == 503
+    cluster.workers[0] = cluster.start_worker(0)  # "restarted"
+    _wait(cluster.url(0), cluster.workers[0])
+    deadline = time.time() + 20
+    while time.time() < deadline and requests.get(cluster.rurl + "/health", timeout=5).status_code != 200:
+        time.sleep(0.3)
+    assert _gen(cluster.rurl, "back again", max_new=2)["meta_info"]["completion_tokens"] == 2
+    assert cluster.stats()["workers"][0]["healthy"]
