@@ -40,9 +40,9 @@ def test_cost_prefers_the_cached_replica_until_its_load_outweighs_the_match():
     assert r.submit(_req("x", PREFIX + [1, 2, 3])) is a  # 32 cached tokens there
     # a now carries x's work (3 + 8); a second request with the prefix still costs less on a than 35 + 8 on b
     assert r.submit(_req("y", PREFIX + [4, 5, 6, 7])) is a
-    a.load += 100  # a long queue on a: recomputing the prefix on b is cheaper
+    a.load += 1000  # a long queue on a (4 prefill steps of 256 tokens): recomputing the prefix on b is cheaper
     assert r.submit(_req("z", PREFIX + [9])) is b
-    # no match anywhere: the least loaded (a carries 100 + x + y, b only z)
+    # no match anywhere: the least loaded (a carries 1000 + x + y, b only z)
     assert r.submit(_req("u", [7] * 12)) is b
 
 
@@ -284,3 +284,31 @@ def test_killed_worker_retry_error_and_return(cluster):
         time.sleep(0.3)
     assert _gen(cluster.rurl, "back again", max_new=2)["meta_info"]["completion_tokens"] == 2
     assert cluster.stats()["workers"][0]["healthy"]
+
+
+@pytest.mark.timeout(30)
+def test_a_free_slot_waits_for_the_holder_but_not_forever():
+    """q's prefix is cached on a (full); b frees a slot: q waits for a rather than recomputing on b -- until it has
+    been passed over max_bypass times, then it takes b."""
+    a, b = _replicas(max_inflight=1)
+    r = Router([a, b], "cost", max_bypass=2)
+    a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+    on_a, on_b = _req("on_a", PREFIX + [1]), _req("on_b", [3] * 8)
+    assert r.submit(on_a) is a and r.submit(on_b) is b
+    q = _req("q", PREFIX + [2])
+    assert r.submit(q) is None
+    r.finish(on_b)
+    assert r.bind() == [] and q.bypassed == 1  # b stays free for now
+    assert r.bind() == [] and q.bypassed == 2
+    assert r.bind() == [(q, b)]  # bound: it does not wait forever
+    a, b = _replicas(max_inflight=1)  # (b now holds q's prefix too): fresh ones
+    a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+    r2 = Router([a, b], "cost", max_bypass=5)
+    x, y = _req("x", PREFIX + [4]), _req("y", [5] * 8)
+    assert r2.submit(x) is a and r2.submit(y) is b
+    w = _req("w", PREFIX + [6])
+    assert r2.submit(w) is None
+    r2.finish(y)
+    assert r2.bind() == []
+    r2.finish(x)  # the holder frees: w goes there
+    assert r2.bind() == [(w, a)]

@@ -2,16 +2,22 @@
 
 Each replica's cache is mirrored from its KV events (sgl_jax/cache/events.py: the block hashes it holds on its
 device), so the router knows, for a prompt's block hashes, exactly how many leading tokens each replica would
-not compute (`matched_tokens`). A request's *work* on a replica is the prompt tokens it would prefill there plus
-`decode_weight` per output token it may produce; a replica's *load* is the work of what it is running and has
-not finished. `cost` picks the replica with the smallest load + work: a long cached prefix wins unless that
-replica's queue outweighs it, and between equal matches the least loaded wins (`round_robin` ignores both).
+not compute. A request's *work* on a replica is the prompt tokens it would prefill there (plus `decode_weight`
+per output token, 0 by default: decode is batched, a request's tokens do not delay another's first one); a
+replica's *load* is the work it was given that is not done (a prompt's part ends with its first token). `cost`
+estimates the finish time of the request's prefill as the prefill steps the replica needs for its load and this
+request -- ceil((load + work) / prefill_chunk), `prefill_chunk` being the tokens one step prefills (the worker's
+max_prefill_tokens) -- and picks the fewest steps, then the longest cached match, then the fewest requests in
+flight: a cached prefix wins unless that replica's queue costs more steps than recomputing elsewhere
+(`round_robin` ignores both).
 
 Late binding: a replica takes at most `max_inflight` requests (its running batch); when none has room, the
 request waits in the router's queue instead of being committed to a busy replica. When a slot frees, the
-replica takes the waiting request that suits it best -- the longest cached match there among the first `window`
-waiting -- but the oldest waiting request is passed over at most `max_bypass` times, then goes first: nobody
-waits forever. A new request never overtakes waiting ones (it joins the queue when the queue is not empty).
+replica takes the waiting request that suits it best -- the longest cached match there, among the first
+`window` waiting, of a request that no other replica caches more of -- but the oldest waiting request is passed
+over at most `max_bypass` times (by another request, or by a slot that suits nobody and stays free for now),
+then goes first: nobody waits forever. A new request never overtakes waiting ones (it joins the queue when the
+queue is not empty).
 
 After dispatch the chosen replica's mirror gets the prompt's blocks at once (the events confirm them a step
 later; a request right behind with the same prefix goes to the same place). A replica marked down loses its
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 
 POLICIES = ("cost", "round_robin")
@@ -39,13 +46,14 @@ class Pending:
     seq: int = 0  # arrival order
     bypassed: int = 0
     replica: "Replica | None" = None
-    work: float = 0.0
+    work: float = 0.0  # what it adds to its replica's load
+    prefill: float = 0.0  # the part of `work` that is prompt tokens to compute (gone at the first token)
 
 
 class Replica:
-    def __init__(self, name: str, url: str, max_inflight: int, page_size: int):
+    def __init__(self, name: str, url: str, max_inflight: int, page_size: int, prefill_chunk: int = 256):
         self.name, self.url = name, url
-        self.max_inflight, self.page_size = int(max_inflight), int(page_size)
+        self.max_inflight, self.page_size, self.prefill_chunk = int(max_inflight), int(page_size), int(prefill_chunk)
         self.blocks: set[int] = set()
         self.lock = threading.Lock()
         self.inflight: dict[str, Pending] = {}
@@ -80,7 +88,7 @@ class Replica:
 
 
 class Router:
-    def __init__(self, replicas: list[Replica], policy: str = "cost", decode_weight: float = 2.0,
+    def __init__(self, replicas: list[Replica], policy: str = "cost", decode_weight: float = 0.0,
                  max_bypass: int = 4, window: int = 16):
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
@@ -92,14 +100,20 @@ class Router:
         self._seq = itertools.count()
         self._rr = itertools.count()
 
+    def prefill_tokens(self, r: Replica, p: Pending) -> int:
+        return p.prompt_tokens - min(r.matched_blocks(p.hashes) * r.page_size, max(p.prompt_tokens - 1, 0))
+
     def work(self, r: Replica, p: Pending) -> float:
-        cached = min(r.matched_blocks(p.hashes) * r.page_size, max(p.prompt_tokens - 1, 0))
-        return (p.prompt_tokens - cached) + self.decode_weight * p.max_new_tokens
+        return self.prefill_tokens(r, p) + self.decode_weight * p.max_new_tokens
 
     def _best(self, p: Pending, candidates: list[Replica]) -> Replica:
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)]
-        return min(candidates, key=lambda r: (r.load + self.work(r, p), len(r.inflight), r.routed))
+        return min(candidates, key=lambda r: self.cost(r, p))
+
+    def cost(self, r: Replica, p: Pending) -> tuple:
+        work = self.work(r, p)
+        return math.ceil((r.load + work) / r.prefill_chunk), work, len(r.inflight), r.routed
 
     def submit(self, p: Pending) -> Replica | None:
         """The replica `p` goes to now, or None: it waits (`bind` hands it out later)."""
@@ -111,7 +125,7 @@ class Router:
         return self._dispatch(p, self._best(p, room))
 
     def _dispatch(self, p: Pending, r: Replica) -> Replica:
-        p.replica, p.work = r, self.work(r, p)
+        p.replica, p.work, p.prefill = r, self.work(r, p), float(self.prefill_tokens(r, p))
         r.inflight[p.rid] = p
         r.load += p.work
         r.routed += 1
@@ -119,33 +133,62 @@ class Router:
             r.blocks.update(p.hashes)
         return r
 
+    def prefilled(self, p: Pending) -> None:
+        """`p`'s first token arrived: its prompt is no longer work waiting on its replica (its decode is)."""
+        r = p.replica
+        if r is not None and p.rid in r.inflight and p.prefill > 0:
+            r.load = max(0.0, r.load - p.prefill)
+            p.work -= p.prefill
+            p.prefill = 0.0
+
     def finish(self, p: Pending) -> None:
         r = p.replica
         if r is not None and r.inflight.pop(p.rid, None) is not None:
             r.load = max(0.0, r.load - p.work)
 
     def bind(self) -> list[tuple[Pending, Replica]]:
-        """Waiting requests bound to replicas with room, in the order described in the module docstring."""
+        """Waiting requests bound to replicas with room, as the module docstring says."""
         out = []
         while self.queue:
             room = [r for r in self.replicas if r.has_room]
             if not room:
                 break
-            oldest = self.queue[0]
-            if self.policy == "round_robin":
-                p = oldest
-                r = self._best(p, room)
-            else:
-                scored = [(self.work(r, q) - self.work_uncached(q), -q.seq, q, r) for q in self.queue[:self.window]
-                          for r in room]
-                _, _, p, r = min(scored, key=lambda t: (t[0], -t[1]))
-                if p is not oldest and oldest.bypassed >= self.max_bypass:
-                    p, r = oldest, self._best(oldest, room)
-                elif p is not oldest:
-                    oldest.bypassed += 1
+            pair = self._round_robin_pair(room) if self.policy == "round_robin" else self._cost_pair(room)
+            if pair is None:
+                break
+            p, r = pair
             self.queue.remove(p)
             out.append((p, self._dispatch(p, r)))
         return out
+
+    def _round_robin_pair(self, room: list[Replica]):
+        p = self.queue[0]
+        return p, self._best(p, room)
+
+    def _cost_pair(self, room: list[Replica]):
+        """A free slot takes the waiting request it caches most of, among the first `window`, when it caches as
+        much of it as any replica does (else that request is better off waiting for its holder); ties go to the
+        oldest. A slot that suits nobody goes to the oldest request once it has been passed over `max_bypass`
+        times; until then it stays free and the oldest's count grows (so nobody waits forever)."""
+        oldest = self.queue[0]
+        healthy = [r for r in self.replicas if r.healthy]
+        best = []
+        for q in self.queue[:self.window]:
+            top = max(h.matched_blocks(q.hashes) for h in healthy)
+            for r in room:
+                m = r.matched_blocks(q.hashes)
+                if m >= top:
+                    best.append((-m, q.seq, q, r))
+        if best:
+            _, _, p, r = min(best, key=lambda t: (t[0], t[1]))
+            if p is oldest or oldest.bypassed < self.max_bypass:
+                if p is not oldest:
+                    oldest.bypassed += 1
+                return p, r
+        if oldest.bypassed >= self.max_bypass:
+            return oldest, self._best(oldest, room)
+        oldest.bypassed += 1
+        return None
 
     def work_uncached(self, p: Pending) -> float:
         return p.prompt_tokens + self.decode_weight * p.max_new_tokens

@@ -106,10 +106,13 @@ class RouterApp:
         self.router.mark_down(r)
 
     async def health_loop(self) -> None:
+        import aiohttp
+
         while True:
             for r in self.router.replicas:
                 try:
-                    ok = (await self.http.get(r.url + "/health", timeout=2.0)).status_code == 200
+                    async with self.http.get(r.url + "/health", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
+                        ok = resp.status == 200
                 except Exception:  # noqa: BLE001 - any failure means not serving
                     ok = False
                 if ok and not r.healthy:
@@ -121,84 +124,87 @@ class RouterApp:
             await asyncio.sleep(1.0)
 
 
-def _forward(app: RouterApp, body: dict, stream: bool):
-    """An async generator of response bytes for one /generate request (see the module docstring for failures)."""
-    import httpx
+async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
+    """Route one /generate request and `await write(bytes)` its answer as it comes (see the module docstring for
+    failures)."""
+    import aiohttp
 
-    async def gen():
-        p = app._pending(body)
-        t0 = time.perf_counter()
-        for attempt in (0, 1):
-            r = await app.acquire(p)
-            sent = False
-            try:
-                async with app.http.stream("POST", r.url + "/generate", json=body, timeout=None) as resp:
-                    async for chunk in resp.aiter_raw():
-                        if not sent:
-                            app.ttfts.append(time.perf_counter() - t0)
-                        sent = True
-                        yield chunk
-                app.release(p)
+    p = app._pending(body)
+    t0 = time.perf_counter()
+    for attempt in (0, 1):
+        r = await app.acquire(p)
+        sent = False
+        try:
+            async with app.http.post(r.url + "/generate", json=body) as resp:
+                async for chunk in resp.content.iter_any():
+                    if not sent:
+                        app.ttfts.append(time.perf_counter() - t0)
+                        app.router.prefilled(p)
+                    sent = True
+                    await write(chunk)
+            app.release(p)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+            app.release(p)
+            app.down(r, f"{type(e).__name__}: {e}")
+            if sent or attempt == 1:
+                app.failed += 1
+                msg = f"worker {r.name} ({r.url}) failed{' mid-stream' if sent else ''}: {type(e).__name__}: {e}"
+                err = {"error": {"message": msg, "code": 502}}
+                await write((f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n" if stream else json.dumps(err)).encode())
                 return
-            except (httpx.TransportError, httpx.HTTPError) as e:
-                app.release(p)
-                app.down(r, f"{type(e).__name__}: {e}")
-                if sent or attempt == 1:
-                    app.failed += 1
-                    msg = f"worker {r.name} ({r.url}) failed{' mid-stream' if sent else ''}: {type(e).__name__}: {e}"
-                    err = {"error": {"message": msg, "code": 502}}
-                    yield (f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n" if stream else json.dumps(err)).encode()
-                    return
-                app.retried += 1
-                p.replica = None
-
-    return gen()
+            app.retried += 1
+            p.replica = None
 
 
 def build_app(app: RouterApp):
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
+    """The aiohttp application: /generate, /health, /router_stats."""
+    from aiohttp import web
 
-    api = FastAPI()
-
-    @api.post("/generate")
-    async def generate(request: Request):
+    async def generate(request):
         body = await request.json()
         stream = bool(body.get("stream"))
-        gen = _forward(app, body, stream)
         if stream:
-            return StreamingResponse(gen, media_type="text/event-stream")
-        data = b"".join([c async for c in gen])
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await _forward(app, body, True, resp.write)
+            await resp.write_eof()
+            return resp
+        parts: list[bytes] = []
+
+        async def collect(b):
+            parts.append(b)
+
+        await _forward(app, body, False, collect)
+        data = b"".join(parts)
         try:
             out = json.loads(data)
         except ValueError:
-            return JSONResponse({"error": {"message": "bad reply from worker", "code": 502}}, status_code=502)
-        status = 502 if isinstance(out, dict) and "error" in out and out["error"].get("code") == 502 else 200
-        if isinstance(out, dict) and "error" in out and status != 502:
+            return web.json_response({"error": {"message": "bad reply from worker", "code": 502}}, status=502)
+        status = 200
+        if isinstance(out, dict) and isinstance(out.get("error"), dict):
             status = int(out["error"].get("code", 400))
-        return JSONResponse(out, status_code=status)
+        return web.json_response(out, status=status)
 
-    @api.get("/health")
-    async def health():
+    async def health(request):
         up = [r.name for r in app.router.replicas if r.healthy]
-        return JSONResponse({"workers_up": up}, status_code=200 if up else 503)
+        return web.json_response({"workers_up": up}, status=200 if up else 503)
 
-    @api.get("/router_stats")
-    async def stats():
+    async def stats(request):
         mx, mean = app.router.imbalance()
-        return {"policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
-                "failed": app.failed, "inflight_max": mx, "inflight_mean": mean,
-                "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
-                             "routed": r.routed, "load": r.load, "blocks": len(r.blocks)}
-                            for r in app.router.replicas]}
+        return web.json_response({
+            "policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
+            "failed": app.failed, "inflight_max": mx, "inflight_mean": mean,
+            "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
+                         "routed": r.routed, "load": r.load, "blocks": len(r.blocks)} for r in app.router.replicas]})
 
+    api = web.Application()
+    api.add_routes([web.post("/generate", generate), web.get("/health", health), web.get("/router_stats", stats)])
     return api
 
 
 def main(argv=None) -> None:
-    import httpx
     import requests
-    import uvicorn
 
     from sgl_jax.models.hub import resolve_model
     from sgl_jax.models.tokenizer import Tokenizer
@@ -208,13 +214,14 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default="smollm2-135m", help="the workers' model (for its tokenizer)")
     ap.add_argument("--policy", default="cost", choices=("cost", "round_robin"))
     ap.add_argument("--max-inflight", type=int, default=0, help="requests per worker at once (0: its batch size)")
-    ap.add_argument("--decode-weight", type=float, default=2.0)
+    ap.add_argument("--decode-weight", type=float, default=0.0, help="load per output token (0: decode is batched)")
     ap.add_argument("--max-bypass", type=int, default=4)
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prompt tokens a worker prefills per step, for the cost estimate (0: its max_prefill_tokens)")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=30000)
     a = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     path = resolve_model(a.model)
     tok = Tokenizer.from_hf_dir(path) if not path.endswith(".gguf") else Tokenizer.from_gguf(path)
     stop = threading.Event()
@@ -222,18 +229,32 @@ def main(argv=None) -> None:
     for i, url in enumerate(u.rstrip("/") for u in a.workers.split(",")):
         info = requests.get(url + "/get_server_info", timeout=30).json()
         cache = info["cache"]
-        r = Replica(f"w{i}", url, a.max_inflight or info["scheduler"]["max_running_requests"], cache["page_size"])
+        sched = info["scheduler"]
+        r = Replica(f"w{i}", url, a.max_inflight or sched["max_running_requests"], cache["page_size"],
+                    a.prefill_chunk or sched["max_prefill_tokens"])
         if cache.get("kv_events_endpoint"):
             subscribe(r, _events_endpoint(url, cache["kv_events_endpoint"]), cache.get("kv_events_topic", ""), stop)
         else:
             log.warning("worker %s publishes no KV events: the router mirrors only what it sent there", url)
         replicas.append(r)
-    app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass), tok,
-                    httpx.AsyncClient(limits=httpx.Limits(max_connections=1000)))
-    api = build_app(app)
+    from aiohttp import web
 
-    @api.on_event("startup")
-    async def _start():
-        asyncio.get_running_loop().create_task(app.health_loop())
+    async def serve():
+        import aiohttp
 
-    uvicorn.run(api, host=a.host, port=a.port, log_level="warning")
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
+                                     connector=aiohttp.TCPConnector(limit=0))
+        app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass), tok, http)
+        runner = web.AppRunner(build_app(app), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, a.host, a.port).start()
+        log.info("routing %d workers on http://%s:%d (%s)", len(replicas), a.host, a.port, a.policy)
+        await app.health_loop()
+
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    asyncio.run(serve())
