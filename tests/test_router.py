@@ -250,6 +250,23 @@ def test_sglang_gateway_routes_to_our_workers(cluster):
         gw.wait(timeout=30)
 
 
+@pytest.mark.timeout(120)
+def test_client_leaving_mid_stream_is_not_a_worker_failure(cluster):
+    """A client that closes its stream: the request is released (nothing left in flight), both workers stay up."""
+    s = requests.post(cluster.rurl + "/generate", json={"text": "Leave early", "stream": True, "sampling_params": {
+        "max_new_tokens": 100, "ignore_eos": True}}, stream=True, timeout=60)
+    next(ln for ln in s.iter_lines() if ln)
+    s.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(w["inflight"] for w in cluster.stats()["workers"]):
+        time.sleep(0.1)
+    st = cluster.stats()
+    assert all(w["healthy"] and w["inflight"] == 0 for w in st["workers"]), st
+    assert _gen(cluster.rurl, "still fine", max_new=2)["meta_info"]["completion_tokens"] == 2
+    bad = requests.post(cluster.rurl + "/generate", data=b"{not json", timeout=10)
+    assert bad.status_code == 400 and "not JSON" in bad.text
+
+
 @pytest.mark.timeout(600)
 def test_killed_worker_retry_error_and_return(cluster):
     """Worker 0 killed: a request that has not started is retried once on worker 1 and succeeds; a stream that
@@ -312,3 +329,15 @@ def test_a_free_slot_waits_for_the_holder_but_not_forever():
     assert r2.bind() == []
     r2.finish(x)  # the holder frees: w goes there
     assert r2.bind() == [(w, a)]
+
+
+@pytest.mark.timeout(30)
+def test_cancel_gives_back_queue_place_or_slot():
+    (a,) = _replicas(n=1, max_inflight=1)
+    r = Router([a], "cost")
+    x, y = _req("x", [1] * 8), _req("y", [2] * 8)
+    assert r.submit(x) is a and r.submit(y) is None
+    r.cancel(y)  # waiting: leaves the queue
+    assert r.queue == [] and len(a.inflight) == 1
+    r.cancel(x)  # bound: its slot comes back
+    assert a.inflight == {} and a.load == 0 and a.has_room

@@ -141,6 +141,13 @@ class Router:
             p.work -= p.prefill
             p.prefill = 0.0
 
+    def cancel(self, p: Pending) -> None:
+        """`p` is abandoned: out of the queue, or its slot given back if it was already bound."""
+        if p in self.queue:
+            self.queue.remove(p)
+        else:
+            self.finish(p)
+
     def finish(self, p: Pending) -> None:
         r = p.replica
         if r is not None and r.inflight.pop(p.rid, None) is not None:
@@ -189,9 +196,6 @@ class Router:
             return oldest, self._best(oldest, room)
         oldest.bypassed += 1
         return None
-
-    def work_uncached(self, p: Pending) -> float:
-        return p.prompt_tokens + self.decode_weight * p.max_new_tokens
 
     def mark_down(self, r: Replica) -> None:
         r.healthy = False

@@ -79,8 +79,11 @@ class RouterApp:
             ids = self.tokenizer.encode(text)
         ids = ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else []
         ps = self.router.replicas[0].page_size
-        max_new = int((body.get("sampling_params") or {}).get("max_new_tokens", 128))
-        return Pending(str(body.get("rid") or uuid.uuid4().hex), sequence_hashes(ids, ps), len(ids), max_new)
+        sp = body.get("sampling_params")
+        max_new = sp.get("max_new_tokens", 128) if isinstance(sp, dict) else 128
+        max_new = max_new if isinstance(max_new, int) and max_new > 0 else 128  # (the worker validates it)
+        # the router's own id: a client's rid need not be unique among requests in flight
+        return Pending(uuid.uuid4().hex, sequence_hashes(ids, ps), len(ids), max_new)
 
     async def acquire(self, p: Pending) -> Replica:
         r = self.router.submit(p)
@@ -88,7 +91,13 @@ class RouterApp:
             return r
         fut = asyncio.get_running_loop().create_future()
         self.waiting[p.rid] = fut
-        return await fut
+        try:
+            return await fut
+        except asyncio.CancelledError:  # the client left while it waited: give back what it holds
+            self.waiting.pop(p.rid, None)
+            self.router.cancel(p)
+            self.rebind()
+            raise
 
     def release(self, p: Pending) -> None:
         self.router.finish(p)
@@ -99,6 +108,8 @@ class RouterApp:
             fut = self.waiting.pop(q.rid, None)
             if fut is not None and not fut.done():
                 fut.set_result(r)
+            else:  # its client is gone
+                self.router.finish(q)
 
     def down(self, r: Replica, why: str) -> None:
         if r.healthy:
@@ -129,8 +140,8 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
     failures)."""
     import aiohttp
 
-    p = app._pending(body)
     t0 = time.perf_counter()
+    p = await asyncio.to_thread(app._pending, body)  # tokenizing off the event loop
     for attempt in (0, 1):
         r = await app.acquire(p)
         sent = False
@@ -141,7 +152,11 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
                         app.ttfts.append(time.perf_counter() - t0)
                         app.router.prefilled(p)
                     sent = True
-                    await write(chunk)
+                    try:
+                        await write(chunk)
+                    except (ConnectionError, RuntimeError):  # the client left: closing the upstream aborts it
+                        app.release(p)
+                        return
             app.release(p)
             return
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
@@ -162,7 +177,13 @@ def build_app(app: RouterApp):
     from aiohttp import web
 
     async def generate(request):
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError as e:
+            return web.json_response({"error": {"message": f"the body is not JSON: {e}", "code": 400}}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": {"message": "the body must be a JSON object", "code": 400}},
+                                     status=400)
         stream = bool(body.get("stream"))
         if stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
