@@ -833,3 +833,19 @@ def test_dead_engine_is_503_on_health_and_new_requests(client, engine):
     r = client.post("/generate", json={"text": "hi", "stream": True})
     assert r.status_code == 503
     engine.dead = False
+
+
+def test_fields_sglang_gateway_sends_are_accepted(client):
+    """SGLang's gateway forwards these with their defaults; values that would change the answer are refused."""
+    m = [{"role": "user", "content": "hi"}]
+    r = client.post("/generate", json={"text": "hi", "model": None, "background": False, "return_bytes": False,
+                                       "return_entropy": False, "sampling_params": {"max_new_tokens": 2}})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={"model": "x", "messages": m, "max_tokens": 2,
+                                                  "continue_final_message": False, "return_hidden_states": False,
+                                                  "separate_reasoning": True, "stream_reasoning": True})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", json={"model": "x", "messages": m, "continue_final_message": True})
+    assert r.status_code == 400 and "continue_final_message" in r.text
+    r = client.post("/generate", json={"text": "hi", "return_bytes": True})
+    assert r.status_code == 400 and "return_bytes" in r.text

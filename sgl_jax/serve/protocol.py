@@ -251,11 +251,11 @@ def _check_keys(body: Any, known: frozenset, route: str) -> None:
     if not isinstance(body, dict):
         raise InvalidRequestError(f"the request body must be a JSON object, got {_type_name(body)}", field="body")
     for k in body:
-        if k in _OPENAI_UNSUPPORTED and route != "/generate":
+        if k in _OPENAI_UNSUPPORTED:
             if body[k] not in (None, False):
                 raise InvalidRequestError(f"{k!r} is not supported by this server (only false)", field=k)
             continue
-        if k not in known and not (k in _OPENAI_IGNORED and route != "/generate"):
+        if k not in known and k not in _OPENAI_IGNORED:
             raise InvalidRequestError(f"unknown field {k!r} in {route}", field=k)
 
 
