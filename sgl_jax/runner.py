@@ -68,9 +68,13 @@ def mirrored(method):
     return call
 
 
-def _host(x):
-    """A step output on the host; a replicated array spanning processes is read from a local copy."""
-    return np.asarray(x) if x.is_fully_addressable else np.asarray(x.addressable_data(0))
+def _to_host(out):
+    """Step outputs on the host: one batched device_get; replicated arrays spanning processes (multi-host rank 0)
+    are read from a local copy."""
+    leaves = jax.tree_util.tree_leaves(out)
+    if all(x.is_fully_addressable for x in leaves):
+        return jax.device_get(out)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x.addressable_data(0)), out)
 
 
 NO_BUDGET = 1 << 30  # fsm_budget of a row without a token budget (never binds: dist of a live state is < S)
@@ -590,7 +594,7 @@ class ModelRunner:
         if shape not in self._compiled:
             self._compile(shape)
         t_exec = time.perf_counter()
-        out = jax.tree_util.tree_map(_host, self.execute(shape, inp))
+        out = _to_host(self.execute(shape, inp))
         # read by the engine loop for its step listeners: packing vs the compiled step + device_get
         self.last_run = RunTiming(t_exec - t_run, time.perf_counter() - t_exec, inp)
         return batch, {"tokens": out.tokens, "logprobs": out.logprobs, "target_logprobs": out.target_logprobs,

@@ -5,6 +5,7 @@ same model in one process; then rank 1 is frozen and killed while a request is i
 The tests share the two processes and run in order; the last one kills rank 1.
 """
 
+import contextlib
 import os
 import signal
 import socket
@@ -92,8 +93,9 @@ class Ranks:
             f.close()
 
 
-@pytest.fixture(scope="module")
-def ranks():
+@contextlib.contextmanager
+def started_ranks():
+    """Two ranks up and serving; both stopped (killed if still running) on exit."""
     with tempfile.TemporaryDirectory() as tmp:
         r = Ranks(tmp)
         try:
@@ -101,6 +103,12 @@ def ranks():
             yield r
         finally:
             r.stop()
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    with started_ranks() as r:
+        yield r
 
 
 def _generate(url, text, **sp):
@@ -178,37 +186,27 @@ def test_killed_rank_fails_requests_and_health(ranks):
 def test_unreachable_rank_detected_by_heartbeat():
     """Rank 1 frozen and left frozen (alive, its connection open, silent): after dist_timeout_s (2 s) without a
     heartbeat rank 0 fails the in-flight request naming the silence and answers 503."""
-    with tempfile.TemporaryDirectory() as tmp:
-        r = Ranks(tmp)
-        try:
-            r.wait_ready()
-            assert _generate(r.url, PROMPTS[0], max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
-            r.procs[1].send_signal(signal.SIGSTOP)
-            t0 = time.monotonic()
-            resp = requests.post(r.url + "/generate", json={"text": "Go", "sampling_params": {"max_new_tokens": 50}},
-                                 timeout=120)
-            took = time.monotonic() - t0
-            print(f"rank 1 frozen: request failed after {took:.2f} s")
-            assert "rank 1 sent no heartbeat" in resp.text, resp.text
-            assert requests.get(r.url + "/health", timeout=5).status_code == 503
-        finally:
-            r.stop()
+    with started_ranks() as r:
+        assert _generate(r.url, PROMPTS[0], max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
+        r.procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        resp = requests.post(r.url + "/generate", json={"text": "Go", "sampling_params": {"max_new_tokens": 50}},
+                             timeout=120)
+        took = time.monotonic() - t0
+        print(f"rank 1 frozen: request failed after {took:.2f} s")
+        assert "rank 1 sent no heartbeat" in resp.text, resp.text
+        assert requests.get(r.url + "/health", timeout=5).status_code == 503
 
 
 @pytest.mark.timeout(300)
 def test_rank0_shutdown_stops_the_other_rank():
     """SIGTERM to rank 0: it drains, tells rank 1 to stop, and both exit cleanly."""
-    with tempfile.TemporaryDirectory() as tmp:
-        r = Ranks(tmp)
-        try:
-            r.wait_ready()
-            assert _generate(r.url, PROMPTS[1], max_new_tokens=3)["meta_info"]["completion_tokens"] == 3
-            r.procs[0].send_signal(signal.SIGTERM)
-            codes = [p.wait(timeout=120) for p in r.procs]
-            assert codes == [0, 0], (codes, r.tail(0), r.tail(1))
-            assert "rank 0 said stop" in r.tail(1)
-        finally:
-            r.stop()
+    with started_ranks() as r:
+        assert _generate(r.url, PROMPTS[1], max_new_tokens=3)["meta_info"]["completion_tokens"] == 3
+        r.procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in r.procs]
+        assert codes == [0, 0], (codes, r.tail(0), r.tail(1))
+        assert "rank 0 said stop" in r.tail(1)
 
 
 @pytest.mark.timeout(30)

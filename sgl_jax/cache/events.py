@@ -8,7 +8,7 @@ many leading pages of a prompt a replica holds without ever seeing its tree.
 `KVEventLog` is the radix cache's listener (`RadixCache.events`): the cache reports each page range it gains
 on the device (insert of new pages, a host-tier node loaded back or recomputed) and each it gives up (dropped or
 demoted to the host tier by eviction), plus a flush; the log turns them into events and keeps them until
-`take()` (thread-safe: the engine thread adds, the publisher's thread takes; at most `max_events` wait). Only device residency is reported (medium "GPU", the name the schema uses for accelerator memory);
+`take()` (thread-safe: the engine thread records, the publisher's thread takes and hashes). Only device residency is reported (medium "GPU", the name the schema uses for accelerator memory);
 host-tier and disk pages are not announced. Partial last pages (tails) are not blocks.
 
 The wire format, for `serve/kv_events.py`'s ZMQ publisher: each event a msgpack array tagged with its type,
@@ -21,10 +21,10 @@ SGLang's are decoded (a decoder that knows fewer trailing fields ignores the res
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import struct
 import threading
-import time
 from typing import Sequence
 
 MEDIUM = "GPU"
@@ -50,58 +50,53 @@ def sequence_hashes(tokens: Sequence[int], page_size: int, namespace: str = "") 
     return out
 
 
-def prefix_hash(tokens: Sequence[int], page_size: int, namespace: str = "") -> int | None:
-    """The hash of the last full page of `tokens` (None when there is none: the root)."""
-    hs = sequence_hashes(tokens, page_size, namespace)
-    return hs[-1] if hs else None
-
-
 class KVEventLog:
-    """Events of one radix cache, kept in order until taken (one batch per engine step)."""
+    """Events of one radix cache, kept in order until taken. The cache's thread (the engine's) only records what
+    changed -- the namespace, the token tuple and the page range, no hashing; `take()` (the publisher's thread)
+    turns the records into wire events. At most `max_events` wait; the oldest go first (`dropped` counts them)."""
 
     def __init__(self, page_size: int, max_events: int = 100_000):
         self.page_size = int(page_size)
-        self.max_events = int(max_events)
-        self._events: list[list] = []
+        self._records: collections.deque = collections.deque(maxlen=int(max_events))
         self._lock = threading.Lock()  # the engine thread adds, a publisher thread takes
-        self.dropped = 0  # events lost because nobody took them (max_events)
+        self.dropped = 0
 
-    def _add(self, event: list) -> None:
+    def _add(self, record: tuple) -> None:
         with self._lock:
-            if len(self._events) >= self.max_events:
-                self._events.pop(0)
+            if len(self._records) == self._records.maxlen:
                 self.dropped += 1
-            self._events.append(event)
+            self._records.append(record)
 
     def stored(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int) -> None:
         """Pages [first_page, first_page + num_pages) of the sequence `tokens` (which covers them) are now on the
         device."""
-        if num_pages <= 0:
-            return
-        ps = self.page_size
-        hs = sequence_hashes(tokens[:(first_page + num_pages) * ps], ps, namespace)
-        parent = hs[first_page - 1] if first_page > 0 else None
-        self._add(["BlockStored", hs[first_page:], parent,
-                   list(tokens[first_page * ps:(first_page + num_pages) * ps]), ps, None, MEDIUM, None])
+        if num_pages > 0:
+            self._add(("BlockStored", namespace, tuple(tokens), first_page, num_pages))
 
     def removed(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int) -> None:
         """Pages [first_page, first_page + num_pages) of the sequence `tokens` left the device."""
-        if num_pages <= 0:
-            return
-        hs = sequence_hashes(tokens[:(first_page + num_pages) * self.page_size], self.page_size, namespace)
-        self._add(["BlockRemoved", hs[first_page:], MEDIUM])
+        if num_pages > 0:
+            self._add(("BlockRemoved", namespace, tuple(tokens), first_page, num_pages))
 
     def cleared(self) -> None:
         with self._lock:
-            self._events.clear()
-        self._add(["AllBlocksCleared"])
+            self._records.clear()
+        self._add(("AllBlocksCleared",))
 
     def take(self) -> list[list]:
+        """The events recorded since the last call, in the wire layout (see the module docstring)."""
         with self._lock:
-            out, self._events = self._events, []
-        return out
+            records = list(self._records)
+            self._records.clear()
+        return [self._event(r) for r in records]
 
-    @staticmethod
-    def batch(events: list[list]) -> list:
-        """One published batch: [ts, events]."""
-        return [time.time(), events]
+    def _event(self, record: tuple) -> list:
+        if record[0] == "AllBlocksCleared":
+            return ["AllBlocksCleared"]
+        kind, namespace, tokens, first, n = record
+        ps = self.page_size
+        hs = sequence_hashes(tokens[:(first + n) * ps], ps, namespace)
+        if kind == "BlockRemoved":
+            return ["BlockRemoved", hs[first:], MEDIUM]
+        return ["BlockStored", hs[first:], hs[first - 1] if first > 0 else None,
+                list(tokens[first * ps:(first + n) * ps]), ps, None, MEDIUM, None]

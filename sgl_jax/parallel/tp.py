@@ -83,9 +83,9 @@ class TPLayout:
         return dataclasses.replace(cfg, num_kv_heads=cfg.num_kv_heads * self.kv_copies)
 
     def describe(self) -> str:
-        parts = [f"tp={self.tp}"]
         if self.tp == 1:
             return "tp=1 (one device, nothing split)"
+        parts = [f"tp={self.tp}"]
         if not self.shard_attention:
             parts.append("attention replicated (heads not divisible)")
         elif self.kv_copies > 1:
