@@ -48,6 +48,7 @@ class Pending:
     replica: "Replica | None" = None
     work: float = 0.0  # what it adds to its replica's load
     prefill: float = 0.0  # the part of `work` that is prompt tokens to compute (gone at the first token)
+    route_rid: str = ""  # the front end's tag for it (the Ray gateway's), when it has one
 
 
 class Replica:
@@ -60,6 +61,7 @@ class Replica:
         self.load = 0.0
         self.healthy = True
         self.routed = 0
+        self.pid: int | None = None  # the replica's process, when it reports one (Ray replicas do)
 
     @property
     def has_room(self) -> bool:
@@ -92,8 +94,6 @@ class Router:
                  max_bypass: int = 4, window: int = 16):
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
-        if not replicas:
-            raise ValueError("the router needs at least one replica")
         self.replicas, self.policy = replicas, policy
         self.decode_weight, self.max_bypass, self.window = float(decode_weight), int(max_bypass), int(window)
         self.queue: list[Pending] = []

@@ -79,6 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="engine.parallel.dist_init_addr (host:port of rank 0)")
     p.add_argument("--nnodes", type=int, help="engine.parallel.nnodes (processes serving one model)")
     p.add_argument("--node-rank", dest="node_rank", type=int, help="engine.parallel.node_rank (0 serves HTTP)")
+    p.add_argument("--replicas", type=int, default=0,
+                   help="serve N data-parallel replicas as a Ray Serve application behind one endpoint, routed by "
+                        "estimated prefill cost with late binding (needs `pip install sgl_jax[ray]`; "
+                        "RAY_ADDRESS=auto to join a running cluster)")
+    p.add_argument("--routing-policy", dest="routing_policy", default="cost", choices=("cost", "round_robin"),
+                   help="with --replicas: how requests are placed")
+    p.add_argument("--ray-actor-options", dest="ray_actor_options", default=None,
+                   help='with --replicas: JSON resources of each replica, e.g. \'{"num_gpus": 1}\' '
+                        '(default \'{"num_cpus": 1}\')')
     p.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any field (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -121,9 +130,29 @@ def main(argv: list[str] | None = None) -> None:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         serve_follower(cfg.engine)
         return
+    if args.replicas:
+        _run_replicas(cfg, args)
+        return
     from sgl_jax.serve.server import run
 
     run(cfg)
+
+
+def _run_replicas(cfg: Config, args: argparse.Namespace) -> None:
+    import json
+
+    if cfg.engine.parallel.nnodes > 1:
+        sys.exit("--replicas and multi-host (engine.parallel.nnodes > 1) do not combine yet: each replica is one "
+                 "process (it may use tp over its own devices)")
+    try:
+        options = json.loads(args.ray_actor_options) if args.ray_actor_options else None
+    except ValueError as e:
+        sys.exit(f"--ray-actor-options is not JSON: {e}")
+    try:
+        from sgl_jax.serve.ray_app import run
+    except ImportError as e:
+        sys.exit(f"--replicas needs Ray Serve ({e}); install it with: pip install 'sgl_jax[ray]'")
+    run(cfg, args.replicas, policy=args.routing_policy, actor_options=options)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,39 @@
+"""The prompt a request will prefill, as token ids, for routing: what the worker's own parsing would give.
+
+The worker tokenizes with the same tokenizer and the same rules (sgl_jax/serve/protocol.py), so the ids here
+hash to the same blocks as the worker's radix cache reports (sgl_jax/cache/events.py). A body the worker would
+refuse, a batch, or a route without a prompt gives no ids: the request is routed by load alone, and the worker
+answers the error itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ROUTED_PATHS = ("/generate", "/v1/completions", "/v1/chat/completions")
+
+
+def routing_prompt(path: str, body: Any, tokenizer, max_context: int = 1 << 30) -> tuple[list[int], int]:
+    """(prompt token ids, max new tokens) of a request to `path`; ([], 128) when it has no single prompt."""
+    from sgl_jax.errors import InvalidRequestError
+    from sgl_jax.serve import protocol
+
+    if path not in ROUTED_PATHS or not isinstance(body, dict):
+        return [], 128
+    try:
+        if path == "/generate":
+            req = protocol.parse_generate(body, vocab_size=int(tokenizer.vocab_size), max_context=max_context)
+        elif path == "/v1/completions":
+            req = protocol.parse_completion(body, tokenizer, max_context=max_context)
+        else:
+            req = protocol.parse_chat(body, tokenizer, max_context=max_context)
+    except (InvalidRequestError, ValueError, TypeError, KeyError):
+        return [], 128
+    subs = req.subs
+    if not subs or any(s.input_ids != subs[0].input_ids or s.text != subs[0].text for s in subs):
+        return [], 128  # a batch of different prompts: no single prefix to route by
+    s = subs[0]
+    ids = s.input_ids if s.input_ids is not None else tokenizer.encode(s.text or "")
+    sp = s.sampling_params or {}
+    max_new = sp.get("max_new_tokens") if isinstance(sp, dict) else None
+    return list(ids), int(max_new) if isinstance(max_new, int) and max_new > 0 else 128
