@@ -25,6 +25,7 @@ import json
 import os
 import random
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from sgl_jax.models.testing import write_tiny_gguf  # noqa: E402
+from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT  # noqa: E402
 
 WORKER = ("max_context_len=256 max_running_requests=8 max_prefill_tokens=256 prefill_block=16 decode_buckets=1,4,8 "
           "prefill_block_buckets=2,8,16 max_mixed_blocks=2 page_width_buckets=64 kv_memory_gb=0.05 "
@@ -161,6 +163,56 @@ class Run:
                     wall=wall, errors=self.errors, n=len(q))
 
 
+class RayRun(Run):
+    """A run through the Ray Serve application: the imbalance is sampled from the router's view (/router_stats:
+    requests in flight per replica), which Ray's default router does not expose (reported as 1.00 there)."""
+
+    def sample(self, stop):
+        while not stop.is_set():
+            try:
+                routers = requests.get(self.url + "/router_stats", timeout=2).json()["routers"]
+                q = [r["inflight"] for r in routers[0]["replicas"]] if routers else []
+            except (requests.RequestException, ValueError, KeyError):
+                q = []
+            if sum(q) > 0:
+                self.imb.append(max(q) / (sum(q) / len(q)))
+            stop.wait(0.05)
+
+
+def ray_row(a, n, model, tmp, env, prompts, policy) -> dict:
+    """`python -m sgl_jax.serve --replicas n` (a fresh local Ray per row), warmed with another seed's requests."""
+    port = _port()
+    log = os.path.join(tmp, f"ray-{policy}-{n}.log")
+    opts = [f"{k}={v}" for k, v in (("max_inflight", a.max_inflight), ("decode_weight", a.decode_weight),
+                                     ("max_bypass", a.max_bypass), ("copy_weight", a.copy_weight),
+                                     ("prefill_chunk", a.prefill_chunk)) if v]
+    cmd = [sys.executable, "-m", "sgl_jax.serve", "--model", model, "--port", str(port), "--replicas", str(n),
+           "--routing-policy", policy, "--ray-actor-options", '{"num_cpus": 0}',
+           *(x for o in opts for x in ("--router-option", o)),
+           "--set", *WORKER, f"max_num_pages={a.pages}", f"compile_cache_dir={os.path.join(tmp, 'jax_cache')}"]
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(env, RAY_AUTH_MODE="disabled"),
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while "serving on" not in open(log).read():
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"the Ray application did not start: {open(log).read()[-2000:]}")
+            time.sleep(0.5)
+        url = f"http://127.0.0.1:{port}"
+        warm = workload(8 * n, seed=1)
+        for _ in range(2):  # every replica compiles the workload's shapes
+            RayRun(url, [], warm, len(warm), a.max_new).go()
+        time.sleep(1.0)
+        return RayRun(url, [], prompts, a.burst, a.max_new).go()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", default="2,4")
@@ -169,8 +221,13 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=160)
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--decode-weight", type=float, default=0.0, help="our router's --decode-weight")
-    ap.add_argument("--max-inflight", type=int, default=0, help="our router's --max-inflight (0: the batch size)")
+    ap.add_argument("--max-inflight", type=int, default=0, help="our router's --max-inflight (0: its default)")
     ap.add_argument("--prefill-chunk", type=int, default=0, help="our router's --prefill-chunk (0: the workers')")
+    ap.add_argument("--max-bypass", type=int, default=4, help="our router's --max-bypass")
+    ap.add_argument("--copy-weight", type=float, default=DEFAULT_COPY_WEIGHT, help="our router's --copy-weight")
+    ap.add_argument("--policies", default="round_robin,sglang,ours,ray_pow2,ray_ours",
+                    help="which rows to run: round_robin, sglang, ours, and as a Ray Serve application (`--replicas`) "
+                         "ray_pow2 (Ray's default router) and ray_ours (comma-separated)")
 
     a = ap.parse_args()
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -205,6 +262,8 @@ def main() -> None:
             print(f"{'policy':<22} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'imbalance':>10} "
                   f"{'wall s':>7} {'errors':>7}")
             for name in ("round_robin", "sglang cache_aware", "ours (cost)"):
+                if name.split()[0] not in a.policies.split(","):
+                    continue
                 for u in urls:
                     requests.post(u + "/flush_cache", timeout=30)
                 rport = _port()
@@ -215,7 +274,8 @@ def main() -> None:
                     cmd = [sys.executable, "-m", "sgl_jax.router", "--workers", ",".join(urls), "--model", model,
                            "--port", str(rport), "--policy", "cost" if name.startswith("ours") else "round_robin",
                            "--decode-weight", str(a.decode_weight), "--max-inflight", str(a.max_inflight),
-                           "--prefill-chunk", str(a.prefill_chunk)]
+                           "--prefill-chunk", str(a.prefill_chunk), "--max-bypass", str(a.max_bypass),
+                           "--copy-weight", str(a.copy_weight)]
                 router = subprocess.Popen(cmd, stdout=open(os.path.join(tmp, "router.log"), "a"),
                                           stderr=subprocess.STDOUT, env=env)
                 try:
@@ -237,6 +297,11 @@ def main() -> None:
             for w in ws:
                 w.kill()
                 w.wait()
+            for name in ("ray_pow2", "ray_ours"):
+                if name in a.policies.split(","):
+                    res = ray_row(a, n, model, tmp, env, prompts, "ray_pow2" if name == "ray_pow2" else "cost")
+                    print(f"{name:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} "
+                          f"{res['imb']:>10.2f} {res['wall']:>7.1f} {res['errors']:>7}", flush=True)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -47,6 +47,31 @@ def test_cost_prefers_the_cached_replica_until_its_load_outweighs_the_match():
 
 
 @pytest.mark.timeout(30)
+def test_copy_weight_charges_a_second_copy_of_a_cached_prefix():
+    """With copy_weight w, recomputing on b a prefix that a holds costs (1 + w) x its tokens: the request stays on
+    a until a's queue outweighs that, where without it the same queue already moves it."""
+    def setup(w):
+        a, b = _replicas(max_inflight=8)
+        for rep in (a, b):
+            rep.prefill_chunk = 32
+        a.apply([["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
+        a.load = 40.0  # two prefill steps of 32 queued on a
+        return Router([a, b], "cost", copy_weight=w), a, b
+
+    r, a, b = setup(0.0)
+    # on a: ceil((40 + 4) / 32) = 2 steps; on b: ceil((0 + 36) / 32) = 2 -> tie on steps, less work on a
+    assert r.submit(_req("x", PREFIX + [1, 2, 3, 4])) is a
+    r, a, b = setup(0.0)
+    a.load = 70.0  # 3 steps on a, 2 on b: moved
+    assert r.submit(_req("x", PREFIX + [1, 2, 3, 4])) is b
+    r, a, b = setup(1.0)
+    a.load = 70.0  # b now costs ceil((36 + 32) / 32) = 3 steps: a keeps it (tie, less work)
+    assert r.submit(_req("x", PREFIX + [1, 2, 3, 4])) is a
+    a.load = 120.0  # 4+ steps on a: worth the second copy
+    assert r.submit(_req("y", PREFIX + [5, 6, 7, 8])) is b
+
+
+@pytest.mark.timeout(30)
 def test_round_robin_ignores_the_cache():
     a, b = _replicas(max_inflight=8)
     r = Router([a, b], "round_robin")
@@ -269,38 +294,46 @@ def test_client_leaving_mid_stream_is_not_a_worker_failure(cluster):
 
 @pytest.mark.timeout(600)
 def test_killed_worker_retry_error_and_return(cluster):
-    """Worker 0 killed: a request that has not started is retried once on worker 1 and succeeds; a stream that
-    worker 1 had started ends with an error naming it when worker 1 is killed; nothing hangs; the router answers
-    503 with both down, and routes to a worker again once it is restarted."""
-    cluster.workers[0].kill()
-    cluster.workers[0].wait()
-    out = _gen(cluster.rurl, "after the kill " * 3, max_new=3)  # worker 0 may still look healthy: retried
+    """The worker holding a prompt's prefix killed: the next request with that prefix goes there, is retried once
+    on the other worker and succeeds; a stream that the other had started ends with an error naming it when it is
+    killed too; nothing hangs; the router answers 503 with both down, and routes to a worker again once one is
+    restarted."""
+    prefix = "zebra quartz violin " * 6
+    before = [w["routed"] for w in cluster.stats()["workers"]]
+    _gen(cluster.rurl, prefix + "first", max_new=1)
+    h = next(i for i, w in enumerate(cluster.stats()["workers"]) if w["routed"] != before[i])  # its holder
+    o = 1 - h
+    retried = cluster.stats()["retried"]
+    cluster.workers[h].kill()
+    cluster.workers[h].wait()
+    out = _gen(cluster.rurl, prefix + "second", max_new=3)  # routed to h (cached, not yet seen down): retried
     assert out["meta_info"]["completion_tokens"] == 3
     st = cluster.stats()
-    assert not st["workers"][0]["healthy"] and st["workers"][0]["blocks"] == 0
-    # a long stream on worker 1, killed mid-way
+    assert st["retried"] == retried + 1
+    assert not st["workers"][h]["healthy"] and st["workers"][h]["blocks"] == 0
+    # a long stream on the other worker, killed mid-way
     s = requests.post(cluster.rurl + "/generate", json={"text": "Go on", "stream": True, "sampling_params": {
         "max_new_tokens": 120, "temperature": 0, "ignore_eos": True}}, stream=True, timeout=120)
     it = s.iter_lines()
     first = next(ln for ln in it if ln)
     assert first.startswith(b"data: {")
-    cluster.workers[1].send_signal(signal.SIGKILL)
+    cluster.workers[o].send_signal(signal.SIGKILL)
     rest = [ln for ln in it if ln]
     assert rest[-1] == b"data: [DONE]"
     err = json.loads(rest[-2][6:])
-    assert "worker w1" in err["error"]["message"] and "mid-stream" in err["error"]["message"], err
-    cluster.workers[1].wait()
+    assert f"worker w{o}" in err["error"]["message"] and "mid-stream" in err["error"]["message"], err
+    cluster.workers[o].wait()
     deadline = time.time() + 10
     while time.time() < deadline and requests.get(cluster.rurl + "/health", timeout=5).status_code != 503:
         time.sleep(0.2)
     assert requests.get(cluster.rurl + "/health", timeout=5).status_code == 503
-    cluster.workers[0] = cluster.start_worker(0)  # "restarted"
-    _wait(cluster.url(0), cluster.workers[0])
+    cluster.workers[h] = cluster.start_worker(h)  # "restarted"
+    _wait(cluster.url(h), cluster.workers[h])
     deadline = time.time() + 20
     while time.time() < deadline and requests.get(cluster.rurl + "/health", timeout=5).status_code != 200:
         time.sleep(0.3)
     assert _gen(cluster.rurl, "back again", max_new=2)["meta_info"]["completion_tokens"] == 2
-    assert cluster.stats()["workers"][0]["healthy"]
+    assert cluster.stats()["workers"][h]["healthy"]
 
 
 @pytest.mark.timeout(30)

@@ -33,6 +33,11 @@ import math
 import threading
 
 POLICIES = ("cost", "round_robin")
+# the front ends' defaults, chosen on bench/bench_router.py (bench/notes.md): a worker takes twice its batch before
+# requests wait in the router (its own scheduler then orders a short queue by prefix), and a second copy of a
+# prefix another replica holds is charged 6x its tokens (the pool room it takes evicts other tenants' prefixes)
+DEFAULT_INFLIGHT_FACTOR = 2
+DEFAULT_COPY_WEIGHT = 6.0
 
 
 @dataclasses.dataclass
@@ -91,11 +96,12 @@ class Replica:
 
 class Router:
     def __init__(self, replicas: list[Replica], policy: str = "cost", decode_weight: float = 0.0,
-                 max_bypass: int = 4, window: int = 16):
+                 max_bypass: int = 4, window: int = 16, copy_weight: float = 0.0):
         if policy not in POLICIES:
             raise ValueError(f"routing policy {policy!r} is unknown; expected one of {', '.join(POLICIES)}")
         self.replicas, self.policy = replicas, policy
         self.decode_weight, self.max_bypass, self.window = float(decode_weight), int(max_bypass), int(window)
+        self.copy_weight = float(copy_weight)
         self.queue: list[Pending] = []
         self._seq = itertools.count()
         self._rr = itertools.count()
@@ -111,9 +117,13 @@ class Router:
             return candidates[next(self._rr) % len(candidates)]
         return min(candidates, key=lambda r: self.cost(r, p))
 
-    def cost(self, r: Replica, p: Pending) -> tuple:
+    def cost(self, r: Replica, p: Pending, top: int | None = None) -> tuple:
         work = self.work(r, p)
-        return math.ceil((r.load + work) / r.prefill_chunk), work, len(r.inflight), r.routed
+        copy = 0.0
+        if self.copy_weight:
+            top = max(h.matched_blocks(p.hashes) for h in self.replicas if h.healthy) if top is None else top
+            copy = self.copy_weight * max(0, top - r.matched_blocks(p.hashes)) * r.page_size
+        return math.ceil((r.load + work + copy) / r.prefill_chunk), work, len(r.blocks), len(r.inflight), r.routed
 
     def submit(self, p: Pending) -> Replica | None:
         """The replica `p` goes to now, or None: it waits (`bind` hands it out later)."""

@@ -29,13 +29,14 @@ from sgl_jax.router.policy import Pending, Replica, Router
 
 class CostRequestRouter(RequestRouter):
     """See the module docstring. Options (request_router_kwargs): policy ("cost" | "round_robin"), page_size,
-    prefill_chunk, max_inflight, decode_weight, max_bypass."""
+    prefill_chunk, max_inflight, decode_weight, max_bypass, copy_weight."""
 
     def initialize_state(self, policy: str = "cost", page_size: int = 16, prefill_chunk: int = 256,
-                         max_inflight: int = 8, decode_weight: float = 0.0, max_bypass: int = 4, **_: Any):
+                         max_inflight: int = 8, decode_weight: float = 0.0, max_bypass: int = 4,
+                         copy_weight: float = 0.0, **_: Any):
         self._lock = threading.Lock()
         self._page_size, self._prefill_chunk, self._max_inflight = int(page_size), int(prefill_chunk), int(max_inflight)
-        self._router = Router([], policy, decode_weight, max_bypass)  # replicas arrive with the first request
+        self._router = Router([], policy, decode_weight, max_bypass, copy_weight=copy_weight)  # replicas arrive with the first request
         self._mirrors: dict[Any, Replica] = {}  # ReplicaID -> Replica
         self._subscribed: dict[Any, threading.Event] = {}  # ReplicaID -> stop event of its subscriber
         self._pending: dict[str, Pending] = {}  # internal request id -> Pending

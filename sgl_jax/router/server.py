@@ -24,7 +24,7 @@ import time
 import urllib.parse
 import uuid
 
-from sgl_jax.router.policy import Pending, Replica, Router
+from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR, Pending, Replica, Router
 
 log = logging.getLogger("sgl_jax.router")
 
@@ -234,9 +234,12 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", required=True, help="comma-separated worker URLs")
     ap.add_argument("--model", default="smollm2-135m", help="the workers' model (for its tokenizer)")
     ap.add_argument("--policy", default="cost", choices=("cost", "round_robin"))
-    ap.add_argument("--max-inflight", type=int, default=0, help="requests per worker at once (0: its batch size)")
+    ap.add_argument("--max-inflight", type=int, default=0, help="requests per worker at once before requests wait in the router (0: twice its batch size)")
     ap.add_argument("--decode-weight", type=float, default=0.0, help="load per output token (0: decode is batched)")
     ap.add_argument("--max-bypass", type=int, default=4)
+    ap.add_argument("--copy-weight", type=float, default=DEFAULT_COPY_WEIGHT,
+                    help="cost of recomputing, per token, a prefix another worker caches, on top of computing it "
+                         "(the room its second copy takes)")
     ap.add_argument("--prefill-chunk", type=int, default=0,
                     help="prompt tokens a worker prefills per step, for the cost estimate (0: its max_prefill_tokens)")
     ap.add_argument("--host", default="127.0.0.1")
@@ -251,7 +254,8 @@ def main(argv=None) -> None:
         info = requests.get(url + "/get_server_info", timeout=30).json()
         cache = info["cache"]
         sched = info["scheduler"]
-        r = Replica(f"w{i}", url, a.max_inflight or sched["max_running_requests"], cache["page_size"],
+        r = Replica(f"w{i}", url, a.max_inflight or DEFAULT_INFLIGHT_FACTOR * sched["max_running_requests"],
+                    cache["page_size"],
                     a.prefill_chunk or sched["max_prefill_tokens"])
         if cache.get("kv_events_endpoint"):
             subscribe(r, _events_endpoint(url, cache["kv_events_endpoint"]), cache.get("kv_events_topic", ""), stop)
@@ -265,7 +269,7 @@ def main(argv=None) -> None:
 
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
                                      connector=aiohttp.TCPConnector(limit=0))
-        app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass), tok, http)
+        app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass, copy_weight=a.copy_weight), tok, http)
         runner = web.AppRunner(build_app(app), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port).start()

@@ -83,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve N data-parallel replicas as a Ray Serve application behind one endpoint, routed by "
                         "estimated prefill cost with late binding (needs `pip install sgl_jax[ray]`; "
                         "RAY_ADDRESS=auto to join a running cluster)")
-    p.add_argument("--routing-policy", dest="routing_policy", default="cost", choices=("cost", "round_robin"),
-                   help="with --replicas: how requests are placed")
+    p.add_argument("--routing-policy", dest="routing_policy", default="cost", choices=("cost", "round_robin", "ray_pow2"),
+                   help="with --replicas: how requests are placed (ray_pow2: Ray Serve's default router, for comparison)")
+    p.add_argument("--router-option", dest="router_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --replicas: a setting of our router (max_inflight, prefill_chunk, decode_weight, "
+                        "max_bypass, copy_weight; see sgl_jax/router/policy.py)")
     p.add_argument("--ray-actor-options", dest="ray_actor_options", default=None,
                    help='with --replicas: JSON resources of each replica, e.g. \'{"num_gpus": 1}\' '
                         '(default \'{"num_cpus": 1}\')')
@@ -148,11 +151,21 @@ def _run_replicas(cfg: Config, args: argparse.Namespace) -> None:
         options = json.loads(args.ray_actor_options) if args.ray_actor_options else None
     except ValueError as e:
         sys.exit(f"--ray-actor-options is not JSON: {e}")
+    known = {"max_inflight": int, "prefill_chunk": int, "decode_weight": float, "max_bypass": int, "copy_weight": float}
+    router_options = {}
+    for item in args.router_options:
+        key, eq, value = item.partition("=")
+        if not eq or key not in known:
+            sys.exit(f"--router-option expects KEY=VALUE with KEY one of {', '.join(known)}; got {item!r}")
+        try:
+            router_options[key] = known[key](value)
+        except ValueError:
+            sys.exit(f"--router-option {key}: cannot read {value!r} as {known[key].__name__}")
     try:
         from sgl_jax.serve.ray_app import run
     except ImportError as e:
         sys.exit(f"--replicas needs Ray Serve ({e}); install it with: pip install 'sgl_jax[ray]'")
-    run(cfg, args.replicas, policy=args.routing_policy, actor_options=options)
+    run(cfg, args.replicas, policy=args.routing_policy, actor_options=options, router_options=router_options)
 
 
 if __name__ == "__main__":

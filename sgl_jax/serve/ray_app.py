@@ -41,6 +41,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from sgl_jax.config import Config
+from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR
 
 log = logging.getLogger("sgl_jax.serve.ray")
 
@@ -251,18 +252,23 @@ def _plain_error(message: str):
     return JSONResponse({"error": {"message": message, "code": 502}}, status_code=502)
 
 
-def build_app(config: Config, replicas: int, *, policy: str = "cost", max_inflight: int = 0,
+def build_app(config: Config, replicas: int, *, policy: str = "cost", router_options: dict | None = None,
               actor_options: dict | None = None, health_check_period_s: float = 2.0):
-    """The Serve application (Gateway over `replicas` EngineReplicas)."""
+    """The Serve application (Gateway over `replicas` EngineReplicas). `policy` "cost" or "round_robin" (ours,
+    with `router_options` for sgl_jax/router/policy.py), or "ray_pow2": Ray Serve's default router, to compare."""
     if replicas < 1:
         raise ValueError(f"replicas must be at least 1, got {replicas}")
     sched = config.engine.scheduler
-    inflight = max_inflight or sched.max_running_requests
-    router = RequestRouterConfig(
-        request_router_class=ROUTER_CLASS,
-        request_router_kwargs={"policy": policy, "page_size": config.engine.cache.page_size,
-                               "prefill_chunk": sched.max_prefill_tokens, "max_inflight": inflight},
-        request_routing_stats_period_s=1.0, initial_backoff_s=0.002, backoff_multiplier=1.5, max_backoff_s=0.05)
+    opts = {"policy": policy, "page_size": config.engine.cache.page_size, "prefill_chunk": sched.max_prefill_tokens,
+            "max_inflight": DEFAULT_INFLIGHT_FACTOR * sched.max_running_requests, "copy_weight": DEFAULT_COPY_WEIGHT}
+    opts.update({k: v for k, v in (router_options or {}).items() if v is not None})
+    inflight = int(opts["max_inflight"])
+    if policy == "ray_pow2":
+        router = RequestRouterConfig(request_routing_stats_period_s=1.0)
+    else:
+        router = RequestRouterConfig(
+            request_router_class=ROUTER_CLASS, request_router_kwargs=opts, request_routing_stats_period_s=1.0,
+            initial_backoff_s=0.002, backoff_multiplier=1.5, max_backoff_s=0.05)
     engines = serve.deployment(EngineReplica, name="EngineReplica", num_replicas=replicas,
                                max_ongoing_requests=inflight + 4,  # our router binds at `inflight`; the rest is
                                health_check_period_s=health_check_period_s,  # for Ray's own calls
@@ -287,7 +293,8 @@ def build(args: dict):
                      actor_options=json.loads(args["ray_actor_options"]) if "ray_actor_options" in args else None)
 
 
-def run(config: Config, replicas: int, *, policy: str = "cost", actor_options: dict | None = None) -> None:
+def run(config: Config, replicas: int, *, policy: str = "cost", actor_options: dict | None = None,
+        router_options: dict | None = None) -> None:
     """`python -m sgl_jax.serve ... --replicas N`: Ray (a local one unless RAY_ADDRESS names a cluster), the
     application on server.host:server.port, until interrupted."""
     logging.basicConfig(level=config.server.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -296,7 +303,8 @@ def run(config: Config, replicas: int, *, policy: str = "cost", actor_options: d
                  log_to_driver=True)
     serve.start(http_options={"host": config.server.host, "port": config.server.port})
     t0 = time.perf_counter()
-    serve.run(build_app(config, replicas, policy=policy, actor_options=actor_options), name="sgl_jax",
+    serve.run(build_app(config, replicas, policy=policy, actor_options=actor_options, router_options=router_options),
+              name="sgl_jax",
               route_prefix="/", blocking=False)
     print(f"sgl_jax: {replicas} replicas ready in {time.perf_counter() - t0:.1f} s; serving on "
           f"http://{config.server.host}:{config.server.port} (Ray Serve, policy {policy})", flush=True)
