@@ -300,3 +300,26 @@ def test_a_replica_killed_before_the_first_byte_is_retried_on_another(app):
     assert r.status_code == 200, r.text
     assert r.headers["x-sgl-jax-replica"] != victim and r.json()["meta_info"]["completion_tokens"] == 180
     assert app.stats()["retried"] == retried + 1
+
+
+# ------------------------------------------------------------------------------- packaging
+@pytest.mark.timeout(120)
+def test_serve_run_builder_and_ray_stays_optional(tmp_path):
+    """`serve run sgl_jax.serve.ray_app:build config=... replicas=N set=...` builds the application with our
+    router and the overrides; the single-node server never imports Ray."""
+    from sgl_jax.serve.ray_app import ROUTER_CLASS, build
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("engine:\n  model: /nowhere/tiny.gguf\n  cache:\n    page_size: 8\n")
+    app = build({"config": str(cfg), "replicas": "3", "set": "max_running_requests=5 server.port=31234"})
+    gateway = app._bound_deployment
+    (engines,) = [a for a in gateway.init_args if hasattr(a, "_bound_deployment")]
+    dep = engines._bound_deployment
+    assert dep.num_replicas == 3
+    rc = dep._deployment_config.request_router_config
+    assert rc.request_router_class == ROUTER_CLASS
+    assert rc.request_router_kwargs["page_size"] == 8 and rc.request_router_kwargs["max_inflight"] == 10
+    (config,) = engines._bound_deployment.init_args
+    assert config.engine.scheduler.max_running_requests == 5 and config.server.port == 31234
+    code = "import sys, sgl_jax.serve.server, sgl_jax.serve.__main__; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))

@@ -86,9 +86,16 @@ async def asgi_call(app, req: dict) -> AsyncIterator[Any]:
                 yield {"status": msg["status"], "headers": [(k, v) for k, v in msg.get("headers", [])
                                                             if bytes(k).lower() not in _HOP_HEADERS]}
             elif msg["type"] == "http.response.body":
-                if msg.get("body"):
-                    yield msg["body"]
-                if not msg.get("more_body"):
+                body, more = msg.get("body") or b"", msg.get("more_body", False)
+                while more and not q.empty():  # coalesce what is already there: one message per hop, not per token
+                    nxt = q.get_nowait()
+                    if nxt is None or nxt["type"] != "http.response.body":
+                        q.put_nowait(nxt)
+                        break
+                    body, more = body + (nxt.get("body") or b""), nxt.get("more_body", False)
+                if body:
+                    yield body
+                if not more:
                     return
     finally:
         gone.set()
