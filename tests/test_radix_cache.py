@@ -448,25 +448,28 @@ def radix_pages(c):
     return out
 
 
-def apply_events(mirror: set, events: list, ps: int) -> None:
-    """What a subscriber does with a batch: BlockStored adds its hashes (checked against its tokens and parent),
-    BlockRemoved drops them, AllBlocksCleared empties the set."""
+def apply_events(mirror: dict, events: list, ps: int) -> None:
+    """What a subscriber does with a batch, per medium ("GPU": the device, "CPU": the host tier): BlockStored adds
+    its hashes (checked against its tokens and parent), BlockRemoved drops them (they must have been announced on
+    that medium), AllBlocksCleared empties every medium."""
     for ev in events:
         if ev[0] == "BlockStored":
-            hashes, parent, tokens, size = ev[1], ev[2], ev[3], ev[4]
-            assert size == ps and len(tokens) == len(hashes) * ps and ev[6] == "GPU"
+            hashes, parent, tokens, size, medium = ev[1], ev[2], ev[3], ev[4], ev[6]
+            assert size == ps and len(tokens) == len(hashes) * ps and medium in ("GPU", "CPU")
             h = parent
             for i, want in enumerate(hashes):
-                assert h is None or h in mirror or i > 0, "a stored block's parent is not on the device"
+                assert h is None or i > 0 or any(h in m for m in mirror.values()), "a stored block's parent is unknown"
                 h = chain(h if h is not None else _root_of(want, tokens[:ps], ps), tokens[i * ps:(i + 1) * ps])
                 assert h == want
-            mirror.update(hashes)
+            assert not set(hashes) & mirror[medium], "a block stored twice on one medium"
+            mirror[medium].update(hashes)
         elif ev[0] == "BlockRemoved":
-            assert ev[2] == "GPU" and set(ev[1]) <= mirror, "removed blocks were not announced"
-            mirror.difference_update(ev[1])
+            assert ev[2] in mirror and set(ev[1]) <= mirror[ev[2]], "removed blocks were not announced"
+            mirror[ev[2]].difference_update(ev[1])
         else:
             assert ev == ["AllBlocksCleared"]
-            mirror.clear()
+            for m in mirror.values():
+                m.clear()
 
 
 def _root_of(first_hash, tokens, ps):
@@ -545,8 +548,8 @@ class TwinMachine(RuleBasedStateMachine):
         self.r = RadixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[0])
         self.n = NaivePrefixCache(PageAllocator(self.NUM_PAGES), ps, host=hosts[1])
         self.rdev, self.ndev = FakeDevice(self.NUM_PAGES, hosts[0]), FakeDevice(self.NUM_PAGES, hosts[1])
-        self.r.events = KVEventLog(ps)  # a subscriber's mirror of the device pages, from the events alone
-        self.mirror: set[int] = set()
+        self.r.events = KVEventLog(ps)  # a subscriber's mirror of the device and host pages, from the events alone
+        self.mirror: dict[str, set[int]] = {"GPU": set(), "CPU": set()}
         self.reqs: list[_Req] = []
         self.pins: list[tuple] = []
 
@@ -740,7 +743,8 @@ class TwinMachine(RuleBasedStateMachine):
         assert radix_contents(self.r) == naive_contents(self.n)
         assert self.r.host_cached_pages == self.n.host_cached_pages
         apply_events(self.mirror, self.r.events.take(), self.ps)
-        assert self.mirror == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._entries}
+        assert self.mirror["GPU"] == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._entries}
+        assert self.mirror["CPU"] == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._host}
         if self.r.host is not None:
             assert self.r.host.allocator.num_free == self.n.host.allocator.num_free
             assert self.r.host.pending_release == self.n.host.pending_release

@@ -140,6 +140,23 @@ def test_events_and_down_replicas():
         Router([a], "fastest")
 
 
+@pytest.mark.timeout(30)
+def test_host_tier_blocks_count_as_not_computed():
+    """A demotion (GPU removed, CPU stored) keeps the replica's match -- it would load those pages, not compute
+    them; the host tier dropping them ends it."""
+    a, b = _replicas(max_inflight=8)
+    hs = sequence_hashes(PREFIX, 4)
+    a.apply([["BlockStored", hs, None, PREFIX, 4, None, "GPU", None]])
+    a.apply([["BlockRemoved", hs[4:], "GPU"], ["BlockStored", hs[4:], hs[3], PREFIX[16:], 4, None, "CPU", None]])
+    assert a.matched_blocks(hs) == 8 and len(a.blocks) == 4 and len(a.host_blocks) == 4
+    r = Router([a, b], "cost")
+    assert r.prefill_tokens(a, _req("x", PREFIX + [1])) == 1
+    a.apply([["BlockRemoved", hs[6:], "CPU"]])
+    assert a.matched_blocks(hs) == 6
+    a.apply([["AllBlocksCleared"]])
+    assert a.matched_blocks(hs) == 0 and not a.host_blocks
+
+
 # ------------------------------------------------------------------------------------------- end to end
 SMALL = ("page_size=4 max_context_len=128 max_running_requests=8 max_prefill_tokens=64 prefill_block=8 "
          "decode_buckets=1,4,8 prefill_block_buckets=2,8 max_mixed_blocks=2 page_width_buckets=32 kv_memory_gb=0.01 "

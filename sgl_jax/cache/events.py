@@ -8,8 +8,11 @@ many leading pages of a prompt a replica holds without ever seeing its tree.
 `KVEventLog` is the radix cache's listener (`RadixCache.events`): the cache reports each page range it gains
 on the device (insert of new pages, a host-tier node loaded back or recomputed) and each it gives up (dropped or
 demoted to the host tier by eviction), plus a flush; the log turns them into events and keeps them until
-`take()` (thread-safe: the engine thread records, the publisher's thread takes and hashes). Only device residency is reported (medium "GPU", the name the schema uses for accelerator memory);
-host-tier and disk pages are not announced. Partial last pages (tails) are not blocks.
+`take()` (thread-safe: the engine thread records, the publisher's thread takes and hashes). Device residency is
+reported as medium "GPU" (the name the schema uses for accelerator memory), the host tier's pages as "CPU" (a
+demotion is a GPU BlockRemoved and a CPU BlockStored of the same blocks; a promotion the reverse): a router that
+mirrors both knows which prompt tokens a replica would load rather than compute. Disk pages are not announced.
+Partial last pages (tails) are not blocks.
 
 The wire format, for `serve/kv_events.py`'s ZMQ publisher: each event a msgpack array tagged with its type,
     ["BlockStored", block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium, lora_name]
@@ -28,6 +31,7 @@ import threading
 from typing import Sequence
 
 MEDIUM = "GPU"
+HOST_MEDIUM = "CPU"
 
 
 def _root_hash(namespace: str) -> int:
@@ -67,16 +71,18 @@ class KVEventLog:
                 self.dropped += 1
             self._records.append(record)
 
-    def stored(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int) -> None:
-        """Pages [first_page, first_page + num_pages) of the sequence `tokens` (which covers them) are now on the
-        device."""
+    def stored(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int,
+               medium: str = MEDIUM) -> None:
+        """Pages [first_page, first_page + num_pages) of the sequence `tokens` (which covers them) are now held on
+        `medium` (the device, or HOST_MEDIUM)."""
         if num_pages > 0:
-            self._add(("BlockStored", namespace, tuple(tokens), first_page, num_pages))
+            self._add(("BlockStored", namespace, tuple(tokens), first_page, num_pages, medium))
 
-    def removed(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int) -> None:
-        """Pages [first_page, first_page + num_pages) of the sequence `tokens` left the device."""
+    def removed(self, namespace: str, tokens: Sequence[int], first_page: int, num_pages: int,
+                medium: str = MEDIUM) -> None:
+        """Pages [first_page, first_page + num_pages) of the sequence `tokens` left `medium`."""
         if num_pages > 0:
-            self._add(("BlockRemoved", namespace, tuple(tokens), first_page, num_pages))
+            self._add(("BlockRemoved", namespace, tuple(tokens), first_page, num_pages, medium))
 
     def cleared(self) -> None:
         with self._lock:
@@ -93,10 +99,10 @@ class KVEventLog:
     def _event(self, record: tuple) -> list:
         if record[0] == "AllBlocksCleared":
             return ["AllBlocksCleared"]
-        kind, namespace, tokens, first, n = record
+        kind, namespace, tokens, first, n, medium = record
         ps = self.page_size
         hs = sequence_hashes(tokens[:(first + n) * ps], ps, namespace)
         if kind == "BlockRemoved":
-            return ["BlockRemoved", hs[first:], MEDIUM]
+            return ["BlockRemoved", hs[first:], medium]
         return ["BlockStored", hs[first:], hs[first - 1] if first > 0 else None,
-                list(tokens[first * ps:(first + n) * ps]), ps, None, MEDIUM, None]
+                list(tokens[first * ps:(first + n) * ps]), ps, None, medium, None]

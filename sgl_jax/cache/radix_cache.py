@@ -609,8 +609,8 @@ class RadixCache(TierMixin):
         parent, when that is all of them (else it keeps its first page, so its key in the parent is unchanged).
         Returns the pages; counters are the caller's."""
         ps, npg = self.page_size, len(node.pages)
-        if self.events is not None and node.tier == 0:
-            self._emit("removed", node, min(need, npg))
+        if self.events is not None:
+            self._emit("removed", node, min(need, npg), host=node.tier == 1)
         if npg <= need:
             del node.parent.children[node.key[:ps]]
             node.parent, node.heap_id = None, -1

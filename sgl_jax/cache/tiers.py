@@ -32,7 +32,7 @@ class TierMixin:
         self._load_locks_now: list[Any] = []
         # with a disk tier: (namespace, tokens, first page index, device pages) of every new leaf, for write-through
         self.fresh: list[tuple[str, tuple, int, list[int]]] | None = None
-        # KV-cache events (cache/events.py): device pages gained and given up, for routers; None = off
+        # KV-cache events (cache/events.py): device and host pages gained and given up, for routers; None = off
         self.events = None
 
     def _path_tokens(self, node) -> tuple:
@@ -43,11 +43,14 @@ class TierMixin:
             node = node.parent
         return tuple(t for key in reversed(parts) for t in key)
 
-    def _emit(self, kind: str, node, num_pages: int) -> None:
-        """Tell `events` that the trailing ``num_pages`` pages of ``node`` were stored on / removed from the device."""
+    def _emit(self, kind: str, node, num_pages: int, host: bool = False) -> None:
+        """Tell `events` that the trailing ``num_pages`` pages of ``node`` were stored on / removed from the device
+        (or the host tier, ``host``)."""
+        from .events import HOST_MEDIUM, MEDIUM
+
         tokens = self._path_tokens(node)
         first = len(tokens) // self.page_size - num_pages
-        getattr(self.events, kind)(node.namespace, tokens, first, num_pages)
+        getattr(self.events, kind)(node.namespace, tokens, first, num_pages, HOST_MEDIUM if host else MEDIUM)
 
     # ------------------------------------------------------------- counters
     @property
@@ -97,6 +100,7 @@ class TierMixin:
         slots = host.allocator.alloc(j)
         if self.events is not None:
             self._emit("removed", low, j)
+            self._emit("stored", low, j, host=True)
         dev = low.pages
         host.save(dev, slots)
         low.pages = slots
@@ -110,9 +114,22 @@ class TierMixin:
             self._maybe_push(upper)
         return dev
 
+    @staticmethod
+    def _subtree(node) -> list:
+        """Every node below ``node`` (not itself)."""
+        out, stack = [], list(node.children.values())
+        while stack:
+            c = stack.pop()
+            out.append(c)
+            stack.extend(c.children.values())
+        return out
+
     def _drop_with_host_below(self, node) -> list[int]:
         """Drop ``node``'s trailing page, and every host page below it (no host slot could be had)."""
         stack = list(node.children.values())
+        if self.events is not None:  # announced while the paths are still linked
+            for c in self._subtree(node):
+                self._emit("removed", c, len(c.pages), host=True)
         while stack:  # all host nodes (node is a device leaf)
             c = stack.pop()
             stack.extend(c.children.values())
@@ -161,6 +178,8 @@ class TierMixin:
         """Host node ``node`` (tier 1) takes device ``pages`` instead of its slots. ``deferred``: the slots are
         read by loads queued for the next step (promotion); else they are freed now (the pages were recomputed)."""
         slots = node.pages
+        if self.events is not None:
+            self._emit("removed", node, len(slots), host=True)
         self._host_pages.difference_update(slots)
         if deferred:
             self.host.queue_load(slots, pages)
@@ -264,6 +283,8 @@ class TierMixin:
         leaf.tier = 1
         node.children[toks[start : start + ps]] = leaf
         self._num_nodes += 1
+        if self.events is not None:
+            self._emit("stored", leaf, len(slots), host=True)
         self._host_pages.update(slots)
         self._push_host(leaf)
         if node is not root:

@@ -1,8 +1,8 @@
 """Where a request goes: by estimated finish time on each replica, bound late when every replica is full.
 
 Each replica's cache is mirrored from its KV events (sgl_jax/cache/events.py: the block hashes it holds on its
-device), so the router knows, for a prompt's block hashes, exactly how many leading tokens each replica would
-not compute. A request's *work* on a replica is the prompt tokens it would prefill there (plus `decode_weight`
+device and on its host tier), so the router knows, for a prompt's block hashes, exactly how many leading tokens
+each replica would not compute (a host-tier page is loaded, not computed). A request's *work* on a replica is the prompt tokens it would prefill there (plus `decode_weight`
 per output token, 0 by default: decode is batched, a request's tokens do not delay another's first one); a
 replica's *load* is the work it was given that is not done (a prompt's part ends with its first token). `cost`
 estimates the finish time of the request's prefill as the prefill steps the replica needs for its load and this
@@ -60,7 +60,8 @@ class Replica:
     def __init__(self, name: str, url: str, max_inflight: int, page_size: int, prefill_chunk: int = 256):
         self.name, self.url = name, url
         self.max_inflight, self.page_size, self.prefill_chunk = int(max_inflight), int(page_size), int(prefill_chunk)
-        self.blocks: set[int] = set()
+        self.blocks: set[int] = set()  # block hashes on its device
+        self.host_blocks: set[int] = set()  # ... and on its host tier
         self.lock = threading.Lock()
         self.inflight: dict[str, Pending] = {}
         self.load = 0.0
@@ -73,25 +74,28 @@ class Replica:
         return self.healthy and len(self.inflight) < self.max_inflight
 
     def matched_blocks(self, hashes: list[int]) -> int:
+        """Leading blocks of `hashes` the replica holds: on its device, then on its host tier (loaded, not
+        computed)."""
         n = 0
         with self.lock:
             for h in hashes:
-                if h not in self.blocks:
+                if h not in self.blocks and h not in self.host_blocks:
                     break
                 n += 1
         return n
 
     def apply(self, events: list) -> None:
-        """One batch of KV events (the wire layout of sgl_jax/cache/events.py)."""
+        """One batch of KV events (the wire layout of sgl_jax/cache/events.py; medium "CPU" is the host tier)."""
         with self.lock:
             for ev in events:
                 kind = ev[0]
                 if kind == "BlockStored":
-                    self.blocks.update(ev[1])
+                    (self.host_blocks if len(ev) > 6 and ev[6] == "CPU" else self.blocks).update(ev[1])
                 elif kind == "BlockRemoved":
-                    self.blocks.difference_update(ev[1])
+                    (self.host_blocks if len(ev) > 2 and ev[2] == "CPU" else self.blocks).difference_update(ev[1])
                 elif kind == "AllBlocksCleared":
                     self.blocks.clear()
+                    self.host_blocks.clear()
 
 
 class Router:
@@ -211,6 +215,7 @@ class Router:
         r.healthy = False
         with r.lock:
             r.blocks.clear()
+            r.host_blocks.clear()
 
     def mark_up(self, r: Replica) -> None:
         r.healthy = True

@@ -160,4 +160,5 @@ class CostRequestRouter(RequestRouter):
                     "inflight_mean": mean, "replicas_retired": self.retired, "at": time.time(),
                     "replicas": [{"id": r.name, "pid": r.pid, "healthy": r.healthy,
                                   "inflight": len(r.inflight), "routed": r.routed, "load": r.load,
-                                  "blocks": len(r.blocks)} for r in self._router.replicas]}
+                                  "blocks": len(r.blocks), "host_blocks": len(r.host_blocks)}
+                                 for r in self._router.replicas]}

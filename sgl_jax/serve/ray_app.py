@@ -15,6 +15,8 @@ Two deployments:
   (sgl_jax/router/ray_router.py: estimated prefill steps from mirrored caches, late binding), and streams the
   answer back, with the replica's id in an `x-sgl-jax-replica` header. `GET /router_stats` shows the router's
   view of each replica (pid, requests in flight and routed, load, mirrored blocks) and the gateway's retries.
+  Routes about one server (`/metrics`, `/get_server_info`, `/flush_cache`, `/health`) answer from whichever
+  replica the request reached (the header says which).
 
 Faults: a replica that dies before a request's first body byte -> the request is sent once more (to another
 replica, the dead one being out of Ray's set); after bytes were sent -> the stream ends with an error event
