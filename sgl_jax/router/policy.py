@@ -6,9 +6,11 @@ each replica would not compute (a host-tier page is loaded, not computed). A req
 per output token, 0 by default: decode is batched, a request's tokens do not delay another's first one); a
 replica's *load* is the work it was given that is not done (a prompt's part ends with its first token). `cost`
 estimates the finish time of the request's prefill as the prefill steps the replica needs for its load and this
-request -- ceil((load + work) / prefill_chunk), `prefill_chunk` being the tokens one step prefills (the worker's
-max_prefill_tokens) -- and picks the fewest steps, then the longest cached match, then the fewest requests in
-flight: a cached prefix wins unless that replica's queue costs more steps than recomputing elsewhere
+request -- ceil((load + work + copy) / prefill_chunk), `prefill_chunk` being the tokens one step prefills (the
+worker's max_prefill_tokens), `copy` = `copy_weight` x the tokens of the prompt another replica caches and this one
+would recompute (a second copy of a prefix takes pool room that evicts other prefixes later) -- and picks the
+fewest steps, then the least work, then the replica caching least (room for a new prefix), then the fewest requests
+in flight: a cached prefix wins unless that replica's queue costs more steps than recomputing elsewhere
 (`round_robin` ignores both).
 
 Late binding: a replica takes at most `max_inflight` requests (its running batch); when none has room, the
