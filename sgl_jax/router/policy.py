@@ -2,9 +2,10 @@
 
 Each replica's cache is mirrored from its KV events (sgl_jax/cache/events.py: the block hashes it holds on its
 device and on its host tier), so the router knows, for a prompt's block hashes, exactly how many leading tokens
-each replica would not compute (a host-tier page is loaded, not computed). A request's *work* on a replica is the prompt tokens it would prefill there (plus `decode_weight`
-per output token, 0 by default: decode is batched, a request's tokens do not delay another's first one); a
-replica's *load* is the work it was given that is not done (a prompt's part ends with its first token). `cost`
+each replica would not compute (a host-tier page is loaded, not computed). A request's *work* on a replica is the
+prompt tokens it would prefill there (plus `decode_weight` per output token, 0 by default: decode is batched, a
+request's tokens do not delay another's first one); a replica's *load* is the work it was given that is not done
+(a prompt's part ends with its first token). `cost`
 estimates the finish time of the request's prefill as the prefill steps the replica needs for its load and this
 request -- ceil((load + work + copy) / prefill_chunk), `prefill_chunk` being the tokens one step prefills (the
 worker's max_prefill_tokens), `copy` = `copy_weight` x the tokens of the prompt another replica caches and this one
@@ -13,7 +14,8 @@ fewest steps, then the least work, then the replica caching least (room for a ne
 in flight: a cached prefix wins unless that replica's queue costs more steps than recomputing elsewhere
 (`round_robin` ignores both).
 
-Late binding: a replica takes at most `max_inflight` requests (its running batch); when none has room, the
+Late binding: a replica takes at most `max_inflight` requests (the front ends default to twice its running
+batch, DEFAULT_INFLIGHT_FACTOR); when none has room, the
 request waits in the router's queue instead of being committed to a busy replica. When a slot frees, the
 replica takes the waiting request that suits it best -- the longest cached match there, among the first
 `window` waiting, of a request that no other replica caches more of -- but the oldest waiting request is passed
@@ -121,13 +123,20 @@ class Router:
     def _best(self, p: Pending, candidates: list[Replica]) -> Replica:
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)]
-        return min(candidates, key=lambda r: self.cost(r, p))
+        top = self.top_match(p) if self.copy_weight else 0
+        return min(candidates, key=lambda r: self.cost(r, p, top))
+
+    def top_match(self, p: Pending) -> int:
+        """The most leading blocks of `p` any healthy replica holds."""
+        return max((h.matched_blocks(p.hashes) for h in self.replicas if h.healthy), default=0)
 
     def cost(self, r: Replica, p: Pending, top: int | None = None) -> tuple:
+        """(prefill steps, work, blocks held, requests in flight, requests routed) of `p` on `r`; `top` is
+        `top_match(p)` when the caller has it."""
         work = self.work(r, p)
         copy = 0.0
         if self.copy_weight:
-            top = max(h.matched_blocks(p.hashes) for h in self.replicas if h.healthy) if top is None else top
+            top = self.top_match(p) if top is None else top
             copy = self.copy_weight * max(0, top - r.matched_blocks(p.hashes)) * r.page_size
         return math.ceil((r.load + work + copy) / r.prefill_chunk), work, len(r.blocks), len(r.inflight), r.routed
 
