@@ -114,11 +114,15 @@ class Run:
             with requests.post(self.url + "/generate", json={"text": text, "stream": True, "sampling_params": {
                     "max_new_tokens": self.max_new, "temperature": 0}}, stream=True, timeout=300,
                     headers={"Content-Type": "application/json"}) as r:
-                for ln in r.iter_lines():
-                    if ln.startswith(b"data: {"):
-                        if first is None:
-                            first = time.perf_counter() - t0
-                        last = json.loads(ln[6:])
+                buf = b""
+                for data in r.iter_content(chunk_size=None):  # bytes as they arrive (iter_lines buffers 512)
+                    buf += data
+                    *lines, buf = buf.split(b"\n")
+                    for ln in lines:
+                        if ln.startswith(b"data: {"):
+                            if first is None:
+                                first = time.perf_counter() - t0
+                            last = json.loads(ln[6:])
         except requests.RequestException:
             pass
         with self.lock:
@@ -225,6 +229,9 @@ def main() -> None:
     ap.add_argument("--prefill-chunk", type=int, default=0, help="our router's --prefill-chunk (0: the workers')")
     ap.add_argument("--max-bypass", type=int, default=4, help="our router's --max-bypass")
     ap.add_argument("--copy-weight", type=float, default=DEFAULT_COPY_WEIGHT, help="our router's --copy-weight")
+    ap.add_argument("--gateway-policy", default="cache_aware",
+                    help="sglang-router's --policy (round_robin: the same placement as our round-robin row, which "
+                         "isolates the two proxies' own latency)")
     ap.add_argument("--policies", default="round_robin,sglang,ours,ray_pow2,ray_ours",
                     help="which rows to run: round_robin, sglang, ours, and as a Ray Serve application (`--replicas`) "
                          "ray_pow2 (Ray's default router) and ray_ours (comma-separated)")
@@ -269,7 +276,7 @@ def main() -> None:
                 rport = _port()
                 if name.startswith("sglang"):
                     cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
-                           "cache_aware", "--port", str(rport), "--prometheus-port", str(_port())]
+                           a.gateway_policy, "--port", str(rport), "--prometheus-port", str(_port())]
                 else:
                     cmd = [sys.executable, "-m", "sgl_jax.router", "--workers", ",".join(urls), "--model", model,
                            "--port", str(rport), "--policy", "cost" if name.startswith("ours") else "round_robin",
@@ -292,7 +299,8 @@ def main() -> None:
                 finally:
                     router.kill()
                     router.wait()
-                print(f"{name:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} {res['imb']:>10.2f} "
+                label = f"sglang {a.gateway_policy}" if name.startswith("sglang") else name
+                print(f"{label:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} {res['imb']:>10.2f} "
                       f"{res['wall']:>7.1f} {res['errors']:>7}", flush=True)
             for w in ws:
                 w.kill()
