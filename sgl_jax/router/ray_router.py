@@ -27,6 +27,7 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 from sgl_jax.router import registry
 from sgl_jax.router.policy import Pending, Replica, Router
 
+
 class CostRequestRouter(RequestRouter):
     """See the module docstring. Options (request_router_kwargs): policy ("cost" | "round_robin"), page_size,
     prefill_chunk, max_inflight, decode_weight, max_bypass, copy_weight."""
@@ -36,7 +37,8 @@ class CostRequestRouter(RequestRouter):
                          copy_weight: float = 0.0, **_: Any):
         self._lock = threading.Lock()
         self._page_size, self._prefill_chunk, self._max_inflight = int(page_size), int(prefill_chunk), int(max_inflight)
-        self._router = Router([], policy, decode_weight, max_bypass, copy_weight=copy_weight)  # replicas arrive with the first request
+        # the replicas arrive with Ray's first update (update_replicas) or request (choose_replicas)
+        self._router = Router([], policy, decode_weight, max_bypass, copy_weight=copy_weight)
         self._mirrors: dict[Any, Replica] = {}  # ReplicaID -> Replica
         self._subscribed: dict[Any, threading.Event] = {}  # ReplicaID -> stop event of its subscriber
         self._pending: dict[str, Pending] = {}  # internal request id -> Pending
@@ -102,8 +104,8 @@ class CostRequestRouter(RequestRouter):
         ids, max_new = (route.get("ids") or [], route.get("max_new", 128)) if isinstance(route, dict) else ([], 128)
         p = Pending(key, sequence_hashes(ids, self._page_size), len(ids), int(max_new))
         if isinstance(route, dict) and route.get("rid"):
-            self._by_route[route["rid"]] = p
             p.route_rid = str(route["rid"])
+            self._by_route[p.route_rid] = p
         return p
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
