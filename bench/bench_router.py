@@ -194,7 +194,8 @@ def ray_row(a, n, model, tmp, env, prompts, policy) -> dict:
            "--routing-policy", policy, "--ray-actor-options", '{"num_cpus": 0}',
            *(x for o in opts for x in ("--router-option", o)),
            "--set", *WORKER, f"max_num_pages={a.pages}", f"compile_cache_dir={os.path.join(tmp, 'jax_cache')}"]
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=dict(env, RAY_AUTH_MODE="disabled"),
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env=dict(env, RAY_AUTH_MODE="disabled"),
                             start_new_session=True)
     try:
         deadline = time.time() + 300

@@ -240,7 +240,8 @@ def main(argv=None) -> None:
     ap.add_argument("--workers", required=True, help="comma-separated worker URLs")
     ap.add_argument("--model", default="smollm2-135m", help="the workers' model (for its tokenizer)")
     ap.add_argument("--policy", default="cost", choices=("cost", "round_robin"))
-    ap.add_argument("--max-inflight", type=int, default=0, help="requests per worker at once before requests wait in the router (0: twice its batch size)")
+    ap.add_argument("--max-inflight", type=int, default=0,
+                    help="requests per worker at once before requests wait in the router (0: twice its batch size)")
     ap.add_argument("--decode-weight", type=float, default=0.0, help="load per output token (0: decode is batched)")
     ap.add_argument("--max-bypass", type=int, default=4)
     ap.add_argument("--copy-weight", type=float, default=DEFAULT_COPY_WEIGHT,

@@ -83,8 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve N data-parallel replicas as a Ray Serve application behind one endpoint, routed by "
                         "estimated prefill cost with late binding (needs `pip install sgl_jax[ray]`; "
                         "RAY_ADDRESS=auto to join a running cluster)")
-    p.add_argument("--routing-policy", dest="routing_policy", default="cost", choices=("cost", "round_robin", "ray_pow2"),
-                   help="with --replicas: how requests are placed (ray_pow2: Ray Serve's default router, for comparison)")
+    p.add_argument("--routing-policy", dest="routing_policy", default="cost",
+                   choices=("cost", "round_robin", "ray_pow2"),
+                   help="with --replicas: how requests are placed (ray_pow2: Ray Serve's default router, to compare)")
     p.add_argument("--router-option", dest="router_options", action="append", default=[], metavar="KEY=VALUE",
                    help="with --replicas: a setting of our router (max_inflight, prefill_chunk, decode_weight, "
                         "max_bypass, copy_weight; see sgl_jax/router/policy.py)")
