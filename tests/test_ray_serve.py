@@ -6,6 +6,7 @@ killed mid-answer."""
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -121,6 +122,10 @@ def test_ray_router_mirrors_kv_events_and_prefers_the_holder():
         router._mirrors[cands[1].replica_id].apply(
             [["BlockStored", sequence_hashes(PREFIX, 4), None, PREFIX, 4, None, "GPU", None]])
         assert await _choose(router, cands, _pr("x", PREFIX + [3])) == ["r1"]
+        pinned = _pr("p", PREFIX)
+        pinned.args[0]["route"]["replica"] = "r0"  # x-sgl-jax-replica: r0, against the cache; takes no slot
+        assert await _choose(router, cands, pinned) == ["r0"]
+        assert router.snapshot()["replicas"][0]["inflight"] == 1  # only "warm"
         rr = _router(max_inflight=4, policy="round_robin")
         got = [await _choose(rr, cands, _pr(f"y{i}", PREFIX)) for i in range(4)]
         assert got == [["r0"], ["r1"], ["r0"], ["r1"]]
@@ -242,6 +247,35 @@ def test_replicas_keep_each_tenant_on_the_replica_that_caches_it(app):
     reps = app.replicas()
     assert len(reps) == 2 and all(r["healthy"] and r["pid"] for r in reps)
     assert sum(r["blocks"] for r in reps) > 0  # mirrored from the replicas' KV events
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_client_leaving_mid_stream_frees_its_slot(app):
+    """The client closes a long stream after its first chunk: the replica's request is cancelled (Ray closes the
+    handle's stream, the in-process ASGI call reports a disconnect, the engine aborts it) and the router's slot
+    comes back; nothing is counted as a replica failure."""
+    app.wait_replicas(2)
+    failed = app.stats()["failed"]
+    r = requests.post(app.url + "/generate", json={"text": "a stream the client abandons", "stream": True,
+                                                  "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}},
+                      stream=True, timeout=120)
+    served_by = r.headers["x-sgl-jax-replica"]
+    next(r.iter_content(None))
+    r.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(x["inflight"] for x in app.replicas()):
+        time.sleep(0.2)
+    assert not any(x["inflight"] for x in app.replicas()), app.stats()
+    assert app.stats()["failed"] == failed
+    assert _gen(app, "still serving")[1]["meta_info"]["completion_tokens"] == 4
+    # /metrics of the replica that served it (the header pins a request to a replica)
+    m = requests.get(app.url + "/metrics", headers={"x-sgl-jax-replica": served_by}, timeout=30)
+    assert m.headers["x-sgl-jax-replica"] == served_by
+    aborted = float(re.search(r'requests_total\{status="abort"\} (\S+)', m.text).group(1))
+    assert aborted >= 1, "the abandoned request was not aborted on its replica"
+    bad = requests.get(app.url + "/metrics", headers={"x-sgl-jax-replica": "nope"}, timeout=30)
+    assert bad.status_code == 404 and "no running replica 'nope'" in bad.text
 
 
 @pytest.mark.slow

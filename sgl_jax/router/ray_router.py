@@ -112,6 +112,11 @@ class CostRequestRouter(RequestRouter):
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         if pending_request is None:  # Ray probing without a request: any replica will do
             return [candidate_replicas]
+        route = pending_request.args[0].get("route") if pending_request.args and isinstance(
+            pending_request.args[0], dict) else None
+        pin = route.get("replica") if isinstance(route, dict) else None
+        if pin:  # the client named the replica (x-sgl-jax-replica): no routing, no slot
+            return [[c for c in candidate_replicas if c.replica_id.unique_id == pin]]
         key = pending_request.metadata.internal_request_id
         with self._lock:
             self._sync(candidate_replicas)

@@ -16,7 +16,8 @@ Two deployments:
   answer back, with the replica's id in an `x-sgl-jax-replica` header. `GET /router_stats` shows the router's
   view of each replica (pid, requests in flight and routed, load, mirrored blocks) and the gateway's retries.
   Routes about one server (`/metrics`, `/get_server_info`, `/flush_cache`, `/health`) answer from whichever
-  replica the request reached (the header says which).
+  replica the request reached (the header says which); a request carrying `x-sgl-jax-replica: <id>` goes to that
+  replica (ids in /router_stats; 404 for one that is not running).
 
 Faults: a replica that dies before a request's first body byte -> the request is sent once more (to another
 replica, the dead one being out of Ray's set); after bytes were sent -> the stream ends with an error event
@@ -205,8 +206,14 @@ class Gateway:
         path = request.url.path
         if path == "/router_stats":
             return JSONResponse({"routers": registry.snapshot(), "retried": self.retried, "failed": self.failed})
+        pin = request.headers.get("x-sgl-jax-replica")
+        known = {r["id"] for snap in registry.snapshot() for r in snap["replicas"]}
+        if pin and known and pin not in known:
+            return JSONResponse({"error": {"message": f"x-sgl-jax-replica: no running replica {pin!r}; running: "
+                                                      f"{', '.join(sorted(known))}", "code": 404}}, status_code=404)
         body = await request.body()
-        route: dict[str, Any] = {"rid": uuid.uuid4().hex, "ids": [], "max_new": 128}
+        route: dict[str, Any] = {"rid": uuid.uuid4().hex, "ids": [], "max_new": 128,
+                                 "replica": pin}
         if request.method == "POST" and path in ROUTED_PATHS:
             try:
                 parsed = json.loads(body)
