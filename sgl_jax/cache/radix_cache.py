@@ -610,7 +610,7 @@ class RadixCache(TierMixin):
         Returns the pages; counters are the caller's."""
         ps, npg = self.page_size, len(node.pages)
         if self.events is not None:
-            self._emit("removed", node, min(need, npg), host=node.tier == 1)
+            self._emit(node, min(need, npg), ("removed", node.tier == 1))
         if npg <= need:
             del node.parent.children[node.key[:ps]]
             node.parent, node.heap_id = None, -1

@@ -43,14 +43,16 @@ class TierMixin:
             node = node.parent
         return tuple(t for key in reversed(parts) for t in key)
 
-    def _emit(self, kind: str, node, num_pages: int, host: bool = False) -> None:
+    def _emit(self, node, num_pages: int, *changes: tuple[str, bool]) -> None:
         """Tell `events` that the trailing ``num_pages`` pages of ``node`` were stored on / removed from the device
-        (or the host tier, ``host``)."""
+        or the host tier: each change a ("stored" | "removed", on the host?) pair, in order (a demotion or a
+        promotion is two); the node's path is walked once."""
         from .events import HOST_MEDIUM, MEDIUM
 
         tokens = self._path_tokens(node)
         first = len(tokens) // self.page_size - num_pages
-        getattr(self.events, kind)(node.namespace, tokens, first, num_pages, HOST_MEDIUM if host else MEDIUM)
+        for kind, host in changes:
+            getattr(self.events, kind)(node.namespace, tokens, first, num_pages, HOST_MEDIUM if host else MEDIUM)
 
     # ------------------------------------------------------------- counters
     @property
@@ -99,8 +101,7 @@ class TierMixin:
             upper, low = self._split(node, (npg - j) * self.page_size), node
         slots = host.allocator.alloc(j)
         if self.events is not None:
-            self._emit("removed", low, j)
-            self._emit("stored", low, j, host=True)
+            self._emit(low, j, ("removed", False), ("stored", True))
         dev = low.pages
         host.save(dev, slots)
         low.pages = slots
@@ -126,13 +127,11 @@ class TierMixin:
 
     def _drop_with_host_below(self, node) -> list[int]:
         """Drop ``node``'s trailing page, and every host page below it (no host slot could be had)."""
-        stack = list(node.children.values())
+        below = self._subtree(node)  # all host nodes (node is a device leaf)
         if self.events is not None:  # announced while the paths are still linked
-            for c in self._subtree(node):
-                self._emit("removed", c, len(c.pages), host=True)
-        while stack:  # all host nodes (node is a device leaf)
-            c = stack.pop()
-            stack.extend(c.children.values())
+            for c in below:
+                self._emit(c, len(c.pages), ("removed", True))
+        for c in below:
             self._host_pages.difference_update(c.pages)
             self.host.allocator.free(c.pages)
             self.host_pages_dropped += len(c.pages)
@@ -178,8 +177,6 @@ class TierMixin:
         """Host node ``node`` (tier 1) takes device ``pages`` instead of its slots. ``deferred``: the slots are
         read by loads queued for the next step (promotion); else they are freed now (the pages were recomputed)."""
         slots = node.pages
-        if self.events is not None:
-            self._emit("removed", node, len(slots), host=True)
         self._host_pages.difference_update(slots)
         if deferred:
             self.host.queue_load(slots, pages)
@@ -189,7 +186,7 @@ class TierMixin:
         self._evictable += len(pages)
         self._tree_pages.update(pages)
         if self.events is not None:
-            self._emit("stored", node, len(pages))
+            self._emit(node, len(pages), ("removed", True), ("stored", False))
 
     def host_match_len(self, tokens: Sequence[int], namespace: str = "") -> int:
         """Tokens past the device match of ``tokens`` that the host tier holds (page-aligned); read-only."""
@@ -284,7 +281,7 @@ class TierMixin:
         node.children[toks[start : start + ps]] = leaf
         self._num_nodes += 1
         if self.events is not None:
-            self._emit("stored", leaf, len(slots), host=True)
+            self._emit(leaf, len(slots), ("stored", True))
         self._host_pages.update(slots)
         self._push_host(leaf)
         if node is not root:

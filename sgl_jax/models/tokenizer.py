@@ -339,6 +339,11 @@ class Tokenizer:
         self._token_bytes: list[bytes | None] | None = None
         self._compiled_template = None
 
+    @classmethod
+    def from_path(cls, path: str | os.PathLike) -> "Tokenizer":
+        """The tokenizer of a model file or directory: a ``.gguf`` file's metadata, else a Hugging Face dir."""
+        return cls.from_gguf(str(path)) if str(path).endswith(".gguf") else cls.from_hf_dir(path)
+
     # ---------------------------------------------------------------- construction: GGUF
     @classmethod
     def from_gguf(cls, path_or_fields: Any) -> "Tokenizer":

@@ -30,11 +30,21 @@ log = logging.getLogger("sgl_jax.router")
 INLINE_TOKENIZE_CHARS = 4096
 
 
-def _events_endpoint(worker_url: str, endpoint: str) -> str:
-    host = urllib.parse.urlparse(worker_url).hostname or "127.0.0.1"
+def public_endpoint(endpoint: str, host: str) -> str:
+    """A ZMQ endpoint a subscriber can connect to: a bind-all address (``*``, ``0.0.0.0``) becomes ``host``."""
     proto, _, rest = endpoint.partition("://")
     h, _, port = rest.rpartition(":")
     return f"{proto}://{host if h in ('*', '0.0.0.0', '') else h}:{port}"
+
+
+def _events_endpoint(worker_url: str, endpoint: str) -> str:
+    return public_endpoint(endpoint, urllib.parse.urlparse(worker_url).hostname or "127.0.0.1")
+
+
+def error_bytes(message: str, sse: bool, code: int = 502) -> bytes:
+    """An error answer's body: one SSE error event then [DONE] when the answer was a stream, else the JSON."""
+    err = json.dumps({"error": {"message": message, "code": code}})
+    return (f"data: {err}\n\ndata: [DONE]\n\n" if sse else err).encode()
 
 
 def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event) -> threading.Thread:
@@ -73,16 +83,10 @@ class RouterApp:
 
     def _pending(self, body: dict) -> Pending:
         from sgl_jax.cache.events import sequence_hashes
+        from sgl_jax.router.prompt import routing_prompt
 
-        ids = body.get("input_ids")
-        text = body.get("text")
-        if ids is None and isinstance(text, str):
-            ids = self.tokenizer.encode(text)
-        ids = ids if isinstance(ids, list) and ids and isinstance(ids[0], int) else []
+        ids, max_new = routing_prompt("/generate", body, self.tokenizer)  # (the worker validates the body)
         ps = self.router.replicas[0].page_size
-        sp = body.get("sampling_params")
-        max_new = sp.get("max_new_tokens", 128) if isinstance(sp, dict) else 128
-        max_new = max_new if isinstance(max_new, int) and max_new > 0 else 128  # (the worker validates it)
         # the router's own id: a client's rid need not be unique among requests in flight
         return Pending(uuid.uuid4().hex, sequence_hashes(ids, ps), len(ids), max_new)
 
@@ -170,8 +174,7 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
             if sent or attempt == 1:
                 app.failed += 1
                 msg = f"worker {r.name} ({r.url}) failed{' mid-stream' if sent else ''}: {type(e).__name__}: {e}"
-                err = {"error": {"message": msg, "code": 502}}
-                await write((f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n" if stream else json.dumps(err)).encode())
+                await write(error_bytes(msg, stream))
                 return
             app.retried += 1
             p.replica = None
@@ -254,7 +257,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(a.model)
-    tok = Tokenizer.from_hf_dir(path) if not path.endswith(".gguf") else Tokenizer.from_gguf(path)
+    tok = Tokenizer.from_path(path)
     stop = threading.Event()
     replicas = []
     for i, url in enumerate(u.rstrip("/") for u in a.workers.split(",")):

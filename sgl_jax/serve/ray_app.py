@@ -45,6 +45,7 @@ from ray.serve.config import RequestRouterConfig
 
 from sgl_jax.config import Config
 from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR
+from sgl_jax.router.server import error_bytes, public_endpoint
 
 log = logging.getLogger("sgl_jax.serve.ray")
 
@@ -136,11 +137,7 @@ class EngineReplica:
             if not endpoint:
                 endpoint = f"tcp://*:{_free_port()}"
                 config = _with_events_endpoint(config, endpoint)
-            proto, _, rest = endpoint.partition("://")
-            host, _, port = rest.rpartition(":")
-            if host in ("*", "0.0.0.0", ""):
-                host = ray.util.get_node_ip_address()
-            stats.update(kv_events_endpoint=f"{proto}://{host}:{port}",
+            stats.update(kv_events_endpoint=public_endpoint(endpoint, ray.util.get_node_ip_address()),
                          kv_events_topic=config.engine.cache.kv_events_topic)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -180,11 +177,6 @@ def _replica_failure(e: BaseException) -> bool:
     return isinstance(e, (rex.RayActorError, rex.ActorUnavailableError))
 
 
-def _error_bytes(message: str, sse: bool) -> bytes:
-    err = {"error": {"message": message, "code": 502}}
-    return (f"data: {json.dumps(err)}\n\ndata: [DONE]\n\n" if sse else json.dumps(err)).encode()
-
-
 class Gateway:
     """The HTTP entry: routes each request to a replica through our request router (module docstring)."""
 
@@ -192,8 +184,7 @@ class Gateway:
         from sgl_jax.models.hub import resolve_model
         from sgl_jax.models.tokenizer import Tokenizer
 
-        path = resolve_model(config.engine.model)
-        self.tokenizer = Tokenizer.from_gguf(path) if str(path).endswith(".gguf") else Tokenizer.from_hf_dir(path)
+        self.tokenizer = Tokenizer.from_path(resolve_model(config.engine.model))
         self.replicas = replicas.options(stream=True)
         self.retried = self.failed = 0
 
@@ -207,8 +198,8 @@ class Gateway:
         if path == "/router_stats":
             return JSONResponse({"routers": registry.snapshot(), "retried": self.retried, "failed": self.failed})
         pin = request.headers.get("x-sgl-jax-replica")
-        known = {r["id"] for snap in registry.snapshot() for r in snap["replicas"]}
-        if pin and known and pin not in known:
+        known = {r["id"] for snap in registry.snapshot() for r in snap["replicas"]} if pin else set()
+        if known and pin not in known:
             return JSONResponse({"error": {"message": f"x-sgl-jax-replica: no running replica {pin!r}; running: "
                                                       f"{', '.join(sorted(known))}", "code": 404}}, status_code=404)
         body = await request.body()
@@ -259,7 +250,7 @@ class Gateway:
         except Exception as e:  # noqa: BLE001 - the replica died mid-answer: say so instead of truncating silently
             self.failed += 1
             log.warning("replica %s failed mid-stream: %s", replica, e)
-            yield _error_bytes(f"replica {replica} failed mid-stream: {type(e).__name__}: {e}", sse)
+            yield error_bytes(f"replica {replica} failed mid-stream: {type(e).__name__}: {e}", sse)
 
 
 def _plain_error(message: str):

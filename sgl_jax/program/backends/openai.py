@@ -54,7 +54,7 @@ class OpenAI(Backend):
             return tok
         from sgl_jax.models.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf(tok) if str(tok).endswith(".gguf") else Tokenizer.from_hf_dir(tok)
+        return Tokenizer.from_path(tok)
 
     def get_chat_template(self) -> ChatTemplate:
         return self._template
