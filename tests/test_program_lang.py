@@ -486,3 +486,19 @@ def test_the_frontend_never_imports_jax():
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.timeout(60)
+def test_openai_backend_loads_a_tokenizer_given_as_a_path(tmp_path):
+    """`OpenAI(..., tokenizer=PATH)`: the path is loaded (it used to be kept as a string, whose .encode is str's),
+    and API speculation truncates by its tokens without asking any server."""
+    from sgl_jax.models.testing import write_tiny_gguf
+    from sgl_jax.models.tokenizer import Tokenizer
+    from sgl_jax.program.backends.openai import OpenAI
+
+    path = write_tiny_gguf("llama", str(tmp_path / "tiny.gguf"))
+    be = OpenAI("m", base_url="http://127.0.0.1:9/v1", api_key="none", tokenizer=path)
+    tok = Tokenizer.from_path(path)
+    text = "a sentence long enough to be cut"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert be.truncate(text, 5) == tok.decode(ids[:5]) and be.truncate(text, 10_000) == text

@@ -50,7 +50,7 @@ class OpenAI(Backend):
 
     @staticmethod
     def _load_tokenizer(tok):
-        if tok is None or hasattr(tok, "encode"):
+        if not isinstance(tok, (str, os.PathLike)):  # None or a tokenizer object (a str has .encode too)
             return tok
         from sgl_jax.models.tokenizer import Tokenizer
 
