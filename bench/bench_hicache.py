@@ -2,7 +2,8 @@
 
     python bench/bench_hicache.py chat  [--config configs/smollm2-135m-int8.yaml] [--convs 8] [--turns 4]
                                         [--system 256] [--question 48] [--answer 128] [--pool-fraction 0.25]
-    python bench/bench_hicache.py table [--config ...] [--lengths 16,64,256,1024,4096]
+                                        [--host-fraction 0.25] [--disk-dir DIR]
+    python bench/bench_hicache.py table [--config ...] [--lengths 16,64,256,1024,4096] [--disk-dir DIR]
     python bench/bench_hicache.py restart [--config ...] [--prompt 2000] [--disk-dir DIR]
     (all: [--json OUT])
 
@@ -12,6 +13,11 @@ submitted together, turn after turn, in-process (`Engine`). Three engines on the
   unbounded    the preset's pool (holds every conversation): the hit rate an unbounded device cache reaches
   device-only  a pool of `--pool-fraction` of the final working set, `disable_hierarchical_cache` (evicted = lost)
   +host        the same pool with the host tier on (evicted pages move to host memory and are loaded back)
+and, with `--host-fraction` > 0, three more with a host tier of that fraction of the working set too, so pages
+fall out of host memory as well:
+  +small host                 the small pool and the small host tier, no disk tier (dropped = lost)
+  +small host +disk (through) the same with a disk tier written through (every page once, as it is computed)
+  +small host +disk (back)    the same written back (only pages the host tier drops)
 Per engine: hit rate (cached / prompt tokens, as the engine counts them), output tokens/s, wall time, and the host
 tier's counters. The floor beside them is the unbounded engine's own run (everything reused; the compute left is
 what no cache can save). Peer: skipped (llama-server keeps one slot's prompt per slot, no tiered prefix cache to
@@ -21,9 +27,12 @@ restart: a `--prompt`-token prompt (random tokens) served by an engine with a di
 temporary directory unless given), the engine shut down, a new engine on the same directory, the same prompt: the
 time to its first token (greedy, 1 output token) cold against after the restart, and the pages read back.
 
-table: for each prefix length, one engine (host tier on) times a request of that many cached tokens plus one new
-token both ways: recomputed (the cache flushed first) and loaded from the host tier (the prefix served once, then
-every device page demoted), and prints the cost model's choice (`TransferCosts.load_pays`) beside the faster one.
+table: for each prefix length, one engine (host and disk tiers on) times a request of that many cached tokens plus
+one new token three ways: recomputed (every tier flushed first), loaded from the host tier (the prefix served once,
+then every device page demoted), and read from the disk tier (the prefix served once and written, then the device
+and host tiers emptied; the files also dropped from the OS's page cache with posix_fadvise(DONTNEED) for the cold
+column, where the platform has it), and prints the cost model's choices (`TransferCosts.load_pays`, `disk_pays`)
+beside the faster one.
 """
 
 from __future__ import annotations
@@ -83,14 +92,27 @@ def chat(args) -> dict:
     pool_pages = max(int(args.pool_fraction * args.convs * per_conv / ps), -(-ctx // ps) + 1)
     common = dict(max_context_len=ctx)
     results = {}
-    for name, kw in (("unbounded", {}),
-                     ("device-only", dict(max_num_pages=pool_pages + 1, disable_hierarchical_cache=True)),
-                     ("+host", dict(max_num_pages=pool_pages + 1))):
+    small = dict(max_num_pages=pool_pages + 1)
+    runs = [("unbounded", {}), ("device-only", dict(small, disable_hierarchical_cache=True)), ("+host", small)]
+    if args.host_fraction > 0:
+        import tempfile
+
+        host_pages = max(int(args.host_fraction * args.convs * per_conv / ps), 1)
+        disk = args.disk_dir or tempfile.mkdtemp(prefix="sgl_jax_disk_")
+        runs += [("+small host", dict(small, host_memory_gb=-1.0)),
+                 ("+small host +disk (through)", dict(small, host_memory_gb=-1.0, disk_dir=disk)),
+                 ("+small host +disk (back)", dict(small, host_memory_gb=-1.0, disk_dir=disk,
+                                                   write_policy="write_back"))]
+    page_bytes = 0
+    for name, kw in runs:
+        if kw.get("host_memory_gb") == -1.0:  # host_pages pages of this preset's size
+            kw = dict(kw, host_memory_gb=(host_pages + 0.5) * page_bytes / (1 << 30))
         e = _engine(args.config, **common, **kw)
+        page_bytes = e.runner.page_bytes
         try:
             e.wait_compiled()
             run_chat(e, convs[:1], 1, args.question, 4, seed=99)  # first-use compilations outside the timing
-            e.flush_cache()
+            e.flush_cache()  # every tier, the disk's files too
             results[name] = run_chat(e, convs, args.turns, args.question, args.answer)
         finally:
             e.shutdown()
@@ -101,24 +123,51 @@ def chat(args) -> dict:
     print(f"multi-turn chat: {args.convs} conversations x {args.turns} turns (system {args.system}, question "
           f"{args.question}, answer {args.answer} tokens); working set {ws} tokens, small pool {pool_pages} pages of "
           f"{ps} ({pool_pages * ps / ws:.0%} of it); floor: the unbounded run; peer: skipped (see the docstring)")
+    if args.host_fraction > 0:
+        print(f"small host tier: {host_pages} pages ({host_pages * ps / ws:.0%} of the working set); disk tier {disk}")
     print("| cache | hit rate | output tok/s | wall s | steps (decode) | retractions | demoted | loaded pages | "
-          "host tokens loaded |\n|---|---|---|---|---|---|---|---|---|")
+          "host tokens loaded | host pages dropped | disk pages written | disk tokens read |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = r["tiers"]
         print(f"| {name} | {r['hit_rate']:.1%} | {r['out_tok_s']:.1f} | {r['wall_s']:.1f} | {r['steps']} "
               f"({r['decode_steps']}) | {r['retractions']} | {t['pages_demoted']} | {t['pages_promoted']} | "
-              f"{t['host_tokens_loaded']} |")
+              f"{t['host_tokens_loaded']} | {t['host_pages_dropped']} | {t.get('disk_written', '-')} | "
+              f"{t.get('disk_tokens_read', '-')} |")
     h, d, u = results["+host"], results["device-only"], results["unbounded"]
     print(f"+host vs device-only: throughput {h['out_tok_s'] / d['out_tok_s']:.2f}x (target >= 1.5x); hit rate "
           f"{h['hit_rate']:.1%} vs unbounded {u['hit_rate']:.1%} ({100 * (u['hit_rate'] - h['hit_rate']):.1f} points; "
           f"target <= 5)")
+    for name in [n for n in results if "disk" in n]:
+        r, sh = results[name], results["+small host"]
+        print(f"{name} vs +small host: hit {r['hit_rate']:.1%} vs {sh['hit_rate']:.1%}, throughput "
+              f"{r['out_tok_s'] / sh['out_tok_s']:.2f}x; vs device-only {r['out_tok_s'] / d['out_tok_s']:.2f}x")
     return {"pool_pages": pool_pages, "working_set_tokens": ws, "results": results}
 
 
+def _drop_os_cache(directory: str) -> bool:
+    """Ask the OS to forget the cached contents of every page file under `directory` (no root needed)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for root, _, files in os.walk(directory):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+    return True
+
+
 def table(args) -> dict:
+    """Longer than ~80 lines: one measurement loop per row with its three ways, then the table."""
+    import tempfile
+
     lengths = [int(x) for x in args.lengths.split(",")]
     longest = max(lengths) + 64
-    e = _engine(args.config, max_context_len=longest, page_width_buckets=[-(-longest // 16)])
+    disk = args.disk_dir or tempfile.mkdtemp(prefix="sgl_jax_disk_")
+    e = _engine(args.config, max_context_len=longest, page_width_buckets=[-(-longest // 16)], disk_dir=disk)
     rows = []
     try:
         e.wait_compiled()
@@ -130,42 +179,61 @@ def table(args) -> dict:
         def timed(ids):
             t0 = time.perf_counter()
             r = e.generate(input_ids=ids, sampling_params=sp)
-            return time.perf_counter() - t0, r["meta_info"]["cached_tokens"]
+            dt = time.perf_counter() - t0
+            e.loop.call(s.disk.write_fresh)  # the write-through of its pages, outside the timing
+            return dt, r["meta_info"]["cached_tokens"]
 
         def demote_all():
             e.loop.call(lambda: s.cache.evict(s.cache.evictable_pages))
 
+        def memory_tiers_off():  # the device and host tiers emptied, the disk's files kept
+            e.loop.call(s.cache.reset)
+
         timed([rng.randrange(100, 40000) for _ in range(40)])  # first-use compilations
+        cold_ok = True
         for n in lengths:
             ids = [rng.randrange(100, 40000) for _ in range(n + 1)]
-            recompute, load = [], []
+            got = {"recompute": [], "load": [], "disk": [], "disk cold": []}
+            cached = {}
             for _ in range(args.repeats):
                 e.flush_cache()
                 t, c = timed(ids)
                 assert c == 0, c
-                recompute.append(t)
+                got["recompute"].append(t)
                 demote_all()
-                t, c = timed(ids)
-                load.append(t)
-                loaded = c
-            rc, ld = min(recompute), min(load)
-            choice = "load" if costs.load_pays(n) else "recompute"
-            best = "load" if ld < rc else "recompute"
-            taken = ld if choice == "load" else rc
-            rows.append({"tokens": n, "recompute_s": rc, "load_s": ld, "cached_on_load": loaded, "choice": choice,
-                         "faster": best, "choice_vs_best": taken / min(rc, ld)})
-            print(f"  {n}: recompute {1e3 * rc:.1f} ms, load {1e3 * ld:.1f} ms ({loaded} cached)", file=sys.stderr,
+                t, cached["load"] = timed(ids)
+                got["load"].append(t)
+                for way in ("disk", "disk cold"):
+                    memory_tiers_off()
+                    if way == "disk cold":
+                        cold_ok = _drop_os_cache(disk) and cold_ok
+                    t, cached[way] = timed(ids)
+                    got[way].append(t)
+            best = {k: min(v) for k, v in got.items()}
+            choice = {"load": "load" if costs.load_pays(n) else "recompute",
+                      "disk": "disk" if costs.disk_pays(n) else "recompute"}
+            row = {"tokens": n, **{f"{k.replace(' ', '_')}_s": v for k, v in best.items()},
+                   "tokens_from_disk": cached["disk"], "choice_host": choice["load"], "choice_disk": choice["disk"]}
+            for tier, way in (("host", "load"), ("disk", "disk"), ("disk_cold", "disk cold")):
+                taken = best[way] if choice["disk" if tier != "host" else "load"] != "recompute" else best["recompute"]
+                row[f"{tier}_choice_vs_best"] = taken / min(best["recompute"], best[way])
+            rows.append(row)
+            print(f"  {n}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in best.items()), file=sys.stderr,
                   flush=True)
     finally:
         e.shutdown()
-    print(f"load vs recompute (a request of n cached tokens + 1 new, host tier -> device vs prefill; best of "
-          f"{args.repeats}); cost model: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in costs.as_dict().items()})}")
-    print("| prefix tokens | recompute ms | load ms | tokens loaded | model's choice | faster | choice / faster |\n"
-          "|---|---|---|---|---|---|---|")
+    print(f"load vs recompute (a request of n cached tokens + 1 new, greedy, 1 output token; best of {args.repeats}):"
+          f" host tier -> device, disk -> host -> device (the OS's page cache warm; cold: "
+          f"{'dropped with posix_fadvise' if cold_ok else 'not available here, same as warm'}), against prefill; "
+          f"cost model: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in costs.as_dict().items()})}")
+    print("| prefix tokens | recompute ms | host load ms | disk ms | disk cold ms | tokens from disk | choice: host hit | "
+          "choice: disk hit | host choice / best | disk choice / best | disk cold choice / best |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['tokens']} | {1e3 * r['recompute_s']:.1f} | {1e3 * r['load_s']:.1f} | {r['cached_on_load']} | "
-              f"{r['choice']} | {r['faster']} | {r['choice_vs_best']:.2f} |")
-    return {"costs": costs.as_dict(), "rows": rows}
+        print(f"| {r['tokens']} | {1e3 * r['recompute_s']:.1f} | {1e3 * r['load_s']:.1f} | {1e3 * r['disk_s']:.1f} | "
+              f"{1e3 * r['disk_cold_s']:.1f} | {r['tokens_from_disk']} | {r['choice_host']} | {r['choice_disk']} | "
+              f"{r['host_choice_vs_best']:.2f} | {r['disk_choice_vs_best']:.2f} | {r['disk_cold_choice_vs_best']:.2f} |")
+    return {"costs": costs.as_dict(), "rows": rows, "disk_dir": disk}
 
 
 def restart(args) -> dict:
@@ -211,6 +279,8 @@ def main(argv=None):
     ap.add_argument("--question", type=int, default=48)
     ap.add_argument("--answer", type=int, default=128)
     ap.add_argument("--pool-fraction", type=float, default=0.25)
+    ap.add_argument("--host-fraction", type=float, default=0.25, help="chat: the small host tier's share of the "
+                    "working set for the three small-host rows (0: leave them out)")
     ap.add_argument("--lengths", default="16,64,256,1024,4096")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=2000)

@@ -90,7 +90,12 @@ class CacheConfig:
                                "touched only as pages arrive)")
     disable_hierarchical_cache: bool = _f(False, "keep the cache in the device pool only (the ablation baseline)")
     disk_dir: str = _f("", "disk tier of the prefix cache: a directory (kept across restarts; '' = off; needs the "
-                       "host tier): every cached page is written there once, and a miss reads runs of pages back")
+                       "host tier): cached pages are written there (write_policy), and a miss reads runs of pages "
+                       "back while the request waits in a loading state")
+    write_policy: str = _f("write_through", "when the disk tier is written: write_through (every page once, the "
+                           "step after it is computed: survives a crash, costs a write per new page) or write_back "
+                           "(only pages leaving the host tier, and all of them at a clean shutdown: no writes while "
+                           "the working set fits in memory, a crash loses what was only in memory)")
     disk_gb: float = _f(16.0, "byte budget of the disk tier in GiB (least recently used files go first)")
     kv_events_endpoint: str = _f("", "ZMQ endpoint publishing the cache's KV events (BlockStored / BlockRemoved, as "
                                  "vLLM and SGLang do; e.g. tcp://*:5557; '' = off; needs pyzmq, msgspec)")
@@ -106,6 +111,7 @@ class CacheConfig:
         _positive(self, "kv_memory_gb")
         _at_least(self, "host_memory_gb", 0)
         _positive(self, "disk_gb")
+        _choice(self, "write_policy", ("write_through", "write_back"))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,9 +50,10 @@ class Metrics:
         self.cache_pages = Gauge(f"{p}cache_pages", "pages held by the prefix cache, by tier", ["tier"], registry=r)
         self.cache_tier_bytes = Gauge(f"{p}cache_tier_bytes", "bytes of cached K/V, by tier", ["tier"], registry=r)
         self.host_free_slots = Gauge(f"{p}host_free_slots", "free page slots of the host tier", registry=r)
+        self.disk_loading = Gauge(f"{p}disk_loading", "requests waiting for a read from the disk tier", registry=r)
         self.cache_events = Gauge(f"{p}cache_events", "tier events since start: pages demoted, promoted "
                                   "(loaded), dropped from the host; hit tokens loaded or recomputed; disk pages "
-                                  "written, read, found corrupt, evicted; tokens read from disk", ["event"],
+                                  "written, written back as the host dropped them, read, found corrupt, evicted; tokens read from disk", ["event"],
                                   registry=r)
         self._lock = threading.Lock()
         self._prompt_sum = 0
@@ -78,7 +79,9 @@ class Metrics:
         if "disk_pages" in tiers:  # a disk tier
             self.cache_pages.labels(tier="disk").set(tiers["disk_pages"])
             self.cache_tier_bytes.labels(tier="disk").set(tiers["disk_bytes"])
-            for event in ("disk_written", "disk_read", "disk_corrupt", "disk_evicted", "disk_tokens_read"):
+            self.disk_loading.set(tiers["disk_loading"])
+            for event in ("disk_written", "disk_pages_spilled", "disk_read", "disk_corrupt", "disk_evicted",
+                          "disk_tokens_read"):
                 self.cache_events.labels(event=event).set(tiers[event])
 
     def on_first_token(self, seconds: float) -> None:
@@ -114,5 +117,4 @@ def cache_tiers(scheduler) -> dict:
             "host_pages_dropped": getattr(cache, "host_pages_dropped", 0),
             "host_tokens_loaded": scheduler.host_tokens_loaded,
             "host_tokens_recomputed": scheduler.host_tokens_recomputed,
-            "disk_tokens_read": scheduler.disk_tokens_read,
             **(scheduler.disk.stats() if getattr(scheduler, "disk", None) is not None else {})}

@@ -186,8 +186,7 @@ class Scheduler:
         self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
         self.host_tokens_loaded = 0  # prompt tokens loaded from the host tier (counted in cached_tokens)
         self.host_tokens_recomputed = 0  # ... found there but recomputed (too short to be worth a load)
-        self.disk = None  # the disk tier (cache/disk_store.py), set by the engine with cache.fresh = []
-        self.disk_tokens_read = 0  # prompt tokens read back from the disk tier into host slots
+        self.disk = None  # the disk tier's reads and writes (cache/disk_tier.py), set by the engine
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
         self._last_was_prefill_only = False
@@ -214,6 +213,8 @@ class Scheduler:
             return None
         if req.state is ReqState.WAITING:
             self.waiting.remove(req)
+            if self.disk is not None:
+                self.disk.forget(rid)
             req.state = ReqState.FINISHED
             del self.by_rid[rid]
         elif req.state is ReqState.RUNNING:
@@ -392,7 +393,8 @@ class Scheduler:
         Longer than ~80 lines because it builds one step's plan in the order the policy is applied (grow
         decodes, admit and chunk prefills, lay out decode runs).
         """
-        self._write_through()  # before any eviction of this round can free a page not yet written
+        if self.disk is not None:  # write_through: before any eviction of this round can free a page not yet written
+            self.disk.write_fresh()
         if not self.has_work:
             return None
         cfg = self.cfg
@@ -557,6 +559,8 @@ class Scheduler:
             if not self.cache.disabled and any(min(self._lcp(r, o), limit) - cached >= self.page_size
                                                for o in inflight):
                 continue
+            if not self._disk_ready(r, cached):  # loading: its pages are being read from the disk tier
+                continue
             ps = self.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps
             need_future = math.ceil(max(r.max_new_tokens - len(r.output_ids), 0) * cfg.new_token_ratio / ps)
@@ -597,6 +601,19 @@ class Scheduler:
                 r.bypassed += 1
         return admitted
 
+    def _host_extra(self, r: Request, cached: int) -> int:
+        """Tokens of `r`'s prompt past its device match `cached` that the host tier holds (up to its reuse limit)."""
+        limit = r.reuse_limit()
+        return min(self.cache.host_match_len(r.tokens(0, limit), r.namespace), (limit - cached) // self.page_size
+                   * self.page_size)
+
+    def _disk_ready(self, r: Request, cached: int) -> bool:
+        """False while `r` waits for a disk read of its prompt's pages past its device + host match (started
+        here if the disk holds some worth reading: see cache/disk_tier.py); others are admitted meanwhile."""
+        if self.disk is None or self.cache.disabled:
+            return True
+        return self.disk.ready(r, cached + self._host_extra(r, cached), r.reuse_limit(), self.transfer_costs.disk_pays)
+
     def _promote(self, r: Request, cached: int) -> int:
         """Where `r`'s prompt continues past its device match into host-tier pages, load them (queued for the next
         step) if the cost model says loading beats recomputing them (`TransferCosts`); returns the tokens gained.
@@ -604,9 +621,10 @@ class Scheduler:
         it (it may drop host pages of the hit itself when the host tier is full: fewer are then loaded)."""
         if getattr(self.cache, "host", None) is None or self.cache.disabled:
             return 0
-        ps, limit = self.page_size, r.reuse_limit()
-        extra = min(self.cache.host_match_len(r.tokens(0, limit), r.namespace), (limit - cached) // ps * ps)
-        extra += self._from_disk(r, cached + extra, limit)
+        ps = self.page_size
+        extra = self._host_extra(r, cached)
+        if self.disk is not None:
+            extra += self.disk.take(r, cached + extra)
         if extra <= 0:
             return 0
         if not self.transfer_costs.load_pays(extra):
@@ -625,59 +643,6 @@ class Scheduler:
         moved = m.num_tokens - cached
         self.host_tokens_loaded += moved
         return moved
-
-    def _from_disk(self, r: Request, upto: int, limit: int) -> int:
-        """Pages of `r`'s prompt past `upto` (the device + host match) that the disk tier holds, consecutive and
-        verified, read into free host slots and added to the tree as host nodes; returns their tokens. Only free
-        slots are used: evicting host pages here could drop the very continuation being extended."""
-        disk, host, ps = self.disk, self.cache.host, self.page_size
-        if disk is None or not disk.enabled or limit - upto < ps:
-            return 0
-        hashes = disk.chain(r.tokens(0, limit // ps * ps), r.namespace)[upto // ps:]
-        run = 0  # the run on disk, priced before anything is read
-        while run < min(len(hashes), host.allocator.num_free) and disk.has(hashes[run]):
-            run += 1
-        if not run or not self.transfer_costs.disk_pays(run * ps):
-            return 0
-        data = []
-        for h in hashes[:run]:
-            page = disk.get(h)
-            if page is None:
-                break
-            data.append(page)
-        if not data:
-            return 0
-        slots = host.allocator.alloc(len(data))
-        for slot, page in zip(slots, data):
-            host.arena[slot] = page
-        self.cache.insert_host(r.tokens(0, upto + len(data) * ps), slots, r.namespace)
-        self.disk_tokens_read += len(data) * ps
-        return len(data) * ps
-
-    def write_through(self) -> None:
-        """Write what the tree took in since the last step to the disk tier now (at shutdown)."""
-        self._write_through()
-
-    def _write_through(self) -> None:
-        """The disk tier's write-through: every page the tree took in since the last step, if it is still the
-        tree's device page for its prefix (one device read for all of them), under its chain address."""
-        fresh, disk, ps = getattr(self.cache, "fresh", None), self.disk, self.page_size
-        if not fresh or disk is None or not disk.enabled:
-            if fresh:
-                fresh.clear()
-            return
-        items = []
-        for ns, toks, i0, pages in fresh:
-            end = (i0 + len(pages)) * ps
-            now = self.cache.device_pages(toks[:end], ns)  # evicted or replaced since: not written
-            hashes = disk.chain(toks[:end], ns)
-            items += [(hashes[i0 + j], p) for j, p in enumerate(pages)
-                      if i0 + j < len(now) and now[i0 + j] == p and not disk.has(hashes[i0 + j])]
-        fresh.clear()
-        if items:
-            data = self.cache.host.read_device([p for _, p in items])
-            for (h, _), row in zip(items, data):
-                disk.put(h, row)
 
     def _reuse_partial(self, r: Request, cached: int) -> int:
         """Tokens past the page-aligned match `cached` taken from a tree page that shares its first few tokens

@@ -42,7 +42,7 @@ def test_pages_round_trip_and_survive_a_new_store(tmp_path):
     again = _store(tmp_path)
     assert again.has(hs[0]) and again.has(hs[1])
     np.testing.assert_array_equal(again.get(hs[1]), _page(1))
-    assert again.read == 1 and again.get(b"\0" * 32) is None
+    assert again.read_pages == 1 and again.get(b"\0" * 32) is None
     h3 = s.chain(list(range(12)))[2]
     s.put(h3, _page(3))  # written by another store (process) after `again` indexed the directory
     np.testing.assert_array_equal(again.get(h3), _page(3))
@@ -163,4 +163,121 @@ def test_a_disk_hit_priced_above_recompute_is_recomputed(tiny_path, tmp_path):
         b.scheduler.transfer_costs = TransferCosts(1e-3, 0.0, 1e-5, disk_s_per_token=1.0)
         out = b.generate(input_ids=p, sampling_params=GREEDY)
         assert out["output_ids"] == want and out["meta_info"]["cached_tokens"] == 0
-        assert b.scheduler.disk_tokens_read == 0 and b.scheduler.disk.read == 0
+        assert b.scheduler.disk.tokens_read == 0 and b.scheduler.disk.store.read_pages == 0
+
+
+# ------------------------------------------------------------------ scheduler (mock model, no jax)
+def _disk_scheduler(path, policy, num_pages=41, host_slots=64):
+    from sgl_jax.cache.disk_tier import DiskTier
+    from test_scheduler import MockRunner, make
+
+    s = make(num_pages=num_pages, page_size=4, host_slots=host_slots, max_running=4)
+    s.disk = DiskTier(DiskStore(str(path), 1 << 30, "mock", 4 * 8, 4), s.cache, policy)
+    return s, MockRunner(4).attach(s)
+
+
+def _run(s, runner, reqs, until=None):
+    """Add `reqs` (rid, prompt, n) and step until all are done (or `until()` holds); a step may find nothing to
+    do while a disk read runs. Returns the outputs; the mock checks every page it reads."""
+    import time
+
+    from test_scheduler import apply_outputs
+
+    from sgl_jax.scheduler import Request
+
+    for rid, prompt, n in reqs:
+        s.add(Request(rid, prompt, n))
+    done, t0 = {}, time.monotonic()
+    while s.has_work and not (until and until()):
+        plan = s.schedule()
+        if plan is None:
+            assert s.disk.num_loading, "work pending, nothing scheduled and no disk read running"
+            time.sleep(0.001)
+        else:
+            out = runner.run(plan)
+            s.on_step_done(plan)
+            apply_outputs(s, plan, out, done)
+        s.check_integrity()
+        assert time.monotonic() - t0 < 60
+    return done
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_a_disk_read_runs_while_other_requests_are_served(tmp_path, policy):
+    """A's prompt is on disk (a first scheduler served it and flushed); in a second scheduler on the same
+    directory A waits in the loading state while its read is held up, and B, arriving after it, is admitted and
+    finishes meanwhile; once the read is let go A is admitted with the pages from disk, and the mock, reading
+    every position back through the page table, gets A's exact output."""
+    import threading
+
+    from test_scheduler import expected_output
+
+    a_prompt, b_prompt = list(range(100, 141)), list(range(500, 510))
+    s1, r1 = _disk_scheduler(tmp_path, policy)
+    _run(s1, r1, [("first", a_prompt, 2)])
+    assert s1.disk.store.written == (0 if policy == "write_back" else 10)  # write-back: nothing while it fits
+    s1.disk.flush()
+    assert s1.disk.store.num_pages >= 10
+    s2, r2 = _disk_scheduler(tmp_path, policy)
+    gate, read = threading.Event(), s2.disk.store.read
+    s2.disk.store.read = lambda h: (gate.wait(30), read(h))[1]
+    done = _run(s2, r2, [("a", a_prompt + [7], 3), ("b", b_prompt, 4)], until=lambda: "b" not in s2.by_rid)
+    assert done == {"b": expected_output(b_prompt, 4)}
+    assert s2.by_rid["a"].state.value == "waiting" and s2.disk.num_loading == 1
+    gate.set()
+    done = _run(s2, r2, [])
+    assert done == {"a": expected_output(a_prompt + [7], 3)}
+    assert s2.disk.tokens_read == 40 and s2.disk.store.read_pages == 10 and s2.disk.num_loading == 0
+
+
+def test_an_aborted_loading_request_leaves_nothing(tmp_path):
+    import threading
+
+    p = list(range(100, 141))
+    s1, r1 = _disk_scheduler(tmp_path, "write_through")
+    _run(s1, r1, [("first", p, 1)])
+    s1.disk.flush()
+    s2, r2 = _disk_scheduler(tmp_path, "write_through")
+    gate, read = threading.Event(), s2.disk.store.read
+    s2.disk.store.read = lambda h: (gate.wait(30), read(h))[1]
+    from sgl_jax.scheduler import Request
+
+    s2.add(Request("a", p + [1], 2))
+    assert s2.schedule() is None and s2.disk.num_loading == 1
+    s2.abort("a")
+    gate.set()
+    assert s2.disk.num_loading == 0 and not s2.has_work and s2.cache.host_cached_pages == 0
+    s2.check_integrity()
+
+
+def test_write_back_writes_what_the_host_tier_drops_and_a_restart_reads_it(tmp_path):
+    """A 21-page pool and a 6-slot host tier under write_back: prompts push each other out of both tiers; every
+    page the host drops is written first (and nothing else until shutdown); a new scheduler on the directory then
+    serves the first prompt from disk with the mock's exact output."""
+    import random
+
+    from test_scheduler import expected_output
+
+    rng = random.Random(3)
+    prompts = [[rng.randrange(1, 999) for _ in range(40)] for _ in range(5)]
+    s1, r1 = _disk_scheduler(tmp_path, "write_back", num_pages=21, host_slots=6)
+    for i, p in enumerate(prompts):
+        assert _run(s1, r1, [(f"p{i}", p, 2)]) == {f"p{i}": expected_output(p, 2)}
+    dropped = s1.cache.host_pages_dropped
+    assert dropped > 0 and s1.disk.pages_spilled == s1.disk.store.written > 0
+    assert s1.disk.pages_spilled <= dropped  # a page already on disk is not written again
+    s1.disk.flush()  # the clean shutdown: what is still in the device and host tiers
+    s1.check_integrity()
+    s2, r2 = _disk_scheduler(tmp_path, "write_back")
+    assert _run(s2, r2, [("again", prompts[0] + [5], 2)]) == {"again": expected_output(prompts[0] + [5], 2)}
+    assert s2.disk.tokens_read == 40
+
+
+def test_flush_cache_clears_the_disk_tier(tiny_path, tmp_path):
+    disk = str(tmp_path / "kv")
+    with Engine(model=tiny_path, progress=False, disk_dir=disk, **CFG) as e:
+        e.generate(input_ids=list(range(3, 43)), sampling_params=GREEDY)
+        e.generate(input_ids=[5, 6], sampling_params=GREEDY)  # the next schedule writes the first one's pages
+        assert glob.glob(os.path.join(disk, "*", "*.kv"))
+        assert e.flush_cache()
+        assert not glob.glob(os.path.join(disk, "*", "*.kv")) and e.stats()["cache_tiers"]["disk_pages"] == 0

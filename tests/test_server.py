@@ -307,9 +307,10 @@ def test_metrics_unit():
     m.set_cache({"device_pages": 7, "host_pages": 5, "page_bytes": 100, "host_free_slots": 11, "pages_demoted": 9,
                  "pages_promoted": 4, "host_pages_dropped": 2, "host_tokens_loaded": 64, "host_tokens_recomputed": 3,
                  "disk_pages": 6, "disk_bytes": 960, "disk_written": 8, "disk_read": 2, "disk_corrupt": 1,
-                 "disk_evicted": 2, "disk_tokens_read": 32})
+                 "disk_evicted": 2, "disk_tokens_read": 32, "disk_loading": 1, "disk_pages_spilled": 5})
     text = m.render().decode()
     for line in ('sgl_jax_cache_pages{tier="disk"} 6.0', 'sgl_jax_cache_tier_bytes{tier="disk"} 960.0',
+                 "sgl_jax_disk_loading 1.0", 'sgl_jax_cache_events{event="disk_pages_spilled"} 5.0',
                  'sgl_jax_cache_events{event="disk_corrupt"} 1.0', 'sgl_jax_cache_events{event="disk_tokens_read"} 32.0'):
         assert line in text, line
     assert "sgl_jax_batch_size_sum 8.0" in text

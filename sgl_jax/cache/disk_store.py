@@ -41,7 +41,7 @@ class DiskStore:
         self.page_bytes, self.page_size = int(page_bytes), int(page_size)
         self.file_bytes = _HEAD + self.page_bytes + _SUM
         self.enabled = True
-        self.written = self.read = self.corrupt = self.evicted = 0
+        self.written = self.read_pages = self.corrupt = self.evicted = 0
         self._index: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # LRU order, oldest first
         try:
             os.makedirs(self.dir, exist_ok=True)
@@ -123,24 +123,57 @@ class DiskStore:
         written for another model."""
         if not self.has(h):
             return None
-        path = self._path(h)
+        return self.account(h, *self.read(h))
+
+    def read(self, h: bytes) -> tuple[str, np.ndarray | None]:
+        """Read and verify the file of ``h`` without touching the index: ("ok", page), ("missing", None) or
+        ("corrupt", None). Safe on another thread (the disk tier's prefetch); ``account`` applies the outcome."""
         try:
-            with open(path, "rb") as f:
+            with open(self._path(h), "rb") as f:
                 blob = f.read()
         except OSError:
-            self._index.pop(h, None)
-            return None
+            return "missing", None
         body, tail = blob[:-_SUM], blob[-_SUM:]
         ok = (len(blob) == self.file_bytes and body.startswith(MAGIC) and body[8:40] == self.fp
               and body[40:72] == h and int.from_bytes(body[72:80], "little") == self.page_bytes
               and hashlib.blake2b(body, digest_size=_SUM).digest() == tail)
         if not ok:
+            return "corrupt", None
+        return "ok", np.frombuffer(body, np.uint8, count=self.page_bytes, offset=_HEAD)
+
+    def account(self, h: bytes, status: str, page: np.ndarray | None) -> np.ndarray | None:
+        """Apply a ``read``'s outcome to the index (a use, a vanished file, or a damaged one deleted); returns
+        the page when it was good."""
+        if status == "ok":
+            if h in self._index:
+                self._index.move_to_end(h)
+            self.read_pages += 1
+            return page
+        if status == "corrupt":
             self.corrupt += 1
             self._drop(h)
-            return None
-        self._index.move_to_end(h)
-        self.read += 1
-        return np.frombuffer(body, np.uint8, count=self.page_bytes, offset=_HEAD)
+        else:
+            self._index.pop(h, None)
+        return None
+
+    def clear(self) -> int:
+        """Delete every page file in the directory (this process's and any other's); returns how many."""
+        n = 0
+        if not os.path.isdir(self.dir):
+            return 0
+        for sub in os.listdir(self.dir):
+            path = os.path.join(self.dir, sub)
+            if len(sub) != 2 or not os.path.isdir(path):
+                continue
+            for name in os.listdir(path):
+                if name.endswith(".kv"):
+                    try:
+                        os.remove(os.path.join(path, name))
+                        n += 1
+                    except OSError:
+                        pass
+        self._index.clear()
+        return n
 
     # --------------------------------------------------------------- budget
     def _fit(self, extra: int) -> bool:
@@ -185,5 +218,5 @@ class DiskStore:
 
     def stats(self) -> dict:
         return {"disk_pages": self.num_pages, "disk_bytes": self.nbytes, "disk_written": self.written,
-                "disk_read": self.read, "disk_corrupt": self.corrupt, "disk_evicted": self.evicted,
+                "disk_read": self.read_pages, "disk_corrupt": self.corrupt, "disk_evicted": self.evicted,
                 "disk_enabled": self.enabled}

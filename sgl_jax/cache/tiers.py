@@ -34,8 +34,11 @@ class TierMixin:
         self.fresh: list[tuple[str, tuple, int, list[int]]] | None = None
         # KV-cache events (cache/events.py): device and host pages gained and given up, for routers; None = off
         self.events = None
+        # the disk tier's write-back (cache/disk_tier.py): called with (node, n) before the trailing n host pages
+        # of node leave the host tier; None = off
+        self.spill = None
 
-    def _path_tokens(self, node) -> tuple:
+    def path_tokens(self, node) -> tuple:
         """Every token from the root to the end of ``node``'s edge."""
         parts = []
         while node is not None and not node.is_root:
@@ -49,7 +52,7 @@ class TierMixin:
         promotion is two); the node's path is walked once."""
         from .events import HOST_MEDIUM, MEDIUM
 
-        tokens = self._path_tokens(node)
+        tokens = self.path_tokens(node)
         first = len(tokens) // self.page_size - num_pages
         for kind, host in changes:
             getattr(self.events, kind)(node.namespace, tokens, first, num_pages, HOST_MEDIUM if host else MEDIUM)
@@ -128,8 +131,10 @@ class TierMixin:
     def _drop_with_host_below(self, node) -> list[int]:
         """Drop ``node``'s trailing page, and every host page below it (no host slot could be had)."""
         below = self._subtree(node)  # all host nodes (node is a device leaf)
-        if self.events is not None:  # announced while the paths are still linked
-            for c in below:
+        for c in below:  # written back and announced while the paths are still linked
+            if self.spill is not None:
+                self.spill(c, len(c.pages))
+            if self.events is not None:
                 self._emit(c, len(c.pages), ("removed", True))
         for c in below:
             self._host_pages.difference_update(c.pages)
@@ -161,6 +166,8 @@ class TierMixin:
             parent, removed = node.parent, len(node.pages) <= need
             if removed:
                 heapq.heappop(heap)
+            if self.spill is not None:
+                self.spill(node, min(need, len(node.pages)))
             freed.extend(self._cut_leaf(node, need))
             if removed and parent.tier == 1:
                 self._maybe_push_host(parent)
@@ -171,6 +178,17 @@ class TierMixin:
             self.host.allocator.free(freed)
             self.host_pages_dropped += len(freed)
         return len(freed)
+
+    def resident_nodes(self):
+        """(namespace, every token to the node's end, tier, pages) for each node holding pages, parents first."""
+        for ns, root in self._roots.items():
+            stack = [(c, ()) for c in root.children.values()]
+            while stack:
+                node, above = stack.pop()
+                tokens = above + tuple(node.key)
+                if node.pages:
+                    yield ns, tokens, node.tier, list(node.pages)
+                stack.extend((c, tokens) for c in node.children.values())
 
     # ------------------------------------------------------------- promote
     def _to_device(self, node, pages: list[int], deferred: bool = False) -> None:

@@ -284,12 +284,15 @@ class Engine:
         return len(self._holds)
 
     def flush_cache(self) -> bool:
-        """Drop every cached prefix. Refused (False) while requests are running or prefixes are held."""
+        """Drop every cached prefix, in every tier (the disk tier's files too). Refused (False) while requests are
+        running or prefixes are held."""
 
         def flush():
             if self.scheduler.running or self.scheduler.waiting or self.constraints.pending or self._holds:
                 return False
             self.cache.reset()
+            if self.scheduler.disk is not None:
+                self.scheduler.disk.clear()
             return True
 
         return self.loop.call(flush)
@@ -349,12 +352,14 @@ class Engine:
 
     def shutdown(self) -> None:
         if self.scheduler.disk is not None and self.loop.health()[0]:  # the last pages, before the loop stops
-            self.loop.call(self.scheduler.write_through)
+            self.loop.call(self.scheduler.disk.flush)
         self.runner.stop_background()
         # let the shape being compiled finish: a daemon thread killed inside XLA at interpreter exit aborts
         # the process ("terminate called ...") instead of exiting cleanly
         self.runner.background_done.wait(timeout=300)
         self.loop.shutdown()
+        if self.scheduler.disk is not None:
+            self.scheduler.disk.close()
         self.constraints.shutdown()
         if self.channel is not None:  # the other ranks exit
             self.channel.close()

@@ -131,14 +131,14 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     scheduler = Scheduler(cache, c.scheduler, runner.grid, max_context_len)
     if host is not None and kv.disk_dir:
         from sgl_jax.cache.disk_store import DiskStore
+        from sgl_jax.cache.disk_tier import DiskTier
 
         # what a page's K/V depends on besides its tokens: the weights and how they and the pool are stored
         st = os.stat(loaded.path) if os.path.isfile(loaded.path) else None
         fingerprint = json.dumps([os.path.abspath(loaded.path), st.st_size if st else 0, st.st_mtime_ns if st else 0,
                                   c.dtype, str(kv_dtype), c.quantization, kv.page_size, runner.page_bytes])
-        scheduler.disk = DiskStore(kv.disk_dir, int(kv.disk_gb * (1 << 30)), fingerprint, runner.page_bytes,
-                                   kv.page_size)
-        cache.fresh = []
+        store = DiskStore(kv.disk_dir, int(kv.disk_gb * (1 << 30)), fingerprint, runner.page_bytes, kv.page_size)
+        scheduler.disk = DiskTier(store, cache, kv.write_policy)
     compile_seconds = 0.0
     if c.warmup and c.parallel.node_rank > 0:  # another rank: compile only; rank 0's calls run the warm-up
         runner.compile_in_background()
@@ -148,7 +148,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         if host is not None:  # the load-or-recompute prices (also compiles the host tier's copies)
             costs = runner.measure_transfer_costs()
             if scheduler.disk is not None:
-                costs = dataclasses.replace(costs, disk_s_per_token=scheduler.disk.measure_read_s() / kv.page_size)
+                costs = dataclasses.replace(costs, disk_s_per_token=scheduler.disk.store.measure_read_s() / kv.page_size)
             scheduler.transfer_costs = costs
         if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
             costs = step_costs(c, runner, loaded.path, measure=not background)  # background: once all compiled

@@ -70,6 +70,8 @@ class EngineLoop:
         self._closed = False
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
+        if getattr(scheduler, "disk", None) is not None:  # a finished disk read wakes the loop to admit its request
+            scheduler.disk.notify = self._wakeup.set
         self._step_failures = 0
         self._thread = threading.Thread(target=self._run, name="sgl_jax-engine", daemon=True)
         self.post = Postprocessor(output, constraints, scheduler, lambda req: self._retire(req, finished=True))
