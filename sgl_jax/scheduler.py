@@ -612,7 +612,8 @@ class Scheduler:
         here if the disk holds some worth reading: see cache/disk_tier.py); others are admitted meanwhile."""
         if self.disk is None or self.cache.disabled:
             return True
-        return self.disk.ready(r, cached + self._host_extra(r, cached), r.reuse_limit(), self.transfer_costs.disk_pays)
+        extra = self._host_extra(r, cached)
+        return self.disk.ready(r, cached + extra, r.reuse_limit(), self.transfer_costs.disk_pays, extra // self.page_size)
 
     def _promote(self, r: Request, cached: int) -> int:
         """Where `r`'s prompt continues past its device match into host-tier pages, load them (queued for the next

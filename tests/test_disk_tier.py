@@ -281,3 +281,22 @@ def test_flush_cache_clears_the_disk_tier(tiny_path, tmp_path):
         assert glob.glob(os.path.join(disk, "*", "*.kv"))
         assert e.flush_cache()
         assert not glob.glob(os.path.join(disk, "*", "*.kv")) and e.stats()["cache_tiers"]["disk_pages"] == 0
+
+
+def test_a_disk_read_into_a_full_host_tier_makes_room(tmp_path):
+    """Steady state: the host tier is full of other prompts' pages. A prompt pushed out of both memory tiers but on
+    disk still comes back: the read lands in slots freed by evicting the least recently used host pages (capped by
+    the host tier's 6 slots), and the output is exact."""
+    import random
+
+    from test_scheduler import expected_output
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(1, 999) for _ in range(40)] for _ in range(5)]
+    s, r = _disk_scheduler(tmp_path, "write_through", num_pages=21, host_slots=6)
+    for i, p in enumerate(prompts):
+        _run(s, r, [(f"p{i}", p, 2)])
+    assert s.cache.host.allocator.num_free == 0 and s.cache.host_match_len(prompts[0]) == 0
+    assert s.cache.peek_prefix_len(prompts[0]) == 0
+    assert _run(s, r, [("again", prompts[0] + [5], 2)]) == {"again": expected_output(prompts[0] + [5], 2)}
+    assert s.disk.tokens_read == 24 and s.by_rid == {}  # 6 pages: the host tier's size

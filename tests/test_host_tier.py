@@ -172,7 +172,8 @@ def test_transfer_costs_measured_at_warmup(tiny_path, tmp_path):
     with Engine(model=tiny_path, progress=False, **dict(TIGHT, warmup=True, disk_dir=str(tmp_path))) as e:
         c = e.scheduler.transfer_costs
         assert c.measured and c.prefill_s_per_token > 0 and c.load_s_per_token >= 0 and c.disk_s_per_token > 0
-        # on this CPU a page's K/V copy costs far less than recomputing its tokens: a page-sized hit loads, and
-        # is read back from disk
-        assert c.load_pays(TIGHT["page_size"] * 4) and c.disk_pays(TIGHT["page_size"] * 4)
+        # a page's K/V copy costs far less than recomputing its tokens (~40x on this tiny model): a hit loads.
+        # Whether a disk read pays is left to the machine here: the tiny model's prefill (~8 us a token) is about
+        # the cost of reading its page file back (bench/notes.md has the real model's table)
+        assert c.load_pays(TIGHT["page_size"] * 4)
         assert e.stats()["cache_tiers"]["transfer_costs"]["disk_us_per_token"] > 0

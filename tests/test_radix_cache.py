@@ -640,6 +640,16 @@ class TwinMachine(RuleBasedStateMachine):
     def evict(self, n):
         assert self.r.evict(n) == self.n.evict(n)
 
+    @precondition(lambda self: self.r.host is not None)
+    @rule(tokens=TOKENS, ns=NS, n=st.integers(1, 8))
+    def free_host_slots(self, tokens, ns, n):
+        """Room for a disk read continuing `tokens`'s device + host match: other host pages go, never the path's."""
+        m = self.r.peek_prefix_len(tokens, ns) + self.r.host_match_len(tokens, ns)
+        path = tokens[:m]
+        before = self.r.host_match_len(path, ns)
+        assert self.r.free_host_slots(n, path, ns) == self.n.free_host_slots(n, path, ns)
+        assert self.r.host_match_len(path, ns) == self.n.host_match_len(path, ns) == before
+
     @rule(tokens=TOKENS, ns=NS)
     def pin(self, tokens, ns):
         rm, nm = self._match(tokens, ns)

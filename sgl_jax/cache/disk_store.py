@@ -3,9 +3,9 @@
 Pure host code (no jax). A page's address is a hash chain over what its K/V depends on: the model fingerprint, the
 namespace, and every token up to the page's end (``chain``), so a restarted server, or a second process on the same
 machine with the same model, finds the pages of any prefix it is asked for, and a page of another model never
-matches. The scheduler writes every page the radix tree takes in (write-through, once per page: ``put`` skips what
-is there) and, on a miss past the device and host tiers, reads the longest run of consecutive pages it finds into
-host slots, from where they are loaded like any host hit (``RadixCache.insert_host``, ``promote``).
+matches. When pages are written (write-through or write-back) and how a miss past the device and host tiers reads
+the longest run of consecutive pages back into host slots, on a worker thread, is ``disk_tier.py``'s; ``put``
+skips a page that is there.
 
 A file: MAGIC, fingerprint (32 bytes), chain hash (32), payload length (8, little-endian), payload, then a 16-byte
 blake2b checksum of everything before it. ``get`` verifies all of it; a truncated, corrupt or foreign file is

@@ -14,9 +14,10 @@ Pure host code (no jax). ``DiskStore`` (disk_store.py) is the files; this is whe
 A waiting request whose prompt continues past its device + host match into pages on disk is not admitted until
 those pages are read: ``ready`` starts a read of the run on a worker thread (priced first: ``TransferCosts.
 disk_pays``) and answers False while it runs, so the scheduler admits others meanwhile; once done, ``take`` puts
-the pages into free host slots and the tree (``RadixCache.insert_host``), from where they are loaded like any host
-hit. The worker only reads and verifies files (``DiskStore.read``); the index is changed on the scheduler's thread
-(``DiskStore.account``). The pages being read at once never exceed the host tier's free slots.
+the pages into host slots (evicting the least recently used host pages off the request's path if none are free) and
+the tree (``RadixCache.insert_host``), from where they are loaded like any host hit. The worker only reads and
+verifies files (``DiskStore.read``); the index is changed on the scheduler's thread (``DiskStore.account``). The
+pages being read at once never exceed the host tier's slots.
 """
 
 from __future__ import annotations
@@ -67,10 +68,11 @@ class DiskTier:
     def _reading_pages(self) -> int:
         return sum(len(f.chain) - f.first for f in self._fetches.values())
 
-    def ready(self, r: Any, upto: int, limit: int, pays: Callable[[int], bool]) -> bool:
+    def ready(self, r: Any, upto: int, limit: int, pays: Callable[[int], bool], own_host_pages: int = 0) -> bool:
         """Whether waiting request ``r`` may be admitted now. False while a read of its pages past ``upto`` (its
-        device + host match; page-aligned) runs: started here when the disk holds a run there that ``pays`` for
-        its tokens and the host tier has free slots for it."""
+        device + host match, of which ``own_host_pages`` on the host; page-aligned) runs: started here when the
+        disk holds a run there that ``pays`` for its tokens. The run is capped by the host tier's slots, less its
+        own host pages and the pages other reads bring (it may evict other host pages when it lands)."""
         f = self._fetches.get(r.rid)
         if f is not None:
             return f.future.done()
@@ -78,7 +80,7 @@ class DiskTier:
         if not store.enabled or limit - upto < ps:
             return True
         chain = store.chain(r.tokens(0, limit // ps * ps), r.namespace)
-        room = self.cache.host.allocator.num_free - self._reading_pages()
+        room = self.cache.host.num_slots - own_host_pages - self._reading_pages()
         run, first = 0, upto // ps
         while run < min(len(chain) - first, room) and store.has(chain[first + run]):
             run += 1
@@ -102,7 +104,8 @@ class DiskTier:
 
     def take(self, r: Any, upto: int) -> int:
         """At ``r``'s admission: the pages its finished read brought, from page ``upto // page_size`` on, into
-        free host slots and the tree as host nodes; returns their tokens (0 without a read)."""
+        host slots (the least recently used host pages off ``r``'s path make room) and the tree as host nodes;
+        returns their tokens (0 without a read)."""
         f = self._fetches.pop(r.rid, None)
         if f is None or not f.future.done():
             return 0
@@ -113,10 +116,11 @@ class DiskTier:
                 got[h] = page
         host, ps = self.cache.host, self.page_size
         data = []
-        for h in f.chain[upto // ps:][: host.allocator.num_free]:
+        for h in f.chain[upto // ps:]:
             if h not in got:
                 break
             data.append(got[h])
+        data = data[: self.cache.free_host_slots(len(data), r.tokens(0, upto), r.namespace)]
         if not data:
             return 0
         slots = host.allocator.alloc(len(data))

@@ -123,6 +123,28 @@ class NaivePrefixCache:
             self._load_locks_next.append(handle)
         return moved * self.page_size
 
+    def free_host_slots(self, n: int, tokens: Sequence[int], namespace: str = "") -> int:
+        """See ``RadixCache.free_host_slots``: stamp the host pages on the path, then drop LRU host leaves."""
+        alloc = self.host.allocator
+        short = n - alloc.num_free
+        if short <= 0 or self.disabled:
+            return alloc.num_free
+        toks = _as_tokens(tokens)
+        self._clock += 1
+        own = 0
+        for key in self._prefix_keys(toks, namespace, len(toks) // self.page_size):
+            e = self._entries.get(key) or self._host.get(key)
+            if e is None:
+                break
+            e.last_access = self._clock
+            own += key in self._host
+        for _ in range(min(short, len(self._host) - own)):
+            cands = [(h.last_access, k[0], k[1]) for k, h in self._host.items()
+                     if not any(self._extends(k, o) for o in self._host)]
+            _, ns, t = min(cands)
+            alloc.free([self._host.pop((ns, t)).page])
+        return alloc.num_free
+
     def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
         toks, ps = _as_tokens(tokens), self.page_size
         start = len(toks) - len(slots) * ps

@@ -269,6 +269,42 @@ class TierMixin:
             self._load_locks_next.append(node)
         return moved
 
+    def _repush(self, node) -> None:
+        """``node`` was stamped: a leaf of its tier gets a heap entry with the new stamp."""
+        if node.tier:
+            self._maybe_push_host(node)
+        else:
+            self._maybe_push(node)
+
+    def free_host_slots(self, n: int, tokens: Sequence[int], namespace: str = "") -> int:
+        """Make up to ``n`` host slots free for pages read back from disk that continue ``tokens`` (their device +
+        host match, page-aligned): the least recently used host pages go, never one on that path (its host nodes
+        are stamped as just used first). Returns the free slots."""
+        from .radix_cache import _as_tokens
+
+        alloc = self.host.allocator
+        short = n - alloc.num_free
+        if short <= 0 or self.disabled:
+            return alloc.num_free
+        toks, ps = _as_tokens(tokens), self.page_size
+        node, pos, own, t = self._roots.get(namespace), 0, 0, self._tick()
+        if node is not None:
+            node.last_access = t
+        while node is not None and pos + ps <= len(toks):
+            child = node.children.get(toks[pos : pos + ps])
+            if child is None:
+                break
+            k = self._edge_match(child.key, toks, pos)
+            if k < len(child.key):  # only the part on the path is stamped
+                child = self._split(child, k)
+            child.last_access = t  # a child is never newer than its parent: the whole path is stamped
+            if child.tier:
+                own += k // ps
+            self._repush(child)
+            node, pos = child, pos + k
+        self._evict_host(min(short, len(self._host_pages) - own))
+        return alloc.num_free
+
     def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
         """Add host pages (``slots``, already filled) for the last ``len(slots)`` pages of page-aligned ``tokens``,
         whose leading part must be in the tree (device or host, whole pages) and whose new part must not be: a run
@@ -291,6 +327,7 @@ class TierMixin:
             if k < len(child.key):
                 child = self._split(child, k)
             child.last_access = t
+            self._repush(child)  # a stamped leaf needs a heap entry with its new stamp
             node, pos = child, pos + k
         if toks[start : start + ps] in node.children:
             raise ValueError("insert_host: the new pages are already in the tree")
