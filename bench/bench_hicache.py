@@ -19,7 +19,10 @@ fall out of host memory as well:
   +small host +disk (through) the same with a disk tier written through (every page once, as it is computed)
   +small host +disk (back)    the same written back (only pages the host tier drops)
 Per engine: hit rate (cached / prompt tokens, as the engine counts them), output tokens/s, wall time, and the host
-tier's counters. The floor beside them is the unbounded engine's own run (everything reused; the compute left is
+tier's counters, and where the wall time went (decode-only steps, steps with prompt tokens, host work). The
+ceiling printed last is the most any cache could gain over device-only on this pool: the pool, not the cache, sets
+how many conversations decode at once, so +host's decode seconds plus the prompt work no cache saves (the unbounded
+run's prefill seconds) bound its wall time from below. The floor beside them is the unbounded engine's own run (everything reused; the compute left is
 what no cache can save). Peer: skipped (llama-server keeps one slot's prompt per slot, no tiered prefix cache to
 compare with).
 
@@ -66,6 +69,18 @@ def run_chat(engine, convs, turns, question, answer, seed=1) -> dict:
     hist = [list(c) for c in convs]
     sp = {"temperature": 0, "max_new_tokens": answer, "ignore_eos": True}
     prompt = cached = out = 0
+    steps = {"decode_s": 0.0, "decode_rows": 0, "decode_steps": 0, "prefill_s": 0.0, "host_s": 0.0}
+
+    def on_step(info):  # where the wall time goes: decode-only steps, steps with prompt tokens, host work
+        if info.plan.prefills:
+            steps["prefill_s"] += info.step_seconds
+        else:
+            steps["decode_s"] += info.step_seconds
+            steps["decode_rows"] += len(info.plan.decodes)
+            steps["decode_steps"] += 1
+        steps["host_s"] += info.host_seconds
+
+    engine.add_step_listener(on_step)
     t0 = time.perf_counter()
     for _ in range(turns):
         for h in hist:
@@ -81,7 +96,7 @@ def run_chat(engine, convs, turns, question, answer, seed=1) -> dict:
     return {"wall_s": wall, "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt,
             "output_tokens": out, "out_tok_s": out / wall, "tiers": st["cache_tiers"],
             "steps": st["num_steps"], "decode_steps": st["num_decode_steps"], "retractions": st["num_retractions"],
-            "final_tokens": sum(len(h) for h in hist)}
+            "final_tokens": sum(len(h) for h in hist), "step_split": steps}
 
 
 def chat(args) -> dict:
@@ -134,10 +149,21 @@ def chat(args) -> dict:
               f"({r['decode_steps']}) | {r['retractions']} | {t['pages_demoted']} | {t['pages_promoted']} | "
               f"{t['host_tokens_loaded']} | {t['host_pages_dropped']} | {t.get('disk_written', '-')} | "
               f"{t.get('disk_tokens_read', '-')} |")
+    print("\nwhere the time goes (seconds; decode: steps with no prompt tokens, prefill: steps with some, host: "
+          "scheduling and postprocessing, demotions' copies included)\n"
+          "| cache | decode s | rows per decode step | prefill s | host s |\n|---|---|---|---|---|")
+    for name, r in results.items():
+        sp = r["step_split"]
+        print(f"| {name} | {sp['decode_s']:.1f} | {sp['decode_rows'] / max(sp['decode_steps'], 1):.2f} | "
+              f"{sp['prefill_s']:.1f} | {sp['host_s']:.1f} |")
     h, d, u = results["+host"], results["device-only"], results["unbounded"]
     print(f"+host vs device-only: throughput {h['out_tok_s'] / d['out_tok_s']:.2f}x (target >= 1.5x); hit rate "
           f"{h['hit_rate']:.1%} vs unbounded {u['hit_rate']:.1%} ({100 * (u['hit_rate'] - h['hit_rate']):.1f} points; "
           f"target <= 5)")
+    # The most any cache can give on this pool: +host's own decode steps (the pool sets how many rows fit) plus the
+    # prompt work no cache saves (the unbounded run's prefill steps), with free copies and no host work.
+    ceiling = (d["wall_s"]) / (h["step_split"]["decode_s"] + u["step_split"]["prefill_s"])
+    print(f"ceiling on this pool: device-only wall / (+host decode s + unbounded prefill s) = {ceiling:.2f}x")
     for name in [n for n in results if "disk" in n]:
         r, sh = results[name], results["+small host"]
         print(f"{name} vs +small host: hit {r['hit_rate']:.1%} vs {sh['hit_rate']:.1%}, throughput "
