@@ -50,8 +50,29 @@ def test_host_pool_releases_promoted_slots_only_after_their_loads_ran():
 def test_host_pool_save_checks_what_the_device_reader_returns():
     host = HostPool(2, 8)
     host.bind(lambda pages: np.zeros((len(pages), 4), np.uint8))
+    host.save([3], [0])  # copied at the next flush
     with pytest.raises(ValueError, match=r"returned \(1, 4\) for 1 pages of 8 bytes"):
-        host.save([3], [0])
+        host.flush_saves()
+
+
+def test_host_pool_copies_a_rounds_demotions_in_one_read_and_drops_those_freed():
+    device = np.arange(10 * 8, dtype=np.uint8).reshape(10, 8)
+    reads = []
+    host = HostPool(4, 8)
+    host.bind(lambda pages: (reads.append(list(pages)), device[pages].copy())[1])
+    a, b, c = host.allocator.alloc(3)
+    host.save([5], [a])
+    host.save([6, 7], [b, c])
+    assert reads == [] and not host.arena.any()  # nothing read yet
+    host.free([b])  # dropped from the host tier in the same round: its copy is not made
+    (b2,) = host.allocator.alloc(1)
+    assert b2 == b
+    host.arena[b2] = 99  # e.g. a page read back from disk into the reused slot
+    assert host.take_loads() == []  # a step's plan: the pending copies are made first
+    assert reads == [[5, 7]]
+    assert (host.arena[a] == device[5]).all() and (host.arena[c] == device[7]).all() and (host.arena[b2] == 99).all()
+    host.flush_saves()
+    assert reads == [[5, 7]]  # nothing pending: no read
 
 
 def test_transfer_costs_load_when_cheaper_and_break_even():

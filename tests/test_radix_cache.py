@@ -511,7 +511,10 @@ class FakeDevice:
             host.bind(lambda pages: self.data[pages].copy())
 
     def write(self, tokens, pages, ns, ps):
-        """The step that computed ``tokens`` wrote their K/V into ``pages``."""
+        """The step that computed ``tokens`` wrote their K/V into ``pages`` (a step runs after its plan took the
+        loads, which copies the round's pending demotions first)."""
+        if self.host is not None:
+            self.host.flush_saves()
         for i, p in enumerate(pages[: len(tokens) // ps]):
             self.data[p] = fingerprint((ns, tuple(tokens[: (i + 1) * ps])))
 
@@ -521,9 +524,11 @@ class FakeDevice:
             self.data[page] = self.host.arena[slot]
 
     def check(self, pages: dict):
-        """Every cached page (device or host) holds the K/V of its own prefix."""
+        """Every cached page (device or host) holds the K/V of its own prefix; a host page whose copy is still
+        pending, through the device page it will be copied from."""
         for key, (_, tier, p) in pages.items():
-            got = self.data[p] if tier == 0 else self.host.arena[p]
+            src = self.host.pending_page(p) if tier else None
+            got = self.data[p] if tier == 0 else self.host.arena[p] if src is None else self.data[src]
             assert (got == fingerprint(key)).all(), f"{key} on tier {tier} ({p}) holds another prefix's data"
 
 

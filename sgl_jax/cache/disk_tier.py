@@ -168,6 +168,7 @@ class DiskTier:
         tokens = self.cache.path_tokens(node)
         first = len(tokens) // ps - num_pages
         hashes = store.chain(tokens, node.namespace)[first:]
+        self.cache.host.flush_saves()  # the pages may have been demoted this round, their copies still pending
         arena = self.cache.host.arena
         for h, slot in zip(hashes, node.pages[-num_pages:]):
             if not store.has(h):
@@ -182,6 +183,8 @@ class DiskTier:
             return
         if not self.store.enabled:
             return
+        if self.cache.host is not None:
+            self.cache.host.flush_saves()
         dev = []
         for ns, tokens, tier, pages in self.cache.resident_nodes():
             hashes = self.store.chain(tokens, ns)[len(tokens) // self.page_size - len(pages):]

@@ -8,10 +8,17 @@ of one page in one row (``page_bytes``), so this module never needs the pool's d
 
 Data moves through two callbacks the engine installs (``bind``), both on the scheduler's thread:
 
-  save(device_pages) -> uint8 [n, page_bytes]   read now, before anything can overwrite those device pages (the
-                                                tree frees them right after)
+  save(device_pages) -> uint8 [n, page_bytes]   read before anything can overwrite those device pages: every
+                                                demotion of a scheduling round is read in one call
+                                                (``flush_saves``) when the round's plan takes its loads, before
+                                                the step that could reuse the freed pages runs
   loads                                          (slot, device page) pairs queued for the next step: the runner
                                                 writes them after the step's page copies and before it runs
+
+A demotion's copy waits in ``_pending`` (slot -> device page) until ``flush_saves``: one gather for the round
+instead of one per evicted leaf. A slot freed before that (dropped from the host tier in the same round) loses its
+pending copy, so a later write into the reused slot (a disk read) is never overwritten by stale data; whoever reads
+the arena outside a step (the disk tier's write-back) flushes first.
 
 A promoted slot is not reused until the step after the one whose loads read it (``take_loads`` releases the slots
 of the previous batch), so a demotion in the same scheduling round cannot overwrite data a queued load still needs.
@@ -43,6 +50,7 @@ class HostPool:
         self.loads: list[tuple[int, int]] = []  # (slot, device page) for the next step
         self._release_next: list[int] = []  # slots promoted this round: free once their loads have run
         self._release_now: list[int] = []  # promoted last round: their loads ran with the last step
+        self._pending: dict[int, int] = {}  # slot -> device page: demotions not copied yet (``flush_saves``)
         # counters (read by /metrics)
         self.pages_saved = 0
         self.pages_loaded = 0
@@ -66,17 +74,36 @@ class HostPool:
         return self._save(list(device_pages))
 
     def save(self, device_pages: Sequence[int], slots: Sequence[int]) -> None:
-        """Copy ``device_pages`` into ``slots`` now."""
+        """Copy ``device_pages`` into ``slots`` at the next ``flush_saves`` (before the next step runs)."""
         if not device_pages:
             return
         self.pages_saved += len(device_pages)
         if self.arena is None:
             return
-        data = self.read_device(device_pages)
-        if data.shape != (len(device_pages), self.page_bytes):
-            raise ValueError(f"the device reader returned {data.shape} for {len(device_pages)} pages of "
+        for s, p in zip(slots, device_pages):
+            self._pending[int(s)] = int(p)
+
+    def flush_saves(self) -> None:
+        """Copy every pending demotion into its slot now, in one read of the device."""
+        if not self._pending:
+            return
+        slots, pages = list(self._pending), list(self._pending.values())
+        self._pending = {}
+        data = self.read_device(pages)
+        if data.shape != (len(pages), self.page_bytes):
+            raise ValueError(f"the device reader returned {data.shape} for {len(pages)} pages of "
                              f"{self.page_bytes} bytes")
         self.arena[np.asarray(slots, np.int64)] = data
+
+    def pending_page(self, slot: int) -> int | None:
+        """The device page whose copy into ``slot`` is still pending, or None."""
+        return self._pending.get(int(slot))
+
+    def free(self, slots: Sequence[int]) -> None:
+        """Give ``slots`` back; a copy still pending into one of them is dropped (its page left the host tier)."""
+        for s in slots:
+            self._pending.pop(int(s), None)
+        self.allocator.free(slots)
 
     def queue_load(self, slots: Sequence[int], device_pages: Sequence[int]) -> None:
         """Queue ``slots`` -> ``device_pages`` for the next step; the slots are released after it."""
@@ -86,9 +113,11 @@ class HostPool:
 
     def take_loads(self) -> list[tuple[int, int]]:
         """The loads for the step being planned (the caller runs them before that step), and release the slots
-        whose loads ran with the previous step."""
+        whose loads ran with the previous step. The round's demotions are copied first: the step may reuse their
+        device pages, and its loads may read their slots."""
+        self.flush_saves()
         if self._release_now:
-            self.allocator.free(self._release_now)
+            self.free(self._release_now)
         self._release_now, self._release_next = self._release_next, []
         loads, self.loads = self.loads, []
         return loads
@@ -104,7 +133,7 @@ class HostPool:
         slots = self._release_now + self._release_next
         self._release_now, self._release_next = [], []
         if slots:
-            self.allocator.free(slots)
+            self.free(slots)
 
     def __repr__(self) -> str:
         return (f"HostPool(slots={self.num_slots}, free={self.allocator.num_free}, page_bytes={self.page_bytes}, "

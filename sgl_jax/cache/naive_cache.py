@@ -142,7 +142,7 @@ class NaivePrefixCache:
             cands = [(h.last_access, k[0], k[1]) for k, h in self._host.items()
                      if not any(self._extends(k, o) for o in self._host)]
             _, ns, t = min(cands)
-            alloc.free([self._host.pop((ns, t)).page])
+            self.host.free([self._host.pop((ns, t)).page])
         return alloc.num_free
 
     def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
@@ -276,7 +276,7 @@ class NaivePrefixCache:
             if e is None:
                 h = self._host.pop(key, None)
                 if h is not None:  # recomputed: the host copy goes
-                    self.host.allocator.free([h.page])
+                    self.host.free([h.page])
                 self._entries[key] = _Entry(p, self._clock)
             else:
                 already += 1
@@ -345,10 +345,10 @@ class NaivePrefixCache:
                      if not any(self._extends(k, o) for o in list(self._host) + list(self._entries))]
             if cands:
                 _, ns, toks = min(cands)
-                alloc.free([self._host.pop((ns, toks)).page])
+                self.host.free([self._host.pop((ns, toks)).page])
         if alloc.num_free == 0:  # no slot to be had: the page goes, and every host page below it
             below = [k for k in self._host if self._extends(key, k)]
-            alloc.free([self._host.pop(k).page for k in below])
+            self.host.free([self._host.pop(k).page for k in below])
             return
         (slot,) = alloc.alloc(1)
         self.host.save([e.page], [slot])
@@ -369,7 +369,7 @@ class NaivePrefixCache:
             self.allocator.free(pages)
         if self.host is not None:
             if self._host:
-                self.host.allocator.free([h.page for h in self._host.values()])
+                self.host.free([h.page for h in self._host.values()])
             self.host.drop_pending()
         self._host.clear()
 

@@ -138,7 +138,7 @@ class TierMixin:
                 self._emit(c, len(c.pages), ("removed", True))
         for c in below:
             self._host_pages.difference_update(c.pages)
-            self.host.allocator.free(c.pages)
+            self.host.free(c.pages)
             self.host_pages_dropped += len(c.pages)
             c.parent, c.heap_id = None, -1
             self._num_nodes -= 1
@@ -175,7 +175,7 @@ class TierMixin:
                 self._maybe_push(parent)
         if freed:
             self._host_pages.difference_update(freed)
-            self.host.allocator.free(freed)
+            self.host.free(freed)
             self.host_pages_dropped += len(freed)
         return len(freed)
 
@@ -199,7 +199,7 @@ class TierMixin:
         if deferred:
             self.host.queue_load(slots, pages)
         else:
-            self.host.allocator.free(slots)
+            self.host.free(slots)
         node.pages, node.tier = list(pages), 0
         self._evictable += len(pages)
         self._tree_pages.update(pages)
@@ -362,7 +362,7 @@ class TierMixin:
     def _reset_host(self) -> None:
         if self.host is not None:
             if self._host_pages:
-                self.host.allocator.free(list(self._host_pages))
+                self.host.free(list(self._host_pages))
             self.host.drop_pending()
         self._host_pages = set()
         self._host_heap = []
