@@ -300,3 +300,47 @@ def test_a_disk_read_into_a_full_host_tier_makes_room(tmp_path):
     assert s.cache.peek_prefix_len(prompts[0]) == 0
     assert _run(s, r, [("again", prompts[0] + [5], 2)]) == {"again": expected_output(prompts[0] + [5], 2)}
     assert s.disk.tokens_read == 24 and s.by_rid == {}  # 6 pages: the host tier's size
+
+
+def test_disk_pages_are_announced_as_kv_events_and_their_removal_too(tmp_path):
+    """With KV events on, every page file is announced as a BlockStored of medium DISK under the block hash the
+    device tier uses for the same page, and a file leaving the index (the byte budget here, then a clear) as a
+    BlockRemoved: a router's mirror fed the events holds exactly the block hashes of the files on disk. A second
+    scheduler on the directory announces the files it finds for the prefixes it serves."""
+    import random
+
+    from sgl_jax.cache.events import KVEventLog, sequence_hashes
+    from sgl_jax.router.policy import Replica
+
+    rng = random.Random(7)
+    prompts = [[rng.randrange(1, 999) for _ in range(40)] for _ in range(4)]
+    s, r = _disk_scheduler(tmp_path, "write_through", num_pages=21, host_slots=6)
+    s.disk.store.budget = 25 * s.disk.store.file_bytes  # fewer files than the 4 prompts' 40 pages
+    s.cache.events = log = KVEventLog(4)
+    mirror = Replica("a", "", 1, 4)
+
+    def on_disk():  # the block hash of every file of a served prompt, from the store's own index
+        return {sequence_hashes(p, 4)[i] for p in prompts for i, h in enumerate(s.disk.store.chain(p))
+                if s.disk.store.has(h)}
+
+    for i, p in enumerate(prompts):
+        _run(s, r, [(f"p{i}", p, 2)])
+    s.disk.flush()
+    events = log.take()
+    mirror.apply(events)
+    assert any(e[0] == "BlockRemoved" and e[2] == "DISK" for e in events)  # the budget dropped files
+    assert s.disk.store.evicted > 0 and len(on_disk()) == s.disk.store.num_pages == 25
+    assert mirror.disk_blocks == on_disk()
+    for e in events:
+        if e[0] == "BlockStored" and e[6] == "DISK":
+            assert len(e[3]) == 4 * len(e[1]) and e[4] == 4
+    s2, r2 = _disk_scheduler(tmp_path, "write_through")
+    s2.cache.events = log2 = KVEventLog(4)
+    _run(s2, r2, [("again", prompts[-1] + [3], 2)])
+    s2.disk.flush()
+    fresh = Replica("b", "", 1, 4)
+    fresh.apply(log2.take())
+    assert fresh.disk_blocks == set(sequence_hashes(prompts[-1], 4))  # found on disk, not written again
+    s.disk.clear()
+    mirror.apply(log.take())
+    assert not mirror.disk_blocks

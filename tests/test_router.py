@@ -157,6 +157,22 @@ def test_host_tier_blocks_count_as_not_computed():
     assert a.matched_blocks(hs) == 0 and not a.host_blocks
 
 
+@pytest.mark.timeout(30)
+def test_disk_tier_blocks_count_as_not_computed():
+    """A block the device dropped but the disk tier holds keeps the match; the file going ends it, and a flush
+    clears the disk mirror too."""
+    a, _ = _replicas(max_inflight=8)
+    hs = sequence_hashes(PREFIX, 4)
+    a.apply([["BlockStored", hs, None, PREFIX, 4, None, "GPU", None],
+             ["BlockStored", hs, None, PREFIX, 4, None, "DISK", None],
+             ["BlockRemoved", hs[2:], "GPU"]])
+    assert a.matched_blocks(hs) == 8 and len(a.blocks) == 2 and len(a.disk_blocks) == 8
+    a.apply([["BlockRemoved", hs[5:6], "DISK"]])
+    assert a.matched_blocks(hs) == 5
+    a.apply([["AllBlocksCleared"]])
+    assert a.matched_blocks(hs) == 0 and not a.disk_blocks
+
+
 # ------------------------------------------------------------------------------------------- end to end
 SMALL = ("page_size=4 max_context_len=128 max_running_requests=8 max_prefill_tokens=64 prefill_block=8 "
          "decode_buckets=1,4,8 prefill_block_buckets=2,8 max_mixed_blocks=2 page_width_buckets=32 kv_memory_gb=0.01 "

@@ -20,7 +20,7 @@ import collections
 import hashlib
 import logging
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -43,6 +43,7 @@ class DiskStore:
         self.enabled = True
         self.written = self.read_pages = self.corrupt = self.evicted = 0
         self._index: collections.OrderedDict[bytes, None] = collections.OrderedDict()  # LRU order, oldest first
+        self.on_forget: Callable[[bytes], None] | None = None  # called with an address that left the index
         try:
             os.makedirs(self.dir, exist_ok=True)
             entries = []
@@ -93,16 +94,16 @@ class DiskStore:
         return h in self._index
 
     # ------------------------------------------------------------ read/write
-    def put(self, h: bytes, data: np.ndarray) -> None:
-        """Write one page (``page_bytes`` uint8) under address ``h`` unless it is there."""
+    def put(self, h: bytes, data: np.ndarray) -> bool:
+        """Write one page (``page_bytes`` uint8) under address ``h`` unless it is there; whether it was written."""
         if not self.enabled or h in self._index:
-            return
+            return False
         body = MAGIC + self.fp + h + len(data).to_bytes(8, "little") + np.ascontiguousarray(data).tobytes()
         blob = body + hashlib.blake2b(body, digest_size=_SUM).digest()
         path = self._path(h)
         tmp = path + f".{os.getpid()}.tmp"
         if not self._fit(self.file_bytes):
-            return
+            return False
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
@@ -114,9 +115,10 @@ class DiskStore:
             except OSError:
                 pass
             self._off(f"writing {path!r} failed ({e})")
-            return
+            return False
         self._index[h] = None
         self.written += 1
+        return True
 
     def get(self, h: bytes) -> np.ndarray | None:
         """The page stored under ``h``, verified; None (and the file deleted) when missing, short, corrupt or
@@ -152,8 +154,10 @@ class DiskStore:
         if status == "corrupt":
             self.corrupt += 1
             self._drop(h)
-        else:
-            self._index.pop(h, None)
+        elif h in self._index:
+            self._index.pop(h)
+            if self.on_forget is not None:
+                self.on_forget(h)
         return None
 
     def clear(self) -> int:
@@ -186,7 +190,10 @@ class DiskStore:
         return True
 
     def _drop(self, h: bytes) -> None:
-        self._index.pop(h, None)
+        if h in self._index:
+            self._index.pop(h)
+            if self.on_forget is not None:
+                self.on_forget(h)
         try:
             os.remove(self._path(h))
         except OSError:

@@ -18,6 +18,11 @@ the pages into host slots (evicting the least recently used host pages off the r
 the tree (``RadixCache.insert_host``), from where they are loaded like any host hit. The worker only reads and
 verifies files (``DiskStore.read``); the index is changed on the scheduler's thread (``DiskStore.account``). The
 pages being read at once never exceed the host tier's slots.
+
+With KV events on (``cache.events``), every page file this process writes is announced as a BlockStored of medium
+"DISK" with the block hash the device and host tiers use for the same page, and a BlockRemoved when the file leaves
+the index (the budget, a damaged or vanished file, ``clear``): a router counts those prompt tokens as read, not
+computed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 from typing import Any, Callable
 
 from .disk_store import DiskStore
+from .events import DISK_MEDIUM, sequence_hashes
 
 __all__ = ["DiskTier", "WRITE_POLICIES"]
 
@@ -53,6 +59,8 @@ class DiskTier:
         self.pages_spilled = 0  # pages written as the host tier dropped them (write_back)
         self.notify: Callable[[], None] | None = None  # called (on the worker) when a read finishes
         self._fetches: dict[str, _Fetch] = {}
+        self._announced: dict[bytes, int] = {}  # disk address -> the block hash announced for it (KV events)
+        store.on_forget = self._forgotten
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sgl-jax-disk")
         if policy == "write_through":
             cache.fresh = []
@@ -126,13 +134,44 @@ class DiskTier:
         slots = host.allocator.alloc(len(data))
         for slot, page in zip(slots, data):
             host.arena[slot] = page
-        self.cache.insert_host(r.tokens(0, upto + len(data) * ps), slots, r.namespace)
+        tokens = r.tokens(0, upto + len(data) * ps)
+        self.cache.insert_host(tokens, slots, r.namespace)
+        first = upto // ps
+        self._announce(r.namespace, tokens, [(first + k, h) for k, h in enumerate(f.chain[first:first + len(data)])
+                                             if h not in self._announced])
         self.tokens_read += len(data) * ps
         return len(data) * ps
 
     def forget(self, rid: str) -> None:
         """``rid`` left the queue (aborted): its read, if any, is dropped."""
         self._fetches.pop(rid, None)
+
+    # ------------------------------------------------------------------ events
+    def _announce(self, namespace: str, tokens, written: list[tuple[int, bytes]]) -> None:
+        """KV events for pages of ``tokens`` (page index, disk address; increasing index) now announced as on
+        disk: those the store holds, one BlockStored per run of consecutive pages."""
+        events, ps = self.cache.events, self.page_size
+        if events is None:
+            return
+        written = [(i, h) for i, h in written if self.store.has(h)]  # a later write's budget may have dropped one
+        if not written:
+            return
+        hs = sequence_hashes(tokens[:(written[-1][0] + 1) * ps], ps, namespace)
+        start = 0
+        for k in range(1, len(written) + 1):
+            if k == len(written) or written[k][0] != written[k - 1][0] + 1:
+                i0, i1 = written[start][0], written[k - 1][0] + 1
+                events.add(["BlockStored", hs[i0:i1], hs[i0 - 1] if i0 else None, list(tokens[i0 * ps:i1 * ps]),
+                            ps, None, DISK_MEDIUM, None])
+                start = k
+        for i, h in written:
+            self._announced[h] = hs[i]
+
+    def _forgotten(self, h: bytes) -> None:
+        """The store dropped address ``h`` from its index: a BlockRemoved if this process announced it."""
+        block = self._announced.pop(h, None)
+        if block is not None and self.cache.events is not None:
+            self.cache.events.add(["BlockRemoved", [block], DISK_MEDIUM])
 
     # ----------------------------------------------------------------- writes
     def write_fresh(self) -> None:
@@ -141,23 +180,30 @@ class DiskTier:
         fresh, store, ps = self.cache.fresh, self.store, self.page_size
         if not fresh:
             return
-        items = []
+        leaves = []
         if store.enabled:
             for ns, toks, i0, pages in fresh:
                 end = (i0 + len(pages)) * ps
                 now = self.cache.device_pages(toks[:end], ns)  # evicted or replaced since: not written
                 hashes = store.chain(toks[:end], ns)
-                items += [(hashes[i0 + j], p) for j, p in enumerate(pages)
-                          if i0 + j < len(now) and now[i0 + j] == p and not store.has(hashes[i0 + j])]
+                mine = [(i0 + j, hashes[i0 + j], p) for j, p in enumerate(pages) if i0 + j < len(now)
+                        and now[i0 + j] == p]
+                leaves.append((ns, toks, mine))
         fresh.clear()
-        self._write_device(items)
+        self._write_device(leaves)
 
-    def _write_device(self, items: list[tuple[bytes, int]], batch: int = 256) -> None:
+    def _write_device(self, leaves: list[tuple[str, Any, list[tuple[int, bytes, int]]]], batch: int = 256) -> None:
+        """Per leaf (namespace, tokens, [(page index, address, device page)]): write the pages not on disk yet,
+        then announce the leaf's pages on disk that this process has not announced (its own writes, and files an
+        earlier run or another process wrote)."""
+        items = [(h, p) for _, _, pages in leaves for _, h, p in pages if not self.store.has(h)]
         for i in range(0, len(items), batch):
             part = items[i:i + batch]
             data = self.cache.host.read_device([p for _, p in part])
             for (h, _), row in zip(part, data):
                 self.store.put(h, row)
+        for ns, toks, pages in leaves:
+            self._announce(ns, toks, [(i, h) for i, h, _ in pages if h not in self._announced])
 
     def _spill(self, node, num_pages: int) -> None:
         """write_back (the cache calls it): the trailing ``num_pages`` host pages of ``node`` are about to be
@@ -171,9 +217,10 @@ class DiskTier:
         self.cache.host.flush_saves()  # the pages may have been demoted this round, their copies still pending
         arena = self.cache.host.arena
         for h, slot in zip(hashes, node.pages[-num_pages:]):
-            if not store.has(h):
-                store.put(h, arena[slot])
+            if not store.has(h) and store.put(h, arena[slot]):
                 self.pages_spilled += 1
+        self._announce(node.namespace, tokens, [(first + i, h) for i, h in enumerate(hashes)
+                                                if h not in self._announced])
 
     def flush(self) -> None:
         """At a clean shutdown: what the policy has not written yet. write_through: the last step's pages;
@@ -187,19 +234,23 @@ class DiskTier:
             self.cache.host.flush_saves()
         dev = []
         for ns, tokens, tier, pages in self.cache.resident_nodes():
-            hashes = self.store.chain(tokens, ns)[len(tokens) // self.page_size - len(pages):]
-            for h, p in zip(hashes, pages):
-                if self.store.has(h):
-                    continue
-                if tier:
-                    self.store.put(h, self.cache.host.arena[p])
-                else:
-                    dev.append((h, p))
+            first = len(tokens) // self.page_size - len(pages)
+            mine = [(first + i, h, p) for i, (h, p) in enumerate(zip(self.store.chain(tokens, ns)[first:], pages))]
+            if tier:
+                for _, h, p in mine:
+                    if not self.store.has(h):
+                        self.store.put(h, self.cache.host.arena[p])
+                self._announce(ns, tokens, [(i, h) for i, h, _ in mine if h not in self._announced])
+            else:
+                dev.append((ns, tokens, mine))
         self._write_device(dev)
 
     def clear(self) -> int:
         """``/flush_cache``: every page file goes, and reads in flight are dropped."""
         self._fetches.clear()
+        if self.cache.events is not None and self._announced:
+            self.cache.events.add(["BlockRemoved", list(self._announced.values()), DISK_MEDIUM])
+        self._announced.clear()
         return self.store.clear()
 
     def close(self) -> None:

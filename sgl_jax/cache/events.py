@@ -11,7 +11,9 @@ demoted to the host tier by eviction), plus a flush; the log turns them into eve
 `take()` (thread-safe: the engine thread records, the publisher's thread takes and hashes). Device residency is
 reported as medium "GPU" (the name the schema uses for accelerator memory), the host tier's pages as "CPU" (a
 demotion is a GPU BlockRemoved and a CPU BlockStored of the same blocks; a promotion the reverse): a router that
-mirrors both knows which prompt tokens a replica would load rather than compute. Disk pages are not announced.
+mirrors both knows which prompt tokens a replica would load rather than compute. The disk tier's page files are
+medium "DISK" (`DiskTier`): announced when this process writes one, removed when it leaves the disk's index
+(budget, damage, a flush); files another process or an earlier run wrote are not announced by this one.
 Partial last pages (tails) are not blocks.
 
 The wire format, for `serve/kv_events.py`'s ZMQ publisher: each event a msgpack array tagged with its type,
@@ -32,6 +34,7 @@ from typing import Sequence
 
 MEDIUM = "GPU"
 HOST_MEDIUM = "CPU"
+DISK_MEDIUM = "DISK"
 
 
 def _root_hash(namespace: str) -> int:
@@ -84,6 +87,10 @@ class KVEventLog:
         if num_pages > 0:
             self._add(("BlockRemoved", namespace, tuple(tokens), first_page, num_pages, medium))
 
+    def add(self, event: list) -> None:
+        """One event already in the wire layout (its hashes computed by the caller: the disk tier's)."""
+        self._add(("wire", event))
+
     def cleared(self) -> None:
         with self._lock:
             self._records.clear()
@@ -99,6 +106,8 @@ class KVEventLog:
     def _event(self, record: tuple) -> list:
         if record[0] == "AllBlocksCleared":
             return ["AllBlocksCleared"]
+        if record[0] == "wire":
+            return record[1]
         kind, namespace, tokens, first, n, medium = record
         ps = self.page_size
         hs = sequence_hashes(tokens[:(first + n) * ps], ps, namespace)

@@ -66,6 +66,7 @@ class Replica:
         self.max_inflight, self.page_size, self.prefill_chunk = int(max_inflight), int(page_size), int(prefill_chunk)
         self.blocks: set[int] = set()  # block hashes on its device
         self.host_blocks: set[int] = set()  # ... and on its host tier
+        self.disk_blocks: set[int] = set()  # ... and in its disk tier's files
         self.lock = threading.Lock()
         self.inflight: dict[str, Pending] = {}
         self.load = 0.0
@@ -78,28 +79,33 @@ class Replica:
         return self.healthy and len(self.inflight) < self.max_inflight
 
     def matched_blocks(self, hashes: list[int]) -> int:
-        """Leading blocks of `hashes` the replica holds: on its device, then on its host tier (loaded, not
-        computed)."""
+        """Leading blocks of `hashes` the replica holds: on its device, then on its host or disk tier (loaded,
+        not computed)."""
         n = 0
         with self.lock:
             for h in hashes:
-                if h not in self.blocks and h not in self.host_blocks:
+                if h not in self.blocks and h not in self.host_blocks and h not in self.disk_blocks:
                     break
                 n += 1
         return n
 
+    def _medium(self, name) -> set[int]:
+        return self.host_blocks if name == "CPU" else self.disk_blocks if name == "DISK" else self.blocks
+
     def apply(self, events: list) -> None:
-        """One batch of KV events (the wire layout of sgl_jax/cache/events.py; medium "CPU" is the host tier)."""
+        """One batch of KV events (the wire layout of sgl_jax/cache/events.py; medium "CPU" is the host tier,
+        "DISK" the disk tier, anything else the device)."""
         with self.lock:
             for ev in events:
                 kind = ev[0]
                 if kind == "BlockStored":
-                    (self.host_blocks if len(ev) > 6 and ev[6] == "CPU" else self.blocks).update(ev[1])
+                    self._medium(ev[6] if len(ev) > 6 else None).update(ev[1])
                 elif kind == "BlockRemoved":
-                    (self.host_blocks if len(ev) > 2 and ev[2] == "CPU" else self.blocks).difference_update(ev[1])
+                    self._medium(ev[2] if len(ev) > 2 else None).difference_update(ev[1])
                 elif kind == "AllBlocksCleared":
                     self.blocks.clear()
                     self.host_blocks.clear()
+                    self.disk_blocks.clear()
 
 
 class Router:
@@ -227,6 +233,7 @@ class Router:
         with r.lock:
             r.blocks.clear()
             r.host_blocks.clear()
+            r.disk_blocks.clear()
 
     def mark_up(self, r: Replica) -> None:
         r.healthy = True

@@ -167,5 +167,6 @@ class CostRequestRouter(RequestRouter):
                     "inflight_mean": mean, "replicas_retired": self.retired, "at": time.time(),
                     "replicas": [{"id": r.name, "pid": r.pid, "healthy": r.healthy,
                                   "inflight": len(r.inflight), "routed": r.routed, "load": r.load,
-                                  "blocks": len(r.blocks), "host_blocks": len(r.host_blocks)}
+                                  "blocks": len(r.blocks), "host_blocks": len(r.host_blocks),
+                                  "disk_blocks": len(r.disk_blocks)}
                                  for r in self._router.replicas]}

@@ -226,7 +226,8 @@ def build_app(app: RouterApp):
             "failed": app.failed, "inflight_max": mx, "inflight_mean": mean,
             "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
                          "routed": r.routed, "load": r.load, "blocks": len(r.blocks),
-                         "host_blocks": len(r.host_blocks)} for r in app.router.replicas]})
+                         "host_blocks": len(r.host_blocks),
+                         "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
 
     api = web.Application()
     api.add_routes([web.post("/generate", generate), web.get("/health", health), web.get("/router_stats", stats)])
