@@ -157,6 +157,31 @@ def test_host_tier_blocks_count_as_not_computed():
     assert a.matched_blocks(hs) == 0 and not a.host_blocks
 
 
+@pytest.mark.timeout(60)
+def test_routing_parses_without_the_web_framework_and_warms_up_at_start(tmp_path):
+    """The routers parse requests with sgl_jax.serve.protocol: importing it must not import the server's web
+    framework (the package's exports are lazy), and `warm_up` does the parsing's first-use imports before the
+    router serves (a router that did them inside its first request held its first burst ~0.3 s)."""
+    path = write_tiny_gguf("llama", str(tmp_path / "t.gguf"))
+    code = ("import sys\n"
+            "from sgl_jax.serve import protocol\n"
+            "assert 'fastapi' not in sys.modules, 'fastapi imported'\n"
+            "from sgl_jax.models.tokenizer import Tokenizer\n"
+            "from sgl_jax.router.prompt import routing_prompt, warm_up\n"
+            f"tok = Tokenizer.from_path({path!r})\n"
+            "before = set(sys.modules)\n"
+            "warm_up(tok)\n"
+            "after = set(sys.modules)\n"
+            "routing_prompt('/v1/chat/completions', {'model': 'm', 'messages': [{'role': 'user', 'content': 'hi'}]}, tok)\n"
+            "routing_prompt('/generate', {'text': 'hi'}, tok)\n"
+            "assert set(sys.modules) == after, sorted(set(sys.modules) - after)  # nothing left to import\n"
+            "import sgl_jax.serve\n"
+            "assert callable(sgl_jax.serve.create_app) and 'fastapi' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 @pytest.mark.timeout(30)
 def test_disk_tier_blocks_count_as_not_computed():
     """A block the device dropped but the disk tier holds keeps the match; the file going ends it, and a flush

@@ -37,3 +37,13 @@ def routing_prompt(path: str, body: Any, tokenizer, max_context: int = 1 << 30) 
     sp = s.sampling_params or {}
     max_new = sp.get("max_new_tokens") if isinstance(sp, dict) else None
     return list(ids), int(max_new) if isinstance(max_new, int) and max_new > 0 else 128
+
+
+def warm_up(tokenizer) -> None:
+    """Run every routed path's parsing once, so the imports and the tokenizer's first-use work happen at start-up
+    and not inside the first requests (which an event loop would otherwise hold up behind them)."""
+    text = "warm up the router"
+    routing_prompt("/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}}, tokenizer)
+    routing_prompt("/v1/completions", {"model": "m", "prompt": text, "max_tokens": 1}, tokenizer)
+    routing_prompt("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}],
+                                            "max_tokens": 1}, tokenizer)

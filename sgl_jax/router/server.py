@@ -239,6 +239,7 @@ def main(argv=None) -> None:
 
     from sgl_jax.models.hub import resolve_model
     from sgl_jax.models.tokenizer import Tokenizer
+    from sgl_jax.router.prompt import warm_up
 
     ap = argparse.ArgumentParser(prog="python -m sgl_jax.router", description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", required=True, help="comma-separated worker URLs")
@@ -259,6 +260,7 @@ def main(argv=None) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = resolve_model(a.model)
     tok = Tokenizer.from_path(path)
+    warm_up(tok)  # before /health answers: the first burst does not wait for imports
     stop = threading.Event()
     replicas = []
     for i, url in enumerate(u.rstrip("/") for u in a.workers.split(",")):

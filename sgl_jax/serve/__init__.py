@@ -5,6 +5,15 @@ the routes, the streams, client disconnects and the graceful shutdown; `__main__
 (`python -m sgl_jax.serve --config configs/smollm2-135m.yaml`).
 """
 
-from sgl_jax.serve.server import create_app, run, serve
-
 __all__ = ["create_app", "run", "serve"]
+
+
+def __getattr__(name):
+    # Lazy, so that `from sgl_jax.serve import protocol` (the routers parse requests with it) does not import the
+    # web framework: a router that did paid ~0.3 s of imports inside its first request, with its first burst
+    # waiting behind it.
+    if name in __all__:
+        from sgl_jax.serve import server
+
+        return getattr(server, name)
+    raise AttributeError(f"module 'sgl_jax.serve' has no attribute {name!r}")

@@ -183,8 +183,10 @@ class Gateway:
     def __init__(self, replicas, config: Config):
         from sgl_jax.models.hub import resolve_model
         from sgl_jax.models.tokenizer import Tokenizer
+        from sgl_jax.router.prompt import warm_up
 
         self.tokenizer = Tokenizer.from_path(resolve_model(config.engine.model))
+        warm_up(self.tokenizer)  # the parsing's imports now, not inside the first requests
         self.replicas = replicas.options(stream=True)
         self.retried = self.failed = 0
 
