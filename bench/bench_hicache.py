@@ -22,9 +22,9 @@ Per engine: hit rate (cached / prompt tokens, as the engine counts them), output
 tier's counters, and where the wall time went (decode-only steps, steps with prompt tokens, host work). The
 ceiling printed last is the most any cache could gain over device-only on this pool: the pool, not the cache, sets
 how many conversations decode at once, so +host's decode seconds plus the prompt work no cache saves (the unbounded
-run's prefill seconds) bound its wall time from below. The floor beside them is the unbounded engine's own run (everything reused; the compute left is
-what no cache can save). Peer: skipped (llama-server keeps one slot's prompt per slot, no tiered prefix cache to
-compare with).
+run's prefill seconds) bound its wall time from below. The floor beside them is the unbounded engine's own run
+(everything reused; the compute left is what no cache can save). Peer: skipped (llama-server keeps one slot's
+prompt per slot, no tiered prefix cache to compare with).
 
 restart: a `--prompt`-token prompt (random tokens) served by an engine with a disk tier (`cache.disk_dir`, a fresh
 temporary directory unless given), the engine shut down, a new engine on the same directory, the same prompt: the
@@ -162,7 +162,7 @@ def chat(args) -> dict:
           f"target <= 5)")
     # The most any cache can give on this pool: +host's own decode steps (the pool sets how many rows fit) plus the
     # prompt work no cache saves (the unbounded run's prefill steps), with free copies and no host work.
-    ceiling = (d["wall_s"]) / (h["step_split"]["decode_s"] + u["step_split"]["prefill_s"])
+    ceiling = d["wall_s"] / (h["step_split"]["decode_s"] + u["step_split"]["prefill_s"])
     print(f"ceiling on this pool: device-only wall / (+host decode s + unbounded prefill s) = {ceiling:.2f}x")
     for name in [n for n in results if "disk" in n]:
         r, sh = results[name], results["+small host"]

@@ -53,8 +53,8 @@ class Metrics:
         self.disk_loading = Gauge(f"{p}disk_loading", "requests waiting for a read from the disk tier", registry=r)
         self.cache_events = Gauge(f"{p}cache_events", "tier events since start: pages demoted, promoted "
                                   "(loaded), dropped from the host; hit tokens loaded or recomputed; disk pages "
-                                  "written, written back as the host dropped them, read, found corrupt, evicted; tokens read from disk", ["event"],
-                                  registry=r)
+                                  "written, written back as the host dropped them, read, found corrupt, evicted; "
+                                  "tokens read from disk", ["event"], registry=r)
         self._lock = threading.Lock()
         self._prompt_sum = 0
         self._cached_sum = 0

@@ -148,7 +148,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         if host is not None:  # the load-or-recompute prices (also compiles the host tier's copies)
             costs = runner.measure_transfer_costs()
             if scheduler.disk is not None:
-                costs = dataclasses.replace(costs, disk_s_per_token=scheduler.disk.store.measure_read_s() / kv.page_size)
+                read_s = scheduler.disk.store.measure_read_s()
+                costs = dataclasses.replace(costs, disk_s_per_token=read_s / kv.page_size)
             scheduler.transfer_costs = costs
         if c.scheduler.decode_row_fill == "auto":  # size jump-forward steps by this machine's measured costs
             costs = step_costs(c, runner, loaded.path, measure=not background)  # background: once all compiled
