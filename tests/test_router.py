@@ -174,6 +174,7 @@ def test_routing_parses_without_the_web_framework_and_warms_up_at_start(tmp_path
             "after = set(sys.modules)\n"
             "routing_prompt('/v1/chat/completions', {'model': 'm', 'messages': [{'role': 'user', 'content': 'hi'}]}, tok)\n"
             "routing_prompt('/generate', {'text': 'hi'}, tok)\n"
+            "from sgl_jax.cache.events import sequence_hashes\n"
             "assert set(sys.modules) == after, sorted(set(sys.modules) - after)  # nothing left to import\n"
             "import sgl_jax.serve\n"
             "assert callable(sgl_jax.serve.create_app) and 'fastapi' in sys.modules\n")

@@ -42,8 +42,11 @@ def routing_prompt(path: str, body: Any, tokenizer, max_context: int = 1 << 30) 
 def warm_up(tokenizer) -> None:
     """Run every routed path's parsing once, so the imports and the tokenizer's first-use work happen at start-up
     and not inside the first requests (which an event loop would otherwise hold up behind them)."""
+    from sgl_jax.cache.events import sequence_hashes
+
     text = "warm up the router"
-    routing_prompt("/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}}, tokenizer)
+    ids, _ = routing_prompt("/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}}, tokenizer)
+    sequence_hashes(ids, 1)  # the block hashes a request is routed by
     routing_prompt("/v1/completions", {"model": "m", "prompt": text, "max_tokens": 1}, tokenizer)
     routing_prompt("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}],
                                             "max_tokens": 1}, tokenizer)

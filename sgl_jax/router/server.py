@@ -180,6 +180,21 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
             p.replica = None
 
 
+async def open_connections(http, replicas: list[Replica], per_worker: int = 16) -> None:
+    """Open up to `per_worker` pooled connections to each worker (concurrent `/health` calls) before serving, so a
+    burst right after start does not wait for its TCP connects one request at a time on the event loop."""
+    import aiohttp
+
+    async def ping(url):
+        try:
+            async with http.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+                await resp.read()
+        except Exception:  # noqa: BLE001 - a worker down now is the health loop's to find
+            pass
+
+    await asyncio.gather(*(ping(r.url) for r in replicas for _ in range(min(r.max_inflight, per_worker))))
+
+
 def build_app(app: RouterApp):
     """The aiohttp application: /generate, /health, /router_stats."""
     from aiohttp import web
@@ -280,8 +295,10 @@ def main(argv=None) -> None:
     async def serve():
         import aiohttp
 
+        # idle connections kept 25 s, under the workers' 30 s keep-alive, so a pooled one is never half-closed
         http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
-                                     connector=aiohttp.TCPConnector(limit=0))
+                                     connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=25))
+        await open_connections(http, replicas)
         app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass, copy_weight=a.copy_weight), tok, http)
         runner = web.AppRunner(build_app(app), access_log=None)
         await runner.setup()
