@@ -154,10 +154,8 @@ class DiskStore:
         if status == "corrupt":
             self.corrupt += 1
             self._drop(h)
-        elif h in self._index:
-            self._index.pop(h)
-            if self.on_forget is not None:
-                self.on_forget(h)
+        else:
+            self._forget(h)
         return None
 
     def clear(self) -> int:
@@ -189,11 +187,15 @@ class DiskStore:
             self.evicted += 1
         return True
 
-    def _drop(self, h: bytes) -> None:
+    def _forget(self, h: bytes) -> None:
+        """``h`` leaves the index (``on_forget`` is told)."""
         if h in self._index:
-            self._index.pop(h)
+            del self._index[h]
             if self.on_forget is not None:
                 self.on_forget(h)
+
+    def _drop(self, h: bytes) -> None:
+        self._forget(h)
         try:
             os.remove(self._path(h))
         except OSError:

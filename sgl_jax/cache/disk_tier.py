@@ -137,8 +137,7 @@ class DiskTier:
         tokens = r.tokens(0, upto + len(data) * ps)
         self.cache.insert_host(tokens, slots, r.namespace)
         first = upto // ps
-        self._announce(r.namespace, tokens, [(first + k, h) for k, h in enumerate(f.chain[first:first + len(data)])
-                                             if h not in self._announced])
+        self._announce(r.namespace, tokens, list(enumerate(f.chain[first:first + len(data)], first)))
         self.tokens_read += len(data) * ps
         return len(data) * ps
 
@@ -147,24 +146,25 @@ class DiskTier:
         self._fetches.pop(rid, None)
 
     # ------------------------------------------------------------------ events
-    def _announce(self, namespace: str, tokens, written: list[tuple[int, bytes]]) -> None:
-        """KV events for pages of ``tokens`` (page index, disk address; increasing index) now announced as on
-        disk: those the store holds, one BlockStored per run of consecutive pages."""
+    def _announce(self, namespace: str, tokens, pages: list[tuple[int, bytes]]) -> None:
+        """KV events for pages of ``tokens`` (page index, disk address; increasing index) not yet announced: those
+        the store holds, one BlockStored per run of consecutive pages. Off (nothing hashed) without events."""
         events, ps = self.cache.events, self.page_size
         if events is None:
             return
-        written = [(i, h) for i, h in written if self.store.has(h)]  # a later write's budget may have dropped one
-        if not written:
+        # not announced yet, and still on disk (a later write's budget may have dropped one)
+        pages = [(i, h) for i, h in pages if h not in self._announced and self.store.has(h)]
+        if not pages:
             return
-        hs = sequence_hashes(tokens[:(written[-1][0] + 1) * ps], ps, namespace)
+        hs = sequence_hashes(tokens[:(pages[-1][0] + 1) * ps], ps, namespace)
         start = 0
-        for k in range(1, len(written) + 1):
-            if k == len(written) or written[k][0] != written[k - 1][0] + 1:
-                i0, i1 = written[start][0], written[k - 1][0] + 1
+        for k in range(1, len(pages) + 1):
+            if k == len(pages) or pages[k][0] != pages[k - 1][0] + 1:
+                i0, i1 = pages[start][0], pages[k - 1][0] + 1
                 events.add(["BlockStored", hs[i0:i1], hs[i0 - 1] if i0 else None, list(tokens[i0 * ps:i1 * ps]),
                             ps, None, DISK_MEDIUM, None])
                 start = k
-        for i, h in written:
+        for i, h in pages:
             self._announced[h] = hs[i]
 
     def _forgotten(self, h: bytes) -> None:
@@ -203,7 +203,7 @@ class DiskTier:
             for (h, _), row in zip(part, data):
                 self.store.put(h, row)
         for ns, toks, pages in leaves:
-            self._announce(ns, toks, [(i, h) for i, h, _ in pages if h not in self._announced])
+            self._announce(ns, toks, [(i, h) for i, h, _ in pages])
 
     def _spill(self, node, num_pages: int) -> None:
         """write_back (the cache calls it): the trailing ``num_pages`` host pages of ``node`` are about to be
@@ -219,8 +219,7 @@ class DiskTier:
         for h, slot in zip(hashes, node.pages[-num_pages:]):
             if not store.has(h) and store.put(h, arena[slot]):
                 self.pages_spilled += 1
-        self._announce(node.namespace, tokens, [(first + i, h) for i, h in enumerate(hashes)
-                                                if h not in self._announced])
+        self._announce(node.namespace, tokens, list(enumerate(hashes, first)))
 
     def flush(self) -> None:
         """At a clean shutdown: what the policy has not written yet. write_through: the last step's pages;
@@ -230,8 +229,7 @@ class DiskTier:
             return
         if not self.store.enabled:
             return
-        if self.cache.host is not None:
-            self.cache.host.flush_saves()
+        self.cache.host.flush_saves()  # host pages demoted this round are written below
         dev = []
         for ns, tokens, tier, pages in self.cache.resident_nodes():
             first = len(tokens) // self.page_size - len(pages)
@@ -240,7 +238,7 @@ class DiskTier:
                 for _, h, p in mine:
                     if not self.store.has(h):
                         self.store.put(h, self.cache.host.arena[p])
-                self._announce(ns, tokens, [(i, h) for i, h, _ in mine if h not in self._announced])
+                self._announce(ns, tokens, [(i, h) for i, h, _ in mine])
             else:
                 dev.append((ns, tokens, mine))
         self._write_device(dev)
