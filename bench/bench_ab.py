@@ -3,13 +3,14 @@
     python bench/bench_ab.py --a /path/to/other/checkout [--b .] [--quant int8] [--batches 1,4,8,16,64]
                              [--ctxs 64,512] [--prefill 512] [--rounds 2] [--json OUT]
     python bench/bench_ab.py --a . --kv-b float16      # one checkout, float32 KV pool (a) against float16 (b)
+    python bench/bench_ab.py --a . --env-a SGL_JAX_AMX=0   # one checkout, a switch in a's environment
 
 One process cannot load two builds of the same native kernel (both register the same FFI target), so each round
 starts one child process per checkout, a then b, with that checkout first on the path. A child times every case as
 bench_packed.py does (bench_model's jitted forward, packed weights when the engine would pack them, KV donated,
 the runner's compile options) and prints its medians as JSON. The table gives per case the median over the rounds
-for a and b, b's speed-up, and the floor (weights + KV over the copy bandwidth, or FLOPs over numpy's GEMM rate)
-measured in this process between the rounds. Make `other` with `git worktree add /tmp/other <rev>`; both checkouts
+for a and b, b's speed-up, and the floor (weights + KV over the copy bandwidth, or FLOPs over numpy's GEMM rate --
+for int8 weights the int8 kernel's rate when it is faster, floors.int8_gemm_rate) measured between the rounds. Make `other` with `git worktree add /tmp/other <rev>`; both checkouts
 use this interpreter's packages.
 """
 
@@ -44,8 +45,9 @@ def child(quant: str, cases: list[tuple[str, int, int]], rounds: int, kv_dtype: 
     return out
 
 
-def run_child(root: str, args, kv_dtype: str) -> dict:
+def run_child(root: str, args, kv_dtype: str, extra_env: list[str]) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
+    env.update(kv.split("=", 1) for kv in extra_env)
     cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", args.quant, "--batches",
            args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2", "--kv", kv_dtype]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -53,6 +55,17 @@ def run_child(root: str, args, kv_dtype: str) -> dict:
     if res.returncode or not lines:
         raise SystemExit(f"child for {root} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+def int8_rate_in_child(root: str, extra_env: list[str]) -> float:
+    """floors.int8_gemm_rate in a child with `root` first on the path (this process loads no native kernel)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
+    env.update(kv.split("=", 1) for kv in extra_env)
+    code = "import floors; print(floors.int8_gemm_rate())"
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode:
+        raise SystemExit(f"int8 GEMM rate in {root} failed:\n{res.stderr[-2000:]}")
+    return float(res.stdout.split()[-1])
 
 
 def main(argv=None):
@@ -66,6 +79,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=2, help="process pairs")
     ap.add_argument("--kv-a", default="", help="a's KV pool dtype (default: the model's, float32)")
     ap.add_argument("--kv-b", default="", help="b's KV pool dtype")
+    ap.add_argument("--env-a", action="append", default=[], metavar="KEY=VALUE", help="set in a's environment")
+    ap.add_argument("--env-b", action="append", default=[], metavar="KEY=VALUE", help="set in b's environment")
     ap.add_argument("--json")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--kv", default="", help=argparse.SUPPRESS)
@@ -85,17 +100,22 @@ def main(argv=None):
     results = {"a": [], "b": []}
     bws, gemms = [], []
     kvs = {"a": args.kv_a, "b": args.kv_b}
+    envs = {"a": args.env_a, "b": args.env_b}
     for r in range(args.rounds):
         for name, root in roots.items():
-            results[name].append(run_child(root, args, kvs[name]))
+            results[name].append(run_child(root, args, kvs[name], envs[name]))
             print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
         bws.append(floors.copy_bandwidth(threads=2))
         gemms.append(floors.numpy_gemm_rate())
+        if args.quant == "int8":  # int8 weights: the larger of numpy's float32 rate and the int8 kernel's
+            gemms.append(int8_rate_in_child(roots["b"], envs["b"]))
     bw, gemm = max(bws), max(gemms)
     info = results["b"][0]
-    print(f"a = {roots['a']} (packed: {results['a'][0]['packed']}, KV {results['a'][0].get('kv_dtype', '?')}), "
-          f"b = {roots['b']} (packed: {info['packed']}, KV {info['kv_dtype']}); floors priced by b's KV bytes; "
-          f"{args.quant} weights; copy bandwidth {bw / 1e9:.1f} GB/s, numpy GEMM {gemm / 1e9:.0f} GFLOP/s")
+    print(f"a = {roots['a']} {' '.join(args.env_a)} (packed: {results['a'][0]['packed']}, KV "
+          f"{results['a'][0].get('kv_dtype', '?')}), b = {roots['b']} {' '.join(args.env_b)} (packed: "
+          f"{info['packed']}, KV {info['kv_dtype']}); floors priced by b's KV bytes; "
+          f"{args.quant} weights; copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.0f} GOP/s (numpy float32"
+          f"{', or the int8 kernel on [512,1536]x[1536,1536]' if args.quant == 'int8' else ''}: the faster)")
     print("| step | rows | ctx | a ms | b ms | a / b | floor ms | floor / b |\n|---|---|---|---|---|---|---|---|")
     rows = []
     for c in cases:

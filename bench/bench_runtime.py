@@ -584,6 +584,9 @@ def bench_decode(args) -> dict:
     mc = eng.model_config
     import jax
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
+    # the weights' matmuls at the faster of the float32 GEMM and, for int8 weights, the int8 kernel's rate
+    int8 = any(x.dtype == "int8" for x in jax.tree_util.tree_leaves(eng.runner.params))
+    fl["gemm_weights"] = max(fl["gemm"], floors_mod.int8_gemm_rate()) if int8 else fl["gemm"]
     kv_tok = mc.kv_bytes_per_token(4)
     fpt = mc.flops_per_token()
     res.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_tok, flops_per_token=fpt)
@@ -607,7 +610,7 @@ def bench_decode(args) -> dict:
         pack = _med([x["pack_s"] for x in dec])
         mem_s = (weight_bytes + B * mean_ctx * kv_tok) / fl["copy_bw"]
         attn_flops = 4 * mean_ctx * mc.num_heads * mc.head_dim * mc.num_layers  # per token
-        cmp_s = B * (fpt + attn_flops) / fl["gemm"]
+        cmp_s = B * fpt / fl["gemm_weights"] + B * attn_flops / fl["gemm"]
         cmp_s_b64 = B * (fpt + attn_flops) / fl["jnp_gemm_b64_f32"]
         floor = max(mem_s, cmp_s)
         d = dict(ctx_target=ctx, prompt=plen, max_new=new, n_steps=len(dec), mean_ctx=mean_ctx,
@@ -645,6 +648,7 @@ def bench_decode(args) -> dict:
     eng.shutdown()
     res["table"] = (
         f"floors: copy {fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best {fl['gemm'] / 1e9:.0f} GFLOP/s, "
+        f"the weights' matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s, "
         f"jnp [64,576]x[576,1536] {fl['jnp_gemm_b64_f32'] / 1e9:.0f} GFLOP/s; weights {weight_bytes / 1e6:.0f} MB, "
         f"KV {kv_tok / 1e3:.1f} KB/token\n" +
         _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "compiled ms", "mem floor ms",

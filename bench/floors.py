@@ -9,6 +9,10 @@ Everything is best-of-N: on a shared machine the best run is the closest to the 
   device_copy_bandwidth(nbytes)    the same on jax's default device (HBM on a GPU/TPU): a jitted x + 1
   numpy_gemm_rate(n)               f32 numpy (OpenBLAS) n x n x n; FLOP/s
   jnp_gemm_rate(m, k, n, dtype)    jitted jnp.dot [m,k] x [k,n]; FLOP/s
+  int8_gemm_rate(m, k, n)          the packed int8 matmul (pallas_kernels/cpu_matmul.cc: AMX where the CPU has it)
+                                   on a compute-bound [m,k] x [k,n]; OP/s. There is no other int8 GEMM here
+                                   (XLA converts int8 weights to float before its dot): for int8 weights this is
+                                   the GEMM ceiling in the sense numpy's is for float32, a library's best rate
   int8_matmul_times(m, k, n, dtype)  one [m,k] x [k,n] matmul with float vs int8 weights (converted in the
                                    graph, scaled after the dot, as sgl_jax.models.llama.Linear does); us
 
@@ -152,6 +156,26 @@ def jnp_gemm_rate(m: int, k: int, n: int, dtype: str = "float32", repeats: int =
     f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
     f(a, b).block_until_ready()
     return 2 * m * k * n / _best_time(lambda: f(a, b).block_until_ready(), repeats, min_time=min_time)
+
+
+def int8_gemm_rate(m: int = 512, k: int = 1536, n: int = 1536, repeats: int = 5, min_time: float = 0.2) -> float:
+    """OP/s (2 per multiply-add) of the packed int8 matmul on [m,k] x [k,n], all cores, activations quantized in
+    the call as the model's are (see the module docstring). 0.0 where the native kernel is not built."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_kernels import cpu_matmul
+    from sgl_jax.models.packing import pack_io, to_quads
+
+    if not cpu_matmul.packed_available():
+        return 0.0
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((m, k), dtype=np.float32))
+    w = jnp.asarray(to_quads(pack_io(rng.integers(-127, 128, (k, n)).astype(np.int8))))
+    s = jnp.ones((n,), jnp.float32)
+    f = jax.jit(cpu_matmul.packed_matmul)
+    f(x, w, s).block_until_ready()
+    return 2 * m * k * n / _best_time(lambda: f(x, w, s).block_until_ready(), repeats, min_time=min_time)
 
 
 def int8_matmul_times(m: int, k: int, n: int, dtype: str = "float32", repeats: int = 300) -> dict:

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -29,6 +30,11 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#endif
+
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 #include "cpu_native.h"  // includes xla/ffi/api/ffi.h
@@ -361,10 +367,40 @@ ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const f
 constexpr int64_t kQuad = 4;     // inputs per 32-bit lane
 constexpr int64_t kXBlock = 32;  // inputs per activation scale
 
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// A whole block of 32 inputs as QuantizeRow's loop below quantizes it, in two 16-lane vectors: the same max (exact
+// in any order), the same products and the same rounding (the conversion rounds to nearest even, as nearbyint does
+// in the default rounding mode), so the same bytes; 10x fewer instructions (a 512-row prefill spent ~0.3 ms of a
+// 1 ms product here).
+inline void QuantizeBlock32(const float* x, int8_t* xq, float* d) {
+  const __m512 a = _mm512_loadu_ps(x), b = _mm512_loadu_ps(x + 16);
+  const __m512 aa = _mm512_abs_ps(a), ab = _mm512_abs_ps(b);
+  const __m512 big = _mm512_set1_ps(std::numeric_limits<float>::max());
+  // NaN fails the compare and inf exceeds the largest finite float
+  if ((_mm512_cmp_ps_mask(aa, big, _CMP_LE_OQ) & _mm512_cmp_ps_mask(ab, big, _CMP_LE_OQ)) != 0xffff) {
+    *d = std::numeric_limits<float>::quiet_NaN();
+    std::memset(xq, 0, kXBlock);
+    return;
+  }
+  const float amax = _mm512_reduce_max_ps(_mm512_max_ps(aa, ab));
+  *d = amax / 127.0f;
+  const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv))));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + 16),
+                   _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv))));
+}
+#endif
+
 // One row of x quantized: xq[K] and d[ceil(K / 32)] (see above).
 void QuantizeRow(const float* x, int64_t K, int8_t* xq, float* d) {
   for (int64_t k0 = 0, b = 0; k0 < K; k0 += kXBlock, ++b) {
     const int64_t k1 = std::min(K, k0 + kXBlock);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (k1 - k0 == kXBlock) {
+      QuantizeBlock32(x + k0, xq + k0, d + b);
+      continue;
+    }
+#endif
     float amax = 0.0f;
     bool finite = true;
     for (int64_t k = k0; k < k1; ++k) {
@@ -616,6 +652,111 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The same product on AMX (Intel's tile matrix unit: Sapphire Rapids and later), for calls of kAmxRows rows or
+// more with K a multiple of 32. A panel's 8 quad rows (32 inputs x 16 columns, 512 contiguous bytes) are exactly
+// the right operand of one tile dot product (TDPBSSD: signed x signed bytes, int32 sums), 16 rows of quantized
+// activations x 32 inputs its left operand: one instruction computes a 16 x 16 block's integer sums over one
+// activation block, which the vector units then scale by each row's d and add in float32 -- the same exact int32
+// sums, converted and added in the same order (fmadd per block, then x scale) as QuadTile512, so the outputs are
+// bit-identical to the 512-bit VNNI path (tests/test_cpu_matmul.py compares them). The per-block scaling, not the
+// tile unit, bounds the speed: in a one-off test a 64 x 576 x 1536 product ran at ~0.7 TOPS on one core this way
+// against ~2.1 with one scale for all of K (bench/notes.md, "AMX for the int8 matmuls"). Four blocks' dot products
+// go into four result tiles before their sums are read, so the tile unit works while the vector units scale.
+// Linux hands out the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once a process); a kernel
+// that refuses, a CPU without AMX or SGL_JAX_AMX=0 keeps the VNNI path. Each unit loads its tile configuration
+// and releases the tiles when done (other code on XLA's threads may use the tile unit with its own).
+
+constexpr int64_t kAmxRows = 6;  // from this many rows on (bench/notes.md, "AMX for the int8 matmuls")
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(SGL_JAX_WIDE_INT8) && defined(__linux__)
+#define SGL_JAX_AMX 1
+
+// -1: not decided yet; 0: off (not available, refused, or switched off); 1: on
+std::atomic<int> g_amx{-1};
+
+bool AmxPermitted() {
+  constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;  // from the kernel's uapi (asm/prctl.h, xstate)
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+}
+
+bool AmxOn() {
+  int v = g_amx.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* env = std::getenv("SGL_JAX_AMX");
+    v = (env && std::strcmp(env, "0") == 0) ? 0 : (AmxPermitted() ? 1 : 0);
+    g_amx.store(v);
+  }
+  return v == 1;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tiles 0-3: 16 x 16 int32 results; 4-5: 16 rows x 32 activation bytes; 6-7: 8 quad rows x 64 weight bytes
+void AmxConfigure() {
+  TileConfig c;
+  for (int t = 0; t < 4; ++t) c.colsb[t] = 64, c.rows[t] = 16;
+  for (int t = 4; t < 6; ++t) c.colsb[t] = kXBlock, c.rows[t] = 16;
+  for (int t = 6; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kXBlock / kQuad;
+  _tile_loadconfig(&c);
+}
+
+// One block's integer sums into result tile T (activation tile A, weight tile B; T, A, B are immediates)
+#define SGL_AMX_BLOCK(T, A, B, xb, wb, ldx) \
+  _tile_zero(T);                            \
+  _tile_loadd(A, xb, ldx);                  \
+  _tile_loadd(B, wb, 64);                   \
+  _tile_dpbssd(T, A, B);
+
+// y[0:rows, 0:16] = scale * sum_blk d[r, blk] * (xq[r, blk] . w[blk]) for 16 activation rows (xq: rows beyond
+// `rows` are padding, read but not stored) and one panel (wp at its quad row 0); d [16, ldd], K % 32 == 0.
+void AmxPanel16(const int8_t* xq, int64_t ldx, const float* d, int64_t ldd, const int8_t* wp, int64_t K,
+                const float* scale, float* y, int64_t ldy, int64_t rows) {
+  __m512 acc[16];
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  alignas(64) int32_t sums[4][16 * 16];
+  const int64_t blocks = K / kXBlock, wblock = kXBlock / kQuad * kPanel * kQuad;  // 512 weight bytes a block
+  for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
+    const int64_t nb = std::min<int64_t>(4, blocks - b0);
+    const int8_t* xb = xq + b0 * kXBlock;
+    const int8_t* wb = wp + b0 * wblock;
+    SGL_AMX_BLOCK(0, 4, 6, xb, wb, ldx)
+    if (nb > 1) { SGL_AMX_BLOCK(1, 5, 7, xb + kXBlock, wb + wblock, ldx) }
+    if (nb > 2) { SGL_AMX_BLOCK(2, 4, 6, xb + 2 * kXBlock, wb + 2 * wblock, ldx) }
+    if (nb > 3) { SGL_AMX_BLOCK(3, 5, 7, xb + 3 * kXBlock, wb + 3 * wblock, ldx) }
+    _tile_stored(0, sums[0], 64);
+    if (nb > 1) _tile_stored(1, sums[1], 64);
+    if (nb > 2) _tile_stored(2, sums[2], 64);
+    if (nb > 3) _tile_stored(3, sums[3], 64);
+    for (int64_t t = 0; t < nb; ++t)
+      for (int r = 0; r < 16; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t] + 16 * r)),
+                                 _mm512_set1_ps(d[r * ldd + b0 + t]), acc[r]);
+  }
+  const __m512 s = scale ? _mm512_loadu_ps(scale) : _mm512_set1_ps(1.0f);
+  for (int64_t r = 0; r < rows; ++r) _mm512_storeu_ps(y + r * ldy, scale ? _mm512_mul_ps(acc[r], s) : acc[r]);
+}
+#undef SGL_AMX_BLOCK
+
+// Panels [p0, p1) of y for all M rows (x's rows padded with zeros to a multiple of 16)
+void AmxPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
+               int64_t p1) {
+  AmxConfigure();
+  const int64_t K = x.K, ps = K * kPanel;
+  for (int64_t p = p0; p < p1; ++p)
+    for (int64_t m0 = 0; m0 < M; m0 += 16)
+      AmxPanel16(x.xq + m0 * K, K, x.d + m0 * x.blocks, x.blocks, w + p * ps, K, ScaleAt(scale, p * kPanel),
+                 y + m0 * N + p * kPanel, N, std::min<int64_t>(16, M - m0));
+  _tile_release();
+}
+#else
+bool AmxOn() { return false; }
+#endif
+
 // y = (x @ w) * scale with w int8 [P, K / 4, 16, 4], N = 16 P (see above).
 ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
                       const int8_t* wp, const float* sp, int64_t scale_count, float* yp) {
@@ -631,19 +772,30 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
     return ffi::Error::Success();
   }
   const int64_t blocks = (K + kXBlock - 1) / kXBlock;
+  const bool amx = M >= kAmxRows && K % kXBlock == 0 && AmxOn();
+  const int64_t rows = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row tiles: zero rows after the last
   // The quantized rows, in this thread's buffers (kept between calls: a prefill's rows are ~1 MB, which malloc
   // would map and unmap each call); they outlive every unit (RunUnits returns after the last).
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xs_buf;
-  if (xq_buf.size() < static_cast<size_t>(M * K)) xq_buf.resize(M * K);
-  if (xs_buf.size() < static_cast<size_t>(M * blocks)) xs_buf.resize(M * blocks);
+  if (xq_buf.size() < static_cast<size_t>(rows * K)) xq_buf.resize(rows * K);
+  if (xs_buf.size() < static_cast<size_t>(rows * blocks)) xs_buf.resize(rows * blocks);
   int8_t* q = xq_buf.data();
   float* d = xs_buf.data();
+  std::fill(q + M * K, q + rows * K, int8_t{0});
+  std::fill(d + M * blocks, d + rows * blocks, 0.0f);
   const QuantRows x{q, d, K, blocks};
   const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
   RunUnits(pool, qunits, [=](int64_t u) {
     for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
   });
+#if defined(SGL_JAX_AMX)
+  if (amx) {
+    const int64_t units = std::min<int64_t>(P, 16);
+    RunUnits(pool, units, [=](int64_t u) { AmxPanels(x, wp, sp, yp, M, N, u * P / units, (u + 1) * P / units); });
+    return ffi::Error::Success();
+  }
+#endif
   // units of whole panel groups (the tiles' panels); small products stay on this thread
   const int64_t group = M == 1 ? 4 : (M == 2 || kWide) ? 2 : 1, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
@@ -710,3 +862,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether the int8 packed matmul uses AMX (1) or the VNNI tiles (0), after `set`: -1 leaves it, 0 switches AMX off,
+// 1 on where the CPU, the build and the OS allow it (for A/B runs and tests: pallas_kernels/cpu_matmul.py).
+extern "C" int SglJaxAmxInt8(int set) {
+#if defined(SGL_JAX_AMX)
+  if (set == 0) g_amx.store(0);
+  if (set == 1) g_amx.store(AmxPermitted() ? 1 : 0);
+#else
+  (void)set;
+#endif
+  return AmxOn() ? 1 : 0;
+}

@@ -6,7 +6,8 @@
   blocks through L1). Decode steps 1.0-1.6x faster than the plain layout's paths below (bench/notes.md,
   "Panel-packed weights"). int8 [N / 16, K / 4, 16, 4] + a scale per output column: the activations are
   quantized to int8 per block of 32 inputs and the products summed in integer arithmetic (bench/notes.md,
-  "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc).
+  "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc); where the CPU has AMX, calls of 6
+  or more rows run on its tile unit with the same results (bench/notes.md, "AMX for the int8 matmuls").
 
 The plain [K, N] layout's few-row kernels (used when the weights are not packed):
 
@@ -123,6 +124,15 @@ def f32_matmul(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
 
 def packed_available() -> bool:
     return _PACKED_INT8.available() and _PACKED_F32.available()
+
+
+def amx_int8(on: bool | None = None) -> bool:
+    """Whether the packed int8 matmul runs on AMX tiles (calls of 6 rows or more with K % 32 == 0; otherwise the
+    VNNI tiles, with bit-identical results: cpu_matmul.cc). `on` switches it for this process (A/B runs, tests);
+    AMX needs the CPU (Sapphire Rapids or later), a build for it and the kernel's permission. Builds the kernel."""
+    if not _PACKED_INT8.available():
+        return False
+    return bool(_PACKED_INT8._state["lib"].SglJaxAmxInt8(-1 if on is None else int(on)))
 
 
 def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:

@@ -233,6 +233,37 @@ def test_packed_bad_operands_raise_naming_them():
             cpu_matmul.packed_matmul(x, w, s)
 
 
+def _cpu_has_amx() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next((ln.split() for ln in f if ln.startswith("flags")), [])
+    return "amx_int8" in flags and "amx_tile" in flags
+
+
+@pytest.mark.parametrize("m,k,n", [
+    (6, 576, 1536), (7, 64, 48), (16, 1536, 576), (17, 576, 96),  # AMX from 6 rows: one padded 16-row tile, two
+    (64, 576, 1536), (130, 1536, 64), (512, 64, 32),               # many tiles, a ragged last one
+    (4, 576, 96), (40, 100, 48), (2, 32, 16),                      # below 6 rows or K % 32 != 0: VNNI either way
+])
+def test_packed_int8_amx_equals_vnni_bitwise(m, k, n):
+    """Where the CPU has AMX the int8 product of 6 or more rows runs on the tile unit, and it is on by default;
+    its outputs equal the VNNI tiles' bit for bit (the same exact block sums, scaled and added in the same order),
+    non-finite rows included. On a CPU without AMX both runs take the VNNI path."""
+    assert cpu_matmul.amx_int8() == _cpu_has_amx()
+    x, wp, s, _, _ = _packed_case(np.random.default_rng(m + k + n), m, k, n, True)
+    x[m // 2, 1] = np.nan
+    f = jax.jit(lambda x, w, s: cpu_matmul.packed_matmul(x, w, s))
+    try:
+        on = cpu_matmul.amx_int8(True)
+        y_amx = np.asarray(f(x, wp, s))
+        assert not cpu_matmul.amx_int8(False)
+        y_vnni = np.asarray(f(x, wp, s))
+    finally:
+        cpu_matmul.amx_int8(True)
+    assert on == _cpu_has_amx()
+    assert np.array_equal(y_amx, y_vnni, equal_nan=True)
+    assert np.all(np.isnan(y_amx[m // 2])) and np.all(np.isfinite(np.delete(y_amx, m // 2, axis=0)))
+
+
 def test_pack_layouts_and_which_leaves():
     from sgl_jax.models import packing
 
