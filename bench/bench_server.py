@@ -167,13 +167,31 @@ def default_gguf() -> str:
     return resolve_model("smollm2-135m")
 
 
-def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict) -> dict:
+def config_value(path: str, key: str):
+    """The first `key` found in a config file's nested sections (None if absent)."""
+    import yaml
+
+    def walk(d):
+        if not isinstance(d, dict):
+            return None
+        if key in d:
+            return d[key]
+        return next((v for v in map(walk, d.values()) if v is not None), None)
+
+    with open(path) as f:
+        return walk(yaml.safe_load(f))
+
+
+def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict, int8: bool = False, kv_bytes: int = 4) -> dict:
     """The burst's physical floor on this machine, measured now: the prompt tokens our server computed
     (cold: the shared prefix once plus the suffixes) at the large-GEMM rate, plus `out_tokens` decode steps of
-    `n` rows, each the larger of reading the fp32 weights once and its FLOPs at the [n, hidden] GEMM rate."""
+    `n` rows, each the larger of reading the weights and the rows' KV once (`kv_bytes` per element, at the mean
+    context) and its FLOPs at the [n, hidden] GEMM rate. float32 weights: 4 bytes each, numpy's / XLA's float32
+    GEMM rates; int8 weights: 1 byte each, and the faster of those and the int8 kernel's rates
+    (floors.int8_gemm_rate: there is no other int8 GEMM here)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     sys.path.insert(0, ROOT)
-    from floors import copy_bandwidth, jnp_gemm_rate, numpy_gemm_rate
+    from floors import copy_bandwidth, int8_gemm_rate, jnp_gemm_rate, numpy_gemm_rate
     from sgl_jax.models.config import ModelConfig
     from sgl_jax.models.loader import read_gguf
 
@@ -182,9 +200,15 @@ def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict) -> dict:
     fpt = cfg.flops_per_token()
     bw, big = copy_bandwidth(1 << 30, threads=2), numpy_gemm_rate(2048)
     small = jnp_gemm_rate(n, cfg.hidden_size, cfg.intermediate_size)
-    step = max(4 * cfg.num_params / bw, n * fpt / small)
-    out = {"copy_gbs": bw / 1e9, "gemm_gflops": big / 1e9, f"gemm_{n}_rows_gflops": small / 1e9,
-           "decode_step_ms": 1e3 * step}
+    if int8:
+        big = max(big, int8_gemm_rate())
+        small = max(small, int8_gemm_rate(n, cfg.hidden_size, cfg.intermediate_size))
+    ctx = ours["cold_prompt_tokens"] / n + out_tokens / 2
+    step = max(((1 if int8 else 4) * cfg.num_params + n * ctx * cfg.kv_bytes_per_token(kv_bytes)) / bw,
+               n * fpt / small)
+    out = {"weights": "int8" if int8 else "float32", "kv_bytes": kv_bytes, "copy_gbs": bw / 1e9,
+           "gemm_gflops": big / 1e9,
+           f"gemm_{n}_rows_gflops": small / 1e9, "decode_step_ms": 1e3 * step}
     for phase in ("cold", "warm"):
         computed = ours[f"{phase}_prompt_tokens"] - ours[f"{phase}_cached_tokens"]
         secs = computed * fpt / big + out_tokens * step
@@ -224,7 +248,8 @@ async def run_prefix(args):
     finally:
         srv.stop()
     results["floor"] = prefix_floor(args.gguf or default_gguf(), len(cold), 64,
-                                    results["sgl_jax"])
+                                    results["sgl_jax"], config_value(args.config, "quantization") == "int8",
+                                    2 if config_value(args.config, "kv_dtype") in ("float16", "bfloat16") else 4)
     llama = args.llama_server or shutil.which("llama-server")
     if llama:
         args.gguf = args.gguf or default_gguf()
