@@ -664,8 +664,8 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
 // against ~2.1 with one scale for all of K (bench/notes.md, "AMX for the int8 matmuls"). Four blocks' dot products
 // go into four result tiles before their sums are read, so the tile unit works while the vector units scale.
 // Linux hands out the tile registers only on request (arch_prctl ARCH_REQ_XCOMP_PERM, once a process); a kernel
-// that refuses, a CPU without AMX or SGL_JAX_AMX=0 keeps the VNNI path. Each unit loads its tile configuration
-// and releases the tiles when done (other code on XLA's threads may use the tile unit with its own).
+// that refuses, a CPU without AMX or SGL_JAX_AMX=0 keeps the VNNI path. Each unit checks the thread's tile
+// configuration and loads its own if it differs (other code on XLA's threads may use the tile unit with its own).
 
 constexpr int64_t kAmxRows = 6;  // from this many rows on (bench/notes.md, "AMX for the int8 matmuls")
 
@@ -697,12 +697,16 @@ struct alignas(64) TileConfig {
 };
 
 // tiles 0-3: 16 x 16 int32 results; 4-5: 16 rows x 32 activation bytes; 6-7: 8 quad rows x 64 weight bytes
+// (loaded only when the thread's current configuration differs: reading it back is a 64-byte store, loading it
+// costs more, and a step makes ~2,000 of these calls)
 void AmxConfigure() {
   TileConfig c;
   for (int t = 0; t < 4; ++t) c.colsb[t] = 64, c.rows[t] = 16;
   for (int t = 4; t < 6; ++t) c.colsb[t] = kXBlock, c.rows[t] = 16;
   for (int t = 6; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kXBlock / kQuad;
-  _tile_loadconfig(&c);
+  TileConfig now;
+  _tile_storeconfig(&now);
+  if (std::memcmp(&now, &c, sizeof(c)) != 0) _tile_loadconfig(&c);
 }
 
 // One block's integer sums into result tile T (activation tile A, weight tile B; T, A, B are immediates)
@@ -713,11 +717,13 @@ void AmxConfigure() {
   _tile_dpbssd(T, A, B);
 
 // y[0:rows, 0:16] = scale * sum_blk d[r, blk] * (xq[r, blk] . w[blk]) for 16 activation rows (xq: rows beyond
-// `rows` are padding, read but not stored) and one panel (wp at its quad row 0); d [16, ldd], K % 32 == 0.
+// `rows` are padding, read but not stored) and one panel (wp at its quad row 0); d [16, ldd], K % 32 == 0. Only
+// the first RP (8 or 16) rows' sums are scaled and added (rows <= RP).
+template <int RP>
 void AmxPanel16(const int8_t* xq, int64_t ldx, const float* d, int64_t ldd, const int8_t* wp, int64_t K,
                 const float* scale, float* y, int64_t ldy, int64_t rows) {
-  __m512 acc[16];
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  __m512 acc[RP];
+  for (int r = 0; r < RP; ++r) acc[r] = _mm512_setzero_ps();
   alignas(64) int32_t sums[4][16 * 16];
   const int64_t blocks = K / kXBlock, wblock = kXBlock / kQuad * kPanel * kQuad;  // 512 weight bytes a block
   for (int64_t b0 = 0; b0 < blocks; b0 += 4) {
@@ -733,7 +739,7 @@ void AmxPanel16(const int8_t* xq, int64_t ldx, const float* d, int64_t ldd, cons
     if (nb > 2) _tile_stored(2, sums[2], 64);
     if (nb > 3) _tile_stored(3, sums[3], 64);
     for (int64_t t = 0; t < nb; ++t)
-      for (int r = 0; r < 16; ++r)
+      for (int r = 0; r < RP; ++r)
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums[t] + 16 * r)),
                                  _mm512_set1_ps(d[r * ldd + b0 + t]), acc[r]);
   }
@@ -748,10 +754,11 @@ void AmxPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y
   AmxConfigure();
   const int64_t K = x.K, ps = K * kPanel;
   for (int64_t p = p0; p < p1; ++p)
-    for (int64_t m0 = 0; m0 < M; m0 += 16)
-      AmxPanel16(x.xq + m0 * K, K, x.d + m0 * x.blocks, x.blocks, w + p * ps, K, ScaleAt(scale, p * kPanel),
-                 y + m0 * N + p * kPanel, N, std::min<int64_t>(16, M - m0));
-  _tile_release();
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      const int64_t rows = std::min<int64_t>(16, M - m0);
+      (rows <= 8 ? &AmxPanel16<8> : &AmxPanel16<16>)(x.xq + m0 * K, K, x.d + m0 * x.blocks, x.blocks, w + p * ps,
+                                                     K, ScaleAt(scale, p * kPanel), y + m0 * N + p * kPanel, N, rows);
+    }
 }
 #else
 bool AmxOn() { return false; }
