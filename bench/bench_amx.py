@@ -5,7 +5,7 @@
 Each case is one jitted `cpu_matmul.packed_matmul` call ([rows, K] float32 activations, quantized per 32 inputs
 inside the call, times int8 weights packed [N / 16, K / 4, 16, 4]), timed with the AMX path on and then off
 (`cpu_matmul.amx_int8`, switched in the same process: the outputs are bit-identical, tests/test_cpu_matmul.py);
-the best of `--repeats` batches of 30 calls. Below 6 rows both take the VNNI tiles (cpu_matmul.cc, kAmxRows).
+the best of `--repeats` batches of 30 calls. Below 4 rows both take the VNNI tiles (cpu_matmul.cc, kAmxRows).
 Beside each: its floor, the larger of the weight bytes over the read bandwidth and the product's operations over
 the int8 kernel's own large-product rate (floors.int8_gemm_rate), both measured in this run. No peer: llama.cpp's
 matmuls cannot be called on their own (its whole decode step is in bench_served_step.py).

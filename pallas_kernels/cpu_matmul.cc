@@ -667,7 +667,7 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
 // that refuses, a CPU without AMX or SGL_JAX_AMX=0 keeps the VNNI path. Each unit checks the thread's tile
 // configuration and loads its own if it differs (other code on XLA's threads may use the tile unit with its own).
 
-constexpr int64_t kAmxRows = 6;  // from this many rows on (bench/notes.md, "AMX for the int8 matmuls")
+constexpr int64_t kAmxRows = 4;  // from this many rows on (bench/notes.md, "AMX for the int8 matmuls")
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(SGL_JAX_WIDE_INT8) && defined(__linux__)
 #define SGL_JAX_AMX 1
@@ -696,13 +696,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tiles 0-3: 16 x 16 int32 results; 4-5: 16 rows x 32 activation bytes; 6-7: 8 quad rows x 64 weight bytes
+// tiles 0-3: `rows` x 16 int32 results; 4-5: `rows` x 32 activation bytes; 6-7: 8 quad rows x 64 weight bytes
 // (loaded only when the thread's current configuration differs: reading it back is a 64-byte store, loading it
 // costs more, and a step makes ~2,000 of these calls)
-void AmxConfigure() {
+void AmxConfigure(int rows) {
   TileConfig c;
-  for (int t = 0; t < 4; ++t) c.colsb[t] = 64, c.rows[t] = 16;
-  for (int t = 4; t < 6; ++t) c.colsb[t] = kXBlock, c.rows[t] = 16;
+  for (int t = 0; t < 4; ++t) c.colsb[t] = 64, c.rows[t] = rows;
+  for (int t = 4; t < 6; ++t) c.colsb[t] = kXBlock, c.rows[t] = rows;
   for (int t = 6; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kXBlock / kQuad;
   TileConfig now;
   _tile_storeconfig(&now);
@@ -716,9 +716,9 @@ void AmxConfigure() {
   _tile_loadd(B, wb, 64);                   \
   _tile_dpbssd(T, A, B);
 
-// y[0:rows, 0:16] = scale * sum_blk d[r, blk] * (xq[r, blk] . w[blk]) for 16 activation rows (xq: rows beyond
-// `rows` are padding, read but not stored) and one panel (wp at its quad row 0); d [16, ldd], K % 32 == 0. Only
-// the first RP (8 or 16) rows' sums are scaled and added (rows <= RP).
+// y[0:rows, 0:16] = scale * sum_blk d[r, blk] * (xq[r, blk] . w[blk]) for RP (8 or 16: the configured tile rows)
+// activation rows (xq: rows beyond `rows` are padding, read but not stored) and one panel (wp at its quad row 0);
+// d [RP, ldd], K % 32 == 0.
 template <int RP>
 void AmxPanel16(const int8_t* xq, int64_t ldx, const float* d, int64_t ldd, const int8_t* wp, int64_t K,
                 const float* scale, float* y, int64_t ldy, int64_t rows) {
@@ -751,13 +751,14 @@ void AmxPanel16(const int8_t* xq, int64_t ldx, const float* d, int64_t ldd, cons
 // Panels [p0, p1) of y for all M rows (x's rows padded with zeros to a multiple of 16)
 void AmxPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
                int64_t p1) {
-  AmxConfigure();
+  const bool few = M <= 8;  // one tile of 8 rows (a tile unit's product takes about as long as its rows)
+  AmxConfigure(few ? 8 : 16);
   const int64_t K = x.K, ps = K * kPanel;
   for (int64_t p = p0; p < p1; ++p)
     for (int64_t m0 = 0; m0 < M; m0 += 16) {
       const int64_t rows = std::min<int64_t>(16, M - m0);
-      (rows <= 8 ? &AmxPanel16<8> : &AmxPanel16<16>)(x.xq + m0 * K, K, x.d + m0 * x.blocks, x.blocks, w + p * ps,
-                                                     K, ScaleAt(scale, p * kPanel), y + m0 * N + p * kPanel, N, rows);
+      (few ? &AmxPanel16<8> : &AmxPanel16<16>)(x.xq + m0 * K, K, x.d + m0 * x.blocks, x.blocks, w + p * ps,
+                                               K, ScaleAt(scale, p * kPanel), y + m0 * N + p * kPanel, N, rows);
     }
 }
 #else

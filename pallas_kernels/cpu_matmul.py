@@ -6,7 +6,7 @@
   blocks through L1). Decode steps 1.0-1.6x faster than the plain layout's paths below (bench/notes.md,
   "Panel-packed weights"). int8 [N / 16, K / 4, 16, 4] + a scale per output column: the activations are
   quantized to int8 per block of 32 inputs and the products summed in integer arithmetic (bench/notes.md,
-  "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc); where the CPU has AMX, calls of 6
+  "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc); where the CPU has AMX, calls of 4
   or more rows run on its tile unit with the same results (bench/notes.md, "AMX for the int8 matmuls").
 
 The plain [K, N] layout's few-row kernels (used when the weights are not packed):
@@ -127,7 +127,7 @@ def packed_available() -> bool:
 
 
 def amx_int8(on: bool | None = None) -> bool:
-    """Whether the packed int8 matmul runs on AMX tiles (calls of 6 rows or more with K % 32 == 0; otherwise the
+    """Whether the packed int8 matmul runs on AMX tiles (calls of 4 rows or more with K % 32 == 0; otherwise the
     VNNI tiles, with bit-identical results: cpu_matmul.cc). `on` switches it for this process (A/B runs, tests);
     AMX needs the CPU (Sapphire Rapids or later), a build for it and the kernel's permission. Builds the kernel."""
     if not _PACKED_INT8.available():

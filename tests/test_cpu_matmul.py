@@ -240,12 +240,13 @@ def _cpu_has_amx() -> bool:
 
 
 @pytest.mark.parametrize("m,k,n", [
-    (6, 576, 1536), (7, 64, 48), (16, 1536, 576), (17, 576, 96),  # AMX from 6 rows: one padded 16-row tile, two
+    (4, 576, 1536), (7, 64, 48), (9, 576, 192),                    # AMX from 4 rows: one 8-row tile, one of 16
+    (16, 1536, 576), (17, 576, 96),                                # one full 16-row tile, two
     (64, 576, 1536), (130, 1536, 64), (512, 64, 32),               # many tiles, a ragged last one
-    (4, 576, 96), (40, 100, 48), (2, 32, 16),                      # below 6 rows or K % 32 != 0: VNNI either way
+    (3, 576, 96), (40, 100, 48), (2, 32, 16),                      # below 4 rows or K % 32 != 0: VNNI either way
 ])
 def test_packed_int8_amx_equals_vnni_bitwise(m, k, n):
-    """Where the CPU has AMX the int8 product of 6 or more rows runs on the tile unit, and it is on by default;
+    """Where the CPU has AMX the int8 product of 4 or more rows runs on the tile unit, and it is on by default;
     its outputs equal the VNNI tiles' bit for bit (the same exact block sums, scaled and added in the same order),
     non-finite rows included. On a CPU without AMX both runs take the VNNI path."""
     assert cpu_matmul.amx_int8() == _cpu_has_amx()
