@@ -65,6 +65,9 @@ struct F32Pages {
   using T = float;
   static v8f Load8(const T* p) { return LoadF8(p); }
   static float Load1(const T* p) { return *p; }
+#if defined(__AVX512F__)
+  static __m512 Load16(const T* p) { return _mm512_loadu_ps(p); }  // 16 elements as float32 lanes
+#endif
 };
 
 inline float HalfToFloat(uint16_t h) {
@@ -96,6 +99,9 @@ struct F16Pages {
 #endif
   }
   static float Load1(const T* p) { return HalfToFloat(*p); }
+#if defined(__AVX512F__)
+  static __m512 Load16(const T* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+#endif
 };
 
 struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit shift
@@ -116,6 +122,12 @@ struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit sh
     std::memcpy(&f, &bits, sizeof(f));
     return f;
   }
+#if defined(__AVX512F__)
+  static __m512 Load16(const T* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+#endif
 };
 
 inline float HSum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
@@ -161,11 +173,17 @@ struct Problem {
   float soft_cap;  // 0: none
 };
 
+constexpr int kBlockQueries = 8;     // BlockPage scores this many query heads at once
+constexpr int64_t kMinBlockQueries = 2;  // ... for a page that at least this many queries of a block row see
+
 // Per-thread scratch for one unit: running max, sum and output of each query of the row (index b * H + head),
 // and one page's scores for the G queries of a KV head (each S rounded up to whole vectors, `stride` apart).
 // One per thread (thread_local below), fitted to each call's problem.
 struct Scratch {
   std::vector<float> m, l, acc, s;
+  std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
+  std::vector<int64_t> full;      // the block's queries that see some of a page ...
+  std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
   int64_t stride = 0;
   void Fit(const Problem& p) {
     m.resize(p.Bq * p.H);
@@ -173,6 +191,14 @@ struct Scratch {
     acc.resize(p.Bq * p.H * p.D);
     stride = (p.S + 7) / 8 * 8;
     s.resize(p.G * stride);
+    if (p.Bq > 1) {
+      kt.resize(p.S * p.D);
+      vf.resize(p.S * p.D);
+      sb.resize(kBlockQueries * p.S);
+      full.resize(p.Bq);
+      lo.resize(p.Bq);
+      hi.resize(p.Bq);
+    }
   }
 };
 
@@ -397,12 +423,164 @@ PageFn<E> PickPage(const Problem& p) {
   return &PageEach<E>;
 }
 
+#if defined(__AVX512F__)
+#define SGL_JAX_BLOCK_PAGE 1
+// A page of 16 keys that several queries of a block row see (a prefill chunk's pages): the page is widened once,
+// its keys transposed to [D, 16] and its values to [16, D] float32 in scratch, and then each query head's 16
+// scores are one 16-lane vector built by D multiply-adds of a broadcast query element -- no horizontal reduction,
+// and the widening shared by every query of the block, where PageShared, per query, spends its time on those
+// (bench/notes.md, "Prefill attention: a page for a block of queries at once"). A query's keys outside its range
+// (the causal diagonal, a window's edge) get probability 0 by a lane mask; the softmax update is vectorized over
+// the 16 lanes (SoftmaxPage's with a soft cap); values are accumulated two query heads at a time.
+// exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
+inline __m512 Exp16(__m512 x) {
+  __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), v);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(v, v), _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// The 16 scores of NQ query heads (q[i], D elements) against the transposed keys kt [D, 16], and their online-softmax
+// update: s + 16 i gets exp(score * sm_scale - new max), m[i] / l[i] the running max and sum, corr[i] the factor
+// the query's output so far must be multiplied by. With a soft cap the update is SoftmaxPage's.
+// Query head i sees the page's keys [lo[i], hi[i]) only: its other lanes get probability 0.
+template <int NQ>
+inline void ScoresSoftmaxT(const float* const* q, const float* kt, int64_t D, const Problem& p, float* const* m,
+                           float* const* l, const int32_t* lo, const int32_t* hi, float* s, float* corr) {
+  __m512 acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 k = _mm512_loadu_ps(kt + d * 16);
+    for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, acc[i]);
+  }
+  __mmask16 seen[NQ];
+  for (int i = 0; i < NQ; ++i) seen[i] = static_cast<__mmask16>(((1u << hi[i]) - 1) & ~((1u << lo[i]) - 1));
+  if (p.soft_cap > 0.0f) {
+    for (int i = 0; i < NQ; ++i) {
+      alignas(64) float t[32];
+      _mm512_store_ps(t, acc[i]);
+      corr[i] = SoftmaxPage(t + lo[i], hi[i] - lo[i], p.sm_scale, p.soft_cap, *m[i], *l[i]);
+      _mm512_storeu_ps(s + 16 * i, _mm512_maskz_mov_ps(seen[i], _mm512_load_ps(t)));
+    }
+    return;
+  }
+  alignas(64) float diff[16] = {};
+  float mx[NQ];
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int i = 0; i < NQ; ++i) {
+    acc[i] = _mm512_mask_mul_ps(neg_inf, seen[i], acc[i], _mm512_set1_ps(p.sm_scale));
+    mx[i] = std::max(*m[i], _mm512_reduce_max_ps(acc[i]));
+    const __m512 e = _mm512_maskz_mov_ps(seen[i], Exp16(_mm512_sub_ps(acc[i], _mm512_set1_ps(mx[i]))));
+    _mm512_storeu_ps(s + 16 * i, e);
+    acc[i] = e;
+    diff[i] = *m[i] - mx[i];  // -inf at the first visible page: exp gives ~1e-38 against an output and sum of 0
+  }
+  _mm512_store_ps(diff, Exp16(_mm512_load_ps(diff)));
+  for (int i = 0; i < NQ; ++i) {
+    corr[i] = diff[i];
+    *l[i] = *l[i] * diff[i] + _mm512_reduce_add_ps(acc[i]);
+    *m[i] = mx[i];
+  }
+}
+
+template <int C, int NQ>
+inline void AccumulateT(float* const* out, const float* corr, const float* p, const float* vf) {
+  __m512 a[NQ][C];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) a[i][c] = _mm512_mul_ps(_mm512_loadu_ps(out[i] + 16 * c), _mm512_set1_ps(corr[i]));
+  for (int j = 0; j < 16; ++j) {
+    __m512 pj[NQ];
+    for (int i = 0; i < NQ; ++i) pj[i] = _mm512_set1_ps(p[16 * i + j]);
+    for (int c = 0; c < C; ++c) {
+      const __m512 v = _mm512_loadu_ps(vf + j * 16 * C + 16 * c);
+      for (int i = 0; i < NQ; ++i) a[i][c] = _mm512_fmadd_ps(pj[i], v, a[i][c]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
+}
+
+// The block row r's queries full[0:nf] (indices b) see page keys [lo, hi) of head h (sc.lo / sc.hi): kb / vb its
+// blocks. Keys no query sees are not read (they may hold stale or non-finite data): their rows are zeros here.
+template <typename E, int C>
+void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, const int64_t* full, int64_t nf,
+               const typename E::T* kb, const typename E::T* vb) {
+  constexpr int D = 16 * C;
+  float* kt = sc.kt.data();
+  float* vf = sc.vf.data();
+  const int32_t j0 = *std::min_element(sc.lo.begin(), sc.lo.begin() + nf);
+  const int32_t j1 = *std::max_element(sc.hi.begin(), sc.hi.begin() + nf);
+  for (int j = 0; j < 16; ++j)
+    for (int c = 0; c < C; ++c) {
+      alignas(64) float row[16];
+      const bool read = j >= j0 && j < j1;
+      _mm512_store_ps(row, read ? E::Load16(kb + j * D + 16 * c) : _mm512_setzero_ps());
+      for (int d = 0; d < 16; ++d) kt[(16 * c + d) * 16 + j] = row[d];
+      _mm512_storeu_ps(vf + j * D + 16 * c, read ? E::Load16(vb + j * D + 16 * c) : _mm512_setzero_ps());
+    }
+  const int64_t G = p.G, heads = nf * G;
+  for (int64_t i0 = 0; i0 < heads; i0 += kBlockQueries) {
+    const int nq = static_cast<int>(std::min<int64_t>(kBlockQueries, heads - i0));
+    const float* q[kBlockQueries];
+    float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
+    int32_t lo[kBlockQueries], hi[kBlockQueries];
+    for (int i = 0; i < nq; ++i) {
+      const int64_t f = (i0 + i) / G, b = full[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
+      lo[i] = sc.lo[f];
+      hi[i] = sc.hi[f];
+      q[i] = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
+      out[i] = sc.acc.data() + qi * D;
+      m[i] = sc.m.data() + qi;
+      l[i] = sc.l.data() + qi;
+    }
+    float* s = sc.sb.data();
+    float corr[kBlockQueries];
+    int i = 0;
+    for (; i + 8 <= nq; i += 8) ScoresSoftmaxT<8>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i + 4 <= nq; i += 4) ScoresSoftmaxT<4>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i < nq; ++i) ScoresSoftmaxT<1>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    int k = 0;
+    for (; k + 2 <= nq; k += 2) AccumulateT<C, 2>(out + k, corr + k, s + 16 * k, vf);
+    for (; k < nq; ++k) AccumulateT<C, 1>(out + k, corr + k, s + 16 * k, vf);
+  }
+}
+
+template <typename E>
+using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, const int64_t*, int64_t, const typename E::T*,
+                         const typename E::T*);
+
+// BlockPage for pages of 16 keys and D = 64 or 128, else none (every query through the page function)
+template <typename E>
+BlockFn<E> PickBlock(const Problem& p) {
+  if (p.Bq < 2 || p.S != 16) return nullptr;
+  if (p.D == 64) return &BlockPage<E, 4>;
+  if (p.D == 128) return &BlockPage<E, 8>;
+  return nullptr;
+}
+#else
+template <typename E>
+using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, const int64_t*, int64_t, const typename E::T*,
+                         const typename E::T*);
+template <typename E>
+BlockFn<E> PickBlock(const Problem&) { return nullptr; }
+#endif
+
 // Row r, KV heads [h0, h1). Returns false when a page index is outside the pool (nothing is read from it). The
 // heads are visited inside the page loop: a page's blocks for consecutive heads are adjacent in the pool, so a
 // unit of several heads reads each page's keys (and values) as one run of memory rather than one 4 KB block per
 // pass over the row.
 template <typename E>
-bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn) {
+bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn, BlockFn<E> block_fn) {
   using T = typename E::T;
   const int64_t D = p.D, S = p.S, G = p.G;
   const int32_t len = p.lens[r];
@@ -445,6 +623,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
       for (int64_t h = h0; h < h1; ++h) {
         const T* kb = static_cast<const T*>(p.k) + (page * p.KV + h) * S * D;
         const T* vb = static_cast<const T*>(p.v) + (page * p.KV + h) * S * D;
+        int64_t nf = 0;  // queries that see some of the page, for block_fn
         for (int64_t b = 0; b < p.Bq; ++b) {
           const int64_t t = p.pos[r * p.Bq + b];
           if (t < 0) continue;
@@ -453,10 +632,21 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
           const int64_t a = std::max(j0, first);
           const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
           if (a >= e) continue;
+          if (block_fn) {
+            sc.full[nf] = b;
+            sc.lo[nf] = static_cast<int32_t>(a - j0);
+            sc.hi[nf++] = static_cast<int32_t>(e - j0);
+            continue;
+          }
           const int64_t n = e - a;
           const int64_t qi = b * p.H + h * G;
           page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + (a - j0) * D, vb + (a - j0) * D, n);
         }
+        for (int64_t i = 0; i < nf && nf < kMinBlockQueries; ++i) {  // too few to pay for widening the page once
+          const int64_t b = sc.full[i], qi = b * p.H + h * G, a = sc.lo[i];
+          page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + a * D, vb + a * D, sc.hi[i] - a);
+        }
+        if (nf >= kMinBlockQueries) block_fn(p, sc, r, h, sc.full.data(), nf, kb, vb);
       }
     }
   }
@@ -474,14 +664,17 @@ constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole r
 
 template <typename E>
 void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page) {
-  // a unit: all of a row's KV heads when there are rows enough to share out, else one (row, KV head)
-  const int64_t heads = p.R >= kRowUnits ? p.KV : 1, per_row = p.KV / heads;
+  // a unit: all of a decode row's KV heads when there are rows enough to share out, else one (row, KV head). Block
+  // rows (a prefill's chunks) go last row first: in a causal prefill the later chunks see the most keys, and the
+  // longest units started first leave the least for one thread to finish alone.
+  const int64_t heads = p.R >= kRowUnits && p.Bq == 1 ? p.KV : 1, per_row = p.KV / heads;
   const PageFn<E> page_fn = PickPage<E>(p);
-  RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, &bad_page](int64_t u) {
+  const BlockFn<E> block_fn = PickBlock<E>(p);
+  RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, block_fn, &bad_page](int64_t u) {
     thread_local Scratch sc;
     sc.Fit(p);
-    const int64_t r = u / per_row, h0 = u % per_row * heads;
-    if (!Unit<E>(p, r, h0, h0 + heads, sc, page_fn)) bad_page.store(true);
+    const int64_t r = p.Bq > 1 ? p.R - 1 - u / per_row : u / per_row, h0 = u % per_row * heads;
+    if (!Unit<E>(p, r, h0, h0 + heads, sc, page_fn, block_fn)) bad_page.store(true);
   });
 }
 

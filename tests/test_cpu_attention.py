@@ -79,6 +79,33 @@ def test_block_rows_match_dense_reference(sliding_window, shared, dtype):
     _check(_native(*_args(case), **kw), ref, pos, lens, 2e-5)
 
 
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
+@pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (37, None), (None, 2.0)])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_block_rows_whole_pages_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
+    """Block rows with pages of 16 keys and D = 64 / 128: a page that several queries of a row see whole takes the
+    kernel's transposed-keys path (BlockPage), the rest -- the diagonal page, a window's edge, a row's ragged
+    end -- the per-query one, so every row mixes both: a prefill chunk from position 0 (16 queries), one later in
+    its sequence, one whose length ends mid-page, padded query slots, a single query that sees a whole page (too
+    few for the block path), a row with nothing to see; every unseen key and padded query poisoned."""
+    import test_attention
+
+    monkeypatch.setattr(test_attention, "KV", kv)
+    monkeypatch.setattr(test_attention, "G", g)
+    monkeypatch.setattr(test_attention, "D", d)
+    monkeypatch.setattr(test_attention, "H", kv * g)
+    Bq = 16
+    rows = [(16, list(range(16))), (80, list(range(64, 80))), (61, list(range(45, 61))),
+            (100, [t if t < 100 else -1 for t in range(90, 106)]), (33, [32] + [-1] * (Bq - 1)),
+            (0, [-1] * Bq), (130, list(range(114, 130)))]
+    case = make_case(11 + d + kv, S=16, rows=rows, sliding_window=sliding_window)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.2, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
+
+
 def test_jnp_reference_matches_dense_reference():
     """The pure-jnp reference beside the kernel is itself right (decode rows and block rows)."""
     for S, rows in ((16, decode_rows(16)), (4, [(n, list(range(n - 3, n + 1))) for n in (4, 9, 17)])):
