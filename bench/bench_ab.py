@@ -10,8 +10,8 @@ starts one child process per checkout, a then b, with that checkout first on the
 bench_packed.py does (bench_model's jitted forward, packed weights when the engine would pack them, KV donated,
 the runner's compile options) and prints its medians as JSON. The table gives per case the median over the rounds
 for a and b, b's speed-up, and the floor (weights + KV over the copy bandwidth, or FLOPs over numpy's GEMM rate --
-for int8 weights the int8 kernel's rate when it is faster, floors.int8_gemm_rate) measured between the rounds. Make `other` with `git worktree add /tmp/other <rev>`; both checkouts
-use this interpreter's packages.
+for int8 weights the int8 kernel's rate when it is faster, floors.int8_gemm_rate) measured between the rounds.
+Make `other` with `git worktree add /tmp/other <rev>`; both checkouts use this interpreter's packages.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@
 // attention kernel"). The next page's key and value blocks are prefetched while one page is computed (the pool
 // is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer).
 //
+// Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
+// BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below).
+//
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
 // (cpu_native.h, RunUnits).
 
@@ -132,6 +135,11 @@ struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit sh
 
 inline float HSum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
+// exp's constants (Exp8, Exp16): log2(e), ln(2) in two parts, the polynomial's coefficients (highest first)
+constexpr float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+constexpr float kExpP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                            4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // exp of eight lanes. With AVX2: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p a degree-6
 // polynomial (relative error ~2e-7, below float32 rounding of the sums it feeds); inputs are <= 0 here
 // (scores minus their running max), clamped at -87 where exp is below float32's normal range and the
@@ -139,16 +147,12 @@ inline float HSum(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5
 inline v8f Exp8(v8f x) {
 #if defined(__AVX2__)
   __m256 v = _mm256_max_ps((__m256)x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
-  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), v);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(5.0000001201e-1f));
+  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), v);
+  v = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Lo), v);
+  __m256 p = _mm256_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, v, _mm256_set1_ps(kExpP[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(v, v), _mm256_add_ps(v, _mm256_set1_ps(1.0f)));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return (v8f)_mm256_mul_ps(p, _mm256_castsi256_ps(e));
@@ -424,7 +428,6 @@ PageFn<E> PickPage(const Problem& p) {
 }
 
 #if defined(__AVX512F__)
-#define SGL_JAX_BLOCK_PAGE 1
 // A page of 16 keys that several queries of a block row see (a prefill chunk's pages): the page is widened once,
 // its keys transposed to [D, 16] and its values to [16, D] float32 in scratch, and then each query head's 16
 // scores are one 16-lane vector built by D multiply-adds of a broadcast query element -- no horizontal reduction,
@@ -435,16 +438,12 @@ PageFn<E> PickPage(const Problem& p) {
 // exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
 inline __m512 Exp16(__m512 x) {
   __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), v);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(5.0000001201e-1f));
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), v);
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), v);
+  __m512 p = _mm512_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(kExpP[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(v, v), _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
