@@ -82,12 +82,12 @@ def test_block_rows_match_dense_reference(sliding_window, shared, dtype):
 @pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
 @pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (37, None), (None, 2.0)])
 @pytest.mark.parametrize("dtype", PAGE_DTYPES)
-def test_block_rows_whole_pages_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
-    """Block rows with pages of 16 keys and D = 64 / 128: a page that several queries of a row see whole takes the
-    kernel's transposed-keys path (BlockPage), the rest -- the diagonal page, a window's edge, a row's ragged
-    end -- the per-query one, so every row mixes both: a prefill chunk from position 0 (16 queries), one later in
-    its sequence, one whose length ends mid-page, padded query slots, a single query that sees a whole page (too
-    few for the block path), a row with nothing to see; every unseen key and padded query poisoned."""
+def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
+    """Block rows with pages of 16 keys and D = 64 / 128: a page that two or more queries of a row see takes the
+    kernel's transposed-keys path (BlockPage), each query masked to its own keys there -- the causal diagonal, a
+    window's edge, a row's ragged end; a page only one query sees takes the per-query path. Rows: a prefill chunk
+    from position 0 (16 queries), one later in its sequence, one whose length ends mid-page, padded query slots, a
+    single query, a row with nothing to see; every unseen key and padded query poisoned."""
     import test_attention
 
     monkeypatch.setattr(test_attention, "KV", kv)
