@@ -45,9 +45,15 @@ def child(quant: str, cases: list[tuple[str, int, int]], rounds: int, kv_dtype: 
     return out
 
 
-def run_child(root: str, args, kv_dtype: str, extra_env: list[str]) -> dict:
+def child_env(root: str, extra_env: list[str]) -> dict:
+    """The environment of a child for `root` (first on the path) with `extra_env`'s KEY=VALUE settings."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
     env.update(kv.split("=", 1) for kv in extra_env)
+    return env
+
+
+def run_child(root: str, args, kv_dtype: str, extra_env: list[str]) -> dict:
+    env = child_env(root, extra_env)
     cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", args.quant, "--batches",
            args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2", "--kv", kv_dtype]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
@@ -59,10 +65,9 @@ def run_child(root: str, args, kv_dtype: str, extra_env: list[str]) -> dict:
 
 def int8_rate_in_child(root: str, extra_env: list[str]) -> float:
     """floors.int8_gemm_rate in a child with `root` first on the path (this process loads no native kernel)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "bench")]), JAX_PLATFORMS="cpu")
-    env.update(kv.split("=", 1) for kv in extra_env)
     code = "import floors; print(floors.int8_gemm_rate())"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", code], env=child_env(root, extra_env), capture_output=True,
+                         text=True, timeout=600)
     if res.returncode:
         raise SystemExit(f"int8 GEMM rate in {root} failed:\n{res.stderr[-2000:]}")
     return float(res.stdout.split()[-1])

@@ -167,19 +167,14 @@ def default_gguf() -> str:
     return resolve_model("smollm2-135m")
 
 
-def config_value(path: str, key: str):
-    """The first `key` found in a config file's nested sections (None if absent)."""
-    import yaml
+def config_weights_kv(path: str) -> tuple[bool, int]:
+    """(int8 weights?, bytes per KV pool element) of a preset, as the engine reads it."""
+    import numpy as np
 
-    def walk(d):
-        if not isinstance(d, dict):
-            return None
-        if key in d:
-            return d[key]
-        return next((v for v in map(walk, d.values()) if v is not None), None)
+    from sgl_jax.config import load_config
 
-    with open(path) as f:
-        return walk(yaml.safe_load(f))
+    e = load_config(path).engine
+    return e.quantization == "int8", np.dtype(e.effective_kv_dtype).itemsize
 
 
 def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict, int8: bool = False, kv_bytes: int = 4) -> dict:
@@ -248,8 +243,7 @@ async def run_prefix(args):
     finally:
         srv.stop()
     results["floor"] = prefix_floor(args.gguf or default_gguf(), len(cold), 64,
-                                    results["sgl_jax"], config_value(args.config, "quantization") == "int8",
-                                    2 if config_value(args.config, "kv_dtype") in ("float16", "bfloat16") else 4)
+                                    results["sgl_jax"], *config_weights_kv(args.config))
     llama = args.llama_server or shutil.which("llama-server")
     if llama:
         args.gguf = args.gguf or default_gguf()
