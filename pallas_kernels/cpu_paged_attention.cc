@@ -186,7 +186,7 @@ constexpr int64_t kMinBlockQueries = 2;  // ... for a page that at least this ma
 struct Scratch {
   std::vector<float> m, l, acc, s;
   std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
-  std::vector<int64_t> full;      // the block's queries that see some of a page ...
+  std::vector<int64_t> seen_by;   // the block's queries that see some of a page ...
   std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
   int64_t stride = 0;
   void Fit(const Problem& p) {
@@ -199,7 +199,7 @@ struct Scratch {
       kt.resize(p.S * p.D);
       vf.resize(p.S * p.D);
       sb.resize(kBlockQueries * p.S);
-      full.resize(p.Bq);
+      seen_by.resize(p.Bq);
       lo.resize(p.Bq);
       hi.resize(p.Bq);
     }
@@ -427,6 +427,12 @@ PageFn<E> PickPage(const Problem& p) {
   return &PageEach<E>;
 }
 
+// A block row's page for its queries at once (BlockPage below), where there is one: (p, sc, row, KV head, number of
+// queries in sc.seen_by, key block, value block)
+template <typename E>
+using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, const typename E::T*,
+                         const typename E::T*);
+
 #if defined(__AVX512F__)
 // A page of 16 keys that several queries of a block row see (a prefill chunk's pages): the page is widened once,
 // its keys transposed to [D, 16] and its values to [16, D] float32 in scratch, and then each query head's 16
@@ -509,10 +515,10 @@ inline void AccumulateT(float* const* out, const float* corr, const float* p, co
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
 
-// The block row r's queries full[0:nf] (indices b) see page keys [lo, hi) of head h (sc.lo / sc.hi): kb / vb its
+// The block row r's queries sc.seen_by[0:nf] (indices b) see page keys [sc.lo, sc.hi) of head h: kb / vb its
 // blocks. Keys no query sees are not read (they may hold stale or non-finite data): their rows are zeros here.
 template <typename E, int C>
-void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, const int64_t* full, int64_t nf,
+void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
                const typename E::T* kb, const typename E::T* vb) {
   constexpr int D = 16 * C;
   float* kt = sc.kt.data();
@@ -534,7 +540,7 @@ void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, const int64_
     float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
     int32_t lo[kBlockQueries], hi[kBlockQueries];
     for (int i = 0; i < nq; ++i) {
-      const int64_t f = (i0 + i) / G, b = full[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
+      const int64_t f = (i0 + i) / G, b = sc.seen_by[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
       lo[i] = sc.lo[f];
       hi[i] = sc.hi[f];
       q[i] = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
@@ -554,10 +560,6 @@ void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, const int64_
   }
 }
 
-template <typename E>
-using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, const int64_t*, int64_t, const typename E::T*,
-                         const typename E::T*);
-
 // BlockPage for pages of 16 keys and D = 64 or 128, else none (every query through the page function)
 template <typename E>
 BlockFn<E> PickBlock(const Problem& p) {
@@ -567,9 +569,6 @@ BlockFn<E> PickBlock(const Problem& p) {
   return nullptr;
 }
 #else
-template <typename E>
-using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, const int64_t*, int64_t, const typename E::T*,
-                         const typename E::T*);
 template <typename E>
 BlockFn<E> PickBlock(const Problem&) { return nullptr; }
 #endif
@@ -632,7 +631,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
           const int64_t e = std::min<int64_t>({j0 + S, t + 1, int64_t{len}});
           if (a >= e) continue;
           if (block_fn) {
-            sc.full[nf] = b;
+            sc.seen_by[nf] = b;
             sc.lo[nf] = static_cast<int32_t>(a - j0);
             sc.hi[nf++] = static_cast<int32_t>(e - j0);
             continue;
@@ -641,11 +640,14 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
           const int64_t qi = b * p.H + h * G;
           page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + (a - j0) * D, vb + (a - j0) * D, n);
         }
-        for (int64_t i = 0; i < nf && nf < kMinBlockQueries; ++i) {  // too few to pay for widening the page once
-          const int64_t b = sc.full[i], qi = b * p.H + h * G, a = sc.lo[i];
-          page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + a * D, vb + a * D, sc.hi[i] - a);
+        if (nf >= kMinBlockQueries) {
+          block_fn(p, sc, r, h, nf, kb, vb);
+        } else {
+          for (int64_t i = 0; i < nf; ++i) {  // too few to pay for widening the page once
+            const int64_t b = sc.seen_by[i], qi = b * p.H + h * G, a = sc.lo[i];
+            page_fn(p, sc, qi, p.q + ((r * p.Bq + b) * p.H + h * G) * D, kb + a * D, vb + a * D, sc.hi[i] - a);
+          }
         }
-        if (nf >= kMinBlockQueries) block_fn(p, sc, r, h, sc.full.data(), nf, kb, vb);
       }
     }
   }
