@@ -36,6 +36,8 @@ import itertools
 import math
 import threading
 
+from sgl_jax.cache.events import DISK_MEDIUM, HOST_MEDIUM
+
 POLICIES = ("cost", "round_robin")
 # the front ends' defaults, chosen on bench/bench_router.py (bench/notes.md): a worker takes twice its batch before
 # requests wait in the router (its own scheduler then orders a short queue by prefix), and a second copy of a
@@ -90,11 +92,11 @@ class Replica:
         return n
 
     def _medium(self, name) -> set[int]:
-        return self.host_blocks if name == "CPU" else self.disk_blocks if name == "DISK" else self.blocks
+        return self.host_blocks if name == HOST_MEDIUM else self.disk_blocks if name == DISK_MEDIUM else self.blocks
 
     def apply(self, events: list) -> None:
-        """One batch of KV events (the wire layout of sgl_jax/cache/events.py; medium "CPU" is the host tier,
-        "DISK" the disk tier, anything else the device)."""
+        """One batch of KV events (the wire layout of sgl_jax/cache/events.py; medium HOST_MEDIUM is the host tier,
+        DISK_MEDIUM the disk tier, anything else the device)."""
         with self.lock:
             for ev in events:
                 kind = ev[0]
