@@ -814,6 +814,277 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
   return ffi::Error::Success();
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// GGUF Q4_1 weights kept in their block format (sgl_jax.models.packing.pack_q4_1) times int8-quantized activations
+// (the Q8 blocks of 32 above), in integer arithmetic.
+//
+// A Q4_1 block is 32 consecutive inputs of one output column: w[k] = d * q[k] + m, q in [0, 15], d and m float16
+// (as the file stores them). Layout: w uint8 [P, K / 32, 320]; for panel p (columns 16p .. 16p+15) and block b:
+//   [0, 256)    nibbles: byte 64 i + 4 c + j (i, j < 4, c < 16) = q[32b + 4i + j, c] | q[32b + 16 + 4i + j, c] << 4:
+//               64 bytes are two quad rows of the int8 layout above, quad row i in the low nibbles, i + 4 in the high
+//   [256, 288)  the 16 columns' d, float16;  [288, 320) their m, float16.
+// 0.625 bytes a weight against the int8 layout's 1 (plus a scale a column).
+//   y[r, n] = sum_b dx[r, b] * (d[b, n] * sum_k xq[r, k] q[k, n] + m[b, n] * sum_k xq[r, k])
+// with exact int32 inner sums (q unsigned and xq signed: VNNI's u8 x s8 dot product as it is, no sign trick), the
+// min's term through the block's sum of quantized inputs (xs = dx * sum xq, per row and block). The weights are
+// exactly the file's; the activation error is the int8 path's, at most dx / 2 an input. Each output is accumulated
+// block by block in the same order (d * dx, then one fma for the sums and one for the min) for any number of rows
+// and in every build, so a row's result does not depend on the rows beside it.
+constexpr int64_t kQ4Bytes = 320;   // bytes of one (panel, block)
+constexpr int64_t kQ4Scales = 256;  // offset of its d (then m at + 32)
+
+// The block's scaled sums of a row's quantized inputs: xs[b] = d[b] * sum_{k in b} xq[k]
+void BlockSums(const int8_t* xq, const float* d, int64_t blocks, float* xs) {
+  for (int64_t b = 0; b < blocks; ++b) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < kXBlock; ++k) s += xq[b * kXBlock + k];
+    xs[b] = d[b] * static_cast<float>(s);
+  }
+}
+
+// The quantized rows for the Q4_1 kernel: QuantRows plus xs [M, blocks]
+struct Q4Rows {
+  QuantRows x;
+  const float* xs;
+};
+
+inline float HalfBits(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, sizeof(h));
+#if defined(__F16C__)
+  return _cvtsh_ss(h);
+#else
+  const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t bits;
+  if (exp == 0 && man == 0) bits = sign;
+  else if (exp == 0) {  // subnormal: normalize
+    int e = -1;
+    uint32_t m = man;
+    do { ++e; m <<= 1; } while (!(m & 0x400));
+    bits = sign | ((127 - 15 - e) << 23) | ((m & 0x3ff) << 13);
+  } else if (exp == 31) bits = sign | 0x7f800000u | (man << 13);
+  else bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+#endif
+}
+
+// The portable tile: R rows x one panel, blocks [b0, b0 + nb) (wp at the panel's block 0, rows' xq / xd / xs at
+// their column 0 / block 0)
+inline void Q4TileScalar(int64_t R, const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd,
+                         int64_t b0, int64_t nb, const uint8_t* wp, float* y, int64_t ldy, bool acc_in) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < kPanel; ++c) {
+      float acc = acc_in ? y[r * ldy + c] : 0.0f;
+      for (int64_t b = b0; b < b0 + nb; ++b) {
+        const uint8_t* wb = wp + b * kQ4Bytes;
+        const int8_t* xb = xq + r * ldx + b * kXBlock;
+        int32_t s = 0;
+        for (int64_t i = 0; i < 4; ++i)
+          for (int64_t j = 0; j < 4; ++j) {
+            const uint8_t v = wb[64 * i + 4 * c + j];
+            s += (v & 15) * xb[4 * i + j] + (v >> 4) * xb[16 + 4 * i + j];
+          }
+        const float dd = HalfBits(wb + kQ4Scales + 2 * c) * xd[r * ldd + b];
+        acc = std::fma(static_cast<float>(s), dd, acc);
+        acc = std::fma(HalfBits(wb + kQ4Scales + 32 + 2 * c), xs[r * ldd + b], acc);
+      }
+      y[r * ldy + c] = acc;
+    }
+}
+
+#if defined(SGL_JAX_WIDE_INT8) && defined(__F16C__)
+#define SGL_JAX_Q4_WIDE 1
+// R rows x NP panels with 512-bit vectors (a panel's 16 columns in one): per block, 4 loads of 64 nibble bytes give
+// the 8 quad rows (and, shift), each one dot product per row; the low and high nibbles' sums go to separate
+// accumulators (two chains per tile, not one).
+template <int R, int NP>
+inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd, int64_t b0,
+                      int64_t nb, const uint8_t* wp, int64_t pstride, float* y, int64_t ldy, bool acc_in) {
+  __m512 acc[R][NP];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  for (int64_t b = b0; b < b0 + nb; ++b) {
+    __m512i ilo[R][NP], ihi[R][NP];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < NP; ++p) ilo[r][p] = ihi[r][p] = _mm512_setzero_si512();
+    for (int i = 0; i < 4; ++i) {
+      __m512i xl[R], xh[R];
+      for (int r = 0; r < R; ++r) {
+        int32_t a, c;
+        std::memcpy(&a, xq + r * ldx + b * kXBlock + 4 * i, sizeof(a));
+        std::memcpy(&c, xq + r * ldx + b * kXBlock + 16 + 4 * i, sizeof(c));
+        xl[r] = _mm512_set1_epi32(a);
+        xh[r] = _mm512_set1_epi32(c);
+      }
+      for (int p = 0; p < NP; ++p) {
+        const __m512i v = _mm512_loadu_si512(wp + p * pstride + b * kQ4Bytes + 64 * i);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          ilo[r][p] = _mm512_dpbusd_epi32(ilo[r][p], lo, xl[r]);
+          ihi[r][p] = _mm512_dpbusd_epi32(ihi[r][p], hi, xh[r]);
+        }
+      }
+    }
+    for (int p = 0; p < NP; ++p) {
+      const uint8_t* sc = wp + p * pstride + b * kQ4Bytes + kQ4Scales;
+      const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
+      const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 32)));
+      for (int r = 0; r < R; ++r) {
+        const __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(ilo[r][p], ihi[r][p]));
+        acc[r][p] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(xd[r * ldd + b])), acc[r][p]);
+        acc[r][p] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * ldd + b]), acc[r][p]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(y + r * ldy + kPanel * p, acc[r][p]);
+}
+
+template <int R>
+inline void Q4TileWideR(int64_t NP, const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd,
+                        int64_t b0, int64_t nb, const uint8_t* wp, int64_t ps, float* y, int64_t ldy, bool acc_in) {
+  if constexpr (R == 1)  // (one row only: four panels' accumulators for more rows would not fit the registers)
+    if (NP == 4) return Q4Tile512<R, 4>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+  if (NP == 2) return Q4Tile512<R, 2>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+  return Q4Tile512<R, 1>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+}
+#elif defined(__AVX2__) && defined(__F16C__)
+#define SGL_JAX_Q4_AVX2 1
+// R rows x one panel with 256-bit vectors, a half panel (8 columns) at a time: a quad row's 32 bytes of a half are
+// multiplied as unsigned x signed byte pairs into 16-bit sums (at most 2 x 15 x 127: no saturation) and those
+// summed in pairs into the 32-bit lanes -- the same exact integer sums as the 512-bit tile.
+template <int R>
+inline void Q4TileAvx2(const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd, int64_t b0,
+                       int64_t nb, const uint8_t* wp, float* y, int64_t ldy, bool acc_in) {
+  const __m256i low = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; ++h) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = acc_in ? _mm256_loadu_ps(y + r * ldy + 8 * h) : _mm256_setzero_ps();
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      __m256i is[R];
+      for (int r = 0; r < R; ++r) is[r] = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + b * kQ4Bytes + 64 * i + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          int32_t a, c;
+          std::memcpy(&a, xq + r * ldx + b * kXBlock + 4 * i, sizeof(a));
+          std::memcpy(&c, xq + r * ldx + b * kXBlock + 16 + 4 * i, sizeof(c));
+          const __m256i pl = _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a));
+          const __m256i ph = _mm256_maddubs_epi16(hi, _mm256_set1_epi32(c));
+          is[r] = _mm256_add_epi32(is[r], _mm256_madd_epi16(_mm256_add_epi16(pl, ph), ones));
+        }
+      }
+      const uint8_t* sc = wp + b * kQ4Bytes + kQ4Scales + 16 * h;
+      const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+      const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc + 32)));
+      for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[r]), _mm256_mul_ps(d, _mm256_set1_ps(xd[r * ldd + b])), acc[r]);
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs[r * ldd + b]), acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm256_storeu_ps(y + r * ldy + 8 * h, acc[r]);
+  }
+}
+#endif
+
+// R (1..4) rows x NP panels at rows [r0, r0 + R), blocks [b0, b0 + nb): wp at the first panel's block 0
+inline void Q4RowTile(int64_t R, int64_t NP, const Q4Rows& x, int64_t r0, int64_t b0, int64_t nb, const uint8_t* wp,
+                      int64_t ps, float* y, int64_t ldy, bool acc_in) {
+  const int8_t* xq = x.x.xq + r0 * x.x.K;
+  const float* xd = x.x.d + r0 * x.x.blocks;
+  const float* xs = x.xs + r0 * x.x.blocks;
+  const int64_t ldx = x.x.K, ldd = x.x.blocks;
+#if defined(SGL_JAX_Q4_WIDE)
+  switch (R) {
+    case 1: return Q4TileWideR<1>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+    case 2: return Q4TileWideR<2>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+    case 3: return Q4TileWideR<3>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+    default: return Q4TileWideR<4>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+  }
+#else
+  for (int64_t p = 0; p < NP; ++p) {
+    const uint8_t* w = wp + p * ps;
+    float* yp = y + p * kPanel;
+#if defined(SGL_JAX_Q4_AVX2)
+    switch (R) {
+      case 1: Q4TileAvx2<1>(xq, xd, xs, ldx, ldd, b0, nb, w, yp, ldy, acc_in); break;
+      case 2: Q4TileAvx2<2>(xq, xd, xs, ldx, ldd, b0, nb, w, yp, ldy, acc_in); break;
+      case 3: Q4TileAvx2<3>(xq, xd, xs, ldx, ldd, b0, nb, w, yp, ldy, acc_in); break;
+      default: Q4TileAvx2<4>(xq, xd, xs, ldx, ldd, b0, nb, w, yp, ldy, acc_in); break;
+    }
+#else
+    Q4TileScalar(R, xq, xd, xs, ldx, ldd, b0, nb, w, yp, ldy, acc_in);
+#endif
+  }
+#endif
+}
+
+// Panels [p0, p1) of y, as QuadPanels cuts them: one row takes 4 panels per pass over all K, more rows blocks of
+// 96 rows x 256 inputs (one pass up to 8 rows) in tiles of up to 4 rows x 2 panels.
+void Q4Panels(const Q4Rows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1) {
+  const int64_t blocks = x.x.blocks, ps = blocks * kQ4Bytes;
+  int64_t p = p0;
+  if (M == 1)
+    for (; p + 4 <= p1; p += 4) Q4RowTile(1, 4, x, 0, 0, blocks, w + p * ps, ps, y + p * kPanel, N, false);
+  const int64_t kb = M <= kDirectRows ? blocks : kKc / kXBlock;
+  for (int64_t m0 = 0; m0 < M; m0 += kMc) {
+    const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
+    for (int64_t q = p; q < p1; q += 2)
+      for (int64_t b0 = 0; b0 < blocks; b0 += kb) {
+        const int64_t nb = std::min(kb, blocks - b0);
+        for (int64_t t = 0; t < tiles; ++t) {
+          const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
+          Q4RowTile(r1 - r, std::min<int64_t>(2, p1 - q), x, r, b0, nb, w + q * ps, ps, y + r * N + q * kPanel, N,
+                    b0 > 0);
+        }
+      }
+  }
+}
+
+// y = x @ W with W's Q4_1 blocks packed [P, K / 32, 320], N = 16 P (see above).
+ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
+                    const uint8_t* wp, float* yp) {
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != kQ4Bytes)
+    return ffi::Error::InvalidArgument("packed Q4_1 matmul: x must be [M, K] and w [N / 16, K / 32, 320]");
+  const int64_t M = xd[0], K = xd[1], P = wd[0], N = P * kPanel, blocks = wd[1];
+  if (blocks * kXBlock != K) return ffi::Error::InvalidArgument("packed Q4_1 matmul: x and w disagree on K");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::fill(yp, yp + M * N, 0.0f);
+    return ffi::Error::Success();
+  }
+  thread_local std::vector<int8_t> xq_buf;  // as PackedInt8's
+  thread_local std::vector<float> xs_buf;
+  if (xq_buf.size() < static_cast<size_t>(M * K)) xq_buf.resize(M * K);
+  if (xs_buf.size() < static_cast<size_t>(2 * M * blocks)) xs_buf.resize(2 * M * blocks);
+  int8_t* q = xq_buf.data();
+  float *d = xs_buf.data(), *s = d + M * blocks;
+  const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
+  RunUnits(pool, qunits, [=](int64_t u) {
+    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
+      QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
+      BlockSums(q + m * K, d + m * blocks, blocks, s + m * blocks);
+    }
+  });
+  const Q4Rows x{{q, d, K, blocks}, s};
+  const int64_t group = M == 1 ? 4 : 2, groups = (P + group - 1) / group;
+  const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
+  RunUnits(pool, units, [=](int64_t u) {
+    Q4Panels(x, wp, yp, M, N, std::min(P, u * groups / units * group),
+             std::min(P, (u + 1) * groups / units * group));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error PackedQ4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                        ffi::ResultBuffer<ffi::F32> y) {
+  return PackedQ4(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), y->typed_data());
+}
+
 ffi::Error PackedInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                           ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
   return PackedInt8(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), scale.typed_data(),
@@ -862,6 +1133,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedInt8Matmul, PackedInt8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedQ4Matmul, PackedQ4Impl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,

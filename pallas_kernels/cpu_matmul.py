@@ -55,6 +55,11 @@ _PACKED_INT8 = NativeKernel("cpu_matmul.cc", "SglJaxPackedInt8Matmul", PACKED_IN
                             "packed int8 matmul")
 _PACKED_F32 = NativeKernel("cpu_matmul.cc", "SglJaxPackedF32Matmul", PACKED_F32_TARGET, "SGL_JAX_PACKED",
                            "packed float32 matmul")
+Q4_BLOCK = 32  # inputs per GGUF Q4_1 block (and per activation scale)
+Q4_BYTES = 320  # bytes of a packed (panel, block): 16 columns x 32 nibbles, then 16 d and 16 m in float16 (kQ4Bytes)
+PACKED_Q4_TARGET = "sgl_jax_packed_q4_1_matmul"
+_PACKED_Q4 = NativeKernel("cpu_matmul.cc", "SglJaxPackedQ4Matmul", PACKED_Q4_TARGET, "SGL_JAX_PACKED",
+                          "packed Q4_1 matmul")
 
 
 _TRACE = threading.local()
@@ -123,7 +128,7 @@ def f32_matmul(x: jax.Array, w: jax.Array, out_axis: int) -> jax.Array:
 
 
 def packed_available() -> bool:
-    return _PACKED_INT8.available() and _PACKED_F32.available()
+    return _PACKED_INT8.available() and _PACKED_F32.available() and _PACKED_Q4.available()
 
 
 def amx_int8(on: bool | None = None) -> bool:
@@ -153,8 +158,23 @@ def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) ->
     return jax.ffi.ffi_call(PACKED_INT8_TARGET, out)(x, w, scale.astype(jnp.float32))
 
 
+def packed_q4_1_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x @ W in float32 for a GGUF Q4_1 matrix kept in its blocks: x f32 [M, K]; w uint8 [N / 16, K / 32, 320]
+    (sgl_jax.models.packing.pack_q4_1). x is quantized per 32 inputs inside the kernel, as for int8 weights; the
+    weights are the file's exactly (cpu_matmul.cc)."""
+    m, k = x.shape
+    if x.dtype != jnp.float32 or w.dtype != jnp.uint8 or w.ndim != 3 or w.shape[1:] != (k // Q4_BLOCK, Q4_BYTES) \
+            or k % Q4_BLOCK:
+        raise ValueError(f"packed Q4_1 matmul: x {x.dtype}{x.shape}, w {w.dtype}{w.shape} (expected float32 x [M, K] "
+                         f"with K a multiple of {Q4_BLOCK}, and w uint8 [N/16, K/{Q4_BLOCK}, {Q4_BYTES}])")
+    if not packed_available():
+        raise RuntimeError(f"the packed matmul is not available: {_PACKED_Q4.why_not()}")
+    out = jax.ShapeDtypeStruct((m, w.shape[0] * PANEL), jnp.float32)
+    return jax.ffi.ffi_call(PACKED_Q4_TARGET, out)(x, w)
+
+
 if __name__ == "__main__":  # python -m pallas_kernels.cpu_matmul: build now and say whether it works
     ok = int8_available() and f32_available() and packed_available()
-    why = why_not() or _PACKED_INT8.why_not() or _PACKED_F32.why_not()
+    why = why_not() or _PACKED_INT8.why_not() or _PACKED_F32.why_not() or _PACKED_Q4.why_not()
     print("native matmuls:", "available" if ok else f"off ({why})")
     sys.exit(0 if ok else 1)

@@ -253,7 +253,9 @@ class EngineConfig:
     kv_dtype: str = _f("", "KV pool dtype; empty = same as dtype")
     quantization: str = _f("none", "none | int8: int8 weight-only, one f32 scale per output channel, for every "
                            "linear, the LM head and a tied embedding (sgl_jax/models/quant.py): 1/4 of the "
-                           "float32 weight bytes; logits move (SmolLM2: by up to ~1.4)")
+                           "float32 weight bytes; logits move (SmolLM2: by up to ~1.4) | gguf: a GGUF's Q4_1 "
+                           "linears kept in the file's blocks (the CPU's native kernel), the rest as int8; one "
+                           "device only")
     attention_backend: str = _f("auto", "auto | jnp | cpu_native | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, the native kernel on CPU, else jnp)")
     pack_weights: bool = _f(True, "CPU, float32 compute: weight matrices stored panel-packed [out/16, in, 16] for the "
                             "native matmul (sgl_jax/models/packing.py), every step's linears and LM head through "
@@ -274,6 +276,9 @@ class EngineConfig:
         if self.kv_dtype:
             _choice(self, "kv_dtype", DTYPES)
         _choice(self, "quantization", QUANTIZATIONS)
+        if self.quantization == "gguf" and self.parallel.tp > 1:
+            raise ConfigError("config key 'engine.quantization' gguf keeps Q4_1 blocks, which run on one device; "
+                              f"with engine.parallel.tp={self.parallel.tp} use int8")
         _choice(self, "attention_backend", ("auto", "jnp", "cpu_native", "pallas_tpu", "pallas_gpu"))
         if max(self.shapes.decode_buckets) < self.scheduler.max_running_requests:
             raise ConfigError(f"config key 'engine.shapes.decode_buckets' {self.shapes.decode_buckets} must reach "

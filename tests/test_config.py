@@ -139,13 +139,18 @@ def test_quantization_key():
         cfg, _ = parse_config(["--config", base] + argv)
         assert cfg.engine.quantization == "int8" and cfg.engine.cache.page_size == 16
     assert load_config(base, {"quantization": "int8"}).engine.quantization == "int8"
-    with pytest.raises(ConfigError, match=re.escape("'engine.quantization' must be one of none, int8; got 'fp8'")):
+    with pytest.raises(ConfigError,
+                       match=re.escape("'engine.quantization' must be one of none, int8, gguf; got 'fp8'")):
         load_config(base, {"quantization": "fp8"})
     with pytest.raises(ConfigError, match=re.escape("'engine.quantization' must be a string, got 8")):
         EngineConfig.make(quantization=8)
     int8 = load_config(os.path.join(ROOT, "configs", "smollm2-135m-int8.yaml"))
     assert int8.engine.quantization == "int8" and int8.engine.kv_dtype == "float16"
     assert int8 == load_config(base, {"quantization": "int8", "kv_dtype": "float16"})
+    gguf = load_config(os.path.join(ROOT, "configs", "smollm2-135m-gguf.yaml"))
+    assert gguf == load_config(base, {"quantization": "gguf", "kv_dtype": "float16"})
+    with pytest.raises(ConfigError, match=r"quantization' gguf .* engine.parallel.tp=2 use int8"):
+        EngineConfig.make(quantization="gguf", parallel={"tp": 2})
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -199,7 +204,7 @@ def test_print_config_round_trips(capsys, tmp_path):
     ("schedule_policy", "random", "'engine.scheduler.schedule_policy' must be one of lpm, dfs-weight, fcfs"),
     ("decode_row_fill", "more", "'engine.scheduler.decode_row_fill' must be one of"),
     ("dtype", "int8", "'engine.dtype' must be one of"),
-    ("quantization", "int4", "'engine.quantization' must be one of none, int8; got 'int4'"),
+    ("quantization", "int4", "'engine.quantization' must be one of none, int8, gguf; got 'int4'"),
     ("attention_backend", "cuda", "'engine.attention_backend' must be one of"),
     ("constraint_rows", 100, "multiple of 64"),
     ("constraint_slots", 0, "'engine.constraints.constraint_slots' must be >= 1"),

@@ -61,6 +61,7 @@ __all__ = [
     "SUPPORTED_TYPES",
     "UnsupportedQuantizationError",
     "dequantize",
+    "raw_blocks",
     "block_layout",
 ]
 
@@ -327,6 +328,23 @@ def _as_bytes(data: np.ndarray, qtype: QT, what: str) -> np.ndarray:
             raise ValueError(f"{_prefix(what)}big-endian payloads are not supported (dtype {data.dtype})")
     flat = data.reshape(-1)  # view when contiguous (e.g. a memmap), copy otherwise
     return flat.view(np.uint8)
+
+
+def raw_blocks(data: np.ndarray, qtype, shape: tuple[int, ...], *, what: str = "") -> np.ndarray:
+    """A quantized payload's blocks as they lie, uint8 [rows, ne0 / block, bytes per block] (rows: the product of
+    `shape`'s leading dims), with dequantize's checks of the type, the row length and the payload's size."""
+    t = _resolve_type(qtype, what)
+    shape = tuple(int(s) for s in shape)
+    block_size, type_size = BLOCK_LAYOUT[t]
+    ne0 = shape[-1] if shape else 1
+    if ne0 % block_size:
+        raise ValueError(f"{_prefix(what)}row length {ne0} is not a multiple of the {t.name} block size {block_size}")
+    raw = _as_bytes(data, t, what)
+    expected = math.prod(shape) // block_size * type_size
+    if raw.size != expected:
+        raise ValueError(f"{_prefix(what)}{t.name} payload has {raw.size} bytes but shape {shape} needs {expected} "
+                         f"bytes (truncated or corrupt tensor?)")
+    return raw.reshape(math.prod(shape[:-1]), ne0 // block_size, type_size)
 
 
 def dequantize(

@@ -126,6 +126,26 @@ def int8_matmul(x, w, scale, out_axis: int):
     return (outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)) * scale  # [T, out]
 
 
+def q4_1_dequantize(blocks) -> jax.Array:
+    """A GGUF Q4_1 matrix's blocks uint8 [out, in / 32, 20] -> float32 [in, out]: w = d * q + m per block of 32
+    inputs (float16 d and m, then 16 bytes: q[j] in the low nibble of byte j, q[j + 16] in the high one), the
+    values sgl_jax.models.gguf_quants gives at load."""
+    d = jax.lax.bitcast_convert_type(blocks[..., 0:2], jnp.float16).astype(jnp.float32)[..., None]
+    m = jax.lax.bitcast_convert_type(blocks[..., 2:4], jnp.float16).astype(jnp.float32)[..., None]
+    qs = blocks[..., 4:]
+    q = jnp.concatenate([qs & 15, qs >> 4], axis=-1).astype(jnp.float32)  # [out, in / 32, 32]
+    return (d * q + m).reshape(blocks.shape[0], -1).T
+
+
+def q4_1_matmul(x, blocks):
+    """x @ W in float32 for a GGUF Q4_1 matrix kept in its blocks (`quantization: gguf`): packed [out / 16, in / 32,
+    320] (CPU: the native kernel, x quantized per 32 inputs as for int8) or as read [out, in / 32, 20]
+    (elsewhere: dequantized in the graph, then XLA's dot)."""
+    if blocks.shape[-1] == cpu_matmul.Q4_BYTES:
+        return cpu_matmul.packed_q4_1_matmul(x.astype(jnp.float32), blocks)
+    return jnp.dot(x.astype(jnp.float32), q4_1_dequantize(blocks))
+
+
 class Linear(nn.Module):
     """y = x @ kernel [+ bias], kernel [in, out]; the same names and numerics as flax's nn.Dense.
 
@@ -134,7 +154,8 @@ class Linear(nn.Module):
     the int8 matrix and XLA (TPU/GPU) can fuse the convert into it; the result is cast back to `dtype`.
     A packed kernel ([out / 16, in, 16] float32, or int8 [out / 16, in / 4, 16, 4]; sgl_jax.models.packing) goes to
     the CPU's native packed matmul: float32 the same product in another layout; int8 with x quantized per 32 inputs
-    as well (an error of at most half a step of each block's scale per input: pallas_kernels/cpu_matmul.cc)."""
+    as well (an error of at most half a step of each block's scale per input: pallas_kernels/cpu_matmul.cc).
+    A `q4_1` leaf instead of the kernel: a GGUF Q4_1 matrix kept in its blocks (q4_1_matmul)."""
 
     features: int
     use_bias: bool
@@ -143,7 +164,9 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         p, q = _packed(self, "kernel"), _int8(self, "kernel")
-        if p is not None:  # CPU: the native packed matmul, any number of rows
+        if self.has_variable("params", "q4_1"):  # quantization: gguf
+            y = q4_1_matmul(x, self.get_variable("params", "q4_1")).astype(self.dtype)  # [T, out]
+        elif p is not None:  # CPU: the native packed matmul, any number of rows
             y = cpu_matmul.packed_matmul(x.astype(jnp.float32), *p).astype(self.dtype)  # [T, out]
         elif q is not None:
             y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]

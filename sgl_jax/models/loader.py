@@ -8,7 +8,9 @@ tensor. GGUF payloads are dequantized by our own `gguf_quants`; llama.cpp's Q/K 
 (applied by its converter to the `llama` architecture only) is undone so RoPE sees the HF layout.
 With `quantization="int8"` each weight matrix `quant.int8_axis` selects is quantized per output channel as
 it is converted (int8 kernel + float32 scale, see sgl_jax.models.quant); a GGUF's own quantized blocks are
-dequantized first, then requantized (quant.py says why they are not kept).
+dequantized first, then requantized. With `quantization="gguf"` a GGUF's Q4_1 linears keep the file's blocks
+(leaf `q4_1`, [out, in / 32, 20], rows unpermuted like the dequantized ones) and everything else is as with
+"int8" (quant.py).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def load_weights(path: str, dtype="float32", progress: bool = True,
 
 
 def _build_from_gguf(path, reader, meta, dtype, progress, quantization, placement=None):
-    cfg, tensors, n = _gguf_source(path, reader, meta)
+    cfg, tensors, n = _gguf_source(path, reader, meta, keep_q4_1=quantization == "gguf")
     return cfg, _build_params(cfg, tensors, n, dtype, path, progress, quantization, placement)
 
 
@@ -157,11 +159,24 @@ def _default_place(path: tuple[str, ...], arr: np.ndarray, dtype=None) -> jax.Ar
     return jnp.asarray(arr, dtype=dtype)
 
 
-def _leaves(arr: np.ndarray, key: tuple[str, ...], cfg: ModelConfig, dtype, quantization: str,
+@dataclasses.dataclass
+class Q4Blocks:
+    """A GGUF Q4_1 Linear weight kept in the file's blocks (quantization "gguf"): `blocks` uint8 [out, in / 32, 20]
+    in HF row order; `shape` is the matrix's, [out, in]."""
+    blocks: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.blocks.shape[0], self.blocks.shape[1] * gguf_quants.QK
+
+
+def _leaves(arr, key: tuple[str, ...], cfg: ModelConfig, dtype, quantization: str,
             place=_default_place) -> dict:
     """The pytree leaves of one tensor in HF layout ([out, in] for a Linear): {name: jax array}, each put where
-    `place(path, host array, dtype)` says."""
-    axis = quant.int8_axis(key, cfg.tie_word_embeddings) if quantization == "int8" else None
+    `place(path, host array, dtype)` says. A Q4Blocks becomes the leaf `q4_1` in place of the kernel."""
+    if isinstance(arr, Q4Blocks):
+        return {"q4_1": place(key[:-1] + ("q4_1",), np.ascontiguousarray(arr.blocks))}
+    axis = quant.int8_axis(key, cfg.tie_word_embeddings) if quantization in ("int8", "gguf") else None
     if axis is not None:
         # HF layout: output channels are rows for Linears and the embedding alike, so reduce over axis 1
         q, scale = quant.quantize_int8(arr, axis=1)
@@ -336,6 +351,14 @@ def read_gguf(path: str):
     return reader, meta
 
 
+def _keeps_q4_1(hf_name: str) -> bool:
+    """Whether a Q4_1 tensor stays in its blocks under quantization "gguf": the transformer's Linears (q/k/v/o,
+    gate/up/down), which llama.Linear runs from blocks; the LM head and the embedding are requantized to int8."""
+    key = hf_name_to_path(hf_name)
+    return key is not None and len(key) >= 2 and key[-1] == "kernel" and key[-2] in quant.LINEARS \
+        and key[-2] != "lm_head"
+
+
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's rotary row permutation: per head, rows (hd/2, 2) interleaved -> (2, hd/2)."""
     rows = w.shape[0]
@@ -343,7 +366,7 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _gguf_source(path: str, reader, meta):
+def _gguf_source(path: str, reader, meta, keep_q4_1: bool = False):
     names = {t.name for t in reader.tensors}
     try:
         cfg = ModelConfig.from_gguf(meta, has_output_weight="output.weight" in names,
@@ -362,15 +385,19 @@ def _gguf_source(path: str, reader, meta):
 
             def thunk(t=t, hf=hf):
                 shape = tuple(int(x) for x in reversed(t.shape))
+                keep = keep_q4_1 and int(t.tensor_type) == int(gguf_quants.QT.Q4_1) and _keeps_q4_1(hf)
                 try:
-                    arr = gguf_quants.dequantize(t.data, t.tensor_type, shape, what=f"{path}: {t.name}")
+                    if keep:
+                        arr = gguf_quants.raw_blocks(t.data, t.tensor_type, shape, what=f"{path}: {t.name}")
+                    else:
+                        arr = gguf_quants.dequantize(t.data, t.tensor_type, shape, what=f"{path}: {t.name}")
                 except ValueError as e:  # unsupported type, or a payload of the wrong size
                     raise ModelLoadError(str(e)) from None
                 if permute and hf.endswith(("q_proj.weight", "q_proj.bias")):
                     arr = unpermute_qk(arr, cfg.num_heads)
                 elif permute and hf.endswith(("k_proj.weight", "k_proj.bias")):
                     arr = unpermute_qk(arr, cfg.num_kv_heads)
-                return arr
+                return Q4Blocks(np.ascontiguousarray(arr)) if keep else arr
 
             yield hf, thunk
 

@@ -15,6 +15,10 @@ consecutive inputs are adjacent bytes (the operand of the kernel's 4-term intege
 multiple of 4 (else the leaf stays plain); the lookup of token t reads table[t // 16, :, t % 16, :]. Their
 per-output-channel scales stay [out].
 
+GGUF Q4_1 matrices kept in their blocks (`quantization: gguf`, leaf `q4_1`: the file's blocks [out, in / 32, 20])
+are packed to [out / 16, in / 32, 320] (`pack_q4_1`): each (panel, block) the 16 columns' nibbles as the kernel
+reads them, then their 16 d and 16 m in float16 -- the file's bytes rearranged, nothing requantized.
+
 Linears sharing an input are fused (FUSED: q/k/v, gate/up), their packed kernels stacked along the panel axis.
 
 Only for float32 compute on CPU with the native kernel built (`engine.pack_weights`, on by default); the model
@@ -27,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallas_kernels.cpu_matmul import PANEL, QUAD  # = kPanel, kQuad in cpu_matmul.cc
+from pallas_kernels.cpu_matmul import PANEL, Q4_BYTES, QUAD  # = kPanel, kQ4Bytes, kQuad in cpu_matmul.cc
 from sgl_jax.models.quant import LINEARS
 
 
@@ -53,6 +57,26 @@ def to_quads(wp: np.ndarray) -> np.ndarray:
     if k % QUAD:
         raise ValueError(f"to_quads: {k} inputs are not a multiple of {QUAD}")
     return np.ascontiguousarray(np.asarray(wp).reshape(p, k // QUAD, QUAD, c).transpose(0, 1, 3, 2))
+
+
+Q4_1_RAW = 20  # bytes of a GGUF Q4_1 block: float16 d, float16 m, 16 bytes of nibbles (q[j] low, q[j + 16] high)
+
+
+def pack_q4_1(blocks: np.ndarray) -> np.ndarray:
+    """A GGUF Q4_1 matrix's blocks uint8 [N, K / 32, 20] (row n = output column n) -> [N / 16, K / 32, 320].
+
+    The kernel wants byte 64 i + 4 c + j of a (panel, block) to hold column c's q[4i + j] (low nibble) and
+    q[16 + 4i + j] (high): that is the file's nibble byte 4i + j of that column's block as it is."""
+    n, nb, width = blocks.shape
+    if width != Q4_1_RAW or n % PANEL:
+        raise ValueError(f"pack_q4_1: blocks {blocks.shape} (expected [N, K / 32, {Q4_1_RAW}], N a multiple of "
+                         f"{PANEL})")
+    b = np.asarray(blocks, np.uint8).reshape(n // PANEL, PANEL, nb, Q4_1_RAW).transpose(0, 2, 1, 3)  # [P, B, c, 20]
+    nibbles = b[..., 4:].reshape(n // PANEL, nb, PANEL, 4, 4).transpose(0, 1, 3, 2, 4)  # [P, B, i, c, j]
+    out = np.concatenate([nibbles.reshape(n // PANEL, nb, 256), b[..., 0:2].reshape(n // PANEL, nb, 2 * PANEL),
+                          b[..., 2:4].reshape(n // PANEL, nb, 2 * PANEL)], axis=2)
+    assert out.shape[2] == Q4_BYTES
+    return np.ascontiguousarray(out)
 
 
 def unpack_io(wp: np.ndarray) -> np.ndarray:
@@ -100,11 +124,13 @@ def _fuse(node: dict) -> dict:
     in layout or leaves (one int8 and one not, a bias on one only) stays apart."""
     for fused, parts in FUSED.items():
         subs = [node.get(p) for p in parts]
-        if any(not isinstance(x, dict) or not isinstance(x.get("kernel"), np.ndarray) for x in subs):
+        weight = "q4_1" if all(isinstance(x, dict) and "q4_1" in x for x in subs) else "kernel"
+        if any(not isinstance(x, dict) or not isinstance(x.get(weight), np.ndarray) for x in subs):
             continue
-        kernels = [x["kernel"] for x in subs]
+        kernels = [x[weight] for x in subs]
         if (len({(k.ndim, k.dtype, k.shape[1:]) for k in kernels}) != 1 or kernels[0].ndim not in (3, 4)
-                or len({frozenset(x) for x in subs}) != 1 or not set(subs[0]) <= {"kernel", "scale", "bias"}):
+                or (weight == "q4_1" and kernels[0].shape[-1] != Q4_BYTES)
+                or len({frozenset(x) for x in subs}) != 1 or not set(subs[0]) <= {weight, "scale", "bias"}):
             continue
         group = {name: np.concatenate([np.asarray(x[name]) for x in subs], axis=0) for name in subs[0]}
         node = {**{k: v for k, v in node.items() if k not in parts}, fused: group}
@@ -122,6 +148,9 @@ def pack_params(params: dict, tied: bool) -> dict:
             key = path + (name,)
             if isinstance(leaf, dict):
                 out[name] = walk(leaf, key)
+                continue
+            if name == "q4_1":  # the file's Q4_1 blocks: packed when the columns fill panels, else kept as read
+                out[name] = pack_q4_1(leaf) if leaf.shape[0] % PANEL == 0 else leaf
                 continue
             int8 = leaf.dtype == np.int8
             how = packed_axis(key, tuple(leaf.shape), tied, int8)
@@ -142,7 +171,7 @@ def pack_params(params: dict, tied: bool) -> dict:
 
 
 def is_packed(params: dict) -> bool:
-    """Whether any leaf of the pytree is a packed (3-D, or 4-D int8) matrix."""
+    """Whether any leaf of the pytree is a packed matrix (3-D float32, 4-D int8, or packed Q4_1 blocks)."""
     import jax
 
-    return any(getattr(x, "ndim", 0) in (3, 4) for x in jax.tree_util.tree_leaves(params))
+    return any(getattr(x, "ndim", 0) in (3, 4) and x.shape[-1] != Q4_1_RAW for x in jax.tree_util.tree_leaves(params))

@@ -30,17 +30,19 @@ Which matrices (`int8_axis`):
     dtype: a step gathers only its tokens' rows, so int8 would save memory but no time, for a per-token
     error on every input.
 
-GGUF quantized formats (Q4_0, Q4_1, Q8_0, K-quants, ...) are not kept in their block format: they are
-dequantized at load (`gguf_quants`), and in int8 mode requantized per channel here. Running them quantized
-would need their block decode (nibble unpack, a scale and a min per 32 values) inside the step, and XLA has
-no fast quantized-matmul path for it: on XLA:CPU even the simplest case, an int8 matrix converted in the
-graph, is a separate convert that writes the whole float matrix before a float dot. Measured on this
-project's 2-core AMD EPYC (jax 0.10.2, jitted, best of 300), one [1,576] x [576,1536] matmul: float32
-67-101 us, the same with int8 weights converted in the graph 113-202 us. The int8 model is still faster than
-the float32 one on this CPU (batch-1 decode 0.83x the time, bench/notes.md "int8 weight-only quantization"),
-but only because llama.int8_matmul keeps each converted copy in cache; a Q4_1 block decode was not tried.
-On TPU/GPU XLA is expected to fuse the convert into the dot (not verified: no accelerator was available when
-this was written; bench/device_check.sh prints the compiled int8 matmul).
+GGUF quantized formats are dequantized at load (`gguf_quants`) and, in int8 mode, requantized per channel
+here -- except with `quantization: gguf`: a GGUF's Q4_1 linears (q/k/v/o, gate/up/down) keep the file's blocks
+(32 inputs each, w = d * q + m, q a nibble, float16 d and m: 0.625 bytes a weight), and everything else is as in
+int8 mode (SmolLM2's Q8_0 tied embedding / LM head: int8 per channel). On CPU the blocks are packed for the native
+kernel (sgl_jax.models.packing.pack_q4_1; pallas_kernels/cpu_matmul.cc), which sums nibble x int8-activation
+products in integer arithmetic with the file's d and m per block -- the weights are exactly the file's, as
+llama.cpp runs them, and a decode step reads fewer weight bytes than int8's. Elsewhere (`pack_weights: false`,
+TPU/GPU) `llama.q4_1_matmul` dequantizes the blocks in the graph before XLA's dot (correct, not fast). Only on
+one device: tensor parallelism needs int8 (the config refuses gguf with parallel.tp > 1). Other GGUF types
+(Q4_0, Q8_0, K-quants) have no kernel and are requantized to int8 in gguf mode too. Before this kernel, int8
+matrices converted in XLA's graph measured: on XLA:CPU even an int8 matrix converted in the graph is a separate
+convert that writes the whole float matrix before a float dot (one [1,576] x [576,1536] matmul: float32
+67-101 us, int8 converted in the graph 113-202 us on a 2-core AMD EPYC), which is why the CPU paths are kernels.
 
 numpy only (no jax): the loader quantizes one tensor at a time on the host before handing it to jax.
 """
@@ -49,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "gguf")
 INT8_MAX = 127
 _CHUNK_ELEMENTS = 1 << 22  # weights quantized at once: bounds the float64 temporaries (32 MiB) of a large matrix
 

@@ -150,7 +150,7 @@ def write_tiny_gguf(name: str, path: str, seed: int = 0, vocab_size: int = TINY_
     """A tiny random model of family `name` as GGUF, with the tiny byte-level tokenizer's metadata.
 
     Written the way llama.cpp's converter writes real checkpoints: [out, in] rows, llama q/k rows
-    permuted, `quant` in {"F32", "F16", "Q8_0"} for the 2-D weights. Returns `path`.
+    permuted, `quant` in {"F32", "F16", "Q8_0", "Q4_1"} for the 2-D weights. Returns `path`.
     `vocab_size` above the tokenizer's 300 tokens gives the embedding padding rows (as Qwen2/Qwen3 pad to a
     multiple of 128); `padding_scale` multiplies their output rows (lm_head, or the tied embedding).
     """
