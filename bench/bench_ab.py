@@ -4,6 +4,7 @@
                              [--ctxs 64,512] [--prefill 512] [--rounds 2] [--json OUT]
     python bench/bench_ab.py --a . --kv-b float16      # one checkout, float32 KV pool (a) against float16 (b)
     python bench/bench_ab.py --a . --env-a SGL_JAX_AMX=0   # one checkout, a switch in a's environment
+    python bench/bench_ab.py --a . --quant-a int8 --quant gguf   # int8 weights (a) against the GGUF's Q4_1 (b)
 
 One process cannot load two builds of the same native kernel (both register the same FFI target), so each round
 starts one child process per checkout, a then b, with that checkout first on the path. A child times every case as
@@ -52,9 +53,9 @@ def child_env(root: str, extra_env: list[str]) -> dict:
     return env
 
 
-def run_child(root: str, args, kv_dtype: str, extra_env: list[str]) -> dict:
+def run_child(root: str, args, kv_dtype: str, extra_env: list[str], quant: str) -> dict:
     env = child_env(root, extra_env)
-    cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", args.quant, "--batches",
+    cmd = [sys.executable, os.path.join(HERE, "bench_ab.py"), "--child", "--quant", quant, "--batches",
            args.batches, "--ctxs", args.ctxs, "--prefill", args.prefill, "--rounds", "2", "--kv", kv_dtype]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
@@ -77,7 +78,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--a", help="the other checkout (the baseline)")
     ap.add_argument("--b", default=os.path.dirname(HERE), help="this checkout (default)")
-    ap.add_argument("--quant", default="int8")
+    ap.add_argument("--quant", default="int8", help="weight quantization: none | int8 | gguf (b's, and a's unless "
+                    "--quant-a)")
+    ap.add_argument("--quant-a", default="", help="a's weight quantization (default: --quant)")
     ap.add_argument("--batches", default="1,4,8,16,64")
     ap.add_argument("--ctxs", default="64,512")
     ap.add_argument("--prefill", default="512", help="prefill lengths ('' for none)")
@@ -106,21 +109,23 @@ def main(argv=None):
     bws, gemms = [], []
     kvs = {"a": args.kv_a, "b": args.kv_b}
     envs = {"a": args.env_a, "b": args.env_b}
+    quants = {"a": args.quant_a or args.quant, "b": args.quant}
     for r in range(args.rounds):
         for name, root in roots.items():
-            results[name].append(run_child(root, args, kvs[name], envs[name]))
+            results[name].append(run_child(root, args, kvs[name], envs[name], quants[name]))
             print(f"round {r + 1}: {name} done", file=sys.stderr, flush=True)
         bws.append(floors.copy_bandwidth(threads=2))
         gemms.append(floors.numpy_gemm_rate())
-        if args.quant == "int8":  # int8 weights: the larger of numpy's float32 rate and the int8 kernel's
+        if args.quant != "none":  # integer kernels: the larger of numpy's float32 rate and the int8 kernel's
             gemms.append(int8_rate_in_child(roots["b"], envs["b"]))
     bw, gemm = max(bws), max(gemms)
     info = results["b"][0]
     print(f"a = {roots['a']} {' '.join(args.env_a)} (packed: {results['a'][0]['packed']}, KV "
           f"{results['a'][0].get('kv_dtype', '?')}), b = {roots['b']} {' '.join(args.env_b)} (packed: "
           f"{info['packed']}, KV {info['kv_dtype']}); floors priced by b's KV bytes; "
-          f"{args.quant} weights; copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.0f} GOP/s (numpy float32"
-          f"{', or the int8 kernel on [512,1536]x[1536,1536]' if args.quant == 'int8' else ''}: the faster)")
+          f"weights a {quants['a']}, b {quants['b']}; copy bandwidth {bw / 1e9:.1f} GB/s, GEMM {gemm / 1e9:.0f} "
+          f"GOP/s (numpy float32"
+          f"{', or the int8 kernel on [512,1536]x[1536,1536]' if args.quant != 'none' else ''}: the faster)")
     print("| step | rows | ctx | a ms | b ms | a / b | floor ms | floor / b |\n|---|---|---|---|---|---|---|---|")
     rows = []
     for c in cases:
@@ -135,7 +140,7 @@ def main(argv=None):
         print(f"| {c[0]} | {c[1]} | {c[2]} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {floor:.1f} | {floor / b:.0%} |")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"roots": roots, "quant": args.quant, "copy_gbs": bw / 1e9, "gemm_gflops": gemm / 1e9,
+            json.dump({"roots": roots, "quant": quants, "copy_gbs": bw / 1e9, "gemm_gflops": gemm / 1e9,
                        "steps": rows, "raw": results}, f, indent=1)
 
 

@@ -83,7 +83,7 @@ def main(argv=None):
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--attention", default="auto", help="as bench_model.py's (auto: what the engine runs)")
-    ap.add_argument("--quant", default="none", choices=["none", "int8"], help="weight quantization")
+    ap.add_argument("--quant", default="none", choices=["none", "int8", "gguf"], help="weight quantization")
     ap.add_argument("--kv-dtype", default="", help="the KV pool's dtype (default: --dtype)")
     ap.add_argument("--top", type=int, default=8, help="list this many most expensive ops")
     args = ap.parse_args(argv)
