@@ -506,12 +506,23 @@ inline void QuadTile(const int8_t* xq, const float* xd, int64_t ldx, int64_t ldd
     }
 }
 
-// Quantized activations of M rows: xq [M, K], d [M, ceil(K / 32)].
+// Quantized activations of M rows: xq [M, K], d [M, ceil(K / 32)], and each block's sum of xq [M, ceil(K / 32)]
+// (the unsigned-weight dot products' correction: QuadTile512, Q4Tile512).
 struct QuantRows {
   const int8_t* xq;
   const float* d;
   int64_t K, blocks;
+  const int32_t* sums;
 };
+
+// sums[b] = the sum of a row's quantized inputs [32b, min(K, 32b + 32)) (exact: at most 32 x 127)
+void BlockSums(const int8_t* xq, int64_t K, int32_t* sums) {
+  for (int64_t k0 = 0, b = 0; k0 < K; k0 += kXBlock, ++b) {
+    int32_t s = 0;
+    for (int64_t k = k0; k < std::min(K, k0 + kXBlock); ++k) s += xq[k];
+    sums[b] = s;
+  }
+}
 
 // R (1..4) rows x one panel, R chosen at run time (4 rows: 8 integer accumulators + the rows' inputs in registers)
 inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t kn, float* y,
@@ -528,43 +539,44 @@ inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, cons
 
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define SGL_JAX_WIDE_INT8 1
-// With AVX-512 (BW + VNNI) a panel's quad row (16 columns x 4 inputs, 64 bytes) is one 512-bit vector: one dot
-// product instruction per row instead of two, and the sign applied by a masked subtract (AVX-512 has no byte
-// sign). The same integer sums, so the same results as the 256-bit tile. R rows x NP panels.
+// With AVX-512 (BW + VNNI) a panel's quad row (16 columns x 4 inputs, 64 bytes) is one 512-bit vector and one
+// unsigned x signed dot product per row: the weights are read as w + 128 (a flipped top bit, once per weight
+// vector for all R rows) and each block's sum then corrected by 128 x the row's sum of its quantized inputs. The
+// int32 sums are exactly the signed ones, so the results are the 256-bit tile's and AMX's bit for bit; the
+// earlier sign trick (|x| and a masked negation of the weights, per row and weight vector) ran 1.3-1.7x slower on
+// an AVX-512 CPU without AMX (bench/notes.md, "GGUF Q4_1 kept in its blocks"). R rows x NP panels.
 constexpr bool kWide = true;
 
 template <int R, int NP>
-inline void QuadTile512(const int8_t* xq, const float* xd, int64_t ldx, int64_t ldd, int64_t k0, const int8_t* wp,
-                        int64_t pstride, int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale,
-                        bool last) {
+inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, int64_t ldx, int64_t ldd, int64_t k0,
+                        const int8_t* wp, int64_t pstride, int64_t kn, float* y, int64_t ldy, bool acc_in,
+                        const float* scale, bool last) {
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
-  const __m512i zero = _mm512_setzero_si512();
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 = w + 128 as an unsigned byte
   for (int64_t b = 0; b < kn; b += kXBlock) {
-    const int64_t quads = std::min(kXBlock, kn - b) / kQuad;
+    const int64_t quads = std::min(kXBlock, kn - b) / kQuad, blk = (k0 + b) / kXBlock;
     __m512i iacc[R][NP];
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < NP; ++p) iacc[r][p] = zero;
+    for (int r = 0; r < R; ++r) {
+      const __m512i c = _mm512_set1_epi32(-128 * xs[r * ldd + blk]);  // sum (w + 128) x - 128 sum x = sum w x
+      for (int p = 0; p < NP; ++p) iacc[r][p] = c;
+    }
     const int8_t* wb = wp + b / kQuad * kPanel * kQuad;
     for (int64_t q = 0; q < quads; ++q) {
-      __m512i xa[R];
-      __mmask64 neg[R];
+      __m512i x4[R];
       for (int r = 0; r < R; ++r) {
         int32_t v;
         std::memcpy(&v, xq + r * ldx + k0 + b + kQuad * q, sizeof(v));
-        const __m512i x4 = _mm512_set1_epi32(v);
-        neg[r] = _mm512_movepi8_mask(x4);
-        xa[r] = _mm512_abs_epi8(x4);
+        x4[r] = _mm512_set1_epi32(v);
       }
       for (int p = 0; p < NP; ++p) {
-        const __m512i w = _mm512_loadu_si512(wb + p * pstride + q * kPanel * kQuad);
-        for (int r = 0; r < R; ++r)
-          iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], xa[r], _mm512_mask_sub_epi8(w, neg[r], zero, w));
+        const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wb + p * pstride + q * kPanel * kQuad), flip);
+        for (int r = 0; r < R; ++r) iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], w, x4[r]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 d = _mm512_set1_ps(xd[r * ldd + (k0 + b) / kXBlock]);
+      const __m512 d = _mm512_set1_ps(xd[r * ldd + blk]);
       for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][p]), d, acc[r][p]);
     }
   }
@@ -582,8 +594,9 @@ inline void QuadTileWideR(int64_t NP, const QuantRows& x, int64_t r0, int64_t k0
                           int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
   const int8_t* xq = x.xq + r0 * x.K;
   const float* xd = x.d + r0 * x.blocks;
-  if (NP == 2) return QuadTile512<R, 2>(xq, xd, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
-  return QuadTile512<R, 1>(xq, xd, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+  const int32_t* xs = x.sums + r0 * x.blocks;
+  if (NP == 2) return QuadTile512<R, 2>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+  return QuadTile512<R, 1>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
 }
 
 inline void QuadTileWide(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp,
@@ -616,7 +629,7 @@ inline void RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64
 // One row x 4 panels in one pass over all K
 inline void OneRowPass(const QuantRows& x, const int8_t* wp, int64_t ps, float* y, const float* scale) {
 #if defined(SGL_JAX_WIDE_INT8)
-  QuadTile512<1, 4>(x.xq, x.d, x.K, x.blocks, 0, wp, ps, x.K, y, 0, false, scale, true);
+  QuadTile512<1, 4>(x.xq, x.d, x.sums, x.K, x.blocks, 0, wp, ps, x.K, y, 0, false, scale, true);
 #else
   QuadTile<1, 4>(x.xq, x.d, x.K, x.blocks, 0, wp, ps, x.K, y, 0, false, scale, true);
 #endif
@@ -786,16 +799,22 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
   // would map and unmap each call); they outlive every unit (RunUnits returns after the last).
   thread_local std::vector<int8_t> xq_buf;
   thread_local std::vector<float> xs_buf;
+  thread_local std::vector<int32_t> sum_buf;
   if (xq_buf.size() < static_cast<size_t>(rows * K)) xq_buf.resize(rows * K);
   if (xs_buf.size() < static_cast<size_t>(rows * blocks)) xs_buf.resize(rows * blocks);
+  if (sum_buf.size() < static_cast<size_t>(M * blocks)) sum_buf.resize(M * blocks);
   int8_t* q = xq_buf.data();
   float* d = xs_buf.data();
+  int32_t* sums = sum_buf.data();
   std::fill(q + M * K, q + rows * K, int8_t{0});
   std::fill(d + M * blocks, d + rows * blocks, 0.0f);
-  const QuantRows x{q, d, K, blocks};
+  const QuantRows x{q, d, K, blocks, sums};
   const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
   RunUnits(pool, qunits, [=](int64_t u) {
-    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
+    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
+      QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
+      if (kWide && !amx) BlockSums(q + m * K, K, sums + m * blocks);  // (only QuadTile512 reads them)
+    }
   });
 #if defined(SGL_JAX_AMX)
   if (amx) {
@@ -833,16 +852,7 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
 constexpr int64_t kQ4Bytes = 320;   // bytes of one (panel, block)
 constexpr int64_t kQ4Scales = 256;  // offset of its d (then m at + 32)
 
-// The block's scaled sums of a row's quantized inputs: xs[b] = d[b] * sum_{k in b} xq[k]
-void BlockSums(const int8_t* xq, const float* d, int64_t blocks, float* xs) {
-  for (int64_t b = 0; b < blocks; ++b) {
-    int32_t s = 0;
-    for (int64_t k = 0; k < kXBlock; ++k) s += xq[b * kXBlock + k];
-    xs[b] = d[b] * static_cast<float>(s);
-  }
-}
-
-// The quantized rows for the Q4_1 kernel: QuantRows plus xs [M, blocks]
+// The quantized rows for the Q4_1 kernel: QuantRows plus xs = d x the block's sum of xq [M, blocks]
 struct Q4Rows {
   QuantRows x;
   const float* xs;
@@ -1059,18 +1069,22 @@ ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const fl
   }
   thread_local std::vector<int8_t> xq_buf;  // as PackedInt8's
   thread_local std::vector<float> xs_buf;
+  thread_local std::vector<int32_t> sum_buf;
   if (xq_buf.size() < static_cast<size_t>(M * K)) xq_buf.resize(M * K);
   if (xs_buf.size() < static_cast<size_t>(2 * M * blocks)) xs_buf.resize(2 * M * blocks);
+  if (sum_buf.size() < static_cast<size_t>(M * blocks)) sum_buf.resize(M * blocks);
   int8_t* q = xq_buf.data();
   float *d = xs_buf.data(), *s = d + M * blocks;
+  int32_t* sums = sum_buf.data();
   const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
   RunUnits(pool, qunits, [=](int64_t u) {
     for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
       QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
-      BlockSums(q + m * K, d + m * blocks, blocks, s + m * blocks);
+      BlockSums(q + m * K, K, sums + m * blocks);
+      for (int64_t b = m * blocks; b < (m + 1) * blocks; ++b) s[b] = d[b] * static_cast<float>(sums[b]);
     }
   });
-  const Q4Rows x{{q, d, K, blocks}, s};
+  const Q4Rows x{{q, d, K, blocks, sums}, s};
   const int64_t group = M == 1 ? 4 : 2, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
   RunUnits(pool, units, [=](int64_t u) {
