@@ -167,23 +167,43 @@ def default_gguf() -> str:
     return resolve_model("smollm2-135m")
 
 
-def config_weights_kv(path: str) -> tuple[bool, int]:
-    """(int8 weights?, bytes per KV pool element) of a preset, as the engine reads it."""
+def config_weights_kv(path: str) -> tuple[str, int]:
+    """(weight quantization, bytes per KV pool element) of a preset, as the engine reads it."""
     import numpy as np
 
     from sgl_jax.config import load_config
 
     e = load_config(path).engine
-    return e.quantization == "int8", np.dtype(e.effective_kv_dtype).itemsize
+    return e.quantization, np.dtype(e.effective_kv_dtype).itemsize
 
 
-def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict, int8: bool = False, kv_bytes: int = 4) -> dict:
+def weight_bytes(reader, quant: str) -> int:
+    """The bytes of weights a decode step reads with this quantization: float32 4 a parameter; int8 1 (matrices;
+    norms stay float32); gguf the file's Q4_1 blocks for the linears it keeps (loader._keeps_q4_1), int8 else."""
+    import numpy as np
+
+    from sgl_jax.models import gguf_quants
+    from sgl_jax.models.loader import _keeps_q4_1, gguf_name_to_hf
+
+    total = 0
+    for t in reader.tensors:
+        n = int(np.prod([int(x) for x in t.shape]))
+        hf = gguf_name_to_hf(t.name) or ""
+        if quant == "gguf" and int(t.tensor_type) == int(gguf_quants.QT.Q4_1) and _keeps_q4_1(hf):
+            total += n // 32 * 20
+        else:
+            total += n * (4 if quant == "none" or len(t.shape) < 2 else 1)
+    return total
+
+
+def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict, quant: str = "none", kv_bytes: int = 4) -> dict:
     """The burst's physical floor on this machine, measured now: the prompt tokens our server computed
     (cold: the shared prefix once plus the suffixes) at the large-GEMM rate, plus `out_tokens` decode steps of
     `n` rows, each the larger of reading the weights and the rows' KV once (`kv_bytes` per element, at the mean
     context) and its FLOPs at the [n, hidden] GEMM rate. float32 weights: 4 bytes each, numpy's / XLA's float32
     GEMM rates; int8 weights: 1 byte each, and the faster of those and the int8 kernel's rates
-    (floors.int8_gemm_rate: there is no other int8 GEMM here)."""
+    (floors.int8_gemm_rate: there is no other int8 GEMM here); gguf: the Q4_1 blocks' bytes (weight_bytes) and
+    the int8 rates (its kernel is an integer one too)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     sys.path.insert(0, ROOT)
     from floors import copy_bandwidth, int8_gemm_rate, jnp_gemm_rate, numpy_gemm_rate
@@ -195,13 +215,12 @@ def prefix_floor(gguf: str, n: int, out_tokens: int, ours: dict, int8: bool = Fa
     fpt = cfg.flops_per_token()
     bw, big = copy_bandwidth(1 << 30, threads=2), numpy_gemm_rate(2048)
     small = jnp_gemm_rate(n, cfg.hidden_size, cfg.intermediate_size)
-    if int8:
+    if quant != "none":
         big = max(big, int8_gemm_rate())
         small = max(small, int8_gemm_rate(n, cfg.hidden_size, cfg.intermediate_size))
     ctx = ours["cold_prompt_tokens"] / n + out_tokens / 2
-    step = max(((1 if int8 else 4) * cfg.num_params + n * ctx * cfg.kv_bytes_per_token(kv_bytes)) / bw,
-               n * fpt / small)
-    out = {"weights": "int8" if int8 else "float32", "kv_bytes": kv_bytes, "copy_gbs": bw / 1e9,
+    step = max((weight_bytes(reader, quant) + n * ctx * cfg.kv_bytes_per_token(kv_bytes)) / bw, n * fpt / small)
+    out = {"weights": quant, "kv_bytes": kv_bytes, "copy_gbs": bw / 1e9,
            "gemm_gflops": big / 1e9,
            f"gemm_{n}_rows_gflops": small / 1e9, "decode_step_ms": 1e3 * step}
     for phase in ("cold", "warm"):
