@@ -7,7 +7,9 @@
   "Panel-packed weights"). int8 [N / 16, K / 4, 16, 4] + a scale per output column: the activations are
   quantized to int8 per block of 32 inputs and the products summed in integer arithmetic (bench/notes.md,
   "Integer dot products for int8 weights"; the error bound is in cpu_matmul.cc); where the CPU has AMX, calls of 4
-  or more rows run on its tile unit with the same results (bench/notes.md, "AMX for the int8 matmuls").
+  or more rows run on its tile unit with the same results (bench/notes.md, "AMX for the int8 matmuls"). GGUF Q4_1
+  blocks kept as the file has them (`quantization: gguf`), uint8 [N / 16, K / 32, 320]: nibbles times the same
+  int8 activations, the file's scale and min per block (bench/notes.md, "GGUF Q4_1 kept in its blocks").
 
 The plain [K, N] layout's few-row kernels (used when the weights are not packed):
 
@@ -28,6 +30,9 @@ names the cause, and callers keep XLA's dot. TPU and GPU never use these.
     f32_matmul(x, w, out_axis)          x f32 [M <= MAX_ROWS_INT8, K]; w f32 likewise -> f32 [M, N] = x @ w
     packed_matmul(x, w, scale=None)     x f32 [M, K]; w f32 [N / 16, K, 16], or int8 [N / 16, K / 4, 16, 4] with
                                         scale f32 [N]
+    packed_q4_1_matmul(x, w)            x f32 [M, K]; w uint8 [N / 16, K / 32, 320]: a GGUF Q4_1 matrix's blocks
+                                        (sgl_jax.models.packing.pack_q4_1) -> f32 [M, N] = x @ W, x quantized per
+                                        32 inputs as for int8 (`quantization: gguf`)
 """
 
 from __future__ import annotations
