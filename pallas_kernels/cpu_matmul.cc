@@ -543,8 +543,9 @@ inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, cons
 // unsigned x signed dot product per row: the weights are read as w + 128 (a flipped top bit, once per weight
 // vector for all R rows) and each block's sum then corrected by 128 x the row's sum of its quantized inputs. The
 // int32 sums are exactly the signed ones, so the results are the 256-bit tile's and AMX's bit for bit; the
-// earlier sign trick (|x| and a masked negation of the weights, per row and weight vector) ran 1.3-1.7x slower on
-// an AVX-512 CPU without AMX (bench/notes.md, "GGUF Q4_1 kept in its blocks"). R rows x NP panels.
+// earlier sign trick (|x| and a masked negation of the weights, per row and weight vector) made whole SmolLM2
+// steps 1.19-1.35x (decode, 8-64 rows) and 1.6-1.9x (prefill) slower on an AVX-512 CPU without AMX (bench/notes.md,
+// "GGUF Q4_1 kept in its blocks"). R rows x NP panels.
 constexpr bool kWide = true;
 
 template <int R, int NP>
