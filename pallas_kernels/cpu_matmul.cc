@@ -908,8 +908,8 @@ inline void Q4TileScalar(int64_t R, const int8_t* xq, const float* xd, const flo
 #if defined(SGL_JAX_WIDE_INT8) && defined(__F16C__)
 #define SGL_JAX_Q4_WIDE 1
 // R rows x NP panels with 512-bit vectors (a panel's 16 columns in one): per block, 4 loads of 64 nibble bytes give
-// the 8 quad rows (and, shift), each one dot product per row; the low and high nibbles' sums go to separate
-// accumulators (two chains per tile, not one).
+// the 8 quad rows (and, shift), each one dot product per row into one accumulator a row and panel (separate ones
+// for the low and high nibbles, added per block, were 4-8 % slower at 64-512 rows: bench/bench_q4.py).
 template <int R, int NP>
 inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd, int64_t b0,
                       int64_t nb, const uint8_t* wp, int64_t pstride, float* y, int64_t ldy, bool acc_in) {
@@ -918,9 +918,9 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0f);
   for (int64_t b = b0; b < b0 + nb; ++b) {
-    __m512i ilo[R][NP], ihi[R][NP];
+    __m512i is[R][NP];
     for (int r = 0; r < R; ++r)
-      for (int p = 0; p < NP; ++p) ilo[r][p] = ihi[r][p] = _mm512_setzero_si512();
+      for (int p = 0; p < NP; ++p) is[r][p] = _mm512_setzero_si512();
     for (int i = 0; i < 4; ++i) {
       __m512i xl[R], xh[R];
       for (int r = 0; r < R; ++r) {
@@ -934,8 +934,8 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
         const __m512i v = _mm512_loadu_si512(wp + p * pstride + b * kQ4Bytes + 64 * i);
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
-          ilo[r][p] = _mm512_dpbusd_epi32(ilo[r][p], lo, xl[r]);
-          ihi[r][p] = _mm512_dpbusd_epi32(ihi[r][p], hi, xh[r]);
+          is[r][p] = _mm512_dpbusd_epi32(is[r][p], lo, xl[r]);
+          is[r][p] = _mm512_dpbusd_epi32(is[r][p], hi, xh[r]);
         }
       }
     }
@@ -944,7 +944,7 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
       const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc)));
       const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sc + 32)));
       for (int r = 0; r < R; ++r) {
-        const __m512 s = _mm512_cvtepi32_ps(_mm512_add_epi32(ilo[r][p], ihi[r][p]));
+        const __m512 s = _mm512_cvtepi32_ps(is[r][p]);
         acc[r][p] = _mm512_fmadd_ps(s, _mm512_mul_ps(d, _mm512_set1_ps(xd[r * ldd + b])), acc[r][p]);
         acc[r][p] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[r * ldd + b]), acc[r][p]);
       }
