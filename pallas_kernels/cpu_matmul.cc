@@ -506,13 +506,15 @@ inline void QuadTile(const int8_t* xq, const float* xd, int64_t ldx, int64_t ldd
     }
 }
 
-// Quantized activations of M rows: xq [M, K], d [M, ceil(K / 32)], and each block's sum of xq [M, ceil(K / 32)]
-// (the unsigned-weight dot products' correction: QuadTile512, Q4Tile512).
+// Quantized activations of M rows: xq [M, K], d [M, ceil(K / 32)], each block's sum of xq [M, ceil(K / 32)] (the
+// unsigned-weight dot products' correction: QuadTile512) and d x that sum (the Q4_1 min's term: Q4Tile512) -- the
+// last two only where a kernel reads them (QuantizeRows).
 struct QuantRows {
   const int8_t* xq;
   const float* d;
   int64_t K, blocks;
   const int32_t* sums;
+  const float* xs;
 };
 
 // sums[b] = the sum of a row's quantized inputs [32b, min(K, 32b + 32)) (exact: at most 32 x 127)
@@ -522,6 +524,37 @@ void BlockSums(const int8_t* xq, int64_t K, int32_t* sums) {
     for (int64_t k = k0; k < std::min(K, k0 + kXBlock); ++k) s += xq[k];
     sums[b] = s;
   }
+}
+
+// The M rows of x [M, K] quantized (QuantizeRow) into this thread's buffers, zero rows after them up to `rows`
+// (AMX reads whole 16-row tiles); with `sums`, each block's sum of xq, and with `scaled` also d x that sum. The
+// buffers are kept between calls (a prefill's rows are ~1 MB, which malloc would map and unmap each call) and
+// outlive every unit of the call (RunUnits returns after the last); the int8 and Q4_1 kernels share them.
+QuantRows QuantizeRows(xla::ffi::ThreadPool& pool, const float* xp, int64_t M, int64_t K, int64_t rows, bool sums,
+                       bool scaled) {  // (scaled needs sums)
+  const int64_t blocks = (K + kXBlock - 1) / kXBlock;
+  thread_local std::vector<int8_t> xq_buf;
+  thread_local std::vector<float> d_buf, xs_buf;
+  thread_local std::vector<int32_t> sum_buf;
+  if (xq_buf.size() < static_cast<size_t>(rows * K)) xq_buf.resize(rows * K);
+  if (d_buf.size() < static_cast<size_t>(rows * blocks)) d_buf.resize(rows * blocks);
+  if (sum_buf.size() < static_cast<size_t>(M * blocks)) sum_buf.resize(M * blocks);
+  if (scaled && xs_buf.size() < static_cast<size_t>(M * blocks)) xs_buf.resize(M * blocks);
+  int8_t* q = xq_buf.data();
+  float *d = d_buf.data(), *xs = scaled ? xs_buf.data() : nullptr;
+  int32_t* s = sums ? sum_buf.data() : nullptr;
+  std::fill(q + M * K, q + rows * K, int8_t{0});
+  std::fill(d + M * blocks, d + rows * blocks, 0.0f);
+  const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
+  RunUnits(pool, qunits, [=](int64_t u) {
+    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
+      QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
+      if (s) BlockSums(q + m * K, K, s + m * blocks);
+      if (xs)
+        for (int64_t b = m * blocks; b < (m + 1) * blocks; ++b) xs[b] = d[b] * static_cast<float>(s[b]);
+    }
+  });
+  return QuantRows{q, d, K, blocks, s, xs};
 }
 
 // R (1..4) rows x one panel, R chosen at run time (4 rows: 8 integer accumulators + the rows' inputs in registers)
@@ -793,30 +826,9 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
     std::fill(yp, yp + M * N, 0.0f);
     return ffi::Error::Success();
   }
-  const int64_t blocks = (K + kXBlock - 1) / kXBlock;
   const bool amx = M >= kAmxRows && K % kXBlock == 0 && AmxOn();
-  const int64_t rows = amx ? (M + 15) / 16 * 16 : M;  // AMX reads whole 16-row tiles: zero rows after the last
-  // The quantized rows, in this thread's buffers (kept between calls: a prefill's rows are ~1 MB, which malloc
-  // would map and unmap each call); they outlive every unit (RunUnits returns after the last).
-  thread_local std::vector<int8_t> xq_buf;
-  thread_local std::vector<float> xs_buf;
-  thread_local std::vector<int32_t> sum_buf;
-  if (xq_buf.size() < static_cast<size_t>(rows * K)) xq_buf.resize(rows * K);
-  if (xs_buf.size() < static_cast<size_t>(rows * blocks)) xs_buf.resize(rows * blocks);
-  if (sum_buf.size() < static_cast<size_t>(M * blocks)) sum_buf.resize(M * blocks);
-  int8_t* q = xq_buf.data();
-  float* d = xs_buf.data();
-  int32_t* sums = sum_buf.data();
-  std::fill(q + M * K, q + rows * K, int8_t{0});
-  std::fill(d + M * blocks, d + rows * blocks, 0.0f);
-  const QuantRows x{q, d, K, blocks, sums};
-  const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
-  RunUnits(pool, qunits, [=](int64_t u) {
-    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
-      QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
-      if (kWide && !amx) BlockSums(q + m * K, K, sums + m * blocks);  // (only QuadTile512 reads them)
-    }
-  });
+  // AMX reads whole 16-row tiles (zero rows after the last); only QuadTile512 reads the block sums
+  const QuantRows x = QuantizeRows(pool, xp, M, K, amx ? (M + 15) / 16 * 16 : M, kWide && !amx, false);
 #if defined(SGL_JAX_AMX)
   if (amx) {
     const int64_t units = std::min<int64_t>(P, 16);
@@ -852,12 +864,6 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
 // and in every build, so a row's result does not depend on the rows beside it.
 constexpr int64_t kQ4Bytes = 320;   // bytes of one (panel, block)
 constexpr int64_t kQ4Scales = 256;  // offset of its d (then m at + 32)
-
-// The quantized rows for the Q4_1 kernel: QuantRows plus xs = d x the block's sum of xq [M, blocks]
-struct Q4Rows {
-  QuantRows x;
-  const float* xs;
-};
 
 inline float HalfBits(const uint8_t* p) {
   uint16_t h;
@@ -1003,12 +1009,12 @@ inline void Q4TileAvx2(const int8_t* xq, const float* xd, const float* xs, int64
 #endif
 
 // R (1..4) rows x NP panels at rows [r0, r0 + R), blocks [b0, b0 + nb): wp at the first panel's block 0
-inline void Q4RowTile(int64_t R, int64_t NP, const Q4Rows& x, int64_t r0, int64_t b0, int64_t nb, const uint8_t* wp,
+inline void Q4RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t b0, int64_t nb, const uint8_t* wp,
                       int64_t ps, float* y, int64_t ldy, bool acc_in) {
-  const int8_t* xq = x.x.xq + r0 * x.x.K;
-  const float* xd = x.x.d + r0 * x.x.blocks;
-  const float* xs = x.xs + r0 * x.x.blocks;
-  const int64_t ldx = x.x.K, ldd = x.x.blocks;
+  const int8_t* xq = x.xq + r0 * x.K;
+  const float* xd = x.d + r0 * x.blocks;
+  const float* xs = x.xs + r0 * x.blocks;
+  const int64_t ldx = x.K, ldd = x.blocks;
 #if defined(SGL_JAX_Q4_WIDE)
   switch (R) {
     case 1: return Q4TileWideR<1>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
@@ -1036,8 +1042,8 @@ inline void Q4RowTile(int64_t R, int64_t NP, const Q4Rows& x, int64_t r0, int64_
 
 // Panels [p0, p1) of y, as QuadPanels cuts them: one row takes 4 panels per pass over all K, more rows blocks of
 // 96 rows x 256 inputs (one pass up to 8 rows) in tiles of up to 4 rows x 2 panels.
-void Q4Panels(const Q4Rows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1) {
-  const int64_t blocks = x.x.blocks, ps = blocks * kQ4Bytes;
+void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1) {
+  const int64_t blocks = x.blocks, ps = blocks * kQ4Bytes;
   int64_t p = p0;
   if (M == 1)
     for (; p + 4 <= p1; p += 4) Q4RowTile(1, 4, x, 0, 0, blocks, w + p * ps, ps, y + p * kPanel, N, false);
@@ -1068,24 +1074,7 @@ ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const fl
     std::fill(yp, yp + M * N, 0.0f);
     return ffi::Error::Success();
   }
-  thread_local std::vector<int8_t> xq_buf;  // as PackedInt8's
-  thread_local std::vector<float> xs_buf;
-  thread_local std::vector<int32_t> sum_buf;
-  if (xq_buf.size() < static_cast<size_t>(M * K)) xq_buf.resize(M * K);
-  if (xs_buf.size() < static_cast<size_t>(2 * M * blocks)) xs_buf.resize(2 * M * blocks);
-  if (sum_buf.size() < static_cast<size_t>(M * blocks)) sum_buf.resize(M * blocks);
-  int8_t* q = xq_buf.data();
-  float *d = xs_buf.data(), *s = d + M * blocks;
-  int32_t* sums = sum_buf.data();
-  const int64_t qunits = M * K < (1 << 16) ? 1 : std::min<int64_t>(M, 16);
-  RunUnits(pool, qunits, [=](int64_t u) {
-    for (int64_t m = u * M / qunits; m < (u + 1) * M / qunits; ++m) {
-      QuantizeRow(xp + m * K, K, q + m * K, d + m * blocks);
-      BlockSums(q + m * K, K, sums + m * blocks);
-      for (int64_t b = m * blocks; b < (m + 1) * blocks; ++b) s[b] = d[b] * static_cast<float>(sums[b]);
-    }
-  });
-  const Q4Rows x{{q, d, K, blocks, sums}, s};
+  const QuantRows x = QuantizeRows(pool, xp, M, K, M, true, true);
   const int64_t group = M == 1 ? 4 : 2, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
   RunUnits(pool, units, [=](int64_t u) {
