@@ -30,13 +30,14 @@ import numpy as np  # noqa: E402
 SHAPES = [("qkv", 576, 960), ("gate/up", 576, 3072), ("down", 1536, 576), ("o", 576, 576), ("head", 576, 49152)]
 
 
-def best_ms(f, x, w, s, repeats: int) -> float:
-    f(x, w, s).block_until_ready()
+def best_ms(f, args, repeats: int) -> float:
+    """ms per call of f(*args): the best of `repeats` batches of 30 calls (after one untimed call)."""
+    f(*args).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(30):
-            y = f(x, w, s)
+            y = f(*args)
         y.block_until_ready()
         best = min(best, (time.perf_counter() - t) / 30)
     return 1e3 * best
@@ -74,9 +75,9 @@ def main(argv=None):
             for name, (w, s, k, n) in mats.items():
                 x = jnp.asarray(rng.standard_normal((m, k)).astype(np.float32))
                 cpu_matmul.amx_int8(True)
-                amx = best_ms(f, x, w, s, args.repeats)
+                amx = best_ms(f, (x, w, s), args.repeats)
                 cpu_matmul.amx_int8(False)
-                vnni = best_ms(f, x, w, s, args.repeats)
+                vnni = best_ms(f, (x, w, s), args.repeats)
                 floor = 1e3 * max(k * n / bw, 2 * m * k * n / rate)
                 out.append(dict(rows=m, matrix=name, K=k, N=n, amx_ms=amx, vnni_ms=vnni, floor_ms=floor))
                 cells.append(f"{amx:.3f} / {vnni:.3f} ({vnni / amx:.2f}x), {floor:.3f}")

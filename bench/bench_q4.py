@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,20 +25,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import numpy as np  # noqa: E402
 
+from bench_amx import best_ms  # noqa: E402
+
 # (name, K, N): SmolLM2-135M's packed linears (q/k/v and gate/up fused)
 SHAPES = [("qkv", 576, 960), ("gate/up", 576, 3072), ("down", 1536, 576), ("o", 576, 576)]
-
-
-def best_ms(f, args, repeats: int) -> float:
-    f(*args).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(30):
-            y = f(*args)
-        y.block_until_ready()
-        best = min(best, (time.perf_counter() - t) / 30)
-    return 1e3 * best
 
 
 def q4_blocks(rng, n: int, k: int) -> np.ndarray:
