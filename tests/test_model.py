@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from helpers import PagedRunner
+from sgl_jax.batch import SeqChunk, pack
 from sgl_jax.models.attention import page_major_pays
 from sgl_jax.models.config import PRESETS, ModelConfig
 from sgl_jax.models.llama import param_shapes
@@ -75,6 +76,22 @@ def test_tiny_cached_prefix_and_decode(tiny):
         parts += [runner.step([(sid, ids[p:p + 1], p, None)])[0] for p in (len(ids) - 2, len(ids) - 1)]
         got = np.concatenate(parts)
         np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
+
+
+def test_tiny_rope_tables_computed_once(tiny):
+    """RoPE's sines and cosines are evaluated once a step, not again inside each layer's fusions (XLA:CPU fuses an
+    elementwise producer into every consumer: 2 x layers copies, each per element of q and k)."""
+    name, cfg, params = tiny
+    runner = PagedRunner(cfg, params)
+    ids = list(range(3, 19))
+    b = pack([SeqChunk(ids, 0, runner.ensure_pages(0, len(ids)), 0)], page_size=runner.page_size,
+             block_q=runner.block_q)
+    meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
+                                          b.pre_page_table, b.pre_kv_lens))
+    hlo = runner._fwd.lower(runner.params, b.input_ids, runner.kv, b.logits_indices, meta,
+                            block_q=b.block_q).compile().as_text()
+    assert cfg.num_layers > 1
+    assert (hlo.count(" cosine("), hlo.count(" sine(")) == (1, 1), name
 
 
 def test_tiny_batched_mixed_matches_alone(tiny):

@@ -53,10 +53,22 @@ class RMSNorm(nn.Module):
         return (xf * w.astype(jnp.float32)).astype(self.dtype)
 
 
-def apply_rope(x, positions, inv_freq):
-    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, D], positions [T]."""
+def rope_tables(positions, inv_freq):
+    """cos and sin of each position's angles, [T, 1, D/2] each: computed once a step and shared by every layer.
+    XLA:CPU fuses elementwise producers into their consumers, so a sine computed once was evaluated again per
+    element of q and k -- per head, in every layer (19 of a 304 ms 512-token prefill; bench/notes.md, session 15)
+    -- and it drops an optimization barrier before fusion. A dot is never fused into its consumers: the product
+    with an identity matrix (exact: one term x * 1, the rest x * 0) materializes the tables once."""
     ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]
+    half = ang.shape[1]
+    cs = jnp.concatenate([jnp.cos(ang), jnp.sin(ang)], axis=1)
+    cs = jnp.dot(cs, jnp.eye(2 * half, dtype=jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return cs[:, None, :half], cs[:, None, half:]
+
+
+def apply_rope(x, rope):
+    """Rotate-half RoPE (the Hugging Face layout). x [T, heads, D], rope = rope_tables(positions [T], ...)."""
+    cos, sin = rope
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
@@ -213,7 +225,7 @@ class Attention(nn.Module):
     layout: object = None  # sgl_jax.parallel.tp.TPLayout: attention under shard_map on each device's heads
 
     @nn.compact
-    def __call__(self, x, meta: AttnMetadata, pages, inv_freq):
+    def __call__(self, x, meta: AttnMetadata, pages, rope):
         cfg = self.cfg
         T = x.shape[0]
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -228,9 +240,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, self.dtype, name="k_norm")(k)
-        pos = jnp.maximum(meta.positions, 0)
-        q = apply_rope(q, pos, inv_freq)
-        k = apply_rope(k, pos, inv_freq)
+        q = apply_rope(q, rope)
+        k = apply_rope(k, rope)
         kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
         attend = functools.partial(_attend, get_attention_backend(self.attention_backend).fn, kw)
         if self.layout is None:
@@ -262,11 +273,11 @@ class DecoderLayer(nn.Module):
     layout: object = None
 
     @nn.compact
-    def __call__(self, x, meta, pages, inv_freq):
+    def __call__(self, x, meta, pages, rope):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")
-        a, pages = attn(h, meta, pages, inv_freq)
+        a, pages = attn(h, meta, pages, rope)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         return x + MLP(self.cfg, self.dtype, name="mlp")(h), pages
@@ -359,10 +370,11 @@ class CausalLM(nn.Module):
         embed = Embedding(cfg.vocab_size, cfg.hidden_size, self.dtype, name="embed_tokens")
         x = embed(input_ids)  # [T, E]
         inv_freq = jnp.asarray(np.array(rope_inv_freq(cfg), np.float32))
+        rope = rope_tables(jnp.maximum(meta.positions, 0), inv_freq)
         new_kv = []
         for i in range(cfg.num_layers):
             x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, name=f"layers_{i}")(
-                x, meta, kv[i], inv_freq)
+                x, meta, kv[i], rope)
             new_kv.append(pages)
         h = x[logits_indices]  # [L, E]
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
