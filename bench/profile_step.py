@@ -1,7 +1,7 @@
 """Where does a forward step's time go? jax.profiler trace of the jitted forward, grouped by role.
 
     python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N] [--dtype float32] [--steps 5]
-                                 [--attention jnp|...] [--quant int8] [--kv-dtype float16]
+                                 [--attention jnp|...] [--quant int8] [--kv-dtype float16] [--shared-prefix N]
 
 Runs the forward as bench_model.py does, traces `--steps` calls with jax.profiler, and sums the duration
 of every XLA:CPU op (thunk) event, attributing each top-level HLO instruction to a role through its
@@ -51,6 +51,16 @@ def classify(op_name: str, body: str) -> str:
     return "other"
 
 
+def ffi_role(target: str, op_name: str) -> str:
+    if "attention" in target:
+        return "attn: native kernel"
+    if "/mlp/" in op_name:
+        return "MLP matmuls (native)"
+    if "self_attn" in op_name:
+        return "q/k/v/o matmuls (native)"
+    return "embed + LM head" if re.search(r"embed|lm_head|LE,", op_name) or "/" not in op_name else "other native"
+
+
 def instruction_roles(hlo: str) -> dict[str, str]:
     comps = {m.group(1): m.group(2) for m in re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S)}
     entry = hlo[hlo.index("\nENTRY"):]
@@ -63,6 +73,10 @@ def instruction_roles(hlo: str) -> dict[str, str]:
         calls = re.search(r"calls=(%[\w.\-]+)", line)
         body = comps.get(calls.group(1), "") if calls else ""
         op_name = op.group(1) if op else ""
+        target = re.search(r'custom_call_target="(sgl_jax_\w+)"', line)
+        if target:  # our native kernels: the attention kernel, or a matmul named by the module that called it
+            roles[m.group(1)] = ffi_role(target.group(1), op_name)
+            continue
         # ynn/dot fusions: name the dot by its einsum; gathers fused into copies by their body
         if " gather(" in body and re.search(r"/gather|where|transpose|select", op_name + " "):
             roles[m.group(1)] = "attn: page gather"
@@ -85,7 +99,10 @@ def main(argv=None):
     ap.add_argument("--attention", default="auto", help="as bench_model.py's (auto: what the engine runs)")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "gguf"], help="weight quantization")
     ap.add_argument("--kv-dtype", default="", help="the KV pool's dtype (default: --dtype)")
+    ap.add_argument("--shared-prefix", type=int, default=0,
+                    help="decode: the rows share the pages of their first N tokens (a fork's branches)")
     ap.add_argument("--top", type=int, default=8, help="list this many most expensive ops")
+    ap.add_argument("--role", default="", help="list only ops of roles containing this text (with their HLO)")
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
     import jax
@@ -105,9 +122,11 @@ def main(argv=None):
     else:
         pp = math.ceil(args.ctx / S)
         mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
-        chunks = [SeqChunk([1], args.ctx - 1, list(range(1 + i * pp, 1 + (i + 1) * pp))) for i in range(args.batch)]
-        b = pack(chunks, page_size=S, block_q=1)
-        what = f"decode B={args.batch} ctx={args.ctx}"
+        shared = args.shared_prefix // S  # whole pages every row shares (a fork's prefix), then each row's own
+        tables = [list(range(1, 1 + shared)) + list(range(1 + i * pp + shared, 1 + (i + 1) * pp))
+                  for i in range(args.batch)]
+        b = pack([SeqChunk([1], args.ctx - 1, t) for t in tables], page_size=S, block_q=1)
+        what = f"decode B={args.batch} ctx={args.ctx}" + (f" (first {shared * S} shared)" if shared else "")
     meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
                                           b.pre_page_table, b.pre_kv_lens))
     ids_, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
@@ -154,9 +173,15 @@ def main(argv=None):
     for role, ns in sorted(per_role.items(), key=lambda x: -x[1]):
         print(f"  {role:<22} {ns / 1e6 / args.steps:8.2f} ms  {ns / total:6.1%}")
     print("  top ops (ms/step, role):")
-    for k, v in sorted(per_op.items(), key=lambda x: -x[1])[:args.top]:
+    listed = [(k, v) for k, v in per_op.items() if args.role in roles.get(k, "other")]
+    for k, v in sorted(listed, key=lambda x: -x[1])[:args.top]:
         shape = re.search(rf"%{re.escape(k)} = (\S+)", hlo)
         print(f"    {v / 1e6 / args.steps:6.2f}  {k:<32} {shape.group(1) if shape else '':<28} {roles.get(k, 'other')}")
+        if args.role:
+            line = re.search(rf"\n\s*(?:ROOT )?%{re.escape(k)} = [^\n]*", hlo)
+            calls = re.search(r"calls=(%[\w.\-]+)", line.group(0)) if line else None
+            body = re.search(rf"\n{re.escape(calls.group(1))} \([^\n]*\{{\n(.*?)\n\}}", hlo, re.S) if calls else None
+            print(re.sub(r", metadata=\{[^}]*\}", "", body.group(1) if body else line.group(0) if line else ""))
     mb.close()
 
 
