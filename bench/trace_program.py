@@ -45,12 +45,13 @@ def summarize(steps: list[dict], wall: float, floor_s: float) -> list[str]:
         if not s["prompt_tokens"]:
             dec[s["decode_rows"]].append(s["step_s"])
     for rows, ts in sorted(dec.items()):
-        out.append(f"  decode {rows:2d} rows: {len(ts):3d} steps, {sum(ts):.3f} s, median {1e3 * statistics.median(ts):.1f}"
-                   f" ms")
+        out.append(f"  decode {rows:2d} rows: {len(ts):3d} steps, {sum(ts):.3f} s, "
+                   f"median {1e3 * statistics.median(ts):.1f} ms")
     for s in steps:
         if s["prompt_tokens"]:
             out.append(f"  prompt step: {s['prompt_tokens']} tokens in {s['prefill_chunks']} chunk(s) + "
-                       f"{s['decode_rows']} decode rows, shape (Sd, NR, NB, P) {s['shape']}: {1e3 * s['step_s']:.1f} ms")
+                       f"{s['decode_rows']} decode rows, shape (Sd, NR, NB, P) {s['shape']}: "
+                       f"{1e3 * s['step_s']:.1f} ms")
     return out
 
 
