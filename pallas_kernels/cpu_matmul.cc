@@ -1084,20 +1084,51 @@ ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const fl
   return ffi::Error::Success();
 }
 
+// The packed kernels' operand `rows` (s32 scalar): only x's first `rows` rows are multiplied and y's other rows are
+// zeros -- a step's padding (a decode bucket's spare rows, a prefill's last block past its chunk) is at its end,
+// and a padded row costs a real row's compute (bench/notes.md, session 15). x's dimensions as the kernels see them:
+// [min(max(rows, 0), M), K]; `zero` clears the rows after those in y.
+struct LeadingRows {
+  int64_t dims[2];
+  int64_t m, n;  // rows computed, y's columns
+  LeadingRows(ffi::Span<const int64_t> xd, const ffi::Buffer<ffi::S32>& rows, int64_t n_out) {
+    const int64_t M = xd.size() == 2 ? xd[0] : 0;
+    m = rows.element_count() == 1 ? std::clamp<int64_t>(rows.typed_data()[0], 0, M) : M;
+    dims[0] = m;
+    dims[1] = xd.size() == 2 ? xd[1] : 0;
+    n = n_out;
+  }
+  ffi::Span<const int64_t> span(ffi::Span<const int64_t> xd) const {
+    return xd.size() == 2 ? ffi::Span<const int64_t>(dims, 2) : xd;
+  }
+  ffi::Error zero(ffi::Error e, ffi::Span<const int64_t> xd, float* y) const {
+    if (e.success() && xd.size() == 2) std::fill(y + m * n, y + xd[0] * n, 0.0f);
+    return e;
+  }
+};
+
+int64_t OutColumns(ffi::Span<const int64_t> wd) { return wd.size() >= 1 ? wd[0] * kPanel : 0; }
+
 ffi::Error PackedQ4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        ffi::ResultBuffer<ffi::F32> y) {
-  return PackedQ4(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), y->typed_data());
+                        ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
+  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
+  return lr.zero(PackedQ4(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
+                          y->typed_data()), x.dimensions(), y->typed_data());
 }
 
 ffi::Error PackedInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  return PackedInt8(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), scale.typed_data(),
-                    static_cast<int64_t>(scale.element_count()), y->typed_data());
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
+  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
+  return lr.zero(PackedInt8(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
+                            scale.typed_data(), static_cast<int64_t>(scale.element_count()), y->typed_data()),
+                 x.dimensions(), y->typed_data());
 }
 
 ffi::Error PackedF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::ResultBuffer<ffi::F32> y) {
-  return PackedF32(pool, x.dimensions(), x.typed_data(), w.dimensions(), w.typed_data(), y->typed_data());
+                         ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
+  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
+  return lr.zero(PackedF32(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
+                           y->typed_data()), x.dimensions(), y->typed_data());
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
@@ -1137,6 +1168,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedInt8Matmul, PackedInt8Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedQ4Matmul, PackedQ4Impl,
@@ -1144,6 +1176,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedQ4Matmul, PackedQ4Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,
@@ -1151,6 +1184,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 // Whether the int8 packed matmul uses AMX (1) or the VNNI tiles (0), after `set`: -1 leaves it, 0 switches AMX off,

@@ -106,6 +106,64 @@ def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_windo
     _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
 
 
+def _grouped_decode_case(seed, kv, g, d, alone, window):
+    """Decode rows (pages of 16) that read the same pages, in a shuffled order: six branches of a fork over a
+    5-page prefix (lengths past it, one ending at its edge, one query inside it), a branch that parts from the
+    prefix after its first page, nine consecutive tokens of one sequence laid out as decode rows (one table),
+    `alone` rows with pages of their own, and padding rows. Every (page, slot) no query sees is NaN."""
+    rng = np.random.default_rng(seed)
+    S = 16
+    fresh = iter(rng.permutation(np.arange(1, 400)))
+    own = lambda n: [int(next(fresh)) for _ in range(n)]  # noqa: E731
+    prefix, seq = own(5), own(7)
+    rows = []  # (table, kv_len, query position)
+    for n in (81, 95, 96, 97, 130, 80):
+        rows.append((prefix + own(-(-n // S) - 5), n, n - 1))
+    rows.append((prefix, 80, 39))  # a query inside the prefix
+    rows.append((prefix[:1] + own(3), 60, 59))  # shares only the first page
+    rows += [(seq, t + 1, t) for t in range(100, 109)]
+    rows += [(own(-(-n // S)), n, n - 1) for n in rng.integers(1, 120, alone)]
+    rows += [([], 0, -1)] * 2
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    N, R, P = 400, len(rows), 10
+    k = rng.standard_normal((N, kv, S, d)).astype(np.float32)
+    v = rng.standard_normal((N, kv, S, d)).astype(np.float32)
+    poison = np.ones((N, S), bool)
+    table = np.zeros((R, P), np.int32)
+    for r, (pages, n, t) in enumerate(rows):
+        table[r, : len(pages)] = pages
+        for j in range(max(0, t - window + 1) if window else 0, min(t + 1, n)):
+            poison[pages[j // S], j % S] = False
+    k[np.broadcast_to(poison[:, None, :], k.shape[:3])] = np.nan
+    v[np.broadcast_to(poison[:, None, :], v.shape[:3])] = np.nan
+    lens = np.asarray([n for _, n, _ in rows], np.int32)
+    pos = np.asarray([[t] for _, _, t in rows], np.int32)
+    q = rng.standard_normal((R, 1, kv * g, d)).astype(np.float32)
+    q[pos < 0] = np.nan
+    return q, k, v, table, lens, pos
+
+
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
+@pytest.mark.parametrize("alone", [3, 9])
+@pytest.mark.parametrize("window,soft_cap", [(None, None), (37, None), (None, 2.0)])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window, soft_cap, dtype, monkeypatch):
+    """Decode rows that read the same pages (a fork's branches, a sequence's tokens laid out as decode rows) beside
+    rows of their own, at model head sizes on pages of 16: row units are whole rows from 8 rows on, else (row, KV
+    head). (Group units that read a shared page once for all its rows were tried against this test and measured
+    no faster on an AVX-512 CPU that splits 512-bit FMAs in two: bench/notes.md, session 15.)"""
+    import test_attention
+
+    for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
+        monkeypatch.setattr(test_attention, name, val)
+    case = _grouped_decode_case(7 + d + alone, kv, g, d, alone, window)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.2, sliding_window=window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
+
+
 def test_jnp_reference_matches_dense_reference():
     """The pure-jnp reference beside the kernel is itself right (decode rows and block rows)."""
     for S, rows in ((16, decode_rows(16)), (4, [(n, list(range(n - 3, n + 1))) for n in (4, 9, 17)])):
@@ -164,6 +222,11 @@ def test_page_index_outside_the_pool_is_an_error_not_a_read():
     with pytest.raises(Exception, match="outside the pool"):
         _native(q, k, k, jnp.asarray([[1, 99]], jnp.int32), jnp.asarray([6], jnp.int32),
                 jnp.asarray([[5]], jnp.int32), sm_scale=1.0).block_until_ready()
+    # decode rows sharing their first page (a group unit), the second row's next page outside the pool
+    q, k = jnp.ones((2, 1, 2, 64)), jnp.ones((4, 1, 16, 64))
+    with pytest.raises(Exception, match="outside the pool"):
+        _native(q, k, k, jnp.asarray([[1, 2], [1, 99]], jnp.int32), jnp.asarray([20, 20], jnp.int32),
+                jnp.asarray([[19], [19]], jnp.int32), sm_scale=1.0).block_until_ready()
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "float16", "bfloat16"])

@@ -265,6 +265,36 @@ def test_packed_int8_amx_equals_vnni_bitwise(m, k, n):
     assert np.all(np.isnan(y_amx[m // 2])) and np.all(np.isfinite(np.delete(y_amx, m // 2, axis=0)))
 
 
+@pytest.mark.parametrize("kind", ["f32", "int8", "q4_1"])
+@pytest.mark.parametrize("m", [1, 9, 70])
+def test_packed_kernels_compute_only_the_leading_rows(kind, m):
+    """`rows` r (a traced scalar): y's first r rows are the product of x's first r rows alone, bit for bit, and the
+    rest are zeros -- never read: NaN in those x rows does not leak; r outside [0, M] is clamped."""
+    rng = np.random.default_rng(m)
+    k, n = 576, 96
+    if kind == "q4_1":
+        from sgl_jax.models.packing import pack_q4_1
+        from test_q4_1 import q4_1_blocks
+
+        args = (pack_q4_1(q4_1_blocks(rng, n, k)[0]),)
+        f = jax.jit(lambda x, r, w: cpu_matmul.packed_q4_1_matmul(x, w, r))
+    else:
+        _, wp, sc, _, _ = _packed_case(rng, m, k, n, kind == "int8")
+        args = (wp,) if sc is None else (wp, sc)
+        f = jax.jit(lambda x, r, *a: cpu_matmul.packed_matmul(x, *a, rows=r))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    for r in sorted({0, 1, m // 2, m - 1, m}):
+        xp = x.copy()
+        xp[r:] = np.nan  # padding rows: whatever they hold is not read
+        y = np.asarray(f(xp, np.int32(r), *args))
+        assert y.shape == (m, n) and np.all(y[r:] == 0.0), (kind, m, r)
+        if r:
+            assert np.array_equal(y[:r], np.asarray(f(x[:r], np.int32(r), *args))), (kind, m, r)
+    full = np.asarray(f(x, np.int32(m), *args))
+    assert np.array_equal(np.asarray(f(x, np.int32(m + 5), *args)), full)
+    assert np.all(np.asarray(f(x, np.int32(-3), *args)) == 0.0)
+
+
 def test_pack_layouts_and_which_leaves():
     from sgl_jax.models import packing
 
@@ -340,7 +370,8 @@ def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
     from sgl_jax.models.testing import write_tiny_checkpoint
 
     calls, kernel = [], cpu_matmul.packed_matmul
-    monkeypatch.setattr(cpu_matmul, "packed_matmul", lambda x, *a: calls.append(x.shape[0]) or kernel(x, *a))
+    monkeypatch.setattr(cpu_matmul, "packed_matmul",
+                        lambda x, *a, **k: calls.append(x.shape[0]) or kernel(x, *a, **k))
     plain_int8 = llama.int8_matmul
     if quant == "int8":
         monkeypatch.setattr(llama, "int8_matmul", lambda x, *a, **k: plain_int8(_quantized_activations(x), *a, **k))
