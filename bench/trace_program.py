@@ -43,10 +43,12 @@ def summarize(steps: list[dict], wall: float, floor_s: float) -> list[str]:
     dec = collections.defaultdict(list)
     for s in steps:
         if not s["prompt_tokens"]:
-            dec[s["decode_rows"]].append(s["step_s"])
-    for rows, ts in sorted(dec.items()):
-        out.append(f"  decode {rows:2d} rows: {len(ts):3d} steps, {sum(ts):.3f} s, "
-                   f"median {1e3 * statistics.median(ts):.1f} ms")
+            dec[s["decode_rows"], s["shape"]].append(s)
+    for (rows, shape), ss in sorted(dec.items()):
+        ts = [s["step_s"] for s in ss]
+        out.append(f"  decode {rows:2d} rows, shape {shape}: {len(ts):3d} steps, {sum(ts):.3f} s, median "
+                   f"{1e3 * statistics.median(ts):.1f} ms (compiled step + fetch "
+                   f"{1e3 * statistics.median(s['device_s'] for s in ss):.1f})")
     for s in steps:
         if s["prompt_tokens"]:
             out.append(f"  prompt step: {s['prompt_tokens']} tokens in {s['prefill_chunks']} chunk(s) + "
