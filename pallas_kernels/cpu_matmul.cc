@@ -1084,51 +1084,73 @@ ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const fl
   return ffi::Error::Success();
 }
 
-// The packed kernels' operand `rows` (s32 scalar): only x's first `rows` rows are multiplied and y's other rows are
-// zeros -- a step's padding (a decode bucket's spare rows, a prefill's last block past its chunk) is at its end,
-// and a padded row costs a real row's compute (bench/notes.md, session 15). x's dimensions as the kernels see them:
-// [min(max(rows, 0), M), K]; `zero` clears the rows after those in y.
-struct LeadingRows {
-  int64_t dims[2];
-  int64_t m, n;  // rows computed, y's columns
-  LeadingRows(ffi::Span<const int64_t> xd, const ffi::Buffer<ffi::S32>& rows, int64_t n_out) {
-    const int64_t M = xd.size() == 2 ? xd[0] : 0;
-    m = rows.element_count() == 1 ? std::clamp<int64_t>(rows.typed_data()[0], 0, M) : M;
-    dims[0] = m;
-    dims[1] = xd.size() == 2 ? xd[1] : 0;
-    n = n_out;
-  }
-  ffi::Span<const int64_t> span(ffi::Span<const int64_t> xd) const {
-    return xd.size() == 2 ? ffi::Span<const int64_t>(dims, 2) : xd;
-  }
-  ffi::Error zero(ffi::Error e, ffi::Span<const int64_t> xd, float* y) const {
-    if (e.success() && xd.size() == 2) std::fill(y + m * n, y + xd[0] * n, 0.0f);
+// The packed kernels' operand `keep` (s32 [M]): only x's rows with keep != 0 are multiplied, y's other rows are
+// zeros. A step's padding rows (a decode bucket's spare rows, each prefill chunk's last block past the chunk) cost a
+// real row's compute otherwise (bench/notes.md, session 15). Kept rows that are x's first rows are computed in place;
+// others are gathered into a buffer of their own, multiplied, and put back -- each kept row's result is then the
+// same, bit for bit, as the product of the kept rows alone. `inner(dims, x, y)` is the kernel on [rows, K].
+template <typename F>
+ffi::Error OnKeptRows(ffi::Span<const int64_t> xd, const float* xp, const ffi::Buffer<ffi::S32>& keep, int64_t n,
+                      float* yp, F inner) {
+  if (xd.size() != 2) return inner(xd, xp, yp);  // the kernel names the bad shape
+  const int64_t M = xd[0], K = xd[1];
+  if (static_cast<int64_t>(keep.element_count()) != M)
+    return ffi::Error::InvalidArgument("packed matmul: keep must have one entry per row of x");
+  const int32_t* kp = keep.typed_data();
+  int64_t m = 0;
+  bool leading = true;
+  for (int64_t i = 0; i < M; ++i)
+    if (kp[i] != 0) leading &= i == m++;
+  const int64_t dims[2] = {m, K};
+  const ffi::Span<const int64_t> d(dims, 2);
+  if (leading) {
+    ffi::Error e = inner(d, xp, yp);
+    if (e.success()) std::fill(yp + m * n, yp + M * n, 0.0f);
     return e;
   }
-};
+  thread_local std::vector<float> xs, ys;
+  xs.resize(m * K);
+  ys.resize(m * n);
+  for (int64_t i = 0, j = 0; i < M; ++i)
+    if (kp[i] != 0) std::copy(xp + i * K, xp + (i + 1) * K, xs.data() + j++ * K);
+  ffi::Error e = inner(d, xs.data(), ys.data());
+  if (!e.success()) return e;
+  for (int64_t i = 0, j = 0; i < M; ++i) {
+    if (kp[i] != 0) {
+      std::copy(ys.data() + j * n, ys.data() + (j + 1) * n, yp + i * n);
+      ++j;
+    } else {
+      std::fill(yp + i * n, yp + (i + 1) * n, 0.0f);
+    }
+  }
+  return e;
+}
 
 int64_t OutColumns(ffi::Span<const int64_t> wd) { return wd.size() >= 1 ? wd[0] * kPanel : 0; }
 
 ffi::Error PackedQ4Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                        ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
-  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
-  return lr.zero(PackedQ4(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
-                          y->typed_data()), x.dimensions(), y->typed_data());
+                        ffi::Buffer<ffi::S32> keep, ffi::ResultBuffer<ffi::F32> y) {
+  return OnKeptRows(x.dimensions(), x.typed_data(), keep, OutColumns(w.dimensions()), y->typed_data(),
+                    [&](ffi::Span<const int64_t> xd, const float* xp, float* yp) {
+                      return PackedQ4(pool, xd, xp, w.dimensions(), w.typed_data(), yp);
+                    });
 }
 
 ffi::Error PackedInt8Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
-                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
-  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
-  return lr.zero(PackedInt8(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
-                            scale.typed_data(), static_cast<int64_t>(scale.element_count()), y->typed_data()),
-                 x.dimensions(), y->typed_data());
+                          ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::S32> keep, ffi::ResultBuffer<ffi::F32> y) {
+  return OnKeptRows(x.dimensions(), x.typed_data(), keep, OutColumns(w.dimensions()), y->typed_data(),
+                    [&](ffi::Span<const int64_t> xd, const float* xp, float* yp) {
+                      return PackedInt8(pool, xd, xp, w.dimensions(), w.typed_data(), scale.typed_data(),
+                                        static_cast<int64_t>(scale.element_count()), yp);
+                    });
 }
 
 ffi::Error PackedF32Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                         ffi::Buffer<ffi::S32> rows, ffi::ResultBuffer<ffi::F32> y) {
-  const LeadingRows lr(x.dimensions(), rows, OutColumns(w.dimensions()));
-  return lr.zero(PackedF32(pool, lr.span(x.dimensions()), x.typed_data(), w.dimensions(), w.typed_data(),
-                           y->typed_data()), x.dimensions(), y->typed_data());
+                         ffi::Buffer<ffi::S32> keep, ffi::ResultBuffer<ffi::F32> y) {
+  return OnKeptRows(x.dimensions(), x.typed_data(), keep, OutColumns(w.dimensions()), y->typed_data(),
+                    [&](ffi::Span<const int64_t> xd, const float* xp, float* yp) {
+                      return PackedF32(pool, xd, xp, w.dimensions(), w.typed_data(), yp);
+                    });
 }
 
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,

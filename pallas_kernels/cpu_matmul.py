@@ -145,15 +145,20 @@ def amx_int8(on: bool | None = None) -> bool:
     return bool(_PACKED_INT8._state["lib"].SglJaxAmxInt8(-1 if on is None else int(on)))
 
 
-def _rows(rows, m: int) -> jax.Array:
-    """The packed kernels' `rows` operand: x's leading rows to compute (the rest of y is zeros), default all."""
-    return jnp.asarray(m if rows is None else rows, jnp.int32).reshape(())
+def _keep(keep, m: int) -> jax.Array:
+    """The packed kernels' `keep` operand, int32 [m]: the rows of x to compute (y's others are zeros), default all."""
+    if keep is None:
+        return jnp.ones((m,), jnp.int32)
+    if keep.shape != (m,):
+        raise ValueError(f"packed matmul: keep {keep.shape} must have one entry per row of x ({m})")
+    return keep.astype(jnp.int32)
 
 
-def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, rows=None) -> jax.Array:
+def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, keep=None) -> jax.Array:
     """x @ unpack(w) [* scale] in float32: x f32 [M, K]; w float32 [N / 16, K, 16], or int8 [N / 16, K / 4, 16, 4]
-    with scale f32 [N] (x then quantized per 32 inputs inside the kernel: cpu_matmul.cc). `rows` (int32 scalar,
-    may be traced): compute x's first `rows` rows only, y's other rows are zeros (a step's trailing padding)."""
+    with scale f32 [N] (x then quantized per 32 inputs inside the kernel: cpu_matmul.cc). `keep` (bool or int32 [M],
+    may be traced): compute only the rows of x it marks, y's other rows are zeros (a step's padding rows); each kept
+    row's result is the product of the kept rows alone, bit for bit."""
     m, k = x.shape
     want = (k, PANEL) if w.dtype == jnp.float32 else (k // QUAD, PANEL, QUAD)
     if (x.dtype != jnp.float32 or w.dtype not in (jnp.int8, jnp.float32) or w.shape[1:] != want
@@ -165,14 +170,14 @@ def packed_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, ro
         raise RuntimeError(f"the packed matmul is not available: {_PACKED_INT8.why_not() or _PACKED_F32.why_not()}")
     out = jax.ShapeDtypeStruct((m, w.shape[0] * PANEL), jnp.float32)
     if scale is None:
-        return jax.ffi.ffi_call(PACKED_F32_TARGET, out)(x, w, _rows(rows, m))
-    return jax.ffi.ffi_call(PACKED_INT8_TARGET, out)(x, w, scale.astype(jnp.float32), _rows(rows, m))
+        return jax.ffi.ffi_call(PACKED_F32_TARGET, out)(x, w, _keep(keep, m))
+    return jax.ffi.ffi_call(PACKED_INT8_TARGET, out)(x, w, scale.astype(jnp.float32), _keep(keep, m))
 
 
-def packed_q4_1_matmul(x: jax.Array, w: jax.Array, rows=None) -> jax.Array:
+def packed_q4_1_matmul(x: jax.Array, w: jax.Array, keep=None) -> jax.Array:
     """x @ W in float32 for a GGUF Q4_1 matrix kept in its blocks: x f32 [M, K]; w uint8 [N / 16, K / 32, 320]
     (sgl_jax.models.packing.pack_q4_1). x is quantized per 32 inputs inside the kernel, as for int8 weights; the
-    weights are the file's exactly (cpu_matmul.cc). `rows`: as packed_matmul's."""
+    weights are the file's exactly (cpu_matmul.cc). `keep`: as packed_matmul's."""
     m, k = x.shape
     if x.dtype != jnp.float32 or w.dtype != jnp.uint8 or w.ndim != 3 or w.shape[1:] != (k // Q4_BLOCK, Q4_BYTES) \
             or k % Q4_BLOCK:
@@ -181,7 +186,7 @@ def packed_q4_1_matmul(x: jax.Array, w: jax.Array, rows=None) -> jax.Array:
     if not packed_available():
         raise RuntimeError(f"the packed matmul is not available: {_PACKED_Q4.why_not()}")
     out = jax.ShapeDtypeStruct((m, w.shape[0] * PANEL), jnp.float32)
-    return jax.ffi.ffi_call(PACKED_Q4_TARGET, out)(x, w, _rows(rows, m))
+    return jax.ffi.ffi_call(PACKED_Q4_TARGET, out)(x, w, _keep(keep, m))
 
 
 if __name__ == "__main__":  # python -m pallas_kernels.cpu_matmul: build now and say whether it works

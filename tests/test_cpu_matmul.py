@@ -267,9 +267,10 @@ def test_packed_int8_amx_equals_vnni_bitwise(m, k, n):
 
 @pytest.mark.parametrize("kind", ["f32", "int8", "q4_1"])
 @pytest.mark.parametrize("m", [1, 9, 70])
-def test_packed_kernels_compute_only_the_leading_rows(kind, m):
-    """`rows` r (a traced scalar): y's first r rows are the product of x's first r rows alone, bit for bit, and the
-    rest are zeros -- never read: NaN in those x rows does not leak; r outside [0, M] is clamped."""
+def test_packed_kernels_compute_only_the_kept_rows(kind, m):
+    """`keep` (a traced mask): each kept row's result is, bit for bit, that of the product of the kept rows alone
+    (kept rows leading: computed in place; with holes: gathered, multiplied, put back); the other rows are zeros and
+    never read -- NaN in them does not leak. A mask of the wrong length is refused, naming it."""
     rng = np.random.default_rng(m)
     k, n = 576, 96
     if kind == "q4_1":
@@ -277,22 +278,23 @@ def test_packed_kernels_compute_only_the_leading_rows(kind, m):
         from test_q4_1 import q4_1_blocks
 
         args = (pack_q4_1(q4_1_blocks(rng, n, k)[0]),)
-        f = jax.jit(lambda x, r, w: cpu_matmul.packed_q4_1_matmul(x, w, r))
+        f = jax.jit(lambda x, keep, w: cpu_matmul.packed_q4_1_matmul(x, w, keep))
     else:
         _, wp, sc, _, _ = _packed_case(rng, m, k, n, kind == "int8")
         args = (wp,) if sc is None else (wp, sc)
-        f = jax.jit(lambda x, r, *a: cpu_matmul.packed_matmul(x, *a, rows=r))
+        f = jax.jit(lambda x, keep, *a: cpu_matmul.packed_matmul(x, *a, keep=keep))
     x = rng.standard_normal((m, k)).astype(np.float32)
-    for r in sorted({0, 1, m // 2, m - 1, m}):
-        xp = x.copy()
-        xp[r:] = np.nan  # padding rows: whatever they hold is not read
-        y = np.asarray(f(xp, np.int32(r), *args))
-        assert y.shape == (m, n) and np.all(y[r:] == 0.0), (kind, m, r)
-        if r:
-            assert np.array_equal(y[:r], np.asarray(f(x[:r], np.int32(r), *args))), (kind, m, r)
-    full = np.asarray(f(x, np.int32(m), *args))
-    assert np.array_equal(np.asarray(f(x, np.int32(m + 5), *args)), full)
-    assert np.all(np.asarray(f(x, np.int32(-3), *args)) == 0.0)
+    masks = [np.arange(m) < r for r in sorted({0, 1, m // 2, m - 1, m})]  # leading rows
+    masks += [rng.random(m) < 0.5 for _ in range(3)] + [np.arange(m) % 3 == 2]  # holes
+    for keep in masks:
+        xp = np.where(keep[:, None], x, np.nan).astype(np.float32)  # skipped rows: whatever they hold is not read
+        y = np.asarray(f(xp, keep, *args))
+        assert y.shape == (m, n) and np.all(y[~keep] == 0.0), (kind, m, keep)
+        if keep.any():
+            alone = np.asarray(f(x[keep], np.ones(int(keep.sum()), bool), *args))
+            assert np.array_equal(y[keep], alone), (kind, m, keep)
+    with pytest.raises(ValueError, match="one entry per row"):
+        f(x, np.ones(m + 1, bool), *args)
 
 
 def test_pack_layouts_and_which_leaves():

@@ -138,12 +138,12 @@ def test_tiny_q4_1_model_in_gguf_mode(family, tmp_path):
     outs = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cpu_matmul, "packed_q4_1_matmul",
-                   lambda x, w, rows=None: calls.append(x.shape[0]) or kernel(x, w, rows))
+                   lambda x, w, keep=None: calls.append(x.shape[0]) or kernel(x, w, keep))
         # int8 leaves the packing leaves plain (a vocabulary of 300 fills no panels) quantize like the kernels
         mp.setattr(llama, "int8_matmul", lambda x, *a, **k: plain_int8(_quantized_activations(x), *a, **k))
         for name, p in (("packed", packed), ("float", pf), ("plain", pg)):
             if name == "plain":  # the kernel's activation quantization in front of the in-graph dequantization
-                mp.setattr(llama, "q4_1_matmul", lambda x, w, rows=None: plain(_quantized_activations(x), w))
+                mp.setattr(llama, "q4_1_matmul", lambda x, w, keep=None: plain(_quantized_activations(x), w))
             r = PagedRunner(cfg, p, num_pages=32, page_size=16, block_q=8, attention_backend="cpu_native")
             calls.clear()
             outs[name] = [np.concatenate(r.step(prefill)), np.concatenate(r.step(decode))]

@@ -149,12 +149,12 @@ def q4_1_dequantize(blocks) -> jax.Array:
     return (d * q + m).reshape(blocks.shape[0], -1).T
 
 
-def q4_1_matmul(x, blocks, rows=None):
+def q4_1_matmul(x, blocks, keep=None):
     """x @ W in float32 for a GGUF Q4_1 matrix kept in its blocks (`quantization: gguf`): packed [out / 16, in / 32,
     320] (CPU: the native kernel, x quantized per 32 inputs as for int8) or as read [out, in / 32, 20]
-    (elsewhere: dequantized in the graph, then XLA's dot). `rows`: see Linear."""
+    (elsewhere: dequantized in the graph, then XLA's dot). `keep`: see Linear."""
     if blocks.shape[-1] == cpu_matmul.Q4_BYTES:
-        return cpu_matmul.packed_q4_1_matmul(x.astype(jnp.float32), blocks, rows)
+        return cpu_matmul.packed_q4_1_matmul(x.astype(jnp.float32), blocks, keep)
     return jnp.dot(x.astype(jnp.float32), q4_1_dequantize(blocks))
 
 
@@ -168,20 +168,20 @@ class Linear(nn.Module):
     the CPU's native packed matmul: float32 the same product in another layout; int8 with x quantized per 32 inputs
     as well (an error of at most half a step of each block's scale per input: pallas_kernels/cpu_matmul.cc).
     A `q4_1` leaf instead of the kernel: a GGUF Q4_1 matrix kept in its blocks (q4_1_matmul).
-    `rows` (int32 scalar, traced; `leading_rows`): the native kernels compute x's first `rows` rows only and give
-    zeros after them -- the step's trailing padding; other paths compute every row."""
+    `keep` (bool [T], traced: the step's real tokens): the native kernels compute those rows only and give zeros for
+    the others -- a step's padding rows; other paths compute every row."""
 
     features: int
     use_bias: bool
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, rows=None):
+    def __call__(self, x, keep=None):
         p, q = _packed(self, "kernel"), _int8(self, "kernel")
         if self.has_variable("params", "q4_1"):  # quantization: gguf
-            y = q4_1_matmul(x, self.get_variable("params", "q4_1"), rows).astype(self.dtype)  # [T, out]
+            y = q4_1_matmul(x, self.get_variable("params", "q4_1"), keep).astype(self.dtype)  # [T, out]
         elif p is not None:  # CPU: the native packed matmul, any number of rows
-            y = cpu_matmul.packed_matmul(x.astype(jnp.float32), *p, rows=rows).astype(self.dtype)  # [T, out]
+            y = cpu_matmul.packed_matmul(x.astype(jnp.float32), *p, keep=keep).astype(self.dtype)  # [T, out]
         elif q is not None:
             y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]
         else:
@@ -194,13 +194,6 @@ class Linear(nn.Module):
 
 def _dense(features, use_bias, dtype, name):
     return Linear(features, use_bias, dtype, name=name)
-
-
-def leading_rows(valid) -> jax.Array:
-    """1 + the index of the last True of `valid` [T] (0 if none), int32: the rows before a step's trailing padding
-    (decode rows past the batch in their bucket, the last prefill block's tail). Padding rows cost the native
-    matmuls a real row's compute; with this they are skipped (bench/notes.md, session 15)."""
-    return jnp.max(jnp.where(valid, jnp.arange(1, valid.shape[0] + 1, dtype=jnp.int32), 0))
 
 
 def _attend(attn, kw, q, k, v, pages, meta: AttnMetadata):
@@ -234,17 +227,17 @@ class Attention(nn.Module):
     layout: object = None  # sgl_jax.parallel.tp.TPLayout: attention under shard_map on each device's heads
 
     @nn.compact
-    def __call__(self, x, meta: AttnMetadata, pages, rope, rows=None):
+    def __call__(self, x, meta: AttnMetadata, pages, rope, keep=None):
         cfg = self.cfg
         T = x.shape[0]
         H, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         if self.has_variable("params", "qkv_proj"):  # CPU packed layout: q, k, v in one matmul (packing.FUSED)
-            qkv = _dense((H + 2 * K) * D, cfg.qkv_bias, self.dtype, "qkv_proj")(x, rows)  # [T, (H + 2K) * D]
+            qkv = _dense((H + 2 * K) * D, cfg.qkv_bias, self.dtype, "qkv_proj")(x, keep)  # [T, (H + 2K) * D]
             q, k, v = jnp.split(qkv, [H * D, (H + K) * D], axis=1)
         else:
-            q = _dense(H * D, cfg.qkv_bias, self.dtype, "q_proj")(x, rows)  # [T, H*D]
-            k = _dense(K * D, cfg.qkv_bias, self.dtype, "k_proj")(x, rows)  # [T, K*D]
-            v = _dense(K * D, cfg.qkv_bias, self.dtype, "v_proj")(x, rows)  # [T, K*D]
+            q = _dense(H * D, cfg.qkv_bias, self.dtype, "q_proj")(x, keep)  # [T, H*D]
+            k = _dense(K * D, cfg.qkv_bias, self.dtype, "k_proj")(x, keep)  # [T, K*D]
+            v = _dense(K * D, cfg.qkv_bias, self.dtype, "v_proj")(x, keep)  # [T, K*D]
         q, k, v = q.reshape(T, H, D), k.reshape(T, K, D), v.reshape(T, K, D)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, self.dtype, name="q_norm")(q)
@@ -257,7 +250,7 @@ class Attention(nn.Module):
             o, pages = attend(q, k, v, pages, meta)  # [T, H*D]
         else:  # each device its own heads (sgl_jax/parallel/tp.py)
             o, pages = self.layout.attention_map(attend)(q, k, v, pages, meta)
-        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(o, rows), pages
+        return _dense(cfg.hidden_size, False, self.dtype, "o_proj")(o, keep), pages
 
 
 class MLP(nn.Module):
@@ -265,14 +258,14 @@ class MLP(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, x, rows=None):
+    def __call__(self, x, keep=None):
         f = self.cfg.intermediate_size
         if self.has_variable("params", "gate_up_proj"):  # CPU packed layout: one matmul (packing.FUSED)
-            g, u = jnp.split(_dense(2 * f, False, self.dtype, "gate_up_proj")(x, rows), 2, axis=1)  # [T, F] each
+            g, u = jnp.split(_dense(2 * f, False, self.dtype, "gate_up_proj")(x, keep), 2, axis=1)  # [T, F] each
         else:
-            g = _dense(f, False, self.dtype, "gate_proj")(x, rows)  # [T, F]
-            u = _dense(f, False, self.dtype, "up_proj")(x, rows)  # [T, F]
-        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(g) * u, rows)
+            g = _dense(f, False, self.dtype, "gate_proj")(x, keep)  # [T, F]
+            u = _dense(f, False, self.dtype, "up_proj")(x, keep)  # [T, F]
+        return _dense(self.cfg.hidden_size, False, self.dtype, "down_proj")(nn.silu(g) * u, keep)
 
 
 class DecoderLayer(nn.Module):
@@ -282,14 +275,14 @@ class DecoderLayer(nn.Module):
     layout: object = None
 
     @nn.compact
-    def __call__(self, x, meta, pages, rope, rows=None):
+    def __call__(self, x, meta, pages, rope, keep=None):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")
-        a, pages = attn(h, meta, pages, rope, rows)
+        a, pages = attn(h, meta, pages, rope, keep)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        return x + MLP(self.cfg, self.dtype, name="mlp")(h, rows), pages
+        return x + MLP(self.cfg, self.dtype, name="mlp")(h, keep), pages
 
 
 class Embedding(nn.Module):
@@ -326,9 +319,9 @@ class Embedding(nn.Module):
             return x.astype(self.dtype)
         return (x.astype(jnp.float32) * self.scale[ids][:, None]).astype(self.dtype)
 
-    def attend(self, h, rows=None):
+    def attend(self, h, keep=None):
         if self.packed:
-            return cpu_matmul.packed_matmul(h.astype(jnp.float32), self.table, self.scale, rows)  # [L, V]
+            return cpu_matmul.packed_matmul(h.astype(jnp.float32), self.table, self.scale, keep)  # [L, V]
         if self.scale is not None:
             return int8_matmul(h, self.table, self.scale, out_axis=0)  # [L, V]
         if cpu_matmul.f32_routes(h) and self.table.dtype == jnp.float32:  # CPU, 2-8 decode rows
@@ -343,10 +336,10 @@ class LMHead(nn.Module):
     dtype: jnp.dtype
 
     @nn.compact
-    def __call__(self, h, rows=None):
+    def __call__(self, h, keep=None):
         p, q = _packed(self, "kernel"), _int8(self, "kernel")
         if p is not None:  # CPU: the native packed matmul
-            return cpu_matmul.packed_matmul(h.astype(jnp.float32), *p, rows=rows)  # [L, V]
+            return cpu_matmul.packed_matmul(h.astype(jnp.float32), *p, keep=keep)  # [L, V]
         if q is None:
             w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
             if cpu_matmul.f32_routes(h) and w.dtype == jnp.float32:  # CPU, 2-8 decode rows
@@ -380,19 +373,19 @@ class CausalLM(nn.Module):
         x = embed(input_ids)  # [T, E]
         inv_freq = jnp.asarray(np.array(rope_inv_freq(cfg), np.float32))
         rope = rope_tables(jnp.maximum(meta.positions, 0), inv_freq)
-        rows = leading_rows(meta.positions >= 0)
+        keep = meta.positions >= 0  # padding tokens: the native matmuls skip their rows (bench/notes.md, session 15)
         new_kv = []
         for i in range(cfg.num_layers):
             x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, name=f"layers_{i}")(
-                x, meta, kv[i], rope, rows)
+                x, meta, kv[i], rope, keep)
             new_kv.append(pages)
         h = x[logits_indices]  # [L, E]
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
-        head_rows = leading_rows(meta.positions[logits_indices] >= 0)  # logits rows of padding tokens: zeros
+        head_keep = meta.positions[logits_indices] >= 0  # logits rows of padding tokens: zeros
         if cfg.tie_word_embeddings:
-            logits = embed.attend(h, head_rows)  # [L, V]
+            logits = embed.attend(h, head_keep)  # [L, V]
         else:
-            logits = LMHead(cfg.vocab_size, self.dtype, name="lm_head")(h, head_rows)
+            logits = LMHead(cfg.vocab_size, self.dtype, name="lm_head")(h, head_keep)
         return logits, tuple(new_kv)
 
 
