@@ -79,6 +79,7 @@ class RouterApp:
         self.router, self.tokenizer, self.http = router, tokenizer, http
         self.waiting: dict[str, asyncio.Future] = {}
         self.retried = self.failed = 0
+        self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
         self.ttfts: list[float] = []
 
     def _pending(self, body: dict) -> Pending:
@@ -137,6 +138,7 @@ class RouterApp:
                     self.rebind()
                 elif not ok and r.healthy:
                     self.down(r, "health check failed")
+            self.health_rounds += 1
             await asyncio.sleep(1.0)
 
 
@@ -238,7 +240,7 @@ def build_app(app: RouterApp):
         mx, mean = app.router.imbalance()
         return web.json_response({
             "policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
-            "failed": app.failed, "inflight_max": mx, "inflight_mean": mean,
+            "failed": app.failed, "inflight_max": mx, "inflight_mean": mean, "health_rounds": app.health_rounds,
             "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
                          "routed": r.routed, "load": r.load, "blocks": len(r.blocks),
                          "host_blocks": len(r.host_blocks),
