@@ -61,8 +61,13 @@ def ffi_role(target: str, op_name: str) -> str:
     return "embed + LM head" if re.search(r"embed|lm_head|LE,", op_name) or "/" not in op_name else "other native"
 
 
+def computations(hlo: str) -> dict[str, str]:
+    """The HLO module's computations (fusion bodies) by name: '%name' -> their text."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+
+
 def instruction_roles(hlo: str) -> dict[str, str]:
-    comps = {m.group(1): m.group(2) for m in re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", hlo, re.S)}
+    comps = computations(hlo)
     entry = hlo[hlo.index("\nENTRY"):]
     roles = {}
     for line in entry.splitlines():
@@ -174,14 +179,15 @@ def main(argv=None):
         print(f"  {role:<22} {ns / 1e6 / args.steps:8.2f} ms  {ns / total:6.1%}")
     print("  top ops (ms/step, role):")
     listed = [(k, v) for k, v in per_op.items() if args.role in roles.get(k, "other")]
+    comps = computations(hlo) if args.role else {}
     for k, v in sorted(listed, key=lambda x: -x[1])[:args.top]:
         shape = re.search(rf"%{re.escape(k)} = (\S+)", hlo)
         print(f"    {v / 1e6 / args.steps:6.2f}  {k:<32} {shape.group(1) if shape else '':<28} {roles.get(k, 'other')}")
-        if args.role:
+        if args.role:  # the op's fused body (or its own line)
             line = re.search(rf"\n\s*(?:ROOT )?%{re.escape(k)} = [^\n]*", hlo)
             calls = re.search(r"calls=(%[\w.\-]+)", line.group(0)) if line else None
-            body = re.search(rf"\n{re.escape(calls.group(1))} \([^\n]*\{{\n(.*?)\n\}}", hlo, re.S) if calls else None
-            print(re.sub(r", metadata=\{[^}]*\}", "", body.group(1) if body else line.group(0) if line else ""))
+            text = comps.get(calls.group(1), "") if calls else (line.group(0) if line else "")
+            print(re.sub(r", metadata=\{[^}]*\}", "", text))
     mb.close()
 
 

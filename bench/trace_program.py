@@ -85,12 +85,13 @@ def main(argv=None) -> None:
         for i, item in enumerate(items):
             target.flush()
             steps.clear()
-            p0, c0, d0 = target.step_counters()
+            before = target.step_counters()
             t0 = time.perf_counter()
             prog.run(backend=target.backend, temperature=0, **common.program_args(item)).sync()
             wall = time.perf_counter() - t0
-            p1, c1, d1 = target.step_counters()
-            floor_s = ((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"]
+            after = target.step_counters()
+            floor_s = runner.floor_seconds(floor, before, after)
+            (p0, c0, d0), (p1, c1, d1) = before, after
             print(f"{args.workload} program {i}: {p1 - p0} prompt tokens ({c1 - c0} cached), {d1 - d0} decode steps")
             print("\n".join(summarize(list(steps), wall, floor_s)))
             if args.steps:

@@ -362,7 +362,8 @@ def test_killed_worker_retry_error_and_return(cluster):
     _gen(cluster.rurl, prefix + "first", max_new=1)
     h = next(i for i, w in enumerate(cluster.stats()["workers"]) if w["routed"] != before[i])  # its holder
     o = 1 - h
-    retried, rounds = cluster.stats()["retried"], cluster.stats()["health_rounds"]
+    st = cluster.stats()
+    retried, rounds = st["retried"], st["health_rounds"]
     deadline = time.time() + 10  # kill just after a health-check round: the next is ~1 s away, so the router
     while time.time() < deadline and cluster.stats()["health_rounds"] == rounds:  # learns of it by the request
         time.sleep(0.02)

@@ -415,6 +415,13 @@ def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tr
     return {"prefill_tok_s": prefill_tokens / min(prefill), "decode_step_s": max(min(step), 1e-4)}
 
 
+def floor_seconds(floor: dict, before: tuple, after: tuple) -> float:
+    """A program's compute floor from the target's step counters (prompt, cached, decode steps) around it: the
+    prompt tokens it had to compute at the prefill rate plus its decode steps at the batch-1 step cost."""
+    (p0, c0, d0), (p1, c1, d1) = before, after
+    return ((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"]
+
+
 def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict:
     """Programs one at a time from a flushed cache: the mean wall time of one program, and with `floor`
     (measure_floor) its compute floor: the prompt tokens it had to compute (not cached) at the prefill rate,
@@ -425,13 +432,12 @@ def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict
     target.flush()
     times, floors = [], []
     for args in batch:
-        p0, c0, d0 = target.step_counters() if floor else (0, 0, 0)
+        before = target.step_counters() if floor else None
         t0 = time.perf_counter()
         prog.run(backend=target.backend, temperature=0, **args).sync()  # upstream's run() returns before the end
         times.append(time.perf_counter() - t0)
         if floor:
-            p1, c1, d1 = target.step_counters()
-            floors.append(((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"])
+            floors.append(floor_seconds(floor, before, target.step_counters()))
     out.update(latency_s=statistics.mean(times), latency_programs=len(times))
     if floors:
         out.update(floor_s=statistics.mean(floors), latency_over_floor=statistics.mean(times) / statistics.mean(floors))
