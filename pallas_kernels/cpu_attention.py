@@ -68,6 +68,27 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
         window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
 
 
+def decode_path(lanes: int | None = None, two_pass_max: int | None = None) -> tuple[int, int]:
+    """The decode loops the kernel takes, for this process (tests and A/B benches; the defaults are the fast ones):
+    `lanes` 8 or 16 (16, the default, only where the build has AVX-512), `two_pass_max` the most scores a unit of
+    decode work keeps for the two-pass softmax (0: every unit online, a page at a time). Unset arguments are left
+    as they are. Returns the (lanes, two_pass_max) now in effect. Raises if the kernel is not available."""
+    import ctypes
+
+    if not available():
+        raise RuntimeError(f"the native paged attention is not available: {why_not()}")
+    lib = _KERNEL._state["lib"]
+    lib.SglJaxAttentionLanes.argtypes, lib.SglJaxAttentionLanes.restype = [ctypes.c_int], ctypes.c_int
+    lib.SglJaxAttentionTwoPassMax.argtypes = [ctypes.c_int64]
+    lib.SglJaxAttentionTwoPassMax.restype = ctypes.c_int64
+    if lanes not in (None, 8, 16):
+        raise ValueError(f"decode_path: lanes must be 8 or 16, got {lanes}")
+    if two_pass_max is not None and two_pass_max < 0:
+        raise ValueError(f"decode_path: two_pass_max must be >= 0, got {two_pass_max}")
+    got_lanes = lib.SglJaxAttentionLanes(lanes or 0)
+    return got_lanes, int(lib.SglJaxAttentionTwoPassMax(-1 if two_pass_max is None else two_pass_max))
+
+
 def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
                         sliding_window: int | None = None, soft_cap: float | None = None):
     """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32; 16-bit pages are

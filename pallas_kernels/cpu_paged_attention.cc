@@ -25,6 +25,11 @@
 // attention kernel"). The next page's key and value blocks are prefetched while one page is computed (the pool
 // is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer).
 //
+// With AVX-512 a decode row (one query per row) takes 16-lane loops (PageShared16) and, unless its scores would
+// pass g_two_pass_max, two passes over its pages instead of the online softmax (RowTwoPass16): every score first,
+// one softmax per query, then the values -- 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps
+// of 6-64 rows on a Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes").
+//
 // Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
 // BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below).
 //
@@ -185,6 +190,7 @@ constexpr int64_t kMinBlockQueries = 2;  // ... for a page that at least this ma
 // One per thread (thread_local below), fitted to each call's problem.
 struct Scratch {
   std::vector<float> m, l, acc, s;
+  std::vector<float> row;         // RowTwoPass16's scores of a decode row's queries over all its keys
   std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
   std::vector<int64_t> seen_by;   // the block's queries that see some of a page ...
   std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
@@ -394,6 +400,172 @@ void PageShared(const Problem& p, Scratch& sc, int64_t qi, const float* q, const
   AccumulateShared<E, G, C>(sc.acc.data() + qi * 8 * C, corr, s, sc.stride, v, n);
 }
 
+// The decode page function's vector width: 16 (PageShared16) where the CPU has AVX-512, else 8 (PageShared).
+// SglJaxAttentionLanes (below) sets it to 8 for a process, so tests and benches reach the 8-lane loops on an
+// AVX-512 machine too.
+std::atomic<int> g_lanes{16};
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// PageShared with 16-lane vectors, for D a multiple of 16 (D = 16 * C). Half the multiply-adds and widening loads
+// of the 8-lane loops; the score sums are folded to 8 lanes (one add of the halves) and reduced as there. On a CPU
+// that executes 512-bit operations at full width (AMD Zen 5, Intel's server cores) this is up to 2x the arithmetic
+// per cycle; where a 512-bit operation is two 256-bit ones (Zen 4) it is no slower.
+
+// exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
+inline __m512 Exp16(__m512 x) {
+  __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), v);
+  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), v);
+  __m512 p = _mm512_set1_ps(kExpP[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(kExpP[i]));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(v, v), _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+// The sums of a[0..3]'s 16 lanes, into out[0..3].
+inline void Sums4x16(const __m512* a, float* out) {
+  v8f h[4];
+  for (int i = 0; i < 4; ++i)
+    h[i] = (v8f)_mm256_add_ps(_mm512_castps512_ps256(a[i]),
+                              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[i]), 1)));
+  Sums4(h, out);
+}
+
+template <typename E, int G>
+inline void ScoresShared16(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride) {
+  constexpr int KB = Pow2Below(kAccRegs / G) >= 4 ? Pow2Below(kAccRegs / G) : 4;
+  int64_t j = 0;
+  for (; j + KB <= n; j += KB) {
+    __m512 acc[G][KB];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KB; ++i) acc[g][i] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      __m512 qv[G];
+      for (int g = 0; g < G; ++g) qv[g] = _mm512_loadu_ps(q + g * D + d);
+      for (int i = 0; i < KB; ++i) {
+        const __m512 kv = E::Load16(k + (j + i) * D + d);
+        for (int g = 0; g < G; ++g) acc[g][i] = _mm512_fmadd_ps(qv[g], kv, acc[g][i]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < KB; i += 4) Sums4x16(acc[g] + i, s + g * stride + j + i);
+  }
+  for (int g = 0; g < G; ++g)
+    for (int64_t jj = j; jj < n; ++jj) s[g * stride + jj] = Dot<E>(q + g * D, k + jj * D, D);
+}
+
+template <typename E, int G, int C>
+inline void AccumulateShared16(float* acc, const float* corr, const float* p, int64_t stride,
+                               const typename E::T* vrows, int64_t n) {
+  constexpr int CP = Pow2Below(kAccRegs / G) < C ? Pow2Below(kAccRegs / G) : C;
+  constexpr int D = 16 * C;
+  for (int c0 = 0; c0 < C; c0 += CP) {
+    __m512 a[G][CP];
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CP; ++c)
+        a[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + 16 * (c0 + c)), _mm512_set1_ps(corr[g]));
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 pj[G];
+      for (int g = 0; g < G; ++g) pj[g] = _mm512_set1_ps(p[g * stride + j]);
+      for (int c = 0; c < CP; ++c) {
+        const __m512 vv = E::Load16(vrows + j * D + 16 * (c0 + c));
+        for (int g = 0; g < G; ++g) a[g][c] = _mm512_fmadd_ps(pj[g], vv, a[g][c]);
+      }
+    }
+    for (int g = 0; g < G; ++g)
+      for (int c = 0; c < CP; ++c) _mm512_storeu_ps(acc + g * D + 16 * (c0 + c), a[g][c]);
+  }
+}
+
+template <typename E, int G, int C>
+void PageShared16(const Problem& p, Scratch& sc, int64_t qi, const float* q, const typename E::T* k,
+                  const typename E::T* v, int64_t n) {
+  float* s = sc.s.data();
+  ScoresShared16<E, G>(q, k, n, 16 * C, s, sc.stride);
+  float corr[G];
+  for (int g = 0; g < G; ++g)
+    corr[g] = SoftmaxPage(s + g * sc.stride, n, p.sm_scale, p.soft_cap, sc.m[qi + g], sc.l[qi + g]);
+  AccumulateShared16<E, G, C>(sc.acc.data() + qi * 16 * C, corr, s, sc.stride, v, n);
+}
+
+// Softmax numerators in place over one query's n scores s[0:n] (raw q.k; room for whole 16-lane vectors): scaled
+// (and soft-capped), exp(x - max) where max is over all n; returns their sum.
+inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap) {
+  float scale = sm_scale;
+  if (soft_cap > 0.0f) {
+    for (int64_t j = 0; j < n; ++j) s[j] = soft_cap * std::tanh(s[j] * sm_scale / soft_cap);
+    scale = 1.0f;
+  }
+  const auto mask = [n](int64_t j) { return static_cast<__mmask16>(j + 16 <= n ? 0xffff : (1u << (n - j)) - 1); };
+  __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(s + j), _mm512_set1_ps(scale));
+    _mm512_storeu_ps(s + j, x);
+    mv = _mm512_mask_max_ps(mv, mask(j), mv, x);
+  }
+  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < n; j += 16) {
+    const __m512 e = _mm512_maskz_mov_ps(mask(j), Exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mx)));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// A decode row's KV heads [h0, h1) over its visible keys [lo, hi] in two passes instead of an online softmax a page
+// at a time: all scores (ScoresShared16, page by page), one softmax per query over the whole row, then the values
+// (AccumulateShared16). The per-page work the online form repeats -- a running max, a rescale of the outputs, the
+// short reductions and the chains between them -- is done once per query. The unit's scores are kept in sc.row
+// (at most g_two_pass_max floats: Unit takes the online path beyond). Returns false when a page index is outside
+// the pool (nothing is read from it).
+template <typename E, int G, int C>
+bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t lo, int64_t hi) {
+  using T = typename E::T;
+  constexpr int64_t D = 16 * C;
+  const int64_t S = p.S;
+  hi = std::min(hi, p.P * S - 1);  // as the online path: keys past the table's last page are not seen
+  if (lo > hi) return true;
+  const int64_t n = hi - lo + 1, nst = (n + 15) / 16 * 16, c0 = lo / S, c1 = hi / S;
+  for (int64_t c = c0; c <= c1; ++c)
+    if (p.table[r * p.P + c] < 0 || p.table[r * p.P + c] >= p.N) return false;
+  sc.row.resize((h1 - h0) * G * nst);
+  float* s = sc.row.data();
+  const int64_t head_bytes = (h1 - h0) * S * D * sizeof(T);
+  for (int pass = 0; pass < 2; ++pass) {
+    const T* base = static_cast<const T*>(pass == 0 ? p.k : p.v);
+    for (int64_t c = c0; c <= c1; ++c) {
+      const int64_t page = p.table[r * p.P + c], j0 = c * S;
+      if (c < c1) {
+        const char* nx = reinterpret_cast<const char*>(base + (p.table[r * p.P + c + 1] * p.KV + h0) * S * D);
+        for (int64_t o = 0; o < head_bytes; o += 64) __builtin_prefetch(nx + o);
+      }
+      const int64_t a = std::max(j0, lo), e = std::min(j0 + S, hi + 1);
+      for (int64_t h = h0; h < h1; ++h) {
+        const T* blk = base + ((page * p.KV + h) * S + (a - j0)) * D;
+        float* sh = s + (h - h0) * G * nst + (a - lo);
+        const int64_t qi = h * G;  // Bq == 1: query index b * H + h * G with b = 0
+        if (pass == 0) {
+          ScoresShared16<E, G>(p.q + (r * p.H + qi) * D, blk, e - a, D, sh, nst);
+        } else {
+          float corr[G];
+          std::fill(corr, corr + G, 1.0f);
+          AccumulateShared16<E, G, C>(sc.acc.data() + qi * D, corr, sh, nst, blk, e - a);
+        }
+      }
+    }
+    if (pass == 0)
+      for (int64_t h = h0; h < h1; ++h)
+        for (int g = 0; g < G; ++g)
+          sc.l[h * G + g] = SoftmaxAll(s + ((h - h0) * G + g) * nst, n, p.sm_scale, p.soft_cap);
+  }
+  return true;
+}
+#endif
+
 // The same for any G and D, one query at a time (each key row re-read from L1 per query).
 template <typename E>
 void PageEach(const Problem& p, Scratch& sc, int64_t qi, const float* q, const typename E::T* k,
@@ -414,6 +586,18 @@ using PageFn = void (*)(const Problem&, Scratch&, int64_t, const float*, const t
 // (with AVX2), else one query at a time.
 template <typename E>
 PageFn<E> PickPage(const Problem& p) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define SGL_PAGE_D16(G)                                 \
+  if (p.D == 64) return &PageShared16<E, G, 4>;         \
+  if (p.D == 128) return &PageShared16<E, G, 8>;        \
+  if (p.D == 32) return &PageShared16<E, G, 2>;
+  if (g_lanes.load(std::memory_order_relaxed) == 16) {
+    if (p.G == 2) { SGL_PAGE_D16(2) }
+    if (p.G == 3) { SGL_PAGE_D16(3) }
+    if (p.G == 4) { SGL_PAGE_D16(4) }
+  }
+#undef SGL_PAGE_D16
+#endif
 #if defined(__AVX2__)
 #define SGL_PAGE_D(G)                                   \
   if (p.D == 64) return &PageShared<E, G, 8>;           \
@@ -425,6 +609,30 @@ PageFn<E> PickPage(const Problem& p) {
 #undef SGL_PAGE_D
 #endif
   return &PageEach<E>;
+}
+
+// A decode row's KV heads [h0, h1) over keys [lo, hi] at once (RowTwoPass16), where there is one: (p, sc, row, h0,
+// h1, lo, hi) -> false for a page outside the pool
+using RowFn = bool (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, int64_t, int64_t);
+
+// a unit's scores beyond which it stays online (1 MB of floats); SglJaxAttentionTwoPassMax sets it for tests
+std::atomic<int64_t> g_two_pass_max{int64_t{1} << 18};
+
+template <typename E>
+RowFn PickRow(const Problem& p) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if (p.Bq != 1 || g_lanes.load(std::memory_order_relaxed) != 16) return nullptr;
+#define SGL_ROW_D16(G)                                  \
+  if (p.D == 64) return &RowTwoPass16<E, G, 4>;         \
+  if (p.D == 128) return &RowTwoPass16<E, G, 8>;        \
+  if (p.D == 32) return &RowTwoPass16<E, G, 2>;
+  if (p.G == 2) { SGL_ROW_D16(2) }
+  if (p.G == 3) { SGL_ROW_D16(3) }
+  if (p.G == 4) { SGL_ROW_D16(4) }
+#undef SGL_ROW_D16
+#endif
+  (void)p;
+  return nullptr;
 }
 
 // A block row's page for its queries at once (BlockPage below), where there is one: (p, sc, row, KV head, number of
@@ -441,20 +649,6 @@ using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, co
 // (bench/notes.md, "Prefill attention: a page for a block of queries at once"). A query's keys outside its range
 // (the causal diagonal, a window's edge) get probability 0 by a lane mask; the softmax update is vectorized over
 // the 16 lanes (SoftmaxPage's with a soft cap); values are accumulated two query heads at a time.
-// exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
-inline __m512 Exp16(__m512 x) {
-  __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), v);
-  v = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), v);
-  __m512 p = _mm512_set1_ps(kExpP[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, v, _mm512_set1_ps(kExpP[i]));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(v, v), _mm512_add_ps(v, _mm512_set1_ps(1.0f)));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
 // The 16 scores of NQ query heads (q[i], D elements) against the transposed keys kt [D, 16], and their online-softmax
 // update: s + 16 i gets exp(score * sm_scale - new max), m[i] / l[i] the running max and sum, corr[i] the factor
 // the query's output so far must be multiplied by. With a soft cap the update is SoftmaxPage's.
@@ -578,7 +772,8 @@ BlockFn<E> PickBlock(const Problem&) { return nullptr; }
 // unit of several heads reads each page's keys (and values) as one run of memory rather than one 4 KB block per
 // pass over the row.
 template <typename E>
-bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn, BlockFn<E> block_fn) {
+bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn, BlockFn<E> block_fn,
+          RowFn row_fn) {
   using T = typename E::T;
   const int64_t D = p.D, S = p.S, G = p.G;
   const int32_t len = p.lens[r];
@@ -597,7 +792,10 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
     lo = std::min<int64_t>(lo, p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0);
   }
   bool ok = true;
-  if (hi >= 0 && lo <= hi) {
+  const int64_t two_pass_max = g_two_pass_max.load(std::memory_order_relaxed);
+  if (row_fn && hi >= 0 && lo <= hi && (hi - lo + 16) * (h1 - h0) * G <= two_pass_max) {
+    ok = row_fn(p, sc, r, h0, h1, lo, hi);
+  } else if (hi >= 0 && lo <= hi) {
     const int64_t c_end = std::min<int64_t>(hi / S, p.P - 1);
     for (int64_t c = lo / S; c <= c_end; ++c) {
       const int64_t page = p.table[r * p.P + c];
@@ -671,11 +869,12 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
   const int64_t heads = p.R >= kRowUnits && p.Bq == 1 ? p.KV : 1, per_row = p.KV / heads;
   const PageFn<E> page_fn = PickPage<E>(p);
   const BlockFn<E> block_fn = PickBlock<E>(p);
-  RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, block_fn, &bad_page](int64_t u) {
+  const RowFn row_fn = PickRow<E>(p);
+  RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, block_fn, row_fn, &bad_page](int64_t u) {
     thread_local Scratch sc;
     sc.Fit(p);
     const int64_t r = p.Bq > 1 ? p.R - 1 - u / per_row : u / per_row, h0 = u % per_row * heads;
-    if (!Unit<E>(p, r, h0, h0 + heads, sc, page_fn, block_fn)) bad_page.store(true);
+    if (!Unit<E>(p, r, h0, h0 + heads, sc, page_fn, block_fn, row_fn)) bad_page.store(true);
   });
 }
 
@@ -707,6 +906,24 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 }
 
 }  // namespace
+
+// The decode loops' vector width (see g_lanes): `lanes` 8 or 16 sets it (16 takes effect only where the build has
+// AVX-512); any other value only reads it. Returns the width now in effect.
+extern "C" int SglJaxAttentionLanes(int lanes) {
+  if (lanes == 8 || lanes == 16) g_lanes.store(lanes);
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  return g_lanes.load();
+#else
+  return 8;
+#endif
+}
+
+// The most scores a decode unit keeps for the two-pass form (see g_two_pass_max): `floats` >= 0 sets it (0: every
+// unit online); a negative value only reads it. Returns the value now in effect.
+extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) {
+  if (floats >= 0) g_two_pass_max.store(floats);
+  return g_two_pass_max.load();
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()

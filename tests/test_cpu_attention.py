@@ -30,6 +30,42 @@ def native():
         pytest.fail(f"the native paged attention did not build: {cpu_attention.why_not()}")
 
 
+# The kernel's decode loops, each checked by the decode tests below: 8-lane vectors (every AVX2 CPU), 16-lane
+# (AVX-512) with the online softmax a page at a time, and 16-lane with a row's scores kept for one softmax (the
+# default where the build has AVX-512). Without AVX-512 the 16-lane settings run the 8-lane loops.
+DECODE_PATHS = {"8-lane": (8, 1 << 18), "16-lane online": (16, 0), "16-lane two-pass": (16, 1 << 18)}
+
+
+@pytest.fixture(params=list(DECODE_PATHS))
+def decode_path(request):
+    before = cpu_attention.decode_path()
+    lanes, two_pass_max = DECODE_PATHS[request.param]
+    cpu_attention.decode_path(lanes=lanes, two_pass_max=two_pass_max)
+    yield request.param
+    cpu_attention.decode_path(*before)
+
+
+def test_decode_path_settings_take_effect():
+    """The settings the decode tests switch between are the kernel's: read back as set (16 lanes only where the
+    build has AVX-512) and restored; bad values are refused."""
+    before = cpu_attention.decode_path()
+    try:
+        assert cpu_attention.decode_path(lanes=8, two_pass_max=5) == (8, 5)
+        lanes, _ = cpu_attention.decode_path(lanes=16)
+        assert lanes in (8, 16)
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        avx512 = all(f" {x} " in flags for x in ("avx512f", "avx512vl"))
+        assert lanes == (16 if avx512 else 8)
+        with pytest.raises(ValueError, match="lanes"):
+            cpu_attention.decode_path(lanes=4)
+        with pytest.raises(ValueError, match="two_pass_max"):
+            cpu_attention.decode_path(two_pass_max=-1)
+    finally:
+        cpu_attention.decode_path(*before)
+    assert cpu_attention.decode_path() == before
+
+
 def _args(case):
     return tuple(jnp.asarray(x) for x in case)
 
@@ -50,7 +86,7 @@ def _paged_as(case, dtype):
 @pytest.mark.parametrize("sliding_window", [None, 5])
 @pytest.mark.parametrize("soft_cap", [None, 2.0])
 @pytest.mark.parametrize("dtype", PAGE_DTYPES)
-def test_decode_rows_match_dense_reference(S, sliding_window, soft_cap, dtype):
+def test_decode_rows_match_dense_reference(S, sliding_window, soft_cap, dtype, decode_path):
     """Lengths 1, 2, S-1, S, S+1, 2S, 3S+2, 5S+3, a query mid-sequence, padding rows; pages in each dtype the
     kernel reads (16-bit ones against the reference on the values they hold)."""
     case = make_case(S + (sliding_window or 0), S=S, rows=decode_rows(S), sliding_window=sliding_window)
@@ -147,7 +183,8 @@ def _grouped_decode_case(seed, kv, g, d, alone, window):
 @pytest.mark.parametrize("alone", [3, 9])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (37, None), (None, 2.0)])
 @pytest.mark.parametrize("dtype", PAGE_DTYPES)
-def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window, soft_cap, dtype, monkeypatch):
+def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window, soft_cap, dtype, monkeypatch,
+                                                        decode_path):
     """Decode rows that read the same pages (a fork's branches, a sequence's tokens laid out as decode rows) beside
     rows of their own, at model head sizes on pages of 16: row units are whole rows from 8 rows on, else (row, KV
     head). (Group units that read a shared page once for all its rows were tried against this test and measured
@@ -175,7 +212,7 @@ def test_jnp_reference_matches_dense_reference():
 
 @pytest.mark.parametrize("rows,Bq,dtype", [(64, 1, "float32"), (7, 64, "float32"), (64, 1, "float16"),
                                            (7, 64, "bfloat16")])
-def test_model_sized_case_matches_jnp_reference(rows, Bq, dtype):
+def test_model_sized_case_matches_jnp_reference(rows, Bq, dtype, decode_path):
     """SmolLM2's head shapes (9 query heads over 3 KV heads, D = 64, pages of 16): many rows of up to 1,000
     keys in a shuffled pool -- every unit of work spread over the threads -- against `ref_paged_attention`."""
     rng = np.random.default_rng(rows)
@@ -217,7 +254,7 @@ def test_bad_operands_raise_naming_them():
         cpu_attention.paged_attention(q, jnp.zeros((8, 2, 4, 8)), jnp.zeros((8, 2, 4, 8)), *good[3:], sm_scale=1.0)
 
 
-def test_page_index_outside_the_pool_is_an_error_not_a_read():
+def test_page_index_outside_the_pool_is_an_error_not_a_read(decode_path):
     q, k = jnp.ones((1, 1, 2, 8)), jnp.ones((4, 1, 4, 8))
     with pytest.raises(Exception, match="outside the pool"):
         _native(q, k, k, jnp.asarray([[1, 99]], jnp.int32), jnp.asarray([6], jnp.int32),
