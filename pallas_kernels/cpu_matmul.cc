@@ -584,7 +584,7 @@ constexpr bool kWide = true;
 template <int R, int NP>
 inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, int64_t ldx, int64_t ldd, int64_t k0,
                         const int8_t* wp, int64_t pstride, int64_t kn, float* y, int64_t ldy, bool acc_in,
-                        const float* scale, bool last) {
+                        const float* scale, bool last, const int8_t* pf = nullptr) {
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
@@ -607,6 +607,8 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
       for (int p = 0; p < NP; ++p) {
         const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wb + p * pstride + q * kPanel * kQuad), flip);
         for (int r = 0; r < R; ++r) iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], w, x4[r]);
+        if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + (b / kQuad + q) * kPanel * kQuad + p * pstride),
+                             _MM_HINT_T0);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -625,21 +627,23 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
 // R (1..4) rows x NP (1..2) panels, chosen at run time
 template <int R>
 inline void QuadTileWideR(int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t ps,
-                          int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
+                          int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last,
+                          const int8_t* pf) {
   const int8_t* xq = x.xq + r0 * x.K;
   const float* xd = x.d + r0 * x.blocks;
   const int32_t* xs = x.sums + r0 * x.blocks;
-  if (NP == 2) return QuadTile512<R, 2>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
-  return QuadTile512<R, 1>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+  if (NP == 2) return QuadTile512<R, 2>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
+  return QuadTile512<R, 1>(xq, xd, xs, x.K, x.blocks, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
 }
 
 inline void QuadTileWide(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp,
-                         int64_t ps, int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
+                         int64_t ps, int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last,
+                         const int8_t* pf) {
   switch (R) {
-    case 1: return QuadTileWideR<1>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
-    case 2: return QuadTileWideR<2>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
-    case 3: return QuadTileWideR<3>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
-    default: return QuadTileWideR<4>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+    case 1: return QuadTileWideR<1>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
+    case 2: return QuadTileWideR<2>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
+    case 3: return QuadTileWideR<3>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
+    default: return QuadTileWideR<4>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
   }
 }
 
@@ -650,12 +654,13 @@ constexpr bool kWide = false;
 // R (1..4) rows x NP panels at rows [r0, r0 + R), inputs [k0, k0 + kn): 512-bit tiles (NP 1..2) where the CPU has
 // them, else 256-bit ones (NP 1)
 inline void RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t ps,
-                    int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last) {
+                    int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last, const int8_t* pf) {
 #if defined(SGL_JAX_WIDE_INT8)
-  QuadTileWide(R, NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last);
+  QuadTileWide(R, NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
 #else
   (void)NP;
   (void)ps;
+  (void)pf;
   QuadRows(R, x, r0, k0, wp, kn, y, ldy, acc_in, scale, last);
 #endif
 }
@@ -690,10 +695,15 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
     for (int64_t q = p; q < p1; q += np_max)
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = std::min(kc, K - k0);
+        // the next weight block (this pair's next k block, else the next pair's first), fetched during the last
+        // tile, which reads this block from cache: the memory stream runs while the tiles compute
+        const int8_t* next = k0 + kc < K ? w + q * ps + (k0 + kc) * kPanel : q + np_max < p1 ? w + (q + np_max) * ps
+                                                                                              : nullptr;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
           RowTile(r1 - r, std::min(np_max, p1 - q), x, r, k0, w + q * ps + k0 * kPanel, ps, kn,
-                  y + r * N + q * kPanel, N, k0 > 0, ScaleAt(scale, q * kPanel), k0 + kn == K);
+                  y + r * N + q * kPanel, N, k0 > 0, ScaleAt(scale, q * kPanel), k0 + kn == K,
+                  t == tiles - 1 ? next : nullptr);
         }
       }
   }
