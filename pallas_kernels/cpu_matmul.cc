@@ -928,7 +928,8 @@ inline void Q4TileScalar(int64_t R, const int8_t* xq, const float* xd, const flo
 // for the low and high nibbles, added per block, were 4-8 % slower at 64-512 rows: bench/bench_q4.py).
 template <int R, int NP>
 inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd, int64_t b0,
-                      int64_t nb, const uint8_t* wp, int64_t pstride, float* y, int64_t ldy, bool acc_in) {
+                      int64_t nb, const uint8_t* wp, int64_t pstride, float* y, int64_t ldy, bool acc_in,
+                      const uint8_t* pf = nullptr) {
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
@@ -953,6 +954,9 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
           is[r][p] = _mm512_dpbusd_epi32(is[r][p], lo, xl[r]);
           is[r][p] = _mm512_dpbusd_epi32(is[r][p], hi, xh[r]);
         }
+        if (pf)  // the next weight block's line i (and its scales' line), as QuadTile512 does
+          for (int64_t o = 64 * i; o < (i == 3 ? kQ4Bytes : 64 * i + 64); o += 64)
+            _mm_prefetch(reinterpret_cast<const char*>(pf + p * pstride + (b - b0) * kQ4Bytes + o), _MM_HINT_T0);
       }
     }
     for (int p = 0; p < NP; ++p) {
@@ -972,11 +976,12 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
 
 template <int R>
 inline void Q4TileWideR(int64_t NP, const int8_t* xq, const float* xd, const float* xs, int64_t ldx, int64_t ldd,
-                        int64_t b0, int64_t nb, const uint8_t* wp, int64_t ps, float* y, int64_t ldy, bool acc_in) {
+                        int64_t b0, int64_t nb, const uint8_t* wp, int64_t ps, float* y, int64_t ldy, bool acc_in,
+                        const uint8_t* pf) {
   if constexpr (R == 1)  // (one row only: four panels' accumulators for more rows would not fit the registers)
     if (NP == 4) return Q4Tile512<R, 4>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
-  if (NP == 2) return Q4Tile512<R, 2>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
-  return Q4Tile512<R, 1>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+  if (NP == 2) return Q4Tile512<R, 2>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
+  return Q4Tile512<R, 1>(xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
 }
 #elif defined(__AVX2__) && defined(__F16C__)
 #define SGL_JAX_Q4_AVX2 1
@@ -1018,21 +1023,23 @@ inline void Q4TileAvx2(const int8_t* xq, const float* xd, const float* xs, int64
 }
 #endif
 
-// R (1..4) rows x NP panels at rows [r0, r0 + R), blocks [b0, b0 + nb): wp at the first panel's block 0
+// R (1..4) rows x NP panels at rows [r0, r0 + R), blocks [b0, b0 + nb): wp at the first panel's block 0; `pf`: the
+// next weight block to prefetch meanwhile (512-bit tiles; nullptr: none)
 inline void Q4RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t b0, int64_t nb, const uint8_t* wp,
-                      int64_t ps, float* y, int64_t ldy, bool acc_in) {
+                      int64_t ps, float* y, int64_t ldy, bool acc_in, const uint8_t* pf = nullptr) {
   const int8_t* xq = x.xq + r0 * x.K;
   const float* xd = x.d + r0 * x.blocks;
   const float* xs = x.xs + r0 * x.blocks;
   const int64_t ldx = x.K, ldd = x.blocks;
 #if defined(SGL_JAX_Q4_WIDE)
   switch (R) {
-    case 1: return Q4TileWideR<1>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
-    case 2: return Q4TileWideR<2>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
-    case 3: return Q4TileWideR<3>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
-    default: return Q4TileWideR<4>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in);
+    case 1: return Q4TileWideR<1>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
+    case 2: return Q4TileWideR<2>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
+    case 3: return Q4TileWideR<3>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
+    default: return Q4TileWideR<4>(NP, xq, xd, xs, ldx, ldd, b0, nb, wp, ps, y, ldy, acc_in, pf);
   }
 #else
+  (void)pf;
   for (int64_t p = 0; p < NP; ++p) {
     const uint8_t* w = wp + p * ps;
     float* yp = y + p * kPanel;
@@ -1063,10 +1070,12 @@ void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t
     for (int64_t q = p; q < p1; q += 2)
       for (int64_t b0 = 0; b0 < blocks; b0 += kb) {
         const int64_t nb = std::min(kb, blocks - b0);
+        const uint8_t* next = b0 + kb < blocks ? w + q * ps + (b0 + kb) * kQ4Bytes : q + 2 < p1 ? w + (q + 2) * ps
+                                                                                                : nullptr;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
           Q4RowTile(r1 - r, std::min<int64_t>(2, p1 - q), x, r, b0, nb, w + q * ps, ps, y + r * N + q * kPanel, N,
-                    b0 > 0);
+                    b0 > 0, t == tiles - 1 ? next : nullptr);
         }
       }
   }
