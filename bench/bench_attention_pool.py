@@ -1,7 +1,7 @@
 """The CPU paged-attention kernel alone at SmolLM2's head shapes, reading pools as large as a served model's.
 
     python bench/bench_attention_pool.py [--rows 64] [--ctx 512] [--dtypes float32,float16,bfloat16] [--layers 30]
-                                         [--rounds 10] [--json OUT]
+                                         [--rounds 10] [--paths default|8-lane,16-lane-online,...] [--json OUT]
 
 One jitted function calls the kernel once per layer over `--layers` separate K/V pools (9 query heads over 3 KV
 heads, D = 64, pages of 16), so like a model step it reads every layer's pages from memory rather than from a
@@ -9,8 +9,9 @@ cache that a single pool of a microbenchmark would fit in. Each page dtype is ti
 consecutive in the pool and scattered (a random permutation, as pages end up after a served burst). Beside each
 figure: its floor, the bytes the call must read (every visible key and value once) over the host's read bandwidth
 measured in the same run (bench/floors.py read_bandwidth, 2 threads), and cycles per (query, key) at a nominal
-3 GHz on the used cores. No peer: llama.cpp's attention cannot be called on its own (its whole decode step is in
-bench_served_step.py).
+3 GHz on the used cores. `--paths` times the kernel's decode loops side by side (cpu_attention.decode_path:
+8-lane, 16-lane with the online softmax, 16-lane in two passes; alternating). No peer: llama.cpp's attention
+cannot be called on its own (its whole decode step is in bench_served_step.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 H, KV, D, S = 9, 3, 64, 16  # SmolLM2-135M
+# cpu_attention.decode_path settings by name (None: the kernel's default where this process started)
+DECODE_PATHS = {"default": None, "8-lane": (8, 1 << 18), "16-lane-online": (16, 0), "16-lane-two-pass": (16, 1 << 18)}
 
 
 def time_layers(rows: int, ctx: int, dtype: str, layers: int, rounds: int, scattered: bool, seed: int = 0) -> float:
@@ -73,6 +76,9 @@ def main(argv=None):
     ap.add_argument("--dtypes", default="float32,float16,bfloat16")
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--paths", default="default",
+                    help="decode loops to time side by side (alternating, two passes each): a comma list of "
+                         f"{', '.join(DECODE_PATHS)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import floors
@@ -80,26 +86,37 @@ def main(argv=None):
 
     if not cpu_attention.available():
         raise SystemExit(f"the native paged attention did not build: {cpu_attention.why_not()}")
+    paths = args.paths.split(",")
+    if any(p not in DECODE_PATHS for p in paths):
+        raise SystemExit(f"--paths: each of {', '.join(DECODE_PATHS)}, got {args.paths}")
+    before = cpu_attention.decode_path()
     cores = min(2, len(os.sched_getaffinity(0)))
     rows = []
     bws = [floors.read_bandwidth(threads=cores)]
     for dtype in args.dtypes.split(","):
         for scattered in (False, True):
-            t = time_layers(args.rows, args.ctx, dtype, args.layers, args.rounds, scattered)
+            ts = {p: [] for p in paths}
+            for _ in range(2 if len(paths) > 1 else 1):
+                for path in paths:
+                    cpu_attention.decode_path(*(DECODE_PATHS[path] or before))
+                    ts[path].append(time_layers(args.rows, args.ctx, dtype, args.layers, args.rounds, scattered))
             nbytes = 2 * args.rows * args.ctx * KV * D * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
-            rows.append({"dtype": dtype, "pages": "scattered" if scattered else "consecutive", "ms": 1e3 * t,
-                         "bytes": nbytes})
+            for path in paths:
+                rows.append({"dtype": dtype, "pages": "scattered" if scattered else "consecutive", "path": path,
+                             "ms": 1e3 * float(np.median(ts[path])), "bytes": nbytes})
         bws.append(floors.read_bandwidth(threads=cores))
+    cpu_attention.decode_path(*before)
     bw = max(bws)
     print(f"paged attention, {args.rows} rows x {args.ctx} keys, {H} query / {KV} KV heads, D {D}, pages of {S}, "
           f"{args.layers} layers' pools; read bandwidth {bw / 1e9:.1f} GB/s ({cores} threads, best of {len(bws)}); "
           f"peer: skipped (no llama.cpp attention call on its own)")
-    print("| pages | order | ms / layer | GB/s | floor ms | floor / ms | cycles / (q, key) |\n|---|---|---|---|---|---|---|")
+    print("| pages | order | decode loops | ms / layer | GB/s | floor ms | floor / ms | cycles / (q, key) |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         r["floor_ms"] = 1e3 * r["bytes"] / bw
         cyc = r["ms"] * 1e-3 * cores * 3e9 / (args.rows * args.ctx * H)
-        print(f"| {r['dtype']} | {r['pages']} | {r['ms']:.2f} | {r['bytes'] / r['ms'] / 1e6:.1f} | {r['floor_ms']:.2f} "
-              f"| {r['floor_ms'] / r['ms']:.0%} | {cyc:.1f} |")
+        print(f"| {r['dtype']} | {r['pages']} | {r['path']} | {r['ms']:.3f} | {r['bytes'] / r['ms'] / 1e6:.1f} | "
+              f"{r['floor_ms']:.3f} | {r['floor_ms'] / r['ms']:.0%} | {cyc:.1f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "read_gbs": bw / 1e9, "rows": rows}, f, indent=1)
