@@ -674,8 +674,14 @@ inline void OneRowPass(const QuantRows& x, const int8_t* wp, int64_t ps, float* 
 #endif
 }
 
-// Panels [p0, p1) of y: rows in blocks of 96 and inputs in blocks of 256 (one pass for decode's few rows); each
-// panel's k block (4 KB) is read from memory once and from L1 by the block's other row tiles. One row takes 4
+// Inputs per k block of the integer kernels: a panel pair's block is then 24 KB of int8 weights (15 KB of Q4_1),
+// which stays in L1 (32 KB and up) while every row tile of the block reads it; 256 (the float32 kernel's kKc)
+// re-read and re-wrote y three times as often and made 16-96-row products 1.06-1.5x slower on a Zen 5 CPU
+// (bench/notes.md, session 16). SmolLM2's K = 576 is then one pass at any row count.
+constexpr int64_t kQuadKc = 768;
+
+// Panels [p0, p1) of y: rows in blocks of 96 and inputs in blocks of kQuadKc (one pass for decode's few rows); each
+// panel's k block is read from memory once and from L1 by the block's other row tiles. One row takes 4
 // panels per pass, two rows 2 (256-bit: more independent accumulators per weight read); then tiles of up to 4 rows
 // x RowTile's panels (2 with 512-bit tiles, else 1).
 void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
@@ -689,7 +695,7 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
       QuadTile<2, 2>(x.xq, x.d, K, x.blocks, 0, w + p * ps, ps, K, y + p * kPanel, N, false,
                      ScaleAt(scale, p * kPanel), true);
   }
-  const int64_t kc = M <= kDirectRows ? K : kKc, np_max = kWide ? 2 : 1;
+  const int64_t kc = M <= kDirectRows ? K : std::min(K, kQuadKc), np_max = kWide ? 2 : 1;
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
     for (int64_t q = p; q < p1; q += np_max)
@@ -1058,13 +1064,13 @@ inline void Q4RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int
 }
 
 // Panels [p0, p1) of y, as QuadPanels cuts them: one row takes 4 panels per pass over all K, more rows blocks of
-// 96 rows x 256 inputs (one pass up to 8 rows) in tiles of up to 4 rows x 2 panels.
+// 96 rows x kQuadKc inputs (one pass up to 8 rows) in tiles of up to 4 rows x 2 panels.
 void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1) {
   const int64_t blocks = x.blocks, ps = blocks * kQ4Bytes;
   int64_t p = p0;
   if (M == 1)
     for (; p + 4 <= p1; p += 4) Q4RowTile(1, 4, x, 0, 0, blocks, w + p * ps, ps, y + p * kPanel, N, false);
-  const int64_t kb = M <= kDirectRows ? blocks : kKc / kXBlock;
+  const int64_t kb = M <= kDirectRows ? blocks : kQuadKc / kXBlock;
   for (int64_t m0 = 0; m0 < M; m0 += kMc) {
     const int64_t mn = std::min(kMc, M - m0), tiles = (mn + 3) / 4;
     for (int64_t q = p; q < p1; q += 2)
