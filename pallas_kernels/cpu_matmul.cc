@@ -570,6 +570,14 @@ inline void QuadRows(int64_t R, const QuantRows& x, int64_t r0, int64_t k0, cons
   }
 }
 
+// The next weight block a row tile prefetches while it computes (its quad rows from `w`, each panel `pstride`
+// apart as in the tile's own block): every `parts`-th quad row from the `part`-th, so the block's row tiles share
+// the prefetching out between them and the memory stream runs through the whole block's compute.
+struct Ahead {
+  const int8_t* w = nullptr;
+  int64_t part = 0, parts = 1;
+};
+
 #if defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define SGL_JAX_WIDE_INT8 1
 // With AVX-512 (BW + VNNI) a panel's quad row (16 columns x 4 inputs, 64 bytes) is one 512-bit vector and one
@@ -584,11 +592,12 @@ constexpr bool kWide = true;
 template <int R, int NP>
 inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, int64_t ldx, int64_t ldd, int64_t k0,
                         const int8_t* wp, int64_t pstride, int64_t kn, float* y, int64_t ldy, bool acc_in,
-                        const float* scale, bool last, const int8_t* pf = nullptr) {
+                        const float* scale, bool last, Ahead pf = {}) {
   __m512 acc[R][NP];
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 = w + 128 as an unsigned byte
+  int64_t countdown = pf.part + 1;  // quad rows until the next one this tile prefetches
   for (int64_t b = 0; b < kn; b += kXBlock) {
     const int64_t quads = std::min(kXBlock, kn - b) / kQuad, blk = (k0 + b) / kXBlock;
     __m512i iacc[R][NP];
@@ -607,8 +616,12 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
       for (int p = 0; p < NP; ++p) {
         const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wb + p * pstride + q * kPanel * kQuad), flip);
         for (int r = 0; r < R; ++r) iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], w, x4[r]);
-        if (pf) _mm_prefetch(reinterpret_cast<const char*>(pf + (b / kQuad + q) * kPanel * kQuad + p * pstride),
-                             _MM_HINT_T0);
+      }
+      if (pf.w && --countdown == 0) {
+        countdown = pf.parts;
+        for (int p = 0; p < NP; ++p)
+          _mm_prefetch(reinterpret_cast<const char*>(pf.w + (b / kQuad + q) * kPanel * kQuad + p * pstride),
+                       _MM_HINT_T0);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -628,7 +641,7 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
 template <int R>
 inline void QuadTileWideR(int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t ps,
                           int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last,
-                          const int8_t* pf) {
+                          Ahead pf) {
   const int8_t* xq = x.xq + r0 * x.K;
   const float* xd = x.d + r0 * x.blocks;
   const int32_t* xs = x.sums + r0 * x.blocks;
@@ -638,7 +651,7 @@ inline void QuadTileWideR(int64_t NP, const QuantRows& x, int64_t r0, int64_t k0
 
 inline void QuadTileWide(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp,
                          int64_t ps, int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last,
-                         const int8_t* pf) {
+                         Ahead pf) {
   switch (R) {
     case 1: return QuadTileWideR<1>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
     case 2: return QuadTileWideR<2>(NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
@@ -654,7 +667,7 @@ constexpr bool kWide = false;
 // R (1..4) rows x NP panels at rows [r0, r0 + R), inputs [k0, k0 + kn): 512-bit tiles (NP 1..2) where the CPU has
 // them, else 256-bit ones (NP 1)
 inline void RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int64_t k0, const int8_t* wp, int64_t ps,
-                    int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last, const int8_t* pf) {
+                    int64_t kn, float* y, int64_t ldy, bool acc_in, const float* scale, bool last, Ahead pf) {
 #if defined(SGL_JAX_WIDE_INT8)
   QuadTileWide(R, NP, x, r0, k0, wp, ps, kn, y, ldy, acc_in, scale, last, pf);
 #else
@@ -701,15 +714,16 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
     for (int64_t q = p; q < p1; q += np_max)
       for (int64_t k0 = 0; k0 < K; k0 += kc) {
         const int64_t kn = std::min(kc, K - k0);
-        // the next weight block (this pair's next k block, else the next pair's first), fetched during the last
-        // tile, which reads this block from cache: the memory stream runs while the tiles compute
+        // the next weight block (this pair's next k block, else the next pair's first), fetched a share by each
+        // of the block's last (up to 4) row tiles: the memory stream runs while they compute
         const int8_t* next = k0 + kc < K ? w + q * ps + (k0 + kc) * kPanel : q + np_max < p1 ? w + (q + np_max) * ps
                                                                                               : nullptr;
+        const int64_t parts = std::min<int64_t>(tiles, 4);
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
           RowTile(r1 - r, std::min(np_max, p1 - q), x, r, k0, w + q * ps + k0 * kPanel, ps, kn,
                   y + r * N + q * kPanel, N, k0 > 0, ScaleAt(scale, q * kPanel), k0 + kn == K,
-                  t == tiles - 1 ? next : nullptr);
+                  t >= tiles - parts ? Ahead{next, t - (tiles - parts), parts} : Ahead{});
         }
       }
   }
