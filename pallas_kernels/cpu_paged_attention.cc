@@ -405,12 +405,7 @@ void PageShared(const Problem& p, Scratch& sc, int64_t qi, const float* q, const
 // AVX-512 machine too.
 std::atomic<int> g_lanes{16};
 
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-// PageShared with 16-lane vectors, for D a multiple of 16 (D = 16 * C). Half the multiply-adds and widening loads
-// of the 8-lane loops; the score sums are folded to 8 lanes (one add of the halves) and reduced as there. On a CPU
-// that executes 512-bit operations at full width (AMD Zen 5, Intel's server cores) this is up to 2x the arithmetic
-// per cycle; where a 512-bit operation is two 256-bit ones (Zen 4) it is no slower.
-
+#if defined(__AVX512F__)
 // exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
 inline __m512 Exp16(__m512 x) {
   __m512 v = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
@@ -424,6 +419,13 @@ inline __m512 Exp16(__m512 x) {
   const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
+#endif
+
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+// PageShared with 16-lane vectors, for D a multiple of 16 (D = 16 * C). Half the multiply-adds and widening loads
+// of the 8-lane loops; the score sums are folded to 8 lanes (one add of the halves) and reduced as there. On a CPU
+// that executes 512-bit operations at full width (AMD Zen 5, Intel's server cores) this is up to 2x the arithmetic
+// per cycle; where a 512-bit operation is two 256-bit ones (Zen 4) it is no slower.
 
 // The sums of a[0..3]'s 16 lanes, into out[0..3].
 inline void Sums4x16(const __m512* a, float* out) {
