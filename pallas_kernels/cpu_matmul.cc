@@ -689,8 +689,8 @@ inline void OneRowPass(const QuantRows& x, const int8_t* wp, int64_t ps, float* 
 
 // Inputs per k block of the integer kernels: a panel pair's block is then 24 KB of int8 weights (15 KB of Q4_1),
 // which stays in L1 (32 KB and up) while every row tile of the block reads it; 256 (the float32 kernel's kKc)
-// re-read and re-wrote y three times as often and made 16-96-row products 1.06-1.5x slower on a Zen 5 CPU
-// (bench/notes.md, session 16). SmolLM2's K = 576 is then one pass at any row count.
+// re-read and re-wrote y three times as often: SmolLM2's linears 1.05-1.17x slower at 16-512 rows on a Zen 5 CPU
+// (bench/bench_q4.py; bench/notes.md, session 16). SmolLM2's K = 576 is then one pass at any row count.
 constexpr int64_t kQuadKc = 768;
 
 // Panels [p0, p1) of y: rows in blocks of 96 and inputs in blocks of kQuadKc (one pass for decode's few rows); each
