@@ -77,7 +77,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--paths", default="default",
-                    help="decode loops to time side by side (alternating, two passes each): a comma list of "
+                    help="decode loops to time side by side (alternating, two rounds each): a comma list of "
                          f"{', '.join(DECODE_PATHS)}")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
