@@ -127,6 +127,9 @@ class SchedulerConfig:
     decode_row_chunk: int = _f(32, "a request at most this many tokens from its end (after jump-forward, or admitted "
                                "with a cached prefix: a fork branch's suffix) computes them as decode rows "
                                "instead of a padded prefill block")
+    suffix_row_chunk: int = _f(-1, "the same limit for prompt tokens only (a fork branch's or a chat turn's suffix "
+                               "after a cached prefix), where a padded prefill block may be the cheaper layout "
+                               "for fewer tokens than jump-forward runs; -1: decode_row_chunk")
     decode_row_fill: str = _f("auto", "auto | fit | pad: whether multi-token decode runs (jump-forward) may grow a step "
                               "to a larger decode bucket. pad: always (a memory-bound step pays little per row); "
                               "fit: never, they fill spare rows only (a compute-bound CPU pays every row); auto: "
@@ -139,6 +142,7 @@ class SchedulerConfig:
             _at_least(self, key, 1)
         for key in ("starvation_limit", "decode_row_chunk"):
             _at_least(self, key, 0)
+        _at_least(self, "suffix_row_chunk", -1)
         _choice(self, "schedule_policy", ("lpm", "dfs-weight", "fcfs"))
         _choice(self, "decode_row_fill", ("auto", "fit", "pad"))
         if not 0 <= self.new_token_ratio <= 1:

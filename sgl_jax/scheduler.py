@@ -402,9 +402,8 @@ class Scheduler:
         # owed prompt logits is prefilled (decode rows carry no logits_from)
         grid = self.grid
         max_rows = grid.max_decode_rows
-        short = min(cfg.decode_row_chunk, max_rows)
         decoding = [r for r in self.running
-                    if 1 <= r.num_tokens - r.num_computed <= short and r.logits_needed_from() is None]
+                    if 1 <= r.num_tokens - r.num_computed <= self._row_limit(r) and r.logits_needed_from() is None]
         prefilling = [r for r in self.running if r not in decoding]
 
         # 1. Every decoding request needs room for one more token; evict, then retract, if not.
@@ -668,13 +667,21 @@ class Scheduler:
         self.partial_tokens += found[1]
         return found[1]
 
+    def _row_limit(self, r: Request) -> int:
+        """The most tokens left at which `r` computes them as decode rows, one per token: for prompt tokens (a
+        suffix after a cached prefix, a chunked prompt's tail) `suffix_row_chunk` when set, else, and for output
+        tokens (jump-forward runs), `decode_row_chunk`; never past the largest decode bucket."""
+        cfg = self.cfg
+        prompt_left = r.num_computed < len(r.prompt_ids)
+        limit = cfg.suffix_row_chunk if prompt_left and cfg.suffix_row_chunk >= 0 else cfg.decode_row_chunk
+        return min(limit, self.grid.max_decode_rows)
+
     def _rows_next(self, r: Request) -> bool:
-        """A request admitted with a cached prefix and at most `decode_row_chunk` tokens left (a fork branch's
-        or a chat turn's short suffix) takes no prefill chunk: from the next plan on it decodes as rows, one
-        per token, not as a prefill block padded to `prefill_block` tokens."""
+        """A request admitted with a cached prefix and at most `_row_limit` tokens left (a fork branch's or a
+        chat turn's short suffix) takes no prefill chunk: from the next plan on it decodes as rows, one per
+        token, not as a prefill block padded to `prefill_block` tokens."""
         left = r.num_tokens - r.num_computed
-        return (r.num_computed > 0 and 1 <= left <= min(self.cfg.decode_row_chunk, self.grid.max_decode_rows)
-                and r.logits_needed_from() is None)
+        return r.num_computed > 0 and 1 <= left <= self._row_limit(r) and r.logits_needed_from() is None
 
     @staticmethod
     def _lcp(a: Request, b: Request) -> int:

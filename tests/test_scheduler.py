@@ -642,6 +642,41 @@ def test_short_suffix_after_a_cached_prefix_decodes_as_rows(logprobs):
         assert done[r.rid] == expected_output(r.prompt_ids, r.max_new_tokens), r.rid
 
 
+@pytest.mark.parametrize("suffix_chunk", [2, 5])
+def test_suffix_row_chunk_limits_prompt_suffixes_not_jump_forward_runs(suffix_chunk):
+    """`suffix_row_chunk` bounds prompt tokens only: branch suffixes longer than it take a prefill block, shorter
+    ones still decode as rows; jump-forward runs (7 tokens here) keep `decode_row_chunk` (8) and are laid out as
+    decode rows. Outputs are the mock's either way, and the cache keeps its invariants."""
+    s = make(max_running=16, short_chunk=8, suffix_row_chunk=suffix_chunk)
+    runner = MockRunner(4)
+    prefix = list(range(1, 41))
+    s.add(Request("parent", prefix, 0))
+    drive(s, runner)
+    reqs = [Request(f"b{i}", prefix + [100 + i] * (1 + i), 3) for i in range(6)]  # suffixes of 1..6 tokens
+    for r in reqs:
+        s.add(r)
+    done, firsts = {}, {}
+    while s.has_work:
+        plan = s.schedule()
+        for c in plan.chunks:
+            firsts.setdefault(c.req.rid, c)
+        out = runner.run(plan)
+        s.on_step_done(plan)
+        apply_outputs(s, plan, out, done)
+        s.check_integrity()
+    for i in range(6):
+        c = firsts[f"b{i}"]
+        assert c.start == 40 and c.as_decode == (1 + i <= suffix_chunk), (i, c)
+    for r in reqs:
+        assert done[r.rid] == expected_output(r.prompt_ids, r.max_new_tokens), r.rid
+
+    s = make(max_running=8, decode_fill="pad", decode_buckets=(1, 4, 16), page_width_buckets=(8, 64),
+             max_decode_rows=16, short_chunk=8, suffix_row_chunk=suffix_chunk)
+    run_rows = []
+    _drive_jump_forward(s, 3, lambda plan: run_rows.extend(len(c.token_ids) for c in plan.decodes if c.as_decode))
+    assert max(run_rows) == 7  # a whole forced run (6 tokens after the sampled one) as decode rows
+
+
 @pytest.mark.parametrize("host_slots", [3, 64])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_host_tier_under_a_small_pool_keeps_every_page_right(host_slots, seed):
