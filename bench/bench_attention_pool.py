@@ -1,7 +1,7 @@
 """The CPU paged-attention kernel alone at SmolLM2's head shapes, reading pools as large as a served model's.
 
     python bench/bench_attention_pool.py [--rows 64] [--ctx 512] [--dtypes float32,float16,bfloat16] [--layers 30]
-                                         [--rounds 10] [--paths default|8-lane,16-lane-online,...] [--json OUT]
+                                         [--rounds 10] [--paths default|online,two-pass] [--json OUT]
 
 One jitted function calls the kernel once per layer over `--layers` separate K/V pools (9 query heads over 3 KV
 heads, D = 64, pages of 16), so like a model step it reads every layer's pages from memory rather than from a
@@ -9,9 +9,9 @@ cache that a single pool of a microbenchmark would fit in. Each page dtype is ti
 consecutive in the pool and scattered (a random permutation, as pages end up after a served burst). Beside each
 figure: its floor, the bytes the call must read (every visible key and value once) over the host's read bandwidth
 measured in the same run (bench/floors.py read_bandwidth, 2 threads), and cycles per (query, key) at a nominal
-3 GHz on the used cores. `--paths` times the kernel's decode loops side by side (cpu_attention.decode_path:
-8-lane, 16-lane with the online softmax, 16-lane in two passes; alternating). No peer: llama.cpp's attention
-cannot be called on its own (its whole decode step is in bench_served_step.py).
+3 GHz on the used cores. `--paths` times the kernel's two forms of a decode row side by side, alternating
+(cpu_attention.decode_two_pass_max: online, a page at a time, or two passes with AVX-512). No peer: llama.cpp's
+attention cannot be called on its own (its whole decode step is in bench_served_step.py).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 import numpy as np  # noqa: E402
 
 H, KV, D, S = 9, 3, 64, 16  # SmolLM2-135M
-# cpu_attention.decode_path settings by name (None: the kernel's default where this process started)
-DECODE_PATHS = {"default": None, "8-lane": (8, 1 << 18), "16-lane-online": (16, 0), "16-lane-two-pass": (16, 1 << 18)}
+# cpu_attention.decode_two_pass_max settings by name (None: the kernel's default where this process started)
+DECODE_PATHS = {"default": None, "online": 0, "two-pass": 1 << 18}
 
 
 def time_layers(rows: int, ctx: int, dtype: str, layers: int, rounds: int, scattered: bool, seed: int = 0) -> float:
@@ -89,7 +89,7 @@ def main(argv=None):
     paths = args.paths.split(",")
     if any(p not in DECODE_PATHS for p in paths):
         raise SystemExit(f"--paths: each of {', '.join(DECODE_PATHS)}, got {args.paths}")
-    before = cpu_attention.decode_path()
+    before = cpu_attention.decode_two_pass_max()
     cores = min(2, len(os.sched_getaffinity(0)))
     rows = []
     bws = [floors.read_bandwidth(threads=cores)]
@@ -98,14 +98,16 @@ def main(argv=None):
             ts = {p: [] for p in paths}
             for _ in range(2 if len(paths) > 1 else 1):
                 for path in paths:
-                    cpu_attention.decode_path(*(DECODE_PATHS[path] or before))
+                    if before is not None:  # (without AVX-512 every setting is the online form)
+                        cpu_attention.decode_two_pass_max(before if DECODE_PATHS[path] is None else DECODE_PATHS[path])
                     ts[path].append(time_layers(args.rows, args.ctx, dtype, args.layers, args.rounds, scattered))
             nbytes = 2 * args.rows * args.ctx * KV * D * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
             for path in paths:
                 rows.append({"dtype": dtype, "pages": "scattered" if scattered else "consecutive", "path": path,
                              "ms": 1e3 * float(np.median(ts[path])), "bytes": nbytes})
         bws.append(floors.read_bandwidth(threads=cores))
-    cpu_attention.decode_path(*before)
+    if before is not None:
+        cpu_attention.decode_two_pass_max(before)
     bw = max(bws)
     print(f"paged attention, {args.rows} rows x {args.ctx} keys, {H} query / {KV} KV heads, D {D}, pages of {S}, "
           f"{args.layers} layers' pools; read bandwidth {bw / 1e9:.1f} GB/s ({cores} threads, best of {len(bws)}); "

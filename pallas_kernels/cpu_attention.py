@@ -68,25 +68,21 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
         window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
 
 
-def decode_path(lanes: int | None = None, two_pass_max: int | None = None) -> tuple[int, int]:
-    """The decode loops the kernel takes, for this process (tests and A/B benches; the defaults are the fast ones):
-    `lanes` 8 or 16 (16, the default, only where the build has AVX-512), `two_pass_max` the most scores a unit of
-    decode work keeps for the two-pass softmax (0: every unit online, a page at a time). Unset arguments are left
-    as they are. Returns the (lanes, two_pass_max) now in effect. Raises if the kernel is not available."""
+def decode_two_pass_max(floats: int | None = None) -> int | None:
+    """The most scores a unit of decode work keeps for the two-pass softmax, for this process (tests and A/B
+    benches; the default is the fast setting): `floats` sets it (0: every decode row online, a page at a time),
+    None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX-512:
+    decode rows are always online). Raises if the kernel is not available or `floats` is negative."""
     import ctypes
 
     if not available():
         raise RuntimeError(f"the native paged attention is not available: {why_not()}")
-    lib = _KERNEL._state["lib"]
-    lib.SglJaxAttentionLanes.argtypes, lib.SglJaxAttentionLanes.restype = [ctypes.c_int], ctypes.c_int
-    lib.SglJaxAttentionTwoPassMax.argtypes = [ctypes.c_int64]
-    lib.SglJaxAttentionTwoPassMax.restype = ctypes.c_int64
-    if lanes not in (None, 8, 16):
-        raise ValueError(f"decode_path: lanes must be 8 or 16, got {lanes}")
-    if two_pass_max is not None and two_pass_max < 0:
-        raise ValueError(f"decode_path: two_pass_max must be >= 0, got {two_pass_max}")
-    got_lanes = lib.SglJaxAttentionLanes(lanes or 0)
-    return got_lanes, int(lib.SglJaxAttentionTwoPassMax(-1 if two_pass_max is None else two_pass_max))
+    if floats is not None and floats < 0:
+        raise ValueError(f"decode_two_pass_max: floats must be >= 0, got {floats}")
+    fn = _KERNEL._state["lib"].SglJaxAttentionTwoPassMax
+    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
+    got = int(fn(-1 if floats is None else floats))
+    return None if got < 0 else got
 
 
 def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,

@@ -25,10 +25,10 @@
 // attention kernel"). The next page's key and value blocks are prefetched while one page is computed (the pool
 // is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer).
 //
-// With AVX-512 a decode row (one query per row) takes 16-lane loops (PageShared16) and, unless its scores would
-// pass g_two_pass_max, two passes over its pages instead of the online softmax (RowTwoPass16): every score first,
-// one softmax per query, then the values -- 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps
-// of 6-64 rows on a Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes").
+// With AVX-512 a decode row (one query per row), unless its scores would pass g_two_pass_max, takes two passes
+// over its pages in 16-lane loops instead of the online softmax (RowTwoPass16): every score first, one softmax per
+// query, then the values -- 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps of 6-64 rows on a
+// Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes").
 //
 // Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
 // BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below).
@@ -400,11 +400,6 @@ void PageShared(const Problem& p, Scratch& sc, int64_t qi, const float* q, const
   AccumulateShared<E, G, C>(sc.acc.data() + qi * 8 * C, corr, s, sc.stride, v, n);
 }
 
-// The decode page function's vector width: 16 (PageShared16) where the CPU has AVX-512, else 8 (PageShared).
-// SglJaxAttentionLanes (below) sets it to 8 for a process, so tests and benches reach the 8-lane loops on an
-// AVX-512 machine too.
-std::atomic<int> g_lanes{16};
-
 #if defined(__AVX512F__)
 // exp of 16 lanes: Exp8's method (inputs <= 0, clamped at -87)
 inline __m512 Exp16(__m512 x) {
@@ -422,10 +417,11 @@ inline __m512 Exp16(__m512 x) {
 #endif
 
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-// PageShared with 16-lane vectors, for D a multiple of 16 (D = 16 * C). Half the multiply-adds and widening loads
-// of the 8-lane loops; the score sums are folded to 8 lanes (one add of the halves) and reduced as there. On a CPU
-// that executes 512-bit operations at full width (AMD Zen 5, Intel's server cores) this is up to 2x the arithmetic
-// per cycle; where a 512-bit operation is two 256-bit ones (Zen 4) it is no slower.
+// ScoresShared and AccumulateShared with 16-lane vectors, for D a multiple of 16 (D = 16 * C), for the two-pass
+// decode rows below. Half the multiply-adds and widening loads of the 8-lane loops; the score sums are folded to 8
+// lanes (one add of the halves) and reduced as there. On a CPU that executes 512-bit operations at full width (AMD
+// Zen 5, Intel's server cores) this is up to 2x the arithmetic per cycle; where a 512-bit operation is two 256-bit
+// ones (Zen 4) it is no slower.
 
 // The sums of a[0..3]'s 16 lanes, into out[0..3].
 inline void Sums4x16(const __m512* a, float* out) {
@@ -480,17 +476,6 @@ inline void AccumulateShared16(float* acc, const float* corr, const float* p, in
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < CP; ++c) _mm512_storeu_ps(acc + g * D + 16 * (c0 + c), a[g][c]);
   }
-}
-
-template <typename E, int G, int C>
-void PageShared16(const Problem& p, Scratch& sc, int64_t qi, const float* q, const typename E::T* k,
-                  const typename E::T* v, int64_t n) {
-  float* s = sc.s.data();
-  ScoresShared16<E, G>(q, k, n, 16 * C, s, sc.stride);
-  float corr[G];
-  for (int g = 0; g < G; ++g)
-    corr[g] = SoftmaxPage(s + g * sc.stride, n, p.sm_scale, p.soft_cap, sc.m[qi + g], sc.l[qi + g]);
-  AccumulateShared16<E, G, C>(sc.acc.data() + qi * 16 * C, corr, s, sc.stride, v, n);
 }
 
 // Softmax numerators in place over one query's n scores s[0:n] (raw q.k; room for whole 16-lane vectors): scaled
@@ -588,18 +573,6 @@ using PageFn = void (*)(const Problem&, Scratch&, int64_t, const float*, const t
 // (with AVX2), else one query at a time.
 template <typename E>
 PageFn<E> PickPage(const Problem& p) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-#define SGL_PAGE_D16(G)                                 \
-  if (p.D == 64) return &PageShared16<E, G, 4>;         \
-  if (p.D == 128) return &PageShared16<E, G, 8>;        \
-  if (p.D == 32) return &PageShared16<E, G, 2>;
-  if (g_lanes.load(std::memory_order_relaxed) == 16) {
-    if (p.G == 2) { SGL_PAGE_D16(2) }
-    if (p.G == 3) { SGL_PAGE_D16(3) }
-    if (p.G == 4) { SGL_PAGE_D16(4) }
-  }
-#undef SGL_PAGE_D16
-#endif
 #if defined(__AVX2__)
 #define SGL_PAGE_D(G)                                   \
   if (p.D == 64) return &PageShared<E, G, 8>;           \
@@ -617,13 +590,14 @@ PageFn<E> PickPage(const Problem& p) {
 // h1, lo, hi) -> false for a page outside the pool
 using RowFn = bool (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, int64_t, int64_t);
 
-// a unit's scores beyond which it stays online (1 MB of floats); SglJaxAttentionTwoPassMax sets it for tests
+// a unit's scores beyond which it stays online (1 MB of floats); SglJaxAttentionTwoPassMax sets it for tests and
+// A/B runs
 std::atomic<int64_t> g_two_pass_max{int64_t{1} << 18};
 
 template <typename E>
 RowFn PickRow(const Problem& p) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-  if (p.Bq != 1 || g_lanes.load(std::memory_order_relaxed) != 16) return nullptr;
+  if (p.Bq != 1) return nullptr;
 #define SGL_ROW_D16(G)                                  \
   if (p.D == 64) return &RowTwoPass16<E, G, 4>;         \
   if (p.D == 128) return &RowTwoPass16<E, G, 8>;        \
@@ -909,22 +883,17 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 
 }  // namespace
 
-// The decode loops' vector width (see g_lanes): `lanes` 8 or 16 sets it (16 takes effect only where the build has
-// AVX-512); any other value only reads it. Returns the width now in effect.
-extern "C" int SglJaxAttentionLanes(int lanes) {
-  if (lanes == 8 || lanes == 16) g_lanes.store(lanes);
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  return g_lanes.load();
-#else
-  return 8;
-#endif
-}
-
 // The most scores a decode unit keeps for the two-pass form (see g_two_pass_max): `floats` >= 0 sets it (0: every
-// unit online); a negative value only reads it. Returns the value now in effect.
+// unit online, a page at a time); a negative value only reads it. Returns the value now in effect, or -1 where the
+// build has no two-pass loops (no AVX-512: decode rows are always online).
 extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
   if (floats >= 0) g_two_pass_max.store(floats);
   return g_two_pass_max.load();
+#else
+  (void)floats;
+  return -1;
+#endif
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,

@@ -30,40 +30,38 @@ def native():
         pytest.fail(f"the native paged attention did not build: {cpu_attention.why_not()}")
 
 
-# The kernel's decode loops, each checked by the decode tests below: 8-lane vectors (every AVX2 CPU), 16-lane
-# (AVX-512) with the online softmax a page at a time, and 16-lane with a row's scores kept for one softmax (the
-# default where the build has AVX-512). Without AVX-512 the 16-lane settings run the 8-lane loops.
-DECODE_PATHS = {"8-lane": (8, 1 << 18), "16-lane online": (16, 0), "16-lane two-pass": (16, 1 << 18)}
+# The kernel's two forms of a decode row, each checked by the decode tests below: online (a page at a time, the
+# 8-lane loops; every CPU) and two passes (all scores, one softmax, then the values, in 16-lane loops; the default
+# where the build has AVX-512). Without AVX-512 both settings run the online form.
+DECODE_PATHS = {"online": 0, "two-pass": 1 << 18}
 
 
 @pytest.fixture(params=list(DECODE_PATHS))
 def decode_path(request):
-    before = cpu_attention.decode_path()
-    lanes, two_pass_max = DECODE_PATHS[request.param]
-    cpu_attention.decode_path(lanes=lanes, two_pass_max=two_pass_max)
+    before = cpu_attention.decode_two_pass_max()
+    if before is not None:
+        cpu_attention.decode_two_pass_max(DECODE_PATHS[request.param])
     yield request.param
-    cpu_attention.decode_path(*before)
+    if before is not None:
+        cpu_attention.decode_two_pass_max(before)
 
 
-def test_decode_path_settings_take_effect():
-    """The settings the decode tests switch between are the kernel's: read back as set (16 lanes only where the
-    build has AVX-512) and restored; bad values are refused."""
-    before = cpu_attention.decode_path()
+def test_decode_two_pass_setting_takes_effect():
+    """The setting the decode tests switch is the kernel's: read back as set and restored where the build has the
+    two-pass loops (exactly where the CPU has AVX-512 F and VL), absent elsewhere; a negative value is refused."""
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    avx512 = all(f" {x} " in flags for x in ("avx512f", "avx512vl"))
+    before = cpu_attention.decode_two_pass_max()
+    assert (before is not None) == avx512
     try:
-        assert cpu_attention.decode_path(lanes=8, two_pass_max=5) == (8, 5)
-        lanes, _ = cpu_attention.decode_path(lanes=16)
-        assert lanes in (8, 16)
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        avx512 = all(f" {x} " in flags for x in ("avx512f", "avx512vl"))
-        assert lanes == (16 if avx512 else 8)
-        with pytest.raises(ValueError, match="lanes"):
-            cpu_attention.decode_path(lanes=4)
-        with pytest.raises(ValueError, match="two_pass_max"):
-            cpu_attention.decode_path(two_pass_max=-1)
+        assert cpu_attention.decode_two_pass_max(5) == (5 if avx512 else None)
+        with pytest.raises(ValueError, match="floats"):
+            cpu_attention.decode_two_pass_max(-1)
     finally:
-        cpu_attention.decode_path(*before)
-    assert cpu_attention.decode_path() == before
+        if before is not None:
+            cpu_attention.decode_two_pass_max(before)
+    assert cpu_attention.decode_two_pass_max() == before
 
 
 def _args(case):
