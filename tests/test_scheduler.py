@@ -609,6 +609,20 @@ def test_prompt_logprobs_survive_retraction_exactly_once():
         assert entries[r.rid] == expected_entries(r.prompt_ids, r.logprob_start), r.rid
 
 
+def _drive_first_chunks(s: Scheduler, runner: MockRunner) -> tuple[dict, dict]:
+    """Run to completion; (outputs, each request's first chunk), the invariants checked after every step."""
+    done, firsts = {}, {}
+    while s.has_work:
+        plan = s.schedule()
+        for c in plan.chunks:
+            firsts.setdefault(c.req.rid, c)
+        out = runner.run(plan)
+        s.on_step_done(plan)
+        apply_outputs(s, plan, out, done)
+        s.check_integrity()
+    return done, firsts
+
+
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_short_suffix_after_a_cached_prefix_decodes_as_rows(logprobs):
     """Fork branches: a cached prompt, then requests that add a few tokens each. They take no prefill block
@@ -624,15 +638,7 @@ def test_short_suffix_after_a_cached_prefix_decodes_as_rows(logprobs):
     reqs.append(Request("fresh", [7, 8, 9], 3))
     for r in reqs:
         s.add(r)
-    done, firsts = {}, {}
-    while s.has_work:
-        plan = s.schedule()
-        for c in plan.chunks:
-            firsts.setdefault(c.req.rid, c)
-        out = runner.run(plan)
-        s.on_step_done(plan)
-        apply_outputs(s, plan, out, done)
-        s.check_integrity()
+    done, firsts = _drive_first_chunks(s, runner)
     assert not firsts["fresh"].as_decode  # a fresh prompt prefills
     for i in range(4):
         c = firsts[f"b{i}"]
@@ -655,15 +661,7 @@ def test_suffix_row_chunk_limits_prompt_suffixes_not_jump_forward_runs(suffix_ch
     reqs = [Request(f"b{i}", prefix + [100 + i] * (1 + i), 3) for i in range(6)]  # suffixes of 1..6 tokens
     for r in reqs:
         s.add(r)
-    done, firsts = {}, {}
-    while s.has_work:
-        plan = s.schedule()
-        for c in plan.chunks:
-            firsts.setdefault(c.req.rid, c)
-        out = runner.run(plan)
-        s.on_step_done(plan)
-        apply_outputs(s, plan, out, done)
-        s.check_integrity()
+    done, firsts = _drive_first_chunks(s, runner)
     for i in range(6):
         c = firsts[f"b{i}"]
         assert c.start == 40 and c.as_decode == (1 + i <= suffix_chunk), (i, c)
