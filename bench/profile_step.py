@@ -1,6 +1,6 @@
 """Where does a forward step's time go? jax.profiler trace of the jitted forward, grouped by role.
 
-    python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N] [--dtype float32] [--steps 5]
+    python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N [--prefill-at M] [--chunks C]] [--dtype float32] [--steps 5]
                                  [--attention jnp|...] [--quant int8] [--kv-dtype float16] [--shared-prefix N]
 
 Runs the forward as bench_model.py does, traces `--steps` calls with jax.profiler, and sums the duration
@@ -98,6 +98,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--prefill", type=int, default=0)
+    ap.add_argument("--prefill-at", type=int, default=0,
+                    help="the prefill chunk's first position: a chunk after that many cached tokens")
+    ap.add_argument("--chunks", type=int, default=1, help="prefill chunks, each after the same --prefill-at tokens")
     ap.add_argument("--block-q", type=int, default=64)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--steps", type=int, default=5)
@@ -119,11 +122,19 @@ def main(argv=None):
 
     S = bm.PAGE_SIZE
     if args.prefill:
-        pp = math.ceil(args.prefill / S)
-        mb = bm.ModelBench(args.dtype, 1 + pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
-        ids = np.random.default_rng(0).integers(0, mb.cfg.vocab_size, args.prefill).tolist()
-        b = pack([SeqChunk(ids, 0, list(range(1, 1 + pp)))], page_size=S, block_q=args.block_q)
-        what = f"prefill {args.prefill} block_q={args.block_q}"
+        # --chunks chunks of --prefill tokens, each after the same --prefill-at cached tokens (a fork's branches):
+        # the whole pages of that prefix are shared, each chunk has its own pages from there on
+        at, n = args.prefill_at, args.chunks
+        shared, pp = at // S, math.ceil((at + args.prefill) / S)
+        mb = bm.ModelBench(args.dtype, 1 + shared + n * (pp - shared), args.attention, args.quant,
+                           kv_dtype=args.kv_dtype or None)
+        rng = np.random.default_rng(0)
+        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * (pp - shared), 1 + shared + (i + 1) * (pp - shared)))
+                  for i in range(n)]
+        b = pack([SeqChunk(rng.integers(0, mb.cfg.vocab_size, args.prefill).tolist(), at, t) for t in tables],
+                 page_size=S, block_q=args.block_q)
+        what = (f"prefill {n} x " if n > 1 else "prefill ") + str(args.prefill) + \
+            (f" after {at} cached" if at else "") + f" block_q={args.block_q}"
     else:
         pp = math.ceil(args.ctx / S)
         mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
