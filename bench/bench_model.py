@@ -148,9 +148,10 @@ class ModelBench:
 
     def __init__(self, dtype: str, num_pages: int, attention: str = "jnp", quantization: str = "none",
                  random_preset: str | None = None, layers: int | None = None, packed: bool | None = None,
-                 kv_dtype: str | None = None):
+                 kv_dtype: str | None = None, attention_math: str = "float32"):
         """packed: weights panel-packed for the CPU's native matmul (sgl_jax.models.packing); None = as the engine
-        does (CPU, float32, the kernel built). kv_dtype: the KV pool's dtype (None: `dtype`)."""
+        does (CPU, float32, the kernel built). kv_dtype: the KV pool's dtype (None: `dtype`). attention_math: the
+        engine's key of that name."""
         import dataclasses
 
         import jax
@@ -189,7 +190,8 @@ class ModelBench:
         self.kv_dtype = kv_dtype or dtype
         self.itemsize = jnp.dtype(self.kv_dtype).itemsize  # of the KV pool (what kv_bytes_per_token is priced by)
         self.undo = _attention_override(attention)
-        model = CausalLM(self.cfg, getattr(jnp, dtype), attention if attention in MODEL_BACKENDS else "jnp")
+        model = CausalLM(self.cfg, getattr(jnp, dtype), attention if attention in MODEL_BACKENDS else "jnp",
+                         attention_math=attention_math)
 
         def forward(params, ids, kv, logits_idx, meta_arrays, block_q):
             meta = AttnMetadata(*meta_arrays, block_q=block_q)

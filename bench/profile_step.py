@@ -1,7 +1,8 @@
 """Where does a forward step's time go? jax.profiler trace of the jitted forward, grouped by role.
 
-    python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N [--prefill-at M] [--chunks C]] [--dtype float32] [--steps 5]
-                                 [--attention jnp|...] [--quant int8] [--kv-dtype float16] [--shared-prefix N]
+    python bench/profile_step.py [--batch 32] [--ctx 512] [--prefill N [--prefill-at M] [--chunks C]] [--steps 5]
+                                 [--dtype float32] [--attention jnp|...] [--attention-math bfloat16] [--quant int8]
+                                 [--kv-dtype float16] [--shared-prefix N]
 
 Runs the forward as bench_model.py does, traces `--steps` calls with jax.profiler, and sums the duration
 of every XLA:CPU op (thunk) event, attributing each top-level HLO instruction to a role through its
@@ -107,6 +108,7 @@ def main(argv=None):
     ap.add_argument("--attention", default="auto", help="as bench_model.py's (auto: what the engine runs)")
     ap.add_argument("--quant", default="none", choices=["none", "int8", "gguf"], help="weight quantization")
     ap.add_argument("--kv-dtype", default="", help="the KV pool's dtype (default: --dtype)")
+    ap.add_argument("--attention-math", default="float32", help="the engine's attention_math: float32 | bfloat16")
     ap.add_argument("--shared-prefix", type=int, default=0,
                     help="decode: the rows share the pages of their first N tokens (a fork's branches)")
     ap.add_argument("--top", type=int, default=8, help="list this many most expensive ops")
@@ -127,9 +129,11 @@ def main(argv=None):
         at, n = args.prefill_at, args.chunks
         shared, pp = at // S, math.ceil((at + args.prefill) / S)
         mb = bm.ModelBench(args.dtype, 1 + shared + n * (pp - shared), args.attention, args.quant,
-                           kv_dtype=args.kv_dtype or None)
+                           kv_dtype=args.kv_dtype or None,
+                           attention_math=args.attention_math)
         rng = np.random.default_rng(0)
-        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * (pp - shared), 1 + shared + (i + 1) * (pp - shared)))
+        own = pp - shared
+        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * own, 1 + shared + (i + 1) * own))
                   for i in range(n)]
         b = pack([SeqChunk(rng.integers(0, mb.cfg.vocab_size, args.prefill).tolist(), at, t) for t in tables],
                  page_size=S, block_q=args.block_q)
@@ -137,7 +141,8 @@ def main(argv=None):
             (f" after {at} cached" if at else "") + f" block_q={args.block_q}"
     else:
         pp = math.ceil(args.ctx / S)
-        mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None)
+        mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None,
+                           attention_math=args.attention_math)
         shared = args.shared_prefix // S  # whole pages every row shares (a fork's prefix), then each row's own
         tables = [list(range(1, 1 + shared)) + list(range(1 + i * pp + shared, 1 + (i + 1) * pp))
                   for i in range(args.batch)]

@@ -8,8 +8,14 @@ for float32 queries and float32, float16 or bfloat16 pages (16-bit pages are wid
 arithmetic stays float32); other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
 without a compiler `available()` is False, one warning names the cause, and the model keeps the jnp path.
 
+`bf16_math=True` (the engine's `attention_math: bfloat16`) computes a prefill chunk's dot products (q.k and p.v, its
+block rows; decode rows stay float32) in bfloat16 pairs with float32 sums where the CPU has AVX512-BF16
+(`bf16_math_available()`), ~1.7x faster there; softmax, sums and outputs stay float32. The error is a bfloat16
+rounding of q, k, p and v each (tests/test_cpu_attention.py states it; SmolLM2's logits move by up to ~0.35,
+less than its int8 matmuls' ~2.3: tests/test_quant.py). Elsewhere the flag changes nothing.
+
     paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
-                    soft_cap=None)
+                    soft_cap=None, bf16_math=False)
         q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32, f16 or bf16 (both the same); page_table [R, P] int32; kv_lens [R] int32;
         q_positions [R, Bq] int32 (-1 = padding)  ->  [R, Bq, H, D] f32
 """
@@ -55,7 +61,7 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
-                    sliding_window: int | None = None, soft_cap: float | None = None):
+                    sliding_window: int | None = None, soft_cap: float | None = None, bf16_math: bool = False):
     """`sgl_jax.models.attention.paged_attention` by the native kernel (built and registered here if it was not
     yet; raises naming the cause if it cannot be)."""
     _check(q, k_pages, v_pages, page_table, kv_lens, q_positions)
@@ -65,7 +71,18 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     return jax.ffi.ffi_call(TARGET, out)(
         q, k_pages, v_pages, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32),
         q_positions.astype(jnp.int32), sm_scale=np.float32(sm_scale),
-        window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0))
+        window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0), bf16=np.int64(bool(bf16_math)))
+
+
+def bf16_math_available() -> bool:
+    """Whether `bf16_math=True` takes effect here (the kernel was built with AVX512-BF16); False without the kernel."""
+    import ctypes
+
+    if not available():
+        return False
+    fn = _KERNEL._state["lib"].SglJaxAttentionBF16
+    fn.argtypes, fn.restype = [], ctypes.c_int64
+    return bool(fn())
 
 
 def decode_two_pass_max(floats: int | None = None) -> int | None:

@@ -31,7 +31,12 @@
 // Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes").
 //
 // Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
-// BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below).
+// BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below). That path is bound
+// by the float32 multiply-adds themselves (a Zen 5 core issued them at its peak rate in a profile); with the `bf16`
+// attribute and AVX512-BF16, BlockPageB rounds q, k, p and v to bfloat16 and takes each dot product two products
+// an instruction (VDPBF16PS, float32 sums): the block rows' attention 1.6-1.75x faster, each output within a
+// bfloat16 rounding of its inputs (tests/test_cpu_attention.py; bench/notes.md, "Prefill attention in bfloat16
+// pairs"). Decode rows stay float32.
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
 // (cpu_native.h, RunUnits).
@@ -180,7 +185,18 @@ struct Problem {
   float sm_scale;
   int64_t window;  // 0: none
   float soft_cap;  // 0: none
+  bool bf16 = false;  // block rows' dot products in bfloat16 pairs (BlockPageB), where the build has AVX512-BF16
 };
+
+// Whether this build has the bfloat16 dot products BlockPageB uses (AVX512-BF16: AMD Zen 4 and later, Intel Cooper
+// Lake and Sapphire Rapids and later); elsewhere the `bf16` attribute changes nothing.
+constexpr bool BF16Math() {
+#if defined(__AVX512BF16__)
+  return true;
+#else
+  return false;
+#endif
+}
 
 constexpr int kBlockQueries = 8;     // BlockPage scores this many query heads at once
 constexpr int64_t kMinBlockQueries = 2;  // ... for a page that at least this many queries of a block row see
@@ -192,6 +208,7 @@ struct Scratch {
   std::vector<float> m, l, acc, s;
   std::vector<float> row;         // RowTwoPass16's scores of a decode row's queries over all its keys
   std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
+  std::vector<uint32_t> ktb, vfb, qb;  // BlockPageB's: the page and the row's queries as bfloat16 pairs
   std::vector<int64_t> seen_by;   // the block's queries that see some of a page ...
   std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
   int64_t stride = 0;
@@ -205,6 +222,9 @@ struct Scratch {
       kt.resize(p.S * p.D);
       vf.resize(p.S * p.D);
       sb.resize(kBlockQueries * p.S);
+      ktb.resize(p.S * p.D / 2);
+      vfb.resize(p.S * p.D / 2);
+      qb.resize(p.Bq * p.H * p.D / 2);
       seen_by.resize(p.Bq);
       lo.resize(p.Bq);
       hi.resize(p.Bq);
@@ -630,6 +650,10 @@ using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, co
 // the query's output so far must be multiplied by. With a soft cap the update is SoftmaxPage's.
 // Query head i sees the page's keys [lo[i], hi[i]) only: its other lanes get probability 0.
 template <int NQ>
+inline void SoftmaxT(__m512* acc, const Problem& p, float* const* m, float* const* l, const int32_t* lo,
+                     const int32_t* hi, float* s, float* corr);
+
+template <int NQ>
 inline void ScoresSoftmaxT(const float* const* q, const float* kt, int64_t D, const Problem& p, float* const* m,
                            float* const* l, const int32_t* lo, const int32_t* hi, float* s, float* corr) {
   __m512 acc[NQ];
@@ -638,6 +662,29 @@ inline void ScoresSoftmaxT(const float* const* q, const float* kt, int64_t D, co
     const __m512 k = _mm512_loadu_ps(kt + d * 16);
     for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, acc[i]);
   }
+  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
+}
+
+#if defined(__AVX512BF16__)
+// ScoresSoftmaxT in bfloat16 pairs: q[i] the query head's D / 2 pairs, kt [D / 2, 16] the page's keys as pairs
+template <int NQ>
+inline void ScoresSoftmaxTB(const uint32_t* const* q, const uint32_t* kt, int64_t D, const Problem& p,
+                            float* const* m, float* const* l, const int32_t* lo, const int32_t* hi, float* s,
+                            float* corr) {
+  __m512 acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D / 2; ++d) {
+    const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + d * 16);
+    for (int i = 0; i < NQ; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d])), k);
+  }
+  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
+}
+#endif
+
+template <int NQ>
+inline void SoftmaxT(__m512* acc, const Problem& p, float* const* m, float* const* l, const int32_t* lo,
+                     const int32_t* hi, float* s, float* corr) {
   __mmask16 seen[NQ];
   for (int i = 0; i < NQ; ++i) seen[i] = static_cast<__mmask16>(((1u << hi[i]) - 1) & ~((1u << lo[i]) - 1));
   if (p.soft_cap > 0.0f) {
@@ -684,6 +731,101 @@ inline void AccumulateT(float* const* out, const float* corr, const float* p, co
   for (int i = 0; i < NQ; ++i)
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
+
+#if defined(__AVX512BF16__)
+// 16 float32 lanes as 16 bfloat16 (rounded to nearest even) in 16-bit lanes: 8 pairs of neighbours, each pair one
+// 32-bit lane of VDPBF16PS's operands (the lower element in the low half)
+inline __m256i ToBF16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
+
+// AccumulateT in bfloat16 pairs: vf [8, D] the page's values as pairs of keys (2 jp, 2 jp + 1) per dimension
+template <int C, int NQ>
+inline void AccumulateTB(float* const* out, const float* corr, const float* p, const uint32_t* vf) {
+  __m512 a[NQ][C];
+  alignas(32) uint32_t pb[NQ][8];  // each query head's 16 probabilities as 8 pairs
+  for (int i = 0; i < NQ; ++i) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pb[i]), ToBF16(_mm512_loadu_ps(p + 16 * i)));
+    for (int c = 0; c < C; ++c) a[i][c] = _mm512_mul_ps(_mm512_loadu_ps(out[i] + 16 * c), _mm512_set1_ps(corr[i]));
+  }
+  for (int jp = 0; jp < 8; ++jp) {
+    __m512bh pj[NQ];
+    for (int i = 0; i < NQ; ++i) pj[i] = (__m512bh)_mm512_set1_epi32(static_cast<int>(pb[i][jp]));
+    for (int c = 0; c < C; ++c) {
+      const __m512bh v = (__m512bh)_mm512_loadu_si512(vf + jp * 16 * C + 16 * c);
+      for (int i = 0; i < NQ; ++i) a[i][c] = _mm512_dpbf16_ps(a[i][c], pj[i], v);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
+}
+
+// The block row r's query heads [h0, h1) (all its query slots) as bfloat16 pairs into sc.qb, for BlockPageB
+inline void ConvertQueries(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1) {
+  const int64_t D = p.D;
+  for (int64_t b = 0; b < p.Bq; ++b)
+    for (int64_t qh = h0 * p.G; qh < h1 * p.G; ++qh) {
+      const float* x = p.q + ((r * p.Bq + b) * p.H + qh) * D;
+      uint32_t* y = sc.qb.data() + (b * p.H + qh) * (D / 2);
+      for (int64_t d = 0; d < D; d += 16)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + d / 2), ToBF16(_mm512_loadu_ps(x + d)));
+    }
+}
+
+// BlockPage in bfloat16 pairs (float32 sums): keys as pairs of dimensions, values as pairs of keys, the queries
+// from sc.qb (ConvertQueries) and the probabilities rounded as they are accumulated (AccumulateTB)
+template <typename E, int C>
+void BlockPageB(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
+                const typename E::T* kb, const typename E::T* vb) {
+  constexpr int D = 16 * C;
+  uint32_t* kt = sc.ktb.data();
+  uint32_t* vf = sc.vfb.data();
+  const int32_t j0 = *std::min_element(sc.lo.begin(), sc.lo.begin() + nf);
+  const int32_t j1 = *std::max_element(sc.hi.begin(), sc.hi.begin() + nf);
+  for (int j = 0; j < 16; ++j)
+    for (int c = 0; c < C; ++c) {
+      alignas(32) uint32_t row[8];
+      const bool read = j >= j0 && j < j1;
+      const __m512 k = read ? E::Load16(kb + j * D + 16 * c) : _mm512_setzero_ps();
+      _mm256_store_si256(reinterpret_cast<__m256i*>(row), ToBF16(k));
+      for (int t = 0; t < 8; ++t) kt[(8 * c + t) * 16 + j] = row[t];
+    }
+  for (int jp = 0; jp < 8; ++jp)
+    for (int c = 0; c < C; ++c) {
+      const int j = 2 * jp;
+      const __m512 v0 = j >= j0 && j < j1 ? E::Load16(vb + j * D + 16 * c) : _mm512_setzero_ps();
+      const __m512 v1 = j + 1 >= j0 && j + 1 < j1 ? E::Load16(vb + (j + 1) * D + 16 * c) : _mm512_setzero_ps();
+      const __m512i pair = _mm512_or_si512(_mm512_cvtepu16_epi32(ToBF16(v0)),
+                                           _mm512_slli_epi32(_mm512_cvtepu16_epi32(ToBF16(v1)), 16));
+      _mm512_storeu_si512(vf + jp * D + 16 * c, pair);
+    }
+  const int64_t G = p.G, heads = nf * G;
+  for (int64_t i0 = 0; i0 < heads; i0 += kBlockQueries) {
+    const int nq = static_cast<int>(std::min<int64_t>(kBlockQueries, heads - i0));
+    const uint32_t* q[kBlockQueries];
+    float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
+    int32_t lo[kBlockQueries], hi[kBlockQueries];
+    for (int i = 0; i < nq; ++i) {
+      const int64_t f = (i0 + i) / G, b = sc.seen_by[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
+      lo[i] = sc.lo[f];
+      hi[i] = sc.hi[f];
+      q[i] = sc.qb.data() + qi * (D / 2);
+      out[i] = sc.acc.data() + qi * D;
+      m[i] = sc.m.data() + qi;
+      l[i] = sc.l.data() + qi;
+    }
+    float* s = sc.sb.data();
+    float corr[kBlockQueries];
+    int i = 0;
+    for (; i + 8 <= nq; i += 8)
+      ScoresSoftmaxTB<8>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i + 4 <= nq; i += 4)
+      ScoresSoftmaxTB<4>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i < nq; ++i) ScoresSoftmaxTB<1>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    int k = 0;
+    for (; k + 2 <= nq; k += 2) AccumulateTB<C, 2>(out + k, corr + k, s + 16 * k, vf);
+    for (; k < nq; ++k) AccumulateTB<C, 1>(out + k, corr + k, s + 16 * k, vf);
+  }
+}
+#endif
 
 // The block row r's queries sc.seen_by[0:nf] (indices b) see page keys [sc.lo, sc.hi) of head h: kb / vb its
 // blocks. Keys no query sees are not read (they may hold stale or non-finite data): their rows are zeros here.
@@ -734,6 +876,12 @@ void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
 template <typename E>
 BlockFn<E> PickBlock(const Problem& p) {
   if (p.Bq < 2 || p.S != 16) return nullptr;
+#if defined(__AVX512BF16__)
+  if (p.bf16) {
+    if (p.D == 64) return &BlockPageB<E, 4>;
+    if (p.D == 128) return &BlockPageB<E, 8>;
+  }
+#endif
   if (p.D == 64) return &BlockPage<E, 4>;
   if (p.D == 128) return &BlockPage<E, 8>;
   return nullptr;
@@ -768,6 +916,9 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
     lo = std::min<int64_t>(lo, p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0);
   }
   bool ok = true;
+#if defined(__AVX512BF16__)
+  if (block_fn && p.bf16) ConvertQueries(p, sc, r, h0, h1);
+#endif
   const int64_t two_pass_max = g_two_pass_max.load(std::memory_order_relaxed);
   if (row_fn && hi >= 0 && lo <= hi && (hi - lo + 16) * (h1 - h0) * G <= two_pass_max) {
     ok = row_fn(p, sc, r, h0, h1, lo, hi);
@@ -856,7 +1007,8 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> pos,
-                              ffi::ResultBuffer<ffi::F32> out, float sm_scale, int64_t window, float soft_cap) {
+                              ffi::ResultBuffer<ffi::F32> out, float sm_scale, int64_t window, float soft_cap,
+                              int64_t bf16) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
   const auto vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || vd.size() != 4 ||
@@ -867,7 +1019,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
     return ffi::Error::InvalidArgument("paged attention: k and v pages must both be f32, f16 or bf16");
   Problem p{q.typed_data(), k.untyped_data(), v.untyped_data(), table.typed_data(), lens.typed_data(),
             pos.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], 0,
-            sm_scale, window, soft_cap};
+            sm_scale, window, soft_cap, bf16 != 0 && BF16Math()};
   if (kd[3] != p.D || p.KV == 0 || p.H % p.KV != 0 || td[0] != p.R ||
       static_cast<int64_t>(lens.element_count()) != p.R ||
       static_cast<int64_t>(pos.element_count()) != p.R * p.Bq)
@@ -882,6 +1034,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 }
 
 }  // namespace
+
+// 1 where block rows can take their dot products in bfloat16 pairs (the `bf16` attribute), else 0.
+extern "C" int64_t SglJaxAttentionBF16() { return BF16Math() ? 1 : 0; }
 
 // The most scores a decode unit keeps for the two-pass form (see g_two_pass_max): `floats` >= 0 sets it (0: every
 // unit online, a page at a time); a negative value only reads it. Returns the value now in effect, or -1 where the
@@ -908,4 +1063,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("window")
-                                  .Attr<float>("soft_cap"));
+                                  .Attr<float>("soft_cap")
+                                  .Attr<int64_t>("bf16"));

@@ -261,6 +261,10 @@ class EngineConfig:
                            "linears kept in the file's blocks (the CPU's native kernel), the rest as int8; one "
                            "device only")
     attention_backend: str = _f("auto", "auto | jnp | cpu_native | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, the native kernel on CPU, else jnp)")
+    attention_math: str = _f("float32", "float32 | bfloat16: the native CPU attention's prefill-chunk dot products "
+                             "(q.k, p.v) in bfloat16 pairs with float32 sums where the CPU has AVX512-BF16, ~1.7x "
+                             "faster; SmolLM2's logits move by up to ~0.35 (pallas_kernels/cpu_attention.py). No "
+                             "effect elsewhere")
     pack_weights: bool = _f(True, "CPU, float32 compute: weight matrices stored panel-packed [out/16, in, 16] for the "
                             "native matmul (sgl_jax/models/packing.py), every step's linears and LM head through "
                             "it; no effect on TPU/GPU or without a C++ compiler")
@@ -284,6 +288,7 @@ class EngineConfig:
             raise ConfigError("config key 'engine.quantization' gguf keeps Q4_1 blocks, which run on one device; "
                               f"with engine.parallel.tp={self.parallel.tp} use int8")
         _choice(self, "attention_backend", ("auto", "jnp", "cpu_native", "pallas_tpu", "pallas_gpu"))
+        _choice(self, "attention_math", ("float32", "bfloat16"))  # sgl_jax.models.attention.ATTENTION_MATH
         if max(self.shapes.decode_buckets) < self.scheduler.max_running_requests:
             raise ConfigError(f"config key 'engine.shapes.decode_buckets' {self.shapes.decode_buckets} must reach "
                               f"engine.scheduler.max_running_requests={self.scheduler.max_running_requests}")

@@ -248,7 +248,8 @@ class ModelRunner:
     """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
 
     def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, grid: ShapeGrid,
-                 max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp", max_marks: int = 512,
+                 max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp",
+                 attention_math: str = "float32", max_marks: int = 512,
                  constraint_rows: int = 1024, constraint_classes: int = 512, constraint_slots: int = 8,
                  valid_vocab: int | None = None, max_logit_bias: int = 64, max_suppress: int = 16,
                  executable_dir: str = "", layout=None):
@@ -258,6 +259,7 @@ class ModelRunner:
         device width of a row's logit_bias entries and of its suppressed (stop) ids; a row asking for more
         is an error (requests are validated against these limits before they get here).
         `executable_dir`: where compiled steps are saved and read back (sgl_jax/executables.py; '' = off).
+        `attention_math`: float32 | bfloat16 (sgl_jax.models.attention.get_attention_backend).
         `layout` (sgl_jax.parallel.tp.TPLayout): tensor parallel over its mesh. `params` are already placed with its
         shardings (and `model_config` is the layout's, KV heads expanded); the pool is made sharded by KV heads,
         the rest replicated, and the step is jitted with these in/out shardings. Compiled steps are not saved to
@@ -282,7 +284,7 @@ class ModelRunner:
         self.layout = layout
         self.channel = None  # multi-host rank 0: sgl_jax.parallel.multihost.StepChannel (see `mirrored`)
         self._mirror_lock = threading.RLock()
-        self.model = CausalLM(model_config, dtype, attention_backend, layout)
+        self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math)
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
@@ -325,8 +327,8 @@ class ModelRunner:
         self.native_packed = cpu and packing.is_packed(params) and cpu_matmul.packed_available()
         self.store = None
         if executable_dir:
-            settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, block_q, run_q, self.num_top,
-                        self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32,
+            settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, attention_math, block_q, run_q,
+                        self.num_top, self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32,
                         self.native_packed]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0

@@ -15,13 +15,13 @@ class PagedRunner:
     """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
-                 attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None):
+                 attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32"):
         """`layout` (sgl_jax.parallel.tp.TPLayout): run tensor parallel on its mesh (params placed and KV heads
         expanded here, the pool sharded by KV heads)."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
-        self.model = CausalLM(cfg, dtype, attention_backend, layout)
+        self.model = CausalLM(cfg, dtype, attention_backend, layout, attention_math)
         kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype or dtype)
         if nan_fill:  # a read of a page nobody owns poisons the output
             kv = tuple((jnp.full_like(k, jnp.nan), jnp.full_like(v, jnp.nan)) for k, v in kv)

@@ -20,7 +20,8 @@ from test_attention import _check, decode_rows, dense_reference, make_case
 
 pytestmark = pytest.mark.timeout(300)
 
-_native = jax.jit(cpu_attention.paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+_native = jax.jit(cpu_attention.paged_attention,
+                  static_argnames=("sm_scale", "sliding_window", "soft_cap", "bf16_math"))
 _ref = jax.jit(cpu_attention.ref_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 
 
@@ -138,6 +139,61 @@ def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_windo
     kw = dict(sm_scale=0.2, sliding_window=sliding_window, soft_cap=soft_cap)
     ref = dense_reference(q, k, v, pt, lens, pos, **kw)
     _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
+
+
+def _has_cpu_flags(*names) -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return all(f" {x} " in flags or f" {x}\n" in flags for x in names)
+
+
+def test_bf16_math_available_where_the_cpu_has_avx512_bf16():
+    """`bf16_math=True` takes effect exactly where the build (-march=native) has AVX512-BF16."""
+    assert cpu_attention.bf16_math_available() == _has_cpu_flags("avx512_bf16")
+
+
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128)])
+@pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (37, None), (None, 2.0)])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_block_rows_in_bfloat16_math_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
+    """`bf16_math=True` (the engine's `attention_math: bfloat16`): block rows' q.k and p.v in bfloat16 pairs with
+    float32 sums, on test_block_rows_on_pages_of_16's rows (the causal diagonal, a window's edge, ragged ends,
+    padded and empty rows; every unseen key and padded query poisoned: a stray read is a NaN here too). Each of q,
+    k, p, v is rounded to bfloat16 once (relative error 2^-9), so outputs are held to 4e-2 against the float64
+    reference (measured 4e-3 to 1.9e-2 over these N(0, 1) cases; the float32 form's tolerance is 3e-5) -- and
+    must differ from the float32 form, so the test fails if the flag did nothing. Where the CPU has no AVX512-BF16 the flag changes nothing: bit-equal outputs."""
+    import test_attention
+
+    monkeypatch.setattr(test_attention, "KV", kv)
+    monkeypatch.setattr(test_attention, "G", g)
+    monkeypatch.setattr(test_attention, "D", d)
+    monkeypatch.setattr(test_attention, "H", kv * g)
+    Bq = 16
+    rows = [(16, list(range(16))), (80, list(range(64, 80))), (61, list(range(45, 61))),
+            (100, [t if t < 100 else -1 for t in range(90, 106)]), (33, [32] + [-1] * (Bq - 1)),
+            (0, [-1] * Bq), (130, list(range(114, 130)))]
+    case = make_case(23 + d + kv, S=16, rows=rows, sliding_window=sliding_window)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.2, sliding_window=sliding_window, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    out = np.asarray(_native(*_args(case), bf16_math=True, **kw))
+    f32 = np.asarray(_native(*_args(case), **kw))
+    if not cpu_attention.bf16_math_available():
+        np.testing.assert_array_equal(out, f32)
+        return
+    _check(out, ref, pos, lens, 4e-2)
+    seen = (pos >= 0) & (lens[:, None] > 0)
+    print(f"max |bf16 - ref| {np.abs(out - ref)[seen].max():.2e}")
+    assert np.abs(out - f32)[seen].max() > 1e-5, "bf16_math changed nothing"
+
+
+def test_decode_rows_ignore_bf16_math(decode_path):
+    """Decode rows (one query a row) stay float32 under `bf16_math`: bit-equal outputs."""
+    S = 16
+    case = make_case(41, S=S, rows=decode_rows(S), sliding_window=None)
+    a = np.asarray(_native(*_args(case), sm_scale=0.4, bf16_math=True))
+    np.testing.assert_array_equal(a, np.asarray(_native(*_args(case), sm_scale=0.4)))
 
 
 def _grouped_decode_case(seed, kv, g, d, alone, window):

@@ -390,3 +390,69 @@ def test_smollm2_16bit_kv_vs_float32_kv(smollm2_gguf):
         err = np.stack(errs)
         assert 0 < err.max() < max_err and err.mean() < mean_err, (kv_dtype, err.max(), err.mean())
         assert all(agree), (kv_dtype, np.mean(agree))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_smollm2_bfloat16_attention_math_vs_float32(smollm2_gguf):
+    """`attention_math: bfloat16` (the native kernel's prefill-chunk dot products in bfloat16 pairs, float32
+    sums) on SmolLM2-135M, at long contexts where those dot products meet the most keys: two reference prompts,
+    each continued by 300 greedy tokens of the int8 preset's model, then every sequence prefilled in chunks of 64
+    and the logits at all ~305 positions compared with the fp32 model's (float32 pool and math):
+    - fp32 weights, float16 pool: bfloat16 math against float32 math isolates the math's own error. Measured (a
+      Zen 5 CPU): max |logit error| 0.32 / 0.22, mean 0.023 / 0.025, argmax equal at 99.7 / 100 % (float32 math:
+      the float16 pool's 0.02-0.03). Asserted: max < 0.6, mean < 0.06, agreement >= 98 %.
+    - the int8 preset's model (packed int8, activations quantized per 32 inputs, float16 pool) against fp32,
+      with each math: the int8 matmuls' error dominates and bfloat16 math must not add to it beyond noise (a small
+      change in an attention output moves the next matmul's activation rounding, so the two int8 runs differ from
+      each other by about as much as from fp32). Measured: float32 math max 2.29 / 3.12, mean 0.283 / 0.292,
+      agreement 97.7 / 97.4 %; bfloat16 math 2.30 / 3.22, 0.281 / 0.279, 95.7 / 96.7 %. Asserted: max and mean
+      with bfloat16 math <= 1.25x float32 math's + 0.1, argmax agreement with fp32's within 3 points.
+    Where the CPU has no AVX512-BF16 the two maths are one, and their logits must be equal."""
+    from pallas_kernels import cpu_attention
+
+    assert cpu_attention.available(), cpu_attention.why_not()
+    cfg, pf = load_weights(smollm2_gguf, "float32", progress=False)
+    _, pq = load_weights(smollm2_gguf, "float32", progress=False, quantization="int8")
+    if packing.packs_here(jnp.float32):
+        pq = packing.pack_params(pq, cfg.tie_word_embeddings)
+    data = np.load(REF)
+    runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=64, nan_fill=False,
+                               attention_backend="cpu_native")
+    r = runner(pq, kv_dtype="float16")
+    seqs = []
+    for sid in range(2):
+        ids = data[f"ids_{sid}"].tolist()
+        seqs.append(ids + _greedy(r, sid, ids, 300)[1])
+
+    def prefill(params, kv_dtype=None, math_="float32"):
+        rr, res = runner(params, kv_dtype=kv_dtype, attention_math=math_), []
+        for sid, s in enumerate(seqs):
+            res.append(np.concatenate([rr.step([(sid, s[a:a + 64], a, a)])[0] for a in range(0, len(s), 64)]))
+        return res
+
+    def stats(got, want):
+        err = np.abs(got - want)
+        return err.max(), err.mean(), np.mean(got.argmax(1) == want.argmax(1))
+
+    ref = prefill(pf)
+    runs = {name: prefill(p, "float16", m) for name, p, m in (("fp32 f32-math", pf, "float32"),
+                                                               ("fp32 bf16-math", pf, "bfloat16"),
+                                                               ("int8 f32-math", pq, "float32"),
+                                                               ("int8 bf16-math", pq, "bfloat16"))}
+    on = cpu_attention.bf16_math_available()
+    for sid in range(2):
+        st = {name: stats(got[sid], ref[sid]) for name, got in runs.items()}
+        for name, (mx, mean, agree) in st.items():
+            print(f"prompt {sid} ({len(ref[sid])} positions), {name} vs fp32: max {mx:.3f}, mean {mean:.4f}, "
+                  f"argmax agreement {agree:.3f}")
+        math_only = stats(runs["fp32 bf16-math"][sid], runs["fp32 f32-math"][sid])
+        print(f"prompt {sid}, bf16 math vs f32 math (fp32 weights): max {math_only[0]:.3f}, mean {math_only[1]:.4f}, "
+              f"agreement {math_only[2]:.3f}")
+        if not on:
+            for w in ("fp32", "int8"):
+                np.testing.assert_array_equal(runs[f"{w} bf16-math"][sid], runs[f"{w} f32-math"][sid])
+            continue
+        assert 0 < math_only[0] < 0.6 and math_only[1] < 0.06 and math_only[2] >= 0.98, (sid, math_only)
+        (mx8, mean8, ag8), (mxb, meanb, agb) = st["int8 f32-math"], st["int8 bf16-math"]
+        assert mxb <= 1.25 * mx8 + 0.1 and meanb <= 1.25 * mean8 + 0.1 and agb >= ag8 - 0.03, (sid, st)

@@ -117,7 +117,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     runner = ModelRunner(
         mc, params, dtype=dtype, kv_dtype=kv_dtype, num_pages=num_pages, grid=grid,
         max_running_requests=c.scheduler.max_running_requests, max_top_logprobs=c.sampling.max_top_logprobs,
-        attention_backend=c.attention_backend, constraint_rows=c.constraints.constraint_rows,
+        attention_backend=c.attention_backend, attention_math=c.attention_math,
+        constraint_rows=c.constraints.constraint_rows,
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
         valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
@@ -194,7 +195,7 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
     g = r.grid
     # the device code's digest too: a kernel change (e.g. the int8 matmul's) makes the saved costs stale
     key = json.dumps([os.path.abspath(model_path), c.dtype, c.kv_dtype, c.quantization, c.attention_backend,
-                      r.native_packed, source_digest(),
+                      c.attention_math, r.native_packed, source_digest(),
                       r.platform, getattr(dev, "device_kind", ""), jax.__version__, g.page_size, r.num_pages,
                       g.run_block, list(g.decode_buckets), list(g.run_block_buckets), list(g.page_width_buckets),
                       os.cpu_count()])

@@ -408,10 +408,17 @@ class AttentionFn(NamedTuple):
     fn: callable
 
 
-def get_attention_backend(name: str = "auto") -> AttentionFn:
+ATTENTION_MATH = ("float32", "bfloat16")
+
+
+def get_attention_backend(name: str = "auto", math: str = "float32") -> AttentionFn:
     """`auto` picks the Pallas kernel for the platform (TPU/GPU), and on CPU the native kernel
     (pallas_kernels/cpu_attention.py) when it builds here, else the jnp path. `cpu_native` asks for the native
-    kernel and fails, naming the cause, when it cannot be built; float32 operands take it, others the jnp path."""
+    kernel and fails, naming the cause, when it cannot be built; float32 operands take it, others the jnp path.
+    `math="bfloat16"`: the native kernel's prefill-chunk dot products in bfloat16 pairs where the CPU has them
+    (`cpu_attention.bf16_math_available`); the other backends are unchanged by it."""
+    if math not in ATTENTION_MATH:
+        raise ValueError(f"attention math {math!r} is unknown; expected one of {ATTENTION_MATH}")
     if name == "auto":
         platform = jax.default_backend()
         name = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cuda": "pallas_gpu"}.get(platform, "cpu")
@@ -429,7 +436,7 @@ def get_attention_backend(name: str = "auto") -> AttentionFn:
 
         def native(q, k_pages, v_pages, *args, **kw):
             if cpu_attention.supports(q, k_pages) and v_pages.dtype == k_pages.dtype:
-                return cpu_attention.paged_attention(q, k_pages, v_pages, *args, **kw)
+                return cpu_attention.paged_attention(q, k_pages, v_pages, *args, bf16_math=math == "bfloat16", **kw)
             return paged_attention(q, k_pages, v_pages, *args, **kw)
 
         return AttentionFn("cpu_native", native)

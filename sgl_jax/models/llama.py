@@ -225,6 +225,7 @@ class Attention(nn.Module):
     dtype: jnp.dtype
     attention_backend: str = "jnp"
     layout: object = None  # sgl_jax.parallel.tp.TPLayout: attention under shard_map on each device's heads
+    attention_math: str = "float32"  # see get_attention_backend
 
     @nn.compact
     def __call__(self, x, meta: AttnMetadata, pages, rope, keep=None):
@@ -245,7 +246,7 @@ class Attention(nn.Module):
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
         kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
-        attend = functools.partial(_attend, get_attention_backend(self.attention_backend).fn, kw)
+        attend = functools.partial(_attend, get_attention_backend(self.attention_backend, self.attention_math).fn, kw)
         if self.layout is None:
             o, pages = attend(q, k, v, pages, meta)  # [T, H*D]
         else:  # each device its own heads (sgl_jax/parallel/tp.py)
@@ -273,12 +274,14 @@ class DecoderLayer(nn.Module):
     dtype: jnp.dtype
     attention_backend: str = "jnp"
     layout: object = None
+    attention_math: str = "float32"
 
     @nn.compact
     def __call__(self, x, meta, pages, rope, keep=None):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, name="self_attn")
+        attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, self.attention_math,
+                         name="self_attn")
         a, pages = attn(h, meta, pages, rope, keep)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -358,6 +361,7 @@ class CausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     attention_backend: str = "jnp"
     layout: object = None
+    attention_math: str = "float32"  # float32 | bfloat16: see get_attention_backend
 
     def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
         if self.layout is None:
@@ -376,7 +380,8 @@ class CausalLM(nn.Module):
         keep = meta.positions >= 0  # padding tokens: the native matmuls skip their rows (bench/notes.md, session 15)
         new_kv = []
         for i in range(cfg.num_layers):
-            x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, name=f"layers_{i}")(
+            x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, self.attention_math,
+                                    name=f"layers_{i}")(
                 x, meta, kv[i], rope, keep)
             new_kv.append(pages)
         h = x[logits_indices]  # [L, E]
