@@ -130,8 +130,8 @@ def test_cli_flags_and_set():
 @pytest.mark.timeout(60)
 def test_quantization_key():
     """`quantization` (none | int8) is a top-level engine key: set by preset, flat name, --set and --flag-free
-    keyword, refused by name when unknown; the int8 preset is the CPU preset with this key and kv_dtype (float16)
-    changed."""
+    keyword, refused by name when unknown; the int8 and gguf presets are the CPU preset with this key, kv_dtype
+    (float16) and attention_math (bfloat16) changed. `attention_math` is refused by name when unknown."""
     assert EngineConfig().quantization == "none"
     assert EngineConfig.make(quantization="int8").quantization == "int8"
     base = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
@@ -146,9 +146,13 @@ def test_quantization_key():
         EngineConfig.make(quantization=8)
     int8 = load_config(os.path.join(ROOT, "configs", "smollm2-135m-int8.yaml"))
     assert int8.engine.quantization == "int8" and int8.engine.kv_dtype == "float16"
-    assert int8 == load_config(base, {"quantization": "int8", "kv_dtype": "float16"})
+    assert int8 == load_config(base, {"quantization": "int8", "kv_dtype": "float16", "attention_math": "bfloat16"})
     gguf = load_config(os.path.join(ROOT, "configs", "smollm2-135m-gguf.yaml"))
-    assert gguf == load_config(base, {"quantization": "gguf", "kv_dtype": "float16"})
+    assert gguf == load_config(base, {"quantization": "gguf", "kv_dtype": "float16", "attention_math": "bfloat16"})
+    assert load_config(base).engine.attention_math == "float32"
+    with pytest.raises(ConfigError,
+                       match=re.escape("'engine.attention_math' must be one of float32, bfloat16; got 'fp8'")):
+        load_config(base, {"attention_math": "fp8"})
     with pytest.raises(ConfigError, match=r"quantization' gguf .* engine.parallel.tp=2 use int8"):
         EngineConfig.make(quantization="gguf", parallel={"tp": 2})
 
