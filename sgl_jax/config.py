@@ -164,12 +164,20 @@ class ShapeConfig:
     page_width_buckets: list = _f([], "pages-per-row widths compiled for; empty = powers of two up to the context")
     background_compile: bool = _f(False, "at start-up compile only the shapes a first request needs (prefills and one "
                                   "decode row, every width), serve, and compile the rest in a background thread")
+    full_logit_rows: int = _f(128, "logits rows of a prompt-logprob step (a request's prompt logprobs past them "
+                              "continue in the next step; 0 = every token of the step): rows no chunk asks for "
+                              "are not computed, and at SmolLM2's 49k vocabulary 128 rows of float32 logits stay "
+                              "under glibc's 32 MB mmap threshold (larger arrays are faulted in afresh each step)")
 
     def __post_init__(self):
         _at_least(self, "prefill_block", 1)
         _at_least(self, "max_mixed_blocks", 0)
         for key in ("decode_buckets", "prefill_block_buckets"):
             _buckets(self, key, allow_empty=False)
+        if self.full_logit_rows and self.full_logit_rows < max(self.prefill_block_buckets):
+            raise ConfigError(f"config key '{self.WHERE}.full_logit_rows' must be 0 or >= the largest prefill block "
+                              f"bucket ({max(self.prefill_block_buckets)}: one row per chunk), got "
+                              f"{self.full_logit_rows}")
         for key in ("page_width_buckets", "run_block_buckets"):
             _buckets(self, key, allow_empty=True)
         if self.run_block_buckets and self.run_block < 2:

@@ -494,7 +494,7 @@ class ModelRunner:
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
                 row_slot: list[int], target_ids: list[int]) -> StepInputs:
         T = shape.num_tokens(self.prefill_block, self.run_block)
-        L = shape.num_rows(self.prefill_block)
+        L = shape.num_rows(self.prefill_block, self.grid.full_logit_rows)
         P = shape.page_width
         if batch is None:
             z = np.zeros
@@ -566,10 +566,10 @@ class ModelRunner:
         chunks = plan.chunks
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
                 for c in chunks]
+        L = shape.num_rows(self.prefill_block, self.grid.full_logit_rows)
         batch = pack(seqs, page_size=self.page_size, block_q=self.prefill_block, num_decode=shape.num_decode,
-                     num_blocks=shape.num_blocks, page_width=shape.page_width,
-                     num_logits=shape.num_rows(self.prefill_block), run_q=self.run_block, num_runs=shape.num_runs)
-        L = shape.num_rows(self.prefill_block)
+                     num_blocks=shape.num_blocks, page_width=shape.page_width, num_logits=L, run_q=self.run_block,
+                     num_runs=shape.num_runs)
         rows: list[RowParams | None] = [None] * L
         row_slot = [-1] * L
         target = [-1] * L

@@ -429,25 +429,30 @@ class Scheduler:
         budget_tokens = min(cfg.max_prefill_tokens, grid.max_blocks * grid.prefill_block)
         chunks: list[Chunk] = []
         blocks = 0
+        rows_left = grid.full_logit_rows or math.inf  # logits rows a prompt-logprob step may still compute
 
         def take(r: Request) -> bool:
-            """Add r's next prefill chunk if budget, blocks and pages allow."""
-            nonlocal blocks, budget_tokens
+            """Add r's next prefill chunk if budget, blocks, logits rows and pages allow."""
+            nonlocal blocks, budget_tokens, rows_left
             n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.prefill_block)
             end = r.num_computed + n
             if end < r.num_tokens and n > grid.prefill_block:
                 end -= n % grid.prefill_block  # block-aligned chunk boundaries: only the last block pads
-            n = end - r.num_computed
-            if n <= 0 or not self._grow(r, end):
-                return False
-            samples = end == r.num_tokens and r.wants_sample
             logits_from = None
             need = r.logits_needed_from()
             if need is not None and max(need, r.num_computed) < end:
                 logits_from = max(need, r.num_computed)
+                end = min(end, logits_from + rows_left)  # its prompt logprobs past the step's rows: next step
+            if logits_from is not None and logits_from >= end or rows_left < 1:
+                return False
+            n = end - r.num_computed
+            if n <= 0 or not self._grow(r, end):
+                return False
+            samples = end == r.num_tokens and r.wants_sample
             chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
             blocks += 1 if n == 1 and logits_from is None else math.ceil(n / grid.prefill_block)
             budget_tokens -= n
+            rows_left -= end - logits_from if logits_from is not None else 1
             return True
 
         if has_prefill:

@@ -28,9 +28,12 @@ class StepShape:
     def num_tokens(self, block_q: int, run_q: int = 1) -> int:
         return self.num_decode + self.num_runs * run_q + self.num_blocks * block_q
 
-    def num_rows(self, block_q: int) -> int:
+    def num_rows(self, block_q: int, full_rows: int = 0) -> int:
+        """Logits rows: one per decode row, run block and prefill block; with full logits every token, at most
+        `full_rows` (> 0) of them (the grid's full_logit_rows: the scheduler keeps a step's rows within it)."""
         if self.full_logits:  # never with run blocks
-            return self.num_tokens(block_q)
+            t = self.num_tokens(block_q)
+            return min(t, full_rows) if full_rows > 0 else t
         return self.num_decode + self.num_runs + self.num_blocks
 
 
@@ -54,6 +57,7 @@ class ShapeGrid:
     page_width_buckets: tuple[int, ...]
     run_block: int = 8  # query tokens per run block
     run_block_buckets: tuple[int, ...] = ()
+    full_logit_rows: int = 0  # logits rows of a full-logits step (0: all its tokens); see StepShape.num_rows
     # seconds of a decode step by (decode rows, page width, run blocks), timed at warm-up; empty = not timed
     costs: Mapping[tuple[int, int, int], float] = dataclasses.field(default_factory=dict)
 
@@ -63,7 +67,8 @@ class ShapeGrid:
         return cls(page_size=page_size, prefill_block=shapes.prefill_block,
                    decode_buckets=tuple(shapes.decode_buckets), prefill_block_buckets=tuple(shapes.prefill_block_buckets),
                    max_mixed_blocks=shapes.max_mixed_blocks, page_width_buckets=tuple(page_width_buckets),
-                   run_block=shapes.run_block, run_block_buckets=tuple(shapes.run_block_buckets))
+                   run_block=shapes.run_block, run_block_buckets=tuple(shapes.run_block_buckets),
+                   full_logit_rows=shapes.full_logit_rows)
 
     def __post_init__(self):
         for name in ("decode_buckets", "prefill_block_buckets", "page_width_buckets", "run_block_buckets"):

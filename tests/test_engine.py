@@ -15,7 +15,8 @@ from sgl_jax.models.testing import write_tiny_gguf
 
 SMALL = dict(page_size=4, max_context_len=128, max_running_requests=8, max_prefill_tokens=64, prefill_block=8,
              decode_buckets=[1, 4, 8], prefill_block_buckets=[2, 8], max_mixed_blocks=2,
-             page_width_buckets=[32], max_top_logprobs=5, compile_cache_dir="", kv_memory_gb=0.01)
+             page_width_buckets=[32], max_top_logprobs=5, compile_cache_dir="", kv_memory_gb=0.01,
+             full_logit_rows=8)  # a prompt's logprobs over several steps (test_logprobs_match_model: 20 rows)
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False
                      decode_buckets=kw.pop("decode_buckets", (1, 2, 4, 8, 16, max_running)),
                      page_width_buckets=kw.pop("page_width_buckets", (8, 64, 4096 // page_size)),
                      run_block=kw.pop("run_q", 8), run_block_buckets=kw.pop("run_buckets", ()),
-                     costs=kw.pop("decode_costs", {}))
+                     costs=kw.pop("decode_costs", {}), full_logit_rows=kw.pop("full_rows", 0))
     kw.pop("max_decode_rows", None)  # the grid's largest decode bucket
     if "decode_fill" in kw:  # "cost" = auto with measured costs
         kw["decode_row_fill"] = {"cost": "auto"}.get(kw["decode_fill"], kw["decode_fill"])
@@ -555,6 +555,31 @@ def test_prompt_logprobs_across_page_boundaries_cached_or_not(cached, budget):
             # up to the logprob start, within the warm request's whole pages (the last one partly, by a copy)
             reusable = min(max(start - 1, 0), n - 1, n // PS * PS)
             assert req.cached_tokens == (reusable if cached else 0), (n, start, req.cached_tokens)
+
+
+@pytest.mark.timeout(60)
+def test_prompt_logprobs_within_the_steps_logits_rows():
+    """With the grid's full_logit_rows (8 here), a step's chunks ask for at most that many logits rows (a chunk's
+    prompt logprobs from its logits_from on, one row for any other chunk): a request wanting more takes several
+    steps, and every entry still arrives exactly once, in order, for requests alone and side by side."""
+    rng = random.Random(11)
+    s = make(page_size=PS, budget=64, full_rows=8)
+    runner = MockRunner(PS)
+    reqs = []
+    for i, (n, start) in enumerate([(30, 0), (21, 5), (9, 8), (40, 39), (17, 1)]):
+        prompt = [rng.randrange(V) for _ in range(n)]
+        reqs.append((Request(f"r{i}", prompt, 2, logprob_start=start), prompt, start))
+        s.add(reqs[-1][0])
+    rows = []
+
+    def on_schedule(s, plan, before):
+        rows.append(sum(c.end - c.logits_from if c.logits_from is not None else 1 for c in plan.prefills))
+
+    done, entries = drive_logprobs(s, runner, on_schedule)
+    assert max(rows) <= 8 and len([x for x in rows if x == 8]) >= 3, rows  # the limit binds, and holds
+    for r, prompt, start in reqs:
+        assert entries[r.rid] == expected_entries(prompt, start), r.rid
+        assert done[r.rid] == expected_output(prompt, 2)
 
 
 @pytest.mark.timeout(60)
