@@ -5,9 +5,8 @@
   call after the first finds everything before it in the radix cache.
 - `fork(n)`: the parent prompt is prefilled once and held in the radix cache (`Engine.hold_prefix`) until
   every branch has sent its first call; the branches' calls arrive together and are batched.
-- `select`: every choice is scored in one batched submission with prompt logprobs only from two tokens before
-  the prompt's end; the shared prefix is computed once (the scheduler admits one choice and holds the others
-  until its prefix is cached), with no prefix request first (the same window and normalisation as upstream's
+- `select`: the prefix is prefilled once, then every choice is scored in one batched prefill with prompt
+  logprobs only from two tokens before the prompt's end (the same window and normalisation as upstream's
   client, so the decisions agree), and the choice's exact ids become the state's.
 - Generated text trimmed by a stop string or ended by EOS keeps only the ids that decode to the kept text.
 
@@ -143,10 +142,9 @@ class EngineBackend(Backend):
                                     return_logprob=True, return_text_in_logprobs=True, logprob_start_len=start)
 
     def select(self, prompt: Prompt, choices, temperature, method):
-        # No separate prefix request (upstream's client and the HTTP backend send one to learn the prompt's token
-        # count): the ids are known here, and the scheduler's cold-burst sharing already admits one choice first and
-        # holds the others until the prefix it computes is cached, so the choices need no frontend round trip.
-        start = max(len(self.ids(prompt)) - 2, 0)
+        prefix_ids = self.ids(prompt)
+        self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0})
+        start = max(len(prefix_ids) - 2, 0)
         cands = [self.ids(prompt, c) for c in choices]
         outs = self._logprobs(cands, start)
         windows = [o["meta_info"]["input_token_logprobs"] for o in outs]
