@@ -328,8 +328,8 @@ class ModelRunner:
         self.store = None
         if executable_dir:
             settings = [repr(model_config), str(jnp.dtype(dtype)), attention_backend, attention_math, block_q, run_q,
-                        self.num_top, self.valid_vocab, V, self.native_int8, self.native_attention, self.native_f32,
-                        self.native_packed]
+                        grid.full_logit_rows, self.num_top, self.valid_vocab, V, self.native_int8,
+                        self.native_attention, self.native_f32, self.native_packed]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
         self.background_done = threading.Event()

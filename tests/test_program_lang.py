@@ -454,6 +454,17 @@ def test_choice_methods_agree_with_upstream_on_fixed_inputs():
             assert ours(**kw).decision == theirs(**kw).decision, (ours, kw)
 
 
+def test_greedy_token_selection_treats_last_bit_differences_as_ties():
+    """The shared prompt tokens' logprobs of two choices computed in different engine steps differ by ~1e-5: still a
+    tie, so the choices' own first tokens decide (upstream's exact comparison would drop the second choice at the
+    prompt token); a difference above the tolerance still decides there."""
+    kw = dict(choices=["a", "b"], normalized_prompt_logprobs=[0.0, 0.0], output_token_logprobs=[[], []])
+    near = [[[-8.98767, 1, "p"], [-3.67, 2, "a"]], [[-8.98770, 1, "p"], [-3.52, 3, "b"]]]
+    assert sgl.greedy_token_selection(input_token_logprobs=near, **kw).decision == "b"
+    far = [[[-8.98, 1, "p"], [-3.67, 2, "a"]], [[-8.99, 1, "p"], [-3.52, 3, "b"]]]
+    assert sgl.greedy_token_selection(input_token_logprobs=far, **kw).decision == "a"
+
+
 def test_healing_drops_the_merged_prompt_token_like_upstream():
     from sgl_jax.program.choices import heal
 

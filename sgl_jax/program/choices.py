@@ -81,7 +81,15 @@ class TokenLengthNormalized(ChoicesMethod):
 
 
 class GreedyTokenSelection(ChoicesMethod):
+    """Position by position, keep the choices whose logprob there is the best; the first left alone wins.
+
+    "The best" within TIE: the windows' first entries are the shared prompt's tokens, and the same token's
+    logprob computed in different engine steps (a batch of prompts split by the step's logits rows, a chunked
+    prompt) differs in the last bits (~1e-5). Upstream's client compares exactly, which holds only when every
+    choice was computed in one step; here such near-equal values stay ties (tests/test_program_e2e.py)."""
+
     name = "greedy_token_selection"
+    TIE = 1e-4
 
     @staticmethod
     def matrix(input_token_logprobs) -> list[list[float]]:
@@ -99,7 +107,7 @@ class GreedyTokenSelection(ChoicesMethod):
         alive = list(range(len(choices)))
         for j in range(len(rows[0]) if rows else 0):
             best = max(rows[i][j] for i in alive)
-            alive = [i for i in alive if rows[i][j] == best]
+            alive = [i for i in alive if rows[i][j] >= best - self.TIE]
             if len(alive) == 1:
                 break
         return ChoicesDecision(choices[alive[0]], {"normalized_prompt_logprobs": list(normalized_prompt_logprobs),
