@@ -443,7 +443,7 @@ class Scheduler:
             if need is not None and max(need, r.num_computed) < end:
                 logits_from = max(need, r.num_computed)
                 end = min(end, logits_from + rows_left)  # its prompt logprobs past the step's rows: next step
-            if logits_from is not None and logits_from >= end or rows_left < 1:
+            if (logits_from is not None and logits_from >= end) or rows_left < 1:
                 return False
             n = end - r.num_computed
             if n <= 0 or not self._grow(r, end):

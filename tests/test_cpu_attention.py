@@ -161,7 +161,8 @@ def test_block_rows_in_bfloat16_math_match_dense_reference(kv, g, d, sliding_win
     padded and empty rows; every unseen key and padded query poisoned: a stray read is a NaN here too). Each of q,
     k, p, v is rounded to bfloat16 once (relative error 2^-9), so outputs are held to 4e-2 against the float64
     reference (measured 4e-3 to 1.9e-2 over these N(0, 1) cases; the float32 form's tolerance is 3e-5) -- and
-    must differ from the float32 form, so the test fails if the flag did nothing. Where the CPU has no AVX512-BF16 the flag changes nothing: bit-equal outputs."""
+    must differ from the float32 form, so the test fails if the flag did nothing. Where the CPU has no AVX512-BF16
+    the flag changes nothing: bit-equal outputs."""
     import test_attention
 
     monkeypatch.setattr(test_attention, "KV", kv)
