@@ -732,6 +732,60 @@ inline void AccumulateT(float* const* out, const float* corr, const float* p, co
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
 
+// A block page's query heads, kBlockQueries at a time (PageGroups), in float32 (BlockPage: queries as given, the
+// page's keys transposed and values widened) or bfloat16 pairs (BlockPageB: BF16Group below)
+struct F32Group {
+  using K = float;
+  using Q = float;
+  static const float* Query(const Problem& p, const Scratch&, int64_t r, int64_t b, int64_t qh) {
+    return p.q + ((r * p.Bq + b) * p.H + qh) * p.D;
+  }
+  template <int NQ>
+  static void Scores(const Q* const* q, const K* kt, int64_t D, const Problem& p, float* const* m, float* const* l,
+                     const int32_t* lo, const int32_t* hi, float* s, float* corr) {
+    ScoresSoftmaxT<NQ>(q, kt, D, p, m, l, lo, hi, s, corr);
+  }
+  template <int C, int NQ>
+  static void Values(float* const* out, const float* corr, const float* s, const K* vf) {
+    AccumulateT<C, NQ>(out, corr, s, vf);
+  }
+};
+
+// The block row r's query heads that see the page (sc.seen_by[0:nf] x G, their keys sc.lo / sc.hi) for KV head h:
+// scores and online softmax 8, 4 or 1 at a time, then the values two at a time.
+template <typename Gr, int C>
+void PageGroups(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf, const typename Gr::K* kt,
+                const typename Gr::K* vf) {
+  constexpr int D = 16 * C;
+  const int64_t G = p.G, heads = nf * G;
+  for (int64_t i0 = 0; i0 < heads; i0 += kBlockQueries) {
+    const int nq = static_cast<int>(std::min<int64_t>(kBlockQueries, heads - i0));
+    const typename Gr::Q* q[kBlockQueries];
+    float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
+    int32_t lo[kBlockQueries], hi[kBlockQueries];
+    for (int i = 0; i < nq; ++i) {
+      const int64_t f = (i0 + i) / G, b = sc.seen_by[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
+      lo[i] = sc.lo[f];
+      hi[i] = sc.hi[f];
+      q[i] = Gr::Query(p, sc, r, b, h * G + g);
+      out[i] = sc.acc.data() + qi * D;
+      m[i] = sc.m.data() + qi;
+      l[i] = sc.l.data() + qi;
+    }
+    float* s = sc.sb.data();
+    float corr[kBlockQueries];
+    int i = 0;
+    for (; i + 8 <= nq; i += 8)
+      Gr::template Scores<8>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i + 4 <= nq; i += 4)
+      Gr::template Scores<4>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    for (; i < nq; ++i) Gr::template Scores<1>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
+    int k = 0;
+    for (; k + 2 <= nq; k += 2) Gr::template Values<C, 2>(out + k, corr + k, s + 16 * k, vf);
+    for (; k < nq; ++k) Gr::template Values<C, 1>(out + k, corr + k, s + 16 * k, vf);
+  }
+}
+
 #if defined(__AVX512BF16__)
 // 16 float32 lanes as 16 bfloat16 (rounded to nearest even) in 16-bit lanes: 8 pairs of neighbours, each pair one
 // 32-bit lane of VDPBF16PS's operands (the lower element in the low half)
@@ -770,6 +824,24 @@ inline void ConvertQueries(const Problem& p, Scratch& sc, int64_t r, int64_t h0,
     }
 }
 
+// PageGroups in bfloat16 pairs: the queries from sc.qb (ConvertQueries), keys and values as BlockPageB widens them
+struct BF16Group {
+  using K = uint32_t;
+  using Q = uint32_t;
+  static const uint32_t* Query(const Problem& p, const Scratch& sc, int64_t, int64_t b, int64_t qh) {
+    return sc.qb.data() + (b * p.H + qh) * (p.D / 2);
+  }
+  template <int NQ>
+  static void Scores(const Q* const* q, const K* kt, int64_t D, const Problem& p, float* const* m, float* const* l,
+                     const int32_t* lo, const int32_t* hi, float* s, float* corr) {
+    ScoresSoftmaxTB<NQ>(q, kt, D, p, m, l, lo, hi, s, corr);
+  }
+  template <int C, int NQ>
+  static void Values(float* const* out, const float* corr, const float* s, const K* vf) {
+    AccumulateTB<C, NQ>(out, corr, s, vf);
+  }
+};
+
 // BlockPage in bfloat16 pairs (float32 sums): keys as pairs of dimensions, values as pairs of keys, the queries
 // from sc.qb (ConvertQueries) and the probabilities rounded as they are accumulated (AccumulateTB)
 template <typename E, int C>
@@ -797,33 +869,7 @@ void BlockPageB(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(ToBF16(v1)), 16));
       _mm512_storeu_si512(vf + jp * D + 16 * c, pair);
     }
-  const int64_t G = p.G, heads = nf * G;
-  for (int64_t i0 = 0; i0 < heads; i0 += kBlockQueries) {
-    const int nq = static_cast<int>(std::min<int64_t>(kBlockQueries, heads - i0));
-    const uint32_t* q[kBlockQueries];
-    float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
-    int32_t lo[kBlockQueries], hi[kBlockQueries];
-    for (int i = 0; i < nq; ++i) {
-      const int64_t f = (i0 + i) / G, b = sc.seen_by[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
-      lo[i] = sc.lo[f];
-      hi[i] = sc.hi[f];
-      q[i] = sc.qb.data() + qi * (D / 2);
-      out[i] = sc.acc.data() + qi * D;
-      m[i] = sc.m.data() + qi;
-      l[i] = sc.l.data() + qi;
-    }
-    float* s = sc.sb.data();
-    float corr[kBlockQueries];
-    int i = 0;
-    for (; i + 8 <= nq; i += 8)
-      ScoresSoftmaxTB<8>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    for (; i + 4 <= nq; i += 4)
-      ScoresSoftmaxTB<4>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    for (; i < nq; ++i) ScoresSoftmaxTB<1>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    int k = 0;
-    for (; k + 2 <= nq; k += 2) AccumulateTB<C, 2>(out + k, corr + k, s + 16 * k, vf);
-    for (; k < nq; ++k) AccumulateTB<C, 1>(out + k, corr + k, s + 16 * k, vf);
-  }
+  PageGroups<BF16Group, C>(p, sc, r, h, nf, kt, vf);
 }
 #endif
 
@@ -845,31 +891,7 @@ void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
       for (int d = 0; d < 16; ++d) kt[(16 * c + d) * 16 + j] = row[d];
       _mm512_storeu_ps(vf + j * D + 16 * c, read ? E::Load16(vb + j * D + 16 * c) : _mm512_setzero_ps());
     }
-  const int64_t G = p.G, heads = nf * G;
-  for (int64_t i0 = 0; i0 < heads; i0 += kBlockQueries) {
-    const int nq = static_cast<int>(std::min<int64_t>(kBlockQueries, heads - i0));
-    const float* q[kBlockQueries];
-    float *out[kBlockQueries], *m[kBlockQueries], *l[kBlockQueries];
-    int32_t lo[kBlockQueries], hi[kBlockQueries];
-    for (int i = 0; i < nq; ++i) {
-      const int64_t f = (i0 + i) / G, b = sc.seen_by[f], g = (i0 + i) % G, qi = b * p.H + h * G + g;
-      lo[i] = sc.lo[f];
-      hi[i] = sc.hi[f];
-      q[i] = p.q + ((r * p.Bq + b) * p.H + h * G + g) * D;
-      out[i] = sc.acc.data() + qi * D;
-      m[i] = sc.m.data() + qi;
-      l[i] = sc.l.data() + qi;
-    }
-    float* s = sc.sb.data();
-    float corr[kBlockQueries];
-    int i = 0;
-    for (; i + 8 <= nq; i += 8) ScoresSoftmaxT<8>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    for (; i + 4 <= nq; i += 4) ScoresSoftmaxT<4>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    for (; i < nq; ++i) ScoresSoftmaxT<1>(q + i, kt, D, p, m + i, l + i, lo + i, hi + i, s + 16 * i, corr + i);
-    int k = 0;
-    for (; k + 2 <= nq; k += 2) AccumulateT<C, 2>(out + k, corr + k, s + 16 * k, vf);
-    for (; k < nq; ++k) AccumulateT<C, 1>(out + k, corr + k, s + 16 * k, vf);
-  }
+  PageGroups<F32Group, C>(p, sc, r, h, nf, kt, vf);
 }
 
 // BlockPage for pages of 16 keys and D = 64 or 128, else none (every query through the page function)

@@ -114,15 +114,9 @@ def test_block_rows_match_dense_reference(sliding_window, shared, dtype):
     _check(_native(*_args(case), **kw), ref, pos, lens, 2e-5)
 
 
-@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
-@pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (37, None), (None, 2.0)])
-@pytest.mark.parametrize("dtype", PAGE_DTYPES)
-def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
-    """Block rows with pages of 16 keys and D = 64 / 128: a page that two or more queries of a row see takes the
-    kernel's transposed-keys path (BlockPage), each query masked to its own keys there -- the causal diagonal, a
-    window's edge, a row's ragged end; a page only one query sees takes the per-query path. Rows: a prefill chunk
-    from position 0 (16 queries), one later in its sequence, one whose length ends mid-page, padded query slots, a
-    single query, a row with nothing to see; every unseen key and padded query poisoned."""
+def _pages_of_16_case(seed, kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
+    """Block rows of 16 queries on pages of 16 keys at kv x g heads of d (the rows test_block_rows_on_pages_of_16
+    describes), pages in `dtype`: (case, query positions, lengths, the call's keywords, the float64 reference)."""
     import test_attention
 
     monkeypatch.setattr(test_attention, "KV", kv)
@@ -133,11 +127,23 @@ def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_windo
     rows = [(16, list(range(16))), (80, list(range(64, 80))), (61, list(range(45, 61))),
             (100, [t if t < 100 else -1 for t in range(90, 106)]), (33, [32] + [-1] * (Bq - 1)),
             (0, [-1] * Bq), (130, list(range(114, 130)))]
-    case = make_case(11 + d + kv, S=16, rows=rows, sliding_window=sliding_window)
+    case = make_case(seed, S=16, rows=rows, sliding_window=sliding_window)
     case, widened = _paged_as(case, dtype)
     q, k, v, pt, lens, pos = widened
     kw = dict(sm_scale=0.2, sliding_window=sliding_window, soft_cap=soft_cap)
-    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    return case, pos, lens, kw, dense_reference(q, k, v, pt, lens, pos, **kw)
+
+
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
+@pytest.mark.parametrize("sliding_window,soft_cap", [(None, None), (37, None), (None, 2.0)])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_window, soft_cap, dtype, monkeypatch):
+    """Block rows with pages of 16 keys and D = 64 / 128: a page that two or more queries of a row see takes the
+    kernel's transposed-keys path (BlockPage), each query masked to its own keys there -- the causal diagonal, a
+    window's edge, a row's ragged end; a page only one query sees takes the per-query path. Rows: a prefill chunk
+    from position 0 (16 queries), one later in its sequence, one whose length ends mid-page, padded query slots, a
+    single query, a row with nothing to see; every unseen key and padded query poisoned."""
+    case, pos, lens, kw, ref = _pages_of_16_case(11 + d + kv, kv, g, d, sliding_window, soft_cap, dtype, monkeypatch)
     _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
 
 
@@ -163,21 +169,7 @@ def test_block_rows_in_bfloat16_math_match_dense_reference(kv, g, d, sliding_win
     reference (measured 4e-3 to 1.9e-2 over these N(0, 1) cases; the float32 form's tolerance is 3e-5) -- and
     must differ from the float32 form, so the test fails if the flag did nothing. Where the CPU has no AVX512-BF16
     the flag changes nothing: bit-equal outputs."""
-    import test_attention
-
-    monkeypatch.setattr(test_attention, "KV", kv)
-    monkeypatch.setattr(test_attention, "G", g)
-    monkeypatch.setattr(test_attention, "D", d)
-    monkeypatch.setattr(test_attention, "H", kv * g)
-    Bq = 16
-    rows = [(16, list(range(16))), (80, list(range(64, 80))), (61, list(range(45, 61))),
-            (100, [t if t < 100 else -1 for t in range(90, 106)]), (33, [32] + [-1] * (Bq - 1)),
-            (0, [-1] * Bq), (130, list(range(114, 130)))]
-    case = make_case(23 + d + kv, S=16, rows=rows, sliding_window=sliding_window)
-    case, widened = _paged_as(case, dtype)
-    q, k, v, pt, lens, pos = widened
-    kw = dict(sm_scale=0.2, sliding_window=sliding_window, soft_cap=soft_cap)
-    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    case, pos, lens, kw, ref = _pages_of_16_case(23 + d + kv, kv, g, d, sliding_window, soft_cap, dtype, monkeypatch)
     out = np.asarray(_native(*_args(case), bf16_math=True, **kw))
     f32 = np.asarray(_native(*_args(case), **kw))
     if not cpu_attention.bf16_math_available():
