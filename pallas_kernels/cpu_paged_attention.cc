@@ -645,43 +645,11 @@ using BlockFn = void (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, co
 // (bench/notes.md, "Prefill attention: a page for a block of queries at once"). A query's keys outside its range
 // (the causal diagonal, a window's edge) get probability 0 by a lane mask; the softmax update is vectorized over
 // the 16 lanes (SoftmaxPage's with a soft cap); values are accumulated two query heads at a time.
-// The 16 scores of NQ query heads (q[i], D elements) against the transposed keys kt [D, 16], and their online-softmax
-// update: s + 16 i gets exp(score * sm_scale - new max), m[i] / l[i] the running max and sum, corr[i] the factor
-// the query's output so far must be multiplied by. With a soft cap the update is SoftmaxPage's.
-// Query head i sees the page's keys [lo[i], hi[i]) only: its other lanes get probability 0.
-template <int NQ>
-inline void SoftmaxT(__m512* acc, const Problem& p, float* const* m, float* const* l, const int32_t* lo,
-                     const int32_t* hi, float* s, float* corr);
-
-template <int NQ>
-inline void ScoresSoftmaxT(const float* const* q, const float* kt, int64_t D, const Problem& p, float* const* m,
-                           float* const* l, const int32_t* lo, const int32_t* hi, float* s, float* corr) {
-  __m512 acc[NQ];
-  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; ++d) {
-    const __m512 k = _mm512_loadu_ps(kt + d * 16);
-    for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, acc[i]);
-  }
-  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
-}
-
-#if defined(__AVX512BF16__)
-// ScoresSoftmaxT in bfloat16 pairs: q[i] the query head's D / 2 pairs, kt [D / 2, 16] the page's keys as pairs
-template <int NQ>
-inline void ScoresSoftmaxTB(const uint32_t* const* q, const uint32_t* kt, int64_t D, const Problem& p,
-                            float* const* m, float* const* l, const int32_t* lo, const int32_t* hi, float* s,
-                            float* corr) {
-  __m512 acc[NQ];
-  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D / 2; ++d) {
-    const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + d * 16);
-    for (int i = 0; i < NQ; ++i)
-      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d])), k);
-  }
-  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
-}
-#endif
-
+//
+// The online-softmax update of NQ query heads' 16 raw scores acc[i]: s + 16 i gets exp(score * sm_scale - new max),
+// m[i] / l[i] the running max and sum, corr[i] the factor the query's output so far must be multiplied by. With a
+// soft cap the update is SoftmaxPage's. Query head i sees the page's keys [lo[i], hi[i]) only: its other lanes get
+// probability 0.
 template <int NQ>
 inline void SoftmaxT(__m512* acc, const Problem& p, float* const* m, float* const* l, const int32_t* lo,
                      const int32_t* hi, float* s, float* corr) {
@@ -714,6 +682,36 @@ inline void SoftmaxT(__m512* acc, const Problem& p, float* const* m, float* cons
     *m[i] = mx[i];
   }
 }
+
+// The 16 scores of NQ query heads (q[i], D elements) against the transposed keys kt [D, 16], then SoftmaxT
+template <int NQ>
+inline void ScoresSoftmaxT(const float* const* q, const float* kt, int64_t D, const Problem& p, float* const* m,
+                           float* const* l, const int32_t* lo, const int32_t* hi, float* s, float* corr) {
+  __m512 acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 k = _mm512_loadu_ps(kt + d * 16);
+    for (int i = 0; i < NQ; ++i) acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(q[i][d]), k, acc[i]);
+  }
+  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
+}
+
+#if defined(__AVX512BF16__)
+// ScoresSoftmaxT in bfloat16 pairs: q[i] the query head's D / 2 pairs, kt [D / 2, 16] the page's keys as pairs
+template <int NQ>
+inline void ScoresSoftmaxTB(const uint32_t* const* q, const uint32_t* kt, int64_t D, const Problem& p,
+                            float* const* m, float* const* l, const int32_t* lo, const int32_t* hi, float* s,
+                            float* corr) {
+  __m512 acc[NQ];
+  for (int i = 0; i < NQ; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D / 2; ++d) {
+    const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + d * 16);
+    for (int i = 0; i < NQ; ++i)
+      acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d])), k);
+  }
+  SoftmaxT<NQ>(acc, p, m, l, lo, hi, s, corr);
+}
+#endif
 
 template <int C, int NQ>
 inline void AccumulateT(float* const* out, const float* corr, const float* p, const float* vf) {
