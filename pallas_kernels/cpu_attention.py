@@ -74,15 +74,18 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
         window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0), bf16=np.int64(bool(bf16_math)))
 
 
-def bf16_math_available() -> bool:
-    """Whether `bf16_math=True` takes effect here (the kernel was built with AVX512-BF16); False without the kernel."""
+def _c_function(name: str, argtypes: list):
+    """The built kernel library's C export `name` (returning int64), typed."""
     import ctypes
 
-    if not available():
-        return False
-    fn = _KERNEL._state["lib"].SglJaxAttentionBF16
-    fn.argtypes, fn.restype = [], ctypes.c_int64
-    return bool(fn())
+    fn = getattr(_KERNEL._state["lib"], name)
+    fn.argtypes, fn.restype = [getattr(ctypes, a) for a in argtypes], ctypes.c_int64
+    return fn
+
+
+def bf16_math_available() -> bool:
+    """Whether `bf16_math=True` takes effect here (the kernel was built with AVX512-BF16); False without the kernel."""
+    return available() and bool(_c_function("SglJaxAttentionBF16", [])())
 
 
 def decode_two_pass_max(floats: int | None = None) -> int | None:
@@ -90,15 +93,11 @@ def decode_two_pass_max(floats: int | None = None) -> int | None:
     benches; the default is the fast setting): `floats` sets it (0: every decode row online, a page at a time),
     None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX-512:
     decode rows are always online). Raises if the kernel is not available or `floats` is negative."""
-    import ctypes
-
     if not available():
         raise RuntimeError(f"the native paged attention is not available: {why_not()}")
     if floats is not None and floats < 0:
         raise ValueError(f"decode_two_pass_max: floats must be >= 0, got {floats}")
-    fn = _KERNEL._state["lib"].SglJaxAttentionTwoPassMax
-    fn.argtypes, fn.restype = [ctypes.c_int64], ctypes.c_int64
-    got = int(fn(-1 if floats is None else floats))
+    got = int(_c_function("SglJaxAttentionTwoPassMax", ["c_int64"])(-1 if floats is None else floats))
     return None if got < 0 else got
 
 

@@ -434,6 +434,8 @@ class Scheduler:
         def take(r: Request) -> bool:
             """Add r's next prefill chunk if budget, blocks, logits rows and pages allow."""
             nonlocal blocks, budget_tokens, rows_left
+            if rows_left < 1:
+                return False
             n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.prefill_block)
             end = r.num_computed + n
             if end < r.num_tokens and n > grid.prefill_block:
@@ -443,8 +445,6 @@ class Scheduler:
             if need is not None and max(need, r.num_computed) < end:
                 logits_from = max(need, r.num_computed)
                 end = min(end, logits_from + rows_left)  # its prompt logprobs past the step's rows: next step
-            if (logits_from is not None and logits_from >= end) or rows_left < 1:
-                return False
             n = end - r.num_computed
             if n <= 0 or not self._grow(r, end):
                 return False

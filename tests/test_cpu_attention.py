@@ -47,12 +47,16 @@ def decode_path(request):
         cpu_attention.decode_two_pass_max(before)
 
 
+def _has_cpu_flags(*names) -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    return all(f" {x} " in flags or f" {x}\n" in flags for x in names)
+
+
 def test_decode_two_pass_setting_takes_effect():
     """The setting the decode tests switch is the kernel's: read back as set and restored where the build has the
     two-pass loops (exactly where the CPU has AVX-512 F and VL), absent elsewhere; a negative value is refused."""
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    avx512 = all(f" {x} " in flags for x in ("avx512f", "avx512vl"))
+    avx512 = _has_cpu_flags("avx512f", "avx512vl")
     before = cpu_attention.decode_two_pass_max()
     assert (before is not None) == avx512
     try:
@@ -145,12 +149,6 @@ def test_block_rows_on_pages_of_16_match_dense_reference(kv, g, d, sliding_windo
     single query, a row with nothing to see; every unseen key and padded query poisoned."""
     case, pos, lens, kw, ref = _pages_of_16_case(11 + d + kv, kv, g, d, sliding_window, soft_cap, dtype, monkeypatch)
     _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
-
-
-def _has_cpu_flags(*names) -> bool:
-    with open("/proc/cpuinfo") as f:
-        flags = f.read()
-    return all(f" {x} " in flags or f" {x}\n" in flags for x in names)
 
 
 def test_bf16_math_available_where_the_cpu_has_avx512_bf16():
