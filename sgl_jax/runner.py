@@ -98,6 +98,7 @@ class StepInputs:
     row_slot: jax.Array  # [L] penalty-state slot of a sampling row; -1 = not sampling
     target_ids: jax.Array  # [L] next prompt token whose logprob is wanted; -1 = none
     want_top: jax.Array  # [L] bool, top logprobs wanted for this row
+    want_lp: jax.Array  # [L] bool, the row's sampled-token or target logprob is read (else not computed: NaN)
     # Structured generation: each constrained row's FSM state is a row of the on-device table.
     fsm_state: jax.Array  # [L] int32 global table row, -1 = unconstrained
     fsm_slot: jax.Array  # [L] int32 constraint slot (its token -> class map), -1 = unconstrained
@@ -176,11 +177,15 @@ def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1, valid
                               lambda lg: _constrain(lg, cb, inp.fsm_state, inp.host_mask, inp.host_mask_on,
                                                     inp.fsm_slot, inp.fsm_budget),
                               lambda lg: lg, logits)
-        out = sampling.sample(logits, inp.sampling, num_top_logprobs=0)
+        out = sampling.sample(logits, inp.sampling, num_top_logprobs=0, want_logprobs=inp.want_lp)
         cls = cb.cls[jnp.maximum(inp.fsm_slot, 0), out.tokens]  # [L]
         next_state = jnp.where(constrained, cb.next[jnp.maximum(inp.fsm_state, 0), cls], -1)
-        target_lp = sampling.token_logprobs(logits, jnp.maximum(inp.target_ids, 0))
         L = logits.shape[0]
+        want_target = inp.want_lp & (inp.target_ids >= 0)
+        target_lp = jax.lax.cond(jnp.any(want_target),
+                                 lambda lg: sampling.token_logprobs(lg, jnp.maximum(inp.target_ids, 0)),
+                                 lambda lg: jnp.zeros((L,), jnp.float32), logits)
+        target_lp = jnp.where(want_target, target_lp, jnp.nan)
 
         def top(lg):
             lp = jax.nn.log_softmax(lg, axis=-1)
@@ -229,6 +234,7 @@ class RowParams:
     seed: int = 0
     step: int = 0
     top: bool = False
+    logprob: bool = False  # the request reads its logprobs (sampled tokens, prompt targets)
     fsm_state: int = -1  # global constraint-table row
     fsm_slot: int = -1
     fsm_budget: int = NO_BUDGET  # new tokens left, this one included (table constraints only)
@@ -517,6 +523,7 @@ class ModelRunner:
         seeds = np.zeros(L, np.uint32)
         steps = np.zeros(L, np.int32)
         want_top = np.zeros(L, bool)
+        want_lp = np.zeros(L, bool)
         for i, r in enumerate(rows):
             if r is None:
                 continue
@@ -528,7 +535,7 @@ class ModelRunner:
             for j, (tok, val) in enumerate(r.bias):
                 bias_ids[i, j], bias_vals[i, j] = tok, val
             suppress[i, :len(r.suppress)] = r.suppress
-            seeds[i], steps[i], want_top[i] = np.uint32(r.seed & 0xFFFFFFFF), r.step, r.top
+            seeds[i], steps[i], want_top[i], want_lp[i] = np.uint32(r.seed & 0xFFFFFFFF), r.step, r.top, r.logprob
         rs = np.full(L, -1, np.int32)
         rs[:len(row_slot)] = row_slot
         tg = np.full(L, -1, np.int32)
@@ -550,7 +557,7 @@ class ModelRunner:
             seeds=seeds, steps=steps, vocab_mask=None, suppress_ids=suppress)
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.run_page_table,
-                          batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, fsm_state, fsm_slot,
+                          batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, want_lp, fsm_state, fsm_slot,
                           host_mask, host_on, fsm_budget)
 
     # --------------------------------------------------------------------------------- run
@@ -585,9 +592,9 @@ class ModelRunner:
                 rows[e - 1] = rp
                 if c.samples:
                     row_slot[e - 1] = c.req.slot
-            if rp is not None and rp.top:
+            if rp is not None and (rp.top or rp.logprob):
                 for j in range(a, e):
-                    rows[j] = rows[j] or RowParams(top=True)
+                    rows[j] = rows[j] or RowParams(top=rp.top, logprob=rp.logprob)
         if plan.reset_slots or plan.marks:
             self.apply_marks(plan.reset_slots, plan.marks)
         if plan.copies or plan.loads:

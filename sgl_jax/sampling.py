@@ -253,12 +253,19 @@ def _chunked_argmax(values, xp: jax.Array, C: int) -> jax.Array:
     return jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
 
 
-def _greedy(logits: jax.Array) -> jax.Array:
-    """[B] argmax, ties -> lowest id."""
-    V = logits.shape[-1]
+def _max_and_greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """([B] row max, [B] argmax with ties -> lowest id) from one wide pass: the chunk maxima of `_chunked_argmax`
+    give the row max too (a second full-vocabulary max was ~0.56 ms of a 32-row CPU step, bench/notes.md)."""
+    B, V = logits.shape
     C = min(_CHUNK, V)
-    tok = _chunked_argmax(lambda x, ids: x, _pad_cols(logits, C), C)
-    return jnp.minimum(tok, V - 1)  # an all -inf / NaN row may land on padding
+    xp = _pad_cols(logits, C)
+    chunk_max = lax.optimization_barrier(jnp.max(xp.reshape(B, xp.shape[1] // C, C), axis=-1))
+    row_max = jnp.max(chunk_max, axis=-1)  # padding is -inf: the max of the real columns
+    c = _first_argmax(chunk_max, row_max)
+    ids = c[:, None] * C + lax.broadcasted_iota(jnp.int32, (B, C), 1)
+    j = _first_argmax(jnp.take_along_axis(xp, ids, axis=-1))
+    tok = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+    return row_max, jnp.minimum(tok, V - 1)  # an all -inf / NaN row may land on padding
 
 
 def _log_sum_exp(x: jax.Array, row_max: jax.Array) -> jax.Array:
@@ -467,25 +474,32 @@ def _sample_stochastic(logits, row_max, sb: SamplingBatch, K: int):
 
 
 def sample(logits: jax.Array, sb: SamplingBatch, *, num_top_logprobs: int = 0,
-           max_candidates: int = 256) -> SampleOutput:
+           max_candidates: int = 256, want_logprobs: jax.Array | None = None) -> SampleOutput:
     """Draw one token per row. `num_top_logprobs` and `max_candidates` are static.
 
     `max_candidates` bounds the `lax.top_k` head used for top-k / top-p; it changes the speed only,
     not the tokens (barring float rounding exactly at a top-p boundary). Greedy rows: argmax, ties to
     the lowest id. `logprobs` / `top_logprobs` are log-softmax of `logits` as passed (after penalties,
-    bias and mask, before temperature).
+    bias and mask, before temperature). `want_logprobs` ([B] bool, optional): the rows whose `logprobs`
+    are read; the full-vocabulary normalizer is computed only when some row wants it (a CPU step's
+    largest sampling pass), and the other rows' `logprobs` are NaN.
     """
     logits = logits.astype(jnp.float32)
     B, V = logits.shape
     K = max(1, min(int(max_candidates), V))
-    row_max = jnp.max(logits, axis=-1)
-    greedy = _greedy(logits)
+    row_max, greedy = _max_and_greedy(logits)
     stoch = sb.temperature > 0
     tokens = lax.cond(jnp.any(stoch), lambda: _sample_stochastic(logits, row_max, sb, K),
                       lambda: greedy)
     tokens = jnp.where(stoch, tokens, greedy).astype(jnp.int32)
-    lse = _log_sum_exp(logits, row_max)
-    logprobs = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    if want_logprobs is None:
+        lse = _log_sum_exp(logits, row_max)
+        logprobs = picked - lse
+    else:
+        lse = lax.cond(jnp.any(want_logprobs), lambda: _log_sum_exp(logits, row_max),
+                       lambda: jnp.zeros((B,), jnp.float32))
+        logprobs = jnp.where(want_logprobs, picked - lse, jnp.nan)
     n = int(num_top_logprobs)
     if n > 0:
         top_vals, top_ids = lax.top_k(logits, min(n, V))

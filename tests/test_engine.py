@@ -2,6 +2,7 @@
 
 import asyncio
 import random
+import threading
 
 import jax
 import numpy as np
@@ -174,6 +175,38 @@ def test_logprobs_match_model(engine, tiny_path):
                           logprob_start_len=10)
     assert [e[1] for e in mid["meta_info"]["input_token_logprobs"]] == p[10:]
     assert mid["meta_info"]["input_token_logprobs"][0][0] == pytest.approx(lp[9, p[10]], abs=1e-4)
+
+
+@pytest.mark.timeout(180)
+def test_logprobs_beside_requests_without_them(engine, tiny_path):
+    """A step computes the logprob normalizer only when a row reads it: a request with logprobs (prompt targets
+    and sampled tokens, no top logprobs) batched with requests without gets the model's values, the others the
+    same tokens as alone."""
+    p, *others = prompts(4, seed=21, lo=18, hi=26)
+    sp = {**GREEDY, "max_new_tokens": 6}
+    alone = [engine.generate(input_ids=o, sampling_params=sp)["output_ids"] for o in others]
+    results = {}
+
+    def run(key, ids, **kw):
+        results[key] = engine.generate(input_ids=ids, sampling_params=sp, **kw)
+
+    threads = [threading.Thread(target=run, args=(i, o)) for i, o in enumerate(others)]
+    threads.append(threading.Thread(target=run, args=("lp", p), kwargs=dict(return_logprob=True,
+                                                                             logprob_start_len=0)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i]["output_ids"] for i in range(len(others))] == alone
+    out = results["lp"]
+    cfg, params = load_weights(tiny_path, progress=False)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
+    (logits,) = runner.step([(0, p + out["output_ids"][:-1], 0, 0)])
+    lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    got_in = [e[0] for e in out["meta_info"]["input_token_logprobs"][1:]]
+    assert got_in == pytest.approx([lp[i - 1, p[i]] for i in range(1, len(p))], abs=1e-4)
+    got_out = [e[0] for e in out["meta_info"]["output_token_logprobs"]]
+    assert got_out == pytest.approx([lp[len(p) - 1 + j, t] for j, t in enumerate(out["output_ids"])], abs=1e-4)
 
 
 @pytest.mark.timeout(180)

@@ -166,6 +166,28 @@ def test_greedy_is_argmax_lowest_id_and_logprobs():
     assert empty.top_ids.shape == (B, 0) and empty.top_logprobs.shape == (B, 0)
 
 
+def test_logprobs_only_for_the_rows_that_want_them():
+    """`want_logprobs`: the wanted rows' logprobs as without it, the others NaN (the normalizer is skipped when no
+    row wants it); the tokens never change, greedy and sampled rows alike."""
+    rng = np.random.default_rng(3)
+    B = SMALL
+    logits = jnp.asarray(rng.normal(size=(B, V)).astype(np.float32) * 3)
+    temps = np.where(np.arange(B) % 2 == 0, 0.0, 0.8).astype(np.float32)
+    sb = batch(B, seeds=np.arange(B), temperature=temps)
+    full = sample_jit(logits, sb, max_candidates=K_HEAD)
+    want = np.zeros(B, bool)
+    want[[1, 2, 6]] = True
+    for w in (want, np.zeros(B, bool), np.ones(B, bool)):
+        out = sample_jit(logits, sb, max_candidates=K_HEAD, want_logprobs=jnp.asarray(w))
+        np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(full.tokens))
+        lp = np.asarray(out.logprobs)
+        np.testing.assert_array_equal(lp[w], np.asarray(full.logprobs)[w])
+        assert np.isnan(lp[~w]).all()
+    for b in np.flatnonzero(want):
+        ref = ref_log_softmax(np.asarray(logits[b]).tolist())
+        assert float(full.logprobs[b]) == pytest.approx(ref[int(full.tokens[b])], abs=1e-5)
+
+
 def test_padding_rows_do_not_crash_in_any_path():
     B = SMALL
     logits = np.zeros((B, V), np.float32)

@@ -385,7 +385,8 @@ class Engine:
         return RowParams(temperature=float(p.temperature), top_k=p.top_k, top_p=p.top_p, min_p=p.min_p,
                          frequency_penalty=p.frequency_penalty, presence_penalty=p.presence_penalty,
                          repetition_penalty=p.repetition_penalty, bias=p.logit_bias, suppress=suppress, seed=d.seed,
-                         step=len(c.req.output_ids), top=d.prep.top_logprobs_num > 0, fsm_state=fsm_state,
+                         step=len(c.req.output_ids), top=d.prep.top_logprobs_num > 0,
+                         logprob=bool(d.prep.return_logprob), fsm_state=fsm_state,
                          fsm_slot=fsm_slot, fsm_budget=self.constraints.budget(c.req), host_mask=host_mask)
 
 
