@@ -328,6 +328,31 @@ def test_ablation_settings_by_key_and_text_outputs_resolved():
     assert rec.resolve(lambda texts: [vocab[t] for t in texts]) == [([7, 8], [9]), ([1, 2], [3])]
 
 
+def test_rounds_alternate_the_backends_and_set_them_side_by_side(monkeypatch, tmp_path):
+    """`--backend engine,http --rounds 3`: engine, http, engine, http, ... each a run of its own (the peer once,
+    after round 1), then each workload's programs/s and latency per round with their medians."""
+    calls = []
+    tput = iter([4.0, 5.0, 2.0, 6.0, 3.0, 7.0])
+
+    def fake_run(backend, workloads, out=None, peer=False, **kw):
+        calls.append((backend, peer, kw["n"]))
+        v = next(tput)
+        row = {"workload": "mmlu", "programs_per_s": v, "latency_s": 1 / v}
+        return {"runs": [{"label": "baseline", "rows": [row]}]}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    path = tmp_path / "rounds.json"
+    out = io.StringIO()
+    runner.run_rounds(["engine", "http"], 3, ("mmlu",), json_path=str(path), out=out, peer=True, n=7)
+    assert calls == [("engine", False, 7), ("http", True, 7), ("engine", False, 7), ("http", False, 7),
+                     ("engine", False, 7), ("http", False, 7)]
+    text = out.getvalue()
+    assert "mmlu         engine    4.000 / 2.000 / 3.000 (3.000) | 0.250 / 0.500 / 0.333 (0.333)" in text
+    assert "mmlu         http      5.000 / 6.000 / 7.000 (6.000) |" in text
+    saved = json.loads(path.read_text())
+    assert saved["backends"] == ["engine", "http"] and len(saved["runs"]) == 6 and saved["comparison"] in text
+
+
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():
     docs = ["the cat sat on the mat", "the dog sat", "cat cat dog"]
     bm = BM25(docs)  # terms: [cat, sat, mat], [dog, sat], [cat, cat, dog]; avgdl 8/3

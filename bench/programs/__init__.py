@@ -5,6 +5,7 @@
     python -m bench.programs --backend upstream --full                   # upstream's frontend, paper sizes
     python -m bench.programs --workloads mmlu,react --ablations          # radix, schedule policy, jump-forward
     python -m bench.programs --workloads judge,tot --ablations radix     # only the radix cache off beside it
+    python -m bench.programs --workloads hellaswag --backend engine,http --rounds 3   # frontends, alternated
 
 One module per workload (its docstring states the data, the program, the CPU and the paper sizes, the gold);
 `common.py` says what every module provides. The programs are written against a module parameter `sgl`

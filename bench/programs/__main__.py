@@ -29,7 +29,10 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.programs", description=package.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="all", help=f"all, or a comma list of: {', '.join(WORKLOADS)}")
-    ap.add_argument("--backend", default="engine", choices=["engine", "http", "upstream"])
+    ap.add_argument("--backend", default="engine",
+                    help="engine, http or upstream; a comma list (e.g. engine,http) runs each in turn, --rounds times")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with several backends: alternate them this many times and print them side by side")
     ap.add_argument("--data", default=common.DEFAULT_DATA, help="the workload data folder (shared/workloads)")
     ap.add_argument("--full", action="store_true", help="the paper's sizes (default: the CPU sizes)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results here")
@@ -52,10 +55,20 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data}: no such folder")
-    runner.run(args.backend, parse_workloads(args.workloads), args.data, full=args.full, n=args.n,
-               latency_programs=args.latency_programs, seed=args.seed, threads=args.threads, config=args.config,
-               overrides=parse_set(args.overrides), url=args.url, ablations=args.ablations,
-               json_path=args.json_path, peer={"auto": True, "off": False}.get(args.peer, args.peer), llama_server=args.llama_server)
+    backends = [b.strip() for b in args.backend.split(",") if b.strip()]
+    bad = [b for b in backends if b not in ("engine", "http", "upstream")]
+    if bad or not backends:
+        raise SystemExit(f"--backend {args.backend}: each must be engine, http or upstream")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds {args.rounds}: at least 1")
+    kw = dict(data_dir=args.data, full=args.full, n=args.n, latency_programs=args.latency_programs, seed=args.seed,
+              threads=args.threads, config=args.config, overrides=parse_set(args.overrides), url=args.url,
+              ablations=args.ablations, json_path=args.json_path, llama_server=args.llama_server,
+              peer={"auto": True, "off": False}.get(args.peer, args.peer))
+    if len(backends) == 1 and args.rounds == 1:
+        runner.run(backends[0], parse_workloads(args.workloads), **kw)
+    else:
+        runner.run_rounds(backends, args.rounds, parse_workloads(args.workloads), **kw)
 
 
 if __name__ == "__main__":

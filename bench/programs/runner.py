@@ -572,6 +572,51 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
     return result
 
 
+def run_rounds(backends: list[str], rounds: int, workloads=("mmlu",), *, json_path: str | None = None,
+               out=sys.stdout, peer: bool | str = False, **kw) -> dict:
+    """Every backend in turn, `rounds` times over (engine, http, engine, http, ...), each on a fresh engine or
+    server: on a host whose speed drifts for minutes at a time, alternating in one invocation is what makes two
+    frontends' figures comparable. Each run prints its tables; then one side-by-side table (programs/s and
+    single-program latency per round, and their medians). The peer, if asked for, runs once, after round 1."""
+    results = []
+    for i in range(rounds):
+        for j, b in enumerate(backends):
+            print(f"[round {i + 1}/{rounds}] {b} backend", file=sys.stderr, flush=True)
+            res = run(b, workloads, out=out, peer=peer if (i, j) == (0, len(backends) - 1) else False, **kw)
+            results.append({"round": i + 1, "backend": b, "result": res})
+    text = format_rounds(results)
+    print(text, file=out)
+    combined = {"backends": list(backends), "rounds": rounds, "runs": results, "comparison": text,
+                "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(combined, f, indent=1)
+    return combined
+
+
+def format_rounds(results: list[dict]) -> str:
+    """The baseline rows of alternating runs side by side: per workload and backend, programs/s and latency for
+    each round and their medians."""
+    backends = list(dict.fromkeys(r["backend"] for r in results))
+    cell: dict = {}
+    for r in results:
+        base = next((x for x in r["result"]["runs"] if x["label"] == "baseline"), None)
+        for row in base["rows"] if base else []:
+            cell.setdefault((row["workload"], r["backend"]), []).append(row)
+    names = list(dict.fromkeys(w for w, _ in cell))
+    lines = [f"\nbackends alternated over {max(r['round'] for r in results)} round(s): programs/s per round "
+             "(median) | single-program latency s (median)"]
+    for w in names:
+        for b in backends:
+            rows = cell.get((w, b), [])
+            tput = [x["programs_per_s"] for x in rows if x["programs_per_s"] is not None]
+            lat = [x["latency_s"] for x in rows if x["latency_s"] is not None]
+            t_txt = " / ".join(f"{v:.3f}" for v in tput) + (f" ({statistics.median(tput):.3f})" if tput else "-")
+            l_txt = (" / ".join(f"{v:.3f}" for v in lat) + f" ({statistics.median(lat):.3f})") if lat else "-"
+            lines.append(f"{w:12s} {b:9s} {t_txt} | {l_txt}")
+    return "\n".join(lines)
+
+
 def _pct(x) -> str:
     return "   -" if x is None else f"{100 * x:3.0f}%"
 
