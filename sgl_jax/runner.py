@@ -432,12 +432,26 @@ class ModelRunner:
         shapes = self.shapes() if shapes is None else shapes
         for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
             self._compile(s)
+            self.warm(s)
         return time.perf_counter() - t0
 
-    def compile_in_background(self, then=None) -> threading.Thread:
+    @mirrored
+    def warm(self, shape: StepShape) -> None:
+        """Run `shape`'s step once on padding (every token writes the sink page, no row is read or sampled): an
+        executable's first runs are slower -- ~20-30 ms more here, a prompt-logprob shape's first two ~85 and ~50
+        ms more while its large buffers are first mapped (bench/notes.md, "First runs") -- and without this the
+        first request of each shape paid it. On the thread that owns the device state (the engine thread once it
+        runs: Engine warms background-compiled shapes through `EngineLoop.call`)."""
+        inp = self._dummy_inputs(shape)
+        run = type(self).execute.__wrapped__  # this call is mirrored already: its step must not be sent again
+        for _ in range(2 if shape.full_logits else 1):
+            jax.block_until_ready(run(self, shape, inp))
+
+    def compile_in_background(self, then=None, each=None) -> threading.Thread:
         """Compile every shape not compiled yet in a daemon thread (the engine may serve meanwhile: a step
-        that needs a shape still missing compiles it, or waits for it, on the engine thread), then call
-        `then()`. `background_done` is set when the thread ends; `background_error` holds a failure."""
+        that needs a shape still missing compiles it, or waits for it, on the engine thread), calling `each(shape)`
+        after each one it compiled, then call `then()`. `background_done` is set when the thread ends;
+        `background_error` holds a failure."""
         self.background_done.clear()
         self._stop_background = False
 
@@ -446,7 +460,11 @@ class ModelRunner:
                 for s in self.shapes():
                     if self._stop_background:
                         return
+                    if s in self._compiled:
+                        continue
                     self._compile(s)
+                    if each is not None:
+                        each(s)
                 if then is not None:
                     then()
             except BaseException as e:  # noqa: BLE001 - reported through background_error; steps compile lazily

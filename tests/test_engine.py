@@ -390,7 +390,7 @@ def test_before_the_background_compiler_a_plan_runs_on_a_larger_compiled_shape(t
     greedy tokens, and compiles nothing of its own."""
     from sgl_jax.runner import ModelRunner, StepShape
 
-    def idle(self, then=None):  # the background compiler never gets to run
+    def idle(self, then=None, each=None):  # the background compiler never gets to run
         self.background_done.clear()
 
     monkeypatch.setattr(ModelRunner, "compile_in_background", idle)
@@ -435,6 +435,33 @@ def test_background_compile_serves_at_once_and_compiles_each_shape_once(tiny_pat
         assert e.runner.num_compiles == len(e.runner.shapes())  # none compiled twice
         assert e.scheduler.decode_fill == "cost"  # measured on the engine thread once all were compiled
         assert e.get_server_info()["background_compile_done"] is True
+        e.check_integrity()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("background", [False, True])
+def test_every_shape_runs_once_before_a_request_needs_it(tiny_path, monkeypatch, background):
+    """An executable's first runs are slow (bench/notes.md, "First runs"), so each compiled shape is run once on
+    padding before serving (the first shapes, or all without background compilation) or, compiled in the
+    background, on the engine thread between steps; the runs change no output and no cache invariant."""
+    from sgl_jax.runner import ModelRunner
+
+    warmed = []
+    real = ModelRunner.warm
+
+    def spy(self, shape):
+        warmed.append((shape, threading.current_thread().name))
+        return real(self, shape)
+
+    monkeypatch.setattr(ModelRunner, "warm", spy)
+    ids = prompts(1, seed=5, lo=12, hi=13)[0]
+    with Engine(model=tiny_path, progress=False, background_compile=background, **SMALL) as e:
+        assert e.wait_compiled(timeout=300)
+        shapes = [s for s, _ in warmed]
+        assert sorted(shapes) == e.runner.shapes() == e.runner.compiled_shapes()  # each once
+        first = set(e.runner.first_shapes()) if background else set(shapes)
+        assert {t for s, t in warmed if s not in first} <= {"sgl_jax-engine"}
+        assert e.generate(input_ids=ids, sampling_params=GREEDY)["output_ids"] == reference_greedy(tiny_path, ids, 12)
         e.check_integrity()
 
 

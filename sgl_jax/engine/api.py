@@ -95,7 +95,15 @@ class Engine:
             self.channel.on_failure = self.loop.die
         self.loop.start()
         if config.warmup and config.shapes.background_compile:
-            self.runner.compile_in_background(then=self._after_background_compile)
+            self.runner.compile_in_background(then=self._after_background_compile, each=self._warm)
+
+    def _warm(self, shape) -> None:
+        """A shape the background compiler just compiled, run once on the engine thread between steps (see
+        ModelRunner.warm); skipped once the engine is closing."""
+        try:
+            self.loop.call(lambda: self.runner.warm(shape), timeout=600)
+        except RuntimeError:  # closed or dead: nothing left to warm for
+            self.runner.stop_background()
 
     def _after_background_compile(self) -> None:
         """Every shape compiled: with decode_row_fill auto and no saved costs, time the decode shapes now,
