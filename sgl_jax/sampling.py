@@ -236,8 +236,9 @@ def _pad_cols(x: jax.Array, C: int) -> jax.Array:
     return x if Vp == V else jnp.pad(x, ((0, 0), (0, Vp - V)), constant_values=_NEG_INF)
 
 
-def _chunked_argmax(values, xp: jax.Array, C: int) -> jax.Array:
-    """First argmax over [B, Vp] of `values(xp, ids)`, ids broadcastable token ids; Vp % C == 0.
+def _chunked_argmax(values, xp: jax.Array, C: int, with_max: bool = False):
+    """First argmax over [B, Vp] of `values(xp, ids)`, ids broadcastable token ids; Vp % C == 0 (with `with_max`,
+    also the row maxima of `values`: (argmax, max)).
 
     One max reduction over [B, Vp/C, C] picks the first chunk holding the maximum, then `values` is
     evaluated again on that chunk's C ids only. Keeps the wide pass a single plain reduction (which
@@ -247,24 +248,20 @@ def _chunked_argmax(values, xp: jax.Array, C: int) -> jax.Array:
     n = Vp // C
     full = values(xp, lax.broadcasted_iota(jnp.int32, (1, Vp), 1))
     chunk_max = lax.optimization_barrier(jnp.max(full.reshape(B, n, C), axis=-1))
-    c = _first_argmax(chunk_max)
+    row_max = jnp.max(chunk_max, axis=-1)
+    c = _first_argmax(chunk_max, row_max)
     ids = c[:, None] * C + lax.broadcasted_iota(jnp.int32, (B, C), 1)
     j = _first_argmax(values(jnp.take_along_axis(xp, ids, axis=-1), ids))
-    return jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+    tok = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+    return (tok, row_max) if with_max else tok
 
 
 def _max_and_greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
     """([B] row max, [B] argmax with ties -> lowest id) from one wide pass: the chunk maxima of `_chunked_argmax`
     give the row max too (a second full-vocabulary max was ~0.56 ms of a 32-row CPU step, bench/notes.md)."""
-    B, V = logits.shape
+    V = logits.shape[-1]
     C = min(_CHUNK, V)
-    xp = _pad_cols(logits, C)
-    chunk_max = lax.optimization_barrier(jnp.max(xp.reshape(B, xp.shape[1] // C, C), axis=-1))
-    row_max = jnp.max(chunk_max, axis=-1)  # padding is -inf: the max of the real columns
-    c = _first_argmax(chunk_max, row_max)
-    ids = c[:, None] * C + lax.broadcasted_iota(jnp.int32, (B, C), 1)
-    j = _first_argmax(jnp.take_along_axis(xp, ids, axis=-1))
-    tok = jnp.take_along_axis(ids, j[:, None], axis=-1)[:, 0]
+    tok, row_max = _chunked_argmax(lambda x, ids: x, _pad_cols(logits, C), C, with_max=True)  # padding: -inf
     return row_max, jnp.minimum(tok, V - 1)  # an all -inf / NaN row may land on padding
 
 
@@ -493,14 +490,13 @@ def sample(logits: jax.Array, sb: SamplingBatch, *, num_top_logprobs: int = 0,
                       lambda: greedy)
     tokens = jnp.where(stoch, tokens, greedy).astype(jnp.int32)
     picked = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
-    if want_logprobs is None:
+    n = int(num_top_logprobs)
+    if want_logprobs is None or n > 0:  # (top logprobs need the normalizer in every row)
         lse = _log_sum_exp(logits, row_max)
-        logprobs = picked - lse
     else:
         lse = lax.cond(jnp.any(want_logprobs), lambda: _log_sum_exp(logits, row_max),
                        lambda: jnp.zeros((B,), jnp.float32))
-        logprobs = jnp.where(want_logprobs, picked - lse, jnp.nan)
-    n = int(num_top_logprobs)
+    logprobs = picked - lse if want_logprobs is None else jnp.where(want_logprobs, picked - lse, jnp.nan)
     if n > 0:
         top_vals, top_ids = lax.top_k(logits, min(n, V))
         top_lp = top_vals - lse[:, None]

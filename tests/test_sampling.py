@@ -186,6 +186,10 @@ def test_logprobs_only_for_the_rows_that_want_them():
     for b in np.flatnonzero(want):
         ref = ref_log_softmax(np.asarray(logits[b]).tolist())
         assert float(full.logprobs[b]) == pytest.approx(ref[int(full.tokens[b])], abs=1e-5)
+    # top logprobs need the normalizer in every row, wanted or not
+    top = sample_jit(logits, sb, max_candidates=K_HEAD, num_top_logprobs=3)
+    none = sample_jit(logits, sb, max_candidates=K_HEAD, num_top_logprobs=3, want_logprobs=jnp.zeros(B, bool))
+    np.testing.assert_array_equal(np.asarray(none.top_logprobs), np.asarray(top.top_logprobs))
 
 
 def test_padding_rows_do_not_crash_in_any_path():
