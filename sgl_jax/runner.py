@@ -181,11 +181,11 @@ def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1, valid
         cls = cb.cls[jnp.maximum(inp.fsm_slot, 0), out.tokens]  # [L]
         next_state = jnp.where(constrained, cb.next[jnp.maximum(inp.fsm_state, 0), cls], -1)
         L = logits.shape[0]
-        want_target = inp.want_lp & (inp.target_ids >= 0)
-        target_lp = jax.lax.cond(jnp.any(want_target),
-                                 lambda lg: sampling.token_logprobs(lg, jnp.maximum(inp.target_ids, 0)),
-                                 lambda lg: jnp.zeros((L,), jnp.float32), logits)
-        target_lp = jnp.where(want_target, target_lp, jnp.nan)
+        # a target row is a row of a chunk whose request reads logprobs (want_lp), so the sampler's normalizer
+        # serves it too: one full-vocabulary pass for both
+        ids = jnp.clip(inp.target_ids, 0, logits.shape[1] - 1)
+        target = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
+        target_lp = jnp.where(inp.want_lp & (inp.target_ids >= 0), target - out.log_normalizer, jnp.nan)
 
         def top(lg):
             lp = jax.nn.log_softmax(lg, axis=-1)

@@ -108,6 +108,7 @@ class SampleOutput:
     logprobs: jax.Array  # [B] f32 log-softmax of the (penalised, masked) logits at the chosen token
     top_ids: jax.Array  # [B, n] i32
     top_logprobs: jax.Array  # [B, n] f32
+    log_normalizer: jax.Array  # [B] f32 logsumexp of the logits (0 where `want_logprobs` left it uncomputed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -504,7 +505,7 @@ def sample(logits: jax.Array, sb: SamplingBatch, *, num_top_logprobs: int = 0,
     else:
         top_lp = jnp.zeros((B, 0), jnp.float32)
         top_ids = jnp.zeros((B, 0), jnp.int32)
-    return SampleOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_lp)
+    return SampleOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_lp, log_normalizer=lse)
 
 
 def token_logprobs(logits: jax.Array, target_ids: jax.Array) -> jax.Array:
