@@ -276,6 +276,11 @@ class EngineConfig:
     pack_weights: bool = _f(True, "CPU, float32 compute: weight matrices stored panel-packed [out/16, in, 16] for the "
                             "native matmul (sgl_jax/models/packing.py), every step's linears and LM head through "
                             "it; no effect on TPU/GPU or without a C++ compiler")
+    retain_freed_memory: bool = _f(True, "CPU: glibc keeps the memory a step frees in the process (no trim, blocks "
+                                   "up to 1 GiB from its heaps, per-thread heaps kept) so each step reuses its "
+                                   "buffers' pages instead of faulting fresh ones (sgl_jax/engine/host_memory.py); "
+                                   "resident memory stays at its peak. Process-wide once set; no effect off glibc "
+                                   "or on TPU/GPU")
     seed: int = _f(0, "default sampling seed for requests that give none")
     warmup: bool = _f(True, "compile every step shape at start-up")
     compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")

@@ -387,7 +387,7 @@ def test_host_modules_do_not_import_jax():
             "import sgl_jax.parallel, sgl_jax.parallel.multihost, sgl_jax.cache.events, sgl_jax.router.policy\n"
             "import sgl_jax.router.server, sgl_jax.serve.kv_events\n"
             "import sgl_jax.shapes, sgl_jax.engine.prepare, sgl_jax.engine.loop, sgl_jax.engine.output\n"
-            "import sgl_jax.engine.constraints, sgl_jax.engine.stops, sgl_jax.engine.protocol\n"
+            "import sgl_jax.engine.constraints, sgl_jax.engine.stops, sgl_jax.engine.protocol, sgl_jax.engine.host_memory\n"
             "import sgl_jax.constrained, sgl_jax.models.tokenizer\n"
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -124,6 +124,10 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
         executable_dir=(os.path.join(os.path.expanduser(c.compile_cache_dir), "executables")
                         if c.compile_cache_dir else ""), layout=layout)
+    if c.retain_freed_memory and runner.platform == "cpu":  # after the weights' load, before any step runs
+        from sgl_jax.engine.host_memory import retain_freed_memory
+
+        retain_freed_memory()
     allocator = PageAllocator(num_pages, reserved=1)
     if c.parallel.node_rank == 0 and channel is not None:
         runner.channel = channel  # every device operation from here on reaches the other ranks first
