@@ -338,6 +338,7 @@ class ModelRunner:
                         self.native_attention, self.native_f32, self.native_packed]
             self.store = ExecutableStore(executable_dir, fingerprint(settings, self._state_avals))
         self.num_compiles = 0
+        self._released = False
         self.background_done = threading.Event()
         self.background_done.set()
         self.background_error: BaseException | None = None
@@ -354,6 +355,8 @@ class ModelRunner:
         """The compiled step for `shape`, compiled once: thread-safe, and a shape that another thread is
         compiling right now is waited for rather than compiled again."""
         with self._lock:
+            if self._released:
+                raise RuntimeError("the runner was released (its engine is shut down): no step can be compiled")
             done = self._compiled.get(shape)
             if done is not None:
                 return done
@@ -387,6 +390,21 @@ class ModelRunner:
             self.num_compiles += 1
         fut.set_result(compiled)
         return compiled
+
+    def release(self) -> None:
+        """Drop the compiled steps and the device state (`Engine.shutdown`); the runner cannot step afterwards.
+
+        Each compiled step holds a few hundred of the process's memory mappings (XLA:CPU maps every kernel's code
+        and data sections separately: ~650 a SmolLM2 step) and Linux allows 65,530 by default, so ~100 steps: an
+        engine at a long context (72 shapes, ~48,000 mappings) and a second one in the same process ended in
+        "LLVM ERROR: Unable to allocate section memory" while the first engine object was still referenced.
+        jax's in-process caches hold a freshly compiled step too, so they are cleared (`jax.clear_caches`): other
+        jitted functions of the process compile again on their next call; other engines keep their own steps."""
+        with self._lock:
+            self._released = True
+            self._compiled.clear()
+        self.kv = self.pstate = self.params = None
+        jax.clear_caches()
 
     def compiled_shapes(self) -> list[StepShape]:
         with self._lock:

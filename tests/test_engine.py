@@ -479,3 +479,28 @@ def test_concurrent_compiles_of_one_shape_compile_it_once(tiny_path):
         for t in ts:
             t.join(timeout=120)
         assert len(got) == 3 and all(g is got[0] for g in got) and r.num_compiles == 1
+
+
+@pytest.mark.timeout(300)
+def test_shutdown_releases_the_compiled_steps(tiny_path):
+    """A compiled step holds hundreds of the process's memory mappings (XLA:CPU maps each kernel's sections;
+    Linux allows 65,530): shutdown frees them and the device state, so a process can build another engine while
+    the old object is still referenced, and the released runner refuses to compile."""
+    import gc
+
+    def mappings():
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+
+    before = mappings()
+    e = Engine(model=tiny_path, progress=False, **SMALL)
+    held = mappings() - before
+    assert e.runner.compiled_shapes() and held > 100
+    assert len(e.generate(input_ids=[5, 6, 7], sampling_params={"max_new_tokens": 3})["output_ids"]) == 3
+    e.shutdown()
+    gc.collect()
+    assert e.runner.compiled_shapes() == [] and e.runner.kv is None
+    assert mappings() - before < held / 4
+    with pytest.raises(RuntimeError, match="released"):
+        e.runner._compile(e.runner.shapes()[0])
+    e.shutdown()  # twice: a no-op

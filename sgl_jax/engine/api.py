@@ -366,6 +366,8 @@ class Engine:
         # the process ("terminate called ...") instead of exiting cleanly
         self.runner.background_done.wait(timeout=300)
         self.loop.shutdown()
+        if self.loop.stopped:  # no step can run any more: free the executables and device state
+            self.runner.release()
         if self.scheduler.disk is not None:
             self.scheduler.disk.close()
         self.constraints.shutdown()

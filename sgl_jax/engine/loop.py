@@ -139,6 +139,11 @@ class EngineLoop:
             return False, "the engine thread is not running"
         return True, "ok"
 
+    @property
+    def stopped(self) -> bool:
+        """The engine thread is not running (never started, shut down, or dead): no step can run."""
+        return not self._thread.is_alive()
+
     def shutdown(self, timeout: float = 60.0) -> None:
         with self._lock:
             if self._closed:
