@@ -4,9 +4,9 @@ On CPU the compiled step's buffers are host memory from glibc's malloc. By defau
 straight back to the kernel: a block over its (dynamic, at most 32 MB) mmap threshold is unmapped when freed,
 the top of a heap past the trim threshold is returned, and a per-thread heap whose memory is all free is
 deleted. The next step then faults every page of its buffers in afresh, and the kernel zeroes each one. On
-the 2-core VMs this project is measured on a fault cost 2-8 us, 20-27 us in a step's first runs: a prompt-logprob step of SmolLM2 (128 rows of
-float32 logits, ~25 MB) took ~6,300 faults and 50-100 ms where the same step without faults takes ~45 ms, its
-first runs after a start up to 280 ms (bench/notes.md, session 19).
+the 2-core VMs this project is measured on a fault costs 2-8 us, 20-27 us in a step's first runs: a
+prompt-logprob step of SmolLM2 (128 rows of float32 logits, ~25 MB) took ~6,300 faults and 50-100 ms where the
+same step without faults takes ~45 ms, its first runs after a start up to 280 ms (bench/notes.md, session 19).
 
 `retain_freed_memory()` sets glibc's limits (`mallopt`) so freed memory stays in the process: no trimming,
 blocks up to 1 GiB from the heaps instead of their own mappings, and a top pad above the per-thread heap size
