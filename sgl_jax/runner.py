@@ -183,9 +183,8 @@ def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1, valid
         L = logits.shape[0]
         # a target row is a row of a chunk whose request reads logprobs (want_lp), so the sampler's normalizer
         # serves it too: one full-vocabulary pass for both
-        ids = jnp.clip(inp.target_ids, 0, logits.shape[1] - 1)
-        target = jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0]
-        target_lp = jnp.where(inp.want_lp & (inp.target_ids >= 0), target - out.log_normalizer, jnp.nan)
+        target_lp = jnp.where(inp.want_lp & (inp.target_ids >= 0),
+                              sampling.token_logprobs(logits, inp.target_ids, out.log_normalizer), jnp.nan)
 
         def top(lg):
             lp = jax.nn.log_softmax(lg, axis=-1)

@@ -508,10 +508,12 @@ def sample(logits: jax.Array, sb: SamplingBatch, *, num_top_logprobs: int = 0,
     return SampleOutput(tokens=tokens, logprobs=logprobs, top_ids=top_ids, top_logprobs=top_lp, log_normalizer=lse)
 
 
-def token_logprobs(logits: jax.Array, target_ids: jax.Array) -> jax.Array:
-    """[B] log-softmax of `logits` [B, V] at `target_ids` [B] (out-of-range ids are clipped)."""
+def token_logprobs(logits: jax.Array, target_ids: jax.Array, log_normalizer: jax.Array | None = None) -> jax.Array:
+    """[B] log-softmax of `logits` [B, V] at `target_ids` [B] (out-of-range ids are clipped). `log_normalizer`:
+    the rows' logsumexp when it is known already (`SampleOutput.log_normalizer`), saving a full-vocabulary pass."""
     logits = logits.astype(jnp.float32)
     V = logits.shape[-1]
-    row_max = jnp.max(logits, axis=-1)
     ids = jnp.clip(jnp.asarray(target_ids, jnp.int32), 0, V - 1)
-    return jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - _log_sum_exp(logits, row_max)
+    if log_normalizer is None:
+        log_normalizer = _log_sum_exp(logits, jnp.max(logits, axis=-1))
+    return jnp.take_along_axis(logits, ids[:, None], axis=-1)[:, 0] - log_normalizer

@@ -161,6 +161,8 @@ def test_greedy_is_argmax_lowest_id_and_logprobs():
                                    atol=1e-5)
     np.testing.assert_allclose(np.asarray(token_logprobs(jnp.asarray(logits), jnp.asarray(tok))),
                                np.asarray(out.logprobs), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(token_logprobs(jnp.asarray(logits), jnp.asarray(tok), out.log_normalizer)),
+                               np.asarray(out.logprobs), atol=1e-6)  # with the sampler's normalizer
     empty = draw(logits, sb)
     np.testing.assert_array_equal(np.asarray(empty.tokens), tok)
     assert empty.top_ids.shape == (B, 0) and empty.top_logprobs.shape == (B, 0)
