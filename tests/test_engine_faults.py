@@ -287,3 +287,42 @@ def test_empty_text_needs_a_bos_token(engine):
     else:
         with pytest.raises(InvalidRequestError, match="adds no BOS"):
             engine.generate(prompt="", sampling_params={"max_new_tokens": 1})
+
+
+@pytest.mark.timeout(300)
+def test_prefix_hold_does_not_wait_for_the_step_in_flight(engine, monkeypatch):
+    """A fork's prefix hold (and its release) is taken while a step computes, not at the next step boundary: a
+    program that forks several states in turn would otherwise add each fork's branches a step later."""
+    ps = prompts(2, seed=13)
+    engine.generate(input_ids=ps[0], sampling_params={**GREEDY, "max_new_tokens": 1})  # ps[0] cached
+    orig, entered, go = engine.runner.run, threading.Event(), threading.Event()
+
+    def blocked(plan, rows):
+        entered.set()
+        assert go.wait(60), "the test never let the step finish"
+        return orig(plan, rows)
+
+    monkeypatch.setattr(engine.runner, "run", blocked)
+    out: list = []
+    t = threading.Thread(target=lambda: out.append(engine.generate(input_ids=ps[1], sampling_params=GREEDY)))
+    t.start()
+    try:
+        assert entered.wait(60)
+        got: list = []
+        holder = threading.Thread(target=lambda: got.append(engine.hold_prefix(ps[0])))
+        holder.start()
+        holder.join(10)
+        assert got and got[0] is not None and got[0].num_tokens > 0, "the hold waited for the step to end"
+        assert not go.is_set() and engine.num_prefix_holds == 1
+        releaser = threading.Thread(target=engine.release_prefix, args=(got[0],))
+        releaser.start()
+        releaser.join(10)
+        assert not releaser.is_alive() and engine.num_prefix_holds == 0
+    finally:
+        go.set()
+        t.join(60)
+    monkeypatch.setattr(engine.runner, "run", orig)
+    assert out and out[0]["meta_info"]["finish_reason"]["type"] == "length"
+    engine.check_integrity()
+    with pytest.raises(ValueError, match="not held"):
+        engine.release_prefix(got[0])

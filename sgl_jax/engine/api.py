@@ -272,7 +272,7 @@ class Engine:
             self._holds.add(h)
             return h
 
-        return self.loop.call(hold)
+        return self.loop.call_now(hold)  # not at the next step boundary: a fork's branches start in one step
 
     def release_prefix(self, hold: "PrefixHold | None") -> None:
         """Release a hold taken by `hold_prefix` (None is a no-op); a second release raises ValueError."""
@@ -285,7 +285,7 @@ class Engine:
             self._holds.discard(hold)
             self.cache.unlock(hold.node)
 
-        self.loop.call(release)
+        self.loop.call_now(release)
 
     @property
     def num_prefix_holds(self) -> int:

@@ -67,6 +67,9 @@ class EngineLoop:
         self.dead_reason: str | None = None
         self._live: dict[str, object] = {}  # rid -> request, from submit until its final event
         self._lock = threading.Lock()
+        # held by the engine thread in its host phases (inbox, schedule, postprocess), not while a step computes
+        # or while it waits for work: `call_now` runs short cache operations from other threads under it
+        self._state = threading.RLock()
         self._closed = False
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wakeup = threading.Event()
@@ -130,6 +133,17 @@ class EngineLoop:
             raise val
         return val
 
+    def call_now(self, fn):
+        """Run fn() on the calling thread under the loop's state lock and return its result: at once when the engine
+        thread is computing a step or idle, else as soon as its host phase ends -- not at the next step boundary, as
+        `call` does (a fork's prefix hold would otherwise wait up to a whole step, and a program forking several
+        states in turn would add its branches a step apart). Only for short operations on the cache that the
+        step in flight does not depend on (its inputs are already packed): prefix holds and their release."""
+        with self._lock:
+            self._check_open()
+        with self._state:
+            return fn()
+
     def health(self) -> tuple[bool, str]:
         if self.dead_reason is not None:
             return False, f"the engine is dead: {self.dead_reason}"
@@ -169,12 +183,14 @@ class EngineLoop:
     def _tick(self) -> None:
         if self.dead_reason is not None:  # declared dead from outside (`die`)
             raise _Dead()
-        self._drain_inbox()
-        if self.constraints.pending:
-            self._admit_constrained()
-        if not self.scheduler.has_work:
-            if self.check_integrity_when_idle:
+        with self._state:
+            self._drain_inbox()
+            if self.constraints.pending:
+                self._admit_constrained()
+            idle = not self.scheduler.has_work
+            if idle and self.check_integrity_when_idle:
                 self._check_integrity()
+        if idle:
             self._wakeup.wait(0.05)
             self._wakeup.clear()
             return
@@ -201,14 +217,16 @@ class EngineLoop:
         self._fail_all(f"the engine is dead: {reason}")
 
     def _close_out(self, message: str) -> None:
-        self._drain_inbox()
-        self._fail_all(message)
+        with self._state:
+            self._drain_inbox()
+            self._fail_all(message)
 
     def _fail_all(self, message: str) -> None:
         with self._lock:
             live = list(self._live.values())
-        for req in live:
-            self._fail(req, message, quiet=True)
+        with self._state:
+            for req in live:
+                self._fail(req, message, quiet=True)
         while True:  # calls still queued get an answer too
             try:
                 msg = self._inbox.get_nowait()
@@ -319,25 +337,34 @@ class EngineLoop:
     # ------------------------------------------------------------------- the step
     def _step(self) -> None:
         t0 = time.perf_counter()
-        plan = self._schedule()
+        with self._state:
+            plan, nothing = self._schedule()
         if plan is None:
+            if nothing:  # work is waiting on something (pages, a load): nap unless woken
+                self._wakeup.wait(0.01)
+                self._wakeup.clear()
             return
         t1 = time.perf_counter()
         try:
-            batch, out = self.runner.run(plan, self.row_params)
+            batch, out = self.runner.run(plan, self.row_params)  # outside the state lock: see call_now
         except Exception as e:  # noqa: BLE001 - fail this step's requests; keep serving the others
             log.exception("engine step failed")
-            self._step_failures += 1
-            for c in plan.chunks:
-                if c.req.data.finish_reason is None:
-                    self._fail(c.req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
-            self._check_integrity()
-            if self._step_failures >= self.max_step_failures:
-                self._die(f"{self._step_failures} steps failed in a row; last: {type(e).__name__}: {e}")
-                raise _Dead() from e
+            with self._state:
+                self._step_failures += 1
+                for c in plan.chunks:
+                    if c.req.data.finish_reason is None:
+                        self._fail(c.req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
+                self._check_integrity()
+                if self._step_failures >= self.max_step_failures:
+                    self._die(f"{self._step_failures} steps failed in a row; last: {type(e).__name__}: {e}")
+                    raise _Dead() from e
             return
         self._step_failures = 0
         t2 = time.perf_counter()
+        with self._state:
+            self._after_step(plan, batch, out, t0, t1, t2)
+
+    def _after_step(self, plan, batch, out, t0: float, t1: float, t2: float) -> None:
         try:
             self.scheduler.on_step_done(plan)
         except Exception as e:  # noqa: BLE001 - the cache may be inconsistent: check before going on
@@ -353,23 +380,21 @@ class EngineLoop:
                                    run.device_seconds if run is not None else float("nan"),
                                    run.inputs if run is not None else None), self.scheduler)
 
-    def _schedule(self) -> StepPlan | None:
+    def _schedule(self) -> tuple[StepPlan | None, bool]:
+        """(the step's plan or None, whether None means the scheduler had nothing it could run now)."""
         try:
             plan = self.scheduler.schedule()
         except OutOfPagesError as e:
             victim = max(self.scheduler.running, key=lambda r: r.num_tokens)
             self._fail(victim, str(e), quiet=True)
-            return None
+            return None, False
         except Exception as e:  # noqa: BLE001 - fail what the scheduler holds, then check its invariants
             log.exception("schedule failed")
             for req in list(self.scheduler.running) + list(self.scheduler.waiting):
                 self._fail(req, f"engine error in schedule: {type(e).__name__}: {e}", quiet=True)
             self._check_integrity()
-            return None
-        if plan is None:
-            self._wakeup.wait(0.01)
-            self._wakeup.clear()
-        return plan
+            return None, False
+        return plan, plan is None
 
     # ------------------------------------------------------------------- postprocess
     def _postprocess(self, plan: StepPlan, batch, out) -> None:
