@@ -189,7 +189,9 @@ class Scheduler:
         self.disk = None  # the disk tier's reads and writes (cache/disk_tier.py), set by the engine
         self._arrivals = itertools.count()
         self._admissions = itertools.count()
-        self._last_was_prefill_only = False
+        # decoding requests the last step left out (it was prefill-only): they decode in the next step. A
+        # request whose prompt the last step finished got its token from that step, so it has not waited
+        self._waited: set[str] = set()
         self.num_retractions = 0
 
     # ------------------------------------------------------------------------------------- queue
@@ -417,9 +419,12 @@ class Scheduler:
         decoding = [r for r in decoding if r.state is ReqState.RUNNING]
         prefilling = [r for r in prefilling if r.state is ReqState.RUNNING]
 
-        # 2. Prefill-only or mixed: prefill has priority, but decodes never wait two steps in a row.
+        # 2. Prefill-only or mixed: prefill has priority, but no decoding request waits two steps in a row (one
+        # whose prompt the last step finished has not waited: a fork's branches prefill in consecutive steps
+        # before they decode together).
         has_prefill = bool(prefilling or self.waiting)
-        prefill_only = has_prefill and (not decoding or not self._last_was_prefill_only)
+        waited = any(r.rid in self._waited for r in decoding)
+        prefill_only = has_prefill and (not decoding or not waited)
         if prefill_only and decoding:
             pending = sum(r.num_tokens - 1 - r.num_computed for r in prefilling)
             pending += sum(r.num_tokens for r in self.waiting[:4])
@@ -486,11 +491,11 @@ class Scheduler:
                                         n == need and r.wants_sample, as_decode=True))
         pre_chunks = chunks
         if not dec_chunks and not pre_chunks:
-            if decoding and prefill_only and not self._last_was_prefill_only:
-                self._last_was_prefill_only = True  # the waiting work does not fit: let decodes run
+            if decoding and prefill_only and not waited:
+                self._waited = {r.rid for r in decoding}  # the waiting work does not fit: let decodes run
                 return self.schedule(defer)
             return None
-        self._last_was_prefill_only = bool(pre_chunks) and not dec_chunks
+        self._waited = {r.rid for r in decoding} if pre_chunks and not dec_chunks else set()
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
                         grid.shape_for(dec_chunks, pre_chunks, full), self._copies,
                         self.cache.take_loads() if getattr(self.cache, "host", None) is not None else [],

@@ -34,7 +34,8 @@ def make(num_pages=200, page_size=4, policy="lpm", max_running=8, disabled=False
     host = HostPool(host_slots, page_size * 8) if host_slots else None  # a page: page_size int64 "K/V" tokens
     cache = RadixCache(alloc, page_size, disabled=disabled, host=host)
     grid = ShapeGrid(page_size=page_size, prefill_block=8,
-                     prefill_block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)), max_mixed_blocks=2,
+                     prefill_block_buckets=kw.pop("block_buckets", (1, 2, 4, 8)),
+                     max_mixed_blocks=kw.pop("mixed_blocks", 2),
                      decode_buckets=kw.pop("decode_buckets", (1, 2, 4, 8, 16, max_running)),
                      page_width_buckets=kw.pop("page_width_buckets", (8, 64, 4096 // page_size)),
                      run_block=kw.pop("run_q", 8), run_block_buckets=kw.pop("run_buckets", ()),
@@ -763,3 +764,37 @@ def test_a_copy_from_a_page_promoted_in_the_same_step_reads_the_loaded_page():
     apply_outputs(s, plan, out, done)
     done.update(drive(s, runner)[0])
     assert done["a"] == expected_output(a, 3) and done["b"] == expected_output(b, 3)
+
+
+@pytest.mark.timeout(60)
+def test_no_decoding_request_waits_two_steps_and_fresh_prefills_go_first():
+    """Prefill has priority, but no decoding request waits two steps in a row. A request whose prompt the last
+    step finished got its token from that step: the next prefill-only step does not count as a second wait for it,
+    so a fork's branches arriving a step apart prefill back to back and then decode together."""
+    s = make(budget=64, mixed_blocks=0)
+    runner = MockRunner(4).attach(s)
+    done: dict = {}
+    s.add(Request("a", list(range(1, 11)), 6))
+    kinds, waits, last_token = [], {}, {}
+    for step in range(40):
+        if step == 1:  # a sibling arriving while the first branch's prefill step has just run
+            s.add(Request("b", list(range(30, 44)), 6))
+        if step in (4, 5, 6, 7):  # a burst of prompts while both decode
+            s.add(Request(f"p{step}", [50 + step] * 12, 2))
+        if not s.has_work:
+            break
+        plan = s.schedule()
+        kinds.append("D" if plan.decodes else "P")
+        out = runner.run(plan)
+        s.on_step_done(plan)
+        for c in plan.chunks:
+            if c.samples:
+                gap = step - last_token.get(c.req.rid, step)
+                waits[c.req.rid] = max(waits.get(c.req.rid, 0), gap)
+                last_token[c.req.rid] = step
+        apply_outputs(s, plan, out, done)
+        s.check_integrity()
+    assert kinds[:3] == ["P", "P", "D"], kinds  # a's prompt, b's prompt, then both decode
+    assert max(waits.values()) <= 2, waits  # a token at least every other step for every request
+    assert done["a"] == expected_output(list(range(1, 11)), 6)
+    assert done["b"] == expected_output(list(range(30, 44)), 6)
