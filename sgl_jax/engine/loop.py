@@ -224,9 +224,15 @@ class EngineLoop:
     def _fail_all(self, message: str) -> None:
         with self._lock:
             live = list(self._live.values())
-        with self._state:
+        # `die` may come from another thread while the engine thread is blocked in a step's collective, possibly
+        # inside a call holding the state lock: wait for it briefly, then fail the requests without it
+        held = self._state.acquire(timeout=1.0)
+        try:
             for req in live:
                 self._fail(req, message, quiet=True)
+        finally:
+            if held:
+                self._state.release()
         while True:  # calls still queued get an answer too
             try:
                 msg = self._inbox.get_nowait()
