@@ -1,7 +1,8 @@
 """The engine thread: inbox -> schedule -> run -> postprocess, and what happens when something fails.
 
 `EngineLoop` is the only owner of the scheduler, the radix cache, the constraint table and the device
-state once started; other threads talk to it through `submit`, `abort` and `call`.
+state once started; other threads talk to it through `submit`, `abort` and `call` (run between steps), and
+`call_now` (short cache operations, under the state lock the engine thread holds in its host phases).
 
 A request's life in the loop:
  1. `submit(req)` (any thread) registers the rid as live and queues it; a shut-down or dead engine
