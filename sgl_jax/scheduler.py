@@ -55,6 +55,8 @@ class Request:
     logprob_start: int = -1  # >= 0: prompt logprobs wanted from this position on
     uses_penalties: bool = False  # frequency/presence/repetition penalties need device-side counts
     data: Any = None  # the engine's per-request state (sampling params, stream, detokenizer, ...)
+    # a fork's sibling group (`arrive()`, `gathering()`): not admitted while its siblings are still arriving
+    gather: Any = None
 
     output_ids: list[int] = dataclasses.field(default_factory=list)
     state: ReqState = ReqState.WAITING
@@ -205,6 +207,8 @@ class Scheduler:
             raise ValueError("empty prompt")
         req.arrival = next(self._arrivals)
         req.state = ReqState.WAITING
+        if req.gather is not None and req.retractions == 0:
+            req.gather.arrive()
         self.waiting.append(req)
         self.by_rid[req.rid] = req
 
@@ -569,6 +573,8 @@ class Scheduler:
                                                for o in inflight):
                 continue
             if not self._disk_ready(r, cached):  # loading: its pages are being read from the disk tier
+                continue
+            if r.gather is not None and r.gather.gathering():  # a fork's branches start in one step
                 continue
             ps = self.page_size
             need_now = math.ceil(r.num_tokens / ps) - cached // ps

@@ -326,3 +326,55 @@ def test_prefix_hold_does_not_wait_for_the_step_in_flight(engine, monkeypatch):
     engine.check_integrity()
     with pytest.raises(ValueError, match="not held"):
         engine.release_prefix(got[0])
+
+
+@pytest.mark.timeout(300)
+def test_fork_siblings_start_in_one_step_or_at_the_deadline(engine):
+    """Requests sent with a hold made for n siblings wait until n have arrived (a fork's branch threads submit a
+    few milliseconds apart) and then prefill in one step; a sibling that never comes holds the others only until
+    the hold's gather time has passed. Outputs equal the same prompts run without the hold."""
+    import time
+
+    prefix = list(range(20, 44))  # 6 pages of 4
+    suffixes = [[100 + i] * 10 for i in range(3)]
+    ref = [o["output_ids"] for o in engine.generate(input_ids=[prefix + s for s in suffixes], sampling_params=GREEDY)]
+    engine.generate(input_ids=prefix, sampling_params={**GREEDY, "max_new_tokens": 1})
+    steps: list = []
+    # the requests whose prompt a step computes (as a prefill chunk or as decode rows)
+    listener = lambda info: steps.append(sorted(c.req.rid for c in info.plan.chunks  # noqa: E731
+                                                if c.start < len(c.req.prompt_ids)))
+    engine.add_step_listener(listener)
+    try:
+        h = engine.hold_prefix(prefix)
+        assert h is not None and h.num_tokens == len(prefix)
+        engine.gather_siblings(h, 3, gather_s=60)
+        outs: dict = {}
+
+        def branch(i):
+            outs[i] = engine.generate(input_ids=prefix + suffixes[i], sampling_params=GREEDY, prefix_hold=h,
+                                      rid=f"sib{i}")
+
+        ts = [threading.Thread(target=branch, args=(i,)) for i in range(2)]
+        for t in ts:
+            t.start()
+        time.sleep(0.5)
+        assert steps == [] and not outs, "siblings were admitted before the third arrived"
+        ts.append(threading.Thread(target=branch, args=(2,)))
+        ts[-1].start()
+        for t in ts:
+            t.join(60)
+        assert [outs[i]["output_ids"] for i in range(3)] == ref
+        first = next(s for s in steps if s)
+        assert first == ["sib0", "sib1", "sib2"], steps  # the three branches' prompts start in one step
+        engine.release_prefix(h)
+
+        steps.clear()
+        h = engine.hold_prefix(prefix)
+        engine.gather_siblings(h, 3, gather_s=0.3)
+        t0 = time.monotonic()
+        out = engine.generate(input_ids=prefix + suffixes[0], sampling_params=GREEDY, prefix_hold=h)
+        assert out["output_ids"] == ref[0] and time.monotonic() - t0 >= 0.25  # alone: it waited for the deadline
+        engine.release_prefix(h)
+    finally:
+        engine.loop.stats.listeners.remove(listener)
+    engine.check_integrity()

@@ -23,6 +23,7 @@ import dataclasses
 import queue
 import random
 import threading
+import time
 import uuid
 from typing import AsyncIterator, Iterator
 
@@ -36,12 +37,32 @@ from sgl_jax.errors import InvalidRequestError
 from sgl_jax.scheduler import Request
 
 
+# how long a fork's first branches wait for their siblings (their threads submit a few milliseconds apart; a branch
+# whose first call comes later, or never, costs the others at most this)
+GATHER_S = 0.02
+
+
 @dataclasses.dataclass(eq=False)
 class PrefixHold:
-    """A locked radix-cache prefix (`Engine.hold_prefix`): `num_tokens` of it are cached and will stay."""
+    """A locked radix-cache prefix (`Engine.hold_prefix`): `num_tokens` of it are cached and will stay.
+
+    After `Engine.gather_siblings(hold, n)` it is also a fork's sibling group: requests submitted with
+    `prefix_hold=` this hold are not admitted until n of them have arrived or `gather_until` (monotonic seconds) has
+    passed, so a fork's branches, whose threads submit a few milliseconds apart, start in one step instead of the
+    first alone."""
 
     node: object
     num_tokens: int
+    siblings: int = 0
+    gather_until: float = 0.0
+    arrived: int = 0  # counted on the engine thread (Scheduler.add)
+    released: bool = False
+
+    def arrive(self) -> None:
+        self.arrived += 1
+
+    def gathering(self) -> bool:
+        return self.arrived < self.siblings and not self.released and time.monotonic() < self.gather_until
 
 
 class Engine:
@@ -135,7 +156,7 @@ class Engine:
         """Raise InvalidRequestError if the request is bad; changes nothing."""
         self.preparer.prepare(**kw)
 
-    def _request(self, prep: PreparedRequest, sink, stream: bool) -> Request:
+    def _request(self, prep: PreparedRequest, sink, stream: bool, gather: "PrefixHold | None" = None) -> Request:
         sp = prep.params
         if sp.sampling_seed is not None:
             seed = sp.sampling_seed
@@ -147,7 +168,7 @@ class Engine:
         uses_penalties = sp.frequency_penalty != 0 or sp.presence_penalty != 0 or sp.repetition_penalty != 1
         return Request(rid=prep.rid or uuid.uuid4().hex, prompt_ids=list(prep.input_ids),
                        max_new_tokens=sp.max_new_tokens, logprob_start=start, uses_penalties=uses_penalties,
-                       data=data)
+                       data=data, gather=gather)
 
     def _prepare_all(self, prompt, input_ids, sampling_params, stream, rid, common) -> tuple[bool, list]:
         batched, items = expand_batch(prompt, input_ids, sampling_params)
@@ -164,28 +185,30 @@ class Engine:
 
     def generate(self, prompt=None, sampling_params=None, input_ids=None, return_logprob=False,
                  logprob_start_len=-1, top_logprobs_num=0, return_text_in_logprobs=False, stream=False,
-                 rid=None):
+                 rid=None, prefix_hold=None):
         """SGLang's Engine.generate: a dict for one prompt, a list for a batch (or n > 1).
 
-        With stream=True (single prompt), returns an iterator of cumulative output dicts.
+        With stream=True (single prompt), returns an iterator of cumulative output dicts. `prefix_hold` (a hold
+        given to `gather_siblings`): this call is one of a fork's branches (see PrefixHold).
         """
         common = dict(return_logprob=return_logprob, logprob_start_len=logprob_start_len,
                       top_logprobs_num=top_logprobs_num, return_text_in_logprobs=return_text_in_logprobs)
         batched, preps = self._prepare_all(prompt, input_ids, sampling_params, stream, rid, common)
         if stream:
-            return self.stream_prepared(preps[0])
-        return self.run_prepared(preps) if batched else self.run_prepared(preps)[0]
+            return self.stream_prepared(preps[0], prefix_hold)
+        outs = self.run_prepared(preps, prefix_hold)
+        return outs if batched else outs[0]
 
-    def run_prepared(self, preps: list[PreparedRequest]) -> list[dict]:
+    def run_prepared(self, preps: list[PreparedRequest], gather: "PrefixHold | None" = None) -> list[dict]:
         """Run prepared requests together (submitted as one batch); their final outputs in order."""
         qs = [queue.SimpleQueue() for _ in preps]
-        reqs = [self._request(p, q.put, False) for p, q in zip(preps, qs)]
+        reqs = [self._request(p, q.put, False, gather) for p, q in zip(preps, qs)]
         self.loop.submit(reqs)
         return [q.get() for q in qs]
 
-    def stream_prepared(self, prep: PreparedRequest) -> Iterator[dict]:
+    def stream_prepared(self, prep: PreparedRequest, gather: "PrefixHold | None" = None) -> Iterator[dict]:
         q: queue.SimpleQueue = queue.SimpleQueue()
-        req = self._request(prep, q.put, True)
+        req = self._request(prep, q.put, True, gather)
         self.loop.submit([req])
         return self._iterate(q, req.rid)
 
@@ -274,6 +297,17 @@ class Engine:
 
         return self.loop.call_now(hold)  # not at the next step boundary: a fork's branches start in one step
 
+    def gather_siblings(self, hold: "PrefixHold", siblings: int, gather_s: float = GATHER_S) -> None:
+        """Make `hold` a fork's sibling group of `siblings` branches for the next `gather_s` seconds: requests sent
+        with `prefix_hold=hold` are admitted once that many have arrived, or at the deadline (PrefixHold)."""
+
+        def gather():
+            if hold not in self._holds:
+                raise ValueError(f"gather_siblings: {hold!r} is not held")
+            hold.siblings, hold.gather_until = siblings, time.monotonic() + gather_s
+
+        self.loop.call_now(gather)
+
     def release_prefix(self, hold: "PrefixHold | None") -> None:
         """Release a hold taken by `hold_prefix` (None is a no-op); a second release raises ValueError."""
         if hold is None:
@@ -283,6 +317,7 @@ class Engine:
             if hold not in self._holds:
                 raise ValueError(f"release_prefix: {hold!r} is not held (released twice?)")
             self._holds.discard(hold)
+            hold.released = True
             self.cache.unlock(hold.node)
 
         self.loop.call_now(release)

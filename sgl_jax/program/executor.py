@@ -48,6 +48,7 @@ class Executor(SpecMixin):
         self.error: BaseException | None = None
         self.fork_start = 0
         self.on_first_call = None  # a fork's prefix hold: released once this branch has sent its first call
+        self.gather = None  # that hold, sent with the first call so the fork's branches start together
         self.cleanups: list = []  # run when this state ends: its forks' branches end, their holds are released
         self.changed = threading.Condition()
         self.version = 0
@@ -150,7 +151,7 @@ class Executor(SpecMixin):
 
     def prompt(self) -> Prompt:
         return Prompt(self.text, list(self.fixed_ids) if self.fixed_ids is not None else None, self.fixed_chars,
-                      list(self.messages), self.cur_role)
+                      list(self.messages), self.cur_role, self.gather if self.on_first_call is not None else None)
 
     # ------------------------------------------------------------------------------ execution
     def _execute(self, e: ir.Expr) -> None:

@@ -104,6 +104,8 @@ class ProgramState:
         if size > 1 and ex.text and ex.error is None:
             try:
                 hold, ids = ex.backend.prefill(ex.prompt(), hold=True)
+                if hold is not None:
+                    ex.backend.gather(hold, size)
                 if ids is not None and ex.fixed_ids is not None:
                     ex.fixed_ids, ex.fixed_chars = list(ids), len(ex.text)
             except Exception as err:  # noqa: BLE001 -- the parent records it; branches inherit the failure
@@ -121,6 +123,7 @@ class ProgramState:
             c.variables, c.meta, c.spans = dict(ex.variables), dict(ex.meta), list(ex.spans)
             c.error = ex.error
             c.on_first_call = countdown.done if countdown is not None else None
+            c.gather = hold  # its first call is one of `size` siblings (in-process: they start in one step)
             st = ProgramState(c)
             st._role = self._role
             states.append(st)

@@ -26,6 +26,7 @@ class Prompt:
     fixed_chars: int = 0
     messages: list = dataclasses.field(default_factory=list)
     cur_role: str | None = None
+    gather: Any = None  # a fork's prefix hold while this is a branch's first call (in-process: siblings start together)
 
 
 @dataclasses.dataclass
@@ -72,6 +73,10 @@ class Backend:
         hold=True the handle keeps it cached until `release(handle)`. Returns (handle or None, the prompt's
         exact ids or None)."""
         return None, None
+
+    def gather(self, handle, siblings: int) -> None:
+        """A fork of `siblings` branches holds `handle` (from prefill): a backend that can start the branches'
+        first calls together (they carry the handle in `Prompt.gather`) prepares for them here."""
 
     def release(self, handle) -> None:
         pass

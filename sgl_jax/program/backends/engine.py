@@ -99,7 +99,7 @@ class EngineBackend(Backend):
     def generate(self, prompt: Prompt, params) -> Completion:
         sp, top = params.native()
         ids = self.ids(prompt)
-        out = self.engine.generate(input_ids=ids, sampling_params=sp, **top)
+        out = self.engine.generate(input_ids=ids, sampling_params=sp, prefix_hold=prompt.gather, **top)
         if isinstance(out, list):
             kept, chars = self._kept(ids, out[0]["output_ids"], out[0]["text"])
             return Completion([o["text"] for o in out], [o["meta_info"] for o in out], kept, chars)
@@ -110,7 +110,8 @@ class EngineBackend(Backend):
         sp, top = params.native()
         ids = self.ids(prompt)
         pos, last = 0, None
-        for ev in self.engine.generate(input_ids=ids, sampling_params=sp, stream=True, **top):
+        for ev in self.engine.generate(input_ids=ids, sampling_params=sp, stream=True, prefix_hold=prompt.gather,
+                                       **top):
             last = ev
             delta = ev["text"][pos:]
             pos = len(ev["text"])
@@ -133,6 +134,9 @@ class EngineBackend(Backend):
         self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0})
         return (self.engine.hold_prefix(ids) if hold else None), ids
 
+    def gather(self, handle, siblings: int) -> None:
+        self.engine.gather_siblings(handle, siblings)
+
     def release(self, handle) -> None:
         self.engine.release_prefix(handle)
 
@@ -143,7 +147,7 @@ class EngineBackend(Backend):
 
     def select(self, prompt: Prompt, choices, temperature, method):
         prefix_ids = self.ids(prompt)
-        self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0})
+        self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0}, prefix_hold=prompt.gather)
         start = max(len(prefix_ids) - 2, 0)
         cands = [self.ids(prompt, c) for c in choices]
         outs = self._logprobs(cands, start)
