@@ -139,7 +139,8 @@ class EngineLoop:
         thread is computing a step or idle, else as soon as its host phase ends -- not at the next step boundary, as
         `call` does (a fork's prefix hold would otherwise wait up to a whole step, and a program forking several
         states in turn would add its branches a step apart). Only for short operations on the cache that the
-        step in flight does not depend on (its inputs are already packed): prefix holds and their release."""
+        step in flight does not depend on (its inputs are already packed): prefix holds, their sibling counts, their
+        release."""
         with self._lock:
             self._check_open()
         with self._state:
