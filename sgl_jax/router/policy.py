@@ -122,30 +122,37 @@ class Router:
         self._seq = itertools.count()
         self._rr = itertools.count()
 
-    def prefill_tokens(self, r: Replica, p: Pending) -> int:
-        return p.prompt_tokens - min(r.matched_blocks(p.hashes) * r.page_size, max(p.prompt_tokens - 1, 0))
+    def prefill_tokens(self, r: Replica, p: Pending, matched: int | None = None) -> int:
+        """The prompt tokens `p` would compute on `r` (`matched`: r.matched_blocks(p.hashes), when known)."""
+        m = r.matched_blocks(p.hashes) if matched is None else matched
+        return p.prompt_tokens - min(m * r.page_size, max(p.prompt_tokens - 1, 0))
 
-    def work(self, r: Replica, p: Pending) -> float:
-        return self.prefill_tokens(r, p) + self.decode_weight * p.max_new_tokens
+    def work(self, r: Replica, p: Pending, matched: int | None = None) -> float:
+        return self.prefill_tokens(r, p, matched) + self.decode_weight * p.max_new_tokens
 
-    def _best(self, p: Pending, candidates: list[Replica]) -> Replica:
+    def _best(self, p: Pending, candidates: list[Replica]) -> tuple[Replica, int | None]:
+        """The replica for `p` among `candidates`, and its matched blocks (None when not computed)."""
         if self.policy == "round_robin":
-            return candidates[next(self._rr) % len(candidates)]
-        top = self.top_match(p) if self.copy_weight else 0
-        return min(candidates, key=lambda r: self.cost(r, p, top))
+            return candidates[next(self._rr) % len(candidates)], None
+        # each replica's match once per decision: the mirrors are walked under their locks, page hash by hash
+        matched = {id(r): r.matched_blocks(p.hashes) for r in {*self.replicas, *candidates} if r.healthy}
+        top = max((matched[id(h)] for h in self.replicas if h.healthy), default=0) if self.copy_weight else 0
+        r = min(candidates, key=lambda r: self.cost(r, p, top, matched[id(r)]))
+        return r, matched[id(r)]
 
     def top_match(self, p: Pending) -> int:
         """The most leading blocks of `p` any healthy replica holds."""
         return max((h.matched_blocks(p.hashes) for h in self.replicas if h.healthy), default=0)
 
-    def cost(self, r: Replica, p: Pending, top: int | None = None) -> tuple:
+    def cost(self, r: Replica, p: Pending, top: int | None = None, matched: int | None = None) -> tuple:
         """(prefill steps, work, blocks held, requests in flight, requests routed) of `p` on `r`; `top` is
-        `top_match(p)` when the caller has it."""
-        work = self.work(r, p)
+        `top_match(p)` and `matched` r.matched_blocks(p.hashes) when the caller has them."""
+        m = r.matched_blocks(p.hashes) if matched is None else matched
+        work = self.work(r, p, m)
         copy = 0.0
         if self.copy_weight:
             top = self.top_match(p) if top is None else top
-            copy = self.copy_weight * max(0, top - r.matched_blocks(p.hashes)) * r.page_size
+            copy = self.copy_weight * max(0, top - m) * r.page_size
         return math.ceil((r.load + work + copy) / r.prefill_chunk), work, len(r.blocks), len(r.inflight), r.routed
 
     def submit(self, p: Pending) -> Replica | None:
@@ -155,10 +162,11 @@ class Router:
         if self.queue or not room:
             self.queue.append(p)
             return None
-        return self._dispatch(p, self._best(p, room))
+        return self._dispatch(p, *self._best(p, room))
 
-    def _dispatch(self, p: Pending, r: Replica) -> Replica:
-        p.replica, p.work, p.prefill = r, self.work(r, p), float(self.prefill_tokens(r, p))
+    def _dispatch(self, p: Pending, r: Replica, matched: int | None = None) -> Replica:
+        m = r.matched_blocks(p.hashes) if matched is None else matched
+        p.replica, p.work, p.prefill = r, self.work(r, p, m), float(self.prefill_tokens(r, p, m))
         r.inflight[p.rid] = p
         r.load += p.work
         r.routed += 1
@@ -203,7 +211,7 @@ class Router:
 
     def _round_robin_pair(self, room: list[Replica]):
         p = self.queue[0]
-        return p, self._best(p, room)
+        return p, self._best(p, room)[0]
 
     def _cost_pair(self, room: list[Replica]):
         """A free slot takes the waiting request it caches most of, among the first `window`, when it caches as
@@ -226,7 +234,7 @@ class Router:
                     oldest.bypassed += 1
                 return p, r
         if oldest.bypassed >= self.max_bypass:
-            return oldest, self._best(oldest, room)
+            return oldest, self._best(oldest, room)[0]
         oldest.bypassed += 1
         return None
 

@@ -17,17 +17,18 @@ once `/health` answers 200, with an empty mirror.
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import threading
 import time
 import urllib.parse
-import uuid
 
 from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR, Pending, Replica, Router
 
 log = logging.getLogger("sgl_jax.router")
 INLINE_TOKENIZE_CHARS = 4096
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def public_endpoint(endpoint: str, host: str) -> str:
@@ -81,6 +82,7 @@ class RouterApp:
         self.retried = self.failed = 0
         self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
         self.ttfts: list[float] = []
+        self._ids = itertools.count()
 
     def _pending(self, body: dict) -> Pending:
         from sgl_jax.cache.events import sequence_hashes
@@ -89,7 +91,7 @@ class RouterApp:
         ids, max_new = routing_prompt("/generate", body, self.tokenizer)  # (the worker validates the body)
         ps = self.router.replicas[0].page_size
         # the router's own id: a client's rid need not be unique among requests in flight
-        return Pending(uuid.uuid4().hex, sequence_hashes(ids, ps), len(ids), max_new)
+        return Pending(f"r{next(self._ids)}", sequence_hashes(ids, ps), len(ids), max_new)
 
     async def acquire(self, p: Pending) -> Replica:
         r = self.router.submit(p)
@@ -142,9 +144,9 @@ class RouterApp:
             await asyncio.sleep(1.0)
 
 
-async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
+async def _forward(app: RouterApp, body: dict, stream: bool, write, raw: bytes | None = None) -> None:
     """Route one /generate request and `await write(bytes)` its answer as it comes (see the module docstring for
-    failures)."""
+    failures). `raw`: the body as the client sent it, forwarded as is (`body` is its parse)."""
     import aiohttp
 
     t0 = time.perf_counter()
@@ -157,7 +159,8 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write) -> None:
         r = await app.acquire(p)
         sent = False
         try:
-            async with app.http.post(r.url + "/generate", json=body) as resp:
+            async with (app.http.post(r.url + "/generate", json=body) if raw is None else
+                        app.http.post(r.url + "/generate", data=raw, headers=JSON_HEADERS)) as resp:
                 async for chunk in resp.content.iter_any():
                     if not sent:
                         app.ttfts.append(time.perf_counter() - t0)
@@ -203,7 +206,8 @@ def build_app(app: RouterApp):
 
     async def generate(request):
         try:
-            body = await request.json()
+            raw = await request.read()
+            body = json.loads(raw)
         except ValueError as e:
             return web.json_response({"error": {"message": f"the body is not JSON: {e}", "code": 400}}, status=400)
         if not isinstance(body, dict):
@@ -212,8 +216,10 @@ def build_app(app: RouterApp):
         stream = bool(body.get("stream"))
         if stream:
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            # the headers go out with the first chunk, in one send (aiohttp's own choice for plain responses)
+            resp._send_headers_immediately = False
             await resp.prepare(request)
-            await _forward(app, body, True, resp.write)
+            await _forward(app, body, True, resp.write, raw)
             await resp.write_eof()
             return resp
         parts: list[bytes] = []
@@ -221,7 +227,7 @@ def build_app(app: RouterApp):
         async def collect(b):
             parts.append(b)
 
-        await _forward(app, body, False, collect)
+        await _forward(app, body, False, collect, raw)
         data = b"".join(parts)
         try:
             out = json.loads(data)
