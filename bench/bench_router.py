@@ -15,7 +15,7 @@ workers), wall time. Beside them: the optimal hit rate of the workload (every pa
 an unbounded cache: the ceiling), and the TTFT of one request on an idle worker (the floor), measured in the same
 run.
 
-    python bench/bench_router.py [--replicas 2,4] [--requests 192] [--burst 24]
+    python bench/bench_router.py [--replicas 2,4] [--requests 192] [--burst 24] [--repeats N]
 """
 
 from __future__ import annotations
@@ -162,9 +162,9 @@ class Run:
         stop.set()
         sampler.join()
         q = sorted(self.ttft)
-        return dict(hit=self.cached / max(1, self.prompt_tokens), p50=q[len(q) // 2] * 1e3,
-                    p99=q[min(len(q) - 1, int(len(q) * 0.99))] * 1e3, imb=statistics.mean(self.imb) if self.imb else 1.0,
-                    wall=wall, errors=self.errors, n=len(q))
+        return dict(hit=self.cached / max(1, self.prompt_tokens), p50=_pct(q, 0.5), p99=_pct(q, 0.99),
+                    imb=statistics.mean(self.imb) if self.imb else 1.0, wall=wall, errors=self.errors, n=len(q),
+                    ttfts=q)
 
 
 class RayRun(Run):
@@ -218,11 +218,64 @@ def ray_row(a, n, model, tmp, env, prompts, policy) -> dict:
             proc.wait()
 
 
+def proxy_row(a, name, urls, model, tmp, env, prompts) -> dict:
+    """One run of the workload through a router process in front of `urls` (flushed first): ours
+    (`python -m sgl_jax.router`, cost or round-robin) or SGLang's gateway."""
+    for u in urls:
+        requests.post(u + "/flush_cache", timeout=30)
+    rport = _port()
+    if name.startswith("sglang"):
+        cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
+               a.gateway_policy, "--port", str(rport), "--prometheus-port", str(_port())]
+    else:
+        cmd = [sys.executable, "-m", "sgl_jax.router", "--workers", ",".join(urls), "--model", model,
+               "--port", str(rport), "--policy", "cost" if name.startswith("ours") else "round_robin",
+               "--decode-weight", str(a.decode_weight), "--max-inflight", str(a.max_inflight),
+               "--prefill-chunk", str(a.prefill_chunk), "--max-bypass", str(a.max_bypass),
+               "--copy-weight", str(a.copy_weight)]
+    router = subprocess.Popen(cmd, stdout=open(os.path.join(tmp, "router.log"), "a"),
+                              stderr=subprocess.STDOUT, env=env)
+    try:
+        rurl = f"http://127.0.0.1:{rport}"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                requests.get(rurl + "/health", timeout=1)
+                break
+            except requests.RequestException:
+                time.sleep(0.3)
+        time.sleep(1.0)
+        return Run(rurl, urls, prompts, a.burst, a.max_new).go()
+    finally:
+        router.kill()
+        router.wait()
+
+
+def pooled(rs: list[dict]) -> dict:
+    """Several runs of one policy as one: TTFT percentiles over all their requests, the other figures averaged."""
+    q = sorted(t for r in rs for t in r["ttfts"])
+    return dict(hit=statistics.mean(r["hit"] for r in rs), p50=_pct(q, 0.5), p99=_pct(q, 0.99),
+                imb=statistics.mean(r["imb"] for r in rs), wall=statistics.mean(r["wall"] for r in rs),
+                errors=sum(r["errors"] for r in rs), n=len(q), ttfts=q)
+
+
+def _pct(q: list[float], f: float) -> float:
+    return q[min(len(q) - 1, int(len(q) * f))] * 1e3 if q else float("nan")
+
+
+def _row(label: str, res: dict) -> str:
+    return (f"{label:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} {res['imb']:>10.2f} "
+            f"{res['wall']:>7.1f} {res['errors']:>7}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", default="2,4")
     ap.add_argument("--requests", type=int, default=192)
     ap.add_argument("--burst", type=int, default=24)
+    ap.add_argument("--json", default="", help="write the rows (and pooled rows) here")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of each aiohttp-router row, alternating the policies; with 2+ a pooled row each")
     ap.add_argument("--pages", type=int, default=160)
     ap.add_argument("--max-new", type=int, default=16)
     ap.add_argument("--decode-weight", type=float, default=0.0, help="our router's --decode-weight")
@@ -243,6 +296,7 @@ def main() -> None:
     model = write_tiny_gguf("llama", os.path.join(tmp, "tiny.gguf"))
     prompts = workload(a.requests)
     procs = []
+    report: dict = {}
     try:
         for n in [int(x) for x in a.replicas.split(",")]:
             ports = [_port() for _ in range(n)]
@@ -269,52 +323,36 @@ def main() -> None:
                   f"request, idle worker, cached prefix) {floor:.1f} ms")
             print(f"{'policy':<22} {'hit rate':>9} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'imbalance':>10} "
                   f"{'wall s':>7} {'errors':>7}")
-            for name in ("round_robin", "sglang cache_aware", "ours (cost)"):
-                if name.split()[0] not in a.policies.split(","):
-                    continue
-                for u in urls:
-                    requests.post(u + "/flush_cache", timeout=30)
-                rport = _port()
-                if name.startswith("sglang"):
-                    cmd = [sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *urls, "--policy",
-                           a.gateway_policy, "--port", str(rport), "--prometheus-port", str(_port())]
-                else:
-                    cmd = [sys.executable, "-m", "sgl_jax.router", "--workers", ",".join(urls), "--model", model,
-                           "--port", str(rport), "--policy", "cost" if name.startswith("ours") else "round_robin",
-                           "--decode-weight", str(a.decode_weight), "--max-inflight", str(a.max_inflight),
-                           "--prefill-chunk", str(a.prefill_chunk), "--max-bypass", str(a.max_bypass),
-                           "--copy-weight", str(a.copy_weight)]
-                router = subprocess.Popen(cmd, stdout=open(os.path.join(tmp, "router.log"), "a"),
-                                          stderr=subprocess.STDOUT, env=env)
-                try:
-                    rurl = f"http://127.0.0.1:{rport}"
-                    deadline = time.time() + 60
-                    while time.time() < deadline:
-                        try:
-                            requests.get(rurl + "/health", timeout=1)
-                            break
-                        except requests.RequestException:
-                            time.sleep(0.3)
-                    time.sleep(1.0)
-                    res = Run(rurl, urls, prompts, a.burst, a.max_new).go()
-                finally:
-                    router.kill()
-                    router.wait()
-                label = f"sglang {a.gateway_policy}" if name.startswith("sglang") else name
-                print(f"{label:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} {res['imb']:>10.2f} "
-                      f"{res['wall']:>7.1f} {res['errors']:>7}", flush=True)
+            runs: dict[str, list[dict]] = {}
+            for rep in range(a.repeats):  # the policies alternate, so a drift of the host spreads over all of them
+                for name in ("round_robin", "sglang cache_aware", "ours (cost)"):
+                    if name.split()[0] in a.policies.split(","):
+                        label = f"sglang {a.gateway_policy}" if name.startswith("sglang") else name
+                        res = proxy_row(a, name, urls, model, tmp, env, prompts)
+                        runs.setdefault(label, []).append(res)
+                        print(_row(label if a.repeats == 1 else f"{label} #{rep + 1}", res), flush=True)
+            report[n] = {"floor_ms": floor, "optimal_hit": optimal_hit_rate(ids, 4),
+                         "rows": {k: [{x: v for x, v in r.items() if x != "ttfts"} for r in rs] for k, rs in runs.items()}}
+            if a.repeats > 1:
+                report[n]["pooled"] = {k: {x: v for x, v in pooled(rs).items() if x != "ttfts"} for k, rs in runs.items()}
+                print(f"pooled over {a.repeats} runs each (TTFT percentiles of all their requests; hit rate, imbalance, "
+                      f"wall: means)")
+                for label, rs in runs.items():
+                    print(_row(label, pooled(rs)), flush=True)
             for w in ws:
                 w.kill()
                 w.wait()
             for name in ("ray_pow2", "ray_ours"):
                 if name in a.policies.split(","):
                     res = ray_row(a, n, model, tmp, env, prompts, "ray_pow2" if name == "ray_pow2" else "cost")
-                    print(f"{name:<22} {res['hit']:>9.1%} {res['p50']:>12.1f} {res['p99']:>12.1f} "
-                          f"{res['imb']:>10.2f} {res['wall']:>7.1f} {res['errors']:>7}", flush=True)
+                    print(_row(name, res), flush=True)
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
+        if a.json and report:
+            with open(a.json, "w") as f:
+                json.dump({"args": vars(a), "replicas": report}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ import time
 import urllib.parse
 
 from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR, Pending, Replica, Router
+from sgl_jax.router.upstream import Pool, UpstreamError
 
 log = logging.getLogger("sgl_jax.router")
 INLINE_TOKENIZE_CHARS = 4096
-JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def public_endpoint(endpoint: str, host: str) -> str:
@@ -49,7 +49,8 @@ def error_bytes(message: str, sse: bool, code: int = 502) -> bytes:
 
 
 def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event) -> threading.Thread:
-    """A thread mirroring `replica`'s cache from its KV events until `stop`."""
+    """A thread mirroring `replica`'s cache from its KV events until `stop` (for a front end whose event loop is
+    not its own: the Ray request router; the HTTP router uses `subscribe_on_loop`)."""
     import msgspec
     import zmq
 
@@ -73,11 +74,43 @@ def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event
     return t
 
 
+def subscribe_on_loop(replica: Replica, endpoint: str, topic: str, loop: asyncio.AbstractEventLoop,
+                      batch: int = 64):
+    """Mirror `replica`'s cache from its KV events on the router's own event loop (no thread: a subscriber thread
+    takes the GIL from the loop at every event batch, a hand-off that waits for the OS to run it when the workers
+    hold the cores). The socket's FD wakes the loop; at most `batch` messages are applied per wake-up before the
+    loop gets its turn again. Returns the socket (close it to stop)."""
+    import msgspec
+    import zmq
+
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    decode = msgspec.msgpack.Decoder().decode
+
+    def drain():
+        for _ in range(batch):
+            if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return  # (reading EVENTS also re-arms the FD's signal)
+            try:
+                _, _, payload = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            replica.apply(decode(payload)[1])
+        loop.call_soon(drain)  # more waiting: after the loop's other callbacks
+
+    loop.add_reader(sock.getsockopt(zmq.FD), drain)
+    loop.call_soon(drain)  # the FD signals edges: anything queued before the reader was added
+    return sock
+
+
 class RouterApp:
     """The router's state and its request path (one asyncio loop)."""
 
-    def __init__(self, router: Router, tokenizer, http):
-        self.router, self.tokenizer, self.http = router, tokenizer, http
+    def __init__(self, router: Router, tokenizer, http, pools: dict[str, Pool] | None = None):
+        self.router, self.tokenizer, self.http = router, tokenizer, http  # http: aiohttp, for the health checks
+        self.pools = pools if pools is not None else {r.name: Pool(r.url) for r in router.replicas}
         self.waiting: dict[str, asyncio.Future] = {}
         self.retried = self.failed = 0
         self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
@@ -147,33 +180,43 @@ class RouterApp:
 async def _forward(app: RouterApp, body: dict, stream: bool, write, raw: bytes | None = None) -> None:
     """Route one /generate request and `await write(bytes)` its answer as it comes (see the module docstring for
     failures). `raw`: the body as the client sent it, forwarded as is (`body` is its parse)."""
-    import aiohttp
-
     t0 = time.perf_counter()
     text = body.get("text")
     if isinstance(text, str) and len(text) > INLINE_TOKENIZE_CHARS:
         p = await asyncio.to_thread(app._pending, body)  # a long prompt: tokenized off the event loop
     else:  # a thread hop costs more than a short prompt's tokenization (2.3 ms median under a burst, measured)
         p = app._pending(body)
+    data = raw if raw is not None else json.dumps(body).encode()
     for attempt in (0, 1):
         r = await app.acquire(p)
+        pool = app.pools[r.name]
         sent = False
+        conn = None
         try:
-            async with (app.http.post(r.url + "/generate", json=body) if raw is None else
-                        app.http.post(r.url + "/generate", data=raw, headers=JSON_HEADERS)) as resp:
-                async for chunk in resp.content.iter_any():
-                    if not sent:
-                        app.ttfts.append(time.perf_counter() - t0)
-                        app.router.prefilled(p)
-                    sent = True
-                    try:
-                        await write(chunk)
-                    except (ConnectionError, RuntimeError):  # the client left: closing the upstream aborts it
-                        app.release(p)
-                        return
+            conn = await pool.post("/generate", data)
+            while True:
+                try:
+                    chunk = await conn.read()
+                except UpstreamError as e:
+                    if not (e.before_response and conn.reused):
+                        raise
+                    pool.release(conn)  # a kept connection the worker had closed while idle: once more, fresh
+                    conn = await pool.post("/generate", data, fresh=True)
+                    continue
+                if not chunk:
+                    break
+                if not sent:
+                    app.ttfts.append(time.perf_counter() - t0)
+                    app.router.prefilled(p)
+                sent = True
+                try:
+                    await write(chunk)
+                except (ConnectionError, RuntimeError):  # the client left: closing the upstream aborts it
+                    app.release(p)
+                    return
             app.release(p)
             return
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as e:
+        except (UpstreamError, OSError, asyncio.TimeoutError) as e:
             app.release(p)
             app.down(r, f"{type(e).__name__}: {e}")
             if sent or attempt == 1:
@@ -183,21 +226,15 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write, raw: bytes |
                 return
             app.retried += 1
             p.replica = None
+        finally:
+            if conn is not None:
+                pool.release(conn)  # kept when its answer was read to the end, else closed
 
 
-async def open_connections(http, replicas: list[Replica], per_worker: int = 16) -> None:
-    """Open up to `per_worker` pooled connections to each worker (concurrent `/health` calls) before serving, so a
-    burst right after start does not wait for its TCP connects one request at a time on the event loop."""
-    import aiohttp
-
-    async def ping(url):
-        try:
-            async with http.get(url + "/health", timeout=aiohttp.ClientTimeout(total=5)) as resp:
-                await resp.read()
-        except Exception:  # noqa: BLE001 - a worker down now is the health loop's to find
-            pass
-
-    await asyncio.gather(*(ping(r.url) for r in replicas for _ in range(min(r.max_inflight, per_worker))))
+async def open_connections(pools: dict[str, Pool], replicas: list[Replica], per_worker: int = 16) -> None:
+    """Open up to `per_worker` kept connections to each worker before serving, so a burst right after start does
+    not wait for its TCP connects one request at a time on the event loop."""
+    await asyncio.gather(*(pools[r.name].open_idle(min(r.max_inflight, per_worker)) for r in replicas))
 
 
 def build_app(app: RouterApp):
@@ -284,8 +321,7 @@ def main(argv=None) -> None:
     path = resolve_model(a.model)
     tok = Tokenizer.from_path(path)
     warm_up(tok)  # before /health answers: the first burst does not wait for imports
-    stop = threading.Event()
-    replicas = []
+    replicas, events = [], []
     for i, url in enumerate(u.rstrip("/") for u in a.workers.split(",")):
         info = requests.get(url + "/get_server_info", timeout=30).json()
         cache = info["cache"]
@@ -294,7 +330,7 @@ def main(argv=None) -> None:
                     cache["page_size"],
                     a.prefill_chunk or sched["max_prefill_tokens"])
         if cache.get("kv_events_endpoint"):
-            subscribe(r, _events_endpoint(url, cache["kv_events_endpoint"]), cache.get("kv_events_topic", ""), stop)
+            events.append((r, _events_endpoint(url, cache["kv_events_endpoint"]), cache.get("kv_events_topic", "")))
         else:
             log.warning("worker %s publishes no KV events: the router mirrors only what it sent there", url)
         replicas.append(r)
@@ -303,11 +339,14 @@ def main(argv=None) -> None:
     async def serve():
         import aiohttp
 
-        # idle connections kept 25 s, under the workers' 30 s keep-alive, so a pooled one is never half-closed
-        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None),
-                                     connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=25))
-        await open_connections(http, replicas)
-        app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass, copy_weight=a.copy_weight), tok, http)
+        loop = asyncio.get_running_loop()
+        for r, endpoint, topic in events:
+            subscribe_on_loop(r, endpoint, topic, loop)
+        http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))  # the health checks
+        pools = {r.name: Pool(r.url) for r in replicas}  # the forwarded requests (sgl_jax/router/upstream.py)
+        await open_connections(pools, replicas)
+        app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass, copy_weight=a.copy_weight), tok, http,
+                        pools)
         runner = web.AppRunner(build_app(app), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, a.host, a.port).start()
