@@ -183,6 +183,38 @@ def test_routing_parses_without_the_web_framework_and_warms_up_at_start(tmp_path
     assert r.returncode == 0, r.stderr[-2000:]
 
 
+@pytest.mark.timeout(60)
+def test_routing_prompt_fast_path_gives_what_the_full_parse_gives(tmp_path):
+    """A /generate body with a text prompt skips the full parse on the router's request path: for valid bodies its
+    ids and max_new_tokens are those of the worker's own parse (sgl_jax.serve.protocol) and tokenization."""
+    from sgl_jax.models.tokenizer import Tokenizer
+    from sgl_jax.router.prompt import routing_prompt
+    from sgl_jax.serve import protocol
+
+    tok = Tokenizer.from_path(write_tiny_gguf("llama", str(tmp_path / "t.gguf")))
+    bodies = [{"text": "Hello there"}, {"text": "", "stream": True},
+              {"text": "A longer prompt, with punctuation; and digits 1234.", "sampling_params": {
+                  "max_new_tokens": 7, "temperature": 0}, "stream": True, "rid": "x"},
+              {"text": "no max", "sampling_params": {"temperature": 0.5}}, {"text": "ü ñ 漢字", "return_logprob": True}]
+    for body in bodies:
+        req = protocol.parse_generate(body, vocab_size=int(tok.vocab_size), max_context=1 << 30)
+        s = req.subs[0]
+        want_new = (s.sampling_params or {}).get("max_new_tokens")
+        want = (tok.encode(s.text), want_new if isinstance(want_new, int) and want_new > 0 else 128)
+        assert routing_prompt("/generate", body, tok) == want, body
+    ids = tok.encode("by ids")
+    assert routing_prompt("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 3}}, tok) == (ids, 3)
+
+    class WithBos:  # a tokenizer that adds BOS by default, as the workers' encode call does
+        vocab_size = 300
+
+        def encode(self, text, add_special_tokens=True):
+            return ([256] if add_special_tokens else []) + list(text.encode())
+
+    assert routing_prompt("/generate", {"text": "hi"}, WithBos()) == ([256, 104, 105], 128)
+    assert routing_prompt("/generate", {"text": ["a", "b"]}, tok) == ([], 128)  # a batch: by load alone
+
+
 @pytest.mark.timeout(30)
 def test_disk_tier_blocks_count_as_not_computed():
     """A block the device dropped but the disk tier holds keeps the match; the file going ends it, and a flush

@@ -20,6 +20,11 @@ def routing_prompt(path: str, body: Any, tokenizer, max_context: int = 1 << 30) 
 
     if path not in ROUTED_PATHS or not isinstance(body, dict):
         return [], 128
+    if path == "/generate" and isinstance(body.get("text"), str) and body.get("input_ids") is None:
+        # the common body, without the full parse (the worker validates it; this is the ids its parse gives)
+        sp = body.get("sampling_params")
+        max_new = sp.get("max_new_tokens") if isinstance(sp, dict) else None
+        return tokenizer.encode(body["text"]), max_new if type(max_new) is int and max_new > 0 else 128
     try:
         if path == "/generate":
             req = protocol.parse_generate(body, vocab_size=int(tokenizer.vocab_size), max_context=max_context)
@@ -47,6 +52,7 @@ def warm_up(tokenizer) -> None:
     text = "warm up the router"
     ids, _ = routing_prompt("/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}}, tokenizer)
     sequence_hashes(ids, 1)  # the block hashes a request is routed by
+    routing_prompt("/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 1}}, tokenizer)
     routing_prompt("/v1/completions", {"model": "m", "prompt": text, "max_tokens": 1}, tokenizer)
     routing_prompt("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": text}],
                                             "max_tokens": 1}, tokenizer)

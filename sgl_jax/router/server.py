@@ -255,8 +255,15 @@ def build_app(app: RouterApp):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             # the headers go out with the first chunk, in one send (aiohttp's own choice for plain responses)
             resp._send_headers_immediately = False
-            await resp.prepare(request)
-            await _forward(app, body, True, resp.write, raw)
+
+            async def write(b):
+                if not resp.prepared:  # prepared once the request has left for its worker, not before
+                    await resp.prepare(request)
+                await resp.write(b)
+
+            await _forward(app, body, True, write, raw)
+            if not resp.prepared:
+                await resp.prepare(request)
             await resp.write_eof()
             return resp
         parts: list[bytes] = []
