@@ -101,6 +101,19 @@ def decode_two_pass_max(floats: int | None = None) -> int | None:
     return None if got < 0 else got
 
 
+def decode_split_min_keys(keys: int | None = None) -> int | None:
+    """The fewest keys a decode row's key range may have when the kernel splits few decode rows along their keys (so
+    that two threads share one row's KV heads evenly), for this process (tests and A/B benches): `keys` sets it (0:
+    never split), None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no
+    AVX-512: no split). Raises if the kernel is not available or `keys` is negative."""
+    if not available():
+        raise RuntimeError(f"the native paged attention is not available: {why_not()}")
+    if keys is not None and keys < 0:
+        raise ValueError(f"decode_split_min_keys: keys must be >= 0, got {keys}")
+    got = int(_c_function("SglJaxAttentionSplitMinKeys", ["c_int64"])(-1 if keys is None else keys))
+    return None if got < 0 else got
+
+
 def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
                         sliding_window: int | None = None, soft_cap: float | None = None):
     """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32; 16-bit pages are

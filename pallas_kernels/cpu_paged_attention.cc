@@ -499,8 +499,8 @@ inline void AccumulateShared16(float* acc, const float* corr, const float* p, in
 }
 
 // Softmax numerators in place over one query's n scores s[0:n] (raw q.k; room for whole 16-lane vectors): scaled
-// (and soft-capped), exp(x - max) where max is over all n; returns their sum.
-inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap) {
+// (and soft-capped), exp(x - max) where max is over all n; returns their sum, and the max in *max_out.
+inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap, float* max_out) {
   float scale = sm_scale;
   if (soft_cap > 0.0f) {
     for (int64_t j = 0; j < n; ++j) s[j] = soft_cap * std::tanh(s[j] * sm_scale / soft_cap);
@@ -513,7 +513,8 @@ inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap) {
     _mm512_storeu_ps(s + j, x);
     mv = _mm512_mask_max_ps(mv, mask(j), mv, x);
   }
-  const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(mv));
+  *max_out = _mm512_reduce_max_ps(mv);
+  const __m512 mx = _mm512_set1_ps(*max_out);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
     const __m512 e = _mm512_maskz_mov_ps(mask(j), Exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mx)));
@@ -527,8 +528,9 @@ inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap) {
 // at a time: all scores (ScoresShared16, page by page), one softmax per query over the whole row, then the values
 // (AccumulateShared16). The per-page work the online form repeats -- a running max, a rescale of the outputs, the
 // short reductions and the chains between them -- is done once per query. The unit's scores are kept in sc.row
-// (at most g_two_pass_max floats: Unit takes the online path beyond). Returns false when a page index is outside
-// the pool (nothing is read from it).
+// (at most g_two_pass_max floats: Unit takes the online path beyond). Leaves each query's max in sc.m, its sum in
+// sc.l and its unnormalized output in sc.acc (which must start at zero). Returns false when a page index is
+// outside the pool (nothing is read from it).
 template <typename E, int G, int C>
 bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t lo, int64_t hi) {
   using T = typename E::T;
@@ -567,7 +569,7 @@ bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t 
     if (pass == 0)
       for (int64_t h = h0; h < h1; ++h)
         for (int g = 0; g < G; ++g)
-          sc.l[h * G + g] = SoftmaxAll(s + ((h - h0) * G + g) * nst, n, p.sm_scale, p.soft_cap);
+          sc.l[h * G + g] = SoftmaxAll(s + ((h - h0) * G + g) * nst, n, p.sm_scale, p.soft_cap, &sc.m[h * G + g]);
   }
   return true;
 }
@@ -1008,6 +1010,85 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
 
 constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole row (all its KV heads)
 
+// Decode rows split along their keys. With few rows there are few (row, KV head) units -- one row of SmolLM2 is 3,
+// which two threads run as 2 + 1 -- so each unit is cut into page-aligned key ranges (RowTwoPass16 over each),
+// enough that the units share out evenly, and the ranges' partial softmax states are merged (max, sum, output).
+// A range has at least g_split_min_keys keys; SglJaxAttentionSplitMinKeys sets it for tests and A/B runs.
+std::atomic<int64_t> g_split_min_keys{128};
+constexpr int64_t kSplitUnitsPerThread = 4;
+
+// The key ranges per (row, KV head) for this decode problem, or 1 (no split).
+int64_t DecodeSplits(const Problem& p, int64_t threads) {
+  const int64_t min_keys = g_split_min_keys.load(std::memory_order_relaxed);
+  if (p.Bq != 1 || p.R >= kRowUnits || min_keys <= 0 || threads < 2) return 1;
+  int64_t keys = 0;  // the longest row's visible keys
+  for (int64_t r = 0; r < p.R; ++r) {
+    const int64_t t = p.pos[r], hi = std::min<int64_t>({t, int64_t{p.lens[r]} - 1, p.P * p.S - 1});
+    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
+    if (t >= 0 && hi >= lo) keys = std::max(keys, hi - lo + 1);
+  }
+  const int64_t base = p.R * p.KV;
+  int64_t k = (kSplitUnitsPerThread * threads + base - 1) / base;
+  while (base * k % threads) ++k;  // whole rounds of units: none left for one thread alone
+  k = std::min(k, keys / min_keys);
+  if (k < 2 || (keys / k + p.S + 16) * p.G > g_two_pass_max.load(std::memory_order_relaxed)) return 1;
+  return k;
+}
+
+// The decode problem as R x KV x k units of key ranges (DecodeSplits), then one merge per query.
+template <typename E>
+void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page, RowFn row_fn, int64_t k) {
+  const int64_t G = p.G, D = p.D, W = D + 2;  // a range's state for one query: max, sum, output[D]
+  std::vector<float> part(p.R * p.KV * k * G * W);
+  float* parts = part.data();
+  RunUnits(pool, p.R * p.KV * k, [&p, parts, k, G, D, W, row_fn, &bad_page](int64_t u) {
+    thread_local Scratch sc;
+    sc.Fit(p);
+    const int64_t r = u / (p.KV * k), h = u / k % p.KV, i = u % k, S = p.S, qi = h * G;
+    float* out = parts + u * G * W;
+    for (int64_t g = 0; g < G; ++g) {
+      out[g * W] = -std::numeric_limits<float>::infinity();
+      std::fill(out + g * W + 1, out + (g + 1) * W, 0.0f);
+    }
+    const int64_t t = p.pos[r];
+    const int64_t hi = std::min<int64_t>({t, int64_t{p.lens[r]} - 1, p.P * S - 1});
+    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
+    if (t < 0 || lo > hi) return;
+    const int64_t c0 = lo / S, np = hi / S - c0 + 1;
+    const int64_t a = c0 + np * i / k, b = c0 + np * (i + 1) / k;  // this range's pages [a, b)
+    if (a >= b) return;
+    std::fill(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + G) * D, 0.0f);
+    if (!row_fn(p, sc, r, h, h + 1, std::max(lo, a * S), std::min(hi, b * S - 1))) {
+      bad_page.store(true);
+      return;
+    }
+    for (int64_t g = 0; g < G; ++g) {
+      out[g * W] = sc.m[qi + g];
+      out[g * W + 1] = sc.l[qi + g];
+      std::copy(sc.acc.begin() + (qi + g) * D, sc.acc.begin() + (qi + g + 1) * D, out + g * W + 2);
+    }
+  });
+  for (int64_t r = 0; r < p.R; ++r)
+    for (int64_t h = 0; h < p.KV; ++h)
+      for (int64_t g = 0; g < G; ++g) {
+        const float* st = parts + (r * p.KV + h) * k * G * W + g * W;  // range i's state at st + i * G * W
+        float mx = -std::numeric_limits<float>::infinity(), l = 0.0f;
+        for (int64_t i = 0; i < k; ++i) mx = std::max(mx, st[i * G * W]);
+        float* o = p.out + (r * p.H + h * G + g) * D;
+        std::fill(o, o + D, 0.0f);
+        if (mx == -std::numeric_limits<float>::infinity()) continue;  // the row sees no key
+        for (int64_t i = 0; i < k; ++i) {
+          const float* si = st + i * G * W;
+          if (si[1] <= 0.0f) continue;
+          const float w = std::exp(si[0] - mx);
+          l += si[1] * w;
+          for (int64_t d = 0; d < D; ++d) o[d] += si[2 + d] * w;
+        }
+        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
+}
+
 template <typename E>
 void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page) {
   // a unit: all of a decode row's KV heads when there are rows enough to share out, else one (row, KV head). Block
@@ -1017,6 +1098,11 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
   const PageFn<E> page_fn = PickPage<E>(p);
   const BlockFn<E> block_fn = PickBlock<E>(p);
   const RowFn row_fn = PickRow<E>(p);
+  if (row_fn) {
+    const int64_t threads = 1 + std::min<int64_t>(pool.num_threads(), sgl_jax_native::UsableCpus() - 1);
+    const int64_t k = DecodeSplits(p, threads);
+    if (k > 1) return RunSplit<E>(pool, p, bad_page, row_fn, k);
+  }
   RunUnits(pool, p.R * per_row, [p, heads, per_row, page_fn, block_fn, row_fn, &bad_page](int64_t u) {
     thread_local Scratch sc;
     sc.Fit(p);
@@ -1067,6 +1153,19 @@ extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) {
   return g_two_pass_max.load();
 #else
   (void)floats;
+  return -1;
+#endif
+}
+
+// The fewest keys a decode key range may have (see g_split_min_keys): `keys` >= 0 sets it (0: decode rows are
+// never split); a negative value only reads it. Returns the value now in effect, or -1 where the build has no
+// two-pass loops (no AVX-512: no split either).
+extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) {
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+  if (keys >= 0) g_split_min_keys.store(keys);
+  return g_split_min_keys.load();
+#else
+  (void)keys;
   return -1;
 #endif
 }

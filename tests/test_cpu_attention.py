@@ -179,6 +179,71 @@ def test_block_rows_in_bfloat16_math_match_dense_reference(kv, g, d, sliding_win
     assert np.abs(out - f32)[seen].max() > 1e-5, "bf16_math changed nothing"
 
 
+@pytest.fixture
+def split_min_keys():
+    """Sets the kernel's decode split for a test (`set(keys)`), restoring it after."""
+    before = cpu_attention.decode_split_min_keys()
+    yield lambda keys: cpu_attention.decode_split_min_keys(keys) if before is not None else None
+    if before is not None:
+        cpu_attention.decode_split_min_keys(before)
+
+
+@pytest.mark.parametrize("which", ["seven", "two", "one"])
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (1, 2, 32)])
+@pytest.mark.parametrize("min_keys", [1, 3, 16])
+@pytest.mark.parametrize("S", [4, 16])
+@pytest.mark.parametrize("sliding_window", [None, 5])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_few_decode_rows_split_along_their_keys_match_dense_reference(which, kv, g, d, min_keys, S, sliding_window,
+                                                                     soft_cap, dtype, split_min_keys, monkeypatch):
+    """Fewer than 8 decode rows are cut into key ranges of at least `min_keys` keys (page-aligned) whose partial
+    softmax states are merged, at head shapes the two-pass loops take (D = 64, 32) -- more ranges the fewer the
+    (row, KV head) units (on two threads: 2 a unit for seven rows, 4-8 for one or two rows, fewer where a row is
+    short): lengths 1, S-1, S+1, 3S+2, 5S+3, a query mid-sequence, a padding row (every unseen key NaN, as above);
+    with a window, ranges wholly before it."""
+    import test_attention
+
+    for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
+        monkeypatch.setattr(test_attention, name, val)
+    split_min_keys(min_keys)
+    rows = {"seven": [(n, [n - 1]) for n in (1, S - 1, S + 1, 3 * S + 2, 5 * S + 3)] + [(4 * S + 1, [2 * S + 1]),
+                                                                                      (0, [-1])],
+            "two": [(3 * S + 2, [3 * S + 1]), (4 * S + 1, [2 * S + 1])],
+            "one": [(5 * S + 3, [5 * S + 2])]}[which]
+    case = make_case(S + (sliding_window or 0) + min_keys, S=S, rows=rows, sliding_window=sliding_window)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.4, sliding_window=sliding_window, soft_cap=soft_cap)
+    _check(_native(*_args(case), **kw), dense_reference(q, k, v, pt, lens, pos, **kw), pos, lens, 2e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, split_min_keys, monkeypatch):
+    """SmolLM2's heads (3 KV x 3, D = 64), pages of 16, rows of 1,000-2,000 keys: split (the default, 128 keys a
+    range at least) against the same call unsplit (min keys 0) and the float64 reference; the two differ in their
+    last bits (summation order), so the split did run."""
+    import test_attention
+
+    for name, val in (("KV", 3), ("G", 3), ("D", 64), ("H", 9)):
+        monkeypatch.setattr(test_attention, name, val)
+    lens = [2000, 1001, 1337][:rows]
+    case = make_case(7 + rows, S=16, rows=[(n, [n - 1]) for n in lens], poison_unseen=True)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens_, pos = widened
+    kw = dict(sm_scale=0.125)
+    if split_min_keys(128) is None:
+        pytest.fail("no AVX-512 two-pass loops in this build: CI's and the dev machines' CPUs have them")
+    split = np.asarray(_native(*_args(case), **kw))
+    split_min_keys(0)
+    whole = np.asarray(_native(*_args(case), **kw))
+    ref = dense_reference(q, k, v, pt, lens_, pos, **kw)
+    _check(split, ref, pos, lens_, 2e-5)
+    np.testing.assert_allclose(split, whole, atol=1e-6, rtol=1e-5)
+    assert not np.array_equal(split, whole)
+
+
 def test_decode_rows_ignore_bf16_math(decode_path):
     """Decode rows (one query a row) stay float32 under `bf16_math`: bit-equal outputs."""
     S = 16
