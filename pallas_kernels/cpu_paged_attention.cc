@@ -28,7 +28,8 @@
 // With AVX-512 a decode row (one query per row), unless its scores would pass g_two_pass_max, takes two passes
 // over its pages in 16-lane loops instead of the online softmax (RowTwoPass16): every score first, one softmax per
 // query, then the values -- 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps of 6-64 rows on a
-// Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes").
+// Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes"). Fewer than 8 decode rows are split
+// along their keys (DecodeSplits, RunSplit) so that the threads share them evenly.
 //
 // Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
 // BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below). That path is bound
