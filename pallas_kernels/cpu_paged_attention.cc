@@ -1029,6 +1029,9 @@ int64_t DecodeSplits(const Problem& p, int64_t threads) {
     if (t >= 0 && hi >= lo) keys = std::max(keys, hi - lo + 1);
   }
   const int64_t base = p.R * p.KV;
+  // with units enough already, only an odd one left over remains to even out: worth a merge on long rows only
+  // (7 rows at 256 keys ran 3-8 % slower split, at 1,024-2,048 keys 5-10 % faster; bench/notes.md, session 21)
+  if (base >= kSplitUnitsPerThread * threads && keys < 4 * min_keys) return 1;
   int64_t k = (kSplitUnitsPerThread * threads + base - 1) / base;
   while (base * k % threads) ++k;  // whole rounds of units: none left for one thread alone
   k = std::min(k, keys / min_keys);
