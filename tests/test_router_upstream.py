@@ -1,6 +1,7 @@
 """The router's worker connections (sgl_jax/router/upstream.py) against raw sockets: answers framed by
 Content-Length, chunked (split at every byte boundary), or the connection's close; the request's bytes on the
-wire; kept connections reused, a kept one the worker closed while idle; broken answers."""
+wire; kept connections reused, a kept one the worker closed while idle; broken answers. And the HTTP router's
+KV-event subscriber on its event loop (sgl_jax/router/server.py, subscribe_on_loop) against a ZMQ publisher."""
 
 import asyncio
 import random
