@@ -331,12 +331,13 @@ def main() -> None:
                         res = proxy_row(a, name, urls, model, tmp, env, prompts)
                         runs.setdefault(label, []).append(res)
                         print(_row(label if a.repeats == 1 else f"{label} #{rep + 1}", res), flush=True)
+            bare = lambda r: {x: v for x, v in r.items() if x != "ttfts"}  # noqa: E731 -- a row without its TTFTs
             report[n] = {"floor_ms": floor, "optimal_hit": optimal_hit_rate(ids, 4),
-                         "rows": {k: [{x: v for x, v in r.items() if x != "ttfts"} for r in rs] for k, rs in runs.items()}}
+                         "rows": {k: [bare(r) for r in rs] for k, rs in runs.items()}}
             if a.repeats > 1:
-                report[n]["pooled"] = {k: {x: v for x, v in pooled(rs).items() if x != "ttfts"} for k, rs in runs.items()}
-                print(f"pooled over {a.repeats} runs each (TTFT percentiles of all their requests; hit rate, imbalance, "
-                      f"wall: means)")
+                report[n]["pooled"] = {k: bare(pooled(rs)) for k, rs in runs.items()}
+                print(f"pooled over {a.repeats} runs each (TTFT percentiles of all their requests; hit rate, "
+                      f"imbalance, wall: means)")
                 for label, rs in runs.items():
                     print(_row(label, pooled(rs)), flush=True)
             for w in ws:

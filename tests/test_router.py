@@ -195,7 +195,8 @@ def test_routing_prompt_fast_path_gives_what_the_full_parse_gives(tmp_path):
     bodies = [{"text": "Hello there"}, {"text": "", "stream": True},
               {"text": "A longer prompt, with punctuation; and digits 1234.", "sampling_params": {
                   "max_new_tokens": 7, "temperature": 0}, "stream": True, "rid": "x"},
-              {"text": "no max", "sampling_params": {"temperature": 0.5}}, {"text": "ü ñ 漢字", "return_logprob": True}]
+              {"text": "no max", "sampling_params": {"temperature": 0.5}},
+              {"text": "ü ñ 漢字", "return_logprob": True}]
     for body in bodies:
         req = protocol.parse_generate(body, vocab_size=int(tok.vocab_size), max_context=1 << 30)
         s = req.subs[0]
