@@ -93,12 +93,7 @@ def decode_two_pass_max(floats: int | None = None) -> int | None:
     benches; the default is the fast setting): `floats` sets it (0: every decode row online, a page at a time),
     None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX-512:
     decode rows are always online). Raises if the kernel is not available or `floats` is negative."""
-    if not available():
-        raise RuntimeError(f"the native paged attention is not available: {why_not()}")
-    if floats is not None and floats < 0:
-        raise ValueError(f"decode_two_pass_max: floats must be >= 0, got {floats}")
-    got = int(_c_function("SglJaxAttentionTwoPassMax", ["c_int64"])(-1 if floats is None else floats))
-    return None if got < 0 else got
+    return _setting("SglJaxAttentionTwoPassMax", "decode_two_pass_max", "floats", floats)
 
 
 def decode_split_min_keys(keys: int | None = None) -> int | None:
@@ -106,11 +101,17 @@ def decode_split_min_keys(keys: int | None = None) -> int | None:
     that two threads share one row's KV heads evenly), for this process (tests and A/B benches): `keys` sets it (0:
     never split), None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no
     AVX-512: no split). Raises if the kernel is not available or `keys` is negative."""
+    return _setting("SglJaxAttentionSplitMinKeys", "decode_split_min_keys", "keys", keys)
+
+
+def _setting(export: str, fn: str, arg: str, value: int | None) -> int | None:
+    """A process-wide kernel setting through its C export: `value` >= 0 sets it, None reads it; None back where the
+    build has none (the export answers -1)."""
     if not available():
         raise RuntimeError(f"the native paged attention is not available: {why_not()}")
-    if keys is not None and keys < 0:
-        raise ValueError(f"decode_split_min_keys: keys must be >= 0, got {keys}")
-    got = int(_c_function("SglJaxAttentionSplitMinKeys", ["c_int64"])(-1 if keys is None else keys))
+    if value is not None and value < 0:
+        raise ValueError(f"{fn}: {arg} must be >= 0, got {value}")
+    got = int(_c_function(export, ["c_int64"])(-1 if value is None else value))
     return None if got < 0 else got
 
 

@@ -1018,15 +1018,22 @@ constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole r
 std::atomic<int64_t> g_split_min_keys{128};
 constexpr int64_t kSplitUnitsPerThread = 4;
 
+// Decode row r's visible keys [lo, hi] (none when hi < lo): up to its query, its length and the table's end, from
+// the window's start.
+inline void DecodeKeys(const Problem& p, int64_t r, int64_t& lo, int64_t& hi) {
+  const int64_t t = p.pos[r];
+  hi = t < 0 ? -1 : std::min<int64_t>({t, int64_t{p.lens[r]} - 1, p.P * p.S - 1});
+  lo = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
+}
+
 // The key ranges per (row, KV head) for this decode problem, or 1 (no split).
 int64_t DecodeSplits(const Problem& p, int64_t threads) {
   const int64_t min_keys = g_split_min_keys.load(std::memory_order_relaxed);
   if (p.Bq != 1 || p.R >= kRowUnits || min_keys <= 0 || threads < 2) return 1;
   int64_t keys = 0;  // the longest row's visible keys
-  for (int64_t r = 0; r < p.R; ++r) {
-    const int64_t t = p.pos[r], hi = std::min<int64_t>({t, int64_t{p.lens[r]} - 1, p.P * p.S - 1});
-    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
-    if (t >= 0 && hi >= lo) keys = std::max(keys, hi - lo + 1);
+  for (int64_t r = 0, lo, hi; r < p.R; ++r) {
+    DecodeKeys(p, r, lo, hi);
+    keys = std::max(keys, hi - lo + 1);
   }
   const int64_t base = p.R * p.KV;
   // with units enough already, only an odd one left over remains to even out: worth a merge on long rows only
@@ -1054,10 +1061,9 @@ void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_pa
       out[g * W] = -std::numeric_limits<float>::infinity();
       std::fill(out + g * W + 1, out + (g + 1) * W, 0.0f);
     }
-    const int64_t t = p.pos[r];
-    const int64_t hi = std::min<int64_t>({t, int64_t{p.lens[r]} - 1, p.P * S - 1});
-    const int64_t lo = p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0;
-    if (t < 0 || lo > hi) return;
+    int64_t lo, hi;
+    DecodeKeys(p, r, lo, hi);
+    if (lo > hi) return;
     const int64_t c0 = lo / S, np = hi / S - c0 + 1;
     const int64_t a = c0 + np * i / k, b = c0 + np * (i + 1) / k;  // this range's pages [a, b)
     if (a >= b) return;
@@ -1148,31 +1154,26 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 // 1 where block rows can take their dot products in bfloat16 pairs (the `bf16` attribute), else 0.
 extern "C" int64_t SglJaxAttentionBF16() { return BF16Math() ? 1 : 0; }
 
-// The most scores a decode unit keeps for the two-pass form (see g_two_pass_max): `floats` >= 0 sets it (0: every
-// unit online, a page at a time); a negative value only reads it. Returns the value now in effect, or -1 where the
-// build has no two-pass loops (no AVX-512: decode rows are always online).
-extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) {
+// A setting of the two-pass decode loops: `value` >= 0 sets it, a negative value only reads it. Returns the value
+// now in effect, or -1 where the build has no two-pass loops (no AVX-512: decode rows are always online and never
+// split).
+static int64_t TwoPassSetting(std::atomic<int64_t>& setting, int64_t value) {
 #if defined(__AVX512F__) && defined(__AVX512VL__)
-  if (floats >= 0) g_two_pass_max.store(floats);
-  return g_two_pass_max.load();
+  if (value >= 0) setting.store(value);
+  return setting.load();
 #else
-  (void)floats;
+  (void)setting;
+  (void)value;
   return -1;
 #endif
 }
 
-// The fewest keys a decode key range may have (see g_split_min_keys): `keys` >= 0 sets it (0: decode rows are
-// never split); a negative value only reads it. Returns the value now in effect, or -1 where the build has no
-// two-pass loops (no AVX-512: no split either).
-extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
-  if (keys >= 0) g_split_min_keys.store(keys);
-  return g_split_min_keys.load();
-#else
-  (void)keys;
-  return -1;
-#endif
-}
+// The most scores a decode unit keeps for the two-pass form (see g_two_pass_max; 0: every unit online, a page at
+// a time).
+extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) { return TwoPassSetting(g_two_pass_max, floats); }
+
+// The fewest keys a decode key range may have (see g_split_min_keys; 0: decode rows are never split).
+extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) { return TwoPassSetting(g_split_min_keys, keys); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()

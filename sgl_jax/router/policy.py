@@ -135,7 +135,7 @@ class Router:
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)], None
         # each replica's match once per decision: the mirrors are walked under their locks, page hash by hash
-        matched = {id(r): r.matched_blocks(p.hashes) for r in {*self.replicas, *candidates} if r.healthy}
+        matched = {id(r): r.matched_blocks(p.hashes) for r in self.replicas if r.healthy}  # (candidates have room: healthy)
         top = max((matched[id(h)] for h in self.replicas if h.healthy), default=0) if self.copy_weight else 0
         r = min(candidates, key=lambda r: self.cost(r, p, top, matched[id(r)]))
         return r, matched[id(r)]

@@ -190,12 +190,6 @@ class _Conn(asyncio.Protocol):
             finally:
                 self._waiter = None
 
-    async def body(self) -> bytes:
-        parts = []
-        while piece := await self.read():
-            parts.append(piece)
-        return b"".join(parts)
-
     @property
     def reusable(self) -> bool:
         return self.done and self._keep_alive and not self.closed and not self._buf
@@ -245,7 +239,7 @@ class Pool:
     async def post(self, path: str, body: bytes, content_type: bytes = b"application/json",
                    fresh: bool = False) -> _Conn:
         """Send `POST path` with `body` (on a kept connection unless `fresh`) and return the connection, whose
-        answer the caller reads (`read`, `body`) and then hands back (`release`). A reused connection that fails
+        answer the caller reads (`read`) and then hands back (`release`). A reused connection that fails
         before its answer's first byte (`UpstreamError.before_response` and `conn.reused`) may have been closed by
         the worker while idle: send again with `fresh=True` before taking the worker for down."""
         head = (b"POST " + path.encode() + b" HTTP/1.1\r\nHost: " + self._host_header + b"\r\nContent-Type: " +
