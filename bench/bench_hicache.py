@@ -1,15 +1,21 @@
 """The hierarchical prefix cache: multi-turn chat through a device pool too small for it, and load vs recompute.
 
     python bench/bench_hicache.py chat  [--config configs/smollm2-135m-int8.yaml] [--convs 8] [--turns 4]
-                                        [--system 256] [--question 48] [--answer 128] [--pool-fraction 0.25]
-                                        [--host-fraction 0.25] [--disk-dir DIR]
+                                        [--system 256] [--question 48] [--answer 128] [--active K]
+                                        [--pool-fraction 0.25] [--host-fraction 0.25] [--disk-dir DIR]
+                                        [--touch-host]
     python bench/bench_hicache.py table [--config ...] [--lengths 16,64,256,1024,4096] [--disk-dir DIR]
     python bench/bench_hicache.py restart [--config ...] [--prompt 2000] [--disk-dir DIR]
     (all: [--json OUT])
 
 chat: the SGLang paper's synthetic multi-turn workload (seeded random prompts: a system prompt per conversation,
-then per turn a question and a long answer, `--answer` greedy tokens with ignore_eos), all conversations' turn t
-submitted together, turn after turn, in-process (`Engine`). Three engines on the same preset, one after another:
+then per turn a question and a long answer, `--answer` greedy tokens with ignore_eos), in-process (`Engine`): all
+conversations' turn t submitted together, turn after turn (`--active 0`, the default: the small pool then also
+bounds how many conversations decode at once), or users taking turns (`--active K`: the turns in round-robin
+order, at most K in flight, so the pool holds the active conversations and the rest wait between turns -- the
+case a host tier is for; the paper's proportions are `--question` = `--answer`). `--touch-host` faults the host
+tier's slots in before the timed run (a first touch of fresh memory is slow on some VMs; see host_pool.py).
+Three engines on the same preset, one after another:
   unbounded    the preset's pool (holds every conversation): the hit rate an unbounded device cache reaches
   device-only  a pool of `--pool-fraction` of the final working set, `disable_hierarchical_cache` (evicted = lost)
   +host        the same pool with the host tier on (evicted pages move to host memory and are loaded back)
@@ -64,11 +70,18 @@ def _conversations(n, system, seed=0):
     return [[rng.randrange(100, 40000) for _ in range(system)] for _ in range(n)]
 
 
-def run_chat(engine, convs, turns, question, answer, seed=1) -> dict:
+def run_chat(engine, convs, turns, question, answer, seed=1, active=0) -> dict:
+    """The conversations' turns through `engine`, greedy, `answer` tokens each (ignore_eos). active=0: every
+    conversation's turn t submitted together, turn after turn. active=K: users taking turns -- the turns in
+    round-robin order (every conversation's turn 1, then every turn 2, ...), at most K requests in flight, a
+    conversation's next turn submitted once its previous answer is back (K threads)."""
+    import threading
+
     rng = random.Random(seed)
     hist = [list(c) for c in convs]
+    questions = [[[rng.randrange(100, 40000) for _ in range(question)] for _ in convs] for _ in range(turns)]
     sp = {"temperature": 0, "max_new_tokens": answer, "ignore_eos": True}
-    prompt = cached = out = 0
+    tot = {"prompt": 0, "cached": 0, "out": 0}
     steps = {"decode_s": 0.0, "decode_rows": 0, "decode_steps": 0, "prefill_s": 0.0, "host_s": 0.0}
 
     def on_step(info):  # where the wall time goes: decode-only steps, steps with prompt tokens, host work
@@ -80,23 +93,55 @@ def run_chat(engine, convs, turns, question, answer, seed=1) -> dict:
             steps["decode_steps"] += 1
         steps["host_s"] += info.host_seconds
 
+    def count(h, r):
+        h += r["output_ids"]
+        tot["prompt"] += r["meta_info"]["prompt_tokens"]
+        tot["cached"] += r["meta_info"]["cached_tokens"]
+        tot["out"] += len(r["output_ids"])
+
     engine.add_step_listener(on_step)
     t0 = time.perf_counter()
-    for _ in range(turns):
-        for h in hist:
-            h += [rng.randrange(100, 40000) for _ in range(question)]
-        res = engine.generate(input_ids=hist, sampling_params=sp)
-        for h, r in zip(hist, res):
-            h += r["output_ids"]
-            prompt += r["meta_info"]["prompt_tokens"]
-            cached += r["meta_info"]["cached_tokens"]
-            out += len(r["output_ids"])
+    if active <= 0:
+        for t in range(turns):
+            for h, q in zip(hist, questions[t]):
+                h += q
+            for h, r in zip(hist, engine.generate(input_ids=hist, sampling_params=sp)):
+                count(h, r)
+    else:
+        order = [(t, c) for t in range(turns) for c in range(len(convs))]
+        done = [[threading.Event() for _ in convs] for _ in range(turns)]
+        lock, errors = threading.Lock(), []
+
+        def user():
+            while True:
+                with lock:
+                    if not order:
+                        return
+                    t, c = order.pop(0)
+                if t:
+                    done[t - 1][c].wait()
+                try:
+                    r = engine.generate(input_ids=hist[c] + questions[t][c], sampling_params=sp)
+                    with lock:
+                        hist[c] += questions[t][c]
+                        count(hist[c], r)
+                except Exception as e:  # noqa: BLE001 -- reported after the run, the others go on
+                    errors.append(e)
+                done[t][c].set()
+
+        threads = [threading.Thread(target=user) for _ in range(active)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
     wall = time.perf_counter() - t0
     st = engine.stats()
-    return {"wall_s": wall, "prompt_tokens": prompt, "cached_tokens": cached, "hit_rate": cached / prompt,
-            "output_tokens": out, "out_tok_s": out / wall, "tiers": st["cache_tiers"],
-            "steps": st["num_steps"], "decode_steps": st["num_decode_steps"], "retractions": st["num_retractions"],
-            "final_tokens": sum(len(h) for h in hist), "step_split": steps}
+    return {"wall_s": wall, "prompt_tokens": tot["prompt"], "cached_tokens": tot["cached"],
+            "hit_rate": tot["cached"] / tot["prompt"], "output_tokens": tot["out"], "out_tok_s": tot["out"] / wall,
+            "tiers": st["cache_tiers"], "steps": st["num_steps"], "decode_steps": st["num_decode_steps"],
+            "retractions": st["num_retractions"], "final_tokens": sum(len(h) for h in hist), "step_split": steps}
 
 
 def chat(args) -> dict:
@@ -128,7 +173,12 @@ def chat(args) -> dict:
             e.wait_compiled()
             run_chat(e, convs[:1], 1, args.question, 4, seed=99)  # first-use compilations outside the timing
             e.flush_cache()  # every tier, the disk's files too
-            results[name] = run_chat(e, convs, args.turns, args.question, args.answer)
+            arena = e.runner.host_arena
+            if args.touch_host and arena is not None:  # the slots a working set can use, faulted in untimed
+                t0 = time.perf_counter()
+                arena[:min(len(arena), args.convs * per_conv // ps + 64)].fill(0)
+                print(f"  {name}: host slots touched in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+            results[name] = run_chat(e, convs, args.turns, args.question, args.answer, active=args.active)
         finally:
             e.shutdown()
         r = results[name]
@@ -304,6 +354,10 @@ def main(argv=None):
     ap.add_argument("--system", type=int, default=256)
     ap.add_argument("--question", type=int, default=48)
     ap.add_argument("--answer", type=int, default=128)
+    ap.add_argument("--active", type=int, default=0, help="chat: users taking turns, at most this many requests "
+                    "in flight (0: every conversation's turn together)")
+    ap.add_argument("--touch-host", action="store_true", help="chat: fault the host tier's slots in before the "
+                    "timed run (a server whose host tier has been used once)")
     ap.add_argument("--pool-fraction", type=float, default=0.25)
     ap.add_argument("--host-fraction", type=float, default=0.25, help="chat: the small host tier's share of the "
                     "working set for the three small-host rows (0: leave them out)")

@@ -684,15 +684,26 @@ class ModelRunner:
 
     def save_pages(self, pages) -> np.ndarray:
         """Device -> host: pages' K/V for every layer as raw bytes, uint8 [len(pages), page_bytes] (the host tier's
-        `save`); waits for the copy. `TRANSFER_WIDTH` pages per call, padded with page 0."""
-        out = []
+        `save`); waits for the copy."""
+        out = np.empty((len(pages), self.page_bytes), np.uint8)
+        self.save_pages_into(pages, out, range(len(pages)))
+        return out
+
+    def save_pages_into(self, pages, arena: np.ndarray, rows) -> None:
+        """`save_pages` written straight into `arena[rows]` (the host tier's `save_into`: one copy from the
+        gathered pages into their slots). `TRANSFER_WIDTH` pages per call, padded with page 0."""
+        rows = list(rows)
         for start in range(0, len(pages), TRANSFER_WIDTH):
             part = list(pages[start:start + TRANSFER_WIDTH])
             idx = np.zeros(TRANSFER_WIDTH, np.int32)
             idx[:len(part)] = part
             data = np.asarray(self._gather(self.kv, idx))[:len(part)]
-            out.append(np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8))
-        return np.concatenate(out) if out else np.zeros((0, self.page_bytes), np.uint8)
+            data = np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8)
+            at = rows[start:start + len(part)]
+            if at == list(range(at[0], at[0] + len(at))):  # consecutive rows: a slice, no index array
+                arena[at[0]:at[0] + len(at)] = data
+            else:
+                arena[np.asarray(at, np.int64)] = data
 
     @mirrored
     def load_pages(self, loads) -> None:

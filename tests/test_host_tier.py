@@ -75,6 +75,30 @@ def test_host_pool_copies_a_rounds_demotions_in_one_read_and_drops_those_freed()
     assert reads == [[5, 7]]  # nothing pending: no read
 
 
+def test_host_pool_large_arena_is_mapped_zeroed_and_saves_straight_into_its_slots():
+    """Past 2 MiB the arena is an anonymous mapping (huge pages advised): zeroed, writable, its rows independent;
+    with a `save_into` reader a round's demotions are written into their slots by that reader, in one call."""
+    page_bytes = 64 << 10
+    host = HostPool(40, page_bytes)
+    assert host.arena.shape == (40, page_bytes) and host.arena.flags.writeable and not host.arena.any()
+    device = np.random.default_rng(0).integers(0, 255, (12, page_bytes), dtype=np.uint8)
+    calls = []
+
+    def save_into(pages, arena, rows):
+        calls.append((list(pages), list(rows)))
+        arena[np.asarray(list(rows))] = device[list(pages)]
+
+    host.bind(lambda pages: device[list(pages)].copy(), save_into)
+    slots = host.allocator.alloc(3)
+    host.save([4, 9, 2], slots)
+    host.flush_saves()
+    assert calls == [([4, 9, 2], slots)]
+    for s, p in zip(slots, [4, 9, 2]):
+        assert (host.arena[s] == device[p]).all()
+    others = [i for i in range(40) if i not in slots]
+    assert not host.arena[others].any()
+
+
 def test_transfer_costs_load_when_cheaper_and_break_even():
     c = TransferCosts(prefill_s_per_token=1e-3, load_s_fixed=5e-3, load_s_per_token=1e-5)
     assert c.min_load_tokens == 6  # 5 ms fixed / (1 ms - 10 us) per token -> 5.05 -> 6 tokens
@@ -108,6 +132,11 @@ def test_runner_save_then_load_restores_pages_bit_for_bit(tiny_path, kv_dtype):
         before = [np.asarray(k[np.asarray(pages)]).copy() for k, _ in r.kv]
         data = r.save_pages(pages)
         assert data.shape == (len(pages), r.page_bytes) and data.dtype == np.uint8
+        for rows in (range(5, 5 + len(pages)), [3 * i + 1 for i in range(len(pages))][::-1]):  # a slice, scattered
+            arena = np.zeros((3 * len(pages) + 1, r.page_bytes), np.uint8)
+            r.save_pages_into(pages, arena, rows)
+            np.testing.assert_array_equal(arena[list(rows)], data)
+            assert not np.delete(arena, list(rows), axis=0).any()
         r.host_arena = np.zeros((len(pages), r.page_bytes), np.uint8)
         r.host_arena[:] = data
         r.kv = tuple((k * 0 + 7, v * 0 + 7) for k, v in r.kv)  # clobber the pool

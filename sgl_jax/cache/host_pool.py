@@ -6,9 +6,10 @@ continues into host-resident nodes may have them *promoted* back into device pag
 scheduler's cost model, ``TransferCosts``, decides). The arena holds each page as raw bytes, every layer's K and V
 of one page in one row (``page_bytes``), so this module never needs the pool's dtype.
 
-Data moves through two callbacks the engine installs (``bind``), both on the scheduler's thread:
+Data moves through callbacks the engine installs (``bind``), all on the scheduler's thread:
 
-  save(device_pages) -> uint8 [n, page_bytes]   read before anything can overwrite those device pages: every
+  save(device_pages) -> uint8 [n, page_bytes]   device pages read now (the disk tier's write-through)
+  save_into(device_pages, arena, slots)         the same, written straight into those arena rows: every
                                                 demotion of a scheduling round is read in one call
                                                 (``flush_saves``) when the round's plan takes its loads, before
                                                 the step that could reuse the freed pages runs
@@ -23,17 +24,42 @@ the arena outside a step (the disk tier's write-back) flushes first.
 A promoted slot is not reused until the step after the one whose loads read it (``take_loads`` releases the slots
 of the previous batch), so a demotion in the same scheduling round cannot overwrite data a queued load still needs.
 Without callbacks (tests of the tree alone) ``save`` returns zeros.
+
+The arena is an anonymous mapping advised for transparent huge pages (``_arena``): untouched slots cost no memory,
+so a large budget is not committed at start-up, and a slot is faulted in when its first demotion is written,
+inside a scheduling round. On this project's 2-CPU VMs a first touch of memory the VM had not used yet cost ~5 s
+a GiB (1.65 s of a 35 s chat benchmark, 0.06 s with the slots touched beforehand; bench/notes.md, session 22);
+advised huge pages cut a standalone process's first touch 4-7x, not the VM's own cost.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import mmap
+
 import numpy as np
 
 from .allocator import PageAllocator
 
 __all__ = ["HostPool"]
+
+
+def _arena(num_slots: int, page_bytes: int) -> np.ndarray:
+    """Zeroed uint8 [num_slots, page_bytes] in an anonymous mapping advised for huge pages (see the module
+    docstring); numpy's own allocation where the platform has no madvise. MemoryError when it cannot be mapped."""
+    nbytes = num_slots * page_bytes
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < (2 << 20):
+        return np.zeros((num_slots, page_bytes), np.uint8)
+    try:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:
+        raise MemoryError(f"cannot map a host tier of {nbytes} bytes: {e}") from e
+    try:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    except OSError:  # THP off in this kernel: 4 KiB pages, still lazily faulted
+        pass
+    return np.frombuffer(m, np.uint8).reshape(num_slots, page_bytes)  # the array keeps the mapping alive
 
 
 class HostPool:
@@ -45,8 +71,9 @@ class HostPool:
             raise ValueError(f"a host tier needs at least one slot, got {num_slots}")
         self.allocator = PageAllocator(num_slots, reserved=0)
         self.page_bytes = int(page_bytes)
-        self.arena = np.zeros((num_slots, self.page_bytes), np.uint8) if page_bytes else None
+        self.arena = _arena(num_slots, self.page_bytes) if page_bytes else None
         self._save: Callable[[Sequence[int]], np.ndarray] | None = None
+        self._save_into: Callable[[Sequence[int], np.ndarray, Sequence[int]], None] | None = None
         self.loads: list[tuple[int, int]] = []  # (slot, device page) for the next step
         self._release_next: list[int] = []  # slots promoted this round: free once their loads have run
         self._release_now: list[int] = []  # promoted last round: their loads ran with the last step
@@ -63,9 +90,11 @@ class HostPool:
     def nbytes(self) -> int:
         return self.num_slots * self.page_bytes
 
-    def bind(self, save: Callable[[Sequence[int]], np.ndarray]) -> None:
-        """Install the engine's device -> host reader (see the module docstring)."""
-        self._save = save
+    def bind(self, save: Callable[[Sequence[int]], np.ndarray],
+             save_into: Callable[[Sequence[int], np.ndarray, Sequence[int]], None] | None = None) -> None:
+        """Install the engine's device -> host readers (see the module docstring); without `save_into` the
+        demotions go through `save` and a copy."""
+        self._save, self._save_into = save, save_into
 
     def read_device(self, device_pages: Sequence[int]) -> np.ndarray:
         """Device pages as bytes [n, page_bytes], now (the disk tier's write-through reads them this way)."""
@@ -89,6 +118,9 @@ class HostPool:
             return
         slots, pages = list(self._pending), list(self._pending.values())
         self._pending = {}
+        if self._save_into is not None:
+            self._save_into(pages, self.arena, slots)
+            return
         data = self.read_device(pages)
         if data.shape != (len(pages), self.page_bytes):
             raise ValueError(f"the device reader returned {data.shape} for {len(pages)} pages of "

@@ -181,7 +181,7 @@ def _host_pool(c: EngineConfig, runner):
         log.warning("the host tier of %.1f GiB could not be reserved; the prefix cache stays on the device",
                     kv.host_memory_gb)
         return None
-    host.bind(runner.save_pages)
+    host.bind(runner.save_pages, runner.save_pages_into)
     runner.host_arena = host.arena
     return host
 
