@@ -76,7 +76,7 @@ def main(argv=None) -> None:
     try:
         floor = runner.measure_floor(target)
         print(f"floor: prefill {floor['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
-              f"{1e3 * floor['decode_step_s']:.2f} ms")
+              f"{1e3 * floor['decode_step_s']:.2f} ms, +{1e3 * floor['row_step_s']:.2f} ms a row past the first")
         mod, load_kw = programs.module(args.workload)
         items = mod.load(args.data or common.DEFAULT_DATA, args.programs, 0, False, **load_kw)
         prog = mod.build(target.lang, False)
@@ -90,9 +90,10 @@ def main(argv=None) -> None:
             prog.run(backend=target.backend, temperature=0, **common.program_args(item)).sync()
             wall = time.perf_counter() - t0
             after = target.step_counters()
-            floor_s = runner.floor_seconds(floor, before, after)
-            (p0, c0, d0), (p1, c1, d1) = before, after
-            print(f"{args.workload} program {i}: {p1 - p0} prompt tokens ({c1 - c0} cached), {d1 - d0} decode steps")
+            floor_s, rows_s = runner.floor_seconds(floor, before, after)
+            (p0, c0, d0, r0), (p1, c1, d1, r1) = before, after
+            print(f"{args.workload} program {i}: {p1 - p0} prompt tokens ({c1 - c0} cached), {d1 - d0} decode steps "
+                  f"({r1 - r0} rows); floor with steps priced by their rows {rows_s:.3f} s ({wall / rows_s:.2f}x)")
             print("\n".join(summarize(list(steps), wall, floor_s)))
             if args.steps:
                 for s in steps:

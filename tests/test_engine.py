@@ -62,10 +62,19 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
 def test_batched_equals_one_at_a_time_and_cache_hit_equals_miss(engine):
     ps = prompts(8, seed=2)
     engine.flush_cache()
+    s0 = engine.stats()
     alone = [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in ps]
+    s1 = engine.stats()
     engine.flush_cache()
     batch = engine.generate(input_ids=ps, sampling_params=GREEDY)
     assert [b["output_ids"] for b in batch] == alone
+    s2 = engine.stats()
+    # every output token after the prompt's own is one decode row: one a step alone, several a step together
+    # (together, a prompt's short tail may also run as decode rows)
+    rows = len(ps) * (GREEDY["max_new_tokens"] - 1)
+    assert s1["num_decode_rows"] - s0["num_decode_rows"] == rows == s1["num_decode_steps"] - s0["num_decode_steps"]
+    together = s2["num_decode_rows"] - s1["num_decode_rows"]
+    assert rows <= together <= rows + sum(map(len, ps)) and together > s2["num_decode_steps"] - s1["num_decode_steps"]
     again = engine.generate(input_ids=ps, sampling_params=GREEDY)  # every prompt now cached
     assert [b["output_ids"] for b in again] == alone
     assert all(b["meta_info"]["cached_tokens"] >= (len(p) - 1) // 4 * 4 for b, p in zip(again, ps))

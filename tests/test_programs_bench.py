@@ -86,6 +86,15 @@ def run_one(name: str, respond=None, n: int = 2, index: int = 0):
 # ------------------------------------------------------------------------------------------- (a) workloads
 @needs_data
 @pytest.mark.timeout(60)
+def test_floor_prices_prompt_tokens_and_steps_at_batch_one_and_by_their_rows():
+    floor = {"prefill_tok_s": 1000.0, "decode_step_s": 0.004, "row_step_s": 0.001}
+    # 700 prompt tokens, 200 cached; 30 decode steps carrying 75 rows
+    one, rows = runner.floor_seconds(floor, (100, 50, 10, 20), (800, 250, 40, 95))
+    assert one == pytest.approx(0.5 + 30 * 0.004) and rows == pytest.approx(one + 45 * 0.001)
+    assert runner.floor_seconds({**floor, "row_step_s": 0.0}, (0, 0, 0, 0), (10, 0, 5, 9))[1] == pytest.approx(
+        0.01 + 5 * 0.004)
+
+
 def test_every_workload_loads_and_builds_on_both_frontends():
     import sglang as upstream
 
@@ -418,6 +427,7 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
     assert res["peer"].startswith("peer") and len(res["runs"]) == 1
     floor = res["runs"][0]["floor"]
     assert floor["prefill_tok_s"] > 0 and floor["decode_step_s"] > 0 and "lat/floor" in table.getvalue()
+    assert floor["row_step_s"] >= 0 and floor["rows_measured"] == 8 and "lat/rows" in table.getvalue()
     rows = res["runs"][0]["rows"]
     assert [r["workload"] for r in rows] == list(WORKLOADS)
     for r in rows:
@@ -427,6 +437,8 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
         assert r["requests"] >= 1 and r["programs_per_s"] > 0 and r["latency_s"] > 0, r
         # the compute floor: uncached prompt tokens at the measured prefill rate + decode steps at the step cost
         assert r["floor_s"] > 0 and r["latency_over_floor"] == pytest.approx(r["latency_s"] / r["floor_s"]), r
+        assert r["floor_rows_s"] >= r["floor_s"], r  # steps priced by their rows: never below the batch-1 price
+        assert r["latency_over_floor_rows"] == pytest.approx(r["latency_s"] / r["floor_rows_s"]), r
         # the recorder saw exactly the prompts the engine counted
         assert r["optimal_prompt_tokens"] == r["prompt_tokens"], r
         # scheduling can only lose hits against the infinite-cache bound (partial pages are reused by copies,

@@ -48,7 +48,7 @@ ABLATIONS = [("baseline", {}, None),
 FIELDS = ("workload", "programs", "threads", "requests", "batch_s", "programs_per_s", "latency_s",
           "latency_programs", "prompt_tokens", "cached_tokens", "hit_rate", "optimal_prompt_tokens",
           "optimal_hit_rate", "optimal_page_hit_rate", "accuracy", "json_valid", "errors", "first_error",
-          "floor_s", "latency_over_floor")
+          "floor_s", "latency_over_floor", "floor_rows_s", "latency_over_floor_rows")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -74,10 +74,10 @@ class EngineTarget:
     def counters(self) -> tuple[int, int]:
         return self.step_counters()[:2]
 
-    def step_counters(self) -> tuple[int, int, int]:
-        """(prompt tokens, cached prompt tokens, decode steps) so far."""
+    def step_counters(self) -> tuple[int, int, int, int]:
+        """(prompt tokens, cached prompt tokens, decode steps, decode rows over those steps) so far."""
         st = self.engine.stats()
-        return st["prompt_tokens"], st["cached_tokens"], st["num_decode_steps"]
+        return st["prompt_tokens"], st["cached_tokens"], st["num_decode_steps"], st["num_decode_rows"]
 
     def max_context(self) -> int:
         return self.engine.max_context_len
@@ -88,7 +88,8 @@ class EngineTarget:
     def page_size(self) -> int:
         return self.engine.config.cache.page_size
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
+    def generate_ids(self, ids: list[int] | list[list[int]], max_new_tokens: int) -> None:
+        """Greedy, ignore_eos; a list of prompts is submitted as one batch (decoded in the same steps)."""
         self.engine.generate(input_ids=ids, sampling_params={"max_new_tokens": max_new_tokens, "temperature": 0,
                                                              "ignore_eos": True})
 
@@ -137,9 +138,9 @@ class HttpTarget:
     def counters(self) -> tuple[int, int]:
         return self.step_counters()[:2]
 
-    def step_counters(self) -> tuple[int, int, int]:
+    def step_counters(self) -> tuple[int, int, int, int]:
         info = self._info()
-        return info["prompt_tokens"], info["cached_tokens"], info["num_decode_steps"]
+        return info["prompt_tokens"], info["cached_tokens"], info["num_decode_steps"], info["num_decode_rows"]
 
     def max_context(self) -> int:
         return self._info()["max_context_len"]
@@ -150,7 +151,8 @@ class HttpTarget:
     def page_size(self) -> int:
         return self._info()["cache"]["page_size"]
 
-    def generate_ids(self, ids: list[int], max_new_tokens: int) -> None:
+    def generate_ids(self, ids: list[int] | list[list[int]], max_new_tokens: int) -> None:
+        """Greedy, ignore_eos; a list of prompts is one batched request (decoded in the same steps)."""
         r = self.http.post(self.url + "/generate", timeout=600, json={
             "input_ids": ids, "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0,
                                                   "ignore_eos": True}})
@@ -260,9 +262,9 @@ class LlamaTarget:
     def counters(self) -> tuple[int, int]:
         return self.step_counters()[:2]
 
-    def step_counters(self) -> tuple[int, int, int]:
-        """(prompt tokens, cached prompt tokens, tokens decoded): llama-server counts no steps."""
-        return self.prompt_n + self.cache_n, self.cache_n, self.decoded
+    def step_counters(self) -> tuple[int, int, int, int]:
+        """(prompt tokens, cached prompt tokens, tokens decoded twice): llama-server counts no steps."""
+        return self.prompt_n + self.cache_n, self.cache_n, self.decoded, self.decoded
 
     def max_context(self) -> int:
         return self.ctx
@@ -388,45 +390,64 @@ def _quality(mod, states, items) -> dict:
     return out
 
 
-def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tries: int = 3) -> dict:
+def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tries: int = 3,
+                  rows: int = 8, row_context: int = 512) -> dict:
     """The machine's rates on this target, measured now: prefill tokens/s (a fresh `prefill_tokens`-token
-    prompt, one output token) and the batch-1 decode step (the extra wall time of `decode_tokens` more output
-    tokens over a short prompt, per token). Best of `tries` each, from a flushed cache: a floor, not a mean."""
+    prompt, one output token), the batch-1 decode step (the extra wall time of `decode_tokens` more output
+    tokens over a short prompt, per token) and what each decode row past the first adds to a step (the same with
+    `rows` prompts of `row_context` tokens decoded together: a row's weights-shared compute and its own keys and
+    values). Best of `tries` each, from a flushed cache: a floor, not a mean."""
     import random
 
     prefill_tokens = min(prefill_tokens, target.max_context() // 2)
+    row_context = min(row_context, target.max_context() // 2)
     rng = random.Random(1234)
     vocab = target.vocab_size()
     fresh = lambda n: [rng.randrange(vocab // 8, vocab) for _ in range(n)]  # noqa: E731 -- random ids: no hit
-    prefill, step = [], []
+
+    def decode_step(ids) -> float:  # the prompt(s) computed and cached; cached, once more; decode_tokens more
+        target.generate_ids(ids, 1)
+        t0 = time.perf_counter()
+        target.generate_ids(ids, 1)
+        t1 = time.perf_counter()
+        target.generate_ids(ids, 1 + decode_tokens)  # the same cached request: the extra is decode steps
+        t2 = time.perf_counter()
+        return ((t2 - t1) - (t1 - t0)) / decode_tokens
+
+    prefill, step, wide = [], [], []
     for _ in range(tries):
         target.flush()
         t0 = time.perf_counter()
         target.generate_ids(fresh(prefill_tokens), 1)
         prefill.append(time.perf_counter() - t0)
-        ids = fresh(32)
-        t0 = time.perf_counter()
-        target.generate_ids(ids, 1)
-        t1 = time.perf_counter()
-        target.generate_ids(ids, 1 + decode_tokens)  # the prompt is cached now: the extra is decode steps
-        t2 = time.perf_counter()
-        step.append(((t2 - t1) - (t1 - t0)) / decode_tokens)
+        step.append(decode_step(fresh(32)))
+        wide.append(decode_step([fresh(row_context) for _ in range(rows)]))
     target.flush()
-    return {"prefill_tok_s": prefill_tokens / min(prefill), "decode_step_s": max(min(step), 1e-4)}
+    step_s = max(min(step), 1e-4)
+    return {"prefill_tok_s": prefill_tokens / min(prefill), "decode_step_s": step_s,
+            "row_step_s": max(min(wide) - step_s, 0.0) / (rows - 1), "rows_measured": rows,
+            "row_context": row_context}
 
 
-def floor_seconds(floor: dict, before: tuple, after: tuple) -> float:
-    """A program's compute floor from the target's step counters (prompt, cached, decode steps) around it: the
-    prompt tokens it had to compute at the prefill rate plus its decode steps at the batch-1 step cost."""
-    (p0, c0, d0), (p1, c1, d1) = before, after
-    return ((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"]
+def floor_seconds(floor: dict, before: tuple, after: tuple) -> tuple[float, float]:
+    """A program's compute floor from the target's step counters (prompt, cached, decode steps, decode rows)
+    around it: the prompt tokens it had to compute at the prefill rate plus its decode steps at the batch-1 step
+    cost; and the same with each step priced by its rows (the batch-1 cost plus `row_step_s` for every row past
+    the first), the compute of the steps as they ran. Rows are the tokens a step computed as decode rows or run
+    blocks; a prompt token laid out that way (a fork's short suffix) is priced at the prefill rate too, so the
+    second floor errs high by those few tokens."""
+    (p0, c0, d0, r0), (p1, c1, d1, r1) = before, after
+    one = ((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"]
+    return one, one + max((r1 - r0) - (d1 - d0), 0) * floor.get("row_step_s", 0.0)
 
 
 def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict:
     """Programs one at a time from a flushed cache: the mean wall time of one program, and with `floor`
     (measure_floor) its compute floor: the prompt tokens it had to compute (not cached) at the prefill rate,
-    plus the decode steps the engine ran for it at the batch-1 step cost."""
-    out = {"latency_s": None, "latency_programs": 0, "floor_s": None, "latency_over_floor": None}
+    plus the decode steps the engine ran for it at the batch-1 step cost (and, second, at the cost of their
+    rows: `floor_seconds`)."""
+    out = {"latency_s": None, "latency_programs": 0, "floor_s": None, "latency_over_floor": None,
+           "floor_rows_s": None, "latency_over_floor_rows": None}
     if not batch:
         return out
     target.flush()
@@ -440,7 +461,9 @@ def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict
             floors.append(floor_seconds(floor, before, target.step_counters()))
     out.update(latency_s=statistics.mean(times), latency_programs=len(times))
     if floors:
-        out.update(floor_s=statistics.mean(floors), latency_over_floor=statistics.mean(times) / statistics.mean(floors))
+        one, by_rows = statistics.mean(f[0] for f in floors), statistics.mean(f[1] for f in floors)
+        out.update(floor_s=one, latency_over_floor=out["latency_s"] / one, floor_rows_s=by_rows,
+                   latency_over_floor_rows=out["latency_s"] / by_rows)
     return out
 
 
@@ -547,7 +570,8 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
             floor = measure_floor(target) if latency_programs else None
             if floor:
                 print(f"[{label}] floor: prefill {floor['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
-                      f"{1e3 * floor['decode_step_s']:.1f} ms", file=sys.stderr, flush=True)
+                      f"{1e3 * floor['decode_step_s']:.1f} ms, +{1e3 * floor['row_step_s']:.2f} ms a row",
+                      file=sys.stderr, flush=True)
             for w in names:
                 print(f"[{label}] {w} ...", file=sys.stderr, flush=True)
                 rows.append(run_workload(target, w, data_dir, full=full, n=n, latency_programs=latency_programs,
@@ -636,18 +660,21 @@ def format_tables(result: dict) -> str:
         fl = run_.get("floor")
         if fl:
             lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
-                         f"{1e3 * fl['decode_step_s']:.1f} ms; floor = the latency programs' uncached prompt tokens "
-                         "at that rate + their decode steps at that step cost")
+                         f"{1e3 * fl['decode_step_s']:.1f} ms, each row past the first "
+                         f"+{1e3 * fl.get('row_step_s', 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); floor = the latency programs' uncached prompt "
+                         "tokens at that rate + their decode steps at the batch-1 step cost (lat/floor, the target's "
+                         "figure); lat/rows prices each step by its rows instead")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
                      f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} "
-                     f"{'floor s':>7s} {'lat/floor':>9s}")
+                     f"{'floor s':>7s} {'lat/floor':>9s} {'lat/rows':>8s}")
         for r in run_["rows"]:
             lines.append(f"{r['workload']:12s} {r['programs']:5d} {r['requests']:5d} "
                          f"{_num(r['programs_per_s'], '8.3f')} {_num(r['latency_s'], '9.2f')} "
                          f"{_pct(r['hit_rate']):>5s} {_pct(r['optimal_hit_rate']):>7s} "
                          f"{_pct(r.get('optimal_page_hit_rate')):>6s} "
                          f"{_pct(r['accuracy']):>8s} {_pct(r['json_valid']):>7s} {r['errors']:6d} "
-                         f"{_num(r.get('floor_s'), '7.2f'):>7s} {_num(r.get('latency_over_floor'), '9.2f'):>9s}")
+                         f"{_num(r.get('floor_s'), '7.2f'):>7s} {_num(r.get('latency_over_floor'), '9.2f'):>9s} "
+                         f"{_num(r.get('latency_over_floor_rows'), '8.2f'):>8s}")
             if r["first_error"]:
                 lines.append(f"{'':12s} first error: {r['first_error']}")
     if len(result["runs"]) > 1:

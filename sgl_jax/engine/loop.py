@@ -422,12 +422,14 @@ class StepStats:
         self.host_times: list[float] = []
         self.num_steps = 0
         self.num_decode_steps = 0  # steps with decode rows or run blocks
+        self.num_decode_rows = 0  # tokens computed as decode rows or run blocks, over all steps
         self.listeners: list[Callable[[StepInfo], None]] = []
 
     def record(self, info: StepInfo, scheduler) -> None:
         plan, step_s, host_s = info.plan, info.step_seconds, info.host_seconds
         self.num_steps += 1
         self.num_decode_steps += bool(plan.decodes)
+        self.num_decode_rows += sum(len(c.token_ids) for c in plan.decodes)
         self.step_times.append(step_s)
         self.host_times.append(host_s)
         if len(self.step_times) > 4096:
