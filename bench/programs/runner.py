@@ -661,8 +661,8 @@ def format_tables(result: dict) -> str:
         if fl:
             lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
                          f"{1e3 * fl['decode_step_s']:.1f} ms, each row past the first "
-                         f"+{1e3 * fl.get('row_step_s', 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); floor = the latency programs' uncached prompt "
-                         "tokens at that rate + their decode steps at the batch-1 step cost (lat/floor, the target's "
+                         f"+{1e3 * fl.get('row_step_s', 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); "
+                         "floor = the latency programs' uncached prompt tokens at that rate + their decode steps at the batch-1 step cost (lat/floor, the target's "
                          "figure); lat/rows prices each step by its rows instead")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
                      f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} "
