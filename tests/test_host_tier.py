@@ -75,9 +75,9 @@ def test_host_pool_copies_a_rounds_demotions_in_one_read_and_drops_those_freed()
     assert reads == [[5, 7]]  # nothing pending: no read
 
 
-def test_host_pool_large_arena_is_mapped_zeroed_and_saves_straight_into_its_slots():
-    """Past 2 MiB the arena is an anonymous mapping (huge pages advised): zeroed, writable, its rows independent;
-    with a `save_into` reader a round's demotions are written into their slots by that reader, in one call."""
+def test_host_pool_saves_a_rounds_demotions_straight_into_their_slots():
+    """With a `save_into` reader a round's demotions are written into their slots by that reader, in one call,
+    and no other slot changes."""
     page_bytes = 64 << 10
     host = HostPool(40, page_bytes)
     assert host.arena.shape == (40, page_bytes) and host.arena.flags.writeable and not host.arena.any()

@@ -25,41 +25,22 @@ A promoted slot is not reused until the step after the one whose loads read it (
 of the previous batch), so a demotion in the same scheduling round cannot overwrite data a queued load still needs.
 Without callbacks (tests of the tree alone) ``save`` returns zeros.
 
-The arena is an anonymous mapping advised for transparent huge pages (``_arena``): untouched slots cost no memory,
-so a large budget is not committed at start-up, and a slot is faulted in when its first demotion is written,
-inside a scheduling round. On this project's 2-CPU VMs a first touch of memory the VM had not used yet cost ~5 s
-a GiB (1.65 s of a 35 s chat benchmark, 0.06 s with the slots touched beforehand; bench/notes.md, session 22);
-advised huge pages cut a standalone process's first touch 4-7x, not the VM's own cost.
+The arena is allocated zeroed and untouched: a slot costs memory once a demotion is first written into it, and
+that first write faults its memory in inside a scheduling round. On this project's 2-CPU VMs that cost up to ~5 s
+a GiB when the memory had not been used for a few seconds (1.65 s of a 35 s chat benchmark against 0.06 s with
+the slots touched beforehand; bench/notes.md, session 22); `bench_hicache.py chat --touch-host` measures the
+tier without it.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import mmap
-
 import numpy as np
 
 from .allocator import PageAllocator
 
 __all__ = ["HostPool"]
-
-
-def _arena(num_slots: int, page_bytes: int) -> np.ndarray:
-    """Zeroed uint8 [num_slots, page_bytes] in an anonymous mapping advised for huge pages (see the module
-    docstring); numpy's own allocation where the platform has no madvise. MemoryError when it cannot be mapped."""
-    nbytes = num_slots * page_bytes
-    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes < (2 << 20):
-        return np.zeros((num_slots, page_bytes), np.uint8)
-    try:
-        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    except OSError as e:
-        raise MemoryError(f"cannot map a host tier of {nbytes} bytes: {e}") from e
-    try:
-        m.madvise(mmap.MADV_HUGEPAGE)
-    except OSError:  # THP off in this kernel: 4 KiB pages, still lazily faulted
-        pass
-    return np.frombuffer(m, np.uint8).reshape(num_slots, page_bytes)  # the array keeps the mapping alive
 
 
 class HostPool:
@@ -71,7 +52,7 @@ class HostPool:
             raise ValueError(f"a host tier needs at least one slot, got {num_slots}")
         self.allocator = PageAllocator(num_slots, reserved=0)
         self.page_bytes = int(page_bytes)
-        self.arena = _arena(num_slots, self.page_bytes) if page_bytes else None
+        self.arena = np.zeros((num_slots, self.page_bytes), np.uint8) if page_bytes else None
         self._save: Callable[[Sequence[int]], np.ndarray] | None = None
         self._save_into: Callable[[Sequence[int], np.ndarray, Sequence[int]], None] | None = None
         self.loads: list[tuple[int, int]] = []  # (slot, device page) for the next step
