@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
-import itertools
 import os
 import threading
 import time
@@ -38,35 +36,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
-from tqdm.auto import tqdm
 
 from pallas_kernels import cpu_matmul
 
 from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
-from sgl_jax.executables import ExecutableStore, compile_fresh, fingerprint, step_compile_options
+from sgl_jax.executables import ExecutableStore, fingerprint
 from sgl_jax.models.attention import AttnMetadata, get_attention_backend
 from sgl_jax.models import packing
 from sgl_jax.models.llama import CausalLM, init_kv_cache
+from sgl_jax.parallel.multihost import mirrored
+from sgl_jax.runner_compile import StepCompiler
+from sgl_jax.runner_pages import PageTransfers, _copy_pages, _gather_pages, _scatter_pages
 from sgl_jax.scheduler import StepPlan
 from sgl_jax.shapes import ShapeGrid, StepShape  # noqa: F401 - StepShape re-exported
-
-def mirrored(method):
-    """A runner method that changes or reads the device state through an SPMD program: with a multi-host
-    `channel` (rank 0; sgl_jax/parallel/multihost.py) the call is sent to every other rank first, which runs it on
-    its own runner, so all ranks run the same programs in the same order. One call at a time (a lock)."""
-
-    @functools.wraps(method)
-    def call(self, *args):
-        if getattr(self, "channel", None) is None:  # (a runner built piecemeal by a test has none)
-            return method(self, *args)
-        with self._mirror_lock:
-            self.channel.send(method.__name__, args)
-            return method(self, *args)
-
-    return call
-
 
 def _to_host(out):
     """Step outputs on the host: one batched device_get; replicated arrays spanning processes (multi-host rank 0)
@@ -249,8 +233,10 @@ class RunTiming:
     inputs: object  # the StepInputs it ran
 
 
-class ModelRunner:
-    """Owns the device state (params, KV pool, penalty rows) and runs compiled steps."""
+class ModelRunner(StepCompiler, PageTransfers):
+    """Owns the device state (params, KV pool, penalty rows) and runs compiled steps: packs a plan into the step's
+    inputs, runs it, applies penalty marks and uploads constraint rows. Compiling the shapes is `StepCompiler`'s
+    (sgl_jax/runner_compile.py), moving whole pages `PageTransfers`' (sgl_jax/runner_pages.py)."""
 
     def __init__(self, model_config, params, *, dtype, kv_dtype, num_pages: int, grid: ShapeGrid,
                  max_running_requests: int, max_top_logprobs: int, attention_backend: str = "jnp",
@@ -344,192 +330,8 @@ class ModelRunner:
         self.last_run: RunTiming | None = None
 
     # ------------------------------------------------------------------------------- shapes
-    def shapes(self) -> list[StepShape]:
-        return self.grid.shapes()
-
     def _dummy_inputs(self, shape: StepShape) -> StepInputs:
         return self._inputs(shape, None, [], [], [])
-
-    def _compile(self, shape: StepShape):
-        """The compiled step for `shape`, compiled once: thread-safe, and a shape that another thread is
-        compiling right now is waited for rather than compiled again."""
-        with self._lock:
-            if self._released:
-                raise RuntimeError("the runner was released (its engine is shut down): no step can be compiled")
-            done = self._compiled.get(shape)
-            if done is not None:
-                return done
-            fut = self._compiling.get(shape)
-            owner = fut is None
-            if owner:
-                fut = self._compiling[shape] = concurrent.futures.Future()
-        if not owner:
-            return fut.result()
-        try:
-            name = "step-{}-{}-{}-{}-{}".format(shape.num_decode, shape.num_blocks, shape.page_width,
-                                                int(shape.full_logits), shape.num_runs)
-            compiled = self.store.load(name) if self.store is not None else None
-            if compiled is None:
-                params, kv, pstate, cbuf = self._state_avals
-                lowered = self._step.lower(params, kv, pstate, cbuf, self._dummy_inputs(shape))
-                options = step_compile_options(shape.num_tokens(self.prefill_block, self.run_block))
-                if self.store is not None and self.store.enabled:
-                    compiled = compile_fresh(lowered, options)
-                    self.store.save(name, compiled)
-                else:
-                    compiled = lowered.compile(compiler_options=options)
-        except BaseException as e:
-            with self._lock:
-                del self._compiling[shape]
-            fut.set_exception(e)
-            raise
-        with self._lock:
-            self._compiled[shape] = compiled
-            del self._compiling[shape]
-            self.num_compiles += 1
-        fut.set_result(compiled)
-        return compiled
-
-    def release(self) -> None:
-        """Drop the compiled steps and the device state (`Engine.shutdown`); the runner cannot step afterwards.
-
-        Each compiled step holds a few hundred of the process's memory mappings (XLA:CPU maps every kernel's code
-        and data sections separately: ~650 a SmolLM2 step) and Linux allows 65,530 by default, so ~100 steps: an
-        engine at a long context (72 shapes, ~48,000 mappings) and a second one in the same process ended in
-        "LLVM ERROR: Unable to allocate section memory" while the first engine object was still referenced.
-        jax's in-process caches hold a freshly compiled step too, so they are cleared (`jax.clear_caches`): other
-        jitted functions of the process compile again on their next call; other engines keep their own steps."""
-        with self._lock:
-            self._released = True
-            self._compiled.clear()
-        self.kv = self.pstate = self.params = None
-        jax.clear_caches()
-
-    def compiled_shapes(self) -> list[StepShape]:
-        with self._lock:
-            return sorted(self._compiled)
-
-    def first_shapes(self) -> list[StepShape]:
-        """The fewest shapes that can serve any request at once (with `stand_in`): the largest prefill and a
-        single decode row at the widest page table, plus a one-block prefill and a single decode row at the
-        narrowest (a short first request runs at full speed). Batches, other block counts, run blocks and
-        prompt-logprob steps come from the background compiler; until then a plan runs on a larger
-        compiled shape, or compiles its own."""
-        g = self.grid
-        lo, hi = g.page_width_buckets[0], g.page_width_buckets[-1]
-        d = g.decode_buckets[0]
-        want = {StepShape(0, g.prefill_block_buckets[-1], hi), StepShape(d, 0, hi),
-                StepShape(0, g.prefill_block_buckets[0], lo), StepShape(d, 0, lo)}
-        return sorted(want)
-
-    def stand_in(self, shape: StepShape) -> StepShape:
-        """`shape` if it is compiled; else the cheapest compiled shape that can run the same plan (the same
-        kinds of segments and prompt-logprob mode, each at least as large: the rest is padding, whose rows
-        compute nothing that is read), or `shape` itself when none can (it is then compiled, or waited for).
-        Used while the background compiler is still running."""
-        with self._lock:
-            if shape in self._compiled:
-                return shape
-            fits = [s for s in self._compiled
-                    if s.full_logits == shape.full_logits and s.page_width >= shape.page_width
-                    and all((a > 0) == (b > 0) and a >= b for a, b in ((s.num_decode, shape.num_decode),
-                                                                       (s.num_blocks, shape.num_blocks),
-                                                                       (s.num_runs, shape.num_runs)))]
-        if not fits:
-            return shape
-        return min(fits, key=lambda s: (s.num_tokens(self.prefill_block, self.run_block), s.page_width))
-
-    def warmup(self, progress: bool = True, shapes: list[StepShape] | None = None) -> float:
-        """Compile the step shapes (all of them unless `shapes` says which). Returns seconds spent."""
-        t0 = time.perf_counter()
-        self._warm_constraint_upload()
-        self.copy_pages([(0, 0)])  # compiles the page copy (a page onto itself changes nothing)
-        self.apply_marks([0], [(0, 0, False)])
-        self.apply_marks([0], [])
-        shapes = self.shapes() if shapes is None else shapes
-        for s in tqdm(shapes, desc="compiling step shapes", unit="shape", disable=not progress, leave=False):
-            self._compile(s)
-            self.warm(s)
-        return time.perf_counter() - t0
-
-    @mirrored
-    def warm(self, shape: StepShape) -> None:
-        """Run `shape`'s step once on padding (every token writes the sink page, no row is read or sampled): an
-        executable's first runs are slower -- ~20-30 ms more here, a prompt-logprob shape's first two ~85 and ~50
-        ms more while its large buffers are first mapped (bench/notes.md, "First runs") -- and without this the
-        first request of each shape paid it. On the thread that owns the device state (the engine thread once it
-        runs: Engine warms background-compiled shapes through `EngineLoop.call`)."""
-        inp = self._dummy_inputs(shape)
-        run = type(self).execute.__wrapped__  # this call is mirrored already: its step must not be sent again
-        for _ in range(2 if shape.full_logits else 1):
-            jax.block_until_ready(run(self, shape, inp))
-
-    def compile_in_background(self, then=None, each=None) -> threading.Thread:
-        """Compile every shape not compiled yet in a daemon thread (the engine may serve meanwhile: a step
-        that needs a shape still missing compiles it, or waits for it, on the engine thread), calling `each(shape)`
-        after each one it compiled, then call `then()`. `background_done` is set when the thread ends;
-        `background_error` holds a failure."""
-        self.background_done.clear()
-        self._stop_background = False
-
-        def work():
-            try:
-                for s in self.shapes():
-                    if self._stop_background:
-                        return
-                    if s in self._compiled:
-                        continue
-                    self._compile(s)
-                    if each is not None:
-                        each(s)
-                if then is not None:
-                    then()
-            except BaseException as e:  # noqa: BLE001 - reported through background_error; steps compile lazily
-                self.background_error = e
-            finally:
-                self.background_done.set()
-
-        t = threading.Thread(target=work, name="sgl_jax-compile", daemon=True)
-        t.start()
-        return t
-
-    def stop_background(self) -> None:
-        """Ask the background compiler to stop after the shape it is compiling."""
-        self._stop_background = True
-
-    def measure_decode_costs(self, repeats: int = 2) -> dict[tuple[int, int, int], float]:
-        """Median seconds of a decode-only step per (decode bucket, page width, run blocks), rows seeing
-        full pages.
-
-        The scheduler reads these to decide whether multi-token decode runs (jump-forward) should grow a
-        step to a larger decode bucket: worth it where a step's cost is mostly fixed (memory-bound), not
-        where every row costs its FLOPs (a CPU). Padding rows write to the reserved page 0 only.
-        """
-        costs = {}
-
-        def table(rows, p, first=0):  # distinct pages per row, as in a real batch (one page stays in cache)
-            return ((np.arange(rows * p).reshape(rows, p) + first) % (self.num_pages - 1) + 1).astype(np.int32)
-
-        for shape in self.grid.decode_shapes():
-            sd, p, nr = shape.num_decode, shape.page_width, shape.num_runs
-            inp = self._dummy_inputs(shape)
-            full = p * self.page_size
-            inp = inp.replace(dec_kv_lens=np.full(sd, full, np.int32), dec_page_table=table(sd, p),
-                              run_kv_lens=np.full(nr, full, np.int32), run_page_table=table(nr, p, sd * p))
-            self._compile(shape)
-            times = []
-            for _ in range(repeats + 1):
-                t0 = time.perf_counter()
-                jax.block_until_ready(self.execute(shape, inp))
-                times.append(time.perf_counter() - t0)
-            costs[(sd, p, nr)] = float(np.median(times[1:]))
-        return costs
-
-    def time_decode_costs(self, costs: dict | None = None) -> ShapeGrid:
-        """The grid with decode step costs (given, e.g. read back from disk, or measured now)."""
-        self.grid = dataclasses.replace(self.grid, costs=dict(costs if costs is not None
-                                                              else self.measure_decode_costs()))
-        return self.grid
 
     # ------------------------------------------------------------------------------ packing
     def _inputs(self, shape: StepShape, batch: PackedBatch | None, rows: list[RowParams],
@@ -653,117 +455,6 @@ class ModelRunner:
         self.kv, self.pstate, out = compiled(self.params, self.kv, self.pstate, self.cbuf, inp)
         return out
 
-    def _transfers(self, plan: StepPlan) -> None:
-        """The plan's page copies and host loads, in the order the scheduler made them (`StepPlan.copy_after`),
-        consecutive ones of a kind in one call."""
-        done = 0
-        after = plan.copy_after or [0] * len(plan.copies)
-        for k, group in itertools.groupby(zip(after, plan.copies), key=lambda t: t[0]):
-            self.load_pages(plan.loads[done:k])  # (empty: nothing)
-            done = max(done, k)
-            self.copy_pages([pair for _, pair in group])
-        self.load_pages(plan.loads[done:])
-
-    @mirrored
-    def copy_pages(self, pairs) -> None:
-        """Copy whole KV pages src -> dst, all layers, before the step that reads them (partial-page reuse:
-        a request's own page starts as a copy of a cached page it shares a few tokens with). Runs
-        `COPY_WIDTH` pairs per call, padded by repeating the last pair (equal writes to one page)."""
-        W = COPY_WIDTH
-        for start in range(0, len(pairs), W):
-            part = list(pairs[start:start + W])
-            part += [part[-1]] * (W - len(part))
-            arr = np.asarray(part, np.int32)
-            self.kv = self._copy(self.kv, arr[:, 0], arr[:, 1])
-
-    @property
-    def page_bytes(self) -> int:
-        """Bytes of one page over all layers' K and V (a host-tier slot)."""
-        k = self.kv[0][0]
-        return 2 * len(self.kv) * (k.size // k.shape[0]) * k.dtype.itemsize
-
-    def save_pages(self, pages) -> np.ndarray:
-        """Device -> host: pages' K/V for every layer as raw bytes, uint8 [len(pages), page_bytes] (the host tier's
-        `save`); waits for the copy."""
-        out = np.empty((len(pages), self.page_bytes), np.uint8)
-        self.save_pages_into(pages, out, range(len(pages)))
-        return out
-
-    def save_pages_into(self, pages, arena: np.ndarray, rows) -> None:
-        """`save_pages` written straight into `arena[rows]` (the host tier's `save_into`: one copy from the
-        gathered pages into their slots). `TRANSFER_WIDTH` pages per call, padded with page 0."""
-        rows = list(rows)
-        for start in range(0, len(pages), TRANSFER_WIDTH):
-            part = list(pages[start:start + TRANSFER_WIDTH])
-            idx = np.zeros(TRANSFER_WIDTH, np.int32)
-            idx[:len(part)] = part
-            data = np.asarray(self._gather(self.kv, idx))[:len(part)]
-            data = np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8)
-            at = rows[start:start + len(part)]
-            if at == list(range(at[0], at[0] + len(at))):  # consecutive rows: a slice, no index array
-                arena[at[0]:at[0] + len(at)] = data
-            else:
-                arena[np.asarray(at, np.int64)] = data
-
-    @mirrored
-    def load_pages(self, loads) -> None:
-        """Host -> device: (slot, page) pairs from the host arena into the pool (donated; padding writes page 0,
-        the sink). The copy from host memory is dispatched asynchronously, ahead of the step that reads it."""
-        k = self.kv[0][0]
-        L, shape = len(self.kv), k.shape[1:]
-        for start in range(0, len(loads), TRANSFER_WIDTH):
-            part = loads[start:start + TRANSFER_WIDTH]
-            idx = np.zeros(TRANSFER_WIDTH, np.int32)
-            idx[:len(part)] = [p for _, p in part]
-            rows = np.zeros((TRANSFER_WIDTH, self.page_bytes), np.uint8)
-            rows[:len(part)] = self.host_arena[[s for s, _ in part]]
-            data = rows.view(np.dtype(k.dtype)).reshape(TRANSFER_WIDTH, L, 2, *shape)
-            self.kv = self._scatter(self.kv, idx, data)
-
-    def measure_transfer_costs(self, pages: int = 2 * 16):
-        """This machine's prices for the host tier's load-or-recompute choice (sgl_jax/cache/costs.py): a
-        prefill step of the largest compiled block count on dummy inputs (its matmuls are the recompute cost;
-        padding rows compute like real ones), and saves / loads of 1 and `pages` pages (fixed cost and per
-        page). Runs steps on the device state: call before serving or on the engine thread. Returns
-        `TransferCosts`."""
-        from sgl_jax.cache.costs import TransferCosts
-
-        g = self.grid
-        shape = StepShape(0, g.prefill_block_buckets[-1], g.page_width_buckets[-1])  # one of first_shapes()
-        self._compile(shape)
-        inp = self._dummy_inputs(shape)
-
-        def prefill():
-            jax.block_until_ready(self.execute(shape, inp))
-
-        def best(fn, n=3):
-            fn()
-            ts = []
-            for _ in range(n):
-                t0 = time.perf_counter()
-                fn()
-                ts.append(time.perf_counter() - t0)
-            return min(ts)
-
-        prefill_s = best(prefill) / (g.prefill_block_buckets[-1] * self.prefill_block)
-        arena, self.host_arena = self.host_arena, np.zeros((pages, self.page_bytes), np.uint8)
-        try:
-            few = [1 + i % (self.num_pages - 1) for i in range(pages)]
-            save1, saven = best(lambda: self.save_pages(few[:1])), best(lambda: self.save_pages(few))
-
-            def load(n):
-                def run():
-                    self.load_pages([(i, p) for i, p in enumerate(few[:n])])
-                    jax.block_until_ready(self.kv)
-                return run
-            load1, loadn = best(load(1)), best(load(pages))
-        finally:
-            self.host_arena = arena
-        ps = self.page_size
-        per_page = max(loadn - load1, 0.0) / (pages - 1)
-        return TransferCosts(prefill_s, max(load1 - per_page, 0.0), per_page / ps,
-                             max(saven - save1, 0.0) / (pages - 1) / ps)
-
     @mirrored
     def apply_marks(self, reset_slots, marks) -> None:
         """Reset penalty rows, then record (slot, token, is_output) history, max_marks at a time."""
@@ -824,24 +515,6 @@ class ModelRunner:
 
 
 _ROW_BLOCK = 64  # rows per constraint upload (must equal ConstraintTable's block)
-COPY_WIDTH = 8  # page copies per call
-TRANSFER_WIDTH = 16  # pages per host-tier save / load call (one compiled width each)
-
-
-def _copy_pages(kv, src, dst):
-    """Every layer's K and V pages `src` written to pages `dst` (all gathered before any is written)."""
-    return tuple((k.at[dst].set(k[src]), v.at[dst].set(v[src])) for k, v in kv)
-
-
-def _gather_pages(kv, idx):
-    """Pages `idx` of every layer's K and V: [len(idx), layers, 2, KV, S, D]."""
-    return jnp.stack([jnp.stack([k[idx], v[idx]], axis=1) for k, v in kv], axis=1)
-
-
-def _scatter_pages(kv, idx, data):
-    """`data` [len(idx), layers, 2, KV, S, D] written to pages `idx` of every layer."""
-    return tuple((k.at[idx].set(data[:, i, 0].astype(k.dtype)), v.at[idx].set(data[:, i, 1].astype(v.dtype)))
-                 for i, (k, v) in enumerate(kv))
 
 
 def _put_rows(cb_mask, cb_next, cb_dist, mblock, nblock, dblock, start):

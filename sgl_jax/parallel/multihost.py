@@ -29,12 +29,29 @@ import os
 import pickle
 import socket
 import struct
+import functools
 import threading
 import time
 
 log = logging.getLogger("sgl_jax.multihost")
 _HDR = struct.Struct("!Q")
 HEARTBEAT = b"\x00hb"
+
+
+def mirrored(method):
+    """A runner method that changes or reads the device state through an SPMD program: with a multi-host
+    `channel` (rank 0; sgl_jax/parallel/multihost.py) the call is sent to every other rank first, which runs it on
+    its own runner, so all ranks run the same programs in the same order. One call at a time (a lock)."""
+
+    @functools.wraps(method)
+    def call(self, *args):
+        if getattr(self, "channel", None) is None:  # (a runner built piecemeal by a test has none)
+            return method(self, *args)
+        with self._mirror_lock:
+            self.channel.send(method.__name__, args)
+            return method(self, *args)
+
+    return call
 
 
 def initialize(p) -> None:
