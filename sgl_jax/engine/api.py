@@ -66,7 +66,11 @@ class PrefixHold:
 
 
 class Engine:
-    """In-process engine: `Engine(model="smollm2-135m", **config)` or `Engine(EngineConfig(...))`."""
+    """In-process engine: `Engine(model="smollm2-135m", **config)` or `Engine(EngineConfig(...))`.
+
+    One class of ~370 lines: it is the API SGLang's Engine has (generate, streams, holds, abort, flush, stats,
+    server info) as one object, each method a few lines over the parts that do the work (prepare.py, loop.py,
+    output.py, constraints.py, the scheduler and the runner)."""
 
     def __init__(self, config: EngineConfig | str | None = None, *, metrics=None, progress: bool = True,
                  **overrides):

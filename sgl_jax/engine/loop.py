@@ -54,6 +54,11 @@ class StepInfo:
 
 
 class EngineLoop:
+    """The engine thread (see the module docstring). One class of ~360 lines: the inbox, the step, retiring
+    requests, and the failure paths (a failed step, a dead loop, integrity checks) all run under the one state
+    lock that `call_now` shares with other threads, and splitting them would spread that lock's protocol over
+    several objects."""
+
     max_step_failures = 3
 
     def __init__(self, *, scheduler, runner, constraints, output, row_params: Callable, metrics=None,
