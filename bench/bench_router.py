@@ -269,6 +269,8 @@ def _row(label: str, res: dict) -> str:
 
 
 def main() -> None:
+    """The command line, then the rows (policy x replicas x repeats), the pooled rows and the table: long because
+    it is the bench's whole script, one step after another."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", default="2,4")
     ap.add_argument("--requests", type=int, default=192)

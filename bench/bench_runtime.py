@@ -571,6 +571,8 @@ def bench_multiturn(args) -> dict:
 
 # ------------------------------------------------------------------------ 4+5. decode at batch 64
 def bench_decode(args) -> dict:
+    """Decode steps at each batch size and context beside their floors, printed and returned; long because it is
+    one measurement script start to end."""
     sys.path.insert(0, HERE)
     import floors as floors_mod
 

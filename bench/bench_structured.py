@@ -115,6 +115,8 @@ def table(title, header, rows):
 
 # ------------------------------------------------------------------------------------ part 1: compile
 def part_compile(repeats: int) -> dict:
+    """Compile time of each schema and regex, ours beside outlines-core and llguidance; long because it is one
+    measurement script start to end."""
     import llguidance as llg
     import outlines_core as oc
     from outlines_core.json_schema import build_regex_from_schema

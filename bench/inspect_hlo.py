@@ -26,6 +26,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def main(argv=None):
+    """The command line, the traced steps and the printed breakdown (see the module docstring); long because it
+    is the script's whole run, one step after another."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)

@@ -95,6 +95,8 @@ def instruction_roles(hlo: str) -> dict[str, str]:
 
 
 def main(argv=None):
+    """The command line, the traced steps and the printed breakdown (see the module docstring); long because it
+    is the script's whole run, one step after another."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--ctx", type=int, default=512)

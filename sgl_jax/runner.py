@@ -254,7 +254,8 @@ class ModelRunner(StepCompiler, PageTransfers):
         `layout` (sgl_jax.parallel.tp.TPLayout): tensor parallel over its mesh. `params` are already placed with its
         shardings (and `model_config` is the layout's, KV heads expanded); the pool is made sharded by KV heads,
         the rest replicated, and the step is jitted with these in/out shardings. Compiled steps are not saved to
-        `executable_dir` then (the persistent compilation cache still applies)."""
+        `executable_dir` then (the persistent compilation cache still applies). Long because it builds every
+        piece of the device state and every jitted function over it, once, in dependency order."""
         V = model_config.vocab_size
         if valid_vocab is not None and not 0 < valid_vocab <= V:
             raise ValueError(f"valid_vocab {valid_vocab} must be in [1, model vocab_size {V}]")

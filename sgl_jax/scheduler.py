@@ -160,8 +160,8 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded.
 
-    One class of ~510 lines because admission, chunked prefill, retraction and decode-run sizing all read and
-    change the same queue, page and slot state within one step.
+    One class of ~600 lines because admission, chunked prefill, retraction, decode-run sizing and the fork
+    siblings' gate all read and change the same queue, page and slot state within one step.
     """
 
     def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid, max_context: int):

@@ -669,7 +669,8 @@ class RadixCache(TierMixin):
         == num_total``.  Tiers: residency deepens downwards, host nodes are
         unlocked and tail-free, host slots unique and allocated, ``host free +
         host cached + slots awaiting queued loads == host total``, every host
-        leaf has a live entry in the host heap.  O(tree size).
+        leaf has a live entry in the host heap.  O(tree size).  Long because it is one
+        walk that checks every invariant with a message naming the broken one.
         """
         ps = self.page_size
         alloc = self.allocator

@@ -16,7 +16,10 @@ __all__ = ["TierMixin"]
 
 
 class TierMixin:
-    """Host-tier operations of RadixCache; expects its fields (allocator, page_size, _roots, _heap, ...)."""
+    """Host-tier operations of RadixCache; expects its fields (allocator, page_size, _roots, _heap, ...).
+
+    Over ~300 lines: demotion, promotion, host eviction, matching across tiers and the disk tier's spill hook
+    all change the same node residency and host-heap state, and are already the half split out of RadixCache."""
 
     def _init_tiers(self, host: HostPool | None) -> None:
         self.host = host

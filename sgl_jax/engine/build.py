@@ -73,7 +73,8 @@ def _start_parallel(c: EngineConfig):
 
 
 def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
-    """Load the model and make every part from the config's sections (the same names all the way)."""
+    """Load the model and make every part from the config's sections (the same names all the way). Long
+    because it is the one place where the parts meet, in the order they need each other."""
     import jax
 
     from sgl_jax.cache import PageAllocator, RadixCache
