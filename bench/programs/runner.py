@@ -263,7 +263,8 @@ class LlamaTarget:
         return self.step_counters()[:2]
 
     def step_counters(self) -> tuple[int, int, int, int]:
-        """(prompt tokens, cached prompt tokens, tokens decoded twice): llama-server counts no steps."""
+        """(prompt tokens, cached prompt tokens, tokens decoded, tokens decoded): llama-server counts no steps, so
+        each decoded token stands for a step of one row."""
         return self.prompt_n + self.cache_n, self.cache_n, self.decoded, self.decoded
 
     def max_context(self) -> int:
@@ -662,8 +663,9 @@ def format_tables(result: dict) -> str:
             lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
                          f"{1e3 * fl['decode_step_s']:.1f} ms, each row past the first "
                          f"+{1e3 * fl.get('row_step_s', 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); "
-                         "floor = the latency programs' uncached prompt tokens at that rate + their decode steps at the batch-1 step cost (lat/floor, the target's "
-                         "figure); lat/rows prices each step by its rows instead")
+                         "floor = the latency programs' uncached prompt tokens at that rate + their decode steps "
+                         "at the batch-1 step cost (lat/floor, the target's figure); lat/rows prices each step by its "
+                         "rows instead")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
                      f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} "
                      f"{'floor s':>7s} {'lat/floor':>9s} {'lat/rows':>8s}")
