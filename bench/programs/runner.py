@@ -435,8 +435,9 @@ def floor_seconds(floor: dict, before: tuple, after: tuple) -> tuple[float, floa
     around it: the prompt tokens it had to compute at the prefill rate plus its decode steps at the batch-1 step
     cost; and the same with each step priced by its rows (the batch-1 cost plus `row_step_s` for every row past
     the first), the compute of the steps as they ran. Rows are the tokens a step computed as decode rows or run
-    blocks; a prompt token laid out that way (a fork's short suffix) is priced at the prefill rate too, so the
-    second floor errs high by those few tokens."""
+    blocks; a prompt token laid out that way (a fork's short suffix) is priced at the prefill rate too. The second
+    is an estimate, not a bound: its row price is measured on rows with keys and values of their own, where a
+    fork's rows share their prefix's pages (tree of thought has read 0.97 of it)."""
     (p0, c0, d0, r0), (p1, c1, d1, r1) = before, after
     one = ((p1 - p0) - (c1 - c0)) / floor["prefill_tok_s"] + (d1 - d0) * floor["decode_step_s"]
     return one, one + max((r1 - r0) - (d1 - d0), 0) * floor.get("row_step_s", 0.0)
