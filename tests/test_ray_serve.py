@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import types
 
@@ -254,26 +255,35 @@ def test_replicas_keep_each_tenant_on_the_replica_that_caches_it(app):
 def test_a_client_leaving_mid_stream_frees_its_slot(app):
     """The client closes a long stream after its first chunk: the replica's request is cancelled (Ray closes the
     handle's stream, the in-process ASGI call reports a disconnect, the engine aborts it) and the router's slot
-    comes back; nothing is counted as a replica failure."""
+    comes back; nothing is counted as a replica failure. The tiny model can finish the 200 tokens before the close
+    reaches it on a loaded machine (then nothing is aborted, rightly): up to three tries, one must abort."""
     app.wait_replicas(2)
     failed = app.stats()["failed"]
-    r = requests.post(app.url + "/generate", json={"text": "a stream the client abandons", "stream": True,
-                                                  "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}},
-                      stream=True, timeout=120)
-    served_by = r.headers["x-sgl-jax-replica"]
-    next(r.iter_content(None))
-    r.close()
-    deadline = time.time() + 30
-    while time.time() < deadline and any(x["inflight"] for x in app.replicas()):
-        time.sleep(0.2)
-    assert not any(x["inflight"] for x in app.replicas()), app.stats()
-    assert app.stats()["failed"] == failed
-    assert _gen(app, "still serving")[1]["meta_info"]["completion_tokens"] == 4
-    # /metrics of the replica that served it (the header pins a request to a replica)
-    m = requests.get(app.url + "/metrics", headers={"x-sgl-jax-replica": served_by}, timeout=30)
-    assert m.headers["x-sgl-jax-replica"] == served_by
-    aborted = float(re.search(r'requests_total\{status="abort"\} (\S+)', m.text).group(1))
-    assert aborted >= 1, "the abandoned request was not aborted on its replica"
+
+    def aborted(replica):  # /metrics of one replica (the header pins a request to a replica)
+        m = requests.get(app.url + "/metrics", headers={"x-sgl-jax-replica": replica}, timeout=30)
+        assert m.headers["x-sgl-jax-replica"] == replica
+        found = re.search(r'requests_total\{status="abort"\} (\S+)', m.text)
+        return float(found.group(1)) if found else 0.0
+
+    for _ in range(3):
+        before = {x["id"]: aborted(x["id"]) for x in app.replicas()}
+        r = requests.post(app.url + "/generate", json={"text": "a stream the client abandons", "stream": True,
+                                                      "sampling_params": {"max_new_tokens": 200, "ignore_eos": True}},
+                          stream=True, timeout=120)
+        served_by = r.headers["x-sgl-jax-replica"]
+        next(r.iter_content(None))
+        r.close()
+        deadline = time.time() + 30
+        while time.time() < deadline and any(x["inflight"] for x in app.replicas()):
+            time.sleep(0.2)
+        assert not any(x["inflight"] for x in app.replicas()), app.stats()
+        assert app.stats()["failed"] == failed
+        assert _gen(app, "still serving")[1]["meta_info"]["completion_tokens"] == 4
+        if aborted(served_by) > before[served_by]:
+            break
+    else:
+        raise AssertionError("in three tries the abandoned request was never aborted on its replica")
     bad = requests.get(app.url + "/metrics", headers={"x-sgl-jax-replica": "nope"}, timeout=30)
     assert bad.status_code == 404 and "no running replica 'nope'" in bad.text
 
@@ -307,33 +317,41 @@ def test_a_replica_killed_mid_answer_fails_clearly_and_ray_replaces_it(app):
 @pytest.mark.timeout(600)
 def test_a_replica_killed_before_the_first_byte_is_retried_on_another(app):
     """A non-streamed answer sends nothing until it is complete: the replica dies while generating it, and the
-    gateway sends the request once more, to the surviving replica; the client sees one normal answer."""
-    reps = app.wait_replicas(2)
-    retried = app.stats()["retried"]
-    out = {}
+    gateway sends the request once more, to the surviving replica; the client sees one normal answer. On a loaded
+    machine the victim can finish before the kill lands (its answer then comes back whole, rightly): up to three
+    tries, each on a pair without the replicas killed so far, one must be retried."""
+    killed = []
+    for _ in range(3):
+        reps = app.wait_replicas(2, exclude=killed)
+        retried = app.stats()["retried"]
+        out = {}
 
-    def call():
-        r = requests.post(app.url + "/generate", json={"text": "a long non-streamed answer", "sampling_params": {
-            "max_new_tokens": 180, "temperature": 0, "ignore_eos": True}}, timeout=300)
-        out["r"] = r
+        def call():
+            out["r"] = requests.post(app.url + "/generate", json={
+                "text": "a long non-streamed answer", "sampling_params": {
+                    "max_new_tokens": 180, "temperature": 0, "ignore_eos": True}}, timeout=300)
 
-    import threading
-
-    t = threading.Thread(target=call)
-    t.start()
-    victim = None
-    deadline = time.time() + 60
-    while victim is None and time.time() < deadline:
-        busy = [r for r in app.replicas() if r["inflight"]]
-        victim = busy[0]["id"] if busy else None
-        time.sleep(0.02)
-    assert victim is not None, app.stats()
-    os.kill(reps[victim], signal.SIGKILL)
-    t.join(timeout=300)
-    r = out["r"]
-    assert r.status_code == 200, r.text
-    assert r.headers["x-sgl-jax-replica"] != victim and r.json()["meta_info"]["completion_tokens"] == 180
-    assert app.stats()["retried"] == retried + 1
+        t = threading.Thread(target=call)
+        t.start()
+        victim = None
+        deadline = time.time() + 60
+        while victim is None and time.time() < deadline:
+            busy = [r for r in app.replicas() if r["inflight"]]
+            victim = busy[0]["id"] if busy else None
+            time.sleep(0.02)
+        assert victim is not None, app.stats()
+        os.kill(reps[victim], signal.SIGKILL)
+        killed.append(victim)
+        t.join(timeout=300)
+        r = out["r"]
+        assert r.status_code == 200, r.text
+        if r.headers["x-sgl-jax-replica"] != victim:  # the kill landed while the victim was generating
+            assert r.json()["meta_info"]["completion_tokens"] == 180
+            assert app.stats()["retried"] == retried + 1
+            break
+        # the victim had sent its whole answer before the kill (a loaded machine): once more, on a fresh pair
+    else:
+        raise AssertionError("in three tries the answer was always complete before its replica was killed")
 
 
 # ------------------------------------------------------------------------------- packaging
