@@ -84,7 +84,6 @@ def run_one(name: str, respond=None, n: int = 2, index: int = 0):
 
 
 # ------------------------------------------------------------------------------------------- (a) workloads
-@needs_data
 @pytest.mark.timeout(60)
 def test_floor_prices_prompt_tokens_and_steps_at_batch_one_and_by_their_rows():
     floor = {"prefill_tok_s": 1000.0, "decode_step_s": 0.004, "row_step_s": 0.001}
@@ -95,6 +94,8 @@ def test_floor_prices_prompt_tokens_and_steps_at_batch_one_and_by_their_rows():
         0.01 + 5 * 0.004)
 
 
+@needs_data
+@pytest.mark.timeout(60)
 def test_every_workload_loads_and_builds_on_both_frontends():
     import sglang as upstream
 

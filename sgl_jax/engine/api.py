@@ -391,7 +391,8 @@ class Engine:
     def stats(self) -> dict:
         s, c = self.scheduler, self.output.counters
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
-                    num_decode_steps=self.loop.stats.num_decode_steps, num_decode_rows=self.loop.stats.num_decode_rows,
+                    num_decode_steps=self.loop.stats.num_decode_steps,
+                    num_decode_rows=self.loop.stats.num_decode_rows,
                     num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],

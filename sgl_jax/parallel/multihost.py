@@ -25,11 +25,11 @@ from __future__ import annotations
 
 import io
 import logging
+import functools
 import os
 import pickle
 import socket
 import struct
-import functools
 import threading
 import time
 
@@ -40,8 +40,8 @@ HEARTBEAT = b"\x00hb"
 
 def mirrored(method):
     """A runner method that changes or reads the device state through an SPMD program: with a multi-host
-    `channel` (rank 0; sgl_jax/parallel/multihost.py) the call is sent to every other rank first, which runs it on
-    its own runner, so all ranks run the same programs in the same order. One call at a time (a lock)."""
+    `channel` (rank 0's `StepChannel`, below) the call is sent to every other rank first, which runs it on its own
+    runner (`follow`), so all ranks run the same programs in the same order. One call at a time (a lock)."""
 
     @functools.wraps(method)
     def call(self, *args):
