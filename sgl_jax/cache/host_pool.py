@@ -27,7 +27,7 @@ Without callbacks (tests of the tree alone) ``save`` returns zeros.
 
 The arena is allocated zeroed and untouched: a slot costs memory once a demotion is first written into it, and
 that first write faults its memory in inside a scheduling round. On this project's 2-CPU VMs that cost up to ~5 s
-a GiB when the memory had not been used for a few seconds (1.65 s of a 35 s chat benchmark against 0.06 s with
+a GiB when the memory had not been used for a few seconds (1.65 s of a 33 s chat run against 0.06 s with
 the slots touched beforehand; bench/notes.md, session 22); `bench_hicache.py chat --touch-host` measures the
 tier without it.
 """
