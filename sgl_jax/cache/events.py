@@ -43,9 +43,12 @@ def _root_hash(namespace: str) -> int:
 
 def chain(parent: int, tokens: Sequence[int]) -> int:
     """The hash of a page holding `tokens` whose preceding prefix hashes to `parent` (unsigned 64-bit)."""
-    h = hashlib.blake2b(parent.to_bytes(8, "big"), digest_size=8)
-    h.update(struct.pack(f"<{len(tokens)}i", *tokens))
-    return int.from_bytes(h.digest(), "big")
+    return _chain_packed(parent, struct.pack(f"<{len(tokens)}i", *tokens))
+
+
+def _chain_packed(parent: int, packed: bytes) -> int:
+    """`chain` with the page's tokens already packed (little-endian int32)."""
+    return int.from_bytes(hashlib.blake2b(parent.to_bytes(8, "big") + packed, digest_size=8).digest(), "big")
 
 
 def sequence_hashes(tokens: Sequence[int], page_size: int, namespace: str = "") -> list[int]:
@@ -53,9 +56,9 @@ def sequence_hashes(tokens: Sequence[int], page_size: int, namespace: str = "") 
     page after page, with the tokens packed once (a router hashes every prompt on its request path)."""
     n = len(tokens) // page_size
     raw = struct.pack(f"<{n * page_size}i", *tokens[:n * page_size])
-    width, blake, h, out = 4 * page_size, hashlib.blake2b, _root_hash(namespace), []
+    width, h, out = 4 * page_size, _root_hash(namespace), []
     for off in range(0, n * width, width):
-        h = int.from_bytes(blake(h.to_bytes(8, "big") + raw[off:off + width], digest_size=8).digest(), "big")
+        h = _chain_packed(h, raw[off:off + width])
         out.append(h)
     return out
 

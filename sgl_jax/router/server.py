@@ -48,24 +48,34 @@ def error_bytes(message: str, sse: bool, code: int = 502) -> bytes:
     return (f"data: {err}\n\ndata: [DONE]\n\n" if sse else err).encode()
 
 
-def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event) -> threading.Thread:
-    """A thread mirroring `replica`'s cache from its KV events until `stop` (for a front end whose event loop is
-    not its own: the Ray request router; the HTTP router uses `subscribe_on_loop`)."""
+def _events_socket(replica: Replica, endpoint: str, topic: str):
+    """A ZMQ SUB socket on `replica`'s KV-event stream, and a function applying one received message to its
+    mirror."""
     import msgspec
     import zmq
 
+    sock = zmq.Context.instance().socket(zmq.SUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
+    decode = msgspec.msgpack.Decoder().decode
+
+    def apply(frames) -> None:
+        replica.apply(decode(frames[2])[1])  # (topic, sequence, payload)
+
+    return sock, apply
+
+
+def subscribe(replica: Replica, endpoint: str, topic: str, stop: threading.Event) -> threading.Thread:
+    """A thread mirroring `replica`'s cache from its KV events until `stop` (for a front end whose event loop is
+    not its own: the Ray request router; the HTTP router uses `subscribe_on_loop`)."""
+
     def run():
-        ctx = zmq.Context.instance()
-        sock = ctx.socket(zmq.SUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint)
-        sock.setsockopt_string(zmq.SUBSCRIBE, topic)
-        decode = msgspec.msgpack.Decoder().decode
+        sock, apply = _events_socket(replica, endpoint, topic)
         try:
             while not stop.is_set():
                 if sock.poll(100):
-                    _, _, payload = sock.recv_multipart()
-                    replica.apply(decode(payload)[1])
+                    apply(sock.recv_multipart())
         finally:
             sock.close(0)
 
@@ -80,24 +90,18 @@ def subscribe_on_loop(replica: Replica, endpoint: str, topic: str, loop: asyncio
     takes the GIL from the loop at every event batch, a hand-off that waits for the OS to run it when the workers
     hold the cores). The socket's FD wakes the loop; at most `batch` messages are applied per wake-up before the
     loop gets its turn again. Returns the socket (close it to stop)."""
-    import msgspec
     import zmq
 
-    sock = zmq.Context.instance().socket(zmq.SUB)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    sock.setsockopt_string(zmq.SUBSCRIBE, topic)
-    decode = msgspec.msgpack.Decoder().decode
+    sock, apply = _events_socket(replica, endpoint, topic)
 
     def drain():
         for _ in range(batch):
             if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 return  # (reading EVENTS also re-arms the FD's signal)
             try:
-                _, _, payload = sock.recv_multipart(zmq.NOBLOCK)
+                apply(sock.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            replica.apply(decode(payload)[1])
         loop.call_soon(drain)  # more waiting: after the loop's other callbacks
 
     loop.add_reader(sock.getsockopt(zmq.FD), drain)
