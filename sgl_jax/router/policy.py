@@ -135,24 +135,16 @@ class Router:
         if self.policy == "round_robin":
             return candidates[next(self._rr) % len(candidates)], None
         # each replica's match once per decision: the mirrors are walked under their locks, page hash by hash
-        matched = {id(r): r.matched_blocks(p.hashes) for r in self.replicas if r.healthy}  # (candidates have room: healthy)
-        top = max((matched[id(h)] for h in self.replicas if h.healthy), default=0) if self.copy_weight else 0
+        matched = {id(r): r.matched_blocks(p.hashes) for r in self.replicas if r.healthy}  # (candidates: healthy)
+        top = max(matched.values(), default=0)  # the most leading blocks of `p` any healthy replica holds
         r = min(candidates, key=lambda r: self.cost(r, p, top, matched[id(r)]))
         return r, matched[id(r)]
 
-    def top_match(self, p: Pending) -> int:
-        """The most leading blocks of `p` any healthy replica holds."""
-        return max((h.matched_blocks(p.hashes) for h in self.replicas if h.healthy), default=0)
-
-    def cost(self, r: Replica, p: Pending, top: int | None = None, matched: int | None = None) -> tuple:
-        """(prefill steps, work, blocks held, requests in flight, requests routed) of `p` on `r`; `top` is
-        `top_match(p)` and `matched` r.matched_blocks(p.hashes) when the caller has them."""
-        m = r.matched_blocks(p.hashes) if matched is None else matched
-        work = self.work(r, p, m)
-        copy = 0.0
-        if self.copy_weight:
-            top = self.top_match(p) if top is None else top
-            copy = self.copy_weight * max(0, top - m) * r.page_size
+    def cost(self, r: Replica, p: Pending, top: int, matched: int) -> tuple:
+        """(prefill steps, work, blocks held, requests in flight, requests routed) of `p` on `r`, given `matched`
+        (r.matched_blocks(p.hashes)) and `top` (the most any healthy replica matches)."""
+        work = self.work(r, p, matched)
+        copy = self.copy_weight * max(0, top - matched) * r.page_size if self.copy_weight else 0.0
         return math.ceil((r.load + work + copy) / r.prefill_chunk), work, len(r.blocks), len(r.inflight), r.routed
 
     def submit(self, p: Pending) -> Replica | None:
