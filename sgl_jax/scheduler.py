@@ -147,10 +147,25 @@ class StepPlan:
     # copies[i] runs after the first copy_after[i] loads: copies and loads run in the order the scheduler made them
     # (a copy may read a page promoted earlier in the round; a load may refill a page freed after a copy read it)
     copy_after: list[int] = dataclasses.field(default_factory=list)
+    # prefixes committed to the cache before this step computes them (`Scheduler._share_in_step`): if the step
+    # fails, `Scheduler.discard_early` takes them out again
+    early: list["EarlyCommit"] = dataclasses.field(default_factory=list)
 
     @property
     def chunks(self) -> list[Chunk]:
         return self.decodes + self.prefills
+
+
+@dataclasses.dataclass
+class EarlyCommit:
+    """A prefix a step computes, committed to the cache before that step runs so another request shares it in
+    the same step: its tokens past `keep` have no keys and values until the step has run. `users`: the requests
+    holding it (the one computing it and those sharing it); if the step fails, they fail with it."""
+
+    namespace: str
+    tokens: tuple
+    keep: int
+    users: list[Request]
 
 
 class OutOfPagesError(RuntimeError):
@@ -160,8 +175,9 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded.
 
-    One class of ~600 lines because admission, chunked prefill, retraction, decode-run sizing and the fork
-    siblings' gate all read and change the same queue, page and slot state within one step.
+    One class of ~650 lines because admission, chunked prefill, retraction, decode-run sizing, sharing a prefix
+    within the step that computes it and the fork siblings' gate all read and change the same queue, page and
+    slot state within one step.
     """
 
     def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid, max_context: int):
@@ -184,6 +200,9 @@ class Scheduler:
         self._marks: list[tuple[int, int, bool]] = []
         self._copies: list[tuple[int, int]] = []  # partial-page reuse: (tree page, request page), next plan
         self._copy_after: list[int] = []  # loads queued before each copy (see StepPlan.copy_after)
+        self._early: list[EarlyCommit] = []  # prefixes shared within the next plan's step (see StepPlan.early)
+        self._early_pages: set[int] = set()  # their pages past `keep`: not to be copied from before that step
+        self.shared_in_step = 0  # requests admitted onto a prefix another request computes in the same step
         self.partial_tokens = 0  # prompt tokens reused from partly matching pages (counted in cached_tokens)
         self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
         self.host_tokens_loaded = 0  # prompt tokens loaded from the host tier (counted in cached_tokens)
@@ -270,7 +289,9 @@ class Scheduler:
         if req.node is not None:
             node = req.node
             ps = self.page_size
-            if keep_cache and req.num_computed >= ps:
+            # (nothing past the tree's pages to commit when it holds more than was computed: a prefix committed
+            # ahead of a step that failed, see `_share_in_step`; its pages stay the tree's)
+            if keep_cache and req.num_computed // ps > req.n_tree:
                 res = commit_running_prefix(self.cache, req.tokens(0, req.num_computed), req.pages, node,
                                             req.namespace)
                 req.pages[:len(res.pages)] = res.pages
@@ -469,7 +490,7 @@ class Scheduler:
                 if not take(r):
                     break
             if budget_tokens > 0 and blocks < max_blocks:
-                admitted = self._admit(take, len(decoding), prefilling, defer)
+                admitted = self._admit(take, chunks, len(decoding), prefilling, defer)
                 if not chunks and defer and any(self._rows_next(r) for r in admitted):
                     return self.schedule(defer=False)  # they decode as rows: plan that step now
 
@@ -503,8 +524,9 @@ class Scheduler:
         plan = StepPlan(dec_chunks, pre_chunks, self._resets, self._marks, full,
                         grid.shape_for(dec_chunks, pre_chunks, full), self._copies,
                         self.cache.take_loads() if getattr(self.cache, "host", None) is not None else [],
-                        self._copy_after)
-        self._resets, self._marks, self._copies, self._copy_after = [], [], [], []
+                        self._copy_after, self._early)
+        self._resets, self._marks, self._copies, self._copy_after, self._early = [], [], [], [], []
+        self._early_pages = set()
         return plan
 
     def _plan_decodes(self, order: list[Request], max_rows: int,
@@ -553,7 +575,7 @@ class Scheduler:
                     best, best_score = (plan[0], plan[1], b), score
         return best
 
-    def _admit(self, take, num_decoding, prefilling, defer: bool = True) -> list[Request]:
+    def _admit(self, take, chunks: list[Chunk], num_decoding, prefilling, defer: bool = True) -> list[Request]:
         cfg = self.cfg
         if len(self.running) >= cfg.max_running_requests or not self.free_slots:
             return []  # nothing can be admitted: skip ordering the whole queue
@@ -566,12 +588,14 @@ class Scheduler:
         for r in ordered:
             if len(self.running) >= cfg.max_running_requests or not self.free_slots:
                 break
-            # Cold-burst sharing: wait for a prefix another request is computing right now.
+            # Cold-burst sharing: share a prefix another request computes in this step, or wait for it.
             cached = self._peek(r)
             limit = r.reuse_limit()  # waiting for another request's prefix cannot help beyond this
-            if not self.cache.disabled and any(min(self._lcp(r, o), limit) - cached >= self.page_size
-                                               for o in inflight):
-                continue
+            if not self.cache.disabled:
+                shared = self._share_in_step(r, cached, limit, inflight, chunks)
+                if shared < 0:
+                    continue
+                cached = max(cached, shared)
             if not self._disk_ready(r, cached):  # loading: its pages are being read from the disk tier
                 continue
             if r.gather is not None and r.gather.gathering():  # a fork's branches start in one step
@@ -594,6 +618,7 @@ class Scheduler:
             cached += self._promote(r, cached)
             cached += self._reuse_partial(r, cached)
             r.num_computed = cached
+            sharing = bool(self._early) and self._on_early(r)
             if r.retractions == 0:
                 r.cached_tokens = cached
             r.slot = self.free_slots.pop()
@@ -605,7 +630,7 @@ class Scheduler:
             if r.uses_penalties:  # the device penalty rows get the prompt and any output so far
                 self._marks += [(r.slot, t, False) for t in r.prompt_ids]
                 self._marks += [(r.slot, t, True) for t in r.output_ids]
-            if not (defer and self._rows_next(r)):
+            if sharing or not (defer and self._rows_next(r)):  # (sharing: in the step that computes its prefix)
                 take(r)  # if the step is full, it continues as a prefilling request next step
             admitted.append(r)
             inflight.append(r)
@@ -615,6 +640,58 @@ class Scheduler:
             if any(a.arrival > r.arrival for a in admitted):
                 r.bypassed += 1
         return admitted
+
+    def _share_in_step(self, r: Request, cached: int, limit: int, inflight: list[Request],
+                       chunks: list[Chunk]) -> int:
+        """Where `r`'s prompt continues past its cached `cached` tokens into a prefix an in-flight request `o`
+        is computing: -1 when `r` must wait for it; else the tokens `r` may take from the cache (`cached`, or
+        more). When `o`'s chunk in this step computes the whole shared prefix (page-aligned), that prefix is
+        committed to the cache now, before the step (`EarlyCommit`), and `r` computes only past it in the same
+        step: a burst of requests on one new prefix (a `select`'s choices, a fork's branches, a cold burst)
+        takes one step, not two. Each layer writes every row's keys and values before any row attends
+        (models/llama.py `_attend`), so `r`'s rows read what `o`'s rows write in that step."""
+        ps = self.page_size
+        waits = [(w, o) for o in inflight if (w := min(self._lcp(r, o), limit)) - cached >= ps]
+        if not waits:
+            return cached
+        w, o = max(waits, key=lambda t: t[0])
+        end = w // ps * ps
+        planned = next((c.end for c in chunks if c.req is o), -1)
+        if planned < end or o.namespace != r.namespace or o.state is not ReqState.RUNNING:
+            return -1  # o computes it in a later step: wait for it
+        tokens = o.tokens(0, end)
+        keep = o.n_tree * ps
+        if self.cache.peek_prefix_len(tokens, o.namespace) != keep:
+            return -1  # the cache holds more of it already (o's copies would be freed): wait as before
+        res = commit_running_prefix(self.cache, tokens, o.pages, o.node, o.namespace)
+        o.pages[:len(res.pages)] = res.pages
+        o.n_tree, o.node = len(res.pages), res.node
+        self._early_pages.update(res.pages[keep // ps:])
+        self._early.append(EarlyCommit(o.namespace, tuple(tokens), keep, [o]))
+        return end
+
+    def _on_early(self, r: Request) -> bool:
+        """Count `r`, just admitted, among the users of a prefix committed ahead of this step if its match
+        reaches into one (then True: it computes the rest of its prompt in this step, not as rows later)."""
+        ps = self.page_size
+        joined = False
+        for e in self._early:
+            if (e.namespace == r.namespace and r.n_tree * ps > e.keep
+                    and r.tokens(0, e.keep + ps) == list(e.tokens[:e.keep + ps]) and r not in e.users):
+                e.users.append(r)
+                joined = True
+        self.shared_in_step += joined
+        return joined
+
+    def discard_early(self, plan: StepPlan) -> bool:
+        """After `plan`'s step failed: take the prefixes committed ahead of it out of the cache (their keys and
+        values were never computed). Their users must have been released first. False when one of them is
+        still held (a prefix hold taken while the step ran): the cache can then not be trusted."""
+        discard = getattr(self.cache, "discard", None)
+        ok = True
+        for e in reversed(plan.early):
+            ok = discard is not None and discard(e.tokens, e.namespace, e.keep) and ok
+        return ok
 
     def _host_extra(self, r: Request, cached: int) -> int:
         """Tokens of `r`'s prompt past its device match `cached` that the host tier holds (up to its reuse limit)."""
@@ -671,7 +748,7 @@ class Scheduler:
         if partial is None or self.cache.disabled or limit <= cached:
             return 0
         found = partial(r.node, r.tokens(cached, min(cached + self.page_size - 1, limit)))
-        if found is None:
+        if found is None or found[0] in self._early_pages:  # (copies run before the step that writes that one)
             return 0
         got = self._alloc(1)
         if got is None:

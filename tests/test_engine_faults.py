@@ -148,6 +148,37 @@ def test_failed_step_fails_its_requests_and_the_engine_goes_on(engine, monkeypat
 
 
 @pytest.mark.timeout(300)
+def test_a_failed_step_leaves_no_uncomputed_shared_prefix_in_the_cache(engine, monkeypatch):
+    """A burst on a new prefix shares it within the step that computes it (committed to the cache ahead of the
+    step). That step fails: every request on the prefix fails, the prefix leaves the cache (nothing is served
+    from pages never written), the invariants hold, and the same burst then gives the outputs it gave before."""
+    prefix = prompts(1, seed=13, lo=30, hi=31)[0]
+    ps = [prefix + [7 + i, 9] for i in range(3)]
+    engine.flush_cache()
+    shared = engine.scheduler.shared_in_step
+    ref = [o["output_ids"] for o in engine.generate(input_ids=ps, sampling_params=GREEDY)]
+    assert engine.scheduler.shared_in_step == shared + 2  # the two after the first shared it in its step
+    engine.flush_cache()
+    orig, calls = engine.runner.run, []
+
+    def once(plan, rows):
+        calls.append(plan)
+        if len(calls) == 1:
+            assert plan.early, "the first step was to compute a shared prefix"
+            raise RuntimeError("injected step fault")
+        return orig(plan, rows)
+
+    monkeypatch.setattr(engine.runner, "run", once)
+    outs = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
+    engine.check_integrity()
+    assert engine.scheduler.cache.peek_prefix_len(prefix) == 0
+    again = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    assert [o["output_ids"] for o in again] == ref
+    assert engine.health() == (True, "ok")
+
+
+@pytest.mark.timeout(300)
 def test_steps_failing_in_a_row_kill_the_engine_visibly(tiny_path):
     with Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False)) as e:
         e.runner.run = lambda plan, rows: (_ for _ in ()).throw(RuntimeError("device lost"))

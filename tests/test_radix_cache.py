@@ -87,6 +87,39 @@ def test_pages_for_budget():
 
 # ------------------------------------------------------------------ radix basics
 @BOTH
+def test_discard_removes_a_path_past_keep_and_everything_below(cls):
+    """discard(tokens, keep): the pages of tokens past `keep` (split mid-edge when needed) and every page and
+    tail below them leave the tree and return to the allocator; what is before `keep`, and other branches,
+    stay. Locked below `keep`: refused, nothing changes."""
+    alloc, c = make(cls, num_pages=40, page_size=4)
+    base = list(range(100, 124))  # 6 pages
+    put(c, base)
+    put(c, base[:16] + [7, 7, 7, 7, 8, 8, 8, 8])  # a branch at page 4
+    put(c, list(range(500, 508)))  # another prefix
+    m = c.match_prefix(base[:8])
+    assert c.insert_tail(m.node, [1, 1], alloc.alloc(1)[0])  # a tail where `keep` ends: it stays
+    deep = c.match_prefix(base)
+    assert c.insert_tail(deep.node, [1, 2], alloc.alloc(1)[0])  # a tail below the discarded part: it goes
+    free_before = alloc.num_free
+    c.lock(deep.node)
+    assert not c.discard(base, "", keep=8)
+    assert c.peek_prefix_len(base) == 24 and alloc.num_free == free_before
+    c.check_integrity()
+    c.unlock(deep.node)
+    assert c.discard(base, "", keep=8)
+    assert c.peek_prefix_len(base) == 8
+    assert c.peek_prefix_len(base[:16] + [7, 7, 7, 7]) == 8  # the branch below page 2 went with it
+    assert c.peek_prefix_len(list(range(500, 508))) == 8
+    assert alloc.num_free == free_before + 4 + 2 + 1  # base's pages 2-5, the branch's 2, the deep tail
+    assert c.num_tails == 1
+    c.check_integrity()
+    assert c.discard(base, "", keep=8)  # nothing left past it: a no-op
+    assert c.discard(list(range(900, 912)), "", keep=0)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        c.discard(base, "", keep=6)
+
+
+@BOTH
 def test_partial_page_not_cached(cls):
     a, c = make(cls, page_size=4)
     pages = a.alloc(2)

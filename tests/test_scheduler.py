@@ -92,12 +92,14 @@ class MockRunner:
             self._copy([pair])
         self._load(plan.loads[done:])
         self.copied_pages = getattr(self, "copied_pages", 0) + len(plan.copies)
-        for c in plan.chunks:
+        for c in plan.chunks:  # every chunk's "KV" written before any is read, as each layer of a step does
             r = c.req
             for i, t in enumerate(c.token_ids):
                 pos = c.start + i
                 self.store[(r.pages[pos // self.ps], pos % self.ps)] = t
             self.computed_tokens += len(c.token_ids)
+        for c in plan.chunks:
+            r = c.req
             if c.samples:
                 # read every earlier position back through the page table: a wrong page shows up here
                 seq = [self.store[(r.pages[p // self.ps], p % self.ps)] for p in range(c.end)]
@@ -192,6 +194,136 @@ def test_cold_burst_computes_shared_prefix_once(disabled):
         assert runner.computed_tokens <= 400 + 16 * (4 + 3 + 4), runner.computed_tokens
 
 
+def test_a_burst_on_a_new_prefix_shares_it_in_the_step_that_computes_it():
+    """Requests sharing an uncached prefix that fits one step: the first computes it, the others are admitted
+    in the same step onto its pages (committed ahead of the step) and compute only past the last whole page
+    of it. The mock runner writes every chunk before reading any back through the page tables, as a layer
+    does, so a sharer reading a page nobody wrote fails; outputs equal a cache-off run's."""
+    prefix = list(range(1, 31))  # 7 whole pages + 2 tokens
+
+    def run(disabled):
+        s = make(num_pages=200, budget=128, disabled=disabled)
+        runner = MockRunner(4)
+        for i in range(4):
+            s.add(Request(f"r{i}", prefix + [500 + i, 600 + i], 3))
+        first = s.schedule()
+        out = runner.run(first)
+        s.on_step_done(first)
+        done = {}
+        apply_outputs(s, first, out, done)
+        s.check_integrity()
+        more, _ = drive(s, runner)
+        done.update(more)
+        return done, first, s, runner
+
+    ref, plan0, _, off = run(True)
+    done, plan, s, runner = run(False)
+    assert done == ref
+    assert [c.req.rid for c in plan.prefills] == ["r0", "r1", "r2", "r3"]  # all four prompts in the first step
+    assert [c.start for c in plan.prefills] == [0, 28, 28, 28]
+    (e,) = plan.early
+    assert e.keep == 0 and e.tokens == tuple(prefix[:28]) and [u.rid for u in e.users] == ["r0", "r1", "r2", "r3"]
+    assert s.shared_in_step == 3 and not plan0.early
+    assert runner.computed_tokens == 32 + 3 * 4 + 4 * 2  # prompts (the prefix once), then 2 decodes each
+
+
+def test_no_partial_page_copy_reads_a_page_its_step_has_yet_to_write():
+    """A short prompt matching part of a page committed ahead of the step (shared within it): copies run
+    before the step, so it must not copy that page (the mock store then lacks those positions and the
+    read-back fails); outputs equal each prompt's alone."""
+    s = make(num_pages=200, budget=16, mixed_blocks=0)
+    runner = MockRunner(4)
+    ps = [list(range(3, 3 + n)) for n in (9, 17, 3)]
+    for i, p in enumerate(ps):
+        s.add(Request(f"r{i}", p, 4))
+    done, _ = drive(s, runner)
+    assert s.shared_in_step == 1
+    assert done == {f"r{i}": expected_output(p, 4) for i, p in enumerate(ps)}
+
+
+def _burst_on_shared_prefixes(seed: int) -> int:
+    """One random run for the test below; returns how many requests shared a prefix within a step."""
+    rng = random.Random(100 + seed)
+    s = make(num_pages=rng.choice([40, 60, 200]), budget=rng.choice([16, 32, 64]), max_running=8,
+             mixed_blocks=rng.choice([0, 2]))
+    runner = MockRunner(4)
+    reqs, k = [], 0
+    for _ in range(4):
+        prefix = [rng.randrange(V) for _ in range(rng.randrange(3, 40))]
+        for _ in range(rng.randrange(2, 6)):
+            cut = rng.randrange(1, len(prefix) + 1) if rng.random() < 0.2 else len(prefix)
+            prompt = prefix[:cut] + [rng.randrange(V) for _ in range(rng.randrange(0, 6))]
+            start = rng.choice([-1, -1, max(len(prompt) - 3, 0)])
+            reqs.append(Request(f"r{k}", prompt, rng.randrange(1, 6), logprob_start=start))
+            k += 1
+    for r in reqs:
+        s.add(r)
+    aborted = {f"r{rng.randrange(k)}" for _ in range(2)}
+    done, _ = drive(s, runner, abort_at={2: sorted(aborted)})
+    for r in reqs:
+        if r.rid in done:
+            assert done[r.rid] == expected_output(r.prompt_ids, r.max_new_tokens), (seed, r.rid)
+        else:
+            assert r.rid in aborted, (seed, r.rid)
+    assert s.alloc.num_free + s.cache.evictable_pages == s.alloc.num_total
+    return s.shared_in_step
+
+
+def test_bursts_on_shared_prefixes_against_the_mock():
+    """Random bursts of prompts sharing new prefixes (lengths on and off page boundaries, short suffixes,
+    prompts ending inside another's first pages), in a pool small enough to evict, some asking for prompt
+    logprobs, with aborts: outputs equal the mock's, every page read back holds its token, the invariants hold
+    after every step; in most runs some requests shared a prefix within a step."""
+    shared = [_burst_on_shared_prefixes(seed) for seed in range(12)]
+    assert sum(n > 0 for n in shared) >= 6, shared
+
+
+def test_a_prefix_computed_over_several_steps_is_waited_for():
+    """When the first request's chunk does not reach the shared prefix's end this step, the others wait for
+    it (sharing in the step would need KV a later step writes); they join the step of its last chunk."""
+    prefix = list(range(1, 101))
+    s = make(num_pages=200, budget=64)
+    runner = MockRunner(4)
+    for i in range(3):
+        s.add(Request(f"r{i}", prefix + [500 + i], 2))
+    plan = s.schedule()
+    assert [c.req.rid for c in plan.prefills] == ["r0"] and not plan.early
+    runner.run(plan)
+    s.on_step_done(plan)
+    s.check_integrity()
+    done, _ = drive(s, runner)
+    assert done == {f"r{i}": expected_output(prefix + [500 + i], 2) for i in range(3)}
+    assert s.shared_in_step == 2
+
+
+def test_a_failed_step_takes_the_prefix_it_shared_out_of_the_cache():
+    """The step that was to compute a prefix shared ahead of it fails: once its requests are released, the
+    prefix's pages leave the cache (their KV was never written) and every page is accounted for; a hold on
+    them taken meanwhile makes the discard refuse, changing nothing."""
+    prefix = list(range(1, 31))
+    s = make(num_pages=200, budget=128)
+    for i in range(3):
+        s.add(Request(f"r{i}", prefix + [500 + i], 2))
+    plan = s.schedule()
+    assert len(plan.early) == 1 and len(plan.early[0].users) == 3
+    hold = s.cache.match_prefix(prefix[:28]).node
+    s.cache.lock(hold)  # a prefix hold taken while the step runs
+    for r in list(s.running):
+        s.abort(r.rid)
+    assert not s.discard_early(plan)
+    assert s.cache.peek_prefix_len(prefix) == 28
+    s.cache.unlock(hold)
+    assert s.discard_early(plan)
+    assert s.cache.peek_prefix_len(prefix) == 0 and s.cache.cached_pages == 0
+    s.check_integrity()
+    assert s.alloc.num_free == s.alloc.num_total
+    runner = MockRunner(4)  # and the same burst again computes everything afresh
+    for i in range(3):
+        s.add(Request(f"again{i}", prefix + [500 + i], 2))
+    done, _ = drive(s, runner)
+    assert done == {f"again{i}": expected_output(prefix + [500 + i], 2) for i in range(3)}
+
+
 def test_cache_hit_reuses_pages_and_gives_same_output():
     s = make()
     prompt = list(range(10, 60))
@@ -262,7 +394,7 @@ def test_a_pending_page_copy_goes_with_its_request():
     s.add(Request("a", list(range(10, 23)), 1))  # 3 whole pages cached
     drive(s, runner)
     s.add(Request("b", list(range(10, 19)) + [5], 2))  # 2 pages + 1 token of the third
-    (b,) = s._admit(lambda r: True, 0, [])
+    (b,) = s._admit(lambda r: True, [], 0, [])
     assert b.cached_tokens == 9 and s._copies == [(s.cache.match_prefix(list(range(10, 22))).pages[2], b.pages[2])]
     s.abort("b")
     assert s._copies == []

@@ -314,6 +314,28 @@ class NaivePrefixCache:
         for k in keys:
             self._entries[k].ref -= 1
 
+    def discard(self, tokens: Sequence[int], namespace: str = "", keep: int = 0) -> bool:
+        """Drop every entry (and tail) extending ``tokens[:keep + page_size]``; False, changing nothing, if one of
+        them is locked or on the host.  See ``RadixCache.discard``."""
+        ps = self.page_size
+        if keep % ps:
+            raise ValueError(f"keep={keep} is not a multiple of the page size {ps}")
+        head = _as_tokens(tokens)[: keep + ps]
+        if len(head) < keep + ps:
+            return True
+
+        def below(key):
+            return key[0] == namespace and key[1][: keep + ps] == head
+
+        doomed = [k for k in self._entries if below(k)]
+        if any(self._entries[k].ref for k in doomed) or any(below(k) for k in self._host):
+            return False
+        freed = [self._entries.pop(k).page for k in doomed]
+        freed += [self._tails.pop(k) for k in list(self._tails) if below(k) and len(k[1]) > keep + ps]
+        if freed:
+            self.allocator.free(freed)
+        return True
+
     def _is_leaf(self, key: tuple[str, tuple]) -> bool:
         ns, toks = key
         n = len(toks) + self.page_size

@@ -620,6 +620,47 @@ class RadixCache(TierMixin):
         node.pages, node.key = node.pages[: npg - need], node.key[: (npg - need) * ps]
         return pages
 
+    def discard(self, tokens: Sequence[int], namespace: str = "", keep: int = 0) -> bool:
+        """Remove the pages of ``tokens`` past its first ``keep`` tokens (a page multiple), and every page below
+        them, from the tree: pages whose keys and values were never computed (the scheduler committed a prefix
+        ahead of a step that then failed). True when nothing of it is left; False, changing nothing, when one of
+        those nodes is locked or not on the device."""
+        ps = self.page_size
+        if keep % ps:
+            raise ValueError(f"keep={keep} is not a multiple of the page size {ps}")
+        toks = _as_tokens(tokens)
+        node, pos = self._roots.get(namespace), 0
+        while node is not None:
+            child = node.children.get(toks[pos : pos + ps])
+            if child is None:
+                return True
+            k = self._edge_match(child.key, toks, pos)
+            if pos + k <= keep:
+                if k < len(child.key):
+                    return True  # it leaves the tree before `keep`
+                node, pos = child, pos + k
+                continue
+            doomed, stack = [], [child]
+            while stack:
+                n = stack.pop()
+                doomed.append(n)
+                stack.extend(n.children.values())
+            if child.ref or any(n.tier for n in doomed):
+                return False
+            if pos < keep:
+                self._split(child, keep - pos)
+            parent = child.parent
+            for n in reversed(doomed):  # leaves first
+                for t in list(n.tails):
+                    self._drop_tail(n, t)
+                pages = self._cut_leaf(n, len(n.pages))
+                self._evictable -= len(pages)
+                self._tree_pages.difference_update(pages)
+                self.allocator.free(pages)
+            self._maybe_push(parent)
+            return True
+        return True
+
     # ---------------------------------------------------------------- reset
     def reset(self) -> None:
         """Flush the cache: free every tree page.  Invalidates all handles.

@@ -364,9 +364,14 @@ class EngineLoop:
             log.exception("engine step failed")
             with self._state:
                 self._step_failures += 1
-                for c in plan.chunks:
-                    if c.req.data.finish_reason is None:
-                        self._fail(c.req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
+                users = [c.req for c in plan.chunks]  # and the requests on a prefix the step was to compute:
+                users += [u for x in plan.early for u in x.users if u.state is ReqState.RUNNING]
+                for req in dict.fromkeys(users):
+                    if req.data.finish_reason is None:
+                        self._fail(req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
+                if not self.scheduler.discard_early(plan):
+                    self._die("a failed step left uncomputed pages in the cache that a prefix hold still uses")
+                    raise _Dead() from e
                 self._check_integrity()
                 if self._step_failures >= self.max_step_failures:
                     self._die(f"{self._step_failures} steps failed in a row; last: {type(e).__name__}: {e}")
