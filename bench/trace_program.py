@@ -1,10 +1,10 @@
 """Where one program's time goes: its engine steps, one by one, beside the runner's compute floor.
 
     python bench/trace_program.py --workload judge [--programs 2] [--config configs/smollm2-135m-int8.yaml]
-                                  [--data ../shared/workloads] [--set key=value ...] [--steps]
+                                  [--data ../shared/workloads] [--set key=value ...] [--steps] [--keep-cache]
 
 Runs the first `--programs` programs of a bench.programs workload one at a time on the in-process engine (cache
-flushed before each, shapes warm), with a step listener. Per program it prints the wall time, the floor as the
+flushed before each unless `--keep-cache`, shapes warm), with a step listener. Per program it prints the wall time, the floor as the
 runner prices it (uncached prompt tokens at the prefill rate + decode steps at the batch-1 step cost, both measured
 in this run by `measure_floor`), and the steps grouped by kind: decode-only steps by their row count, and steps
 that carry prompt tokens with their tokens and shape. Host time (schedule + postprocess) and the gaps between steps
@@ -65,6 +65,9 @@ def main(argv=None) -> None:
     ap.add_argument("--data", default=None, help="the workload data folder (default: bench.programs')")
     ap.add_argument("--set", action="append", default=[], help="config override key=value (as bench.programs)")
     ap.add_argument("--steps", action="store_true", help="list every step")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="no flush between programs: after the first, a workload's shared prefix (few-shot examples) "
+                         "is cached, as in bench.programs' throughput runs")
     args = ap.parse_args(argv)
     sys.path.insert(0, ROOT)
     import bench.programs as programs
@@ -83,7 +86,8 @@ def main(argv=None) -> None:
         steps: list[dict] = []
         target.engine.add_step_listener(lambda info: steps.append(step_row(info)))
         for i, item in enumerate(items):
-            target.flush()
+            if not args.keep_cache or i == 0:
+                target.flush()
             steps.clear()
             before = target.step_counters()
             t0 = time.perf_counter()

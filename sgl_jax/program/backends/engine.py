@@ -5,10 +5,9 @@
   call after the first finds everything before it in the radix cache.
 - `fork(n)`: the parent prompt is prefilled once and held in the radix cache (`Engine.hold_prefix`) until
   every branch has sent its first call; the branches' calls arrive together and are batched.
-- `select`: every choice is scored in one batched request -- the prefix computed once, in the same step (the
-  scheduler shares a prefix within the step that computes it) -- with prompt logprobs only from two tokens
-  before the prompt's end (the same window and normalisation as upstream's client, so the decisions agree),
-  and the choice's exact ids become the state's.
+- `select`: the prefix is prefilled once, then every choice is scored in one batched prefill with prompt
+  logprobs only from two tokens before the prompt's end (the same window and normalisation as upstream's
+  client, so the decisions agree), and the choice's exact ids become the state's.
 - Generated text trimmed by a stop string or ended by EOS keeps only the ids that decode to the kept text.
 
 Host code: the engine is handed in (or built lazily from a config), so importing this module needs no jax.
@@ -147,13 +146,8 @@ class EngineBackend(Backend):
                                     return_logprob=True, return_text_in_logprobs=True, logprob_start_len=start)
 
     def select(self, prompt: Prompt, choices, temperature, method):
-        """One submission: the choices together; the scheduler computes their shared prefix once, in the step
-        that scores them (`Scheduler._share_in_step`). A fork branch's first call still sends the prefix alone
-        first: that request is the branch's arrival among its siblings (`prefix_hold`)."""
         prefix_ids = self.ids(prompt)
-        if prompt.gather is not None:
-            self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0},
-                                 prefix_hold=prompt.gather)
+        self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0}, prefix_hold=prompt.gather)
         start = max(len(prefix_ids) - 2, 0)
         cands = [self.ids(prompt, c) for c in choices]
         outs = self._logprobs(cands, start)
