@@ -301,6 +301,19 @@ class Engine:
 
         return self.loop.call_now(hold)  # not at the next step boundary: a fork's branches start in one step
 
+    def idle_uncached(self, input_ids) -> int | None:
+        """How many tokens of `input_ids` the radix cache lacks, when the engine has nothing else to do (no request
+        running, waiting or compiling a constraint); None when it is busy. For the in-process frontend's choice of
+        one submission or two (`EngineBackend.select`)."""
+
+        def peek():
+            s = self.scheduler
+            if s.running or s.waiting or self.constraints.pending:
+                return None
+            return len(input_ids) - self.cache.peek_prefix_len(list(input_ids))
+
+        return self.loop.call_now(peek)
+
     def gather_siblings(self, hold: "PrefixHold", siblings: int, gather_s: float = GATHER_S) -> None:
         """Make `hold` a fork's sibling group of `siblings` branches for the next `gather_s` seconds: requests sent
         with `prefix_hold=hold` are admitted once that many have arrived, or at the deadline (PrefixHold)."""
@@ -393,6 +406,7 @@ class Engine:
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
                     num_decode_steps=self.loop.stats.num_decode_steps,
                     num_decode_rows=self.loop.stats.num_decode_rows,
+                    num_requests=c["requests"], shared_in_step=s.shared_in_step,
                     num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens, free_pages=self.allocator.num_free,
                     cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
                     cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
