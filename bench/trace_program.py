@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ def step_row(info) -> dict:
     return {"decode_rows": len(plan.decodes), "prefill_chunks": len(plan.prefills), "prompt_tokens": prompt,
             "shape": (sh.num_decode, sh.num_runs, sh.num_blocks, sh.page_width) if sh else None,
             "step_s": info.step_seconds, "device_s": info.device_seconds, "host_s": info.host_seconds,
-            "t_end": time.perf_counter()}
+            "t_end": time.perf_counter(), "minflt": resource.getrusage(resource.RUSAGE_SELF).ru_minflt}
 
 
 def summarize(steps: list[dict], wall: float, floor_s: float) -> list[str]:
@@ -49,11 +50,12 @@ def summarize(steps: list[dict], wall: float, floor_s: float) -> list[str]:
         out.append(f"  decode {rows:2d} rows, shape {shape}: {len(ts):3d} steps, {sum(ts):.3f} s, median "
                    f"{1e3 * statistics.median(ts):.1f} ms (compiled step + fetch "
                    f"{1e3 * statistics.median(s['device_s'] for s in ss):.1f})")
-    for s in steps:
+    for prev, s in zip([None] + steps, steps):
         if s["prompt_tokens"]:
+            faults = f", {s['minflt'] - prev['minflt']} page faults since the last step" if prev else ""
             out.append(f"  prompt step: {s['prompt_tokens']} tokens in {s['prefill_chunks']} chunk(s) + "
                        f"{s['decode_rows']} decode rows, shape (Sd, NR, NB, P) {s['shape']}: "
-                       f"{1e3 * s['step_s']:.1f} ms")
+                       f"{1e3 * s['step_s']:.1f} ms{faults}")
     return out
 
 

@@ -59,6 +59,23 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
     engine.check_integrity()
 
 
+def test_a_burst_on_a_new_prefix_shares_it_within_its_first_step(engine, tiny_path):
+    """Three prompts on one uncached 30-token prefix, submitted together: the second and third are admitted in
+    the first one's step, onto its pages (the scheduler commits them ahead of the step), and the outputs equal
+    an independent forward of each prompt alone."""
+    prefix = prompts(1, seed=21, lo=30, hi=31)[0]
+    ps = [prefix + [11 + i, 5, 3] for i in range(3)]
+    engine.flush_cache()
+    before = engine.stats()
+    outs = engine.generate(input_ids=ps, sampling_params=GREEDY)
+    after = engine.stats()
+    assert after["shared_in_step"] - before["shared_in_step"] == 2
+    assert after["num_steps"] - before["num_steps"] == 12  # every prompt in the first step, then 11 decode steps
+    for ids, out in zip(ps, outs):
+        assert out["output_ids"] == reference_greedy(tiny_path, ids, 12)
+    engine.check_integrity()
+
+
 def test_batched_equals_one_at_a_time_and_cache_hit_equals_miss(engine):
     ps = prompts(8, seed=2)
     engine.flush_cache()

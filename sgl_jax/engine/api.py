@@ -301,19 +301,6 @@ class Engine:
 
         return self.loop.call_now(hold)  # not at the next step boundary: a fork's branches start in one step
 
-    def idle_uncached(self, input_ids) -> int | None:
-        """How many tokens of `input_ids` the radix cache lacks, when the engine has nothing else to do (no request
-        running, waiting or compiling a constraint); None when it is busy. For the in-process frontend's choice of
-        one submission or two (`EngineBackend.select`)."""
-
-        def peek():
-            s = self.scheduler
-            if s.running or s.waiting or self.constraints.pending:
-                return None
-            return len(input_ids) - self.cache.peek_prefix_len(list(input_ids))
-
-        return self.loop.call_now(peek)
-
     def gather_siblings(self, hold: "PrefixHold", siblings: int, gather_s: float = GATHER_S) -> None:
         """Make `hold` a fork's sibling group of `siblings` branches for the next `gather_s` seconds: requests sent
         with `prefix_hold=hold` are admitted once that many have arrived, or at the deadline (PrefixHold)."""
