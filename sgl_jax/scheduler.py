@@ -686,7 +686,8 @@ class Scheduler:
     def discard_early(self, plan: StepPlan) -> bool:
         """After `plan`'s step failed: take the prefixes committed ahead of it out of the cache (their keys and
         values were never computed). Their users must have been released first. False when one of them is
-        still held (a prefix hold taken while the step ran): the cache can then not be trusted."""
+        still held (a prefix hold taken while the step ran, a host-tier load below it): the cache can then not be
+        trusted."""
         discard = getattr(self.cache, "discard", None)
         ok = True
         for e in reversed(plan.early):
