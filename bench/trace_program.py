@@ -4,10 +4,11 @@
                                   [--data ../shared/workloads] [--set key=value ...] [--steps] [--keep-cache]
 
 Runs the first `--programs` programs of a bench.programs workload one at a time on the in-process engine (cache
-flushed before each unless `--keep-cache`, shapes warm), with a step listener. Per program it prints the wall time, the floor as the
-runner prices it (uncached prompt tokens at the prefill rate + decode steps at the batch-1 step cost, both measured
-in this run by `measure_floor`), and the steps grouped by kind: decode-only steps by their row count, and steps
-that carry prompt tokens with their tokens and shape. Host time (schedule + postprocess) and the gaps between steps
+flushed before each unless `--keep-cache`, shapes warm), with a step listener. Per program it prints the wall
+time, the floor as the runner prices it (uncached prompt tokens at the prefill rate + decode steps at the batch-1
+step cost, both measured in this run by `measure_floor`), and the steps grouped by kind: decode-only steps by
+their row count, and steps that carry prompt tokens with their tokens, shape and the page faults the process took
+since the step before. Host time (schedule + postprocess) and the gaps between steps
 (the frontend's own time, waits) are the rest of the wall time. `--steps` lists every step.
 """
 
