@@ -202,6 +202,9 @@ class Scheduler:
         self._copy_after: list[int] = []  # loads queued before each copy (see StepPlan.copy_after)
         self._early: list[EarlyCommit] = []  # prefixes shared within the next plan's step (see StepPlan.early)
         self._early_pages: set[int] = set()  # their pages past `keep`: not to be copied from before that step
+        # ... and those of the plan last made, until its step is done (`on_step_done`) or failed (`discard_early`):
+        # a prefix hold taken while that step runs stops before them (`Engine.hold_prefix`)
+        self.pending_early_pages: set[int] = set()
         self.shared_in_step = 0  # requests admitted onto a prefix another request computes in the same step
         self.partial_tokens = 0  # prompt tokens reused from partly matching pages (counted in cached_tokens)
         self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
@@ -526,7 +529,7 @@ class Scheduler:
                         self.cache.take_loads() if getattr(self.cache, "host", None) is not None else [],
                         self._copy_after, self._early)
         self._resets, self._marks, self._copies, self._copy_after, self._early = [], [], [], [], []
-        self._early_pages = set()
+        self.pending_early_pages, self._early_pages = self._early_pages, set()
         return plan
 
     def _plan_decodes(self, order: list[Request], max_rows: int,
@@ -615,7 +618,8 @@ class Scheduler:
                 m = self.cache.match_prefix([], r.namespace)
                 r.pages, r.n_tree, r.node, cached = [], 0, m.node, 0
             self.cache.lock(r.node)
-            cached += self._promote(r, cached)
+            if not (self._early_pages and r.n_tree and r.pages[r.n_tree - 1] in self._early_pages):
+                cached += self._promote(r, cached)  # (not below a prefix committed ahead of this step: discard_early)
             cached += self._reuse_partial(r, cached)
             r.num_computed = cached
             sharing = bool(self._early) and self._on_early(r)
@@ -686,8 +690,9 @@ class Scheduler:
     def discard_early(self, plan: StepPlan) -> bool:
         """After `plan`'s step failed: take the prefixes committed ahead of it out of the cache (their keys and
         values were never computed). Their users must have been released first. False when one of them is
-        still held (a prefix hold taken while the step ran, a host-tier load below it): the cache can then not be
-        trusted."""
+        still held, which admission (no host-tier load below such a prefix) and `Engine.hold_prefix` (a hold stops
+        before its pages) rule out: the cache could then not be trusted."""
+        self.pending_early_pages = set()
         discard = getattr(self.cache, "discard", None)
         ok = True
         for e in reversed(plan.early):
@@ -796,6 +801,7 @@ class Scheduler:
 
         Called after the device step and BEFORE the engine appends sampled tokens / finishes requests.
         """
+        self.pending_early_pages = set()
         ps = self.page_size
         for c in plan.chunks:
             r = c.req

@@ -59,6 +59,28 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
     engine.check_integrity()
 
 
+def test_a_prefix_hold_stops_before_pages_the_step_in_flight_writes(engine):
+    """While a step that computes a prefix committed ahead of it runs (`Scheduler.pending_early_pages`), a hold
+    (taken between steps' host phases) locks only the pages before that prefix's: were the step to fail, the
+    prefix must leave the cache, which a hold on it would prevent."""
+    ids = prompts(1, seed=22, lo=30, hi=31)[0]
+    engine.flush_cache()
+    engine.generate(input_ids=ids, sampling_params={"max_new_tokens": 0})
+    pages = engine.cache.match_prefix(ids).pages
+    assert len(pages) >= 4
+    engine.scheduler.pending_early_pages = {pages[2]}  # as if the step in flight wrote pages 2.. of it
+    try:
+        h = engine.hold_prefix(ids)
+    finally:
+        engine.scheduler.pending_early_pages = set()
+    assert h.num_tokens == 2 * engine.config.cache.page_size
+    engine.release_prefix(h)
+    h = engine.hold_prefix(ids)
+    assert h.num_tokens == len(pages) * engine.config.cache.page_size
+    engine.release_prefix(h)
+    engine.check_integrity()
+
+
 def test_a_burst_on_a_new_prefix_shares_it_within_its_first_step(engine, tiny_path):
     """Three prompts on one uncached 30-token prefix, submitted together: the second and third are admitted in
     the first one's step, onto its pages (the scheduler commits them ahead of the step), and the outputs equal

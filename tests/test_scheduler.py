@@ -280,6 +280,42 @@ def test_bursts_on_shared_prefixes_against_the_mock():
     assert sum(n > 0 for n in shared) >= 8, shared
 
 
+def test_no_host_load_below_a_prefix_shared_in_its_step():
+    """A follower admitted onto a prefix committed ahead of its step does not load its continuation from the host
+    tier in that step (a load would lock pages below the prefix, and a failed step could then not take the
+    prefix out again): it computes it; the next request loads it as usual. Outputs equal the mock's."""
+    from sgl_jax.cache.costs import TransferCosts
+
+    s = make(num_pages=60, host_slots=32, policy="fcfs", budget=64)
+    runner = MockRunner(4).attach(s)
+    s.transfer_costs = TransferCosts(prefill_s_per_token=1.0, load_s_fixed=10.0, load_s_per_token=0.1)  # > 11 tok
+    prefix, cont = list(range(1, 9)), list(range(100, 116))  # 2 pages (a load does not pay), 4 pages (it does)
+    s.add(Request("r0", prefix + cont + [7], 2))
+    done, _ = drive(s, runner)
+    s.cache.evict(s.cache.evictable_pages)  # all of it to the host tier
+    assert s.cache.peek_prefix_len(prefix + cont) == 0 and s.cache.host_match_len(prefix + cont) == 24
+    o = Request("o", prefix + list(range(200, 208)) + [9], 2)
+    r = Request("r", prefix + cont + [8], 2)
+    s.add(o)
+    s.add(r)
+    plan = s.schedule()
+    assert [c.req.rid for c in plan.prefills] == ["o", "r"] and len(plan.early) == 1
+    assert plan.prefills[1].start == 8 and plan.loads == []  # r computes its continuation
+    s.check_integrity()
+    runner.run(plan)
+    s.on_step_done(plan)
+    apply_outputs(s, plan, {c.req.rid: mock_next(c.req.tokens(0, c.end)) for c in plan.chunks if c.samples}, done)
+    more, _ = drive(s, runner)
+    done.update(more)
+    s.add(Request("r2", prefix + cont + [8], 2))  # on the device now (r computed it)
+    loaded = s.host_tokens_loaded
+    more, _ = drive(s, runner)
+    done.update(more)
+    for rid, prompt in (("o", o.prompt_ids), ("r", r.prompt_ids), ("r2", r.prompt_ids)):
+        assert done[rid] == expected_output(prompt, 2), rid
+    assert s.host_tokens_loaded == loaded
+
+
 def test_a_prefix_computed_over_several_steps_is_waited_for():
     """When the first request's chunk does not reach the shared prefix's end this step, the others wait for
     it (sharing in the step would need KV a later step writes); they join the step of its last chunk."""

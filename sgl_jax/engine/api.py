@@ -291,7 +291,12 @@ class Engine:
         until every branch has been submitted. Each hold must be released exactly once."""
 
         def hold():
-            m = self.cache.match_prefix(list(input_ids))
+            ids = list(input_ids)
+            m = self.cache.match_prefix(ids)
+            pending = self.scheduler.pending_early_pages  # pages the step in flight writes: held only after it
+            cut = next((i for i, p in enumerate(m.pages) if p in pending), None) if pending else None
+            if cut is not None:
+                m = self.cache.match_prefix(ids[:cut * self.cache.page_size])
             if m.num_tokens == 0:
                 return None
             self.cache.lock(m.node)

@@ -370,8 +370,7 @@ class EngineLoop:
                     if req.data.finish_reason is None:
                         self._fail(req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
                 if not self.scheduler.discard_early(plan):
-                    self._die("a failed step left pages it was to compute in the cache, still held (a prefix hold "
-                              "or a host load)")
+                    self._die("a failed step left pages it was to compute in the cache, and they are still held")
                     raise _Dead() from e
                 self._check_integrity()
                 if self._step_failures >= self.max_step_failures:
