@@ -159,13 +159,11 @@ class StepPlan:
 @dataclasses.dataclass
 class EarlyCommit:
     """A prefix a step computes, committed to the cache before that step runs so another request shares it in
-    the same step: its tokens past `keep` have no keys and values until the step has run. `users`: the requests
-    holding it (the one computing it and those sharing it); if the step fails, they fail with it."""
+    the same step: its tokens past `keep` have no keys and values until the step has run."""
 
     namespace: str
     tokens: tuple
     keep: int
-    users: list[Request]
 
 
 class OutOfPagesError(RuntimeError):
@@ -618,11 +616,14 @@ class Scheduler:
                 m = self.cache.match_prefix([], r.namespace)
                 r.pages, r.n_tree, r.node, cached = [], 0, m.node, 0
             self.cache.lock(r.node)
-            if not (self._early_pages and r.n_tree and r.pages[r.n_tree - 1] in self._early_pages):
-                cached += self._promote(r, cached)  # (not below a prefix committed ahead of this step: discard_early)
+            # on a prefix committed ahead of this step: computes the rest in it, and loads nothing below it (a
+            # failed step must be able to take that prefix out again: discard_early)
+            sharing = bool(self._early_pages) and r.n_tree > 0 and r.pages[r.n_tree - 1] in self._early_pages
+            self.shared_in_step += sharing
+            if not sharing:
+                cached += self._promote(r, cached)
             cached += self._reuse_partial(r, cached)
             r.num_computed = cached
-            sharing = bool(self._early) and self._on_early(r)
             if r.retractions == 0:
                 r.cached_tokens = cached
             r.slot = self.free_slots.pop()
@@ -661,7 +662,7 @@ class Scheduler:
         w, o = max(waits, key=lambda t: t[0])
         end = w // ps * ps
         planned = next((c.end for c in chunks if c.req is o), -1)
-        if planned < end or o.namespace != r.namespace or o.state is not ReqState.RUNNING:
+        if planned < end or o.namespace != r.namespace:
             return -1  # o computes it in a later step: wait for it
         tokens = o.tokens(0, end)
         keep = o.n_tree * ps
@@ -671,32 +672,24 @@ class Scheduler:
         o.pages[:len(res.pages)] = res.pages
         o.n_tree, o.node = len(res.pages), res.node
         self._early_pages.update(res.pages[keep // ps:])
-        self._early.append(EarlyCommit(o.namespace, tuple(tokens), keep, [o]))
+        self._early.append(EarlyCommit(o.namespace, tuple(tokens), keep))
         return end
 
-    def _on_early(self, r: Request) -> bool:
-        """Count `r`, just admitted, among the users of a prefix committed ahead of this step if its match
-        reaches into one (then True: it computes the rest of its prompt in this step, not as rows later)."""
-        ps = self.page_size
-        joined = False
-        for e in self._early:
-            if (e.namespace == r.namespace and r.n_tree * ps > e.keep
-                    and r.tokens(0, e.keep + ps) == list(e.tokens[:e.keep + ps]) and r not in e.users):
-                e.users.append(r)
-                joined = True
-        self.shared_in_step += joined
-        return joined
+    def early_users(self) -> list[Request]:
+        """The running requests on a prefix committed ahead of the step in flight (the ones computing it and the
+        ones sharing it: their last tree page is one of its pages); if that step fails, they fail with it."""
+        pending = self.pending_early_pages
+        return [r for r in self.running if r.n_tree and r.pages[r.n_tree - 1] in pending] if pending else []
 
     def discard_early(self, plan: StepPlan) -> bool:
         """After `plan`'s step failed: take the prefixes committed ahead of it out of the cache (their keys and
-        values were never computed). Their users must have been released first. False when one of them is
-        still held, which admission (no host-tier load below such a prefix) and `Engine.hold_prefix` (a hold stops
-        before its pages) rule out: the cache could then not be trusted."""
+        values were never computed). Their users (`early_users`) must have been released first. False when one of
+        them is still held, which admission (no host-tier load below such a prefix) and `Engine.hold_prefix` (a
+        hold stops before its pages) rule out: the cache could then not be trusted."""
         self.pending_early_pages = set()
-        discard = getattr(self.cache, "discard", None)
         ok = True
         for e in reversed(plan.early):
-            ok = discard is not None and discard(e.tokens, e.namespace, e.keep) and ok
+            ok = self.cache.discard(e.tokens, e.namespace, e.keep) and ok
         return ok
 
     def _host_extra(self, r: Request, cached: int) -> int:

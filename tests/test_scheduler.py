@@ -207,22 +207,24 @@ def test_a_burst_on_a_new_prefix_shares_it_in_the_step_that_computes_it():
         for i in range(4):
             s.add(Request(f"r{i}", prefix + [500 + i, 600 + i], 3))
         first = s.schedule()
+        users = [r.rid for r in s.early_users()]
         out = runner.run(first)
         s.on_step_done(first)
+        assert s.early_users() == []  # the step is done: nothing is pending
         done = {}
         apply_outputs(s, first, out, done)
         s.check_integrity()
         more, _ = drive(s, runner)
         done.update(more)
-        return done, first, s, runner
+        return done, first, s, runner, users
 
-    ref, plan0, _, off = run(True)
-    done, plan, s, runner = run(False)
+    ref, plan0, _, off, _ = run(True)
+    done, plan, s, runner, users = run(False)
     assert done == ref
     assert [c.req.rid for c in plan.prefills] == ["r0", "r1", "r2", "r3"]  # all four prompts in the first step
     assert [c.start for c in plan.prefills] == [0, 28, 28, 28]
     (e,) = plan.early
-    assert e.keep == 0 and e.tokens == tuple(prefix[:28]) and [u.rid for u in e.users] == ["r0", "r1", "r2", "r3"]
+    assert e.keep == 0 and e.tokens == tuple(prefix[:28]) and users == ["r0", "r1", "r2", "r3"]
     assert s.shared_in_step == 3 and not plan0.early
     assert runner.computed_tokens == 32 + 3 * 4 + 4 * 2  # prompts (the prefix once), then 2 decodes each
 
@@ -343,7 +345,7 @@ def test_a_failed_step_takes_the_prefix_it_shared_out_of_the_cache():
     for i in range(3):
         s.add(Request(f"r{i}", prefix + [500 + i], 2))
     plan = s.schedule()
-    assert len(plan.early) == 1 and len(plan.early[0].users) == 3
+    assert len(plan.early) == 1 and sorted(r.rid for r in s.early_users()) == ["r0", "r1", "r2"]
     hold = s.cache.match_prefix(prefix[:28]).node
     s.cache.lock(hold)  # a prefix hold taken while the step runs
     for r in list(s.running):

@@ -364,9 +364,8 @@ class EngineLoop:
             log.exception("engine step failed")
             with self._state:
                 self._step_failures += 1
-                users = [c.req for c in plan.chunks]  # and the requests on a prefix the step was to compute:
-                users += [u for x in plan.early for u in x.users if u.state is ReqState.RUNNING]
-                for req in dict.fromkeys(users):
+                # its requests, and those on a prefix it was to compute
+                for req in dict.fromkeys([c.req for c in plan.chunks] + self.scheduler.early_users()):
                     if req.data.finish_reason is None:
                         self._fail(req, f"engine error in step: {type(e).__name__}: {e}", quiet=True)
                 if not self.scheduler.discard_early(plan):

@@ -23,9 +23,9 @@ Off under multi-host: the host/disk KV tiers (each rank would hold its shard of 
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-import functools
 import os
 import pickle
 import socket
