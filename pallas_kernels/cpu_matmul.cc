@@ -19,6 +19,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cmath>
 #include <cstdlib>
@@ -43,6 +44,8 @@ namespace ffi = xla::ffi;
 
 namespace {
 
+using sgl_jax_native::RunRanges;
+using sgl_jax_native::RunRangesOn;
 using sgl_jax_native::RunUnits;
 
 constexpr int64_t kMaxRows = 16;  // the Python side only routes calls with at most this many rows here
@@ -312,6 +315,25 @@ void PanelsMany(const float* x, const float* w, float* y, int64_t M, int64_t K, 
   }
 }
 
+// Whether the packed kernels' units go out as one contiguous range a thread (RunRanges, 1) or one at a time to
+// whichever thread is free (RunUnits, 0): SglJaxMatmulRanges switches it for A/B runs and tests.
+std::atomic<int> g_ranges{1};
+
+// fn(p0, p1, pf_end) for the panels [0, P) of a packed product, cut into `units` units of whole `group`s of panels
+// (a tile's panels), [p0, p1) one unit's; pf_end is where the thread's range ends, up to which a unit's last tile
+// may prefetch the next unit's first weights (the same thread's next unit, unless another thread took it). Each
+// output column is computed by the same tile either way, so the results do not depend on the switch.
+template <typename F>
+void ForPanelUnits(ffi::ThreadPool& pool, int64_t P, int64_t group, int64_t units, F fn) {
+  const int64_t groups = (P + group - 1) / group;
+  auto at = [=](int64_t u) { return std::min(P, u * groups / units * group); };
+  if (g_ranges.load(std::memory_order_relaxed)) {
+    RunRanges(pool, units, [=](int64_t u, int64_t end) { fn(at(u), at(u + 1), at(end)); });
+  } else {
+    RunUnits(pool, units, [=](int64_t u) { fn(at(u), at(u + 1), at(u + 1)); });
+  }
+}
+
 // y = x @ w with float32 w packed [P, K, 16], N = 16 P.
 ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const float* xp, ffi::Span<const int64_t> wd,
                      const float* wp, float* yp) {
@@ -335,9 +357,7 @@ ffi::Error PackedF32(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const f
   // thread.
   const int64_t group = M == 1 ? 4 : M == 2 ? 2 : 1, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
-  RunUnits(pool, units, [=](int64_t u) {
-    run(std::min(P, u * groups / units * group), std::min(P, (u + 1) * groups / units * group));
-  });
+  ForPanelUnits(pool, P, group, units, [=](int64_t p0, int64_t p1, int64_t) { run(p0, p1); });
   return ffi::Error::Success();
 }
 
@@ -698,7 +718,7 @@ constexpr int64_t kQuadKc = 768;
 // panels per pass, two rows 2 (256-bit: more independent accumulators per weight read); then tiles of up to 4 rows
 // x RowTile's panels (2 with 512-bit tiles, else 1).
 void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t N, int64_t p0,
-                int64_t p1) {
+                int64_t p1, int64_t pf_end) {
   const int64_t K = x.K, ps = K * kPanel;
   int64_t p = p0;
   if (M == 1) {
@@ -716,8 +736,8 @@ void QuadPanels(const QuantRows& x, const int8_t* w, const float* scale, float* 
         const int64_t kn = std::min(kc, K - k0);
         // the next weight block (this pair's next k block, else the next pair's first), fetched a share by each
         // of the block's last (up to 4) row tiles: the memory stream runs while they compute
-        const int8_t* next = k0 + kc < K ? w + q * ps + (k0 + kc) * kPanel : q + np_max < p1 ? w + (q + np_max) * ps
-                                                                                              : nullptr;
+        const int8_t* next = k0 + kc < K ? w + q * ps + (k0 + kc) * kPanel
+                             : q + np_max < pf_end ? w + (q + np_max) * ps : nullptr;
         const int64_t parts = std::min<int64_t>(tiles, 4);
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
@@ -869,9 +889,8 @@ ffi::Error PackedInt8(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const 
   // units of whole panel groups (the tiles' panels); small products stay on this thread
   const int64_t group = M == 1 ? 4 : (M == 2 || kWide) ? 2 : 1, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
-  RunUnits(pool, units, [=](int64_t u) {
-    QuadPanels(x, wp, sp, yp, M, N, std::min(P, u * groups / units * group),
-               std::min(P, (u + 1) * groups / units * group));
+  ForPanelUnits(pool, P, group, units, [=](int64_t p0, int64_t p1, int64_t pf_end) {
+    QuadPanels(x, wp, sp, yp, M, N, p0, p1, pf_end);
   });
   return ffi::Error::Success();
 }
@@ -1079,7 +1098,8 @@ inline void Q4RowTile(int64_t R, int64_t NP, const QuantRows& x, int64_t r0, int
 
 // Panels [p0, p1) of y, as QuadPanels cuts them: one row takes 4 panels per pass over all K, more rows blocks of
 // 96 rows x kQuadKc inputs (one pass up to 8 rows) in tiles of up to 4 rows x 2 panels.
-void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1) {
+void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t N, int64_t p0, int64_t p1,
+              int64_t pf_end) {
   const int64_t blocks = x.blocks, ps = blocks * kQ4Bytes;
   int64_t p = p0;
   if (M == 1)
@@ -1090,8 +1110,8 @@ void Q4Panels(const QuantRows& x, const uint8_t* w, float* y, int64_t M, int64_t
     for (int64_t q = p; q < p1; q += 2)
       for (int64_t b0 = 0; b0 < blocks; b0 += kb) {
         const int64_t nb = std::min(kb, blocks - b0);
-        const uint8_t* next = b0 + kb < blocks ? w + q * ps + (b0 + kb) * kQ4Bytes : q + 2 < p1 ? w + (q + 2) * ps
-                                                                                                : nullptr;
+        const uint8_t* next = b0 + kb < blocks ? w + q * ps + (b0 + kb) * kQ4Bytes
+                              : q + 2 < pf_end ? w + (q + 2) * ps : nullptr;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
           Q4RowTile(r1 - r, std::min<int64_t>(2, p1 - q), x, r, b0, nb, w + q * ps, ps, y + r * N + q * kPanel, N,
@@ -1116,9 +1136,8 @@ ffi::Error PackedQ4(ffi::ThreadPool& pool, ffi::Span<const int64_t> xd, const fl
   const QuantRows x = QuantizeRows(pool, xp, M, K, M, true, true);
   const int64_t group = M == 1 ? 4 : 2, groups = (P + group - 1) / group;
   const int64_t units = M * N * K < (1 << 16) ? 1 : std::min<int64_t>(groups, 16);
-  RunUnits(pool, units, [=](int64_t u) {
-    Q4Panels(x, wp, yp, M, N, std::min(P, u * groups / units * group),
-             std::min(P, (u + 1) * groups / units * group));
+  ForPanelUnits(pool, P, group, units, [=](int64_t p0, int64_t p1, int64_t pf_end) {
+    Q4Panels(x, wp, yp, M, N, p0, p1, pf_end);
   });
   return ffi::Error::Success();
 }
@@ -1247,6 +1266,41 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPackedF32Matmul, PackedF32Impl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+// Whether the packed kernels give each thread a contiguous range of their units (1) or hand them out one at a time
+// (0), after `set`: -1 leaves it, 0 or 1 sets it (for A/B runs and tests: pallas_kernels/cpu_matmul.py).
+extern "C" int SglJaxMatmulRanges(int set) {
+  if (set == 0 || set == 1) g_ranges.store(set);
+  return g_ranges.load();
+}
+
+// RunRangesOn under test: `trials` runs of `units` units on `lanes` threads (std::thread), each unit sleeping or
+// yielding at random; returns the number of units that ran other than exactly once, or with an `end` other than
+// their range's (0: correct). For tests/test_cpu_matmul.py.
+extern "C" int64_t SglJaxRangesSelfTest(int64_t units, int64_t lanes, int64_t trials) {
+  int64_t bad = 0;
+  for (int64_t t = 0; t < trials; ++t) {
+    std::vector<std::atomic<int>> runs(units);
+    std::vector<std::atomic<int>> wrong_end(units);
+    std::vector<std::thread> threads;
+    std::atomic<uint64_t> seed{static_cast<uint64_t>(t) * 0x9E3779B97F4A7C15ull + 1};
+    const int64_t l = std::max<int64_t>(1, std::min(lanes, units));
+    RunRangesOn(
+        lanes, [&threads](auto task) { threads.emplace_back(task); }, units,
+        [&](int64_t u, int64_t end) {
+          int64_t k = 0;  // the range holding u: [k units / l, (k + 1) units / l)
+          while (u >= (k + 1) * units / l) ++k;
+          if (end != (k + 1) * units / l) wrong_end[u].fetch_add(1);
+          const uint64_t r = seed.fetch_add(0x9E3779B97F4A7C15ull) >> 59;
+          if (r < 4) std::this_thread::sleep_for(std::chrono::microseconds(r * 20));
+          else if (r < 16) std::this_thread::yield();
+          runs[u].fetch_add(1);
+        });
+    for (auto& th : threads) th.join();
+    for (int64_t u = 0; u < units; ++u) bad += runs[u].load() != 1 || wrong_end[u].load() != 0;
+  }
+  return bad;
+}
 
 // Whether the int8 packed matmul uses AMX (1) or the VNNI tiles (0), after `set`: -1 leaves it, 0 switches AMX off,
 // 1 on where the CPU, the build and the OS allow it (for A/B runs and tests: pallas_kernels/cpu_matmul.py).

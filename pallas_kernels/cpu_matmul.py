@@ -33,11 +33,13 @@ names the cause, and callers keep XLA's dot. TPU and GPU never use these.
     packed_q4_1_matmul(x, w)            x f32 [M, K]; w uint8 [N / 16, K / 32, 320]: a GGUF Q4_1 matrix's blocks
                                         (sgl_jax.models.packing.pack_q4_1) -> f32 [M, N] = x @ W, x quantized per
                                         32 inputs as for int8 (`quantization: gguf`)
+    thread_ranges(on=None), amx_int8(on=None)   switches for A/B runs and tests (the same bits either way)
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import sys
 import threading
 
@@ -143,6 +145,25 @@ def amx_int8(on: bool | None = None) -> bool:
     if not _PACKED_INT8.available():
         return False
     return bool(_PACKED_INT8._state["lib"].SglJaxAmxInt8(-1 if on is None else int(on)))
+
+
+def thread_ranges(on: bool | None = None) -> bool:
+    """Whether the packed matmuls give each thread one contiguous range of their output panels (on: a thread's
+    weight stream runs on from one unit to the next) rather than handing units to whichever thread is free; `on`
+    switches it for this process (A/B runs, tests). Results are the same bit for bit either way. Builds the kernel."""
+    if not _PACKED_INT8.available():
+        return False
+    return bool(_PACKED_INT8._state["lib"].SglJaxMatmulRanges(-1 if on is None else int(on)))
+
+
+def ranges_self_test(units: int, lanes: int, trials: int) -> int:
+    """The kernels' range scheduler (cpu_native.h RunRangesOn) run `trials` times on `lanes` threads with random
+    delays: how many units ran other than exactly once or with the wrong range end (0: correct). For tests."""
+    if not _PACKED_INT8.available():
+        raise RuntimeError(f"the packed matmul is not available: {_PACKED_INT8.why_not()}")
+    fn = _PACKED_INT8._state["lib"].SglJaxRangesSelfTest
+    fn.restype, fn.argtypes = ctypes.c_int64, [ctypes.c_int64] * 3
+    return int(fn(units, lanes, trials))
 
 
 def _keep(keep, m: int) -> jax.Array:

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #if defined(__linux__)
 #include <sched.h>
@@ -50,6 +52,61 @@ void RunUnits(xla::ffi::ThreadPool& pool, int64_t units, F fn) {
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
   work();
   while (c->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+// fn(u, end) for every u in [0, units) on `lanes` threads -- this one and lanes - 1 that `schedule(task)` starts --
+// with the units cut into one contiguous range per thread (this thread the first): a thread runs its own range in
+// order, then takes the units left in the others' ranges from their far ends; `end` is the end of the range u lies
+// in (a thread's next unit, unless another took it). Each range's first and last unclaimed units share one atomic
+// word, so a unit is claimed exactly once (SglJaxRangesSelfTest in cpu_matmul.cc checks it under random delays). A
+// task that starts after the last unit was claimed returns at once: it holds only the shared state and never calls
+// fn, whose captures may be gone by then. Returns when every unit has run.
+template <typename Schedule, typename F>
+void RunRangesOn(int64_t lanes, Schedule schedule, int64_t units, F fn) {
+  if (units <= 0) return;
+  lanes = std::max<int64_t>(1, std::min(lanes, units));
+  struct State {
+    explicit State(int64_t n) : range(n) {}
+    std::vector<std::atomic<uint64_t>> range;  // per range: first unclaimed unit << 32 | last unclaimed unit + 1
+    std::atomic<int64_t> done{0};
+  };
+  auto st = std::make_shared<State>(lanes);
+  for (int64_t l = 0; l < lanes; ++l)
+    st->range[l].store(static_cast<uint64_t>(l * units / lanes) << 32 | static_cast<uint64_t>((l + 1) * units / lanes));
+  auto work = [st, fn, units, lanes](int64_t own) {
+    for (int64_t k = 0; k < lanes; ++k) {
+      const int64_t l = (own + k) % lanes, end = (l + 1) * units / lanes;
+      std::atomic<uint64_t>& r = st->range[l];
+      for (;;) {  // own range from its front, the others from their backs
+        uint64_t v = r.load(std::memory_order_relaxed), next;
+        int64_t u;
+        do {
+          const uint64_t a = v >> 32, b = v & 0xffffffffu;
+          if (a >= b) {
+            u = -1;
+            break;
+          }
+          u = static_cast<int64_t>(k == 0 ? a : b - 1);
+          next = k == 0 ? (a + 1) << 32 | b : a << 32 | (b - 1);
+        } while (!r.compare_exchange_weak(v, next, std::memory_order_acq_rel, std::memory_order_relaxed));
+        if (u < 0) break;
+        fn(u, end);
+        st->done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  };
+  for (int64_t i = 1; i < lanes; ++i) schedule([work, i]() { work(i); });
+  work(0);
+  while (st->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
+}
+
+// RunUnits' threads (this one and up to one helper per other usable CPU on XLA's pool), each with a contiguous range
+// of the units (RunRangesOn): a thread's memory stream runs on from one unit to the next, where RunUnits hands
+// consecutive units to alternate threads (bench/notes.md, "Matmul units: one memory stream a thread").
+template <typename F>
+void RunRanges(xla::ffi::ThreadPool& pool, int64_t units, F fn) {
+  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), UsableCpus() - 1), units - 1);
+  RunRangesOn(helpers + 1, [&pool](auto task) { pool.Schedule(std::move(task)); }, units, fn);
 }
 
 }  // namespace sgl_jax_native

@@ -266,6 +266,46 @@ def test_packed_int8_amx_equals_vnni_bitwise(m, k, n):
 
 
 @pytest.mark.parametrize("kind", ["f32", "int8", "q4_1"])
+@pytest.mark.parametrize("m,k,n", [(1, 576, 1536), (2, 576, 96), (6, 1536, 576), (8, 576, 3072), (16, 576, 960),
+                                   (33, 1536, 80), (200, 576, 48), (3, 64, 16)])
+def test_packed_thread_ranges_change_no_bit(kind, m, k, n):
+    """The packed kernels give each thread a contiguous range of their output panels by default (RunRanges), or
+    hand the same units to whichever thread is free (RunUnits): every column is computed by the same tile either
+    way, so the outputs are equal bit for bit -- with several units per range, ragged panel counts, and a NaN row."""
+    rng = np.random.default_rng(m * 7 + k + n)
+    if kind == "q4_1":
+        from sgl_jax.models.packing import pack_q4_1
+        from test_q4_1 import q4_1_blocks
+
+        k = -(-k // 32) * 32
+        args = (jnp.asarray(pack_q4_1(q4_1_blocks(rng, n, k)[0])),)
+        f = jax.jit(lambda x, w: cpu_matmul.packed_q4_1_matmul(x, w))
+    else:
+        _, wp, sc, _, _ = _packed_case(rng, m, k, n, kind == "int8")
+        args = (wp,) if sc is None else (wp, sc)
+        f = jax.jit(lambda x, *a: cpu_matmul.packed_matmul(x, *a))
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[m // 2, 5] = np.nan
+    assert cpu_matmul.thread_ranges()  # the default
+    try:
+        assert not cpu_matmul.thread_ranges(False)
+        y_units = np.asarray(f(x, *args))
+    finally:
+        assert cpu_matmul.thread_ranges(True)
+    y_ranges = np.asarray(f(x, *args))
+    assert np.array_equal(y_ranges, y_units, equal_nan=True)
+    assert np.all(np.isnan(y_ranges[m // 2])) and np.all(np.isfinite(np.delete(y_ranges, m // 2, axis=0)))
+
+
+@pytest.mark.parametrize("units,lanes", [(1, 2), (2, 2), (3, 2), (16, 2), (16, 3), (7, 4), (5, 9), (100, 8)])
+def test_range_scheduler_runs_every_unit_once(units, lanes):
+    """cpu_native.h's RunRangesOn on real threads with random sleeps and yields in the units (so threads start late,
+    finish their own range early and take from the others'): every unit runs exactly once, and with the end of the
+    range it lies in. A claim that is not one atomic exchange fails this (checked by mutation)."""
+    assert cpu_matmul.ranges_self_test(units, lanes, 200) == 0
+
+
+@pytest.mark.parametrize("kind", ["f32", "int8", "q4_1"])
 @pytest.mark.parametrize("m", [1, 9, 70])
 def test_packed_kernels_compute_only_the_kept_rows(kind, m):
     """`keep` (a traced mask): each kept row's result is, bit for bit, that of the product of the kept rows alone
