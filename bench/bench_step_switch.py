@@ -9,9 +9,10 @@ Each case is bench_model's jitted forward (packed weights where the engine packs
 runner's compile options), called three times a round in each setting, the two settings' order swapped every
 round; the table gives each setting's median, the speed-up, and the floor as bench_ab.py prices it: the weights and
 the rows' keys and values over the copy bandwidth, or the FLOPs over numpy's float32 GEMM rate (for integer
-weights the int8 kernel's large-product rate where it is faster), the larger, measured at the end of the same run. Switches (pallas_kernels/cpu_matmul.py): `thread_ranges` (the
-packed matmuls' units as one contiguous range a thread, or one at a time to whichever thread is free) and
-`amx_int8`. No peer: llama.cpp's step has no such switch (its whole decode step is in bench_served_step.py).
+weights the int8 kernel's large-product rate where it is faster), the larger, measured at the end of the same run.
+Switches (pallas_kernels/cpu_matmul.py): `thread_ranges` (the packed matmuls' units as one contiguous range a
+thread, or one at a time to whichever thread is free) and `amx_int8`. No peer: llama.cpp's step has no such
+switch (its whole decode step is in bench_served_step.py).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def report(res: dict) -> str:
     out = [f"switch {res['switch']} (default {'on' if res['default'] else 'off'}), weights {res['quant']}, KV float16; "
            f"copy bandwidth {res['copy_gbs']:.1f} GB/s, GEMM {res['gemm_gops']:.0f} GOP/s; {res['rounds']} "
            "rounds x 3 calls a setting; peer: skipped (llama.cpp's step has no such switch)",
-           "| step | rows | ctx | off ms | on ms | off / on | floor ms | floor / on |", "|---|---|---|---|---|---|---|---|"]
+           "| step | rows | ctx | off ms | on ms | off / on | floor ms | floor / on |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in res["steps"]:
         out.append(f"| {r['kind']} | {r['rows']} | {r['ctx']} | {r['off_ms']:.2f} | {r['on_ms']:.2f} | "
                    f"{r['off_ms'] / r['on_ms']:.2f}x | {r['floor_ms']:.1f} | {r['floor_ms'] / r['on_ms']:.0%} |")
