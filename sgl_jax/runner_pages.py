@@ -1,9 +1,10 @@
 """Whole KV pages moved as a plan asks: `PageTransfers`, the part of `ModelRunner` (sgl_jax/runner.py) that copies
 pages inside the pool (a request's partly shared page starts as a copy), reads pages out to the host tier's arena
 and writes them back from it, and prices those transfers against a recompute at start-up. Each is one jitted
-gather / scatter over every layer, `COPY_WIDTH` or `TRANSFER_WIDTH` pages a call (one compiled width each), the
-pool donated. Device code; the runner provides `kv`, `host_arena`, `grid`, `num_pages`, `page_size`,
-`prefill_block`, `_copy`, `_gather`, `_scatter`, `_compile`, `_dummy_inputs` and `execute`."""
+gather / scatter over every layer, the pool donated: `COPY_WIDTH` pairs a call, and host-tier transfers in calls of
+`TRANSFER_WIDTHS` pages (`transfer_chunks`: no padding pages). Device code; the runner provides `kv`, `host_arena`,
+`grid`, `num_pages`, `page_size`, `prefill_block`, `_copy`, `_gather`, `_scatter`, `_compile`, `_dummy_inputs` and
+`execute`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,25 @@ from sgl_jax.scheduler import StepPlan
 from sgl_jax.shapes import StepShape
 
 COPY_WIDTH = 8  # page copies per call
-TRANSFER_WIDTH = 16  # pages per host-tier save / load call (one compiled width each)
+# pages per host-tier save / load call, one compiled gather and scatter each: a round's demotions and a step's loads
+# are mostly a few pages, and a call padded to 16 cost what 16 pages cost (0.5-0.8 ms against 0.12 ms for one
+# page here; bench/notes.md, "Host-tier transfers without padding")
+TRANSFER_WIDTHS = (1, 2, 4, 8, 16)
+
+
+def transfer_chunks(n: int) -> list[tuple[int, int]]:
+    """(start, width) calls that move `n` pages with widths from TRANSFER_WIDTHS and no padding: whole calls of
+    the largest, then the rest by its binary digits (13 -> 8 + 4 + 1)."""
+    top = TRANSFER_WIDTHS[-1]
+    out, start = [], 0
+    while n - start >= top:
+        out.append((start, top))
+        start += top
+    for w in reversed(TRANSFER_WIDTHS[:-1]):
+        if (n - start) & w:
+            out.append((start, w))
+            start += w
+    return out
 
 
 def _copy_pages(kv, src, dst):
@@ -79,13 +98,11 @@ class PageTransfers:
 
     def save_pages_into(self, pages, arena: np.ndarray, rows) -> None:
         """`save_pages` written straight into `arena[rows]` (the host tier's `save_into`: one copy from the
-        gathered pages into their slots). `TRANSFER_WIDTH` pages per call, padded with page 0."""
-        rows = list(rows)
-        for start in range(0, len(pages), TRANSFER_WIDTH):
-            part = list(pages[start:start + TRANSFER_WIDTH])
-            idx = np.zeros(TRANSFER_WIDTH, np.int32)
-            idx[:len(part)] = part
-            data = np.asarray(self._gather(self.kv, idx))[:len(part)]
+        gathered pages into their slots), in `transfer_chunks` calls."""
+        rows, pages = list(rows), list(pages)
+        for start, width in transfer_chunks(len(pages)):
+            part = pages[start:start + width]
+            data = np.asarray(self._gather(self.kv, np.asarray(part, np.int32)))
             data = np.ascontiguousarray(data).reshape(len(part), -1).view(np.uint8)
             at = rows[start:start + len(part)]
             if at == list(range(at[0], at[0] + len(at))):  # consecutive rows: a slice, no index array
@@ -95,18 +112,26 @@ class PageTransfers:
 
     @mirrored
     def load_pages(self, loads) -> None:
-        """Host -> device: (slot, page) pairs from the host arena into the pool (donated; padding writes page 0,
-        the sink). The copy from host memory is dispatched asynchronously, ahead of the step that reads it."""
+        """Host -> device: (slot, page) pairs from the host arena into the pool (donated), in `transfer_chunks`
+        calls. The copy from host memory is dispatched asynchronously, ahead of the step that reads it."""
         k = self.kv[0][0]
         L, shape = len(self.kv), k.shape[1:]
-        for start in range(0, len(loads), TRANSFER_WIDTH):
-            part = loads[start:start + TRANSFER_WIDTH]
-            idx = np.zeros(TRANSFER_WIDTH, np.int32)
-            idx[:len(part)] = [p for _, p in part]
-            rows = np.zeros((TRANSFER_WIDTH, self.page_bytes), np.uint8)
-            rows[:len(part)] = self.host_arena[[s for s, _ in part]]
-            data = rows.view(np.dtype(k.dtype)).reshape(TRANSFER_WIDTH, L, 2, *shape)
+        loads = list(loads)
+        for start, width in transfer_chunks(len(loads)):
+            part = loads[start:start + width]
+            idx = np.asarray([p for _, p in part], np.int32)
+            rows = self.host_arena[np.asarray([s for s, _ in part], np.int64)]  # a copy: the slots may be reused
+            data = rows.view(np.dtype(k.dtype)).reshape(width, L, 2, *shape)
             self.kv = self._scatter(self.kv, idx, data)
+
+    def warm_transfers(self) -> None:
+        """Compile the host tier's save and load for every width in TRANSFER_WIDTHS now (each writes page 0, the
+        sink, onto itself), so that no request pays a compile."""
+        for w in TRANSFER_WIDTHS:
+            self._gather(self.kv, np.zeros(w, np.int32)).block_until_ready()
+            data = self._gather(self.kv, np.zeros(w, np.int32))
+            self.kv = self._scatter(self.kv, np.zeros(w, np.int32), data)
+        jax.block_until_ready(self.kv)
 
     def measure_transfer_costs(self, pages: int = 2 * 16):
         """This machine's prices for the host tier's load-or-recompute choice (sgl_jax/cache/costs.py): a
@@ -134,6 +159,7 @@ class PageTransfers:
             return min(ts)
 
         prefill_s = best(prefill) / (g.prefill_block_buckets[-1] * self.prefill_block)
+        self.warm_transfers()
         arena, self.host_arena = self.host_arena, np.zeros((pages, self.page_bytes), np.uint8)
         try:
             few = [1 + i % (self.num_pages - 1) for i in range(pages)]

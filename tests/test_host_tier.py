@@ -5,6 +5,7 @@ are in test_radix_cache.py)."""
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -123,17 +124,31 @@ def test_flush_frees_every_tier():
 
 
 # ------------------------------------------------------------------------------------- runner copies
-@pytest.mark.parametrize("kv_dtype", ["float32", "float16"])
-def test_runner_save_then_load_restores_pages_bit_for_bit(tiny_path, kv_dtype):
+def test_transfer_chunks_cover_every_page_once_without_padding():
+    from sgl_jax.runner_pages import TRANSFER_WIDTHS, transfer_chunks
+
+    assert transfer_chunks(0) == [] and transfer_chunks(13) == [(0, 8), (8, 4), (12, 1)]
+    for n in range(1, 70):
+        chunks = transfer_chunks(n)
+        assert [start for start, _ in chunks] == list(itertools.accumulate([0] + [w for _, w in chunks[:-1]]))
+        assert sum(w for _, w in chunks) == n and all(w in TRANSFER_WIDTHS for _, w in chunks)
+        assert len(chunks) == n // 16 + bin(n % 16).count("1")  # the fewest calls these widths allow
+
+
+@pytest.mark.parametrize("kv_dtype,n", [("float32", 12), ("float16", 12), ("float16", 1), ("float16", 35)])
+def test_runner_save_then_load_restores_pages_bit_for_bit(tiny_path, kv_dtype, n):
+    """Pages saved to the host arena (as one array, and straight into slots: consecutive and scattered) and loaded
+    back into a clobbered pool come back bit for bit, in calls of every transfer width (12 = 8 + 4, 35 = 16 + 16
+    + 2 + 1) with a page repeated."""
     with Engine(model=tiny_path, progress=False, **dict(TIGHT, kv_dtype=kv_dtype)) as e:
         r = e.runner
         e.generate(input_ids=_prompts(1, 40, 3)[0], sampling_params=GREEDY)  # something in the pool
-        pages = list(range(1, 12)) + [3]  # > TRANSFER_WIDTH is not needed; a repeat is fine
+        pages = [3] if n == 1 else [1 + i % 23 for i in range(n - 1)] + [3]  # the pool has 24 pages past the sink
         before = [np.asarray(k[np.asarray(pages)]).copy() for k, _ in r.kv]
         data = r.save_pages(pages)
         assert data.shape == (len(pages), r.page_bytes) and data.dtype == np.uint8
         for rows in (range(5, 5 + len(pages)), [3 * i + 1 for i in range(len(pages))][::-1]):  # a slice, scattered
-            arena = np.zeros((3 * len(pages) + 1, r.page_bytes), np.uint8)
+            arena = np.zeros((max(rows) + 2, r.page_bytes), np.uint8)
             r.save_pages_into(pages, arena, rows)
             np.testing.assert_array_equal(arena[list(rows)], data)
             assert not np.delete(arena, list(rows), axis=0).any()
