@@ -128,9 +128,8 @@ class PageTransfers:
         """Compile the host tier's save and load for every width in TRANSFER_WIDTHS now (each writes page 0, the
         sink, onto itself), so that no request pays a compile."""
         for w in TRANSFER_WIDTHS:
-            self._gather(self.kv, np.zeros(w, np.int32)).block_until_ready()
-            data = self._gather(self.kv, np.zeros(w, np.int32))
-            self.kv = self._scatter(self.kv, np.zeros(w, np.int32), data)
+            sink = np.zeros(w, np.int32)
+            self.kv = self._scatter(self.kv, sink, self._gather(self.kv, sink))
         jax.block_until_ready(self.kv)
 
     def measure_transfer_costs(self, pages: int = 2 * 16):
