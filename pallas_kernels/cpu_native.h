@@ -27,6 +27,12 @@ inline int64_t UsableCpus() {
   return std::max<int64_t>(1, std::thread::hardware_concurrency());
 }
 
+// Threads a kernel call runs on: this one and one helper per other usable CPU on XLA's pool (at most one per pool
+// thread; more put three threads on two cores: see RunUnits).
+inline int64_t CallThreads(xla::ffi::ThreadPool& pool) {
+  return 1 + std::min<int64_t>(pool.num_threads(), UsableCpus() - 1);
+}
+
 // fn(u) for every u in [0, units), returning when all have run. Units are claimed from a shared counter by this
 // thread and by helpers on XLA's pool, so a thread slowed by other work (XLA runs independent ops side by side;
 // the host may be shared) takes fewer, and a helper that never gets to run is never waited for. Helpers: one fewer
@@ -48,7 +54,7 @@ void RunUnits(xla::ffi::ThreadPool& pool, int64_t units, F fn) {
       c->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), UsableCpus() - 1), units - 1);
+  const int64_t helpers = std::min<int64_t>(CallThreads(pool) - 1, units - 1);
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work]() { work(); });
   work();
   while (c->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
@@ -105,8 +111,7 @@ void RunRangesOn(int64_t lanes, Schedule schedule, int64_t units, F fn) {
 // consecutive units to alternate threads (bench/notes.md, "Matmul units: one memory stream a thread").
 template <typename F>
 void RunRanges(xla::ffi::ThreadPool& pool, int64_t units, F fn) {
-  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(pool.num_threads(), UsableCpus() - 1), units - 1);
-  RunRangesOn(helpers + 1, [&pool](auto task) { pool.Schedule(std::move(task)); }, units, fn);
+  RunRangesOn(CallThreads(pool), [&pool](auto task) { pool.Schedule(std::move(task)); }, units, fn);
 }
 
 }  // namespace sgl_jax_native

@@ -1109,7 +1109,7 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
   const BlockFn<E> block_fn = PickBlock<E>(p);
   const RowFn row_fn = PickRow<E>(p);
   if (row_fn) {
-    const int64_t threads = 1 + std::min<int64_t>(pool.num_threads(), sgl_jax_native::UsableCpus() - 1);
+    const int64_t threads = sgl_jax_native::CallThreads(pool);
     const int64_t k = DecodeSplits(p, threads);
     if (k > 1) return RunSplit<E>(pool, p, bad_page, row_fn, k);
   }
