@@ -27,6 +27,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 
+def step_floor_ms(case: tuple[str, int, int], weight_bytes: int, kv_bytes_per_token: int, flops_per_token: int,
+                  bw: float, gemm: float) -> float:
+    """A whole step's floor: the weights and the keys and values its rows read over the copy bandwidth `bw`, or its
+    FLOPs over the GEMM rate `gemm`, the larger (case: ("decode", rows, ctx) or ("prefill", tokens, tokens))."""
+    kind, rows, ctx = case
+    tokens = rows * ctx if kind == "decode" else ctx
+    return 1e3 * max((weight_bytes + tokens * kv_bytes_per_token) / bw, flops_per_token * rows / gemm)
+
+
 def child(quant: str, cases: list[tuple[str, int, int]], rounds: int, kv_dtype: str | None = None) -> dict:
     """In a child: {"kind rows ctx": median ms} for this checkout (the first one on sys.path)."""
     import numpy as np
@@ -132,10 +141,7 @@ def main(argv=None):
         key = " ".join(map(str, c))
         a = float(np.median([x["ms"][key] for x in results["a"]]))
         b = float(np.median([x["ms"][key] for x in results["b"]]))
-        tokens = c[1] * c[2] if c[0] == "decode" else c[2]
-        nbytes = info["weight_bytes"] + tokens * info["kv_bytes_per_token"]
-        flops = info["flops_per_token"] * c[1]
-        floor = 1e3 * max(nbytes / bw, flops / gemm)
+        floor = step_floor_ms(c, info["weight_bytes"], info["kv_bytes_per_token"], info["flops_per_token"], bw, gemm)
         rows.append({"kind": c[0], "rows": c[1], "ctx": c[2], "a_ms": a, "b_ms": b, "floor_ms": floor})
         print(f"| {c[0]} | {c[1]} | {c[2]} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {floor:.1f} | {floor / b:.0%} |")
     if args.json:

@@ -35,6 +35,7 @@ SWITCHES = ("thread_ranges", "amx_int8")
 def run(switch: str, quant: str, batches: list[int], ctx: int, prefills: list[int], rounds: int) -> dict:
     import bench_model as bm
     import floors
+    from bench_ab import step_floor_ms
     from pallas_kernels import cpu_matmul
 
     flip = getattr(cpu_matmul, switch)
@@ -66,9 +67,8 @@ def run(switch: str, quant: str, batches: list[int], ctx: int, prefills: list[in
     rows = []
     for c in cases:
         off, on = (1e3 * statistics.median(times[(s, c)]) for s in (False, True))
-        tokens = c[1] * c[2] if c[0] == "decode" else c[2]
-        nbytes = mb.weight_bytes + tokens * mb.cfg.kv_bytes_per_token(mb.itemsize)
-        floor = 1e3 * max(nbytes / bw, mb.cfg.flops_per_token() * c[1] / gemm)
+        floor = step_floor_ms(c, mb.weight_bytes, mb.cfg.kv_bytes_per_token(mb.itemsize), mb.cfg.flops_per_token(),
+                              bw, gemm)
         rows.append({"kind": c[0], "rows": c[1], "ctx": c[2], "off_ms": off, "on_ms": on, "floor_ms": floor})
     mb.close()
     return {"switch": switch, "default": bool(default), "quant": quant, "copy_gbs": bw / 1e9,
