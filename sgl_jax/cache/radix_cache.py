@@ -640,11 +640,7 @@ class RadixCache(TierMixin):
                     return True  # it leaves the tree before `keep`
                 node, pos = child, pos + k
                 continue
-            doomed, stack = [], [child]
-            while stack:
-                n = stack.pop()
-                doomed.append(n)
-                stack.extend(n.children.values())
+            doomed = [child] + self._subtree(child)  # parents before children
             if child.ref or any(n.tier for n in doomed):
                 return False
             if pos < keep:
