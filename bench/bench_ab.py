@@ -28,11 +28,13 @@ sys.path.insert(0, HERE)
 
 
 def step_floor_ms(case: tuple[str, int, int], weight_bytes: int, kv_bytes_per_token: int, flops_per_token: int,
-                  bw: float, gemm: float) -> float:
+                  bw: float, gemm: float, kv_tokens: int | None = None) -> float:
     """A whole step's floor: the weights and the keys and values its rows read over the copy bandwidth `bw`, or its
-    FLOPs over the GEMM rate `gemm`, the larger (case: ("decode", rows, ctx) or ("prefill", tokens, tokens))."""
+    FLOPs over the GEMM rate `gemm`, the larger (case: ("decode", rows, ctx) or ("prefill", tokens, tokens));
+    `kv_tokens`: the distinct tokens whose keys and values the step reads, where rows share some (default: every
+    row's own)."""
     kind, rows, ctx = case
-    tokens = rows * ctx if kind == "decode" else ctx
+    tokens = kv_tokens if kv_tokens is not None else rows * ctx if kind == "decode" else ctx
     return 1e3 * max((weight_bytes + tokens * kv_bytes_per_token) / bw, flops_per_token * rows / gemm)
 
 

@@ -248,16 +248,19 @@ class ModelBench:
         r["tok_s"] = length / r["median_s"]
         return r
 
-    def decode_batch(self, batch: int, ctx: int):
-        """`batch` sequences of one new token at KV length `ctx`, pages assigned consecutively."""
+    def decode_batch(self, batch: int, ctx: int, shared: int = 0):
+        """`batch` sequences of one new token at KV length `ctx`, pages assigned consecutively; with `shared`, the
+        sequences share the pages of their first `shared` tokens (whole pages: a fork's branches over one prompt)."""
         from sgl_jax.batch import SeqChunk, pack
         import numpy as np
 
-        pp = math.ceil(ctx / PAGE_SIZE)
-        assert 1 + batch * pp <= self.num_pages
+        pp, common = math.ceil(ctx / PAGE_SIZE), min(shared, ctx - 1) // PAGE_SIZE
+        own = pp - common
+        assert 1 + common + batch * own <= self.num_pages
         rng = np.random.default_rng(1)
         chunks = [SeqChunk([int(rng.integers(self.cfg.vocab_size))], ctx - 1,
-                           list(range(1 + i * pp, 1 + (i + 1) * pp))) for i in range(batch)]
+                           list(range(1, 1 + common)) + list(range(1 + common + i * own, 1 + common + (i + 1) * own)))
+                  for i in range(batch)]
         return pack(chunks, page_size=PAGE_SIZE, block_q=1)
 
     def decode(self, batch: int, ctx: int, n: int) -> dict:

@@ -104,6 +104,15 @@ def decode_split_min_keys(keys: int | None = None) -> int | None:
     return _setting("SglJaxAttentionSplitMinKeys", "decode_split_min_keys", "keys", keys)
 
 
+def decode_shared_min_pages(pages: int | None = None) -> int | None:
+    """The fewest whole leading pages decode rows must share (a fork's branches, requests on one system prompt) for
+    the kernel to compute those pages once for all of them, in the block rows' form (bfloat16 pairs under
+    `bf16_math`), for this process (tests and A/B benches): `pages` sets it (0: every decode row reads its pages
+    alone), None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no
+    AVX-512: rows read their pages alone). Raises if the kernel is not available or `pages` is negative."""
+    return _setting("SglJaxAttentionSharedMinPages", "decode_shared_min_pages", "pages", pages)
+
+
 def _setting(export: str, fn: str, arg: str, value: int | None) -> int | None:
     """A process-wide kernel setting through its C export: `value` >= 0 sets it, None reads it; None back where the
     build has none (the export answers -1)."""

@@ -37,7 +37,11 @@
 // attribute and AVX512-BF16, BlockPageB rounds q, k, p and v to bfloat16 and takes each dot product two products
 // an instruction (VDPBF16PS, float32 sums): the block rows' attention 1.6-1.75x faster, each output within a
 // bfloat16 rounding of its inputs (tests/test_cpu_attention.py; bench/notes.md, "Prefill attention in bfloat16
-// pairs"). Decode rows stay float32.
+// pairs"). Decode rows stay float32, except that with the `bf16` attribute the whole pages several decode rows share
+// (a fork's branches over one prompt) are computed once for all their queries in bfloat16 pairs (RunShared,
+// SharedPieceB: each page widened once, and a query pair's product serves 16 keys), the rows' own keys in float32
+// as above, the partial softmax states merged: 1.2-1.4x the attention of 3-64 such rows (bench/notes.md, "Decode
+// rows' shared pages computed once").
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
 // (cpu_native.h, RunUnits).
@@ -210,6 +214,7 @@ struct Scratch {
   std::vector<float> row;         // RowTwoPass16's scores of a decode row's queries over all its keys
   std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
   std::vector<uint32_t> ktb, vfb, qb;  // BlockPageB's: the page and the row's queries as bfloat16 pairs
+  std::vector<uint32_t> kall, vall, pairs;  // SharedPieceB's: its pages widened, its probabilities as pairs
   std::vector<int64_t> seen_by;   // the block's queries that see some of a page ...
   std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
   int64_t stride = 0;
@@ -230,6 +235,21 @@ struct Scratch {
       lo.resize(p.Bq);
       hi.resize(p.Bq);
     }
+  }
+  // Fit for RunShared's units (RowTwoPass16's and SharedPieceB's): a state per query of every row (index r * H +
+  // head), a page widened in bfloat16 pairs, every row's queries in them; grown only (every unit of a call fits)
+  void FitRows(const Problem& p) {
+    stride = (p.S + 7) / 8 * 8;
+    auto grow = [](auto& v, int64_t n) {
+      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    };
+    grow(s, p.G * stride);
+    grow(m, p.R * p.H);
+    grow(l, p.R * p.H);
+    grow(acc, p.R * p.H * p.D);
+    grow(ktb, p.S * p.D / 2);
+    grow(vfb, p.S * p.D / 2);
+    grow(qb, p.R * p.H * p.D / 2);
   }
 };
 
@@ -793,12 +813,13 @@ void PageGroups(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
 inline __m256i ToBF16(__m512 x) { return (__m256i)_mm512_cvtneps_pbh(x); }
 
 // AccumulateT in bfloat16 pairs: vf [8, D] the page's values as pairs of keys (2 jp, 2 jp + 1) per dimension
+// (query head i's 16 probabilities at p[i])
 template <int C, int NQ>
-inline void AccumulateTB(float* const* out, const float* corr, const float* p, const uint32_t* vf) {
+inline void AccumulateTB(float* const* out, const float* corr, const float* const* p, const uint32_t* vf) {
   __m512 a[NQ][C];
   alignas(32) uint32_t pb[NQ][8];  // each query head's 16 probabilities as 8 pairs
   for (int i = 0; i < NQ; ++i) {
-    _mm256_store_si256(reinterpret_cast<__m256i*>(pb[i]), ToBF16(_mm512_loadu_ps(p + 16 * i)));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(pb[i]), ToBF16(_mm512_loadu_ps(p[i])));
     for (int c = 0; c < C; ++c) a[i][c] = _mm512_mul_ps(_mm512_loadu_ps(out[i] + 16 * c), _mm512_set1_ps(corr[i]));
   }
   for (int jp = 0; jp < 8; ++jp) {
@@ -813,13 +834,14 @@ inline void AccumulateTB(float* const* out, const float* corr, const float* p, c
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
 
-// The block row r's query heads [h0, h1) (all its query slots) as bfloat16 pairs into sc.qb, for BlockPageB
-inline void ConvertQueries(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1) {
+// Row r's query heads [h0, h1) (all its query slots) as bfloat16 pairs into sc.qb, for BlockPageB: slot b at
+// (slot + b) * H (a block row's at slot 0; a decode row sharing pages with others at its own row index, SharedPiece)
+inline void ConvertQueries(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t slot = 0) {
   const int64_t D = p.D;
   for (int64_t b = 0; b < p.Bq; ++b)
     for (int64_t qh = h0 * p.G; qh < h1 * p.G; ++qh) {
       const float* x = p.q + ((r * p.Bq + b) * p.H + qh) * D;
-      uint32_t* y = sc.qb.data() + (b * p.H + qh) * (D / 2);
+      uint32_t* y = sc.qb.data() + ((slot + b) * p.H + qh) * (D / 2);
       for (int64_t d = 0; d < D; d += 16)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + d / 2), ToBF16(_mm512_loadu_ps(x + d)));
     }
@@ -839,28 +861,61 @@ struct BF16Group {
   }
   template <int C, int NQ>
   static void Values(float* const* out, const float* corr, const float* s, const K* vf) {
-    AccumulateTB<C, NQ>(out, corr, s, vf);
+    const float* ps[NQ];
+    for (int i = 0; i < NQ; ++i) ps[i] = s + 16 * i;
+    AccumulateTB<C, NQ>(out, corr, ps, vf);
   }
 };
 
-// BlockPage in bfloat16 pairs (float32 sums): keys as pairs of dimensions, values as pairs of keys, the queries
-// from sc.qb (ConvertQueries) and the probabilities rounded as they are accumulated (AccumulateTB)
+// The 16 x 16 32-bit matrix r (a row a vector) transposed in registers, into r: three rounds of shuffles (pairs,
+// then quads within 128-bit lanes, then the lanes themselves), 64 in all against 256 scalar stores.
+inline void Transpose16(__m512i* r) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4 i + k], 128-bit lane L: column 4 L + k of rows 4 i .. 4 i + 3
+    u[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    u[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    u[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    const __m512i v0 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0x44), v1 = _mm512_shuffle_i32x4(u[k], u[4 + k], 0xEE);
+    const __m512i w0 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0x44);
+    const __m512i w1 = _mm512_shuffle_i32x4(u[8 + k], u[12 + k], 0xEE);
+    r[k] = _mm512_shuffle_i32x4(v0, w0, 0x88);
+    r[4 + k] = _mm512_shuffle_i32x4(v0, w0, 0xDD);
+    r[8 + k] = _mm512_shuffle_i32x4(v1, w1, 0x88);
+    r[12 + k] = _mm512_shuffle_i32x4(v1, w1, 0xDD);
+  }
+}
+
+// A page's keys [j0, j1) as bfloat16 pairs of dimensions, transposed: kt [D / 2, 16] (keys outside: zeros, not
+// read). Each key's 32 dimensions at a time are one vector of 16 pairs; 16 keys' such vectors are transposed in
+// registers (Transpose16).
 template <typename E, int C>
-void BlockPageB(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
-                const typename E::T* kb, const typename E::T* vb) {
+inline void WidenKeysB(const typename E::T* kb, int32_t j0, int32_t j1, uint32_t* kt) {
   constexpr int D = 16 * C;
-  uint32_t* kt = sc.ktb.data();
-  uint32_t* vf = sc.vfb.data();
-  const int32_t j0 = *std::min_element(sc.lo.begin(), sc.lo.begin() + nf);
-  const int32_t j1 = *std::max_element(sc.hi.begin(), sc.hi.begin() + nf);
-  for (int j = 0; j < 16; ++j)
-    for (int c = 0; c < C; ++c) {
-      alignas(32) uint32_t row[8];
+  static_assert(C % 2 == 0, "D a multiple of 32");
+  for (int c = 0; c < C; c += 2) {
+    __m512i r[16];
+    for (int j = 0; j < 16; ++j) {
       const bool read = j >= j0 && j < j1;
-      const __m512 k = read ? E::Load16(kb + j * D + 16 * c) : _mm512_setzero_ps();
-      _mm256_store_si256(reinterpret_cast<__m256i*>(row), ToBF16(k));
-      for (int t = 0; t < 8; ++t) kt[(8 * c + t) * 16 + j] = row[t];
+      const __m512 lo = read ? E::Load16(kb + j * D + 16 * c) : _mm512_setzero_ps();
+      const __m512 hi = read ? E::Load16(kb + j * D + 16 * c + 16) : _mm512_setzero_ps();
+      r[j] = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // dimensions 16 c .. 16 c + 31 as 16 pairs
     }
+    Transpose16(r);
+    for (int d = 0; d < 16; ++d) _mm512_storeu_si512(kt + (8 * c + d) * 16, r[d]);
+  }
+}
+
+// A page's values [j0, j1) as bfloat16 pairs of keys: vf [8, D] (keys outside: zeros, not read)
+template <typename E, int C>
+inline void WidenValuesB(const typename E::T* vb, int32_t j0, int32_t j1, uint32_t* vf) {
+  constexpr int D = 16 * C;
   for (int jp = 0; jp < 8; ++jp)
     for (int c = 0; c < C; ++c) {
       const int j = 2 * jp;
@@ -870,7 +925,58 @@ void BlockPageB(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
                                            _mm512_slli_epi32(_mm512_cvtepu16_epi32(ToBF16(v1)), 16));
       _mm512_storeu_si512(vf + jp * D + 16 * c, pair);
     }
-  PageGroups<BF16Group, C>(p, sc, r, h, nf, kt, vf);
+}
+
+// The raw scores q.k of NQ query heads (bfloat16 pairs) against a page's keys kt [D / 2, 16] (WidenKeysB) into
+// s[i][0:16], A multiply-add chains a query (NQ x A >= 8 keep the multiply-adds' latency covered)
+template <int NQ, int A>
+inline void ScoresTB(const uint32_t* const* q, const uint32_t* kt, int64_t D, float* const* s) {
+  __m512 acc[NQ][A];
+  for (int i = 0; i < NQ; ++i)
+    for (int a = 0; a < A; ++a) acc[i][a] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D / 2; d += A)
+    for (int a = 0; a < A; ++a) {
+      const __m512bh k = (__m512bh)_mm512_loadu_si512(kt + (d + a) * 16);
+      for (int i = 0; i < NQ; ++i)
+        acc[i][a] = _mm512_dpbf16_ps(acc[i][a], (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d + a])), k);
+    }
+  for (int i = 0; i < NQ; ++i) {
+    __m512 t = acc[i][0];
+    for (int a = 1; a < A; ++a) t = _mm512_add_ps(t, acc[i][a]);
+    _mm512_storeu_ps(s[i], t);
+  }
+}
+
+// ScoresTB for NP consecutive pages at once (kt: NP pages of [D / 2, 16], D / 2 * 16 apart; s[i] + 16 pg query i's
+// scores of page pg): each query pair's broadcast serves NP pages, and NQ x NP chains run side by side.
+template <int NQ, int NP>
+inline void ScoresPagesTB(const uint32_t* const* q, const uint32_t* kt, int64_t D, float* const* s) {
+  __m512 acc[NQ][NP];
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < NP; ++g) acc[i][g] = _mm512_setzero_ps();
+  const int64_t page = D / 2 * 16;
+  for (int64_t d = 0; d < D / 2; ++d) {
+    __m512bh k[NP];
+    for (int g = 0; g < NP; ++g) k[g] = (__m512bh)_mm512_loadu_si512(kt + g * page + d * 16);
+    for (int i = 0; i < NQ; ++i) {
+      const __m512bh qd = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[i][d]));
+      for (int g = 0; g < NP; ++g) acc[i][g] = _mm512_dpbf16_ps(acc[i][g], qd, k[g]);
+    }
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int g = 0; g < NP; ++g) _mm512_storeu_ps(s[i] + 16 * g, acc[i][g]);
+}
+
+// BlockPage in bfloat16 pairs (float32 sums): keys as pairs of dimensions, values as pairs of keys, the queries
+// from sc.qb (ConvertQueries) and the probabilities rounded as they are accumulated (AccumulateTB)
+template <typename E, int C>
+void BlockPageB(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
+                const typename E::T* kb, const typename E::T* vb) {
+  const int32_t j0 = *std::min_element(sc.lo.begin(), sc.lo.begin() + nf);
+  const int32_t j1 = *std::max_element(sc.hi.begin(), sc.hi.begin() + nf);
+  WidenKeysB<E, C>(kb, j0, j1, sc.ktb.data());
+  WidenValuesB<E, C>(vb, j0, j1, sc.vfb.data());
+  PageGroups<BF16Group, C>(p, sc, r, h, nf, sc.ktb.data(), sc.vfb.data());
 }
 #endif
 
@@ -895,10 +1001,10 @@ void BlockPage(const Problem& p, Scratch& sc, int64_t r, int64_t h, int64_t nf,
   PageGroups<F32Group, C>(p, sc, r, h, nf, kt, vf);
 }
 
-// BlockPage for pages of 16 keys and D = 64 or 128, else none (every query through the page function)
+// BlockPage (BlockPageB with the `bf16` attribute) for pages of 16 keys and D = 64 or 128, else none
 template <typename E>
-BlockFn<E> PickBlock(const Problem& p) {
-  if (p.Bq < 2 || p.S != 16) return nullptr;
+BlockFn<E> PickPageBlock(const Problem& p) {
+  if (p.S != 16) return nullptr;
 #if defined(__AVX512BF16__)
   if (p.bf16) {
     if (p.D == 64) return &BlockPageB<E, 4>;
@@ -911,8 +1017,14 @@ BlockFn<E> PickBlock(const Problem& p) {
 }
 #else
 template <typename E>
-BlockFn<E> PickBlock(const Problem&) { return nullptr; }
+BlockFn<E> PickPageBlock(const Problem&) { return nullptr; }
 #endif
+
+// The block rows' page function (block rows only: none for decode rows, every query through the page function)
+template <typename E>
+BlockFn<E> PickBlock(const Problem& p) {
+  return p.Bq < 2 ? nullptr : PickPageBlock<E>(p);
+}
 
 // Row r, KV heads [h0, h1). Returns false when a page index is outside the pool (nothing is read from it). The
 // heads are visited inside the page loop: a page's blocks for consecutive heads are adjacent in the pool, so a
@@ -1046,6 +1158,40 @@ int64_t DecodeSplits(const Problem& p, int64_t threads) {
   return k;
 }
 
+// One query's output from n partial softmax states over disjoint key ranges, each [max, sum, output[D]] at
+// base + offs[i]: the outputs weighed by exp(max - the largest max), over the weighed sums; zeros where no state
+// saw a key.
+inline void MergeStates(const float* base, const int64_t* offs, int64_t n, int64_t D, float* o) {
+  float mx = -std::numeric_limits<float>::infinity(), l = 0.0f;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, base[offs[i]]);
+  std::fill(o, o + D, 0.0f);
+  if (mx == -std::numeric_limits<float>::infinity()) return;  // the row sees no key
+  for (int64_t i = 0; i < n; ++i) {
+    const float* si = base + offs[i];
+    if (si[1] <= 0.0f) continue;
+    const float w = std::exp(si[0] - mx);
+    l += si[1] * w;
+    for (int64_t d = 0; d < D; ++d) o[d] += si[2 + d] * w;
+  }
+  const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+  for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+}
+
+// Decode row r's keys [lo, hi] for KV head h (RowTwoPass16) as the partial states of its G queries ([max, sum,
+// output[D]] each, D + 2 apart) at out. False for a page outside the pool.
+inline bool RowRangeState(const Problem& p, Scratch& sc, RowFn row_fn, int64_t r, int64_t h, int64_t lo, int64_t hi,
+                          float* out) {
+  const int64_t G = p.G, D = p.D, W = D + 2, qi = h * G;  // RowTwoPass16's state of a decode row's queries (Bq = 1)
+  std::fill(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + G) * D, 0.0f);
+  if (!row_fn(p, sc, r, h, h + 1, lo, hi)) return false;
+  for (int64_t g = 0; g < G; ++g) {
+    out[g * W] = sc.m[qi + g];
+    out[g * W + 1] = sc.l[qi + g];
+    std::copy(sc.acc.begin() + (qi + g) * D, sc.acc.begin() + (qi + g + 1) * D, out + g * W + 2);
+  }
+  return true;
+}
+
 // The decode problem as R x KV x k units of key ranges (DecodeSplits), then one merge per query.
 template <typename E>
 void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page, RowFn row_fn, int64_t k) {
@@ -1055,7 +1201,7 @@ void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_pa
   RunUnits(pool, p.R * p.KV * k, [&p, parts, k, G, D, W, row_fn, &bad_page](int64_t u) {
     thread_local Scratch sc;
     sc.Fit(p);
-    const int64_t r = u / (p.KV * k), h = u / k % p.KV, i = u % k, S = p.S, qi = h * G;
+    const int64_t r = u / (p.KV * k), h = u / k % p.KV, i = u % k, S = p.S;
     float* out = parts + u * G * W;
     for (int64_t g = 0; g < G; ++g) {
       out[g * W] = -std::numeric_limits<float>::infinity();
@@ -1067,36 +1213,277 @@ void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_pa
     const int64_t c0 = lo / S, np = hi / S - c0 + 1;
     const int64_t a = c0 + np * i / k, b = c0 + np * (i + 1) / k;  // this range's pages [a, b)
     if (a >= b) return;
-    std::fill(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + G) * D, 0.0f);
-    if (!row_fn(p, sc, r, h, h + 1, std::max(lo, a * S), std::min(hi, b * S - 1))) {
-      bad_page.store(true);
-      return;
+    if (!RowRangeState(p, sc, row_fn, r, h, std::max(lo, a * S), std::min(hi, b * S - 1), out)) bad_page.store(true);
+  });
+  std::vector<int64_t> offs(k);
+  for (int64_t i = 0; i < k; ++i) offs[i] = i * G * W;  // range i's state, from range 0's
+  for (int64_t r = 0; r < p.R; ++r)
+    for (int64_t h = 0; h < p.KV; ++h)
+      for (int64_t g = 0; g < G; ++g)
+        MergeStates(parts + (r * p.KV + h) * k * G * W + g * W, offs.data(), k, D, p.out + (r * p.H + h * G + g) * D);
+}
+
+// Decode rows that share their first pages: a fork's branches over one prompt, requests on one system prompt, a
+// sequence's tokens laid out as decode rows. Row by row, every row re-reads (and widens) the shared pages and its
+// G queries score them alone (RowTwoPass16). With the `bf16` attribute (and AVX512-BF16), a run of at least
+// kSharedMinRows rows that share at least g_shared_min_pages whole pages instead computes them once for all its
+// rows' queries (SharedPieceB), each row's own keys past them as before (RowTwoPass16), and the partial softmax
+// states are merged per query (MergeStates). Fewer rows or pages ran no faster (2 rows at 448 shared keys 5 %
+// slower, 6 rows at 64-128 shared keys 15-25 % slower: bench/notes.md, "Decode rows' shared pages computed once").
+// 0 turns it off (SglJaxAttentionSharedMinPages, for tests and A/B runs).
+std::atomic<int64_t> g_shared_min_pages{8};
+constexpr int64_t kSharedMinRows = 3;     // ... and at least this many rows
+constexpr int64_t kSharedRangePages = 8;  // a unit of a run's pages has at least this many
+
+// Rows order[first, first + n) share their first `pages` pages (and see all their keys).
+struct SharedRun {
+  int64_t first, n, pages;
+};
+
+// A unit of RunShared's: run >= 0: that run's pages [lo, hi) for KV head h (SharedPieceB); run < 0: row's own keys
+// [lo, hi] for KV head h (RowTwoPass16). Its partial states (G a row, [max, sum, output[D]] each) go to the call's
+// states at `state`.
+struct Piece {
+  int64_t run, row, h, lo, hi, state;
+};
+
+// The runs of decode rows sharing >= min_pages whole leading pages: the rows whose visible keys start at 0, sorted
+// by their page tables (up to their last whole visible page), then cut where neighbours share fewer than min_pages
+// pages. `whole` gets each row's whole visible pages (0 for a row in no run's reach).
+std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order,
+                                  std::vector<int64_t>& whole) {
+  std::vector<SharedRun> runs;
+  order.clear();
+  whole.assign(p.R, 0);
+  for (int64_t r = 0, lo, hi; r < p.R; ++r) {
+    DecodeKeys(p, r, lo, hi);
+    if (lo == 0 && hi >= 0) whole[r] = std::min((hi + 1) / p.S, p.P);
+    if (whole[r] >= min_pages) order.push_back(r);
+  }
+  const int32_t* t = p.table;
+  auto common = [&](int64_t a, int64_t b) {
+    const int64_t n = std::min(whole[a], whole[b]);
+    int64_t c = 0;
+    while (c < n && t[a * p.P + c] == t[b * p.P + c]) ++c;
+    return c;
+  };
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+    const int64_t c = common(a, b);
+    if (c < std::min(whole[a], whole[b])) return t[a * p.P + c] < t[b * p.P + c];
+    return whole[a] != whole[b] ? whole[a] < whole[b] : a < b;
+  });
+  for (size_t i = 0; i < order.size();) {
+    size_t j = i + 1;
+    int64_t pages = whole[order[i]];
+    for (int64_t c; j < order.size() && (c = common(order[j - 1], order[j])) >= min_pages; ++j)
+      pages = std::min(pages, c);
+    if (static_cast<int64_t>(j - i) >= kSharedMinRows)
+      runs.push_back({static_cast<int64_t>(i), static_cast<int64_t>(j - i), pages});
+    i = j;
+  }
+  return runs;
+}
+
+#if defined(__AVX512BF16__)
+// out[i][0:D] = sum over a piece's keys of query i's probability (bfloat16 pairs of keys, pb[i]) times the key's
+// value (vall: np pages of WidenValuesB's [8, D] pairs): the NQ x C accumulators stay in registers over all pages.
+template <int C, int NQ>
+inline void ValuesAllTB(float* const* out, const uint32_t* const* pb, const uint32_t* vall, int64_t np) {
+  constexpr int D = 16 * C;
+  __m512 a[NQ][C];
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) a[i][c] = _mm512_setzero_ps();
+  for (int64_t jp = 0; jp < np * 8; ++jp) {
+    const uint32_t* v = vall + jp * D;
+    for (int c = 0; c < C; ++c) {
+      const __m512bh vc = (__m512bh)_mm512_loadu_si512(v + 16 * c);
+      for (int i = 0; i < NQ; ++i)
+        a[i][c] = _mm512_dpbf16_ps(a[i][c], (__m512bh)_mm512_set1_epi32(static_cast<int>(pb[i][jp])), vc);
     }
-    for (int64_t g = 0; g < G; ++g) {
-      out[g * W] = sc.m[qi + g];
-      out[g * W + 1] = sc.l[qi + g];
-      std::copy(sc.acc.begin() + (qi + g) * D, sc.acc.begin() + (qi + g + 1) * D, out + g * W + 2);
+  }
+  for (int i = 0; i < NQ; ++i)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
+}
+
+// A run's pages [pc.lo, pc.hi) for KV head pc.h, for all its rows' queries at once, into their states, in two
+// passes as RowTwoPass16 (every score, one softmax per query, then the values): every page of the piece widened
+// once for all the queries (WidenKeysB / WidenValuesB), each query's scores 16 keys a multiply-add (ScoresTB), its
+// probabilities rounded to bfloat16 pairs and its output accumulated over all pages in registers (ValuesAllTB):
+// q.k and p.v in bfloat16 pairs with float32 sums as BlockPageB. False for a page outside the pool.
+template <typename E, int C>
+bool SharedPieceB(const Problem& p, Scratch& sc, const Piece& pc, const int64_t* rows, int64_t n, float* states) {
+  using T = typename E::T;
+  constexpr int64_t D = 16 * C, DP = D / 2;
+  const int64_t G = p.G, S = p.S, W = D + 2, h = pc.h, nq = n * G, np = pc.hi - pc.lo, nk = np * S;
+  const int32_t* t = p.table + rows[0] * p.P + pc.lo;
+  for (int64_t c = 0; c < np; ++c)
+    if (t[c] < 0 || t[c] >= p.N) return false;
+  for (int64_t i = 0; i < n; ++i) ConvertQueries(p, sc, rows[i], h, h + 1, rows[i]);
+  if (static_cast<int64_t>(sc.kall.size()) < np * DP * 16) sc.kall.resize(np * DP * 16);
+  if (static_cast<int64_t>(sc.vall.size()) < np * 8 * D) sc.vall.resize(np * 8 * D);
+  if (static_cast<int64_t>(sc.row.size()) < nq * nk) sc.row.resize(nq * nk);
+  if (static_cast<int64_t>(sc.pairs.size()) < nq * nk / 2) sc.pairs.resize(nq * nk / 2);
+  const int64_t bytes = S * D * sizeof(T);
+  for (int64_t c = 0; c < np; ++c) {
+    if (c + 1 < np) {
+      const int64_t off = (t[c + 1] * p.KV + h) * bytes;
+      for (int64_t o = 0; o < bytes; o += 64) {
+        __builtin_prefetch(static_cast<const char*>(p.k) + off + o);
+        __builtin_prefetch(static_cast<const char*>(p.v) + off + o);
+      }
     }
+    const int64_t blk = (t[c] * p.KV + h) * S * D;
+    WidenKeysB<E, C>(static_cast<const T*>(p.k) + blk, 0, 16, sc.kall.data() + c * DP * 16);
+    WidenValuesB<E, C>(static_cast<const T*>(p.v) + blk, 0, 16, sc.vall.data() + c * 8 * D);
+  }
+  auto qh = [&](int64_t i) { return rows[i / G] * p.H + h * G + i % G; };  // query i's (row, head) index
+  float* s = sc.row.data();  // query i's scores, then probabilities, at s + i * nk
+  for (int64_t i = 0; i < nq;) {  // 8 queries x 2 pages, 4 x 4 or 1 x 8 a call: 16 or 8 chains
+    const int64_t m = nq - i >= 8 ? 8 : nq - i >= 4 ? 4 : 1, npg = m == 8 ? 2 : m == 4 ? 4 : 8;
+    const uint32_t* q[8];
+    float* sp[8];
+    for (int64_t c = 0; c < np;) {
+      const int64_t g = np - c >= npg ? npg : 1;
+      for (int64_t x = 0; x < m; ++x) {
+        q[x] = sc.qb.data() + qh(i + x) * DP;
+        sp[x] = s + (i + x) * nk + c * S;
+      }
+      const uint32_t* kt = sc.kall.data() + c * DP * 16;
+      if (m == 8) g == 2 ? ScoresPagesTB<8, 2>(q, kt, D, sp) : ScoresTB<8, 1>(q, kt, D, sp);
+      else if (m == 4) g == 4 ? ScoresPagesTB<4, 4>(q, kt, D, sp) : ScoresTB<4, 2>(q, kt, D, sp);
+      else g == 8 ? ScoresPagesTB<1, 8>(q, kt, D, sp) : ScoresTB<1, 8>(q, kt, D, sp);
+      c += g;
+    }
+    i += m;
+  }
+  uint32_t* pb = sc.pairs.data();  // query i's probabilities as bfloat16 pairs at pb + i * nk / 2
+  for (int64_t i = 0; i < nq; ++i) {
+    float* st = states + pc.state + i * W;  // row i / G's state block, query i % G
+    st[1] = SoftmaxAll(s + i * nk, nk, p.sm_scale, p.soft_cap, &st[0]);
+    for (int64_t j = 0; j < nk; j += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + i * nk / 2 + j / 2), ToBF16(_mm512_loadu_ps(s + i * nk + j)));
+  }
+  constexpr int kq = C <= 4 ? 4 : 2;  // queries a ValuesAllTB call: kq x C accumulators of 32 registers
+  for (int64_t i = 0; i < nq;) {
+    const int64_t m = nq - i >= kq ? kq : 1;
+    float* out[kq];
+    const uint32_t* pp[kq];
+    for (int64_t x = 0; x < m; ++x) {
+      out[x] = states + pc.state + (i + x) * W + 2;
+      pp[x] = pb + (i + x) * nk / 2;
+    }
+    if (m == kq) ValuesAllTB<C, kq>(out, pp, sc.vall.data(), np);
+    else ValuesAllTB<C, 1>(out, pp, sc.vall.data(), np);
+    i += m;
+  }
+  return true;
+}
+#endif
+
+// SharedPieceB for this problem where there is one (the `bf16` attribute, AVX512-BF16, pages of 16, D = 64 or 128)
+template <typename E>
+using SharedFn = bool (*)(const Problem&, Scratch&, const Piece&, const int64_t*, int64_t, float*);
+
+template <typename E>
+SharedFn<E> PickShared(const Problem& p) {
+#if defined(__AVX512BF16__)
+  if (p.bf16 && p.S == 16 && p.D == 64) return &SharedPieceB<E, 4>;
+  if (p.bf16 && p.S == 16 && p.D == 128) return &SharedPieceB<E, 8>;
+#endif
+  (void)p;
+  return nullptr;
+}
+
+// RunShared's units: each run's pages in ranges (enough for kSplitUnitsPerThread units a thread, each of at least
+// kSharedRangePages pages) a KV head, then every row's own keys past its run's pages (in ranges of at most
+// kOwnRangePages pages) a KV head, longest first; each unit's states at its `state` offset, and each (row, KV head)'s
+// states' offsets in slots [(r * KV + h) * per, + n_slots[r * KV + h]). Returns the floats the states take, or -1
+// where a row's own keys are more than the two-pass form keeps.
+constexpr int64_t kOwnRangePages = 32;
+
+int64_t PlanShared(const Problem& p, const std::vector<SharedRun>& runs, const std::vector<int64_t>& order,
+                   int64_t threads, std::vector<Piece>& pieces, std::vector<int64_t>& slots,
+                   std::vector<int64_t>& n_slots, int64_t& per) {
+  const int64_t G = p.G, W = p.D + 2, S = p.S;
+  const int64_t ranges = (kSplitUnitsPerThread * threads + p.KV - 1) / p.KV;
+  std::vector<int64_t> shared(p.R, 0);  // each row's pages computed in its run
+  int64_t most = 1;
+  for (const SharedRun& run : runs) {
+    most = std::max(most, std::min(ranges, run.pages / kSharedRangePages));
+    for (int64_t i = 0; i < run.n; ++i) shared[order[run.first + i]] = run.pages;
+  }
+  per = most + (p.P + kOwnRangePages - 1) / kOwnRangePages;  // a row's most states a KV head
+  slots.assign(p.R * p.KV * per, 0);
+  n_slots.assign(p.R * p.KV, 0);
+  int64_t size = 0;
+  auto add = [&](const Piece& pc, int64_t r, int64_t off) {
+    slots[(r * p.KV + pc.h) * per + n_slots[r * p.KV + pc.h]++] = off;
+  };
+  pieces.clear();
+  for (size_t j = 0; j < runs.size(); ++j) {
+    const SharedRun& run = runs[j];
+    const int64_t k = std::max<int64_t>(1, std::min(ranges, run.pages / kSharedRangePages));
+    for (int64_t h = 0; h < p.KV; ++h)
+      for (int64_t i = 0; i < k; ++i) {
+        pieces.push_back({static_cast<int64_t>(j), -1, h, run.pages * i / k, run.pages * (i + 1) / k, size});
+        for (int64_t x = 0; x < run.n; ++x) add(pieces.back(), order[run.first + x], size + x * G * W);
+        size += run.n * G * W;
+      }
+  }
+  const size_t first_own = pieces.size();
+  const int64_t two_pass_max = g_two_pass_max.load(std::memory_order_relaxed);
+  for (int64_t r = 0, lo, hi; r < p.R; ++r) {
+    DecodeKeys(p, r, lo, hi);
+    lo = std::max(lo, shared[r] * S);
+    for (int64_t a = lo; a <= hi;) {  // page-aligned ranges of at most kOwnRangePages pages
+      const int64_t e = std::min(hi, (a / S + kOwnRangePages) * S - 1);
+      if ((e - a + 16) * G > two_pass_max) return -1;  // the online form's row: not this path
+      for (int64_t h = 0; h < p.KV; ++h) {
+        pieces.push_back({-1, r, h, a, e, size});
+        add(pieces.back(), r, size);
+        size += G * W;
+      }
+      a = e + 1;
+    }
+  }
+  std::stable_sort(pieces.begin() + first_own, pieces.end(),
+                   [](const Piece& a, const Piece& b) { return a.hi - a.lo > b.hi - b.lo; });
+  return size;
+}
+
+// The decode problem with its shared pages computed once a run (see g_shared_min_pages), then one merge per query:
+// false, having done nothing, where no rows share enough pages (or the build has no SharedPieceB for the problem,
+// or a row's own keys are more than the two-pass form keeps).
+template <typename E>
+bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page, RowFn row_fn, int64_t threads) {
+  const int64_t min_pages = g_shared_min_pages.load(std::memory_order_relaxed);
+  const SharedFn<E> shared_fn = PickShared<E>(p);
+  if (p.Bq != 1 || min_pages <= 0 || p.R < kSharedMinRows || !shared_fn || !row_fn) return false;
+  std::vector<int64_t> order, whole, slots, n_slots;
+  const std::vector<SharedRun> runs = SharedRuns(p, min_pages, order, whole);
+  if (runs.empty()) return false;
+  std::vector<Piece> pieces;
+  int64_t per = 0;
+  const int64_t size = PlanShared(p, runs, order, threads, pieces, slots, n_slots, per);
+  if (size < 0) return false;
+  const int64_t G = p.G, D = p.D, W = D + 2;
+  std::vector<float> state(size);
+  float* states = state.data();
+  RunUnits(pool, static_cast<int64_t>(pieces.size()), [&](int64_t u) {
+    thread_local Scratch sc;
+    sc.FitRows(p);
+    const Piece& pc = pieces[u];
+    const bool ok = pc.run >= 0
+        ? shared_fn(p, sc, pc, order.data() + runs[pc.run].first, runs[pc.run].n, states)
+        : RowRangeState(p, sc, row_fn, pc.row, pc.h, pc.lo, pc.hi, states + pc.state);
+    if (!ok) bad_page.store(true);
   });
   for (int64_t r = 0; r < p.R; ++r)
     for (int64_t h = 0; h < p.KV; ++h)
-      for (int64_t g = 0; g < G; ++g) {
-        const float* st = parts + (r * p.KV + h) * k * G * W + g * W;  // range i's state at st + i * G * W
-        float mx = -std::numeric_limits<float>::infinity(), l = 0.0f;
-        for (int64_t i = 0; i < k; ++i) mx = std::max(mx, st[i * G * W]);
-        float* o = p.out + (r * p.H + h * G + g) * D;
-        std::fill(o, o + D, 0.0f);
-        if (mx == -std::numeric_limits<float>::infinity()) continue;  // the row sees no key
-        for (int64_t i = 0; i < k; ++i) {
-          const float* si = st + i * G * W;
-          if (si[1] <= 0.0f) continue;
-          const float w = std::exp(si[0] - mx);
-          l += si[1] * w;
-          for (int64_t d = 0; d < D; ++d) o[d] += si[2 + d] * w;
-        }
-        const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
-      }
+      for (int64_t g = 0; g < G; ++g)
+        MergeStates(states + g * W, slots.data() + (r * p.KV + h) * per, n_slots[r * p.KV + h], D,
+                    p.out + (r * p.H + h * G + g) * D);
+  return true;
 }
 
 template <typename E>
@@ -1110,6 +1497,7 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
   const RowFn row_fn = PickRow<E>(p);
   if (row_fn) {
     const int64_t threads = sgl_jax_native::CallThreads(pool);
+    if (RunShared<E>(pool, p, bad_page, row_fn, threads)) return;
     const int64_t k = DecodeSplits(p, threads);
     if (k > 1) return RunSplit<E>(pool, p, bad_page, row_fn, k);
   }
@@ -1174,6 +1562,10 @@ extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) { return TwoPassSet
 
 // The fewest keys a decode key range may have (see g_split_min_keys; 0: decode rows are never split).
 extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) { return TwoPassSetting(g_split_min_keys, keys); }
+
+// The fewest whole pages decode rows must share to have them computed once for all of them (see
+// g_shared_min_pages; 0: every decode row reads its pages alone).
+extern "C" int64_t SglJaxAttentionSharedMinPages(int64_t pages) { return TwoPassSetting(g_shared_min_pages, pages); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()

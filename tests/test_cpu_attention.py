@@ -245,7 +245,7 @@ def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, sp
 
 
 def test_decode_rows_ignore_bf16_math(decode_path):
-    """Decode rows (one query a row) stay float32 under `bf16_math`: bit-equal outputs."""
+    """Decode rows (one query a row) with pages of their own stay float32 under `bf16_math`: bit-equal outputs."""
     S = 16
     case = make_case(41, S=S, rows=decode_rows(S), sliding_window=None)
     a = np.asarray(_native(*_args(case), sm_scale=0.4, bf16_math=True))
@@ -296,9 +296,9 @@ def _grouped_decode_case(seed, kv, g, d, alone, window):
 def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window, soft_cap, dtype, monkeypatch,
                                                         decode_path):
     """Decode rows that read the same pages (a fork's branches, a sequence's tokens laid out as decode rows) beside
-    rows of their own, at model head sizes on pages of 16: row units are whole rows from 8 rows on, else (row, KV
-    head). (Group units that read a shared page once for all its rows were tried against this test and measured
-    no faster on an AVX-512 CPU that splits 512-bit FMAs in two: bench/notes.md, session 15.)"""
+    rows of their own, at model head sizes on pages of 16, in float32 math: every row reads its pages alone (row
+    units are whole rows from 8 rows on, else (row, KV head)). The shared pages computed once under `bf16_math`:
+    test_decode_rows_sharing_pages_computed_once_match_reference."""
     import test_attention
 
     for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
@@ -309,6 +309,155 @@ def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window
     kw = dict(sm_scale=0.2, sliding_window=window, soft_cap=soft_cap)
     ref = dense_reference(q, k, v, pt, lens, pos, **kw)
     _check(_native(*_args(case), **kw), ref, pos, lens, 3e-5)
+
+
+@pytest.fixture
+def shared_min_pages():
+    """Sets the kernel's shared-pages path for a test (`set(pages)`, 0 off), restoring it after."""
+    before = cpu_attention.decode_shared_min_pages()
+    if before is None:
+        pytest.fail("no AVX-512 two-pass loops in this build: CI's and the dev machines' CPUs have them")
+    yield cpu_attention.decode_shared_min_pages
+    cpu_attention.decode_shared_min_pages(before)
+
+
+def _nested_fork_case(seed, kv, g, d):
+    """Decode rows (pages of 16) of a tree of forks, shuffled: a 6-page prompt; two branches of 3 more pages each
+    over it, each forked again into rows of their own pages (4 rows, one of 790 keys, whose own keys the kernel
+    cuts in ranges; then 2, one ending exactly at a page edge); one row that parts from the prompt after 3 pages
+    (too few to share); a row whose query sits inside the prompt (4 whole pages seen); rows of their own; a padding
+    row. Every unseen (page, slot) is NaN."""
+    rng = np.random.default_rng(seed)
+    S = 16
+    fresh = iter(rng.permutation(np.arange(1, 300)))
+    own = lambda n: [int(next(fresh)) for _ in range(n)]  # noqa: E731
+    prompt, left, right = own(6), own(3), own(3)
+    rows = [(prompt + left + own(-(-n // S) - 9), n, n - 1) for n in (150, 160, 175, 790)]
+    rows += [(prompt + right + own(-(-n // S) - 9), n, n - 1) for n in (160, 170)]
+    rows += [(prompt[:3] + own(5), 120, 119), (prompt, 96, 70), (own(4), 60, 59), (own(2), 17, 16), ([], 0, -1)]
+    return _decode_rows_case(rng, rows, kv, g, d, N=300, P=52)
+
+
+def _long_prompt_case(seed, kv, g, d):
+    """Decode rows (pages of 16) of a fork over a 41-page prompt (656 keys: the kernel cuts its pages in ranges),
+    branches 1-60 keys past it (one at the prompt's last key), beside rows of their own and a padding row."""
+    rng = np.random.default_rng(seed)
+    fresh = iter(rng.permutation(np.arange(1, 300)))
+    own = lambda n: [int(next(fresh)) for _ in range(n)]  # noqa: E731
+    prompt = own(41)
+    rows = [(prompt + own(-(-n // 16) - 41), n, n - 1) for n in (657, 660, 671, 700, 716)]
+    rows += [(prompt, 656, 655), (own(30), 470, 469), (own(3), 40, 39), ([], 0, -1)]
+    return _decode_rows_case(rng, rows, kv, g, d, N=300, P=46)
+
+
+def _decode_rows_case(rng, rows, kv, g, d, N, P):
+    """(q, k, v, table, lens, pos) for decode rows given as (pages, kv_len, query position), shuffled, pages of 16;
+    every (page, slot) no query sees is NaN, and padded queries too."""
+    S = 16
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    R = len(rows)
+    k = rng.standard_normal((N, kv, S, d)).astype(np.float32)
+    v = rng.standard_normal((N, kv, S, d)).astype(np.float32)
+    poison = np.ones((N, S), bool)
+    table = np.zeros((R, P), np.int32)
+    for r, (pages, n, t) in enumerate(rows):
+        table[r, : len(pages)] = pages
+        for j in range(min(t + 1, n)):
+            poison[pages[j // S], j % S] = False
+    k[np.broadcast_to(poison[:, None, :], k.shape[:3])] = np.nan
+    v[np.broadcast_to(poison[:, None, :], v.shape[:3])] = np.nan
+    lens = np.asarray([n for _, n, _ in rows], np.int32)
+    pos = np.asarray([[t] for _, _, t in rows], np.int32)
+    q = rng.standard_normal((R, 1, kv * g, d)).astype(np.float32)
+    q[pos < 0] = np.nan
+    return q, k, v, table, lens, pos
+
+
+@pytest.mark.parametrize("which", ["fork", "nested", "long"])
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
+@pytest.mark.parametrize("min_pages", [1, 4, 6])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_decode_rows_sharing_pages_computed_once_match_reference(which, kv, g, d, min_pages, soft_cap, dtype,
+                                                                 shared_min_pages, monkeypatch):
+    """Under `bf16_math` (the engine's `attention_math: bfloat16`), decode rows that share at least `min_pages`
+    whole leading pages have them computed once for all their queries (each page widened once, q.k and p.v in
+    bfloat16 pairs with float32 sums as block rows take them), their own keys past them row by row in float32, the
+    partial states merged: on a fork's branches (with a sequence's tokens as rows, rows of their own, padding) and
+    on a tree of forks, against the float64 reference at block rows' bfloat16 tolerance (4e-2; a state merged
+    wrongly is off by O(1)), and against the same call with the path off (0), which it must differ from, so the
+    path ran. Without `bf16_math`, or where the CPU has no AVX512-BF16, every row reads its pages alone in float32:
+    bit-equal outputs either setting."""
+    import test_attention
+
+    for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
+        monkeypatch.setattr(test_attention, name, val)
+    make = {"nested": _nested_fork_case, "long": _long_prompt_case,
+            "fork": lambda s, kv, g, d: _grouped_decode_case(s, kv, g, d, 3, None)}[which]
+    case, widened = _paged_as(make(3 + d + min_pages, kv, g, d), dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.2, soft_cap=soft_cap)
+    ref = dense_reference(q, k, v, pt, lens, pos, **kw)
+    shared_min_pages(0)
+    alone = np.asarray(_native(*_args(case), **kw))
+    np.testing.assert_array_equal(alone, np.asarray(_native(*_args(case), bf16_math=True, **kw)))
+    _check(alone, ref, pos, lens, 3e-5)
+    shared_min_pages(min_pages)
+    np.testing.assert_array_equal(alone, np.asarray(_native(*_args(case), **kw)))
+    out = np.asarray(_native(*_args(case), bf16_math=True, **kw))
+    if not cpu_attention.bf16_math_available():
+        np.testing.assert_array_equal(out, alone)
+        return
+    _check(out, ref, pos, lens, 4e-2)
+    seen = (pos >= 0) & (lens[:, None] > 0)
+    print(f"max |shared - ref| {np.abs(out - ref)[seen].max():.2e}")
+    assert np.abs(out - alone)[seen].max() > 1e-5, "the shared-pages path did not run"
+
+
+@pytest.mark.parametrize("which", ["nested", "long"])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_shared_pages_merge_with_rows_own_keys_to_float32_precision(which, dtype, shared_min_pages, monkeypatch):
+    """The merge itself at float32 precision: the pages several rows read hold zero keys and values, which bfloat16
+    represents exactly (every shared score is 0, every shared probability exp(0 - max), every product 0), so the
+    shared path's output is exact in its shared part and everything else -- the rows' own keys, in page-aligned
+    ranges of at most 32 pages (a 790-key row's are cut), and the merge of all the states -- is float32: held to
+    3e-5 against the float64 reference, where a key dropped or counted twice at a range's edge is not."""
+    import test_attention
+
+    for name, val in (("KV", 3), ("G", 3), ("D", 64), ("H", 9)):
+        monkeypatch.setattr(test_attention, name, val)
+    make = _nested_fork_case if which == "nested" else _long_prompt_case
+    q, k, v, pt, lens, pos = make(17, 3, 3, 64)
+    used = np.concatenate([pt[r, : -(-n // 16)] for r, n in enumerate(lens)])
+    pages, counts = np.unique(used, return_counts=True)
+    k[pages[counts > 1]] = 0.0  # the pages several rows read: the prompts
+    v[pages[counts > 1]] = 0.0
+    case, widened = _paged_as((q, k, v, pt, lens, pos), dtype)
+    shared_min_pages(1)
+    kw = dict(sm_scale=0.2)
+    ref = dense_reference(*widened, **kw)
+    _check(np.asarray(_native(*_args(case), bf16_math=True, **kw)), ref, pos, lens, 3e-5)
+
+
+def test_shared_pages_path_leaves_rows_it_cannot_share_alone(shared_min_pages, monkeypatch):
+    """Under `bf16_math`, rows that share fewer whole pages than the setting give the same bits with the path on
+    and off (it does not run), and so do rows sharing pages whose window starts past the prompt's start."""
+    import test_attention
+
+    dims = 3, 3, 64
+    for name, val in (("KV", 3), ("G", 3), ("D", 64), ("H", 9)):
+        monkeypatch.setattr(test_attention, name, val)
+    windowed, whole = _grouped_decode_case(5, *dims, 3, 37), _grouped_decode_case(5, *dims, 3, None)
+    outs = {}
+    for pages in (0, 4, 50):
+        shared_min_pages(pages)
+        outs[pages] = (np.asarray(_native(*_args(windowed), sm_scale=0.2, sliding_window=37, bf16_math=True)),
+                       np.asarray(_native(*_args(whole), sm_scale=0.2, bf16_math=True)))
+    np.testing.assert_array_equal(outs[0][0], outs[4][0])
+    np.testing.assert_array_equal(outs[0][0], outs[50][0])
+    np.testing.assert_array_equal(outs[0][1], outs[50][1])
+    if cpu_attention.bf16_math_available():
+        assert not np.array_equal(outs[0][1], outs[4][1])  # the rows without a window did share
 
 
 def test_jnp_reference_matches_dense_reference():
@@ -374,6 +523,13 @@ def test_page_index_outside_the_pool_is_an_error_not_a_read(decode_path):
     with pytest.raises(Exception, match="outside the pool"):
         _native(q, k, k, jnp.asarray([[1, 2], [1, 99]], jnp.int32), jnp.asarray([20, 20], jnp.int32),
                 jnp.asarray([[19], [19]], jnp.int32), sm_scale=1.0).block_until_ready()
+    # decode rows sharing four whole pages (the shared-pages path under bf16_math), one of them outside the pool
+    q, k = jnp.ones((3, 1, 2, 64)), jnp.ones((8, 1, 16, 64))
+    table = jnp.asarray([[1, 2, 99, 3, 4], [1, 2, 99, 3, 5], [1, 2, 99, 3, 6]], jnp.int32)
+    for bf16 in (False, True):
+        with pytest.raises(Exception, match="outside the pool"):
+            _native(q, k, k, table, jnp.asarray([70, 70, 70], jnp.int32), jnp.asarray([[69], [69], [69]], jnp.int32),
+                    sm_scale=1.0, bf16_math=bf16).block_until_ready()
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "float16", "bfloat16"])

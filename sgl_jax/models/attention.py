@@ -415,7 +415,8 @@ def get_attention_backend(name: str = "auto", math: str = "float32") -> Attentio
     """`auto` picks the Pallas kernel for the platform (TPU/GPU), and on CPU the native kernel
     (pallas_kernels/cpu_attention.py) when it builds here, else the jnp path. `cpu_native` asks for the native
     kernel and fails, naming the cause, when it cannot be built; float32 operands take it, others the jnp path.
-    `math="bfloat16"`: the native kernel's prefill-chunk dot products in bfloat16 pairs where the CPU has them
+    `math="bfloat16"`: the native kernel's prefill-chunk dot products (and those over pages several decode rows
+    share) in bfloat16 pairs where the CPU has them
     (`cpu_attention.bf16_math_available`); the other backends are unchanged by it."""
     if math not in ATTENTION_MATH:
         raise ValueError(f"attention math {math!r} is unknown; expected one of {ATTENTION_MATH}")
