@@ -226,14 +226,15 @@ class ModelBench:
             return logits
         return run
 
-    def prefill_batch(self, length: int = PREFILL_LEN, block_q: int = 64):
-        """One sequence of `length` random tokens from position 0."""
+    def prefill_batch(self, length: int = PREFILL_LEN, block_q: int = 64, at: int = 0):
+        """One sequence of `length` random tokens from position `at` (after `at` cached tokens: a prompt whose
+        prefix is in the cache)."""
         from sgl_jax.batch import SeqChunk, pack
         import numpy as np
 
-        pages = list(range(1, 1 + math.ceil(length / PAGE_SIZE)))
+        pages = list(range(1, 1 + math.ceil((at + length) / PAGE_SIZE)))
         ids = np.random.default_rng(0).integers(0, self.cfg.vocab_size, length).tolist()
-        return pack([SeqChunk(ids, 0, pages)], page_size=PAGE_SIZE, block_q=block_q)
+        return pack([SeqChunk(ids, at, pages)], page_size=PAGE_SIZE, block_q=block_q)
 
     def time_batch(self, b, n: int) -> dict:
         t0 = time.perf_counter()

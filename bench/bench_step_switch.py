@@ -3,7 +3,8 @@ that a switch turns off (every variant sees the same drifting machine, and no se
 
     python bench/bench_step_switch.py [--switch thread_ranges|amx_int8|shared_pages] [--quant int8|gguf|none]
                                       [--batches 1,2,4,6,8,16,32,64] [--ctx 512] [--shared-prefix 0]
-                                      [--prefill 512,128] [--attention-math bfloat16] [--rounds 6] [--json OUT]
+                                      [--prefill 512,128] [--prefill-at 0] [--attention-math bfloat16]
+                                      [--rounds 6] [--json OUT]
 
 Each case is bench_model's jitted forward (packed weights where the engine packs them, a float16 KV pool, the
 runner's compile options), called three times a round in each setting, the two settings' order swapped every
@@ -14,7 +15,8 @@ Switches: `thread_ranges` (pallas_kernels/cpu_matmul.py: the packed matmuls' uni
 thread, or one at a time to whichever thread is free), `amx_int8`, and `shared_pages` (pallas_kernels/
 cpu_attention.py: decode rows' shared pages computed once for all of them under `bfloat16` attention math, or every
 row's pages alone). `--shared-prefix N`: the decode rows share the pages of their first N tokens (a fork's
-branches over one prompt), and the floor counts those keys and values once. `--attention-math` is the engine's key
+branches over one prompt), and the floor counts those keys and values once; `--prefill-at N`: the prefills start
+after N cached tokens (a prompt whose prefix is in the cache). `--attention-math` is the engine's key
 (bfloat16, the int8 and GGUF presets' setting, by default). No peer: llama.cpp's step has no such switch (its whole
 decode step is in bench_served_step.py).
 """
@@ -53,19 +55,20 @@ def _switch(name: str):
 
 
 def run(switch: str, quant: str, batches: list[int], ctx: int, prefills: list[int], rounds: int,
-        shared: int = 0, attention_math: str = "bfloat16") -> dict:
+        shared: int = 0, attention_math: str = "bfloat16", prefill_at: int = 0) -> dict:
     import bench_model as bm
     import floors
     from bench_ab import step_floor_ms
 
     flip = _switch(switch)
-    cases = [("decode", b, ctx) for b in batches] + [("prefill", n, n) for n in prefills]
+    cases = [("decode", b, ctx) for b in batches] + [("prefill", n, prefill_at + n) for n in prefills]
     common = min(shared, ctx - 1) // bm.PAGE_SIZE * bm.PAGE_SIZE  # the tokens of the pages decode rows share
-    pages = 1 + max([b * -(-ctx // bm.PAGE_SIZE) for b in batches] + [-(-n // bm.PAGE_SIZE) for n in prefills])
+    pages = 1 + max([b * -(-ctx // bm.PAGE_SIZE) for b in batches] +
+                    [-(-(prefill_at + n) // bm.PAGE_SIZE) for n in prefills])
     mb = bm.ModelBench("float32", pages, "auto", quant, kv_dtype="float16", attention_math=attention_math)
     default = flip()
-    runs = {c: mb._run_fn(mb.decode_batch(c[1], c[2], common) if c[0] == "decode" else mb.prefill_batch(c[1]))
-            for c in cases}
+    runs = {c: mb._run_fn(mb.decode_batch(c[1], c[2], common) if c[0] == "decode"
+                          else mb.prefill_batch(c[1], at=c[2] - c[1])) for c in cases}
     times: dict = {}
     try:
         for f in runs.values():
@@ -122,12 +125,13 @@ def main(argv=None) -> None:
     ap.add_argument("--shared-prefix", type=int, default=0, help="decode rows share their first N tokens' pages")
     ap.add_argument("--attention-math", default="bfloat16", choices=("float32", "bfloat16"))
     ap.add_argument("--prefill", default="512,128", help="prefill lengths ('' for none)")
+    ap.add_argument("--prefill-at", type=int, default=0, help="the prefills start after this many cached tokens")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     ints = lambda s: [int(x) for x in s.split(",") if x]  # noqa: E731
     res = run(args.switch, args.quant, ints(args.batches), args.ctx, ints(args.prefill), args.rounds,
-              args.shared_prefix, args.attention_math)
+              args.shared_prefix, args.attention_math, args.prefill_at)
     print(report(res))
     if args.json:
         with open(args.json, "w") as f:

@@ -38,10 +38,12 @@
 // an instruction (VDPBF16PS, float32 sums): the block rows' attention 1.6-1.75x faster, each output within a
 // bfloat16 rounding of its inputs (tests/test_cpu_attention.py; bench/notes.md, "Prefill attention in bfloat16
 // pairs"). Decode rows stay float32, except that with the `bf16` attribute the whole pages several decode rows share
-// (a fork's branches over one prompt) are computed once for all their queries in bfloat16 pairs (RunShared,
-// SharedPieceB: each page widened once, and a query pair's product serves 16 keys), the rows' own keys in float32
-// as above, the partial softmax states merged: 1.2-1.4x the attention of 3-64 such rows (bench/notes.md, "Decode
-// rows' shared pages computed once").
+// (a fork's branches over one prompt) are computed once for all their queries in bfloat16 pairs, and so are the
+// whole pages before a block row's first query (a prompt's cached prefix) for all the block's queries (RunShared,
+// SharedPieceB: each page widened once, two passes as RowTwoPass16, a query pair's product serving 16 keys, the
+// values accumulated in registers over the pages); the rest as above; the partial softmax states merged:
+// 1.15-1.5x the attention of 3-64 decode rows over one prompt, 1.2-2x a prefill chunk's after a cached prefix
+// (bench/notes.md, "Shared pages computed once").
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
 // (cpu_native.h, RunUnits).
@@ -218,38 +220,36 @@ struct Scratch {
   std::vector<int64_t> seen_by;   // the block's queries that see some of a page ...
   std::vector<int32_t> lo, hi;    // ... and which of its keys: [lo, hi)
   int64_t stride = 0;
+  // Sized for the call's units; grown only (a thread's units of one call may fit differently)
   void Fit(const Problem& p) {
-    m.resize(p.Bq * p.H);
-    l.resize(p.Bq * p.H);
-    acc.resize(p.Bq * p.H * p.D);
     stride = (p.S + 7) / 8 * 8;
-    s.resize(p.G * stride);
+    Grow(m, p.Bq * p.H);
+    Grow(l, p.Bq * p.H);
+    Grow(acc, p.Bq * p.H * p.D);
+    Grow(s, p.G * stride);
     if (p.Bq > 1) {
-      kt.resize(p.S * p.D);
-      vf.resize(p.S * p.D);
-      sb.resize(kBlockQueries * p.S);
-      ktb.resize(p.S * p.D / 2);
-      vfb.resize(p.S * p.D / 2);
-      qb.resize(p.Bq * p.H * p.D / 2);
-      seen_by.resize(p.Bq);
-      lo.resize(p.Bq);
-      hi.resize(p.Bq);
+      Grow(kt, p.S * p.D);
+      Grow(vf, p.S * p.D);
+      Grow(sb, kBlockQueries * p.S);
+      Grow(ktb, p.S * p.D / 2);
+      Grow(vfb, p.S * p.D / 2);
+      Grow(qb, p.Bq * p.H * p.D / 2);
+      Grow(seen_by, p.Bq);
+      Grow(lo, p.Bq);
+      Grow(hi, p.Bq);
     }
   }
-  // Fit for RunShared's units (RowTwoPass16's and SharedPieceB's): a state per query of every row (index r * H +
-  // head), a page widened in bfloat16 pairs, every row's queries in them; grown only (every unit of a call fits)
+  // Fit, and for RunShared's units: every query slot's queries as bfloat16 pairs (index (r * Bq + b) * H + head),
+  // a page widened in them
   void FitRows(const Problem& p) {
-    stride = (p.S + 7) / 8 * 8;
-    auto grow = [](auto& v, int64_t n) {
-      if (static_cast<int64_t>(v.size()) < n) v.resize(n);
-    };
-    grow(s, p.G * stride);
-    grow(m, p.R * p.H);
-    grow(l, p.R * p.H);
-    grow(acc, p.R * p.H * p.D);
-    grow(ktb, p.S * p.D / 2);
-    grow(vfb, p.S * p.D / 2);
-    grow(qb, p.R * p.H * p.D / 2);
+    Fit(p);
+    Grow(ktb, p.S * p.D / 2);
+    Grow(vfb, p.S * p.D / 2);
+    Grow(qb, p.R * p.Bq * p.H * p.D / 2);
+  }
+  template <typename V>
+  static void Grow(V& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   }
 };
 
@@ -1030,9 +1030,13 @@ BlockFn<E> PickBlock(const Problem& p) {
 // heads are visited inside the page loop: a page's blocks for consecutive heads are adjacent in the pool, so a
 // unit of several heads reads each page's keys (and values) as one run of memory rather than one 4 KB block per
 // pass over the row.
+//
+// With `states` (a block row's keys from the page-aligned `first_key` on, for RunShared): each query's partial
+// softmax state -- [max, sum, output[D]] unnormalized, D + 2 apart, query slot b's G of head h at (b * G + g) --
+// goes to states instead of its output to p.out (one KV head a unit: h1 = h0 + 1).
 template <typename E>
 bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, PageFn<E> page_fn, BlockFn<E> block_fn,
-          RowFn row_fn) {
+          RowFn row_fn, int64_t first_key = 0, float* states = nullptr) {
   using T = typename E::T;
   const int64_t D = p.D, S = p.S, G = p.G;
   const int32_t len = p.lens[r];
@@ -1050,6 +1054,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
     hi = std::max<int64_t>(hi, std::min<int64_t>(t, int64_t{len} - 1));
     lo = std::min<int64_t>(lo, p.window > 0 ? std::max<int64_t>(0, t - p.window + 1) : 0);
   }
+  lo = std::max(lo, first_key);
   bool ok = true;
 #if defined(__AVX512BF16__)
   if (block_fn && p.bf16) ConvertQueries(p, sc, r, h0, h1);
@@ -1110,6 +1115,17 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
         }
       }
     }
+  }
+  if (states) {
+    for (int64_t b = 0; b < p.Bq; ++b)
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t qi = b * p.H + h0 * G + g;
+        float* st = states + (b * G + g) * (D + 2);
+        st[0] = sc.m[qi];
+        st[1] = sc.l[qi];
+        std::copy(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + 1) * D, st + 2);
+      }
+    return ok;
   }
   for (int64_t b = 0; b < p.Bq; ++b)
     for (int64_t qh = h0 * G; qh < h1 * G; ++qh) {
@@ -1229,8 +1245,9 @@ void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_pa
 // kSharedMinRows rows that share at least g_shared_min_pages whole pages instead computes them once for all its
 // rows' queries (SharedPieceB), each row's own keys past them as before (RowTwoPass16), and the partial softmax
 // states are merged per query (MergeStates). Fewer rows or pages ran no faster (2 rows at 448 shared keys 5 %
-// slower, 6 rows at 64-128 shared keys 15-25 % slower: bench/notes.md, "Decode rows' shared pages computed once").
-// 0 turns it off (SglJaxAttentionSharedMinPages, for tests and A/B runs).
+// slower, 6 rows at 64-128 shared keys 15-25 % slower: bench/notes.md, "Shared pages computed once"). A block
+// row's pages before its first query are such a run too (BlockRuns). 0 turns it off (SglJaxAttentionSharedMinPages,
+// for tests and A/B runs).
 std::atomic<int64_t> g_shared_min_pages{8};
 constexpr int64_t kSharedMinRows = 3;     // ... and at least this many rows
 constexpr int64_t kSharedRangePages = 8;  // a unit of a run's pages has at least this many
@@ -1240,12 +1257,14 @@ struct SharedRun {
   int64_t first, n, pages;
 };
 
-// A unit of RunShared's: run >= 0: that run's pages [lo, hi) for KV head h (SharedPieceB); run < 0: row's own keys
-// [lo, hi] for KV head h (RowTwoPass16). Its partial states (G a row, [max, sum, output[D]] each) go to the call's
-// states at `state`.
+// A unit of RunShared's: run >= 0: that run's pages [lo, hi) for KV head h (SharedPieceB); run == kOwnKeys: decode
+// row's own keys [lo, hi] for KV head h (RowRangeState); run == kBlockKeys: block row's keys from lo on for KV head h
+// (Unit). Its partial states (G a query slot, [max, sum, output[D]] each) go to the call's states at `state`; `work`
+// orders the units (the longest first).
 struct Piece {
-  int64_t run, row, h, lo, hi, state;
+  int64_t run, row, h, lo, hi, state, work;
 };
+constexpr int64_t kOwnKeys = -1, kBlockKeys = -2;
 
 // The runs of decode rows sharing >= min_pages whole leading pages: the rows whose visible keys start at 0, sorted
 // by their page tables (up to their last whole visible page), then cut where neighbours share fewer than min_pages
@@ -1284,6 +1303,28 @@ std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vect
   return runs;
 }
 
+// A block row (a prefill chunk) whose queries all see at least min_pages whole pages before its first position --
+// a prompt's cached prefix -- is a run of its own: its query slots (r * Bq + b) in order, sharing those pages.
+// Needs kBlockSharedMinQueries queries at least (a page's widening shared by enough of them) and no window.
+constexpr int64_t kBlockSharedMinQueries = 4;
+
+void BlockRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order, std::vector<SharedRun>& runs) {
+  if (p.window > 0) return;
+  for (int64_t r = 0; r < p.R; ++r) {
+    int64_t first = std::numeric_limits<int64_t>::max(), n = 0;
+    for (int64_t b = 0; b < p.Bq; ++b)
+      if (p.pos[r * p.Bq + b] >= 0) {
+        first = std::min<int64_t>(first, p.pos[r * p.Bq + b]);
+        ++n;
+      }
+    const int64_t pages = n ? std::min<int64_t>(std::min<int64_t>(first, p.lens[r]) / p.S, p.P) : 0;
+    if (n < kBlockSharedMinQueries || pages < min_pages) continue;
+    runs.push_back({static_cast<int64_t>(order.size()), n, pages});
+    for (int64_t b = 0; b < p.Bq; ++b)
+      if (p.pos[r * p.Bq + b] >= 0) order.push_back(r * p.Bq + b);
+  }
+}
+
 #if defined(__AVX512BF16__)
 // out[i][0:D] = sum over a piece's keys of query i's probability (bfloat16 pairs of keys, pb[i]) times the key's
 // value (vall: np pages of WidenValuesB's [8, D] pairs): the NQ x C accumulators stay in registers over all pages.
@@ -1305,24 +1346,27 @@ inline void ValuesAllTB(float* const* out, const uint32_t* const* pb, const uint
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
 
-// A run's pages [pc.lo, pc.hi) for KV head pc.h, for all its rows' queries at once, into their states, in two
-// passes as RowTwoPass16 (every score, one softmax per query, then the values): every page of the piece widened
-// once for all the queries (WidenKeysB / WidenValuesB), each query's scores 16 keys a multiply-add (ScoresTB), its
-// probabilities rounded to bfloat16 pairs and its output accumulated over all pages in registers (ValuesAllTB):
-// q.k and p.v in bfloat16 pairs with float32 sums as BlockPageB. False for a page outside the pool.
+// A run's pages [pc.lo, pc.hi) for KV head pc.h, for all its query slots at once (`slots`: r * Bq + b -- decode
+// rows' one query each, or a block row's queries), into their states, in two passes as RowTwoPass16 (every score,
+// one softmax per query, then the values): every page of the piece widened once for all the queries (WidenKeysB /
+// WidenValuesB), each query's scores 16 keys a multiply-add (ScoresPagesTB), its probabilities rounded to bfloat16
+// pairs and its output accumulated over all pages in registers (ValuesAllTB): q.k and p.v in bfloat16 pairs with
+// float32 sums as BlockPageB. False for a page outside the pool.
 template <typename E, int C>
-bool SharedPieceB(const Problem& p, Scratch& sc, const Piece& pc, const int64_t* rows, int64_t n, float* states) {
+bool SharedPieceB(const Problem& p, Scratch& sc, const Piece& pc, const int64_t* slots, int64_t n, float* states) {
   using T = typename E::T;
   constexpr int64_t D = 16 * C, DP = D / 2;
   const int64_t G = p.G, S = p.S, W = D + 2, h = pc.h, nq = n * G, np = pc.hi - pc.lo, nk = np * S;
-  const int32_t* t = p.table + rows[0] * p.P + pc.lo;
+  const int32_t* t = p.table + slots[0] / p.Bq * p.P + pc.lo;
   for (int64_t c = 0; c < np; ++c)
     if (t[c] < 0 || t[c] >= p.N) return false;
-  for (int64_t i = 0; i < n; ++i) ConvertQueries(p, sc, rows[i], h, h + 1, rows[i]);
-  if (static_cast<int64_t>(sc.kall.size()) < np * DP * 16) sc.kall.resize(np * DP * 16);
-  if (static_cast<int64_t>(sc.vall.size()) < np * 8 * D) sc.vall.resize(np * 8 * D);
-  if (static_cast<int64_t>(sc.row.size()) < nq * nk) sc.row.resize(nq * nk);
-  if (static_cast<int64_t>(sc.pairs.size()) < nq * nk / 2) sc.pairs.resize(nq * nk / 2);
+  for (int64_t i = 0; i < n; ++i)  // each row's queries once (a block row's slots are consecutive)
+    if (i == 0 || slots[i] / p.Bq != slots[i - 1] / p.Bq)
+      ConvertQueries(p, sc, slots[i] / p.Bq, h, h + 1, slots[i] / p.Bq * p.Bq);
+  Scratch::Grow(sc.kall, np * DP * 16);
+  Scratch::Grow(sc.vall, np * 8 * D);
+  Scratch::Grow(sc.row, nq * nk);
+  Scratch::Grow(sc.pairs, nq * nk / 2);
   const int64_t bytes = S * D * sizeof(T);
   for (int64_t c = 0; c < np; ++c) {
     if (c + 1 < np) {
@@ -1336,7 +1380,7 @@ bool SharedPieceB(const Problem& p, Scratch& sc, const Piece& pc, const int64_t*
     WidenKeysB<E, C>(static_cast<const T*>(p.k) + blk, 0, 16, sc.kall.data() + c * DP * 16);
     WidenValuesB<E, C>(static_cast<const T*>(p.v) + blk, 0, 16, sc.vall.data() + c * 8 * D);
   }
-  auto qh = [&](int64_t i) { return rows[i / G] * p.H + h * G + i % G; };  // query i's (row, head) index
+  auto qh = [&](int64_t i) { return slots[i / G] * p.H + h * G + i % G; };  // query i's (slot, head) index
   float* s = sc.row.data();  // query i's scores, then probabilities, at s + i * nk
   for (int64_t i = 0; i < nq;) {  // 8 queries x 2 pages, 4 x 4 or 1 x 8 a call: 16 or 8 chains
     const int64_t m = nq - i >= 8 ? 8 : nq - i >= 4 ? 4 : 1, npg = m == 8 ? 2 : m == 4 ? 4 : 8;
@@ -1358,7 +1402,7 @@ bool SharedPieceB(const Problem& p, Scratch& sc, const Piece& pc, const int64_t*
   }
   uint32_t* pb = sc.pairs.data();  // query i's probabilities as bfloat16 pairs at pb + i * nk / 2
   for (int64_t i = 0; i < nq; ++i) {
-    float* st = states + pc.state + i * W;  // row i / G's state block, query i % G
+    float* st = states + pc.state + i * W;  // slot i / G's state block, query i % G
     st[1] = SoftmaxAll(s + i * nk, nk, p.sm_scale, p.soft_cap, &st[0]);
     for (int64_t j = 0; j < nk; j += 16)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + i * nk / 2 + j / 2), ToBF16(_mm512_loadu_ps(s + i * nk + j)));
@@ -1394,73 +1438,95 @@ SharedFn<E> PickShared(const Problem& p) {
   return nullptr;
 }
 
-// RunShared's units: each run's pages in ranges (enough for kSplitUnitsPerThread units a thread, each of at least
-// kSharedRangePages pages) a KV head, then every row's own keys past its run's pages (in ranges of at most
-// kOwnRangePages pages) a KV head, longest first; each unit's states at its `state` offset, and each (row, KV head)'s
-// states' offsets in slots [(r * KV + h) * per, + n_slots[r * KV + h]). Returns the floats the states take, or -1
-// where a row's own keys are more than the two-pass form keeps.
+// RunShared's units: each run's pages in ranges (enough for kSplitUnitsPerThread units a thread, each of 8-32
+// pages) a KV head; then every decode row's own keys past its run's pages (in ranges of at most kOwnRangePages
+// pages) and every block row's keys past its run's pages, a KV head; the units the longest first. Each unit's states
+// go at its `state` offset, and each (query slot, KV head)'s states' offsets to slots [(q * KV + h) * per, +
+// n_slots[q * KV + h]). Returns the floats the states take, or -1 where a decode row's own keys are more than the
+// two-pass form keeps.
 constexpr int64_t kOwnRangePages = 32;
 
 int64_t PlanShared(const Problem& p, const std::vector<SharedRun>& runs, const std::vector<int64_t>& order,
                    int64_t threads, std::vector<Piece>& pieces, std::vector<int64_t>& slots,
                    std::vector<int64_t>& n_slots, int64_t& per) {
-  const int64_t G = p.G, W = p.D + 2, S = p.S;
-  const int64_t ranges = (kSplitUnitsPerThread * threads + p.KV - 1) / p.KV;
+  const int64_t G = p.G, W = p.D + 2, S = p.S, Q = p.R * p.Bq;
+  const int64_t target = (kSplitUnitsPerThread * threads + p.KV - 1) / p.KV;
+  auto ranges = [&](int64_t pages) {
+    const int64_t fewest = (pages + kOwnRangePages - 1) / kOwnRangePages;  // none over kOwnRangePages pages
+    return std::max<int64_t>({1, std::min(target, pages / kSharedRangePages), fewest});
+  };
   std::vector<int64_t> shared(p.R, 0);  // each row's pages computed in its run
   int64_t most = 1;
   for (const SharedRun& run : runs) {
-    most = std::max(most, std::min(ranges, run.pages / kSharedRangePages));
-    for (int64_t i = 0; i < run.n; ++i) shared[order[run.first + i]] = run.pages;
+    most = std::max(most, ranges(run.pages));
+    for (int64_t i = 0; i < run.n; ++i) shared[order[run.first + i] / p.Bq] = run.pages;
   }
-  per = most + (p.P + kOwnRangePages - 1) / kOwnRangePages;  // a row's most states a KV head
-  slots.assign(p.R * p.KV * per, 0);
-  n_slots.assign(p.R * p.KV, 0);
+  per = most + (p.Bq == 1 ? (p.P + kOwnRangePages - 1) / kOwnRangePages : 1);  // a query's most states a KV head
+  slots.assign(Q * p.KV * per, 0);
+  n_slots.assign(Q * p.KV, 0);
   int64_t size = 0;
-  auto add = [&](const Piece& pc, int64_t r, int64_t off) {
-    slots[(r * p.KV + pc.h) * per + n_slots[r * p.KV + pc.h]++] = off;
-  };
+  auto add = [&](int64_t q, int64_t h, int64_t off) { slots[(q * p.KV + h) * per + n_slots[q * p.KV + h]++] = off; };
   pieces.clear();
   for (size_t j = 0; j < runs.size(); ++j) {
     const SharedRun& run = runs[j];
-    const int64_t k = std::max<int64_t>(1, std::min(ranges, run.pages / kSharedRangePages));
+    const int64_t k = ranges(run.pages);
     for (int64_t h = 0; h < p.KV; ++h)
       for (int64_t i = 0; i < k; ++i) {
-        pieces.push_back({static_cast<int64_t>(j), -1, h, run.pages * i / k, run.pages * (i + 1) / k, size});
-        for (int64_t x = 0; x < run.n; ++x) add(pieces.back(), order[run.first + x], size + x * G * W);
+        const int64_t a = run.pages * i / k, b = run.pages * (i + 1) / k;
+        pieces.push_back({static_cast<int64_t>(j), -1, h, a, b, size, (b - a) * S * run.n * G / 4});
+        for (int64_t x = 0; x < run.n; ++x) add(order[run.first + x], h, size + x * G * W);
         size += run.n * G * W;
       }
   }
   const size_t first_own = pieces.size();
   const int64_t two_pass_max = g_two_pass_max.load(std::memory_order_relaxed);
   for (int64_t r = 0, lo, hi; r < p.R; ++r) {
+    if (p.Bq > 1) {  // the whole row, from its run's pages on
+      int64_t last = -1, n = 0;
+      for (int64_t b = 0; b < p.Bq; ++b) {
+        last = std::max<int64_t>(last, p.pos[r * p.Bq + b]);
+        n += p.pos[r * p.Bq + b] >= 0;
+      }
+      for (int64_t h = 0; h < p.KV; ++h) {
+        pieces.push_back({kBlockKeys, r, h, shared[r] * S, last, size, (last + 1 - shared[r] * S) * n * G});
+        for (int64_t b = 0; b < p.Bq; ++b)
+          if (p.pos[r * p.Bq + b] >= 0) add(r * p.Bq + b, h, size + b * G * W);  // padding: no state, zeros
+        size += p.Bq * G * W;
+      }
+      continue;
+    }
     DecodeKeys(p, r, lo, hi);
     lo = std::max(lo, shared[r] * S);
     for (int64_t a = lo; a <= hi;) {  // page-aligned ranges of at most kOwnRangePages pages
       const int64_t e = std::min(hi, (a / S + kOwnRangePages) * S - 1);
       if ((e - a + 16) * G > two_pass_max) return -1;  // the online form's row: not this path
       for (int64_t h = 0; h < p.KV; ++h) {
-        pieces.push_back({-1, r, h, a, e, size});
-        add(pieces.back(), r, size);
+        pieces.push_back({kOwnKeys, r, h, a, e, size, (e - a + 1) * G});
+        add(r, h, size);
         size += G * W;
       }
       a = e + 1;
     }
   }
   std::stable_sort(pieces.begin() + first_own, pieces.end(),
-                   [](const Piece& a, const Piece& b) { return a.hi - a.lo > b.hi - b.lo; });
+                   [](const Piece& a, const Piece& b) { return a.work > b.work; });
   return size;
 }
 
-// The decode problem with its shared pages computed once a run (see g_shared_min_pages), then one merge per query:
-// false, having done nothing, where no rows share enough pages (or the build has no SharedPieceB for the problem,
-// or a row's own keys are more than the two-pass form keeps).
+// The problem with its shared pages computed once a run (see g_shared_min_pages): decode rows sharing leading pages
+// (SharedRuns) or block rows over a cached prefix (BlockRuns); the rest as Unit and RowRangeState would, as partial
+// states; then one merge per query. False, having done nothing, where no run qualifies (or the build has no
+// SharedPieceB for the problem, or a decode row's own keys are more than the two-pass form keeps).
 template <typename E>
-bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page, RowFn row_fn, int64_t threads) {
+bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page, PageFn<E> page_fn,
+               BlockFn<E> block_fn, RowFn row_fn, int64_t threads) {
   const int64_t min_pages = g_shared_min_pages.load(std::memory_order_relaxed);
   const SharedFn<E> shared_fn = PickShared<E>(p);
-  if (p.Bq != 1 || min_pages <= 0 || p.R < kSharedMinRows || !shared_fn || !row_fn) return false;
+  if (min_pages <= 0 || !shared_fn || (p.Bq == 1 ? !row_fn || p.R < kSharedMinRows : !block_fn)) return false;
   std::vector<int64_t> order, whole, slots, n_slots;
-  const std::vector<SharedRun> runs = SharedRuns(p, min_pages, order, whole);
+  std::vector<SharedRun> runs;
+  if (p.Bq == 1) runs = SharedRuns(p, min_pages, order, whole);
+  else BlockRuns(p, min_pages, order, runs);
   if (runs.empty()) return false;
   std::vector<Piece> pieces;
   int64_t per = 0;
@@ -1473,16 +1539,24 @@ bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_p
     thread_local Scratch sc;
     sc.FitRows(p);
     const Piece& pc = pieces[u];
-    const bool ok = pc.run >= 0
-        ? shared_fn(p, sc, pc, order.data() + runs[pc.run].first, runs[pc.run].n, states)
-        : RowRangeState(p, sc, row_fn, pc.row, pc.h, pc.lo, pc.hi, states + pc.state);
+    bool ok;
+    if (pc.run >= 0) ok = shared_fn(p, sc, pc, order.data() + runs[pc.run].first, runs[pc.run].n, states);
+    else if (pc.run == kOwnKeys) ok = RowRangeState(p, sc, row_fn, pc.row, pc.h, pc.lo, pc.hi, states + pc.state);
+    else ok = Unit<E>(p, pc.row, pc.h, pc.h + 1, sc, page_fn, block_fn, nullptr, pc.lo, states + pc.state);
     if (!ok) bad_page.store(true);
   });
-  for (int64_t r = 0; r < p.R; ++r)
-    for (int64_t h = 0; h < p.KV; ++h)
-      for (int64_t g = 0; g < G; ++g)
-        MergeStates(states + g * W, slots.data() + (r * p.KV + h) * per, n_slots[r * p.KV + h], D,
-                    p.out + (r * p.H + h * G + g) * D);
+  if (bad_page.load()) return true;
+  auto merge = [&](int64_t r) {  // row r's queries
+    for (int64_t q = r * p.Bq; q < (r + 1) * p.Bq; ++q)
+      for (int64_t h = 0; h < p.KV; ++h)
+        for (int64_t g = 0; g < G; ++g)
+          MergeStates(states + g * W, slots.data() + (q * p.KV + h) * per, n_slots[q * p.KV + h], D,
+                      p.out + (q * p.H + h * G + g) * D);
+  };
+  // block rows' merges (Bq queries a row) over the threads: 1.25x a call of six 20-token chunks; decode rows' on
+  // this thread: waking a helper for them cost more than they take (16-64 rows 0.7-0.8x)
+  if (p.Bq > 1) RunUnits(pool, p.R, merge);
+  else for (int64_t r = 0; r < p.R; ++r) merge(r);
   return true;
 }
 
@@ -1495,9 +1569,9 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
   const PageFn<E> page_fn = PickPage<E>(p);
   const BlockFn<E> block_fn = PickBlock<E>(p);
   const RowFn row_fn = PickRow<E>(p);
+  const int64_t threads = sgl_jax_native::CallThreads(pool);
+  if (RunShared<E>(pool, p, bad_page, page_fn, block_fn, row_fn, threads)) return;
   if (row_fn) {
-    const int64_t threads = sgl_jax_native::CallThreads(pool);
-    if (RunShared<E>(pool, p, bad_page, row_fn, threads)) return;
     const int64_t k = DecodeSplits(p, threads);
     if (k > 1) return RunSplit<E>(pool, p, bad_page, row_fn, k);
   }

@@ -270,9 +270,9 @@ class EngineConfig:
                            "device only")
     attention_backend: str = _f("auto", "auto | jnp | cpu_native | pallas_tpu | pallas_gpu (auto: Pallas on TPU/GPU, the native kernel on CPU, else jnp)")
     attention_math: str = _f("float32", "float32 | bfloat16: the native CPU attention's prefill-chunk dot products "
-                             "(q.k, p.v), and those over the pages decode rows share (a fork's branches, one "
-                             "system prompt), in bfloat16 pairs with float32 sums where the CPU has AVX512-BF16, "
-                             "~1.7x / ~1.3x faster; SmolLM2's logits move by up to ~0.35 "
+                             "(q.k, p.v), and those over pages read by many queries at once (a cached prefix, a fork's "
+                             "branches' prompt) in bfloat16 pairs with float32 sums where the CPU has AVX512-BF16, "
+                             "~1.7x / ~1.2-2x faster; SmolLM2's logits move by up to ~0.35 "
                              "(pallas_kernels/cpu_attention.py). No effect elsewhere")
     pack_weights: bool = _f(True, "CPU, float32 compute: weight matrices stored panel-packed [out/16, in, 16] for the "
                             "native matmul (sgl_jax/models/packing.py), every step's linears and LM head through "

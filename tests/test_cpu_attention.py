@@ -439,6 +439,69 @@ def test_shared_pages_merge_with_rows_own_keys_to_float32_precision(which, dtype
     _check(np.asarray(_native(*_args(case), bf16_math=True, **kw)), ref, pos, lens, 3e-5)
 
 
+def _cached_prefix_block_rows(Bq):
+    """Block rows (prefill chunks of `Bq` query slots, pages of 16) after cached prefixes: 300 keys cached (a chunk
+    starting inside a page), 1,000 cached with padded slots past the prompt's end, 130 and 128 cached (8 whole pages:
+    just enough), 100 cached (6 pages: too few to share), a chunk of 3 queries (too few), a fresh prompt, and an
+    empty row; the two rows over 1,000 keys share one prefix's pages (as two requests on one cached prompt do)."""
+    def chunk(start, n, length=None):
+        return (length or start + n, [start + b if b < n else -1 for b in range(Bq)])
+    return [chunk(300, Bq), chunk(1000, Bq - 5), chunk(1000, Bq), chunk(130, Bq), chunk(128, Bq), chunk(100, Bq),
+            chunk(400, 3), chunk(0, Bq), (0, [-1] * Bq)]
+
+
+@pytest.mark.parametrize("Bq", [16, 64])
+@pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128)])
+@pytest.mark.parametrize("soft_cap", [None, 2.0])
+@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+def test_block_rows_over_a_cached_prefix_computed_once_match_reference(Bq, kv, g, d, soft_cap, dtype,
+                                                                      shared_min_pages, monkeypatch):
+    """Under `bf16_math`, a block row's pages wholly before its first query (a prompt's cached prefix) are computed
+    once for all its queries in the two-pass bfloat16 form, its other keys as block rows always are, the partial
+    states merged per query: against the float64 reference at bfloat16's tolerance (4e-2, every unseen key NaN),
+    with an error no larger on average than the path off gives (so no key range is dropped or counted twice), and
+    different from the path off (so it ran). Without AVX512-BF16: the same bits either setting."""
+    import test_attention
+
+    for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
+        monkeypatch.setattr(test_attention, name, val)
+    case = make_case(29 + d + Bq, S=16, rows=_cached_prefix_block_rows(Bq), shared=63)
+    case, widened = _paged_as(case, dtype)
+    q, k, v, pt, lens, pos = widened
+    kw = dict(sm_scale=0.2, soft_cap=soft_cap, bf16_math=True)
+    ref = dense_reference(q, k, v, pt, lens, pos, sm_scale=0.2, soft_cap=soft_cap)
+    shared_min_pages(0)
+    off = np.asarray(_native(*_args(case), **kw))
+    shared_min_pages(8)
+    on = np.asarray(_native(*_args(case), **kw))
+    if not cpu_attention.bf16_math_available():
+        np.testing.assert_array_equal(on, off)
+        return
+    _check(on, ref, pos, lens, 4e-2)
+    seen = (pos >= 0) & (lens[:, None] > 0)
+    err_on, err_off = np.abs(on - ref)[seen].mean(), np.abs(off - ref)[seen].mean()
+    print(f"mean |err| shared {err_on:.2e}, alone {err_off:.2e}")
+    assert err_on < 1.5 * err_off + 1e-4
+    assert np.abs(on - off)[seen].max() > 1e-5, "the shared-pages path did not run"
+    # rows it must leave alone: 6 pages cached (too few) and 3 queries (too few) give the same bits either way
+    for r in (5, 6):
+        np.testing.assert_array_equal(on[r], off[r])
+
+
+def test_block_rows_with_a_window_are_left_alone(shared_min_pages, monkeypatch):
+    """A window (Mistral-style) keeps block rows off the shared-pages path: the same bits with it on and off."""
+    import test_attention
+
+    for name, val in (("KV", 3), ("G", 3), ("D", 64), ("H", 9)):
+        monkeypatch.setattr(test_attention, name, val)
+    case = make_case(31, S=16, rows=_cached_prefix_block_rows(16), sliding_window=700)
+    outs = []
+    for pages in (0, 8):
+        shared_min_pages(pages)
+        outs.append(np.asarray(_native(*_args(case), sm_scale=0.2, sliding_window=700, bf16_math=True)))
+    np.testing.assert_array_equal(*outs)
+
+
 def test_shared_pages_path_leaves_rows_it_cannot_share_alone(shared_min_pages, monkeypatch):
     """Under `bf16_math`, rows that share fewer whole pages than the setting give the same bits with the path on
     and off (it does not run), and so do rows sharing pages whose window starts past the prompt's start."""
