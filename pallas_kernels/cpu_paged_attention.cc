@@ -1305,8 +1305,10 @@ std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vect
 
 // A block row (a prefill chunk) whose queries all see at least min_pages whole pages before its first position --
 // a prompt's cached prefix -- is a run of its own: its query slots (r * Bq + b) in order, sharing those pages.
-// Needs kBlockSharedMinQueries queries at least (a page's widening shared by enough of them) and no window.
-constexpr int64_t kBlockSharedMinQueries = 4;
+// Needs no window, and queries x pages of at least kBlockSharedMinWork: short chunks over short prefixes (a
+// select's choices) ran up to 16 % slower this way (32 chunks of 8 queries after 150-300 keys), 256 and more
+// 1.05-2x faster (bench/notes.md, "Shared pages computed once").
+constexpr int64_t kBlockSharedMinWork = 256;
 
 void BlockRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order, std::vector<SharedRun>& runs) {
   if (p.window > 0) return;
@@ -1318,7 +1320,7 @@ void BlockRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order,
         ++n;
       }
     const int64_t pages = n ? std::min<int64_t>(std::min<int64_t>(first, p.lens[r]) / p.S, p.P) : 0;
-    if (n < kBlockSharedMinQueries || pages < min_pages) continue;
+    if (pages < min_pages || n * pages < kBlockSharedMinWork) continue;
     runs.push_back({static_cast<int64_t>(order.size()), n, pages});
     for (int64_t b = 0; b < p.Bq; ++b)
       if (p.pos[r * p.Bq + b] >= 0) order.push_back(r * p.Bq + b);

@@ -442,8 +442,9 @@ def test_shared_pages_merge_with_rows_own_keys_to_float32_precision(which, dtype
 def _cached_prefix_block_rows(Bq):
     """Block rows (prefill chunks of `Bq` query slots, pages of 16) after cached prefixes: 300 keys cached (a chunk
     starting inside a page), 1,000 cached with padded slots past the prompt's end, 130 and 128 cached (8 whole pages:
-    just enough), 100 cached (6 pages: too few to share), a chunk of 3 queries (too few), a fresh prompt, and an
-    empty row; the two rows over 1,000 keys share one prefix's pages (as two requests on one cached prompt do)."""
+    enough pages, and with 64 queries enough work), 100 cached (6 pages: too few to share), a chunk of 3 queries
+    (too little work), a fresh prompt, and an empty row; the two rows over 1,000 keys share one prefix's pages (as
+    two requests on one cached prompt do)."""
     def chunk(start, n, length=None):
         return (length or start + n, [start + b if b < n else -1 for b in range(Bq)])
     return [chunk(300, Bq), chunk(1000, Bq - 5), chunk(1000, Bq), chunk(130, Bq), chunk(128, Bq), chunk(100, Bq),
