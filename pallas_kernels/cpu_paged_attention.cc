@@ -1535,7 +1535,8 @@ bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_p
   const int64_t size = PlanShared(p, runs, order, threads, pieces, slots, n_slots, per);
   if (size < 0) return false;
   const int64_t G = p.G, D = p.D, W = D + 2;
-  std::vector<float> state(size);
+  thread_local std::vector<float> state;  // every unit writes all its states: kept from call to call, not zeroed
+  Scratch::Grow(state, size);
   float* states = state.data();
   RunUnits(pool, static_cast<int64_t>(pieces.size()), [&](int64_t u) {
     thread_local Scratch sc;
