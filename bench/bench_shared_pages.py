@@ -5,7 +5,8 @@
 SmolLM2-135M's heads (3 KV heads x 3 queries, D = 64), a float16 pool, pages of 16, `bf16_math` (the int8 and GGUF
 presets' `attention_math: bfloat16`). Two kinds of calls:
   decode   rows of one query that share the pages of a prompt (a fork's branches), then tokens of their own;
-  prefill  64-query blocks of chunks after a cached prefix (a prompt whose prefix is in the radix cache).
+  prefill  64-query blocks of chunks after a cached prefix (a prompt whose prefix is in the radix cache), each on a
+           prefix of its own, or all on one (a fork's branch prompts, a select's choices: "one prefix").
 Each call is timed off (`cpu_attention.decode_shared_min_pages(0)`: every row reads its pages alone) and on (the
 default), the order swapped every round, the median of `--calls` calls each, best of `--rounds`. Beside each: its
 attention FLOPs (4 x queries x keys x D a head) over the time, and the floor of reading its distinct keys and values
@@ -33,8 +34,9 @@ import numpy as np  # noqa: E402
 KV, G, D, S, BQ = 3, 3, 64, 16, 64
 DECODE = [(2, 448, 40), (3, 448, 40), (6, 192, 60), (6, 448, 20), (6, 640, 60), (16, 144, 100), (16, 400, 64),
           (32, 400, 100), (64, 400, 100), (64, 0, 512)]  # rows, shared prompt tokens, own tokens a row
-PREFILL = [(1, 128, 64), (1, 150, 21), (1, 448, 64), (6, 440, 20), (16, 600, 8), (32, 150, 8), (32, 300, 16),
-           (1, 256, 512), (1, 1700, 64), (1, 1700, 256), (2, 1800, 200)]  # chunks, cached tokens, chunk tokens
+PREFILL = [(1, 128, 64, 0), (1, 150, 21, 0), (1, 448, 64, 0), (6, 440, 20, 0), (6, 440, 20, 1), (16, 600, 8, 0),
+           (4, 200, 12, 1), (16, 200, 12, 1), (32, 150, 8, 0), (32, 300, 16, 0), (1, 256, 512, 0), (1, 1700, 64, 0),
+           (1, 1700, 256, 0), (2, 1800, 200, 0)]  # chunks, cached tokens, chunk tokens, on one prefix
 
 
 def decode_case(rows: int, shared: int, own: int, rng):
@@ -56,15 +58,17 @@ def decode_case(rows: int, shared: int, own: int, rng):
     return ops, 4 * rows * (shared + own) * D * KV * G, shared + rows * own
 
 
-def prefill_case(chunks: int, cached: int, n: int, rng):
-    """(operands, FLOPs, distinct KV tokens): `chunks` prompts, each `n` new tokens after `cached` tokens of its own
-    pages, laid out as the engine lays a prefill out (one row per 64-query block)."""
+def prefill_case(chunks: int, cached: int, n: int, one_prefix: int, rng):
+    """(operands, FLOPs, distinct KV tokens): `chunks` prompts, each `n` new tokens after `cached` tokens -- of its
+    own pages, or with `one_prefix` all the chunks' whole cached pages the same -- laid out as the engine lays a
+    prefill out (one row per 64-query block)."""
     import jax.numpy as jnp
 
-    total, nb = cached + n, -(-n // BQ)
-    n_pages = chunks * -(-total // S) + 1
+    total, nb, common = cached + n, -(-n // BQ), cached // S if one_prefix else 0
+    n_pages = common + chunks * (-(-total // S) - common) + 1
     perm = iter(rng.permutation(np.arange(1, n_pages + 1)))
-    tables = [[int(next(perm)) for _ in range(-(-total // S))] for _ in range(chunks)]
+    prefix = [int(next(perm)) for _ in range(common)]
+    tables = [prefix + [int(next(perm)) for _ in range(-(-total // S) - common)] for _ in range(chunks)]
     R = chunks * nb
     table = np.zeros((R, -(-total // S) + 1), np.int32)
     pos = np.full((R, BQ), -1, np.int32)
@@ -78,7 +82,7 @@ def prefill_case(chunks: int, cached: int, n: int, rng):
     ops = (jnp.asarray(rng.standard_normal((R, BQ, KV * G, D)), jnp.float32),
            *[jnp.asarray(rng.standard_normal((n_pages + 1, KV, S, D)), jnp.float16)] * 2,
            jnp.asarray(table), jnp.asarray(np.full((R,), total, np.int32)), jnp.asarray(pos))
-    return ops, 4 * keys * D * KV * G, chunks * total
+    return ops, 4 * keys * D * KV * G, common * S + chunks * (total - common * S)
 
 
 def run(rounds: int, calls: int) -> dict:
@@ -127,8 +131,9 @@ def report(res: dict) -> str:
            f"GB/s (measured after); peer: skipped (llama.cpp has no such switch)",
            "| call | shape | off us | on us | off / on | on GFLOP/s | KV read floor us |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
-        what = ("{} rows x ({} shared + {} own)" if r["kind"] == "decode" else "{} chunks x ({} cached + {})")
-        out.append(f"| {r['kind']} | {what.format(*r['shape'])} | {r['off_us']:.1f} | {r['on_us']:.1f} | "
+        what = ("{} rows x ({} shared + {} own)" if r["kind"] == "decode" else "{} chunks x ({} cached + {}){}")
+        shape = r["shape"] if r["kind"] == "decode" else r["shape"][:3] + [", one prefix" if r["shape"][3] else ""]
+        out.append(f"| {r['kind']} | {what.format(*shape)} | {r['off_us']:.1f} | {r['on_us']:.1f} | "
                    f"{r['off_us'] / r['on_us']:.2f}x | {r['flops'] / r['on_us'] / 1e3:.0f} | {r['floor_us']:.1f} |")
     return "\n".join(out)
 

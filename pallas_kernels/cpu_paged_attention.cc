@@ -1266,19 +1266,17 @@ struct Piece {
 };
 constexpr int64_t kOwnKeys = -1, kBlockKeys = -2;
 
-// The runs of decode rows sharing >= min_pages whole leading pages: the rows whose visible keys start at 0, sorted
-// by their page tables (up to their last whole visible page), then cut where neighbours share fewer than min_pages
-// pages. `whole` gets each row's whole visible pages (0 for a row in no run's reach).
-std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order,
-                                  std::vector<int64_t>& whole) {
+// Runs of rows that read the same leading pages: the rows with whole[r] >= min_pages (the whole pages row r's every
+// query sees from key 0), sorted by their page tables up to those pages, then cut where a row would share fewer than
+// min_pages pages with the run so far -- or, with `hold`, under 3/4 of its own whole pages or of the run's so far
+// (a block row alone computes all its whole pages this way, and is not held to a short prefix it shares). `order`
+// gets the runs' rows; each run the pages all its rows share.
+std::vector<SharedRun> RowRuns(const Problem& p, int64_t min_pages, const std::vector<int64_t>& whole,
+                               std::vector<int64_t>& order, bool hold) {
   std::vector<SharedRun> runs;
   order.clear();
-  whole.assign(p.R, 0);
-  for (int64_t r = 0, lo, hi; r < p.R; ++r) {
-    DecodeKeys(p, r, lo, hi);
-    if (lo == 0 && hi >= 0) whole[r] = std::min((hi + 1) / p.S, p.P);
+  for (int64_t r = 0; r < p.R; ++r)
     if (whole[r] >= min_pages) order.push_back(r);
-  }
   const int32_t* t = p.table;
   auto common = [&](int64_t a, int64_t b) {
     const int64_t n = std::min(whole[a], whole[b]);
@@ -1294,37 +1292,62 @@ std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vect
   for (size_t i = 0; i < order.size();) {
     size_t j = i + 1;
     int64_t pages = whole[order[i]];
-    for (int64_t c; j < order.size() && (c = common(order[j - 1], order[j])) >= min_pages; ++j)
-      pages = std::min(pages, c);
-    if (static_cast<int64_t>(j - i) >= kSharedMinRows)
-      runs.push_back({static_cast<int64_t>(i), static_cast<int64_t>(j - i), pages});
+    for (; j < order.size(); ++j) {  // sorted: what a row shares with the run is what it shares with the last
+      const int64_t b = order[j], c = std::min(pages, common(order[j - 1], b));
+      if (c < min_pages || (hold && (4 * c < 3 * whole[b] || 4 * c < 3 * pages))) break;
+      pages = c;
+    }
+    runs.push_back({static_cast<int64_t>(i), static_cast<int64_t>(j - i), pages});
     i = j;
   }
   return runs;
 }
 
-// A block row (a prefill chunk) whose queries all see at least min_pages whole pages before its first position --
-// a prompt's cached prefix -- is a run of its own: its query slots (r * Bq + b) in order, sharing those pages.
-// Needs no window, and queries x pages of at least kBlockSharedMinWork: short chunks over short prefixes (a
-// select's choices) ran up to 16 % slower this way (32 chunks of 8 queries after 150-300 keys), 256 and more
-// 1.05-2x faster (bench/notes.md, "Shared pages computed once").
+// The runs of decode rows sharing >= min_pages whole leading pages (RowRuns over the rows whose visible keys start
+// at 0), of kSharedMinRows rows at least; `order` their rows (= query slots, Bq = 1).
+std::vector<SharedRun> SharedRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order) {
+  std::vector<int64_t> whole(p.R, 0);
+  for (int64_t r = 0, lo, hi; r < p.R; ++r) {
+    DecodeKeys(p, r, lo, hi);
+    if (lo == 0 && hi >= 0) whole[r] = std::min((hi + 1) / p.S, p.P);
+  }
+  std::vector<SharedRun> runs;
+  for (const SharedRun& run : RowRuns(p, min_pages, whole, order, false))
+    if (run.n >= kSharedMinRows) runs.push_back(run);
+  return runs;
+}
+
+// Block rows (prefill chunks) whose queries all see at least min_pages whole pages before their chunk -- a cached
+// prefix -- are runs too: chunks on one prefix (a fork's branch prompts, a select's choices) together (RowRuns), a
+// run's query slots (r * Bq + b) in order. Needs no window, and queries x pages of at least kBlockSharedMinWork:
+// short chunks over short prefixes, each on its own, ran up to 16 % slower this way (32 chunks of 8 queries after
+// 150-300 keys), 256 and more 1.05-2x faster (bench/notes.md, "Shared pages computed once").
 constexpr int64_t kBlockSharedMinWork = 256;
 
-void BlockRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order, std::vector<SharedRun>& runs) {
-  if (p.window > 0) return;
+std::vector<SharedRun> BlockRuns(const Problem& p, int64_t min_pages, std::vector<int64_t>& order) {
+  std::vector<SharedRun> runs;
+  order.clear();
+  if (p.window > 0) return runs;
+  std::vector<int64_t> whole(p.R, 0), queries(p.R, 0), rows;
   for (int64_t r = 0; r < p.R; ++r) {
-    int64_t first = std::numeric_limits<int64_t>::max(), n = 0;
+    int64_t first = std::numeric_limits<int64_t>::max();
     for (int64_t b = 0; b < p.Bq; ++b)
       if (p.pos[r * p.Bq + b] >= 0) {
         first = std::min<int64_t>(first, p.pos[r * p.Bq + b]);
-        ++n;
+        ++queries[r];
       }
-    const int64_t pages = n ? std::min<int64_t>(std::min<int64_t>(first, p.lens[r]) / p.S, p.P) : 0;
-    if (pages < min_pages || n * pages < kBlockSharedMinWork) continue;
-    runs.push_back({static_cast<int64_t>(order.size()), n, pages});
-    for (int64_t b = 0; b < p.Bq; ++b)
-      if (p.pos[r * p.Bq + b] >= 0) order.push_back(r * p.Bq + b);
+    if (queries[r]) whole[r] = std::min<int64_t>(std::min<int64_t>(first, p.lens[r]) / p.S, p.P);
   }
+  for (const SharedRun& run : RowRuns(p, min_pages, whole, rows, true)) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < run.n; ++i) n += queries[rows[run.first + i]];
+    if (n * run.pages < kBlockSharedMinWork) continue;
+    runs.push_back({static_cast<int64_t>(order.size()), n, run.pages});
+    for (int64_t i = 0; i < run.n; ++i)
+      for (int64_t b = 0, r = rows[run.first + i]; b < p.Bq; ++b)
+        if (p.pos[r * p.Bq + b] >= 0) order.push_back(r * p.Bq + b);
+  }
+  return runs;
 }
 
 #if defined(__AVX512BF16__)
@@ -1525,10 +1548,8 @@ bool RunShared(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_p
   const int64_t min_pages = g_shared_min_pages.load(std::memory_order_relaxed);
   const SharedFn<E> shared_fn = PickShared<E>(p);
   if (min_pages <= 0 || !shared_fn || (p.Bq == 1 ? !row_fn || p.R < kSharedMinRows : !block_fn)) return false;
-  std::vector<int64_t> order, whole, slots, n_slots;
-  std::vector<SharedRun> runs;
-  if (p.Bq == 1) runs = SharedRuns(p, min_pages, order, whole);
-  else BlockRuns(p, min_pages, order, runs);
+  std::vector<int64_t> order, slots, n_slots;
+  const std::vector<SharedRun> runs = p.Bq == 1 ? SharedRuns(p, min_pages, order) : BlockRuns(p, min_pages, order);
   if (runs.empty()) return false;
   std::vector<Piece> pieces;
   int64_t per = 0;

@@ -441,10 +441,11 @@ def test_shared_pages_merge_with_rows_own_keys_to_float32_precision(which, dtype
 
 def _cached_prefix_block_rows(Bq):
     """Block rows (prefill chunks of `Bq` query slots, pages of 16) after cached prefixes: 300 keys cached (a chunk
-    starting inside a page), 1,000 cached with padded slots past the prompt's end, 130 and 128 cached (8 whole pages:
-    enough pages, and with 64 queries enough work), 100 cached (6 pages: too few to share), a chunk of 3 queries
-    (too little work), a fresh prompt, and an empty row; the two rows over 1,000 keys share one prefix's pages (as
-    two requests on one cached prompt do)."""
+    starting inside a page), 1,000 cached with padded slots past the prompt's end, 130 and 128 cached (8 whole pages),
+    100 cached (6 pages: too few to share), a chunk of 3 queries after 400, a fresh prompt, and an empty row. Every
+    row's first 63 pages are one prefix's (make_case's `shared`: requests on one cached prompt): the two chunks over
+    128-130 keys form one run, the two over 1,000 another, the one over 300 its own (joining the 8-page run would
+    hold it to 8 of its 18 pages), and the 3-query chunk, alone for the same reason, has too little work."""
     def chunk(start, n, length=None):
         return (length or start + n, [start + b if b < n else -1 for b in range(Bq)])
     return [chunk(300, Bq), chunk(1000, Bq - 5), chunk(1000, Bq), chunk(130, Bq), chunk(128, Bq), chunk(100, Bq),
@@ -484,9 +485,17 @@ def test_block_rows_over_a_cached_prefix_computed_once_match_reference(Bq, kv, g
     print(f"mean |err| shared {err_on:.2e}, alone {err_off:.2e}")
     assert err_on < 1.5 * err_off + 1e-4
     assert np.abs(on - off)[seen].max() > 1e-5, "the shared-pages path did not run"
-    # rows it must leave alone: 6 pages cached (too few) and 3 queries (too few) give the same bits either way
-    for r in (5, 6):
+    for r in (5, 6):  # 6 pages cached (too few), 3 queries x 25 pages (too little work): the same bits either way
         np.testing.assert_array_equal(on[r], off[r])
+    # chunks on prefixes of their own with too little work (3 queries x 25 pages, 8 x 9): the same bits either way
+    alone = make_case(37 + d, S=16, rows=[(403, [400, 401, 402] + [-1] * (Bq - 3)),
+                                          (158, list(range(150, 158)) + [-1] * (Bq - 8))])
+    alone, _ = _paged_as(alone, dtype)
+    outs = []
+    for pages in (0, 8):
+        shared_min_pages(pages)
+        outs.append(np.asarray(_native(*_args(alone), **kw)))
+    np.testing.assert_array_equal(*outs)
 
 
 def test_block_rows_with_a_window_are_left_alone(shared_min_pages, monkeypatch):
