@@ -129,7 +129,8 @@ def run(rounds: int, calls: int) -> dict:
 def report(res: dict) -> str:
     out = [f"one layer's attention, SmolLM2 heads, float16 pool, bf16 math; copy bandwidth {res['copy_gbs']:.1f} "
            f"GB/s (measured after); peer: skipped (llama.cpp has no such switch)",
-           "| call | shape | off us | on us | off / on | on GFLOP/s | KV read floor us |", "|---|---|---|---|---|---|---|"]
+           "| call | shape | off us | on us | off / on | on GFLOP/s | KV read floor us |",
+           "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         what = ("{} rows x ({} shared + {} own)" if r["kind"] == "decode" else "{} chunks x ({} cached + {}){}")
         shape = r["shape"] if r["kind"] == "decode" else r["shape"][:3] + [", one prefix" if r["shape"][3] else ""]
