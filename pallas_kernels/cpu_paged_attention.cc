@@ -42,7 +42,7 @@
 // whole pages before a block row's first query (a prompt's cached prefix) for all the block's queries (RunShared,
 // SharedPieceB: each page widened once, two passes as RowTwoPass16, a query pair's product serving 16 keys, the
 // values accumulated in registers over the pages); the rest as above; the partial softmax states merged:
-// 1.15-1.5x the attention of 3-64 decode rows over one prompt, 1.2-2x a prefill chunk's after a cached prefix
+// 1.1-1.5x the attention of 3-64 decode rows over one prompt, 1.2-2.2x a prefill chunk's after a cached prefix
 // (bench/notes.md, "Shared pages computed once").
 //
 // Units are claimed from a shared counter by the calling thread and by helpers on XLA's intra-op pool
@@ -834,8 +834,8 @@ inline void AccumulateTB(float* const* out, const float* corr, const float* cons
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(out[i] + 16 * c, a[i][c]);
 }
 
-// Row r's query heads [h0, h1) (all its query slots) as bfloat16 pairs into sc.qb, for BlockPageB: slot b at
-// (slot + b) * H (a block row's at slot 0; a decode row sharing pages with others at its own row index, SharedPiece)
+// Row r's query heads [h0, h1) (all its query slots) as bfloat16 pairs into sc.qb: slot b at (slot + b) * H (for
+// BlockPageB slot 0; for SharedPieceB r * Bq, its query slots' own indices)
 inline void ConvertQueries(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t slot = 0) {
   const int64_t D = p.D;
   for (int64_t b = 0; b < p.Bq; ++b)
