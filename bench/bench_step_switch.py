@@ -13,8 +13,8 @@ the rows' keys and values over the copy bandwidth, or the FLOPs over numpy's flo
 weights the int8 kernel's large-product rate where it is faster), the larger, measured at the end of the same run.
 Switches: `thread_ranges` (pallas_kernels/cpu_matmul.py: the packed matmuls' units as one contiguous range a
 thread, or one at a time to whichever thread is free), `amx_int8`, and `shared_pages` (pallas_kernels/
-cpu_attention.py: decode rows' shared pages computed once for all of them under `bfloat16` attention math, or every
-row's pages alone). `--shared-prefix N`: the decode rows share the pages of their first N tokens (a fork's
+cpu_attention.py: under `bfloat16` attention math, pages many queries read -- decode rows' shared prompt, a
+prefill's cached prefix -- computed once for all of them, or every row's pages alone). `--shared-prefix N`: the decode rows share the pages of their first N tokens (a fork's
 branches over one prompt), and the floor counts those keys and values once; `--prefill-at N`: the prefills start
 after N cached tokens (a prompt whose prefix is in the cache). `--attention-math` is the engine's key
 (bfloat16, the int8 and GGUF presets' setting, by default). No peer: llama.cpp's step has no such switch (its whole
