@@ -270,23 +270,7 @@ def _grouped_decode_case(seed, kv, g, d, alone, window):
     rows += [(seq, t + 1, t) for t in range(100, 109)]
     rows += [(own(-(-n // S)), n, n - 1) for n in rng.integers(1, 120, alone)]
     rows += [([], 0, -1)] * 2
-    rows = [rows[i] for i in rng.permutation(len(rows))]
-    N, R, P = 400, len(rows), 10
-    k = rng.standard_normal((N, kv, S, d)).astype(np.float32)
-    v = rng.standard_normal((N, kv, S, d)).astype(np.float32)
-    poison = np.ones((N, S), bool)
-    table = np.zeros((R, P), np.int32)
-    for r, (pages, n, t) in enumerate(rows):
-        table[r, : len(pages)] = pages
-        for j in range(max(0, t - window + 1) if window else 0, min(t + 1, n)):
-            poison[pages[j // S], j % S] = False
-    k[np.broadcast_to(poison[:, None, :], k.shape[:3])] = np.nan
-    v[np.broadcast_to(poison[:, None, :], v.shape[:3])] = np.nan
-    lens = np.asarray([n for _, n, _ in rows], np.int32)
-    pos = np.asarray([[t] for _, _, t in rows], np.int32)
-    q = rng.standard_normal((R, 1, kv * g, d)).astype(np.float32)
-    q[pos < 0] = np.nan
-    return q, k, v, table, lens, pos
+    return _decode_rows_case(rng, rows, kv, g, d, N=400, P=10, window=window)
 
 
 @pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
@@ -350,9 +334,9 @@ def _long_prompt_case(seed, kv, g, d):
     return _decode_rows_case(rng, rows, kv, g, d, N=300, P=46)
 
 
-def _decode_rows_case(rng, rows, kv, g, d, N, P):
+def _decode_rows_case(rng, rows, kv, g, d, N, P, window=None):
     """(q, k, v, table, lens, pos) for decode rows given as (pages, kv_len, query position), shuffled, pages of 16;
-    every (page, slot) no query sees is NaN, and padded queries too."""
+    every (page, slot) no query sees (past it, or before its `window`) is NaN, and padded queries too."""
     S = 16
     rows = [rows[i] for i in rng.permutation(len(rows))]
     R = len(rows)
@@ -362,7 +346,7 @@ def _decode_rows_case(rng, rows, kv, g, d, N, P):
     table = np.zeros((R, P), np.int32)
     for r, (pages, n, t) in enumerate(rows):
         table[r, : len(pages)] = pages
-        for j in range(min(t + 1, n)):
+        for j in range(max(0, t - window + 1) if window else 0, min(t + 1, n)):
             poison[pages[j // S], j % S] = False
     k[np.broadcast_to(poison[:, None, :], k.shape[:3])] = np.nan
     v[np.broadcast_to(poison[:, None, :], v.shape[:3])] = np.nan
