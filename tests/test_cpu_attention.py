@@ -169,14 +169,19 @@ def test_block_rows_in_bfloat16_math_match_dense_reference(kv, g, d, sliding_win
     the flag changes nothing: bit-equal outputs."""
     case, pos, lens, kw, ref = _pages_of_16_case(23 + d + kv, kv, g, d, sliding_window, soft_cap, dtype, monkeypatch)
     out = np.asarray(_native(*_args(case), bf16_math=True, **kw))
-    f32 = np.asarray(_native(*_args(case), **kw))
+    _check_bf16(out, np.asarray(_native(*_args(case), **kw)), ref, pos, lens, "bf16_math changed nothing")
+
+
+def _check_bf16(out, other, ref, pos, lens, unchanged: str):
+    """`out` (bfloat16 math) against the reference at 4e-2, and different from `other` (float32 math, or the path
+    off: else `unchanged` fails it); where the CPU has no AVX512-BF16, bit-equal to `other`."""
     if not cpu_attention.bf16_math_available():
-        np.testing.assert_array_equal(out, f32)
+        np.testing.assert_array_equal(out, other)
         return
     _check(out, ref, pos, lens, 4e-2)
     seen = (pos >= 0) & (lens[:, None] > 0)
     print(f"max |bf16 - ref| {np.abs(out - ref)[seen].max():.2e}")
-    assert np.abs(out - f32)[seen].max() > 1e-5, "bf16_math changed nothing"
+    assert np.abs(out - other)[seen].max() > 1e-5, unchanged
 
 
 @pytest.fixture
@@ -389,13 +394,7 @@ def test_decode_rows_sharing_pages_computed_once_match_reference(which, kv, g, d
     shared_min_pages(min_pages)
     np.testing.assert_array_equal(alone, np.asarray(_native(*_args(case), **kw)))
     out = np.asarray(_native(*_args(case), bf16_math=True, **kw))
-    if not cpu_attention.bf16_math_available():
-        np.testing.assert_array_equal(out, alone)
-        return
-    _check(out, ref, pos, lens, 4e-2)
-    seen = (pos >= 0) & (lens[:, None] > 0)
-    print(f"max |shared - ref| {np.abs(out - ref)[seen].max():.2e}")
-    assert np.abs(out - alone)[seen].max() > 1e-5, "the shared-pages path did not run"
+    _check_bf16(out, alone, ref, pos, lens, "the shared-pages path did not run")
 
 
 @pytest.mark.parametrize("which", ["nested", "long"])
