@@ -251,6 +251,12 @@ struct Scratch {
   static void Grow(V& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
   }
+  // Query qi's partial softmax state (running max, sum, unnormalized output[D]) into st[0], st[1], st[2 .. D + 2)
+  void StoreState(int64_t qi, int64_t D, float* st) const {
+    st[0] = m[qi];
+    st[1] = l[qi];
+    std::copy(acc.begin() + qi * D, acc.begin() + (qi + 1) * D, st + 2);
+  }
 };
 
 template <typename E>
@@ -1118,13 +1124,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
   }
   if (states) {
     for (int64_t b = 0; b < p.Bq; ++b)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t qi = b * p.H + h0 * G + g;
-        float* st = states + (b * G + g) * (D + 2);
-        st[0] = sc.m[qi];
-        st[1] = sc.l[qi];
-        std::copy(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + 1) * D, st + 2);
-      }
+      for (int64_t g = 0; g < G; ++g) sc.StoreState(b * p.H + h0 * G + g, D, states + (b * G + g) * (D + 2));
     return ok;
   }
   for (int64_t b = 0; b < p.Bq; ++b)
@@ -1200,11 +1200,7 @@ inline bool RowRangeState(const Problem& p, Scratch& sc, RowFn row_fn, int64_t r
   const int64_t G = p.G, D = p.D, W = D + 2, qi = h * G;  // RowTwoPass16's state of a decode row's queries (Bq = 1)
   std::fill(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + G) * D, 0.0f);
   if (!row_fn(p, sc, r, h, h + 1, lo, hi)) return false;
-  for (int64_t g = 0; g < G; ++g) {
-    out[g * W] = sc.m[qi + g];
-    out[g * W + 1] = sc.l[qi + g];
-    std::copy(sc.acc.begin() + (qi + g) * D, sc.acc.begin() + (qi + g + 1) * D, out + g * W + 2);
-  }
+  for (int64_t g = 0; g < G; ++g) sc.StoreState(qi + g, D, out + g * W);
   return true;
 }
 
