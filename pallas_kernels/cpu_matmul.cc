@@ -606,7 +606,10 @@ struct Ahead {
 // int32 sums are exactly the signed ones, so the results are the 256-bit tile's and AMX's bit for bit; the
 // earlier sign trick (|x| and a masked negation of the weights, per row and weight vector) made whole SmolLM2
 // steps 1.19-1.35x (decode, 8-64 rows) and 1.6-1.9x (prefill) slower on an AVX-512 CPU without AMX (bench/notes.md,
-// "GGUF Q4_1 kept in its blocks"). R rows x NP panels.
+// "GGUF Q4_1 kept in its blocks"). R rows x NP panels. A block's 8 quad rows are unrolled and its prefetches
+// (see Ahead) issued after them: with a countdown branch in the loop GCC 12 kept the accumulators rotating through
+// register copies and a spill (~35 instructions a quad row of a 4 x 2 tile, against 10 now); products of 4-64 rows
+// 1.05-1.33x faster, whole decode steps 1.05-1.10x (bench/notes.md, session 26).
 constexpr bool kWide = true;
 
 template <int R, int NP>
@@ -617,7 +620,6 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < NP; ++p) acc[r][p] = acc_in ? _mm512_loadu_ps(y + r * ldy + kPanel * p) : _mm512_setzero_ps();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // w ^ 0x80 = w + 128 as an unsigned byte
-  int64_t countdown = pf.part + 1;  // quad rows until the next one this tile prefetches
   for (int64_t b = 0; b < kn; b += kXBlock) {
     const int64_t quads = std::min(kXBlock, kn - b) / kQuad, blk = (k0 + b) / kXBlock;
     __m512i iacc[R][NP];
@@ -626,24 +628,24 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
       for (int p = 0; p < NP; ++p) iacc[r][p] = c;
     }
     const int8_t* wb = wp + b / kQuad * kPanel * kQuad;
+#pragma GCC unroll 8
     for (int64_t q = 0; q < quads; ++q) {
-      __m512i x4[R];
-      for (int r = 0; r < R; ++r) {
-        int32_t v;
-        std::memcpy(&v, xq + r * ldx + k0 + b + kQuad * q, sizeof(v));
-        x4[r] = _mm512_set1_epi32(v);
-      }
+      const int8_t* xr = xq + k0 + b + kQuad * q;
       for (int p = 0; p < NP; ++p) {
         const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(wb + p * pstride + q * kPanel * kQuad), flip);
-        for (int r = 0; r < R; ++r) iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], w, x4[r]);
-      }
-      if (pf.w && --countdown == 0) {
-        countdown = pf.parts;
-        for (int p = 0; p < NP; ++p)
-          _mm_prefetch(reinterpret_cast<const char*>(pf.w + (b / kQuad + q) * kPanel * kQuad + p * pstride),
-                       _MM_HINT_T0);
+        for (int r = 0; r < R; ++r) {
+          int32_t v;
+          std::memcpy(&v, xr + r * ldx, sizeof(v));
+          iacc[r][p] = _mm512_dpbusd_epi32(iacc[r][p], w, _mm512_set1_epi32(v));
+        }
       }
     }
+    // this tile's share of the next block's quad rows (every `parts`-th from the `part`-th), once a block
+    if (pf.w)
+      for (int64_t g = b / kQuad + (pf.part - b / kQuad % pf.parts + pf.parts) % pf.parts; g < b / kQuad + quads;
+           g += pf.parts)
+        for (int p = 0; p < NP; ++p)
+          _mm_prefetch(reinterpret_cast<const char*>(pf.w + g * kPanel * kQuad + p * pstride), _MM_HINT_T0);
     for (int r = 0; r < R; ++r) {
       const __m512 d = _mm512_set1_ps(xd[r * ldd + blk]);
       for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][p]), d, acc[r][p]);
