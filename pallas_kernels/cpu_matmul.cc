@@ -609,7 +609,8 @@ struct Ahead {
 // "GGUF Q4_1 kept in its blocks"). R rows x NP panels. A block's 8 quad rows are unrolled and its prefetches
 // (see Ahead) issued after them: with a countdown branch in the loop GCC 12 kept the accumulators rotating through
 // register copies and a spill (~35 instructions a quad row of a 4 x 2 tile, against 10 now); products of 4-64 rows
-// 1.05-1.33x faster, whole decode steps 1.05-1.10x (bench/notes.md, session 26).
+// 1.05-1.33x faster, whole decode steps 1.05-1.10x (bench/notes.md, session 26), and 1.17-1.24x more at 4-16 rows
+// with the prefetches into L2.
 constexpr bool kWide = true;
 
 template <int R, int NP>
@@ -640,12 +641,13 @@ inline void QuadTile512(const int8_t* xq, const float* xd, const int32_t* xs, in
         }
       }
     }
-    // this tile's share of the next block's quad rows (every `parts`-th from the `part`-th), once a block
+    // this tile's share of the next block's quad rows (every `parts`-th from the `part`-th), once a block, into L2:
+    // into L1 they held the core's few L1 miss buffers while the tile computed (8-16 row steps 1.2x slower)
     if (pf.w)
       for (int64_t g = b / kQuad + (pf.part - b / kQuad % pf.parts + pf.parts) % pf.parts; g < b / kQuad + quads;
            g += pf.parts)
         for (int p = 0; p < NP; ++p)
-          _mm_prefetch(reinterpret_cast<const char*>(pf.w + g * kPanel * kQuad + p * pstride), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(pf.w + g * kPanel * kQuad + p * pstride), _MM_HINT_T1);
     for (int r = 0; r < R; ++r) {
       const __m512 d = _mm512_set1_ps(xd[r * ldd + blk]);
       for (int p = 0; p < NP; ++p) acc[r][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(iacc[r][p]), d, acc[r][p]);
