@@ -235,14 +235,19 @@ constexpr int64_t kMc = 96;   // rows per block (x's block: 96 KB, in L2)
 constexpr int64_t kDirectRows = 8;  // up to here one pass over the weights, no k blocks
 
 // y[r0.., c0..c0+16*NP) (+)= x[r0.., k0..k0+kn) @ panels; `wp` points at the first panel's row k0, `pstride` is
-// the distance between panels. `acc_in`: add to y (a later k block).
+// the distance between panels. `acc_in`: add to y (a later k block). `pf`: the weights the next tile of this
+// thread reads from memory, one 64-byte line of each of its NP panels a k fetched into L2 while this tile computes
+// (float32 steps of 6-64 rows 1.13-1.32x faster; at 1-2 rows, which stream 1-4 panels at once, the hardware's
+// prefetcher alone was faster: bench/notes.md, session 26).
 template <int R, int NP>
 inline void PanelTile(const float* x, int64_t ldx, const float* wp, int64_t pstride, int64_t kn, float* y,
-                      int64_t ldy, bool acc_in) {
+                      int64_t ldy, bool acc_in, const float* pf = nullptr) {
   v8f acc[R][2 * NP];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 2 * NP; ++c) acc[r][c] = acc_in ? LoadF8(y + r * ldy + 8 * c) : v8f{};
   for (int64_t k = 0; k < kn; ++k) {
+    if (pf)
+      for (int p = 0; p < NP; ++p) __builtin_prefetch(pf + p * pstride + k * kPanel, 0, 2);  // prefetcht1
     for (int p = 0; p < NP; ++p) {
       const float* w = wp + p * pstride + k * kPanel;
       const v8f w0 = LoadF8(w), w1 = LoadF8(w + 8);
@@ -259,14 +264,14 @@ inline void PanelTile(const float* x, int64_t ldx, const float* wp, int64_t pstr
 
 // R (1..6) rows x one panel, R chosen at run time
 inline void PanelRows(int64_t R, const float* x, int64_t ldx, const float* wp, int64_t kn, float* y, int64_t ldy,
-                      bool acc_in) {
+                      bool acc_in, const float* pf = nullptr) {
   switch (R) {
-    case 1: return PanelTile<1, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
-    case 2: return PanelTile<2, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
-    case 3: return PanelTile<3, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
-    case 4: return PanelTile<4, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
-    case 5: return PanelTile<5, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
-    default: return PanelTile<6, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in);
+    case 1: return PanelTile<1, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
+    case 2: return PanelTile<2, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
+    case 3: return PanelTile<3, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
+    case 4: return PanelTile<4, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
+    case 5: return PanelTile<5, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
+    default: return PanelTile<6, 1>(x, ldx, wp, 0, kn, y, ldy, acc_in, pf);
   }
 }
 
@@ -290,7 +295,8 @@ void PanelsFew(const float* x, const float* w, float* y, int64_t M, int64_t K, i
   for (; p < p1; ++p)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t r0 = TileStart(t, tiles, M), r1 = TileStart(t + 1, tiles, M);
-      PanelRows(r1 - r0, x + r0 * K, K, w + p * ps, K, y + r0 * N + p * kPanel, N, false);
+      PanelRows(r1 - r0, x + r0 * K, K, w + p * ps, K, y + r0 * N + p * kPanel, N, false,
+                t == 0 && p + 1 < p1 ? w + (p + 1) * ps : nullptr);
     }
 }
 
@@ -306,9 +312,10 @@ void PanelsMany(const float* x, const float* w, float* y, int64_t M, int64_t K, 
         const int64_t kn = std::min(kKc, K - k0);
         std::memcpy(buf, w + p * ps + k0 * kPanel, kn * kPanel * sizeof(float));
         const int64_t tiles = (mn + 5) / 6;
+        const float* next = k0 + kKc < K ? w + p * ps + (k0 + kKc) * kPanel : p + 1 < p1 ? w + (p + 1) * ps : nullptr;
         for (int64_t t = 0; t < tiles; ++t) {
           const int64_t r = m0 + TileStart(t, tiles, mn), r1 = m0 + TileStart(t + 1, tiles, mn);
-          PanelRows(r1 - r, x + r * K + k0, K, buf, kn, y + r * N + p * kPanel, N, k0 > 0);
+          PanelRows(r1 - r, x + r * K + k0, K, buf, kn, y + r * N + p * kPanel, N, k0 > 0, t == 0 ? next : nullptr);
         }
       }
     }
