@@ -1004,7 +1004,7 @@ inline void Q4Tile512(const int8_t* xq, const float* xd, const float* xs, int64_
           is[r][p] = _mm512_dpbusd_epi32(is[r][p], lo, xl[r]);
           is[r][p] = _mm512_dpbusd_epi32(is[r][p], hi, xh[r]);
         }
-        if (pf)  // the next weight block's line i (and its scales' line), as QuadTile512 does
+        if (pf)  // the next weight block's line i (and its scales' line); into L1 (L2 measured 0.99-1.04x here)
           for (int64_t o = 64 * i; o < (i == 3 ? kQ4Bytes : 64 * i + 64); o += 64)
             _mm_prefetch(reinterpret_cast<const char*>(pf + p * pstride + (b - b0) * kQ4Bytes + o), _MM_HINT_T0);
       }
