@@ -3,7 +3,7 @@
     python bench/bench_hicache.py chat  [--config configs/smollm2-135m-int8.yaml] [--convs 8] [--turns 4]
                                         [--system 256] [--question 48] [--answer 128] [--active K]
                                         [--pool-fraction 0.25] [--host-fraction 0.25] [--disk-dir DIR]
-                                        [--touch-host]
+                                        [--touch-host] [--rounds 1]
     python bench/bench_hicache.py table [--config ...] [--lengths 16,64,256,1024,4096] [--disk-dir DIR]
     python bench/bench_hicache.py restart [--config ...] [--prompt 2000] [--disk-dir DIR]
     (all: [--json OUT])
@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 
@@ -144,26 +145,9 @@ def run_chat(engine, convs, turns, question, answer, seed=1, active=0) -> dict:
             "retractions": st["num_retractions"], "final_tokens": sum(len(h) for h in hist), "step_split": steps}
 
 
-def chat(args) -> dict:
-    convs = _conversations(args.convs, args.system)
-    per_conv = args.system + args.turns * (args.question + args.answer)
-    ps = 16
-    ctx = per_conv + 64
-    pool_pages = max(int(args.pool_fraction * args.convs * per_conv / ps), -(-ctx // ps) + 1)
-    common = dict(max_context_len=ctx)
-    results = {}
-    small = dict(max_num_pages=pool_pages + 1)
-    runs = [("unbounded", {}), ("device-only", dict(small, disable_hierarchical_cache=True)), ("+host", small)]
-    if args.host_fraction > 0:
-        import tempfile
-
-        host_pages = max(int(args.host_fraction * args.convs * per_conv / ps), 1)
-        disk = args.disk_dir or tempfile.mkdtemp(prefix="sgl_jax_disk_")
-        runs += [("+small host", dict(small, host_memory_gb=-1.0)),
-                 ("+small host +disk (through)", dict(small, host_memory_gb=-1.0, disk_dir=disk)),
-                 ("+small host +disk (back)", dict(small, host_memory_gb=-1.0, disk_dir=disk,
-                                                   write_policy="write_back"))]
-    page_bytes = 0
+def _chat_round(args, runs, convs, common: dict, per_conv: int, host_pages: int) -> dict:
+    """One engine per configuration in `runs` (name, engine overrides), one after another: {name: run_chat's}."""
+    results, page_bytes = {}, 0
     for name, kw in runs:
         if kw.get("host_memory_gb") == -1.0:  # host_pages pages of this preset's size
             kw = dict(kw, host_memory_gb=(host_pages + 0.5) * page_bytes / (1 << 30))
@@ -176,7 +160,7 @@ def chat(args) -> dict:
             arena = e.runner.host_arena
             if args.touch_host and arena is not None:  # the slots a working set can use, faulted in untimed
                 t0 = time.perf_counter()
-                arena[:min(len(arena), args.convs * per_conv // ps + 64)].fill(0)
+                arena[:min(len(arena), args.convs * per_conv // 16 + 64)].fill(0)
                 print(f"  {name}: host slots touched in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             results[name] = run_chat(e, convs, args.turns, args.question, args.answer, active=args.active)
         finally:
@@ -184,6 +168,50 @@ def chat(args) -> dict:
         r = results[name]
         print(f"  {name}: hit {r['hit_rate']:.1%}, {r['out_tok_s']:.1f} out tok/s, {r['wall_s']:.1f} s",
               file=sys.stderr, flush=True)
+    return results
+
+
+def chat(args) -> dict:
+    """The chat workload's configurations, `--rounds` times (device-only and +host in swapped order every other
+    round, so a drifting machine favours neither), each round's tables, and with several rounds the ratios'
+    median."""
+    convs = _conversations(args.convs, args.system)
+    per_conv = args.system + args.turns * (args.question + args.answer)
+    ps = 16
+    ctx = per_conv + 64
+    pool_pages = max(int(args.pool_fraction * args.convs * per_conv / ps), -(-ctx // ps) + 1)
+    small = dict(max_num_pages=pool_pages + 1)
+    runs = [("unbounded", {}), ("device-only", dict(small, disable_hierarchical_cache=True)), ("+host", small)]
+    host_pages, disk = 0, ""
+    if args.host_fraction > 0:
+        import tempfile
+
+        host_pages = max(int(args.host_fraction * args.convs * per_conv / ps), 1)
+        disk = args.disk_dir or tempfile.mkdtemp(prefix="sgl_jax_disk_")
+        runs += [("+small host", dict(small, host_memory_gb=-1.0)),
+                 ("+small host +disk (through)", dict(small, host_memory_gb=-1.0, disk_dir=disk)),
+                 ("+small host +disk (back)", dict(small, host_memory_gb=-1.0, disk_dir=disk,
+                                                   write_policy="write_back"))]
+    rounds = []
+    for i in range(args.rounds):
+        order = runs if i % 2 == 0 else [runs[0], runs[2], runs[1]] + runs[3:]
+        results = _chat_round(args, order, convs, dict(max_context_len=ctx), per_conv, host_pages)
+        rounds.append({name: results[name] for name, _ in runs})
+        if args.rounds > 1:
+            print(f"round {i + 1} of {args.rounds}")
+        _chat_report(args, rounds[-1], pool_pages, host_pages, disk)
+    if args.rounds > 1:
+        ratios = [r["+host"]["out_tok_s"] / r["device-only"]["out_tok_s"] for r in rounds]
+        print(f"+host vs device-only over {args.rounds} rounds: " + ", ".join(f"{x:.2f}x" for x in ratios) +
+              f"; median {statistics.median(ratios):.2f}x (target >= 1.5x)")
+    return {"pool_pages": pool_pages, "working_set_tokens": rounds[0]["unbounded"]["final_tokens"],
+            "results": rounds[0], "rounds": rounds}
+
+
+def _chat_report(args, results: dict, pool_pages: int, host_pages: int, disk: str) -> None:
+    """One round's tables: per configuration its hit rate, throughput and tier counters, where the time went, the
+    target's ratios and the ceiling."""
+    ps = 16
     ws = results["unbounded"]["final_tokens"]
     print(f"multi-turn chat: {args.convs} conversations x {args.turns} turns (system {args.system}, question "
           f"{args.question}, answer {args.answer} tokens); working set {ws} tokens, small pool {pool_pages} pages of "
@@ -218,7 +246,6 @@ def chat(args) -> dict:
         r, sh = results[name], results["+small host"]
         print(f"{name} vs +small host: hit {r['hit_rate']:.1%} vs {sh['hit_rate']:.1%}, throughput "
               f"{r['out_tok_s'] / sh['out_tok_s']:.2f}x; vs device-only {r['out_tok_s'] / d['out_tok_s']:.2f}x")
-    return {"pool_pages": pool_pages, "working_set_tokens": ws, "results": results}
 
 
 def _drop_os_cache(directory: str) -> bool:
@@ -362,7 +389,9 @@ def main(argv=None):
     ap.add_argument("--host-fraction", type=float, default=0.25, help="chat: the small host tier's share of the "
                     "working set for the three small-host rows (0: leave them out)")
     ap.add_argument("--lengths", default="16,64,256,1024,4096")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2, help="table: best of this many")
+    ap.add_argument("--rounds", type=int, default=1, help="chat: run the configurations this many times "
+                    "(device-only and +host swapped every other round) and print the ratios' median")
     ap.add_argument("--prompt", type=int, default=2000)
     ap.add_argument("--disk-dir", default="")
     ap.add_argument("--json")
