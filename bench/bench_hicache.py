@@ -145,8 +145,9 @@ def run_chat(engine, convs, turns, question, answer, seed=1, active=0) -> dict:
             "retractions": st["num_retractions"], "final_tokens": sum(len(h) for h in hist), "step_split": steps}
 
 
-def _chat_round(args, runs, convs, common: dict, per_conv: int, host_pages: int) -> dict:
-    """One engine per configuration in `runs` (name, engine overrides), one after another: {name: run_chat's}."""
+def _chat_round(args, runs, convs, common: dict, touch_slots: int, host_pages: int) -> dict:
+    """One engine per configuration in `runs` (name, engine overrides), one after another: {name: run_chat's}.
+    `touch_slots`: the host slots `--touch-host` faults in (a working set's pages and some)."""
     results, page_bytes = {}, 0
     for name, kw in runs:
         if kw.get("host_memory_gb") == -1.0:  # host_pages pages of this preset's size
@@ -160,7 +161,7 @@ def _chat_round(args, runs, convs, common: dict, per_conv: int, host_pages: int)
             arena = e.runner.host_arena
             if args.touch_host and arena is not None:  # the slots a working set can use, faulted in untimed
                 t0 = time.perf_counter()
-                arena[:min(len(arena), args.convs * per_conv // 16 + 64)].fill(0)
+                arena[:min(len(arena), touch_slots)].fill(0)
                 print(f"  {name}: host slots touched in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             results[name] = run_chat(e, convs, args.turns, args.question, args.answer, active=args.active)
         finally:
@@ -195,7 +196,8 @@ def chat(args) -> dict:
     rounds = []
     for i in range(args.rounds):
         order = runs if i % 2 == 0 else [runs[0], runs[2], runs[1]] + runs[3:]
-        results = _chat_round(args, order, convs, dict(max_context_len=ctx), per_conv, host_pages)
+        results = _chat_round(args, order, convs, dict(max_context_len=ctx), args.convs * per_conv // ps + 64,
+                              host_pages)
         rounds.append({name: results[name] for name, _ in runs})
         if args.rounds > 1:
             print(f"round {i + 1} of {args.rounds}")
