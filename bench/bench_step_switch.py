@@ -14,8 +14,9 @@ weights the int8 kernel's large-product rate where it is faster), the larger, me
 Switches: `thread_ranges` (pallas_kernels/cpu_matmul.py: the packed matmuls' units as one contiguous range a
 thread, or one at a time to whichever thread is free), `amx_int8`, and `shared_pages` (pallas_kernels/
 cpu_attention.py: under `bfloat16` attention math, pages many queries read -- decode rows' shared prompt, a
-prefill's cached prefix -- computed once for all of them, or every row's pages alone). `--shared-prefix N`: the decode rows share the pages of their first N tokens (a fork's
-branches over one prompt), and the floor counts those keys and values once; `--prefill-at N`: the prefills start
+prefill's cached prefix -- computed once for all of them, or every row's pages alone). `--shared-prefix N`: the
+decode rows share the pages of their first N tokens (a fork's branches over one prompt), and the floor counts
+those keys and values once; `--prefill-at N`: the prefills start
 after N cached tokens (a prompt whose prefix is in the cache). `--attention-math` is the engine's key
 (bfloat16, the int8 and GGUF presets' setting, by default). No peer: llama.cpp's step has no such switch (its whole
 decode step is in bench_served_step.py).
