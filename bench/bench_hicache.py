@@ -220,13 +220,14 @@ def _chat_report(args, results: dict, pool_pages: int, host_pages: int, disk: st
           f"{ps} ({pool_pages * ps / ws:.0%} of it); floor: the unbounded run; peer: skipped (see the docstring)")
     if args.host_fraction > 0:
         print(f"small host tier: {host_pages} pages ({host_pages * ps / ws:.0%} of the working set); disk tier {disk}")
-    print("| cache | hit rate | output tok/s | wall s | steps (decode) | retractions | demoted | loaded pages | "
-          "host tokens loaded | host pages dropped | disk pages written | disk tokens read |\n"
+    print("| cache | hit rate | output tok/s | wall s | steps (decode) | retractions | demoted (into a host copy) | "
+          "loaded pages | host tokens loaded | host pages dropped | disk pages written | disk tokens read |\n"
           "|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         t = r["tiers"]
         print(f"| {name} | {r['hit_rate']:.1%} | {r['out_tok_s']:.1f} | {r['wall_s']:.1f} | {r['steps']} "
-              f"({r['decode_steps']}) | {r['retractions']} | {t['pages_demoted']} | {t['pages_promoted']} | "
+              f"({r['decode_steps']}) | {r['retractions']} | {t['pages_demoted']} ({t['pages_demoted_by_copy']}) | "
+              f"{t['pages_promoted']} | "
               f"{t['host_tokens_loaded']} | {t['host_pages_dropped']} | {t.get('disk_written', '-')} | "
               f"{t.get('disk_tokens_read', '-')} |")
     print("\nwhere the time goes (seconds; decode: steps with no prompt tokens, prefill: steps with some, host: "

@@ -50,9 +50,12 @@ class Metrics:
         self.cache_pages = Gauge(f"{p}cache_pages", "pages held by the prefix cache, by tier", ["tier"], registry=r)
         self.cache_tier_bytes = Gauge(f"{p}cache_tier_bytes", "bytes of cached K/V, by tier", ["tier"], registry=r)
         self.host_free_slots = Gauge(f"{p}host_free_slots", "free page slots of the host tier", registry=r)
+        self.host_copy_slots = Gauge(f"{p}host_copy_slots", "host slots kept as copies of promoted device pages "
+                                     "(given up first when the host tier needs a slot)", registry=r)
         self.disk_loading = Gauge(f"{p}disk_loading", "requests waiting for a read from the disk tier", registry=r)
-        self.cache_events = Gauge(f"{p}cache_events", "tier events since start: pages demoted, promoted "
-                                  "(loaded), dropped from the host; hit tokens loaded or recomputed; disk pages "
+        self.cache_events = Gauge(f"{p}cache_events", "tier events since start: pages demoted (of them, "
+                                  "into their host copy, without a copy), promoted (loaded), dropped from the host; "
+                                  "hit tokens loaded or recomputed; disk pages "
                                   "written, written back as the host dropped them, read, found corrupt, evicted; "
                                   "tokens read from disk", ["event"], registry=r)
         self._lock = threading.Lock()
@@ -73,8 +76,9 @@ class Metrics:
             self.cache_pages.labels(tier=tier).set(tiers[f"{tier}_pages"])
             self.cache_tier_bytes.labels(tier=tier).set(tiers[f"{tier}_pages"] * tiers["page_bytes"])
         self.host_free_slots.set(tiers["host_free_slots"])
-        for event in ("pages_demoted", "pages_promoted", "host_pages_dropped", "host_tokens_loaded",
-                      "host_tokens_recomputed"):
+        self.host_copy_slots.set(tiers["host_copy_pages"])
+        for event in ("pages_demoted", "pages_demoted_by_copy", "pages_promoted", "host_pages_dropped",
+                      "host_tokens_loaded", "host_tokens_recomputed"):
             self.cache_events.labels(event=event).set(tiers[event])
         if "disk_pages" in tiers:  # a disk tier
             self.cache_pages.labels(tier="disk").set(tiers["disk_pages"])
@@ -115,6 +119,8 @@ def cache_tiers(scheduler) -> dict:
             "host_slots": host.num_slots if host is not None else 0,
             "pages_demoted": getattr(cache, "pages_demoted", 0), "pages_promoted": getattr(cache, "pages_promoted", 0),
             "host_pages_dropped": getattr(cache, "host_pages_dropped", 0),
+            "host_copy_pages": getattr(cache, "host_copy_pages", 0),
+            "pages_demoted_by_copy": getattr(cache, "pages_demoted_by_copy", 0),
             "host_tokens_loaded": scheduler.host_tokens_loaded,
             "host_tokens_recomputed": scheduler.host_tokens_recomputed,
             **(scheduler.disk.stats() if getattr(scheduler, "disk", None) is not None else {})}

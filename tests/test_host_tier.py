@@ -123,6 +123,49 @@ def test_flush_frees_every_tier():
     assert host.take_loads() == []
 
 
+def test_a_promoted_page_keeps_its_slot_and_is_demoted_again_without_a_copy():
+    host = HostPool(4, 8)
+    c = RadixCache(PageAllocator(6), 2, host=host)  # 5 device pages
+    c.insert([1, 2, 3, 4, 5, 6], c.allocator.alloc(3))
+    assert c.evict(3) == 3 and host.pages_saved == 3
+    assert c.promote([1, 2, 3, 4, 5, 6]) == 6
+    assert c.host_copy_pages == 3 and host.allocator.num_free == 1 and host.pending_release == 0
+    c.take_loads()
+    c.take_loads()  # the loads ran: the promoted nodes are unlocked
+    m = c.match_prefix([1, 2, 3, 4, 5, 6, 7, 8])
+    c.insert([1, 2, 3, 4, 5, 6, 7, 8], m.pages + c.allocator.alloc(1))  # a new page past the promoted ones
+    c.check_integrity()
+    assert c.evict(4) == 4  # the three promoted pages move into their copies; only the new one is copied
+    assert host.pages_saved == 4 and c.pages_demoted_by_copy == 3 and c.host_copy_pages == 0
+    assert c.host_cached_pages == 4 and host.allocator.num_free == 0
+    c.check_integrity()
+
+
+def test_host_copies_go_before_host_pages_and_never_while_a_load_reads_them():
+    host = HostPool(3, 8)
+    c = RadixCache(PageAllocator(6), 1, host=host)
+    c.insert([1, 2], c.allocator.alloc(2))
+    c.insert([9], c.allocator.alloc(1))
+    assert c.evict(3) == 3 and c.host_cached_pages == 3 and host.allocator.num_free == 0
+    assert c.promote([1, 2]) == 2  # two copies, read by the loads of the next step
+    c.insert([5], c.allocator.alloc(1))
+    c.insert([6], c.allocator.alloc(1))
+    c.insert([7], c.allocator.alloc(1))
+    assert c.allocator.num_free == 0
+    c.evict(1)  # [5]'s page needs a slot: the copies are still read, so host page [9] goes
+    assert c.host_copy_pages == 2 and c.host_match_len([9]) == 0 and c.host_match_len([5]) == 1
+    c.take_loads()
+    c.take_loads()  # the loads ran
+    assert c.match_prefix([1, 2]).num_tokens == 2  # used again: [6] is now the least recently used device leaf
+    c.evict(1)  # [6] needs a slot: the oldest copy ([1]'s) goes, not a host page
+    assert c.host_copy_pages == 1 and c.host_match_len([5]) == 1 and c.host_match_len([6]) == 1
+    assert host.pages_saved == 5 and c.peek_prefix_len([1, 2]) == 2
+    assert c.evict(2) == 2  # [7] (older) takes [2]'s copy's slot; then [2], without a copy, host page [5]'s
+    assert c.host_copy_pages == 0 and c.host_match_len([7]) == 1 and c.host_match_len([5]) == 0
+    assert c.peek_prefix_len([1, 2]) == 1 and c.host_match_len([1, 2]) == 1 and host.pages_saved == 7
+    c.check_integrity()
+
+
 # ------------------------------------------------------------------------------------- runner copies
 def test_transfer_chunks_cover_every_page_once_without_padding():
     from sgl_jax.runner_pages import TRANSFER_WIDTHS, transfer_chunks

@@ -514,6 +514,21 @@ def _root_of(first_hash, tokens, ps):
     raise AssertionError("a first block's hash matches no namespace root")
 
 
+def radix_copies(c):
+    """{(namespace, page-aligned prefix): host slot} for every device page of a RadixCache with a host copy."""
+    out = {}
+    for ns, root in c._roots.items():
+        stack = [(root, ())]
+        while stack:
+            node, prefix = stack.pop()
+            for i, s in enumerate(node.copy or ()):
+                if s >= 0:
+                    out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = s
+            prefix = prefix + node.key
+            stack.extend((ch, prefix) for ch in node.children.values())
+    return out
+
+
 def naive_pages(c):
     out = {k: (e.ref > 0, 0, e.page) for k, e in c._entries.items()}
     out.update({k: (False, 1, h.page) for k, h in c._host.items()})
@@ -563,6 +578,11 @@ class FakeDevice:
             src = self.host.pending_page(p) if tier else None
             got = self.data[p] if tier == 0 else self.host.arena[p] if src is None else self.data[src]
             assert (got == fingerprint(key)).all(), f"{key} on tier {tier} ({p}) holds another prefix's data"
+
+    def check_copies(self, copies: dict):
+        """Every host copy holds the K/V of its device page's prefix."""
+        for key, s in copies.items():
+            assert (self.host.arena[s] == fingerprint(key)).all(), f"the host copy of {key} ({s}) holds other data"
 
 
 class _Req:
@@ -790,6 +810,8 @@ class TwinMachine(RuleBasedStateMachine):
         # same prefixes cached, locked and on the same tier: catches any divergence in eviction order at once
         assert radix_contents(self.r) == naive_contents(self.n)
         assert self.r.host_cached_pages == self.n.host_cached_pages
+        assert self.r.host_copy_pages == self.n.host_copy_pages
+        assert radix_copies(self.r).keys() == self.n._copies.keys()
         apply_events(self.mirror, self.r.events.take(), self.ps)
         assert self.mirror["GPU"] == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._entries}
         assert self.mirror["CPU"] == {sequence_hashes(key, self.ps, ns)[-1] for ns, key in self.n._host}
@@ -799,6 +821,8 @@ class TwinMachine(RuleBasedStateMachine):
             # the data each page holds is its own prefix's (loads still queued: not yet, so run them first)
             if not self.r.host.loads:
                 self.rdev.check(radix_pages(self.r))
+            self.rdev.check_copies(radix_copies(self.r))
+            self.ndev.check_copies(self.n._copies)
             if not self.n.host.loads:
                 self.ndev.check(naive_pages(self.n))
 

@@ -294,18 +294,21 @@ def test_metrics_unit():
     assert 'sgl_jax_requests_total{status="abort"} 1.0' in text
     assert "sgl_jax_kv_pages_used_ratio 0.5" in text
     m.set_cache({"device_pages": 7, "host_pages": 5, "page_bytes": 100, "host_free_slots": 11, "pages_demoted": 9,
-                 "pages_promoted": 4, "host_pages_dropped": 2, "host_tokens_loaded": 64, "host_tokens_recomputed": 3})
+                 "host_copy_pages": 3, "pages_demoted_by_copy": 6, "pages_promoted": 4, "host_pages_dropped": 2,
+                 "host_tokens_loaded": 64, "host_tokens_recomputed": 3})
     text = m.render().decode()
     for line in ('sgl_jax_cache_pages{tier="device"} 7.0', 'sgl_jax_cache_pages{tier="host"} 5.0',
                  'sgl_jax_cache_tier_bytes{tier="host"} 500.0', "sgl_jax_host_free_slots 11.0",
                  'sgl_jax_cache_events{event="pages_demoted"} 9.0', 'sgl_jax_cache_events{event="pages_promoted"} 4.0',
                  'sgl_jax_cache_events{event="host_pages_dropped"} 2.0',
                  'sgl_jax_cache_events{event="host_tokens_loaded"} 64.0',
-                 'sgl_jax_cache_events{event="host_tokens_recomputed"} 3.0'):
+                 'sgl_jax_cache_events{event="host_tokens_recomputed"} 3.0', "sgl_jax_host_copy_slots 3.0",
+                 'sgl_jax_cache_events{event="pages_demoted_by_copy"} 6.0'):
         assert line in text, line
     assert 'tier="disk"' not in text  # no disk tier: no disk series
     m.set_cache({"device_pages": 7, "host_pages": 5, "page_bytes": 100, "host_free_slots": 11, "pages_demoted": 9,
-                 "pages_promoted": 4, "host_pages_dropped": 2, "host_tokens_loaded": 64, "host_tokens_recomputed": 3,
+                 "host_copy_pages": 3, "pages_demoted_by_copy": 6, "pages_promoted": 4, "host_pages_dropped": 2,
+                 "host_tokens_loaded": 64, "host_tokens_recomputed": 3,
                  "disk_pages": 6, "disk_bytes": 960, "disk_written": 8, "disk_read": 2, "disk_corrupt": 1,
                  "disk_evicted": 2, "disk_tokens_read": 32, "disk_loading": 1, "disk_pages_spilled": 5})
     text = m.render().decode()

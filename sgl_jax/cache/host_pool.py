@@ -23,6 +23,9 @@ the arena outside a step (the disk tier's write-back) flushes first.
 
 A promoted slot is not reused until the step after the one whose loads read it (``take_loads`` releases the slots
 of the previous batch), so a demotion in the same scheduling round cannot overwrite data a queued load still needs.
+A slot the tree keeps as the promoted page's *host copy* (``queue_load(..., keep=True)``: the next demotion of that
+page then copies nothing) is not released but marked as read until the same point; ``drop_copy`` on a slot still
+read moves it to the release of its load's batch instead of freeing it.
 Without callbacks (tests of the tree alone) ``save`` returns zeros.
 
 The arena is allocated zeroed and untouched: a slot costs memory once a demotion is first written into it, and
@@ -58,6 +61,8 @@ class HostPool:
         self.loads: list[tuple[int, int]] = []  # (slot, device page) for the next step
         self._release_next: list[int] = []  # slots promoted this round: free once their loads have run
         self._release_now: list[int] = []  # promoted last round: their loads ran with the last step
+        self._reading_next: set[int] = set()  # kept slots (host copies) read by this round's loads
+        self._reading_now: set[int] = set()  # ... by last round's
         self._pending: dict[int, int] = {}  # slot -> device page: demotions not copied yet (``flush_saves``)
         # counters (read by /metrics)
         self.pages_saved = 0
@@ -118,11 +123,31 @@ class HostPool:
             self._pending.pop(int(s), None)
         self.allocator.free(slots)
 
-    def queue_load(self, slots: Sequence[int], device_pages: Sequence[int]) -> None:
-        """Queue ``slots`` -> ``device_pages`` for the next step; the slots are released after it."""
+    def queue_load(self, slots: Sequence[int], device_pages: Sequence[int], keep: bool = False) -> None:
+        """Queue ``slots`` -> ``device_pages`` for the next step; the slots are released after it, or with
+        ``keep`` stay allocated (the tree keeps them as host copies) and count as read until then."""
         self.loads.extend(zip((int(s) for s in slots), (int(p) for p in device_pages)))
-        self._release_next.extend(int(s) for s in slots)
+        if keep:
+            self._reading_next.update(int(s) for s in slots)
+        else:
+            self._release_next.extend(int(s) for s in slots)
         self.pages_loaded += len(slots)
+
+    def reading(self, slot: int) -> bool:
+        """Whether a queued load (this round's or the last) still reads kept ``slot``."""
+        return slot in self._reading_next or slot in self._reading_now
+
+    def drop_copy(self, slot: int) -> None:
+        """Give back a kept slot: now, or with its load's batch when a queued load still reads it."""
+        slot = int(slot)
+        if slot in self._reading_next:
+            self._reading_next.discard(slot)
+            self._release_next.append(slot)
+        elif slot in self._reading_now:
+            self._reading_now.discard(slot)
+            self._release_now.append(slot)
+        else:
+            self.free([slot])
 
     def take_loads(self) -> list[tuple[int, int]]:
         """The loads for the step being planned (the caller runs them before that step), and release the slots
@@ -132,6 +157,7 @@ class HostPool:
         if self._release_now:
             self.free(self._release_now)
         self._release_now, self._release_next = self._release_next, []
+        self._reading_now, self._reading_next = self._reading_next, set()
         loads, self.loads = self.loads, []
         return loads
 
@@ -143,6 +169,7 @@ class HostPool:
     def drop_pending(self) -> None:
         """Forget queued loads and release their slots now (a flush: the pages they would fill were freed)."""
         self.loads = []
+        self._reading_now, self._reading_next = set(), set()  # kept slots: the tree frees them itself
         slots = self._release_now + self._release_next
         self._release_now, self._release_next = [], []
         if slots:

@@ -15,7 +15,9 @@ so the tie-break never matters and the order equals RadixCache's.
 Host tier (``host=HostPool``): host-resident pages are entries of a second dict, ``_host`` (page = slot), with
 the semantics of RadixCache's "Tiers", page by page: ``evict`` takes the LRU device leaf entry (no device entry
 extends it), frees a host slot first if none is free by dropping the LRU host leaf entry (nothing extends it),
-and moves the page there; with no slot to be had it drops the page and every host entry extending it.
+and moves the page there; with no slot to be had it drops the page and every host entry extending it. A promoted
+page keeps its slot as a host copy (``_copies``, oldest first): its demotion moves it there without a copy, and
+when the host needs a slot the oldest copy no queued load reads goes before any host page.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class NaivePrefixCache:
         self.allocator = allocator
         self.host = host
         self._host: dict[tuple[str, tuple], _Entry] = {}  # host-resident pages: entry.page is the slot
+        self._copies: dict[tuple[str, tuple], int] = {}  # device entries' host copies (slots), oldest first
         self._load_locks_next: list[_Handle] = []  # promoted prefixes, locked until their loads have run
         self._load_locks_now: list[_Handle] = []
         self.page_size = int(page_size)
@@ -87,6 +90,10 @@ class NaivePrefixCache:
     def host_cached_pages(self) -> int:
         return len(self._host)
 
+    @property
+    def host_copy_pages(self) -> int:
+        return len(self._copies)
+
     def host_match_len(self, tokens: Sequence[int], namespace: str = "") -> int:
         if self.disabled or self.host is None:
             return 0
@@ -115,7 +122,8 @@ class NaivePrefixCache:
                     break
                 h = self._host.pop(key)
                 (page,) = self.allocator.alloc(1)
-                self.host.queue_load([h.page], [page])
+                self.host.queue_load([h.page], [page], keep=True)
+                self._copies[key] = h.page
                 e = self._entries[key] = _Entry(page, self._clock)
                 budget -= 1
                 moved += 1
@@ -142,7 +150,9 @@ class NaivePrefixCache:
                 break
             e.last_access = self._clock
             own += key in self._host
-        for _ in range(min(short, len(self._host) - own)):
+        self._drop_copies(short)
+        short = n - alloc.num_free
+        for _ in range(max(0, min(short, len(self._host) - own))):
             cands = [(h.last_access, k[0], k[1]) for k, h in self._host.items()
                      if not any(self._extends(k, o) for o in self._host)]
             _, ns, t = min(cands)
@@ -331,6 +341,9 @@ class NaivePrefixCache:
         if any(self._entries[k].ref for k in doomed) or any(below(k) for k in self._host):
             return False
         freed = [self._entries.pop(k).page for k in doomed]
+        for k in doomed:
+            if k in self._copies:
+                self.host.drop_copy(self._copies.pop(k))
         freed += [self._tails.pop(k) for k in list(self._tails) if below(k) and len(k[1]) > keep + ps]
         if freed:
             self.allocator.free(freed)
@@ -364,8 +377,17 @@ class NaivePrefixCache:
     def _extends(self, key, other) -> bool:
         return other[0] == key[0] and len(other[1]) > len(key[1]) and other[1][: len(key[1])] == key[1]
 
+    def _drop_copies(self, n: int) -> None:
+        for key in [k for k, s in self._copies.items() if not self.host.reading(s)][:n]:
+            self.host.free([self._copies.pop(key)])
+
     def _demote(self, key, e: _Entry) -> None:
         alloc = self.host.allocator
+        if key in self._copies:  # moves into its host copy
+            self._host[key] = _Entry(self._copies.pop(key), e.last_access)
+            return
+        if alloc.num_free == 0:
+            self._drop_copies(1)
         if alloc.num_free == 0:
             cands = [(h.last_access, k[0], k[1]) for k, h in self._host.items()
                      if not any(self._extends(k, o) for o in list(self._host) + list(self._entries))]
@@ -397,7 +419,10 @@ class NaivePrefixCache:
             if self._host:
                 self.host.free([h.page for h in self._host.values()])
             self.host.drop_pending()
+            if self._copies:
+                self.host.free(list(self._copies.values()))
         self._host.clear()
+        self._copies.clear()
 
     def check_integrity(self, held_pages: Iterable[int] | None = None) -> None:
         ps = self.page_size
@@ -432,6 +457,11 @@ class NaivePrefixCache:
             assert not self.host.allocator.is_free(h.page), f"host slot {h.page} is free"
         for (ns, toks) in self._entries:
             assert (ns, toks[:-ps]) not in self._host, f"device page {toks!r} below a host page"
+        for key, s in self._copies.items():
+            assert key in self._entries, f"host copy of {key!r}, which is not a device entry"
+            assert s not in slots, f"host slot {s} appears twice"
+            slots.add(s)
+            assert not self.host.allocator.is_free(s), f"host slot {s} is free"
         if self.host is not None:
             a = self.host.allocator
             assert a.num_free + len(slots) + self.host.pending_release == a.num_total, "host slots leak"

@@ -66,7 +66,10 @@ next host page dropped); a whole node moves at once when the host has room for i
 never locked and has no tails. ``host_match_len`` reports how far a prefix continues on the host, and
 ``promote`` moves such a continuation back into device pages (``HostPool.queue_load``). ``insert`` through a
 host node (the request recomputed it) turns that node back into a device node with the new pages and frees its
-slots.
+slots. A promoted node keeps its slots as *host copies* of its pages (``_Node.copy``; the slots hold the same
+bytes the load wrote, and tree pages never change): demoting such a page again moves it into its copy without
+copying anything. Copies are opportunistic: when the host tier needs a slot, the oldest copy that no queued load
+still reads is given up before any host page is dropped, so they never cost the tier capacity.
 
 Threading
 ---------
@@ -125,7 +128,7 @@ def _as_tokens(tokens: Sequence[int]) -> tuple:
 
 class _Node:
     __slots__ = ("key", "pages", "children", "parent", "ref", "last_access", "namespace", "is_root", "heap_id",
-                 "tails", "tier")
+                 "tails", "tier", "copy")
 
     def __init__(self, key: tuple, pages: list[int], parent: "_Node | None", namespace: str, last_access: int):
         self.key = key  # tokens on the edge from parent; len == len(pages) * page_size
@@ -139,6 +142,7 @@ class _Node:
         self.heap_id = -1  # id of this node's one live heap entry (-1: none)
         self.tails: dict[tuple, int] = {}  # partly filled pages continuing this node: tokens -> page
         self.tier = 0  # 0: pages are device pages; 1: host slots (see Tiers)
+        self.copy: list[int] | None = None  # device node: each page's host copy slot, or -1 (see Tiers)
 
     def __repr__(self) -> str:
         return (f"_Node(ns={self.namespace!r}, tokens={len(self.key)}, pages={self.pages}, ref={self.ref}, "
@@ -266,6 +270,10 @@ class RadixCache(TierMixin):
         upper = _Node(child.key[:k], child.pages[: k // ps], parent, child.namespace, child.last_access)
         upper.ref = child.ref
         upper.tier = child.tier
+        if child.copy is not None:
+            upper.copy, child.copy = child.copy[: k // ps], child.copy[k // ps :]
+            self._copies_moved(upper)
+            self._copies_moved(child)
         parent.children[child.key[:ps]] = upper
         child.key = child.key[k:]
         child.pages = child.pages[k // ps :]
@@ -611,6 +619,8 @@ class RadixCache(TierMixin):
         ps, npg = self.page_size, len(node.pages)
         if self.events is not None:
             self._emit(node, min(need, npg), ("removed", node.tier == 1))
+        if node.copy is not None:  # the pages leave the tree: so do their host copies
+            self._drop_node_copies(node, max(npg - need, 0))
         if npg <= need:
             del node.parent.children[node.key[:ps]]
             node.parent, node.heap_id = None, -1

@@ -26,6 +26,10 @@ class TierMixin:
         self._host_heap: list[tuple[int, int, Any]] = []
         self._host_heap_ids = itertools.count()
         self._host_pages: set[int] = set()  # slots held by host nodes
+        # host copies of promoted device pages (slot -> its device node), oldest first: a promoted page keeps the
+        # slot it was loaded from, so demoting it again copies nothing; dropped first when the host needs a slot
+        self._copies: dict[int, Any] = {}
+        self.pages_demoted_by_copy = 0  # demotions that found the page's host copy (no copy made)
         self.pages_demoted = 0  # device pages moved to the host tier (not dropped)
         self.pages_promoted = 0  # host pages moved back to the device
         self.host_pages_dropped = 0  # host pages evicted from the host tier
@@ -66,6 +70,46 @@ class TierMixin:
         """Pages held by host nodes."""
         return len(self._host_pages)
 
+    @property
+    def host_copy_pages(self) -> int:
+        """Host slots held as copies of device pages (see ``_copies``)."""
+        return len(self._copies)
+
+    # --------------------------------------------------------- host copies
+    def _copies_moved(self, node) -> None:
+        """``node`` took over host copies (the upper half of a split): the index follows (its order does not)."""
+        for s in node.copy:
+            if s >= 0:
+                self._copies[s] = node
+        if all(s < 0 for s in node.copy):
+            node.copy = None
+
+    def _drop_node_copies(self, node, start: int) -> None:
+        """Give back the host copies of ``node``'s pages from index ``start`` on (those pages leave the tree)."""
+        for s in node.copy[start:]:
+            if s >= 0:
+                del self._copies[s]
+                self.host.drop_copy(s)
+        node.copy = node.copy[:start] if any(s >= 0 for s in node.copy[:start]) else None
+
+    def _drop_copies(self, n: int) -> int:
+        """Free up to ``n`` host slots held as copies, the oldest copies first, skipping any a queued load still
+        reads (their device pages stay; only a later demotion of them pays a copy again)."""
+        victims = []
+        for s in self._copies:
+            if len(victims) == n:
+                break
+            if not self.host.reading(s):
+                victims.append(s)
+        for s in victims:
+            node = self._copies.pop(s)
+            node.copy[node.copy.index(s)] = -1
+            if all(c < 0 for c in node.copy):
+                node.copy = None
+        if victims:
+            self.host.free(victims)
+        return len(victims)
+
     # ---------------------------------------------------------------- heaps
     @staticmethod
     def _host_leaf_valid(entry) -> bool:
@@ -89,27 +133,42 @@ class TierMixin:
     def _demote_some(self, node, need: int) -> list[int]:
         """One step of ``evict`` with a host tier: ``node`` is the least recently used device leaf. Moves its
         trailing ``min(need, pages)`` pages to the host at once when the host has room for all of them, else one
-        page (after dropping a host page if none is free); returns the device pages given up (the caller frees
-        them). A page the host cannot take at all (every slot waits on a queued load) is dropped, and with it
-        every host page below it."""
+        page (after dropping a host copy, else a host page, if no slot is free); returns the device pages given up
+        (the caller frees them). A page with a host copy moves into it (no copy made, no slot needed). A page the
+        host cannot take at all (every slot waits on a queued load) is dropped, and with it every host page below
+        it."""
         host = self.host
         npg = len(node.pages)
         j = min(need, npg)
-        if host.allocator.num_free < j:
+        want = j if node.copy is None else node.copy[npg - j:].count(-1)
+        if host.allocator.num_free < want:
             j = 1
-            if host.allocator.num_free == 0:
-                self._evict_host(1)
-        if host.allocator.num_free == 0:
-            return self._drop_with_host_below(node)
+            if node.copy is None or node.copy[-1] < 0:
+                if host.allocator.num_free == 0:
+                    self._drop_copies(1)
+                if host.allocator.num_free == 0:
+                    self._evict_host(1)
+                if host.allocator.num_free == 0:
+                    return self._drop_with_host_below(node)
         if j == npg:
             low, upper = node, node.parent
         else:  # the new upper node keeps the leading pages on the device; `node` the trailing j
             upper, low = self._split(node, (npg - j) * self.page_size), node
-        slots = host.allocator.alloc(j)
         if self.events is not None:
             self._emit(low, j, ("removed", False), ("stored", True))
         dev = low.pages
-        host.save(dev, slots)
+        if low.copy is None:
+            slots = host.allocator.alloc(j)
+            host.save(dev, slots)
+        else:  # pages with a copy move into it; the rest are copied into new slots
+            new = iter(host.allocator.alloc(low.copy.count(-1)) or ())
+            slots = [c if c >= 0 else next(new) for c in low.copy]
+            host.save([p for p, c in zip(dev, low.copy) if c < 0], [s for s, c in zip(slots, low.copy) if c < 0])
+            for c in low.copy:
+                if c >= 0:
+                    del self._copies[c]
+                    self.pages_demoted_by_copy += 1
+            low.copy = None
         low.pages = slots
         low.tier = 1
         self._evictable -= j
@@ -199,8 +258,11 @@ class TierMixin:
         read by loads queued for the next step (promotion); else they are freed now (the pages were recomputed)."""
         slots = node.pages
         self._host_pages.difference_update(slots)
-        if deferred:
-            self.host.queue_load(slots, pages)
+        if deferred:  # the slots stay as the pages' host copies
+            self.host.queue_load(slots, pages, keep=True)
+            node.copy = list(slots)
+            for s in slots:
+                self._copies[s] = node
         else:
             self.host.free(slots)
         node.pages, node.tier = list(pages), 0
@@ -305,7 +367,10 @@ class TierMixin:
                 own += k // ps
             self._repush(child)
             node, pos = child, pos + k
-        self._evict_host(min(short, len(self._host_pages) - own))
+        self._drop_copies(short)
+        short = n - alloc.num_free
+        if short > 0:
+            self._evict_host(min(short, len(self._host_pages) - own))
         return alloc.num_free
 
     def insert_host(self, tokens: Sequence[int], slots: Sequence[int], namespace: str = "") -> None:
@@ -367,7 +432,10 @@ class TierMixin:
             if self._host_pages:
                 self.host.free(list(self._host_pages))
             self.host.drop_pending()
+            if self._copies:
+                self.host.free(list(self._copies))
         self._host_pages = set()
+        self._copies = {}
         self._host_heap = []
 
     def _check_host_node(self, node, parent, seen_slots: dict) -> None:
@@ -375,7 +443,15 @@ class TierMixin:
         assert node.tier in (0, 1), f"bad tier {node.tier}: {node!r}"
         assert node.tier >= parent.tier, f"device node under a host node: {node!r} under {parent!r}"
         if node.tier == 0:
+            if node.copy is not None:  # host copies of its pages
+                assert len(node.copy) == len(node.pages) and max(node.copy) >= 0, f"bad copy list: {node.copy!r}"
+                for s in node.copy:
+                    if s >= 0:
+                        assert self._copies.get(s) is node, f"host copy {s} of {node!r} not indexed to it"
+                        assert s not in seen_slots, f"host slot {s} appears twice: {seen_slots[s]!r} and {node!r}"
+                        seen_slots[s] = node
             return
+        assert node.copy is None, f"host node with host copies: {node!r}"
         assert self.host is not None, f"host node without a host tier: {node!r}"
         assert node.ref == 0, f"locked host node: {node!r}"
         assert not node.tails, f"host node with tails: {node!r}"
@@ -386,12 +462,15 @@ class TierMixin:
             assert alloc.is_valid_page(s) and not alloc.is_free(s), f"host slot {s} is free or invalid: {node!r}"
 
     def _check_host_totals(self, seen_slots: dict, host_leaves: list) -> None:
-        assert set(seen_slots) == self._host_pages, "host slot set out of sync with the tree"
+        assert set(seen_slots) == self._host_pages | self._copies.keys(), "host slot set out of sync with the tree"
+        assert not self._host_pages & self._copies.keys(), "a host slot is both a host page and a host copy"
         if self.host is None:
             return
         alloc = self.host.allocator
+        for s in seen_slots:
+            assert alloc.is_valid_page(s) and not alloc.is_free(s), f"host slot {s} is free or invalid"
         assert alloc.num_free + len(seen_slots) + self.host.pending_release == alloc.num_total, (
-            f"host slots leak: free {alloc.num_free} + cached {len(seen_slots)} + pending "
+            f"host slots leak: free {alloc.num_free} + cached and copies {len(seen_slots)} + pending "
             f"{self.host.pending_release} != {alloc.num_total}")
         live = {e[1] for e in self._host_heap if self._host_leaf_valid(e)}
         for leaf in host_leaves:
