@@ -15,9 +15,13 @@ class PagedRunner:
     """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
-                 attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32"):
+                 attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32",
+                 page_width=None, prefill_blocks=None):
         """`layout` (sgl_jax.parallel.tp.TPLayout): run tensor parallel on its mesh (params placed and KV heads
-        expanded here, the pool sharded by KV heads)."""
+        expanded here, the pool sharded by KV heads). `page_width` / `prefill_blocks`: pad every step's page
+        tables to that many pages and every step with prompt chunks to that many prefill blocks, as the engine's
+        buckets do (one compiled shape for all decode steps and one for all prompts, instead of one per context
+        length: the rows past a sequence's pages and the padding blocks are masked, so the logits are the same)."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
@@ -29,6 +33,7 @@ class PagedRunner:
             kv = jax.device_put(kv, layout.kv_shardings(cfg.num_layers))
         self.kv = kv
         self.next_page = 1
+        self.page_width, self.prefill_blocks = page_width, prefill_blocks
         self.pages: dict[int, list[int]] = {}
         self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
 
@@ -53,6 +58,10 @@ class PagedRunner:
         for sid, ids, start, logits_from, *rest in work:
             table = self.ensure_pages(sid, start + len(ids))
             chunks.append(SeqChunk(list(ids), start, list(table), logits_from, as_run=bool(rest and rest[0])))
+        if self.page_width is not None:
+            pad.setdefault("page_width", self.page_width)
+        if self.prefill_blocks is not None and any(len(c.token_ids) > 1 and not c.as_run for c in chunks):
+            pad.setdefault("num_blocks", self.prefill_blocks)
         b = pack(chunks, page_size=self.page_size, block_q=self.block_q, **pad)
         meta = (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens, b.pre_page_table, b.pre_kv_lens)
         runs = (jnp.asarray(b.run_page_table), jnp.asarray(b.run_kv_lens)) if len(b.run_kv_lens) else (None, None)

@@ -32,8 +32,13 @@ def engine(tiny_path):
 
 
 def reference_greedy(path, prompt_ids, n):
+    """`n` greedy tokens after `prompt_ids` from PagedRunner on the checkpoint's weights (the engine's
+    independent twin). Its page tables and prompt blocks are padded to buckets of 16 pages and 8 blocks, so the
+    suite's many calls compile a handful of shapes rather than one per context length."""
     cfg, params = load_weights(path, progress=False)
-    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
+    pages, blocks = -(-(len(prompt_ids) + n) // 4), -(-len(prompt_ids) // 8)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False,
+                         page_width=-(-pages // 16) * 16, prefill_blocks=-(-blocks // 8) * 8)
     (logits,) = runner.step([(0, prompt_ids, 0, None)])
     out = [int(logits[-1].argmax())]
     for i in range(n - 1):

@@ -294,7 +294,9 @@ def test_smollm2_int8_vs_fp32(smollm2_gguf):
     assert sum(x.nbytes for x in jax.tree.leaves(pf)) == 538060032
     data = np.load(REF)
     prompts = [data[f"ids_{i}"].tolist() for i in range(len([k for k in data if k.startswith("ids_")]))]
-    runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=16, nan_fill=False)
+    # one decode shape and one prompt shape a runner (the prompts: 5-21 tokens, then 16 more)
+    runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=16, nan_fill=False,
+                               page_width=3, prefill_blocks=2)
     rf, rq = runner(pf), runner(pq)
     rp = runner(packing.pack_params(pq, cfg.tie_word_embeddings)) if packing.packs_here(jnp.float32) else None
     rg = runner(packing.pack_params(pg, cfg.tie_word_embeddings) if rp is not None else pg)
@@ -373,7 +375,7 @@ def test_smollm2_16bit_kv_vs_float32_kv(smollm2_gguf):
     data = np.load(REF)
     prompts = [data[f"ids_{i}"].tolist() for i in range(len([k for k in data if k.startswith("ids_")]))]
     runner = functools.partial(PagedRunner, cfg, pf, num_pages=64, page_size=16, block_q=16, nan_fill=False,
-                               attention_backend="cpu_native")
+                               attention_backend="cpu_native", page_width=3, prefill_blocks=2)
     r32 = runner()
     refs = []
     for sid, ids in enumerate(prompts):
@@ -419,7 +421,7 @@ def test_smollm2_bfloat16_attention_math_vs_float32(smollm2_gguf):
         pq = packing.pack_params(pq, cfg.tie_word_embeddings)
     data = np.load(REF)
     runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=64, nan_fill=False,
-                               attention_backend="cpu_native")
+                               attention_backend="cpu_native", page_width=20, prefill_blocks=1)
     r = runner(pq, kv_dtype="float16")
     seqs = []
     for sid in range(2):
@@ -429,7 +431,8 @@ def test_smollm2_bfloat16_attention_math_vs_float32(smollm2_gguf):
     def prefill(params, kv_dtype=None, math_="float32"):
         rr, res = runner(params, kv_dtype=kv_dtype, attention_math=math_), []
         for sid, s in enumerate(seqs):
-            res.append(np.concatenate([rr.step([(sid, s[a:a + 64], a, a)])[0] for a in range(0, len(s), 64)]))
+            res.append(np.concatenate([rr.step([(sid, s[a:a + 64], a, a)], num_logits=64)[0]
+                                       for a in range(0, len(s), 64)]))
         return res
 
     def stats(got, want):

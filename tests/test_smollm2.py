@@ -49,9 +49,12 @@ def test_smollm2_f32_logits_and_greedy(smollm_f32):
     assert cfg.tie_word_embeddings
     assert cpu_matmul.packed_available(), cpu_matmul.why_not()
     params = pack_params(params, cfg.tie_word_embeddings)
+    refs = _refs()
+    width = max(-(-(len(ids) + len(g)) // 16) for ids, _, g in refs)  # one decode shape, one prompt shape
     runner = PagedRunner(cfg, params, num_pages=64, page_size=16, block_q=16, nan_fill=False,
-                         attention_backend="auto")
-    for sid, (ids, ref_logits, ref_greedy) in enumerate(_refs()):
+                         attention_backend="auto", page_width=width,
+                         prefill_blocks=max(-(-len(ids) // 16) for ids, _, _ in refs))
+    for sid, (ids, ref_logits, ref_greedy) in enumerate(refs):
         last, greedy = _greedy(runner, sid, ids, len(ref_greedy))
         np.testing.assert_allclose(last, ref_logits, atol=1e-3, rtol=0, err_msg=f"prompt {sid}")
         assert greedy == ref_greedy, f"prompt {sid}"
@@ -61,8 +64,11 @@ def test_smollm2_f32_logits_and_greedy(smollm_f32):
 def test_smollm2_bf16_within_tolerance(smollm2_gguf):
     cfg, params = load_weights(smollm2_gguf, "bfloat16", progress=False)
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
-    runner = PagedRunner(cfg, params, num_pages=32, page_size=16, block_q=16, dtype=jnp.bfloat16, nan_fill=False)
-    for sid, (ids, ref_logits, _) in enumerate(_refs()):
+    refs = _refs()
+    blocks = max(-(-len(ids) // 16) for ids, _, _ in refs)  # one compiled shape for the four prompts
+    runner = PagedRunner(cfg, params, num_pages=32, page_size=16, block_q=16, dtype=jnp.bfloat16, nan_fill=False,
+                         page_width=blocks, prefill_blocks=blocks)
+    for sid, (ids, ref_logits, _) in enumerate(refs):
         (logits,) = runner.step([(sid, ids, 0, None)])
         err = np.abs(logits[-1] - ref_logits)
         # Stated tolerance for bf16 weights+activations over 30 layers: mean |err| < 0.15, max < 1.5,
