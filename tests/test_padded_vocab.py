@@ -43,8 +43,11 @@ def ref_decode(reference, prompt, n, bias=(), suppress=(), suppress_steps=0):
     """Greedy decode in numpy over the tokenizer's ids: raw logits[:300] + bias, stop ids -inf for the first
     `suppress_steps` tokens. Returns (tokens, per-step log-softmax rows [n, 300], prompt log-softmax rows)."""
     cfg, params = reference
-    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
-    (logits,) = runner.step([(0, list(prompt), 0, 0)])
+    assert len(prompt) <= 32 and len(prompt) + n <= 64, "the padding below is for prompts of 32, sequences of 64"
+    # one compiled shape for every prompt and one for every decode step (padding is masked: the same logits)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False, page_width=16,
+                         prefill_blocks=4)
+    (logits,) = runner.step([(0, list(prompt), 0, 0)], num_logits=32)
     prompt_lp = [_log_softmax(row[:V_TOK].astype(np.float64)) for row in logits[:-1]]
     toks, lps, row, pos = [], [], logits[-1], len(prompt)
     for i in range(n):

@@ -77,7 +77,8 @@ class TierMixin:
 
     # --------------------------------------------------------- host copies
     def _copies_moved(self, node) -> None:
-        """``node`` took over host copies (the upper half of a split): the index follows (its order does not)."""
+        """After a split, ``node`` (either half) holds these host copies: the index points at it (the copies keep
+        their place in the drop order); a copy list left without copies becomes None."""
         for s in node.copy:
             if s >= 0:
                 self._copies[s] = node
