@@ -467,18 +467,21 @@ TOKENS = st.lists(st.integers(0, 1), max_size=12)
 NS = st.sampled_from(["", "a"])
 
 
-def radix_pages(c):
-    """{(namespace, page-aligned prefix): (locked?, tier, page or slot)} for every page in a RadixCache."""
-    out = {}
+def _radix_walk(c):
+    """(namespace, page-aligned prefix up to page i, node, i) for every page of every node of a RadixCache."""
     for ns, root in c._roots.items():
         stack = [(root, ())]
         while stack:
             node, prefix = stack.pop()
-            for i, p in enumerate(node.pages):
-                out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = (node.ref > 0, node.tier, p)
+            for i in range(len(node.pages)):
+                yield (ns, prefix + node.key[: (i + 1) * c.page_size]), node, i
             prefix = prefix + node.key
             stack.extend((ch, prefix) for ch in node.children.values())
-    return out
+
+
+def radix_pages(c):
+    """{(namespace, page-aligned prefix): (locked?, tier, page or slot)} for every page in a RadixCache."""
+    return {key: (node.ref > 0, node.tier, node.pages[i]) for key, node, i in _radix_walk(c)}
 
 
 def apply_events(mirror: dict, events: list, ps: int) -> None:
@@ -516,17 +519,7 @@ def _root_of(first_hash, tokens, ps):
 
 def radix_copies(c):
     """{(namespace, page-aligned prefix): host slot} for every device page of a RadixCache with a host copy."""
-    out = {}
-    for ns, root in c._roots.items():
-        stack = [(root, ())]
-        while stack:
-            node, prefix = stack.pop()
-            for i, s in enumerate(node.copy or ()):
-                if s >= 0:
-                    out[(ns, prefix + node.key[: (i + 1) * c.page_size])] = s
-            prefix = prefix + node.key
-            stack.extend((ch, prefix) for ch in node.children.values())
-    return out
+    return {key: node.copy[i] for key, node, i in _radix_walk(c) if node.copy is not None and node.copy[i] >= 0}
 
 
 def naive_pages(c):
@@ -580,9 +573,12 @@ class FakeDevice:
             assert (got == fingerprint(key)).all(), f"{key} on tier {tier} ({p}) holds another prefix's data"
 
     def check_copies(self, copies: dict):
-        """Every host copy holds the K/V of its device page's prefix."""
+        """Every host copy holds the K/V of its device page's prefix (a slot whose demotion copy is still pending,
+        through the device page it will be copied from: the copy is made before any step or load runs)."""
         for key, s in copies.items():
-            assert (self.host.arena[s] == fingerprint(key)).all(), f"the host copy of {key} ({s}) holds other data"
+            src = self.host.pending_page(s)
+            got = self.host.arena[s] if src is None else self.data[src]
+            assert (got == fingerprint(key)).all(), f"the host copy of {key} ({s}) holds other data"
 
 
 class _Req:
