@@ -273,7 +273,7 @@ class RadixCache(TierMixin):
         if child.copy is not None:
             upper.copy, child.copy = child.copy[: k // ps], child.copy[k // ps :]
             self._copies_moved(upper)
-            self._copies_moved(child)
+            self._tidy_copy(child)
         parent.children[child.key[:ps]] = upper
         child.key = child.key[k:]
         child.pages = child.pages[k // ps :]

@@ -76,14 +76,19 @@ class TierMixin:
         return len(self._copies)
 
     # --------------------------------------------------------- host copies
+    @staticmethod
+    def _tidy_copy(node) -> None:
+        """A copy list left without copies becomes None (the integrity check holds every list to one)."""
+        if node.copy is not None and all(s < 0 for s in node.copy):
+            node.copy = None
+
     def _copies_moved(self, node) -> None:
-        """After a split, ``node`` (either half) holds these host copies: the index points at it (the copies keep
-        their place in the drop order); a copy list left without copies becomes None."""
+        """After a split, the upper half ``node`` holds these host copies: the index points at it (the copies keep
+        their place in the drop order)."""
         for s in node.copy:
             if s >= 0:
                 self._copies[s] = node
-        if all(s < 0 for s in node.copy):
-            node.copy = None
+        self._tidy_copy(node)
 
     def _drop_node_copies(self, node, start: int) -> None:
         """Give back the host copies of ``node``'s pages from index ``start`` on (those pages leave the tree)."""
@@ -91,7 +96,8 @@ class TierMixin:
             if s >= 0:
                 del self._copies[s]
                 self.host.drop_copy(s)
-        node.copy = node.copy[:start] if any(s >= 0 for s in node.copy[:start]) else None
+        node.copy = node.copy[:start]
+        self._tidy_copy(node)
 
     def _drop_copies(self, n: int) -> int:
         """Free up to ``n`` host slots held as copies, the oldest copies first, skipping any a queued load still
@@ -105,8 +111,7 @@ class TierMixin:
         for s in victims:
             node = self._copies.pop(s)
             node.copy[node.copy.index(s)] = -1
-            if all(c < 0 for c in node.copy):
-                node.copy = None
+            self._tidy_copy(node)
         if victims:
             self.host.free(victims)
         return len(victims)
@@ -446,11 +451,13 @@ class TierMixin:
         if node.tier == 0:
             if node.copy is not None:  # host copies of its pages
                 assert len(node.copy) == len(node.pages) and max(node.copy) >= 0, f"bad copy list: {node.copy!r}"
+                alloc = self.host.allocator
                 for s in node.copy:
                     if s >= 0:
                         assert self._copies.get(s) is node, f"host copy {s} of {node!r} not indexed to it"
                         assert s not in seen_slots, f"host slot {s} appears twice: {seen_slots[s]!r} and {node!r}"
                         seen_slots[s] = node
+                        assert alloc.is_valid_page(s) and not alloc.is_free(s), f"host copy {s} is free or invalid"
             return
         assert node.copy is None, f"host node with host copies: {node!r}"
         assert self.host is not None, f"host node without a host tier: {node!r}"
@@ -468,8 +475,6 @@ class TierMixin:
         if self.host is None:
             return
         alloc = self.host.allocator
-        for s in seen_slots:
-            assert alloc.is_valid_page(s) and not alloc.is_free(s), f"host slot {s} is free or invalid"
         assert alloc.num_free + len(seen_slots) + self.host.pending_release == alloc.num_total, (
             f"host slots leak: free {alloc.num_free} + cached and copies {len(seen_slots)} + pending "
             f"{self.host.pending_release} != {alloc.num_total}")
