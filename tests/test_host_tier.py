@@ -16,6 +16,7 @@ from sgl_jax.cache.costs import TransferCosts
 from sgl_jax.engine import Engine
 from sgl_jax.models.testing import write_tiny_gguf
 from test_engine import SMALL, reference_greedy
+from test_radix_cache import radix_copies
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -159,6 +160,7 @@ def test_host_copies_go_before_host_pages_and_never_while_a_load_reads_them():
     assert c.match_prefix([1, 2]).num_tokens == 2  # used again: [6] is now the least recently used device leaf
     c.evict(1)  # [6] needs a slot: the oldest copy ([1]'s) goes, not a host page
     assert c.host_copy_pages == 1 and c.host_match_len([5]) == 1 and c.host_match_len([6]) == 1
+    assert list(radix_copies(c)) == [("", (1, 2))]  # [2]'s copy is the one left
     assert host.pages_saved == 5 and c.peek_prefix_len([1, 2]) == 2
     assert c.evict(2) == 2  # [7] (older) takes [2]'s copy's slot; then [2], without a copy, host page [5]'s
     assert c.host_copy_pages == 0 and c.host_match_len([7]) == 1 and c.host_match_len([5]) == 0
