@@ -109,7 +109,8 @@ def decode_shared_min_pages(pages: int | None = None) -> int | None:
     prefill chunk must have before its first query (a cached prefix), for the kernel to compute those pages once for
     all those queries under `bf16_math` (bfloat16 pairs, float32 sums; without it nothing changes), for this process
     (tests and A/B benches): `pages` sets it (0: every row reads its pages alone), None only reads it. Returns the
-    value in effect, or None where the build has no two-pass loops (no AVX-512: rows read their pages alone). Raises if the kernel is not available or `pages` is negative."""
+    value in effect, or None where the build has no two-pass loops (no AVX-512: rows read their pages alone).
+    Raises if the kernel is not available or `pages` is negative."""
     return _setting("SglJaxAttentionSharedMinPages", "decode_shared_min_pages", "pages", pages)
 
 
