@@ -3,7 +3,7 @@
     python bench/bench_runtime.py shared-prefix [--json OUT]   # 64 requests, ~1,000-token few-shot prefix
     python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test
     python bench/bench_runtime.py multiturn     [--json OUT]   # 8 conversations x 4 turns, short and long
-    python bench/bench_runtime.py decode        [--json OUT]   # batch-64 decode vs floors, host overhead
+    python bench/bench_runtime.py decode [--preset int8] [--json OUT]  # batch 32 / 64 decode vs floors
     python bench/bench_runtime.py scheduler     [--json OUT]   # schedule() cost, 1,000 / 5,000 waiting
     python bench/bench_runtime.py all           [--json OUT]   # everything (~15 min on 2 busy cores)
 
@@ -19,7 +19,7 @@ Engine._one_step: runner.run, i.e. host packing + the compiled step + device_get
 nothing in sgl_jax changes) split this further: schedule() alone, and the compiled call alone (blocked
 until ready), so pack = step_time - compiled and postprocess = host_time - schedule. Each step is tagged
 with its plan (decode rows, prefill chunks/tokens, compiled shape) so that "decode phase" medians use only
-steps with exactly 64 decode rows and no prefill.
+steps with exactly the batch's decode rows (32 or 64) and no prefill.
 """
 
 from __future__ import annotations
@@ -225,12 +225,14 @@ class StepProbe:
     def __init__(self, engine):
         self.engine = engine
         self.steps: list[dict] = []
-        self.last_inputs: dict = {}  # shape -> the StepInputs of its last real step, for step_split()
+        self.last_inputs: dict = {}  # (shape, decode rows) -> the StepInputs of its last step, for step_split()
         engine.add_step_listener(self._on_step)
 
     def _on_step(self, info):
         plan, shape = info.plan, info.plan.shape
-        self.last_inputs[shape] = info.inputs
+        # keyed by the rows too: a shape's last step is often a short one (rows finishing one by one, padded to
+        # the bucket), which replays as that step, not as a full batch
+        self.last_inputs[shape, len(plan.decodes)] = info.inputs
         kv = [c.end for c in plan.chunks]
         self.steps.append(dict(
             nd=len(plan.decodes), npf=len(plan.prefills),
@@ -255,8 +257,8 @@ class StepProbe:
         return out
 
 
-def step_split(eng, probe, shape, n: int = 8) -> dict:
-    """Replay the last real inputs of `shape` three ways (median of n after 1 warm-up call): the engine's
+def step_split(eng, probe, shape, rows: int, n: int = 8) -> dict:
+    """Replay the last real inputs of `shape` with `rows` decode rows three ways (median of n after 1 warm-up call): the engine's
     compiled step; the model forward alone (no sampling/penalties/logprobs); the forward with attention
     replaced by the identity (bench_model.py's `--attention none` patch). The KV pool is written at the
     same slots again: call only when idle, and flush the cache afterwards."""
@@ -266,7 +268,7 @@ def step_split(eng, probe, shape, n: int = 8) -> dict:
     from sgl_jax.models.attention import AttnMetadata, AttentionFn
 
     r = eng.runner
-    inp = probe.last_inputs[shape]
+    inp = probe.last_inputs[shape, rows]
     compiled = r._compile(shape)  # already compiled: the cached executable
 
     def full():
@@ -569,94 +571,101 @@ def bench_multiturn(args) -> dict:
     return res
 
 
-# ------------------------------------------------------------------------ 4+5. decode at batch 64
+# ------------------------------------------------------------------------ 4+5. decode at batch 32 and 64
+DECODE_PRESETS = {  # engine settings of the two CPU presets (configs/smollm2-135m.yaml, -int8.yaml) this bench runs
+    "float32": {},
+    "int8": dict(quantization="int8", kv_dtype="float16", attention_math="bfloat16"),
+}
+
+
+def _decode_case(eng, probe, fl, B: int, ctx: int, plen: int, new: int) -> tuple[dict, list, list, list]:
+    """One batch size at one context: `B` distinct random prompts of `plen` tokens, `new` greedy tokens each; the
+    steps with exactly B decode rows and no prefill against their floors; the last such step replayed (step_split).
+    Returns the figures and the table rows (main, step split, host)."""
+    from sgl_jax.shapes import StepShape
+
+    mc = eng.model_config
+    rng = random.Random(ctx * 1000 + B)
+    prompts = [[rng.randrange(100, mc.vocab_size) for _ in range(plen)] for _ in range(B)]
+    r = run_phase(eng, probe, prompts, dict(GREEDY, max_new_tokens=new), f"decode B={B} prompt {plen}", flush=True)
+    dec = [x for x in probe.records() if x["nd"] == B and x["npf"] == 0]
+    if not dec:
+        raise RuntimeError(f"no pure batch-{B} decode step observed")
+    mean_ctx = statistics.mean(x["mean_kv"] for x in dec)
+    med = lambda k: _med([x[k] for x in dec])  # noqa: E731
+    step, dev, host, sched, post, pack = (med(k) for k in ("step_s", "dev_s", "host_s", "sched_s", "post_s", "pack_s"))
+    mem_s = (fl["weight_bytes"] + B * mean_ctx * fl["kv_bytes_per_token"]) / fl["copy_bw"]
+    attn_flops = 4 * mean_ctx * mc.num_heads * mc.head_dim * mc.num_layers  # per token
+    weights_s = B * mc.flops_per_token() / fl["gemm_weights"]
+    cmp_s = weights_s + B * attn_flops / fl["gemm"]
+    floor = max(mem_s, cmp_s)
+    times = sorted(x["step_s"] for x in dec)
+    d = dict(batch=B, ctx_target=ctx, prompt=plen, max_new=new, n_steps=len(dec), mean_ctx=mean_ctx,
+             shapes=sorted({tuple(x["shape"]) for x in dec}),
+             step_ms=1e3 * step, dev_ms=1e3 * dev, pack_ms=1e3 * pack, host_ms=1e3 * host,
+             sched_ms=1e3 * sched, post_ms=1e3 * post, tok_s=B / step, tok_s_dev=B / dev,
+             floor_mem_ms=1e3 * mem_s, floor_cmp_ms=1e3 * cmp_s, floor_weights_ms=1e3 * weights_s,
+             floor_ms=1e3 * floor, efficiency=floor / step, efficiency_weights_only=max(mem_s, weights_s) / step,
+             host_pct_of_step=100 * host / step, host_pct_of_dev=100 * host / dev,
+             all_host_pct=100 * (pack + host) / dev, step_min_ms=1e3 * times[0],
+             step_ms_p10_p90=[1e3 * times[len(dec) // 10], 1e3 * times[(9 * len(dec)) // 10]], phase=r)
+    shape = tuple(dec[-1]["shape"])
+    d["split"] = sp = step_split(eng, probe, StepShape(*shape), B)
+    eng.flush_cache()
+    _log(f"    step split at {shape}, {B} rows: full step {sp['full_step_ms']:.0f} ms = forward {sp['forward_ms']:.0f} "
+         f"(attention {sp['attention_ms']:.0f}, rest {sp['forward_no_attention_ms']:.0f}) + sampling/logprobs "
+         f"{sp['sampling_etc_ms']:.0f}")
+    mm = lambda k: f"{sp[k + '_ms']:.0f} ({sp[k + '_min_ms']:.0f})"  # noqa: E731
+    label = f"B={B} ctx~{mean_ctx:.0f}"
+    main = [f"{label} ({len(dec)} steps, width {d['shapes'][0][2]})", f"{d['tok_s']:.0f}", f"{d['step_ms']:.1f}",
+            f"{d['step_ms_p10_p90'][0]:.1f} / {d['step_min_ms']:.1f}", f"{d['floor_mem_ms']:.1f}",
+            f"{d['floor_weights_ms']:.1f} + {d['floor_cmp_ms'] - d['floor_weights_ms']:.1f}",
+            f"{d['efficiency']:.0%}", f"{floor / times[0]:.0%}", f"{d['efficiency_weights_only']:.0%}",
+            f"{r['others_cores']:.2f}"]
+    split = [f"{label} {shape}", mm("full_step"), mm("forward"), mm("attention"), mm("forward_no_attention"),
+             mm("sampling_etc")]
+    hrow = [label, f"{d['sched_ms']:.2f}", f"{d['post_ms']:.2f}", f"{d['host_ms']:.2f}", f"{d['step_ms']:.0f}",
+            f"{d['host_pct_of_step']:.1f}%", f"{d['pack_ms']:.2f}", f"{d['all_host_pct']:.1f}%"]
+    return d, main, split, hrow
+
+
 def bench_decode(args) -> dict:
-    """Decode steps at each batch size and context beside their floors, printed and returned; long because it is
-    one measurement script start to end."""
+    """Served decode steps (the Engine, its scheduler and sampler) at each batch size and context beside their floor,
+    measured in the same process: memory = (weights + the rows' keys and values) / copy bandwidth; compute = the
+    weights' matmuls at the faster of numpy's float32 GEMM and (int8 weights) the int8 kernel's rate, plus the
+    attention's own FLOPs (4 ctx H D L a row) at the float32 GEMM rate -- the floor issue 13's target (>= 60 % at
+    batch 32 and 64, ctx ~512) was set against. The matmuls-only floor (attention free) is printed beside it."""
     sys.path.insert(0, HERE)
     import floors as floors_mod
 
-    res: dict = {}
+    res: dict = {"preset": args.preset}
     _log("[decode] floors (bench/floors.py, this process)")
     fl = floors_mod.measure_all(quick=True, log=_log)
-    fl["jnp_gemm_b64_f32"] = floors_mod.jnp_gemm_rate(64, 576, 1536, "float32")
-    _log(f"  jnp.dot f32 [64,576]x[576,1536]: {fl['jnp_gemm_b64_f32'] / 1e9:.1f} GFLOP/s")
     res["floors"] = fl
-    eng, probe = make_engine()
+    eng, probe = make_engine(decode_buckets=[16, 32, 64], **DECODE_PRESETS[args.preset])
     mc = eng.model_config
     import jax
-    weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
-    # the weights' matmuls at the faster of the float32 GEMM and, for int8 weights, the int8 kernel's rate
+    fl["weight_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
     int8 = any(x.dtype == "int8" for x in jax.tree_util.tree_leaves(eng.runner.params))
     fl["gemm_weights"] = max(fl["gemm"], floors_mod.int8_gemm_rate()) if int8 else fl["gemm"]
-    kv_tok = mc.kv_bytes_per_token(4)
-    fpt = mc.flops_per_token()
-    res.update(weight_bytes=weight_bytes, kv_bytes_per_token=kv_tok, flops_per_token=fpt)
-    B = 64
-    rows, hrows, split_rows = [], [], []
-    for ctx, (plen, new) in {128: (96, 64), 512: (448, 128)}.items():
-        rng = random.Random(ctx)
-        prompts = [[rng.randrange(100, mc.vocab_size) for _ in range(plen)] for _ in range(B)]
-        r = run_phase(eng, probe, prompts, dict(GREEDY, max_new_tokens=new), f"decode B=64 prompt {plen}",
-                      flush=True)
-        recs = probe.records()
-        dec = [x for x in recs if x["nd"] == B and x["npf"] == 0]
-        if not dec:
-            raise RuntimeError("no pure batch-64 decode step observed")
-        mean_ctx = statistics.mean(x["mean_kv"] for x in dec)
-        step = _med([x["step_s"] for x in dec])
-        dev = _med([x["dev_s"] for x in dec])
-        host = _med([x["host_s"] for x in dec])
-        sched = _med([x["sched_s"] for x in dec])
-        post = _med([x["post_s"] for x in dec])
-        pack = _med([x["pack_s"] for x in dec])
-        mem_s = (weight_bytes + B * mean_ctx * kv_tok) / fl["copy_bw"]
-        attn_flops = 4 * mean_ctx * mc.num_heads * mc.head_dim * mc.num_layers  # per token
-        cmp_s = B * fpt / fl["gemm_weights"] + B * attn_flops / fl["gemm"]
-        cmp_s_b64 = B * (fpt + attn_flops) / fl["jnp_gemm_b64_f32"]
-        floor = max(mem_s, cmp_s)
-        d = dict(ctx_target=ctx, prompt=plen, max_new=new, n_steps=len(dec), mean_ctx=mean_ctx,
-                 shapes=sorted({tuple(x["shape"]) for x in dec}),
-                 step_ms=1e3 * step, dev_ms=1e3 * dev, pack_ms=1e3 * pack, host_ms=1e3 * host,
-                 sched_ms=1e3 * sched, post_ms=1e3 * post, tok_s=B / step, tok_s_dev=B / dev,
-                 floor_mem_ms=1e3 * mem_s, floor_cmp_ms=1e3 * cmp_s, floor_cmp_b64gemm_ms=1e3 * cmp_s_b64,
-                 floor_ms=1e3 * floor, efficiency=floor / step,
-                 host_pct_of_step=100 * host / step, host_pct_of_dev=100 * host / dev,
-                 all_host_pct=100 * (pack + host) / dev,
-                 step_ms_p10_p90=[1e3 * sorted(x["step_s"] for x in dec)[len(dec) // 10],
-                                  1e3 * sorted(x["step_s"] for x in dec)[(9 * len(dec)) // 10]],
-                 phase=r)
-        shape = tuple(dec[-1]["shape"])
-        from sgl_jax.shapes import StepShape
-        d["split"] = sp = step_split(eng, probe, StepShape(*shape))
-        eng.flush_cache()
-        _log(f"    step split at {shape}: full step {sp['full_step_ms']:.0f} ms = forward {sp['forward_ms']:.0f} "
-             f"(attention {sp['attention_ms']:.0f}, rest {sp['forward_no_attention_ms']:.0f}) + sampling/logprobs "
-             f"{sp['sampling_etc_ms']:.0f}; minima: {sp['full_step_min_ms']:.0f} = {sp['forward_min_ms']:.0f} "
-             f"({sp['attention_min_ms']:.0f} + {sp['forward_no_attention_min_ms']:.0f}) + {sp['sampling_etc_min_ms']:.0f}")
-        res[f"ctx{ctx}"] = d
-        mm = lambda k: f"{sp[k + '_ms']:.0f} ({sp[k + '_min_ms']:.0f})"  # noqa: E731
-        split_rows.append([f"B=64 ctx~{mean_ctx:.0f} {shape}", mm("full_step"), mm("forward"), mm("attention"),
-                           mm("forward_no_attention"), mm("sampling_etc")])
-        d["step_min_ms"] = 1e3 * min(x["step_s"] for x in dec)
-        rows.append([f"B=64 ctx~{mean_ctx:.0f} ({len(dec)} steps, width {d['shapes'][0][2]})", f"{d['tok_s']:.0f}",
-                     f"{d['step_ms']:.0f}", f"{d['step_ms_p10_p90'][0]:.0f} / {d['step_min_ms']:.0f}",
-                     f"{d['dev_ms']:.0f}", f"{d['floor_mem_ms']:.0f}",
-                     f"{d['floor_cmp_ms']:.0f}", f"{d['floor_cmp_b64gemm_ms']:.0f}", f"{d['efficiency']:.0%}",
-                     f"{floor / (d['step_min_ms'] / 1e3):.0%}", f"{r['others_cores']:.2f}"])
-        hrows.append([f"B=64 ctx~{mean_ctx:.0f}", f"{d['sched_ms']:.2f}", f"{d['post_ms']:.2f}",
-                      f"{d['host_ms']:.2f}", f"{d['step_ms']:.0f}", f"{d['host_pct_of_step']:.1f}%",
-                      f"{d['pack_ms']:.2f}", f"{d['all_host_pct']:.1f}%"])
+    fl["kv_bytes_per_token"] = mc.kv_bytes_per_token(jax.tree_util.tree_leaves(eng.runner.kv)[0].dtype.itemsize)
+    rows, split_rows, hrows = [], [], []
+    for B in args.batches:
+        for ctx, (plen, new) in {128: (96, 64), 512: (448, 128)}.items():
+            d, main, split, hrow = _decode_case(eng, probe, fl, B, ctx, plen, new)
+            res[f"b{B}_ctx{ctx}"] = d
+            rows.append(main)
+            split_rows.append(split)
+            hrows.append(hrow)
     eng.shutdown()
     res["table"] = (
-        f"floors: copy {fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best {fl['gemm'] / 1e9:.0f} GFLOP/s, "
-        f"the weights' matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s, "
-        f"jnp [64,576]x[576,1536] {fl['jnp_gemm_b64_f32'] / 1e9:.0f} GFLOP/s; weights {weight_bytes / 1e6:.0f} MB, "
-        f"KV {kv_tok / 1e3:.1f} KB/token\n" +
-        _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "compiled ms", "mem floor ms",
-                "cmp floor ms", "cmp @b64 GEMM ms", "floor/median", "floor/min", "others' cores"], rows))
-    res["table"] += ("\n\nstep split (replayed inputs of the last pure decode step, interleaved; median (min) of 8):\n"
-                     + _table(
+        f"preset {args.preset}; floors: copy {fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best "
+        f"{fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s; weights "
+        f"{fl['weight_bytes'] / 1e6:.0f} MB, KV {fl['kv_bytes_per_token'] / 1e3:.1f} KB/token\n" +
+        _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "mem floor ms", "cmp floor ms (weights + attn)",
+                "floor/median", "floor/min", "matmuls-only floor/median", "others' cores"], rows))
+    res["table"] += ("\n\nstep split (replayed inputs of the last step with that many decode rows, interleaved; "
+                     "median (min) of 8):\n" + _table(
         ["shape (decode, blocks, width)", "full step ms", "forward ms", "attention ms", "forward w/o attn ms",
          "sampling+logprobs ms"], split_rows))
     res["host_table"] = _table(["decode", "schedule ms", "postprocess ms", "host ms (engine.host_times)",
@@ -782,6 +791,10 @@ def main(argv=None):
                     help="scheduler: waiting-queue sizes")
     ap.add_argument("--sched-steps", type=int, default=100, help="scheduler: steps driven per configuration")
     ap.add_argument("--sched-repeats", type=int, default=3, help="scheduler: repeats per configuration (medians)")
+    ap.add_argument("--batches", default="32,64", type=lambda s: [int(x) for x in s.split(",")],
+                    help="decode: batch sizes (each at ctx ~128 and ~512)")
+    ap.add_argument("--preset", default="float32", choices=list(DECODE_PRESETS),
+                    help="decode: the engine settings of configs/smollm2-135m.yaml (float32) or -int8.yaml (int8)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each timed phase wait up to this many seconds for other jobs to go quiet "
                          "(bench/floors.py wait_for_quiet); 0 = don't wait")
@@ -805,7 +818,7 @@ def main(argv=None):
             _log(out[name]["workload"])
         _log(out[name]["table"])
         if "host_table" in out[name]:
-            _log("\nhost overhead at batch 64 (medians over the pure decode steps):")
+            _log("\nhost overhead (medians over the pure decode steps):")
             _log(out[name]["host_table"])
         _log("")
     out["wall_s"] = time.perf_counter() - t_start
