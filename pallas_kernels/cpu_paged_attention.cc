@@ -23,7 +23,8 @@
 // query at a time. Keys are scored a few at a time with their partial sums reduced by transpose-adds; the value
 // accumulation keeps the output vectors in registers so its chains run side by side (bench/notes.md, "Tuning the
 // attention kernel"). The next page's key and value blocks are prefetched while one page is computed (the pool
-// is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer).
+// is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer); a decode row's a few lines at
+// a time inside the loops that compute the page (below ScoresShared16: 1.2-1.7x its attention).
 //
 // With AVX-512 a decode row (one query per row), unless its scores would pass g_two_pass_max, takes two passes
 // over its pages in 16-lane loops instead of the online softmax (RowTwoPass16): every score first, one softmax per
@@ -475,6 +476,12 @@ inline __m512 Exp16(__m512 x) {
 // Zen 5, Intel's server cores) this is up to 2x the arithmetic per cycle; where a 512-bit operation is two 256-bit
 // ones (Zen 4) it is no slower.
 
+// With `pf`, both also fetch the pf_bytes at pf into L2 (the next page's block, for RowTwoPass16) a few lines per
+// iteration of their loops, not as one burst: a page's worth of prefetches issued at once filled the core's miss
+// buffers and load queue, so the page's own loads waited behind them and reading and computing took turns. Spread
+// out, 64 decode rows over their own 512 float16 keys read at 24-31 GB/s where the burst read 14-22 (pages scattered
+// in the pool 1.4-1.7x faster, in order 1.2-1.4x; bench/notes.md, session 28).
+
 // The sums of a[0..3]'s 16 lanes, into out[0..3].
 inline void Sums4x16(const __m512* a, float* out) {
   v8f h[4];
@@ -485,14 +492,19 @@ inline void Sums4x16(const __m512* a, float* out) {
 }
 
 template <typename E, int G>
-inline void ScoresShared16(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride) {
+inline void ScoresShared16(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride,
+                           const char* pf = nullptr, int64_t pf_bytes = 0) {
   constexpr int KB = Pow2Below(kAccRegs / G) >= 4 ? Pow2Below(kAccRegs / G) : 4;
+  const int64_t iters = std::max<int64_t>(n / KB * (D / 16), 1);
+  int64_t it = 0, pf_at = 0;
   int64_t j = 0;
   for (; j + KB <= n; j += KB) {
     __m512 acc[G][KB];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < KB; ++i) acc[g][i] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
+      if (pf != nullptr)
+        for (const int64_t end = ++it * pf_bytes / iters; pf_at < end; pf_at += 64) PrefetchL2(pf + pf_at);
       __m512 qv[G];
       for (int g = 0; g < G; ++g) qv[g] = _mm512_loadu_ps(q + g * D + d);
       for (int i = 0; i < KB; ++i) {
@@ -503,21 +515,28 @@ inline void ScoresShared16(const float* q, const typename E::T* k, int64_t n, in
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < KB; i += 4) Sums4x16(acc[g] + i, s + g * stride + j + i);
   }
+  if (pf != nullptr)
+    for (; pf_at < pf_bytes; pf_at += 64) PrefetchL2(pf + pf_at);
   for (int g = 0; g < G; ++g)
     for (int64_t jj = j; jj < n; ++jj) s[g * stride + jj] = Dot<E>(q + g * D, k + jj * D, D);
 }
 
 template <typename E, int G, int C>
 inline void AccumulateShared16(float* acc, const float* corr, const float* p, int64_t stride,
-                               const typename E::T* vrows, int64_t n) {
+                               const typename E::T* vrows, int64_t n, const char* pf = nullptr,
+                               int64_t pf_bytes = 0) {
   constexpr int CP = Pow2Below(kAccRegs / G) < C ? Pow2Below(kAccRegs / G) : C;
   constexpr int D = 16 * C;
+  const int64_t iters = std::max<int64_t>(C / CP * n, 1);
+  int64_t it = 0, pf_at = 0;
   for (int c0 = 0; c0 < C; c0 += CP) {
     __m512 a[G][CP];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < CP; ++c)
         a[g][c] = _mm512_mul_ps(_mm512_loadu_ps(acc + g * D + 16 * (c0 + c)), _mm512_set1_ps(corr[g]));
     for (int64_t j = 0; j < n; ++j) {
+      if (pf != nullptr)
+        for (const int64_t end = ++it * pf_bytes / iters; pf_at < end; pf_at += 64) PrefetchL2(pf + pf_at);
       __m512 pj[G];
       for (int g = 0; g < G; ++g) pj[g] = _mm512_set1_ps(p[g * stride + j]);
       for (int c = 0; c < CP; ++c) {
@@ -575,26 +594,27 @@ bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t 
     if (p.table[r * p.P + c] < 0 || p.table[r * p.P + c] >= p.N) return false;
   sc.row.resize((h1 - h0) * G * nst);
   float* s = sc.row.data();
-  const int64_t head_bytes = (h1 - h0) * S * D * sizeof(T);
+  const int64_t head_block = S * D * int64_t(sizeof(T));  // one head's keys (or values) in a page
   for (int pass = 0; pass < 2; ++pass) {
     const T* base = static_cast<const T*>(pass == 0 ? p.k : p.v);
     for (int64_t c = c0; c <= c1; ++c) {
       const int64_t page = p.table[r * p.P + c], j0 = c * S;
-      if (c < c1) {
-        const char* nx = reinterpret_cast<const char*>(base + (p.table[r * p.P + c + 1] * p.KV + h0) * S * D);
-        for (int64_t o = 0; o < head_bytes; o += 64) PrefetchL2(nx + o);
-      }
       const int64_t a = std::max(j0, lo), e = std::min(j0 + S, hi + 1);
+      // fetched while this page is computed, head by head: the next page of this pass; after the last key page,
+      // the first value page (so the second pass does not start on a cold page)
+      const T* nx = c < c1 ? base + p.table[r * p.P + c + 1] * p.KV * S * D
+                   : pass == 0 ? static_cast<const T*>(p.v) + p.table[r * p.P + c0] * p.KV * S * D : nullptr;
       for (int64_t h = h0; h < h1; ++h) {
+        const char* nh = nx != nullptr ? reinterpret_cast<const char*>(nx + h * S * D) : nullptr;
         const T* blk = base + ((page * p.KV + h) * S + (a - j0)) * D;
         float* sh = s + (h - h0) * G * nst + (a - lo);
         const int64_t qi = h * G;  // Bq == 1: query index b * H + h * G with b = 0
         if (pass == 0) {
-          ScoresShared16<E, G>(p.q + (r * p.H + qi) * D, blk, e - a, D, sh, nst);
+          ScoresShared16<E, G>(p.q + (r * p.H + qi) * D, blk, e - a, D, sh, nst, nh, head_block);
         } else {
           float corr[G];
           std::fill(corr, corr + G, 1.0f);
-          AccumulateShared16<E, G, C>(sc.acc.data() + qi * D, corr, sh, nst, blk, e - a);
+          AccumulateShared16<E, G, C>(sc.acc.data() + qi * D, corr, sh, nst, blk, e - a, nh, head_block);
         }
       }
     }
