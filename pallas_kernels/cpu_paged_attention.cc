@@ -74,6 +74,11 @@ namespace {
 // bench/notes.md, session 26).
 inline void PrefetchL2(const void* a) { __builtin_prefetch(a, 0, 2); }  // locality 2: prefetcht1 on x86
 
+// How far ahead a decode row's two passes fetch (RowTwoPass16): one page of a whole row's three KV heads of float16
+// (6 KB); a unit of one KV head (fewer than 8 rows) three of its pages: 1 to 4 rows 1.2-1.6x faster than one page
+// ahead, 16-64 rows the same (bench/notes.md, session 28).
+constexpr int64_t kPrefetchAhead = 6144;
+
 using sgl_jax_native::RunUnits;
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -477,10 +482,10 @@ inline __m512 Exp16(__m512 x) {
 // ones (Zen 4) it is no slower.
 
 // With `pf`, both also fetch the pf_bytes at pf into L2 (the next page's block, for RowTwoPass16) a few lines per
-// iteration of their loops, not as one burst: a page's worth of prefetches issued at once filled the core's miss
-// buffers and load queue, so the page's own loads waited behind them and reading and computing took turns. Spread
-// out, 64 decode rows over their own 512 float16 keys read at 24-31 GB/s where the burst read 14-22 (pages scattered
-// in the pool 1.4-1.7x faster, in order 1.2-1.4x; bench/notes.md, session 28).
+// iteration of their loops, not as one burst: with a page's worth of prefetches issued at once, reading and computing
+// took turns (most likely the burst filled the core's miss buffers and the page's own loads waited behind it). Spread
+// out, 64 decode rows over their own 512 float16 keys read at 22-30 GB/s where the burst read 15-22 (bench/notes.md,
+// session 28).
 
 // The sums of a[0..3]'s 16 lanes, into out[0..3].
 inline void Sums4x16(const __m512* a, float* out) {
@@ -595,15 +600,25 @@ bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t 
   sc.row.resize((h1 - h0) * G * nst);
   float* s = sc.row.data();
   const int64_t head_block = S * D * int64_t(sizeof(T));  // one head's keys (or values) in a page
+  // fetched while a page is computed: the block kPrefetchAhead bytes ahead in the row's key pages then value pages
+  // (a unit of one KV head computes a page in a third of a whole row's time, so it looks three pages ahead)
+  const int64_t np = c1 - c0 + 1, ahead = std::max<int64_t>(1, kPrefetchAhead / ((h1 - h0) * head_block));
+  auto block = [&](int64_t i) -> const T* {  // the i-th of the row's key pages then value pages, or none
+    if (i >= 2 * np) return nullptr;
+    return static_cast<const T*>(i < np ? p.k : p.v) + p.table[r * p.P + c0 + i % np] * p.KV * S * D;
+  };
+  for (int64_t i = 1; i < ahead; ++i)
+    if (const T* b = block(i))
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t o = 0; o < head_block; o += 64) PrefetchL2(reinterpret_cast<const char*>(b + h * S * D) + o);
   for (int pass = 0; pass < 2; ++pass) {
     const T* base = static_cast<const T*>(pass == 0 ? p.k : p.v);
     for (int64_t c = c0; c <= c1; ++c) {
       const int64_t page = p.table[r * p.P + c], j0 = c * S;
       const int64_t a = std::max(j0, lo), e = std::min(j0 + S, hi + 1);
-      // fetched while this page is computed, head by head: the next page of this pass; after the last key page,
-      // the first value page (so the second pass does not start on a cold page)
-      const T* nx = c < c1 ? base + p.table[r * p.P + c + 1] * p.KV * S * D
-                   : pass == 0 ? static_cast<const T*>(p.v) + p.table[r * p.P + c0] * p.KV * S * D : nullptr;
+      // head by head, a few lines per loop step; near the last key page, the first value pages (so the second pass
+      // does not start on cold pages)
+      const T* nx = block(pass * np + (c - c0) + ahead);
       for (int64_t h = h0; h < h1; ++h) {
         const char* nh = nx != nullptr ? reinterpret_cast<const char*>(nx + h * S * D) : nullptr;
         const T* blk = base + ((page * p.KV + h) * S + (a - j0)) * D;
