@@ -258,9 +258,9 @@ class StepProbe:
 
 
 def step_split(eng, probe, shape, rows: int, n: int = 8) -> dict:
-    """Replay the last real inputs of `shape` with `rows` decode rows three ways (median of n after 1 warm-up call): the engine's
-    compiled step; the model forward alone (no sampling/penalties/logprobs); the forward with attention
-    replaced by the identity (bench_model.py's `--attention none` patch). The KV pool is written at the
+    """Replay the last real inputs of `shape` with `rows` decode rows three ways (median of n after 1 warm-up
+    call): the engine's compiled step; the model forward alone (no sampling/penalties/logprobs); the forward with
+    attention replaced by the identity (bench_model.py's `--attention none` patch). The KV pool is written at the
     same slots again: call only when idle, and flush the cache afterwards."""
     import jax
 
@@ -634,7 +634,7 @@ def bench_decode(args) -> dict:
     measured in the same process: memory = (weights + the rows' keys and values) / copy bandwidth; compute = the
     weights' matmuls at the faster of numpy's float32 GEMM and (int8 weights) the int8 kernel's rate, plus the
     attention's own FLOPs (4 ctx H D L a row) at the float32 GEMM rate -- the floor issue 13's target (>= 60 % at
-    batch 32 and 64, ctx ~512) was set against. The matmuls-only floor (attention free) is printed beside it."""
+    batch 32 and 64, ctx ~512) was set against. The same floor without the attention's FLOPs is printed beside it."""
     sys.path.insert(0, HERE)
     import floors as floors_mod
 
@@ -663,7 +663,7 @@ def bench_decode(args) -> dict:
         f"{fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s; weights "
         f"{fl['weight_bytes'] / 1e6:.0f} MB, KV {fl['kv_bytes_per_token'] / 1e3:.1f} KB/token\n" +
         _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "mem floor ms", "cmp floor ms (weights + attn)",
-                "floor/median", "floor/min", "matmuls-only floor/median", "others' cores"], rows))
+                "floor/median", "floor/min", "floor w/o attn FLOPs / median", "others' cores"], rows))
     res["table"] += ("\n\nstep split (replayed inputs of the last step with that many decode rows, interleaved; "
                      "median (min) of 8):\n" + _table(
         ["shape (decode, blocks, width)", "full step ms", "forward ms", "attention ms", "forward w/o attn ms",
