@@ -3,7 +3,7 @@
     python bench/bench_runtime.py shared-prefix [--json OUT]   # 64 requests, ~1,000-token few-shot prefix
     python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test
     python bench/bench_runtime.py multiturn     [--json OUT]   # 8 conversations x 4 turns, short and long
-    python bench/bench_runtime.py decode [--preset int8] [--json OUT]  # batch 32 / 64 decode vs floors
+    python bench/bench_runtime.py decode [--config PRESET] [--json OUT]  # batch 32 / 64 decode vs floors
     python bench/bench_runtime.py scheduler     [--json OUT]   # schedule() cost, 1,000 / 5,000 waiting
     python bench/bench_runtime.py all           [--json OUT]   # everything (~15 min on 2 busy cores)
 
@@ -572,10 +572,16 @@ def bench_multiturn(args) -> dict:
 
 
 # ------------------------------------------------------------------------ 4+5. decode at batch 32 and 64
-DECODE_PRESETS = {  # engine settings of the two CPU presets (configs/smollm2-135m.yaml, -int8.yaml) this bench runs
-    "float32": {},
-    "int8": dict(quantization="int8", kv_dtype="float16", attention_math="bfloat16"),
-}
+DECODE_MODEL_KEYS = ("dtype", "quantization", "kv_dtype", "attention_math")  # what `--config` sets; ENGINE the rest
+
+
+def _preset_model(path: str) -> dict:
+    """The model settings (weights, KV pool, attention math) of a YAML preset, e.g. configs/smollm2-135m-int8.yaml;
+    the shapes and the scheduler stay ENGINE's, so every engine of this bench compiles the same grid."""
+    from sgl_jax.config import load_config
+
+    engine = load_config(path).engine
+    return {k: getattr(engine, k) for k in DECODE_MODEL_KEYS}
 
 
 def _decode_case(eng, probe, fl, B: int, ctx: int, plen: int, new: int) -> tuple[dict, list, list, list]:
@@ -638,11 +644,12 @@ def bench_decode(args) -> dict:
     sys.path.insert(0, HERE)
     import floors as floors_mod
 
-    res: dict = {"preset": args.preset}
+    model = _preset_model(args.config)
+    res: dict = {"config": args.config, "model": model}
     _log("[decode] floors (bench/floors.py, this process)")
     fl = floors_mod.measure_all(quick=True, log=_log)
     res["floors"] = fl
-    eng, probe = make_engine(decode_buckets=[16, 32, 64], **DECODE_PRESETS[args.preset])
+    eng, probe = make_engine(decode_buckets=[16, 32, 64], **model)
     mc = eng.model_config
     import jax
     fl["weight_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
@@ -659,8 +666,9 @@ def bench_decode(args) -> dict:
             hrows.append(hrow)
     eng.shutdown()
     res["table"] = (
-        f"preset {args.preset}; floors: copy {fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best "
-        f"{fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s; weights "
+        f"{os.path.basename(args.config)} ({', '.join(f'{k} {v}' for k, v in model.items() if v)}); floors: copy "
+        f"{fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best {fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' "
+        f"matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s; weights "
         f"{fl['weight_bytes'] / 1e6:.0f} MB, KV {fl['kv_bytes_per_token'] / 1e3:.1f} KB/token\n" +
         _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "mem floor ms", "cmp floor ms (weights + attn)",
                 "floor/median", "floor/min", "floor w/o attn FLOPs / median", "others' cores"], rows))
@@ -793,8 +801,9 @@ def main(argv=None):
     ap.add_argument("--sched-repeats", type=int, default=3, help="scheduler: repeats per configuration (medians)")
     ap.add_argument("--batches", default="32,64", type=lambda s: [int(x) for x in s.split(",")],
                     help="decode: batch sizes (each at ctx ~128 and ~512)")
-    ap.add_argument("--preset", default="float32", choices=list(DECODE_PRESETS),
-                    help="decode: the engine settings of configs/smollm2-135m.yaml (float32) or -int8.yaml (int8)")
+    ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "smollm2-135m.yaml"),
+                    help="decode: the preset whose model settings (dtype, quantization, KV dtype, attention math) "
+                         "the engine takes, e.g. configs/smollm2-135m-int8.yaml")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each timed phase wait up to this many seconds for other jobs to go quiet "
                          "(bench/floors.py wait_for_quiet); 0 = don't wait")
