@@ -49,7 +49,7 @@ class PackedBatch:
     dec_kv_lens: np.ndarray  # [Sd]
     pre_page_table: np.ndarray  # [NB, P]
     pre_kv_lens: np.ndarray  # [NB]
-    logits_indices: np.ndarray  # [L] int32, token rows whose logits are computed (padding -> 0)
+    logits_indices: np.ndarray  # [L] int32, token rows whose logits are computed (padding rows -> -1: not computed)
     block_q: int
     # For chunk i, logits rows logits_rows[i][0] : logits_rows[i][1] predict positions
     # chunk.logits_from+1 ... chunk.end_pos (the last one being the next new token).
@@ -152,7 +152,7 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
     L = len(rows) if num_logits is None else num_logits
     if len(rows) > L:
         raise ValueError(f"batch needs {len(rows)} logits rows; padding allows {L}")
-    logits_indices = np.zeros(L, np.int32)
+    logits_indices = np.full(L, -1, np.int32)
     logits_indices[:len(rows)] = rows
     return PackedBatch(input_ids, positions, slots, dec_pt, dec_len, pre_pt, pre_len, logits_indices,
                        block_q, logits_rows, token_index, run_pt, run_len, run_q)

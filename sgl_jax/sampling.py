@@ -271,6 +271,22 @@ def _log_sum_exp(x: jax.Array, row_max: jax.Array) -> jax.Array:
     return m + jnp.log(jnp.sum(jnp.exp(x - m[:, None]), axis=-1))
 
 
+_LSE_ROWS = 16  # rows per block of `_log_sum_exp_wanted`
+
+
+def _log_sum_exp_wanted(logits: jax.Array, row_max: jax.Array, want: jax.Array) -> jax.Array:
+    """[B] logsumexp of the rows in blocks of `_LSE_ROWS` that hold a row `want`s (zeros in the other blocks). A
+    step's rows are its chunks' logits rows first, padding after: a select's prompt-logprob step fills 44 of its 128
+    rows, and the full-vocabulary exp over all 128 was 4.6 ms of it on a 2-core CPU (bench/notes.md, session 29)."""
+    B = logits.shape[0]
+    parts = []
+    for a in range(0, B, _LSE_ROWS):
+        b = min(B, a + _LSE_ROWS)
+        parts.append(lax.cond(jnp.any(want[a:b]), lambda a=a, b=b: _log_sum_exp(logits[a:b], row_max[a:b]),
+                              lambda a=a, b=b: jnp.zeros((b - a,), jnp.float32)))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+
 def _row_key_words(seeds: jax.Array, steps: jax.Array) -> jax.Array:
     """[B, 2] u32: the words of fold_in(key(seed), step) per row."""
     def one(seed, step):
@@ -495,8 +511,7 @@ def sample(logits: jax.Array, sb: SamplingBatch, *, num_top_logprobs: int = 0,
     if want_logprobs is None or n > 0:  # (top logprobs need the normalizer in every row)
         lse = _log_sum_exp(logits, row_max)
     else:
-        lse = lax.cond(jnp.any(want_logprobs), lambda: _log_sum_exp(logits, row_max),
-                       lambda: jnp.zeros((B,), jnp.float32))
+        lse = _log_sum_exp_wanted(logits, row_max, want_logprobs)
     logprobs = picked - lse if want_logprobs is None else jnp.where(want_logprobs, picked - lse, jnp.nan)
     if n > 0:
         top_vals, top_ids = lax.top_k(logits, min(n, V))

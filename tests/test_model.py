@@ -84,6 +84,31 @@ def test_tiny_packed_padding_rows_are_not_computed(tiny):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_tiny_packed_logits_padding_rows_not_computed(tiny):
+    """A step with more logits rows than its chunks ask for (a prompt-logprob shape's `full_logit_rows`): pack() marks
+    the rows past them -1, and the native LM head skips those rows (zeros) -- they were computed as copies of token
+    0's logits -- while the rows asked for are the exact fit's."""
+    from sgl_jax.models.packing import pack_params
+
+    name, cfg, params = tiny
+    packed = pack_params(params, cfg.tie_word_embeddings)
+    runner = PagedRunner(cfg, packed, attention_backend="auto")
+    ids = list(range(3, 14))
+    table = runner.ensure_pages(0, len(ids))
+    got = {}
+    for L in (None, 24):
+        b = pack([SeqChunk(ids, 0, list(table), 6)], page_size=runner.page_size, block_q=runner.block_q, num_logits=L)
+        if L:
+            assert b.logits_indices[5:].tolist() == [-1] * (L - 5)
+        meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
+                                              b.pre_page_table, b.pre_kv_lens))
+        logits, runner.kv = runner._fwd(runner.params, b.input_ids, runner.kv, b.logits_indices, meta,
+                                        block_q=b.block_q)
+        got[L] = np.asarray(logits)
+    assert got[24].shape[0] == 24 and not got[24][5:].any(), "padding logits rows were computed"
+    np.testing.assert_allclose(got[24][:5], got[None], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 def test_tiny_cached_prefix_and_decode(tiny):
     """Prefill a prefix, then the rest as a second chunk over the cached pages, then 1-token decodes."""
     name, cfg, params = tiny

@@ -194,6 +194,27 @@ def test_logprobs_only_for_the_rows_that_want_them():
     np.testing.assert_array_equal(np.asarray(none.top_logprobs), np.asarray(top.top_logprobs))
 
 
+def test_normalizer_only_in_blocks_with_a_wanted_row():
+    """The logsumexp behind `want_logprobs` runs over row blocks (`_LSE_ROWS`) that hold a wanted row: those rows'
+    logprobs are the full pass's, bit for bit, in the first, a middle and a last partial block, for batches of one
+    block and of several (a prompt-logprob step's 128 rows with 44 wanted)."""
+    rng = np.random.default_rng(5)
+    blk = sampling._LSE_ROWS
+    for B, wanted in ((3, [2]), (blk, [0, blk - 1]), (2 * blk + 5, [blk, 2 * blk + 4]), (128, list(range(44)))):
+        logits = jnp.asarray(rng.normal(size=(B, V)).astype(np.float32) * 3)
+        sb = batch(B, seeds=np.arange(B), temperature=np.zeros(B, np.float32))
+        w = np.zeros(B, bool)
+        w[wanted] = True
+        full = sample_jit(logits, sb, max_candidates=K_HEAD, want_logprobs=jnp.ones(B, bool))
+        out = sample_jit(logits, sb, max_candidates=K_HEAD, want_logprobs=jnp.asarray(w))
+        np.testing.assert_array_equal(np.asarray(out.logprobs)[w], np.asarray(full.logprobs)[w])
+        lse = np.asarray(out.log_normalizer)
+        np.testing.assert_array_equal(lse[w], np.asarray(full.log_normalizer)[w])
+        blocks = {i // blk for i in wanted}
+        skipped = [i for i in range(B) if i // blk not in blocks]
+        assert not lse[skipped].any(), f"B={B}: a block with no wanted row computed its normalizer"
+
+
 def test_padding_rows_do_not_crash_in_any_path():
     B = SMALL
     logits = np.zeros((B, V), np.float32)

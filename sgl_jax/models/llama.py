@@ -384,9 +384,13 @@ class CausalLM(nn.Module):
                                     name=f"layers_{i}")(
                 x, meta, kv[i], rope, keep)
             new_kv.append(pages)
-        h = x[logits_indices]  # [L, E]
+        # a logits row past the step's needs has index -1 (batch.pack): like a padding token's row, the native
+        # LM head skips it and gives zeros (a prompt-logprob step's 128 rows held 44 a select needs, and its LM
+        # head computed all 128 as copies of token 0's: 14.8 of a 73 ms step; bench/notes.md, session 29)
+        idx = jnp.maximum(logits_indices, 0)
+        h = x[idx]  # [L, E]
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(h)
-        head_keep = meta.positions[logits_indices] >= 0  # logits rows of padding tokens: zeros
+        head_keep = (logits_indices >= 0) & (meta.positions[idx] >= 0)  # rows of padding: zeros
         if cfg.tie_word_embeddings:
             logits = embed.attend(h, head_keep)  # [L, V]
         else:
