@@ -635,3 +635,81 @@ def test_no_torch_or_jax_imported():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+# ------------------------------------------------------------------------------------------
+# PrefixEncoder: texts sharing prefixes tokenized past a cut, the same ids as whole encodes
+# ------------------------------------------------------------------------------------------
+def _prefix_cases(seed: int) -> list[list[str]]:
+    """Groups of texts as programs send them: a prompt, then the prompt + each of a few choices; prompts that share
+    a long prefix and differ after it; continuations that merge with the prompt's last word ("hel" + "lo"), start
+    with spaces, digits, punctuation, newlines or special-token text, and prompts ending in whitespace."""
+    rng = random.Random(seed)
+    words = ["the", "man", "is", "sitting", "on", "a", "roof.", "He", "hello", "world", "2024", "x=3;", "naïve",
+             "Привет", "日本語", "👋", "it's", "<|im_start|>", "\n", "\n\n", "  ", "...", "(ok)", "e.g.", "abc123"]
+    shared = " ".join(rng.choice(words) for _ in range(120))
+    groups = []
+    for _ in range(12):
+        prompt = shared + " " + " ".join(rng.choice(words) for _ in range(rng.randint(0, 30)))
+        prompt += rng.choice(["", " ", "\n", " hel", ":", " 12"])
+        conts = [rng.choice(["", " ", "lo", "lo world", " is using wrap.", "\nAnswer:", "3 apples", " ",
+                             "<|im_end|>", " " + " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))])
+                 for _ in range(4)]
+        groups.append([prompt] + [prompt + c for c in conts])
+    return groups
+
+
+def _check_prefix_encoder(tok, groups):
+    from sgl_jax.models.tokenizer import PrefixEncoder
+
+    enc = PrefixEncoder(tok)
+    for group in groups:
+        for text in group:
+            for special in (False, True):
+                assert enc.encode(text, add_special_tokens=special) == tok.encode(text, add_special_tokens=special), \
+                    repr(text[-60:])
+
+
+def test_prefix_encoder_matches_whole_encodes_smollm2(smol):
+    _check_prefix_encoder(smol, _prefix_cases(1) + _prefix_cases(2))
+
+
+def test_prefix_encoder_matches_whole_encodes_spm(spm_gguf):
+    """SentencePiece: the normalizer's space prefix makes a cut's tail tokenize differently alone, which the
+    encoder checks, so texts are tokenized whole there -- still the same ids."""
+    _check_prefix_encoder(Tokenizer.from_gguf(spm_gguf), _prefix_cases(3))
+
+
+def test_prefix_encoder_splices(smol):
+    """It does tokenize only past a cut: the kept text's ids before the cut are reused (a spy on the backend sees
+    only the short tails after the first text), and a text that shares nothing is tokenized whole."""
+    from sgl_jax.models.tokenizer import PrefixEncoder
+
+    enc = PrefixEncoder(smol)
+    seen = []
+    real = smol._tk
+
+    class Spy:
+        def encode(self, text, add_special_tokens=False):
+            seen.append(len(text))
+            return real.encode(text, add_special_tokens=add_special_tokens)
+
+    prompt = "The man is sitting on a roof. He " * 40 + "is using"
+    enc.encode(prompt)
+    for c in (" wrap to wrap a pair of skis.", " a ladder.", "\n"):
+        seen.clear()
+        smol._tk = Spy()
+        try:
+            got = enc.encode(prompt + c)
+        finally:
+            smol._tk = real
+        assert seen and max(seen) < 64, seen  # the tails only: the kept text's and the new text's
+        assert got == smol.encode(prompt + c)
+    other = "Entirely different text, no shared prefix."
+    seen.clear()
+    smol._tk = Spy()
+    try:
+        enc.encode(other)
+    finally:
+        smol._tk = real
+    assert seen == [len(other)]

@@ -20,6 +20,7 @@ from sgl_jax.errors import InvalidRequestError
 from sgl_jax.sampling_params import SamplingParams, check_token_ids
 
 from sgl_jax.engine.stops import StopRegex, compile_stop_regex
+from sgl_jax.models.tokenizer import prefix_encoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class RequestPreparer:
                  max_logit_bias: int | None = None, max_stop_token_ids: int | None = None,
                  check_constraint: Callable[[SamplingParams], None] | None = None):
         self.tokenizer = tokenizer
+        self._encoder = prefix_encoder(tokenizer)  # requests' texts share prefixes: tokenized past them
         self.max_logit_bias, self.max_stop_token_ids = max_logit_bias, max_stop_token_ids
         self.vocab_size = vocab_size
         self.max_context_len = max_context_len
@@ -77,7 +79,7 @@ class RequestPreparer:
         if text is not None:
             if not isinstance(text, str):
                 raise InvalidRequestError(f"'text' must be a string, got {type(text).__name__}", field="text")
-            ids = self.tokenizer.encode(text)
+            ids = self._encoder.encode(text)
             if not ids:
                 raise InvalidRequestError(
                     "'text' is empty and this model's tokenizer adds no BOS token, so the prompt would have no "

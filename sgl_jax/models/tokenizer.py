@@ -1039,3 +1039,84 @@ def tiny_byte_tokenizer() -> Tokenizer:
     meta = tiny_byte_tokenizer_metadata()
     meta["__source__"] = "<tiny_byte_tokenizer>"
     return Tokenizer.from_gguf(meta)
+
+
+
+# A program's prompts share long prefixes: a `select` sends its prompt and then the prompt + each choice, and every
+# HellaSwag program the same 20-shot prefix. Tokenized whole, a select re-tokenized ~800 tokens five times (~2 ms
+# each on a 2-core CPU: ~10 ms of a ~100 ms program in process; bench/notes.md, session 29). `PrefixEncoder`
+# keeps the last texts' ids and tokenizes a new text only from a safe cut before where it leaves the closest one.
+_SPLICE_CHARS = 256  # how far back from the divergence a cut is looked for
+
+
+def _splice_cut(text: str, end: int) -> int:
+    """The last position p < end - 1 (within _SPLICE_CHARS of `end`) where text[p] is a space after a non-space
+    character and before a letter, or -1. Every pre-tokenizer these vocabularies use starts a piece there whatever
+    comes before or after: the byte-level regexes' " ?letters" pieces (the piece before ends at its last non-space
+    character, and no earlier alternative of theirs matches a space before a letter), SentencePiece's whitespace
+    split. So the pieces before p and from p on tokenize apart."""
+    for p in range(min(end, len(text)) - 2, max(end - _SPLICE_CHARS, 1) - 1, -1):
+        if text[p] == " " and not text[p - 1].isspace() and text[p + 1].isalpha():
+            return p
+    return -1
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """len of the longest common prefix of a and b (slice comparisons: C speed on long texts)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class PrefixEncoder:
+    """tok.encode(text) for texts that share prefixes with recent ones, tokenizing only past a cut.
+
+    Keeps the last `keep` texts with their ids and each token's first character. For a new text, the kept text
+    with the longest common prefix gives its ids before a cut (`_splice_cut`) inside that common part, and only
+    text[cut:] is tokenized. The cut is used only where the kept text has a token starting exactly there and its
+    own text[cut:] tokenizes alone to its ids from there (no piece or merge reaches back across the cut, e.g. a
+    normalizer's prefix); otherwise the text is tokenized whole. Tested against whole encodes
+    (tests/test_tokenizer.py)."""
+
+    def __init__(self, tok: "Tokenizer", keep: int = 8, min_chars: int = 64):
+        self.tok, self.keep, self.min_chars = tok, keep, min_chars
+        self._kept: list[tuple[str, list[int], list[int]]] = []  # (text, raw ids, each id's first char)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids, starts = self._raw(text)
+        self._kept = [e for e in self._kept if e[0] != text][-(self.keep - 1):] + [(text, ids, starts)]
+        return self.tok._finish_ids(list(ids), add_special_tokens)
+
+    def _raw(self, text: str) -> tuple[list[int], list[int]]:
+        best, n = None, 0
+        for e in self._kept:
+            m = _common_prefix(e[0], text)
+            if m > n:
+                best, n = e, m
+        if best is not None and n >= self.min_chars:
+            old, old_ids, old_starts = best
+            cut = _splice_cut(text, n)
+            k = _index_of(old_starts, cut) if cut > 0 else -1
+            if k > 0 and self.tok._tk.encode(old[cut:], add_special_tokens=False).ids == old_ids[k:]:
+                tail = self.tok._tk.encode(text[cut:], add_special_tokens=False)
+                return old_ids[:k] + tail.ids, old_starts[:k] + [cut + a for a, _ in tail.offsets]
+        enc = self.tok._tk.encode(text, add_special_tokens=False)
+        return enc.ids, [a for a, _ in enc.offsets]
+
+
+def _index_of(starts: list[int], pos: int) -> int:
+    """The index of the token starting at character `pos` (starts ascending), or -1."""
+    import bisect
+
+    i = bisect.bisect_left(starts, pos)
+    return i if i < len(starts) and starts[i] == pos else -1
+
+
+def prefix_encoder(tok):
+    """A PrefixEncoder over `tok` when it is this module's Tokenizer, else `tok` itself (its own encode)."""
+    return PrefixEncoder(tok) if isinstance(tok, Tokenizer) else tok

@@ -15,6 +15,7 @@ Host code: the engine is handed in (or built lazily from a config), so importing
 
 from __future__ import annotations
 
+from sgl_jax.models.tokenizer import prefix_encoder
 from sgl_jax.program.backends.base import Backend, Completion, Prompt
 from sgl_jax.program.chat_template import DEFAULT, ChatTemplate
 from sgl_jax.program.choices import decide
@@ -33,6 +34,7 @@ class EngineBackend(Backend):
             self._owns = True
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self._encoder = prefix_encoder(self.tokenizer)  # a select's prompt and choices: tokenized once
         self._special = set(getattr(self.tokenizer, "special_token_ids", ()) or ())
         if isinstance(chat_template, str):
             from sgl_jax.program.chat_template import get_chat_template
@@ -62,7 +64,7 @@ class EngineBackend(Backend):
         return self._template
 
     def tokenize(self, text: str, first: bool = False) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=first)
+        return self._encoder.encode(text, add_special_tokens=first)
 
     def ids(self, prompt: Prompt, extra: str = "") -> list[int]:
         """The exact ids of `prompt.text + extra`: fixed ids, then the rest tokenized (BOS only at the start,
