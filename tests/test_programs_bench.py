@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -361,6 +362,56 @@ def test_rounds_alternate_the_backends_and_set_them_side_by_side(monkeypatch, tm
     assert "mmlu         http      5.000 / 6.000 / 7.000 (6.000) |" in text
     saved = json.loads(path.read_text())
     assert saved["backends"] == ["engine", "http"] and len(saved["runs"]) == 6 and saved["comparison"] in text
+
+
+@pytest.mark.timeout(60)
+def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, tmp_path):
+    """`--paired-latency N`: both targets alive at once, both flushed at each workload's start, each program run on
+    both with the order rotating program by program; the paired difference and the wins counted per program."""
+    order, flushes, closed = [], [], []
+
+    class Target:
+        def __init__(self, name):
+            self.name, self.lang = name, sgl
+            self.backend = Fake(lambda prompt, params: "A")
+            self.delay = {"engine": 0.0, "http": 0.02}[name]
+
+        def flush(self):
+            flushes.append(self.name)
+
+        def close(self):
+            closed.append(self.name)
+
+    targets = {}
+
+    def make(kind, config, overrides, url=None, engine=None):
+        targets[kind] = Target(kind)
+        return targets[kind]
+
+    real_build = module("mmlu")[0].build
+
+    def build(lang, full=False):
+        prog = real_build(lang, full)
+        real_run = prog.run
+
+        def run(backend=None, **kw):
+            name = next(n for n, t in targets.items() if t.backend is backend)
+            order.append(name)
+            time.sleep(targets[name].delay)
+            return real_run(backend=backend, **kw)
+        prog.run = run
+        return prog
+
+    monkeypatch.setattr(runner, "make_target", make)
+    monkeypatch.setattr(module("mmlu")[0], "build", build)
+    out, path = io.StringIO(), tmp_path / "paired.json"
+    res = runner.paired_latency(["engine", "http"], ("mmlu",), 4, out=out, json_path=str(path))
+    assert order == ["engine", "http", "http", "engine", "engine", "http", "http", "engine"]
+    assert sorted(flushes) == ["engine", "http"] and sorted(closed) == ["engine", "http"]
+    row = res["rows"][0]
+    assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
+    assert row["engine_faster_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
+    assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
 
 
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():

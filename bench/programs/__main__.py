@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     ap.add_argument("--json", dest="json_path", default=None, help="write the results here")
     ap.add_argument("--n", type=int, default=None, help="programs per workload (default: the scale's)")
     ap.add_argument("--latency-programs", type=int, default=3, help="programs run one at a time for latency")
+    ap.add_argument("--paired-latency", type=int, default=0, metavar="N",
+                    help="with several backends: only single-program latency, N programs a workload, each program "
+                         "on every backend in turn with all of them alive at once (no throughput runs)")
     ap.add_argument("--threads", type=int, default=None, help="run_batch num_threads (default: auto, or the "
                     "workload's own, e.g. 1 for generative agents)")
     ap.add_argument("--seed", type=int, default=0)
@@ -65,7 +68,11 @@ def main(argv=None) -> None:
               threads=args.threads, config=args.config, overrides=parse_set(args.overrides), url=args.url,
               ablations=args.ablations, json_path=args.json_path, llama_server=args.llama_server,
               peer={"auto": True, "off": False}.get(args.peer, args.peer))
-    if len(backends) == 1 and args.rounds == 1:
+    if args.paired_latency:
+        if len(backends) < 2 or args.url:
+            raise SystemExit("--paired-latency: give two or more backends (e.g. --backend engine,http), no --url")
+        runner.paired_latency(backends, parse_workloads(args.workloads), args.paired_latency, **kw)
+    elif len(backends) == 1 and args.rounds == 1:
         runner.run(backends[0], parse_workloads(args.workloads), **kw)
     else:
         runner.run_rounds(backends, args.rounds, parse_workloads(args.workloads), **kw)

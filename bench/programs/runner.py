@@ -620,6 +620,63 @@ def run_rounds(backends: list[str], rounds: int, workloads=("mmlu",), *, json_pa
     return combined
 
 
+def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: str = common.DEFAULT_DATA,
+                   full: bool = False, seed: int = 0, config: str | None = DEFAULT_CONFIG,
+                   overrides: dict | None = None, json_path: str | None = None, out=sys.stdout, **_) -> dict:
+    """Single-program latency with every backend alive at once (an in-process engine beside a local server): each
+    workload's programs one at a time, each program on every backend in turn (the order rotating program by
+    program), both caches flushed at the workload's start so that each backend sees the same sequence. On a host
+    whose speed drifts within minutes, separate runs of a few programs each could not tell two frontends apart
+    (bench/notes.md); here each program is its own comparison. Prints per workload each backend's mean and median
+    and, against the first backend, the paired mean difference and in how many programs it was faster."""
+    base = {**(FULL_OVERRIDES if full else {}), **(overrides or {})}
+    targets = {}
+    try:
+        for b in backends:
+            print(f"[paired] starting the {b} backend ...", file=sys.stderr, flush=True)
+            targets[b] = make_target(b, config, base)
+        rows = []
+        for w in workloads:
+            mod, load_kw = module(w)
+            items = mod.load(data_dir, programs, seed, full, **load_kw)
+            progs = {b: mod.build(t.lang, full) for b, t in targets.items()}
+            times: dict = {b: [] for b in backends}
+            for t in targets.values():
+                t.flush()
+            for i, args in enumerate(common.program_args(a) for a in items):
+                for b in backends[i % len(backends):] + backends[:i % len(backends)]:
+                    t0 = time.perf_counter()
+                    progs[b].run(backend=targets[b].backend, temperature=0, **args).sync()
+                    times[b].append(time.perf_counter() - t0)
+            row = {"workload": w, "programs": len(items), "seconds": times}
+            first = backends[0]
+            for b in backends[1:]:
+                d = [x - y for x, y in zip(times[b], times[first])]
+                row[f"{b}_minus_{first}_mean_s"] = statistics.mean(d) if d else None
+                row[f"{first}_faster_in"] = sum(x > 0 for x in d)
+            rows.append(row)
+    finally:
+        for t in targets.values():
+            t.close()
+    lines = [f"\nsingle-program latency, backends alive at once, each program on each in turn ({programs} a "
+             "workload, the first one cold): mean / median ms"]
+    for row in rows:
+        cells = [f"{b} {1e3 * statistics.mean(row['seconds'][b]):.1f} / {1e3 * statistics.median(row['seconds'][b]):.1f}"
+                 for b in backends if row["seconds"][b]]
+        extra = "".join(f"; {b} - {backends[0]} {1e3 * row[f'{b}_minus_{backends[0]}_mean_s']:+.1f} ms a program, "
+                        f"{backends[0]} faster in {row[f'{backends[0]}_faster_in']} of {row['programs']}"
+                        for b in backends[1:] if row.get(f"{b}_minus_{backends[0]}_mean_s") is not None)
+        lines.append(f"{row['workload']:12s} " + ", ".join(cells) + extra)
+    text = "\n".join(lines)
+    print(text, file=out)
+    result = {"backends": backends, "programs": programs, "config": config, "overrides": base, "rows": rows,
+              "text": text, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def format_rounds(results: list[dict]) -> str:
     """The baseline rows of alternating runs side by side: per workload and backend, programs/s and latency for
     each round and their medians."""
