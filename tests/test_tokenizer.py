@@ -713,3 +713,18 @@ def test_prefix_encoder_splices(smol):
     finally:
         smol._tk = real
     assert seen == [len(other)]
+
+
+def test_common_prefix_matches_the_naive_one():
+    """The blocked, bisected common prefix against os.path.commonprefix, around the block size and at the ends."""
+    from sgl_jax.models.tokenizer import _common_prefix
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        n = rng.choice([0, 1, 5, 100, 4095, 4096, 4097, 9000])
+        a = "".join(rng.choice("ab") for _ in range(n))
+        k = rng.randint(0, n)
+        b = a[:k] + ("" if rng.random() < 0.2 else "c" + a[k:k + rng.randint(0, 50)])
+        if rng.random() < 0.5:
+            a, b = b, a
+        assert _common_prefix(a, b) == len(os.path.commonprefix([a, b])), (n, k)
