@@ -661,8 +661,9 @@ def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: s
     lines = [f"\nsingle-program latency, backends alive at once, each program on each in turn ({programs} a "
              "workload, the first one cold): mean / median ms"]
     for row in rows:
-        cells = [f"{b} {1e3 * statistics.mean(row['seconds'][b]):.1f} / {1e3 * statistics.median(row['seconds'][b]):.1f}"
-                 for b in backends if row["seconds"][b]]
+        sec = row["seconds"]
+        cells = [f"{b} {1e3 * statistics.mean(sec[b]):.1f} / {1e3 * statistics.median(sec[b]):.1f}"
+                 for b in backends if sec[b]]
         extra = "".join(f"; {b} - {backends[0]} {1e3 * row[f'{b}_minus_{backends[0]}_mean_s']:+.1f} ms a program, "
                         f"{backends[0]} faster in {row[f'{backends[0]}_faster_in']} of {row['programs']}"
                         for b in backends[1:] if row.get(f"{b}_minus_{backends[0]}_mean_s") is not None)

@@ -1080,8 +1080,9 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _next_cut(text: str, start: int) -> int:
-    """The first position p >= start where text[p] starts a piece as in `_splice_cut`, or len(text)."""
-    for p in range(max(start, 1), len(text) - 1):
+    """The first position p >= start (within _SPLICE_CHARS of it) where text[p] starts a piece as in `_splice_cut`,
+    or len(text)."""
+    for p in range(max(start, 1), min(len(text) - 1, start + _SPLICE_CHARS)):
         if text[p] == " " and not text[p - 1].isspace() and text[p + 1].isalpha():
             return p
     return len(text)
@@ -1094,8 +1095,8 @@ class PrefixEncoder:
     with the longest common prefix gives its ids before a cut (`_splice_cut`) inside that common part, and only
     text[cut:] is tokenized. The cut is used only where the kept text has a token starting exactly there and its
     own text from the cut to its next such position tokenizes alone to its ids there (no piece or merge reaches
-    back across the cut, e.g. a normalizer's prefix); otherwise the text is tokenized whole. Tested against whole encodes
-    (tests/test_tokenizer.py)."""
+    back across the cut, e.g. a normalizer's prefix); otherwise the text is tokenized whole. Tested against whole
+    encodes (tests/test_tokenizer.py)."""
 
     def __init__(self, tok: "Tokenizer", keep: int = 8, min_chars: int = 64):
         self.tok, self.keep, self.min_chars = tok, keep, min_chars
@@ -1112,10 +1113,10 @@ class PrefixEncoder:
             m = _common_prefix(e[0], text)
             if m > n:
                 best, n = e, m
-        if best is not None and n >= self.min_chars:
+        cut = _splice_cut(text, n) if best is not None and n >= self.min_chars else -1
+        if cut > 0:
             old, old_ids, old_starts = best
-            cut = _splice_cut(text, n)
-            k = _index_of(old_starts, cut) if cut > 0 else -1
+            k = _index_of(old_starts, cut)
             # the kept text from the cut to its next cut (or its end), tokenized alone, must give its own ids
             end = _next_cut(old, cut + 64)
             k_end = _index_of(old_starts, end) if end < len(old) else len(old_ids)
