@@ -279,12 +279,17 @@ def _log_sum_exp_wanted(logits: jax.Array, row_max: jax.Array, want: jax.Array) 
     step's rows are its chunks' logits rows first, padding after: a select's prompt-logprob step fills 44 of its 128
     rows, and the full-vocabulary exp over all 128 was 4.6 ms of it on a 2-core CPU (bench/notes.md, session 29)."""
     B = logits.shape[0]
-    parts = []
-    for a in range(0, B, _LSE_ROWS):
-        b = min(B, a + _LSE_ROWS)
-        parts.append(lax.cond(jnp.any(want[a:b]), lambda a=a, b=b: _log_sum_exp(logits[a:b], row_max[a:b]),
-                              lambda a=a, b=b: jnp.zeros((b - a,), jnp.float32)))
-    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
+
+    def block(a, b):
+        return lax.cond(jnp.any(want[a:b]), lambda: _log_sum_exp(logits[a:b], row_max[a:b]),
+                        lambda: jnp.zeros((b - a,), jnp.float32))
+
+    if B <= _LSE_ROWS:
+        return block(0, B)
+    # a step where no row wants logprobs (most decode steps) takes one branch, not one per block
+    return lax.cond(jnp.any(want),
+                    lambda: jnp.concatenate([block(a, min(B, a + _LSE_ROWS)) for a in range(0, B, _LSE_ROWS)]),
+                    lambda: jnp.zeros((B,), jnp.float32))
 
 
 def _row_key_words(seeds: jax.Array, steps: jax.Array) -> jax.Array:

@@ -410,7 +410,7 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
     assert sorted(flushes) == ["engine", "http"] and sorted(closed) == ["engine", "http"]
     row = res["rows"][0]
     assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
-    assert row["engine_faster_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
+    assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
 
 

@@ -653,7 +653,7 @@ def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: s
             for b in backends[1:]:
                 d = [x - y for x, y in zip(times[b], times[first])]
                 row[f"{b}_minus_{first}_mean_s"] = statistics.mean(d) if d else None
-                row[f"{first}_faster_in"] = sum(x > 0 for x in d)
+                row[f"{first}_faster_than_{b}_in"] = sum(x > 0 for x in d)
             rows.append(row)
     finally:
         for t in targets.values():
@@ -665,7 +665,7 @@ def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: s
         cells = [f"{b} {1e3 * statistics.mean(sec[b]):.1f} / {1e3 * statistics.median(sec[b]):.1f}"
                  for b in backends if sec[b]]
         extra = "".join(f"; {b} - {backends[0]} {1e3 * row[f'{b}_minus_{backends[0]}_mean_s']:+.1f} ms a program, "
-                        f"{backends[0]} faster in {row[f'{backends[0]}_faster_in']} of {row['programs']}"
+                        f"{backends[0]} faster in {row[f'{backends[0]}_faster_than_{b}_in']} of {row['programs']}"
                         for b in backends[1:] if row.get(f"{b}_minus_{backends[0]}_mean_s") is not None)
         lines.append(f"{row['workload']:12s} " + ", ".join(cells) + extra)
     text = "\n".join(lines)

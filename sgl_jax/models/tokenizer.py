@@ -1049,14 +1049,19 @@ def tiny_byte_tokenizer() -> Tokenizer:
 _SPLICE_CHARS = 256  # how far back from the divergence a cut is looked for
 
 
+def _starts_piece(text: str, p: int) -> bool:
+    """text[p] is a space after a non-space character and before a letter (0 < p < len(text) - 1). Every
+    pre-tokenizer these vocabularies use starts a piece there whatever comes before or after: the byte-level
+    regexes' " ?letters" pieces (the piece before ends at its last non-space character, and no earlier alternative
+    of theirs matches a space before a letter), SentencePiece's whitespace split. So the pieces before p and from p
+    on tokenize apart."""
+    return text[p] == " " and not text[p - 1].isspace() and text[p + 1].isalpha()
+
+
 def _splice_cut(text: str, end: int) -> int:
-    """The last position p < end - 1 (within _SPLICE_CHARS of `end`) where text[p] is a space after a non-space
-    character and before a letter, or -1. Every pre-tokenizer these vocabularies use starts a piece there whatever
-    comes before or after: the byte-level regexes' " ?letters" pieces (the piece before ends at its last non-space
-    character, and no earlier alternative of theirs matches a space before a letter), SentencePiece's whitespace
-    split. So the pieces before p and from p on tokenize apart."""
+    """The last position p < end - 1 (within _SPLICE_CHARS of `end`) that `_starts_piece`, or -1."""
     for p in range(min(end, len(text)) - 2, max(end - _SPLICE_CHARS, 1) - 1, -1):
-        if text[p] == " " and not text[p - 1].isspace() and text[p + 1].isalpha():
+        if _starts_piece(text, p):
             return p
     return -1
 
@@ -1080,10 +1085,9 @@ def _common_prefix(a: str, b: str) -> int:
 
 
 def _next_cut(text: str, start: int) -> int:
-    """The first position p >= start (within _SPLICE_CHARS of it) where text[p] starts a piece as in `_splice_cut`,
-    or len(text)."""
+    """The first position p >= start (within _SPLICE_CHARS of it) that `_starts_piece`, or len(text)."""
     for p in range(max(start, 1), min(len(text) - 1, start + _SPLICE_CHARS)):
-        if text[p] == " " and not text[p - 1].isspace() and text[p + 1].isalpha():
+        if _starts_piece(text, p):
             return p
     return len(text)
 
