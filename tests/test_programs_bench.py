@@ -414,6 +414,18 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
 
 
+@needs_data
+@pytest.mark.timeout(60)
+def test_latency_programs_beyond_the_throughput_batch_come_from_the_loader():
+    mod, load_kw = module("tot")
+    batch = [common.program_args(a) for a in mod.load(DATA, 2, 0, False, **load_kw)]
+    assert runner.latency_batch(mod, load_kw, batch, 1, DATA) == batch[:1]
+    assert runner.latency_batch(mod, load_kw, batch, 0, DATA) == []
+    more = runner.latency_batch(mod, load_kw, batch, 5, DATA)
+    assert len(more) == 5 and more[:2] == batch  # the loader's first five: the batch's two, then three more
+    assert len({repr(sorted(a.items())) for a in more}) == 5
+
+
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():
     docs = ["the cat sat on the mat", "the dog sat", "cat cat dog"]
     bm = BM25(docs)  # terms: [cat, sat, mat], [dog, sat], [cat, cat, dog]; avgdl 8/3
@@ -491,6 +503,8 @@ def test_smoke_every_workload_end_to_end_on_the_tiny_engine(tiny_path, tmp_path)
         assert r["floor_s"] > 0 and r["latency_over_floor"] == pytest.approx(r["latency_s"] / r["floor_s"]), r
         assert r["floor_rows_s"] >= r["floor_s"], r  # steps priced by their rows: never below the batch-1 price
         assert r["latency_over_floor_rows"] == pytest.approx(r["latency_s"] / r["floor_rows_s"]), r
+        # the rates that priced it, measured again right before the workload's latency programs
+        assert r["floor_prefill_tok_s"] > 0 and r["floor_step_s"] > 0 and r["latency_programs"] == 1, r
         # the recorder saw exactly the prompts the engine counted
         assert r["optimal_prompt_tokens"] == r["prompt_tokens"], r
         # scheduling can only lose hits against the infinite-cache bound (partial pages are reused by copies,

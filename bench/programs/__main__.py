@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     ap.add_argument("--full", action="store_true", help="the paper's sizes (default: the CPU sizes)")
     ap.add_argument("--json", dest="json_path", default=None, help="write the results here")
     ap.add_argument("--n", type=int, default=None, help="programs per workload (default: the scale's)")
-    ap.add_argument("--latency-programs", type=int, default=3, help="programs run one at a time for latency")
+    ap.add_argument("--latency-programs", type=int, default=8,
+                    help="programs run one at a time for latency (beyond a workload's throughput batch: more loaded)")
     ap.add_argument("--paired-latency", type=int, default=0, metavar="N",
                     help="with several backends: only single-program latency, N programs a workload, each program "
                          "on every backend in turn with all of them alive at once (no throughput runs)")

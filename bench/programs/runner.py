@@ -9,8 +9,9 @@ A workload's run:
  4. Score the states (accuracy where the workload has gold, JSON validity), count failed programs.
  5. Flush again and run the first few programs one at a time: mean single-program latency, beside its compute
     floor: the uncached prompt tokens those programs sent at the prefill rate plus the decode steps the engine
-    ran for them at the batch-1 step cost, both measured on the target at the start of the run
-    (`measure_floor`).
+    ran for them at the batch-1 step cost, both measured on the target right before those programs
+    (`measure_floor`; the row price of the second figure, lat/rows, once at the run's start). Asked for more
+    latency programs than the throughput batch holds, the workload's loader gives them.
 
 Targets: `engine` (an in-process Engine on the preset, through `EngineBackend`), `http` (our RuntimeEndpoint to
 our server, started here on the preset or given with --url) and `upstream` (upstream's frontend, sglang 0.5.10,
@@ -48,7 +49,8 @@ ABLATIONS = [("baseline", {}, None),
 FIELDS = ("workload", "programs", "threads", "requests", "batch_s", "programs_per_s", "latency_s",
           "latency_programs", "prompt_tokens", "cached_tokens", "hit_rate", "optimal_prompt_tokens",
           "optimal_hit_rate", "optimal_page_hit_rate", "accuracy", "json_valid", "errors", "first_error",
-          "floor_s", "latency_over_floor", "floor_rows_s", "latency_over_floor_rows")
+          "floor_s", "latency_over_floor", "floor_rows_s", "latency_over_floor_rows", "floor_prefill_tok_s",
+          "floor_step_s")
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -397,7 +399,8 @@ def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tr
     prompt, one output token), the batch-1 decode step (the extra wall time of `decode_tokens` more output
     tokens over a short prompt, per token) and what each decode row past the first adds to a step (the same with
     `rows` prompts of `row_context` tokens decoded together: a row's weights-shared compute and its own keys and
-    values). Best of `tries` each, from a flushed cache: a floor, not a mean."""
+    values; `rows` <= 1: not measured, `row_step_s` None). Best of `tries` each, from a flushed cache: a floor,
+    not a mean."""
     import random
 
     prefill_tokens = min(prefill_tokens, target.max_context() // 2)
@@ -422,11 +425,12 @@ def measure_floor(target, prefill_tokens: int = 512, decode_tokens: int = 48, tr
         target.generate_ids(fresh(prefill_tokens), 1)
         prefill.append(time.perf_counter() - t0)
         step.append(decode_step(fresh(32)))
-        wide.append(decode_step([fresh(row_context) for _ in range(rows)]))
+        if rows > 1:
+            wide.append(decode_step([fresh(row_context) for _ in range(rows)]))
     target.flush()
     step_s = max(min(step), 1e-4)
     return {"prefill_tok_s": prefill_tokens / min(prefill), "decode_step_s": step_s,
-            "row_step_s": max(min(wide) - step_s, 0.0) / (rows - 1), "rows_measured": rows,
+            "row_step_s": max(min(wide) - step_s, 0.0) / (rows - 1) if wide else None, "rows_measured": rows,
             "row_context": row_context}
 
 
@@ -445,13 +449,20 @@ def floor_seconds(floor: dict, before: tuple, after: tuple) -> tuple[float, floa
 
 def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict:
     """Programs one at a time from a flushed cache: the mean wall time of one program, and with `floor`
-    (measure_floor) its compute floor: the prompt tokens it had to compute (not cached) at the prefill rate,
-    plus the decode steps the engine ran for it at the batch-1 step cost (and, second, at the cost of their
-    rows: `floor_seconds`)."""
+    (measure_floor's at the run's start) its compute floor: the prompt tokens it had to compute (not cached) at
+    the prefill rate, plus the decode steps the engine ran for it at the batch-1 step cost (and, second, at the
+    cost of their rows: `floor_seconds`, with the run's row price). The prefill rate and the batch-1 step are
+    measured again right before the programs: this host's speed drifts by up to 1.4x within minutes
+    (bench/notes.md), and a workload minutes into the run was priced at the run's first moments."""
     out = {"latency_s": None, "latency_programs": 0, "floor_s": None, "latency_over_floor": None,
-           "floor_rows_s": None, "latency_over_floor_rows": None}
+           "floor_rows_s": None, "latency_over_floor_rows": None, "floor_prefill_tok_s": None,
+           "floor_step_s": None}
     if not batch:
         return out
+    if floor:
+        here = measure_floor(target, rows=1)
+        floor = {**floor, "prefill_tok_s": here["prefill_tok_s"], "decode_step_s": here["decode_step_s"]}
+        out.update(floor_prefill_tok_s=floor["prefill_tok_s"], floor_step_s=floor["decode_step_s"])
     target.flush()
     times, floors = [], []
     for args in batch:
@@ -467,6 +478,16 @@ def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict
         out.update(floor_s=one, latency_over_floor=out["latency_s"] / one, floor_rows_s=by_rows,
                    latency_over_floor_rows=out["latency_s"] / by_rows)
     return out
+
+
+def latency_batch(mod, load_kw: dict, batch: list[dict], programs: int, data_dir: str, seed: int = 0,
+                  full: bool = False) -> list[dict]:
+    """The programs latency runs one at a time: the throughput batch's first `programs`, or, asked for more than
+    it holds (tree of thought, ReAct and the judge have 2-4 at the CPU sizes, too few for a mean on this host),
+    the workload's loader asked for that many."""
+    if programs <= len(batch):
+        return batch[:max(programs, 0)]
+    return [common.program_args(a) for a in mod.load(data_dir, programs, seed, full, **load_kw)]
 
 
 def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int | None = None,
@@ -502,7 +523,8 @@ def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int
            "optimal_prompt_tokens": total, "optimal_hit_rate": hits / total if total else 0.0,
            "optimal_page_hit_rate": page_hits / total if total else 0.0}
     row.update(_quality(mod, states, items))
-    row.update(_latency(target, prog, batch[:latency_programs], floor))
+    lat = latency_batch(mod, load_kw, batch, latency_programs, data_dir, seed, full)
+    row.update(_latency(target, prog, lat, floor))
     return {k: row.get(k) for k in FIELDS}
 
 
@@ -719,21 +741,25 @@ def format_tables(result: dict) -> str:
                          f"{run_['settings'] or ''}")
         fl = run_.get("floor")
         if fl:
-            lines.append(f"measured in this run: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
+            lines.append(f"measured at the run's start: prefill {fl['prefill_tok_s']:.0f} tok/s, batch-1 decode step "
                          f"{1e3 * fl['decode_step_s']:.1f} ms, each row past the first "
-                         f"+{1e3 * fl.get('row_step_s', 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); "
-                         "floor = the latency programs' uncached prompt tokens at that rate + their decode steps "
-                         "at the batch-1 step cost (lat/floor, the target's figure); lat/rows prices each step by its "
-                         "rows instead")
+                         f"+{1e3 * (fl.get('row_step_s') or 0.0):.2f} ms (rows of {fl.get('row_context')} tokens); "
+                         "floor = the latency programs' uncached prompt tokens at the prefill rate + their decode "
+                         "steps at the batch-1 step cost, both measured again right before each workload's latency "
+                         "programs (pf tok/s, step ms) (lat/floor, the target's figure); lat/rows prices each step "
+                         "by its rows instead")
         lines.append(f"{'workload':12s} {'progs':>5s} {'reqs':>5s} {'prog/s':>8s} {'latency s':>9s} {'hit':>5s} "
                      f"{'optimal':>7s} {'opt/pg':>6s} {'accuracy':>8s} {'json ok':>7s} {'errors':>6s} "
-                     f"{'floor s':>7s} {'lat/floor':>9s} {'lat/rows':>8s}")
+                     f"{'lat n':>5s} {'pf tok/s':>8s} {'step ms':>7s} {'floor s':>7s} {'lat/floor':>9s} "
+                     f"{'lat/rows':>8s}")
         for r in run_["rows"]:
             lines.append(f"{r['workload']:12s} {r['programs']:5d} {r['requests']:5d} "
                          f"{_num(r['programs_per_s'], '8.3f')} {_num(r['latency_s'], '9.2f')} "
                          f"{_pct(r['hit_rate']):>5s} {_pct(r['optimal_hit_rate']):>7s} "
                          f"{_pct(r.get('optimal_page_hit_rate')):>6s} "
                          f"{_pct(r['accuracy']):>8s} {_pct(r['json_valid']):>7s} {r['errors']:6d} "
+                         f"{r.get('latency_programs') or 0:5d} {_num(r.get('floor_prefill_tok_s'), '8.0f'):>8s} "
+                         f"{_num(r.get('floor_step_s') and 1e3 * r['floor_step_s'], '7.1f'):>7s} "
                          f"{_num(r.get('floor_s'), '7.2f'):>7s} {_num(r.get('latency_over_floor'), '9.2f'):>9s} "
                          f"{_num(r.get('latency_over_floor_rows'), '8.2f'):>8s}")
             if r["first_error"]:
