@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import pytest
 
@@ -412,6 +413,44 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
     assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
     assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
+
+
+@pytest.mark.timeout(60)
+def test_latency_prices_each_program_at_rates_probed_right_before_it(monkeypatch):
+    """Each latency program's floor uses the rates probed just before it (the host drifts), the probes keep the
+    cache (the programs after the first find what the earlier ones cached) and draw fresh prompts each time."""
+    events, probes = [], [(1000.0, 0.004), (500.0, 0.008), (250.0, 0.016)]
+
+    def probe(target, **kw):
+        events.append(("probe", kw["flush"], kw["seed"], kw["tries"], kw["rows"]))
+        tok_s, step = probes[len([e for e in events if e[0] == "probe"]) - 1]
+        return {"prefill_tok_s": tok_s, "decode_step_s": step, "row_step_s": None}
+
+    class Target:
+        backend, counters_ = object(), [0, 0, 0, 0]
+
+        def flush(self):
+            events.append(("flush",))
+
+        def step_counters(self):
+            return tuple(self.counters_)
+
+    class Prog:
+        def run(self, backend=None, temperature=None, **kw):
+            events.append(("run",))
+            t.counters_ = [t.counters_[0] + 100, t.counters_[1], t.counters_[2] + 10, t.counters_[3] + 10]
+            return types.SimpleNamespace(sync=lambda: None)
+
+    t = Target()
+    monkeypatch.setattr(runner, "measure_floor", probe)
+    out = runner._latency(t, Prog(), [{}, {}, {}], {"prefill_tok_s": 1e9, "decode_step_s": 1e-9, "row_step_s": 0.0})
+    assert [e[0] for e in events] == ["flush", "probe", "run", "probe", "run", "probe", "run"]
+    assert [e[1:] for e in events if e[0] == "probe"] == [(False, 1234, 1, 1), (False, 1235, 1, 1), (False, 1236, 1, 1)]
+    # 100 uncached prompt tokens and 10 decode steps each, priced at its own probe's rates
+    floors = [100 / r + 10 * s for r, s in probes]
+    assert out["floor_s"] == pytest.approx(sum(floors) / 3)
+    assert out["latency_over_floor"] == pytest.approx(out["latency_s"] / out["floor_s"])
+    assert out["floor_prefill_tok_s"] == pytest.approx(1750 / 3) and out["floor_step_s"] == pytest.approx(0.028 / 3)
 
 
 @needs_data
