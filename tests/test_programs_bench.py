@@ -465,6 +465,57 @@ def test_latency_programs_beyond_the_throughput_batch_come_from_the_loader():
     assert len({repr(sorted(a.items())) for a in more}) == 5
 
 
+@needs_data
+@pytest.mark.timeout(60)
+def test_paired_throughput_runs_each_batch_on_every_backend_in_turn_from_a_flushed_cache(monkeypatch, tmp_path):
+    """`--paired-throughput R`: both targets alive at once; each round the workload's whole batch on both, the order
+    rotating round by round, each run from a flushed cache; the paired difference and the wins counted per round."""
+    events, targets = [], {}
+
+    class Target:
+        def __init__(self, name):
+            self.name, self.lang = name, sgl
+            self.backend = Fake(lambda prompt, params: "A")
+            self.delay = {"engine": 0.0, "http": 0.02}[name]
+
+        def flush(self):
+            events.append(("flush", self.name))
+
+        def close(self):
+            events.append(("close", self.name))
+
+    def make(kind, config, overrides, url=None, engine=None):
+        targets[kind] = Target(kind)
+        return targets[kind]
+
+    real_build = module("mmlu")[0].build
+
+    def build(lang, full=False):
+        prog = real_build(lang, full)
+        real_batch = prog.run_batch
+
+        def run_batch(batch, backend=None, **kw):
+            name = next(n for n, t in targets.items() if t.backend is backend)
+            events.append(("batch", name, len(batch)))
+            time.sleep(targets[name].delay)
+            return real_batch(batch, backend=backend, **kw)
+        prog.run_batch = run_batch
+        return prog
+
+    monkeypatch.setattr(runner, "make_target", make)
+    monkeypatch.setattr(module("mmlu")[0], "build", build)
+    out, path = io.StringIO(), tmp_path / "paired.json"
+    res = runner.paired_throughput(["engine", "http"], ("mmlu",), 3, n=5, out=out, json_path=str(path))
+    runs = [e for e in events if e[0] != "close"][2:]  # after the flushes at the workload's start
+    assert runs == [("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5),
+                    ("flush", "http"), ("batch", "http", 5), ("flush", "engine"), ("batch", "engine", 5),
+                    ("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5)]
+    row = res["rows"][0]
+    assert row["programs"] == 5 and row["runs"] == 3 and len(row["seconds"]["http"]) == 3
+    assert row["engine_faster_than_http_in"] == 3 and row["http_minus_engine_mean_s"] > 0.015
+    assert "engine faster in 3 of 3" in out.getvalue() and json.loads(path.read_text())["rounds"] == 3
+
+
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():
     docs = ["the cat sat on the mat", "the dog sat", "cat cat dog"]
     bm = BM25(docs)  # terms: [cat, sat, mat], [dog, sat], [cat, cat, dog]; avgdl 8/3

@@ -42,6 +42,9 @@ def main(argv=None) -> None:
     ap.add_argument("--paired-latency", type=int, default=0, metavar="N",
                     help="with several backends: only single-program latency, N programs a workload, each program "
                          "on every backend in turn with all of them alive at once (no throughput runs)")
+    ap.add_argument("--paired-throughput", type=int, default=0, metavar="R",
+                    help="with several backends: only throughput, R rounds a workload, each round the workload's "
+                         "batch on every backend in turn with all of them alive at once")
     ap.add_argument("--threads", type=int, default=None, help="run_batch num_threads (default: auto, or the "
                     "workload's own, e.g. 1 for generative agents)")
     ap.add_argument("--seed", type=int, default=0)
@@ -69,10 +72,14 @@ def main(argv=None) -> None:
               threads=args.threads, config=args.config, overrides=parse_set(args.overrides), url=args.url,
               ablations=args.ablations, json_path=args.json_path, llama_server=args.llama_server,
               peer={"auto": True, "off": False}.get(args.peer, args.peer))
-    if args.paired_latency:
-        if len(backends) < 2 or args.url:
-            raise SystemExit("--paired-latency: give two or more backends (e.g. --backend engine,http), no --url")
-        runner.paired_latency(backends, parse_workloads(args.workloads), args.paired_latency, **kw)
+    if args.paired_latency or args.paired_throughput:
+        if len(backends) < 2 or args.url or (args.paired_latency and args.paired_throughput):
+            raise SystemExit("--paired-latency / --paired-throughput: one of them, two or more backends (e.g. "
+                             "--backend engine,http), no --url")
+        if args.paired_latency:
+            runner.paired_latency(backends, parse_workloads(args.workloads), args.paired_latency, **kw)
+        else:
+            runner.paired_throughput(backends, parse_workloads(args.workloads), args.paired_throughput, **kw)
     elif len(backends) == 1 and args.rounds == 1:
         runner.run(backends[0], parse_workloads(args.workloads), **kw)
     else:

@@ -649,15 +649,30 @@ def run_rounds(backends: list[str], rounds: int, workloads=("mmlu",), *, json_pa
     return combined
 
 
-def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: str = common.DEFAULT_DATA,
-                   full: bool = False, seed: int = 0, config: str | None = DEFAULT_CONFIG,
-                   overrides: dict | None = None, json_path: str | None = None, out=sys.stdout, **_) -> dict:
+def paired_latency(backends: list[str], workloads, programs: int, **kw) -> dict:
     """Single-program latency with every backend alive at once (an in-process engine beside a local server): each
     workload's programs one at a time, each program on every backend in turn (the order rotating program by
     program), both caches flushed at the workload's start so that each backend sees the same sequence. On a host
     whose speed drifts within minutes, separate runs of a few programs each could not tell two frontends apart
     (bench/notes.md); here each program is its own comparison. Prints per workload each backend's mean and median
     and, against the first backend, the paired mean difference and in how many programs it was faster."""
+    return _paired(backends, workloads, programs, throughput=False, **kw)
+
+
+def paired_throughput(backends: list[str], workloads, rounds: int, **kw) -> dict:
+    """Throughput with every backend alive at once: each workload's whole batch (`run_batch`, its CPU or --full
+    size, or `n`) run `rounds` times on every backend in turn, the order rotating round by round, each run from a
+    flushed cache. `run_rounds` runs every workload on one backend, then on the next: minutes apart, in different
+    phases of this host's speed. Prints per workload each backend's seconds a batch (mean / median) and, against the
+    first backend, the paired difference and in how many rounds it was faster."""
+    return _paired(backends, workloads, rounds, throughput=True, **kw)
+
+
+def _paired(backends: list[str], workloads, count: int, *, throughput: bool, data_dir: str = common.DEFAULT_DATA,
+            full: bool = False, n: int | None = None, seed: int = 0, threads: int | None = None,
+            config: str | None = DEFAULT_CONFIG, overrides: dict | None = None, json_path: str | None = None,
+            out=sys.stdout, **_) -> dict:
+    """paired_latency (count programs, each one a comparison) or paired_throughput (count rounds of the batch)."""
     base = {**(FULL_OVERRIDES if full else {}), **(overrides or {})}
     targets = {}
     try:
@@ -667,17 +682,26 @@ def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: s
         rows = []
         for w in workloads:
             mod, load_kw = module(w)
-            items = mod.load(data_dir, programs, seed, full, **load_kw)
+            sz = mod.SIZES["full" if full else "cpu"]
+            items = mod.load(data_dir, (sz["n"] if n is None else n) if throughput else count, seed, full, **load_kw)
+            batch = [common.program_args(a) for a in items]
             progs = {b: mod.build(t.lang, full) for b, t in targets.items()}
             times: dict = {b: [] for b in backends}
             for t in targets.values():
                 t.flush()
-            for i, args in enumerate(common.program_args(a) for a in items):
+            for i in range(count if throughput else len(batch)):
                 for b in backends[i % len(backends):] + backends[:i % len(backends)]:
-                    t0 = time.perf_counter()
-                    progs[b].run(backend=targets[b].backend, temperature=0, **args).sync()
+                    if throughput:
+                        targets[b].flush()
+                        t0 = time.perf_counter()
+                        for st in progs[b].run_batch(batch, backend=targets[b].backend, temperature=0,
+                                                     num_threads=threads or sz.get("threads") or "auto"):
+                            st.sync()
+                    else:
+                        t0 = time.perf_counter()
+                        progs[b].run(backend=targets[b].backend, temperature=0, **batch[i]).sync()
                     times[b].append(time.perf_counter() - t0)
-            row = {"workload": w, "programs": len(items), "seconds": times}
+            row = {"workload": w, "programs": len(batch), "runs": len(times[backends[0]]), "seconds": times}
             first = backends[0]
             for b in backends[1:]:
                 d = [x - y for x, y in zip(times[b], times[first])]
@@ -687,20 +711,24 @@ def paired_latency(backends: list[str], workloads, programs: int, *, data_dir: s
     finally:
         for t in targets.values():
             t.close()
-    lines = [f"\nsingle-program latency, backends alive at once, each program on each in turn ({programs} a "
-             "workload, the first one cold): mean / median ms"]
+    what = (f"throughput, backends alive at once, each workload's batch on each in turn ({count} round(s), from a "
+            "flushed cache each): seconds a batch, mean / median ms") if throughput else \
+        (f"single-program latency, backends alive at once, each program on each in turn ({count} a workload, the "
+         "first one cold): mean / median ms")
+    unit = "round" if throughput else "program"
+    lines = ["\n" + what]
     for row in rows:
         sec = row["seconds"]
         cells = [f"{b} {1e3 * statistics.mean(sec[b]):.1f} / {1e3 * statistics.median(sec[b]):.1f}"
                  for b in backends if sec[b]]
-        extra = "".join(f"; {b} - {backends[0]} {1e3 * row[f'{b}_minus_{backends[0]}_mean_s']:+.1f} ms a program, "
-                        f"{backends[0]} faster in {row[f'{backends[0]}_faster_than_{b}_in']} of {row['programs']}"
+        extra = "".join(f"; {b} - {backends[0]} {1e3 * row[f'{b}_minus_{backends[0]}_mean_s']:+.1f} ms a {unit}, "
+                        f"{backends[0]} faster in {row[f'{backends[0]}_faster_than_{b}_in']} of {row['runs']}"
                         for b in backends[1:] if row.get(f"{b}_minus_{backends[0]}_mean_s") is not None)
         lines.append(f"{row['workload']:12s} " + ", ".join(cells) + extra)
     text = "\n".join(lines)
     print(text, file=out)
-    result = {"backends": backends, "programs": programs, "config": config, "overrides": base, "rows": rows,
-              "text": text, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    result = {"backends": backends, ("rounds" if throughput else "programs"): count, "config": config,
+              "overrides": base, "rows": rows, "text": text, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(result, f, indent=1)
