@@ -3,6 +3,7 @@
 import asyncio
 import random
 import threading
+import time
 
 import jax
 import numpy as np
@@ -107,8 +108,15 @@ def test_batched_equals_one_at_a_time_and_cache_hit_equals_miss(engine):
     ps = prompts(8, seed=2)
     engine.flush_cache()
     s0 = engine.stats()
+    t0 = time.perf_counter()
     alone = [engine.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in ps]
+    wall = time.perf_counter() - t0
     s1 = engine.stats()
+    # the seconds the loop spent in steps: each of them counted, all within the requests' wall time
+    steps = s1["num_steps"] - s0["num_steps"]
+    assert 0 < s1["busy_seconds"] - s0["busy_seconds"] <= wall
+    assert s1["busy_seconds"] - s0["busy_seconds"] == pytest.approx(
+        sum(engine.loop.stats.step_times[-steps:]) + sum(engine.loop.stats.host_times[-steps:]))
     engine.flush_cache()
     batch = engine.generate(input_ids=ps, sampling_params=GREEDY)
     assert [b["output_ids"] for b in batch] == alone

@@ -376,6 +376,10 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
             self.name, self.lang = name, sgl
             self.backend = Fake(lambda prompt, params: "A")
             self.delay = {"engine": 0.0, "http": 0.02}[name]
+            self.busy = 0.0
+
+        def busy_seconds(self):
+            return self.busy
 
         def flush(self):
             flushes.append(self.name)
@@ -398,7 +402,8 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
         def run(backend=None, **kw):
             name = next(n for n, t in targets.items() if t.backend is backend)
             order.append(name)
-            time.sleep(targets[name].delay)
+            time.sleep(targets[name].delay + 0.01)
+            targets[name].busy += 0.01  # its engine's steps: 0.01 s of each program, the rest is the frontend's
             return real_run(backend=backend, **kw)
         prog.run = run
         return prog
@@ -413,6 +418,10 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
     assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
     assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
+    outside = row["outside_steps_seconds"]  # wall minus the steps: the http target's 0.02 s delay, not the steps
+    assert all(0 <= a - d < 0.01 for a, d in zip(outside["engine"], [0.0] * 4))
+    assert all(0.02 <= a < 0.03 for a in outside["http"]), outside
+    assert row["outside_engine_less_than_http_in"] == 4 and "engine less in 4 of 4" in out.getvalue()
 
 
 @pytest.mark.timeout(60)

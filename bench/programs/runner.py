@@ -81,6 +81,10 @@ class EngineTarget:
         st = self.engine.stats()
         return st["prompt_tokens"], st["cached_tokens"], st["num_decode_steps"], st["num_decode_rows"]
 
+    def busy_seconds(self) -> float:
+        """The engine's seconds in steps so far (each step's packing, compiled step and host work)."""
+        return self.engine.stats()["busy_seconds"]
+
     def max_context(self) -> int:
         return self.engine.max_context_len
 
@@ -143,6 +147,9 @@ class HttpTarget:
     def step_counters(self) -> tuple[int, int, int, int]:
         info = self._info()
         return info["prompt_tokens"], info["cached_tokens"], info["num_decode_steps"], info["num_decode_rows"]
+
+    def busy_seconds(self) -> float:
+        return self._info()["busy_seconds"]
 
     def max_context(self) -> int:
         return self._info()["max_context_len"]
@@ -687,6 +694,7 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
             batch = [common.program_args(a) for a in items]
             progs = {b: mod.build(t.lang, full) for b, t in targets.items()}
             times: dict = {b: [] for b in backends}
+            outside: dict = {b: [] for b in backends}  # latency: a program's wall time minus its engine's steps
             for t in targets.values():
                 t.flush()
             for i in range(count if throughput else len(batch)):
@@ -697,16 +705,26 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                         for st in progs[b].run_batch(batch, backend=targets[b].backend, temperature=0,
                                                      num_threads=threads or sz.get("threads") or "auto"):
                             st.sync()
-                    else:
-                        t0 = time.perf_counter()
-                        progs[b].run(backend=targets[b].backend, temperature=0, **batch[i]).sync()
+                        times[b].append(time.perf_counter() - t0)
+                        continue
+                    busy = getattr(targets[b], "busy_seconds", None)
+                    b0 = busy() if busy else 0.0
+                    t0 = time.perf_counter()
+                    progs[b].run(backend=targets[b].backend, temperature=0, **batch[i]).sync()
                     times[b].append(time.perf_counter() - t0)
+                    if busy:
+                        outside[b].append(times[b][-1] - (busy() - b0))
             row = {"workload": w, "programs": len(batch), "runs": len(times[backends[0]]), "seconds": times}
+            if any(outside.values()):
+                row["outside_steps_seconds"] = outside
             first = backends[0]
             for b in backends[1:]:
-                d = [x - y for x, y in zip(times[b], times[first])]
-                row[f"{b}_minus_{first}_mean_s"] = statistics.mean(d) if d else None
-                row[f"{first}_faster_than_{b}_in"] = sum(x > 0 for x in d)
+                for key, vals in (("", times), ("outside_", outside)):
+                    d = [x - y for x, y in zip(vals[b], vals[first])]
+                    if d:
+                        row[f"{key}{b}_minus_{first}_mean_s"] = statistics.mean(d)
+                        row[f"{key}{first}_less_than_{b}_in" if key else f"{first}_faster_than_{b}_in"] = \
+                            sum(x > 0 for x in d)
             rows.append(row)
     finally:
         for t in targets.values():
@@ -725,6 +743,14 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                         f"{backends[0]} faster in {row[f'{backends[0]}_faster_than_{b}_in']} of {row['runs']}"
                         for b in backends[1:] if row.get(f"{b}_minus_{backends[0]}_mean_s") is not None)
         lines.append(f"{row['workload']:12s} " + ", ".join(cells) + extra)
+        out_s = row.get("outside_steps_seconds")
+        if out_s and all(out_s[b] for b in backends):
+            lines.append(f"{'':12s} outside the engine's steps (wall - step time): " + ", ".join(
+                f"{b} {1e3 * statistics.mean(out_s[b]):.1f} / {1e3 * statistics.median(out_s[b]):.1f}"
+                for b in backends) + "".join(
+                f"; {b} - {backends[0]} {1e3 * row[f'outside_{b}_minus_{backends[0]}_mean_s']:+.1f} ms, "
+                f"{backends[0]} less in {row[f'outside_{backends[0]}_less_than_{b}_in']} of {row['runs']}"
+                for b in backends[1:]))
     text = "\n".join(lines)
     print(text, file=out)
     result = {"backends": backends, ("rounds" if throughput else "programs"): count, "config": config,

@@ -397,12 +397,14 @@ class Engine:
         s, c = self.scheduler, self.output.counters
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
                     num_decode_steps=self.loop.stats.num_decode_steps,
-                    num_decode_rows=self.loop.stats.num_decode_rows,
+                    num_decode_rows=self.loop.stats.num_decode_rows, busy_seconds=self.loop.stats.busy_seconds,
                     num_requests=c["requests"], shared_in_step=s.shared_in_step,
-                    num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens, free_pages=self.allocator.num_free,
-                    cached_pages=self.cache.cached_pages, prompt_tokens=c["prompt_tokens"],
-                    cached_tokens=c["cached_tokens"], generation_tokens=c["generation_tokens"],
-                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1), cache_tiers={**cache_tiers(s), "transfer_costs": s.transfer_costs.as_dict()})
+                    num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens,
+                    free_pages=self.allocator.num_free, cached_pages=self.cache.cached_pages,
+                    prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],
+                    generation_tokens=c["generation_tokens"],
+                    cache_hit_rate=c["cached_tokens"] / max(c["prompt_tokens"], 1),
+                    cache_tiers={**cache_tiers(s), "transfer_costs": s.transfer_costs.as_dict()})
 
     def shutdown(self) -> None:
         if self.scheduler.disk is not None and self.loop.health()[0]:  # the last pages, before the loop stops

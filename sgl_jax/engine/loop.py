@@ -432,6 +432,7 @@ class StepStats:
         self.num_steps = 0
         self.num_decode_steps = 0  # steps with decode rows or run blocks
         self.num_decode_rows = 0  # tokens computed as decode rows or run blocks, over all steps
+        self.busy_seconds = 0.0  # step + host seconds over all steps: the wall time the loop spent in steps
         self.listeners: list[Callable[[StepInfo], None]] = []
 
     def record(self, info: StepInfo, scheduler) -> None:
@@ -439,6 +440,7 @@ class StepStats:
         self.num_steps += 1
         self.num_decode_steps += bool(plan.decodes)
         self.num_decode_rows += sum(len(c.token_ids) for c in plan.decodes)
+        self.busy_seconds += step_s + host_s
         self.step_times.append(step_s)
         self.host_times.append(host_s)
         if len(self.step_times) > 4096:
