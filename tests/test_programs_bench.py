@@ -365,29 +365,26 @@ def test_rounds_alternate_the_backends_and_set_them_side_by_side(monkeypatch, tm
     assert saved["backends"] == ["engine", "http"] and len(saved["runs"]) == 6 and saved["comparison"] in text
 
 
-@pytest.mark.timeout(60)
-def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, tmp_path):
-    """`--paired-latency N`: both targets alive at once, both flushed at each workload's start, each program run on
-    both with the order rotating program by program; the paired difference and the wins counted per program."""
-    order, flushes, closed = [], [], []
+def paired_fakes(monkeypatch) -> list:
+    """Fake engine and http targets for the paired runners (http 20 ms slower a program or batch; each program's
+    engine steps 10 ms of it, counted in busy_seconds), mmlu's program wrapped to record which one ran it: the
+    returned list gets ("flush" | "close", name), ("run", name) and ("batch", name, programs) in order."""
+    events, targets = [], {}
 
     class Target:
         def __init__(self, name):
             self.name, self.lang = name, sgl
             self.backend = Fake(lambda prompt, params: "A")
-            self.delay = {"engine": 0.0, "http": 0.02}[name]
-            self.busy = 0.0
+            self.delay, self.busy = {"engine": 0.0, "http": 0.02}[name], 0.0
 
         def busy_seconds(self):
             return self.busy
 
         def flush(self):
-            flushes.append(self.name)
+            events.append(("flush", self.name))
 
         def close(self):
-            closed.append(self.name)
-
-    targets = {}
+            events.append(("close", self.name))
 
     def make(kind, config, overrides, url=None, engine=None):
         targets[kind] = Target(kind)
@@ -397,31 +394,70 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
 
     def build(lang, full=False):
         prog = real_build(lang, full)
-        real_run = prog.run
+        real_run, real_batch = prog.run, prog.run_batch
+
+        def which(backend):
+            return next(t for t in targets.values() if t.backend is backend)
 
         def run(backend=None, **kw):
-            name = next(n for n, t in targets.items() if t.backend is backend)
-            order.append(name)
-            time.sleep(targets[name].delay + 0.01)
-            targets[name].busy += 0.01  # its engine's steps: 0.01 s of each program, the rest is the frontend's
+            t = which(backend)
+            events.append(("run", t.name))
+            time.sleep(t.delay + 0.01)
+            t.busy += 0.01  # its engine's steps: 0.01 s of each program, the rest is the frontend's
             return real_run(backend=backend, **kw)
-        prog.run = run
+
+        def run_batch(batch, backend=None, **kw):
+            t = which(backend)
+            events.append(("batch", t.name, len(batch)))
+            time.sleep(t.delay)
+            return real_batch(batch, backend=backend, **kw)
+        prog.run, prog.run_batch = run, run_batch
         return prog
 
     monkeypatch.setattr(runner, "make_target", make)
     monkeypatch.setattr(module("mmlu")[0], "build", build)
+    return events
+
+
+@needs_data
+@pytest.mark.timeout(60)
+def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, tmp_path):
+    """`--paired-latency N`: both targets alive at once, both flushed at each workload's start, each program run on
+    both with the order rotating program by program; the paired difference and the wins counted per program, and
+    the time outside each backend's engine steps (wall - busy_seconds) beside it."""
+    events = paired_fakes(monkeypatch)
     out, path = io.StringIO(), tmp_path / "paired.json"
     res = runner.paired_latency(["engine", "http"], ("mmlu",), 4, out=out, json_path=str(path))
-    assert order == ["engine", "http", "http", "engine", "engine", "http", "http", "engine"]
-    assert sorted(flushes) == ["engine", "http"] and sorted(closed) == ["engine", "http"]
+    assert [e[1] for e in events if e[0] == "run"] == ["engine", "http", "http", "engine", "engine", "http", "http",
+                                                       "engine"]
+    assert sorted(e[1] for e in events if e[0] == "flush") == ["engine", "http"]
+    assert sorted(e[1] for e in events if e[0] == "close") == ["engine", "http"]
     row = res["rows"][0]
     assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
     assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
     outside = row["outside_steps_seconds"]  # wall minus the steps: the http target's 0.02 s delay, not the steps
-    assert all(0 <= a - d < 0.01 for a, d in zip(outside["engine"], [0.0] * 4))
-    assert all(0.02 <= a < 0.03 for a in outside["http"]), outside
+    assert all(0 <= x < 0.01 for x in outside["engine"]) and all(0.02 <= x < 0.03 for x in outside["http"]), outside
     assert row["outside_engine_less_than_http_in"] == 4 and "engine less in 4 of 4" in out.getvalue()
+
+
+@needs_data
+@pytest.mark.timeout(60)
+def test_paired_throughput_runs_each_batch_on_every_backend_in_turn_from_a_flushed_cache(monkeypatch, tmp_path):
+    """`--paired-throughput R`: both targets alive at once; each round the workload's whole batch on both, the order
+    rotating round by round, each run from a flushed cache; the paired difference and the wins counted per round."""
+    events = paired_fakes(monkeypatch)
+    out, path = io.StringIO(), tmp_path / "paired.json"
+    res = runner.paired_throughput(["engine", "http"], ("mmlu",), 3, n=5, out=out, json_path=str(path))
+    runs = [e for e in events if e[0] != "close"][2:]  # after the flushes at the workload's start
+    assert runs == [("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5),
+                    ("flush", "http"), ("batch", "http", 5), ("flush", "engine"), ("batch", "engine", 5),
+                    ("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5)]
+    row = res["rows"][0]
+    assert row["programs"] == 5 and row["runs"] == 3 and len(row["seconds"]["http"]) == 3
+    assert row["engine_faster_than_http_in"] == 3 and row["http_minus_engine_mean_s"] > 0.015
+    assert "engine faster in 3 of 3" in out.getvalue() and json.loads(path.read_text())["rounds"] == 3
+    assert "outside_steps_seconds" not in row  # throughput: no per-program step accounting
 
 
 @pytest.mark.timeout(60)
@@ -472,57 +508,6 @@ def test_latency_programs_beyond_the_throughput_batch_come_from_the_loader():
     more = runner.latency_batch(mod, load_kw, batch, 5, DATA)
     assert len(more) == 5 and more[:2] == batch  # the loader's first five: the batch's two, then three more
     assert len({repr(sorted(a.items())) for a in more}) == 5
-
-
-@needs_data
-@pytest.mark.timeout(60)
-def test_paired_throughput_runs_each_batch_on_every_backend_in_turn_from_a_flushed_cache(monkeypatch, tmp_path):
-    """`--paired-throughput R`: both targets alive at once; each round the workload's whole batch on both, the order
-    rotating round by round, each run from a flushed cache; the paired difference and the wins counted per round."""
-    events, targets = [], {}
-
-    class Target:
-        def __init__(self, name):
-            self.name, self.lang = name, sgl
-            self.backend = Fake(lambda prompt, params: "A")
-            self.delay = {"engine": 0.0, "http": 0.02}[name]
-
-        def flush(self):
-            events.append(("flush", self.name))
-
-        def close(self):
-            events.append(("close", self.name))
-
-    def make(kind, config, overrides, url=None, engine=None):
-        targets[kind] = Target(kind)
-        return targets[kind]
-
-    real_build = module("mmlu")[0].build
-
-    def build(lang, full=False):
-        prog = real_build(lang, full)
-        real_batch = prog.run_batch
-
-        def run_batch(batch, backend=None, **kw):
-            name = next(n for n, t in targets.items() if t.backend is backend)
-            events.append(("batch", name, len(batch)))
-            time.sleep(targets[name].delay)
-            return real_batch(batch, backend=backend, **kw)
-        prog.run_batch = run_batch
-        return prog
-
-    monkeypatch.setattr(runner, "make_target", make)
-    monkeypatch.setattr(module("mmlu")[0], "build", build)
-    out, path = io.StringIO(), tmp_path / "paired.json"
-    res = runner.paired_throughput(["engine", "http"], ("mmlu",), 3, n=5, out=out, json_path=str(path))
-    runs = [e for e in events if e[0] != "close"][2:]  # after the flushes at the workload's start
-    assert runs == [("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5),
-                    ("flush", "http"), ("batch", "http", 5), ("flush", "engine"), ("batch", "engine", 5),
-                    ("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5)]
-    row = res["rows"][0]
-    assert row["programs"] == 5 and row["runs"] == 3 and len(row["seconds"]["http"]) == 3
-    assert row["engine_faster_than_http_in"] == 3 and row["http_minus_engine_mean_s"] > 0.015
-    assert "engine faster in 3 of 3" in out.getvalue() and json.loads(path.read_text())["rounds"] == 3
 
 
 def test_bm25_ranks_a_tiny_corpus_as_worked_out_by_hand():

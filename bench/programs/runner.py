@@ -505,7 +505,7 @@ def latency_batch(mod, load_kw: dict, batch: list[dict], programs: int, data_dir
 
 
 def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int | None = None,
-                 latency_programs: int = 3, seed: int = 0, threads: int | None = None,
+                 latency_programs: int = 8, seed: int = 0, threads: int | None = None,
                  floor: dict | None = None) -> dict:
     """One workload on one target: the row of FIELDS (see the module docstring for the steps)."""
     mod, load_kw = module(name)
@@ -586,7 +586,7 @@ def run_peer(binary: str | None, workloads, data_dir: str, *, config, overrides,
 
 
 def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEFAULT_DATA, *, full: bool = False,
-        n: int | None = None, latency_programs: int = 3, seed: int = 0, threads: int | None = None,
+        n: int | None = None, latency_programs: int = 8, seed: int = 0, threads: int | None = None,
         config: str | None = DEFAULT_CONFIG, overrides: dict | None = None, url: str | None = None,
         ablations: bool | str = False, engine=None, json_path: str | None = None, out=sys.stdout,
         peer: bool | str = False, llama_server: str | None = None) -> dict:
@@ -714,21 +714,41 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                     times[b].append(time.perf_counter() - t0)
                     if busy:
                         outside[b].append(times[b][-1] - (busy() - b0))
-            row = {"workload": w, "programs": len(batch), "runs": len(times[backends[0]]), "seconds": times}
-            if any(outside.values()):
-                row["outside_steps_seconds"] = outside
-            first = backends[0]
-            for b in backends[1:]:
-                for key, vals in (("", times), ("outside_", outside)):
-                    d = [x - y for x, y in zip(vals[b], vals[first])]
-                    if d:
-                        row[f"{key}{b}_minus_{first}_mean_s"] = statistics.mean(d)
-                        row[f"{key}{first}_less_than_{b}_in" if key else f"{first}_faster_than_{b}_in"] = \
-                            sum(x > 0 for x in d)
-            rows.append(row)
+            rows.append(_paired_row(w, len(batch), backends, times, outside))
     finally:
         for t in targets.values():
             t.close()
+    text = _paired_text(rows, backends, count, throughput)
+    print(text, file=out)
+    result = {"backends": backends, ("rounds" if throughput else "programs"): count, "config": config,
+              "overrides": base, "rows": rows, "text": text, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def _paired_row(workload: str, programs: int, backends: list[str], times: dict, outside: dict) -> dict:
+    """A workload's paired figures: against the first backend, each other's mean difference and in how many runs
+    the first was faster; the same for the time outside the steps where it was measured."""
+    first = backends[0]
+    row = {"workload": workload, "programs": programs, "runs": len(times[first]), "seconds": times}
+    for b in backends[1:]:
+        d = [x - y for x, y in zip(times[b], times[first])]
+        if d:
+            row[f"{b}_minus_{first}_mean_s"], row[f"{first}_faster_than_{b}_in"] = statistics.mean(d), sum(
+                x > 0 for x in d)
+    if any(outside.values()):
+        row["outside_steps_seconds"] = outside
+        for b in backends[1:]:
+            d = [x - y for x, y in zip(outside[b], outside[first])]
+            if d:
+                row[f"outside_{b}_minus_{first}_mean_s"] = statistics.mean(d)
+                row[f"outside_{first}_less_than_{b}_in"] = sum(x > 0 for x in d)
+    return row
+
+
+def _paired_text(rows: list[dict], backends: list[str], count: int, throughput: bool) -> str:
     what = (f"throughput, backends alive at once, each workload's batch on each in turn ({count} round(s), from a "
             "flushed cache each): seconds a batch, mean / median ms") if throughput else \
         (f"single-program latency, backends alive at once, each program on each in turn ({count} a workload, the "
@@ -751,14 +771,7 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                 f"; {b} - {backends[0]} {1e3 * row[f'outside_{b}_minus_{backends[0]}_mean_s']:+.1f} ms, "
                 f"{backends[0]} less in {row[f'outside_{backends[0]}_less_than_{b}_in']} of {row['runs']}"
                 for b in backends[1:]))
-    text = "\n".join(lines)
-    print(text, file=out)
-    result = {"backends": backends, ("rounds" if throughput else "programs"): count, "config": config,
-              "overrides": base, "rows": rows, "text": text, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return "\n".join(lines)
 
 
 def format_rounds(results: list[dict]) -> str:
