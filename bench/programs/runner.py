@@ -494,6 +494,12 @@ def _latency(target, prog, batch: list[dict], floor: dict | None = None) -> dict
     return out
 
 
+def batch_threads(size: dict, threads: int | None):
+    """run_batch's num_threads for a workload: the one asked for, else its size's own (1 for generative agents,
+    which replays a log in order), else "auto"."""
+    return threads or size.get("threads") or "auto"
+
+
 def latency_batch(mod, load_kw: dict, batch: list[dict], programs: int, data_dir: str, seed: int = 0,
                   full: bool = False) -> list[dict]:
     """The programs latency runs one at a time: the throughput batch's first `programs`, or, asked for more than
@@ -513,7 +519,7 @@ def run_workload(target, name: str, data_dir: str, *, full: bool = False, n: int
     items = mod.load(data_dir, sz["n"] if n is None else n, seed, full, **load_kw)
     prog = mod.build(target.lang, full)
     batch = [common.program_args(a) for a in items]
-    nthreads = threads or sz.get("threads") or "auto"
+    nthreads = batch_threads(sz, threads)
     rec = target.rec
     target.flush()
     p0, c0 = target.counters()
@@ -703,7 +709,7 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                         targets[b].flush()
                         t0 = time.perf_counter()
                         for st in progs[b].run_batch(batch, backend=targets[b].backend, temperature=0,
-                                                     num_threads=threads or sz.get("threads") or "auto"):
+                                                     num_threads=batch_threads(sz, threads)):
                             st.sync()
                         times[b].append(time.perf_counter() - t0)
                         continue
