@@ -368,8 +368,10 @@ def test_rounds_alternate_the_backends_and_set_them_side_by_side(monkeypatch, tm
 def paired_fakes(monkeypatch) -> list:
     """Fake engine and http targets for the paired runners (http 20 ms slower a program or batch; each program's
     engine steps 10 ms of it, counted in busy_seconds), mmlu's program wrapped to record which one ran it: the
-    returned list gets ("flush" | "close", name), ("run", name) and ("batch", name, programs) in order."""
-    events, targets = [], {}
+    returned list gets ("flush" | "close", name), ("run", name) and ("batch", name, programs) in order. The
+    runner's clock is a fake one that only the fake programs advance, so the figures are exact, not timed."""
+    events, targets, now = [], {}, [0.0]
+    monkeypatch.setattr(runner, "time", types.SimpleNamespace(perf_counter=lambda: now[0], strftime=time.strftime))
 
     class Target:
         def __init__(self, name):
@@ -402,14 +404,14 @@ def paired_fakes(monkeypatch) -> list:
         def run(backend=None, **kw):
             t = which(backend)
             events.append(("run", t.name))
-            time.sleep(t.delay + 0.01)
+            now[0] += t.delay + 0.01
             t.busy += 0.01  # its engine's steps: 0.01 s of each program, the rest is the frontend's
             return real_run(backend=backend, **kw)
 
         def run_batch(batch, backend=None, **kw):
             t = which(backend)
             events.append(("batch", t.name, len(batch)))
-            time.sleep(t.delay)
+            now[0] += t.delay
             return real_batch(batch, backend=backend, **kw)
         prog.run, prog.run_batch = run, run_batch
         return prog
@@ -434,10 +436,10 @@ def test_paired_latency_runs_each_program_on_every_backend_in_turn(monkeypatch, 
     assert sorted(e[1] for e in events if e[0] == "close") == ["engine", "http"]
     row = res["rows"][0]
     assert len(row["seconds"]["engine"]) == len(row["seconds"]["http"]) == 4
-    assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] > 0.015
+    assert row["engine_faster_than_http_in"] == 4 and row["http_minus_engine_mean_s"] == pytest.approx(0.02)
     assert "engine faster in 4 of 4" in out.getvalue() and json.loads(path.read_text())["programs"] == 4
     outside = row["outside_steps_seconds"]  # wall minus the steps: the http target's 0.02 s delay, not the steps
-    assert all(0 <= x < 0.01 for x in outside["engine"]) and all(0.02 <= x < 0.03 for x in outside["http"]), outside
+    assert outside["engine"] == pytest.approx([0.0] * 4) and outside["http"] == pytest.approx([0.02] * 4), outside
     assert row["outside_engine_less_than_http_in"] == 4 and "engine less in 4 of 4" in out.getvalue()
 
 
@@ -455,7 +457,7 @@ def test_paired_throughput_runs_each_batch_on_every_backend_in_turn_from_a_flush
                     ("flush", "engine"), ("batch", "engine", 5), ("flush", "http"), ("batch", "http", 5)]
     row = res["rows"][0]
     assert row["programs"] == 5 and row["runs"] == 3 and len(row["seconds"]["http"]) == 3
-    assert row["engine_faster_than_http_in"] == 3 and row["http_minus_engine_mean_s"] > 0.015
+    assert row["engine_faster_than_http_in"] == 3 and row["http_minus_engine_mean_s"] == pytest.approx(0.02)
     assert "engine faster in 3 of 3" in out.getvalue() and json.loads(path.read_text())["rounds"] == 3
     assert "outside_steps_seconds" not in row  # throughput: no per-program step accounting
 
