@@ -32,27 +32,37 @@ class _Transport:
         self.paused = False
 
 
-def _feed(pieces: list[bytes]) -> tuple[_Conn, list[bytes]]:
-    """A connection fed `pieces` as separate reads; the body pieces it hands out, read after all arrived."""
+async def _nothing():
+    pass
+
+
+def _feed(pieces: list[bytes], live: bool = False) -> tuple[_Conn, list[bytes]]:
+    """A connection fed `pieces` as separate reads; the body pieces it hands out: relayed after all arrived, or
+    with `live` as each arrives (the relay started first)."""
     c = _Conn()
     c.connection_made(_Transport())
-    for p in pieces:
-        c.data_received(p)
     out = []
 
-    async def drain():
-        while piece := await c.read():
-            out.append(piece)
+    async def main():
+        if not live:
+            for p in pieces:
+                c.data_received(p)
+            return await c.relay(out.append, _nothing)
+        relay = asyncio.ensure_future(c.relay(out.append, _nothing))
+        await asyncio.sleep(0)
+        for p in pieces:
+            c.data_received(p)
+            await asyncio.sleep(0)
+        await relay
 
-    asyncio.run(asyncio.wait_for(drain(), 5))
+    asyncio.run(asyncio.wait_for(main(), 5))
     return c, out
 
 
 async def _body(c: _Conn) -> bytes:
-    """The whole answer's body, read piece by piece."""
+    """The whole answer's body, relayed."""
     parts = []
-    while piece := await c.read():
-        parts.append(piece)
+    await c.relay(parts.append, _nothing)
     return b"".join(parts)
 
 
@@ -66,15 +76,16 @@ def _chunked(payloads: list[bytes], ext: bool = False) -> bytes:
 def test_chunked_answer_split_at_every_boundary():
     payloads = [b"data: {\"text\": \"a\"}\n\n", b"x" * 300, b"data: [DONE]\n\n"]
     wire = _chunked(payloads)
-    for cut in range(1, len(wire)):
-        c, out = _feed([wire[:cut], wire[cut:]])
-        assert b"".join(out) == b"".join(payloads) and c.done and c.reusable and c.status == 200, cut
-    rng = random.Random(0)
-    for _ in range(200):  # many small reads
-        cuts = sorted(rng.sample(range(1, len(wire)), 12))
-        parts = [wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])]
-        c, out = _feed(parts)
-        assert b"".join(out) == b"".join(payloads) and c.reusable
+    for live in (False, True):
+        for cut in range(1, len(wire)):
+            c, out = _feed([wire[:cut], wire[cut:]], live)
+            assert b"".join(out) == b"".join(payloads) and c.done and c.reusable and c.status == 200, cut
+        rng = random.Random(0)
+        for _ in range(200):  # many small reads
+            cuts = sorted(rng.sample(range(1, len(wire)), 12))
+            parts = [wire[a:b] for a, b in zip([0] + cuts, cuts + [len(wire)])]
+            c, out = _feed(parts, live)
+            assert b"".join(out) == b"".join(payloads) and c.reusable
     c, out = _feed([_chunked(payloads, ext=True)])  # chunk extensions are ignored
     assert b"".join(out) == b"".join(payloads)
     trailer = _chunked(payloads)[:-2] + b"X-Trailer: 1\r\n\r\n"
@@ -110,13 +121,8 @@ def test_broken_answers_raise_naming_when_they_broke():
     c.data_received(_chunked([b"first"])[:-7])  # the head and the first chunk, then the worker dies
     c.connection_lost(None)
     got = []
-
-    async def read_all():
-        while piece := await c.read():
-            got.append(piece)
-
     with pytest.raises(UpstreamError) as e:
-        asyncio.run(read_all())
+        asyncio.run(c.relay(got.append, _nothing))
     assert not e.value.before_response and got == [b"first"]
     c = _Conn()
     t = _Transport()
@@ -133,26 +139,67 @@ def test_broken_answers_raise_naming_when_they_broke():
 
 
 @pytest.mark.timeout(60)
-def test_a_slow_reader_pauses_the_connection():
-    """Unread answer bytes over the high-water mark stop the reading; reading them down resumes it."""
+def test_answer_bytes_before_the_relay_over_the_high_water_mark_pause_the_connection():
+    """Bytes that arrive before the relay starts are kept; over the high-water mark they stop the reading; the
+    relay hands them out in order and resumes it."""
     c = _Conn()
     t = _Transport()
     c.connection_made(t)
     c.data_received(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
-    for _ in range(40):
-        c.data_received(b"y" * 65536)  # 2.5 MB unread
+    for i in range(40):
+        c.data_received(bytes([i]) * 65536)  # 2.5 MB before the relay
     assert t.paused
+    got = []
 
-    async def read_some():
-        n = 0
-        while t.paused:
-            n += len(await c.read())
-        return n
+    async def main():
+        relay = asyncio.ensure_future(c.relay(got.append, _nothing))
+        await asyncio.sleep(0)
+        assert not t.paused and len(got) == 40
+        c.data_received(b"tail")
+        c.connection_lost(None)
+        await relay
 
-    n = asyncio.run(read_some())
-    assert 0 < n < 40 * 65536 and not t.paused
-    c.connection_lost(None)
-    assert n + len(asyncio.run(_body(c))) == 40 * 65536
+    asyncio.run(main())
+    assert got == [bytes([i]) * 65536 for i in range(40)] + [b"tail"]
+
+
+@pytest.mark.timeout(60)
+def test_a_full_sink_pauses_the_connection_until_it_drains():
+    """A sink that says its receiver is full: reading stops until `drained` returns, then goes on; every piece
+    arrives once, in order."""
+    c = _Conn()
+    t = _Transport()
+    c.connection_made(t)
+    got, full, drain = [], [False], None
+
+    def sink(piece):
+        got.append(piece)
+        return full[0]
+
+    async def drained():
+        await drain.wait()
+
+    async def main():
+        nonlocal drain
+        drain = asyncio.Event()
+        relay = asyncio.ensure_future(c.relay(sink, drained))
+        await asyncio.sleep(0)
+        c.data_received(_chunked([b"a", b"b"])[:-5])
+        assert not t.paused and got == [b"a", b"b"]
+        full[0] = True
+        c.data_received(b"1\r\nc\r\n")  # the receiver is full after this piece
+        await asyncio.sleep(0)
+        assert t.paused and got == [b"a", b"b", b"c"] and not relay.done()
+        full[0] = False
+        drain.set()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert not t.paused
+        c.data_received(b"0\r\n\r\n")
+        await relay
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert got == [b"a", b"b", b"c"] and c.done and c.reusable
 
 
 async def _server(answers: list[bytes | None]):

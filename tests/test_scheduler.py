@@ -558,7 +558,7 @@ def test_host_modules_do_not_import_jax():
             "import sgl_jax.scheduler, sgl_jax.cache, sgl_jax.batch, sgl_jax.config, sgl_jax.models.config\n"
             "import sgl_jax.cache.disk_store, sgl_jax.cache.disk_tier, sgl_jax.cache.costs, sgl_jax.cache.tiers, sgl_jax.metrics\n"
             "import sgl_jax.parallel, sgl_jax.parallel.multihost, sgl_jax.cache.events, sgl_jax.router.policy\n"
-            "import sgl_jax.router.server, sgl_jax.serve.kv_events\n"
+            "import sgl_jax.router.server, sgl_jax.router.front, sgl_jax.router.upstream, sgl_jax.serve.kv_events\n"
             "import sgl_jax.shapes, sgl_jax.engine.prepare, sgl_jax.engine.loop, sgl_jax.engine.output\n"
             "import sgl_jax.engine.constraints, sgl_jax.engine.stops, sgl_jax.engine.protocol, sgl_jax.engine.host_memory\n"
             "import sgl_jax.constrained, sgl_jax.models.tokenizer\n"

@@ -181,9 +181,31 @@ class RouterApp:
             await asyncio.sleep(1.0)
 
 
-async def _forward(app: RouterApp, body: dict, stream: bool, write, raw: bytes | None = None) -> None:
-    """Route one /generate request and `await write(bytes)` its answer as it comes (see the module docstring for
-    failures). `raw`: the body as the client sent it, forwarded as is (`body` is its parse)."""
+class _Collect:
+    """A non-streamed answer gathered whole (`_forward`'s `out`)."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def feed(self, piece: bytes) -> bool:
+        self.parts.append(piece)
+        return False
+
+    async def drained(self) -> None:
+        pass
+
+    async def write(self, piece: bytes) -> None:
+        self.parts.append(piece)
+
+
+async def _forward(app: RouterApp, body: dict, stream: bool, out, raw: bytes | None = None) -> None:
+    """Route one /generate request and relay its answer to `out` (see the module docstring for failures):
+    `out.feed(piece)` is called from the worker connection's own callback as each piece arrives and returns true
+    when the client is full (the worker's connection stops reading until `await out.drained()`); `await
+    out.write(bytes)` sends an error message. `out` raises front.ClientGone once the client is gone. `raw`: the body
+    as the client sent it, forwarded as is (`body` is its parse)."""
+    from sgl_jax.router.front import ClientGone
+
     t0 = time.perf_counter()
     text = body.get("text")
     if isinstance(text, str) and len(text) > INLINE_TOKENIZE_CHARS:
@@ -196,37 +218,37 @@ async def _forward(app: RouterApp, body: dict, stream: bool, write, raw: bytes |
         pool = app.pools[r.name]
         sent = False
         conn = None
+
+        def sink(piece: bytes) -> bool:
+            nonlocal sent
+            if not sent:
+                sent = True
+                app.ttfts.append(time.perf_counter() - t0)
+                app.router.prefilled(p)
+            return out.feed(piece)
+
         try:
             conn = await pool.post("/generate", data)
-            while True:
-                try:
-                    chunk = await conn.read()
-                except UpstreamError as e:
-                    if not (e.before_response and conn.reused):
-                        raise
-                    pool.release(conn)  # a kept connection the worker had closed while idle: once more, fresh
-                    conn = await pool.post("/generate", data, fresh=True)
-                    continue
-                if not chunk:
-                    break
-                if not sent:
-                    app.ttfts.append(time.perf_counter() - t0)
-                    app.router.prefilled(p)
-                sent = True
-                try:
-                    await write(chunk)
-                except (ConnectionError, RuntimeError):  # the client left: closing the upstream aborts it
-                    app.release(p)
-                    return
+            try:
+                await conn.relay(sink, out.drained)
+            except UpstreamError as e:
+                if not (e.before_response and conn.reused):
+                    raise
+                pool.release(conn)  # a kept connection the worker had closed while idle: once more, fresh
+                conn = await pool.post("/generate", data, fresh=True)
+                await conn.relay(sink, out.drained)
             app.release(p)
             return
+        except (asyncio.CancelledError, ClientGone):  # the client went away: closing the upstream aborts it
+            app.release(p)
+            raise
         except (UpstreamError, OSError, asyncio.TimeoutError) as e:
             app.release(p)
             app.down(r, f"{type(e).__name__}: {e}")
             if sent or attempt == 1:
                 app.failed += 1
                 msg = f"worker {r.name} ({r.url}) failed{' mid-stream' if sent else ''}: {type(e).__name__}: {e}"
-                await write(error_bytes(msg, stream))
+                await out.write(error_bytes(msg, stream))
                 return
             app.retried += 1
             p.replica = None
@@ -241,58 +263,38 @@ async def open_connections(pools: dict[str, Pool], replicas: list[Replica], per_
     await asyncio.gather(*(pools[r.name].open_idle(min(r.max_inflight, per_worker)) for r in replicas))
 
 
-def build_app(app: RouterApp):
-    """The aiohttp application: /generate, /health, /router_stats."""
-    from aiohttp import web
+def build_handler(app: RouterApp):
+    """The router's answers (sgl_jax/router/front.py serves them): POST /generate, GET /health, GET /router_stats."""
 
-    async def generate(request):
+    async def generate(req, resp) -> None:
         try:
-            raw = await request.read()
-            body = json.loads(raw)
+            body = req.json()
         except ValueError as e:
-            return web.json_response({"error": {"message": f"the body is not JSON: {e}", "code": 400}}, status=400)
+            return resp.send_json(400, {"error": {"message": f"the body is not JSON: {e}", "code": 400}})
         if not isinstance(body, dict):
-            return web.json_response({"error": {"message": "the body must be a JSON object", "code": 400}},
-                                     status=400)
-        stream = bool(body.get("stream"))
-        if stream:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            # the headers go out with the first chunk, in one send (aiohttp's own choice for plain responses)
-            resp._send_headers_immediately = False
-
-            async def write(b):
-                if not resp.prepared:  # prepared once the request has left for its worker, not before
-                    await resp.prepare(request)
-                await resp.write(b)
-
-            await _forward(app, body, True, write, raw)
-            if not resp.prepared:
-                await resp.prepare(request)
-            await resp.write_eof()
-            return resp
-        parts: list[bytes] = []
-
-        async def collect(b):
-            parts.append(b)
-
-        await _forward(app, body, False, collect, raw)
-        data = b"".join(parts)
+            return resp.send_json(400, {"error": {"message": "the body must be a JSON object", "code": 400}})
+        if body.get("stream"):
+            await _forward(app, body, True, resp, req.body)  # the head goes out with the first piece
+            return resp.end()
+        got = _Collect()
+        await _forward(app, body, False, got, req.body)
+        data = b"".join(got.parts)
         try:
             out = json.loads(data)
         except ValueError:
-            return web.json_response({"error": {"message": "bad reply from worker", "code": 502}}, status=502)
+            return resp.send_json(502, {"error": {"message": "bad reply from worker", "code": 502}})
         status = 200
         if isinstance(out, dict) and isinstance(out.get("error"), dict):
             status = int(out["error"].get("code", 400))
-        return web.json_response(out, status=status)
+        resp.send(status, data)  # the worker's own bytes
 
-    async def health(request):
+    def health(req, resp) -> None:
         up = [r.name for r in app.router.replicas if r.healthy]
-        return web.json_response({"workers_up": up}, status=200 if up else 503)
+        resp.send_json(200 if up else 503, {"workers_up": up})
 
-    async def stats(request):
+    def stats(req, resp) -> None:
         mx, mean = app.router.imbalance()
-        return web.json_response({
+        resp.send_json(200, {
             "policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
             "failed": app.failed, "inflight_max": mx, "inflight_mean": mean, "health_rounds": app.health_rounds,
             "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
@@ -300,9 +302,21 @@ def build_app(app: RouterApp):
                          "host_blocks": len(r.host_blocks),
                          "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
 
-    api = web.Application()
-    api.add_routes([web.post("/generate", generate), web.get("/health", health), web.get("/router_stats", stats)])
-    return api
+    routes = {"/generate": ("POST", generate), "/health": ("GET", health), "/router_stats": ("GET", stats)}
+
+    async def handle(req, resp) -> None:
+        route = routes.get(req.path)
+        if route is None:
+            return resp.send_json(404, {"error": {"message": f"no route {req.path}", "code": 404}})
+        method, fn = route
+        if req.method != method:
+            return resp.send_json(405, {"error": {"message": f"{req.path} takes {method}, not {req.method}",
+                                                  "code": 405}})
+        out = fn(req, resp)
+        if out is not None:
+            await out
+
+    return handle
 
 
 def main(argv=None) -> None:
@@ -310,6 +324,7 @@ def main(argv=None) -> None:
 
     from sgl_jax.models.hub import resolve_model
     from sgl_jax.models.tokenizer import Tokenizer
+    from sgl_jax.router.front import Server
     from sgl_jax.router.prompt import warm_up
 
     ap = argparse.ArgumentParser(prog="python -m sgl_jax.router", description=__doc__.split("\n\n")[0])
@@ -345,8 +360,6 @@ def main(argv=None) -> None:
         else:
             log.warning("worker %s publishes no KV events: the router mirrors only what it sent there", url)
         replicas.append(r)
-    from aiohttp import web
-
     async def serve():
         import aiohttp
 
@@ -358,9 +371,7 @@ def main(argv=None) -> None:
         await open_connections(pools, replicas)
         app = RouterApp(Router(replicas, a.policy, a.decode_weight, a.max_bypass, copy_weight=a.copy_weight), tok, http,
                         pools)
-        runner = web.AppRunner(build_app(app), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, a.host, a.port).start()
+        await loop.create_server(Server(build_handler(app)), a.host, a.port, reuse_address=True)
         log.info("routing %d workers on http://%s:%d (%s)", len(replicas), a.host, a.port, a.policy)
         await app.health_loop()
 

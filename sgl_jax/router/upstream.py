@@ -4,7 +4,9 @@ aiohttp's client writes a request body from a task of its own; on Python < 3.12 
 callback already queued on the loop has run, so in a burst each request reached its worker after the router had
 parsed, tokenized and routed the whole burst (a fake-worker burst of 24: arrivals at a median of 7.9 ms against
 2.0 direct; bench/notes.md). Here `Pool.post` writes the request head and body in one `transport.write` before it
-returns, and the response's body (de-chunked) is read piece by piece as it arrives. Only what the router forwards
+returns, and `_Conn.relay` hands the response's body (de-chunked) to the caller's sink from the connection's own
+callback as each piece arrives: a streamed answer is many small pieces, and a task switch each (a future set, a
+task step, a read) was a large share of the router's CPU per request. Only what the router forwards
 is supported: a `POST` with a complete body, answered with a Content-Length, chunked, or close-delimited body; no
 trailers are kept, no redirects followed.
 
@@ -57,6 +59,8 @@ class _Conn(asyncio.Protocol):
         self._buffered = 0
         self._waiter: asyncio.Future | None = None
         self._error: str | None = None
+        self._sink = None  # relay(): pieces go straight to it from data_received
+        self._sink_full = False  # ... and it said it is full: reading paused until it drains
 
     # -------------------------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport) -> None:
@@ -79,9 +83,8 @@ class _Conn(asyncio.Protocol):
         except ValueError as e:
             self._error = f"bad answer from worker: {e}"
             self.transport.close()
-        if self._buffered > HIGH_WATER and not self._paused and not self.closed:
-            self._paused = True
-            self.transport.pause_reading()
+        if self._buffered > HIGH_WATER:
+            self._pause()
         self._wake()
 
     # -------------------------------------------------------------------------------- parsing
@@ -156,9 +159,26 @@ class _Conn(asyncio.Protocol):
             self._chunk_left = size
 
     def _emit(self, piece: bytes) -> None:
-        if piece:
-            self._pieces.append(piece)
-            self._buffered += len(piece)
+        if not piece:
+            return
+        if self._sink is not None:
+            if self._sink(piece) and not self._sink_full:
+                self._sink_full = True
+                self._pause()
+                self._wake()
+            return
+        self._pieces.append(piece)
+        self._buffered += len(piece)
+
+    def _pause(self) -> None:
+        if not self._paused and not self.closed:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and not self.closed:
+            self._paused = False
+            self.transport.resume_reading()
 
     def _finish(self) -> None:
         self.done = True
@@ -170,25 +190,36 @@ class _Conn(asyncio.Protocol):
             w.set_result(None)
 
     # -------------------------------------------------------------------------------- the caller's side
-    async def read(self) -> bytes:
-        """The next piece of the answer's body; b"" once it is complete. Raises UpstreamError if it broke."""
-        while True:
-            if self._pieces:
+    async def relay(self, sink, drained) -> None:
+        """Hand the answer's body to `sink(piece)` as it arrives, from the connection's own callback (no task
+        switch a piece: a streamed answer is many small pieces), until it is complete; raises UpstreamError if it
+        broke. `sink` returns true when its receiver is full: reading stops until `await drained()` returns."""
+        self._sink = sink
+        try:
+            while self._pieces:  # what arrived before the relay started
                 piece = self._pieces.popleft()
                 self._buffered -= len(piece)
-                if self._paused and self._buffered <= HIGH_WATER // 2 and not self.closed:
-                    self._paused = False
-                    self.transport.resume_reading()
-                return piece
-            if self.done:
-                return b""
-            if self._error is not None:
-                raise UpstreamError(self._error, before_response=not self._head_done)
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+                self._sink_full = bool(sink(piece)) or self._sink_full
+            if not self._sink_full:
+                self._resume()  # (paused if over HIGH_WATER had arrived)
+            while True:
+                if self._sink_full:
+                    self._pause()
+                    await drained()
+                    self._sink_full = False
+                    self._resume()
+                    continue
+                if self.done:
+                    return
+                if self._error is not None:
+                    raise UpstreamError(self._error, before_response=not self._head_done)
+                self._waiter = asyncio.get_running_loop().create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            self._sink = None
 
     @property
     def reusable(self) -> bool:
