@@ -151,3 +151,27 @@ def test_sequence_hashes_are_the_documented_chain():
                     h = blake64(h.to_bytes(8, "big") + b"".join(struct.pack("<i", t) for t in ids[i * ps:(i + 1) * ps]))
                     want.append(h)
                 assert sequence_hashes(ids, ps, ns) == want, (ps, n, ns)
+
+
+@pytest.mark.timeout(60)
+def test_a_hash_memo_gives_the_chain_and_is_bounded():
+    """sequence_hashes with a HashMemo: the same hashes as without, for prompts that share prefixes, diverge
+    mid-page and repeat, across namespaces and page sizes; the memo holds what it hashed and starts over past its
+    size."""
+    import random
+
+    from sgl_jax.cache.events import HashMemo
+
+    rng = random.Random(3)
+    memo = HashMemo(size=10_000)
+    systems = [[rng.randrange(0, 50) for _ in range(rng.randrange(0, 90))] for _ in range(4)]
+    for k in range(300):
+        ids = rng.choice(systems) + [rng.randrange(0, 50) for _ in range(rng.randrange(0, 30))]
+        ps, ns = rng.choice((1, 4, 16)), rng.choice(("", "b"))
+        assert sequence_hashes(ids, ps, ns, memo) == sequence_hashes(ids, ps, ns), k
+    assert 0 < len(memo.known) <= 10_000
+    small = HashMemo(size=8)
+    ids = list(range(64))
+    assert sequence_hashes(ids, 4, memo=small) == sequence_hashes(ids, 4)  # 16 pages: over the bound
+    assert len(small.known) == 0
+    assert sequence_hashes(ids[:8], 4, memo=small) == sequence_hashes(ids[:8], 4) and len(small.known) == 2

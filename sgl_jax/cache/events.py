@@ -51,16 +51,42 @@ def _chain_packed(parent: int, packed: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(parent.to_bytes(8, "big") + packed, digest_size=8).digest(), "big")
 
 
-def sequence_hashes(tokens: Sequence[int], page_size: int, namespace: str = "") -> list[int]:
+def sequence_hashes(tokens: Sequence[int], page_size: int, namespace: str = "",
+                    memo: "HashMemo | None" = None) -> list[int]:
     """Hashes of the full pages of `tokens` (page i covers tokens [i * page_size, (i + 1) * page_size)): `chain`
-    page after page, with the tokens packed once (a router hashes every prompt on its request path)."""
+    page after page, with the tokens packed once (a router hashes every prompt on its request path). With `memo`,
+    a page already hashed after the same parent is looked up instead."""
     n = len(tokens) // page_size
     raw = struct.pack(f"<{n * page_size}i", *tokens[:n * page_size])
     width, h, out = 4 * page_size, _root_hash(namespace), []
+    if memo is None:
+        for off in range(0, n * width, width):
+            h = _chain_packed(h, raw[off:off + width])
+            out.append(h)
+        return out
+    known = memo.known
     for off in range(0, n * width, width):
-        h = _chain_packed(h, raw[off:off + width])
+        page = raw[off:off + width]
+        key = (h, page)
+        h = known.get(key)
+        if h is None:
+            h = known[key] = _chain_packed(key[0], page)
         out.append(h)
+    if len(known) > memo.size:
+        known.clear()  # (a bound, not an LRU: refilled by the next prompts at one hash a page)
     return out
+
+
+class HashMemo:
+    """Page hashes already computed, by (parent hash, the page's packed tokens), for `sequence_hashes`: most of
+    the prompts a router hashes (and of the pages a worker's event log announces) continue a prefix hashed
+    before -- a system prompt, a conversation -- and a dict lookup costs a fraction of a blake2b. Holds at most
+    about `size` pages (~150 bytes each), then starts over. Threads may share one: its only operations are a dict's
+get, set and clear, each atomic in CPython."""
+
+    def __init__(self, size: int = 1 << 16):
+        self.size = int(size)
+        self.known: dict[tuple[int, bytes], int] = {}
 
 
 class KVEventLog:
@@ -73,6 +99,7 @@ class KVEventLog:
         self._records: collections.deque = collections.deque(maxlen=int(max_events))
         self._lock = threading.Lock()  # the engine thread adds, a publisher thread takes
         self.dropped = 0
+        self._hashes = HashMemo()  # an insert's pages continue a prefix announced before: hashed once
 
     def _add(self, record: tuple) -> None:
         with self._lock:
@@ -116,7 +143,7 @@ class KVEventLog:
             return record[1]
         kind, namespace, tokens, first, n, medium = record
         ps = self.page_size
-        hs = sequence_hashes(tokens[:(first + n) * ps], ps, namespace)
+        hs = sequence_hashes(tokens[:(first + n) * ps], ps, namespace, self._hashes)
         if kind == "BlockRemoved":
             return ["BlockRemoved", hs[first:], medium]
         return ["BlockStored", hs[first:], hs[first - 1] if first > 0 else None,

@@ -45,6 +45,9 @@ class CostRequestRouter(RequestRouter):
         self._requests: dict[str, PendingRequest] = {}
         self._by_route: dict[str, Pending] = {}  # the gateway's route rid -> Pending
         self.retired = 0
+        from sgl_jax.cache.events import HashMemo
+
+        self._hashes = HashMemo()  # prompts continue prefixes hashed before
         registry.register(self)
 
     @property
@@ -102,7 +105,7 @@ class CostRequestRouter(RequestRouter):
 
         route = pr.args[0].get("route") if pr.args and isinstance(pr.args[0], dict) else None
         ids, max_new = (route.get("ids") or [], route.get("max_new", 128)) if isinstance(route, dict) else ([], 128)
-        p = Pending(key, sequence_hashes(ids, self._page_size), len(ids), int(max_new))
+        p = Pending(key, sequence_hashes(ids, self._page_size, memo=self._hashes), len(ids), int(max_new))
         if isinstance(route, dict) and route.get("rid"):
             p.route_rid = str(route["rid"])
             self._by_route[p.route_rid] = p

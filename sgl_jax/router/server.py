@@ -120,6 +120,9 @@ class RouterApp:
         self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
         self.ttfts: list[float] = []
         self._ids = itertools.count()
+        from sgl_jax.cache.events import HashMemo
+
+        self.hashes = HashMemo()  # prompts continue prefixes hashed before (a tenant's system prompt)
 
     def _pending(self, body: dict) -> Pending:
         from sgl_jax.cache.events import sequence_hashes
@@ -128,7 +131,7 @@ class RouterApp:
         ids, max_new = routing_prompt("/generate", body, self.tokenizer)  # (the worker validates the body)
         ps = self.router.replicas[0].page_size
         # the router's own id: a client's rid need not be unique among requests in flight
-        return Pending(f"r{next(self._ids)}", sequence_hashes(ids, ps), len(ids), max_new)
+        return Pending(f"r{next(self._ids)}", sequence_hashes(ids, ps, memo=self.hashes), len(ids), max_new)
 
     async def acquire(self, p: Pending) -> Replica:
         r = self.router.submit(p)
