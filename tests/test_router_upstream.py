@@ -332,3 +332,28 @@ def test_kv_events_are_mirrored_on_the_event_loop():
     # between two turns of this task, one wake-up's batch (and at most one more from the FD) was applied
     assert applied[0] == 300 and max(b - a for a, b in zip(ticks, ticks[1:])) <= 2 * 16
     pub.close(0)
+
+
+@pytest.mark.timeout(60)
+def test_a_relay_is_not_woken_for_each_piece():
+    """Pieces go to the sink from the connection's callback; the relaying task sleeps on one wait until the
+    answer ends (a wake-up a piece was the cost the relay exists to avoid)."""
+    c = _Conn()
+    c.connection_made(_Transport())
+    got = []
+
+    async def main():
+        relay = asyncio.ensure_future(c.relay(got.append, _nothing))
+        await asyncio.sleep(0)
+        c.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await asyncio.sleep(0)
+        waiting = c._waiter
+        for i in range(20):
+            c.data_received(b"1\r\n%c\r\n" % (65 + i))
+            await asyncio.sleep(0)
+            assert c._waiter is waiting and not waiting.done(), i
+        c.data_received(b"0\r\n\r\n")
+        await relay
+
+    asyncio.run(asyncio.wait_for(main(), 5))
+    assert b"".join(got) == bytes(range(65, 85)) and c.done

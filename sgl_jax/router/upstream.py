@@ -85,7 +85,8 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
         if self._buffered > HIGH_WATER:
             self._pause()
-        self._wake()
+        if self._sink is None or self._error is not None:  # (a relay wakes only for the end or a full sink)
+            self._wake()
 
     # -------------------------------------------------------------------------------- parsing
     def _parse(self) -> None:
