@@ -81,8 +81,8 @@ class HashMemo:
     """Page hashes already computed, by (parent hash, the page's packed tokens), for `sequence_hashes`: most of
     the prompts a router hashes (and of the pages a worker's event log announces) continue a prefix hashed
     before -- a system prompt, a conversation -- and a dict lookup costs a fraction of a blake2b. Holds at most
-    about `size` pages (~150 bytes each), then starts over. Threads may share one: its only operations are a dict's
-get, set and clear, each atomic in CPython."""
+    about `size` pages (~150 bytes each), then starts over. Threads may share one: its only operations are a
+    dict's get, set and clear, each atomic in CPython."""
 
     def __init__(self, size: int = 1 << 16):
         self.size = int(size)
