@@ -370,6 +370,53 @@ def test_sglang_gateway_routes_to_our_workers(cluster):
         gw.wait(timeout=30)
 
 
+@pytest.mark.timeout(300)
+def test_openai_clients_and_sglangs_frontend_through_the_router(cluster):
+    """The router serves what clients call besides /generate: the OpenAI routes (routed by their prompt, streamed
+    or not; the official client), /v1/models and SGLang's /get_model_info and /get_server_info (a worker's own
+    answer), /flush_cache (every worker); upstream SGLang's frontend runs a program through it, giving what it
+    gives against a worker directly."""
+    import openai
+    import sglang as upstream
+
+    client = openai.OpenAI(base_url=cluster.rurl + "/v1", api_key="none")
+    direct = openai.OpenAI(base_url=cluster.url(0) + "/v1", api_key="none")
+    msgs = [{"role": "system", "content": "You are the router test's assistant, brief and exact."},
+            {"role": "user", "content": "Name a color."}]
+    got = client.chat.completions.create(model="x", messages=msgs, max_tokens=5, temperature=0)
+    want = direct.chat.completions.create(model="x", messages=msgs, max_tokens=5, temperature=0)
+    assert got.choices[0].message.content == want.choices[0].message.content and got.usage.completion_tokens == 5
+    parts = [c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="x", messages=msgs, max_tokens=5, temperature=0, stream=True)]
+    assert "".join(parts) == want.choices[0].message.content
+    comp = client.completions.create(model="x", prompt="Once upon a time", max_tokens=4, temperature=0)
+    assert comp.choices[0].text == direct.completions.create(model="x", prompt="Once upon a time", max_tokens=4,
+                                                             temperature=0).choices[0].text
+    assert [m.id for m in client.models.list().data] == [m.id for m in direct.models.list().data]
+    for path in ("/get_model_info", "/get_server_info"):
+        r = requests.get(cluster.rurl + path, timeout=30)
+        assert r.status_code == 200 and r.json().keys() == requests.get(cluster.url(0) + path, timeout=30).json().keys()
+    assert requests.get(cluster.rurl + "/generate", timeout=10).status_code == 405
+    # a prompt served twice is cached; after the router's /flush_cache it is not, on whichever worker it lands
+    text = "Flush me please, router, flush me now: " * 3
+    _gen(cluster.rurl, text, max_new=1)
+    assert _gen(cluster.rurl, text, max_new=1)["meta_info"]["cached_tokens"] > 0
+    fl = requests.post(cluster.rurl + "/flush_cache", timeout=60)
+    assert fl.status_code == 200 and set(fl.json()["workers"]) == {"w0", "w1"}, fl.text
+    time.sleep(0.3)  # the workers' AllBlocksCleared events reach the mirrors
+    assert _gen(cluster.rurl, text, max_new=1)["meta_info"]["cached_tokens"] == 0
+
+    def prog(s, q):
+        s += "Q: " + q + "\nA:" + upstream.gen("a", max_tokens=6, stop="\n")
+        s += "\nSure?" + upstream.select("ok", choices=[" Yes", " No"])
+
+    via = upstream.function(prog).run(q="What is two plus two?", backend=upstream.RuntimeEndpoint(cluster.rurl),
+                                      temperature=0)
+    ref = upstream.function(prog).run(q="What is two plus two?", backend=upstream.RuntimeEndpoint(cluster.url(1)),
+                                      temperature=0)
+    assert via.error() is None and (via["a"], via["ok"]) == (ref["a"], ref["ok"]), via.error()
+
+
 @pytest.mark.timeout(120)
 def test_client_leaving_mid_stream_is_not_a_worker_failure(cluster):
     """A client that closes its stream: the request is released (nothing left in flight), both workers stay up."""

@@ -7,9 +7,11 @@ Each worker is asked for its settings (`/get_server_info`: page size, `max_runni
 `--max-inflight`, and its KV-event endpoint, `engine.cache.kv_events_endpoint`, whose host part is taken from the
 worker's URL when it binds all interfaces); the router subscribes to those events (ZMQ) to mirror each worker's
 cache, tokenizes prompts with the model's own tokenizer (`--model`, the same name or path as the workers'), and
-routes by sgl_jax/router/policy.py. `POST /generate` (single prompt, streamed or not) is routed; a batch is sent
-whole to the least loaded worker. `GET /health` is 200 while one worker is up; `GET /router_stats` reports the
-routing. Failures: a worker that cannot be reached, or that drops a request before its first byte, is marked
+routes by sgl_jax/router/policy.py. `POST /generate`, `/v1/completions` and `/v1/chat/completions` (a single
+prompt, streamed or not) are routed; a batch is sent whole to the least loaded worker. `GET /v1/models`,
+`/get_model_info` and `/get_server_info` are answered by a healthy worker (so OpenAI clients and SGLang's own
+frontend connect through the router), `POST /flush_cache` goes to every healthy worker. `GET /health` is 200 while
+one worker is up; `GET /router_stats` reports the routing. Failures: a worker that cannot be reached, or that drops a request before its first byte, is marked
 down and the request is retried once on another; one that fails after bytes were sent ends the stream with an
 error event naming it (nothing is lost silently). Down workers are probed every second and take traffic again
 once `/health` answers 200, with an empty mirror.
@@ -28,7 +30,7 @@ from sgl_jax.router.policy import DEFAULT_COPY_WEIGHT, DEFAULT_INFLIGHT_FACTOR, 
 from sgl_jax.router.upstream import Pool, UpstreamError
 
 log = logging.getLogger("sgl_jax.router")
-INLINE_TOKENIZE_CHARS = 4096
+INLINE_TOKENIZE_BYTES = 4096  # a body past this is tokenized in a thread
 
 
 def public_endpoint(endpoint: str, host: str) -> str:
@@ -124,11 +126,11 @@ class RouterApp:
 
         self.hashes = HashMemo()  # prompts continue prefixes hashed before (a tenant's system prompt)
 
-    def _pending(self, body: dict) -> Pending:
+    def _pending(self, path: str, body: dict) -> Pending:
         from sgl_jax.cache.events import sequence_hashes
         from sgl_jax.router.prompt import routing_prompt
 
-        ids, max_new = routing_prompt("/generate", body, self.tokenizer)  # (the worker validates the body)
+        ids, max_new = routing_prompt(path, body, self.tokenizer)  # (the worker validates the body)
         ps = self.router.replicas[0].page_size
         # the router's own id: a client's rid need not be unique among requests in flight
         return Pending(f"r{next(self._ids)}", sequence_hashes(ids, ps, memo=self.hashes), len(ids), max_new)
@@ -201,8 +203,8 @@ class _Collect:
         self.parts.append(piece)
 
 
-async def _forward(app: RouterApp, body: dict, stream: bool, out, raw: bytes | None = None) -> None:
-    """Route one /generate request and relay its answer to `out` (see the module docstring for failures):
+async def _forward(app: RouterApp, path: str, body: dict, stream: bool, out, raw: bytes | None = None) -> None:
+    """Route one request to `path` and relay its answer to `out` (see the module docstring for failures):
     `out.feed(piece)` is called from the worker connection's own callback as each piece arrives and returns true
     when the client is full (the worker's connection stops reading until `await out.drained()`); `await
     out.write(bytes)` sends an error message. `out` raises front.ClientGone once the client is gone. `raw`: the body
@@ -210,12 +212,11 @@ async def _forward(app: RouterApp, body: dict, stream: bool, out, raw: bytes | N
     from sgl_jax.router.front import ClientGone
 
     t0 = time.perf_counter()
-    text = body.get("text")
-    if isinstance(text, str) and len(text) > INLINE_TOKENIZE_CHARS:
-        p = await asyncio.to_thread(app._pending, body)  # a long prompt: tokenized off the event loop
-    else:  # a thread hop costs more than a short prompt's tokenization (2.3 ms median under a burst, measured)
-        p = app._pending(body)
     data = raw if raw is not None else json.dumps(body).encode()
+    if len(data) > INLINE_TOKENIZE_BYTES:
+        p = await asyncio.to_thread(app._pending, path, body)  # a long prompt: tokenized off the event loop
+    else:  # a thread hop costs more than a short prompt's tokenization (2.3 ms median under a burst, measured)
+        p = app._pending(path, body)
     for attempt in (0, 1):
         r = await app.acquire(p)
         pool = app.pools[r.name]
@@ -231,14 +232,14 @@ async def _forward(app: RouterApp, body: dict, stream: bool, out, raw: bytes | N
             return out.feed(piece)
 
         try:
-            conn = await pool.post("/generate", data)
+            conn = await pool.post(path, data)
             try:
                 await conn.relay(sink, out.drained)
             except UpstreamError as e:
                 if not (e.before_response and conn.reused):
                     raise
                 pool.release(conn)  # a kept connection the worker had closed while idle: once more, fresh
-                conn = await pool.post("/generate", data, fresh=True)
+                conn = await pool.post(path, data, fresh=True)
                 await conn.relay(sink, out.drained)
             app.release(p)
             return
@@ -267,7 +268,8 @@ async def open_connections(pools: dict[str, Pool], replicas: list[Replica], per_
 
 
 def build_handler(app: RouterApp):
-    """The router's answers (sgl_jax/router/front.py serves them): POST /generate, GET /health, GET /router_stats."""
+    """The router's answers (sgl_jax/router/front.py serves them): the routed POSTs, the worker-answered GETs,
+    /flush_cache, /health, /router_stats (see the module docstring)."""
 
     async def generate(req, resp) -> None:
         try:
@@ -277,10 +279,10 @@ def build_handler(app: RouterApp):
         if not isinstance(body, dict):
             return resp.send_json(400, {"error": {"message": "the body must be a JSON object", "code": 400}})
         if body.get("stream"):
-            await _forward(app, body, True, resp, req.body)  # the head goes out with the first piece
+            await _forward(app, req.path, body, True, resp, req.body)  # the head goes out with the first piece
             return resp.end()
         got = _Collect()
-        await _forward(app, body, False, got, req.body)
+        await _forward(app, req.path, body, False, got, req.body)
         data = b"".join(got.parts)
         try:
             out = json.loads(data)
@@ -290,6 +292,34 @@ def build_handler(app: RouterApp):
         if isinstance(out, dict) and isinstance(out.get("error"), dict):
             status = int(out["error"].get("code", 400))
         resp.send(status, data)  # the worker's own bytes
+
+    async def from_worker(req, resp) -> None:
+        """A GET any worker answers alike (the model, its settings): the first healthy one's answer, as it is."""
+        import aiohttp
+
+        for r in [r for r in app.router.replicas if r.healthy]:
+            try:
+                async with app.http.get(r.url + req.path, timeout=aiohttp.ClientTimeout(total=30)) as got:
+                    return resp.send(got.status, await got.read(),
+                                     got.headers.get("Content-Type", "application/json").encode())
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                app.down(r, f"{type(e).__name__}: {e}")
+        resp.send_json(503, {"error": {"message": "no worker is up", "code": 503}})
+
+    async def flush_cache(req, resp) -> None:
+        """Every healthy worker flushes its cache (the mirrors follow from their events); 200 when all did."""
+        import aiohttp
+
+        async def one(r):
+            try:
+                async with app.http.post(r.url + "/flush_cache", timeout=aiohttp.ClientTimeout(total=60)) as got:
+                    return r.name, got.status
+            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                return r.name, f"{type(e).__name__}: {e}"
+
+        done = await asyncio.gather(*(one(r) for r in app.router.replicas if r.healthy))
+        ok = bool(done) and all(st == 200 for _, st in done)
+        resp.send_json(200 if ok else 502, {"workers": {name: st for name, st in done}})
 
     def health(req, resp) -> None:
         up = [r.name for r in app.router.replicas if r.healthy]
@@ -305,16 +335,20 @@ def build_handler(app: RouterApp):
                          "host_blocks": len(r.host_blocks),
                          "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
 
-    routes = {"/generate": ("POST", generate), "/health": ("GET", health), "/router_stats": ("GET", stats)}
+    routes = {"/generate": (("POST",), generate), "/v1/completions": (("POST",), generate),
+              "/v1/chat/completions": (("POST",), generate), "/v1/models": (("GET",), from_worker),
+              "/get_model_info": (("GET",), from_worker), "/get_server_info": (("GET",), from_worker),
+              "/flush_cache": (("GET", "POST"), flush_cache), "/health": (("GET",), health),
+              "/router_stats": (("GET",), stats)}
 
     async def handle(req, resp) -> None:
         route = routes.get(req.path)
         if route is None:
             return resp.send_json(404, {"error": {"message": f"no route {req.path}", "code": 404}})
-        method, fn = route
-        if req.method != method:
-            return resp.send_json(405, {"error": {"message": f"{req.path} takes {method}, not {req.method}",
-                                                  "code": 405}})
+        methods, fn = route
+        if req.method not in methods:
+            return resp.send_json(405, {"error": {"message": f"{req.path} takes {' or '.join(methods)}, not "
+                                                             f"{req.method}", "code": 405}})
         out = fn(req, resp)
         if out is not None:
             await out
