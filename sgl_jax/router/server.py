@@ -11,10 +11,10 @@ routes by sgl_jax/router/policy.py. `POST /generate`, `/v1/completions` and `/v1
 prompt, streamed or not) are routed; a batch is sent whole to the least loaded worker. `GET /v1/models`,
 `/get_model_info` and `/get_server_info` are answered by a healthy worker (so OpenAI clients and SGLang's own
 frontend connect through the router), `POST /flush_cache` goes to every healthy worker. `GET /health` is 200 while
-one worker is up; `GET /router_stats` reports the routing. Failures: a worker that cannot be reached, or that drops a request before its first byte, is marked
-down and the request is retried once on another; one that fails after bytes were sent ends the stream with an
-error event naming it (nothing is lost silently). Down workers are probed every second and take traffic again
-once `/health` answers 200, with an empty mirror.
+one worker is up; `GET /router_stats` reports the routing. Failures: a worker that cannot be reached, or that
+drops a request before its first byte, is marked down and the request is retried once on another; one that fails
+after bytes were sent ends the stream with an error event naming it (nothing is lost silently). Down workers are
+probed every second and take traffic again once `/health` answers 200, with an empty mirror.
 """
 
 import argparse
@@ -267,91 +267,94 @@ async def open_connections(pools: dict[str, Pool], replicas: list[Replica], per_
     await asyncio.gather(*(pools[r.name].open_idle(min(r.max_inflight, per_worker)) for r in replicas))
 
 
+async def _generate(app: RouterApp, req, resp) -> None:
+    """A routed POST (/generate or an OpenAI route): its prompt routed, the worker's answer relayed."""
+    try:
+        body = req.json()
+    except ValueError as e:
+        return resp.send_json(400, {"error": {"message": f"the body is not JSON: {e}", "code": 400}})
+    if not isinstance(body, dict):
+        return resp.send_json(400, {"error": {"message": "the body must be a JSON object", "code": 400}})
+    if body.get("stream"):
+        await _forward(app, req.path, body, True, resp, req.body)  # the head goes out with the first piece
+        return resp.end()
+    got = _Collect()
+    await _forward(app, req.path, body, False, got, req.body)
+    data = b"".join(got.parts)
+    try:
+        out = json.loads(data)
+    except ValueError:
+        return resp.send_json(502, {"error": {"message": "bad reply from worker", "code": 502}})
+    status = 200
+    if isinstance(out, dict) and isinstance(out.get("error"), dict):
+        status = int(out["error"].get("code", 400))
+    resp.send(status, data)  # the worker's own bytes
+
+
+async def _from_worker(app: RouterApp, req, resp) -> None:
+    """A GET any worker answers alike (the model, its settings): the first healthy one's answer, as it is."""
+    import aiohttp
+
+    for r in [r for r in app.router.replicas if r.healthy]:
+        try:
+            async with app.http.get(r.url + req.path, timeout=aiohttp.ClientTimeout(total=30)) as got:
+                return resp.send(got.status, await got.read(),
+                                 got.headers.get("Content-Type", "application/json").encode())
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            app.down(r, f"{type(e).__name__}: {e}")
+    resp.send_json(503, {"error": {"message": "no worker is up", "code": 503}})
+
+
+async def _flush_cache(app: RouterApp, req, resp) -> None:
+    """Every healthy worker flushes its cache (the mirrors follow from their events); 200 when all did."""
+    import aiohttp
+
+    async def one(r):
+        try:
+            async with app.http.post(r.url + "/flush_cache", timeout=aiohttp.ClientTimeout(total=60)) as got:
+                return r.name, got.status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            return r.name, f"{type(e).__name__}: {e}"
+
+    done = await asyncio.gather(*(one(r) for r in app.router.replicas if r.healthy))
+    ok = bool(done) and all(st == 200 for _, st in done)
+    resp.send_json(200 if ok else 502, {"workers": {name: st for name, st in done}})
+
+
+async def _health(app: RouterApp, req, resp) -> None:
+    up = [r.name for r in app.router.replicas if r.healthy]
+    resp.send_json(200 if up else 503, {"workers_up": up})
+
+
+async def _stats(app: RouterApp, req, resp) -> None:
+    mx, mean = app.router.imbalance()
+    resp.send_json(200, {
+        "policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
+        "failed": app.failed, "inflight_max": mx, "inflight_mean": mean, "health_rounds": app.health_rounds,
+        "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
+                     "routed": r.routed, "load": r.load, "blocks": len(r.blocks), "host_blocks": len(r.host_blocks),
+                     "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
+
+
+ROUTES = {"/generate": (("POST",), _generate), "/v1/completions": (("POST",), _generate),
+          "/v1/chat/completions": (("POST",), _generate), "/v1/models": (("GET",), _from_worker),
+          "/get_model_info": (("GET",), _from_worker), "/get_server_info": (("GET",), _from_worker),
+          "/flush_cache": (("GET", "POST"), _flush_cache), "/health": (("GET",), _health),
+          "/router_stats": (("GET",), _stats)}
+
+
 def build_handler(app: RouterApp):
-    """The router's answers (sgl_jax/router/front.py serves them): the routed POSTs, the worker-answered GETs,
-    /flush_cache, /health, /router_stats (see the module docstring)."""
-
-    async def generate(req, resp) -> None:
-        try:
-            body = req.json()
-        except ValueError as e:
-            return resp.send_json(400, {"error": {"message": f"the body is not JSON: {e}", "code": 400}})
-        if not isinstance(body, dict):
-            return resp.send_json(400, {"error": {"message": "the body must be a JSON object", "code": 400}})
-        if body.get("stream"):
-            await _forward(app, req.path, body, True, resp, req.body)  # the head goes out with the first piece
-            return resp.end()
-        got = _Collect()
-        await _forward(app, req.path, body, False, got, req.body)
-        data = b"".join(got.parts)
-        try:
-            out = json.loads(data)
-        except ValueError:
-            return resp.send_json(502, {"error": {"message": "bad reply from worker", "code": 502}})
-        status = 200
-        if isinstance(out, dict) and isinstance(out.get("error"), dict):
-            status = int(out["error"].get("code", 400))
-        resp.send(status, data)  # the worker's own bytes
-
-    async def from_worker(req, resp) -> None:
-        """A GET any worker answers alike (the model, its settings): the first healthy one's answer, as it is."""
-        import aiohttp
-
-        for r in [r for r in app.router.replicas if r.healthy]:
-            try:
-                async with app.http.get(r.url + req.path, timeout=aiohttp.ClientTimeout(total=30)) as got:
-                    return resp.send(got.status, await got.read(),
-                                     got.headers.get("Content-Type", "application/json").encode())
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                app.down(r, f"{type(e).__name__}: {e}")
-        resp.send_json(503, {"error": {"message": "no worker is up", "code": 503}})
-
-    async def flush_cache(req, resp) -> None:
-        """Every healthy worker flushes its cache (the mirrors follow from their events); 200 when all did."""
-        import aiohttp
-
-        async def one(r):
-            try:
-                async with app.http.post(r.url + "/flush_cache", timeout=aiohttp.ClientTimeout(total=60)) as got:
-                    return r.name, got.status
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
-                return r.name, f"{type(e).__name__}: {e}"
-
-        done = await asyncio.gather(*(one(r) for r in app.router.replicas if r.healthy))
-        ok = bool(done) and all(st == 200 for _, st in done)
-        resp.send_json(200 if ok else 502, {"workers": {name: st for name, st in done}})
-
-    def health(req, resp) -> None:
-        up = [r.name for r in app.router.replicas if r.healthy]
-        resp.send_json(200 if up else 503, {"workers_up": up})
-
-    def stats(req, resp) -> None:
-        mx, mean = app.router.imbalance()
-        resp.send_json(200, {
-            "policy": app.router.policy, "queued": len(app.router.queue), "retried": app.retried,
-            "failed": app.failed, "inflight_max": mx, "inflight_mean": mean, "health_rounds": app.health_rounds,
-            "workers": [{"name": r.name, "url": r.url, "healthy": r.healthy, "inflight": len(r.inflight),
-                         "routed": r.routed, "load": r.load, "blocks": len(r.blocks),
-                         "host_blocks": len(r.host_blocks),
-                         "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
-
-    routes = {"/generate": (("POST",), generate), "/v1/completions": (("POST",), generate),
-              "/v1/chat/completions": (("POST",), generate), "/v1/models": (("GET",), from_worker),
-              "/get_model_info": (("GET",), from_worker), "/get_server_info": (("GET",), from_worker),
-              "/flush_cache": (("GET", "POST"), flush_cache), "/health": (("GET",), health),
-              "/router_stats": (("GET",), stats)}
+    """The router's answers for sgl_jax/router/front.py to serve: `ROUTES` (see the module docstring)."""
 
     async def handle(req, resp) -> None:
-        route = routes.get(req.path)
+        route = ROUTES.get(req.path)
         if route is None:
             return resp.send_json(404, {"error": {"message": f"no route {req.path}", "code": 404}})
         methods, fn = route
         if req.method not in methods:
             return resp.send_json(405, {"error": {"message": f"{req.path} takes {' or '.join(methods)}, not "
                                                              f"{req.method}", "code": 405}})
-        out = fn(req, resp)
-        if out is not None:
-            await out
+        await fn(app, req, resp)
 
     return handle
 
