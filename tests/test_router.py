@@ -72,6 +72,18 @@ def test_copy_weight_charges_a_second_copy_of_a_cached_prefix():
 
 
 @pytest.mark.timeout(30)
+def test_the_routers_histogram_is_cumulative_and_bounded():
+    from sgl_jax.router.server import _Histogram
+
+    h = _Histogram((0.01, 0.1, 1.0))
+    for x in (0.001, 0.01, 0.05, 0.5, 3.0, 0.02):
+        h.observe(x)
+    assert h.exposition("t") == ["# TYPE t histogram", 't_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 4',
+                                 't_bucket{le="1.0"} 5', 't_bucket{le="+Inf"} 6', f"t_sum {h.sum}", "t_count 6"]
+    assert h.sum == pytest.approx(3.581) and len(h.counts) == 3  # (counts, not the observations)
+
+
+@pytest.mark.timeout(30)
 def test_round_robin_ignores_the_cache():
     a, b = _replicas(max_inflight=8)
     r = Router([a, b], "round_robin")
@@ -397,6 +409,21 @@ def test_openai_clients_and_sglangs_frontend_through_the_router(cluster):
         r = requests.get(cluster.rurl + path, timeout=30)
         assert r.status_code == 200 and r.json().keys() == requests.get(cluster.url(0) + path, timeout=30).json().keys()
     assert requests.get(cluster.rurl + "/generate", timeout=10).status_code == 405
+    from prometheus_client.parser import text_string_to_metric_families
+
+    st = cluster.stats()
+    m = requests.get(cluster.rurl + "/metrics", timeout=10)
+    fams = {f.name: f for f in text_string_to_metric_families(m.text)}  # (counters lose their _total here)
+    assert m.status_code == 200 and m.headers["Content-Type"].startswith("text/plain")
+    routed = {s.labels["worker"]: s.value for s in fams["sgl_jax_router_requests_routed"].samples}
+    assert routed == {w["name"]: w["routed"] for w in st["workers"]}
+    assert {s.labels["worker"]: s.value for s in fams["sgl_jax_router_worker_up"].samples} == \
+        {w["name"]: int(w["healthy"]) for w in st["workers"]}
+    ttft = {s.name: s.value for s in fams["sgl_jax_router_time_to_first_byte_seconds"].samples
+            if not s.labels or s.labels.get("le") == "+Inf"}
+    # every answered request through the router observed once (the three OpenAI calls above included)
+    assert ttft["sgl_jax_router_time_to_first_byte_seconds_count"] == sum(routed.values()) >= 3
+    assert ttft["sgl_jax_router_time_to_first_byte_seconds_bucket"] == sum(routed.values())
     # a prompt served twice is cached; after the router's /flush_cache it is not, on whichever worker it lands
     text = "Flush me please, router, flush me now: " * 3
     _gen(cluster.rurl, text, max_new=1)

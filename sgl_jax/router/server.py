@@ -7,14 +7,14 @@ Each worker is asked for its settings (`/get_server_info`: page size, `max_runni
 `--max-inflight`, and its KV-event endpoint, `engine.cache.kv_events_endpoint`, whose host part is taken from the
 worker's URL when it binds all interfaces); the router subscribes to those events (ZMQ) to mirror each worker's
 cache, tokenizes prompts with the model's own tokenizer (`--model`, the same name or path as the workers'), and
-routes by sgl_jax/router/policy.py. `POST /generate`, `/v1/completions` and `/v1/chat/completions` (a single
-prompt, streamed or not) are routed; a batch is sent whole to the least loaded worker. `GET /v1/models`,
-`/get_model_info` and `/get_server_info` are answered by a healthy worker (so OpenAI clients and SGLang's own
-frontend connect through the router), `POST /flush_cache` goes to every healthy worker. `GET /health` is 200 while
-one worker is up; `GET /router_stats` reports the routing. Failures: a worker that cannot be reached, or that
-drops a request before its first byte, is marked down and the request is retried once on another; one that fails
-after bytes were sent ends the stream with an error event naming it (nothing is lost silently). Down workers are
-probed every second and take traffic again once `/health` answers 200, with an empty mirror.
+routes by sgl_jax/router/policy.py. `POST /generate`, `/v1/completions` and `/v1/chat/completions` (a single prompt,
+streamed or not) are routed; a batch is sent whole to the least loaded worker. `GET /v1/models`, `/get_model_info`
+and `/get_server_info` are answered by a healthy worker (so OpenAI clients and SGLang's own frontend connect through
+the router), `POST /flush_cache` goes to every healthy worker. `GET /health` is 200 while one worker is up;
+`GET /router_stats` reports the routing, `GET /metrics` the same for Prometheus. Failures: a worker that cannot be
+reached, or that drops a request before its first byte, is marked down and the request is retried once on another;
+one that fails after bytes were sent ends the stream with an error event naming it (nothing is lost silently). Down
+workers are probed every second and take traffic again once `/health` answers 200, with an empty mirror.
 """
 
 import argparse
@@ -111,6 +111,33 @@ def subscribe_on_loop(replica: Replica, endpoint: str, topic: str, loop: asyncio
     return sock
 
 
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class _Histogram:
+    """Counts of observations per upper bound (cumulative when exposed), their sum and number: bounded memory for
+    a router that runs for months."""
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+
+    def observe(self, x: float) -> None:
+        self.sum += x
+        self.n += 1
+        for i, b in enumerate(self.bounds):
+            if x <= b:
+                self.counts[i] += 1
+                return
+
+    def exposition(self, name: str) -> list[str]:
+        out, acc = [f"# TYPE {name} histogram"], 0
+        for b, c in zip(self.bounds, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
+        out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
+        return out
+
+
 class RouterApp:
     """The router's state and its request path (one asyncio loop)."""
 
@@ -120,7 +147,7 @@ class RouterApp:
         self.waiting: dict[str, asyncio.Future] = {}
         self.retried = self.failed = 0
         self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
-        self.ttfts: list[float] = []
+        self.ttft = _Histogram(TTFT_BUCKETS)  # /metrics: time to first byte of the answer, at the router
         self._ids = itertools.count()
         from sgl_jax.cache.events import HashMemo
 
@@ -227,7 +254,7 @@ async def _forward(app: RouterApp, path: str, body: dict, stream: bool, out, raw
             nonlocal sent
             if not sent:
                 sent = True
-                app.ttfts.append(time.perf_counter() - t0)
+                app.ttft.observe(time.perf_counter() - t0)
                 app.router.prefilled(p)
             return out.feed(piece)
 
@@ -336,11 +363,42 @@ async def _stats(app: RouterApp, req, resp) -> None:
                      "disk_blocks": len(r.disk_blocks)} for r in app.router.replicas]})
 
 
+async def _metrics(app: RouterApp, req, resp) -> None:
+    """Prometheus text format: per worker its state, requests routed and in flight, load and mirrored blocks; the
+    router's queue, retries, failures and time to first byte."""
+    lines = []
+
+    def family(name: str, kind: str, help_: str, samples) -> None:
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
+        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
+
+    reps = app.router.replicas
+    w = lambda r: f'{{worker="{r.name}"}}'  # noqa: E731
+    family("sgl_jax_router_worker_up", "gauge", "1 while the worker takes traffic",
+           [(w(r), int(r.healthy)) for r in reps])
+    family("sgl_jax_router_requests_routed_total", "counter", "requests sent to the worker",
+           [(w(r), r.routed) for r in reps])
+    family("sgl_jax_router_inflight", "gauge", "requests on the worker now", [(w(r), len(r.inflight)) for r in reps])
+    family("sgl_jax_router_load_tokens", "gauge", "prompt tokens the worker has yet to compute, as estimated",
+           [(w(r), r.load) for r in reps])
+    family("sgl_jax_router_mirrored_blocks", "gauge", "the worker's cached pages in the router's mirror, by medium",
+           [(f'{{worker="{r.name}",medium="{m}"}}', len(b)) for r in reps
+            for m, b in (("GPU", r.blocks), ("CPU", r.host_blocks), ("DISK", r.disk_blocks))])
+    family("sgl_jax_router_queued", "gauge", "requests waiting in the router for a worker",
+           [("", len(app.router.queue))])
+    family("sgl_jax_router_retried_total", "counter", "requests retried on another worker", [("", app.retried)])
+    family("sgl_jax_router_failed_total", "counter", "requests failed with an error naming their worker",
+           [("", app.failed)])
+    lines += ["# HELP sgl_jax_router_time_to_first_byte_seconds from a request's arrival to its answer's first byte"]
+    lines += app.ttft.exposition("sgl_jax_router_time_to_first_byte_seconds")
+    resp.send(200, ("\n".join(lines) + "\n").encode(), b"text/plain; version=0.0.4; charset=utf-8")
+
+
 ROUTES = {"/generate": (("POST",), _generate), "/v1/completions": (("POST",), _generate),
           "/v1/chat/completions": (("POST",), _generate), "/v1/models": (("GET",), _from_worker),
           "/get_model_info": (("GET",), _from_worker), "/get_server_info": (("GET",), _from_worker),
           "/flush_cache": (("GET", "POST"), _flush_cache), "/health": (("GET",), _health),
-          "/router_stats": (("GET",), _stats)}
+          "/router_stats": (("GET",), _stats), "/metrics": (("GET",), _metrics)}
 
 
 def build_handler(app: RouterApp):
