@@ -713,13 +713,11 @@ def _paired(backends: list[str], workloads, count: int, *, throughput: bool, dat
                             st.sync()
                         times[b].append(time.perf_counter() - t0)
                         continue
-                    busy = getattr(targets[b], "busy_seconds", None)
-                    b0 = busy() if busy else 0.0
+                    b0 = targets[b].busy_seconds()
                     t0 = time.perf_counter()
                     progs[b].run(backend=targets[b].backend, temperature=0, **batch[i]).sync()
                     times[b].append(time.perf_counter() - t0)
-                    if busy:
-                        outside[b].append(times[b][-1] - (busy() - b0))
+                    outside[b].append(times[b][-1] - (targets[b].busy_seconds() - b0))
             rows.append(_paired_row(w, len(batch), backends, times, outside))
     finally:
         for t in targets.values():
