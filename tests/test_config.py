@@ -146,9 +146,12 @@ def test_quantization_key():
         EngineConfig.make(quantization=8)
     int8 = load_config(os.path.join(ROOT, "configs", "smollm2-135m-int8.yaml"))
     assert int8.engine.quantization == "int8" and int8.engine.kv_dtype == "float16"
-    assert int8 == load_config(base, {"quantization": "int8", "kv_dtype": "float16", "attention_math": "bfloat16"})
+    # the quantized presets are the default one with these keys changed (16-row query blocks: bench/notes.md)
+    blocks = {"kv_dtype": "float16", "attention_math": "bfloat16", "prefill_block": 16,
+              "prefill_block_buckets": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]}
+    assert int8 == load_config(base, {"quantization": "int8", **blocks})
     gguf = load_config(os.path.join(ROOT, "configs", "smollm2-135m-gguf.yaml"))
-    assert gguf == load_config(base, {"quantization": "gguf", "kv_dtype": "float16", "attention_math": "bfloat16"})
+    assert gguf == load_config(base, {"quantization": "gguf", **blocks})
     assert load_config(base).engine.attention_math == "float32"
     with pytest.raises(ConfigError,
                        match=re.escape("'engine.attention_math' must be one of float32, bfloat16; got 'fp8'")):
