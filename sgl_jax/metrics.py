@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 
 PREFIX = "sgl_jax_"
 
-_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 _STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -42,7 +42,7 @@ class Metrics:
         self.cache_hit_rate = Gauge(f"{p}cache_hit_rate", "cached / prompt tokens since start", registry=r)
         self.kv_pages_used_ratio = Gauge(f"{p}kv_pages_used_ratio", "fraction of KV pages in use", registry=r)
         self.time_to_first_token_seconds = Histogram(
-            f"{p}time_to_first_token_seconds", "arrival to first output token", buckets=_TTFT_BUCKETS, registry=r)
+            f"{p}time_to_first_token_seconds", "arrival to first output token", buckets=TTFT_BUCKETS, registry=r)
         self.e2e_latency_seconds = Histogram(
             f"{p}e2e_latency_seconds", "arrival to finish", buckets=_E2E_BUCKETS, registry=r)
         self.step_seconds = Histogram(f"{p}step_seconds", "duration of one engine step", buckets=_STEP_BUCKETS, registry=r)

@@ -72,15 +72,41 @@ def test_copy_weight_charges_a_second_copy_of_a_cached_prefix():
 
 
 @pytest.mark.timeout(30)
-def test_the_routers_histogram_is_cumulative_and_bounded():
-    from sgl_jax.router.server import _Histogram
+def test_the_routers_metrics_render_its_state():
+    """/metrics from the router's state alone (no workers): per-worker families, the router's counters, and the
+    time-to-first-byte histogram cumulative over its buckets; two routers in one process keep their own."""
+    import asyncio
 
-    h = _Histogram((0.01, 0.1, 1.0))
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from sgl_jax.router.server import RouterApp, _metrics
+
+    reps = _replicas()
+    app = RouterApp(Router(reps), tokenizer=None, http=None)
+    RouterApp(Router(_replicas()), tokenizer=None, http=None).ttft.observe(9.0)  # another router's: not counted
+    reps[0].routed, reps[1].healthy, app.retried, app.failed = 3, False, 2, 1
+    reps[0].blocks.update({11, 12})
     for x in (0.001, 0.01, 0.05, 0.5, 3.0, 0.02):
-        h.observe(x)
-    assert h.exposition("t") == ["# TYPE t histogram", 't_bucket{le="0.01"} 2', 't_bucket{le="0.1"} 4',
-                                 't_bucket{le="1.0"} 5', 't_bucket{le="+Inf"} 6', f"t_sum {h.sum}", "t_count 6"]
-    assert h.sum == pytest.approx(3.581) and len(h.counts) == 3  # (counts, not the observations)
+        app.ttft.observe(x)
+
+    class Resp:
+        def send(self, status, body, ctype):
+            self.status, self.body, self.ctype = status, body, ctype
+
+    resp = Resp()
+    asyncio.run(_metrics(app, None, resp))
+    assert resp.status == 200 and resp.ctype.startswith(b"text/plain")
+    fams = {f.name: f for f in text_string_to_metric_families(resp.body.decode())}
+    val = lambda name, **lab: [s.value for s in fams[name].samples if s.labels == lab][0]  # noqa: E731
+    assert (val("sgl_jax_router_requests_routed", worker="w0"), val("sgl_jax_router_requests_routed", worker="w1")) \
+        == (3, 0)
+    assert (val("sgl_jax_router_worker_up", worker="w0"), val("sgl_jax_router_worker_up", worker="w1")) == (1, 0)
+    assert val("sgl_jax_router_mirrored_blocks", worker="w0", medium="GPU") == 2
+    assert (val("sgl_jax_router_retried"), val("sgl_jax_router_failed"), val("sgl_jax_router_queued")) == (2, 1, 0)
+    h = {(s.name, s.labels.get("le")): s.value for s in fams["sgl_jax_router_time_to_first_byte_seconds"].samples}
+    name = "sgl_jax_router_time_to_first_byte_seconds"
+    assert [h[(name + "_bucket", le)] for le in ("0.01", "0.025", "0.1", "1.0", "+Inf")] == [2, 3, 4, 5, 6]
+    assert h[(name + "_count", None)] == 6 and h[(name + "_sum", None)] == pytest.approx(3.581)
 
 
 @pytest.mark.timeout(30)

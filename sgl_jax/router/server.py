@@ -111,31 +111,39 @@ def subscribe_on_loop(replica: Replica, endpoint: str, topic: str, loop: asyncio
     return sock
 
 
-TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+class _Collector:
+    """The router's state as Prometheus families, read when /metrics is scraped (prometheus_client's custom
+    collector): per worker its state, requests routed and in flight, load and mirrored blocks; the router's queue,
+    retries and failures."""
 
+    def __init__(self, app: "RouterApp"):
+        self.app = app
 
-class _Histogram:
-    """Counts of observations per upper bound (cumulative when exposed), their sum and number: bounded memory for
-    a router that runs for months."""
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-    def __init__(self, bounds: tuple[float, ...]):
-        self.bounds, self.counts, self.sum, self.n = bounds, [0] * len(bounds), 0.0, 0
+        app, reps, p = self.app, self.app.router.replicas, "sgl_jax_router_"
 
-    def observe(self, x: float) -> None:
-        self.sum += x
-        self.n += 1
-        for i, b in enumerate(self.bounds):
-            if x <= b:
-                self.counts[i] += 1
-                return
+        def per_worker(cls, name, help_, value):
+            fam = cls(p + name, help_, labels=["worker"])
+            for r in reps:
+                fam.add_metric([r.name], value(r))
+            return fam
 
-    def exposition(self, name: str) -> list[str]:
-        out, acc = [f"# TYPE {name} histogram"], 0
-        for b, c in zip(self.bounds, self.counts):
-            acc += c
-            out.append(f'{name}_bucket{{le="{b}"}} {acc}')
-        out += [f'{name}_bucket{{le="+Inf"}} {self.n}', f"{name}_sum {self.sum}", f"{name}_count {self.n}"]
-        return out
+        yield per_worker(GaugeMetricFamily, "worker_up", "1 while the worker takes traffic", lambda r: int(r.healthy))
+        yield per_worker(CounterMetricFamily, "requests_routed", "requests sent to the worker", lambda r: r.routed)
+        yield per_worker(GaugeMetricFamily, "inflight", "requests on the worker now", lambda r: len(r.inflight))
+        yield per_worker(GaugeMetricFamily, "load_tokens", "prompt tokens the worker has yet to compute, as estimated",
+                         lambda r: r.load)
+        blocks = GaugeMetricFamily(p + "mirrored_blocks", "the worker's cached pages in the router's mirror, by medium",
+                                   labels=["worker", "medium"])
+        for r in reps:
+            for medium, b in (("GPU", r.blocks), ("CPU", r.host_blocks), ("DISK", r.disk_blocks)):
+                blocks.add_metric([r.name, medium], len(b))
+        yield blocks
+        yield GaugeMetricFamily(p + "queued", "requests waiting in the router for a worker", len(app.router.queue))
+        yield CounterMetricFamily(p + "retried", "requests retried on another worker", app.retried)
+        yield CounterMetricFamily(p + "failed", "requests failed with an error naming their worker", app.failed)
 
 
 class RouterApp:
@@ -147,7 +155,14 @@ class RouterApp:
         self.waiting: dict[str, asyncio.Future] = {}
         self.retried = self.failed = 0
         self.health_rounds = 0  # health-check rounds completed (router_stats: when the workers were last probed)
-        self.ttft = _Histogram(TTFT_BUCKETS)  # /metrics: time to first byte of the answer, at the router
+        from prometheus_client import CollectorRegistry, Histogram
+
+        from sgl_jax.metrics import TTFT_BUCKETS
+
+        self.registry = CollectorRegistry()  # /metrics: this router's own (several may live in one process)
+        self.ttft = Histogram("sgl_jax_router_time_to_first_byte_seconds", "from a request's arrival to its answer's "
+                              "first byte", buckets=TTFT_BUCKETS, registry=self.registry)
+        self.registry.register(_Collector(self))
         self._ids = itertools.count()
         from sgl_jax.cache.events import HashMemo
 
@@ -364,34 +379,10 @@ async def _stats(app: RouterApp, req, resp) -> None:
 
 
 async def _metrics(app: RouterApp, req, resp) -> None:
-    """Prometheus text format: per worker its state, requests routed and in flight, load and mirrored blocks; the
-    router's queue, retries, failures and time to first byte."""
-    lines = []
+    """Prometheus' text format: the router's state (`_Collector`) and its time-to-first-byte histogram."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    def family(name: str, kind: str, help_: str, samples) -> None:
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}"])
-        lines.extend(f"{name}{labels} {value}" for labels, value in samples)
-
-    reps = app.router.replicas
-    w = lambda r: f'{{worker="{r.name}"}}'  # noqa: E731
-    family("sgl_jax_router_worker_up", "gauge", "1 while the worker takes traffic",
-           [(w(r), int(r.healthy)) for r in reps])
-    family("sgl_jax_router_requests_routed_total", "counter", "requests sent to the worker",
-           [(w(r), r.routed) for r in reps])
-    family("sgl_jax_router_inflight", "gauge", "requests on the worker now", [(w(r), len(r.inflight)) for r in reps])
-    family("sgl_jax_router_load_tokens", "gauge", "prompt tokens the worker has yet to compute, as estimated",
-           [(w(r), r.load) for r in reps])
-    family("sgl_jax_router_mirrored_blocks", "gauge", "the worker's cached pages in the router's mirror, by medium",
-           [(f'{{worker="{r.name}",medium="{m}"}}', len(b)) for r in reps
-            for m, b in (("GPU", r.blocks), ("CPU", r.host_blocks), ("DISK", r.disk_blocks))])
-    family("sgl_jax_router_queued", "gauge", "requests waiting in the router for a worker",
-           [("", len(app.router.queue))])
-    family("sgl_jax_router_retried_total", "counter", "requests retried on another worker", [("", app.retried)])
-    family("sgl_jax_router_failed_total", "counter", "requests failed with an error naming their worker",
-           [("", app.failed)])
-    lines += ["# HELP sgl_jax_router_time_to_first_byte_seconds from a request's arrival to its answer's first byte"]
-    lines += app.ttft.exposition("sgl_jax_router_time_to_first_byte_seconds")
-    resp.send(200, ("\n".join(lines) + "\n").encode(), b"text/plain; version=0.0.4; charset=utf-8")
+    resp.send(200, generate_latest(app.registry), CONTENT_TYPE_LATEST.encode())
 
 
 ROUTES = {"/generate": (("POST",), _generate), "/v1/completions": (("POST",), _generate),
