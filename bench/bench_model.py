@@ -226,15 +226,27 @@ class ModelBench:
             return logits
         return run
 
-    def prefill_batch(self, length: int = PREFILL_LEN, block_q: int = 64, at: int = 0):
-        """One sequence of `length` random tokens from position `at` (after `at` cached tokens: a prompt whose
-        prefix is in the cache)."""
+    @staticmethod
+    def prefill_pages(length: int, at: int = 0, chunks: int = 1) -> int:
+        """Pool pages `prefill_batch(length, at=at, chunks=chunks)` uses (page 0 aside)."""
+        shared = at // PAGE_SIZE
+        return shared + chunks * (math.ceil((at + length) / PAGE_SIZE) - shared)
+
+    def prefill_batch(self, length: int = PREFILL_LEN, block_q: int = 64, at: int = 0, chunks: int = 1):
+        """`chunks` sequences of `length` random tokens from position `at` (after `at` cached tokens: a prompt whose
+        prefix is in the cache; several: a fork's branches, a select's choices), sharing the whole pages of those
+        `at` tokens, each with its own pages from there on. The same tokens on every call."""
         from sgl_jax.batch import SeqChunk, pack
         import numpy as np
 
-        pages = list(range(1, 1 + math.ceil((at + length) / PAGE_SIZE)))
-        ids = np.random.default_rng(0).integers(0, self.cfg.vocab_size, length).tolist()
-        return pack([SeqChunk(ids, at, pages)], page_size=PAGE_SIZE, block_q=block_q)
+        shared = at // PAGE_SIZE
+        own = math.ceil((at + length) / PAGE_SIZE) - shared
+        assert 1 + self.prefill_pages(length, at, chunks) <= self.num_pages
+        rng = np.random.default_rng(0)
+        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * own, 1 + shared + (i + 1) * own))
+                  for i in range(chunks)]
+        return pack([SeqChunk(rng.integers(0, self.cfg.vocab_size, length).tolist(), at, t) for t in tables],
+                    page_size=PAGE_SIZE, block_q=block_q)
 
     def time_batch(self, b, n: int) -> dict:
         t0 = time.perf_counter()

@@ -1,5 +1,6 @@
 """Prefill steps at several query-block sizes (`shapes.prefill_block`), compiled in one process and timed in
-alternation, beside each step's tokens at the fresh 512-token prompt's rate measured in the same run.
+turn (bench_model.interleaved_times), beside each step's tokens at the fresh 512-token prompt's rate measured in
+the same run.
 
     python bench/bench_prefill_blocks.py [--blocks 64,32,16] [--reps 7] [--quant int8] [--kv-dtype float16]
                                          [--attention-math bfloat16] [--cases 22@860,4x11@880,...]
@@ -14,10 +15,9 @@ size; the peer (llama-server) is skipped: it has no query blocks to choose.
 from __future__ import annotations
 
 import argparse
-import math
 import os
+import statistics
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,61 +34,29 @@ def parse_case(text: str) -> tuple[int, int, int]:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", default="64,32,16")
-    ap.add_argument("--reps", type=int, default=7, help="alternations; each times 3 calls of every block size")
+    ap.add_argument("--reps", type=int, default=7, help="rounds; each times 3 calls of every block size in turn")
     ap.add_argument("--quant", default="int8", choices=["none", "int8", "gguf"])
     ap.add_argument("--kv-dtype", default="float16")
     ap.add_argument("--attention-math", default="bfloat16")
     ap.add_argument("--cases", default=DEFAULT_CASES, help="comma list of CxN@M (the first should be 512@0: the floor)")
     args = ap.parse_args(argv)
     sys.path.insert(0, HERE)
-    import jax.numpy as jnp
-    import numpy as np
-
     import bench_model as bm
-    from sgl_jax.batch import SeqChunk, pack
-    from sgl_jax.executables import step_compile_options
 
     blocks = [int(b) for b in args.blocks.split(",")]
     cases = [parse_case(c) for c in args.cases.split(",")]
-    S = bm.PAGE_SIZE
-    pages = max(1 + at // S + c * (math.ceil((at + n) / S) - at // S) for c, n, at in cases)
+    pages = max(bm.ModelBench.prefill_pages(n, at, c) for c, n, at in cases)
     mb = bm.ModelBench("float32", pages + 1, "auto", args.quant, kv_dtype=args.kv_dtype or None,
                        attention_math=args.attention_math)
-    rng = np.random.default_rng(0)
     print(f"quant={args.quant} kv={args.kv_dtype} attention_math={args.attention_math}; ms a step, median of "
-          f"{args.reps} alternations x 3 calls; floor = the tokens at the 512@0 case's rate (same block size)")
+          f"{args.reps} rounds x 3 calls, the sizes in turn; floor = the tokens at the 512@0 case's rate (same block "
+          "size)")
     print("| case | " + " | ".join(f"block {b}" for b in blocks) + " |")
     print("|---|" + "---|" * len(blocks))
     rate: dict[int, float] = {}
     for chunks, n, at in cases:
-        shared, own = at // S, math.ceil((at + n) / S) - at // S
-        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * own, 1 + shared + (i + 1) * own))
-                  for i in range(chunks)]
-        ids = [rng.integers(0, mb.cfg.vocab_size, n).tolist() for _ in range(chunks)]
-        steps = {}
-        for bq in blocks:
-            b = pack([SeqChunk(ids[i], at, t) for i, t in enumerate(tables)], page_size=S, block_q=bq)
-            meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
-                                                  b.pre_page_table, b.pre_kv_lens))
-            x, li = jnp.asarray(b.input_ids), jnp.asarray(b.logits_indices)
-            steps[bq] = (mb.fwd.lower(mb.params, x, mb.kv, li, meta, block_q=b.block_q).compile(
-                compiler_options=step_compile_options(len(b.input_ids))), x, li, meta)
-
-        def run(bq):
-            c, x, li, meta = steps[bq]
-            logits, mb.kv = c(mb.params, x, mb.kv, li, meta)
-            logits.block_until_ready()
-
-        for bq in blocks:
-            run(bq)
-        times: dict[int, list[float]] = {bq: [] for bq in blocks}
-        for r in range(args.reps):
-            for bq in blocks if r % 2 == 0 else blocks[::-1]:
-                t0 = time.perf_counter()
-                for _ in range(3):
-                    run(bq)
-                times[bq].append((time.perf_counter() - t0) / 3)
-        med = {bq: sorted(v)[len(v) // 2] for bq, v in times.items()}
+        runs = {bq: mb._run_fn(mb.prefill_batch(n, bq, at, chunks=chunks)) for bq in blocks}  # the same tokens
+        med = {bq: statistics.median(ts) for bq, ts in bm.interleaved_times(runs, args.reps).items()}
         if not rate and chunks == 1 and n == 512 and at == 0:
             rate = {bq: 512 / med[bq] for bq in blocks}
         cells = [f"{1e3 * med[bq]:.1f}" + (f" ({med[bq] * rate[bq] / (chunks * n):.2f}x floor)" if rate else "")

@@ -119,26 +119,16 @@ def main(argv=None):
     sys.path.insert(0, HERE)
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
     import bench_model as bm
-    from sgl_jax.batch import SeqChunk, pack
-
     S = bm.PAGE_SIZE
     if args.prefill:
         # --chunks chunks of --prefill tokens, each after the same --prefill-at cached tokens (a fork's branches):
         # the whole pages of that prefix are shared, each chunk has its own pages from there on
         at, n = args.prefill_at, args.chunks
-        shared, pp = at // S, math.ceil((at + args.prefill) / S)
-        mb = bm.ModelBench(args.dtype, 1 + shared + n * (pp - shared), args.attention, args.quant,
-                           kv_dtype=args.kv_dtype or None,
-                           attention_math=args.attention_math)
-        rng = np.random.default_rng(0)
-        own = pp - shared
-        tables = [list(range(1, 1 + shared)) + list(range(1 + shared + i * own, 1 + shared + (i + 1) * own))
-                  for i in range(n)]
-        b = pack([SeqChunk(rng.integers(0, mb.cfg.vocab_size, args.prefill).tolist(), at, t) for t in tables],
-                 page_size=S, block_q=args.block_q)
+        mb = bm.ModelBench(args.dtype, 1 + bm.ModelBench.prefill_pages(args.prefill, at, n), args.attention,
+                           args.quant, kv_dtype=args.kv_dtype or None, attention_math=args.attention_math)
+        b = mb.prefill_batch(args.prefill, args.block_q, at, chunks=n)
         what = (f"prefill {n} x " if n > 1 else "prefill ") + str(args.prefill) + \
             (f" after {at} cached" if at else "") + f" block_q={args.block_q}"
     else:
@@ -146,9 +136,7 @@ def main(argv=None):
         mb = bm.ModelBench(args.dtype, 1 + args.batch * pp, args.attention, args.quant, kv_dtype=args.kv_dtype or None,
                            attention_math=args.attention_math)
         shared = args.shared_prefix // S  # whole pages every row shares (a fork's prefix), then each row's own
-        tables = [list(range(1, 1 + shared)) + list(range(1 + i * pp + shared, 1 + (i + 1) * pp))
-                  for i in range(args.batch)]
-        b = pack([SeqChunk([1], args.ctx - 1, t) for t in tables], page_size=S, block_q=1)
+        b = mb.decode_batch(args.batch, args.ctx, args.shared_prefix)
         what = f"decode B={args.batch} ctx={args.ctx}" + (f" (first {shared * S} shared)" if shared else "")
     meta = tuple(jnp.asarray(m) for m in (b.positions, b.slot_mapping, b.dec_page_table, b.dec_kv_lens,
                                           b.pre_page_table, b.pre_kv_lens))
