@@ -32,6 +32,11 @@ class SeqChunk:
     logits_from: int | None = None
     as_decode: bool | None = None  # lay out as one decode row per token (None: only 1-token chunks)
     as_run: bool = False  # lay out as run blocks of `run_q` tokens (one page-table gather per block)
+    # (leader, first): positions [first, start_pos) are computed in this very step by chunk `leader` (an index into
+    # the chunks packed together), whose tokens match there. Their keys and values are written into this chunk's
+    # own slots as well (`dup_src` -> `dup_slots`, only where the two slots differ) and this chunk's logits rows
+    # below start_pos (logits_from >= first) are the leader's rows. The leader may not borrow itself.
+    borrow: tuple[int, int] | None = None
 
     @property
     def end_pos(self) -> int:
@@ -58,6 +63,8 @@ class PackedBatch:
     run_page_table: np.ndarray | None = None  # [NR, P]
     run_kv_lens: np.ndarray | None = None  # [NR]
     run_q: int = 1
+    dup_src: np.ndarray | None = None  # [D] int32 token row whose k, v is written a second time; 0 = padding
+    dup_slots: np.ndarray | None = None  # [D] int32 the second slot (0 = padding: the sink page)
 
 
 def bucket(n: int, buckets: list[int] | tuple[int, ...]) -> int:
@@ -70,12 +77,12 @@ def bucket(n: int, buckets: list[int] | tuple[int, ...]) -> int:
 
 def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: int | None = None,
          num_blocks: int | None = None, page_width: int | None = None, num_logits: int | None = None,
-         run_q: int = 1, num_runs: int | None = None) -> PackedBatch:
+         run_q: int = 1, num_runs: int | None = None, num_dups: int | None = None) -> PackedBatch:
     """Pack chunks into padded arrays. Single-token chunks become decode rows, `as_run` chunks run blocks,
     the rest prefill blocks.
 
     Padding targets (None = exact fit): num_decode rows, num_runs run blocks, num_blocks prefill blocks,
-    page_width pages per row, num_logits logits rows.
+    page_width pages per row, num_logits logits rows, num_dups second writes of borrowed keys and values.
 
     Longer than ~80 lines because the ragged layout's three segments (decode rows, run blocks, prefill blocks)
     are filled in one pass over the same index arrays.
@@ -139,14 +146,22 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
     fill_blocks(run, Sd, run_q, run_pt, run_len)
     fill_blocks(pre, Sd + NR * run_q, block_q, pre_pt, pre_len)
 
+    dup_src, dup_slots = _borrowed(chunks, token_index, page_size)
+    D = len(dup_src) if num_dups is None else num_dups
+    if len(dup_src) > D:
+        raise ValueError(f"batch needs {len(dup_src)} borrowed key/value writes; padding allows {D}")
     rows: list[int] = []
     logits_rows = []
     for i, c in enumerate(chunks):
         first = c.end_pos - 1 if c.logits_from is None else c.logits_from
-        if not c.start_pos <= first < c.end_pos:
+        lo = c.start_pos if c.borrow is None else c.borrow[1]
+        if not lo <= first < c.end_pos:
             raise ValueError(f"logits_from={first} is outside the chunk's positions "
-                             f"[{c.start_pos}, {c.end_pos})")
-        sel = token_index[i][first - c.start_pos:]
+                             f"[{lo}, {c.end_pos})")
+        sel = token_index[i][max(first - c.start_pos, 0):]
+        if first < c.start_pos:  # the borrowed rows first: the leader's, at the same positions
+            lead = chunks[c.borrow[0]]
+            sel = token_index[c.borrow[0]][first - lead.start_pos:c.start_pos - lead.start_pos] + sel
         logits_rows.append((len(rows), len(rows) + len(sel)))
         rows += sel
     L = len(rows) if num_logits is None else num_logits
@@ -154,5 +169,29 @@ def pack(chunks: list[SeqChunk], *, page_size: int, block_q: int, num_decode: in
         raise ValueError(f"batch needs {len(rows)} logits rows; padding allows {L}")
     logits_indices = np.full(L, -1, np.int32)
     logits_indices[:len(rows)] = rows
+    dsrc, dslot = np.zeros(D, np.int32), np.zeros(D, np.int32)
+    dsrc[:len(dup_src)], dslot[:len(dup_slots)] = dup_src, dup_slots
     return PackedBatch(input_ids, positions, slots, dec_pt, dec_len, pre_pt, pre_len, logits_indices,
-                       block_q, logits_rows, token_index, run_pt, run_len, run_q)
+                       block_q, logits_rows, token_index, run_pt, run_len, run_q, dsrc, dslot)
+
+
+def _borrowed(chunks: list[SeqChunk], token_index: list[list[int]], page_size: int) -> tuple[list[int], list[int]]:
+    """The second writes of borrowing chunks (`SeqChunk.borrow`): (token row, slot) for every borrowed position
+    whose slot in the borrower's page table differs from the leader's. ValueError when a leader does not compute
+    the borrowed positions in this batch or borrows itself."""
+    src: list[int] = []
+    dst: list[int] = []
+    for i, c in enumerate(chunks):
+        if c.borrow is None:
+            continue
+        li, first = c.borrow
+        lead = chunks[li] if 0 <= li < len(chunks) and li != i else None
+        if lead is None or lead.borrow is not None or not lead.start_pos <= first <= c.start_pos <= lead.end_pos:
+            raise ValueError(f"chunk {i} borrows positions [{first}, {c.start_pos}) from chunk {li}, which does not "
+                             f"compute them in this batch")
+        for pos in range(first, c.start_pos):
+            mine = c.page_table[pos // page_size] * page_size + pos % page_size
+            if mine != lead.page_table[pos // page_size] * page_size + pos % page_size:
+                src.append(token_index[li][pos - lead.start_pos])
+                dst.append(mine)
+    return src, dst

@@ -89,6 +89,8 @@ class StepInputs:
     host_mask: jax.Array  # [L, W] int32 packed mask rows computed on the host (grammar backend)
     host_mask_on: jax.Array  # [L] bool, the row uses host_mask instead of the table
     fsm_budget: jax.Array  # [L] int32 new tokens the row may still produce, this one included; NO_BUDGET = none
+    dup_src: jax.Array  # [D] int32 token rows whose k, v are written a second time (borrowed rows)
+    dup_slots: jax.Array  # [D] int32 their second slots (0 = padding)
 
 
 @struct.dataclass
@@ -152,7 +154,8 @@ def make_step(model: CausalLM, block_q: int, num_top: int, run_q: int = 1, valid
     def step(params, kv, pstate: sampling.PenaltyState, cb: ConstraintBuffers, inp: StepInputs):
         meta = AttnMetadata(inp.positions, inp.slot_mapping, inp.dec_page_table, inp.dec_kv_lens,
                             inp.pre_page_table, inp.pre_kv_lens, block_q=block_q,
-                            run_page_table=inp.run_page_table, run_kv_lens=inp.run_kv_lens, run_q=run_q)
+                            run_page_table=inp.run_page_table, run_kv_lens=inp.run_kv_lens, run_q=run_q,
+                            dup_src=inp.dup_src, dup_slots=inp.dup_slots)
         logits, kv = model.apply({"params": params}, inp.input_ids, meta, kv, inp.logits_indices)  # [L, V]
         logits = sampling.apply_penalties_and_bias(logits, inp.sampling, pstate, inp.row_slot,
                                                    valid_vocab=valid_vocab)
@@ -346,7 +349,8 @@ class ModelRunner(StepCompiler, PageTransfers):
                                 z((shape.num_decode, P), np.int32), z(shape.num_decode, np.int32),
                                 z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
                                 z(L, np.int32), self.prefill_block, [], [],
-                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_block)
+                                z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_block,
+                                z(shape.num_dups(self.page_size), np.int32), z(shape.num_dups(self.page_size), np.int32))
         temp = np.zeros(L, np.float32)
         top_k = np.full(L, -1, np.int32)
         top_p = np.ones(L, np.float32)
@@ -396,7 +400,7 @@ class ModelRunner(StepCompiler, PageTransfers):
         return StepInputs(batch.input_ids, batch.positions, batch.slot_mapping, batch.dec_page_table,
                           batch.dec_kv_lens, batch.pre_page_table, batch.pre_kv_lens, batch.run_page_table,
                           batch.run_kv_lens, batch.logits_indices, sb, rs, tg, want_top, want_lp, fsm_state, fsm_slot,
-                          host_mask, host_on, fsm_budget)
+                          host_mask, host_on, fsm_budget, batch.dup_src, batch.dup_slots)
 
     # --------------------------------------------------------------------------------- run
     def run(self, plan: StepPlan, row_params_of) -> tuple[PackedBatch, dict]:
@@ -409,12 +413,14 @@ class ModelRunner(StepCompiler, PageTransfers):
         if not self.background_done.is_set():  # not every shape compiled yet: maybe run it on a larger one
             shape = self.stand_in(shape)
         chunks = plan.chunks
-        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run)
+        index = {id(c.req): i for i, c in enumerate(chunks)}
+        seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run,
+                         None if c.borrow is None else (index[id(c.borrow[0])], c.borrow[1]))
                 for c in chunks]
         L = shape.num_rows(self.prefill_block, self.grid.full_logit_rows)
         batch = pack(seqs, page_size=self.page_size, block_q=self.prefill_block, num_decode=shape.num_decode,
                      num_blocks=shape.num_blocks, page_width=shape.page_width, num_logits=L, run_q=self.run_block,
-                     num_runs=shape.num_runs)
+                     num_runs=shape.num_runs, num_dups=shape.num_dups(self.page_size))
         rows: list[RowParams | None] = [None] * L
         row_slot = [-1] * L
         target = [-1] * L

@@ -128,6 +128,10 @@ class Chunk:
     logits_from: int | None = None  # first position whose logits are wanted (prompt logprobs)
     as_decode: bool = False  # laid out as decode rows, one per token (decodes, short jump-forward runs)
     as_run: bool = False  # laid out as a run block: a few tokens of one sequence sharing one page gather
+    # (leader, first): req's positions [first, start) are the leader's, computed by the leader's chunk in this
+    # same step; their keys and values are written into req's pages too, and req's logits rows below `start`
+    # are the leader's rows (`Scheduler._lender`, batch.SeqChunk.borrow)
+    borrow: tuple[Request, int] | None = None
 
     @property
     def end(self) -> int:
@@ -173,9 +177,9 @@ class OutOfPagesError(RuntimeError):
 class Scheduler:
     """Owns the waiting queue, the running set, and every page request hold. Single-threaded.
 
-    One class of ~650 lines because admission, chunked prefill, retraction, decode-run sizing, sharing a prefix
-    within the step that computes it and the fork siblings' gate all read and change the same queue, page and
-    slot state within one step.
+    One class of ~700 lines because admission, chunked prefill, retraction, decode-run sizing, sharing a prefix
+    (and borrowing its rows) within the step that computes it and the fork siblings' gate all read and change the
+    same queue, page and slot state within one step.
     """
 
     def __init__(self, cache: RadixCache, cfg: SchedulerConfig, grid: ShapeGrid, max_context: int):
@@ -204,6 +208,7 @@ class Scheduler:
         # a prefix hold taken while that step runs stops before them (`Engine.hold_prefix`)
         self.pending_early_pages: set[int] = set()
         self.shared_in_step = 0  # requests admitted onto a prefix another request computes in the same step
+        self.borrowed_tokens = 0  # prompt tokens taken from another request's rows in the same step (not computed)
         self.partial_tokens = 0  # prompt tokens reused from partly matching pages (counted in cached_tokens)
         self.transfer_costs = TransferCosts.unmeasured()  # host tier: load or recompute (set by the engine)
         self.host_tokens_loaded = 0  # prompt tokens loaded from the host tier (counted in cached_tokens)
@@ -462,28 +467,46 @@ class Scheduler:
         blocks = 0
         rows_left = grid.full_logit_rows or math.inf  # logits rows a prompt-logprob step may still compute
 
-        def take(r: Request) -> bool:
-            """Add r's next prefill chunk if budget, blocks, logits rows and pages allow."""
-            nonlocal blocks, budget_tokens, rows_left
+        rows_total = 0  # logits rows planned (a full-logits step computes at most its blocks' tokens of them)
+        dups_left = grid.dup_rows  # borrowed positions' second writes the step may still carry
+
+        def take(r: Request, lend: tuple[Chunk, int] | None = None) -> bool:
+            """Add r's next prefill chunk if budget, blocks, logits rows and pages allow. With `lend` (a chunk of
+            this step and a position, `_lender`), r's positions up to that one are that chunk's rows."""
+            nonlocal blocks, budget_tokens, rows_left, rows_total, dups_left
             if rows_left < 1:
                 return False
-            n = min(r.num_tokens - r.num_computed, budget_tokens, (max_blocks - blocks) * grid.prefill_block)
-            end = r.num_computed + n
-            if end < r.num_tokens and n > grid.prefill_block:
-                end -= n % grid.prefill_block  # block-aligned chunk boundaries: only the last block pads
+            start = r.num_computed
+            first = start if lend is None else min(lend[1], start + dups_left)
+            if first == start:
+                lend = None
+            bq = grid.prefill_block
+            n = min(r.num_tokens - first, budget_tokens, (max_blocks - blocks) * bq)
+            end = first + n
+            if end < r.num_tokens and n > bq:
+                end -= n % bq  # block-aligned chunk boundaries: only the last block pads
             logits_from = None
             need = r.logits_needed_from()
-            if need is not None and max(need, r.num_computed) < end:
-                logits_from = max(need, r.num_computed)
+            if need is not None and max(need, start) < end:
+                logits_from = max(need, start)
                 end = min(end, logits_from + rows_left)  # its prompt logprobs past the step's rows: next step
-            n = end - r.num_computed
+            n = end - first
+            rows = end - logits_from if logits_from is not None else 1
+            new_blocks = 1 if n == 1 and logits_from is None else math.ceil(max(n, 0) / bq)
+            if lend is not None and rows_total + rows > (blocks + new_blocks) * bq:
+                return False  # a full-logits step computes at most as many logits rows as its blocks have tokens
             if n <= 0 or not self._grow(r, end):
                 return False
             samples = end == r.num_tokens and r.wants_sample
-            chunks.append(Chunk(r, r.num_computed, r.tokens(r.num_computed, end), samples, logits_from))
-            blocks += 1 if n == 1 and logits_from is None else math.ceil(n / grid.prefill_block)
+            chunks.append(Chunk(r, first, r.tokens(first, end), samples, logits_from,
+                                borrow=None if lend is None else (lend[0].req, start)))
+            blocks += new_blocks
             budget_tokens -= n
-            rows_left -= end - logits_from if logits_from is not None else 1
+            rows_left -= rows
+            rows_total += rows
+            if lend is not None:
+                dups_left -= first - start
+                self.borrowed_tokens += first - start
             return True
 
         if has_prefill:
@@ -635,8 +658,14 @@ class Scheduler:
             if r.uses_penalties:  # the device penalty rows get the prompt and any output so far
                 self._marks += [(r.slot, t, False) for t in r.prompt_ids]
                 self._marks += [(r.slot, t, True) for t in r.output_ids]
-            if sharing or not (defer and self._rows_next(r)):  # (sharing: in the step that computes its prefix)
-                take(r)  # if the step is full, it continues as a prefilling request next step
+            lend = self._lender(r, chunks)
+            if sharing or lend is not None or not (defer and self._rows_next(r)):  # (sharing, lend: in the step
+                # that computes its prefix; if the step is full, it continues as a prefilling request next step)
+                if lend is not None and take(r, lend):
+                    if r.retractions == 0:
+                        r.cached_tokens = chunks[-1].start  # the lent positions are not computed for it either
+                else:
+                    take(r)
             admitted.append(r)
             inflight.append(r)
             if len(admitted) + num_decoding >= cfg.max_running_requests:
@@ -674,6 +703,27 @@ class Scheduler:
         self._early_pages.update(res.pages[keep // ps:])
         self._early.append(EarlyCommit(o.namespace, tuple(tokens), keep))
         return end
+
+    def _lender(self, r: Request, chunks: list[Chunk]) -> tuple[Chunk, int] | None:
+        """A chunk planned for this step that computes `r`'s next positions with `r`'s own tokens (another request
+        on the same new prefix: a select's choices past a new question, a cold burst), and how far into `r`'s
+        prompt it does (exclusive; never `r`'s last token, whose row samples or scores `r`'s own next one); None
+        if there is none. `r` then borrows those positions instead of computing them again: each layer writes its
+        keys and values a second time into `r`'s own page (the first partial page, which `r` cannot share) and
+        `r`'s logits rows there are the lender's (the rows predict the same distributions; `r`'s targets are
+        its own). Not with the cache off (an ablation that shares nothing)."""
+        if self.cache.disabled:
+            return None
+        start = r.num_computed
+        best = None
+        for c in chunks:
+            o = c.req
+            if o is r or c.borrow is not None or o.namespace != r.namespace or not c.start <= start < c.end:
+                continue
+            e = min(self._lcp(r, o), c.end, r.num_tokens - 1)
+            if e > start and (best is None or e > best[1]):
+                best = (c, e)
+        return best
 
     def early_users(self) -> list[Request]:
         """The running requests on a prefix committed ahead of the step in flight (the ones computing it and the

@@ -16,6 +16,11 @@ import dataclasses
 import math
 from typing import Mapping
 
+# second key/value writes a step with prefill blocks carries, in pages' worth of tokens: requests that borrow the
+# rows another request computes in the same step (batch.SeqChunk.borrow) -- at most a partial page each, so four
+# such requests in one step (a select's choices past a new question) fit
+DUP_PAGES = 4
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class StepShape:
@@ -35,6 +40,10 @@ class StepShape:
             t = self.num_tokens(block_q)
             return min(t, full_rows) if full_rows > 0 else t
         return self.num_decode + self.num_runs + self.num_blocks
+
+    def num_dups(self, page_size: int) -> int:
+        """Second key/value writes (borrowed rows) the step carries: only steps with prefill blocks have them."""
+        return DUP_PAGES * page_size if self.num_blocks else 0
 
 
 def bucket(n: int, buckets) -> int:
@@ -78,6 +87,11 @@ class ShapeGrid:
     def mixed_blocks(self) -> int:
         """Prefill blocks a step with decode rows can carry: the largest block bucket within the limit."""
         return max([b for b in self.prefill_block_buckets if b <= self.max_mixed_blocks], default=0)
+
+    @property
+    def dup_rows(self) -> int:
+        """Borrowed rows' second writes a step with prefill blocks may carry (`StepShape.num_dups`)."""
+        return DUP_PAGES * self.page_size
 
     @property
     def max_blocks(self) -> int:

@@ -98,9 +98,41 @@ def test_a_burst_on_a_new_prefix_shares_it_within_its_first_step(engine, tiny_pa
     outs = engine.generate(input_ids=ps, sampling_params=GREEDY)
     after = engine.stats()
     assert after["shared_in_step"] - before["shared_in_step"] == 2
+    # the prefix's last 2 tokens (a partial page of 4) borrowed from the first one's rows, not computed again
+    assert after["borrowed_tokens"] - before["borrowed_tokens"] == 2 * 2
     assert after["num_steps"] - before["num_steps"] == 12  # every prompt in the first step, then 11 decode steps
     for ids, out in zip(ps, outs):
         assert out["output_ids"] == reference_greedy(tiny_path, ids, 12)
+    engine.check_integrity()
+
+
+@pytest.mark.timeout(180)
+def test_a_selects_choices_on_a_new_question_take_one_step_with_the_models_logprobs(engine, tiny_path):
+    """A select's shape on an uncached question: each choice after it with prompt logprobs from the question's last
+    token, submitted together. They take one step (8 logits rows here): the first computes the question, the other
+    share its whole pages and borrow its rows for the rest (their keys and values written into their own pages,
+    their logits rows there the first one's); every entry equals an independent forward's log-softmax."""
+    q = prompts(1, seed=31, lo=23, hi=24)[0]  # 5 whole pages + 3 tokens
+    choices = [[50], [40, 41]]  # the second borrows, and its own row at 40 scores 41 over the borrowed keys
+    ps = [q + c for c in choices]
+    start = len(q) - 1
+    engine.flush_cache()
+    before = engine.stats()
+    outs = engine.generate(input_ids=ps, sampling_params={"max_new_tokens": 0}, return_logprob=True,
+                           logprob_start_len=start)
+    after = engine.stats()
+    assert after["num_steps"] - before["num_steps"] == 1
+    # the other: from the page its logits rows start in (position 20) to the question's end
+    assert after["borrowed_tokens"] - before["borrowed_tokens"] == len(q) - 20
+    cfg, params = load_weights(tiny_path, progress=False)
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False)
+    for ids, out in zip(ps, outs):
+        (logits,) = runner.step([(0, ids, 0, 0)])
+        lp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+        got = out["meta_info"]["input_token_logprobs"]
+        assert [e[1] for e in got] == ids[start:]
+        for i, (val, tok, _) in zip(range(start, len(ids)), got):
+            assert val == pytest.approx(lp[i - 1, tok], abs=1e-4), (ids[len(q):], i)
     engine.check_integrity()
 
 

@@ -294,6 +294,46 @@ def test_select_decides_as_upstreams_client(server, backends, method):
         assert got["http"] == ref, (prompt, method, got, ref)
 
 
+@pytest.mark.timeout(300)
+def test_select_on_an_idle_engine_takes_one_step_and_under_load_two_requests(engine_backend):
+    """In-process `select`: with the engine idle and its prefix cached but for a short question, the choices go
+    alone and their step computes the question once (one step, one request per choice, the later choices on the
+    first's pages and rows); with another request running, the prefix goes first (one request more). Both decide
+    alike."""
+    engine = engine_backend.engine
+    ctx = "Answer each question with one word.\n" + "Q: What colour is the sky?\nA: blue\n" * 8
+    choices = [" Paris", " London", " Berlin"]
+
+    @sgl.function
+    def prog(s, q):
+        s += ctx + "Q: " + q + "\nA:" + sgl.select("c", choices=choices)
+
+    engine.flush_cache()
+    assert prog.run(q="Where is the Louvre?", backend=engine_backend).error() is None  # caches ctx
+    q = ("Which city is the capital of France, the one on the river Seine, with the Eiffel Tower, the Louvre "
+         "and Notre-Dame in it?")  # a few pages past the cached context
+    before = engine.stats()
+    idle = prog.run(q=q, backend=engine_backend)
+    after = engine.stats()
+    assert idle.error() is None and idle["c"] == " Paris"
+    assert after["num_steps"] - before["num_steps"] == 1
+    assert after["num_requests"] - before["num_requests"] == len(choices)
+    assert after["shared_in_step"] - before["shared_in_step"] == len(choices) - 1
+    assert after["borrowed_tokens"] > before["borrowed_tokens"]
+    engine.flush_cache()
+    assert prog.run(q="Where is the Louvre?", backend=engine_backend).error() is None
+    busy = engine.generate(prompt="Count slowly:", sampling_params={"max_new_tokens": 400, "ignore_eos": True},
+                           stream=True)
+    next(busy)  # it is running
+    before = engine.stats()
+    loaded = prog.run(q=q, backend=engine_backend)
+    after = engine.stats()
+    busy.close()
+    assert loaded.error() is None and loaded["c"] == idle["c"]
+    assert after["num_requests"] - before["num_requests"] == len(choices) + 1
+    assert after["shared_in_step"] == before["shared_in_step"]
+
+
 # ------------------------------------------------------------------------------------------- cache accounting
 def _counters(engine):
     st = engine.stats()

@@ -98,6 +98,13 @@ class MockRunner:
                 pos = c.start + i
                 self.store[(r.pages[pos // self.ps], pos % self.ps)] = t
             self.computed_tokens += len(c.token_ids)
+            if c.borrow is not None:  # the lender's rows written a second time, into the borrower's pages
+                lead, first = c.borrow
+                (lc,) = [x for x in plan.chunks if x.req is lead and x.borrow is None]
+                assert lc.start <= first <= c.start <= lc.end, "a borrow outside its lender's chunk"
+                for pos in range(first, c.start):
+                    self.store[(r.pages[pos // self.ps], pos % self.ps)] = lc.token_ids[pos - lc.start]
+                self.borrowed = getattr(self, "borrowed", 0) + c.start - first
         for c in plan.chunks:
             r = c.req
             if c.samples:
@@ -222,11 +229,13 @@ def test_a_burst_on_a_new_prefix_shares_it_in_the_step_that_computes_it():
     done, plan, s, runner, users = run(False)
     assert done == ref
     assert [c.req.rid for c in plan.prefills] == ["r0", "r1", "r2", "r3"]  # all four prompts in the first step
-    assert [c.start for c in plan.prefills] == [0, 28, 28, 28]
+    # the prefix's whole pages shared; its last partial page's 2 tokens borrowed from r0's rows
+    assert [c.start for c in plan.prefills] == [0, 30, 30, 30]
+    assert [c.borrow and (c.borrow[0].rid, c.borrow[1]) for c in plan.prefills] == [None] + [("r0", 28)] * 3
     (e,) = plan.early
     assert e.keep == 0 and e.tokens == tuple(prefix[:28]) and users == ["r0", "r1", "r2", "r3"]
-    assert s.shared_in_step == 3 and not plan0.early
-    assert runner.computed_tokens == 32 + 3 * 4 + 4 * 2  # prompts (the prefix once), then 2 decodes each
+    assert s.shared_in_step == 3 and not plan0.early and s.borrowed_tokens == 3 * 2
+    assert runner.computed_tokens == 32 + 3 * 2 + 4 * 2  # prompts (the prefix once), then 2 decodes each
 
 
 def test_no_partial_page_copy_reads_a_page_its_step_has_yet_to_write():
@@ -243,8 +252,9 @@ def test_no_partial_page_copy_reads_a_page_its_step_has_yet_to_write():
     assert done == {f"r{i}": expected_output(p, 4) for i, p in enumerate(ps)}
 
 
-def _burst_on_shared_prefixes(seed: int) -> int:
-    """One random run for the test below; returns how many requests shared a prefix within a step."""
+def _burst_on_shared_prefixes(seed: int) -> tuple[int, int]:
+    """One random run for the test below; returns how many requests shared a prefix within a step, and how many
+    prompt tokens they borrowed from another's rows in it."""
     rng = random.Random(100 + seed)
     s = make(num_pages=rng.choice([30, 40, 60, 200]), budget=rng.choice([16, 32, 64]), max_running=8,
              mixed_blocks=rng.choice([0, 2]), host_slots=rng.choice([0, 0, 24]))
@@ -270,16 +280,19 @@ def _burst_on_shared_prefixes(seed: int) -> int:
             else:
                 assert r.rid in aborted, (seed, r.rid)
         assert s.alloc.num_free + s.cache.evictable_pages == s.alloc.num_total
-    return s.shared_in_step
+    assert s.borrowed_tokens == getattr(runner, "borrowed", 0)
+    return s.shared_in_step, s.borrowed_tokens
 
 
 def test_bursts_on_shared_prefixes_against_the_mock():
     """Random bursts of prompts sharing new prefixes (lengths on and off page boundaries, short suffixes,
     prompts ending inside another's first pages), in a pool small enough to evict (to a host tier in a third of
     the runs), some asking for prompt logprobs, with aborts: outputs equal the mock's, every page read back holds
-    its token, the invariants hold after every step; in most runs some requests shared a prefix within a step."""
+    its token, the invariants hold after every step; in most runs some requests shared a prefix within a step, and
+    borrowed the rows of its last partial page from the request computing it."""
     shared = [_burst_on_shared_prefixes(seed) for seed in range(16)]
-    assert sum(n > 0 for n in shared) >= 8, shared
+    assert sum(n > 0 for n, _ in shared) >= 8, shared
+    assert sum(b > 0 for _, b in shared) >= 8, shared
 
 
 def test_no_host_load_below_a_prefix_shared_in_its_step():
@@ -679,7 +692,8 @@ def drive_logprobs(s: Scheduler, runner: MockRunner, on_schedule=None) -> tuple[
             r = c.req
             if c.logits_from is None:
                 continue
-            assert r.logprob_start >= 0 and c.start <= c.logits_from < c.end
+            lo = c.start if c.borrow is None else c.borrow[1]  # a borrower's rows below its start are its lender's
+            assert r.logprob_start >= 0 and lo <= c.logits_from < c.end
             n = len(r.prompt_ids)
             assert c.logits_from < n, "logits of output positions requested for prompt logprobs"
             seq = [runner.store[(r.pages[p // ps], p % ps)] for p in range(c.end)]
@@ -773,7 +787,9 @@ def test_prompt_logprobs_select_batch_shares_the_prefix_up_to_the_logprob_start(
     done, entries = drive_logprobs(s, runner, lambda s, plan, before: plans.append(plan))
     assert {c.req.rid for c in plans[0].prefills} == {"c0", "c1", "c2"}  # admitted together, none waits
     for r, c in zip(reqs, choices):
-        assert r.cached_tokens == P - 3  # whole pages, then part of the next one (copied)
+        # the first: whole pages, then part of the next one (copied); the others borrow the rest of the prefix
+        # from its rows in the same step (their logits rows there are its rows, scored on their own tokens)
+        assert r.cached_tokens == (P - 3 if r.rid == "c0" else P)
         assert entries[r.rid] == expected_entries(prefix + c, P - 2) and len(entries[r.rid]) == len(c) + 2
 
 

@@ -285,6 +285,19 @@ class Engine:
         """Abort a running or waiting request; False if no live request has this rid."""
         return self.loop.abort(rid)
 
+    def idle_uncached(self, input_ids) -> int | None:
+        """How many tokens of `input_ids` the radix cache lacks, when the engine has nothing else to do (no request
+        running, waiting or compiling a constraint); None when it is busy. For the in-process frontend's choice of
+        one submission or two (`EngineBackend.select`)."""
+
+        def peek():
+            s = self.scheduler
+            if s.running or s.waiting or self.constraints.pending:
+                return None
+            return len(input_ids) - self.cache.peek_prefix_len(list(input_ids))
+
+        return self.loop.call_now(peek)
+
     def hold_prefix(self, input_ids) -> "PrefixHold | None":
         """Lock the cached page-aligned prefix of `input_ids` in the radix cache (never evicted) until
         `release_prefix(hold)`; None when nothing of it is cached. The frontend holds a fork's shared prefix
@@ -398,7 +411,7 @@ class Engine:
         return dict(num_running=len(s.running), num_waiting=len(s.waiting), num_steps=self.loop.stats.num_steps,
                     num_decode_steps=self.loop.stats.num_decode_steps,
                     num_decode_rows=self.loop.stats.num_decode_rows, busy_seconds=self.loop.stats.busy_seconds,
-                    num_requests=c["requests"], shared_in_step=s.shared_in_step,
+                    num_requests=c["requests"], shared_in_step=s.shared_in_step, borrowed_tokens=s.borrowed_tokens,
                     num_retractions=s.num_retractions, partial_page_tokens=s.partial_tokens,
                     free_pages=self.allocator.num_free, cached_pages=self.cache.cached_pages,
                     prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],

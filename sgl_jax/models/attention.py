@@ -55,6 +55,10 @@ class AttnMetadata:
     run_page_table: jax.Array | None = None  # [NR, P] int32 (None = no run blocks)
     run_kv_lens: jax.Array | None = None  # [NR] int32
     run_q: int = struct.field(pytree_node=False, default=1)  # Br, tokens per run block
+    # second writes: the k, v of token row dup_src[i] also go to slot dup_slots[i] (a request computing
+    # past a prefix another row computes in this step: sgl_jax.batch.SeqChunk.borrow); None = none
+    dup_src: jax.Array | None = None  # [D] int32 (0 for padding)
+    dup_slots: jax.Array | None = None  # [D] int32 (0 for padding: the sink page)
 
     @property
     def num_decode(self) -> int:
@@ -69,8 +73,14 @@ class AttnMetadata:
         return 0 if self.run_page_table is None else self.run_page_table.shape[0]
 
 
-def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array) -> KVPages:
-    """Scatter this step's k, v `[T, KV, D]` into the pool at `slot_mapping` `[T]`."""
+def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
+             dup_src: jax.Array | None = None, dup_slots: jax.Array | None = None) -> KVPages:
+    """Scatter this step's k, v `[T, KV, D]` into the pool at `slot_mapping` `[T]`, and rows `dup_src` `[D]`
+    a second time at `dup_slots` `[D]` (one scatter for both)."""
+    if dup_src is not None and dup_src.shape[0]:
+        k = jnp.concatenate([k, k[dup_src]])
+        v = jnp.concatenate([v, v[dup_src]])
+        slot_mapping = jnp.concatenate([slot_mapping, dup_slots])
     k_pages, v_pages = pages
     page_size = k_pages.shape[2]
     page, off = slot_mapping // page_size, slot_mapping % page_size

@@ -199,7 +199,7 @@ def _dense(features, use_bias, dtype, name):
 def _attend(attn, kw, q, k, v, pages, meta: AttnMetadata):
     """This step's k, v written into the pool, then attention per segment of the ragged batch (decode rows, run
     blocks, prefill blocks). q [T, H, D], k, v [T, K, D] (H, K: the heads this device holds) -> ([T, H*D], pages)."""
-    pages = write_kv(pages, k, v, meta.slot_mapping)
+    pages = write_kv(pages, k, v, meta.slot_mapping, meta.dup_src, meta.dup_slots)
     H, D = q.shape[1], q.shape[2]
     Sd, NR, Br, NB, Bq = meta.num_decode, meta.num_runs, meta.run_q, meta.num_blocks, meta.block_q
     outs = []

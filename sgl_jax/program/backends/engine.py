@@ -5,9 +5,10 @@
   call after the first finds everything before it in the radix cache.
 - `fork(n)`: the parent prompt is prefilled once and held in the radix cache (`Engine.hold_prefix`) until
   every branch has sent its first call; the branches' calls arrive together and are batched.
-- `select`: the prefix is prefilled once, then every choice is scored in one batched prefill with prompt
-  logprobs only from two tokens before the prompt's end (the same window and normalisation as upstream's
-  client, so the decisions agree), and the choice's exact ids become the state's.
+- `select`: the prefix is prefilled once (in the choices' own step when the engine is idle), then every choice
+  is scored in one batched prefill with prompt logprobs only from two tokens before the prompt's end (the same
+  window and normalisation as upstream's client, so the decisions agree), and the choice's exact ids become the
+  state's.
 - Generated text trimmed by a stop string or ended by EOS keeps only the ids that decode to the kept text.
 
 Host code: the engine is handed in (or built lazily from a config), so importing this module needs no jax.
@@ -148,10 +149,21 @@ class EngineBackend(Backend):
                                     return_logprob=True, return_text_in_logprobs=True, logprob_start_len=start)
 
     def select(self, prompt: Prompt, choices, temperature, method):
+        """The prefix first, then the choices in one batch -- or, when the engine is idle and the uncached part of
+        the prefix fits one step's prefill budget, the choices alone: the first computes that part and the others
+        share its pages and borrow its rows for the rest, in the same step (`Scheduler._share_in_step`,
+        `Scheduler._lender`), one step instead of two. Under load the prefix goes first: a prefix step packs
+        other programs' prompts, where every prompt-logprob step is bounded by its logits rows
+        (`full_logit_rows`). A fork branch's first call always sends the prefix first (its arrival among its
+        siblings, `prefix_hold`)."""
         prefix_ids = self.ids(prompt)
-        self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0}, prefix_hold=prompt.gather)
-        start = max(len(prefix_ids) - 2, 0)
         cands = [self.ids(prompt, c) for c in choices]
+        uncached = self.engine.idle_uncached(prefix_ids) if prompt.gather is None else None
+        own = sum(len(c) - len(prefix_ids) for c in cands)
+        if uncached is None or uncached + own > self.engine.config.scheduler.max_prefill_tokens:
+            self.engine.generate(input_ids=prefix_ids, sampling_params={"max_new_tokens": 0},
+                                 prefix_hold=prompt.gather)
+        start = max(len(prefix_ids) - 2, 0)
         outs = self._logprobs(cands, start)
         windows = [o["meta_info"]["input_token_logprobs"] for o in outs]
         outputs = [o["meta_info"].get("output_token_logprobs", []) for o in outs]
