@@ -17,8 +17,9 @@ import math
 from typing import Mapping
 
 # second key/value writes a step with prefill blocks carries, in pages' worth of tokens: requests that borrow the
-# rows another request computes in the same step (batch.SeqChunk.borrow) -- at most a partial page each, so four
-# such requests in one step (a select's choices past a new question) fit
+# rows another request computes in the same step (batch.SeqChunk.borrow) -- a partial page each, a little more
+# with prompt logprobs (a select's choices past a new question: the page their logits rows start in, and the
+# question's last tokens); a borrow past them is cut short (Scheduler.schedule's `take`)
 DUP_PAGES = 4
 
 
