@@ -467,19 +467,19 @@ class Scheduler:
         blocks = 0
         rows_left = grid.full_logit_rows or math.inf  # logits rows a prompt-logprob step may still compute
 
-        rows_total = 0  # logits rows planned (a full-logits step computes at most its blocks' tokens of them)
-        dups_left = grid.dup_rows  # borrowed positions' second writes the step may still carry
-
         def take(r: Request, lend: tuple[Chunk, int] | None = None) -> bool:
             """Add r's next prefill chunk if budget, blocks, logits rows and pages allow. With `lend` (a chunk of
             this step and a position, `_lender`), r's positions up to that one are that chunk's rows."""
-            nonlocal blocks, budget_tokens, rows_left, rows_total, dups_left
+            nonlocal blocks, budget_tokens, rows_left
             if rows_left < 1:
                 return False
             start = r.num_computed
-            first = start if lend is None else min(lend[1], start + dups_left)
-            if first == start:
-                lend = None
+            first = start
+            if lend is not None:  # within the second writes the step may still carry
+                dups_left = grid.dup_rows - sum(c.start - c.borrow[1] for c in chunks if c.borrow is not None)
+                first = min(lend[1], start + dups_left)
+                if first == start:
+                    lend = None
             bq = grid.prefill_block
             n = min(r.num_tokens - first, budget_tokens, (max_blocks - blocks) * bq)
             end = first + n
@@ -493,7 +493,8 @@ class Scheduler:
             n = end - first
             rows = end - logits_from if logits_from is not None else 1
             new_blocks = 1 if n == 1 and logits_from is None else math.ceil(max(n, 0) / bq)
-            if lend is not None and rows_total + rows > (blocks + new_blocks) * bq:
+            if lend is not None and rows + sum(c.end - c.logits_from if c.logits_from is not None else 1
+                                               for c in chunks) > (blocks + new_blocks) * bq:
                 return False  # a full-logits step computes at most as many logits rows as its blocks have tokens
             if n <= 0 or not self._grow(r, end):
                 return False
@@ -503,9 +504,7 @@ class Scheduler:
             blocks += new_blocks
             budget_tokens -= n
             rows_left -= rows
-            rows_total += rows
             if lend is not None:
-                dups_left -= first - start
                 self.borrowed_tokens += first - start
             return True
 
