@@ -1,7 +1,7 @@
 """Runtime benchmarks of the sgl_jax Engine on CPU (SmolLM2-135M): prefix caching, batching, host overhead.
 
     python bench/bench_runtime.py shared-prefix [--json OUT]   # 64 requests, ~1,000-token few-shot prefix
-    python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test
+    python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test (+ llama-server)
     python bench/bench_runtime.py multiturn     [--json OUT]   # 8 conversations x 4 turns, short and long
     python bench/bench_runtime.py decode [--config PRESET] [--json OUT]  # batch 32 / 64 decode vs floors
     python bench/bench_runtime.py scheduler     [--json OUT]   # schedule() cost, 1,000 / 5,000 waiting
@@ -36,6 +36,8 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import peers  # noqa: E402
 
 # One config for every engine here (identical shapes -> persistent compile-cache hits across runs).
 # 3 page widths x (2 decode buckets x {0, 1} blocks + 2 block buckets x {normal, full-logits}) = 24 shapes.
@@ -54,14 +56,6 @@ ENGINE = dict(
     compile_cache_dir="~/.cache/sgl_jax/jax_cache",
 )
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
-
-# Reference figures quoted from /work/shared/reference/cpu-baselines.md (not re-measured here).
-LLAMA_SERVER_16 = {  # req/s, cold / warm
-    "llama-cpp-python server (1 at a time)": (0.74, 0.75),
-    "llama-server -cb -np 4": (0.80, 1.01),
-    "llama-server -cb -np 8": (0.55, 1.48),
-    "llama-server -cb -np 16": (0.37, 1.55),
-}
 
 
 def _log(*a):
@@ -464,12 +458,60 @@ def bench_sixteen(args) -> dict:
                      f"{r['warm_req_s_median']:.2f}", f"{r['warm_out_tok_s_median']:.0f}",
                      f"{r['cold_hit_rate']:.0%} / {r['warm_hit_rate']:.0%}",
                      f"{r['cold_cpu_s_median']:.1f} / {r['warm_cpu_s_median']:.1f}", f"{r['others_cores_median']:.2f}"])
-    for k, (c, w) in LLAMA_SERVER_16.items():
-        rows.append([f"{k} [cpu-baselines.md, not re-measured]", f"{c:.2f}", f"{w:.2f}",
-                     "99" if k.endswith("16") else "-", "-", "-", "-"])
+    binary = peers.find_llama_server(args.llama_server)
+    if binary:
+        _log("[sixteen] llama-server -cb -np 16 (the peer)")
+        from sgl_jax.models.hub import resolve_model
+
+        res["peer"] = peer_sixteen(binary, resolve_model(ENGINE["model"]), prefix, qs, args.repeats)
+        r = res["peer"]
+        rows.append([f"llama-server -cb -np 16, same GGUF (median of {args.repeats})", f"{r['cold_req_s_median']:.2f}",
+                     f"{r['warm_req_s_median']:.2f}", f"{r['warm_out_tok_s_median']:.0f}",
+                     f"{r['cold_hit_rate']:.0%} / {r['warm_hit_rate']:.0%}", "-", "-"])
+    else:
+        res["peer"] = peers.SKIPPED
     res["table"] = _table(["system", "cold req/s", "warm req/s", "warm out tok/s", "hit rate cold / warm",
                            "CPU-s cold / warm", "others' cores"], rows)
+    if not binary:
+        res["table"] += "\n" + peers.SKIPPED
     return res
+
+
+def peer_sixteen(binary: str, gguf: str, prefix: list[int], qs: list[list[int]], repeats: int) -> dict:
+    """llama.cpp's `llama-server -cb -np 16` on the same GGUF and the same token ids as our engine's phases: per
+    repeat a fresh server (its slots' prompt caches empty: the cold phase), the 16 cold prompts at once, then the
+    16 warm ones; req/s, output tokens/s and its hit rate (its `timings`: cache_n of cache_n + prompt_n)."""
+    import concurrent.futures
+
+    import requests
+
+    def burst(url: str, prompts: list[list[int]]) -> dict:
+        def one(ids):
+            body = {"prompt": ids, "n_predict": 64, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
+            r = requests.post(url + "/completion", json=body, timeout=900)
+            r.raise_for_status()
+            return r.json()["timings"]
+
+        with concurrent.futures.ThreadPoolExecutor(len(prompts)) as ex:
+            t0 = time.perf_counter()
+            tms = list(ex.map(one, prompts))
+            wall = time.perf_counter() - t0
+        cached, fresh = sum(t.get("cache_n", 0) for t in tms), sum(t["prompt_n"] for t in tms)
+        return dict(req_s=len(prompts) / wall, out_tok_s=sum(t["predicted_n"] for t in tms) / wall,
+                    hit_rate=cached / max(cached + fresh, 1))
+
+    runs = []
+    for i in range(repeats):
+        with peers.LlamaServer(binary, gguf, ["-cb", "-np", 16, "-t", 2, "-c", 16 * 512]) as srv:
+            cold = burst(srv.url, [prefix + q for q in qs[32 * i:32 * i + 16]])
+            warm = burst(srv.url, [prefix + q for q in qs[32 * i + 16:32 * i + 32]])
+        _log(f"    llama-server #{i}: cold {cold['req_s']:.2f} req/s (hit {cold['hit_rate']:.0%}), warm "
+             f"{warm['req_s']:.2f} req/s (hit {warm['hit_rate']:.0%})")
+        runs.append({"cold": cold, "warm": warm})
+    return {"runs": runs, "cold_req_s_median": _med([r["cold"]["req_s"] for r in runs]),
+            "warm_req_s_median": _med([r["warm"]["req_s"] for r in runs]),
+            "warm_out_tok_s_median": _med([r["warm"]["out_tok_s"] for r in runs]),
+            "cold_hit_rate": runs[-1]["cold"]["hit_rate"], "warm_hit_rate": runs[-1]["warm"]["hit_rate"]}
 
 
 # ------------------------------------------------------------------------------- 3. multi-turn chat
@@ -788,6 +830,8 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("what", choices=list(SUBCOMMANDS) + ["sched", "all"])
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument("--llama-server", help="sixteen: the peer's binary (default: bench/peers.py finds one; none: "
+                                           "the peer is skipped)")
     ap.add_argument("--num-requests", type=int, default=64, help="shared-prefix: requests per phase")
     ap.add_argument("--prefix-tokens", type=int, default=1000, help="shared-prefix: few-shot prefix length")
     ap.add_argument("--skip-off-warm", action="store_true",

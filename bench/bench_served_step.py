@@ -16,9 +16,8 @@ a long one (~480 tokens). For each, measured in the same run:
   floor          memory floor of one batch-1 decode step: parameter bytes + KV bytes of the context,
                  over the copy bandwidth measured here (bench/floors.py), read + write counted as in
                  cpu-baselines.md
-Peer: llama.cpp's llama-server (`--llama-server PATH`, or the one on PATH; see
-/work/shared/reference/cpu-baselines.md for building it from the llama-cpp-python sdist) on the same GGUF, the
-same templated prompts, 2 threads, one slot: its own per-token decode timing beside its wall time per token.
+Peer: llama.cpp's llama-server (bench/peers.py finds it: `--llama-server PATH`, on PATH, or the build of
+bench/build_llama_server.sh) on the same GGUF, the same templated prompts, 2 threads, one slot: its own per-token decode timing beside its wall time per token.
 Without one the peer is reported as skipped.
 """
 
@@ -27,10 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -38,6 +34,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
+
+import peers  # noqa: E402
 
 
 def _median_ms(fn, n: int = 20, warmup: int = 3) -> float:
@@ -133,11 +131,11 @@ def run(config: str, tokens: int, overrides: dict, llama_server: str | None = No
         row.update(_split(eng, shape, last.inputs))
         results["rows"].append(row)
     eng.shutdown()
-    peer = llama_server or shutil.which("llama-server")
+    peer = peers.find_llama_server(llama_server)
     if peer:
         results["peer"] = _llama_server_rows(peer, resolve_model(cfg.model), prompts, tokens)
     else:
-        results["peer"] = "skipped: llama-server is not on PATH (build it as cpu-baselines.md describes)"
+        results["peer"] = peers.SKIPPED
     return results
 
 
@@ -146,43 +144,20 @@ def _llama_server_rows(binary: str, gguf: str, prompts: list[tuple[str, str]], t
     `tokens` tokens with EOS ignored, one untimed call first; its own timings (prompt and per-token decode)."""
     import requests
 
-    port = _free_port()
-    proc = subprocess.Popen([binary, "-m", gguf, "--port", str(port), "-t", "2", "-np", "1", "-c", "4096"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if requests.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.time() > deadline or proc.poll() is not None:
-                return [{"error": "llama-server did not come up"}]
-            time.sleep(0.5)
-        rows = []
+    rows = []
+    with peers.LlamaServer(binary, gguf, ["-t", 2, "-np", 1, "-c", 4096]) as peer:
         for name, prompt in prompts:
             body = {"prompt": prompt, "n_predict": tokens, "temperature": 0, "ignore_eos": True,
                     "cache_prompt": False}
-            requests.post(url + "/completion", json=dict(body, n_predict=4), timeout=600)
+            requests.post(peer.url + "/completion", json=dict(body, n_predict=4), timeout=600)
             t = time.perf_counter()
-            out = requests.post(url + "/completion", json=body, timeout=600).json()
+            out = requests.post(peer.url + "/completion", json=body, timeout=600).json()
             wall = time.perf_counter() - t
             tm = out["timings"]
             rows.append({"prompt": name, "prompt_tokens": tm["prompt_n"], "tokens": tm["predicted_n"],
                          "wall_per_token_ms": 1e3 * wall / tm["predicted_n"],
                          "decode_per_token_ms": tm["predicted_per_token_ms"], "prompt_ms": tm["prompt_ms"]})
-        return rows
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return rows
 
 
 def report(res: dict) -> str:
@@ -214,7 +189,7 @@ def main(argv=None):
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "smollm2-135m.yaml"))
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--llama-server", help="llama-server binary (default: the one on PATH)")
+    ap.add_argument("--llama-server", help="llama-server binary (default: bench/peers.py finds one)")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     from sgl_jax.config import leaf_fields, parse_value

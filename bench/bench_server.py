@@ -10,7 +10,8 @@ unloaded server; reports p50/p99 time to first token and throughput.
 `prefix`: the 16-request shared-prefix workload of ../shared/reference/cpu-baselines.md (a ~400-token
 shared prefix + an 18-22-token distinct suffix, 64 greedy output tokens, EOS ignored), all sent at once
 to a fresh server (cold), then again with new suffixes (warm). Runs llama.cpp's `llama-server -cb -np 16`
-on the same GGUF in the same invocation when it is available; otherwise the peer is skipped (the test is not).
+on the same GGUF in the same invocation when one is found (bench/peers.py: --llama-server, PATH, or the build of
+bench/build_llama_server.sh); otherwise the peer is skipped (the test is not).
 Without --url the script starts `python -m sgl_jax.serve` itself on a free loopback port.
 """
 
@@ -21,8 +22,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,16 +29,13 @@ import time
 
 import aiohttp
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ("the of and to in is was for on that with as by at from his her an which have are were be this "
          "river mountain city garden library music science history ocean forest winter summer market bridge "
          "teacher student engineer painter doctor farmer captain village harbor station museum").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -50,7 +46,7 @@ class Server:
         if url:
             self.url = url.rstrip("/")
             return
-        port = free_port()
+        port = peers.free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "sgl_jax.serve", "--config", config, "--port", str(port)] + extra
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -263,19 +259,13 @@ async def run_prefix(args):
         srv.stop()
     results["floor"] = prefix_floor(args.gguf or default_gguf(), len(cold), 64,
                                     results["sgl_jax"], *config_weights_kv(args.config))
-    llama = args.llama_server or shutil.which("llama-server")
+    llama = peers.find_llama_server(args.llama_server)
     if llama:
-        args.gguf = args.gguf or default_gguf()
-        port = free_port()
-        proc = subprocess.Popen([llama, "-m", args.gguf, "--port", str(port), "-cb", "-np", "16", "-t", "2",
-                                 "-c", str(16 * 512)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{port}"
-            await Server(url, "", []).wait()
+        with peers.LlamaServer(llama, args.gguf or default_gguf(), ["-cb", "-np", 16, "-t", 2, "-c", 16 * 512]) as peer:
 
             async def one(session, text):
                 body = {"prompt": text, "n_predict": 64, "temperature": 0, "ignore_eos": True, "cache_prompt": True}
-                async with session.post(url + "/completion", json=body) as r:
+                async with session.post(peer.url + "/completion", json=body) as r:
                     return await r.json()
 
             async def peer_burst(texts):
@@ -286,11 +276,8 @@ async def run_prefix(args):
 
             results["llama-server -np 16"] = {"cold_req_per_s": 16 / await peer_burst(cold),
                                               "warm_req_per_s": 16 / await peer_burst(warm)}
-        finally:
-            proc.terminate()
     else:
-        results["llama-server -np 16"] = ("skipped: llama-server not found (cpu-baselines.md quotes 0.37 cold / "
-                                          "1.55 warm req/s on this machine class)")
+        results["llama-server -np 16"] = peers.SKIPPED
     print(json.dumps(results, indent=1))
     return results
 
@@ -302,7 +289,7 @@ def main():
     ap.add_argument("--config", default=os.path.join(ROOT, "configs", "smollm2-135m.yaml"))
     ap.add_argument("--server-args", nargs="*", default=[])
     ap.add_argument("--num", type=int, default=256)
-    ap.add_argument("--llama-server")
+    ap.add_argument("--llama-server", help="the peer's binary (default: bench/peers.py finds one)")
     ap.add_argument("--gguf")
     ap.add_argument("--json")
     args = ap.parse_args()

@@ -56,8 +56,8 @@ def main(argv=None) -> None:
                     help="also run these settings, each on a fresh engine/server: all, or a comma list of "
                          "radix (cache off), dfs (dfs-weight), fcfs, jf (jump-forward off, JSON only)")
     ap.add_argument("--peer", choices=["auto", "off", "only"], default="auto",
-                    help="auto: also run llama.cpp's llama-server (on PATH, or --llama-server) on the same GGUF; "
-                         "only: just the peer")
+                    help="auto: also run llama.cpp's llama-server (--llama-server, on PATH, or the build of "
+                         "bench/build_llama_server.sh) on the same GGUF; only: just the peer")
     ap.add_argument("--llama-server", default=None, help="the llama-server binary for the peer run")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.data):

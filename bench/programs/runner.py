@@ -18,21 +18,21 @@ our server, started here on the preset or given with --url) and `upstream` (upst
 to the same server). `--ablations` repeats the run with a fresh engine or server per setting: radix cache off,
 schedule policy dfs-weight and fcfs, and jump-forward off (JSON workloads only); `--ablations radix,fcfs`
 picks some. The peer (`LlamaTarget`, `--peer auto`, the default on the command line): llama.cpp's llama-server
-on the same GGUF, driven by our frontend's OpenAI backend, when a `llama-server` binary is on PATH; otherwise
-the table says it was skipped. Host code: no jax import here (the engine imports it when built).
+on the same GGUF, driven by our frontend's OpenAI backend, when bench/peers.py finds a `llama-server` binary
+(`--llama-server`, PATH, or the build of bench/build_llama_server.sh); otherwise the table says it was skipped. Host code: no jax import here (the engine imports it when built).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
+from bench import peers
 from bench.programs import common, module
 from bench.programs.recording import (Recorder, optimal_hits, record_engine, record_runtime_endpoint,
                                       record_upstream)
@@ -194,58 +194,25 @@ class LlamaTarget:
     kind = "llama"
 
     def __init__(self, binary: str, gguf: str, slots: int = 16, ctx_per_slot: int = 2048, threads: int = 2):
-        import socket
-
         import requests
 
         import sgl_jax.program as lang
 
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.url, self.ctx = f"http://127.0.0.1:{port}", ctx_per_slot
-        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench_programs_llama_", suffix=".log", delete=False)
-        self.cmd = [binary, "-m", gguf, "--port", str(port), "-np", str(slots), "-cb", "-t", str(threads),
-                    "-c", str(slots * ctx_per_slot)]
+        self.ctx = ctx_per_slot
+        self.server = peers.LlamaServer(binary, gguf, ["-np", slots, "-cb", "-t", threads, "-c", slots * ctx_per_slot])
+        try:
+            self.server.start()
+        except BaseException:
+            self.server.close()
+            raise
+        self.url = self.server.url
         self.http = requests.Session()
-        self.proc = None
-        self._start()
         self.lang = lang
         self.backend = lang.OpenAI(os.path.basename(gguf), base_url=self.url + "/v1", is_chat_model=False,
                                    tokenizer=gguf, supports_regex=False)
         self.rec = Recorder()
         self.prompt_n = self.cache_n = self.decoded = 0
         self._undo = self._wrap()
-
-    def _start(self) -> None:
-        import requests
-
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        t0 = time.time()
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited during start-up:\n{self._tail()}")
-            try:
-                if self.http.get(self.url + "/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.time() - t0 > 300:
-                self._stop()
-                raise TimeoutError("llama-server was not ready after 300 s")
-            time.sleep(0.2)
-
-    def _stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def _tail(self) -> str:
-        with open(self.log.name) as f:
-            return f.read()[-3000:]
 
     def _wrap(self):
         orig, rec = self.backend._post, self.rec
@@ -293,8 +260,8 @@ class LlamaTarget:
     def flush(self) -> None:
         """A restart: llama-server keeps prompts in its slots and in a host-memory prompt cache (`--cache-ram`),
         and only the slots can be erased over HTTP. (About a second on this machine: the GGUF is mmapped.)"""
-        self._stop()
-        self._start()
+        self.server.stop()
+        self.server.start()
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         out = []
@@ -306,8 +273,7 @@ class LlamaTarget:
 
     def close(self) -> None:
         self._undo()
-        self._stop()
-        os.unlink(self.log.name)
+        self.server.close()
 
 
 def _retry(fn, what: str, tries: int = 50) -> None:
@@ -576,7 +542,7 @@ def run_peer(binary: str | None, workloads, data_dir: str, *, config, overrides,
              threads) -> tuple[str, dict | None]:
     """llama-server on the same GGUF through the OpenAI backend: (the peer line, its run or None if skipped)."""
     if binary is None:
-        return "peer skipped: llama-server not on PATH (see shared/reference/cpu-baselines.md to build it)", None
+        return peers.SKIPPED, None
     print("[llama-server] starting the peer ...", file=sys.stderr, flush=True)
     target = LlamaTarget(binary, _gguf(config, overrides))
     rows = []
@@ -625,7 +591,7 @@ def run(backend: str = "engine", workloads=("mmlu",), data_dir: str = common.DEF
         runs.append({"label": label, "settings": change, "rows": rows, "floor": floor})
     peer_text = "peer not asked for (--peer off)"
     if peer:
-        peer_text, peer_run = run_peer(llama_server or shutil.which("llama-server"), workloads, data_dir,
+        peer_text, peer_run = run_peer(peers.find_llama_server(llama_server), workloads, data_dir,
                                        config=config, overrides=base, full=full, n=n,
                                        latency_programs=latency_programs, seed=seed, threads=threads)
         if peer_run is not None:
