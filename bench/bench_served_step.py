@@ -17,7 +17,8 @@ a long one (~480 tokens). For each, measured in the same run:
                  over the copy bandwidth measured here (bench/floors.py), read + write counted as in
                  cpu-baselines.md
 Peer: llama.cpp's llama-server (bench/peers.py finds it: `--llama-server PATH`, on PATH, or the build of
-bench/build_llama_server.sh) on the same GGUF, the same templated prompts, 2 threads, one slot: its own per-token decode timing beside its wall time per token.
+bench/build_llama_server.sh) on the same GGUF, the same templated prompts, 2 threads, one slot: its own per-token
+decode timing beside its wall time per token.
 Without one the peer is reported as skipped.
 """
 

@@ -19,7 +19,8 @@ to the same server). `--ablations` repeats the run with a fresh engine or server
 schedule policy dfs-weight and fcfs, and jump-forward off (JSON workloads only); `--ablations radix,fcfs`
 picks some. The peer (`LlamaTarget`, `--peer auto`, the default on the command line): llama.cpp's llama-server
 on the same GGUF, driven by our frontend's OpenAI backend, when bench/peers.py finds a `llama-server` binary
-(`--llama-server`, PATH, or the build of bench/build_llama_server.sh); otherwise the table says it was skipped. Host code: no jax import here (the engine imports it when built).
+(`--llama-server`, PATH, or the build of bench/build_llama_server.sh); otherwise the table says it was skipped.
+Host code: no jax import here (the engine imports it when built).
 """
 
 from __future__ import annotations
