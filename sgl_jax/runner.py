@@ -350,7 +350,7 @@ class ModelRunner(StepCompiler, PageTransfers):
                                 z((shape.num_blocks, P), np.int32), z(shape.num_blocks, np.int32),
                                 z(L, np.int32), self.prefill_block, [], [],
                                 z((shape.num_runs, P), np.int32), z(shape.num_runs, np.int32), self.run_block,
-                                z(shape.num_dups(self.page_size), np.int32), z(shape.num_dups(self.page_size), np.int32))
+                                z(self.grid.num_dups(shape), np.int32), z(self.grid.num_dups(shape), np.int32))
         temp = np.zeros(L, np.float32)
         top_k = np.full(L, -1, np.int32)
         top_p = np.ones(L, np.float32)
@@ -413,14 +413,14 @@ class ModelRunner(StepCompiler, PageTransfers):
         if not self.background_done.is_set():  # not every shape compiled yet: maybe run it on a larger one
             shape = self.stand_in(shape)
         chunks = plan.chunks
-        index = {id(c.req): i for i, c in enumerate(chunks)}
+        index = {id(c.req): i for i, c in enumerate(chunks)} if any(c.borrow for c in chunks) else {}
         seqs = [SeqChunk(c.token_ids, c.start, c.req.pages, c.logits_from, c.as_decode, c.as_run,
                          None if c.borrow is None else (index[id(c.borrow[0])], c.borrow[1]))
                 for c in chunks]
         L = shape.num_rows(self.prefill_block, self.grid.full_logit_rows)
         batch = pack(seqs, page_size=self.page_size, block_q=self.prefill_block, num_decode=shape.num_decode,
                      num_blocks=shape.num_blocks, page_width=shape.page_width, num_logits=L, run_q=self.run_block,
-                     num_runs=shape.num_runs, num_dups=shape.num_dups(self.page_size))
+                     num_runs=shape.num_runs, num_dups=self.grid.num_dups(shape))
         rows: list[RowParams | None] = [None] * L
         row_slot = [-1] * L
         target = [-1] * L

@@ -42,10 +42,6 @@ class StepShape:
             return min(t, full_rows) if full_rows > 0 else t
         return self.num_decode + self.num_runs + self.num_blocks
 
-    def num_dups(self, page_size: int) -> int:
-        """Second key/value writes (borrowed rows) the step carries: only steps with prefill blocks have them."""
-        return DUP_PAGES * page_size if self.num_blocks else 0
-
 
 def bucket(n: int, buckets) -> int:
     """The smallest bucket >= n; ValueError naming n and the largest bucket if none fits."""
@@ -91,8 +87,12 @@ class ShapeGrid:
 
     @property
     def dup_rows(self) -> int:
-        """Borrowed rows' second writes a step with prefill blocks may carry (`StepShape.num_dups`)."""
+        """Borrowed rows' second writes a step with prefill blocks may carry."""
         return DUP_PAGES * self.page_size
+
+    def num_dups(self, shape: StepShape) -> int:
+        """Second key/value writes (borrowed rows) `shape`'s step carries: only steps with prefill blocks have them."""
+        return self.dup_rows if shape.num_blocks else 0
 
     @property
     def max_blocks(self) -> int:
