@@ -114,3 +114,13 @@ def test_without_a_binary_the_programs_bench_says_the_peer_was_skipped(no_peer):
     text, run = runner.run_peer(peers.find_llama_server(), ["mmlu"], "unused", config="unused", overrides={},
                                 full=False, n=1, latency_programs=0, seed=0, threads=None)
     assert run is None and text == peers.SKIPPED and "build_llama_server.sh" in text
+
+
+def test_a_peer_that_does_not_start_leaves_the_programs_bench_a_line_saying_why(no_peer, monkeypatch):
+    from bench.programs import runner
+
+    monkeypatch.setattr(runner, "_gguf", lambda config, overrides: "model.gguf")
+    binary = _script(no_peer / "bin" / "llama-server", DIES)
+    text, run = runner.run_peer(binary, ["mmlu"], "unused", config="unused", overrides={}, full=False, n=1,
+                                latency_programs=0, seed=0, threads=None)
+    assert run is None and text.startswith("peer failed to start:") and "model file not found" in text

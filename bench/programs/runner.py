@@ -541,11 +541,15 @@ def _gguf(config: str | None, overrides: dict) -> str:
 
 def run_peer(binary: str | None, workloads, data_dir: str, *, config, overrides, full, n, latency_programs, seed,
              threads) -> tuple[str, dict | None]:
-    """llama-server on the same GGUF through the OpenAI backend: (the peer line, its run or None if skipped)."""
+    """llama-server on the same GGUF through the OpenAI backend: (the peer line, its run or None if skipped or it
+    did not start)."""
     if binary is None:
         return peers.SKIPPED, None
     print("[llama-server] starting the peer ...", file=sys.stderr, flush=True)
-    target = LlamaTarget(binary, _gguf(config, overrides))
+    try:
+        target = LlamaTarget(binary, _gguf(config, overrides))
+    except (RuntimeError, TimeoutError) as e:  # our runs stand; the peer line says why it has none
+        return "peer failed to start: " + " ".join(str(e).split())[-300:], None
     rows = []
     try:
         for w in workloads:
