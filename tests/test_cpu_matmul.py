@@ -404,8 +404,13 @@ def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
     an untied head (tiny llama) and a tied one (tiny qwen2: the packed embedding is both the lookup and the head),
     float32 and int8; every linear and the head call the packed kernel. int8's packed kernel also quantizes the
     activations (8 bits per 32 inputs): the plain model it is compared with gets the same quantization, restated
-    in jnp (_quantized_activations), in front of each of its int8 matmuls. Both within 2e-5 of the largest
-    logit."""
+    in jnp (_quantized_activations), in front of each of its int8 matmuls. float32 within 2e-5 of the largest
+    logit. int8: at least 3 rows in 4 within 2e-5 and every row within 5 %: the packed model's fused gate/up sums
+    differ from the two plain matmuls' in their last bits, and an activation that lies within that of a midpoint
+    between two quantization steps rounds the other way in one of them -- one input of one block off by a step,
+    which these random tiny models carry to up to ~2 % of the largest logit (seen on an AVX2-only host: tiny
+    qwen2's first decode row 0.127 of 6.5, its layer 0 down_proj input the first to differ; each kernel on the same
+    inputs agrees with the other to 3e-7)."""
     from helpers import PagedRunner
     from sgl_jax.models import llama, packing
     from sgl_jax.models.loader import load_weights
@@ -436,4 +441,10 @@ def test_packed_model_equals_plain(quant, monkeypatch, tmp_path):
             linears = 2 * (4 * cfg.num_layers + 1)  # q/k/v and gate/up fused (packing.FUSED)
             assert len(calls) == (linears if name == "packed" else 0), (name, calls)
         for got, want in zip(outs["packed"], outs["plain"]):
-            np.testing.assert_allclose(got, want, atol=2e-5 * np.abs(want).max(), rtol=0, err_msg=family)
+            tol = 2e-5 * np.abs(want).max()
+            if quant == "none":
+                np.testing.assert_allclose(got, want, atol=tol, rtol=0, err_msg=family)
+                continue
+            rows_equal = (np.abs(got - want) <= tol).all(axis=1)
+            assert rows_equal.mean() >= 0.75, (family, rows_equal)
+            np.testing.assert_allclose(got, want, atol=0.05 * np.abs(want).max(), rtol=0, err_msg=family)
