@@ -1,6 +1,7 @@
 """The CPU paged-attention kernel alone at SmolLM2's head shapes, reading pools as large as a served model's.
 
     python bench/bench_attention_pool.py [--rows 64] [--ctx 512] [--dtypes float32,float16,bfloat16] [--layers 30]
+                                         (dtypes: also float8_e4m3fn, float8_e5m2)
                                          [--rounds 10] [--paths default|online,two-pass] [--json OUT]
 
 One jitted function calls the kernel once per layer over `--layers` separate K/V pools (9 query heads over 3 KV
@@ -101,7 +102,9 @@ def main(argv=None):
                     if before is not None:  # (without AVX-512 every setting is the online form)
                         cpu_attention.decode_two_pass_max(before if DECODE_PATHS[path] is None else DECODE_PATHS[path])
                     ts[path].append(time_layers(args.rows, args.ctx, dtype, args.layers, args.rounds, scattered))
-            nbytes = 2 * args.rows * args.ctx * KV * D * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+            import jax.numpy as jnp
+
+            nbytes = 2 * args.rows * args.ctx * KV * D * jnp.dtype(dtype).itemsize
             for path in paths:
                 rows.append({"dtype": dtype, "pages": "scattered" if scattered else "consecutive", "path": path,
                              "ms": 1e3 * float(np.median(ts[path])), "bytes": nbytes})

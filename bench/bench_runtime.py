@@ -3,7 +3,7 @@
     python bench/bench_runtime.py shared-prefix [--json OUT]   # 64 requests, ~1,000-token few-shot prefix
     python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test (+ llama-server)
     python bench/bench_runtime.py multiturn     [--json OUT]   # 8 conversations x 4 turns, short and long
-    python bench/bench_runtime.py decode [--config PRESET] [--json OUT]  # batch 32 / 64 decode vs floors
+    python bench/bench_runtime.py decode [--config PRESET] [--kv-dtypes A,B] [--json OUT]  # batch 32 / 64 decode vs floors
     python bench/bench_runtime.py scheduler     [--json OUT]   # schedule() cost, 1,000 / 5,000 waiting
     python bench/bench_runtime.py all           [--json OUT]   # everything (~15 min on 2 busy cores)
 
@@ -696,27 +696,47 @@ def bench_decode(args) -> dict:
     _log("[decode] floors (bench/floors.py, this process)")
     fl = floors_mod.measure_all(quick=True, log=_log)
     res["floors"] = fl
-    eng, probe = make_engine(decode_buckets=[16, 32, 64], **model)
-    mc = eng.model_config
     import jax
-    fl["weight_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
-    int8 = any(x.dtype == "int8" for x in jax.tree_util.tree_leaves(eng.runner.params))
-    fl["gemm_weights"] = max(fl["gemm"], floors_mod.int8_gemm_rate()) if int8 else fl["gemm"]
-    fl["kv_bytes_per_token"] = mc.kv_bytes_per_token(jax.tree_util.tree_leaves(eng.runner.kv)[0].dtype.itemsize)
+
+    # one engine a KV pool dtype (--kv-dtypes; default the preset's), their cases alternating in one process
+    kv_dtypes = args.kv_dtypes or [model["kv_dtype"]]
+    engines = {}
+    for kd in kv_dtypes:
+        eng, probe = make_engine(decode_buckets=[16, 32, 64], **{**model, "kv_dtype": kd})
+        f = dict(fl)
+        f["weight_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
+        int8 = any(x.dtype == "int8" for x in jax.tree_util.tree_leaves(eng.runner.params))
+        f["gemm_weights"] = max(f["gemm"], floors_mod.int8_gemm_rate()) if int8 else f["gemm"]
+        f["kv_bytes_per_token"] = eng.model_config.kv_bytes_per_token(
+            jax.tree_util.tree_leaves(eng.runner.kv)[0].dtype.itemsize)
+        engines[kd] = (eng, probe, f)
+    fl.update({k: v for k, v in engines[kv_dtypes[0]][2].items() if k not in fl})
     rows, split_rows, hrows = [], [], []
+    n_case = 0
     for B in args.batches:
         for ctx, (plen, new) in {128: (96, 64), 512: (448, 128)}.items():
-            d, main, split, hrow = _decode_case(eng, probe, fl, B, ctx, plen, new)
-            res[f"b{B}_ctx{ctx}"] = d
-            rows.append(main)
-            split_rows.append(split)
-            hrows.append(hrow)
-    eng.shutdown()
+            order = kv_dtypes if n_case % 2 == 0 else kv_dtypes[::-1]
+            n_case += 1
+            for kd in order:
+                eng, probe, f = engines[kd]
+                d, main, split, hrow = _decode_case(eng, probe, f, B, ctx, plen, new)
+                if len(kv_dtypes) > 1:
+                    d["kv_dtype"] = kd
+                    for row in (main, split, hrow):
+                        row[0] = f"{kd or model['dtype']} {row[0]}"
+                res[f"b{B}_ctx{ctx}" + (f"_{kd}" if len(kv_dtypes) > 1 else "")] = d
+                rows.append(main)
+                split_rows.append(split)
+                hrows.append(hrow)
+    for eng, _, _ in engines.values():
+        eng.shutdown()
+    kv_note = " / ".join(f"{engines[kd][2]['kv_bytes_per_token'] / 1e3:.1f} KB ({kd or model['dtype']})"
+                         for kd in kv_dtypes)
     res["table"] = (
         f"{os.path.basename(args.config)} ({', '.join(f'{k} {v}' for k, v in model.items() if v)}); floors: copy "
         f"{fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best {fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' "
         f"matmuls at {fl['gemm_weights'] / 1e9:.0f} GOP/s; weights "
-        f"{fl['weight_bytes'] / 1e6:.0f} MB, KV {fl['kv_bytes_per_token'] / 1e3:.1f} KB/token\n" +
+        f"{fl['weight_bytes'] / 1e6:.0f} MB, KV {kv_note} a token\n" +
         _table(["decode", "tok/s", "ms/step (median)", "p10 / min ms", "mem floor ms", "cmp floor ms (weights + attn)",
                 "floor/median", "floor/min", "floor w/o attn FLOPs / median", "others' cores"], rows))
     res["table"] += ("\n\nstep split (replayed inputs of the last step with that many decode rows, interleaved; "
@@ -853,6 +873,9 @@ def main(argv=None):
     ap.add_argument("--config", default=os.path.join(os.path.dirname(HERE), "configs", "smollm2-135m.yaml"),
                     help="decode: the preset whose model settings (dtype, quantization, KV dtype, attention math) "
                          "the engine takes, e.g. configs/smollm2-135m-int8.yaml")
+    ap.add_argument("--kv-dtypes", type=lambda s: [x.strip() for x in s.split(",")], default=None,
+                    help="decode: KV pool dtypes to run side by side, alternating case by case (e.g. "
+                         "float16,float8_e4m3fn; default: the preset's)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each timed phase wait up to this many seconds for other jobs to go quiet "
                          "(bench/floors.py wait_for_quiet); 0 = don't wait")

@@ -4,8 +4,9 @@ The jnp forms in sgl_jax.models.attention run on XLA:CPU as gathers that copy ea
 step spent most of its time there (bench/notes.md, "Native paged attention on CPU"). The kernel walks each
 row's pages in place and reads only the keys its queries see. It computes `paged_attention`'s function
 exactly (up to float32 rounding; `ref_paged_attention` below is the pure-jnp reference it is tested against),
-for float32 queries and float32, float16 or bfloat16 pages (16-bit pages are widened as they are read, the
-arithmetic stays float32); other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
+for float32 queries and float32, float16, bfloat16, float8_e4m3fn or float8_e5m2 pages (16- and 8-bit pages are
+widened exactly as they are read, the arithmetic stays float32: an fp8 pool costs precision only where the model
+writes it, `sgl_jax.models.attention.to_pool`); other dtypes keep the jnp path. Built on first use (`cpu_native.NativeKernel`);
 without a compiler `available()` is False, one warning names the cause, and the model keeps the jnp path.
 
 `bf16_math=True` (the engine's `attention_math: bfloat16`) computes a prefill chunk's dot products (q.k and p.v, its
@@ -16,7 +17,8 @@ less than its int8 matmuls' ~2.3: tests/test_quant.py). Elsewhere the flag chang
 
     paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
                     soft_cap=None, bf16_math=False)
-        q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32, f16 or bf16 (both the same); page_table [R, P] int32; kv_lens [R] int32;
+        q [R, Bq, H, D] f32; k_pages, v_pages [N, KV, S, D] f32, f16, bf16 or f8 (both the same); page_table [R, P]
+        int32; kv_lens [R] int32;
         q_positions [R, Bq] int32 (-1 = padding)  ->  [R, Bq, H, D] f32
 """
 
@@ -37,11 +39,11 @@ available = _KERNEL.available
 why_not = _KERNEL.why_not
 
 
-PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16)
+PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2)
 
 
 def supports(q, k_pages) -> bool:
-    """Whether the kernel takes these operands (float32 queries; float32, float16 or bfloat16 pages)."""
+    """Whether the kernel takes these operands (float32 queries; float32, float16, bfloat16 or float8 pages)."""
     return q.dtype == jnp.float32 and any(k_pages.dtype == d for d in PAGE_DTYPES)
 
 
@@ -56,8 +58,8 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
         raise ValueError(f"native paged attention: for q {q.shape} expected page_table [{R}, P], kv_lens [{R}], "
                          f"q_positions [{R}, {Bq}]; got {page_table.shape}, {kv_lens.shape}, {q_positions.shape}")
     if not supports(q, k_pages) or v_pages.dtype != k_pages.dtype:
-        raise ValueError(f"native paged attention takes float32 q and float32, float16 or bfloat16 k/v pages (both "
-                         f"the same), got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+        raise ValueError(f"native paged attention takes float32 q and float32, float16, bfloat16, float8_e4m3fn or "
+                         f"float8_e5m2 k/v pages (both the same), got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,

@@ -1,12 +1,13 @@
 // Paged attention for the CPU backend, as an XLA FFI custom call (pallas_kernels/cpu_attention.py builds and
 // registers it). The same function as sgl_jax.models.attention.paged_attention:
 //
-//   q [R, Bq, H, D] f32, k_pages / v_pages [N, KV, S, D] f32, f16 or bf16 (both the same), page_table [R, P] s32,
-//   kv_lens [R] s32, q_positions [R, Bq] s32 (-1 = padding)  ->  out [R, Bq, H, D] f32
+//   q [R, Bq, H, D] f32, k_pages / v_pages [N, KV, S, D] f32, f16, bf16, f8e4m3fn or f8e5m2 (both the same),
+//   page_table [R, P] s32, kv_lens [R] s32, q_positions [R, Bq] s32 (-1 = padding)  ->  out [R, Bq, H, D] f32
 //
-// 16-bit pages are widened to float32 as they are loaded (F16C's convert, or a 16-bit shift for bf16) and all
-// arithmetic stays float32: a 16-bit pool halves the bytes a decode step reads, which is what a batched decode
-// step at long context waits on (bench/notes.md, "A float16 KV pool on CPU").
+// 16-bit and 8-bit pages are widened to float32 as they are loaded (F16C's convert, a 16-bit shift for bf16, a byte
+// moved into float16's fields for fp8: E5M2Pages, E4M3Pages) and all arithmetic stays float32: a 16-bit pool halves
+// the bytes a decode step reads, which is what a batched decode step at long context waits on (bench/notes.md, "A
+// float16 KV pool on CPU"), and an fp8 pool halves them again.
 //
 // The query at position t of row r sees keys j with j <= t, j < kv_lens[r] (and j > t - window when a window
 // is set); key j lives in slot j % S of page page_table[r, j / S]. A query that sees nothing gives zeros.
@@ -157,6 +158,70 @@ struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit sh
   static __m512 Load16(const T* p) {
     const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+#endif
+};
+
+// float8 pages (a quarter of float32's bytes: what a long-context decode step waits on is the pool's reads), widened
+// exactly. e5m2 is float16's upper byte: an 8-bit shift, then F16C's convert. e4m3fn (OCP FP8 "fn": no infinities,
+// s 1111 111 is NaN) moves its 4-bit exponent and 3-bit mantissa into float16's fields unbiased -- s eeee mmm becomes
+// s 0eeee mmm0000000, the value times 2^-8 as float16, subnormals included -- the NaN code becomes a float16 NaN, and
+// the float32 result is scaled by 2^8. No per-page scales: the pool stores values as they are, as vLLM's and
+// SGLang's unscaled fp8 KV caches do (the model's write clamps to the format's range: models/attention.py to_pool).
+constexpr float kE4M3Scale = 256.0f;
+
+inline uint16_t E4M3ToHalfBits(uint8_t b) {  // the float16 bits of b's value times 2^-8 (a NaN for the NaN code)
+  const uint16_t w = b, h = static_cast<uint16_t>((w & 0x80u) << 8 | (w & 0x7fu) << 7);
+  return (w & 0x7fu) == 0x7fu ? static_cast<uint16_t>(h | 0x7e00u) : h;
+}
+
+struct E5M2Pages {
+  using T = uint8_t;
+  static float Load1(const T* p) { return HalfToFloat(static_cast<uint16_t>(uint16_t{*p} << 8)); }
+  static v8f Load8(const T* p) {
+#if defined(__F16C__) && defined(__AVX2__)
+    const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    return (v8f)_mm256_cvtph_ps(_mm_slli_epi16(w, 8));
+#else
+    v8f y;
+    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
+    return y;
+#endif
+  }
+#if defined(__AVX512F__)
+  static __m512 Load16(const T* p) {
+    const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm512_cvtph_ps(_mm256_slli_epi16(w, 8));
+  }
+#endif
+};
+
+struct E4M3Pages {
+  using T = uint8_t;
+  static float Load1(const T* p) { return HalfToFloat(E4M3ToHalfBits(*p)) * kE4M3Scale; }
+  // With the byte sign-extended to 16 bits, a shift by 7 puts s eeee mmm in place (bits 15, 13-10, 9-7) and leaves
+  // a copy of s at bit 14, which the mask clears: 3 integer steps, then 3 more make the NaN code's bits a float16 NaN
+  static v8f Load8(const T* p) {
+#if defined(__F16C__) && defined(__AVX2__)
+    const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+    const __m128i h = _mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16(int16_t(0xbf80)));
+    const __m128i nan = _mm_cmpeq_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7fff)), _mm_set1_epi16(0x3f80));
+    return (v8f)_mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7e00)))),
+                              _mm256_set1_ps(kE4M3Scale));
+#else
+    v8f y;
+    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
+    return y;
+#endif
+  }
+#if defined(__AVX512F__)
+  static __m512 Load16(const T* p) {
+    const __m256i h = _mm256_and_si256(
+        _mm256_slli_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 7),
+        _mm256_set1_epi16(int16_t(0xbf80)));
+    const __m256i nan = _mm256_cmpeq_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7fff)), _mm256_set1_epi16(0x3f80));
+    return _mm512_mul_ps(_mm512_cvtph_ps(_mm256_or_si256(h, _mm256_and_si256(nan, _mm256_set1_epi16(0x7e00)))),
+                         _mm512_set1_ps(kE4M3Scale));
   }
 #endif
 };
@@ -1653,8 +1718,10 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
       !std::equal(kd.begin(), kd.end(), vd.begin()))
     return ffi::Error::InvalidArgument("paged attention: q and pages must be 4-D, v like k, the table 2-D");
   const ffi::DataType et = k.element_type();
-  if (v.element_type() != et || (et != ffi::DataType::F32 && et != ffi::DataType::F16 && et != ffi::DataType::BF16))
-    return ffi::Error::InvalidArgument("paged attention: k and v pages must both be f32, f16 or bf16");
+  if (v.element_type() != et || (et != ffi::DataType::F32 && et != ffi::DataType::F16 && et != ffi::DataType::BF16 &&
+                                 et != ffi::DataType::F8E4M3FN && et != ffi::DataType::F8E5M2))
+    return ffi::Error::InvalidArgument(
+        "paged attention: k and v pages must both be f32, f16, bf16, f8e4m3fn or f8e5m2");
   Problem p{q.typed_data(), k.untyped_data(), v.untyped_data(), table.typed_data(), lens.typed_data(),
             pos.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], 0,
             sm_scale, window, soft_cap, bf16 != 0 && BF16Math()};
@@ -1666,7 +1733,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
   std::atomic<bool> bad_page{false};
   if (et == ffi::DataType::F32) RunAll<F32Pages>(pool, p, bad_page);
   else if (et == ffi::DataType::F16) RunAll<F16Pages>(pool, p, bad_page);
-  else RunAll<BF16Pages>(pool, p, bad_page);
+  else if (et == ffi::DataType::BF16) RunAll<BF16Pages>(pool, p, bad_page);
+  else if (et == ffi::DataType::F8E4M3FN) RunAll<E4M3Pages>(pool, p, bad_page);
+  else RunAll<E5M2Pages>(pool, p, bad_page);
   if (bad_page.load()) return ffi::Error::InvalidArgument("paged attention: a page index is outside the pool");
   return ffi::Error::Success();
 }

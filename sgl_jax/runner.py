@@ -280,6 +280,10 @@ class ModelRunner(StepCompiler, PageTransfers):
         self.channel = None  # multi-host rank 0: sgl_jax.parallel.multihost.StepChannel (see `mirrored`)
         self._mirror_lock = threading.RLock()
         self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math)
+        backend = get_attention_backend(attention_backend).name
+        if jnp.dtype(kv_dtype).itemsize == 1 and backend.startswith("pallas"):
+            raise ValueError(f"kv_dtype {jnp.dtype(kv_dtype).name}: a float8 KV pool runs on the CPU (the native "
+                             f"kernel or jnp attention); the {backend} kernel takes float32 or bfloat16 pages")
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),

@@ -111,6 +111,26 @@ def test_flat_names_sections_and_instances_agree():
         EngineConfig.make(nope=1)
 
 
+def test_kv_dtype_takes_the_pool_dtypes_and_float8_by_both_names():
+    """`kv_dtype` takes the weight dtypes and the float8 ones, by jnp's names and SGLang's (`fp8_e4m3`,
+    `fp8_e5m2`), each standing for its jnp type; `dtype` (weights, activations) refuses float8, and an unknown name
+    is refused naming the key and the choices."""
+    import jax.numpy as jnp
+
+    from sgl_jax.models.loader import canonical_dtype
+
+    for name, dt in (("float16", jnp.float16), ("float8_e4m3fn", jnp.float8_e4m3fn), ("fp8_e4m3", jnp.float8_e4m3fn),
+                     ("float8_e5m2", jnp.float8_e5m2), ("fp8_e5m2", jnp.float8_e5m2)):
+        e = EngineConfig.make(kv_dtype=name)
+        assert e.effective_kv_dtype == name and canonical_dtype(name, kv=True) == dt
+    with pytest.raises(ConfigError, match="engine.kv_dtype.*fp8_e4m3"):
+        EngineConfig.make(kv_dtype="int8")
+    with pytest.raises(ConfigError, match="engine.dtype"):
+        EngineConfig.make(dtype="fp8_e4m3")
+    with pytest.raises(ValueError, match="dtype 'fp8_e4m3' is unknown"):
+        canonical_dtype("fp8_e4m3")  # weights
+
+
 def test_cli_flags_and_set():
     path = os.path.join(ROOT, "configs", "smollm2-135m.yaml")
     cfg, _ = parse_config(["--config", path, "--host", "0.0.0.0", "--port", "8080", "--model", "m.gguf",

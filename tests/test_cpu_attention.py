@@ -73,7 +73,9 @@ def _args(case):
     return tuple(jnp.asarray(x) for x in case)
 
 
-PAGE_DTYPES = ["float32", "float16", "bfloat16"]
+PAGE_DTYPES = ["float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"]
+# the largest grids: e5m2's loads are float16's after a shift, checked by the smaller ones and code by code
+SHARED_DTYPES = PAGE_DTYPES[:4]
 
 
 def _paged_as(case, dtype):
@@ -228,7 +230,8 @@ def test_few_decode_rows_split_along_their_keys_match_dense_reference(which, kv,
 def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, split_min_keys, monkeypatch):
     """SmolLM2's heads (3 KV x 3, D = 64), pages of 16, rows of 1,000-2,000 keys: split (the default, 128 keys a
     range at least) against the same call unsplit (min keys 0) and the float64 reference; the two differ in their
-    last bits (summation order), so the split did run."""
+    last bits (summation order), so the split did run. Without AVX-512 (no split in the build): the online form
+    against the reference."""
     import test_attention
 
     for name, val in (("KV", 3), ("G", 3), ("D", 64), ("H", 9)):
@@ -238,12 +241,14 @@ def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, sp
     case, widened = _paged_as(case, dtype)
     q, k, v, pt, lens_, pos = widened
     kw = dict(sm_scale=0.125)
-    if split_min_keys(128) is None:
-        pytest.fail("no AVX-512 two-pass loops in this build: CI's and the dev machines' CPUs have them")
+    ref = dense_reference(q, k, v, pt, lens_, pos, **kw)
+    if split_min_keys(128) is None:  # no AVX-512: rows are never split; the online form against the reference
+        assert not _has_cpu_flags("avx512f", "avx512vl"), "the build lacks the AVX-512 loops this CPU has"
+        _check(_native(*_args(case), **kw), ref, pos, lens_, 2e-5)
+        return
     split = np.asarray(_native(*_args(case), **kw))
     split_min_keys(0)
     whole = np.asarray(_native(*_args(case), **kw))
-    ref = dense_reference(q, k, v, pt, lens_, pos, **kw)
     _check(split, ref, pos, lens_, 2e-5)
     np.testing.assert_allclose(split, whole, atol=1e-6, rtol=1e-5)
     assert not np.array_equal(split, whole)
@@ -281,7 +286,7 @@ def _grouped_decode_case(seed, kv, g, d, alone, window):
 @pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
 @pytest.mark.parametrize("alone", [3, 9])
 @pytest.mark.parametrize("window,soft_cap", [(None, None), (37, None), (None, 2.0)])
-@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+@pytest.mark.parametrize("dtype", SHARED_DTYPES)
 def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window, soft_cap, dtype, monkeypatch,
                                                         decode_path):
     """Decode rows that read the same pages (a fork's branches, a sequence's tokens laid out as decode rows) beside
@@ -302,10 +307,14 @@ def test_decode_rows_sharing_pages_match_dense_reference(kv, g, d, alone, window
 
 @pytest.fixture
 def shared_min_pages():
-    """Sets the kernel's shared-pages path for a test (`set(pages)`, 0 off), restoring it after."""
+    """Sets the kernel's shared-pages path for a test (`set(pages)`, 0 off), restoring it after. A build without
+    AVX-512 has no such path (every row reads its pages alone, whatever the setting): there the setter changes
+    nothing, and the tests' comparisons hold the kernel to the reference and to bit-equal outputs either setting."""
     before = cpu_attention.decode_shared_min_pages()
     if before is None:
-        pytest.fail("no AVX-512 two-pass loops in this build: CI's and the dev machines' CPUs have them")
+        assert not _has_cpu_flags("avx512f", "avx512vl"), "the build lacks the AVX-512 loops this CPU has"
+        yield lambda pages: None
+        return
     yield cpu_attention.decode_shared_min_pages
     cpu_attention.decode_shared_min_pages(before)
 
@@ -366,7 +375,7 @@ def _decode_rows_case(rng, rows, kv, g, d, N, P, window=None):
 @pytest.mark.parametrize("kv,g,d", [(3, 3, 64), (2, 4, 128), (1, 2, 64)])
 @pytest.mark.parametrize("min_pages", [1, 4, 6])
 @pytest.mark.parametrize("soft_cap", [None, 2.0])
-@pytest.mark.parametrize("dtype", PAGE_DTYPES)
+@pytest.mark.parametrize("dtype", SHARED_DTYPES)
 def test_decode_rows_sharing_pages_computed_once_match_reference(which, kv, g, d, min_pages, soft_cap, dtype,
                                                                  shared_min_pages, monkeypatch):
     """Under `bf16_math` (the engine's `attention_math: bfloat16`), decode rows that share at least `min_pages`
@@ -526,7 +535,7 @@ def test_jnp_reference_matches_dense_reference():
 
 
 @pytest.mark.parametrize("rows,Bq,dtype", [(64, 1, "float32"), (7, 64, "float32"), (64, 1, "float16"),
-                                           (7, 64, "bfloat16")])
+                                           (7, 64, "bfloat16"), (64, 1, "float8_e4m3fn"), (7, 64, "float8_e5m2")])
 def test_model_sized_case_matches_jnp_reference(rows, Bq, dtype, decode_path):
     """SmolLM2's head shapes (9 query heads over 3 KV heads, D = 64, pages of 16): many rows of up to 1,000
     keys in a shuffled pool -- every unit of work spread over the threads -- against `ref_paged_attention`."""
@@ -551,6 +560,34 @@ def test_model_sized_case_matches_jnp_reference(rows, Bq, dtype, decode_path):
     np.testing.assert_allclose(out, np.asarray(_ref(*_args(case), sm_scale=0.125)), atol=2e-5, rtol=2e-5)
 
 
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("Bq", [1, 16])
+def test_every_float8_code_widens_exactly(dtype, Bq, decode_path):
+    """All 256 codes of each float8 format (subnormals, zeros of both signs, the largest, NaN; e5m2's infinities)
+    through the kernel's loads: a query that sees one key gets that key's value row exactly (its probability is
+    1), so each output element must equal ml_dtypes' widening of the code stored there -- the decode loads (Bq =
+    1) and the block rows' (Bq = 16). The key rows hold the same codes (one NaN code among them would make every
+    output NaN, so the keys are the finite codes' first 64)."""
+    dt = jnp.dtype(dtype)
+    codes = np.arange(256, dtype=np.uint8).view(dt)
+    want = codes.astype(np.float32)
+    finite = codes[np.isfinite(want)][:64]
+    D, S = 64, 16
+    k = np.zeros((6, 1, S, D), dt)
+    v = np.zeros((6, 1, S, D), dt)
+    for i in range(4):  # row i's one visible key: page i + 1, slot 0; its value row holds codes 64 i .. 64 i + 63
+        k[i + 1, 0, 0] = finite
+        v[i + 1, 0, 0] = codes[64 * i: 64 * (i + 1)]
+    q = np.full((4, Bq, 2, D), 0.01, np.float32)
+    pos = np.full((4, Bq), -1, np.int32)
+    pos[:, 0] = 0
+    table = np.arange(1, 5, dtype=np.int32)[:, None]
+    out = np.asarray(_native(*_args((q, k, v, table, np.ones(4, np.int32), pos)), sm_scale=1.0))
+    got = out[:, 0, :, :]  # [4, 2 heads, D]: both query heads of the KV head read the same value row
+    for h in range(2):
+        np.testing.assert_array_equal(got[:, h].reshape(-1), want)  # NaN where want is NaN
+
+
 def test_bad_operands_raise_naming_them():
     q = jnp.zeros((2, 1, 6, 16))
     k = jnp.zeros((8, 2, 4, 16))
@@ -563,7 +600,7 @@ def test_bad_operands_raise_naming_them():
         cpu_attention.paged_attention(q.astype(jnp.bfloat16), *good[1:], sm_scale=1.0)
     with pytest.raises(ValueError, match="both the same"):
         cpu_attention.paged_attention(q, k, k.astype(jnp.float16), *good[3:], sm_scale=1.0)
-    with pytest.raises(ValueError, match="float16 or bfloat16"):
+    with pytest.raises(ValueError, match="float8_e4m3fn or float8_e5m2 k/v pages"):
         cpu_attention.paged_attention(q, k.astype(jnp.int8), k.astype(jnp.int8), *good[3:], sm_scale=1.0)
     with pytest.raises(ValueError, match=r"\[N, KV, S, 16\]"):
         cpu_attention.paged_attention(q, jnp.zeros((8, 2, 4, 8)), jnp.zeros((8, 2, 4, 8)), *good[3:], sm_scale=1.0)
@@ -588,7 +625,7 @@ def test_page_index_outside_the_pool_is_an_error_not_a_read(decode_path):
                     sm_scale=1.0, bf16_math=bf16).block_until_ready()
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "float16", "bfloat16"])
+@pytest.mark.parametrize("kv_dtype", [None, "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"])
 def test_model_with_native_backend_matches_jnp(tmp_path, kv_dtype):
     """A tiny model's logits (prefill with a cached prefix, decode rows, a run block) equal the jnp backend's,
     with a float32 pool and with 16-bit ones; `auto` on CPU is the native kernel."""
@@ -609,8 +646,9 @@ def test_model_with_native_backend_matches_jnp(tmp_path, kv_dtype):
         c = r.step([(0, [8, 9, 10], 21, 21, True), (1, [11], 15, None)], run_q=4)  # a run block + a decode
         outs[name] = np.concatenate([x for x in a + b + c])
     # with a 16-bit pool the jnp path rounds its probabilities to the pool's dtype before the value product (the
-    # kernel keeps them in float32), so the two agree to that dtype's precision, not float32's
-    tol = {None: 2e-5, "float16": 4e-3, "bfloat16": 3e-2}[kv_dtype]
+    # kernel keeps them in float32), so the two agree to that dtype's precision, not float32's; a float8 pool's
+    # values are widened on both (models/attention.py _pv), so they agree as a float32 pool's do
+    tol = {None: 2e-5, "float16": 4e-3, "bfloat16": 3e-2, "float8_e4m3fn": 2e-5, "float8_e5m2": 2e-5}[kv_dtype]
     diff = np.abs(outs["cpu_native"] - outs["jnp"]).max()
     print(f"kv {kv_dtype}: max |native - jnp| {diff:.2e}")
     np.testing.assert_allclose(outs["cpu_native"], outs["jnp"], atol=tol, rtol=tol)

@@ -32,13 +32,14 @@ def engine(tiny_path):
         yield e
 
 
-def reference_greedy(path, prompt_ids, n):
+def reference_greedy(path, prompt_ids, n, kv_dtype=None):
     """`n` greedy tokens after `prompt_ids` from PagedRunner on the checkpoint's weights (the engine's
-    independent twin). Its page tables and prompt blocks are padded to buckets of 16 pages and 8 blocks, so the
-    suite's many calls compile a handful of shapes rather than one per context length."""
+    independent twin: the jnp attention), its KV pool in `kv_dtype` (None: float32). Its page tables and prompt
+    blocks are padded to buckets of 16 pages and 8 blocks, so the suite's many calls compile a handful of shapes
+    rather than one per context length."""
     cfg, params = load_weights(path, progress=False)
     pages, blocks = -(-(len(prompt_ids) + n) // 4), -(-len(prompt_ids) // 8)
-    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False,
+    runner = PagedRunner(cfg, params, num_pages=64, page_size=4, block_q=8, nan_fill=False, kv_dtype=kv_dtype,
                          page_width=-(-pages // 16) * 16, prefill_blocks=-(-blocks // 8) * 8)
     (logits,) = runner.step([(0, prompt_ids, 0, None)])
     out = [int(logits[-1].argmax())]
@@ -63,6 +64,31 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
         assert out["meta_info"]["prompt_tokens"] == len(ids)
     engine.check_integrity()
+
+
+def test_float8_kv_pool_greedy_matches_independent_forward(tiny_path):
+    """A float8 KV pool, named as SGLang names it (`fp8_e4m3`; the host tier's tests take `fp8_e5m2`): the pool
+    holds float8_e4m3fn (a quarter of float32's page bytes), and greedy outputs through the engine (the native CPU kernel reading the codes) equal the
+    independent forward's with a pool of the same dtype (the jnp attention widening them), prompts from 3 to 60
+    tokens; the cache's invariants hold after."""
+    import jax.numpy as jnp
+
+    dtype = "float8_e4m3fn"
+    with Engine(model=tiny_path, progress=False, **dict(SMALL, kv_dtype="fp8_e4m3")) as e:
+        assert e.runner.kv[0][0].dtype == jnp.dtype(dtype)
+        k = e.runner.kv[0][0]
+        assert e.runner.page_bytes == 2 * len(e.runner.kv) * k[0].size  # one byte an element
+        for ids in prompts(3, seed=31, lo=3, hi=60):
+            out = e.generate(input_ids=ids, sampling_params=GREEDY)
+            assert out["output_ids"] == reference_greedy(tiny_path, ids, 12, kv_dtype=dtype)
+        e.check_integrity()
+
+
+def test_float8_kv_pool_on_a_pallas_backend_is_refused_naming_it(tiny_path):
+    """The Pallas kernels take float32 / bfloat16 pages: a float8 pool with one of them is refused at start-up,
+    naming the dtype and the backend, before anything compiles."""
+    with pytest.raises(ValueError, match="kv_dtype float8_e5m2.*pallas_gpu kernel takes float32 or bfloat16"):
+        Engine(model=tiny_path, progress=False, **dict(SMALL, kv_dtype="fp8_e5m2", attention_backend="pallas_gpu"))
 
 
 def test_a_prefix_hold_stops_before_pages_the_step_in_flight_writes(engine):

@@ -180,7 +180,8 @@ def test_transfer_chunks_cover_every_page_once_without_padding():
         assert len(chunks) == n // 16 + bin(n % 16).count("1")  # the fewest calls these widths allow
 
 
-@pytest.mark.parametrize("kv_dtype,n", [("float32", 12), ("float16", 12), ("float16", 1), ("float16", 35)])
+@pytest.mark.parametrize("kv_dtype,n", [("float32", 12), ("float16", 12), ("float16", 1), ("float16", 35),
+                                        ("float8_e4m3fn", 12), ("fp8_e5m2", 1)])
 def test_runner_save_then_load_restores_pages_bit_for_bit(tiny_path, kv_dtype, n):
     """Pages saved to the host arena (as one array, and straight into slots: consecutive and scattered) and loaded
     back into a clobbered pool come back bit for bit, in calls of every transfer width (12 = 8 + 4, 35 = 16 + 16

@@ -358,16 +358,21 @@ def test_engine_with_int8_matches_the_int8_forward(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_smollm2_16bit_kv_vs_float32_kv(smollm2_gguf):
-    """SmolLM2-135M (fp32 weights) with a float16 and a bfloat16 KV pool against the same model with a float32
-    pool, on the CPU attention kernel (it widens 16-bit keys and values to float32 as it reads them):
-    teacher-forced along the float32 pool's 16 greedy tokens after each of the four reference prompts (64
-    positions).
+def test_smollm2_16bit_and_8bit_kv_vs_float32_kv(smollm2_gguf):
+    """SmolLM2-135M (fp32 weights) with a float16, a bfloat16 and the two float8 KV pools against the same model
+    with a float32 pool, on the CPU attention kernel (it widens 16- and 8-bit keys and values to float32 as it
+    reads them, exactly): teacher-forced along the float32 pool's 16 greedy tokens after each of the four reference
+    prompts (64 positions).
 
-    Measured (this CPU, jax 0.10.2): float16 max |logit error| 0.022, mean 0.0033; bfloat16 0.18 and 0.025; the
-    argmax equal to the float32 pool's at all 64 positions for both. Asserted: float16 < 0.05 / < 0.01, bfloat16 <
-    0.4 / < 0.06, argmax equal everywhere. (The int8 preset runs a float16 pool; its int8 matmuls move logits by
-    up to ~2.3, test_smollm2_int8_vs_fp32.)"""
+    Measured (jax 0.10.2; an AMD EPYC without AVX-512, the 16-bit figures alike on an AVX-512 one): float16 max
+    |logit error| 0.020, mean 0.0024; bfloat16 0.27 and 0.019; the argmax equal to the float32 pool's at all 64
+    positions for both. float8_e4m3fn 3.63 and 0.42, float8_e5m2 6.14 and 0.65, the argmax equal at 60 of 64 for
+    both, about what the formats' mantissas (8, 3 and 2 bits) predict from bfloat16's (no key or value of these
+    prompts reaches e4m3's 448: the clamp does not act; the first layer's values, median |v| 0.017, lie partly
+    below e4m3's normal range). Asserted: float16 < 0.05 / < 0.01,
+    bfloat16 < 0.4 / < 0.06, argmax equal everywhere; e4m3fn < 5 / < 0.6, e5m2 < 9 / < 1.0, argmax equal at >=
+    90 %. (The int8 preset runs a float16 pool; its int8 matmuls move logits by up to ~2.3,
+    test_smollm2_int8_vs_fp32.)"""
     from pallas_kernels import cpu_attention
 
     assert cpu_attention.available(), cpu_attention.why_not()
@@ -381,7 +386,8 @@ def test_smollm2_16bit_kv_vs_float32_kv(smollm2_gguf):
     for sid, ids in enumerate(prompts):
         _, tokens, steps = _greedy(r32, sid, ids, 16)
         refs.append((ids, tokens, np.stack(steps)))
-    for kv_dtype, max_err, mean_err in (("float16", 0.05, 0.01), ("bfloat16", 0.4, 0.06)):
+    for kv_dtype, max_err, mean_err, min_agree in (("float16", 0.05, 0.01, 1.0), ("bfloat16", 0.4, 0.06, 1.0),
+                                                  ("float8_e4m3fn", 5.0, 0.6, 0.9), ("float8_e5m2", 9.0, 1.0, 0.9)):
         r16 = runner(kv_dtype=kv_dtype)
         assert r16.kv[0][0].dtype == jnp.dtype(kv_dtype)
         errs, agree = [], []
@@ -390,8 +396,10 @@ def test_smollm2_16bit_kv_vs_float32_kv(smollm2_gguf):
             errs.append(np.abs(got - ref))
             agree += list(got.argmax(-1) == ref.argmax(-1))
         err = np.stack(errs)
+        print(f"kv {kv_dtype}: max |logit error| {err.max():.3f}, mean {err.mean():.4f}, argmax agrees at "
+              f"{np.mean(agree):.1%}")
         assert 0 < err.max() < max_err and err.mean() < mean_err, (kv_dtype, err.max(), err.mean())
-        assert all(agree), (kv_dtype, np.mean(agree))
+        assert np.mean(agree) >= min_agree, (kv_dtype, np.mean(agree))
 
 
 @pytest.mark.slow

@@ -92,7 +92,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     layout = layouts[0] if layouts else None
     mc = loaded.config if layout is None else layout.model_config(loaded.config)  # KV heads as stored
     dtype = canonical_dtype(c.dtype)
-    kv_dtype = canonical_dtype(c.effective_kv_dtype)
+    kv_dtype = canonical_dtype(c.effective_kv_dtype, kv=True)
     max_context_len = min(kv.max_context_len, mc.max_position_embeddings)
     page_bytes = mc.kv_bytes_per_token(jax.numpy.dtype(kv_dtype).itemsize) * kv.page_size
     if layout is not None:  # kv_memory_gb is per device; a device holds its KV heads' share of each page

@@ -84,9 +84,34 @@ def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
     k_pages, v_pages = pages
     page_size = k_pages.shape[2]
     page, off = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[page, :, off, :].set(k.astype(k_pages.dtype), mode="promise_in_bounds")
-    v_pages = v_pages.at[page, :, off, :].set(v.astype(v_pages.dtype), mode="promise_in_bounds")
+    k_pages = k_pages.at[page, :, off, :].set(to_pool(k, k_pages.dtype), mode="promise_in_bounds")
+    v_pages = v_pages.at[page, :, off, :].set(to_pool(v, v_pages.dtype), mode="promise_in_bounds")
     return k_pages, v_pages
+
+
+def to_pool(x: jax.Array, dtype) -> jax.Array:
+    """`x` as the pool's dtype. float8 values are clamped to the format's finite range first: a cast would make
+    e4m3fn's overflow NaN and e5m2's infinity, which every later query of the sequence would read."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        big = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x, -big, big)
+    return x.astype(dtype)
+
+
+def _wide(x: jax.Array) -> jax.Array:
+    """Keys or values of a float8 pool widened to float32 for an einsum (jnp has no implicit promotion for 8-bit
+    floats); other pools as they are."""
+    return x.astype(jnp.float32) if jnp.dtype(x.dtype).itemsize == 1 else x
+
+
+def _pv(p: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The probability-value product's operands: the probabilities in the values' dtype (a 16-bit pool's product
+    runs in 16 bits), except over a float8 pool, whose values are widened instead (probabilities in 3 or 2 mantissa
+    bits would cost far more than the pool's own rounding)."""
+    if jnp.dtype(v.dtype).itemsize == 1:
+        return p, _wide(v)
+    return p.astype(v.dtype), v
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
@@ -152,7 +177,7 @@ def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
     # zero them in V so that masked probabilities (exact zeros) cannot turn into 0 * inf = NaN.
     in_seq = kpos[None] < kv_lens[:, None, None]  # [R, P, S]
     v = jnp.where(in_seq[:, :, None, :, None], v_pages[page_table], 0)  # [R, P, KV, S, D]
-    s = jnp.einsum("RQKGD,RPKSD->RKGQPS", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.einsum("RQKGD,RPKSD->RKGQPS", qg, _wide(k), preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     qpos = q_positions[:, :, None, None]  # [R, Bq, 1, 1]
@@ -160,7 +185,7 @@ def paged_block_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
     if sliding_window is not None:
         visible &= kpos[None, None] > qpos - sliding_window
     p = _masked_softmax(s, visible[:, None, None])  # visible as [R, 1, 1, Bq, P, S]
-    out = jnp.einsum("RKGQPS,RPKSD->RQKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("RKGQPS,RPKSD->RQKGD", *_pv(p, v), preferred_element_type=jnp.float32)
     return out.reshape(R, Bq, H, D).astype(q.dtype)
 
 
@@ -232,7 +257,7 @@ def paged_chunked_attention(q, k_pages, v_pages, page_table, kv_lens, q_position
         scale = jnp.exp(m - m_new)
         l = l * scale + jnp.sum(p, axis=(-2, -1))
         eq = "RKGQCS,RCKSD->RKGQD" if v.ndim == 5 else "RKGQCS,CKSD->RKGQD"
-        acc = acc * scale[..., None] + jnp.einsum(eq, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        acc = acc * scale[..., None] + jnp.einsum(eq, *_pv(p, v), preferred_element_type=jnp.float32)
         return m_new, l, acc
 
     def visible_at(col0, lo, hi):
@@ -251,7 +276,7 @@ def paged_chunked_attention(q, k_pages, v_pages, page_table, kv_lens, q_position
         visible = visible_at(col0, 0, n_shared)
         seen = jnp.any(visible, axis=(0, 1))  # [C, S]
         v = jnp.where(seen[:, None, :, None], v_pages[cols], 0)  # [C, KV, S, D]
-        s = jnp.einsum("RQKGD,CKSD->RKGQCS", qg, k_pages[cols], preferred_element_type=jnp.float32)
+        s = jnp.einsum("RQKGD,CKSD->RKGQCS", qg, _wide(k_pages[cols]), preferred_element_type=jnp.float32)
         return update(carry, s, v, visible)
 
     def own_body(i, carry):
@@ -260,7 +285,7 @@ def paged_chunked_attention(q, k_pages, v_pages, page_table, kv_lens, q_position
         visible = visible_at(col0, n_shared, P)
         seen = jnp.any(visible, axis=1)  # [R, C, S]
         v = jnp.where(seen[:, :, None, :, None], v_pages[cols], 0)  # [R, C, KV, S, D]
-        s = jnp.einsum("RQKGD,RCKSD->RKGQCS", qg, k_pages[cols], preferred_element_type=jnp.float32)
+        s = jnp.einsum("RQKGD,RCKSD->RKGQCS", qg, _wide(k_pages[cols]), preferred_element_type=jnp.float32)
         return update(carry, s, v, visible)
 
     carry = (jnp.full((R, KV, G, Bq), _MASK_VALUE, jnp.float32), jnp.zeros((R, KV, G, Bq), jnp.float32),
@@ -302,11 +327,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions
     visible = _decode_visible(kpos, kv_lens, q_positions, sliding_window)  # [R, P, S]
     k = k_pages[page_table]  # [R, P, KV, S, D]
     v = jnp.where(visible[:, :, None, :, None], v_pages[page_table], 0)
-    s = jnp.einsum("RKGD,RPKSD->RKGPS", qg, k, preferred_element_type=jnp.float32) * sm_scale
+    s = jnp.einsum("RKGD,RPKSD->RKGPS", qg, _wide(k), preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
     p = _masked_softmax(s, visible[:, None, None])  # visible as [R, 1, 1, P, S]
-    out = jnp.einsum("RKGPS,RPKSD->RKGD", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("RKGPS,RPKSD->RKGD", *_pv(p, v), preferred_element_type=jnp.float32)
     return out.reshape(R, 1, H, D).astype(q.dtype)
 
 
@@ -390,11 +415,11 @@ def paged_decode_page_major(q, k_pages, v_pages, page_table, kv_lens, q_position
     # and recomputes them for every pool page (bench/notes.md, (c)).
     onehot = (owner[:, None] == jnp.arange(R, dtype=jnp.int32)[None, :]).astype(qg.dtype)  # [N, R]
     q_pg = jnp.einsum("NR,RX->NX", onehot, qg).reshape(N, KV, G, D)
-    s_pg = jnp.einsum("NKGD,NKSD->NKGS", q_pg, k_pages, preferred_element_type=jnp.float32)
+    s_pg = jnp.einsum("NKGD,NKSD->NKGS", q_pg, _wide(k_pages), preferred_element_type=jnp.float32)
     s_in = jnp.where(inner[:, :, None, None, None], s_pg[page_table], _MASK_VALUE)  # [R, P, KV, G, S]
     epages = jnp.take_along_axis(page_table, ecol, axis=1)  # [R, E]
     evis = jnp.take_along_axis(visible, ecol[:, :, None], axis=1) & evalid[:, :, None]  # [R, E, S]
-    s_e = jnp.einsum("RKGD,REKSD->REKGS", qg.reshape(R, KV, G, D), k_pages[epages],
+    s_e = jnp.einsum("RKGD,REKSD->REKGS", qg.reshape(R, KV, G, D), _wide(k_pages[epages]),
                      preferred_element_type=jnp.float32)  # [R, E, KV, G, S]
     s_e = jnp.where(evis[:, :, None, None, :], s_e, _MASK_VALUE)
     s = jnp.concatenate([s_in, s_e], axis=1) * sm_scale  # [R, P + E, KV, G, S]
@@ -404,10 +429,10 @@ def paged_decode_page_major(q, k_pages, v_pages, page_table, kv_lens, q_position
     p = _masked_softmax(s, live, axes=(1, 4))  # [R, P + E, KV, G, S]
     p_in, p_e = p[:, :P], p[:, P:]
     p_pg = jnp.concatenate([p_in, jnp.zeros((1,) + p_in.shape[1:], p.dtype)])[owner, col]  # [N, KV, G, S]
-    o_pg = jnp.einsum("NKGS,NKSD->NKGD", p_pg.astype(v_pages.dtype), v_pages, preferred_element_type=jnp.float32)
+    o_pg = jnp.einsum("NKGS,NKSD->NKGD", *_pv(p_pg, v_pages), preferred_element_type=jnp.float32)
     out = jnp.sum(jnp.where(inner[:, :, None, None, None], o_pg[page_table], 0), axis=1)  # [R, KV, G, D]
     v_e = jnp.where(evis[:, :, None, :, None], v_pages[epages], 0)  # [R, E, KV, S, D]
-    out += jnp.einsum("REKGS,REKSD->RKGD", p_e.astype(v_e.dtype), v_e, preferred_element_type=jnp.float32)
+    out += jnp.einsum("REKGS,REKSD->RKGD", *_pv(p_e, v_e), preferred_element_type=jnp.float32)
     return out.reshape(R, 1, H, D).astype(q.dtype)
 
 

@@ -66,13 +66,18 @@ def check_vocab(cfg: ModelConfig, tokenizer, path: str) -> None:
 
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# KV pools only (sgl_jax.config.KV_DTYPES), with SGLang's names for them
+_KV_DTYPES = {**_DTYPES, "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2,
+              "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
-def canonical_dtype(dtype) -> Any:
+def canonical_dtype(dtype, kv: bool = False) -> Any:
+    """The jnp type a dtype name (or dtype) stands for; `kv=True` admits the KV pool's float8 types too."""
+    names = _KV_DTYPES if kv else _DTYPES
     if isinstance(dtype, str):
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype {dtype!r} is unknown; expected one of {sorted(_DTYPES)}")
-        return _DTYPES[dtype]
+        if dtype not in names:
+            raise ValueError(f"{'KV ' if kv else ''}dtype {dtype!r} is unknown; expected one of {sorted(names)}")
+        return names[dtype]
     return jnp.dtype(dtype).type
 
 

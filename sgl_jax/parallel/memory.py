@@ -110,7 +110,7 @@ def plan_memory(c, mc, device_gib: float | None = None, usable: float = 0.9, tra
     mesh = AbstractMesh((tp,), (AXIS,))
     layout = TPLayout.plan(mc, mesh)
     run_cfg = layout.model_config(mc)
-    dtype, kv_dtype = canonical_dtype(c.dtype), canonical_dtype(c.effective_kv_dtype)
+    dtype, kv_dtype = canonical_dtype(c.dtype), canonical_dtype(c.effective_kv_dtype, kv=True)
     avals = param_shapes(run_cfg, dtype)  # jax.eval_shape of the init: nothing allocated
     flat, treedef = jax.tree_util.tree_flatten_with_path(avals)
     leaves, weights = {}, 0
