@@ -698,27 +698,22 @@ def bench_decode(args) -> dict:
     res["floors"] = fl
     import jax
 
-    # one engine a KV pool dtype (--kv-dtypes; default the preset's), their cases alternating in one process
+    # one engine a KV pool dtype (--kv-dtypes; default the preset's), one after another in one process (each is shut
+    # down before the next starts: three engines' compiled steps at once passed the host's memory-map limit)
     kv_dtypes = args.kv_dtypes or [model["kv_dtype"]]
-    engines = {}
+    kv_bytes = {}
+    rows, split_rows, hrows = [], [], []
     for kd in kv_dtypes:
         eng, probe = make_engine(decode_buckets=[16, 32, 64], **{**model, "kv_dtype": kd})
         f = dict(fl)
         f["weight_bytes"] = sum(x.nbytes for x in jax.tree_util.tree_leaves(eng.runner.params))
         int8 = any(x.dtype == "int8" for x in jax.tree_util.tree_leaves(eng.runner.params))
         f["gemm_weights"] = max(f["gemm"], floors_mod.int8_gemm_rate()) if int8 else f["gemm"]
-        f["kv_bytes_per_token"] = eng.model_config.kv_bytes_per_token(
+        f["kv_bytes_per_token"] = kv_bytes[kd] = eng.model_config.kv_bytes_per_token(
             jax.tree_util.tree_leaves(eng.runner.kv)[0].dtype.itemsize)
-        engines[kd] = (eng, probe, f)
-    fl.update({k: v for k, v in engines[kv_dtypes[0]][2].items() if k not in fl})
-    rows, split_rows, hrows = [], [], []
-    n_case = 0
-    for B in args.batches:
-        for ctx, (plen, new) in {128: (96, 64), 512: (448, 128)}.items():
-            order = kv_dtypes if n_case % 2 == 0 else kv_dtypes[::-1]
-            n_case += 1
-            for kd in order:
-                eng, probe, f = engines[kd]
+        fl.update({k: v for k, v in f.items() if k not in fl})
+        for B in args.batches:
+            for ctx, (plen, new) in {128: (96, 64), 512: (448, 128)}.items():
                 d, main, split, hrow = _decode_case(eng, probe, f, B, ctx, plen, new)
                 if len(kv_dtypes) > 1:
                     d["kv_dtype"] = kd
@@ -728,10 +723,8 @@ def bench_decode(args) -> dict:
                 rows.append(main)
                 split_rows.append(split)
                 hrows.append(hrow)
-    for eng, _, _ in engines.values():
         eng.shutdown()
-    kv_note = " / ".join(f"{engines[kd][2]['kv_bytes_per_token'] / 1e3:.1f} KB ({kd or model['dtype']})"
-                         for kd in kv_dtypes)
+    kv_note = " / ".join(f"{kv_bytes[kd] / 1e3:.1f} KB ({kd or model['dtype']})" for kd in kv_dtypes)
     res["table"] = (
         f"{os.path.basename(args.config)} ({', '.join(f'{k} {v}' for k, v in model.items() if v)}); floors: copy "
         f"{fl['copy_bw'] / 1e9:.1f} GB/s (read+write), GEMM f32 best {fl['gemm'] / 1e9:.0f} GFLOP/s, the weights' "
@@ -874,8 +867,8 @@ def main(argv=None):
                     help="decode: the preset whose model settings (dtype, quantization, KV dtype, attention math) "
                          "the engine takes, e.g. configs/smollm2-135m-int8.yaml")
     ap.add_argument("--kv-dtypes", type=lambda s: [x.strip() for x in s.split(",")], default=None,
-                    help="decode: KV pool dtypes to run side by side, alternating case by case (e.g. "
-                         "float16,float8_e4m3fn; default: the preset's)")
+                    help="decode: KV pool dtypes to run one after another in this process, beside the same floors "
+                         "(e.g. float16,float8_e4m3fn; default: the preset's)")
     ap.add_argument("--quiet-wait", type=float, default=0.0,
                     help="before each timed phase wait up to this many seconds for other jobs to go quiet "
                          "(bench/floors.py wait_for_quiet); 0 = don't wait")

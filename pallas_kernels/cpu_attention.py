@@ -42,12 +42,18 @@ why_not = _KERNEL.why_not
 PAGE_DTYPES = (jnp.float32, jnp.float16, jnp.bfloat16, jnp.float8_e4m3fn, jnp.float8_e5m2)
 
 
-def supports(q, k_pages) -> bool:
-    """Whether the kernel takes these operands (float32 queries; float32, float16, bfloat16 or float8 pages)."""
+FP8_CODES = {"float8_e4m3fn": 1, "float8_e5m2": 2}  # the kernel's `fp8` attribute for uint8 pages of each format
+
+
+def supports(q, k_pages, kv_format: str = "") -> bool:
+    """Whether the kernel takes these operands (float32 queries; float32, float16, bfloat16 or float8 pages, or a
+    float8 pool's uint8 codes with its `kv_format`)."""
+    if kv_format:
+        return q.dtype == jnp.float32 and k_pages.dtype == jnp.uint8 and kv_format in FP8_CODES
     return q.dtype == jnp.float32 and any(k_pages.dtype == d for d in PAGE_DTYPES)
 
 
-def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
+def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions, kv_format=""):
     R, Bq, H, D = q.shape
     if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or k_pages.shape[3] != D:
         raise ValueError(f"native paged attention: q {q.shape} needs k/v pages [N, KV, S, {D}], got "
@@ -57,23 +63,28 @@ def _check(q, k_pages, v_pages, page_table, kv_lens, q_positions):
     if page_table.ndim != 2 or page_table.shape[0] != R or kv_lens.shape != (R,) or q_positions.shape != (R, Bq):
         raise ValueError(f"native paged attention: for q {q.shape} expected page_table [{R}, P], kv_lens [{R}], "
                          f"q_positions [{R}, {Bq}]; got {page_table.shape}, {kv_lens.shape}, {q_positions.shape}")
-    if not supports(q, k_pages) or v_pages.dtype != k_pages.dtype:
+    if not supports(q, k_pages, kv_format) or v_pages.dtype != k_pages.dtype:
         raise ValueError(f"native paged attention takes float32 q and float32, float16, bfloat16, float8_e4m3fn or "
-                         f"float8_e5m2 k/v pages (both the same), got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+                         f"float8_e5m2 k/v pages (both the same; or uint8 codes with a kv_format of "
+                         f"{', '.join(FP8_CODES)}), got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}"
+                         f"{f', kv_format {kv_format!r}' if kv_format else ''}")
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
-                    sliding_window: int | None = None, soft_cap: float | None = None, bf16_math: bool = False):
+                    sliding_window: int | None = None, soft_cap: float | None = None, bf16_math: bool = False,
+                    kv_format: str = ""):
     """`sgl_jax.models.attention.paged_attention` by the native kernel (built and registered here if it was not
-    yet; raises naming the cause if it cannot be)."""
-    _check(q, k_pages, v_pages, page_table, kv_lens, q_positions)
+    yet; raises naming the cause if it cannot be). `kv_format`: the pages are a float8 pool's uint8 codes of that
+    format (the engine's storage: sgl_jax.models.llama.kv_storage_dtype)."""
+    _check(q, k_pages, v_pages, page_table, kv_lens, q_positions, kv_format)
     if not available():
         raise RuntimeError(f"the native paged attention is not available: {why_not()}")
     out = jax.ShapeDtypeStruct(q.shape, jnp.float32)
     return jax.ffi.ffi_call(TARGET, out)(
         q, k_pages, v_pages, page_table.astype(jnp.int32), kv_lens.astype(jnp.int32),
         q_positions.astype(jnp.int32), sm_scale=np.float32(sm_scale),
-        window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0), bf16=np.int64(bool(bf16_math)))
+        window=np.int64(sliding_window or 0), soft_cap=np.float32(soft_cap or 0.0), bf16=np.int64(bool(bf16_math)),
+        fp8=np.int64(FP8_CODES[kv_format] if kv_format else 0))
 
 
 def _c_function(name: str, argtypes: list):
@@ -128,9 +139,11 @@ def _setting(export: str, fn: str, arg: str, value: int | None) -> int | None:
 
 
 def ref_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
-                        sliding_window: int | None = None, soft_cap: float | None = None):
-    """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32; 16-bit pages are
-    widened first)."""
+                        sliding_window: int | None = None, soft_cap: float | None = None, kv_format: str = ""):
+    """Pure-jnp reference: gather each row's pages, then ordinary masked attention (float32; 16- and 8-bit pages
+    are widened first; uint8 pages with a `kv_format` read as that float8 format's codes)."""
+    if kv_format:
+        k_pages, v_pages = (jax.lax.bitcast_convert_type(x, jnp.dtype(kv_format)) for x in (k_pages, v_pages))
     k_pages, v_pages = k_pages.astype(jnp.float32), v_pages.astype(jnp.float32)
     R, Bq, H, D = q.shape
     _, KV, S, _ = k_pages.shape

@@ -1711,17 +1711,22 @@ void RunAll(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_page
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                               ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> lens, ffi::Buffer<ffi::S32> pos,
                               ffi::ResultBuffer<ffi::F32> out, float sm_scale, int64_t window, float soft_cap,
-                              int64_t bf16) {
+                              int64_t bf16, int64_t fp8) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
   const auto vd = v.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || td.size() != 2 || vd.size() != 4 ||
       !std::equal(kd.begin(), kd.end(), vd.begin()))
     return ffi::Error::InvalidArgument("paged attention: q and pages must be 4-D, v like k, the table 2-D");
-  const ffi::DataType et = k.element_type();
-  if (v.element_type() != et || (et != ffi::DataType::F32 && et != ffi::DataType::F16 && et != ffi::DataType::BF16 &&
-                                 et != ffi::DataType::F8E4M3FN && et != ffi::DataType::F8E5M2))
+  // uint8 pages are a float8 pool's codes (the engine stores them so: XLA:CPU widens a whole float8 array for any
+  // op but a convert), their format the `fp8` attribute: 1 e4m3fn, 2 e5m2
+  ffi::DataType et = k.element_type();
+  if (et == ffi::DataType::U8 && v.element_type() == et && (fp8 == 1 || fp8 == 2))
+    et = fp8 == 1 ? ffi::DataType::F8E4M3FN : ffi::DataType::F8E5M2;
+  else if (v.element_type() != et || fp8 != 0 ||
+           (et != ffi::DataType::F32 && et != ffi::DataType::F16 && et != ffi::DataType::BF16 &&
+            et != ffi::DataType::F8E4M3FN && et != ffi::DataType::F8E5M2))
     return ffi::Error::InvalidArgument(
-        "paged attention: k and v pages must both be f32, f16, bf16, f8e4m3fn or f8e5m2");
+        "paged attention: k and v pages must both be f32, f16, bf16, f8e4m3fn or f8e5m2 (or u8 codes with fp8 1, 2)");
   Problem p{q.typed_data(), k.untyped_data(), v.untyped_data(), table.typed_data(), lens.typed_data(),
             pos.typed_data(), out->typed_data(), qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], kd[2], td[1], 0,
             sm_scale, window, soft_cap, bf16 != 0 && BF16Math()};
@@ -1783,4 +1788,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                                   .Attr<float>("sm_scale")
                                   .Attr<int64_t>("window")
                                   .Attr<float>("soft_cap")
-                                  .Attr<int64_t>("bf16"));
+                                  .Attr<int64_t>("bf16")
+                                  .Attr<int64_t>("fp8"));

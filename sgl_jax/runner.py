@@ -45,7 +45,7 @@ from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.executables import ExecutableStore, fingerprint
 from sgl_jax.models.attention import AttnMetadata, get_attention_backend
 from sgl_jax.models import packing
-from sgl_jax.models.llama import CausalLM, init_kv_cache
+from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 from sgl_jax.parallel.multihost import mirrored
 from sgl_jax.runner_compile import StepCompiler
 from sgl_jax.runner_pages import PageTransfers, _copy_pages, _gather_pages, _scatter_pages
@@ -279,7 +279,8 @@ class ModelRunner(StepCompiler, PageTransfers):
         self.layout = layout
         self.channel = None  # multi-host rank 0: sgl_jax.parallel.multihost.StepChannel (see `mirrored`)
         self._mirror_lock = threading.RLock()
-        self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math)
+        self.kv_format = kv_format_of(kv_dtype)  # a float8 pool: stored as uint8 codes (llama.kv_storage_dtype)
+        self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math, self.kv_format)
         backend = get_attention_backend(attention_backend).name
         if jnp.dtype(kv_dtype).itemsize == 1 and backend.startswith("pallas"):
             raise ValueError(f"kv_dtype {jnp.dtype(kv_dtype).name}: a float8 KV pool runs on the CPU (the native "

@@ -8,7 +8,7 @@ import numpy as np
 
 from sgl_jax.batch import SeqChunk, pack
 from sgl_jax.models.attention import AttnMetadata
-from sgl_jax.models.llama import CausalLM, init_kv_cache
+from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 
 
 class PagedRunner:
@@ -25,10 +25,13 @@ class PagedRunner:
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
-        self.model = CausalLM(cfg, dtype, attention_backend, layout, attention_math)
+        fmt = kv_format_of(kv_dtype or dtype)  # a float8 pool: uint8 codes
+        self.model = CausalLM(cfg, dtype, attention_backend, layout, attention_math, fmt)
         kv = init_kv_cache(cfg, num_pages, page_size, kv_dtype or dtype)
-        if nan_fill:  # a read of a page nobody owns poisons the output
-            kv = tuple((jnp.full_like(k, jnp.nan), jnp.full_like(v, jnp.nan)) for k, v in kv)
+        if nan_fill:  # a read of a page nobody owns poisons the output (a float8 pool: the format's NaN code)
+            nan = lambda x: (jax.lax.bitcast_convert_type(jnp.full(x.shape, jnp.nan, fmt), jnp.uint8)  # noqa: E731
+                             if fmt else jnp.full_like(x, jnp.nan))
+            kv = tuple((nan(k), nan(v)) for k, v in kv)
         if layout is not None:
             kv = jax.device_put(kv, layout.kv_shardings(cfg.num_layers))
         self.kv = kv

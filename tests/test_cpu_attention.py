@@ -21,7 +21,7 @@ from test_attention import _check, decode_rows, dense_reference, make_case
 pytestmark = pytest.mark.timeout(300)
 
 _native = jax.jit(cpu_attention.paged_attention,
-                  static_argnames=("sm_scale", "sliding_window", "soft_cap", "bf16_math"))
+                  static_argnames=("sm_scale", "sliding_window", "soft_cap", "bf16_math", "kv_format"))
 _ref = jax.jit(cpu_attention.ref_paged_attention, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
 
 
@@ -582,10 +582,14 @@ def test_every_float8_code_widens_exactly(dtype, Bq, decode_path):
     pos = np.full((4, Bq), -1, np.int32)
     pos[:, 0] = 0
     table = np.arange(1, 5, dtype=np.int32)[:, None]
-    out = np.asarray(_native(*_args((q, k, v, table, np.ones(4, np.int32), pos)), sm_scale=1.0))
+    rest = (table, np.ones(4, np.int32), pos)
+    out = np.asarray(_native(*_args((q, k, v, *rest)), sm_scale=1.0))
     got = out[:, 0, :, :]  # [4, 2 heads, D]: both query heads of the KV head read the same value row
     for h in range(2):
         np.testing.assert_array_equal(got[:, h].reshape(-1), want)  # NaN where want is NaN
+    # the engine's storage: the same codes as uint8, the format an attribute -- the same bits
+    as_codes = _native(*_args((q, k.view(np.uint8), v.view(np.uint8), *rest)), sm_scale=1.0, kv_format=dtype)
+    np.testing.assert_array_equal(np.asarray(as_codes), out)
 
 
 def test_bad_operands_raise_naming_them():

@@ -68,14 +68,14 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
 
 def test_float8_kv_pool_greedy_matches_independent_forward(tiny_path):
     """A float8 KV pool, named as SGLang names it (`fp8_e4m3`; the host tier's tests take `fp8_e5m2`): the pool
-    holds float8_e4m3fn (a quarter of float32's page bytes), and greedy outputs through the engine (the native CPU kernel reading the codes) equal the
+    holds float8_e4m3fn codes as uint8 (a quarter of float32's page bytes), and greedy outputs through the engine (the native CPU kernel reading the codes) equal the
     independent forward's with a pool of the same dtype (the jnp attention widening them), prompts from 3 to 60
     tokens; the cache's invariants hold after."""
     import jax.numpy as jnp
 
     dtype = "float8_e4m3fn"
     with Engine(model=tiny_path, progress=False, **dict(SMALL, kv_dtype="fp8_e4m3")) as e:
-        assert e.runner.kv[0][0].dtype == jnp.dtype(dtype)
+        assert e.runner.kv[0][0].dtype == jnp.uint8 and e.runner.kv_format == dtype  # the codes, and their format
         k = e.runner.kv[0][0]
         assert e.runner.page_bytes == 2 * len(e.runner.kv) * k[0].size  # one byte an element
         for ids in prompts(3, seed=31, lo=3, hi=60):

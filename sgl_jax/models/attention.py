@@ -74,9 +74,10 @@ class AttnMetadata:
 
 
 def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array,
-             dup_src: jax.Array | None = None, dup_slots: jax.Array | None = None) -> KVPages:
+             dup_src: jax.Array | None = None, dup_slots: jax.Array | None = None, kv_format: str = "") -> KVPages:
     """Scatter this step's k, v `[T, KV, D]` into the pool at `slot_mapping` `[T]`, and rows `dup_src` `[D]`
-    a second time at `dup_slots` `[D]` (one scatter for both)."""
+    a second time at `dup_slots` `[D]` (one scatter for both). `kv_format`: a float8 pool's format, whose pages
+    are uint8 codes (sgl_jax.models.llama.kv_storage_dtype)."""
     if dup_src is not None and dup_src.shape[0]:
         k = jnp.concatenate([k, k[dup_src]])
         v = jnp.concatenate([v, v[dup_src]])
@@ -84,19 +85,29 @@ def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
     k_pages, v_pages = pages
     page_size = k_pages.shape[2]
     page, off = slot_mapping // page_size, slot_mapping % page_size
-    k_pages = k_pages.at[page, :, off, :].set(to_pool(k, k_pages.dtype), mode="promise_in_bounds")
-    v_pages = v_pages.at[page, :, off, :].set(to_pool(v, v_pages.dtype), mode="promise_in_bounds")
+    fmt = kv_format or k_pages.dtype
+    k_pages = k_pages.at[page, :, off, :].set(to_pool(k, fmt), mode="promise_in_bounds")
+    v_pages = v_pages.at[page, :, off, :].set(to_pool(v, fmt), mode="promise_in_bounds")
     return k_pages, v_pages
 
 
 def to_pool(x: jax.Array, dtype) -> jax.Array:
-    """`x` as the pool's dtype. float8 values are clamped to the format's finite range first: a cast would make
-    e4m3fn's overflow NaN and e5m2's infinity, which every later query of the sequence would read."""
+    """`x` as a pool of `dtype` stores it. float8: clamped to the format's finite range (a cast would make e4m3fn's
+    overflow NaN and e5m2's infinity, which every later query of the sequence would read), cast, and stored as the
+    codes' uint8 bits."""
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
         big = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x, -big, big)
+        return jax.lax.bitcast_convert_type(jnp.clip(x, -big, big).astype(dtype), jnp.uint8)
     return x.astype(dtype)
+
+
+def from_pool(pages: jax.Array, kv_format: str) -> jax.Array:
+    """A float8 pool's uint8 pages as their float8 dtype (`kv_format`), for the jnp paths; other pools as they are.
+    A whole-pool conversion: the jnp paths are the fallback and the reference, the native kernel reads the codes."""
+    if kv_format and pages.dtype == jnp.uint8:
+        return jax.lax.bitcast_convert_type(pages, jnp.dtype(kv_format))
+    return pages
 
 
 def _wide(x: jax.Array) -> jax.Array:
@@ -115,7 +126,7 @@ def _pv(p: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale: float,
-                    sliding_window: int | None = None, soft_cap: float | None = None):
+                    sliding_window: int | None = None, soft_cap: float | None = None, kv_format: str = ""):
     """Attention of query rows over their sequences' pages, gathering only the pages each row owns.
 
     q [R, Bq, H, D]; k_pages, v_pages [N, KV, S, D]; page_table [R, P]; kv_lens [R];
@@ -128,7 +139,9 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm
     has two owner rows. Otherwise a table wider than its chunk (`chunk_pages_for`) takes
     `paged_chunked_attention` (work in proportion to the longest row, not the table width), and a narrower
     one `paged_decode_attention` (Bq == 1) or `paged_block_attention`. All compute the same function.
+    `kv_format`: a float8 pool's format, its pages uint8 codes (from_pool).
     """
+    k_pages, v_pages = from_pool(k_pages, kv_format), from_pool(v_pages, kv_format)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_pages, v_pages, page_table, kv_lens, q_positions)
     R, Bq, P = q.shape[0], q.shape[1], page_table.shape[1]
@@ -470,10 +483,11 @@ def get_attention_backend(name: str = "auto", math: str = "float32") -> Attentio
         if not cpu_attention.available():
             raise ValueError(f"attention_backend 'cpu_native': the kernel did not build ({cpu_attention.why_not()})")
 
-        def native(q, k_pages, v_pages, *args, **kw):
-            if cpu_attention.supports(q, k_pages) and v_pages.dtype == k_pages.dtype:
-                return cpu_attention.paged_attention(q, k_pages, v_pages, *args, bf16_math=math == "bfloat16", **kw)
-            return paged_attention(q, k_pages, v_pages, *args, **kw)
+        def native(q, k_pages, v_pages, *args, kv_format: str = "", **kw):
+            if cpu_attention.supports(q, k_pages, kv_format) and v_pages.dtype == k_pages.dtype:
+                return cpu_attention.paged_attention(q, k_pages, v_pages, *args, bf16_math=math == "bfloat16",
+                                                     kv_format=kv_format, **kw)
+            return paged_attention(q, k_pages, v_pages, *args, kv_format=kv_format, **kw)
 
         return AttentionFn("cpu_native", native)
     if name in ("pallas_tpu", "pallas_gpu", "pallas_tpu_interpret", "pallas_gpu_interpret"):
@@ -483,7 +497,9 @@ def get_attention_backend(name: str = "auto", math: str = "float32") -> Attentio
         interpret = name.endswith("_interpret")
 
         def fn(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
-               soft_cap=None):
+               soft_cap=None, kv_format=""):
+            if kv_format:
+                raise ValueError(f"kv_dtype {kv_format}: the {name} kernel takes float32 or bfloat16 pages")
             return rpa.ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
                                               sm_scale=sm_scale, sliding_window=sliding_window,
                                               soft_cap=soft_cap, backend=backend, interpret=interpret)

@@ -198,8 +198,9 @@ def _dense(features, use_bias, dtype, name):
 
 def _attend(attn, kw, q, k, v, pages, meta: AttnMetadata):
     """This step's k, v written into the pool, then attention per segment of the ragged batch (decode rows, run
-    blocks, prefill blocks). q [T, H, D], k, v [T, K, D] (H, K: the heads this device holds) -> ([T, H*D], pages)."""
-    pages = write_kv(pages, k, v, meta.slot_mapping, meta.dup_src, meta.dup_slots)
+    blocks, prefill blocks). q [T, H, D], k, v [T, K, D] (H, K: the heads this device holds) -> ([T, H*D], pages).
+    `kw["kv_format"]`, where present, names a float8 pool's format (its pages are uint8 codes)."""
+    pages = write_kv(pages, k, v, meta.slot_mapping, meta.dup_src, meta.dup_slots, kw.get("kv_format", ""))
     H, D = q.shape[1], q.shape[2]
     Sd, NR, Br, NB, Bq = meta.num_decode, meta.num_runs, meta.run_q, meta.num_blocks, meta.block_q
     outs = []
@@ -226,6 +227,7 @@ class Attention(nn.Module):
     attention_backend: str = "jnp"
     layout: object = None  # sgl_jax.parallel.tp.TPLayout: attention under shard_map on each device's heads
     attention_math: str = "float32"  # see get_attention_backend
+    kv_format: str = ""  # a float8 pool's dtype name: its pages hold uint8 codes (init_kv_cache)
 
     @nn.compact
     def __call__(self, x, meta: AttnMetadata, pages, rope, keep=None):
@@ -246,6 +248,8 @@ class Attention(nn.Module):
         q = apply_rope(q, rope)
         k = apply_rope(k, rope)
         kw = dict(sm_scale=D ** -0.5, sliding_window=cfg.sliding_window)
+        if self.kv_format:
+            kw["kv_format"] = self.kv_format
         attend = functools.partial(_attend, get_attention_backend(self.attention_backend, self.attention_math).fn, kw)
         if self.layout is None:
             o, pages = attend(q, k, v, pages, meta)  # [T, H*D]
@@ -275,13 +279,14 @@ class DecoderLayer(nn.Module):
     attention_backend: str = "jnp"
     layout: object = None
     attention_math: str = "float32"
+    kv_format: str = ""
 
     @nn.compact
     def __call__(self, x, meta, pages, rope, keep=None):
         eps = self.cfg.rms_norm_eps
         h = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
         attn = Attention(self.cfg, self.dtype, self.attention_backend, self.layout, self.attention_math,
-                         name="self_attn")
+                         self.kv_format, name="self_attn")
         a, pages = attn(h, meta, pages, rope, keep)
         x = x + a
         h = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
@@ -362,6 +367,7 @@ class CausalLM(nn.Module):
     attention_backend: str = "jnp"
     layout: object = None
     attention_math: str = "float32"  # float32 | bfloat16: see get_attention_backend
+    kv_format: str = ""  # "" or a float8 pool's dtype name (kv_format_of): the pool holds its uint8 codes
 
     def __call__(self, input_ids, meta: AttnMetadata, kv: KVCache, logits_indices):
         if self.layout is None:
@@ -381,7 +387,7 @@ class CausalLM(nn.Module):
         new_kv = []
         for i in range(cfg.num_layers):
             x, pages = DecoderLayer(cfg, self.dtype, self.attention_backend, self.layout, self.attention_math,
-                                    name=f"layers_{i}")(
+                                    self.kv_format, name=f"layers_{i}")(
                 x, meta, kv[i], rope, keep)
             new_kv.append(pages)
         # a logits row past the step's needs has index -1 (batch.pack): like a padding token's row, the native
@@ -398,9 +404,23 @@ class CausalLM(nn.Module):
         return logits, tuple(new_kv)
 
 
+def kv_format_of(dtype) -> str:
+    """A KV dtype's format name for CausalLM's `kv_format`: the float8 dtypes' names, "" for the others."""
+    dt = jnp.dtype(dtype)
+    return dt.name if jnp.issubdtype(dt, jnp.floating) and dt.itemsize == 1 else ""
+
+
+def kv_storage_dtype(dtype):
+    """The dtype a KV pool of `dtype` is stored in: a float8 pool holds its codes as uint8 -- XLA:CPU runs every op on
+    a float8 array but a convert by widening the whole array (a scatter into a 1 GiB float8 pool took 42 ms a layer
+    where uint8 takes 0.05; bench/notes.md, session 35) -- the others as themselves."""
+    return jnp.uint8 if kv_format_of(dtype) else jnp.dtype(dtype)
+
+
 def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype=jnp.float32) -> KVCache:
-    """A zeroed KV pool: per layer (k, v), each [num_pages, K, page_size, D]."""
+    """A zeroed KV pool: per layer (k, v), each [num_pages, K, page_size, D], stored as kv_storage_dtype(dtype)."""
     shape = (num_pages, cfg.num_kv_heads, page_size, cfg.head_dim)
+    dtype = kv_storage_dtype(dtype)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(cfg.num_layers))
 
 

@@ -102,7 +102,7 @@ def plan_memory(c, mc, device_gib: float | None = None, usable: float = 0.9, tra
 
     from sgl_jax.models import quant
     from sgl_jax.models.attention import AttnMetadata
-    from sgl_jax.models.llama import CausalLM, param_shapes
+    from sgl_jax.models.llama import CausalLM, kv_format_of, kv_storage_dtype, param_shapes
     from sgl_jax.models.loader import canonical_dtype
     from sgl_jax.parallel.tp import AXIS, TPLayout
 
@@ -138,10 +138,12 @@ def plan_memory(c, mc, device_gib: float | None = None, usable: float = 0.9, tra
         num_pages = min(num_pages, kv.max_num_pages)
     page_shape = (num_pages, run_cfg.num_kv_heads, kv.page_size, run_cfg.head_dim)
     kv_bytes = 2 * run_cfg.num_layers * _shard_bytes(page_shape, kv_dtype, layout.kv_spec, tp)
-    pool = tuple((jax.ShapeDtypeStruct(page_shape, kv_dtype, sharding=NamedSharding(mesh, layout.kv_spec)),) * 2
+    store = kv_storage_dtype(kv_dtype)  # a float8 pool's uint8 codes
+    pool = tuple((jax.ShapeDtypeStruct(page_shape, store, sharding=NamedSharding(mesh, layout.kv_spec)),) * 2
                  for _ in range(run_cfg.num_layers))
     if trace:
-        _trace(CausalLM(run_cfg, dtype, "jnp", layout), params, pool, c, AttnMetadata)
+        _trace(CausalLM(run_cfg, dtype, "jnp", layout, kv_format=kv_format_of(kv_dtype)), params, pool, c,
+               AttnMetadata)
     return MemoryPlan(tp, layout.describe(), weights / GIB, kv_bytes / GIB, (num_pages - 1) * kv.page_size,
                       num_pages, device_gib, usable)
 
