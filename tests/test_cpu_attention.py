@@ -592,6 +592,23 @@ def test_every_float8_code_widens_exactly(dtype, Bq, decode_path):
     np.testing.assert_array_equal(np.asarray(as_codes), out)
 
 
+def test_write_kv_stores_float8_codes_and_needs_the_format_of_a_uint8_pool():
+    """A float8 pool's write: values clamped to the format's range, then their codes (a value past e4m3's 448 is
+    448, not NaN; past e5m2's 57344, 57344, not infinity); a uint8 pool without its format is refused by name."""
+    from sgl_jax.models.attention import write_kv
+
+    pool = jnp.zeros((2, 1, 4, 8), jnp.uint8)
+    k = jnp.asarray(np.array([1.0, -3.5, 500.0, -1e6, 0.01, 2.0, 7.0, 0.0], np.float32)).reshape(1, 1, 8)
+    for fmt, big in (("float8_e4m3fn", 448.0), ("float8_e5m2", 57344.0)):
+        kp, _ = write_kv((pool, pool), k, k, jnp.asarray([5], jnp.int32), kv_format=fmt)
+        got = np.asarray(kp)[1, 0, 1].view(jnp.dtype(fmt)).astype(np.float32)
+        want = np.clip(np.asarray(k).reshape(-1), -big, big).astype(jnp.dtype(fmt)).astype(np.float32)
+        np.testing.assert_array_equal(got, want)
+        assert np.isfinite(got).all() and got[3] == -big and got[2] == (448.0 if big == 448.0 else 512.0)
+    with pytest.raises(ValueError, match="kv_format"):
+        write_kv((pool, pool), k, k, jnp.asarray([5], jnp.int32))
+
+
 def test_bad_operands_raise_naming_them():
     q = jnp.zeros((2, 1, 6, 16))
     k = jnp.zeros((8, 2, 4, 16))

@@ -68,9 +68,9 @@ def test_greedy_matches_independent_forward(engine, tiny_path):
 
 def test_float8_kv_pool_greedy_matches_independent_forward(tiny_path):
     """A float8 KV pool, named as SGLang names it (`fp8_e4m3`; the host tier's tests take `fp8_e5m2`): the pool
-    holds float8_e4m3fn codes as uint8 (a quarter of float32's page bytes), and greedy outputs through the engine (the native CPU kernel reading the codes) equal the
-    independent forward's with a pool of the same dtype (the jnp attention widening them), prompts from 3 to 60
-    tokens; the cache's invariants hold after."""
+    holds float8_e4m3fn codes as uint8 (a quarter of float32's page bytes), and greedy outputs through the engine
+    (the native CPU kernel reading the codes) equal the independent forward's with a pool of the same dtype (the
+    jnp attention widening them), prompts from 3 to 60 tokens; the cache's invariants hold after."""
     import jax.numpy as jnp
 
     dtype = "float8_e4m3fn"

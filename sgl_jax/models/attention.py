@@ -83,6 +83,9 @@ def write_kv(pages: KVPages, k: jax.Array, v: jax.Array, slot_mapping: jax.Array
         v = jnp.concatenate([v, v[dup_src]])
         slot_mapping = jnp.concatenate([slot_mapping, dup_slots])
     k_pages, v_pages = pages
+    if k_pages.dtype == jnp.uint8 and not kv_format:
+        raise ValueError("write_kv: a uint8 pool holds float8 codes; its kv_format (float8_e4m3fn or float8_e5m2) "
+                         "must be given")
     page_size = k_pages.shape[2]
     page, off = slot_mapping // page_size, slot_mapping % page_size
     fmt = kv_format or k_pages.dtype
