@@ -119,15 +119,21 @@ inline float HalfToFloat(uint16_t h) {
 #endif
 }
 
+// A page type's eight elements widened one at a time: the vector loads' fallback where their instructions are absent
+template <typename E>
+inline v8f Load8Each(const typename E::T* p) {
+  v8f y;
+  for (int i = 0; i < 8; ++i) y[i] = E::Load1(p + i);
+  return y;
+}
+
 struct F16Pages {
   using T = uint16_t;
   static v8f Load8(const T* p) {
 #if defined(__F16C__)
     return (v8f)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
-    v8f y;
-    for (int i = 0; i < 8; ++i) y[i] = HalfToFloat(p[i]);
-    return y;
+    return Load8Each<F16Pages>(p);
 #endif
   }
   static float Load1(const T* p) { return HalfToFloat(*p); }
@@ -143,9 +149,7 @@ struct BF16Pages {  // bfloat16 is float32's upper half: widening is a 16-bit sh
     const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return (v8f)_mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 #else
-    v8f y;
-    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
-    return y;
+    return Load8Each<BF16Pages>(p);
 #endif
   }
   static float Load1(const T* p) {
@@ -183,9 +187,7 @@ struct E5M2Pages {
     const __m128i w = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
     return (v8f)_mm256_cvtph_ps(_mm_slli_epi16(w, 8));
 #else
-    v8f y;
-    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
-    return y;
+    return Load8Each<E5M2Pages>(p);
 #endif
   }
 #if defined(__AVX512F__)
@@ -209,9 +211,7 @@ struct E4M3Pages {
     return (v8f)_mm256_mul_ps(_mm256_cvtph_ps(_mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7e00)))),
                               _mm256_set1_ps(kE4M3Scale));
 #else
-    v8f y;
-    for (int i = 0; i < 8; ++i) y[i] = Load1(p + i);
-    return y;
+    return Load8Each<E4M3Pages>(p);
 #endif
   }
 #if defined(__AVX512F__)

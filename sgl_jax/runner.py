@@ -281,10 +281,10 @@ class ModelRunner(StepCompiler, PageTransfers):
         self._mirror_lock = threading.RLock()
         self.kv_format = kv_format_of(kv_dtype)  # a float8 pool: stored as uint8 codes (llama.kv_storage_dtype)
         self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math, self.kv_format)
-        backend = get_attention_backend(attention_backend).name
-        if jnp.dtype(kv_dtype).itemsize == 1 and backend.startswith("pallas"):
-            raise ValueError(f"kv_dtype {jnp.dtype(kv_dtype).name}: a float8 KV pool runs on the CPU (the native "
-                             f"kernel or jnp attention); the {backend} kernel takes float32 or bfloat16 pages")
+        backend = get_attention_backend(attention_backend).name  # what the model resolves "auto" to, here
+        if self.kv_format and backend.startswith("pallas"):
+            raise ValueError(f"kv_dtype {self.kv_format}: a float8 KV pool runs on the CPU (the native kernel or jnp "
+                             f"attention); the {backend} kernel takes float32 or bfloat16 pages")
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),
@@ -322,7 +322,7 @@ class ModelRunner(StepCompiler, PageTransfers):
         cpu = self.platform == "cpu"
         self.native_int8 = (cpu and any(x.dtype == jnp.int8 for x in jax.tree_util.tree_leaves(params))
                             and cpu_matmul.int8_available())
-        self.native_attention = get_attention_backend(attention_backend).name == "cpu_native"  # same choice as the model
+        self.native_attention = backend == "cpu_native"  # same choice as the model
         self.native_f32 = cpu and jnp.dtype(dtype) == jnp.float32 and cpu_matmul.f32_available()
         self.native_packed = cpu and packing.is_packed(params) and cpu_matmul.packed_available()
         self.store = None
