@@ -11,8 +11,8 @@ consecutive in the pool and scattered (a random permutation, as pages end up aft
 figure: its floor, the bytes the call must read (every visible key and value once) over the host's read bandwidth
 measured in the same run (bench/floors.py read_bandwidth, 2 threads), and cycles per (query, key) at a nominal
 3 GHz on the used cores. `--paths` times the kernel's two forms of a decode row side by side, alternating
-(cpu_attention.decode_two_pass_max: online, a page at a time, or two passes with AVX-512). No peer: llama.cpp's
-attention cannot be called on its own (its whole decode step is in bench_served_step.py).
+(cpu_attention.decode_two_pass_max: online, a page at a time, or two passes where the build has AVX2). No peer:
+llama.cpp's attention cannot be called on its own (its whole decode step is in bench_served_step.py).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main(argv=None):
             ts = {p: [] for p in paths}
             for _ in range(2 if len(paths) > 1 else 1):
                 for path in paths:
-                    if before is not None:  # (without AVX-512 every setting is the online form)
+                    if before is not None:  # (without AVX2 every setting is the online form)
                         cpu_attention.decode_two_pass_max(before if DECODE_PATHS[path] is None else DECODE_PATHS[path])
                     ts[path].append(time_layers(args.rows, args.ctx, dtype, args.layers, args.rounds, scattered))
             import jax.numpy as jnp

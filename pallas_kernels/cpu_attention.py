@@ -104,8 +104,8 @@ def bf16_math_available() -> bool:
 def decode_two_pass_max(floats: int | None = None) -> int | None:
     """The most scores a unit of decode work keeps for the two-pass softmax, for this process (tests and A/B
     benches; the default is the fast setting): `floats` sets it (0: every decode row online, a page at a time),
-    None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX-512:
-    decode rows are always online). Raises if the kernel is not available or `floats` is negative."""
+    None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX2:
+    decode rows are always online; 8-lane loops with AVX2, 16-lane with AVX-512). Raises if the kernel is not available or `floats` is negative."""
     return _setting("SglJaxAttentionTwoPassMax", "decode_two_pass_max", "floats", floats)
 
 
@@ -113,7 +113,7 @@ def decode_split_min_keys(keys: int | None = None) -> int | None:
     """The fewest keys a decode row's key range may have when the kernel splits few decode rows along their keys (so
     that two threads share one row's KV heads evenly), for this process (tests and A/B benches): `keys` sets it (0:
     never split), None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no
-    AVX-512: no split). Raises if the kernel is not available or `keys` is negative."""
+    AVX2: no split). Raises if the kernel is not available or `keys` is negative."""
     return _setting("SglJaxAttentionSplitMinKeys", "decode_split_min_keys", "keys", keys)
 
 
@@ -122,7 +122,7 @@ def decode_shared_min_pages(pages: int | None = None) -> int | None:
     prefill chunk must have before its first query (a cached prefix), for the kernel to compute those pages once for
     all those queries under `bf16_math` (bfloat16 pairs, float32 sums; without it nothing changes), for this process
     (tests and A/B benches): `pages` sets it (0: every row reads its pages alone), None only reads it. Returns the
-    value in effect, or None where the build has no two-pass loops (no AVX-512: rows read their pages alone).
+    value in effect, or None where the build has no such path (no AVX-512: rows read their pages alone).
     Raises if the kernel is not available or `pages` is negative."""
     return _setting("SglJaxAttentionSharedMinPages", "decode_shared_min_pages", "pages", pages)
 

@@ -27,11 +27,13 @@
 // is far larger than the caches and pages are scattered in it: 1.05-1.3x per layer); a decode row's a few lines at
 // a time inside the loops that compute the page (below ScoresShared16: 1.2-1.7x its attention).
 //
-// With AVX-512 a decode row (one query per row), unless its scores would pass g_two_pass_max, takes two passes
-// over its pages in 16-lane loops instead of the online softmax (RowTwoPass16): every score first, one softmax per
-// query, then the values -- 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps of 6-64 rows on a
-// Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes"). Fewer than 8 decode rows are split
-// along their keys (DecodeSplits, RunSplit) so that the threads share them evenly.
+// With AVX2 a decode row (one query per row), unless its scores would pass g_two_pass_max, takes two passes over
+// its pages instead of the online softmax (RowTwoPass): every score first, one softmax per query, then the values.
+// In 16-lane loops with AVX-512: 1.3-1.6x per layer at SmolLM2's heads, 1.11-1.24x whole decode steps of 6-64 rows
+// on a Zen 5 CPU (bench/notes.md, "Decode attention in 16 lanes and two passes"); in the 8-lane shared loops with
+// AVX2 only: 1.3-1.9x per layer, 1.03-1.25x whole decode steps of 1-64 rows on a Zen 3 CPU (bench/notes.md,
+// session 36). Fewer than 8 decode rows are split along their keys (DecodeSplits, RunSplit) so that the threads
+// share them evenly. Block rows stay online where there is no BlockPage: two passes a query measured 0.87-1.11x.
 //
 // Block rows (a prefill chunk's queries) take another path for a page that several of them see, with AVX-512:
 // BlockPage widens the page once and scores 16 keys per multiply-add for all of them (below). That path is bound
@@ -42,7 +44,7 @@
 // pairs"). Decode rows stay float32, except that with the `bf16` attribute the whole pages several decode rows share
 // (a fork's branches over one prompt) are computed once for all their queries in bfloat16 pairs, and so are the
 // whole pages before a block row's first query (a prompt's cached prefix) for all the block's queries (RunShared,
-// SharedPieceB: each page widened once, two passes as RowTwoPass16, a query pair's product serving 16 keys, the
+// SharedPieceB: each page widened once, two passes as RowTwoPass, a query pair's product serving 16 keys, the
 // values accumulated in registers over the pages); the rest as above; the partial softmax states merged:
 // 1.1-1.5x the attention of 3-64 decode rows over one prompt, 1.2-2.2x a prefill chunk's after a cached prefix
 // (bench/notes.md, "Shared pages computed once").
@@ -75,7 +77,7 @@ namespace {
 // bench/notes.md, session 26).
 inline void PrefetchL2(const void* a) { __builtin_prefetch(a, 0, 2); }  // locality 2: prefetcht1 on x86
 
-// How far ahead a decode row's two passes fetch (RowTwoPass16): one page of a whole row's three KV heads of float16
+// How far ahead a decode row's two passes fetch (RowTwoPass): one page of a whole row's three KV heads of float16
 // (6 KB); a unit of one KV head (fewer than 8 rows) three of its pages: 1 to 4 rows 1.2-1.6x faster than one page
 // ahead, 16-64 rows the same (bench/notes.md, session 28).
 constexpr int64_t kPrefetchAhead = 6144;
@@ -289,7 +291,7 @@ constexpr int64_t kMinBlockQueries = 2;  // ... for a page that at least this ma
 // One per thread (thread_local below), fitted to each call's problem.
 struct Scratch {
   std::vector<float> m, l, acc, s;
-  std::vector<float> row;         // RowTwoPass16's scores of a decode row's queries over all its keys
+  std::vector<float> row;         // RowTwoPass's scores of a decode row's queries over all its keys
   std::vector<float> kt, vf, sb;  // BlockPage's widened page (keys transposed) and its queries' scores
   std::vector<uint32_t> ktb, vfb, qb;  // BlockPageB's: the page and the row's queries as bfloat16 pairs
   std::vector<uint32_t> kall, vall, pairs;  // SharedPieceB's: its pages widened, its probabilities as pairs
@@ -462,15 +464,20 @@ inline void Sums4(const v8f* a, float* out) {
 // s + g * stride: each key vector is loaded (and widened) once for all G queries, KB keys at a time with the
 // G x KB accumulators in registers.
 template <typename E, int G>
-inline void ScoresShared(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride) {
+inline void ScoresShared(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride,
+                         const char* pf = nullptr, int64_t pf_bytes = 0) {
   constexpr int KB = Pow2Below(kAccRegs / G) >= 4 ? Pow2Below(kAccRegs / G) : 4;
   int64_t j = 0;
 #if defined(__AVX2__)
+  const int64_t iters = std::max<int64_t>(n / KB * (D / 8), 1);
+  int64_t it = 0, pf_at = 0;
   for (; j + KB <= n; j += KB) {
     v8f acc[G][KB];
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < KB; ++i) acc[g][i] = v8f{};
     for (int64_t d = 0; d < D; d += 8) {
+      if (pf != nullptr)
+        for (const int64_t end = ++it * pf_bytes / iters; pf_at < end; pf_at += 64) PrefetchL2(pf + pf_at);
       v8f qv[G];
       for (int g = 0; g < G; ++g) qv[g] = LoadF8(q + g * D + d);
       for (int i = 0; i < KB; ++i) {
@@ -481,6 +488,11 @@ inline void ScoresShared(const float* q, const typename E::T* k, int64_t n, int6
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < KB; i += 4) Sums4(acc[g] + i, s + g * stride + j + i);
   }
+  if (pf != nullptr)
+    for (; pf_at < pf_bytes; pf_at += 64) PrefetchL2(pf + pf_at);
+#else
+  (void)pf;
+  (void)pf_bytes;
 #endif
   for (int g = 0; g < G; ++g)
     for (int64_t jj = j; jj < n; ++jj) s[g * stride + jj] = Dot<E>(q + g * D, k + jj * D, D);
@@ -488,16 +500,23 @@ inline void ScoresShared(const float* q, const typename E::T* k, int64_t n, int6
 
 // acc_g[0:D] = acc_g * corr[g] + sum_j p_g[j] * vrows[j] for the G queries (outputs G x D consecutive, p_g at
 // p + g * stride; D = 8 * C): each value vector is loaded once for all G, CP of the C output vectors per pass.
+// With `pf`, both this and ScoresShared fetch pf_bytes at pf into L2 a few lines per loop step, as their 16-lane
+// forms do for the two-pass decode rows (below).
 template <typename E, int G, int C>
 inline void AccumulateShared(float* acc, const float* corr, const float* p, int64_t stride,
-                             const typename E::T* vrows, int64_t n) {
+                             const typename E::T* vrows, int64_t n, const char* pf = nullptr,
+                             int64_t pf_bytes = 0) {
   constexpr int CP = Pow2Below(kAccRegs / G) < C ? Pow2Below(kAccRegs / G) : C;
   constexpr int D = 8 * C;
+  const int64_t iters = std::max<int64_t>(C / CP * n, 1);
+  int64_t it = 0, pf_at = 0;
   for (int c0 = 0; c0 < C; c0 += CP) {
     v8f a[G][CP];
     for (int g = 0; g < G; ++g)
       for (int c = 0; c < CP; ++c) a[g][c] = LoadF8(acc + g * D + 8 * (c0 + c)) * corr[g];
     for (int64_t j = 0; j < n; ++j) {
+      if (pf != nullptr)
+        for (const int64_t end = ++it * pf_bytes / iters; pf_at < end; pf_at += 64) PrefetchL2(pf + pf_at);
       float pj[G];
       for (int g = 0; g < G; ++g) pj[g] = p[g * stride + j];
       for (int c = 0; c < CP; ++c) {
@@ -546,7 +565,7 @@ inline __m512 Exp16(__m512 x) {
 // Zen 5, Intel's server cores) this is up to 2x the arithmetic per cycle; where a 512-bit operation is two 256-bit
 // ones (Zen 4) it is no slower.
 
-// With `pf`, both also fetch the pf_bytes at pf into L2 (the next page's block, for RowTwoPass16) a few lines per
+// With `pf`, both also fetch the pf_bytes at pf into L2 (the next page's block, for RowTwoPass) a few lines per
 // iteration of their loops, not as one burst: with a page's worth of prefetches issued at once, reading and computing
 // took turns (most likely the burst filled the core's miss buffers and the page's own loads waited behind it). Spread
 // out, 64 decode rows over their own 512 float16 keys read at 22-30 GB/s where the burst read 15-22 (bench/notes.md,
@@ -645,17 +664,91 @@ inline float SoftmaxAll(float* s, int64_t n, float sm_scale, float soft_cap, flo
   return _mm512_reduce_add_ps(sum);
 }
 
+// The two-pass decode rows' loops at 16 lanes (RowTwoPass)
+template <int L>
+struct RowLoops;
+
+template <>
+struct RowLoops<16> {
+  template <typename E, int G>
+  static void Scores(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride,
+                     const char* pf, int64_t pf_bytes) {
+    ScoresShared16<E, G>(q, k, n, D, s, stride, pf, pf_bytes);
+  }
+  template <typename E, int G, int C>
+  static void Accumulate(float* acc, const float* corr, const float* p, int64_t stride, const typename E::T* v,
+                         int64_t n, const char* pf, int64_t pf_bytes) {
+    AccumulateShared16<E, G, C>(acc, corr, p, stride, v, n, pf, pf_bytes);
+  }
+  static float Softmax(float* s, int64_t n, float sm_scale, float soft_cap, float* max_out) {
+    return SoftmaxAll(s, n, sm_scale, soft_cap, max_out);
+  }
+};
+#endif
+
+#if defined(__AVX2__)
+#if !(defined(__AVX512F__) && defined(__AVX512VL__))
+template <int L>
+struct RowLoops;
+#endif
+
+// SoftmaxAll in 8-lane vectors, for the two-pass rows where the build has AVX2 but not AVX-512. s has room for whole
+// vectors: the lanes past n are set to -inf for the max and give exp(-87 - max) ~ 1e-38 to the sum (SoftmaxPage's
+// way); the values read only s[0:n].
+inline float SoftmaxAll8(float* s, int64_t n, float sm_scale, float soft_cap, float* max_out) {
+  const int64_t n8 = (n + 7) / 8 * 8;
+  if (soft_cap > 0.0f)
+    for (int64_t j = 0; j < n; ++j) s[j] = soft_cap * std::tanh(s[j] * sm_scale / soft_cap);
+  else
+    for (int64_t j = 0; j < n; j += 8) StoreF8(s + j, LoadF8(s + j) * sm_scale);
+  for (int64_t j = n; j < n8; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(s + j));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mv), _mm256_extractf128_ps(mv, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  m4 = _mm_max_ss(m4, _mm_shuffle_ps(m4, m4, 1));
+  const float mx = _mm_cvtss_f32(m4);
+  *max_out = mx;
+  v8f sum = v8f{};
+  for (int64_t j = 0; j < n8; j += 8) {
+    const v8f e = Exp8(LoadF8(s + j) - mx);
+    StoreF8(s + j, e);
+    sum += e;
+  }
+  return HSum(sum);
+}
+
+// The two-pass decode rows' loops at 8 lanes: the online form's shared loops, with the prefetches
+template <>
+struct RowLoops<8> {
+  template <typename E, int G>
+  static void Scores(const float* q, const typename E::T* k, int64_t n, int64_t D, float* s, int64_t stride,
+                     const char* pf, int64_t pf_bytes) {
+    ScoresShared<E, G>(q, k, n, D, s, stride, pf, pf_bytes);
+  }
+  template <typename E, int G, int C>
+  static void Accumulate(float* acc, const float* corr, const float* p, int64_t stride, const typename E::T* v,
+                         int64_t n, const char* pf, int64_t pf_bytes) {
+    AccumulateShared<E, G, C>(acc, corr, p, stride, v, n, pf, pf_bytes);
+  }
+  static float Softmax(float* s, int64_t n, float sm_scale, float soft_cap, float* max_out) {
+    return SoftmaxAll8(s, n, sm_scale, soft_cap, max_out);
+  }
+};
+
 // A decode row's KV heads [h0, h1) over its visible keys [lo, hi] in two passes instead of an online softmax a page
-// at a time: all scores (ScoresShared16, page by page), one softmax per query over the whole row, then the values
-// (AccumulateShared16). The per-page work the online form repeats -- a running max, a rescale of the outputs, the
-// short reductions and the chains between them -- is done once per query. The unit's scores are kept in sc.row
+// at a time: all scores (page by page), one softmax per query over the whole row, then the values, in L-lane loops
+// (RowLoops<L>: ScoresShared16, SoftmaxAll, AccumulateShared16 with AVX-512; ScoresShared, SoftmaxAll8,
+// AccumulateShared where the build has AVX2 only). The per-page work the online form repeats -- a running max, a
+// rescale of the outputs, the short reductions and the chains between them -- is done once per query. The unit's scores are kept in sc.row
 // (at most g_two_pass_max floats: Unit takes the online path beyond). Leaves each query's max in sc.m, its sum in
 // sc.l and its unnormalized output in sc.acc (which must start at zero). Returns false when a page index is
 // outside the pool (nothing is read from it).
-template <typename E, int G, int C>
-bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t lo, int64_t hi) {
+template <typename E, int G, int L, int C>
+bool RowTwoPass(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t lo, int64_t hi) {
   using T = typename E::T;
-  constexpr int64_t D = 16 * C;
+  using Loops = RowLoops<L>;
+  constexpr int64_t D = L * C;
   const int64_t S = p.S;
   hi = std::min(hi, p.P * S - 1);  // as the online path: keys past the table's last page are not seen
   if (lo > hi) return true;
@@ -690,18 +783,18 @@ bool RowTwoPass16(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t 
         float* sh = s + (h - h0) * G * nst + (a - lo);
         const int64_t qi = h * G;  // Bq == 1: query index b * H + h * G with b = 0
         if (pass == 0) {
-          ScoresShared16<E, G>(p.q + (r * p.H + qi) * D, blk, e - a, D, sh, nst, nh, head_block);
+          Loops::template Scores<E, G>(p.q + (r * p.H + qi) * D, blk, e - a, D, sh, nst, nh, head_block);
         } else {
           float corr[G];
           std::fill(corr, corr + G, 1.0f);
-          AccumulateShared16<E, G, C>(sc.acc.data() + qi * D, corr, sh, nst, blk, e - a, nh, head_block);
+          Loops::template Accumulate<E, G, C>(sc.acc.data() + qi * D, corr, sh, nst, blk, e - a, nh, head_block);
         }
       }
     }
     if (pass == 0)
       for (int64_t h = h0; h < h1; ++h)
         for (int g = 0; g < G; ++g)
-          sc.l[h * G + g] = SoftmaxAll(s + ((h - h0) * G + g) * nst, n, p.sm_scale, p.soft_cap, &sc.m[h * G + g]);
+          sc.l[h * G + g] = Loops::Softmax(s + ((h - h0) * G + g) * nst, n, p.sm_scale, p.soft_cap, &sc.m[h * G + g]);
   }
   return true;
 }
@@ -740,7 +833,7 @@ PageFn<E> PickPage(const Problem& p) {
   return &PageEach<E>;
 }
 
-// A decode row's KV heads [h0, h1) over keys [lo, hi] at once (RowTwoPass16), where there is one: (p, sc, row, h0,
+// A decode row's KV heads [h0, h1) over keys [lo, hi] at once (RowTwoPass), where there is one: (p, sc, row, h0,
 // h1, lo, hi) -> false for a page outside the pool
 using RowFn = bool (*)(const Problem&, Scratch&, int64_t, int64_t, int64_t, int64_t, int64_t);
 
@@ -750,18 +843,24 @@ std::atomic<int64_t> g_two_pass_max{int64_t{1} << 18};
 
 template <typename E>
 RowFn PickRow(const Problem& p) {
-#if defined(__AVX512F__) && defined(__AVX512VL__)
   if (p.Bq != 1) return nullptr;
-#define SGL_ROW_D16(G)                                  \
-  if (p.D == 64) return &RowTwoPass16<E, G, 4>;         \
-  if (p.D == 128) return &RowTwoPass16<E, G, 8>;        \
-  if (p.D == 32) return &RowTwoPass16<E, G, 2>;
-  if (p.G == 2) { SGL_ROW_D16(2) }
-  if (p.G == 3) { SGL_ROW_D16(3) }
-  if (p.G == 4) { SGL_ROW_D16(4) }
-#undef SGL_ROW_D16
+#if defined(__AVX512F__) && defined(__AVX512VL__)
+#define SGL_ROW_D(G)                                    \
+  if (p.D == 64) return &RowTwoPass<E, G, 16, 4>;       \
+  if (p.D == 128) return &RowTwoPass<E, G, 16, 8>;      \
+  if (p.D == 32) return &RowTwoPass<E, G, 16, 2>;
+#elif defined(__AVX2__)
+#define SGL_ROW_D(G)                                    \
+  if (p.D == 64) return &RowTwoPass<E, G, 8, 8>;        \
+  if (p.D == 128) return &RowTwoPass<E, G, 8, 16>;      \
+  if (p.D == 32) return &RowTwoPass<E, G, 8, 4>;
+#else
+#define SGL_ROW_D(G)
 #endif
-  (void)p;
+  if (p.G == 2) { SGL_ROW_D(2) }
+  if (p.G == 3) { SGL_ROW_D(3) }
+  if (p.G == 4) { SGL_ROW_D(4) }
+#undef SGL_ROW_D
   return nullptr;
 }
 
@@ -1245,7 +1344,7 @@ bool Unit(const Problem& p, int64_t r, int64_t h0, int64_t h1, Scratch& sc, Page
 constexpr int64_t kRowUnits = 8;  // from this many rows on, a unit is a whole row (all its KV heads)
 
 // Decode rows split along their keys. With few rows there are few (row, KV head) units -- one row of SmolLM2 is 3,
-// which two threads run as 2 + 1 -- so each unit is cut into page-aligned key ranges (RowTwoPass16 over each),
+// which two threads run as 2 + 1 -- so each unit is cut into page-aligned key ranges (RowTwoPass over each),
 // enough that the units share out evenly, and the ranges' partial softmax states are merged (max, sum, output).
 // A range has at least g_split_min_keys keys; SglJaxAttentionSplitMinKeys sets it for tests and A/B runs.
 std::atomic<int64_t> g_split_min_keys{128};
@@ -1298,11 +1397,11 @@ inline void MergeStates(const float* base, const int64_t* offs, int64_t n, int64
   for (int64_t d = 0; d < D; ++d) o[d] *= inv;
 }
 
-// Decode row r's keys [lo, hi] for KV head h (RowTwoPass16) as the partial states of its G queries ([max, sum,
+// Decode row r's keys [lo, hi] for KV head h (RowTwoPass) as the partial states of its G queries ([max, sum,
 // output[D]] each, D + 2 apart) at out. False for a page outside the pool.
 inline bool RowRangeState(const Problem& p, Scratch& sc, RowFn row_fn, int64_t r, int64_t h, int64_t lo, int64_t hi,
                           float* out) {
-  const int64_t G = p.G, D = p.D, W = D + 2, qi = h * G;  // RowTwoPass16's state of a decode row's queries (Bq = 1)
+  const int64_t G = p.G, D = p.D, W = D + 2, qi = h * G;  // RowTwoPass's state of a decode row's queries (Bq = 1)
   std::fill(sc.acc.begin() + qi * D, sc.acc.begin() + (qi + G) * D, 0.0f);
   if (!row_fn(p, sc, r, h, h + 1, lo, hi)) return false;
   for (int64_t g = 0; g < G; ++g) sc.StoreState(qi + g, D, out + g * W);
@@ -1342,9 +1441,9 @@ void RunSplit(ffi::ThreadPool& pool, const Problem& p, std::atomic<bool>& bad_pa
 
 // Decode rows that share their first pages: a fork's branches over one prompt, requests on one system prompt, a
 // sequence's tokens laid out as decode rows. Row by row, every row re-reads (and widens) the shared pages and its
-// G queries score them alone (RowTwoPass16). With the `bf16` attribute (and AVX512-BF16), a run of at least
+// G queries score them alone (RowTwoPass). With the `bf16` attribute (and AVX512-BF16), a run of at least
 // kSharedMinRows rows that share at least g_shared_min_pages whole pages instead computes them once for all its
-// rows' queries (SharedPieceB), each row's own keys past them as before (RowTwoPass16), and the partial softmax
+// rows' queries (SharedPieceB), each row's own keys past them as before (RowTwoPass), and the partial softmax
 // states are merged per query (MergeStates). Fewer rows or pages ran no faster (2 rows at 448 shared keys 5 %
 // slower, 6 rows at 64-128 shared keys 15-25 % slower: bench/notes.md, "Shared pages computed once"). A block
 // row's pages before its first query are such a run too (BlockRuns). 0 turns it off (SglJaxAttentionSharedMinPages,
@@ -1473,7 +1572,7 @@ inline void ValuesAllTB(float* const* out, const uint32_t* const* pb, const uint
 }
 
 // A run's pages [pc.lo, pc.hi) for KV head pc.h, for all its query slots at once (`slots`: r * Bq + b -- decode
-// rows' one query each, or a block row's queries), into their states, in two passes as RowTwoPass16 (every score,
+// rows' one query each, or a block row's queries), into their states, in two passes as RowTwoPass (every score,
 // one softmax per query, then the values): every page of the piece widened once for all the queries (WidenKeysB /
 // WidenValuesB), each query's scores 16 keys a multiply-add (ScoresPagesTB), its probabilities rounded to bfloat16
 // pairs and its output accumulated over all pages in registers (ValuesAllTB): q.k and p.v in bfloat16 pairs with
@@ -1750,30 +1849,40 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi
 // 1 where block rows can take their dot products in bfloat16 pairs (the `bf16` attribute), else 0.
 extern "C" int64_t SglJaxAttentionBF16() { return BF16Math() ? 1 : 0; }
 
-// A setting of the two-pass decode loops: `value` >= 0 sets it, a negative value only reads it. Returns the value
-// now in effect, or -1 where the build has no two-pass loops (no AVX-512: decode rows are always online and never
-// split).
-static int64_t TwoPassSetting(std::atomic<int64_t>& setting, int64_t value) {
+// Whether the build has the two-pass decode rows (AVX2: 8 lanes; AVX-512: 16) and the shared-pages path (AVX-512;
+// its loops take effect with AVX512-BF16)
+#if defined(__AVX2__)
+constexpr bool kHasTwoPass = true;
+#else
+constexpr bool kHasTwoPass = false;
+#endif
 #if defined(__AVX512F__) && defined(__AVX512VL__)
+constexpr bool kHasSharedPath = true;
+#else
+constexpr bool kHasSharedPath = false;
+#endif
+
+// A setting of the decode loops: `value` >= 0 sets it, a negative value only reads it. Returns the value now in
+// effect, or -1 where the build has no such path (`present` false).
+static int64_t Setting(std::atomic<int64_t>& setting, int64_t value, bool present) {
+  if (!present) return -1;
   if (value >= 0) setting.store(value);
   return setting.load();
-#else
-  (void)setting;
-  (void)value;
-  return -1;
-#endif
 }
 
 // The most scores a decode unit keeps for the two-pass form (see g_two_pass_max; 0: every unit online, a page at
-// a time).
-extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) { return TwoPassSetting(g_two_pass_max, floats); }
+// a time). -1 without AVX2 (decode rows always online, never split).
+extern "C" int64_t SglJaxAttentionTwoPassMax(int64_t floats) { return Setting(g_two_pass_max, floats, kHasTwoPass); }
 
-// The fewest keys a decode key range may have (see g_split_min_keys; 0: decode rows are never split).
-extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) { return TwoPassSetting(g_split_min_keys, keys); }
+// The fewest keys a decode key range may have (see g_split_min_keys; 0: decode rows are never split); -1 without
+// AVX2.
+extern "C" int64_t SglJaxAttentionSplitMinKeys(int64_t keys) { return Setting(g_split_min_keys, keys, kHasTwoPass); }
 
 // The fewest whole pages decode rows must share to have them computed once for all of them (see
-// g_shared_min_pages; 0: every decode row reads its pages alone).
-extern "C" int64_t SglJaxAttentionSharedMinPages(int64_t pages) { return TwoPassSetting(g_shared_min_pages, pages); }
+// g_shared_min_pages; 0: every decode row reads its pages alone); -1 without AVX-512.
+extern "C" int64_t SglJaxAttentionSharedMinPages(int64_t pages) {
+  return Setting(g_shared_min_pages, pages, kHasSharedPath);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SglJaxPagedAttention, PagedAttentionImpl,
                               ffi::Ffi::Bind()

@@ -32,8 +32,8 @@ def native():
 
 
 # The kernel's two forms of a decode row, each checked by the decode tests below: online (a page at a time, the
-# 8-lane loops; every CPU) and two passes (all scores, one softmax, then the values, in 16-lane loops; the default
-# where the build has AVX-512). Without AVX-512 both settings run the online form.
+# 8-lane loops; every CPU) and two passes (all scores, one softmax, then the values; the default where the build
+# has AVX2, in 16-lane loops where it has AVX-512). Without AVX2 both settings run the online form.
 DECODE_PATHS = {"online": 0, "two-pass": 1 << 18}
 
 
@@ -55,12 +55,12 @@ def _has_cpu_flags(*names) -> bool:
 
 def test_decode_two_pass_setting_takes_effect():
     """The setting the decode tests switch is the kernel's: read back as set and restored where the build has the
-    two-pass loops (exactly where the CPU has AVX-512 F and VL), absent elsewhere; a negative value is refused."""
-    avx512 = _has_cpu_flags("avx512f", "avx512vl")
+    two-pass loops (exactly where the CPU has AVX2), absent elsewhere; a negative value is refused."""
+    avx2 = _has_cpu_flags("avx2")
     before = cpu_attention.decode_two_pass_max()
-    assert (before is not None) == avx512
+    assert (before is not None) == avx2
     try:
-        assert cpu_attention.decode_two_pass_max(5) == (5 if avx512 else None)
+        assert cpu_attention.decode_two_pass_max(5) == (5 if avx2 else None)
         with pytest.raises(ValueError, match="floats"):
             cpu_attention.decode_two_pass_max(-1)
     finally:
@@ -105,10 +105,16 @@ def test_decode_rows_match_dense_reference(S, sliding_window, soft_cap, dtype, d
 @pytest.mark.parametrize("sliding_window", [None, 3])
 @pytest.mark.parametrize("shared", [0, 2])
 @pytest.mark.parametrize("dtype", PAGE_DTYPES)
-def test_block_rows_match_dense_reference(sliding_window, shared, dtype):
+@pytest.mark.parametrize("kv,g,d", [(2, 3, 16), (3, 3, 64)])
+def test_block_rows_match_dense_reference(sliding_window, shared, dtype, kv, g, d, monkeypatch):
     """Rows of 4 queries: padded slots, a block in the middle of its sequence, a row with nothing, pages
     shared by every row (a radix-cache prefix); every unseen key poisoned. Nine rows: from 8 on, a unit of the
-    kernel is a whole row (all its KV heads), below one (row, KV head) -- test_model_sized_case has 7."""
+    kernel is a whole row (all its KV heads), below one (row, KV head) -- test_model_sized_case has 7. Heads of
+    D = 16, and SmolLM2's (the shared loops of 3 queries over 8 vectors)."""
+    import test_attention
+
+    for name, val in (("KV", kv), ("G", g), ("D", d), ("H", kv * g)):
+        monkeypatch.setattr(test_attention, name, val)
     S, Bq = 4, 4
     rows = [(n, [t if t >= 0 else -1 for t in range(n - Bq, n)]) for n in (9, 11, 2 * S + 1, 5 * S + 3, 2, 13, 3 * S)]
     rows += [(3 * S + 1, [S, S + 1, S + 2, S + 3]), (0, [-1] * Bq)]
@@ -230,7 +236,7 @@ def test_few_decode_rows_split_along_their_keys_match_dense_reference(which, kv,
 def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, split_min_keys, monkeypatch):
     """SmolLM2's heads (3 KV x 3, D = 64), pages of 16, rows of 1,000-2,000 keys: split (the default, 128 keys a
     range at least) against the same call unsplit (min keys 0) and the float64 reference; the two differ in their
-    last bits (summation order), so the split did run. Without AVX-512 (no split in the build): the online form
+    last bits (summation order), so the split did run. Without AVX2 (no split in the build): the online form
     against the reference."""
     import test_attention
 
@@ -242,8 +248,8 @@ def test_one_long_decode_row_split_matches_unsplit_and_reference(rows, dtype, sp
     q, k, v, pt, lens_, pos = widened
     kw = dict(sm_scale=0.125)
     ref = dense_reference(q, k, v, pt, lens_, pos, **kw)
-    if split_min_keys(128) is None:  # no AVX-512: rows are never split; the online form against the reference
-        assert not _has_cpu_flags("avx512f", "avx512vl"), "the build lacks the AVX-512 loops this CPU has"
+    if split_min_keys(128) is None:  # no AVX2: rows are never split; the online form against the reference
+        assert not _has_cpu_flags("avx2"), "the build lacks the two-pass loops this CPU has"
         _check(_native(*_args(case), **kw), ref, pos, lens_, 2e-5)
         return
     split = np.asarray(_native(*_args(case), **kw))
@@ -632,6 +638,11 @@ def test_page_index_outside_the_pool_is_an_error_not_a_read(decode_path):
     with pytest.raises(Exception, match="outside the pool"):
         _native(q, k, k, jnp.asarray([[1, 99]], jnp.int32), jnp.asarray([6], jnp.int32),
                 jnp.asarray([[5]], jnp.int32), sm_scale=1.0).block_until_ready()
+    # a block row of 3 queries, a page past the first outside the pool
+    q = jnp.ones((1, 3, 2, 64))
+    with pytest.raises(Exception, match="outside the pool"):
+        _native(q, jnp.ones((4, 1, 16, 64)), jnp.ones((4, 1, 16, 64)), jnp.asarray([[1, 99]], jnp.int32),
+                jnp.asarray([20], jnp.int32), jnp.asarray([[17, 18, 19]], jnp.int32), sm_scale=1.0).block_until_ready()
     # decode rows sharing their first page (a group unit), the second row's next page outside the pool
     q, k = jnp.ones((2, 1, 2, 64)), jnp.ones((4, 1, 16, 64))
     with pytest.raises(Exception, match="outside the pool"):
