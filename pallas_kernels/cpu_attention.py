@@ -105,7 +105,8 @@ def decode_two_pass_max(floats: int | None = None) -> int | None:
     """The most scores a unit of decode work keeps for the two-pass softmax, for this process (tests and A/B
     benches; the default is the fast setting): `floats` sets it (0: every decode row online, a page at a time),
     None only reads it. Returns the value in effect, or None where the build has no two-pass loops (no AVX2:
-    decode rows are always online; 8-lane loops with AVX2, 16-lane with AVX-512). Raises if the kernel is not available or `floats` is negative."""
+    decode rows are always online; 8-lane loops with AVX2, 16-lane with AVX-512). Raises if the kernel is not
+    available or `floats` is negative."""
     return _setting("SglJaxAttentionTwoPassMax", "decode_two_pass_max", "floats", floats)
 
 

@@ -740,10 +740,10 @@ struct RowLoops<8> {
 // at a time: all scores (page by page), one softmax per query over the whole row, then the values, in L-lane loops
 // (RowLoops<L>: ScoresShared16, SoftmaxAll, AccumulateShared16 with AVX-512; ScoresShared, SoftmaxAll8,
 // AccumulateShared where the build has AVX2 only). The per-page work the online form repeats -- a running max, a
-// rescale of the outputs, the short reductions and the chains between them -- is done once per query. The unit's scores are kept in sc.row
-// (at most g_two_pass_max floats: Unit takes the online path beyond). Leaves each query's max in sc.m, its sum in
-// sc.l and its unnormalized output in sc.acc (which must start at zero). Returns false when a page index is
-// outside the pool (nothing is read from it).
+// rescale of the outputs, the short reductions and the chains between them -- is done once per query. The unit's
+// scores are kept in sc.row (at most g_two_pass_max floats: Unit takes the online path beyond). Leaves each query's
+// max in sc.m, its sum in sc.l and its unnormalized output in sc.acc (which must start at zero). Returns false when
+// a page index is outside the pool (nothing is read from it).
 template <typename E, int G, int L, int C>
 bool RowTwoPass(const Problem& p, Scratch& sc, int64_t r, int64_t h0, int64_t h1, int64_t lo, int64_t hi) {
   using T = typename E::T;
