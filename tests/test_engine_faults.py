@@ -17,7 +17,8 @@ from sgl_jax.errors import EngineDeadError, InvalidRequestError
 from sgl_jax.models.testing import write_tiny_gguf
 from test_engine import GREEDY, SMALL, prompts
 
-CFG = dict(SMALL, constraint_rows=1024, constraint_classes=320, constraint_slots=4)
+CFG = dict(SMALL, constraint_rows=1024, constraint_classes=320, constraint_slots=4,
+           warmup=False)  # only the shapes the tests reach compile (warmup has tests of its own)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_a_failed_step_leaves_no_uncomputed_shared_prefix_in_the_cache(engine, m
 
 @pytest.mark.timeout(300)
 def test_steps_failing_in_a_row_kill_the_engine_visibly(tiny_path):
-    with Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False)) as e:
+    with Engine(model=tiny_path, progress=False, **CFG) as e:
         e.runner.run = lambda plan, rows: (_ for _ in ()).throw(RuntimeError("device lost"))
         outs = e.generate(input_ids=prompts(3, seed=13), sampling_params=GREEDY)
         assert all(o["meta_info"]["finish_reason"]["type"] == "abort" for o in outs)
@@ -198,7 +199,7 @@ def test_steps_failing_in_a_row_kill_the_engine_visibly(tiny_path):
 
 @pytest.mark.timeout(300)
 def test_exception_escaping_the_loop_fails_waiting_requests_and_new_ones(tiny_path):
-    with Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False)) as e:
+    with Engine(model=tiny_path, progress=False, **CFG) as e:
         gate = threading.Event()
         orig = e.loop._step
 
@@ -224,7 +225,7 @@ def test_exception_escaping_the_loop_fails_waiting_requests_and_new_ones(tiny_pa
 
 @pytest.mark.timeout(300)
 def test_submit_during_shutdown_never_hangs(tiny_path):
-    e = Engine(model=tiny_path, progress=False, **dict(CFG, warmup=False))
+    e = Engine(model=tiny_path, progress=False, **CFG)
     results, errors = [], []
 
     def client(i):
