@@ -3,7 +3,7 @@
     python bench/bench_runtime.py shared-prefix [--json OUT]   # 64 requests, ~1,000-token few-shot prefix
     python bench/bench_runtime.py sixteen       [--json OUT]   # cpu-baselines.md's 16-request test (+ llama-server)
     python bench/bench_runtime.py multiturn     [--json OUT]   # 8 conversations x 4 turns, short and long
-    python bench/bench_runtime.py decode [--config PRESET] [--kv-dtypes A,B]  # batch 32 / 64 decode vs floors
+    python bench/bench_runtime.py decode [--config PRESET] [--kv-dtypes A,B] [--json OUT]  # 32/64 rows vs floors
     python bench/bench_runtime.py scheduler     [--json OUT]   # schedule() cost, 1,000 / 5,000 waiting
     python bench/bench_runtime.py all           [--json OUT]   # everything (~15 min on 2 busy cores)
 

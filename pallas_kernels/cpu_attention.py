@@ -7,7 +7,8 @@ exactly (up to float32 rounding; `ref_paged_attention` below is the pure-jnp ref
 for float32 queries and float32, float16, bfloat16, float8_e4m3fn or float8_e5m2 pages, or a float8 pool's uint8
 codes with its `kv_format` (16- and 8-bit pages are widened exactly as they are read, the arithmetic stays float32:
 an fp8 pool costs precision only where the model writes it, `sgl_jax.models.attention.to_pool`); other dtypes keep
-the jnp path. Built on first use (`cpu_native.NativeKernel`); without a compiler `available()` is False, one warning names the cause, and the model keeps the jnp path.
+the jnp path. Built on first use (`cpu_native.NativeKernel`); without a compiler `available()` is False, one warning
+names the cause, and the model keeps the jnp path.
 
 `bf16_math=True` (the engine's `attention_math: bfloat16`) computes a prefill chunk's dot products (q.k and p.v, its
 block rows; decode rows stay float32) in bfloat16 pairs with float32 sums where the CPU has AVX512-BF16

@@ -43,7 +43,7 @@ from sgl_jax import sampling
 from sgl_jax.batch import PackedBatch, SeqChunk, pack
 from sgl_jax.constrained.fsm import DIST_UNREACHABLE, NEVER_CLASS
 from sgl_jax.executables import ExecutableStore, fingerprint
-from sgl_jax.models.attention import AttnMetadata, get_attention_backend
+from sgl_jax.models.attention import AttnMetadata, check_kv_format, get_attention_backend
 from sgl_jax.models import packing
 from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 from sgl_jax.parallel.multihost import mirrored
@@ -282,9 +282,7 @@ class ModelRunner(StepCompiler, PageTransfers):
         self.kv_format = kv_format_of(kv_dtype)  # a float8 pool: stored as uint8 codes (llama.kv_storage_dtype)
         self.model = CausalLM(model_config, dtype, attention_backend, layout, attention_math, self.kv_format)
         backend = get_attention_backend(attention_backend).name  # what the model resolves "auto" to, here
-        if self.kv_format and backend.startswith("pallas"):
-            raise ValueError(f"kv_dtype {self.kv_format}: a float8 KV pool runs on the CPU (the native kernel or jnp "
-                             f"attention); the {backend} kernel takes float32 or bfloat16 pages")
+        check_kv_format(backend, self.kv_format)
         self.pstate = sampling.init_penalty_state(max_running_requests, V)
         self.cbuf = ConstraintBuffers(jnp.zeros((constraint_rows, -(-V // 32)), jnp.int32),
                                       jnp.full((constraint_rows, constraint_classes), -1, jnp.int32),

@@ -92,6 +92,19 @@ def test_float8_kv_pool_on_a_pallas_backend_is_refused_naming_it(tiny_path):
         Engine(model=tiny_path, progress=False, **dict(SMALL, kv_dtype="fp8_e5m2", attention_backend="pallas_gpu"))
 
 
+def test_float8_kv_pool_through_a_pallas_function_is_refused_naming_it():
+    """The same refusal where the model is used without the runner (its Pallas attention function, when traced)."""
+    import jax.numpy as jnp
+
+    from sgl_jax.models.attention import get_attention_backend
+
+    fn = get_attention_backend("pallas_gpu_interpret").fn
+    q, pages = jnp.ones((1, 1, 2, 16)), jnp.zeros((4, 1, 16, 16), jnp.uint8)
+    one = jnp.ones((1,), jnp.int32)
+    with pytest.raises(ValueError, match="kv_dtype float8_e4m3fn.*pallas_gpu_interpret kernel takes float32 or"):
+        fn(q, pages, pages, jnp.ones((1, 1), jnp.int32), one, one[:, None], sm_scale=1.0, kv_format="float8_e4m3fn")
+
+
 def test_a_prefix_hold_stops_before_pages_the_step_in_flight_writes(engine):
     """While a step that computes a prefix committed ahead of it runs (`Scheduler.pending_early_pages`), a hold
     (taken between steps' host phases) locks only the pages before that prefix's: were the step to fail, the

@@ -462,6 +462,15 @@ class AttentionFn(NamedTuple):
 ATTENTION_MATH = ("float32", "bfloat16")
 
 
+def check_kv_format(backend: str, kv_format: str) -> None:
+    """Refuses a float8 pool (`kv_format`, its pages uint8 codes) on an attention backend that cannot read it: the
+    Pallas kernels take float32 or bfloat16 pages. The runner calls it at start-up, before anything compiles; the
+    Pallas backends' functions call it when traced."""
+    if kv_format and backend.startswith("pallas"):
+        raise ValueError(f"kv_dtype {kv_format}: a float8 KV pool runs on the CPU (the native kernel or jnp "
+                         f"attention); the {backend} kernel takes float32 or bfloat16 pages")
+
+
 def get_attention_backend(name: str = "auto", math: str = "float32") -> AttentionFn:
     """`auto` picks the Pallas kernel for the platform (TPU/GPU), and on CPU the native kernel
     (pallas_kernels/cpu_attention.py) when it builds here, else the jnp path. `cpu_native` asks for the native
@@ -501,8 +510,7 @@ def get_attention_backend(name: str = "auto", math: str = "float32") -> Attentio
 
         def fn(q, k_pages, v_pages, page_table, kv_lens, q_positions, *, sm_scale, sliding_window=None,
                soft_cap=None, kv_format=""):
-            if kv_format:
-                raise ValueError(f"kv_dtype {kv_format}: the {name} kernel takes float32 or bfloat16 pages")
+            check_kv_format(name, kv_format)
             return rpa.ragged_paged_attention(q, k_pages, v_pages, page_table, kv_lens, q_positions,
                                               sm_scale=sm_scale, sliding_window=sliding_window,
                                               soft_cap=soft_cap, backend=backend, interpret=interpret)
