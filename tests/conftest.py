@@ -6,9 +6,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
+from helpers import SUITE_CACHE  # noqa: E402
+
 # Persistent compilation cache: reruns of the suite (and CI on the same machine) skip XLA compiles.
-_CACHE = os.path.join(os.path.expanduser(os.environ.get("SGL_JAX_CACHE", "~/.cache/sgl_jax")), "jax_cache_tests")
-jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_compilation_cache_dir", SUITE_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from helpers import PagedRunner
+from helpers import SUITE_CACHE, PagedRunner
 from sgl_jax.engine import Engine
 from sgl_jax.errors import InvalidRequestError
 from sgl_jax.models.loader import load_weights
@@ -17,7 +17,7 @@ from sgl_jax.models.testing import write_tiny_gguf
 
 SMALL = dict(page_size=4, max_context_len=128, max_running_requests=8, max_prefill_tokens=64, prefill_block=8,
              decode_buckets=[1, 4, 8], prefill_block_buckets=[2, 8], max_mixed_blocks=2,
-             page_width_buckets=[32], max_top_logprobs=5, compile_cache_dir="", kv_memory_gb=0.01,
+             page_width_buckets=[32], max_top_logprobs=5, compile_cache_dir=SUITE_CACHE, kv_memory_gb=0.01,
              full_logit_rows=8)  # a prompt's logprobs over several steps (test_logprobs_match_model: 20 rows)
 
 
@@ -505,8 +505,7 @@ def test_step_costs_kept_beside_the_compilation_cache(tiny_path, monkeypatch):
     """A restart on the same machine reads the timed step costs back instead of timing every shape again."""
     from sgl_jax.runner import ModelRunner
 
-    cache = jax.config.jax_compilation_cache_dir  # the suite's persistent cache (conftest); left unchanged
-    kw = dict(SMALL, compile_cache_dir=cache, run_block_buckets=[1, 2], decode_buckets=[1, 8], page_width_buckets=[32],
+    kw = dict(SMALL, run_block_buckets=[1, 2], decode_buckets=[1, 8], page_width_buckets=[32],
               prefill_block_buckets=[8], max_mixed_blocks=0)  # few shapes: the costs, not the grid, are the subject
     with Engine(model=tiny_path, progress=False, **kw) as e1:
         costs = e1.scheduler.grid.costs
