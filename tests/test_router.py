@@ -274,7 +274,7 @@ def test_disk_tier_blocks_count_as_not_computed():
 # ------------------------------------------------------------------------------------------- end to end
 SMALL = ("page_size=4 max_context_len=128 max_running_requests=8 max_prefill_tokens=64 prefill_block=8 "
          "decode_buckets=1,4,8 prefill_block_buckets=2,8 max_mixed_blocks=2 page_width_buckets=32 kv_memory_gb=0.01 "
-         f"warmup=false compile_cache_dir={SUITE_CACHE} host_memory_gb=0").split()
+         "warmup=false host_memory_gb=0").split() + [f"compile_cache_dir={SUITE_CACHE}"]  # one argument: a path
 
 
 def _port() -> int:
