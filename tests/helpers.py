@@ -11,15 +11,15 @@ import numpy as np
 
 from sgl_jax.batch import SeqChunk, pack
 from sgl_jax.models.attention import AttnMetadata
+from sgl_jax.models.hub import cache_dir
 from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 
-# The suite's compilation cache (conftest.py points jax's persistent cache here), one per xdist worker. Test engines
-# and servers that build the same steps more than once pass it as `compile_cache_dir`: a rebuilt engine then loads
-# them from the executable store there (sgl_jax/executables.py) instead of tracing and lowering them again. One
-# directory per worker: the store keeps only its newest few fingerprints, so the other worker's engines would prune
-# this one's while it runs.
-SUITE_CACHE = os.path.join(os.path.expanduser(os.environ.get("SGL_JAX_CACHE", "~/.cache/sgl_jax")), "jax_cache_tests",
-                           os.environ.get("PYTEST_XDIST_WORKER", "main"))
+# The suite's compilation cache, under the project's cache directory (hub.cache_dir), one per xdist worker;
+# conftest.py points jax's persistent cache here. Test engines and servers that build the same steps more than once
+# pass it as `compile_cache_dir`: a rebuilt engine then loads them from the executable store there
+# (sgl_jax/executables.py) instead of tracing and lowering them again. One directory per worker: the store keeps
+# only its newest few fingerprints, so the other worker's engines would prune this one's while it runs.
+SUITE_CACHE = str(cache_dir() / "jax_cache_tests" / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 
 class PagedRunner:
