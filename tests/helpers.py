@@ -27,12 +27,15 @@ class PagedRunner:
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
                  attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32",
-                 page_width=None, prefill_blocks=None):
+                 page_width=None, prefill_blocks=None, shape=None):
         """`layout` (sgl_jax.parallel.tp.TPLayout): run tensor parallel on its mesh (params placed and KV heads
         expanded here, the pool sharded by KV heads). `page_width` / `prefill_blocks`: pad every step's page
         tables to that many pages and every step with prompt chunks to that many prefill blocks, as the engine's
         buckets do (one compiled shape for all decode steps and one for all prompts, instead of one per context
-        length: the rows past a sequence's pages and the padding blocks are masked, so the logits are the same)."""
+        length: the rows past a sequence's pages and the padding blocks are masked, so the logits are the same).
+        `shape`: pack()'s padding targets for every step (e.g. num_decode, num_blocks, page_width, num_logits): all
+        of a runner's steps in one compiled shape, which another runner of the same model and settings loads from
+        the suite's compilation cache instead of compiling it again."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
@@ -47,7 +50,7 @@ class PagedRunner:
             kv = jax.device_put(kv, layout.kv_shardings(cfg.num_layers))
         self.kv = kv
         self.next_page = 1
-        self.page_width, self.prefill_blocks = page_width, prefill_blocks
+        self.page_width, self.prefill_blocks, self.shape = page_width, prefill_blocks, dict(shape or {})
         self.pages: dict[int, list[int]] = {}
         self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
 
@@ -72,6 +75,7 @@ class PagedRunner:
         for sid, ids, start, logits_from, *rest in work:
             table = self.ensure_pages(sid, start + len(ids))
             chunks.append(SeqChunk(list(ids), start, list(table), logits_from, as_run=bool(rest and rest[0])))
+        pad = {**self.shape, **pad}
         if self.page_width is not None:
             pad.setdefault("page_width", self.page_width)
         if self.prefill_blocks is not None and any(len(c.token_ids) > 1 and not c.as_run for c in chunks):

@@ -21,6 +21,10 @@ from sgl_jax.models.testing import TINY_CONFIGS, write_tiny_checkpoint
 
 REF = os.path.join(os.path.dirname(__file__), "reference")
 FAMILIES = sorted(TINY_CONFIGS)
+# One step shape for a runner's steps (as the engine's buckets pad them: padding rows, blocks and pages are masked):
+# 4 decode rows, 12 prefill blocks of 8, 16 pages a row, 80 logits rows hold every step below, so each runner
+# compiles one forward and the runners of one model and settings share it through the compilation cache.
+ONE = dict(num_decode=4, num_blocks=12, page_width=16, num_logits=80)
 
 
 def _ref(name):
@@ -39,7 +43,7 @@ def tiny(request, tmp_path_factory):
 
 def test_tiny_alone_all_positions(tiny):
     name, cfg, params = tiny
-    runner = PagedRunner(cfg, params)
+    runner = PagedRunner(cfg, params, shape=ONE)
     for sid, (ids, ref) in enumerate(_ref(name)):
         (logits,) = runner.step([(sid, ids, 0, 0)])
         np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=1e-4, err_msg=f"{name} prompt {sid}")
@@ -55,7 +59,7 @@ def test_tiny_packed_weights_match_reference(tiny):
     assert cpu_matmul.packed_available(), cpu_matmul.why_not()
     packed = pack_params(params, cfg.tie_word_embeddings)
     assert is_packed(packed)
-    runner = PagedRunner(cfg, packed, attention_backend="auto")
+    runner = PagedRunner(cfg, packed, attention_backend="auto", shape=ONE)
     for sid, (ids, ref) in enumerate(_ref(name)):
         split = max(1, len(ids) - 1)
         parts = runner.step([(sid, ids[:split], 0, 0)])
@@ -75,7 +79,7 @@ def test_tiny_packed_padding_rows_are_not_computed(tiny):
     packed = pack_params(params, cfg.tie_word_embeddings)
     prompts = [list(range(3 + i, 14 + 2 * i)) for i in range(3)]
     runs = {}
-    for pad in ({}, {"num_decode": 8, "num_blocks": 8}):
+    for pad in ({}, ONE):
         runner = PagedRunner(cfg, packed, attention_backend="auto")
         pre = runner.step([(i, ids, 0, len(ids) - 1) for i, ids in enumerate(prompts)], **pad)
         dec = runner.step([(i, [5 + i], len(ids), None) for i, ids in enumerate(prompts)], **pad)
@@ -112,7 +116,7 @@ def test_tiny_packed_logits_padding_rows_not_computed(tiny):
 def test_tiny_cached_prefix_and_decode(tiny):
     """Prefill a prefix, then the rest as a second chunk over the cached pages, then 1-token decodes."""
     name, cfg, params = tiny
-    runner = PagedRunner(cfg, params)
+    runner = PagedRunner(cfg, params, shape=ONE)
     for sid, (ids, ref) in enumerate(_ref(name)):
         if len(ids) < 5:
             continue
@@ -143,14 +147,14 @@ def test_tiny_batched_mixed_matches_alone(tiny):
     """All prompts in one ragged call (decodes + prefill blocks, padded rows), then a mixed step."""
     name, cfg, params = tiny
     refs = _ref(name)
-    runner = PagedRunner(cfg, params)
+    runner = PagedRunner(cfg, params, shape=ONE)
     work = [(sid, ids[:-1] if len(ids) > 1 else ids, 0, 0) for sid, (ids, _) in enumerate(refs)]
-    outs = runner.step(work, num_decode=4, num_blocks=12, page_width=16, num_logits=80)
+    outs = runner.step(work)
     # second step: the last token of each multi-token prompt as a decode, mixed with a fresh prefill
     work2 = [(sid, ids[-1:], len(ids) - 1, None) for sid, (ids, _) in enumerate(refs) if len(ids) > 1]
     fresh = refs[-1][0]
     work2.append((99, fresh[:20], 0, 0))
-    outs2 = runner.step(work2, num_decode=4, num_blocks=4, page_width=16, num_logits=32)
+    outs2 = runner.step(work2)
     for sid, (ids, ref) in enumerate(refs):
         n = len(ids) - 1 if len(ids) > 1 else 1
         np.testing.assert_allclose(outs[sid], ref[:n], atol=1e-4, rtol=1e-4, err_msg=f"{name} {sid}")
@@ -168,7 +172,7 @@ def test_tiny_run_blocks_match_reference(tiny):
     assert len(refs) >= 2 and max(len(ids) for ids, _ in refs) > 3 + 4  # some run spans two blocks
     dec_ids, dec_ref = min((r for r in allrefs if len(r[0]) >= 2), key=lambda x: len(x[0]))
     assert len(dec_ids) >= 2
-    runner = PagedRunner(cfg, params)
+    runner = PagedRunner(cfg, params, shape=ONE)
     for sid, (ids, _) in enumerate(refs):
         runner.step([(sid, ids[:3], 0, 0)])
     runner.step([(99, dec_ids[:-1], 0, 0)])
@@ -189,13 +193,12 @@ def test_tiny_page_major_decode_and_shared_prefix(tiny):
     same tokens run alone."""
     name, cfg, params = tiny
     refs = [(ids, ref) for ids, ref in _ref(name) if len(ids) >= 2]
-    runner = PagedRunner(cfg, params, num_pages=24)
+    runner = PagedRunner(cfg, params, num_pages=24, shape=ONE)
     assert page_major_pays(4, 16, 24)
     for sid, (ids, _) in enumerate(refs):
         runner.step([(sid, ids[:-1], 0, 0)])
     assert len(refs) <= 4  # one decode call of 4 rows x 16 pages on a 24-page pool: page-major
-    outs = runner.step([(sid, ids[-1:], len(ids) - 1, None) for sid, (ids, _) in enumerate(refs)],
-                       num_decode=4, page_width=16)
+    outs = runner.step([(sid, ids[-1:], len(ids) - 1, None) for sid, (ids, _) in enumerate(refs)])
     for sid, (ids, ref) in enumerate(refs):
         np.testing.assert_allclose(outs[sid], ref[-1:], atol=1e-4, rtol=1e-4, err_msg=f"{name} page-major {sid}")
     # sequence 100: the longest prompt's first full pages (shared with sequence 0), then other tokens, so that
@@ -205,15 +208,14 @@ def test_tiny_page_major_decode_and_shared_prefix(tiny):
     assert k >= 2
     start = 4 * k
     ids100 = ids[:start] + refs[1][0][:6]
-    alone = PagedRunner(cfg, params, num_pages=24)
+    alone = PagedRunner(cfg, params, num_pages=24, shape=ONE)
     alone.step([(0, ids100[:-1], 0, 0)])
     (want,) = alone.step([(0, ids100[-1:], len(ids100) - 1, None)])
-    runner = PagedRunner(cfg, params, num_pages=24)
+    runner = PagedRunner(cfg, params, num_pages=24, shape=ONE)
     runner.step([(0, ids[:-1], 0, 0)])
     runner.pages[100] = list(runner.pages[0][:k])
     runner.step([(100, ids100[start:-1], start, start)])
-    outs = runner.step([(0, ids[-1:], len(ids) - 1, None), (100, ids100[-1:], len(ids100) - 1, None)],
-                       num_decode=4, page_width=16)
+    outs = runner.step([(0, ids[-1:], len(ids) - 1, None), (100, ids100[-1:], len(ids100) - 1, None)])
     np.testing.assert_allclose(outs[0], ref[-1:], atol=1e-4, rtol=1e-4, err_msg=f"{name} shared prefix, row 0")
     np.testing.assert_allclose(outs[1], want, atol=1e-4, rtol=1e-4, err_msg=f"{name} shared prefix, row 100")
 
