@@ -65,6 +65,8 @@ def model_cases(tmp: str) -> list[dict]:
         path = write_tiny_checkpoint(name, os.path.join(tmp, f"m{i}"), **over)
         cfg, params = load_weights(path, "float32", progress=False)
         kw = dict(attention_backend=backend, page_size=16 if backend.startswith("pallas") else 4)  # Pallas: pages >= 16
+        if not backend.startswith("pallas"):  # every step but the run block in one compiled shape (interpreted
+            kw["shape"] = dict(num_decode=4, num_blocks=8, page_width=16, num_logits=32)  # Pallas: steps per row)
         light = backend == "pallas_tpu_interpret"
         ref = _work(PagedRunner(cfg, params, **kw), np.random.default_rng(i), cfg.vocab_size, light)
         for tp in tps:
@@ -87,8 +89,9 @@ def model_cases(tmp: str) -> list[dict]:
     return res
 
 
+# One decode and one prefill bucket: each engine compiles 4 step shapes (7 with [1, 4, 8] and [2, 8]).
 SMALL = dict(page_size=4, max_context_len=128, max_running_requests=8, max_prefill_tokens=64, prefill_block=8,
-             decode_buckets=[1, 4, 8], prefill_block_buckets=[2, 8], max_mixed_blocks=2, page_width_buckets=[32],
+             decode_buckets=[8], prefill_block_buckets=[8], max_mixed_blocks=2, page_width_buckets=[32],
              max_top_logprobs=5, compile_cache_dir="", kv_memory_gb=0.01, warmup=False)
 PROMPTS = ["Hello there, how", "The quick brown fox jumps", "Hello there, how are"]  # the third shares a prefix
 
