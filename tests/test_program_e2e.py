@@ -28,7 +28,8 @@ BACKENDS = ("engine", "http", "openai")
 
 @pytest.fixture(scope="module")
 def engine_backend():
-    be = sgl.EngineBackend(CONFIG)
+    be = sgl.EngineBackend(CONFIG, warmup=False)  # only the shapes the tests reach compile (and the server, on the
+    # same settings, loads them from the executable store); start-up has tests of its own
     yield be
     be.shutdown()
 
