@@ -119,8 +119,9 @@ def _dequantized(pq: dict) -> dict:
 
 
 def _logits(cfg, params, dtype=jnp.float32) -> np.ndarray:
-    """Every position's logits over tiny_prompts, each prompt prefilled alone: [positions, V]."""
-    runner = PagedRunner(cfg, params, dtype=dtype)
+    """Every position's logits over tiny_prompts, each prompt prefilled alone: [positions, V]. The steps padded to
+    one shape (the prompts: 1-40 tokens): one compiled forward a model, not one a prompt length."""
+    runner = PagedRunner(cfg, params, dtype=dtype, shape=dict(num_blocks=5, page_width=16, num_logits=40))
     return np.concatenate([runner.step([(sid, ids, 0, 0)])[0]
                            for sid, ids in enumerate(tiny_prompts(cfg.vocab_size))])
 
