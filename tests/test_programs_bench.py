@@ -543,8 +543,8 @@ def test_rag_corpus_is_the_searched_wikipedia_passages():
 # ------------------------------------------------------------------------------------------- (d) smoke
 TINY_ENGINE = dict(page_size=16, max_context_len=16384, max_running_requests=32, max_prefill_tokens=512,
                    prefill_block=64, decode_buckets=[1, 8, 32], prefill_block_buckets=[1, 8],
-                   page_width_buckets=[64, 1024], max_mixed_blocks=0, kv_memory_gb=0.1, compile_cache_dir="",
-                   max_top_logprobs=5, warmup=False)  # shapes compile as the workloads reach them: 11 of 20
+                   page_width_buckets=[1024], max_mixed_blocks=0, kv_memory_gb=0.1, compile_cache_dir="",
+                   max_top_logprobs=5, warmup=False)  # shapes compile as the workloads reach them; one table width
 
 
 @pytest.fixture(scope="module")
