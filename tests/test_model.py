@@ -69,10 +69,10 @@ def test_tiny_packed_weights_match_reference(tiny):
 
 
 def test_tiny_packed_padding_rows_are_not_computed(tiny):
-    """A step padded to a larger shape (decode rows to a bucket, prefill blocks after the chunk) gives the exact fit's
-    logits at the real rows: the native matmuls compute the real tokens' rows only (padding inside the step -- each
-    chunk's last block -- and after it; the kernels' zeros for the others: test_cpu_matmul.py), and skipping them
-    changes no real row. (XLA's own ops may round differently for another token count: float32 rounding.)"""
+    """A step padded to a larger shape (ONE: decode rows, prefill blocks, page tables, logits rows) gives the exact
+    fit's logits at the real rows: the native matmuls compute the real tokens' rows only (padding inside the step --
+    each chunk's last block -- and after it; the kernels' zeros for the others: test_cpu_matmul.py), and skipping
+    them changes no real row. (XLA's own ops may round differently for another token count: float32 rounding.)"""
     from sgl_jax.models.packing import pack_params
 
     name, cfg, params = tiny

@@ -28,8 +28,9 @@ BACKENDS = ("engine", "http", "openai")
 
 @pytest.fixture(scope="module")
 def engine_backend():
-    be = sgl.EngineBackend(CONFIG, warmup=False)  # only the shapes the tests reach compile (and the server, on the
-    # same settings, loads them from the executable store); start-up has tests of its own
+    # warmup off: only the shapes the tests reach compile, as in the server beside it (start-up and warmup have
+    # tests of their own)
+    be = sgl.EngineBackend(CONFIG, warmup=False)
     yield be
     be.shutdown()
 

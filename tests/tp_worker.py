@@ -65,8 +65,9 @@ def model_cases(tmp: str) -> list[dict]:
         path = write_tiny_checkpoint(name, os.path.join(tmp, f"m{i}"), **over)
         cfg, params = load_weights(path, "float32", progress=False)
         kw = dict(attention_backend=backend, page_size=16 if backend.startswith("pallas") else 4)  # Pallas: pages >= 16
-        if not backend.startswith("pallas"):  # every step but the run block in one compiled shape (interpreted
-            kw["shape"] = dict(num_decode=4, num_blocks=8, page_width=16, num_logits=32)  # Pallas: steps per row)
+        if not backend.startswith("pallas"):  # every step but the run block in one compiled shape (not the
+            kw["shape"] = dict(num_decode=4, num_blocks=8, page_width=16, num_logits=32)  # interpreted Pallas:
+            # its time grows with the padded rows)
         light = backend == "pallas_tpu_interpret"
         ref = _work(PagedRunner(cfg, params, **kw), np.random.default_rng(i), cfg.vocab_size, light)
         for tp in tps:
