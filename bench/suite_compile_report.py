@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-_current = ["<collection>"]
+_current = [f"<outside tests: {os.environ.get('PYTEST_XDIST_WORKER', 'main')}>"]  # collection, before the first test
 _acc: dict = collections.defaultdict(lambda: collections.defaultdict(float))
 EVENTS = {"jaxpr_trace_duration": "trace", "jaxpr_to_mlir_module_duration": "lower",
           "backend_compile_duration": "compile", "cache_retrieval_time_sec": "cache_read"}
