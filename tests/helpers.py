@@ -33,9 +33,10 @@ class PagedRunner:
         tables to that many pages and every step with prompt chunks to that many prefill blocks, as the engine's
         buckets do (one compiled shape for all decode steps and one for all prompts, instead of one per context
         length: the rows past a sequence's pages and the padding blocks are masked, so the logits are the same).
-        `shape`: pack()'s padding targets for every step (e.g. num_decode, num_blocks, page_width, num_logits): all
-        of a runner's steps in one compiled shape, which another runner of the same model and settings loads from
-        the suite's compilation cache instead of compiling it again."""
+        `shape`: pack()'s padding targets for every step (e.g. num_decode, num_blocks, page_width, num_logits; the
+        `page_width` argument is shorthand for shape={"page_width": ...}): all of a runner's steps in one compiled
+        shape, which another runner of the same model and settings loads from the suite's compilation cache instead
+        of compiling it again."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
@@ -50,7 +51,8 @@ class PagedRunner:
             kv = jax.device_put(kv, layout.kv_shardings(cfg.num_layers))
         self.kv = kv
         self.next_page = 1
-        self.page_width, self.prefill_blocks, self.shape = page_width, prefill_blocks, dict(shape or {})
+        self.prefill_blocks = prefill_blocks
+        self.shape = dict(shape or {}) if page_width is None else {"page_width": page_width, **(shape or {})}
         self.pages: dict[int, list[int]] = {}
         self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
 
@@ -76,8 +78,6 @@ class PagedRunner:
             table = self.ensure_pages(sid, start + len(ids))
             chunks.append(SeqChunk(list(ids), start, list(table), logits_from, as_run=bool(rest and rest[0])))
         pad = {**self.shape, **pad}
-        if self.page_width is not None:
-            pad.setdefault("page_width", self.page_width)
         if self.prefill_blocks is not None and any(len(c.token_ids) > 1 and not c.as_run for c in chunks):
             pad.setdefault("num_blocks", self.prefill_blocks)
         b = pack(chunks, page_size=self.page_size, block_q=self.block_q, **pad)
