@@ -458,34 +458,41 @@ def _sample_stochastic(logits, row_max, sb: SamplingBatch, K: int):
                       lambda: jnp.sum(jnp.exp(logits / t[:, None] - mx[:, None]), axis=-1),
                       lambda: jnp.ones((B,), jnp.float32))
 
-    def bounded(Kt, fallback):
-        """Cutoffs from the Kt largest logits; sample among them if every row's kept set fits."""
+    def head(Kt):
+        """Cutoffs from the Kt largest logits: (tokens sampled among them, whether every row's kept set fits
+        there, the cutoff, the rows whose cutoff the head could not decide)."""
         vals, ids = lax.top_k(logits, Kt)
         vals = vals / t[:, None]  # == top_k(logits / t) values (monotone)
         cut_s, valid = _sorted_cutoff(vals, mx, k_eff, p_eff, z_full, topk_on, topp_on, V)
         cut = jnp.maximum(cut_s, minp_cut)
-        fits = ~stoch | (valid & ((cut > vals[:, Kt - 1]) | (Kt == V)))
+        fits = jnp.all(~stoch | (valid & ((cut > vals[:, Kt - 1]) | (Kt == V))))
 
         def from_candidates():
             x = jnp.where(vals >= cut[:, None], vals + _gumbel(kw, ids), _NEG_INF)
             pos = _first_argmax(x)
             return jnp.take_along_axis(ids, pos[:, None], axis=-1)[:, 0]
 
-        return lax.cond(jnp.all(fits), from_candidates, lambda: fallback(cut, valid))
+        tok = lax.cond(fits, from_candidates, lambda: jnp.zeros((B,), jnp.int32))
+        return tok, fits, cut, stoch & ~valid
 
-    def large():
-        return bounded(K, lambda cut, valid: full_vocab(cut, stoch & ~valid))
+    def skipped():
+        return jnp.zeros((B,), jnp.int32), jnp.bool_(False), minp_cut, jnp.zeros((B,), jnp.bool_)
 
-    def sorted_head():
-        if K <= _SMALL_K:
-            return large()
-        # lax.top_k costs ~linear in k on CPU: try a small head first unless a top_k rules it out
-        small_ok = jnp.all(~topk_on | (k_eff <= _SMALL_K))
-        return lax.cond(small_ok, lambda: bounded(_SMALL_K, lambda cut, valid: large()), large)
+    # Top-k / top-p need the sorted head of the distribution (min-p alone has its cutoff already): a small head
+    # first (lax.top_k costs ~linear in k on CPU) unless a top_k rules it out, then K candidates, then the full
+    # vocabulary for the rows neither decided (with the K head's cutoff; min-p's alone without top-k / top-p).
+    # Each stage is traced once: the step's compile time grows with every copy of a branch.
+    sorted_on = jnp.any(topk_on | topp_on)
 
-    # top-k / top-p need the sorted head of the distribution; min-p alone has its cutoff already
-    return lax.cond(jnp.any(topk_on | topp_on), sorted_head,
-                    lambda: full_vocab(minp_cut, jnp.zeros((B,), jnp.bool_)))
+    def after_small_head():
+        tok, done, cut, need = lax.cond(sorted_on, lambda: head(K), skipped)
+        return lax.cond(done, lambda: tok, lambda: full_vocab(cut, need))
+
+    if K <= _SMALL_K:
+        return after_small_head()
+    small_ok = sorted_on & jnp.all(~topk_on | (k_eff <= _SMALL_K))
+    tok, done = lax.cond(small_ok, lambda: head(_SMALL_K)[:2], lambda: skipped()[:2])
+    return lax.cond(done, lambda: tok, after_small_head)
 
 
 # ----------------------------------------------------------------------------------------------
