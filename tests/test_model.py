@@ -245,6 +245,30 @@ def test_full_size_shapes(preset):
     assert layer["k_proj"]["kernel"].shape == (cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_param_shapes_of_one_layer_stand_for_every_layer(name):
+    """param_shapes traces one layer and repeats its shapes: equal, path by path, to flax's init of all layers
+    (each tiny family at 3 layers, float32 and bfloat16)."""
+    from sgl_jax.models.attention import AttnMetadata
+    from sgl_jax.models.llama import CausalLM, init_kv_cache
+
+    cfg = ModelConfig.from_hf(dict(TINY_CONFIGS[name], num_hidden_layers=3))
+    i32 = jnp.zeros((1,), jnp.int32)
+    meta = AttnMetadata(positions=i32, slot_mapping=i32, dec_page_table=jnp.zeros((1, 1), jnp.int32),
+                        dec_kv_lens=i32, pre_page_table=jnp.zeros((0, 1), jnp.int32),
+                        pre_kv_lens=jnp.zeros((0,), jnp.int32), block_q=1)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        kv = jax.eval_shape(lambda: init_kv_cache(cfg, 2, 16, dtype))
+        full = jax.eval_shape(lambda kv: CausalLM(cfg, dtype).init(jax.random.PRNGKey(0), i32, meta, kv, i32),
+                              kv)["params"]
+        want = [(path, x.shape, x.dtype) for path, x in jax.tree_util.tree_flatten_with_path(full)[0]]
+        got = [(path, x.shape, x.dtype) for path, x in jax.tree_util.tree_flatten_with_path(
+            param_shapes(cfg, dtype))[0]]
+        assert got == want
+        assert any("layers_2" in jax.tree_util.keystr(path) for path, *_ in got)
+
+
 def test_from_hf_rope_scaling():
     cfg = ModelConfig.from_hf(TINY_CONFIGS["llama3-tied-mqa"])
     assert cfg.rope_scaling.kind == "llama3" and cfg.tie_word_embeddings and cfg.num_kv_heads == 1
