@@ -185,9 +185,10 @@ def test_killed_rank_fails_requests_and_health(ranks):
 @pytest.mark.timeout(300)
 def test_unreachable_rank_detected_by_heartbeat():
     """Rank 1 frozen and left frozen (alive, its connection open, silent): after dist_timeout_s (2 s) without a
-    heartbeat rank 0 fails the in-flight request naming the silence and answers 503."""
+    heartbeat rank 0 fails the in-flight request naming the silence and answers 503. (The pair is frozen before
+    its first request: the module's pair shows requests served; here rank 0 meets the silence while it compiles
+    the request's first step, instead of both ranks first compiling a warm-up request's steps.)"""
     with started_ranks() as r:
-        assert _generate(r.url, PROMPTS[0], max_new_tokens=4)["meta_info"]["completion_tokens"] == 4
         r.procs[1].send_signal(signal.SIGSTOP)
         t0 = time.monotonic()
         resp = requests.post(r.url + "/generate", json={"text": "Go", "sampling_params": {"max_new_tokens": 50}},
