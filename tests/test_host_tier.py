@@ -280,7 +280,10 @@ def test_many_conversations_through_a_small_pool_keep_outputs_and_invariants(tin
 
 
 def test_transfer_costs_measured_at_warmup(tiny_path, tmp_path):
-    with Engine(model=tiny_path, progress=False, **dict(TIGHT, warmup=True, disk_dir=str(tmp_path))) as e:
+    # warmup on, with one bucket of each kind (the prefill's largest, which the prices are measured on): the rest
+    # of SMALL's 13 shapes would compile in the background only to be waited for at shutdown
+    grid = dict(decode_buckets=[4], prefill_block_buckets=SMALL["prefill_block_buckets"][-1:], max_mixed_blocks=0)
+    with Engine(model=tiny_path, progress=False, **dict(TIGHT, warmup=True, disk_dir=str(tmp_path), **grid)) as e:
         c = e.scheduler.transfer_costs
         assert c.measured and c.prefill_s_per_token > 0 and c.load_s_per_token >= 0 and c.disk_s_per_token > 0
         # a page's K/V copy costs far less than recomputing its tokens (~40x on this tiny model): a hit loads.
