@@ -22,19 +22,12 @@ from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 SUITE_CACHE = str(cache_dir() / "jax_cache_tests" / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 
-# Compiler options for programs that hold a Pallas kernel's interpreted form (its grid emulated by loops and
-# dynamic slices on the host; never what a device runs): XLA's lowest backend optimisation level. It computes the
-# same values and compiles them in about three quarters of the time (`pytest tests/test_pallas_attention.py` with
-# its caches cold: 122.5 s, 89.0 s with the level set for everything it compiles; bench/notes.md).
-INTERPRETED_KERNELS = {"xla_backend_optimization_level": 0}
-
-
 class PagedRunner:
     """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
                  attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32",
-                 page_width=None, prefill_blocks=None, shape=None, compiler_options=None):
+                 page_width=None, prefill_blocks=None, shape=None):
         """`layout` (sgl_jax.parallel.tp.TPLayout): run tensor parallel on its mesh (params placed and KV heads
         expanded here, the pool sharded by KV heads). `page_width` / `prefill_blocks`: pad every step's page
         tables to that many pages and every step with prompt chunks to that many prefill blocks, as the engine's
@@ -43,8 +36,7 @@ class PagedRunner:
         `shape`: pack()'s padding targets for every step (e.g. num_decode, num_blocks, page_width, num_logits; the
         `page_width` argument is shorthand for shape={"page_width": ...}): all of a runner's steps in one compiled
         shape, which another runner of the same model and settings loads from the suite's compilation cache instead
-        of compiling it again. `compiler_options`: XLA options for the step's compile (INTERPRETED_KERNELS for a
-        Pallas kernel's interpreted form)."""
+        of compiling it again."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
@@ -62,8 +54,7 @@ class PagedRunner:
         self.prefill_blocks = prefill_blocks
         self.shape = dict(shape or {}) if page_width is None else {"page_width": page_width, **(shape or {})}
         self.pages: dict[int, list[int]] = {}
-        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"),
-                            compiler_options=compiler_options)
+        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
 
     def _forward(self, params, ids, kv, logits_idx, meta_arrays, block_q, run_arrays=(None, None), run_q=1):
         meta = AttnMetadata(*meta_arrays, block_q=block_q, run_page_table=run_arrays[0],

@@ -17,7 +17,6 @@ reference does not use TF32 matmuls (the kernel's float32 dots are IEEE).
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 
@@ -29,7 +28,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from helpers import INTERPRETED_KERNELS  # noqa: E402
 from pallas_kernels.ragged_paged_attention import (  # noqa: E402
     ragged_paged_attention,
     ref_ragged_paged_attention,
@@ -130,10 +128,9 @@ def check(case, backend, *, dtype, sm_scale, sliding_window=None, soft_cap=None,
     if NATIVE:
         interpret = False
     ref = _ref(*args, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-    kernel = functools.partial(ragged_paged_attention, sm_scale=sm_scale, sliding_window=sliding_window,
-                               soft_cap=soft_cap, backend=backend, interpret=interpret,
-                               block_kv_pages=block_kv_pages)
-    out = (jax.jit(kernel, compiler_options=INTERPRETED_KERNELS) if interpret else kernel)(*args)
+    out = ragged_paged_attention(*args, sm_scale=sm_scale, sliding_window=sliding_window,
+                                 soft_cap=soft_cap, backend=backend, interpret=interpret,
+                                 block_kv_pages=block_kv_pages)
     out = np.asarray(out.astype(jnp.float32))
     ref = np.asarray(ref.astype(jnp.float32))
     assert out.shape == case["q"].shape and out.dtype == np.float32
@@ -308,8 +305,7 @@ def test_model_with_pallas_backend_matches_jnp(backend, tmp_path):
     cfg, params = load_weights(str(tmp_path), progress=False)
     outs = {}
     for name in ("jnp", backend):
-        r = PagedRunner(cfg, params, num_pages=16, page_size=16, block_q=8, attention_backend=name,
-                        compiler_options=INTERPRETED_KERNELS if name.endswith("_interpret") else None)
+        r = PagedRunner(cfg, params, num_pages=16, page_size=16, block_q=8, attention_backend=name)
         a = r.step([(0, list(range(3, 23)), 0, 0), (1, list(range(40, 45)), 0, 0)])
         b = r.step([(0, [7], 20, None), (1, list(range(50, 60)), 5, 5)])
         c = r.step([(0, [8, 9, 10], 21, 21, True), (1, [11], 15, None)], run_q=4)  # a run block + a decode

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 
-from helpers import INTERPRETED_KERNELS, PagedRunner  # noqa: E402
+from helpers import PagedRunner  # noqa: E402
 from sgl_jax.models.loader import load_weights  # noqa: E402
 from sgl_jax.models.testing import write_tiny_checkpoint, write_tiny_gguf  # noqa: E402
 from sgl_jax.parallel.tp import TPLayout, make_mesh  # noqa: E402
@@ -68,8 +68,6 @@ def model_cases(tmp: str) -> list[dict]:
         if not backend.startswith("pallas"):  # every step but the run block in one compiled shape (not the
             kw["shape"] = dict(num_decode=4, num_blocks=8, page_width=16, num_logits=32)  # interpreted Pallas:
             # its time grows with the padded rows)
-        else:
-            kw["compiler_options"] = INTERPRETED_KERNELS
         light = backend == "pallas_tpu_interpret"
         ref = _work(PagedRunner(cfg, params, **kw), np.random.default_rng(i), cfg.vocab_size, light)
         for tp in tps:
