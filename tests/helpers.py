@@ -22,12 +22,17 @@ from sgl_jax.models.llama import CausalLM, init_kv_cache, kv_format_of
 SUITE_CACHE = str(cache_dir() / "jax_cache_tests" / os.environ.get("PYTEST_XDIST_WORKER", "main"))
 
 
+# XLA's default backend optimisation level, for a compile that checks the code as users' compiles build it: the suite
+# compiles at the lowest level (tests/conftest.py); an option given to a compile overrides XLA_FLAGS.
+SHIPPED_LEVEL = {"xla_backend_optimization_level": 3}
+
+
 class PagedRunner:
     """Owns a KV pool and hands each sequence consecutive fresh pages (page 0 stays the sink)."""
 
     def __init__(self, cfg, params, *, num_pages=256, page_size=4, block_q=8, dtype=jnp.float32,
                  attention_backend="jnp", nan_fill=True, kv_dtype=None, layout=None, attention_math="float32",
-                 page_width=None, prefill_blocks=None, shape=None):
+                 page_width=None, prefill_blocks=None, shape=None, compiler_options=None):
         """`layout` (sgl_jax.parallel.tp.TPLayout): run tensor parallel on its mesh (params placed and KV heads
         expanded here, the pool sharded by KV heads). `page_width` / `prefill_blocks`: pad every step's page
         tables to that many pages and every step with prompt chunks to that many prefill blocks, as the engine's
@@ -36,7 +41,8 @@ class PagedRunner:
         `shape`: pack()'s padding targets for every step (e.g. num_decode, num_blocks, page_width, num_logits; the
         `page_width` argument is shorthand for shape={"page_width": ...}): all of a runner's steps in one compiled
         shape, which another runner of the same model and settings loads from the suite's compilation cache instead
-        of compiling it again."""
+        of compiling it again. `compiler_options`: XLA options for the step's compile (SHIPPED_LEVEL: the
+        optimisation level a user's compile gets, not the suite's, tests/conftest.py)."""
         if layout is not None:
             params, cfg = layout.shard_params(params), layout.model_config(cfg)
         self.cfg, self.params, self.page_size, self.block_q = cfg, params, page_size, block_q
@@ -54,7 +60,8 @@ class PagedRunner:
         self.prefill_blocks = prefill_blocks
         self.shape = dict(shape or {}) if page_width is None else {"page_width": page_width, **(shape or {})}
         self.pages: dict[int, list[int]] = {}
-        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"))
+        self._fwd = jax.jit(self._forward, donate_argnums=(2,), static_argnames=("block_q", "run_q"),
+                            compiler_options=compiler_options)
 
     def _forward(self, params, ids, kv, logits_idx, meta_arrays, block_q, run_arrays=(None, None), run_q=1):
         meta = AttnMetadata(*meta_arrays, block_q=block_q, run_page_table=run_arrays[0],

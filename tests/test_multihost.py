@@ -58,7 +58,8 @@ class Ranks:
         base = [sys.executable, "-m", "sgl_jax.serve", "--model", self.model, "--tp", "4", "--nnodes", "2",
                 "--dist-init-addr", f"127.0.0.1:{coord}", "--port", str(self.port), "--set", *sets,
                 "--set", "parallel.dist_timeout_s=2", "--set", "server.drain_timeout_s=2"]
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2".strip()  # + the suite's
+        env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                    PYTHONUNBUFFERED="1")
         self.logs = [open(os.path.join(tmp, f"rank{r}.log"), "w+") for r in (0, 1)]
         self.procs = [subprocess.Popen(base + ["--node-rank", str(r)], stdout=self.logs[r], stderr=subprocess.STDOUT,

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import PagedRunner
+from helpers import SHIPPED_LEVEL, PagedRunner
 from sgl_jax.models.loader import load_weights
 
 REF = os.path.join(os.path.dirname(__file__), "reference", "smollm2_gguf.npz")
@@ -40,7 +40,8 @@ def _greedy(runner, sid, ids, n):
 def test_smollm2_f32_logits_and_greedy(smollm_f32):
     """What the engine runs on CPU: weights panel-packed for the native matmul, the native paged attention (the
     plain layout is checked against the tiny models' references in test_model.py, and packed against plain in
-    test_cpu_matmul.py)."""
+    test_cpu_matmul.py), compiled at XLA's default optimisation level as a user's compile is (the suite's own
+    level is the lowest, tests/conftest.py)."""
     from pallas_kernels import cpu_matmul
     from sgl_jax.models.packing import pack_params
 
@@ -52,7 +53,7 @@ def test_smollm2_f32_logits_and_greedy(smollm_f32):
     refs = _refs()
     width = max(-(-(len(ids) + len(g)) // 16) for ids, _, g in refs)  # one decode shape, one prompt shape
     runner = PagedRunner(cfg, params, num_pages=64, page_size=16, block_q=16, nan_fill=False,
-                         attention_backend="auto", page_width=width,
+                         attention_backend="auto", page_width=width, compiler_options=SHIPPED_LEVEL,
                          prefill_blocks=max(-(-len(ids) // 16) for ids, _, _ in refs))
     for sid, (ids, ref_logits, ref_greedy) in enumerate(refs):
         last, greedy = _greedy(runner, sid, ids, len(ref_greedy))
@@ -62,12 +63,14 @@ def test_smollm2_f32_logits_and_greedy(smollm_f32):
 
 @pytest.mark.slow
 def test_smollm2_bf16_within_tolerance(smollm2_gguf):
+    """bfloat16 weights and activations (the jnp attention), at XLA's default optimisation level as in the test
+    above."""
     cfg, params = load_weights(smollm2_gguf, "bfloat16", progress=False)
     assert jax.tree.leaves(params)[0].dtype == jnp.bfloat16
     refs = _refs()
     blocks = max(-(-len(ids) // 16) for ids, _, _ in refs)  # one compiled shape for the four prompts
     runner = PagedRunner(cfg, params, num_pages=32, page_size=16, block_q=16, dtype=jnp.bfloat16, nan_fill=False,
-                         page_width=blocks, prefill_blocks=blocks)
+                         page_width=blocks, prefill_blocks=blocks, compiler_options=SHIPPED_LEVEL)
     for sid, (ids, ref_logits, _) in enumerate(refs):
         (logits,) = runner.step([(sid, ids, 0, None)])
         err = np.abs(logits[-1] - ref_logits)

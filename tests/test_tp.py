@@ -28,7 +28,8 @@ ROOT = os.path.dirname(HERE)
 
 
 def _worker(which: str):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()  # + the suite's
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     p = subprocess.run([sys.executable, os.path.join(HERE, "tp_worker.py"), which], env=env, capture_output=True,
                        text=True, timeout=420)
