@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from helpers import PagedRunner
+from helpers import SHIPPED_LEVEL, PagedRunner
 from sgl_jax.models import packing, quant
 from sgl_jax.models.loader import ModelLoadError, load_weights
 from sgl_jax.models.testing import (TINY_CONFIGS, save_safetensors, tiny_prompts, tiny_state_dict,
@@ -238,6 +238,9 @@ def test_zero_channels_and_bad_weights_in_a_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- SmolLM2
+# The default model's error figures are stated for what a user runs: its runners compile at XLA's default level, not
+# the suite's (tests/conftest.py). At the suite's level the packed int8 logits after prompt 2 were 1.63 off fp32's
+# against the 1.26 measured at the default level (the activations' int8 rounding meets last-bit differences).
 def _greedy(runner, sid, ids, n):
     """(logits after the prompt, n greedy tokens, the logits each token was picked from)."""
     (logits,) = runner.step([(sid, ids, 0, None)])
@@ -297,7 +300,7 @@ def test_smollm2_int8_vs_fp32(smollm2_gguf):
     prompts = [data[f"ids_{i}"].tolist() for i in range(len([k for k in data if k.startswith("ids_")]))]
     # one decode shape and one prompt shape a runner (the prompts: 5-21 tokens, then 16 more)
     runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=16, nan_fill=False,
-                               page_width=3, prefill_blocks=2)
+                               page_width=3, prefill_blocks=2, compiler_options=SHIPPED_LEVEL)
     rf, rq = runner(pf), runner(pq)
     rp = runner(packing.pack_params(pq, cfg.tie_word_embeddings)) if packing.packs_here(jnp.float32) else None
     rg = runner(packing.pack_params(pg, cfg.tie_word_embeddings) if rp is not None else pg)
@@ -381,7 +384,8 @@ def test_smollm2_16bit_and_8bit_kv_vs_float32_kv(smollm2_gguf):
     data = np.load(REF)
     prompts = [data[f"ids_{i}"].tolist() for i in range(len([k for k in data if k.startswith("ids_")]))]
     runner = functools.partial(PagedRunner, cfg, pf, num_pages=64, page_size=16, block_q=16, nan_fill=False,
-                               attention_backend="cpu_native", page_width=3, prefill_blocks=2)
+                               attention_backend="cpu_native", page_width=3, prefill_blocks=2,
+                               compiler_options=SHIPPED_LEVEL)
     r32 = runner()
     refs = []
     for sid, ids in enumerate(prompts):
@@ -430,7 +434,8 @@ def test_smollm2_bfloat16_attention_math_vs_float32(smollm2_gguf):
         pq = packing.pack_params(pq, cfg.tie_word_embeddings)
     data = np.load(REF)
     runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=64, nan_fill=False,
-                               attention_backend="cpu_native", page_width=20, prefill_blocks=1)
+                               attention_backend="cpu_native", page_width=20, prefill_blocks=1,
+                               compiler_options=SHIPPED_LEVEL)
     r = runner(pq, kv_dtype="float16")
     seqs = []
     for sid in range(2):
