@@ -27,11 +27,13 @@ def tiny_path(tmp_path_factory):
     return write_tiny_gguf("llama", str(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
 
 
-@pytest.fixture
-def salted(monkeypatch):
-    """A fingerprint of this test alone, in the suite's compilation cache directory (the engine points
-    jax's process-wide cache at compile_cache_dir, so a fresh temporary one would change it for the
-    whole suite); the test's executables are removed afterwards."""
+@pytest.fixture(scope="module")
+def saved(tiny_path):
+    """An engine's steps compiled and saved once for the module's two store tests: (cache directory, the store's
+    directory, the engine's outputs, its shapes). The fingerprint is this module's alone, in the suite's compilation
+    cache directory (the engine points jax's process-wide cache at compile_cache_dir, so a fresh temporary one would
+    change it for the whole suite); its executables are removed afterwards. The restart test only reads the store;
+    the corrupt-entry test, after it, damages two entries."""
     cache = jax.config.jax_compilation_cache_dir
     salt = uuid.uuid4().hex
     real = runner_mod.fingerprint
@@ -41,8 +43,14 @@ def salted(monkeypatch):
         fps.append(real([settings, salt], avals))
         return fps[-1]
 
-    monkeypatch.setattr(runner_mod, "fingerprint", fp)
-    yield cache, fps
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runner_mod, "fingerprint", fp)
+        with Engine(model=tiny_path, progress=False, compile_cache_dir=cache, **SMALL) as e1:
+            shapes = e1.runner.shapes()
+            assert e1.runner.store.saved == len(shapes) and e1.runner.store.loaded == 0
+            outputs = run(e1)
+        assert len(set(fps)) == 1
+        yield cache, os.path.join(os.path.expanduser(cache), "executables", fps[-1]), outputs, shapes
     for f in set(fps):
         shutil.rmtree(os.path.join(os.path.expanduser(cache), "executables", f), ignore_errors=True)
 
@@ -52,15 +60,11 @@ def run(e):
 
 
 @pytest.mark.timeout(400)
-def test_restart_loads_every_shape_and_gives_the_same_outputs(tiny_path, salted):
-    cache, fps = salted
+def test_restart_loads_every_shape_and_gives_the_same_outputs(tiny_path, saved):
+    cache, d, outputs, shapes = saved
     with Engine(model=tiny_path, progress=False, compile_cache_dir="", **SMALL) as ref:
         want = run(ref)
-    with Engine(model=tiny_path, progress=False, compile_cache_dir=cache, **SMALL) as e1:
-        shapes = e1.runner.shapes()
-        assert e1.runner.store.saved == len(shapes) and e1.runner.store.loaded == 0
-        assert run(e1) == want
-    d = os.path.join(os.path.expanduser(cache), "executables", fps[-1])
+    assert outputs == want  # the engine that compiled and saved its steps
     assert len([f for f in os.listdir(d) if f.endswith(".exe")]) == len(shapes)
 
     with Engine(model=tiny_path, progress=False, compile_cache_dir=cache, **SMALL) as e2:
@@ -74,11 +78,8 @@ def test_restart_loads_every_shape_and_gives_the_same_outputs(tiny_path, salted)
 
 
 @pytest.mark.timeout(400)
-def test_a_corrupt_entry_is_dropped_and_compiled_again(tiny_path, salted, caplog):
-    cache, fps = salted
-    with Engine(model=tiny_path, progress=False, compile_cache_dir=cache, **SMALL) as e1:
-        want = run(e1)
-    d = os.path.join(os.path.expanduser(cache), "executables", fps[-1])
+def test_a_corrupt_entry_is_dropped_and_compiled_again(tiny_path, saved, caplog):
+    cache, d, want, _ = saved
     names = sorted(os.listdir(d))
     with open(os.path.join(d, names[0]), "r+b") as f:  # truncated
         f.truncate(100)
