@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -588,47 +587,3 @@ def test_one_compilation_across_parameter_values():
     assert f._cache_size() == 1
     assert int(np.asarray(state.output_counts).sum()) == 4 * len(settings)
 
-
-# ----------------------------------------------------------------------------------------------
-# timing (printed, not asserted)
-
-
-@pytest.mark.slow
-def test_timing_report():
-    V, S = 49152, 64
-    rng = np.random.default_rng(11)
-
-    def step(logits, sb, state, slots):
-        lg = apply_penalties_and_bias(logits, sb, state, slots)
-        return sample(lg, sb).tokens
-
-    f = jax.jit(step)
-    state = init_penalty_state(S, V)
-    state = record_tokens(state, jnp.arange(S), jnp.asarray(rng.integers(0, V, S), jnp.int32))
-    lines = []
-    for B in (1, 32, 64):
-        # LM-like logits: a broad background plus a few strong candidates
-        lg = rng.normal(size=(B, V)).astype(np.float32) * 2
-        lg[:, :20] += 12
-        peaked = jnp.asarray(lg)
-        flat = jnp.asarray(rng.normal(size=(B, V)).astype(np.float32))
-        slots = jnp.arange(B, dtype=jnp.int32)
-        seeds = np.arange(B)
-        cases = {
-            "greedy": (peaked, batch(B, seeds=seeds)),
-            "greedy+penalties": (peaked, batch(B, seeds=seeds, frequency_penalty=0.5,
-                                               presence_penalty=0.3, repetition_penalty=1.2)),
-            "temperature only": (peaked, batch(B, seeds=seeds, temperature=0.8)),
-            "top_k=50": (peaked, batch(B, seeds=seeds, temperature=0.8, top_k=50)),
-            "top_p=0.9 (peaked)": (peaked, batch(B, seeds=seeds, temperature=0.8, top_p=0.9)),
-            "top_p=0.9 (flat, bisect)": (flat, batch(B, seeds=seeds, temperature=0.8, top_p=0.9)),
-        }
-        for name, (logits, sb) in cases.items():
-            jax.block_until_ready(f(logits, sb, state, slots))
-            best = math.inf  # min over runs: the CPU is shared, the minimum is the stable figure
-            for _ in range(7):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(logits, sb, state, slots))
-                best = min(best, time.perf_counter() - t0)
-            lines.append(f"B={B:3d} V={V} {name:26s} {best * 1e3:8.2f} ms")
-    print("\npenalties+bias+sample, one jitted call (min of 7 runs):\n" + "\n".join(lines))
