@@ -53,7 +53,7 @@ ENGINE = dict(
     max_mixed_blocks=1,  # must be a compiled block bucket: with [1, 8] and the default 2 a mixed step crashes
     max_running_requests=64,
     kv_memory_gb=2.0,  # 64 x 576 tokens (decode ctx ~512) needs ~1.7 GB of fp32 KV
-    compile_cache_dir="~/.cache/sgl_jax/jax_cache",
+    compile_cache_dir="auto",
 )
 GREEDY = {"temperature": 0.0, "ignore_eos": True}
 

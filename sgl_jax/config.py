@@ -292,7 +292,9 @@ class EngineConfig:
                                    "or on TPU/GPU")
     seed: int = _f(0, "default sampling seed for requests that give none")
     warmup: bool = _f(True, "compile every step shape at start-up")
-    compile_cache_dir: str = _f("~/.cache/sgl_jax/jax_cache", "persistent JAX compilation cache directory ('' = off)")
+    compile_cache_dir: str = _f("auto", "persistent JAX compilation cache and compiled-step store directory: 'auto' "
+                                "= jax_cache under the project's cache directory ($SGL_JAX_CACHE, else "
+                                "$XDG_CACHE_HOME/sgl_jax, else ~/.cache/sgl_jax); '' = off")
     cache: CacheConfig = _section(CacheConfig, "the KV page pool and the radix cache")
     scheduler: SchedulerConfig = _section(SchedulerConfig, "admission, batching, chunked prefill")
     shapes: ShapeConfig = _section(ShapeConfig, "compiled step shapes")

@@ -264,3 +264,20 @@ def test_engine_refuses_a_bad_config_before_loading_weights(tmp_path):
     missing = str(tmp_path / "no-such-model.gguf")  # a load would fail differently: the range check comes first
     with pytest.raises(ConfigError, match="max_running_requests"):
         Engine(model=missing, max_running_requests=0, progress=False)
+
+
+@pytest.mark.timeout(30)
+def test_compile_cache_dir_auto_follows_the_cache_root(monkeypatch, tmp_path):
+    """`compile_cache_dir: auto` (the default) is jax_cache under the project's cache directory, which
+    $SGL_JAX_CACHE and $XDG_CACHE_HOME move as they move the models; "" stays off; a path gets `~` expanded."""
+    from sgl_jax.models.hub import compile_cache_path
+
+    assert EngineConfig().compile_cache_dir == "auto"
+    monkeypatch.delenv("SGL_JAX_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert compile_cache_path("auto") == str(tmp_path / "xdg" / "sgl_jax" / "jax_cache")
+    monkeypatch.setenv("SGL_JAX_CACHE", str(tmp_path / "root"))
+    assert compile_cache_path("auto") == str(tmp_path / "root" / "jax_cache")
+    assert compile_cache_path("") == ""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert compile_cache_path("~/elsewhere") == str(tmp_path / "home" / "elsewhere")

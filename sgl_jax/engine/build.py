@@ -14,6 +14,7 @@ import os
 import time
 
 from sgl_jax.config import EngineConfig
+from sgl_jax.models.hub import compile_cache_path
 
 log = logging.getLogger("sgl_jax.engine")
 
@@ -84,7 +85,8 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
     from sgl_jax.shapes import ShapeGrid
 
     kv, sh = c.cache, c.shapes
-    enable_compilation_cache(c.compile_cache_dir)
+    compile_dir = compile_cache_path(c.compile_cache_dir)
+    enable_compilation_cache(compile_dir)
     channel, placement, layouts = _start_parallel(c)
     t0 = time.perf_counter()
     loaded = load_model(c.model, c.dtype, progress=progress, quantization=c.quantization, placement=placement)
@@ -123,8 +125,7 @@ def build_runtime(c: EngineConfig, progress: bool = True) -> Runtime:
         constraint_classes=c.constraints.constraint_classes, constraint_slots=c.constraints.constraint_slots,
         valid_vocab=loaded.vocab_size, max_logit_bias=c.sampling.max_logit_bias,
         max_suppress=c.sampling.max_stop_token_ids + len(loaded.tokenizer.stop_token_ids),
-        executable_dir=(os.path.join(os.path.expanduser(c.compile_cache_dir), "executables")
-                        if c.compile_cache_dir else ""), layout=layout)
+        executable_dir=os.path.join(compile_dir, "executables") if compile_dir else "", layout=layout)
     if c.retain_freed_memory and runner.platform == "cpu":  # after the weights' load, before any step runs
         from sgl_jax.engine.host_memory import retain_freed_memory
 
@@ -206,7 +207,7 @@ def step_costs(c: EngineConfig, r, model_path: str, measure: bool = True) -> dic
                       os.cpu_count()])
     path = None
     if c.compile_cache_dir:
-        path = os.path.join(os.path.expanduser(c.compile_cache_dir), "step_costs",
+        path = os.path.join(compile_cache_path(c.compile_cache_dir), "step_costs",
                             hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
         try:
             with open(path) as f:

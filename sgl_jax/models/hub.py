@@ -48,6 +48,15 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "sgl_jax"
 
 
+def compile_cache_path(setting: str) -> str:
+    """The directory an engine's `compile_cache_dir` setting names: "" (off) as it is, "auto" the `jax_cache`
+    directory under cache_dir() (so $SGL_JAX_CACHE and $XDG_CACHE_HOME move it with the models), any other path
+    with `~` expanded."""
+    if not setting:
+        return ""
+    return str(cache_dir() / "jax_cache") if setting == "auto" else os.path.expanduser(setting)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
