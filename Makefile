@@ -11,11 +11,9 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: pip does not byte-compile every installed module up front (21 s of a 69 s install on 2 cores);
-	# Python compiles the ones a process imports, once, on first use
-	$(PY) -m pip install -q --no-compile -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	# The SGLang frontend is a test dependency for driving our server; --no-deps keeps PyTorch out.
-	$(PY) -m pip install -q --no-compile --no-deps 'sglang==0.5.10'
+	$(PY) -m pip install -q --no-deps 'sglang==0.5.10'
 	touch $@
 
 install: $(VENV)/.installed
