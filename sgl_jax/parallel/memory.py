@@ -95,7 +95,7 @@ def model_config_for(c, arch: str = ""):
 
 def plan_memory(c, mc, device_gib: float | None = None, usable: float = 0.9, trace: bool = True) -> MemoryPlan:
     """The per-device memory of engine config `c` serving model config `mc` (see the module docstring);
-    `trace=False` skips the forward's shape check (its first two layers: about 2 s)."""
+    `trace=False` skips the forward's shape check (its first two layers)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import AbstractMesh, NamedSharding
@@ -141,7 +141,8 @@ def plan_memory(c, mc, device_gib: float | None = None, usable: float = 0.9, tra
     store = kv_storage_dtype(kv_dtype)  # a float8 pool's uint8 codes
     pool = tuple((jax.ShapeDtypeStruct(page_shape, store, sharding=NamedSharding(mesh, layout.kv_spec)),) * 2
                  for _ in range(run_cfg.num_layers))
-    if trace:  # two layers stand for all (each is DecoderLayer on the same config); a 70B plan: 10.2 -> 4.1 s
+    if trace:  # two layers stand for all (each is DecoderLayer on the same config). A 70B plan in a fresh process:
+        # 10.2 s tracing every layer, 4.1 s with two, 2.5 s since param_shapes traces one (bench/notes.md)
         n = min(2, run_cfg.num_layers)
         head = {k: v for k, v in params.items() if not k.startswith("layers_") or int(k[7:]) < n}
         _trace(CausalLM(dataclasses.replace(run_cfg, num_layers=n), dtype, "jnp", layout,
