@@ -5,6 +5,7 @@ tools/make_model_reference.py and loaded through our safetensors loader.
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -267,6 +268,36 @@ def test_param_shapes_of_one_layer_stand_for_every_layer(name):
             param_shapes(cfg, dtype))[0]]
         assert got == want
         assert any("layers_2" in jax.tree_util.keystr(path) for path, *_ in got)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path", ["layers_1/input_layernorm/weight", "layers_0/mlp/down_proj/kernel",
+                                  "layers_0/self_attn/q_proj/bias", "embed_tokens/embedding", "lm_head/kernel"])
+def test_a_weight_of_the_wrong_shape_is_named(path):
+    """The model reads given weights without flax's per-trace eval_shape check (models/llama.py `_param`), so it
+    checks their shapes itself: a weight one row short fails the trace with its path and both shapes."""
+    from sgl_jax.models.attention import AttnMetadata
+    from sgl_jax.models.llama import CausalLM, init_kv_cache
+
+    cfg = ModelConfig.from_hf(dict(TINY_CONFIGS["qwen2"], num_hidden_layers=2, tie_word_embeddings=False))
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), param_shapes(cfg, jnp.float32))
+    i32 = jnp.zeros((1,), jnp.int32)
+    meta = AttnMetadata(positions=i32, slot_mapping=i32, dec_page_table=jnp.zeros((1, 1), jnp.int32),
+                        dec_kv_lens=i32, pre_page_table=jnp.zeros((0, 1), jnp.int32),
+                        pre_kv_lens=jnp.zeros((0,), jnp.int32), block_q=1)
+    kv = init_kv_cache(cfg, 2, 16, jnp.float32)
+    apply = lambda p: CausalLM(cfg, jnp.float32).apply({"params": p}, i32, meta, kv, i32)  # noqa: E731
+    jax.eval_shape(apply, params)  # the right shapes trace
+    *parents, leaf = path.split("/")
+    node = params
+    for key in parents:
+        node = node[key]
+    want = node[leaf].shape
+    node[leaf] = node[leaf][:-1]
+    got = node[leaf].shape
+    with pytest.raises(ValueError, match=f"weight {path} has shape {re.escape(str(got))}; the model's config wants "
+                                         f"{re.escape(str(want))}"):
+        jax.eval_shape(apply, params)
 
 
 def test_from_hf_rope_scaling():

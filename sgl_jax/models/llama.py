@@ -48,7 +48,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        w = self.param("weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
+        w = _param(self, "weight", nn.initializers.ones, (x.shape[-1],), self.dtype)
         xf = x.astype(jnp.float32)
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return (xf * w.astype(jnp.float32)).astype(self.dtype)
@@ -73,6 +73,20 @@ def apply_rope(x, rope):
     xf = x.astype(jnp.float32)
     x1, x2 = xf[..., : x.shape[-1] // 2], xf[..., x.shape[-1] // 2:]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, init, shape: tuple, dtype):
+    """`module.param(name, init, shape, dtype)`, without flax's shape check on every trace: for a weight the params
+    already hold, flax traces the initializer under `eval_shape` to compare shapes, once per weight per trace -- a
+    third of tracing SmolLM2's forward (0.59-0.75 -> 0.40-0.45 s a shape, bench/notes.md). The shape is compared
+    here directly, and a mismatch names the weight."""
+    if not module.has_variable("params", name):
+        return module.param(name, init, shape, dtype)
+    w = module.get_variable("params", name)
+    if tuple(w.shape) != tuple(shape):
+        raise ValueError(f"weight {'/'.join((*module.scope.path, name))} has shape {tuple(w.shape)}; the model's config "
+                         f"wants {tuple(shape)}")
+    return w
 
 
 def _packed(module: nn.Module, weight: str):
@@ -186,10 +200,10 @@ class Linear(nn.Module):
         elif q is not None:
             y = int8_matmul(x, *q, out_axis=1).astype(self.dtype)  # [T, out]
         else:
-            w = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
+            w = _param(self, "kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), self.dtype)
             y = jnp.dot(x, w)  # [T, out]
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.dtype)
+            y = y + _param(self, "bias", nn.initializers.zeros, (self.features,), self.dtype)
         return y
 
 
@@ -314,7 +328,7 @@ class Embedding(nn.Module):
         elif q is not None:
             self.table, self.scale = q  # [V, E] int8, [V] f32
         else:
-            self.table = self.param("embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
+            self.table = _param(self, "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
                                     self.dtype)
             self.scale = None
 
@@ -350,7 +364,7 @@ class LMHead(nn.Module):
         if p is not None:  # CPU: the native packed matmul
             return cpu_matmul.packed_matmul(h.astype(jnp.float32), *p, keep=keep)  # [L, V]
         if q is None:
-            w = self.param("kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
+            w = _param(self, "kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), self.dtype)
             if cpu_matmul.f32_routes(h) and w.dtype == jnp.float32:  # CPU, 2-8 decode rows
                 return cpu_matmul.f32_matmul(h, w, out_axis=1)  # [L, V]
             return jnp.einsum("LE,EV->LV", h, w, preferred_element_type=jnp.float32)  # [L, V]
