@@ -363,6 +363,18 @@ def test_engine_with_int8_matches_the_int8_forward(tmp_path):
     assert out["output_ids"] == expected
 
 
+def _greedy_rows(runner, prompts, n):
+    """n greedy tokens after each prompt: the prompts prefilled in one step, then decoded together, a row each
+    (the tokens are those of each prompt decoded alone: a row's matmuls and attention do not read the others')."""
+    last = runner.step([(sid, ids, 0, None) for sid, ids in enumerate(prompts)], num_blocks=len(prompts))
+    out = [[int(x[-1].argmax())] for x in last]
+    for i in range(n - 1):
+        logits = runner.step([(sid, [o[-1]], len(ids) + i, None) for sid, (ids, o) in enumerate(zip(prompts, out))])
+        for o, x in zip(out, logits):
+            o.append(int(x[-1].argmax()))
+    return out
+
+
 def _forced_prefill(runner, seqs, n):
     """Teacher forcing in one step: each (prompt, tokens) prefilled with tokens[:n - 1] after the prompt, the logits
     at the prompt's last position and after each forced token: [len(seqs), n, V]. Every key and value is written to
@@ -440,11 +452,8 @@ def test_smollm2_bfloat16_attention_math_vs_float32(smollm2_gguf):
     runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=64, nan_fill=False,
                                attention_backend="cpu_native", page_width=20, prefill_blocks=1,
                                compiler_options=SHIPPED_LEVEL)
-    r = runner(pq, kv_dtype="float16")
-    seqs = []
-    for sid in range(2):
-        ids = data[f"ids_{sid}"].tolist()
-        seqs.append(ids + _greedy(r, sid, ids, 300)[1])
+    prompts = [data[f"ids_{sid}"].tolist() for sid in range(2)]
+    seqs = [ids + out for ids, out in zip(prompts, _greedy_rows(runner(pq, kv_dtype="float16"), prompts, 300))]
 
     def prefill(params, kv_dtype=None, math_="float32"):
         rr, res = runner(params, kv_dtype=kv_dtype, attention_math=math_), []
