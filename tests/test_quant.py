@@ -277,8 +277,9 @@ def test_smollm2_int8_vs_fp32(smollm2_gguf):
     `quantization: gguf` (the Q4_1 linears kept in the file's blocks, the tied embedding / head int8, packed: the
     Q4_1 kernel quantizes the activations the same way) is held teacher-forced the same way: its weights are the
     fp32 model's exactly, so its error is the activations' and the head's; measured max 0.98 / 1.11 / 1.00 / 0.95
-    and mean 0.17-0.31 after the prompts, up to 1.53 and 0.61 along the 16 tokens, argmax agreement 93.8 %: asserted max < 1.6 / mean < 0.4 after the prompts, < 2 / < 0.8
-    along, agreement >= 85 %; weights 95,003,904 bytes (Q4_1's 0.625 bytes a weight in the linears)."""
+    and mean 0.17-0.31 after the prompts, up to 1.53 and 0.61 along the 16 tokens, argmax agreement 93.8 %:
+    asserted max < 1.6 / mean < 0.4 after the prompts, < 2 / < 0.8 along, agreement >= 85 %; weights 95,003,904
+    bytes (Q4_1's 0.625 bytes a weight in the linears)."""
     cfg, pf = load_weights(smollm2_gguf, "float32", progress=False)
     _, pq = load_weights(smollm2_gguf, "float32", progress=False, quantization="int8")
     _, pg = load_weights(smollm2_gguf, "float32", progress=False, quantization="gguf")
@@ -393,14 +394,14 @@ def test_smollm2_16bit_and_8bit_kv_vs_float32_kv(smollm2_gguf):
 
     Measured (jax 0.10.2; an AMD EPYC without AVX-512): float16 max |logit error| 0.024, mean 0.0022; bfloat16
     0.17 and 0.019; the argmax equal to the float32 pool's at all 64 positions for both. float8_e4m3fn 3.63 and
-    0.40, float8_e5m2 6.02 and 0.65, the argmax equal at 60 of 64 for both (teacher-forced by decode steps before:
-    0.020 / 0.0024, 0.27 / 0.019, 3.63 / 0.42, 6.14 / 0.65, the same agreement), about what the formats' mantissas (8, 3
-    and 2 bits) predict from bfloat16's (no key or value of these prompts reaches e4m3's 448: the clamp does not
-    act; the first layer's values, median |v| 0.017, lie partly below e4m3's normal range). Asserted: float16 <
-    0.05 / < 0.01, bfloat16 < 0.4 / < 0.06, argmax equal everywhere; e4m3fn < 5 / < 0.6, e5m2 < 9 / < 1.0, argmax
-    equal at >= 90 %. (The int8 preset runs a float16 pool; its int8 matmuls move logits by up to ~2.3,
-    test_smollm2_int8_vs_fp32. The decode path's reads of a float16 pool: test_smollm2_bfloat16_attention_math_vs_
-    float32's 300 greedy tokens; of float8 pools: tests/test_engine.py.)"""
+    0.40, float8_e5m2 6.02 and 0.65, the argmax equal at 60 of 64 for both (teacher-forced by decode steps
+    before: 0.020 / 0.0024, 0.27 / 0.019, 3.63 / 0.42, 6.14 / 0.65, the same agreement), about what the formats'
+    mantissas (8, 3 and 2 bits) predict from bfloat16's (no key or value of these prompts reaches e4m3's 448: the
+    clamp does not act; the first layer's values, median |v| 0.017, lie partly below e4m3's normal range).
+    Asserted: float16 < 0.05 / < 0.01, bfloat16 < 0.4 / < 0.06, argmax equal everywhere; e4m3fn < 5 / < 0.6,
+    e5m2 < 9 / < 1.0, argmax equal at >= 90 %. (The int8 preset runs a float16 pool; its int8 matmuls move logits
+    by up to ~2.3, test_smollm2_int8_vs_fp32. The decode path's reads of a float16 pool:
+    test_smollm2_bfloat16_attention_math_vs_float32's 300 greedy tokens; of float8 pools: tests/test_engine.py.)"""
     from pallas_kernels import cpu_attention
 
     assert cpu_attention.available(), cpu_attention.why_not()

@@ -78,14 +78,14 @@ def apply_rope(x, rope):
 def _param(module: nn.Module, name: str, init, shape: tuple, dtype):
     """`module.param(name, init, shape, dtype)`, without flax's shape check on every trace: for a weight the params
     already hold, flax traces the initializer under `eval_shape` to compare shapes, once per weight per trace -- a
-    third of tracing SmolLM2's forward (0.59-0.75 -> 0.40-0.45 s a shape, bench/notes.md). The shape is compared
+    third of tracing SmolLM2's forward (0.59-0.75 -> 0.40-0.42 s a shape, bench/notes.md). The shape is compared
     here directly, and a mismatch names the weight."""
     if not module.has_variable("params", name):
         return module.param(name, init, shape, dtype)
     w = module.get_variable("params", name)
     if tuple(w.shape) != tuple(shape):
-        raise ValueError(f"weight {'/'.join((*module.scope.path, name))} has shape {tuple(w.shape)}; the model's config "
-                         f"wants {tuple(shape)}")
+        path = "/".join((*module.scope.path, name))
+        raise ValueError(f"weight {path} has shape {tuple(w.shape)}; the model's config wants {tuple(shape)}")
     return w
 
 
@@ -329,7 +329,7 @@ class Embedding(nn.Module):
             self.table, self.scale = q  # [V, E] int8, [V] f32
         else:
             self.table = _param(self, "embedding", nn.initializers.normal(0.02), (self.num_embeddings, self.features),
-                                    self.dtype)
+                                self.dtype)
             self.scale = None
 
     def __call__(self, ids):
