@@ -288,21 +288,25 @@ def test_smollm2_int8_vs_fp32(smollm2_gguf):
     assert sum(x.nbytes for x in jax.tree.leaves(pf)) == 538060032
     data = np.load(REF)
     prompts = [data[f"ids_{i}"].tolist() for i in range(len([k for k in data if k.startswith("ids_")]))]
-    # rf, rq: one decode shape and one prompt shape each (the prompts: 5-21 tokens, then 16 more); rp, rg: one shape
-    # each, every prompt teacher-forced along fp32's tokens in one prefill step (_forced_prefill)
+    # rq: one decode shape and one prompt shape (the prompts: 5-21 tokens, then 16 more); fp32, rp, rg: one shape
+    # each, every prompt teacher-forced along fp32's greedy tokens in one prefill step (_forced_prefill)
     runner = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=16, nan_fill=False,
                                page_width=3, prefill_blocks=2, compiler_options=SHIPPED_LEVEL)
     forcing = functools.partial(PagedRunner, cfg, num_pages=64, page_size=16, block_q=16, nan_fill=False,
                                 compiler_options=SHIPPED_LEVEL)
-    rf, rq = runner(pf), runner(pq)
+    rq = runner(pq)
     rp = forcing(packing.pack_params(pq, cfg.tie_word_embeddings)) if packing.packs_here(jnp.float32) else None
     rg = forcing(packing.pack_params(pg, cfg.tie_word_embeddings) if rp is not None else pg)
+    # fp32's greedy path: the reference's 16 tokens (Hugging Face's greedy; tests/test_smollm2.py decodes the same),
+    # teacher-forced; each position's argmax being the next of them makes them fp32's own greedy tokens here too
+    seqs = [(ids, data[f"greedy_{sid}"].tolist()[:16]) for sid, ids in enumerate(prompts)]
+    forced_f = _forced_prefill(forcing(pf), seqs, 16)  # [4, 16, V]
     runs = []
     for sid, ids in enumerate(prompts):
-        a, greedy_f, steps_f = _greedy(rf, sid, ids, 16)
+        greedy_f, steps_f = seqs[sid][1], forced_f[sid]
+        assert [int(t) for t in steps_f.argmax(1)] == greedy_f, sid
         b, greedy_q, _ = _greedy(rq, sid, ids, 16)
-        runs.append((ids, a, greedy_f, steps_f, b, greedy_q))
-    seqs = [(ids, greedy_f) for ids, _, greedy_f, *_ in runs]
+        runs.append((ids, steps_f[0], greedy_f, steps_f, b, greedy_q))
     forced_p = None if rp is None else _forced_prefill(rp, seqs, 16)  # [4, 16, V], as steps_f
     forced_g = _forced_prefill(rg, seqs, 16)
     same, agree, agree_g = [], [], []
