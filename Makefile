@@ -10,8 +10,10 @@ PYTEST_ARGS ?=
 # only pip's configuration names the package index.
 INSTALLER ?= uv
 ifeq ($(INSTALLER),uv)
+BOOTSTRAP = $(PY) -m pip install -q uv
 INSTALL_CMD = $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode
 else
+BOOTSTRAP = $(PY) -m pip install -q --upgrade pip
 INSTALL_CMD = $(PY) -m pip install -q
 endif
 
@@ -19,7 +21,7 @@ endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	if [ "$(INSTALLER)" = uv ]; then $(PY) -m pip install -q uv; else $(PY) -m pip install -q --upgrade pip; fi
+	$(BOOTSTRAP)
 	$(INSTALL_CMD) -e '.[dev]'
 	# The SGLang frontend is a test dependency for driving our server; --no-deps keeps PyTorch out.
 	$(INSTALL_CMD) --no-deps 'sglang==0.5.10'

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from floors import _best_time  # noqa: E402
 
 from sgl_jax.sampling import (  # noqa: E402
     SamplingBatch,
@@ -37,13 +38,8 @@ from sgl_jax.sampling import (  # noqa: E402
 
 
 def _best(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t0)
-    return best
+    """The minimum of `repeats` timed calls after one warm-up, each waited for (floors._best_time)."""
+    return _best_time(lambda: jax.block_until_ready(fn()), repeats)
 
 
 def main(argv=None) -> int:
